@@ -1,0 +1,61 @@
+"""``load_dataset``: one entry point for every dataset, real or synthetic."""
+
+from __future__ import annotations
+
+import numbers
+
+from sparsejax.data.arrays import ArrayDataset
+from sparsejax.data.mnist import load_mnist_family
+from sparsejax.data.synthetic import SYNTHETIC_NAME, make_synthetic
+
+DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist", SYNTHETIC_NAME)
+"""The names :func:`load_dataset` accepts."""
+
+
+def _check_count(arg: str, value: int | None) -> None:
+    """Rejects example counts that are not positive integers (None means "all" / the default)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{arg} must be a positive integer or None, got {value!r}.")
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    seed: int = 0,
+    synthetic_like: str = "fashion_mnist",
+    num_train: int | None = None,
+    num_test: int | None = None,
+) -> ArrayDataset:
+    """Loads an image-classification dataset into memory.
+
+    Args:
+      name: one of :data:`DATASETS`.
+      data_dir: a directory searched first for the dataset's files (and used as the tfds data
+        directory); see :mod:`sparsejax.data.mnist` for the whole search order. Unused for
+        ``"synthetic"``.
+      seed: seeds ``"synthetic"`` data; real datasets are returned in their stored order.
+      synthetic_like: for ``"synthetic"``, the dataset whose image shape and class count to copy
+        (a key of :data:`sparsejax.data.synthetic.SYNTHETIC_LIKE`).
+      num_train: for real datasets, keep only the first this many training examples (None: all);
+        for ``"synthetic"``, how many to make (None: a small default).
+      num_test: as ``num_train``, for the test split.
+
+    Returns:
+      The dataset, with float32 NHWC images in [0, 1] and int32 labels.
+
+    Raises:
+      ValueError: for an unknown ``name`` or ``synthetic_like``, a non-positive count, or a
+        corrupt data file.
+      DatasetNotFoundError: if a real dataset is found nowhere; the message says where it was
+        searched and how to get it.
+    """
+    _check_count("num_train", num_train)
+    _check_count("num_test", num_test)
+    if name == SYNTHETIC_NAME:
+        return make_synthetic(synthetic_like, seed=seed, num_train=num_train, num_test=num_test)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    return load_mnist_family(name, data_dir=data_dir, num_train=num_train, num_test=num_test)

@@ -1,0 +1,116 @@
+"""The interface every method implements, and the pieces most methods share.
+
+A method says how to gate a model (:meth:`Method.make_gate`), what the training objective is
+(:meth:`Method.objective`, whose ``jax.grad`` is the update direction: for ARM it carries the
+estimator's gradient for the gate parameters), which optimizer each parameter group gets
+(:meth:`Method.optimizer`, over ``{"net": ..., "gates": ...}``) and what happens after an update
+(:meth:`Method.project`, e.g. the log-alpha clamp). The training engine knows only this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from sparsejax.gates.base import Gate
+from sparsejax.methods.optim import OPTIMIZERS, build_optimizer, partition
+from sparsejax.models.base import GatedModel, GateSlot
+
+Params = dict[str, Any]
+"""``{"net": nnx.State of nnx.Param, "gates": nnx.State of GateParam}``."""
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def error_rate(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Fraction of examples whose arg-max prediction is wrong."""
+    return jnp.mean(jnp.argmax(logits, axis=-1) != labels)
+
+
+class Method(abc.ABC):
+    """Base class of sparsification methods; configured by an ``ml_collections.ConfigDict``.
+
+    Shared config fields: ``optimizer`` and ``learning_rate`` for the network weights,
+    ``gate_optimizer`` / ``gate_learning_rate`` for gate parameters (None: the same as the
+    network's), ``l2`` (coefficient of the L2 term in the loss).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
+        if num_train <= 0:
+            raise ValueError(f"num_train must be positive, got {num_train}")
+        self.config = config
+        self.num_train = num_train
+        for key in ("optimizer", "gate_optimizer"):
+            value = config.get(key)
+            if value is not None and value not in OPTIMIZERS:
+                raise ValueError(f"config.{key} must be one of {OPTIMIZERS}, got {value!r}")
+
+    @abc.abstractmethod
+    def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> Gate | None:
+        """The gate module for ``slot`` (None leaves the slot ungated)."""
+
+    @abc.abstractmethod
+    def objective(
+        self, model: GatedModel, images: jax.Array, labels: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training loss and its parts: ``{"logits", "data_loss", "penalty"}``.
+
+        Called on a model merged from traced parameters; BatchNorm statistics updated in place by
+        the forward pass are the new statistics.
+        """
+
+    def penalty(self, model: GatedModel) -> jax.Array:
+        """The regulariser alone (part of :meth:`objective`)."""
+        return jnp.zeros(())
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """One optax transformation over ``{"net": ..., "gates": ...}``."""
+        config = self.config
+        net = build_optimizer(config.optimizer, config.learning_rate)
+        gates = build_optimizer(
+            config.get("gate_optimizer") or config.optimizer,
+            config.get("gate_learning_rate") or config.learning_rate,
+        )
+        return partition(net, gates)
+
+    def project(self, params: Params) -> Params:
+        """Map parameters back onto their constraint set after an update (identity here)."""
+        return params
+
+    def prepare_model(self, model: GatedModel) -> None:
+        """Check that the method can work with ``model`` (override to validate slots)."""
+
+
+def per_slot(
+    values: float | Sequence[float] | None,
+    slots: Sequence[GateSlot],
+    defaults: Mapping[str, Sequence[float]],
+    model_name: str,
+    what: str,
+) -> dict[str, float]:
+    """Broadcast a scalar, or match a per-slot sequence ("L0-sep"), to ``{slot name: value}``."""
+    if values is None:
+        values = defaults.get(model_name, defaults.get("*"))
+    if isinstance(values, (int, float)):
+        values = [float(values)] * len(slots)
+    values = list(values)
+    if len(values) == 1:
+        values = values * len(slots)
+    if len(values) != len(slots):
+        names = ", ".join(s.name for s in slots)
+        raise ValueError(
+            f"config.{what} has {len(values)} values but the model has {len(slots)} gate slots "
+            f"({names}); give one value or one per slot"
+        )
+    return {slot.name: float(v) for slot, v in zip(slots, values)}

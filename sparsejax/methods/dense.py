@@ -1,0 +1,29 @@
+"""The ungated baseline: cross-entropy plus L2 on every parameter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.methods.base import Method, cross_entropy
+from sparsejax.methods.penalties import gated_l2
+from sparsejax.models.base import GatedModel, GateSlot
+
+
+class Dense(Method):
+    """No gates; loss = mean CE + (l2/2) ||theta||^2."""
+
+    name = "dense"
+
+    def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> None:
+        return None
+
+    def penalty(self, model: GatedModel) -> jax.Array:
+        return gated_l2(model, {}, self.config.l2)
+
+    def objective(self, model, images, labels, key):
+        logits = model(images, train=True)
+        data_loss = jnp.mean(cross_entropy(logits, labels))
+        penalty = self.penalty(model)
+        return data_loss + penalty, {"logits": logits, "data_loss": data_loss, "penalty": penalty}

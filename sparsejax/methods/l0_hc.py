@@ -1,0 +1,44 @@
+"""L0-HC: hard-concrete gates and the expected-L0 penalty (Louizos, Welling & Kingma 2018)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.gates.base import GATE_STREAM
+from sparsejax.gates.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate
+from sparsejax.methods.base import Params, cross_entropy
+from sparsejax.methods.l0 import L0Method
+from sparsejax.models.base import GateSlot
+
+
+class L0HardConcrete(L0Method):
+    """Loss = CE(f(x; theta * z)) + R with z from hard-concrete gates, R of
+    :mod:`sparsejax.methods.penalties` with q = P(z != 0).
+
+    Config: ``temperature`` (beta, 2/3), ``clamp_log_alpha`` (clip log_alpha to
+    [ln 0.01, ln 100] after every update, as the reference does), ``reference_bias_sign``.
+    """
+
+    name = "l0_hc"
+
+    def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> HardConcreteGate:
+        return HardConcreteGate(
+            slot.shape,
+            rngs=rngs,
+            droprate_init=self.droprate_init(slot),
+            beta=self.config.temperature,
+            per_example=self.per_example(slot),
+        )
+
+    def objective(self, model, images, labels, key):
+        logits = model(images, train=True, rngs=nnx.Rngs(**{GATE_STREAM: key}))
+        data_loss = jnp.mean(cross_entropy(logits, labels))
+        return self.parts(data_loss, self.penalty(model), logits)
+
+    def project(self, params: Params) -> Params:
+        if not self.config.clamp_log_alpha:
+            return params
+        gates = jax.tree.map(lambda a: jnp.clip(a, LOG_ALPHA_MIN, LOG_ALPHA_MAX), params["gates"])
+        return {**params, "gates": gates}

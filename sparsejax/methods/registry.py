@@ -1,0 +1,19 @@
+"""One registry of methods: ``--method`` names to classes."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sparsejax.methods.base import Method
+from sparsejax.methods.dense import Dense
+from sparsejax.methods.l0_arm import L0AR, L0Binary
+from sparsejax.methods.l0_hc import L0HardConcrete
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, L0HardConcrete, L0Binary, L0AR)}
+
+
+def create_method(name: str, config: ml_collections.ConfigDict, *, num_train: int) -> Method:
+    """Instantiate the method registered as ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name](config, num_train=num_train)

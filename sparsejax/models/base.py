@@ -1,0 +1,161 @@
+"""What every gated model declares: its layers, its gate slots and how gates couple to layers.
+
+A *gate slot* is a place where a method may put a gate module: the input neurons of a dense layer,
+the output channels of a convolution, or (weight granularity) every entry of a kernel. A
+*layer* records its kernel geometry and which slots switch off its input and output units, so that
+active units, parameters and FLOPs of the pruned network (and their expectations under the gate
+distribution) are computed in one place (:mod:`sparsejax.slim.accounting`) for every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Literal
+
+import jax
+from flax import nnx
+
+from sparsejax.gates.apply import gate_units
+from sparsejax.gates.base import Gate
+
+Granularity = Literal["unit", "weight"]
+GRANULARITIES: tuple[str, ...] = ("unit", "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSlot:
+    """A place for gates.
+
+    Attributes:
+      name: the key of the gate in the model's ``gates`` and in explicit gate dicts.
+      layer: the layer whose parameter groups the gates multiply.
+      shape: shape of one draw: ``(units,)`` or the kernel's shape.
+      axis: kernel axis indexed by the gates (0 for a dense layer's inputs, 3 for a conv's output
+        channels), or None for weight gates (one gate per kernel entry).
+      gates_bias: whether a gate also multiplies the bias of its group (conv output channels).
+      droprate_init: the initial drop rate the reference uses for this slot.
+      kernel_shape: shape of the gated layer's kernel.
+    """
+
+    name: str
+    layer: str
+    shape: tuple[int, ...]
+    axis: int | None
+    gates_bias: bool
+    droprate_init: float
+    kernel_shape: tuple[int, ...]
+
+    @property
+    def group_size(self) -> int:
+        """Number of parameters one gate removes (|g| in the L0 papers)."""
+        if self.axis is None:
+            return 1
+        return math.prod(self.kernel_shape) // self.kernel_shape[self.axis] + int(self.gates_bias)
+
+
+UnitSource = tuple[tuple[str, int], ...]
+"""Slots whose (tiled) values multiply a layer's units: ((slot name, tile count), ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """Geometry of one dense or conv layer and the slots that switch its units off.
+
+    Attributes:
+      kernel_shape: ``(in, out)`` or ``(kh, kw, in, out)``.
+      out_positions: output spatial positions (H_out * W_out; 1 for a dense layer).
+      inputs / outputs: slots whose values, each tiled the given number of times (flattening a
+        NHWC map puts the channel fastest), multiply the layer's input / output units.
+      kernel_slot: the weight-granularity slot of this layer's kernel, if any.
+    """
+
+    name: str
+    kernel_shape: tuple[int, ...]
+    out_positions: int = 1
+    has_bias: bool = True
+    inputs: UnitSource = ()
+    outputs: UnitSource = ()
+    kernel_slot: str | None = None
+
+    @property
+    def in_units(self) -> int:
+        return self.kernel_shape[-2]
+
+    @property
+    def out_units(self) -> int:
+        return self.kernel_shape[-1]
+
+    @property
+    def receptive_field(self) -> int:
+        return math.prod(self.kernel_shape[:-2])
+
+
+GateFactory = Callable[[GateSlot, nnx.Rngs], "Gate | None"]
+"""Builds the gate module for a slot, or None to leave the slot ungated."""
+
+
+def weight_slots(layers: tuple[Layer, ...], droprate_init: float) -> tuple[GateSlot, ...]:
+    """One weight-granularity slot per layer kernel, named after the layer."""
+    return tuple(
+        GateSlot(l.name, l.name, l.kernel_shape, None, False, droprate_init, l.kernel_shape)
+        for l in layers
+    )
+
+
+class GatedModel(nnx.Module):
+    """Base of the models: owns the gate modules and resolves gate values for a forward pass.
+
+    Subclasses set ``layers`` and ``gate_slots`` and call :meth:`_build_gates`; their ``__call__``
+    takes ``(x, *, train, rngs=None, gates=None)``. ``gates`` maps slot names to explicit gate
+    values (used by ARM to evaluate the same network on the antithetic gates); slots not given
+    there are drawn by their gate module (training) or take its test-time value (evaluation).
+    """
+
+    layers: tuple[Layer, ...]
+    gate_slots: tuple[GateSlot, ...]
+    granularity: Granularity
+
+    def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
+        built = {}
+        if gate_factory is not None:
+            for slot in self.gate_slots:
+                gate = gate_factory(slot, rngs)
+                if gate is not None:
+                    built[slot.name] = gate
+        self.gates = nnx.Dict(built)
+
+    def gate_values(
+        self,
+        batch_size: int,
+        *,
+        train: bool,
+        rngs: nnx.Rngs | None,
+        gates: dict[str, jax.Array] | None,
+    ) -> dict[str, jax.Array]:
+        """Values of every gated slot for this forward pass."""
+        given = gates or {}
+        return {
+            name: given[name]
+            if name in given
+            else gate(train=train, rngs=rngs, batch_size=batch_size)
+            for name, gate in self.gates.items()
+        }
+
+    def layer_module(self, name: str) -> nnx.Module:
+        """The Dense/Conv module of the declared layer ``name``."""
+        return getattr(self, name)
+
+    def kernel_gate(self, values: dict[str, jax.Array], layer: str) -> jax.Array | None:
+        """The weight gates of ``layer``'s kernel (weight granularity only), else None."""
+        return values.get(layer) if self.granularity == "weight" else None
+
+
+def apply_unit_gate(x: jax.Array, values: dict[str, jax.Array], slot: str) -> jax.Array:
+    """Multiply the unit gates of ``slot`` into x if that slot is gated."""
+    return gate_units(x, values[slot]) if slot in values else x
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -1,0 +1,66 @@
+"""Dense and convolution layers whose kernel can be multiplied by weight-level gates.
+
+Kernels use the Flax layouts: dense ``(in, out)``, convolution ``HWIO`` on ``NHWC`` inputs.
+Initialisation is He-normal (fan-in) for kernels and zero for biases.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _gated(kernel: jax.Array, kernel_gate: jax.Array | None) -> jax.Array:
+    return kernel if kernel_gate is None else kernel * kernel_gate
+
+
+class Dense(nnx.Module):
+    """y = x @ (W * z_w) + b, with optional weight gates z_w shaped like W."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True):
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = nnx.Param(he_normal(rngs.params(), (in_features, out_features), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array, kernel_gate: jax.Array | None = None) -> jax.Array:
+        y = x @ _gated(self.kernel[...], kernel_gate)
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Conv(nnx.Module):
+    """2-D convolution, NHWC input, HWIO kernel (optionally times weight gates), plus bias."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        *,
+        rngs: nnx.Rngs,
+        stride: int = 1,
+        padding: str = "VALID",
+        use_bias: bool = True,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.kernel = nnx.Param(he_normal(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array, kernel_gate: jax.Array | None = None) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x,
+            _gated(self.kernel[...], kernel_gate),
+            window_strides=(self.stride, self.stride),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y if self.bias is None else y + self.bias[...]
+
+
+def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
+    """Non-overlapping max pooling of NHWC activations."""
+    return nnx.max_pool(x, window_shape=(size, size), strides=(size, size))

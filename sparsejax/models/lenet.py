@@ -1,0 +1,176 @@
+"""LeNet-300-100 (the MLP 784-300-100-10) and LeNet-5-Caffe (20-50-800-500).
+
+Gate placement follows Louizos et al. (2018) and Li & Ji (2019):
+- MLP: gates on the inputs of each of the three dense layers (784, 300 and 100 gates); initial
+  drop rate 0.2 on the pixels and 0.5 elsewhere.
+- LeNet-5-Caffe: gates on the output channels of both convolutions (20, 50) and on the inputs of
+  both dense layers (800, 500); initial drop rate 0.5. The architecture string "a-b-c-d" counts
+  the active gates of these four slots.
+With ``granularity="weight"`` every kernel entry gets its own gate instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from sparsejax.models.base import (
+    GatedModel,
+    GateFactory,
+    GateSlot,
+    Granularity,
+    Layer,
+    apply_unit_gate,
+    check_granularity,
+    weight_slots,
+)
+from sparsejax.models.layers import Conv, Dense, max_pool
+
+MNIST_SHAPE = (28, 28, 1)
+PIXEL_DROPRATE = 0.2
+HIDDEN_DROPRATE = 0.5
+
+
+class MLP(GatedModel):
+    """LeNet-300-100: dense 784-300-100-classes with ReLU."""
+
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        num_classes: int = 10,
+        input_shape: tuple[int, ...] = MNIST_SHAPE,
+        hidden: tuple[int, ...] = (300, 100),
+        gate_factory: GateFactory | None = None,
+        granularity: Granularity = "unit",
+    ):
+        check_granularity(granularity)
+        self.granularity = granularity
+        widths = (math.prod(input_shape), *hidden, num_classes)
+        names = tuple(f"fc{i + 1}" for i in range(len(widths) - 1))
+        for name, (a, b) in zip(names, zip(widths[:-1], widths[1:])):
+            setattr(self, name, Dense(a, b, rngs=rngs))
+        kernel_slot = granularity == "weight"
+        self.layers = tuple(
+            Layer(
+                name,
+                (widths[i], widths[i + 1]),
+                inputs=() if kernel_slot else ((name, 1),),
+                outputs=() if kernel_slot or i + 1 == len(names) else ((names[i + 1], 1),),
+                kernel_slot=name if kernel_slot else None,
+            )
+            for i, name in enumerate(names)
+        )
+        if kernel_slot:
+            self.gate_slots = weight_slots(self.layers, HIDDEN_DROPRATE)
+        else:
+            self.gate_slots = tuple(
+                GateSlot(
+                    name,
+                    name,
+                    (widths[i],),
+                    0,
+                    False,
+                    PIXEL_DROPRATE if i == 0 else HIDDEN_DROPRATE,
+                    (widths[i], widths[i + 1]),
+                )
+                for i, name in enumerate(names)
+            )
+        self._build_gates(gate_factory, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        rngs: nnx.Rngs | None = None,
+        gates: dict[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+        h = x.reshape(x.shape[0], -1)
+        for i, layer in enumerate(self.layers):
+            h = apply_unit_gate(h, z, layer.name) if self.granularity == "unit" else h
+            h = self.layer_module(layer.name)(h, self.kernel_gate(z, layer.name))
+            if i + 1 < len(self.layers):
+                h = nnx.relu(h)
+        return h
+
+
+class LeNet5(GatedModel):
+    """LeNet-5-Caffe: conv5x5(20) - pool - conv5x5(50) - pool - dense 800-500-classes."""
+
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        num_classes: int = 10,
+        input_shape: tuple[int, ...] = MNIST_SHAPE,
+        channels: tuple[int, int] = (20, 50),
+        hidden: int = 500,
+        gate_factory: GateFactory | None = None,
+        granularity: Granularity = "unit",
+    ):
+        check_granularity(granularity)
+        self.granularity = granularity
+        height, width, in_channels = input_shape
+        c1, c2 = channels
+        kernel = 5
+        h1, w1 = height - kernel + 1, width - kernel + 1
+        h2, w2 = h1 // 2 - kernel + 1, w1 // 2 - kernel + 1
+        positions = (h2 // 2) * (w2 // 2)
+        flat = positions * c2
+        self.conv1 = Conv(in_channels, c1, kernel, rngs=rngs)
+        self.conv2 = Conv(c1, c2, kernel, rngs=rngs)
+        self.fc1 = Dense(flat, hidden, rngs=rngs)
+        self.fc2 = Dense(hidden, num_classes, rngs=rngs)
+        unit = granularity == "unit"
+
+        def units(*sources: tuple[str, int]) -> tuple[tuple[str, int], ...]:
+            return tuple(sources) if unit else ()
+
+        self.layers = (
+            Layer("conv1", (kernel, kernel, in_channels, c1), h1 * w1,
+                  outputs=units(("conv1", 1)), kernel_slot=None if unit else "conv1"),
+            Layer("conv2", (kernel, kernel, c1, c2), h2 * w2,
+                  inputs=units(("conv1", 1)), outputs=units(("conv2", 1)),
+                  kernel_slot=None if unit else "conv2"),
+            Layer("fc1", (flat, hidden), inputs=units(("fc1", 1), ("conv2", positions)),
+                  outputs=units(("fc2", 1)), kernel_slot=None if unit else "fc1"),
+            Layer("fc2", (hidden, num_classes), inputs=units(("fc2", 1)),
+                  kernel_slot=None if unit else "fc2"),
+        )
+        if unit:
+            self.gate_slots = (
+                GateSlot("conv1", "conv1", (c1,), 3, True, HIDDEN_DROPRATE, self.layers[0].kernel_shape),
+                GateSlot("conv2", "conv2", (c2,), 3, True, HIDDEN_DROPRATE, self.layers[1].kernel_shape),
+                GateSlot("fc1", "fc1", (flat,), 0, False, HIDDEN_DROPRATE, self.layers[2].kernel_shape),
+                GateSlot("fc2", "fc2", (hidden,), 0, False, HIDDEN_DROPRATE, self.layers[3].kernel_shape),
+            )
+        else:
+            self.gate_slots = weight_slots(self.layers, HIDDEN_DROPRATE)
+        self._build_gates(gate_factory, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        rngs: nnx.Rngs | None = None,
+        gates: dict[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+        unit = self.granularity == "unit"
+
+        def gate(h: jax.Array, slot: str) -> jax.Array:
+            return apply_unit_gate(h, z, slot) if unit else h
+
+        h = gate(self.conv1(x, self.kernel_gate(z, "conv1")), "conv1")
+        h = max_pool(nnx.relu(h))
+        h = gate(self.conv2(h, self.kernel_gate(z, "conv2")), "conv2")
+        h = max_pool(nnx.relu(h))
+        h = gate(h.reshape(h.shape[0], -1), "fc1")
+        h = nnx.relu(self.fc1(h, self.kernel_gate(z, "fc1")))
+        h = gate(h, "fc2")
+        return self.fc2(h, self.kernel_gate(z, "fc2"))

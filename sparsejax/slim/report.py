@@ -1,0 +1,63 @@
+"""Per-layer gate statistics of a gated model: active units, expected L0, params and FLOPs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sparsejax.models.base import GatedModel
+from sparsejax.slim.accounting import count_network
+
+
+@dataclasses.dataclass(frozen=True)
+class GateReport:
+    """What the deterministic (test-time) gates keep, and expectations under the gate noise.
+
+    ``active_units`` has one count per declared gate slot, in network order (an ungated slot
+    counts all its units): the L0 papers' architecture string. ``expected_l0`` and
+    ``expected_flops`` are the expected number of nonzero parameters and MACs when gates are drawn
+    from their training distribution; ``params``, ``flops`` and ``pruning_rate`` are those of the
+    network under the test-time gates; ``dense_*`` those of the ungated network.
+    """
+
+    active_units: dict[str, int]
+    slot_sizes: dict[str, int]
+    expected_l0: float
+    expected_flops: float
+    params: float
+    flops: float
+    dense_params: float
+    dense_flops: float
+    pruning_rate: float
+    test_gates: dict[str, np.ndarray]
+
+    @property
+    def architecture(self) -> str:
+        return "-".join(str(v) for v in self.active_units.values())
+
+
+def gate_report(model: GatedModel) -> GateReport:
+    """Evaluate every gate's test-time value and keep probability, and account for them."""
+    test_gates = {name: np.asarray(gate.test_gate()) for name, gate in model.gates.items()}
+    keep_probs = {name: np.asarray(gate.prob_nonzero()) for name, gate in model.gates.items()}
+    masks = {name: (value > 0).astype(np.float32) for name, value in test_gates.items()}
+    pruned = count_network(model.layers, masks)
+    expected = count_network(model.layers, keep_probs)
+    dense = count_network(model.layers, {})
+    active_units = {
+        slot.name: int(masks[slot.name].sum()) if slot.name in masks else int(np.prod(slot.shape))
+        for slot in model.gate_slots
+    }
+    return GateReport(
+        active_units=active_units,
+        slot_sizes={slot.name: int(np.prod(slot.shape)) for slot in model.gate_slots},
+        expected_l0=float(expected["params"]),
+        expected_flops=float(expected["flops"]),
+        params=float(pruned["params"]),
+        flops=float(pruned["flops"]),
+        dense_params=float(dense["params"]),
+        dense_flops=float(dense["flops"]),
+        pruning_rate=100.0 * (1.0 - float(pruned["weights"]) / float(dense["weights"])),
+        test_gates=test_gates,
+    )

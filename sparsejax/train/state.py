@@ -1,0 +1,48 @@
+"""The train state: everything a step reads and writes, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import nnx, struct
+
+from sparsejax.gates.base import GateParam
+from sparsejax.methods.base import Params
+
+
+@struct.dataclass
+class TrainState:
+    """step, parameters ``{"net", "gates"}``, non-parameter model state (BatchNorm statistics),
+    optimizer state and the run's base PRNG key (a step's key is ``fold_in(key, step)``)."""
+
+    step: jax.Array
+    params: Params
+    model_state: nnx.State
+    opt_state: optax.OptState
+    key: jax.Array
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
+    """graphdef, ``{"net": weights, "gates": gate parameters}`` and the remaining state."""
+    graphdef, gates, net, rest = nnx.split(model, GateParam, nnx.Param, ...)
+    return graphdef, {"net": net, "gates": gates}, rest
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Params, model_state: nnx.State) -> Any:
+    """Inverse of :func:`split_model`."""
+    return nnx.merge(graphdef, params["gates"], params["net"], model_state)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array):
+    """graphdef and the initial :class:`TrainState` of ``model``."""
+    graphdef, params, rest = split_model(model)
+    state = TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=params,
+        model_state=rest,
+        opt_state=tx.init(params),
+        key=key,
+    )
+    return graphdef, state

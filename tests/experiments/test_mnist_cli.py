@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.mnist", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_cli_trains_and_writes_the_summary(tmp_path):
+    result = run_cli(
+        "--method=l0_arm", "--model=lenet5", "--dataset=synthetic", "--epochs=1",
+        "--steps_per_epoch=3", "--batch_size=32", f"--workdir={tmp_path}", "--seed=3",
+        "--config.lambdas=(1.0,)", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "l0_arm" and summary["steps_per_epoch"] == 3
+    assert len(summary["active_units"]) == 4
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["lambdas"] == [1.0] and config["seed"] == 3
+    assert "epoch 1/1" in result.stderr
+
+
+def test_cli_lists_valid_values_of_a_bad_flag(tmp_path):
+    result = run_cli("--method=l0_bogus", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "l0_arm" in result.stderr and "l0_hc" in result.stderr

@@ -1,0 +1,103 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.gates import HardConcreteGate
+from sparsejax.models import MLP, LeNet5, build_model
+
+
+def hc_factory(slot, rngs):
+    return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
+
+
+def n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_dense_parameter_counts_match_the_published_architectures():
+    assert n_params(MLP(rngs=nnx.Rngs(0))) == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    assert n_params(LeNet5(rngs=nnx.Rngs(0))) == (
+        25 * 20 + 20 + 25 * 20 * 50 + 50 + 800 * 500 + 500 + 500 * 10 + 10
+    )
+
+
+@pytest.mark.parametrize("cls", [MLP, LeNet5])
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_shapes(cls, train):
+    model = cls(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    logits = model(jnp.ones((3, 28, 28, 1)), train=train, rngs=nnx.Rngs(gates=0))
+    assert logits.shape == (3, 10)
+
+
+def test_gate_slots_follow_the_papers():
+    mlp = MLP(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    assert [(s.name, s.shape, s.group_size, s.droprate_init) for s in mlp.gate_slots] == [
+        ("fc1", (784,), 300, 0.2),
+        ("fc2", (300,), 100, 0.5),
+        ("fc3", (100,), 10, 0.5),
+    ]
+    lenet = LeNet5(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    assert [(s.name, s.shape, s.group_size) for s in lenet.gate_slots] == [
+        ("conv1", (20,), 26),
+        ("conv2", (50,), 501),
+        ("fc1", (800,), 500),
+        ("fc2", (500,), 10),
+    ]
+    assert set(lenet.gates) == {"conv1", "conv2", "fc1", "fc2"}
+    assert len(LeNet5(rngs=nnx.Rngs(0)).gates) == 0
+
+
+def test_closed_conv1_gates_make_the_output_independent_of_the_input():
+    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    zeros = {"conv1": jnp.zeros(20)}
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    out = model(x, train=True, rngs=nnx.Rngs(gates=0), gates=zeros)
+    np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+
+
+def test_explicit_gates_equal_a_model_with_gates_folded_into_the_weights():
+    model = MLP(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    z = {
+        name: jax.random.bernoulli(jax.random.key(i), 0.6, slot.shape).astype(jnp.float32)
+        for i, (name, slot) in enumerate((s.name, s) for s in model.gate_slots)
+    }
+    x = jax.random.normal(jax.random.key(9), (4, 28, 28, 1))
+    gated = model(x, train=True, gates=z)
+    dense = MLP(rngs=nnx.Rngs(0))
+    for name in z:
+        layer = getattr(dense, name)
+        layer.kernel[...] = layer.kernel[...] * z[name][:, None]
+    np.testing.assert_allclose(gated, dense(x, train=False), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_granularity_gates_every_kernel_entry():
+    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=hc_factory, granularity="weight")
+    assert {n: tuple(g.shape) for n, g in model.gates.items()} == {
+        "conv1": (5, 5, 1, 20),
+        "conv2": (5, 5, 20, 50),
+        "fc1": (800, 500),
+        "fc2": (500, 10),
+    }
+    x = jnp.ones((2, 28, 28, 1))
+    closed = {name: jnp.zeros(g.shape) for name, g in model.gates.items()}
+    out = model(x, train=True, gates=closed)
+    np.testing.assert_allclose(out, jnp.broadcast_to(model.fc2.bias[...], out.shape), atol=1e-6)
+
+
+def test_per_example_gates_act_per_example():
+    model = MLP(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+    z = {"fc1": jnp.stack([jnp.ones(784), jnp.zeros(784)])}
+    out = model(x, train=True, rngs=nnx.Rngs(gates=0), gates=z)
+    blank = model(jnp.zeros_like(x), train=True, rngs=nnx.Rngs(gates=0), gates=z)
+    np.testing.assert_allclose(out[1], blank[1], atol=1e-6)
+    assert not np.allclose(out[0], blank[0])
+
+
+def test_unknown_model_and_granularity_are_clear_errors():
+    with pytest.raises(ValueError, match="valid models: lenet5, mlp"):
+        build_model("vgg99", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="granularity"):
+        MLP(rngs=nnx.Rngs(0), granularity="block")
