@@ -3,7 +3,7 @@
     python -m benchmarks.step_time --model=lenet5 --batch_size=100 --methods=dense,l0_hc,l0_arm,l0_ar
 
 Each method's jitted step is compiled once, then timed over several repeats of ``steps`` steps on
-random MNIST-shaped data (dispatch included, as in training); the table gives the median
+random MNIST-shaped batches already on the device (dispatch included); the table gives the median
 milliseconds per step and the ratio to ``dense``.
 """
 
@@ -20,6 +20,7 @@ from flax import nnx
 from experiments.configs.mnist import get_config
 from sparsejax.methods import create_method
 from sparsejax.models import build_model
+from sparsejax.train.sharding import create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
@@ -39,18 +40,19 @@ def time_method(name: str, model_name: str, batch_size: int, steps: int, repeats
     model = build_model(model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate)
     method.prepare_model(model)
     tx = method.optimizer()
+    mesh = create_mesh()
     graphdef, state = init_state(model, tx, jax.random.key(0))
-    train_step = make_train_step(graphdef, method, tx)
-    images = jax.random.uniform(jax.random.key(1), (steps * batch_size, 28, 28, 1))
-    labels = jnp.arange(steps * batch_size, dtype=jnp.int32) % 10
-    batches = jnp.arange(steps * batch_size).reshape(steps, batch_size)
-    state, metrics = train_step(state, batches[0], images, labels)
+    state = replicate(state, mesh)
+    train_step = make_train_step(graphdef, method, tx, mesh)
+    images = jax.random.uniform(jax.random.key(1), (steps, batch_size, 28, 28, 1))
+    labels = jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size) % 10
+    state, metrics = train_step(state, images[0], labels[0])
     jax.block_until_ready(metrics)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         for index in range(steps):
-            state, metrics = train_step(state, batches[index], images, labels)
+            state, metrics = train_step(state, images[index], labels[index])
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - started) / steps)
     return statistics.median(times)

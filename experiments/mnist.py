@@ -5,21 +5,27 @@
 
 Flags set the common fields; every other hyperparameter is a ``--config.NAME=VALUE`` override of
 ``experiments/configs/mnist.py``. Rerunning the same command with the same ``--workdir`` resumes.
+SIGTERM or Ctrl-C saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run it again).
+Multi-host: ``--distributed`` calls ``jax.distributed.initialize`` (arguments detected on TPU
+pods and SLURM, or given with ``--coordinator_address``, ``--num_processes``, ``--process_id``).
 """
 
 from __future__ import annotations
 
 import json
-
+import sys
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sparsejax.data import DATASETS
 from sparsejax.methods import METHODS
 from sparsejax.models import MODELS
-from sparsejax.train import train_and_evaluate
+from sparsejax.train import Preempted, train_and_evaluate
+
+EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -37,6 +43,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the dataset's 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default runs/DATASET_MODEL_METHOD); resumes if it holds a run."
 )
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 _FLAG_FIELDS = {
     "method": _METHOD,
@@ -54,6 +64,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
     config = _CONFIG.value
     for field, flag in _FLAG_FIELDS.items():
         if flag.value is not None:
@@ -61,8 +77,13 @@ def main(argv: list[str]) -> None:
     if config.model not in MODELS:
         raise app.UsageError(f"unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}")
     workdir = _WORKDIR.value or f"runs/{config.dataset}_{config.model}_{config.method}"
-    summary = train_and_evaluate(config, workdir)
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = train_and_evaluate(config, workdir)
+    except Preempted as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ estimator's gradient for the gate parameters), which optimizer each parameter gr
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,15 @@ class Method(abc.ABC):
         return params
 
     def prepare_model(self, model: GatedModel) -> None:
-        """Check that the method can work with ``model`` (override to validate slots)."""
+        """Called once with the built model before training: resolve per-slot settings and
+        refuse models the method cannot work with."""
+
+    @staticmethod
+    def loss_and_parts(
+        data_loss: jax.Array, penalty: jax.Array, logits: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The ``objective`` return value: total loss and ``{"logits", "data_loss", "penalty"}``."""
+        return data_loss + penalty, {"logits": logits, "data_loss": data_loss, "penalty": penalty}
 
 
 def per_slot(

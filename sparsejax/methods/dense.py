@@ -24,6 +24,6 @@ class Dense(Method):
 
     def objective(self, model, images, labels, key):
         logits = model(images, train=True)
-        data_loss = jnp.mean(cross_entropy(logits, labels))
-        penalty = self.penalty(model)
-        return data_loss + penalty, {"logits": logits, "data_loss": data_loss, "penalty": penalty}
+        return self.loss_and_parts(
+            jnp.mean(cross_entropy(logits, labels)), self.penalty(model), logits
+        )

@@ -58,7 +58,3 @@ class L0Method(Method):
             self.num_train,
             reference_bias_sign=bool(self.config.get("reference_bias_sign", False)),
         ) + gated_l2(model, probs, self.config.l2)
-
-    @staticmethod
-    def parts(data_loss: jax.Array, penalty: jax.Array, logits: jax.Array):
-        return data_loss + penalty, {"logits": logits, "data_loss": data_loss, "penalty": penalty}

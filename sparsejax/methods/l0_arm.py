@@ -64,7 +64,7 @@ class L0Binary(L0Method):
             has_aux=True,
         )
         nnx.update(model, new_state)
-        return self.parts(loss, self.penalty(model), logits)
+        return self.loss_and_parts(loss, self.penalty(model), logits)
 
 
 class L0AR(L0Binary):

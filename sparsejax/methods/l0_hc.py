@@ -35,7 +35,7 @@ class L0HardConcrete(L0Method):
     def objective(self, model, images, labels, key):
         logits = model(images, train=True, rngs=nnx.Rngs(**{GATE_STREAM: key}))
         data_loss = jnp.mean(cross_entropy(logits, labels))
-        return self.parts(data_loss, self.penalty(model), logits)
+        return self.loss_and_parts(data_loss, self.penalty(model), logits)
 
     def project(self, params: Params) -> Params:
         if not self.config.clamp_log_alpha:

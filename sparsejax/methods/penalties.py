@@ -14,7 +14,7 @@ reference code passes N * wd to its layers and divides by N again).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from sparsejax.models.base import GatedModel
 from sparsejax.models.lenet import MLP, LeNet5

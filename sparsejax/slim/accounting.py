@@ -18,7 +18,7 @@ Conventions (stated once, used everywhere):
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np

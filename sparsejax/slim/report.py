@@ -6,8 +6,9 @@ import dataclasses
 
 import numpy as np
 
+from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.accounting import count_network
+from sparsejax.slim.accounting import count_network, pruning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ def gate_report(model: GatedModel) -> GateReport:
     """Evaluate every gate's test-time value and keep probability, and account for them."""
     test_gates = {name: np.asarray(gate.test_gate()) for name, gate in model.gates.items()}
     keep_probs = {name: np.asarray(gate.prob_nonzero()) for name, gate in model.gates.items()}
-    masks = {name: (value > 0).astype(np.float32) for name, value in test_gates.items()}
+    masks = {name: np.asarray(active(value)) for name, value in test_gates.items()}
     pruned = count_network(model.layers, masks)
     expected = count_network(model.layers, keep_probs)
     dense = count_network(model.layers, {})
@@ -58,6 +59,6 @@ def gate_report(model: GatedModel) -> GateReport:
         flops=float(pruned["flops"]),
         dense_params=float(dense["params"]),
         dense_flops=float(dense["flops"]),
-        pruning_rate=100.0 * (1.0 - float(pruned["weights"]) / float(dense["weights"])),
+        pruning_rate=pruning_rate(model.layers, masks),
         test_gates=test_gates,
     )

@@ -1,5 +1,6 @@
 """The training engine."""
 
 from sparsejax.train.loop import NonFiniteLossError, train_and_evaluate
+from sparsejax.train.preemption import Preempted
 
-__all__ = ["NonFiniteLossError", "train_and_evaluate"]
+__all__ = ["NonFiniteLossError", "Preempted", "train_and_evaluate"]

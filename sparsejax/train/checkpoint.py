@@ -1,7 +1,9 @@
 """Orbax checkpoints of a run: the train state plus a small JSON record of its progress.
 
-One checkpoint per epoch; the newest ``max_to_keep`` are kept. A run restarted with the same
-working directory resumes from the newest one. A checkpoint that cannot be restored raises
+One checkpoint per epoch (and one when the run is preempted); the newest ``max_to_keep`` and the
+one with the lowest test error are kept. A run restarted with the same working directory resumes
+from the newest one; restoring onto a different number of devices works, because the state is
+restored with the shardings of the current run's template. A checkpoint that cannot be restored raises
 :class:`CheckpointError` naming the directory: a run never silently starts again from scratch.
 """
 
@@ -12,8 +14,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "eval/err"
 
 
 class CheckpointError(RuntimeError):
@@ -25,24 +29,48 @@ class Checkpointer:
 
     def __init__(self, workdir: str | Path, *, max_to_keep: int = 2):
         self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+        preservation = checkpoint_managers.AnyPreservationPolicy(
+            [
+                checkpoint_managers.LatestN(max_to_keep),
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+                preservation_policy=preservation, enable_async_checkpointing=False, create=True
             ),
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, progress: dict) -> None:
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, progress: dict, metrics: dict | None = None) -> None:
+        """Save ``step``, replacing an earlier checkpoint of the same step (a run stopped at the
+        end of an epoch saves before its evaluation; the resumed run saves again after it)."""
+        if step in self._manager.all_steps():
+            self._manager.delete(step)
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
             ),
+            metrics=metrics,
+            force=True,
         )
         self._manager.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the job was told to stop (multi-host preemption notice, synced across hosts)."""
+        return self._manager.reached_preemption(step)
 
     def restore(self, template_state: Any) -> tuple[Any, dict] | None:
         """The newest checkpoint, shaped like ``template_state``; None if there is none."""

@@ -1,10 +1,9 @@
-"""The training loop: data on device, jitted chunks of steps, per-epoch evaluation, gate
-reports, metrics, checkpoints and a final ``summary.json``.
+"""The training loop: jitted data-parallel steps, per-epoch evaluation, gate reports, metrics,
+checkpoints and a final ``summary.json``.
 
 A run is a function of its config: restarted with the same working directory it resumes from
-the last completed epoch and ends exactly where an uninterrupted run ends (the minibatch order of
-an epoch is a pure function of the seed and the epoch number, a step's gate noise of the seed and
-the step number).
+its last checkpoint and ends exactly where an uninterrupted run ends (the minibatch order of an
+epoch is a pure function of the seed and the epoch, a step's gate noise of the seed and the step).
 """
 
 from __future__ import annotations
@@ -15,24 +14,28 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from sparsejax.data import ArrayDataset, load_dataset
 from sparsejax.methods import create_method
+from sparsejax.methods.base import Method
 from sparsejax.models import build_model
+from sparsejax.models.base import GatedModel
 from sparsejax.slim.report import GateReport, gate_report
-from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.metrics import MetricWriter
+from sparsejax.train.checkpoint import BEST_METRIC, Checkpointer
+from sparsejax.train.input import InMemoryInput
+from sparsejax.train.metrics import MetricWriter, NullWriter
+from sparsejax.train.preemption import Preempted, StopRequest
 from sparsejax.train.progress import Progress
-from sparsejax.train.state import init_state, merge_model
-from sparsejax.train.step import make_evaluate, make_train_step
+from sparsejax.train.sharding import create_mesh, local_copy, replicate
+from sparsejax.train.state import TrainState, init_state, merge_model
+from sparsejax.train.step import make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-RESUMABLE_CHANGES = ("epochs", "data_dir")
+RESUMABLE_CHANGES = ("epochs", "data_dir", "keep_checkpoints")
 """Config fields that may differ when a run is resumed."""
 
 
@@ -56,7 +59,22 @@ def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
                 f"{workdir} holds a run with a different configuration ({details}); "
                 "use another --workdir, or the same flags to resume it"
             )
-    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+        _write_atomically(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def _report(graphdef, state: TrainState) -> GateReport:
+    return gate_report(merge_model(graphdef, local_copy(state.params), local_copy(state.model_state)))
+
+
+def _step_of(state: TrainState) -> int:
+    return int(local_copy(state.step))
 
 
 def _load_data(config: ml_collections.ConfigDict) -> ArrayDataset:
@@ -67,6 +85,20 @@ def _load_data(config: ml_collections.ConfigDict) -> ArrayDataset:
         num_train=config.get("num_train"),
         num_test=config.get("num_test"),
     )
+
+
+def _build(config: ml_collections.ConfigDict, data: ArrayDataset) -> tuple[Method, GatedModel]:
+    method = create_method(config.method, config, num_train=data.num_train)
+    model = build_model(
+        config.model,
+        rngs=nnx.Rngs(params=config.seed),
+        num_classes=data.num_classes,
+        input_shape=data.image_shape,
+        gate_factory=method.make_gate,
+        granularity=config.granularity,
+    )
+    method.prepare_model(model)
+    return method, model
 
 
 def _report_record(report: GateReport) -> dict:
@@ -80,123 +112,156 @@ def _report_record(report: GateReport) -> dict:
     }
 
 
+def _steps_per_epoch(config: ml_collections.ConfigDict, data: ArrayDataset) -> int:
+    if config.batch_size > data.num_train:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {data.num_train} training examples"
+        )
+    steps = data.num_train // config.batch_size
+    return min(steps, config.steps_per_epoch) if config.get("steps_per_epoch") else steps
+
+
+def _evaluate(eval_step, state: TrainState, inputs: InMemoryInput) -> dict[str, float]:
+    totals = [eval_step(state, *batch) for batch in inputs.eval_batches()]
+    wrong, loss = (sum(float(t[k]) for t in jax.device_get(local_copy(totals))) for k in (0, 1))
+    count = inputs.data.num_test
+    return {"err": 100.0 * wrong / count, "loss": loss / count}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train ``config.model`` with ``config.method`` on ``config.dataset``; return the summary
-    (also written to ``workdir/summary.json``)."""
+    """Train ``config.model`` with ``config.method`` on ``config.dataset`` over every device;
+    return the summary (also written to ``workdir/summary.json``).
+
+    Raises :class:`~sparsejax.train.preemption.Preempted` after saving a checkpoint when the
+    process receives SIGTERM or SIGINT (or a multi-host preemption notice)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    mesh = create_mesh()
     data = _load_data(config)
-    method = create_method(config.method, config, num_train=data.num_train)
-    model = build_model(
-        config.model,
-        rngs=nnx.Rngs(params=config.seed),
-        num_classes=data.num_classes,
-        input_shape=data.image_shape,
-        gate_factory=method.make_gate,
-        granularity=config.granularity,
-    )
-    method.prepare_model(model)
+    method, model = _build(config, data)
     _check_config(workdir, config)
-
-    batch_size = config.batch_size
-    if batch_size > data.num_train:
-        raise ValueError(f"batch_size {batch_size} exceeds the {data.num_train} training examples")
-    steps_per_epoch = data.num_train // batch_size
-    if config.get("steps_per_epoch"):
-        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    steps_per_epoch = _steps_per_epoch(config, data)
 
     tx = method.optimizer()
     root_key = jax.random.key(config.seed)
     graphdef, state = init_state(model, tx, jax.random.fold_in(root_key, 0))
-    data_key = jax.random.fold_in(root_key, 1)
-    train_step = make_train_step(graphdef, method, tx)
-    evaluate = make_evaluate(graphdef, config.eval_batch_size)
-    train_x, train_y = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
-    test_x, test_y = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
+    state = replicate(state, mesh)
+    inputs = InMemoryInput(
+        data,
+        mesh,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        key=jax.random.fold_in(root_key, 1),
+    )
+    train_step = make_train_step(graphdef, method, tx, mesh)
+    eval_step = make_eval_step(graphdef)
 
-    checkpointer = Checkpointer(workdir)
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     progress_record = {"epoch": 0, "test_errors": [], "epoch_seconds": []}
     restored = checkpointer.restore(state)
     if restored is not None:
         state, progress_record = restored
-    start_epoch = progress_record["epoch"]
+    start_step = _step_of(state)
 
-    writer = MetricWriter(workdir)
-    progress = Progress(config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
-    if start_epoch:
-        progress.message(f"resuming {workdir} after epoch {start_epoch}")
+    writer = MetricWriter(workdir) if jax.process_index() == 0 else NullWriter()
+    progress = Progress(config.epochs * steps_per_epoch, initial=start_step)
+    if start_step:
+        progress.message(f"resuming {workdir} at step {start_step}")
     try:
-        for epoch in range(start_epoch, config.epochs):
-            order = jax.random.permutation(jax.random.fold_in(data_key, epoch), data.num_train)
-            batches = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-            started = time.perf_counter()
-            for first in range(0, steps_per_epoch, config.log_every):
-                chunk_started = time.perf_counter()
-                chunk = []
-                for index in range(first, min(first + config.log_every, steps_per_epoch)):
-                    state, step_metrics = train_step(state, batches[index], train_x, train_y)
-                    chunk.append(step_metrics)
-                metrics = {k: np.array([m[k] for m in jax.device_get(chunk)]) for k in chunk[0]}
-                means = {k: float(np.mean(v)) for k, v in metrics.items()}
-                steps = len(chunk)
-                elapsed = time.perf_counter() - chunk_started
-                if not np.all(np.isfinite(metrics["loss"])):
-                    raise NonFiniteLossError(
-                        f"the training loss became {means['loss']} within steps "
-                        f"{int(state.step) - steps + 1}-{int(state.step)} (epoch {epoch + 1}); "
-                        f"the last good checkpoint is in {checkpointer.directory}"
-                    )
-                writer.write(
-                    int(state.step),
-                    {
-                        "epoch": epoch + (first + steps) / steps_per_epoch,
-                        **{f"train/{k}": v for k, v in means.items()},
-                        "train/steps_per_second": steps / elapsed,
-                        "train/examples_per_second": steps * batch_size / elapsed,
-                    },
+        with StopRequest() as stop:
+            for epoch in range(progress_record["epoch"], config.epochs):
+                state, progress_record = _train_epoch(
+                    config, epoch, state, progress_record, inputs, train_step, eval_step,
+                    graphdef, checkpointer, writer, progress, stop,
                 )
-                progress.update(steps, f"loss {means['loss']:.4f} err {100 * means['err']:.2f}%")
-            epoch_seconds = time.perf_counter() - started
-
-            evaluation = jax.device_get(evaluate(state, test_x, test_y))
-            report = gate_report(merge_model(graphdef, state.params, state.model_state))
-            test_error = float(evaluation["err"])
-            progress_record = {
-                "epoch": epoch + 1,
-                "test_errors": [*progress_record["test_errors"], test_error],
-                "epoch_seconds": [*progress_record["epoch_seconds"], epoch_seconds],
-            }
-            writer.write(
-                int(state.step),
-                {
-                    "epoch": epoch + 1,
-                    "eval/err": test_error,
-                    "eval/loss": float(evaluation["loss"]),
-                    "epoch_seconds": epoch_seconds,
-                    **_report_record(report),
-                },
-            )
-            writer.histograms(
-                int(state.step), {f"gates/{k}": v for k, v in report.test_gates.items()}
-            )
-            progress.message(
-                f"epoch {epoch + 1}/{config.epochs}: test error {test_error:.2f}%, "
-                f"architecture {report.architecture}, pruning rate {report.pruning_rate:.1f}%"
-            )
-            checkpointer.save(epoch + 1, state, progress_record)
     finally:
         progress.close()
         writer.close()
         checkpointer.close()
 
-    report = gate_report(merge_model(graphdef, state.params, state.model_state))
+    report = _report(graphdef, state)
     summary = _summary(config, data, report, progress_record, steps_per_epoch)
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if jax.process_index() == 0:
+        _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _train_epoch(
+    config, epoch, state, progress_record, inputs, train_step, eval_step, graphdef,
+    checkpointer, writer, progress, stop,
+):
+    """One epoch (or its remainder after a resume), its evaluation and its checkpoint."""
+    steps_per_epoch = inputs.steps_per_epoch
+    order = inputs.epoch_order(epoch)
+    started = time.perf_counter()
+    first = _step_of(state) - epoch * steps_per_epoch
+    for chunk_start in range(first, steps_per_epoch, config.log_every):
+        chunk_started = time.perf_counter()
+        chunk = []
+        for index in range(chunk_start, min(chunk_start + config.log_every, steps_per_epoch)):
+            state, step_metrics = train_step(state, *inputs.train_batch(order, index))
+            chunk.append(step_metrics)
+            step = epoch * steps_per_epoch + index + 1
+            if stop.requested or checkpointer.reached_preemption(step):
+                checkpointer.save(step, state, progress_record)
+                raise Preempted(
+                    f"stopped at step {step}; checkpoint saved in {checkpointer.directory}. "
+                    "Rerun the same command to resume."
+                )
+        fetched = jax.device_get(local_copy(chunk))
+        metrics = {k: np.array([m[k] for m in fetched]) for k in fetched[0]}
+        elapsed = time.perf_counter() - chunk_started
+        means = {k: float(np.mean(v)) for k, v in metrics.items()}
+        if not np.all(np.isfinite(metrics["loss"])):
+            last = epoch * steps_per_epoch + chunk_start + len(chunk)
+            raise NonFiniteLossError(
+                f"the training loss became {means['loss']} within steps "
+                f"{last - len(chunk) + 1}-{last} (epoch {epoch + 1}); "
+                f"the last good checkpoint is in {checkpointer.directory}"
+            )
+        writer.write(
+            epoch * steps_per_epoch + chunk_start + len(chunk),
+            {
+                "epoch": epoch + (chunk_start + len(chunk)) / steps_per_epoch,
+                **{f"train/{k}": v for k, v in means.items()},
+                "train/steps_per_second": len(chunk) / elapsed,
+                "train/examples_per_second": len(chunk) * inputs.batch_size / elapsed,
+            },
+        )
+        progress.update(len(chunk), f"loss {means['loss']:.4f} err {100 * means['err']:.2f}%")
+    epoch_seconds = time.perf_counter() - started
+
+    evaluation = _evaluate(eval_step, state, inputs)
+    report = _report(graphdef, state)
+    progress_record = {
+        "epoch": epoch + 1,
+        "test_errors": [*progress_record["test_errors"], evaluation["err"]],
+        "epoch_seconds": [*progress_record["epoch_seconds"], epoch_seconds],
+    }
+    step = (epoch + 1) * steps_per_epoch
+    writer.write(
+        step,
+        {
+            "epoch": epoch + 1,
+            BEST_METRIC: evaluation["err"],
+            "eval/loss": evaluation["loss"],
+            "epoch_seconds": epoch_seconds,
+            **_report_record(report),
+        },
+    )
+    writer.histograms(step, {f"gates/{k}": v for k, v in report.test_gates.items()})
+    progress.message(
+        f"epoch {epoch + 1}/{config.epochs}: test error {evaluation['err']:.2f}%, "
+        f"architecture {report.architecture}, pruning rate {report.pruning_rate:.1f}%"
+    )
+    checkpointer.save(step, state, progress_record, {BEST_METRIC: evaluation["err"]})
+    return state, progress_record
+
+
 def _summary(config, data: ArrayDataset, report: GateReport, progress: dict, steps: int) -> dict:
-    errors = progress["test_errors"]
+    errors, seconds = progress["test_errors"], progress["epoch_seconds"]
+    median_seconds = statistics.median(seconds) if seconds else None
     return {
         "method": config.method,
         "model": config.model,
@@ -218,8 +283,10 @@ def _summary(config, data: ArrayDataset, report: GateReport, progress: dict, ste
         "dense_flops": report.dense_flops,
         "params": report.params,
         "dense_params": report.dense_params,
-        "seconds_per_epoch": statistics.median(progress["epoch_seconds"])
-        if progress["epoch_seconds"]
+        "seconds_per_epoch": median_seconds,
+        "examples_per_second": steps * config.batch_size / median_seconds
+        if median_seconds
         else None,
         "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
     }

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 from tensorboardX import SummaryWriter
@@ -65,3 +65,16 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     """All records of a run's metrics file."""
     with (Path(workdir) / METRICS_FILE).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class NullWriter:
+    """The writer of processes other than process 0: writes nothing."""
+
+    def write(self, step: int, record: Mapping[str, object]) -> None:
+        del step, record
+
+    def histograms(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
+        del step, arrays
+
+    def close(self) -> None:
+        pass

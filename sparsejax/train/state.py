@@ -15,7 +15,9 @@ from sparsejax.methods.base import Params
 @struct.dataclass
 class TrainState:
     """step, parameters ``{"net", "gates"}``, non-parameter model state (BatchNorm statistics),
-    optimizer state and the run's base PRNG key (a step's key is ``fold_in(key, step)``)."""
+    optimizer state and the raw data of the run's base PRNG key (``jax.random.key_data``; a
+    step's key is ``fold_in(wrap_key_data(key), step)``). Every leaf is a plain array, so the
+    state can be replicated across processes and checkpointed as is."""
 
     step: jax.Array
     params: Params
@@ -43,6 +45,11 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Arr
         params=params,
         model_state=rest,
         opt_state=tx.init(params),
-        key=key,
+        key=jax.random.key_data(key),
     )
     return graphdef, state
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The PRNG key of the state's current step."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)

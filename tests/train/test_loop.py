@@ -9,8 +9,8 @@ from experiments.configs.mnist import get_config
 from sparsejax.methods import create_method
 from sparsejax.models import build_model
 from sparsejax.slim import gate_report
-from sparsejax.train import NonFiniteLossError, train_and_evaluate
-from sparsejax.train.checkpoint import CheckpointError
+from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
+from sparsejax.train.checkpoint import Checkpointer, CheckpointError
 from sparsejax.train.metrics import read_metrics
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -112,3 +112,17 @@ def test_rerunning_a_finished_run_trains_no_more(tmp_path):
     again = train_and_evaluate(config_for(epochs=1), tmp_path)
     assert again["test_error"] == first["test_error"]
     assert np.isclose(again["expected_l0"], first["expected_l0"])
+
+
+@pytest.mark.parametrize("stop_at", [5, 8])
+def test_preempted_mid_epoch_or_at_its_end_resumes_exactly(tmp_path, monkeypatch, stop_at):
+    whole = train_and_evaluate(config_for(), tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == stop_at)
+        with pytest.raises(Preempted, match=f"stopped at step {stop_at}"):
+            train_and_evaluate(config_for(), tmp_path / "stopped")
+    resumed = train_and_evaluate(config_for(), tmp_path / "stopped")
+    for key in ("test_error", "best_test_error", "expected_l0", "params", "active_units"):
+        assert resumed[key] == whole[key], key
+    evals = [r for r in read_metrics(tmp_path / "stopped") if "eval/err" in r]
+    assert [r["epoch"] for r in evals] == [1, 2]

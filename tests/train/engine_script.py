@@ -1,0 +1,72 @@
+"""Runs engine pieces in a fresh process (device count set by the caller's environment) and
+prints one JSON line; used by the multi-device tests."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments.configs.mnist import get_config
+from sparsejax.data import load_dataset
+from sparsejax.methods import create_method
+from sparsejax.models import build_model
+from sparsejax.train import train_and_evaluate
+from sparsejax.train.input import InMemoryInput
+from sparsejax.train.sharding import create_mesh, replicate
+from sparsejax.train.state import init_state
+from sparsejax.train.step import make_train_step
+
+
+def small_config(**overrides):
+    config = get_config()
+    config.update(
+        dataset="synthetic", model="mlp", method="dense", batch_size=64, num_train=512,
+        num_test=128, eval_batch_size=64, epochs=1, log_every=4,
+    )
+    config.update(overrides)
+    return config
+
+
+def steps(method_name: str, count: int, per_example: bool) -> dict:
+    config = small_config(method=method_name, per_example_gates=per_example)
+    data = load_dataset("synthetic", num_train=512, num_test=128)
+    method = create_method(method_name, config, num_train=data.num_train)
+    model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gate)
+    method.prepare_model(model)
+    mesh = create_mesh()
+    tx = method.optimizer()
+    graphdef, state = init_state(model, tx, jax.random.key(0))
+    state = replicate(state, mesh)
+    inputs = InMemoryInput(
+        data, mesh, batch_size=64, eval_batch_size=64, steps_per_epoch=8, key=jax.random.key(1)
+    )
+    train_step = make_train_step(graphdef, method, tx, mesh)
+    order = inputs.epoch_order(0)
+    losses = []
+    for index in range(count):
+        state, metrics = train_step(state, *inputs.train_batch(order, index))
+        losses.append(float(metrics["loss"]))
+    leaves = jax.tree.leaves(state.params)
+    identical = all(
+        np.array_equal(np.asarray(shard.data), np.asarray(leaf.addressable_shards[0].data))
+        for leaf in leaves
+        for shard in leaf.addressable_shards
+    )
+    replicas = min(len(leaf.addressable_shards) for leaf in leaves)
+    return {"losses": losses, "identical": identical, "replicas": replicas}
+
+
+def run(workdir: str, epochs: int, **overrides) -> dict:
+    return train_and_evaluate(small_config(epochs=epochs, **overrides), workdir)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "steps":
+        result = steps(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "per_example")
+    else:
+        result = run(sys.argv[2], int(sys.argv[3]), **json.loads(sys.argv[4]))
+    result["devices"] = jax.device_count()
+    print("RESULT " + json.dumps(result))
