@@ -151,6 +151,10 @@ class GatedModel(nnx.Module):
         """The weight gates of ``layer``'s kernel (weight granularity only), else None."""
         return values.get(layer) if self.granularity == "weight" else None
 
+    def input_gate(self, values: dict[str, jax.Array], slot: str) -> jax.Array | None:
+        """The unit gates of ``slot`` for a dense layer's inputs (unit granularity), else None."""
+        return values.get(slot) if self.granularity == "unit" else None
+
 
 def apply_unit_gate(x: jax.Array, values: dict[str, jax.Array], slot: str) -> jax.Array:
     """Multiply the unit gates of ``slot`` into x if that slot is gated."""

@@ -91,8 +91,9 @@ class MLP(GatedModel):
         z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
-            h = apply_unit_gate(h, z, layer.name) if self.granularity == "unit" else h
-            h = self.layer_module(layer.name)(h, self.kernel_gate(z, layer.name))
+            h = self.layer_module(layer.name)(
+                h, self.kernel_gate(z, layer.name), self.input_gate(z, layer.name)
+            )
             if i + 1 < len(self.layers):
                 h = nnx.relu(h)
         return h
@@ -170,7 +171,6 @@ class LeNet5(GatedModel):
         h = max_pool(nnx.relu(h))
         h = gate(self.conv2(h, self.kernel_gate(z, "conv2")), "conv2")
         h = max_pool(nnx.relu(h))
-        h = gate(h.reshape(h.shape[0], -1), "fc1")
-        h = nnx.relu(self.fc1(h, self.kernel_gate(z, "fc1")))
-        h = gate(h, "fc2")
-        return self.fc2(h, self.kernel_gate(z, "fc2"))
+        h = h.reshape(h.shape[0], -1)
+        h = nnx.relu(self.fc1(h, self.kernel_gate(z, "fc1"), self.input_gate(z, "fc1")))
+        return self.fc2(h, self.kernel_gate(z, "fc2"), self.input_gate(z, "fc2"))
