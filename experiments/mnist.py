@@ -20,11 +20,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparsejax.data import DATASETS
+from sparsejax.data import DATASETS, DatasetNotFoundError
 from sparsejax.methods import METHODS
 from sparsejax.models import MODELS
-from sparsejax.train import Preempted, train_and_evaluate
+from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
+from sparsejax.train.checkpoint import CheckpointError
 
+EXIT_FAILED = 1
 EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Configuration file; its fields are overridable as --config.NAME=VALUE.",
 )
 _METHOD = flags.DEFINE_enum("method", None, sorted(METHODS), "Sparsification method.")
-_MODEL = flags.DEFINE_enum("model", None, ["mlp", "lenet5"], "Model.")
+_MODEL = flags.DEFINE_enum("model", None, sorted(MODELS), "Model.")
 _DATASET = flags.DEFINE_enum("dataset", None, list(DATASETS), "Dataset.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Minibatch size.", lower_bound=1)
@@ -74,14 +76,15 @@ def main(argv: list[str]) -> None:
     for field, flag in _FLAG_FIELDS.items():
         if flag.value is not None:
             setattr(config, field, flag.value)
-    if config.model not in MODELS:
-        raise app.UsageError(f"unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}")
     workdir = _WORKDIR.value or f"runs/{config.dataset}_{config.model}_{config.method}"
     try:
         summary = train_and_evaluate(config, workdir)
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    except (DatasetNotFoundError, CheckpointError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
 

@@ -25,7 +25,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-METRICS_FILE = "metrics.jsonl"
+from sparsejax.train.metrics import METRICS_FILE, flatten_record, read_records
+
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PLOTS_DIR = "plots"
@@ -35,8 +36,6 @@ PANEL_SIZE = (6.0, 4.0)
 
 EVAL_PREFIXES = ("eval/", "sparsity/")
 """Keys that mark a record as a once-per-epoch evaluation record."""
-PERCENT_KEYS = ("train/err",)
-"""Metrics logged as fractions in [0, 1], converted to percent by ``load_series``."""
 ACTIVE_UNITS_PREFIX = "sparsity/active_units/"
 TITLE_KEYS = ("method", "model", "dataset")
 """Run-description fields joined into every figure's title."""
@@ -47,7 +46,6 @@ SPARSITY_FIGURE = "sparsity.png"
 ACTIVE_UNITS_FIGURE = "active_units.png"
 KEPT_UNITS_FIGURE = "kept_units.png"
 
-RUN_DIR_HINT = "a run directory written by `python -m experiments.mnist ... --workdir=DIR`"
 
 
 @dataclass(frozen=True)
@@ -122,40 +120,11 @@ LINE_FIGURES = (
 )
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """The JSON records of a metrics file, one per non-blank line.
-
-    Raises FileNotFoundError when the file is missing and ValueError when it holds no records or
-    a line is not a JSON object."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected {RUN_DIR_HINT}")
-    records = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                records.append(_parse_line(path, number, line))
-    if not records:
-        raise ValueError(f"{path} holds no metric records")
-    return records
-
-
-def _parse_line(path: Path, number: int, line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}, line {number}: expected a JSON object, got {line.strip()!r}")
-    return record
-
-
 def load_series(records: Iterable[Mapping[str, object]]) -> dict[str, Series]:
     """Every numeric metric of ``records`` as a series ordered by step.
 
     Nested mappings are flattened with "/" (``sparsity/active_units/conv1``); of several records
-    of one kind (train or eval) at the same step, the last wins; ``PERCENT_KEYS`` are scaled to
-    percent."""
+    of one kind (train or eval) at the same step, the last wins."""
     latest: dict[tuple[str, int], Mapping[str, object]] = {}
     for record in records:
         if "step" in record:
@@ -164,11 +133,10 @@ def load_series(records: Iterable[Mapping[str, object]]) -> dict[str, Series]:
     for (_, step), record in sorted(latest.items(), key=lambda item: item[0][1]):
         epoch = _number(record.get("epoch"))
         epoch = math.nan if epoch is None else epoch
-        for key, value in _flatten(record).items():
+        for key, value in flatten_record(record).items():
             number = _number(value)
             if key not in ("step", "epoch") and number is not None:
-                scale = 100.0 if key in PERCENT_KEYS else 1.0
-                rows.setdefault(key, []).append((step, epoch, scale * number))
+                rows.setdefault(key, []).append((step, epoch, number))
     return {key: _to_series(key_rows) for key, key_rows in rows.items()}
 
 
@@ -179,16 +147,6 @@ def _to_series(rows: list[tuple[float, float, float]]) -> Series:
 
 def _record_kind(record: Mapping[str, object]) -> str:
     return "eval" if any(key.startswith(EVAL_PREFIXES) for key in record) else "train"
-
-
-def _flatten(record: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _number(value: object) -> float | None:

@@ -71,7 +71,7 @@ def synthetic_records():
     for epoch in range(1, EPOCHS + 1):
         for half in (1, 2):
             step = (epoch - 1) * STEPS_PER_EPOCH + half * STEPS_PER_EPOCH // 2
-            records.append(train_record(step, err=0.5 / epoch))
+            records.append(train_record(step, err=50.0 / epoch))
         records.append(eval_record(epoch))
     return records
 
@@ -118,7 +118,7 @@ def test_plot_run_closes_its_figures(tmp_path):
     assert len(plt.get_fignums()) == open_before
 
 
-def test_load_series_orders_by_step_and_converts_train_error_to_percent():
+def test_load_series_orders_records_by_step():
     records = synthetic_records()
     series = load_series(records[::-1])
     train = series["train/err"]
@@ -132,9 +132,9 @@ def test_load_series_orders_by_step_and_converts_train_error_to_percent():
 
 def test_load_series_keeps_the_last_record_per_kind_and_step():
     records = [
-        train_record(100, err=0.9),
+        train_record(100, err=90.0),
         eval_record(1),
-        train_record(100, err=0.2),
+        train_record(100, err=20.0),
         {**eval_record(1), "eval/err": 12.5},
     ]
     series = load_series(records)
@@ -158,7 +158,7 @@ def test_active_units_has_one_line_per_slot_as_a_fraction_of_dense(full_figures)
     assert "l0_arm / lenet5" in full_figures[ACTIVE_UNITS_FIGURE].get_suptitle()
 
 
-def test_error_figure_plots_train_percent_and_eval_against_epoch(full_figures):
+def test_error_figure_plots_train_and_eval_against_epoch(full_figures):
     ax = full_figures[ERROR_FIGURE].axes[0]
     train, evaluation = ax.get_lines()
     np.testing.assert_allclose(train.get_xdata(), [0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
@@ -186,7 +186,7 @@ def test_run_without_summary_plots_kept_units_from_the_last_eval(tmp_path):
 
 
 def test_figures_without_data_are_skipped(tmp_path):
-    records = [train_record(50 * i, err=0.5) for i in range(1, 4)]
+    records = [train_record(50 * i, err=50.0) for i in range(1, 4)]
     paths = plot_run(write_run(tmp_path / "run", records=records, summary=None))
     assert {p.name for p in paths} == {ERROR_FIGURE, LOSS_FIGURE}
 

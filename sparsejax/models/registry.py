@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sparsejax.models.base import GatedModel
+from sparsejax.models.cifar_resnet import resnet20, resnet56, resnet110
 from sparsejax.models.lenet import MLP, LeNet5
+from sparsejax.models.vgg import VGG16
 
 MODELS: dict[str, Callable[..., GatedModel]] = {
     "mlp": MLP,
     "lenet5": LeNet5,
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "vgg16": VGG16,
 }
 
 

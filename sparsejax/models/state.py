@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import jax
 from flax import nnx
 
 T = TypeVar("T")
@@ -13,8 +14,14 @@ T = TypeVar("T")
 def without_state_updates(model: nnx.Module, fn: Callable[[nnx.Module], T]) -> tuple[T, nnx.State]:
     """Run ``fn(model)``; return its output and the non-parameter state (e.g. BatchNorm
     statistics) it produced, and leave the model's state as it was before the call."""
-    before = nnx.state(model, nnx.Not(nnx.Param))
+    before = _snapshot(nnx.state(model, nnx.Not(nnx.Param)))
     output = fn(model)
-    after = nnx.state(model, nnx.Not(nnx.Param))
+    after = _snapshot(nnx.state(model, nnx.Not(nnx.Param)))
     nnx.update(model, before)
     return output, after
+
+
+def _snapshot(state: nnx.State) -> nnx.State:
+    """A copy of ``state`` detached from the model's variables (``nnx.state`` returns views that
+    follow later updates)."""
+    return jax.tree.map(lambda value: value, state)

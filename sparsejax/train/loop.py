@@ -8,9 +8,11 @@ epoch is a pure function of the seed and the epoch, a step's gate noise of the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -170,11 +172,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         progress.message(f"resuming {workdir} at step {start_step}")
     try:
         with StopRequest() as stop:
+            run = _Run(
+                config, inputs, train_step, eval_step, graphdef, checkpointer, writer, progress, stop
+            )
             for epoch in range(progress_record["epoch"], config.epochs):
-                state, progress_record = _train_epoch(
-                    config, epoch, state, progress_record, inputs, train_step, eval_step,
-                    graphdef, checkpointer, writer, progress, stop,
-                )
+                state, progress_record = run.epoch(epoch, state, progress_record)
     finally:
         progress.close()
         writer.close()
@@ -187,76 +189,95 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return summary
 
 
-def _train_epoch(
-    config, epoch, state, progress_record, inputs, train_step, eval_step, graphdef,
-    checkpointer, writer, progress, stop,
-):
-    """One epoch (or its remainder after a resume), its evaluation and its checkpoint."""
-    steps_per_epoch = inputs.steps_per_epoch
-    order = inputs.epoch_order(epoch)
-    started = time.perf_counter()
-    first = _step_of(state) - epoch * steps_per_epoch
-    for chunk_start in range(first, steps_per_epoch, config.log_every):
-        chunk_started = time.perf_counter()
+@dataclasses.dataclass
+class _Run:
+    """The fixed parts of a run that every epoch uses."""
+
+    config: ml_collections.ConfigDict
+    inputs: InMemoryInput
+    train_step: Callable
+    eval_step: Callable
+    graphdef: nnx.GraphDef
+    checkpointer: Checkpointer
+    writer: MetricWriter | NullWriter
+    progress: Progress
+    stop: StopRequest
+
+    def epoch(self, epoch: int, state: TrainState, progress_record: dict):
+        """One epoch (or its remainder after a resume), its evaluation and its checkpoint."""
+        steps_per_epoch = self.inputs.steps_per_epoch
+        order = self.inputs.epoch_order(epoch)
+        started = time.perf_counter()
+        first = _step_of(state) - epoch * steps_per_epoch
+        for chunk_start in range(first, steps_per_epoch, self.config.log_every):
+            chunk_end = min(chunk_start + self.config.log_every, steps_per_epoch)
+            state = self._chunk(epoch, state, order, chunk_start, chunk_end, progress_record)
+        epoch_seconds = time.perf_counter() - started
+
+        evaluation = _evaluate(self.eval_step, state, self.inputs)
+        report = _report(self.graphdef, state)
+        progress_record = {
+            "epoch": epoch + 1,
+            "test_errors": [*progress_record["test_errors"], evaluation["err"]],
+            "epoch_seconds": [*progress_record["epoch_seconds"], epoch_seconds],
+        }
+        step = (epoch + 1) * steps_per_epoch
+        self.writer.write(
+            step,
+            {
+                "epoch": epoch + 1,
+                BEST_METRIC: evaluation["err"],
+                "eval/loss": evaluation["loss"],
+                "epoch_seconds": epoch_seconds,
+                **_report_record(report),
+            },
+        )
+        self.writer.histograms(step, {f"gates/{k}": v for k, v in report.test_gates.items()})
+        self.progress.message(
+            f"epoch {epoch + 1}/{self.config.epochs}: test error {evaluation['err']:.2f}%, "
+            f"architecture {report.architecture}, pruning rate {report.pruning_rate:.1f}%"
+        )
+        self.checkpointer.save(step, state, progress_record, {BEST_METRIC: evaluation["err"]})
+        return state, progress_record
+
+    def _chunk(self, epoch, state, order, start, end, progress_record) -> TrainState:
+        """Steps ``start..end-1`` of an epoch, then one metrics record; saves and raises
+        :class:`Preempted` when asked to stop."""
+        steps_per_epoch = self.inputs.steps_per_epoch
+        started = time.perf_counter()
         chunk = []
-        for index in range(chunk_start, min(chunk_start + config.log_every, steps_per_epoch)):
-            state, step_metrics = train_step(state, *inputs.train_batch(order, index))
+        for index in range(start, end):
+            state, step_metrics = self.train_step(state, *self.inputs.train_batch(order, index))
             chunk.append(step_metrics)
             step = epoch * steps_per_epoch + index + 1
-            if stop.requested or checkpointer.reached_preemption(step):
-                checkpointer.save(step, state, progress_record)
+            if self.stop.requested or self.checkpointer.reached_preemption(step):
+                self.checkpointer.save(step, state, progress_record)
                 raise Preempted(
-                    f"stopped at step {step}; checkpoint saved in {checkpointer.directory}. "
+                    f"stopped at step {step}; checkpoint saved in {self.checkpointer.directory}. "
                     "Rerun the same command to resume."
                 )
         fetched = jax.device_get(local_copy(chunk))
         metrics = {k: np.array([m[k] for m in fetched]) for k in fetched[0]}
-        elapsed = time.perf_counter() - chunk_started
+        elapsed = time.perf_counter() - started
         means = {k: float(np.mean(v)) for k, v in metrics.items()}
+        last = epoch * steps_per_epoch + end
         if not np.all(np.isfinite(metrics["loss"])):
-            last = epoch * steps_per_epoch + chunk_start + len(chunk)
             raise NonFiniteLossError(
                 f"the training loss became {means['loss']} within steps "
                 f"{last - len(chunk) + 1}-{last} (epoch {epoch + 1}); "
-                f"the last good checkpoint is in {checkpointer.directory}"
+                f"the last good checkpoint is in {self.checkpointer.directory}"
             )
-        writer.write(
-            epoch * steps_per_epoch + chunk_start + len(chunk),
+        self.writer.write(
+            last,
             {
-                "epoch": epoch + (chunk_start + len(chunk)) / steps_per_epoch,
+                "epoch": epoch + end / steps_per_epoch,
                 **{f"train/{k}": v for k, v in means.items()},
                 "train/steps_per_second": len(chunk) / elapsed,
-                "train/examples_per_second": len(chunk) * inputs.batch_size / elapsed,
+                "train/examples_per_second": len(chunk) * self.inputs.batch_size / elapsed,
             },
         )
-        progress.update(len(chunk), f"loss {means['loss']:.4f} err {100 * means['err']:.2f}%")
-    epoch_seconds = time.perf_counter() - started
-
-    evaluation = _evaluate(eval_step, state, inputs)
-    report = _report(graphdef, state)
-    progress_record = {
-        "epoch": epoch + 1,
-        "test_errors": [*progress_record["test_errors"], evaluation["err"]],
-        "epoch_seconds": [*progress_record["epoch_seconds"], epoch_seconds],
-    }
-    step = (epoch + 1) * steps_per_epoch
-    writer.write(
-        step,
-        {
-            "epoch": epoch + 1,
-            BEST_METRIC: evaluation["err"],
-            "eval/loss": evaluation["loss"],
-            "epoch_seconds": epoch_seconds,
-            **_report_record(report),
-        },
-    )
-    writer.histograms(step, {f"gates/{k}": v for k, v in report.test_gates.items()})
-    progress.message(
-        f"epoch {epoch + 1}/{config.epochs}: test error {evaluation['err']:.2f}%, "
-        f"architecture {report.architecture}, pruning rate {report.pruning_rate:.1f}%"
-    )
-    checkpointer.save(step, state, progress_record, {BEST_METRIC: evaluation["err"]})
-    return state, progress_record
+        self.progress.update(len(chunk), f"loss {means['loss']:.4f} err {means['err']:.2f}%")
+        return state
 
 
 def _summary(config, data: ArrayDataset, report: GateReport, progress: dict, steps: int) -> dict:

@@ -37,7 +37,7 @@ class MetricWriter:
         record = {"step": int(step), **_plain(record)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for name, value in _flatten(record).items():
+        for name, value in flatten_record(record).items():
             if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tensorboard.add_scalar(name, value, step)
 
@@ -50,21 +50,52 @@ class MetricWriter:
         self._tensorboard.close()
 
 
-def _flatten(record: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+def flatten_record(record: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested keys joined with "/": ``{"a": {"b": 1}} -> {"a/b": 1}``."""
     flat = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}/"))
+            flat.update(flatten_record(value, f"{name}/"))
         else:
             flat[name] = value
     return flat
 
 
+RUN_DIR_HINT = "a run directory written by `python -m experiments.mnist ... --workdir=DIR`"
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The JSON records of a metrics file, one per non-blank line.
+
+    Raises FileNotFoundError when the file is missing and ValueError when it holds no records or
+    a line is not a JSON object (naming the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected {RUN_DIR_HINT}")
+    records = []
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                records.append(_parse_line(path, number, line))
+    if not records:
+        raise ValueError(f"{path} holds no metric records")
+    return records
+
+
+def _parse_line(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, line {number}: expected a JSON object, got {line.strip()!r}")
+    return record
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
     """All records of a run's metrics file."""
-    with (Path(workdir) / METRICS_FILE).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_records(Path(workdir) / METRICS_FILE)
 
 
 class NullWriter:

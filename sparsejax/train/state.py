@@ -34,7 +34,7 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
 
 def merge_model(graphdef: nnx.GraphDef, params: Params, model_state: nnx.State) -> Any:
     """Inverse of :func:`split_model`."""
-    return nnx.merge(graphdef, params["gates"], params["net"], model_state)
+    return nnx.merge(graphdef, params["gates"], params["net"], model_state, copy=True)
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array):

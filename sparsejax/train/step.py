@@ -46,7 +46,7 @@ def make_train_step(
             "loss": loss,
             "data_loss": aux["data_loss"],
             "penalty": aux["penalty"],
-            "err": error_rate(aux["logits"], y),
+            "err": 100.0 * error_rate(aux["logits"], y),
         }
         new_state = state.replace(
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state

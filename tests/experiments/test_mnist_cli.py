@@ -33,3 +33,13 @@ def test_cli_lists_valid_values_of_a_bad_flag(tmp_path):
     result = run_cli("--method=l0_bogus", cwd=tmp_path)
     assert result.returncode != 0
     assert "l0_arm" in result.stderr and "l0_hc" in result.stderr
+
+
+def test_cli_missing_data_is_a_short_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("--dataset=mnist", f"--data_dir={empty}", f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert any(line.startswith("error: ") for line in result.stderr.splitlines())
+    assert str(empty) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -118,3 +118,36 @@ def test_method_gate_gradient_is_unbiased_against_enumeration(per_example, estim
         mean = est.mean(0)
         stderr = est.std(0) / np.sqrt(est.shape[0])
         np.testing.assert_array_less(np.abs(mean - ref), 5 * stderr + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["l0_hc", "l0_arm"])
+def test_batchnorm_statistics_are_updated_once_per_step(name):
+    """With every gate open, the objective must move BatchNorm statistics exactly as one
+    training forward pass does (ARM's antithetic pass must not add a second update)."""
+    config = get_config()
+    config.update(method=name, model="resnet20")
+    method = create_method(name, config, num_train=100)
+    net = build_model(
+        "resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3), gate_factory=method.make_gate
+    )
+    method.prepare_model(net)
+    for gate in net.gates.values():
+        for variable in (getattr(gate, "phi", None), getattr(gate, "log_alpha", None)):
+            if variable is not None:
+                variable[...] = jnp.full(gate.shape, 10.0)
+    graphdef, params, rest = split_model(net)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    y = jnp.arange(4) % 10
+
+    def stats_after(fn):
+        model = merge_model(graphdef, params, rest)
+        fn(model)
+        return nnx.state(model, nnx.BatchStat)
+
+    ones = {n: jnp.ones(g.shape) for n, g in net.gates.items()}
+    reference = stats_after(lambda m: m(x, train=True, gates=ones))
+    after = stats_after(lambda m: method.objective(m, x, y, jax.random.key(1)))
+    initial = jax.tree.leaves(nnx.state(merge_model(graphdef, params, rest), nnx.BatchStat))
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(reference), initial))
+    for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

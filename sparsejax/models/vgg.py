@@ -1,0 +1,123 @@
+"""VGG-16 with BatchNorm, CIFAR variant (the layout of the Dep-L0 code, Li & Ji 2019).
+
+Thirteen 3x3 convolutions (padding "SAME", with bias), each followed by BatchNorm and ReLU, with
+2x2 max pooling after convolutions 2, 4, 7, 10 and 13:
+64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M; then the 1x1x512 map
+is flattened into one dense layer 512 -> classes. 14.7M parameters and 313M multiply-accumulates
+on a 32x32 image.
+
+Gates: one channel gate per convolution (slot ``"conv{l}"``), multiplied in after the BatchNorm
+and before the ReLU. A closed channel removes its kernel slice and its bias (``gates_bias``: the
+bias is redundant before BatchNorm but kept as in the reference, and a closed gate makes it
+useless), so a gate's group is 9 * C_in + 1 parameters. Accounting: convolution l reads the
+channels of slot l-1 (the first reads the image), writes those of slot l; the dense layer reads
+the channels of slot 13, each tiled over the (H/32) * (W/32) positions of the last map (one for
+CIFAR). With ``granularity="weight"`` every kernel, the dense one included, gets weight gates.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from sparsejax.models.base import (
+    GatedModel,
+    GateFactory,
+    GateSlot,
+    Granularity,
+    Layer,
+    apply_unit_gate,
+    check_granularity,
+    weight_slots,
+)
+from sparsejax.models.cifar_resnet import CIFAR_SHAPE, batch_norm
+from sparsejax.models.layers import Conv, Dense, max_pool
+
+VGG16_CONFIG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)
+"""Output channels of each convolution; "M" is a 2x2 max pooling."""
+
+DROPRATE = 0.5
+
+
+class VGG16(GatedModel):
+    """VGG-16-BN for 32x32 images; see the module docstring for the gates."""
+
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        num_classes: int = 10,
+        input_shape: tuple[int, ...] = CIFAR_SHAPE,
+        config: tuple[int | str, ...] = VGG16_CONFIG,
+        gate_factory: GateFactory | None = None,
+        granularity: Granularity = "unit",
+    ):
+        check_granularity(granularity)
+        self.granularity = granularity
+        self.config = tuple(config)
+        height, width, channels = input_shape
+        pools = sum(1 for c in self.config if c == "M")
+        if height >> pools == 0 or width >> pools == 0:
+            raise ValueError(
+                f"VGG with {pools} poolings needs images of at least {2 ** pools} pixels a side, "
+                f"got {height}x{width}"
+            )
+        unit = granularity == "unit"
+
+        def units(*sources: tuple[str, int]) -> tuple[tuple[str, int], ...]:
+            return tuple(sources) if unit else ()
+
+        layers, unit_slots = [], []
+        previous: str | None = None
+        for item in self.config:
+            if item == "M":
+                height, width = height // 2, width // 2
+                continue
+            name = f"conv{len(layers) + 1}"
+            setattr(self, name, Conv(channels, item, 3, padding="SAME", rngs=rngs))
+            setattr(self, f"bn{len(layers) + 1}", batch_norm(item, rngs))
+            layer = Layer(
+                name, (3, 3, channels, item), height * width,
+                inputs=units((previous, 1)) if previous else (),
+                outputs=units((name, 1)),
+                kernel_slot=None if unit else name,
+            )
+            layers.append(layer)
+            unit_slots.append(GateSlot(name, name, (item,), 3, True, DROPRATE, layer.kernel_shape))
+            previous, channels = name, item
+        self.num_convs = len(layers)
+        positions = height * width
+        flat = positions * channels
+        self.fc = Dense(flat, num_classes, rngs=rngs)
+        layers.append(Layer("fc", (flat, num_classes), inputs=units((previous, positions)),
+                            kernel_slot=None if unit else "fc"))
+        self.layers = tuple(layers)
+        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
+        self._build_gates(gate_factory, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        rngs: nnx.Rngs | None = None,
+        gates: dict[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+        unit = self.granularity == "unit"
+        h, index = x, 0
+        for item in self.config:
+            if item == "M":
+                h = max_pool(h)
+                continue
+            index += 1
+            name = f"conv{index}"
+            h = getattr(self, name)(h, self.kernel_gate(z, name))
+            h = getattr(self, f"bn{index}")(h, use_running_average=not train)
+            if unit:
+                h = apply_unit_gate(h, z, name)
+            h = nnx.relu(h)
+        h = h.reshape(h.shape[0], -1)
+        return self.fc(h, self.kernel_gate(z, "fc"))
