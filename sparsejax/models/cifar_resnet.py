@@ -10,7 +10,7 @@ pad one pixel on each side (so a stride-2 convolution samples the same pixels as
 reference). ResNet-20/56/110 are n = 3/9/18: 0.27M/0.85M/1.73M parameters and 41M/125M/253M
 multiply-accumulates on a 32x32 image.
 
-Gate placement follows Dep-L0 (Li & Ji 2019): channel gates on the output of the stem (slot
+Gate placement follows Dep-L0 (Li & Ji 2021): channel gates on the output of the stem (slot
 ``"stem"``) and on the output of every block's first convolution (slot ``"block{i}.conv1"``,
 blocks numbered 1..3n through the network). Each gate multiplies its channel *after* the
 BatchNorm, where no normalisation can undo it, and before the ReLU (a nonnegative per-channel

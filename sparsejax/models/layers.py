@@ -60,7 +60,7 @@ class Conv(nnx.Module):
         *,
         rngs: nnx.Rngs,
         stride: int = 1,
-        padding: str = "VALID",
+        padding: str | tuple[tuple[int, int], tuple[int, int]] = "VALID",
         use_bias: bool = True,
     ):
         self.in_features, self.out_features = in_features, out_features

@@ -1,4 +1,4 @@
-"""VGG-16 with BatchNorm, CIFAR variant (the layout of the Dep-L0 code, Li & Ji 2019).
+"""VGG-16 with BatchNorm, CIFAR variant (the layout of the Dep-L0 code, Li & Ji 2021).
 
 Thirteen 3x3 convolutions (padding "SAME", with bias), each followed by BatchNorm and ReLU, with
 2x2 max pooling after convolutions 2, 4, 7, 10 and 13:
