@@ -52,7 +52,7 @@ def measure() -> dict:
     model = build_model(_MODEL.value, rngs=nnx.Rngs(0), gate_factory=method.make_gate)
     method.prepare_model(model)
     mesh = create_mesh()
-    tx = method.optimizer()
+    tx = method.optimizer(steps_per_epoch=100, epochs=1)
     graphdef, state = init_state(model, tx, jax.random.key(0))
     state = replicate(state, mesh)
     inputs = InMemoryInput(

@@ -39,7 +39,7 @@ def time_method(name: str, model_name: str, batch_size: int, steps: int, repeats
     method = create_method(name, config, num_train=num_train)
     model = build_model(model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate)
     method.prepare_model(model)
-    tx = method.optimizer()
+    tx = method.optimizer(steps_per_epoch=100, epochs=1)
     mesh = create_mesh()
     graphdef, state = init_state(model, tx, jax.random.key(0))
     state = replicate(state, mesh)

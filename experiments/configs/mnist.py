@@ -29,8 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.optimizer = "adam"
     config.learning_rate = 1e-3
+    config.lr_schedule = "constant"
+    config.lr_milestones = ()
+    config.lr_factor = 0.1
+    config.weight_decay = 0.0
     config.gate_optimizer = config_dict.placeholder(str)
     config.gate_learning_rate = config_dict.placeholder(float)
+    config.gate_lr_schedule = config_dict.placeholder(str)
 
     config.granularity = "unit"
     config.lambdas = config_dict.placeholder(tuple)

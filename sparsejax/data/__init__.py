@@ -1,5 +1,6 @@
-"""Image-classification datasets held in memory as NumPy arrays (the MNIST family and synthetic
-data of the same shapes).
+"""Image-classification datasets held in memory as NumPy arrays: the MNIST family (IDX files),
+CIFAR-10/100 (the python distribution, tarball or extracted), prepared tfds data of either, and
+synthetic data of the same shapes.
 
 ``load_dataset(name)`` returns an :class:`ArrayDataset` with float32 NHWC images in [0, 1] and
 int32 labels; :func:`read_idx` reads the IDX files MNIST-family datasets are distributed in.

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numbers
 
 from sparsejax.data.arrays import ArrayDataset
+from sparsejax.data.cifar import CIFAR_FILES, load_cifar
 from sparsejax.data.mnist import load_mnist_family
 from sparsejax.data.synthetic import SYNTHETIC_NAME, make_synthetic
 
-DATASETS: tuple[str, ...] = ("fashion_mnist", "mnist", SYNTHETIC_NAME)
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion_mnist", "mnist", SYNTHETIC_NAME)
 """The names :func:`load_dataset` accepts."""
 
 
@@ -34,7 +35,8 @@ def load_dataset(
     Args:
       name: one of :data:`DATASETS`.
       data_dir: a directory searched first for the dataset's files (and used as the tfds data
-        directory); see :mod:`sparsejax.data.mnist` for the whole search order. Unused for
+        directory); see :mod:`sparsejax.data.mnist` and :mod:`sparsejax.data.cifar` for the whole
+        search order. For CIFAR it may also be the ``*-python.tar.gz`` file itself. Unused for
         ``"synthetic"``.
       seed: seeds ``"synthetic"`` data; real datasets are returned in their stored order.
       synthetic_like: for ``"synthetic"``, the dataset whose image shape and class count to copy
@@ -58,4 +60,6 @@ def load_dataset(
         return make_synthetic(synthetic_like, seed=seed, num_train=num_train, num_test=num_test)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    if name in CIFAR_FILES:
+        return load_cifar(name, data_dir=data_dir, num_train=num_train, num_test=num_test)
     return load_mnist_family(name, data_dir=data_dir, num_train=num_train, num_test=num_test)

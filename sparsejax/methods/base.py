@@ -20,7 +20,13 @@ import optax
 from flax import nnx
 
 from sparsejax.gates.base import Gate
-from sparsejax.methods.optim import OPTIMIZERS, build_optimizer, partition
+from sparsejax.methods.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    build_optimizer,
+    learning_rate_schedule,
+    partition,
+)
 from sparsejax.models.base import GatedModel, GateSlot
 
 Params = dict[str, Any]
@@ -40,9 +46,11 @@ def error_rate(logits: jax.Array, labels: jax.Array) -> jax.Array:
 class Method(abc.ABC):
     """Base class of sparsification methods; configured by an ``ml_collections.ConfigDict``.
 
-    Shared config fields: ``optimizer`` and ``learning_rate`` for the network weights,
-    ``gate_optimizer`` / ``gate_learning_rate`` for gate parameters (None: the same as the
-    network's), ``l2`` (coefficient of the L2 term in the loss).
+    Shared config fields: ``optimizer``, ``learning_rate``, ``lr_schedule`` (constant | step |
+    cosine), ``lr_milestones`` (epochs), ``lr_factor`` and ``weight_decay`` (coupled, in the
+    optimizer) for the network weights; ``gate_optimizer``, ``gate_learning_rate`` and
+    ``gate_lr_schedule`` for gate parameters (None: the network's; gates get no weight decay);
+    ``l2`` (coefficient of the L2 term in the loss).
     """
 
     name: ClassVar[str]
@@ -52,10 +60,15 @@ class Method(abc.ABC):
             raise ValueError(f"num_train must be positive, got {num_train}")
         self.config = config
         self.num_train = num_train
-        for key in ("optimizer", "gate_optimizer"):
+        for key, valid in (
+            ("optimizer", OPTIMIZERS),
+            ("gate_optimizer", OPTIMIZERS),
+            ("lr_schedule", SCHEDULES),
+            ("gate_lr_schedule", SCHEDULES),
+        ):
             value = config.get(key)
-            if value is not None and value not in OPTIMIZERS:
-                raise ValueError(f"config.{key} must be one of {OPTIMIZERS}, got {value!r}")
+            if value is not None and value not in valid:
+                raise ValueError(f"config.{key} must be one of {valid}, got {value!r}")
 
     @abc.abstractmethod
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> Gate | None:
@@ -75,13 +88,32 @@ class Method(abc.ABC):
         """The regulariser alone (part of :meth:`objective`)."""
         return jnp.zeros(())
 
-    def optimizer(self) -> optax.GradientTransformation:
+    def optimizer(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
         """One optax transformation over ``{"net": ..., "gates": ...}``."""
         config = self.config
-        net = build_optimizer(config.optimizer, config.learning_rate)
+
+        def schedule(base: float, name: str) -> optax.Schedule:
+            return learning_rate_schedule(
+                base,
+                name,
+                steps_per_epoch=steps_per_epoch,
+                epochs=epochs,
+                milestones=config.get("lr_milestones") or (),
+                factor=config.get("lr_factor", 0.1),
+            )
+
+        net_schedule = config.get("lr_schedule", "constant")
+        net = build_optimizer(
+            config.optimizer,
+            schedule(config.learning_rate, net_schedule),
+            weight_decay=config.get("weight_decay", 0.0),
+        )
         gates = build_optimizer(
             config.get("gate_optimizer") or config.optimizer,
-            config.get("gate_learning_rate") or config.learning_rate,
+            schedule(
+                config.get("gate_learning_rate") or config.learning_rate,
+                config.get("gate_lr_schedule") or net_schedule,
+            ),
         )
         return partition(net, gates)
 

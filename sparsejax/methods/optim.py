@@ -1,25 +1,59 @@
-"""Optimizers by name, and the split of one optimizer over network and gate parameters."""
+"""Optimizers and learning-rate schedules by name, and the split of one optimizer over network
+and gate parameters."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import optax
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "momentum", "nesterov")
+SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
 MOMENTUM = 0.9
 
 
-def build_optimizer(name: str, learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
-    """``adam``; ``sgd``; ``momentum`` (heavy ball 0.9); ``nesterov`` (Nesterov 0.9)."""
+def learning_rate_schedule(
+    base: float,
+    schedule: str,
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    milestones: Sequence[int] = (),
+    factor: float = 0.1,
+) -> optax.Schedule:
+    """``constant``; ``step`` (times ``factor`` at each epoch in ``milestones``, as PyTorch's
+    MultiStepLR); ``cosine`` (from ``base`` to 0 over ``epochs``)."""
+    if schedule == "constant":
+        return optax.constant_schedule(base)
+    if schedule == "step":
+        boundaries = {int(m) * steps_per_epoch: factor for m in milestones}
+        return optax.piecewise_constant_schedule(base, boundaries)
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(base, max(1, epochs * steps_per_epoch))
+    raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+
+
+def build_optimizer(
+    name: str, learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
+    """``adam``; ``sgd``; ``momentum`` (heavy ball 0.9); ``nesterov`` (Nesterov 0.9).
+
+    ``weight_decay`` adds ``weight_decay * w`` to the gradient before the optimizer (coupled L2,
+    as the ``weight_decay`` argument of PyTorch's SGD and Adam)."""
     if name == "adam":
-        return optax.adam(learning_rate)
-    if name == "sgd":
-        return optax.sgd(learning_rate)
-    if name == "momentum":
-        return optax.sgd(learning_rate, momentum=MOMENTUM)
-    if name == "nesterov":
-        return optax.sgd(learning_rate, momentum=MOMENTUM, nesterov=True)
-    raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+        optimizer = optax.adam(learning_rate)
+    elif name == "sgd":
+        optimizer = optax.sgd(learning_rate)
+    elif name == "momentum":
+        optimizer = optax.sgd(learning_rate, momentum=MOMENTUM)
+    elif name == "nesterov":
+        optimizer = optax.sgd(learning_rate, momentum=MOMENTUM, nesterov=True)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    if weight_decay:
+        return optax.chain(optax.add_decayed_weights(weight_decay), optimizer)
+    return optimizer
 
 
 def partition(

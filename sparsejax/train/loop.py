@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     _check_config(workdir, config)
     steps_per_epoch = _steps_per_epoch(config, data)
 
-    tx = method.optimizer()
+    tx = method.optimizer(steps_per_epoch=steps_per_epoch, epochs=config.epochs)
     root_key = jax.random.key(config.seed)
     graphdef, state = init_state(model, tx, jax.random.fold_in(root_key, 0))
     state = replicate(state, mesh)

@@ -12,7 +12,7 @@ from sparsejax.data import DATASETS, ArrayDataset, DatasetNotFoundError, load_da
 
 
 def test_public_names():
-    assert DATASETS == ("fashion_mnist", "mnist", "synthetic")
+    assert DATASETS == ("cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic")
     assert set(sparsejax.data.__all__) == {
         "ArrayDataset",
         "DATASETS",
@@ -24,8 +24,10 @@ def test_public_names():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="'cifar10'.*fashion_mnist, mnist, synthetic"):
-        load_dataset("cifar10")
+    with pytest.raises(
+        ValueError, match="'imagenet'.*cifar10, cifar100, fashion_mnist, mnist, synthetic"
+    ):
+        load_dataset("imagenet")
 
 
 @pytest.mark.parametrize("count", [0, -3, 2.5, True, "10"])

@@ -36,7 +36,7 @@ def steps(method_name: str, count: int, per_example: bool) -> dict:
     model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gate)
     method.prepare_model(model)
     mesh = create_mesh()
-    tx = method.optimizer()
+    tx = method.optimizer(steps_per_epoch=100, epochs=1)
     graphdef, state = init_state(model, tx, jax.random.key(0))
     state = replicate(state, mesh)
     inputs = InMemoryInput(
