@@ -61,13 +61,13 @@ def measure() -> dict:
     )
     train_step = make_train_step(graphdef, method, tx, mesh)
     order = inputs.epoch_order(0)
-    state, metrics = train_step(state, *inputs.train_batch(order, 0))
+    state, metrics = train_step(state, *inputs.train_batch(0, order, 0))
     jax.block_until_ready(metrics)
     step_seconds = []
     for _ in range(_REPEATS.value):
         started = time.perf_counter()
         for index in range(_STEPS.value):
-            state, metrics = train_step(state, *inputs.train_batch(order, index))
+            state, metrics = train_step(state, *inputs.train_batch(0, order, index))
         jax.block_until_ready(metrics)
         step_seconds.append((time.perf_counter() - started) / _STEPS.value)
     save_seconds = []

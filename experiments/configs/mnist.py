@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.steps_per_epoch = config_dict.placeholder(int)
     config.eval_batch_size = 1000
     config.log_every = 100
+    config.augment = "none"
+    config.normalize = False
     config.keep_checkpoints = 2
 
     config.optimizer = "adam"

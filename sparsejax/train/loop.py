@@ -155,6 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         eval_batch_size=config.eval_batch_size,
         steps_per_epoch=steps_per_epoch,
         key=jax.random.fold_in(root_key, 1),
+        seed=config.seed,
+        augment=config.get("augment", "none"),
+        normalize_channels=config.get("normalize", False),
     )
     train_step = make_train_step(graphdef, method, tx, mesh)
     eval_step = make_eval_step(graphdef)
@@ -247,7 +250,9 @@ class _Run:
         started = time.perf_counter()
         chunk = []
         for index in range(start, end):
-            state, step_metrics = self.train_step(state, *self.inputs.train_batch(order, index))
+            state, step_metrics = self.train_step(
+                state, *self.inputs.train_batch(epoch, order, index)
+            )
             chunk.append(step_metrics)
             step = epoch * steps_per_epoch + index + 1
             if self.stop.requested or self.checkpointer.reached_preemption(step):

@@ -55,11 +55,14 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-@pytest.mark.parametrize("method", ["l0_hc", "l0_arm"])
-def test_resumed_run_ends_exactly_like_an_uninterrupted_run(tmp_path, method):
-    whole = train_and_evaluate(config_for(method=method), tmp_path / "whole")
-    train_and_evaluate(config_for(method=method, epochs=1), tmp_path / "split")
-    resumed = train_and_evaluate(config_for(method=method), tmp_path / "split")
+@pytest.mark.parametrize(
+    "method,extra",
+    [("l0_hc", {}), ("l0_arm", {}), ("l0_hc", {"augment": "crop_flip", "normalize": True})],
+)
+def test_resumed_run_ends_exactly_like_an_uninterrupted_run(tmp_path, method, extra):
+    whole = train_and_evaluate(config_for(method=method, **extra), tmp_path / "whole")
+    train_and_evaluate(config_for(method=method, epochs=1, **extra), tmp_path / "split")
+    resumed = train_and_evaluate(config_for(method=method, **extra), tmp_path / "split")
     for key in ("test_error", "best_test_error", "expected_l0", "params", "active_units"):
         assert resumed[key] == whole[key], key
     assert comparable(read_metrics(tmp_path / "split")) == comparable(read_metrics(tmp_path / "whole"))
@@ -126,3 +129,11 @@ def test_preempted_mid_epoch_or_at_its_end_resumes_exactly(tmp_path, monkeypatch
         assert resumed[key] == whole[key], key
     evals = [r for r in read_metrics(tmp_path / "stopped") if "eval/err" in r]
     assert [r["epoch"] for r in evals] == [1, 2]
+
+
+def test_augmentation_changes_training_and_unknown_names_are_refused(tmp_path):
+    plain = train_and_evaluate(config_for(epochs=1), tmp_path / "plain")
+    augmented = train_and_evaluate(config_for(epochs=1, augment="crop_flip"), tmp_path / "aug")
+    assert augmented["expected_l0"] != plain["expected_l0"]
+    with pytest.raises(ValueError, match="augment must be one of"):
+        train_and_evaluate(config_for(epochs=1, augment="mixup"), tmp_path / "bad")
