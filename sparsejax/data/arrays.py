@@ -104,3 +104,21 @@ def as_labels(labels: np.ndarray) -> np.ndarray:
         )
     return labels.astype(LABEL_DTYPE)
 
+
+
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+"""``{"train": (uint8 NHWC images, labels), "test": (...)}``."""
+
+
+def from_uint8_splits(name: str, splits: Splits, *, num_classes: int, source: str) -> ArrayDataset:
+    """The :class:`ArrayDataset` of each split's uint8 images (scaled to [0, 1]) and labels."""
+    (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
+    return ArrayDataset(
+        name=name,
+        train_images=scale_images(train_images),
+        train_labels=as_labels(train_labels),
+        test_images=scale_images(test_images),
+        test_labels=as_labels(test_labels),
+        num_classes=num_classes,
+        source=source,
+    )

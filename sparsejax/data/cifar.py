@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsejax.data.arrays import ArrayDataset, as_labels, scale_images
-from sparsejax.data.errors import DatasetNotFoundError
-from sparsejax.data.mnist import DATA_DIR_ENV
-from sparsejax.data.tfds_source import FILE_FORMAT, read_tfds_arrays
+from sparsejax.data.arrays import ArrayDataset, Splits, from_uint8_splits
+from sparsejax.data.errors import DatasetNotFoundError, not_found_message
+from sparsejax.data.mnist import DATA_DIR_ENV, search_settings
+from sparsejax.data.tfds_source import read_tfds_arrays, tfds_prepare_hint
 
 IMAGE_SHAPE = (32, 32, 3)
 """The ``(height, width, channels)`` of every CIFAR image."""
@@ -242,44 +242,26 @@ def _read_split(
 def _not_found_message(name: str, data_dir: str | None, searched: list[str]) -> str:
     """Lists the places searched and the ways to obtain the dataset."""
     files = CIFAR_FILES[name]
-    settings = {"data_dir": data_dir, f"${DATA_DIR_ENV}": os.environ.get(DATA_DIR_ENV)}
-    unset = [setting for setting, value in settings.items() if not value]
     ways = [
         f"download {files.tarball} from {DOWNLOAD_PAGE} and pass it, or the directory holding it "
         f"(or the extracted {files.folder}/), with --data_dir (load_dataset(data_dir=...)) or "
         f"set ${DATA_DIR_ENV}",
-        f"prepare it with tfds: tfds build {name} --file_format={FILE_FORMAT}  (needs "
-        "TensorFlow once; reading it afterwards does not)",
+        tfds_prepare_hint(name),
         f'use the "synthetic" dataset with synthetic_like="{name}" for random data of the same '
         "shape",
     ]
-    return (
-        f"Dataset {name!r} not found. Searched:\n"
-        + "".join(f"  - {place}\n" for place in searched)
-        + (f"  ({' and '.join(unset)} not set)\n" if unset else "")
-        + "To get it, do one of:\n"
-        + "".join(f"  - {way}\n" for way in ways)
-    )
+    return not_found_message(name, searched, ways, search_settings(data_dir))
 
 
-def _to_dataset(
-    name: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]], source: str
-) -> ArrayDataset:
-    """Builds the :class:`ArrayDataset` from each split's uint8 NHWC images and integer labels."""
-    (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
-    for split, images in (("train", train_images), ("test", test_images)):
+def _to_dataset(name: str, arrays: Splits, source: str) -> ArrayDataset:
+    """The :class:`ArrayDataset` of the splits, after checking the CIFAR image shape."""
+    for split, (images, _) in arrays.items():
         if images.shape[1:] != IMAGE_SHAPE:
             raise ValueError(
                 f"{source}: {name} {split} images should be {IMAGE_SHAPE}, got {images.shape[1:]}."
             )
-    return ArrayDataset(
-        name=name,
-        train_images=scale_images(train_images),
-        train_labels=as_labels(train_labels),
-        test_images=scale_images(test_images),
-        test_labels=as_labels(test_labels),
-        num_classes=CIFAR_FILES[name].num_classes,
-        source=source,
+    return from_uint8_splits(
+        name, arrays, num_classes=CIFAR_FILES[name].num_classes, source=source
     )
 
 

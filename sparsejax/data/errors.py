@@ -8,3 +8,18 @@ class DatasetNotFoundError(FileNotFoundError):
 
     The message lists every place that was searched and how to obtain the data.
     """
+
+
+def not_found_message(
+    name: str, searched: list[str], ways: list[str], settings: dict[str, str | None]
+) -> str:
+    """The text of a :class:`DatasetNotFoundError`: every place searched, the search settings
+    that were not given, and the ways to obtain the dataset."""
+    unset = [setting for setting, value in settings.items() if not value]
+    return (
+        f"Dataset {name!r} not found. Searched:\n"
+        + "".join(f"  - {place}\n" for place in searched)
+        + (f"  ({' and '.join(unset)} not set)\n" if unset else "")
+        + "To get it, do one of:\n"
+        + "".join(f"  - {way}\n" for way in ways)
+    )

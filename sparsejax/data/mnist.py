@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsejax.data.arrays import ArrayDataset, as_labels, scale_images
-from sparsejax.data.errors import DatasetNotFoundError
+from sparsejax.data.arrays import ArrayDataset, from_uint8_splits
+from sparsejax.data.errors import DatasetNotFoundError, not_found_message
 from sparsejax.data.idx import read_idx
-from sparsejax.data.tfds_source import FILE_FORMAT, read_tfds_arrays
+from sparsejax.data.tfds_source import read_tfds_arrays, tfds_prepare_hint
 
 NUM_CLASSES = 10
 """Both datasets have ten classes."""
@@ -117,8 +117,6 @@ def _read_split(
 
 def _not_found_message(name: str, data_dir: str | None, searched: list[str]) -> str:
     """Lists the places searched and the ways to obtain the dataset."""
-    settings = {"data_dir": data_dir, f"${DATA_DIR_ENV}": os.environ.get(DATA_DIR_ENV)}
-    unset = [setting for setting, value in settings.items() if not value]
     files = ", ".join(f"{base}{_GZIP_SUFFIX}" for bases in IDX_FILES.values() for base in bases)
     ways = []
     if name in APT_PACKAGES:
@@ -129,33 +127,15 @@ def _not_found_message(name: str, data_dir: str | None, searched: list[str]) -> 
     ways += [
         f"download {files} from {DOWNLOAD_PAGES[name]} into a directory and pass it with "
         f"--data_dir (load_dataset(data_dir=...)) or set ${DATA_DIR_ENV}",
-        f"prepare it with tfds: tfds build {name} --file_format={FILE_FORMAT}  (needs "
-        "TensorFlow once; reading it afterwards does not)",
+        tfds_prepare_hint(name),
         'use the "synthetic" dataset for random data of the same shape',
     ]
-    return (
-        f"Dataset {name!r} not found. Searched:\n"
-        + "".join(f"  - {place}\n" for place in searched)
-        + (f"  ({' and '.join(unset)} not set)\n" if unset else "")
-        + "To get it, do one of:\n"
-        + "".join(f"  - {way}\n" for way in ways)
-    )
+    return not_found_message(name, searched, ways, search_settings(data_dir))
 
 
-def _to_dataset(
-    name: str, arrays: dict[str, tuple[np.ndarray, np.ndarray]], source: str
-) -> ArrayDataset:
-    """Builds the :class:`ArrayDataset` from each split's uint8 images and integer labels."""
-    (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
-    return ArrayDataset(
-        name=name,
-        train_images=scale_images(train_images),
-        train_labels=as_labels(train_labels),
-        test_images=scale_images(test_images),
-        test_labels=as_labels(test_labels),
-        num_classes=NUM_CLASSES,
-        source=source,
-    )
+def search_settings(data_dir: str | None) -> dict[str, str | None]:
+    """The user's search settings, by the name a message should give them."""
+    return {"data_dir": data_dir, f"${DATA_DIR_ENV}": os.environ.get(DATA_DIR_ENV)}
 
 
 def load_mnist_family(
@@ -194,11 +174,11 @@ def load_mnist_family(
             searched.append(f"{directory} ({origin}): {problem}")
             continue
         arrays = {split: _read_split(*files[split], limits[split]) for split in IDX_FILES}
-        return _to_dataset(name, arrays, source=str(directory))
+        return from_uint8_splits(name, arrays, num_classes=NUM_CLASSES, source=str(directory))
     try:
         arrays = read_tfds_arrays(name, data_dir=data_dir, num_train=num_train, num_test=num_test)
     except DatasetNotFoundError as err:
         searched.append(str(err))
         raise DatasetNotFoundError(_not_found_message(name, data_dir, searched)) from err
-    return _to_dataset(name, arrays, source=f"tfds:{name}")
+    return from_uint8_splits(name, arrays, num_classes=NUM_CLASSES, source=f"tfds:{name}")
 

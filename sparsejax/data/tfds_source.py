@@ -105,3 +105,11 @@ def read_tfds_arrays(
         count = len(source) if limit is None else min(limit, len(source))
         arrays[split] = _to_arrays(name, split, _read_records(source, count))
     return arrays
+
+
+def tfds_prepare_hint(name: str) -> str:
+    """How to prepare ``name`` for :func:`read_tfds_arrays` (a way to obtain it)."""
+    return (
+        f"prepare it with tfds: tfds build {name} --file_format={FILE_FORMAT}  (needs "
+        "TensorFlow once; reading it afterwards does not)"
+    )

@@ -92,7 +92,9 @@ class Method(abc.ABC):
         """One optax transformation over ``{"net": ..., "gates": ...}``."""
         config = self.config
 
-        def schedule(base: float, name: str) -> optax.Schedule:
+        def schedule(base: float, name: str) -> float | optax.Schedule:
+            if name == "constant":
+                return base
             return learning_rate_schedule(
                 base,
                 name,

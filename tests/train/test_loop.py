@@ -137,3 +137,11 @@ def test_augmentation_changes_training_and_unknown_names_are_refused(tmp_path):
     assert augmented["expected_l0"] != plain["expected_l0"]
     with pytest.raises(ValueError, match="augment must be one of"):
         train_and_evaluate(config_for(epochs=1, augment="mixup"), tmp_path / "bad")
+
+
+def test_weight_granularity_trains_and_reports_kernel_sparsity(tmp_path):
+    summary = train_and_evaluate(config_for(epochs=1, granularity="weight"), tmp_path)
+    assert summary["gate_slots"] == ["fc1", "fc2", "fc3"]
+    assert summary["dense_units"] == [784 * 300, 300 * 100, 100 * 10]
+    assert 0.0 <= summary["pruning_rate"] < 100.0
+    assert summary["expected_l0"] < summary["dense_params"]
