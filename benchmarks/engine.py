@@ -28,7 +28,8 @@ from sparsejax.data import load_dataset
 from sparsejax.methods import create_method
 from sparsejax.models import build_model
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.train.input import InMemoryInput
+from sparsejax.data.sources import ArraySource
+from sparsejax.train.input import Input
 from sparsejax.train.sharding import create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
@@ -55,19 +56,19 @@ def measure() -> dict:
     tx = method.optimizer(steps_per_epoch=100, epochs=1)
     graphdef, state = init_state(model, tx, jax.random.key(0))
     state = replicate(state, mesh)
-    inputs = InMemoryInput(
-        data, mesh, batch_size=_BATCH.value, eval_batch_size=_BATCH.value,
-        steps_per_epoch=_STEPS.value, key=jax.random.key(1),
+    inputs = Input(
+        ArraySource(data), mesh, batch_size=_BATCH.value, eval_batch_size=_BATCH.value,
+        steps_per_epoch=_STEPS.value,
     )
     train_step = make_train_step(graphdef, method, tx, mesh)
-    order = inputs.epoch_order(0)
-    state, metrics = train_step(state, *inputs.train_batch(0, order, 0))
+    batches = list(inputs.train_batches(0, _STEPS.value))
+    state, metrics = train_step(state, *batches[0])
     jax.block_until_ready(metrics)
     step_seconds = []
     for _ in range(_REPEATS.value):
         started = time.perf_counter()
-        for index in range(_STEPS.value):
-            state, metrics = train_step(state, *inputs.train_batch(0, order, index))
+        for batch in batches:
+            state, metrics = train_step(state, *batch)
         jax.block_until_ready(metrics)
         step_seconds.append((time.perf_counter() - started) / _STEPS.value)
     save_seconds = []

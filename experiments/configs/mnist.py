@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = "l0_hc"
     config.model = "lenet5"
     config.dataset = "fashion_mnist"
+    config.synthetic_like = "fashion_mnist"
     config.data_dir = config_dict.placeholder(str)
     config.num_train = config_dict.placeholder(int)
     config.num_test = config_dict.placeholder(int)
@@ -27,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 100
     config.augment = "none"
     config.normalize = False
+    config.input_workers = 0
+    config.input_threads = 4
     config.keep_checkpoints = 2
 
     config.optimizer = "adam"

@@ -31,6 +31,7 @@ SYNTHETIC_LIKE: dict[str, ImageSpec] = {
     "mnist": ImageSpec((28, 28, 1), 10),
     "cifar10": ImageSpec((32, 32, 3), 10),
     "cifar100": ImageSpec((32, 32, 3), 100),
+    "imagenet2012": ImageSpec((224, 224, 3), 1000),
 }
 """The datasets whose shapes synthetic data can take."""
 

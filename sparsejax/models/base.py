@@ -69,6 +69,11 @@ class Layer:
       inputs / outputs: slots whose values, each tiled the given number of times (flattening a
         NHWC map puts the channel fastest), multiply the layer's input / output units.
       kernel_slot: the weight-granularity slot of this layer's kernel, if any.
+      groups: feature groups of a grouped convolution (the kernel's in axis is ``in / groups``;
+        a depthwise convolution has ``groups == in == out``).
+      reads: the producers whose output channels, concatenated in this order, form this layer's
+        input: layer names, :class:`ChannelCoupling` names (a residual stream) or
+        :data:`MODEL_INPUT`. Empty when not declared. Used to slice consumers when slimming.
     """
 
     name: str
@@ -78,10 +83,12 @@ class Layer:
     inputs: UnitSource = ()
     outputs: UnitSource = ()
     kernel_slot: str | None = None
+    groups: int = 1
+    reads: tuple[str, ...] = ()
 
     @property
     def in_units(self) -> int:
-        return self.kernel_shape[-2]
+        return self.kernel_shape[-2] * self.groups
 
     @property
     def out_units(self) -> int:
@@ -90,6 +97,32 @@ class Layer:
     @property
     def receptive_field(self) -> int:
         return math.prod(self.kernel_shape[:-2])
+
+
+MODEL_INPUT = "input"
+"""The name under which :attr:`Layer.reads` refers to the model's input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelCoupling:
+    """Layers whose outputs are added channel by channel (a residual stream).
+
+    Channel c of every member is one unit: it can only be removed from all members at once, and
+    every layer that reads the stream loses its input c with it.
+
+    Attributes:
+      name: how :attr:`Layer.reads` refers to the stream.
+      layers: the member layers (their outputs, after any BatchNorm, are summed).
+      shortcut_from: the stream (or layer) whose value enters this stream through a
+        parameter-free shortcut, or None; a zero-padding shortcut (CIFAR ResNet option A) ties the
+        two streams' channels by an offset, so neither can be slimmed.
+      fixed: True when the stream's width cannot change (e.g. option-A padding).
+    """
+
+    name: str
+    layers: tuple[str, ...]
+    shortcut_from: str | None = None
+    fixed: bool = False
 
 
 GateFactory = Callable[[GateSlot, nnx.Rngs], "Gate | None"]
@@ -116,6 +149,7 @@ class GatedModel(nnx.Module):
     layers: tuple[Layer, ...]
     gate_slots: tuple[GateSlot, ...]
     granularity: Granularity
+    channel_couplings: tuple[ChannelCoupling, ...] = ()
 
     def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
         built = {}

@@ -50,7 +50,11 @@ class Dense(nnx.Module):
 
 
 class Conv(nnx.Module):
-    """2-D convolution, NHWC input, HWIO kernel (optionally times weight gates), plus bias."""
+    """2-D convolution, NHWC input, HWIO kernel (optionally times weight gates), plus bias.
+
+    ``groups`` splits the channels into feature groups; the kernel is then
+    ``(k, k, in / groups, out)`` and ``groups == in == out`` is a depthwise convolution.
+    """
 
     def __init__(
         self,
@@ -62,10 +66,17 @@ class Conv(nnx.Module):
         stride: int = 1,
         padding: str | tuple[tuple[int, int], tuple[int, int]] = "VALID",
         use_bias: bool = True,
+        groups: int = 1,
     ):
+        if in_features % groups or out_features % groups:
+            raise ValueError(
+                f"groups={groups} must divide both in_features={in_features} and "
+                f"out_features={out_features}"
+            )
         self.in_features, self.out_features = in_features, out_features
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.groups = groups
+        shape = (kernel_size, kernel_size, in_features // groups, out_features)
         self.kernel = nnx.Param(he_normal(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
@@ -76,6 +87,7 @@ class Conv(nnx.Module):
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
         )
         return y if self.bias is None else y + self.bias[...]
 

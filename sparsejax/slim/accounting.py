@@ -7,7 +7,8 @@ output gate is the product of their probabilities).
 
 Conventions (stated once, used everywhere):
 - FLOPs are multiply-accumulates counted once (MACs): a dense layer costs in * out, a convolution
-  kh * kw * C_in * C_out * H_out * W_out; biases, activations and pooling are not counted.
+  kh * kw * (C_in / groups) * C_out * H_out * W_out; biases, activations and pooling are not
+  counted.
 - A kernel weight is kept when its input unit and its output unit are both kept; a bias when its
   output unit is kept. An input unit of a dense layer fed by a flattened feature map is kept only if
   its own gate *and* the gate of its channel keep it.
@@ -46,15 +47,24 @@ def _unit_vector(sources: UnitSource, values: Mapping[str, ArrayLike], size: int
     return vector
 
 
+def _kernel_inputs(inputs: jnp.ndarray, layer: Layer) -> jnp.ndarray:
+    """The input-unit value of every kernel entry, ``(in / groups, out)``: output o of a grouped
+    convolution reads the inputs of its own group."""
+    group_of_output = jnp.arange(layer.out_units) // (layer.out_units // layer.groups)
+    return inputs.reshape(layer.groups, -1)[group_of_output].T
+
+
 def count_layer(layer: Layer, values: Mapping[str, ArrayLike]) -> LayerCount:
     """Kept weights, biases and MACs of ``layer`` given per-slot unit or kernel values."""
     inputs = _unit_vector(layer.inputs, values, layer.in_units)
     outputs = _unit_vector(layer.outputs, values, layer.out_units)
     if layer.kernel_slot is not None and layer.kernel_slot in values:
         kernel = jnp.asarray(values[layer.kernel_slot], jnp.float32)
-        weights = jnp.sum(kernel * inputs[:, None] * outputs)
+        weights = jnp.sum(kernel * _kernel_inputs(inputs, layer) * outputs)
     else:
-        weights = layer.receptive_field * jnp.sum(inputs) * jnp.sum(outputs)
+        per_group_in = jnp.sum(inputs.reshape(layer.groups, -1), axis=1)
+        per_group_out = jnp.sum(outputs.reshape(layer.groups, -1), axis=1)
+        weights = layer.receptive_field * jnp.sum(per_group_in * per_group_out)
     biases = jnp.sum(outputs) if layer.has_bias else jnp.zeros(())
     return LayerCount(layer.name, weights, biases, weights * layer.out_positions)
 

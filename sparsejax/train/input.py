@@ -1,85 +1,154 @@
-"""Minibatches of an in-memory dataset, as global arrays sharded over the mesh.
+"""The input pipeline: a grain dataset of global training batches, indexed by the step.
 
-The order of an epoch is ``permutation(fold_in(key, epoch))`` of the training set, the same on
-every process; each process gathers only its own slice of every global batch from host memory.
-Training augmentation draws from a NumPy generator seeded by (seed, epoch, batch, process), so the
-position in the data is the step number and nothing else.
+Batch ``s`` of a run is a pure function of (seed, s): step s lies in epoch ``s // steps_per_epoch``,
+whose example order is ``default_rng([seed, epoch]).permutation(num_train)``, and its augmentation
+draws from ``default_rng([seed, epoch, index, process])``. The dataset is therefore a grain
+``MapDataset`` over step numbers, and the iterator's position *is* the step the checkpoint holds:
+a resumed run starts the same dataset at its restored step and reads exactly the batches an
+uninterrupted run reads. Reading and augmentation run in ``num_threads`` threads, or in
+``workers`` grain worker processes (ImageNet decoding), ahead of the training step.
+
+Every process reads only its own slice of each global batch (``process_slice``) and the slices
+are assembled into one array sharded over the mesh's ``data`` axis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
+import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh
 
-from sparsejax.data import ArrayDataset
-from sparsejax.data.augment import channel_statistics, crop_flip, normalize
+from sparsejax.data.sources import Batch, BatchSource
 from sparsejax.train.sharding import check_batch_size, global_batch, process_slice
 
-Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
-AUGMENTATIONS: dict[str, Augmentation | None] = {"none": None, "crop_flip": crop_flip}
+DEFAULT_THREADS = 4
+DEFAULT_PREFETCH = 8
+"""Batches read ahead of the training step."""
 
 
-class InMemoryInput:
-    """Training batches by (epoch, index) and padded evaluation batches of ``data``."""
+def epoch_order(seed: int, epoch: int, num_train: int, steps: int, batch_size: int) -> np.ndarray:
+    """Example indices of every batch of ``epoch``: ``(steps, batch_size)``."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_train)
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+class TrainBatchReader:
+    """Reads this process's slice of the global batch of a step (a picklable grain map)."""
 
     def __init__(
         self,
-        data: ArrayDataset,
+        source: BatchSource,
+        *,
+        seed: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        local: slice,
+        process: int,
+    ):
+        self.source, self.seed, self.local, self.process = source, seed, local, process
+        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        cached = self._cached
+        if cached is None or cached[0] != epoch:
+            order = epoch_order(
+                self.seed, epoch, self.source.num_train, self.steps_per_epoch, self.batch_size
+            )
+            cached = self._cached = (epoch, order)
+        return cached[1]
+
+    def __call__(self, step: int) -> Batch:
+        epoch, index = divmod(int(step), self.steps_per_epoch)
+        indices = self._order(epoch)[index][self.local]
+        rng = np.random.default_rng([self.seed, epoch, index, self.process])
+        return self.source.train_batch(indices, rng)
+
+
+class TestBatchReader:
+    """Reads this process's slice of evaluation batch ``i`` (padded by repeating the last test
+    example) and its validity mask (a picklable grain map)."""
+
+    def __init__(self, source: BatchSource, *, batch_size: int, local: slice):
+        self.source, self.batch_size, self.local = source, batch_size, local
+
+    def __call__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = self.source.num_test
+        index = np.arange(batch * self.batch_size, (batch + 1) * self.batch_size)
+        valid = index < count
+        index, valid = np.minimum(index, count - 1)[self.local], valid[self.local]
+        return (*self.source.test_batch(index), valid)
+
+
+class Input:
+    """Global training batches by step and padded evaluation batches of a :class:`BatchSource`."""
+
+    def __init__(
+        self,
+        source: BatchSource,
         mesh: Mesh,
         *,
         batch_size: int,
         eval_batch_size: int,
         steps_per_epoch: int,
-        key: jax.Array,
         seed: int = 0,
-        augment: str = "none",
-        normalize_channels: bool = False,
+        workers: int = 0,
+        threads: int = DEFAULT_THREADS,
+        prefetch: int = DEFAULT_PREFETCH,
     ):
         check_batch_size(batch_size, mesh)
         check_batch_size(eval_batch_size, mesh, "eval_batch_size")
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {tuple(AUGMENTATIONS)}, got {augment!r}")
-        self.data, self.mesh, self.key, self.seed = data, mesh, key, seed
+        if workers < 0 or threads < 1 or prefetch < 1:
+            raise ValueError(
+                f"need workers >= 0, threads >= 1 and prefetch >= 1; got workers={workers}, "
+                f"threads={threads}, prefetch={prefetch}"
+            )
+        self.source, self.mesh, self.seed = source, mesh, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.augment = AUGMENTATIONS[augment]
-        self.statistics = channel_statistics(data.train_images) if normalize_channels else None
+        self.workers, self.threads, self.prefetch = workers, threads, prefetch
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Global example indices of every batch of ``epoch``: ``(steps_per_epoch, batch_size)``."""
-        order = np.asarray(
-            jax.random.permutation(jax.random.fold_in(self.key, epoch), self.data.num_train)
+    @property
+    def num_test(self) -> int:
+        return self.source.num_test
+
+    def dataset(self, start_step: int, end_step: int) -> grain.IterDataset:
+        """This process's batches of steps ``start_step .. end_step - 1`` (NumPy, in order)."""
+        reader = TrainBatchReader(
+            self.source,
+            seed=self.seed,
+            steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.batch_size,
+            local=process_slice(self.batch_size),
+            process=jax.process_index(),
         )
-        used = self.steps_per_epoch * self.batch_size
-        return order[:used].reshape(self.steps_per_epoch, self.batch_size)
+        dataset = grain.MapDataset.range(start_step, end_step).map(reader).to_iter_dataset(
+            grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+        )
+        if self.workers:
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        return dataset
 
-    def _prepare(self, images: np.ndarray) -> np.ndarray:
-        return images if self.statistics is None else normalize(images, *self.statistics)
-
-    def train_batch(
-        self, epoch: int, order: np.ndarray, index: int
-    ) -> tuple[jax.Array, jax.Array]:
-        """Images (augmented, normalised) and labels of batch ``index`` of an epoch's ``order``."""
-        local = order[index][process_slice(self.batch_size)]
-        images = self.data.train_images[local]
-        if self.augment is not None:
-            rng = np.random.default_rng([self.seed, epoch, index, jax.process_index()])
-            images = self.augment(images, rng)
-        return global_batch(self.mesh, self._prepare(images), self.data.train_labels[local])
+    def train_batches(self, start_step: int, end_step: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """Global batches of steps ``start_step .. end_step - 1``, sharded over the mesh."""
+        for images, labels in self.dataset(start_step, end_step):
+            yield global_batch(self.mesh, images, labels)
 
     def eval_batches(self) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
         """The test set in batches of ``eval_batch_size``: images, labels and a validity mask
         (the last batch is padded)."""
-        count, size = self.data.num_test, self.eval_batch_size
-        for start in range(0, count, size):
-            index = np.arange(start, start + size)
-            valid = index < count
-            local = process_slice(size)
-            index, valid = np.minimum(index, count - 1)[local], valid[local]
-            yield global_batch(
-                self.mesh, self._prepare(self.data.test_images[index]),
-                self.data.test_labels[index], valid,
-            )
+        reader = TestBatchReader(
+            self.source, batch_size=self.eval_batch_size, local=process_slice(self.eval_batch_size)
+        )
+        batches = -(-self.source.num_test // self.eval_batch_size)
+        dataset = grain.MapDataset.range(batches).map(reader).to_iter_dataset(
+            grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+        )
+        for arrays in dataset:
+            yield global_batch(self.mesh, *arrays)

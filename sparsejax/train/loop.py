@@ -12,7 +12,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -20,14 +20,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparsejax.data import ArrayDataset, load_dataset
+from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.methods import create_method
 from sparsejax.methods.base import Method
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.report import GateReport, gate_report
 from sparsejax.train.checkpoint import BEST_METRIC, Checkpointer
-from sparsejax.train.input import InMemoryInput
+from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.metrics import MetricWriter, NullWriter
 from sparsejax.train.preemption import Preempted, StopRequest
 from sparsejax.train.progress import Progress
@@ -79,17 +79,20 @@ def _step_of(state: TrainState) -> int:
     return int(local_copy(state.step))
 
 
-def _load_data(config: ml_collections.ConfigDict) -> ArrayDataset:
-    return load_dataset(
+def _load_data(config: ml_collections.ConfigDict) -> BatchSource:
+    return open_source(
         config.dataset,
         data_dir=config.get("data_dir"),
         seed=config.seed,
+        synthetic_like=config.get("synthetic_like", "fashion_mnist"),
         num_train=config.get("num_train"),
         num_test=config.get("num_test"),
+        augment=config.get("augment", "none"),
+        normalize_channels=config.get("normalize", False),
     )
 
 
-def _build(config: ml_collections.ConfigDict, data: ArrayDataset) -> tuple[Method, GatedModel]:
+def _build(config: ml_collections.ConfigDict, data: BatchSource) -> tuple[Method, GatedModel]:
     method = create_method(config.method, config, num_train=data.num_train)
     model = build_model(
         config.model,
@@ -114,7 +117,7 @@ def _report_record(report: GateReport) -> dict:
     }
 
 
-def _steps_per_epoch(config: ml_collections.ConfigDict, data: ArrayDataset) -> int:
+def _steps_per_epoch(config: ml_collections.ConfigDict, data: BatchSource) -> int:
     if config.batch_size > data.num_train:
         raise ValueError(
             f"batch_size {config.batch_size} exceeds the {data.num_train} training examples"
@@ -123,10 +126,10 @@ def _steps_per_epoch(config: ml_collections.ConfigDict, data: ArrayDataset) -> i
     return min(steps, config.steps_per_epoch) if config.get("steps_per_epoch") else steps
 
 
-def _evaluate(eval_step, state: TrainState, inputs: InMemoryInput) -> dict[str, float]:
+def _evaluate(eval_step, state: TrainState, inputs: Input) -> dict[str, float]:
     totals = [eval_step(state, *batch) for batch in inputs.eval_batches()]
     wrong, loss = (sum(float(t[k]) for t in jax.device_get(local_copy(totals))) for k in (0, 1))
-    count = inputs.data.num_test
+    count = inputs.num_test
     return {"err": 100.0 * wrong / count, "loss": loss / count}
 
 
@@ -148,16 +151,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     root_key = jax.random.key(config.seed)
     graphdef, state = init_state(model, tx, jax.random.fold_in(root_key, 0))
     state = replicate(state, mesh)
-    inputs = InMemoryInput(
+    inputs = Input(
         data,
         mesh,
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size,
         steps_per_epoch=steps_per_epoch,
-        key=jax.random.fold_in(root_key, 1),
         seed=config.seed,
-        augment=config.get("augment", "none"),
-        normalize_channels=config.get("normalize", False),
+        workers=config.get("input_workers", 0),
+        threads=config.get("input_threads", DEFAULT_THREADS),
     )
     train_step = make_train_step(graphdef, method, tx, mesh)
     eval_step = make_eval_step(graphdef)
@@ -175,8 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         progress.message(f"resuming {workdir} at step {start_step}")
     try:
         with StopRequest() as stop:
+            batches = inputs.train_batches(start_step, config.epochs * steps_per_epoch)
             run = _Run(
-                config, inputs, train_step, eval_step, graphdef, checkpointer, writer, progress, stop
+                config, inputs, batches, train_step, eval_step, graphdef, checkpointer, writer,
+                progress, stop,
             )
             for epoch in range(progress_record["epoch"], config.epochs):
                 state, progress_record = run.epoch(epoch, state, progress_record)
@@ -197,7 +201,8 @@ class _Run:
     """The fixed parts of a run that every epoch uses."""
 
     config: ml_collections.ConfigDict
-    inputs: InMemoryInput
+    inputs: Input
+    batches: Iterator[tuple[jax.Array, jax.Array]]
     train_step: Callable
     eval_step: Callable
     graphdef: nnx.GraphDef
@@ -209,12 +214,11 @@ class _Run:
     def epoch(self, epoch: int, state: TrainState, progress_record: dict):
         """One epoch (or its remainder after a resume), its evaluation and its checkpoint."""
         steps_per_epoch = self.inputs.steps_per_epoch
-        order = self.inputs.epoch_order(epoch)
         started = time.perf_counter()
         first = _step_of(state) - epoch * steps_per_epoch
         for chunk_start in range(first, steps_per_epoch, self.config.log_every):
             chunk_end = min(chunk_start + self.config.log_every, steps_per_epoch)
-            state = self._chunk(epoch, state, order, chunk_start, chunk_end, progress_record)
+            state = self._chunk(epoch, state, chunk_start, chunk_end, progress_record)
         epoch_seconds = time.perf_counter() - started
 
         evaluation = _evaluate(self.eval_step, state, self.inputs)
@@ -243,16 +247,14 @@ class _Run:
         self.checkpointer.save(step, state, progress_record, {BEST_METRIC: evaluation["err"]})
         return state, progress_record
 
-    def _chunk(self, epoch, state, order, start, end, progress_record) -> TrainState:
+    def _chunk(self, epoch, state, start, end, progress_record) -> TrainState:
         """Steps ``start..end-1`` of an epoch, then one metrics record; saves and raises
         :class:`Preempted` when asked to stop."""
         steps_per_epoch = self.inputs.steps_per_epoch
         started = time.perf_counter()
         chunk = []
         for index in range(start, end):
-            state, step_metrics = self.train_step(
-                state, *self.inputs.train_batch(epoch, order, index)
-            )
+            state, step_metrics = self.train_step(state, *next(self.batches))
             chunk.append(step_metrics)
             step = epoch * steps_per_epoch + index + 1
             if self.stop.requested or self.checkpointer.reached_preemption(step):
@@ -285,7 +287,7 @@ class _Run:
         return state
 
 
-def _summary(config, data: ArrayDataset, report: GateReport, progress: dict, steps: int) -> dict:
+def _summary(config, data: BatchSource, report: GateReport, progress: dict, steps: int) -> dict:
     errors, seconds = progress["test_errors"], progress["epoch_seconds"]
     median_seconds = statistics.median(seconds) if seconds else None
     return {

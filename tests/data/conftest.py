@@ -87,3 +87,4 @@ def no_local_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in mnist.SYSTEM_DATA_DIRS:
         monkeypatch.setitem(mnist.SYSTEM_DATA_DIRS, name, os.fspath(system_dir / name))
     return data_dir
+

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
-from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
 from sparsejax.data import DATASETS, ArrayDataset, DatasetNotFoundError, load_dataset, mnist
 
@@ -328,15 +327,6 @@ def test_tfds_cifar100_label_is_the_fine_label():
     assert features["image"].shape == (32, 32, 3)
 
 
-@pytest.fixture
-def getitems_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Works around tfds 4.9.10's mocked data sources, whose ``__getitems__`` is a plain attribute
-    that is not passed ``self``; reads records one at a time."""
-    monkeypatch.setattr(
-        tfds_data_sources.BaseDataSource,
-        "__getitems__",
-        lambda self, keys: [self[key] for key in keys],
-    )
 
 
 @pytest.mark.usefixtures("getitems_by_index")

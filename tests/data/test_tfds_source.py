@@ -13,7 +13,6 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
-from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 
 from sparsejax.data import DatasetNotFoundError, load_dataset, mnist
 
@@ -86,15 +85,6 @@ def test_counts_cap_tfds_reads(no_local_copies: Path):
     np.testing.assert_array_equal(small.test_labels, full.test_labels[:3])
 
 
-@pytest.fixture
-def getitems_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Works around tfds 4.9.10's mocked data sources, whose ``__getitems__`` is a plain attribute
-    that is not passed ``self`` and so fails with a TypeError; reads records one at a time."""
-    monkeypatch.setattr(
-        tfds_data_sources.BaseDataSource,
-        "__getitems__",
-        lambda self, keys: [self[key] for key in keys],
-    )
 
 
 @pytest.mark.usefixtures("getitems_by_index")

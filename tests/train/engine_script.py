@@ -13,7 +13,8 @@ from sparsejax.data import load_dataset
 from sparsejax.methods import create_method
 from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
-from sparsejax.train.input import InMemoryInput
+from sparsejax.data.sources import ArraySource
+from sparsejax.train.input import Input
 from sparsejax.train.sharding import create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
@@ -39,14 +40,11 @@ def steps(method_name: str, count: int, per_example: bool) -> dict:
     tx = method.optimizer(steps_per_epoch=100, epochs=1)
     graphdef, state = init_state(model, tx, jax.random.key(0))
     state = replicate(state, mesh)
-    inputs = InMemoryInput(
-        data, mesh, batch_size=64, eval_batch_size=64, steps_per_epoch=8, key=jax.random.key(1)
-    )
+    inputs = Input(ArraySource(data), mesh, batch_size=64, eval_batch_size=64, steps_per_epoch=8)
     train_step = make_train_step(graphdef, method, tx, mesh)
-    order = inputs.epoch_order(0)
     losses = []
-    for index in range(count):
-        state, metrics = train_step(state, *inputs.train_batch(0, order, index))
+    for batch in inputs.train_batches(0, count):
+        state, metrics = train_step(state, *batch)
         losses.append(float(metrics["loss"]))
     leaves = jax.tree.leaves(state.params)
     identical = all(

@@ -1,0 +1,62 @@
+"""Pieces shared by the benchmarks: timing one method's jitted training step."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments.configs.mnist import get_config
+from sparsejax.data.synthetic import SYNTHETIC_LIKE
+from sparsejax.methods import create_method
+from sparsejax.models import build_model
+from sparsejax.train.sharding import create_mesh, replicate
+from sparsejax.train.state import init_state
+from sparsejax.train.step import make_train_step
+
+IMAGENET_MODELS = ("resnet50", "mobilenet_v2")
+MNIST_MODELS = ("mlp", "lenet5")
+
+
+def dataset_like(model_name: str) -> str:
+    """The dataset whose shapes ``model_name`` is usually trained on."""
+    if model_name in MNIST_MODELS:
+        return "fashion_mnist"
+    return "imagenet2012" if model_name in IMAGENET_MODELS else "cifar10"
+
+
+def time_method(
+    name: str, model_name: str, batch_size: int, steps: int, repeats: int, like: str
+) -> float:
+    """Median seconds per training step of ``name``."""
+    config = get_config()
+    config.method, config.model = name, model_name
+    spec = SYNTHETIC_LIKE[like]
+    num_train = 60000
+    method = create_method(name, config, num_train=num_train)
+    model = build_model(
+        model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate,
+        input_shape=spec.image_shape, num_classes=spec.num_classes,
+    )
+    method.prepare_model(model)
+    tx = method.optimizer(steps_per_epoch=100, epochs=1)
+    mesh = create_mesh()
+    graphdef, state = init_state(model, tx, jax.random.key(0))
+    state = replicate(state, mesh)
+    train_step = make_train_step(graphdef, method, tx, mesh)
+    images = jax.random.uniform(jax.random.key(1), (steps, batch_size, *spec.image_shape))
+    labels = jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size)
+    labels = labels % spec.num_classes
+    state, metrics = train_step(state, images[0], labels[0])
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for index in range(steps):
+            state, metrics = train_step(state, images[index], labels[index])
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - started) / steps)
+    return statistics.median(times)

@@ -1,0 +1,81 @@
+"""The papers' training schedules, per model, and how a config's unset fields take them.
+
+CIFAR and ImageNet configs leave the schedule fields None, meaning "the paper's value for this
+model (and method)"; :func:`resolve` fills them once the command line has chosen the method,
+model and dataset, so ``config.json`` of a run records the values actually used.
+
+Sources (see BUILD_NOTES.md for the details and the deviations):
+- ResNet-20/56/110 and VGG-16: Dep-L0 (Li & Ji 2021) code: SGD momentum 0.9, lr 0.1 (VGG 0.05),
+  x0.1 (VGG x0.2) at epochs 60/120/180/240, 300 epochs, batch 128, weight decay 5e-4; gate
+  parameters Adam 1e-3 on the same milestones.
+- WRN-28-10: L0-HC (Louizos et al. 2018) code: SGD Nesterov 0.9, lr 0.1, x0.2 at 60/120/160,
+  200 epochs, batch 128; the L2 term 5e-4 is in the loss (the gated expectation) and every
+  parameter, gates included, shares the one SGD optimizer.
+- ResNet-164, DenseNet-40, MobileNetV2 (CIFAR): the network-slimming schedule the bounded-Lp
+  paper compares with: SGD momentum 0.9, lr 0.1, x0.1 at 50% and 75% of 160 epochs, batch 64,
+  weight decay 1e-4.
+- ResNet-50 (ImageNet): SGD momentum 0.9, lr 0.1 for batch 256, x0.1 at 30/60/90, 100 epochs
+  (Dep-L0: 90 + 10 of fine-tuning), weight decay 1e-4.
+- MobileNetV2 (ImageNet): SGD momentum 0.9, lr 0.05 for batch 256, cosine over 150 epochs,
+  weight decay 4e-5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+DEP_L0_CIFAR = {"optimizer": "momentum", "lr_schedule": "step", "weight_decay": 5e-4,
+                "lr_milestones": (60, 120, 180, 240), "epochs": 300, "batch_size": 128}
+SLIMMING_CIFAR = {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "step",
+                  "lr_milestones": (80, 120), "lr_factor": 0.1, "weight_decay": 1e-4,
+                  "epochs": 160, "batch_size": 64}
+
+MODEL_SCHEDULES: dict[str, dict[str, Any]] = {
+    **{
+        name: {**DEP_L0_CIFAR, "learning_rate": 0.1, "lr_factor": 0.1}
+        for name in ("resnet20", "resnet56", "resnet110")
+    },
+    "vgg16": {**DEP_L0_CIFAR, "learning_rate": 0.05, "lr_factor": 0.2},
+    "wrn28_10": {"optimizer": "nesterov", "learning_rate": 0.1, "lr_schedule": "step",
+                 "lr_milestones": (60, 120, 160), "lr_factor": 0.2, "weight_decay": 0.0,
+                 "l2": 5e-4, "epochs": 200, "batch_size": 128},
+    "resnet164": SLIMMING_CIFAR,
+    "densenet40": SLIMMING_CIFAR,
+    "mobilenet_v2_cifar": SLIMMING_CIFAR,
+    "resnet50": {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "step",
+                 "lr_milestones": (30, 60, 90), "lr_factor": 0.1, "weight_decay": 1e-4,
+                 "epochs": 100, "batch_size": 256},
+    "mobilenet_v2": {"optimizer": "momentum", "learning_rate": 0.05, "lr_schedule": "cosine",
+                     "weight_decay": 4e-5, "epochs": 150, "batch_size": 256},
+}
+"""The network's schedule per model (all methods)."""
+
+SEPARATE_GATE_OPTIMIZER = {"gate_optimizer": "adam", "gate_learning_rate": 1e-3}
+"""Stochastic-gate methods train gate parameters with Adam (Dep-L0 recipe), on the network's
+milestones; WRN-28-10 (L0-HC recipe) keeps one optimizer for everything."""
+
+STOCHASTIC_GATE_METHODS = ("l0_hc", "l0_arm", "l0_ar", "dep_l0", "dep_l0_arm")
+
+FALLBACK = {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "cosine",
+            "lr_milestones": (), "lr_factor": 0.1, "weight_decay": 5e-4, "l2": 0.0,
+            "epochs": 200, "batch_size": 128}
+"""For a model without a paper schedule."""
+
+
+def recipe(method: str, model: str) -> dict[str, Any]:
+    """The paper's values of the schedule fields for ``method`` training ``model``."""
+    values: dict[str, Any] = {**FALLBACK, **MODEL_SCHEDULES.get(model, {})}
+    if method in STOCHASTIC_GATE_METHODS and model != "wrn28_10":
+        values.update(SEPARATE_GATE_OPTIMIZER, gate_lr_schedule=values["lr_schedule"])
+    return values
+
+
+def resolve(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] = ()) -> None:
+    """Fill every field of ``config`` that is None with the recipe's value (``overrides`` first)."""
+    values = {**recipe(config.method, config.model), **dict(overrides)}
+    for field, value in values.items():
+        if field in config and config[field] is None:
+            config[field] = value

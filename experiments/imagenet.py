@@ -1,0 +1,16 @@
+"""Train a gated ResNet-50 or MobileNetV2 on ImageNet with the papers' schedules.
+
+    python -m experiments.imagenet --method=dep_l0 --model=resnet50
+    python -m experiments.imagenet --method=l0_hc --model=resnet50 --dataset=synthetic \
+        --config.num_train=1024 --config.num_test=256 --epochs=1
+
+Unset schedule fields take the paper's values for the model and method
+(``experiments/configs/recipes.py``); every field is overridable as ``--config.NAME=VALUE``.
+Rerun the same command to resume.
+"""
+
+from experiments import cli
+from experiments.configs.recipes import resolve
+
+if __name__ == "__main__":
+    cli.run("imagenet", resolve)

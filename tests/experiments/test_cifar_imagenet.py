@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import cifar, imagenet
+from experiments.configs.recipes import MODEL_SCHEDULES, resolve
+from sparsejax.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cifar_config(**overrides):
+    config = cifar.get_config()
+    config.update(
+        method="l0_hc", model="resnet20", dataset="synthetic", num_train=128, num_test=40,
+        batch_size=32, eval_batch_size=20, steps_per_epoch=2, log_every=2, input_threads=2,
+    )
+    config.update(overrides)
+    resolve(config)
+    return config
+
+
+def test_recipe_fills_only_the_unset_fields():
+    config = cifar.get_config()
+    config.update(model="vgg16", method="dep_l0", learning_rate=0.3)
+    resolve(config)
+    assert config.learning_rate == 0.3  # set by the user
+    assert config.lr_factor == 0.2 and tuple(config.lr_milestones) == (60, 120, 180, 240)
+    assert config.gate_optimizer == "adam" and config.gate_lr_schedule == "step"
+    assert config.epochs == 300 and config.batch_size == 128
+
+
+def test_wrn_keeps_one_optimizer_and_the_l2_in_the_loss():
+    config = cifar.get_config()
+    config.update(model="wrn28_10", method="l0_hc")
+    resolve(config)
+    assert config.optimizer == "nesterov" and config.gate_optimizer is None
+    assert config.l2 == 5e-4 and config.weight_decay == 0.0
+
+
+def test_imagenet_recipe_is_resnet50s():
+    config = imagenet.get_config()
+    resolve(config)
+    assert config.model == "resnet50" and config.dataset == "imagenet2012"
+    for field, value in MODEL_SCHEDULES["resnet50"].items():
+        assert config[field] == value, field
+
+
+def test_cifar_run_resumes_to_the_uninterrupted_result(tmp_path):
+    straight = train_and_evaluate(cifar_config(epochs=2), tmp_path / "straight")
+    train_and_evaluate(cifar_config(epochs=1), tmp_path / "split")
+    resumed = train_and_evaluate(cifar_config(epochs=2), tmp_path / "split")
+    for key in ("test_error", "expected_l0", "expected_flops", "active_units"):
+        assert resumed[key] == straight[key], key
+    assert straight["dense_flops"] == pytest.approx(40_551_040)  # ResNet-20 MACs
+
+
+@pytest.mark.usefixtures("getitems_by_index")
+def test_cifar_under_mock_tfds_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary = train_and_evaluate(
+            cifar_config(dataset="cifar100", num_train=None, num_test=None, epochs=1,
+                         data_dir=str(tmp_path / "no_files")),
+            tmp_path / "run",
+        )
+    assert summary["data_source"] == "tfds:cifar100" and summary["dataset"] == "cifar100"
+    assert summary["steps_per_epoch"] == 2 and summary["test_error"] is not None
+
+
+def run_cli(module, *args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_cifar_cli_on_synthetic_data(tmp_path):
+    result = run_cli(
+        "experiments.cifar", "--method=l0_arm", "--model=resnet20", "--dataset=synthetic",
+        "--epochs=1", "--steps_per_epoch=2", "--batch_size=16", f"--workdir={tmp_path}",
+        "--config.num_train=64", "--config.num_test=16", "--config.eval_batch_size=16",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert summary["model"] == "resnet20" and len(summary["active_units"]) == 10
+    for key in ("active_units", "flops", "dense_flops", "params", "dense_params", "pruning_rate"):
+        assert key in summary
+    assert config["optimizer"] == "momentum" and config["augment"] == "crop_flip"
+
+
+def test_imagenet_cli_without_data_says_how_to_prepare_it(tmp_path):
+    result = run_cli(
+        "experiments.imagenet", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "error: imagenet2012 is not prepared" in result.stderr
+    assert "tfds build imagenet2012" in result.stderr and "Traceback" not in result.stderr
