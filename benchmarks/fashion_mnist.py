@@ -18,7 +18,11 @@ from sparsejax.train import train_and_evaluate
 
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs per run (the same for every run).")
 _MODELS = flags.DEFINE_list("models", ["mlp", "lenet5"], "Models.")
-_METHODS = flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm", "l0_ar"], "Methods.")
+_METHODS = flags.DEFINE_list(
+    "methods",
+    ["dense", "l0_hc", "l0_arm", "l0_ar"],
+    "Methods; METHOD:DEPENDENCY picks the Dep-L0 generator's direction (dep_l0:backward).",
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist_table", "Parent directory of runs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.")
 
@@ -28,10 +32,15 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     rows = []
     for model in _MODELS.value:
-        for method in _METHODS.value:
+        for spec in _METHODS.value:
+            method, _, dependency = spec.partition(":")
             config = get_config()
             config.update(model=model, method=method, epochs=_EPOCHS.value, seed=_SEED.value)
-            summary = train_and_evaluate(config, Path(_WORKDIR.value) / f"{model}_{method}")
+            if dependency:
+                config.dependency = dependency
+            run_name = f"{model}_{method}" + (f"_{dependency}" if dependency else "")
+            summary = train_and_evaluate(config, Path(_WORKDIR.value) / run_name)
+            summary["method"] = spec
             rows.append(summary)
             print(_row(summary), flush=True)
     print(f"\nFashion-MNIST, {_EPOCHS.value} epochs, seed {_SEED.value}\n")

@@ -17,6 +17,7 @@ SCHEDULE_FIELDS = {
     "epochs": int, "batch_size": int, "optimizer": str, "learning_rate": float,
     "lr_schedule": str, "lr_milestones": tuple, "lr_factor": float, "weight_decay": float,
     "l2": float, "gate_optimizer": str, "gate_learning_rate": float, "gate_lr_schedule": str,
+    "gate_lr_factor": float, "fine_tune_epochs": int,
 }
 """Fields left to the paper's recipe (type of each placeholder)."""
 

@@ -14,10 +14,26 @@ Sources (see BUILD_NOTES.md for the details and the deviations):
 - ResNet-164, DenseNet-40, MobileNetV2 (CIFAR): the network-slimming schedule the bounded-Lp
   paper compares with: SGD momentum 0.9, lr 0.1, x0.1 at 50% and 75% of 160 epochs, batch 64,
   weight decay 1e-4.
-- ResNet-50 (ImageNet): SGD momentum 0.9, lr 0.1 for batch 256, x0.1 at 30/60/90, 100 epochs
-  (Dep-L0: 90 + 10 of fine-tuning), weight decay 1e-4.
+- ResNet-50 (ImageNet): SGD momentum 0.9, lr 0.1 for batch 256, x0.1 at 30/60/90, 100 epochs,
+  weight decay 1e-4. Dep-L0 code: the last 10 of the 100 epochs fine-tune with frozen gates, and
+  the generator's Adam 1e-3 is multiplied by 0.2 (not 0.1) at the milestones.
 - MobileNetV2 (ImageNet): SGD momentum 0.9, lr 0.05 for batch 256, cosine over 150 epochs,
   weight decay 4e-5.
+
+What depends on the method:
+- Stochastic-gate methods (L0-HC, L0-ARM/AR, Dep-L0) train their gate parameters with a separate
+  Adam at 1e-3 (Dep-L0 code), except on WRN-28-10.
+- The proximal gate methods (``l1``, ``bounded_lp``) get no separate gate optimizer: network
+  slimming trains its channel scales (BatchNorm gamma) with the network's SGD, learning rate and
+  schedule, and so do these methods' gates (without weight decay); the prox step size is that
+  learning rate. Slimming adds lambda * sign(gamma) to the gradient, so SGD momentum m multiplies
+  its steady pull by 1 / (1 - m), which a prox step after the update does not: on these
+  schedules (m = 0.9) a gate_lambda of 10 s matches slimming's sparsity weight s.
+- Stochastic pruning has no gates; its L2 is the recipe's weight decay (``l2`` 0) and its L1
+  ``l1`` (None: ``stochastic.DEFAULTS``, which for VGG-16 end the pruning ramp at a third of the
+  300 epochs).
+- Penalty weights (``gate_lambda``, ``sigma``, ``final_sparsity``, ``l1``, ...) are not schedule
+  fields: the methods' tables give them per model when they are None.
 """
 
 from __future__ import annotations
@@ -58,10 +74,15 @@ SEPARATE_GATE_OPTIMIZER = {"gate_optimizer": "adam", "gate_learning_rate": 1e-3}
 milestones; WRN-28-10 (L0-HC recipe) keeps one optimizer for everything."""
 
 STOCHASTIC_GATE_METHODS = ("l0_hc", "l0_arm", "l0_ar", "dep_l0", "dep_l0_arm")
+DEP_L0_METHODS = ("dep_l0", "dep_l0_arm")
+
+DEP_L0_IMAGENET = {"fine_tune_epochs": 10, "gate_lr_factor": 0.2}
+"""Dep-L0's ResNet-50 script: 90 epochs with the penalty, then 10 with frozen gates; the
+generator's learning rate falls by 0.2 at each milestone."""
 
 FALLBACK = {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "cosine",
             "lr_milestones": (), "lr_factor": 0.1, "weight_decay": 5e-4, "l2": 0.0,
-            "epochs": 200, "batch_size": 128}
+            "epochs": 200, "batch_size": 128, "fine_tune_epochs": 0}
 """For a model without a paper schedule."""
 
 
@@ -70,6 +91,8 @@ def recipe(method: str, model: str) -> dict[str, Any]:
     values: dict[str, Any] = {**FALLBACK, **MODEL_SCHEDULES.get(model, {})}
     if method in STOCHASTIC_GATE_METHODS and model != "wrn28_10":
         values.update(SEPARATE_GATE_OPTIMIZER, gate_lr_schedule=values["lr_schedule"])
+    if method in DEP_L0_METHODS and model == "resnet50":
+        values.update(DEP_L0_IMAGENET)
     return values
 
 

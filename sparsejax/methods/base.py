@@ -4,7 +4,8 @@ A method says how to gate a model (:meth:`Method.make_gate`), what the training 
 (:meth:`Method.objective`, whose ``jax.grad`` is the update direction: for ARM it carries the
 estimator's gradient for the gate parameters), which optimizer each parameter group gets
 (:meth:`Method.optimizer`, over ``{"net": ..., "gates": ...}``) and what happens after an update
-(:meth:`Method.project`, e.g. the log-alpha clamp). The training engine knows only this interface.
+(:meth:`Method.after_update`: by default :meth:`Method.project`, e.g. the log-alpha clamp;
+masks and other non-trainable state). The training engine knows only this interface.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class Method(abc.ABC):
 
     Shared config fields: ``optimizer``, ``learning_rate``, ``lr_schedule`` (constant | step |
     cosine), ``lr_milestones`` (epochs), ``lr_factor`` and ``weight_decay`` (coupled, in the
-    optimizer) for the network weights; ``gate_optimizer``, ``gate_learning_rate`` and
-    ``gate_lr_schedule`` for gate parameters (None: the network's; gates get no weight decay);
+    optimizer) for the network weights; ``gate_optimizer``, ``gate_learning_rate``,
+    ``gate_lr_schedule`` and ``gate_lr_factor`` for gate parameters (None: the network's; gates
+    get no weight decay);
     ``l2`` (coefficient of the L2 term in the loss).
     """
 
@@ -90,42 +92,104 @@ class Method(abc.ABC):
 
     def optimizer(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
         """One optax transformation over ``{"net": ..., "gates": ...}``."""
-        config = self.config
+        return partition(
+            self.net_transform(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            self.gate_transform(steps_per_epoch=steps_per_epoch, epochs=epochs),
+        )
 
-        def schedule(base: float, name: str) -> float | optax.Schedule:
-            if name == "constant":
-                return base
-            return learning_rate_schedule(
-                base,
-                name,
+    def schedule(
+        self,
+        base: float,
+        name: str,
+        *,
+        steps_per_epoch: int,
+        epochs: int,
+        factor: float | None = None,
+    ) -> float | optax.Schedule:
+        """The learning rate ``base`` under schedule ``name`` with the config's milestones and
+        ``factor`` (None: ``config.lr_factor``) per milestone."""
+        if name == "constant":
+            return base
+        return learning_rate_schedule(
+            base,
+            name,
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            milestones=self.config.get("lr_milestones") or (),
+            factor=self.config.get("lr_factor", 0.1) if factor is None else factor,
+        )
+
+    def gate_schedule(
+        self, *, steps_per_epoch: int, epochs: int, default_rate: float | None = None
+    ) -> float | optax.Schedule:
+        """The gate parameters' learning rate: ``gate_learning_rate`` (None: ``default_rate``,
+        else the network's), under ``gate_lr_schedule`` (None: the network's) with
+        ``gate_lr_factor`` (None: ``lr_factor``) per milestone."""
+        config = self.config
+        rate = config.get("gate_learning_rate")
+        if rate is None:
+            rate = config.learning_rate if default_rate is None else default_rate
+        return self.schedule(
+            rate,
+            config.get("gate_lr_schedule") or config.get("lr_schedule", "constant"),
+            steps_per_epoch=steps_per_epoch,
+            epochs=epochs,
+            factor=config.get("gate_lr_factor"),
+        )
+
+    def net_transform(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+        """The optimizer of the network weights (with the coupled weight decay)."""
+        config = self.config
+        return build_optimizer(
+            config.optimizer,
+            self.schedule(
+                config.learning_rate,
+                config.get("lr_schedule", "constant"),
                 steps_per_epoch=steps_per_epoch,
                 epochs=epochs,
-                milestones=config.get("lr_milestones") or (),
-                factor=config.get("lr_factor", 0.1),
-            )
-
-        net_schedule = config.get("lr_schedule", "constant")
-        net = build_optimizer(
-            config.optimizer,
-            schedule(config.learning_rate, net_schedule),
+            ),
             weight_decay=config.get("weight_decay", 0.0),
         )
-        gates = build_optimizer(
-            config.get("gate_optimizer") or config.optimizer,
-            schedule(
-                config.get("gate_learning_rate") or config.learning_rate,
-                config.get("gate_lr_schedule") or net_schedule,
-            ),
+
+    def gate_transform(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+        """The optimizer of the gate parameters (no weight decay)."""
+        return build_optimizer(
+            self.config.get("gate_optimizer") or self.config.optimizer,
+            self.gate_schedule(steps_per_epoch=steps_per_epoch, epochs=epochs),
         )
-        return partition(net, gates)
 
     def project(self, params: Params) -> Params:
         """Map parameters back onto their constraint set after an update (identity here)."""
         return params
 
+    def after_update(
+        self, params: Params, model_state: nnx.State, key: jax.Array, step: jax.Array
+    ) -> tuple[Params, nnx.State]:
+        """What happens after every optimizer update, inside the jitted train step.
+
+        ``params`` are the updated parameters, ``model_state`` the non-parameter state the
+        step produced (BatchNorm statistics, masks, schedules), ``key`` a PRNG key that is a
+        pure function of the run's seed and the step (independent of the objective's key) and
+        ``step`` the 0-based index of the update just applied. The default applies
+        :meth:`project` and leaves the state as it is.
+        """
+        return self.project(params), model_state
+
     def prepare_model(self, model: GatedModel) -> None:
-        """Called once with the built model before training: resolve per-slot settings and
-        refuse models the method cannot work with."""
+        """Called once with the built model before training: resolve per-slot settings, attach
+        modules the gates share (e.g. a gate generator) and refuse models the method cannot work
+        with."""
+
+    def phase(self, epoch: int, epochs: int) -> Method:
+        """The method to train epoch ``epoch`` (0-based) of ``epochs`` with: ``self``, or a
+        variant for a later phase of training (e.g. fine-tuning with frozen gates). The engine
+        builds one train step per distinct phase object; all phases share one optimizer."""
+        return self
+
+    def report(self, model: GatedModel) -> dict[str, Any]:
+        """Method-specific facts about a trained model for the run's summary (e.g. dead nodes
+        found from the weights); the gate report covers what the gates say. Empty here."""
+        return {}
 
     @staticmethod
     def loss_and_parts(

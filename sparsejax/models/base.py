@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
@@ -74,6 +75,13 @@ class Layer:
       reads: the producers whose output channels, concatenated in this order, form this layer's
         input: layer names, :class:`ChannelCoupling` names (a residual stream) or
         :data:`MODEL_INPUT`. Empty when not declared. Used to slice consumers when slimming.
+      norm: attribute path (:meth:`GatedModel.module_at`) of the BatchNorm that normalises this
+        layer's output, or None. A gate on the output units multiplies that BatchNorm's output.
+      input_norm: attribute path of the BatchNorm that normalises this layer's input (a
+        pre-activation network), or None. A gate on the input units multiplies its output.
+      input_selection: whether the forward pass reads this layer's input through
+        :meth:`GatedModel.select_inputs` (before any ``input_norm``), so that slimming can drop
+        input units that this layer ignores while other readers still need them.
     """
 
     name: str
@@ -85,6 +93,9 @@ class Layer:
     kernel_slot: str | None = None
     groups: int = 1
     reads: tuple[str, ...] = ()
+    norm: str | None = None
+    input_norm: str | None = None
+    input_selection: bool = False
 
     @property
     def in_units(self) -> int:
@@ -150,6 +161,8 @@ class GatedModel(nnx.Module):
     gate_slots: tuple[GateSlot, ...]
     granularity: Granularity
     channel_couplings: tuple[ChannelCoupling, ...] = ()
+    input_selections: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(layer name, indices of the input units it reads): set on slimmed models only."""
 
     def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
         built = {}
@@ -180,6 +193,20 @@ class GatedModel(nnx.Module):
     def layer_module(self, name: str) -> nnx.Module:
         """The Dense/Conv module of the declared layer ``name``."""
         return getattr(self, name)
+
+    def module_at(self, path: str) -> nnx.Module:
+        """The submodule at a dotted attribute path; numbers index lists (``"blocks.0.bn1"``)."""
+        module = self
+        for part in path.split("."):
+            module = module[int(part)] if part.isdigit() else getattr(module, part)
+        return module
+
+    def select_inputs(self, x: jax.Array, layer: str) -> jax.Array:
+        """The input units (last axis) that ``layer`` reads in a slimmed model; x otherwise."""
+        for name, index in self.input_selections:
+            if name == layer:
+                return x[..., jnp.asarray(index, jnp.int32)]
+        return x
 
     def kernel_gate(self, values: dict[str, jax.Array], layer: str) -> jax.Array | None:
         """The weight gates of ``layer``'s kernel (weight granularity only), else None."""

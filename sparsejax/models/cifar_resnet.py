@@ -27,6 +27,13 @@ Which slots switch off the units of a layer (for :mod:`sparsejax.slim.accounting
 - ``fc``: no gated units.
 With ``granularity="weight"`` every kernel (stem, all conv1/conv2, fc) gets its own weight gates
 instead, and no unit is gated.
+
+Channel flow (for slimming): one coupling per residual stream, ``"stage{s}"``: the stem and the
+conv2 of every stage-1 block write into ``stage1``, the conv2 of the blocks of stage s into
+``stage{s}``. A zero-padded shortcut copies ``stage{s-1}`` into ``stage{s}`` at a channel offset
+(``shortcut_from``), which ties the widths of both, so every stream that is padded into the next
+or receives a padded one is ``fixed``. Every conv1 reads the block's input stream, conv2 reads its
+block's conv1, and fc reads the last stream.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from flax import nnx
 
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import (
+    MODEL_INPUT,
     GatedModel,
     GateFactory,
     GateSlot,
@@ -47,6 +55,7 @@ from sparsejax.models.base import (
     weight_slots,
 )
 from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.residual import ResidualStreams
 
 CIFAR_SHAPE = (32, 32, 3)
 WIDTHS = (16, 32, 64)
@@ -138,11 +147,13 @@ class CifarResNet(GatedModel):
         self.stem_bn = batch_norm(stem_width, rngs)
         layers = [
             Layer("stem", (3, 3, in_channels, stem_width), height * width, has_bias=False,
-                  outputs=units(("stem", 1)), kernel_slot=kernel_slot("stem")),
+                  outputs=units(("stem", 1)), kernel_slot=kernel_slot("stem"),
+                  reads=(MODEL_INPUT,), norm="stem_bn"),
         ]
         unit_slots = [
             GateSlot("stem", "stem", (stem_width,), 3, False, DROPRATE, layers[0].kernel_shape),
         ]
+        streams = ResidualStreams("stem")
         blocks = []
         channels = stem_width
         for stage, stage_width in enumerate(widths):
@@ -150,19 +161,29 @@ class CifarResNet(GatedModel):
                 stride = 2 if stage > 0 and b == 0 else 1
                 height, width = _strided(height, stride), _strided(width, stride)
                 name = f"block{len(blocks) + 1}"
-                blocks.append(BasicBlock(channels, stage_width, stride, rngs=rngs))
+                block = BasicBlock(channels, stage_width, stride, rngs=rngs)
+                blocks.append(block)
+                stream = f"stage{stage + 1}"
+                if block.channel_pad == (0, 0):
+                    stream_in = streams.add(f"{name}.conv2", stream)
+                else:
+                    stream_in = streams.pad(f"{name}.conv2", stream)
                 conv1 = Layer(
                     f"{name}.conv1", (3, 3, channels, stage_width), height * width,
                     has_bias=False,
                     inputs=units(("stem", 1)) if len(blocks) == 1 else (),
                     outputs=units((f"{name}.conv1", 1)),
                     kernel_slot=kernel_slot(f"{name}.conv1"),
+                    reads=(stream_in,),
+                    norm=f"blocks.{len(blocks) - 1}.bn1",
                 )
                 conv2 = Layer(
                     f"{name}.conv2", (3, 3, stage_width, stage_width), height * width,
                     has_bias=False,
                     inputs=units((f"{name}.conv1", 1)),
                     kernel_slot=kernel_slot(f"{name}.conv2"),
+                    reads=(conv1.name,),
+                    norm=f"blocks.{len(blocks) - 1}.bn2",
                 )
                 layers += [conv1, conv2]
                 unit_slots.append(GateSlot(conv1.name, conv1.name, (stage_width,), 3, False,
@@ -170,8 +191,10 @@ class CifarResNet(GatedModel):
                 channels = stage_width
         self.blocks = nnx.List(blocks)
         self.fc = Dense(channels, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc")))
+        layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
+                            reads=(streams.current,)))
         self.layers = tuple(layers)
+        self.channel_couplings = streams.couplings()
         self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
         self._build_gates(gate_factory, rngs)
 

@@ -7,6 +7,12 @@ Gate placement follows Louizos et al. (2018) and Li & Ji (2019):
   both dense layers (800, 500); initial drop rate 0.5. The architecture string "a-b-c-d" counts
   the active gates of these four slots.
 With ``granularity="weight"`` every kernel entry gets its own gate instead.
+
+``reads`` (the producer of each layer's input): every layer reads the one before it, the first
+reads the image. A dense layer that reads a feature map reads it flattened (NHWC order, channel
+fastest), so its inputs are the producer's channels times the map's positions: the MLP's fc1 reads
+the C = 1 channel of the image at H * W = 784 positions, LeNet-5's fc1 the 50 channels of conv2 at
+the 4 * 4 positions left after pooling (800 = 50 * 16, the tile count of ``conv2`` in its inputs).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 from flax import nnx
 
 from sparsejax.models.base import (
+    MODEL_INPUT,
     GatedModel,
     GateFactory,
     GateSlot,
@@ -60,6 +67,8 @@ class MLP(GatedModel):
                 inputs=() if kernel_slot else ((name, 1),),
                 outputs=() if kernel_slot or i + 1 == len(names) else ((names[i + 1], 1),),
                 kernel_slot=name if kernel_slot else None,
+                reads=(names[i - 1] if i else MODEL_INPUT,),
+                input_selection=True,
             )
             for i, name in enumerate(names)
         )
@@ -92,7 +101,9 @@ class MLP(GatedModel):
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
             h = self.layer_module(layer.name)(
-                h, self.kernel_gate(z, layer.name), self.input_gate(z, layer.name)
+                self.select_inputs(h, layer.name),
+                self.kernel_gate(z, layer.name),
+                self.input_gate(z, layer.name),
             )
             if i + 1 < len(self.layers):
                 h = nnx.relu(h)
@@ -133,14 +144,16 @@ class LeNet5(GatedModel):
 
         self.layers = (
             Layer("conv1", (kernel, kernel, in_channels, c1), h1 * w1,
-                  outputs=units(("conv1", 1)), kernel_slot=None if unit else "conv1"),
+                  outputs=units(("conv1", 1)), kernel_slot=None if unit else "conv1",
+                  reads=(MODEL_INPUT,)),
             Layer("conv2", (kernel, kernel, c1, c2), h2 * w2,
                   inputs=units(("conv1", 1)), outputs=units(("conv2", 1)),
-                  kernel_slot=None if unit else "conv2"),
+                  kernel_slot=None if unit else "conv2", reads=("conv1",)),
             Layer("fc1", (flat, hidden), inputs=units(("fc1", 1), ("conv2", positions)),
-                  outputs=units(("fc2", 1)), kernel_slot=None if unit else "fc1"),
+                  outputs=units(("fc2", 1)), kernel_slot=None if unit else "fc1",
+                  reads=("conv2",), input_selection=True),
             Layer("fc2", (hidden, num_classes), inputs=units(("fc2", 1)),
-                  kernel_slot=None if unit else "fc2"),
+                  kernel_slot=None if unit else "fc2", reads=("fc1",), input_selection=True),
         )
         if unit:
             self.gate_slots = (
@@ -171,6 +184,7 @@ class LeNet5(GatedModel):
         h = max_pool(nnx.relu(h))
         h = gate(self.conv2(h, self.kernel_gate(z, "conv2")), "conv2")
         h = max_pool(nnx.relu(h))
-        h = h.reshape(h.shape[0], -1)
+        h = self.select_inputs(h.reshape(h.shape[0], -1), "fc1")
         h = nnx.relu(self.fc1(h, self.kernel_gate(z, "fc1"), self.input_gate(z, "fc1")))
+        h = self.select_inputs(h, "fc2")
         return self.fc2(h, self.kernel_gate(z, "fc2"), self.input_gate(z, "fc2"))

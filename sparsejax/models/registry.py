@@ -6,8 +6,13 @@ from collections.abc import Callable
 
 from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import resnet20, resnet56, resnet110
+from sparsejax.models.densenet import densenet40
+from sparsejax.models.imagenet_resnet import resnet50
 from sparsejax.models.lenet import MLP, LeNet5
+from sparsejax.models.mobilenet_v2 import mobilenet_v2, mobilenet_v2_cifar
+from sparsejax.models.preact_resnet import resnet164
 from sparsejax.models.vgg import VGG16
+from sparsejax.models.wide_resnet import wrn28_10
 
 MODELS: dict[str, Callable[..., GatedModel]] = {
     "mlp": MLP,
@@ -16,6 +21,12 @@ MODELS: dict[str, Callable[..., GatedModel]] = {
     "resnet56": resnet56,
     "resnet110": resnet110,
     "vgg16": VGG16,
+    "wrn28_10": wrn28_10,
+    "resnet164": resnet164,
+    "resnet50": resnet50,
+    "densenet40": densenet40,
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v2_cifar": mobilenet_v2_cifar,
 }
 
 

@@ -13,6 +13,8 @@ useless), so a gate's group is 9 * C_in + 1 parameters. Accounting: convolution 
 channels of slot l-1 (the first reads the image), writes those of slot l; the dense layer reads
 the channels of slot 13, each tiled over the (H/32) * (W/32) positions of the last map (one for
 CIFAR). With ``granularity="weight"`` every kernel, the dense one included, gets weight gates.
+``reads``: convolution l reads convolution l-1 (the first reads the image), the dense layer reads
+the last convolution, its channels flattened over those positions (in = channels * positions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 from flax import nnx
 
 from sparsejax.models.base import (
+    MODEL_INPUT,
     GatedModel,
     GateFactory,
     GateSlot,
@@ -83,6 +86,8 @@ class VGG16(GatedModel):
                 inputs=units((previous, 1)) if previous else (),
                 outputs=units((name, 1)),
                 kernel_slot=None if unit else name,
+                reads=(previous or MODEL_INPUT,),
+                norm=f"bn{len(layers) + 1}",
             )
             layers.append(layer)
             unit_slots.append(GateSlot(name, name, (item,), 3, True, DROPRATE, layer.kernel_shape))
@@ -92,7 +97,7 @@ class VGG16(GatedModel):
         flat = positions * channels
         self.fc = Dense(flat, num_classes, rngs=rngs)
         layers.append(Layer("fc", (flat, num_classes), inputs=units((previous, positions)),
-                            kernel_slot=None if unit else "fc"))
+                            kernel_slot=None if unit else "fc", reads=(previous,)))
         self.layers = tuple(layers)
         self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
         self._build_gates(gate_factory, rngs)

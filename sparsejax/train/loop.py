@@ -161,7 +161,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         workers=config.get("input_workers", 0),
         threads=config.get("input_threads", DEFAULT_THREADS),
     )
-    train_step = make_train_step(graphdef, method, tx, mesh)
+    phase_steps: dict[int, Callable] = {}
+
+    def train_step(epoch: int) -> Callable:
+        """The jitted step of the method's phase for ``epoch``, one per distinct phase object."""
+        phase = method.phase(epoch, config.epochs)
+        if id(phase) not in phase_steps:
+            phase_steps[id(phase)] = make_train_step(graphdef, phase, tx, mesh)
+        return phase_steps[id(phase)]
+
     eval_step = make_eval_step(graphdef)
 
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -191,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     report = _report(graphdef, state)
     summary = _summary(config, data, report, progress_record, steps_per_epoch)
+    final_model = merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
+    summary.update(method.report(final_model))
     if jax.process_index() == 0:
         _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -203,7 +213,7 @@ class _Run:
     config: ml_collections.ConfigDict
     inputs: Input
     batches: Iterator[tuple[jax.Array, jax.Array]]
-    train_step: Callable
+    train_step: Callable[[int], Callable]
     eval_step: Callable
     graphdef: nnx.GraphDef
     checkpointer: Checkpointer
@@ -254,7 +264,7 @@ class _Run:
         started = time.perf_counter()
         chunk = []
         for index in range(start, end):
-            state, step_metrics = self.train_step(state, *next(self.batches))
+            state, step_metrics = self.train_step(epoch)(state, *next(self.batches))
             chunk.append(step_metrics)
             step = epoch * steps_per_epoch + index + 1
             if self.stop.requested or self.checkpointer.reached_preemption(step):

@@ -23,6 +23,10 @@ from sparsejax.train.state import TrainState, merge_model, step_key
 
 Metrics = dict[str, jax.Array]
 
+AFTER_UPDATE_FOLD = 2**31 - 1
+"""Folded into a step's key to give :meth:`Method.after_update` its key. Gate streams fold their
+draw counts (0, 1, ...) into the same key, which never reach this value."""
+
 
 def make_train_step(
     graphdef: nnx.GraphDef, method: Method, tx: optax.GradientTransformation, mesh: Mesh
@@ -41,7 +45,12 @@ def make_train_step(
             state.params, state.model_state, x, y, key
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = method.project(optax.apply_updates(state.params, updates))
+        params, model_state = method.after_update(
+            optax.apply_updates(state.params, updates),
+            model_state,
+            jax.random.fold_in(key, AFTER_UPDATE_FOLD),
+            state.step,
+        )
         metrics = {
             "loss": loss,
             "data_loss": aux["data_loss"],

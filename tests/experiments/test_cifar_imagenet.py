@@ -50,6 +50,19 @@ def test_imagenet_recipe_is_resnet50s():
         assert config[field] == value, field
 
 
+@pytest.mark.parametrize("method", ["dep_l0", "dep_l0_arm"])
+def test_dep_l0_on_imagenet_fine_tunes_the_last_ten_epochs(method):
+    config = imagenet.get_config()
+    config.method = method
+    resolve(config)
+    assert config.epochs == 100 and config.fine_tune_epochs == 10
+    assert config.gate_lr_factor == 0.2 and config.lr_factor == 0.1
+    other = imagenet.get_config()
+    other.method = "l0_hc"
+    resolve(other)
+    assert other.fine_tune_epochs == 0 and other.gate_lr_factor is None
+
+
 def test_cifar_run_resumes_to_the_uninterrupted_result(tmp_path):
     straight = train_and_evaluate(cifar_config(epochs=2), tmp_path / "straight")
     train_and_evaluate(cifar_config(epochs=1), tmp_path / "split")

@@ -61,6 +61,23 @@ def test_method_optimizer_gives_gates_their_own_rate_and_no_weight_decay():
         create_method("l0_hc", config, num_train=10)
 
 
+def test_gate_lr_factor_changes_only_the_gates_milestone_factor():
+    config = get_config()
+    config.update(
+        optimizer="sgd", learning_rate=0.1, lr_schedule="step", lr_milestones=(1,),
+        lr_factor=0.1, gate_learning_rate=0.01, gate_lr_factor=0.2,
+    )
+    method = create_method("l0_hc", config, num_train=10)
+    tx = method.optimizer(steps_per_epoch=2, epochs=2)
+    params = {"net": {"w": jnp.ones(2)}, "gates": {"a": jnp.ones(2)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["net"]["w"], -0.01, rtol=1e-6)
+    np.testing.assert_allclose(updates["gates"]["a"], -0.002, rtol=1e-6)
+
+
 def test_unknown_optimizer_is_a_clear_error():
     with pytest.raises(ValueError, match="valid optimizers"):
         build_optimizer("rmsprop", 0.1)

@@ -1,0 +1,175 @@
+"""Which layers GReg prunes and at which ratio (Wang et al., ICLR 2021, code ``meta_pruner.py``).
+
+Two model families, told apart by their layer names:
+
+- **Residual networks** (layers ``block{i}.conv{j}``): the ratios are a *stage list*
+  ``[stem, stage 1, ..., stage k, fc]``; blocks are numbered through the network, ``blocks / k``
+  per stage. With filter granularity only the convolutions of a block before its last one are
+  pruned (``conv1`` of a basic block), so the residual stream keeps its width; the stem, the
+  last convolution of every block and the classifier never are. With weight granularity every
+  kernel is pruned at its stage's ratio (stem: the first entry, classifier: the last).
+- **Single-branch networks** (MLP, LeNet-5, VGG): one ratio per layer index ``0..L-1``, given as
+  a sequence, a mapping ``{index or "a-b": ratio}`` or the reference's string ``"[1-15:0.7]"``
+  (unlisted layers: 0). With filter granularity the classifier's outputs (the classes) are never
+  pruned.
+
+A single float applies to every layer the granularity allows. Layers at ratio 0 are not
+prunable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+from sparsejax.models.base import Layer
+
+GroupGranularity = Literal["filter", "weight"]
+GROUP_GRANULARITIES: tuple[str, ...] = ("filter", "weight")
+
+RatioSpec = float | Sequence[float] | Mapping[int | str, float] | str
+"""A float, a per-layer (or per-stage) sequence, an index mapping or the reference's string."""
+
+_BLOCK_LAYER = re.compile(r"^block(\d+)\.conv(\d+)$")
+_DICT_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([0-9.eE+-]+)\s*$")
+
+
+def is_residual(layers: Sequence[Layer]) -> bool:
+    """Whether the layers are those of a residual network (``block{i}.conv{j}`` names)."""
+    return any(_BLOCK_LAYER.match(layer.name) for layer in layers)
+
+
+def _parse_string(spec: str) -> float | list[float] | dict[int, float]:
+    """``"0.5"``, ``"[0, 0.75, 0.75, 0.32, 0]"`` or ``"[1-15:0.7, 16:0.5]"``."""
+    text = spec.strip()
+    inner = text.strip("[](){}")
+    if ":" not in inner:
+        try:
+            values = [float(v) for v in inner.split(",") if v.strip()]
+        except ValueError as error:
+            raise ValueError(f"cannot read pruning ratios from {spec!r}") from error
+        if text[:1] in "[({":
+            return values
+        return values[0] if len(values) == 1 else values
+    ratios: dict[int, float] = {}
+    for item in inner.split(","):
+        match = _DICT_ITEM.match(item)
+        if match is None:
+            raise ValueError(
+                f"cannot read {item!r} in pruning ratios {spec!r}; write items as "
+                "'index:ratio' or 'first-last:ratio', e.g. '[1-15:0.7]'"
+            )
+        first, last, ratio = match.groups()
+        for index in range(int(first), int(last or first) + 1):
+            ratios[index] = float(ratio)
+    return ratios
+
+
+def _index_mapping(spec: Mapping[int | str, float]) -> dict[int, float]:
+    ratios: dict[int, float] = {}
+    for key, ratio in spec.items():
+        first, _, last = str(key).partition("-")
+        for index in range(int(first), int(last or first) + 1):
+            ratios[index] = float(ratio)
+    return ratios
+
+
+def _check_ratio(name: str, ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning ratio {ratio} of layer {name!r} must lie in [0, 1)")
+    return ratio
+
+
+def _residual_ratios(
+    layers: Sequence[Layer], spec: float | list[float], granularity: GroupGranularity
+) -> dict[str, float]:
+    blocks: dict[int, list[Layer]] = {}
+    for layer in layers:
+        match = _BLOCK_LAYER.match(layer.name)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(layer)
+    if granularity == "filter":
+        prunable = [convs[i] for convs in blocks.values() for i in range(len(convs) - 1)]
+    else:
+        prunable = list(layers)
+    if isinstance(spec, float):
+        return {layer.name: spec for layer in prunable}
+    stages = len(spec) - 2
+    if stages < 1 or len(blocks) % stages:
+        raise ValueError(
+            f"stage_pr {spec} must be [stem, one ratio per stage, fc] for a ResNet with "
+            f"{len(blocks)} blocks"
+        )
+    if granularity == "filter" and (spec[0] or spec[-1]):
+        raise ValueError(
+            f"stage_pr {spec}: the stem and fc ratios must be 0 with filter granularity (the "
+            "stem sets the residual width, fc the classes)"
+        )
+    per_stage = len(blocks) // stages
+    ratios = {}
+    for layer in prunable:
+        match = _BLOCK_LAYER.match(layer.name)
+        if match:
+            ratios[layer.name] = spec[1 + (int(match.group(1)) - 1) // per_stage]
+        else:
+            ratios[layer.name] = spec[-1] if layer is layers[-1] else spec[0]
+    return ratios
+
+
+def _single_branch_ratios(
+    layers: Sequence[Layer], spec: float | list[float] | dict[int, float],
+    granularity: GroupGranularity,
+) -> dict[str, float]:
+    if isinstance(spec, float):
+        spec = {i: spec for i in range(len(layers))}
+        if granularity == "filter":
+            spec.pop(len(layers) - 1)
+    elif isinstance(spec, list):
+        if len(spec) != len(layers):
+            names = ", ".join(layer.name for layer in layers)
+            raise ValueError(
+                f"stage_pr has {len(spec)} ratios but the model has {len(layers)} layers "
+                f"({names}); give one per layer, a float or an index mapping like '[1-2:0.5]'"
+            )
+        spec = dict(enumerate(spec))
+    unknown = sorted(i for i in spec if not 0 <= i < len(layers))
+    if unknown:
+        raise ValueError(f"stage_pr names layer indices {unknown}; the model has 0..{len(layers) - 1}")
+    last = len(layers) - 1
+    if granularity == "filter" and spec.get(last, 0.0) > 0:
+        raise ValueError(
+            f"stage_pr prunes the outputs of the classifier {layers[last].name!r} (index {last}), "
+            "which are the classes; give it ratio 0 or use greg_granularity='weight'"
+        )
+    return {layers[i].name: ratio for i, ratio in spec.items()}
+
+
+def layer_ratios(
+    layers: Sequence[Layer], spec: RatioSpec, granularity: GroupGranularity
+) -> dict[str, float]:
+    """``{layer name: ratio}`` for every layer GReg prunes (ratio > 0), in network order."""
+    if granularity not in GROUP_GRANULARITIES:
+        raise ValueError(
+            f"greg_granularity must be one of {GROUP_GRANULARITIES}, got {granularity!r}"
+        )
+    if isinstance(spec, str):
+        spec = _parse_string(spec)
+    if isinstance(spec, (int, float)):
+        spec = float(spec)
+    elif isinstance(spec, Mapping):
+        spec = _index_mapping(spec)
+    else:
+        spec = [float(v) for v in spec]
+    if is_residual(layers):
+        if isinstance(spec, dict):
+            raise ValueError(
+                "a residual network takes stage ratios [stem, stage 1, ..., fc] or one float, "
+                f"not a per-layer mapping ({spec})"
+            )
+        ratios = _residual_ratios(layers, spec, granularity)
+    else:
+        ratios = _single_branch_ratios(layers, spec, granularity)
+    checked = {name: _check_ratio(name, r) for name, r in ratios.items()}
+    order = [layer.name for layer in layers]
+    return {name: checked[name] for name in order if checked.get(name, 0.0) > 0.0}

@@ -1,0 +1,73 @@
+"""Start a model from the network weights of another run (a pretrained network to prune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sparsejax.gates.base import GateParam
+
+STATE_ITEM = "state"
+"""The checkpoint item holding the train state (see :mod:`sparsejax.train.checkpoint`)."""
+
+
+def _key_name(entry: Any) -> Any:
+    return getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
+
+
+def _lookup(tree: Any, path: tuple) -> Any:
+    for key in path:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key, tree.get(str(key)))
+    return tree
+
+
+def _copy_into(state: nnx.State, saved: Any, what: str, source: Path) -> nnx.State:
+    def restored(keypath, leaf):
+        path = tuple(_key_name(entry) for entry in keypath)
+        value = _lookup(saved, path)
+        if value is None or np.shape(value) != np.shape(leaf):
+            found = "missing" if value is None else f"shaped {np.shape(value)}"
+            raise ValueError(
+                f"the checkpoint in {source} does not fit this model: {what} "
+                f"{'/'.join(map(str, path[:-1]))} is {found}, the model has {np.shape(leaf)}; "
+                "config.pretrained must name a run of the same model and dataset"
+            )
+        return jax.numpy.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(restored, state)
+
+
+def load_network_weights(model: nnx.Module, workdir: str | Path) -> int:
+    """Copy the network weights (parameters other than gate parameters) and BatchNorm
+    statistics of the newest checkpoint of the run in ``workdir`` into ``model``; its optimizer
+    state, gates and step are not used. Returns the step of that checkpoint."""
+    # Imported here: sparsejax.train imports the methods.
+    from sparsejax.train.checkpoint import CHECKPOINT_DIR
+
+    directory = Path(workdir).absolute() / CHECKPOINT_DIR
+    steps = []
+    if directory.is_dir():
+        steps = sorted(
+            int(path.name)
+            for path in directory.iterdir()
+            if path.name.isdigit() and (path / STATE_ITEM).is_dir()
+        )
+    if not steps:
+        raise FileNotFoundError(
+            f"config.pretrained={str(workdir)!r}: no checkpoint in {directory}; give the --workdir "
+            "of a finished run of the same model"
+        )
+    source = directory / str(steps[-1]) / STATE_ITEM
+    saved = ocp.PyTreeCheckpointer().restore(source)
+    weights = nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam)))
+    statistics = nnx.state(model, nnx.BatchStat)
+    nnx.update(model, _copy_into(weights, saved["params"]["net"], "weight", source))
+    nnx.update(model, _copy_into(statistics, saved["model_state"], "statistic", source))
+    return steps[-1]

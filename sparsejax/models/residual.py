@@ -1,0 +1,97 @@
+"""Bookkeeping shared by the residual networks: output sizes, block lookup, residual streams.
+
+A *residual stream* is the running sum a chain of blocks adds into: channel c of every layer that
+writes into it (the stem, the last convolution of each block, a projection shortcut) is one unit,
+declared as a :class:`~sparsejax.models.base.ChannelCoupling`. :class:`ResidualStreams` builds
+these couplings while a model lays out its blocks, and says what a layer reading the stream names
+in its :attr:`~sparsejax.models.base.Layer.reads`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flax import nnx
+
+from sparsejax.models.base import ChannelCoupling
+
+
+def strided(size: int, stride: int) -> int:
+    """Output size (size - 1) // stride + 1 of a k x k convolution or pooling with stride s and
+    padding (k - 1) / 2 on each side (odd k), a 1x1 convolution with no padding included."""
+    return (size - 1) // stride + 1
+
+
+def block_member(blocks: Sequence[nnx.Module], name: str) -> nnx.Module:
+    """The module named ``"block{i}.{attribute}"``, blocks numbered from 1 through the network."""
+    block, attribute = name.split(".")
+    return getattr(blocks[int(block.removeprefix("block")) - 1], attribute)
+
+
+class ResidualStreams:
+    """The channel couplings of a residual network, recorded block by block in network order.
+
+    The first stream starts at ``source`` (the stem), which is its only producer until a block adds
+    into it through an identity shortcut (:meth:`add`). A block whose shortcut changes the width
+    ends the stream and starts the next one: a projection shortcut (:meth:`project`) is a 1x1
+    convolution that writes into the new stream next to the block's last convolution; a
+    zero-padding shortcut (:meth:`pad`, CIFAR ResNet option A) copies the old stream into the new
+    one at a channel offset, which ties both widths (both streams are ``fixed``). A stream is named
+    after the stage of the first block that writes into it; a stem no block adds into is a plain
+    layer, not a coupling.
+
+    Each of the three methods returns what the block's layers that read its input (its first
+    convolution, its projection shortcut) name in their ``reads``.
+    """
+
+    def __init__(self, source: str):
+        self._members: list[str] = [source]
+        self._name: str | None = None
+        self._shortcut_from: str | None = None
+        self._fixed = False
+        self._closed: list[ChannelCoupling] = []
+
+    @property
+    def current(self) -> str:
+        """What a layer reading the stream now names in its ``reads``: the coupling, or the only
+        producer while no block has added into the stream."""
+        return self._members[0] if self._name is None else self._name
+
+    def add(self, layer: str, stream: str) -> str:
+        """``layer`` writes into the current stream (identity shortcut), which the block reads;
+        the stream is named ``stream`` if it had no name yet."""
+        self._members.append(layer)
+        if self._name is None:
+            self._name = stream
+        return self._name
+
+    def project(self, shortcut: str, layer: str, stream: str) -> str:
+        """A projection ``shortcut`` and the block's last ``layer`` start the stream ``stream``;
+        the block reads the previous one."""
+        previous = self.current
+        self._start((shortcut, layer), stream, shortcut_from=None, fixed=False)
+        return previous
+
+    def pad(self, layer: str, stream: str) -> str:
+        """The block's last ``layer`` and the zero-padded current stream start ``stream``; the
+        block reads the previous one."""
+        previous = self.current
+        self._fixed = True
+        self._start((layer,), stream, shortcut_from=previous, fixed=True)
+        return previous
+
+    def couplings(self) -> tuple[ChannelCoupling, ...]:
+        """Every stream recorded so far, the current one included."""
+        return (*self._closed, *self._current_coupling())
+
+    def _current_coupling(self) -> tuple[ChannelCoupling, ...]:
+        if self._name is None:
+            return ()
+        return (ChannelCoupling(self._name, tuple(self._members), self._shortcut_from, self._fixed),)
+
+    def _start(
+        self, members: tuple[str, ...], stream: str, *, shortcut_from: str | None, fixed: bool
+    ) -> None:
+        self._closed.extend(self._current_coupling())
+        self._members, self._name = list(members), stream
+        self._shortcut_from, self._fixed = shortcut_from, fixed

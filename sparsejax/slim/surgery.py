@@ -1,0 +1,218 @@
+"""Physical slimming: a pruned gated model becomes a smaller model of the same class.
+
+:func:`slim_model` copies the model, folds its deterministic gates into the weights
+(:mod:`sparsejax.slim.folding`), decides which units go (:mod:`sparsejax.slim.plan`) and applies
+the plan (:func:`apply_plan`): kernels lose their removed input rows and output columns, biases and
+the output BatchNorm (scale, bias, running mean and variance) their removed outputs, an input
+BatchNorm its reader's removed inputs, a depthwise convolution its channels and as many feature
+groups, a dense reader absorbs the constant outputs of removed dead neurons into its bias, and a
+layer that reads only part of what its producers deliver gets an input selection. The copy has no
+gates (its forward pass skips gating) and none of the state a method attached; its ``layers`` and
+``gate_slots`` declare the new widths, so :func:`~sparsejax.slim.accounting.count_network` of its
+layers with no gate values gives its parameters and FLOPs. The input model is not modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx import graph
+
+from sparsejax.gates.base import GateParam
+from sparsejax.models.base import GatedModel, GateSlot, Layer
+from sparsejax.slim.accounting import count_network
+from sparsejax.slim.folding import fold_gates, layer_weights, test_gate_values
+from sparsejax.slim.plan import SlimPlan, plan_slimming
+
+NETWORK_ATTRIBUTES_KEPT = ("gates",)
+"""Root attributes a slim model keeps even though no declared layer lives in them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimReport:
+    """Size of the network before and after slimming.
+
+    ``params`` and ``flops`` follow the accounting convention (kernel weights and biases; MACs);
+    ``stored_params`` count every stored parameter array entry (BatchNorm scale and bias
+    included, gate parameters excluded). ``widths``: per layer, its (input units, output units)
+    after slimming.
+    """
+
+    params_before: float
+    flops_before: float
+    params_after: float
+    flops_after: float
+    stored_params_before: int
+    stored_params_after: int
+    widths: dict[str, tuple[int, int]]
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs before / after (the FLOPs reduction, >= 1)."""
+        return self.flops_before / self.flops_after
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimResult:
+    """The slim model, the plan that made it (enough to rebuild it) and its report."""
+
+    model: GatedModel
+    plan: SlimPlan
+    report: SlimReport
+
+
+def stored_params(model: nnx.Module) -> int:
+    """Entries of the model's parameter arrays, gate parameters excluded."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam)))
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(state)))
+
+
+def strip_to_network(model: GatedModel) -> None:
+    """Remove the gates and every root attribute that holds none of the declared layers and
+    BatchNorms (what a method attached: masks, penalty state, a gate generator), in place."""
+    needed = {id(model.layer_module(layer.name)) for layer in model.layers}
+    needed |= {
+        id(model.module_at(path))
+        for layer in model.layers
+        for path in (layer.norm, layer.input_norm)
+        if path is not None
+    }
+    for name, value in list(vars(model).items()):
+        if name.startswith("_") or name in NETWORK_ATTRIBUTES_KEPT:
+            continue
+        if not graph.is_graph_node(value) and not isinstance(value, nnx.Variable):
+            continue
+        if not any(id(node) in needed for _, node in nnx.iter_graph(value)):
+            delattr(model, name)
+    model.gates = nnx.Dict({})
+
+
+def _param(variable: nnx.Variable, value: jax.Array) -> nnx.Variable:
+    """A new variable of the same type holding ``value``."""
+    return type(variable)(value)
+
+
+def _slice_norm(norm: nnx.BatchNorm, index: np.ndarray) -> None:
+    for name in ("scale", "bias", "mean", "var"):
+        variable = getattr(norm, name)
+        if variable is not None:
+            setattr(norm, name, _param(variable, variable[...][index]))
+    norm.num_features = int(index.size)
+
+
+def _absorb(model: GatedModel, layer: Layer, units: tuple[int, ...]) -> None:
+    """reader bias += relu(producer bias[units]) @ reader kernel[units]: the constant outputs
+    of dead neurons of a dense producer (followed by ReLU) moved into its dense reader."""
+    reader = model.layer_module(layer.name)
+    producer = model.layer_module(layer.reads[0])
+    index = np.asarray(units)
+    constants = jax.nn.relu(producer.bias[...][index])
+    reader.bias[...] = reader.bias[...] + constants @ reader.kernel[...][index]
+
+
+def _slice_layer(module: nnx.Module, layer: Layer, rows: np.ndarray, columns: np.ndarray) -> None:
+    kernel = module.kernel[...]
+    if layer.groups > 1:
+        module.groups = int(columns.size)
+        rows = np.zeros(1, np.int64)
+    kernel = jnp.take(jnp.take(kernel, rows, axis=-2), columns, axis=-1)
+    module.kernel = _param(module.kernel, kernel)
+    if module.bias is not None:
+        module.bias = _param(module.bias, module.bias[...][columns])
+    module.in_features = int(rows.size * (module.groups if layer.groups > 1 else 1))
+    module.out_features = int(columns.size)
+
+
+def _slim_layer(layer: Layer, rows: int, columns: int) -> Layer:
+    groups = columns if layer.groups > 1 else 1
+    return dataclasses.replace(
+        layer,
+        kernel_shape=(*layer.kernel_shape[:-2], rows // groups, columns),
+        inputs=(),
+        outputs=(),
+        kernel_slot=None,
+        groups=groups,
+    )
+
+
+def _slim_slot(slot: GateSlot, layer: Layer, plan: SlimPlan) -> GateSlot:
+    if slot.axis is None:
+        shape = layer.kernel_shape
+    elif slot.axis == len(slot.kernel_shape) - 1:
+        shape = (len(plan.kept_outputs[layer.name]),)
+    else:
+        shape = (len(plan.kept_inputs[layer.name]),)
+    return dataclasses.replace(slot, shape=tuple(shape), kernel_shape=layer.kernel_shape)
+
+
+def apply_plan(model: GatedModel, plan: SlimPlan) -> None:
+    """Slice ``model`` (gates already folded or absent) to the plan's widths, in place."""
+    for layer in model.layers:
+        if layer.name in plan.absorbed:
+            _absorb(model, layer, plan.absorbed[layer.name])
+    input_norm_rows: dict[str, tuple[int, ...]] = {}
+    slim_layers = []
+    for layer in model.layers:
+        rows = np.asarray(plan.kept_inputs[layer.name], np.int64)
+        columns = np.asarray(plan.kept_outputs[layer.name], np.int64)
+        _slice_layer(model.layer_module(layer.name), layer, rows, columns)
+        if layer.norm is not None:
+            _slice_norm(model.module_at(layer.norm), columns)
+        if layer.input_norm is not None:
+            seen = input_norm_rows.setdefault(layer.input_norm, plan.kept_inputs[layer.name])
+            if seen != plan.kept_inputs[layer.name]:
+                raise ValueError(
+                    f"the layers reading BatchNorm {layer.input_norm!r} keep different inputs; "
+                    "declare input_selection on them or keep the units"
+                )
+        slim_layers.append(_slim_layer(layer, rows.size, columns.size))
+    for path, rows in input_norm_rows.items():
+        _slice_norm(model.module_at(path), np.asarray(rows, np.int64))
+    by_name = {layer.name: layer for layer in slim_layers}
+    model.gate_slots = tuple(
+        _slim_slot(slot, by_name[slot.layer], plan) for slot in model.gate_slots
+    )
+    model.layers = tuple(slim_layers)
+    model.input_selections = tuple(sorted(plan.selections.items()))
+
+
+def slim_model(model: GatedModel, keep: Mapping[str, np.ndarray] | None = None) -> SlimResult:
+    """The physically slimmed copy of ``model`` (see the module docstring).
+
+    ``keep`` optionally removes further units: per producer (a layer outside any residual stream,
+    or a stream by its coupling name) a boolean vector, False where a unit must go even though
+    its output is not zero (the outputs then change).
+    """
+    slim = nnx.clone(model)
+    fold_gates(slim, test_gate_values(model))
+    strip_to_network(slim)
+    plan = plan_slimming(slim.layers, tuple(slim.channel_couplings), layer_weights(slim), keep)
+    apply_plan(slim, plan)
+    before = count_network(model.layers, {})
+    after = count_network(slim.layers, {})
+    report = SlimReport(
+        params_before=float(before["params"]),
+        flops_before=float(before["flops"]),
+        params_after=float(after["params"]),
+        flops_after=float(after["flops"]),
+        stored_params_before=stored_params(model),
+        stored_params_after=stored_params(slim),
+        widths={layer.name: (layer.in_units, layer.out_units) for layer in slim.layers},
+    )
+    return SlimResult(slim, plan, report)
+
+
+def rebuild(model: GatedModel, plan: SlimPlan) -> GatedModel:
+    """``model`` (built without gates, e.g. from its config) cut to the plan's widths, in place;
+    its arrays are then placeholders for a slim checkpoint's."""
+    strip_to_network(model)
+    apply_plan(model, plan)
+    return model

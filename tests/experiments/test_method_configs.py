@@ -1,0 +1,175 @@
+"""The configs of the regularisation methods (``l1``, ``bounded_lp``, ``stochastic``): the
+recipes they resolve to, the per-model defaults the methods take, the command-line overrides of
+their fields, and CLI runs on synthetic data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.configs import cifar, imagenet, mnist
+from experiments.configs.recipes import MODEL_SCHEDULES, SLIMMING_CIFAR, resolve
+from sparsejax.methods import create_method
+from sparsejax.methods.bounded_lp import BOUNDED_DEFAULTS, L1_DEFAULTS
+from sparsejax.methods.stochastic import DEFAULT_TEMPERATURE, DEFAULTS
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "experiments" / "configs"
+SCHEDULE = ("optimizer", "learning_rate", "lr_schedule", "lr_milestones", "lr_factor",
+            "weight_decay", "epochs", "batch_size")
+
+METHOD_FIELDS = {
+    "gate_lambda": None, "sigma": None, "p": 1.0, "filter_lambda": 0.0, "filter_sigma": None,
+    "gate_threshold": 0.0, "l1": None, "final_sparsity": None, "initial_sparsity": 0.0,
+    "prune_start_epoch": 0.0, "prune_end_epoch": None, "prune_temperature": None,
+    "allow_regrowth": False,
+}
+"""The fields the three methods read, and their neutral defaults in every config file."""
+
+OVERRIDES = {
+    "gate_lambda": ("(1e-4,2e-4)", (1e-4, 2e-4)), "sigma": ("0.3", 0.3), "p": ("2", 2.0),
+    "filter_lambda": ("1e-5", 1e-5), "filter_sigma": ("2.5", 2.5),
+    "gate_threshold": ("1e-3", 1e-3), "l1": ("3e-5", 3e-5), "l2": ("0", 0.0),
+    "final_sparsity": ("0.8", 0.8), "initial_sparsity": ("0.1", 0.1),
+    "prune_start_epoch": ("1", 1.0), "prune_end_epoch": ("7.5", 7.5),
+    "prune_temperature": ("0.4", 0.4), "allow_regrowth": ("true", True),
+}
+"""``--config.NAME=TEXT`` and the value it must give."""
+
+
+def resolved(module, **fields):
+    config = module.get_config()
+    config.update(fields)
+    if module is not mnist:
+        resolve(config)
+    return config
+
+
+def method_for(config):
+    return create_method(config.method, config, num_train=50_000)
+
+
+@pytest.mark.parametrize("module", [mnist, cifar, imagenet], ids=["mnist", "cifar", "imagenet"])
+def test_every_method_field_has_a_neutral_default(module):
+    config = module.get_config()
+    for field, value in METHOD_FIELDS.items():
+        assert field in config, field
+        assert config[field] == value, field
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar", "imagenet"])
+def test_every_method_field_is_overridable_on_the_command_line(name):
+    argv = ["prog", *(f"--config.{field}={text}" for field, (text, _) in OVERRIDES.items())]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", str(CONFIGS / f"{name}.py"), flag_values=values, sys_argv=argv
+    )
+    values(argv)
+    config = values.config
+    for field, (_, expected) in OVERRIDES.items():
+        assert config[field] == expected, field
+
+
+@pytest.mark.parametrize("method", ["bounded_lp", "l1"])
+@pytest.mark.parametrize("model", ["resnet164", "densenet40", "mobilenet_v2_cifar"])
+def test_cifar100_gate_methods_take_the_network_slimming_schedule(method, model):
+    config = resolved(cifar, method=method, model=model, dataset="cifar100")
+    for field in SCHEDULE:
+        assert config[field] == SLIMMING_CIFAR[field], field
+    assert (config.epochs, config.batch_size, tuple(config.lr_milestones)) == (160, 64, (80, 120))
+    assert config.gate_optimizer is None and config.gate_learning_rate is None
+    assert config.l2 == 0.0
+    table = BOUNDED_DEFAULTS if method == "bounded_lp" else L1_DEFAULTS
+    gate_method = method_for(config)
+    assert gate_method.default("gate_lambda") == table[model]["gate_lambda"]
+    if method == "bounded_lp":
+        assert gate_method.default("sigma") == table[model]["sigma"]
+        assert gate_method.p == 1.0
+
+
+def test_the_prox_step_of_the_gate_methods_is_the_networks_learning_rate():
+    config = resolved(cifar, method="bounded_lp", model="resnet164", dataset="cifar100")
+    gate_method = method_for(config)
+    gate_method.optimizer(steps_per_epoch=10, epochs=config.epochs)
+    for epoch, rate in [(0, 0.1), (79, 0.1), (80, 0.01), (120, 0.001)]:
+        assert float(gate_method._gate_rate(epoch * 10)) == pytest.approx(rate), epoch
+
+
+@pytest.mark.parametrize("method", ["bounded_lp", "l1"])
+@pytest.mark.parametrize("model", ["resnet50", "mobilenet_v2"])
+def test_imagenet_gate_methods_take_the_models_schedule(method, model):
+    config = resolved(imagenet, method=method, model=model)
+    for field, value in MODEL_SCHEDULES[model].items():
+        assert config[field] == value, field
+    assert config.dataset == "imagenet2012" and config.gate_optimizer is None
+    table = BOUNDED_DEFAULTS if method == "bounded_lp" else L1_DEFAULTS
+    assert method_for(config).default("gate_lambda") == table[model]["gate_lambda"]
+
+
+def test_stochastic_vgg16_on_cifar10_takes_the_dep_l0_schedule_and_its_defaults():
+    config = resolved(cifar, method="stochastic", model="vgg16", dataset="cifar10")
+    for field, value in MODEL_SCHEDULES["vgg16"].items():
+        assert config[field] == value, field
+    assert config.weight_decay == 5e-4 and config.l2 == 0.0
+    assert config.gate_optimizer is None
+    pruning = method_for(config)
+    assert pruning.l1 == DEFAULTS["vgg16"]["l1"] and pruning.l2 == 0.0
+    assert pruning.temperature == DEFAULT_TEMPERATURE
+    assert pruning.default("final_sparsity") == DEFAULTS["vgg16"]["final_sparsity"]
+    assert 0 < pruning.default("prune_end_epoch") < config.epochs
+
+
+def test_stochastic_mlp_on_mnist_takes_adam_and_the_mlp_defaults():
+    config = resolved(mnist, method="stochastic", model="mlp")
+    assert (config.optimizer, config.learning_rate, config.lr_schedule) == ("adam", 1e-3, "constant")
+    assert (config.batch_size, config.weight_decay) == (100, 0.0)
+    pruning = method_for(config)
+    assert pruning.l1 == DEFAULTS["mlp"]["l1"] and pruning.l2 == config.l2
+    assert pruning.default("prune_end_epoch") == DEFAULTS["mlp"]["prune_end_epoch"]
+    assert pruning.default("prune_end_epoch") < config.epochs
+
+
+def run_cli(module, *args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+
+
+@pytest.mark.parametrize(
+    "method,model,like",
+    [
+        ("bounded_lp", "resnet20", "cifar100"),
+        pytest.param("bounded_lp", "resnet164", "cifar100", marks=pytest.mark.slow),
+        pytest.param("stochastic", "vgg16", "cifar10", marks=pytest.mark.slow),
+    ],
+)
+def test_cifar_cli_runs_the_regularisation_methods(tmp_path, method, model, like):
+    result = run_cli(
+        "experiments.cifar", f"--method={method}", f"--model={model}", "--dataset=synthetic",
+        "--epochs=1", "--steps_per_epoch=2", "--batch_size=8", f"--workdir={tmp_path}",
+        "--config.num_train=16", "--config.num_test=8", "--config.eval_batch_size=8",
+        f"--config.synthetic_like={like}", "--config.final_sparsity=0.5",
+        "--config.prune_end_epoch=1", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (summary["method"], summary["model"], summary["steps_per_epoch"]) == (method, model, 2)
+    assert summary["test_error"] is not None
+    for key in ("active_units", "params", "dense_params", "flops", "dense_flops", "pruning_rate"):
+        assert key in summary, key
+    assert config["optimizer"] == "momentum" and config["lr_schedule"] == "step"
+    if method == "stochastic":
+        assert config["weight_decay"] == 5e-4 and config["epochs"] == 1
+        assert 0 < summary["nodes/total_sparsity"] and summary["nodes/removed_percent"] >= 0
+        assert summary["nodes/kept_weights"] <= summary["dense_params"]
+    else:
+        assert summary["active_units"] == summary["dense_units"]  # two steps prune nothing
+        if model == "resnet164":
+            assert config["lr_milestones"] == [80, 120] and config["batch_size"] == 8

@@ -1,0 +1,334 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from experiments.configs.mnist import get_config
+from sparsejax.methods import create_method
+from sparsejax.methods.greg import GReg1, GReg2
+from sparsejax.methods.greg_report import greg_progress, kept_channels, pruned_size
+from sparsejax.methods.greg_rules import layer_ratios
+from sparsejax.methods.greg_schedule import (
+    FINETUNE,
+    REGULARISE,
+    STABILISE,
+    LayerState,
+    Schedule,
+    regularise,
+    smallest,
+)
+from sparsejax.methods.warm_start import load_network_weights
+from sparsejax.models import build_model
+from sparsejax.models.cifar_resnet import CifarResNet
+from sparsejax.train import Preempted, train_and_evaluate
+from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.state import merge_model, split_model
+
+SCHEDULE = {
+    "interval": 3, "delta": 1e-4, "ceiling": 1.0, "ratio_limit": 1000.0, "stabilise_steps": 5,
+    "delta_pick": 1e-5, "ceiling_pick": 1e-2, "delta_recover": -1e-4, "ratio_test": True,
+}
+
+
+def fresh_layer(shape):
+    return LayerState(
+        penalty=jnp.zeros(shape), selected=jnp.zeros(shape, bool), mask=jnp.ones(shape),
+        ratio=jnp.array(-1.0), finished=jnp.array(False), picked=jnp.array(False),
+    )
+
+
+def run_iterations(schedule, scores, counts, iterations):
+    """``iterations`` regularisation iterations t = 0, 1, ... on fixed scores, jitted once."""
+
+    @jax.jit
+    def run(layers):
+        def body(t, carry):
+            layers, phase, start = carry
+            return tuple(regularise(layers, scores, counts, t, phase, start, schedule))
+
+        return jax.lax.fori_loop(
+            0, iterations, body, (layers, jnp.int32(REGULARISE), jnp.int32(-1))
+        )
+
+    return run([fresh_layer(s.shape) for s in scores])
+
+
+SCORES = [jnp.array([0.5, 0.1, 0.9, 0.2, 0.7, 0.3]), jnp.array([2.0, 1.0, 3.0, 4.0])]
+COUNTS = [3, 1]  # ratio 0.5 of 6 filters, 0.25 of 4
+
+
+def test_greg1_penalty_after_k_updates_is_k_delta_on_the_pruned_set_only():
+    schedule = Schedule(variant=1, **SCHEDULE)
+    updates = 7
+    layers, phase, _ = run_iterations(schedule, SCORES, COUNTS, (updates - 1) * 3 + 1)
+    expected = np.float32(0)
+    for _ in range(updates):
+        expected = np.float32(expected + np.float32(schedule.delta))
+    pruned = [np.array([0, 1, 0, 1, 0, 1], bool), np.array([0, 1, 0, 0], bool)]
+    for layer, chosen in zip(layers, pruned):
+        np.testing.assert_array_equal(np.asarray(layer.selected), chosen)
+        np.testing.assert_array_equal(np.asarray(layer.penalty), np.where(chosen, expected, 0.0))
+    assert int(phase) == REGULARISE
+    assert np.isclose(expected, updates * schedule.delta)
+
+
+def test_greg1_magnitude_ratio_is_an_ema_and_ends_every_layer_when_all_pass():
+    schedule = Schedule(variant=1, **{**SCHEDULE, "interval": 1, "ratio_limit": 2.0})
+    layers, phase, start = run_iterations(schedule, SCORES, COUNTS, 1)
+    first = (0.7 / 0.2, 3.0 / 1.0)  # mean kept / mean pruned score
+    np.testing.assert_allclose([float(l.ratio) for l in layers], first, rtol=1e-6)
+    assert all(bool(l.finished) for l in layers)
+    assert (int(phase), int(start)) == (STABILISE, 0)
+
+    strict = Schedule(variant=1, **{**SCHEDULE, "interval": 1, "ratio_limit": 3.2})
+    layers, phase, _ = run_iterations(strict, SCORES, COUNTS, 2)
+    assert not any(bool(l.finished) for l in layers)  # 3.5 passes, 3.0 fails: global test
+    np.testing.assert_allclose([float(l.ratio) for l in layers], first, rtol=1e-6)
+    assert int(phase) == REGULARISE
+
+
+def test_greg1_ceiling_is_strict_and_starts_stabilisation_at_that_iteration():
+    schedule = Schedule(variant=1, **{**SCHEDULE, "interval": 2, "delta": 0.25, "ratio_test": False})
+    layers, phase, start = run_iterations(schedule, SCORES, COUNTS, 7)  # updates at 0, 2, 4, 6
+    assert int(phase) == REGULARISE  # max lambda 1.0 is not > 1.0
+    layers, phase, start = run_iterations(schedule, SCORES, COUNTS, 9)
+    assert (int(phase), int(start)) == (STABILISE, 8)
+    assert float(jnp.max(layers[0].penalty)) == 1.25
+
+
+def greg2_pick_update(schedule):
+    """The update at which float32 accumulation of delta_pick reaches ceiling_pick."""
+    value, updates = np.float32(0), 0
+    while value < np.float32(schedule.ceiling_pick):
+        value, updates = np.float32(value + np.float32(schedule.delta_pick)), updates + 1
+    return updates, value
+
+
+def test_greg2_picks_after_ceil_tau_over_delta_updates_then_pushes():
+    schedule = Schedule(variant=2, **{**SCHEDULE, "interval": 1})
+    pick, picked_value = greg2_pick_update(schedule)
+    ceil = math.ceil(schedule.ceiling_pick / schedule.delta_pick)
+    assert pick in (ceil, ceil + 1)
+
+    before, _, _ = run_iterations(schedule, SCORES, COUNTS, pick - 1)
+    assert not any(bool(l.picked) for l in before)
+    np.testing.assert_allclose(np.asarray(before[0].penalty), (pick - 1) * 1e-5, rtol=1e-4)
+    assert len(set(np.asarray(before[0].penalty).tolist())) == 1  # uniform
+
+    at, _, _ = run_iterations(schedule, SCORES, COUNTS, pick)
+    assert all(bool(l.picked) for l in at)
+    np.testing.assert_array_equal(np.asarray(at[0].penalty), picked_value)
+    np.testing.assert_array_equal(np.asarray(at[0].selected), [0, 1, 0, 1, 0, 1])
+
+    after, _, _ = run_iterations(schedule, SCORES, COUNTS, pick + 2)
+    chosen = np.asarray(after[0].selected)
+    pushed = np.float32(np.float32(picked_value + np.float32(1e-4)) + np.float32(1e-4))
+    np.testing.assert_array_equal(np.asarray(after[0].penalty), np.where(chosen, pushed, -1e-4).astype(np.float32))
+
+
+def test_greg2_finishes_a_layer_only_after_picking():
+    schedule = Schedule(variant=2, **{**SCHEDULE, "interval": 1, "ratio_limit": 2.0})
+    pick, _ = greg2_pick_update(schedule)
+    layers, phase, _ = run_iterations(schedule, SCORES, COUNTS, pick - 1)
+    assert not any(bool(l.finished) for l in layers)  # the ratio passes, but no pick yet
+    layers, phase, start = run_iterations(schedule, SCORES, COUNTS, pick)
+    assert all(bool(l.finished) for l in layers)
+    assert (int(phase), int(start)) == (STABILISE, pick - 1)
+
+
+def test_smallest_marks_exactly_count_smallest_with_ties_by_index():
+    scores = jnp.array([[3.0, 1.0], [1.0, 0.5]])
+    np.testing.assert_array_equal(np.asarray(smallest(scores, 2)), [[False, True], [False, True]])
+    np.testing.assert_array_equal(np.asarray(smallest(scores, 3)), [[False, True], [True, True]])
+
+
+# --- the method on models --------------------------------------------------------------------
+
+
+def greg_config(**overrides):
+    config = get_config()
+    config.update(
+        dataset="synthetic", model="mlp", method="greg1", epochs=3, batch_size=64,
+        num_train=512, num_test=128, log_every=4, eval_batch_size=128,
+        greg_interval=1, greg_delta=0.5, greg_stabilise_steps=3, pretrain_epochs=0, stage_pr=0.5,
+    )
+    config.update(overrides)
+    return config
+
+
+def prepared(config, **model_kwargs):
+    method = create_method(config.method, config, num_train=512)
+    model = build_model(config.model, rngs=nnx.Rngs(params=0), **model_kwargs)
+    method.prepare_model(model)
+    return method, model
+
+
+def test_added_gradient_equals_lambda_times_w():
+    method, model = prepared(greg_config(model="mlp"), hidden=(12, 8))
+    state = model.greg
+    rng = np.random.default_rng(0)
+    for penalty in state.penalty:
+        penalty[...] = jnp.asarray(rng.uniform(0, 2, penalty[...].shape), jnp.float32)
+    state.phase[...] = STABILISE  # coefficients frozen: the objective does not change them
+    graphdef, params, rest = split_model(model)
+    images = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
+    labels = jnp.arange(16) % 10
+
+    def gradient(with_growth):
+        def loss(p):
+            merged = merge_model(graphdef, p, rest)
+            if not with_growth:
+                merged.greg.phase[...] = FINETUNE  # the growing term is off once pruned
+            return method.objective(merged, images, labels, jax.random.key(1))[0]
+
+        return jax.jit(jax.grad(loss))(params)["net"]
+
+    difference = jax.tree.map(lambda a, b: a - b, gradient(True), gradient(False))
+    lambdas = {"fc1": state.penalty[0][...], "fc2": state.penalty[1][...]}
+    for name in ("fc1", "fc2", "fc3"):
+        kernel = getattr(model, name).kernel[...]
+        expected = lambdas[name] * kernel if name in lambdas else jnp.zeros_like(kernel)
+        np.testing.assert_allclose(difference[name]["kernel"][...], expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(difference[name]["bias"][...], 0.0)
+
+
+def abstract_model(name):
+    """The model's declarations without computing its initial weights."""
+    return nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(params=0)))
+
+
+def test_resnet56_filter_rules_prune_only_the_first_conv_of_each_block():
+    model = abstract_model("resnet56")
+    ratios = layer_ratios(model.layers, (0, 0.75, 0.75, 0.32, 0), "filter")
+    assert list(ratios) == [f"block{i}.conv1" for i in range(1, 28)]
+    assert [ratios[f"block{i}.conv1"] for i in (1, 9, 10, 18, 19, 27)] == [0.75] * 4 + [0.32] * 2
+    assert list(layer_ratios(model.layers, 0.5, "filter")) == list(ratios)
+    weight = layer_ratios(model.layers, (0.1, 0.2, 0.3, 0.4, 0.5), "weight")
+    assert len(weight) == 56 and weight["stem"] == 0.1 and weight["fc"] == 0.5
+    assert weight["block10.conv2"] == 0.3
+    with pytest.raises(ValueError, match="stem and fc ratios must be 0"):
+        layer_ratios(model.layers, (0.5, 0.75, 0.75, 0.32, 0), "filter")
+
+
+def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
+    model = abstract_model("lenet5")
+    assert layer_ratios(model.layers, "[1-2:0.7]", "filter") == {"conv2": 0.7, "fc1": 0.7}
+    assert layer_ratios(model.layers, {0: 0.5}, "filter") == {"conv1": 0.5}
+    assert list(layer_ratios(model.layers, 0.5, "filter")) == ["conv1", "conv2", "fc1"]
+    assert list(layer_ratios(model.layers, 0.5, "weight")) == ["conv1", "conv2", "fc1", "fc2"]
+    with pytest.raises(ValueError, match="classifier"):
+        layer_ratios(model.layers, (0.5, 0.5, 0.5, 0.5), "filter")
+    with pytest.raises(ValueError, match="4 layers"):
+        layer_ratios(model.layers, (0.5, 0.5), "filter")
+
+
+def test_pruned_filters_output_exactly_zero_like_removed_channels():
+    config = greg_config(model="resnet20", stage_pr=(0, 0.5, 0.5, 0.5, 0))
+    method = create_method(config.method, config, num_train=512)
+    model = CifarResNet(depth=8, widths=(4, 4, 4), input_shape=(8, 8, 3), rngs=nnx.Rngs(0))
+    method.prepare_model(model)
+    for i, layer in enumerate(method.pruned):  # prune now: S = the first half of the filters
+        model.greg.selected[i][...] = jnp.arange(layer.group_shape[0]) < layer.count
+    model.greg.phase[...] = STABILISE
+    model.greg.stabilise_start[...] = 0
+    graphdef, params, rest = split_model(model)
+    step = jnp.int32(config.greg_stabilise_steps)
+    params, rest = method.after_update(params, rest, jax.random.key(0), step)
+    pruned = merge_model(graphdef, params, rest)
+    assert greg_progress(pruned)["phase"] == "finetune"
+    assert greg_progress(pruned)["prune_step"] == config.greg_stabilise_steps
+    kept = kept_channels(pruned)
+    assert {name: list(channels) for name, channels in kept.items()} == {
+        f"block{i}.conv1": [2, 3] for i in (1, 2, 3)
+    }
+    assert pruned_size(pruned)["widths"] == {f"block{i}.conv1": 2 for i in (1, 2, 3)}
+
+    images = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+    nnx.jit(lambda m: m(images, train=True))(pruned)  # BatchNorm statistics of the pruned net
+    evaluate = nnx.jit(lambda m: m(images, train=False))
+    before = evaluate(pruned)
+    for block in pruned.blocks:  # the weights reading a removed channel no longer matter
+        block.conv2.kernel[...] = block.conv2.kernel[...].at[:, :, :2, :].set(123.0)
+    np.testing.assert_array_equal(evaluate(pruned), before)
+
+
+def latest_checkpoint(workdir):
+    step = Checkpointer(workdir).latest_step()
+    return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def assert_masked_weights_are_zero(workdir, names):
+    saved = latest_checkpoint(workdir)
+    masks = saved["model_state"]["greg"]["mask"]
+    assert any(np.any(np.asarray(masks[str(i)]["value"]) == 0) for i in range(len(names)))
+    for i, name in enumerate(names):
+        mask = np.asarray(masks[str(i)]["value"])
+        kernel = np.asarray(saved["params"]["net"][name]["kernel"]["value"])
+        assert np.all(kernel[mask == 0] == 0.0), name
+
+
+def test_unstructured_mask_holds_through_fine_tuning_and_resume(tmp_path, monkeypatch):
+    config = greg_config(method="greg1", greg_granularity="weight", stage_pr=0.6)
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    assert whole["greg/phase"] == "finetune"
+    assert whole["greg/prune_step"] is not None and whole["greg/prune_step"] < 12
+    assert whole["greg/sparsity"] > 50.0
+    assert_masked_weights_are_zero(tmp_path / "whole", ["fc1", "fc2", "fc3"])
+
+    with monkeypatch.context() as patch:  # stop during fine-tuning, then resume
+        patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 19)
+        with pytest.raises(Preempted):
+            train_and_evaluate(config, tmp_path / "split")
+    assert_masked_weights_are_zero(tmp_path / "split", ["fc1", "fc2", "fc3"])
+    resumed = train_and_evaluate(config, tmp_path / "split")
+    for key in ("test_error", "greg/prune_step", "greg/sparsity", "greg/max_penalty"):
+        assert resumed[key] == whole[key], key
+    assert_masked_weights_are_zero(tmp_path / "split", ["fc1", "fc2", "fc3"])
+
+
+def test_greg2_pipeline_with_pretraining_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = greg_config(method="greg2", pretrain_epochs=1, greg_delta_pick=0.05,
+                         greg_ceiling_pick=0.1, greg_stabilise_steps=2)
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    with monkeypatch.context() as patch:  # stop during regularisation
+        patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 10)
+        with pytest.raises(Preempted):
+            train_and_evaluate(config, tmp_path / "split")
+    resumed = train_and_evaluate(config, tmp_path / "split")
+    assert whole["greg/phase"] == "finetune"
+    assert whole["greg/prune_step"] > 8  # after the pretraining epoch
+    for key in ("test_error", "greg/prune_step", "greg/widths", "greg/max_penalty"):
+        assert resumed[key] == whole[key], key
+    assert whole["greg/widths"] == {"fc1": 150, "fc2": 50}
+
+
+def test_pretrained_run_provides_the_weights(tmp_path):
+    dense = get_config()
+    dense.update(dataset="synthetic", model="mlp", method="dense", epochs=1, batch_size=64,
+                 num_train=256, num_test=128, eval_batch_size=128)
+    train_and_evaluate(dense, tmp_path / "dense")
+    saved = latest_checkpoint(tmp_path / "dense")
+    _, model = prepared(greg_config(model="mlp", pretrained=str(tmp_path / "dense")))
+    for name in ("fc1", "fc3"):
+        for kind in ("kernel", "bias"):
+            np.testing.assert_array_equal(
+                getattr(getattr(model, name), kind)[...],
+                saved["params"]["net"][name][kind]["value"],
+            )
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_network_weights(abstract_model("lenet5"), tmp_path / "dense")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_network_weights(abstract_model("mlp"), tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="set one of them"):
+        GReg1(greg_config(pretrained=str(tmp_path / "dense"), pretrain_epochs=2), num_train=10)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="greg_granularity"):
+        GReg2(greg_config(greg_granularity="channel"), num_train=10)
+    with pytest.raises(ValueError, match="prunes no layer"):
+        prepared(greg_config(stage_pr=0.0))

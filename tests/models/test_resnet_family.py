@@ -1,0 +1,536 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.gates import HardConcreteGate
+from sparsejax.models import (
+    MODELS,
+    ImageNetResNet,
+    PreActResNet,
+    WideResNet,
+    build_model,
+    resnet20,
+    resnet50,
+    resnet164,
+    wrn28_10,
+)
+from sparsejax.models.base import MODEL_INPUT, GatedModel
+from sparsejax.slim import count_layer
+
+CLASSES = 10
+BATCH = (2, 32, 32, 3)
+
+
+def hc_factory(slot, rngs):
+    return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
+
+
+def abstract(factory, **kwargs):
+    """The model's structure and parameter shapes, without allocating its parameters."""
+    return nnx.eval_shape(lambda: factory(rngs=nnx.Rngs(0), **kwargs))
+
+
+def n_params(model):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def exact_counts(layers, values):
+    """count_network's totals, summed per layer in Python floats (float32 totals of billions of
+    MACs round to a multiple of 256)."""
+    counts = [count_layer(layer, values) for layer in layers]
+    return {
+        "weights": sum(float(c.weights) for c in counts),
+        "flops": sum(float(c.macs) for c in counts),
+    }
+
+
+def strided(size, stride):
+    return (size - 1) // stride + 1
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def wrn_formula(n, k, classes, side=32):
+    """(kernel weights, BatchNorm params, MACs) of WRN-(6n+4)-k: stem 3x3x3x16, blocks of
+    BN(c) conv3x3(c->w) BN(w) conv3x3(w->w) [+ conv1x1(c->w)], final BN(64k), dense 64k->classes."""
+    weights, bn, macs = 27 * 16, 0, 27 * 16 * side * side
+    c = 16
+    for stage, width in enumerate((16 * k, 32 * k, 64 * k)):
+        for b in range(n):
+            side = strided(side, 2 if stage > 0 and b == 0 else 1)
+            block = 9 * c * width + 9 * width * width + (c * width if c != width else 0)
+            weights, macs, bn = weights + block, macs + block * side * side, bn + 2 * c + 2 * width
+            c = width
+    return weights + c * classes, bn + 2 * c, macs + c * classes
+
+
+def preact_formula(n, widths, classes, side=32):
+    """(kernel weights, BatchNorm params, MACs) of the bottleneck ResNet-(9n+2): stem
+    3x3x3xw0, blocks of BN(c) conv1x1(c->p) BN(p) conv3x3/s(p->p) BN(p) conv1x1(p->4p)
+    [+ conv1x1/s(c->4p)], final BN(4 p_last), dense -> classes."""
+    weights, bn, macs = 27 * widths[0], 0, 27 * widths[0] * side * side
+    c = widths[0]
+    for stage, p in enumerate(widths):
+        for b in range(n):
+            out = 4 * p
+            macs += c * p * side * side  # conv1 runs before the stride
+            side = strided(side, 2 if stage > 0 and b == 0 else 1)
+            rest = 9 * p * p + p * out + (c * out if c != out else 0)
+            weights, macs = weights + c * p + rest, macs + rest * side * side
+            bn += 2 * c + 4 * p
+            c = out
+    return weights + c * classes, bn + 2 * c, macs + c * classes
+
+
+def resnet50_formula(blocks, widths, classes, side=224):
+    """(kernel weights, BatchNorm params, MACs) of the v1.5 bottleneck ResNet: stem 7x7/2, max
+    pool /2, blocks conv1x1(c->p) conv3x3/s(p->p) conv1x1(p->4p) each with BN,
+    [+ conv1x1/s(c->4p) + BN], dense 4 p_last -> classes."""
+    side = strided(side, 2)
+    weights, bn, macs = 49 * 3 * widths[0], 2 * widths[0], 49 * 3 * widths[0] * side * side
+    side = strided(side, 2)
+    c = widths[0]
+    for stage, (count, p) in enumerate(zip(blocks, widths)):
+        for b in range(count):
+            out = 4 * p
+            macs += c * p * side * side
+            side = strided(side, 2 if stage > 0 and b == 0 else 1)
+            rest = 9 * p * p + p * out
+            bn += 4 * p + 2 * out
+            if c != out:
+                rest += c * out
+                bn += 2 * out
+            weights, macs = weights + c * p + rest, macs + rest * side * side
+            c = out
+    return weights + c * classes, bn, macs + c * classes
+
+
+@pytest.fixture(scope="module")
+def full_models():
+    """The full-size models, as shapes only."""
+    return {
+        "wrn28_10": abstract(wrn28_10),
+        "resnet164": abstract(resnet164),
+        "resnet50": abstract(resnet50),
+    }
+
+
+FULL_SIZE = {
+    # name: (kernel weights, BatchNorm params, MACs), dense biases, published total
+    "wrn28_10": (wrn_formula(4, 10, CLASSES), CLASSES, 36_479_194),
+    "resnet164": (preact_formula(18, (16, 32, 64), CLASSES), CLASSES, 1_703_258),
+    "resnet50": (resnet50_formula((3, 4, 6, 3), (64, 128, 256, 512), 1000), 1000, 25_557_032),
+}
+
+
+# ----------------------------------------------------------------------------- dense counts
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_dense_parameter_counts(full_models, name):
+    (weights, bn, _), biases, total = FULL_SIZE[name]
+    assert weights + bn + biases == total
+    assert n_params(full_models[name]) == total
+
+
+def test_resnet164_for_100_classes_has_network_slimmings_count():
+    weights, bn, _ = preact_formula(18, (16, 32, 64), 100)
+    assert weights + bn + 100 == 1_726_388  # "1.73M" in Liu et al. (2017)
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_dense_accounting(full_models, name):
+    (weights, _, macs), _, _ = FULL_SIZE[name]
+    counts = exact_counts(full_models[name].layers, {})
+    assert counts["weights"] == weights
+    assert counts["flops"] == macs
+
+
+def test_known_mac_counts():
+    assert resnet50_formula((3, 4, 6, 3), (64, 128, 256, 512), 1000)[2] == 4_089_184_256  # 4.09G
+    assert wrn_formula(4, 10, CLASSES)[2] == 5_243_328_768
+    assert preact_formula(18, (16, 32, 64), CLASSES)[2] == 247_646_720
+
+
+# ----------------------------------------------------------------------------- gate slots
+
+
+def test_wrn28_10_gate_slots(full_models):
+    slots = full_models["wrn28_10"].gate_slots
+    widths = [160] * 4 + [320] * 4 + [640] * 4
+    inputs = [16, 160, 160, 160, 160, 320, 320, 320, 320, 640, 640, 640]
+    assert [(s.name, s.layer, s.shape, s.group_size) for s in slots] == [
+        (f"block{i}.conv1", f"block{i}.conv1", (w,), 9 * c)
+        for i, (w, c) in enumerate(zip(widths, inputs), start=1)
+    ]
+    assert sum(math.prod(s.shape) for s in slots) == 4480
+    assert all(s.axis == 3 and not s.gates_bias and s.droprate_init == 0.3 for s in slots)
+
+
+def test_resnet50_gate_slots(full_models):
+    slots = full_models["resnet50"].gate_slots
+    assert len(slots) == 33
+    assert [s.shape[0] for s in slots] == [64] * 7 + [128] * 8 + [256] * 12 + [512] * 6
+    assert slots[0].name == "stem" and slots[0].group_size == 7 * 7 * 3
+    names = [f"block{i}.conv{j}" for i in range(1, 17) for j in (1, 2)]
+    assert [s.name for s in slots[1:]] == names
+    groups = {s.name: s.group_size for s in slots}
+    assert groups["block1.conv1"] == 64 and groups["block4.conv1"] == 256  # 1x1 over the input
+    assert groups["block4.conv2"] == 9 * 128
+    assert all(s.axis == 3 and s.layer == s.name for s in slots)
+
+
+def test_resnet164_gate_slots(full_models):
+    slots = full_models["resnet164"].gate_slots
+    assert len(slots) == 3 * 54 + 1
+    block1 = [(s.name, s.layer, s.shape, s.axis, s.group_size) for s in slots[:3]]
+    assert block1 == [
+        ("block1.conv1_in", "block1.conv1", (16,), 2, 16),
+        ("block1.conv2_in", "block1.conv2", (16,), 2, 9 * 16),
+        ("block1.conv3_in", "block1.conv3", (16,), 2, 64),
+    ]
+    by_name = {s.name: s for s in slots}
+    assert by_name["block2.conv1_in"].shape == (64,)
+    assert by_name["block19.conv1_in"].shape == (64,) and by_name["block19.conv2_in"].shape == (32,)
+    assert by_name["block54.conv3_in"].group_size == 256
+    fc = slots[-1]
+    assert (fc.name, fc.layer, fc.shape, fc.axis, fc.group_size) == ("fc_in", "fc", (256,), 0, 10)
+
+
+# ----------------------------------------------------------------------------- channel flow
+
+
+def check_channel_flow(model: GatedModel, input_channels: int) -> None:
+    """The declared channel flow is complete and consistent, for any model.
+
+    - names of layers, couplings and the model input are distinct;
+    - every coupling has members, all existing layers of one output width, each layer in at most
+      one coupling, and a ``shortcut_from`` that names a producer;
+    - every layer declares what it reads; each name is a producer declared before the layer
+      (for a coupling: at least one member before it); a coupling's member is read only through
+      its coupling; the widths of what a layer reads sum to its input width;
+    - every producer is read by some layer, except the last layer (the logits).
+    """
+    layers = {layer.name: layer for layer in model.layers}
+    position = {name: i for i, name in enumerate(layers)}
+    couplings = {c.name: c for c in model.channel_couplings}
+    assert len(layers) == len(model.layers) and len(couplings) == len(model.channel_couplings)
+    assert not layers.keys() & couplings.keys()
+    assert MODEL_INPUT not in layers and MODEL_INPUT not in couplings
+    width = {MODEL_INPUT: input_channels} | {n: l.out_units for n, l in layers.items()}
+    member_of = {}
+    for coupling in couplings.values():
+        assert coupling.layers and all(m in layers for m in coupling.layers), coupling
+        widths = {layers[m].out_units for m in coupling.layers}
+        assert len(widths) == 1, f"coupling {coupling.name} joins widths {sorted(widths)}"
+        width[coupling.name] = widths.pop()
+        for member in coupling.layers:
+            assert member not in member_of, f"{member} writes into two streams"
+            member_of[member] = coupling.name
+    for coupling in couplings.values():
+        assert coupling.shortcut_from is None or coupling.shortcut_from in width
+    read = set()
+    for layer in model.layers:
+        assert layer.reads, f"layer {layer.name} declares no reads"
+        for source in layer.reads:
+            assert source in width, f"{layer.name} reads unknown {source!r}"
+            assert source not in member_of, f"{layer.name} reads {source} outside its stream"
+            if source in layers:
+                assert position[source] < position[layer.name]
+            elif source in couplings:
+                assert min(position[m] for m in couplings[source].layers) < position[layer.name]
+        assert sum(width[s] for s in layer.reads) == layer.in_units, layer.name
+        read.update(layer.reads)
+    producers = {member_of.get(name, name) for name in list(layers)[:-1]}
+    assert producers <= read, f"never read: {sorted(producers - read)}"
+
+
+NARROW = {
+    # narrow widths shared across the models keep the number of distinct shapes (and compilations)
+    # small. Stage 1 keeps the stem's width: the stem joins stage 1's stream.
+    "wrn_10_1": lambda **kw: WideResNet(depth=10, widen_factor=1, stem_width=4,
+                                        base_widths=(4, 4, 4), **kw),
+    # two blocks a stage: projections (on a width change or a stride) and identity shortcuts
+    "preact_20": lambda **kw: PreActResNet(depth=20, widths=(4, 4, 4), **kw),
+    "bottleneck_2_1": lambda **kw: ImageNetResNet(
+        blocks_per_stage=(2, 1), widths=(4, 4), input_shape=BATCH[1:], num_classes=CLASSES, **kw
+    ),
+}
+
+
+def fast_key(seed):
+    """A key of the "rbg" generator, whose samplers compile several times faster than threefry's
+    (each new initialiser shape is a compilation)."""
+    return jax.random.key(seed, impl="rbg")
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    """``narrow(name, granularity)``: a fresh copy of a gated narrow model, each built once."""
+    built = {}
+
+    def copy(name, granularity="unit"):
+        if (name, granularity) not in built:
+            built[name, granularity] = NARROW[name](
+                rngs=nnx.Rngs(fast_key(0)), gate_factory=hc_factory, granularity=granularity
+            )
+        return nnx.clone(built[name, granularity])
+
+    return copy
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_full_size_channel_flow(full_models, name):
+    check_channel_flow(full_models[name], 3)
+
+
+@pytest.mark.parametrize("name", sorted(NARROW))
+@pytest.mark.parametrize("granularity", ["unit", "weight"])
+def test_narrow_channel_flow(name, granularity):
+    check_channel_flow(abstract(NARROW[name], granularity=granularity), 3)
+
+
+def test_cifar_resnet_channel_flow():
+    model = abstract(resnet20)
+    check_channel_flow(model, 3)
+    stages = [
+        ("stage1", ("stem", "block1.conv2", "block2.conv2", "block3.conv2"), None),
+        ("stage2", ("block4.conv2", "block5.conv2", "block6.conv2"), "stage1"),
+        ("stage3", ("block7.conv2", "block8.conv2", "block9.conv2"), "stage2"),
+    ]
+    assert [(c.name, c.layers, c.shortcut_from) for c in model.channel_couplings] == stages
+    assert all(c.fixed for c in model.channel_couplings)  # option-A padding ties the widths
+    reads = {l.name: l.reads for l in model.layers}
+    assert reads["block1.conv1"] == ("stage1",) and reads["block4.conv1"] == ("stage1",)
+    assert reads["block5.conv1"] == ("stage2",) and reads["fc"] == ("stage3",)
+
+
+def test_stream_membership_of_the_stem():
+    wrn = abstract(NARROW["wrn_10_1"])
+    assert [(c.name, c.layers) for c in wrn.channel_couplings] == [
+        ("stage1", ("stem", "block1.conv2")),
+        ("stage2", ("block2.shortcut", "block2.conv2")),
+        ("stage3", ("block3.shortcut", "block3.conv2")),
+    ]
+    resnet = abstract(NARROW["bottleneck_2_1"])
+    assert [(c.name, c.layers) for c in resnet.channel_couplings] == [
+        ("stage1", ("block1.shortcut", "block1.conv3", "block2.conv3")),
+        ("stage2", ("block3.shortcut", "block3.conv3")),
+    ]
+    reads = {l.name: l.reads for l in resnet.layers}
+    assert reads["block1.conv1"] == reads["block1.shortcut"] == ("stem",)
+    assert reads["block2.conv1"] == ("stage1",) and reads["block3.shortcut"] == ("stage1",)
+    assert not any(c.fixed or c.shortcut_from for c in resnet.channel_couplings)
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+
+def images(seed=0):
+    return jax.random.normal(jax.random.key(seed), BATCH)
+
+
+def batch_stats(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+
+
+@nnx.jit
+def eval_logits(model, x, gates):
+    return model(x, train=False, gates=gates)
+
+
+@nnx.jit
+def train_logits(model, x, gates):
+    return model(x, train=True, gates=gates)
+
+
+GATE_SEED = 1
+
+
+@nnx.jit
+def train_logits_and_grads(model, x):
+    def loss(m):
+        logits = m(x, train=True, rngs=nnx.Rngs(gates=fast_key(GATE_SEED)))
+        return jnp.sum(logits**2), logits
+
+    (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return logits, grads
+
+
+def check_forward_and_backward(model):
+    """Train mode moves every BatchNorm's statistics and gives finite gradients, nonzero for
+    every declared kernel and every gate's parameters; eval mode moves no statistics."""
+    x = images()
+    before = batch_stats(model)
+    out, grads = train_logits_and_grads(model, x)
+    assert out.shape == (2, CLASSES) and bool(jnp.all(jnp.isfinite(out)))
+    trained = batch_stats(model)
+    assert len(trained) == 2 * sum(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model))
+    assert all(not np.array_equal(a, b) for a, b in zip(before, trained))
+    leaves = jax.tree_util.tree_leaves_with_path(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for _, g in leaves)
+    for layer in model.layers:
+        kernel = model.layer_module(layer.name).kernel
+        assert kernel.shape == layer.kernel_shape
+    kernels = [g for path, g in leaves if "'kernel']" in jax.tree_util.keystr(path)]
+    assert len(kernels) == len(model.layers)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in kernels)
+    drawn = model.gate_values(x.shape[0], train=True, rngs=nnx.Rngs(gates=fast_key(GATE_SEED)),
+                              gates=None)
+    for slot, z in drawn.items():
+        # the clip of a hard-concrete sample at 0 or 1 stops its gradient
+        if bool(jnp.any((z > 0) & (z < 1))):
+            assert float(jnp.abs(grads["gates"][slot]["log_alpha"][...]).sum()) > 0, slot
+    out = eval_logits(model, x, None)
+    assert out.shape == (2, CLASSES) and bool(jnp.all(jnp.isfinite(out)))
+    for a, b in zip(trained, batch_stats(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(NARROW))
+def test_forward_backward_with_unit_gates(narrow, name):
+    model = narrow(name)
+    assert set(model.gates) == {s.name for s in model.gate_slots}
+    assert all(l.kernel_slot is None for l in model.layers)
+    check_forward_and_backward(model)
+
+
+@pytest.mark.parametrize("name", sorted(NARROW))
+def test_weight_granularity_gates_every_kernel(narrow, name):
+    """Weight gates multiply every kernel entry: gating with random 0/1 masks gives the logits of
+    the network whose kernels are multiplied by the masks."""
+    model = narrow(name, "weight")
+    assert {n: tuple(g.shape) for n, g in model.gates.items()} == {
+        l.name: l.kernel_shape for l in model.layers
+    }
+    assert all(l.inputs == () and l.outputs == () and l.kernel_slot == l.name for l in model.layers)
+    rng = np.random.default_rng(0)
+    masks = {s.name: (rng.random(s.shape) < 0.7).astype(np.float32) for s in model.gate_slots}
+    x = images()
+    gated = eval_logits(model, x, masks)
+    assert gated.shape == (2, CLASSES) and bool(jnp.all(jnp.isfinite(gated)))
+    for layer in model.layers:
+        kernel = model.layer_module(layer.name).kernel
+        kernel[...] = kernel[...] * masks[layer.name]
+    np.testing.assert_allclose(eval_logits(model, x, all_open(model)), gated, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- gate semantics
+
+
+def all_open(model):
+    return {s.name: jnp.ones(s.shape) for s in model.gate_slots}
+
+
+def declared_dead_weights(model, slot, channel):
+    """(layer, kernel index) of every weight the declarations say a closed ``channel`` of
+    ``slot`` switches off: the output column of each layer the slot gates the outputs of, the
+    input row(s) of each layer it gates the inputs of."""
+    dead = []
+    for layer in model.layers:
+        assert layer.groups == 1
+        for source, _ in layer.outputs:
+            if source == slot:
+                dead.append((layer.name, (..., channel)))
+        for source, tiles in layer.inputs:
+            if source == slot:
+                rows = [p * (layer.in_units // tiles) + channel for p in range(tiles)]
+                dead.append((layer.name, (..., np.array(rows), slice(None))))
+    return dead
+
+
+def perturb(model, dead, seed):
+    rng = np.random.default_rng(seed)
+    for name, index in dead:
+        kernel = model.layer_module(name).kernel
+        values = np.array(kernel[...])
+        values[index] += 1.0 + rng.normal(size=values[index].shape)
+        kernel[...] = jnp.asarray(values)
+
+
+@pytest.mark.parametrize("name", sorted(NARROW))
+def test_closed_gate_removes_exactly_the_declared_weights(narrow, name):
+    """For every slot: with channel 0 closed, changing the weights the declarations call removed
+    does not change the logits, while with the gate open it does; and the accounting removes
+    exactly those weights and their MACs."""
+    model = narrow(name)
+    train_logits(model, images(), all_open(model))  # nontrivial running statistics
+    layers = {l.name: l for l in model.layers}
+    x = images(1)
+    dense = exact_counts(model.layers, {})
+    for slot in model.gate_slots:
+        closed = all_open(model) | {slot.name: jnp.ones(slot.shape).at[0].set(0.0)}
+        dead = declared_dead_weights(model, slot.name, 0)
+        assert dead, f"slot {slot.name} gates no declared layer"
+        saved = {n: model.layer_module(n).kernel[...] for n, _ in dead}
+        out_closed = eval_logits(model, x, closed)
+        out_open = eval_logits(model, x, all_open(model))
+        perturb(model, dead, seed=7)
+        np.testing.assert_allclose(eval_logits(model, x, closed), out_closed, atol=1e-5,
+                                   err_msg=slot.name)
+        changed = eval_logits(model, x, all_open(model))
+        assert not np.allclose(changed, out_open, atol=1e-4), slot.name
+        for n, kernel in saved.items():
+            model.layer_module(n).kernel[...] = kernel
+        removed = [(layers[n], saved[n][index].size) for n, index in dead]
+        counts = exact_counts(model.layers, {slot.name: np.asarray(closed[slot.name])})
+        assert dense["weights"] - counts["weights"] == sum(w for _, w in removed)
+        assert dense["flops"] - counts["flops"] == sum(l.out_positions * w for l, w in removed)
+
+
+@pytest.mark.parametrize(
+    "name, slot, norm_of",
+    [
+        ("wrn_10_1", "block2.conv1", lambda m: m.blocks[1].bn2),
+        ("preact_20", "block1.conv1_in", lambda m: m.blocks[0].bn1),
+        ("preact_20", "block4.conv2_in", lambda m: m.blocks[3].bn2),
+        ("preact_20", "block5.conv3_in", lambda m: m.blocks[4].bn3),
+        ("preact_20", "fc_in", lambda m: m.final_bn),
+        ("bottleneck_2_1", "stem", lambda m: m.stem_bn),
+        ("bottleneck_2_1", "block3.conv1", lambda m: m.blocks[2].bn1),
+        ("bottleneck_2_1", "block3.conv2", lambda m: m.blocks[2].bn2),
+    ],
+)
+def test_gates_multiply_the_batchnorm_output(narrow, name, slot, norm_of):
+    """A gate z equals scaling its BatchNorm's scale and bias by z (eval mode): the gate acts
+    after the BatchNorm. In train mode, halving one channel's gate changes the logits, which a
+    gate placed before a train-mode BatchNorm would not (the BatchNorm divides it back out)."""
+    model = narrow(name)
+    x = images(1)
+    train_logits(model, images(), all_open(model))  # nontrivial running statistics
+    shape = {s.name: s.shape for s in model.gate_slots}[slot]
+    z = jax.random.uniform(jax.random.key(3), shape)
+    gated = eval_logits(model, x, all_open(model) | {slot: z})
+    norm = norm_of(model)
+    scale, bias = norm.scale[...], norm.bias[...]
+    norm.scale[...], norm.bias[...] = scale * z, bias * z
+    np.testing.assert_allclose(eval_logits(model, x, all_open(model)), gated, rtol=1e-5, atol=1e-5)
+    norm.scale[...], norm.bias[...] = scale, bias
+    halved = train_logits(model, x, all_open(model) | {slot: jnp.ones(shape).at[0].set(0.5)})
+    assert not np.allclose(halved, train_logits(model, x, all_open(model)), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def test_registry_and_bad_arguments():
+    assert MODELS["wrn28_10"] is wrn28_10
+    assert MODELS["resnet164"] is resnet164
+    assert MODELS["resnet50"] is resnet50
+    model = abstract(lambda **kw: build_model("resnet50", **kw), num_classes=7,
+                     input_shape=(64, 64, 3))
+    assert model.layers[-1].kernel_shape == (2048, 7)
+    assert model.layers[0].out_positions == 32 * 32
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet(depth=27, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="9n \\+ 2"):
+        PreActResNet(depth=164 + 1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="one positive block count per stage"):
+        ImageNetResNet(blocks_per_stage=(3, 4, 6), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="granularity"):
+        WideResNet(depth=10, widen_factor=1, rngs=nnx.Rngs(0), granularity="channel")

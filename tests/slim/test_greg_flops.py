@@ -1,0 +1,67 @@
+import math
+
+import pytest
+from flax import nnx
+
+from sparsejax.models import build_model
+from sparsejax.models.base import Layer
+from sparsejax.slim.accounting import (
+    greg_count,
+    greg_kept_inputs,
+    greg_pruned_count,
+    greg_resnet_widths,
+)
+
+PAPER_STAGE_PR = (0.0, 0.75, 0.75, 0.32, 0.0)
+
+
+def abstract_model(name):
+    return nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(params=0)))
+
+
+def test_resnet56_at_the_paper_ratios_is_the_2_55x_network():
+    layers = abstract_model("resnet56").layers
+    dense = greg_count(layers)
+    kept_out, kept_in = greg_resnet_widths(layers, PAPER_STAGE_PR)
+    pruned = greg_count(layers, kept_out, kept_in)
+    assert [kept_out[f"block{i}.conv1"] for i in (1, 9, 10, 18, 19, 27)] == [4, 4, 8, 8, 43, 43]
+    assert kept_in["block19.conv2"] == 43 and "block19.conv1" not in kept_in
+    # The reference counter (utils.get_n_flops_): 0.2510G -> 0.0982G, 0.849M -> 0.485M weights
+    # (conv + linear kernels; our 853,018 parameters also hold biases and BatchNorm).
+    assert round(dense.flops / 1e9, 4) == 0.2510 and round(pruned.flops / 1e9, 4) == 0.0982
+    assert round(dense.weights / 1e6, 3) == 0.849 and round(pruned.weights / 1e6, 3) == 0.485
+    assert round(dense.flops / pruned.flops, 2) == 2.55
+
+
+def test_counts_match_a_hand_count_with_groups_and_a_flattened_input():
+    layers = (
+        Layer("conv", (3, 3, 2, 8), out_positions=25, groups=2),
+        Layer("depthwise", (3, 3, 1, 8), out_positions=9, groups=8, reads=("conv",)),
+        Layer("fc", (8 * 9, 10), reads=("depthwise",)),
+    )
+    dense = greg_count(layers, count_adds=False)
+    assert dense.weights == 3 * 3 * 2 * 8 + 3 * 3 * 8 + 72 * 10
+    # The reference divides a grouped convolution's FLOPs by the groups once more.
+    assert dense.flops == 144 * 25 / 2 + 72 * 9 / 8 + 720
+    assert greg_count(layers).flops == 2 * dense.flops
+    kept = greg_count(layers, {"fc": 4}, greg_kept_inputs(layers, {"depthwise": 5}))
+    assert kept.weights == 144 + 72 + 5 * 9 * 4
+
+
+def test_pruned_count_never_empties_a_layer():
+    assert greg_pruned_count(0.75, 16) == 12
+    assert greg_pruned_count(0.32, 64) == math.ceil(20.48) == 21
+    assert greg_pruned_count(0.99, 4) == 3
+    assert greg_pruned_count(0.0, 4) == 0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        greg_pruned_count(1.0, 4)
+
+
+def test_bad_widths_and_stage_lists_are_refused():
+    layers = abstract_model("resnet20").layers
+    with pytest.raises(ValueError, match="stem and fc"):
+        greg_resnet_widths(layers, (0.5, 0.5, 0.5, 0.5, 0.0))
+    with pytest.raises(ValueError, match="one ratio per stage"):
+        greg_resnet_widths(layers, (0.0, 0.5, 0.5, 0.0))
+    with pytest.raises(ValueError, match="cannot keep"):
+        greg_count(layers, {"fc": 11})

@@ -1,0 +1,252 @@
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.gates.scale import ScaleGate
+from sparsejax.models import (
+    MLP,
+    VGG16,
+    CifarResNet,
+    DenseNet,
+    ImageNetResNet,
+    LeNet5,
+    MobileNetV2,
+    PreActResNet,
+    WideResNet,
+)
+from sparsejax.models.base import GatedModel
+from sparsejax.slim import count_network, gate_report, slim_model
+from sparsejax.slim.nodes import node_report
+
+CIFAR = (32, 32, 3)
+MNIST = (28, 28, 1)
+SMALL_TABLE = ((1, 8, 1, 1), (2, 8, 2, 2), (2, 16, 3, 2), (2, 16, 1, 1))
+"""A MobileNetV2 stage table with the real one's shapes (t = 1 first block, strided stages,
+streams of 2 and 3 blocks) at a fraction of its size."""
+
+
+def scale_gates(slot, rngs):
+    return ScaleGate(slot.shape)
+
+
+ARCHITECTURES = {
+    "mlp": (functools.partial(MLP), MNIST),
+    "lenet5": (functools.partial(LeNet5), MNIST),
+    "vgg16": (functools.partial(VGG16, config=(16, 16, "M", 32, 32, "M", 32, "M", 64, "M",
+                                               64, "M")), CIFAR),
+    "resnet20": (functools.partial(CifarResNet, depth=20), CIFAR),
+    "wrn": (functools.partial(WideResNet, depth=16, widen_factor=2, stem_width=8,
+                              base_widths=(8, 16, 16)), CIFAR),
+    "resnet50": (functools.partial(ImageNetResNet, blocks_per_stage=(3, 4, 6, 3),
+                                   widths=(8, 8, 16, 16)), CIFAR),
+    "mobilenet_v2": (functools.partial(MobileNetV2, variant="imagenet", table=SMALL_TABLE,
+                                       head_features=64), CIFAR),
+    "mobilenet_v2_cifar": (functools.partial(MobileNetV2, variant="cifar", table=SMALL_TABLE,
+                                             head_features=64), CIFAR),
+    "densenet40": (functools.partial(DenseNet, depth=40, growth_rate=4, input_shape=(16, 16, 3)),
+                   (16, 16, 3)),
+    "resnet164": (functools.partial(PreActResNet, depth=20, widths=(8, 8, 16)), CIFAR),
+}
+
+
+def build(name: str, gate_factory=None) -> tuple[GatedModel, tuple[int, ...]]:
+    constructor, shape = ARCHITECTURES[name]
+    kwargs = {} if "input_shape" in constructor.keywords else {"input_shape": shape}
+    model = constructor(rngs=nnx.Rngs(0), num_classes=10, gate_factory=gate_factory, **kwargs)
+    randomize_batch_norms(model, np.random.default_rng(1))
+    return model, shape
+
+
+def randomize_batch_norms(model: nnx.Module, rng: np.random.Generator) -> None:
+    """Nontrivial scale, bias and running statistics in every BatchNorm."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.BatchNorm):
+            n = node.num_features
+            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+            node.bias[...] = jnp.asarray(rng.normal(0, 0.2, n), jnp.float32)
+            node.mean[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
+            node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+
+
+def close_random_gates(model: GatedModel, rng: np.random.Generator, closed: float = 0.4,
+                       open_slots: tuple[str, ...] = ()) -> None:
+    for name, gate in model.gates.items():
+        values = rng.uniform(0.5, 1.5, gate.shape)
+        if name not in open_slots:
+            values = values * (rng.random(gate.shape) >= closed)
+        gate.value[...] = jnp.asarray(values, jnp.float32)
+
+
+def images(shape, count=2):
+    return jax.random.normal(jax.random.key(7), (count, *shape))
+
+
+def assert_same_logits(model, slim, shape):
+    x = images(shape)
+    expected = model(x, train=False)
+    got = slim(x, train=False)
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-4 * max(scale, 1.0))
+
+
+def predicted_counts(model: GatedModel) -> dict[str, float]:
+    """The accounting of the gated network under its test-time masks, where moreover a
+    producer's unit goes when every layer reading it has closed it with its own input gate (a
+    DenseNet feature or a pre-activation stream channel no consumer selects)."""
+    masks = {name: np.asarray(gate.test_gate() > 0, np.float32) for name, gate in model.gates.items()}
+    input_slots = {s.layer: s.name for s in model.gate_slots
+                   if s.axis is not None and s.axis != len(s.kernel_shape) - 1}
+    streams = {c.name: c for c in model.channel_couplings}
+    layers = {layer.name: layer for layer in model.layers}
+    width = {name: (layers[streams[name].layers[0]] if name in streams else layers[name]).out_units
+             for name in {p for layer in model.layers for p in layer.reads} if name != "input"}
+    wanted = {name: np.zeros(w, bool) for name, w in width.items()}
+    for layer in model.layers:
+        if layer.reads == ("input",):
+            continue
+        total = sum(width[p] for p in layer.reads)
+        kept = np.ones(layer.in_units, bool)
+        if layer.name in input_slots:
+            kept = masks[input_slots[layer.name]] > 0
+        kept = kept.reshape(-1, total).any(axis=0)
+        offset = 0
+        for producer in layer.reads:
+            wanted[producer] |= kept[offset:offset + width[producer]]
+            offset += width[producer]
+    values = dict(masks)
+    extended = []
+    for layer in model.layers:
+        producer = next((c.name for c in model.channel_couplings if layer.name in c.layers),
+                        layer.name)
+        if producer in wanted and not wanted[producer].all():
+            values[f"{producer}/read"] = wanted[producer].astype(np.float32)
+            layer = dataclasses.replace(layer, outputs=(*layer.outputs, (f"{producer}/read", 1)))
+        extended.append(layer)
+    return count_network(tuple(extended), values)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_slim_logits_equal_gated_logits_and_sizes_equal_the_accounting(name):
+    model, shape = build(name, scale_gates)
+    # the CIFAR ResNet stem writes into a zero-padded (fixed) stream: its gates stay open
+    close_random_gates(model, np.random.default_rng(2), open_slots=("stem",))
+    before = nnx.state(model)
+    result = slim_model(model)
+    slim = result.model
+    assert_same_logits(model, slim, shape)
+    assert len(slim.gates) == 0
+    after = count_network(slim.layers, {})
+    report = gate_report(model)
+    predicted = predicted_counts(model)
+    assert float(after["params"]) == pytest.approx(float(predicted["params"]))
+    assert float(after["flops"]) == pytest.approx(float(predicted["flops"]))
+    assert float(after["params"]) <= report.params
+    assert result.report.stored_params_after < result.report.stored_params_before
+    assert result.report.flops_after < result.report.flops_before
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg16", "mobilenet_v2", "resnet50"])
+def test_slim_architecture_string_is_the_gated_one(name):
+    model, _ = build(name, scale_gates)
+    close_random_gates(model, np.random.default_rng(3))
+    slim = slim_model(model).model
+    assert gate_report(slim).architecture == gate_report(model).architecture
+
+
+def zero_filters(model: GatedModel, layer_name: str, channels) -> None:
+    """GReg filter pruning: the kernel slice, bias and the following BatchNorm's scale and bias."""
+    layer = next(layer for layer in model.layers if layer.name == layer_name)
+    module = model.layer_module(layer_name)
+    index = np.asarray(channels)
+    module.kernel[...] = module.kernel[...].at[..., index].set(0.0)
+    if module.bias is not None:
+        module.bias[...] = module.bias[...].at[index].set(0.0)
+    if layer.norm is not None:
+        norm = model.module_at(layer.norm)
+        norm.scale[...] = norm.scale[...].at[index].set(0.0)
+        norm.bias[...] = norm.bias[...].at[index].set(0.0)
+
+
+@pytest.mark.parametrize("name, stream", [("resnet50", "stage2"), ("mobilenet_v2", "stage3")])
+def test_residual_stream_channels_go_only_when_every_member_is_zero(name, stream):
+    model, shape = build(name)
+    coupling = next(c for c in model.channel_couplings if c.name == stream)
+    for member in coupling.layers:
+        zero_filters(model, member, [0, 3, 5])
+    zero_filters(model, coupling.layers[0], [1, 2])  # one member only: must stay
+    result = slim_model(model)
+    assert_same_logits(model, result.model, shape)
+    width = next(l for l in model.layers if l.name == coupling.layers[0]).out_units
+    for member in coupling.layers:
+        assert result.plan.kept_outputs[member] == tuple(c for c in range(width) if c not in (0, 3, 5))
+    readers = [l.name for l in model.layers if stream in l.reads]
+    assert readers and all(len(result.plan.kept_inputs[r]) == width - 3 for r in readers)
+
+
+def test_fixed_option_a_streams_are_never_slimmed():
+    model, shape = build("resnet20")
+    for coupling in model.channel_couplings:
+        for member in coupling.layers:
+            zero_filters(model, member, [0])
+    result = slim_model(model)
+    assert_same_logits(model, result.model, shape)
+    assert result.report.params_after == result.report.params_before
+
+
+def test_greg_style_zeroed_filters_slim_without_gates():
+    model, shape = build("vgg16")
+    rng = np.random.default_rng(4)
+    removed = {}
+    for layer in model.layers[:-1]:
+        channels = rng.choice(layer.out_units, layer.out_units // 2, replace=False)
+        zero_filters(model, layer.name, channels)
+        removed[layer.name] = len(channels)
+    result = slim_model(model)
+    assert_same_logits(model, result.model, shape)
+    for layer in model.layers[:-1]:
+        assert len(result.plan.kept_outputs[layer.name]) == layer.out_units - removed[layer.name]
+
+
+def test_an_explicit_keep_mask_removes_units():
+    model, _ = build("vgg16")
+    keep = np.ones(16, bool)
+    keep[:4] = False
+    result = slim_model(model, keep={"conv1": keep})
+    assert result.plan.kept_outputs["conv1"] == tuple(range(4, 16))
+    assert result.model.layers[1].kernel_shape[2] == 12
+
+
+def test_dead_mlp_neurons_are_absorbed_into_the_next_bias():
+    model, shape = build("mlp")
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        module = model.layer_module(layer.name)
+        kernel = np.asarray(module.kernel[...]) * (rng.random(layer.kernel_shape) > 0.9)
+        module.kernel[...] = jnp.asarray(kernel)
+        module.bias[...] = jnp.asarray(rng.normal(0, 0.5, layer.out_units), jnp.float32)
+    fc1 = model.layer_module("fc1")
+    fc1.kernel[...] = fc1.kernel[...].at[:, :40].set(0.0)  # 40 neurons without inputs
+    result = slim_model(model)
+    assert_same_logits(model, result.model, shape)
+    assert "fc2" in result.plan.absorbed and len(result.plan.absorbed["fc2"]) >= 40
+    kept = count_network(result.model.layers, {})
+    assert float(kept["weights"]) == pytest.approx(node_report(model).kept_weights)
+
+
+def test_hard_concrete_test_gates_fold_into_batch_norm():
+    from sparsejax.gates import HardConcreteGate
+
+    model, shape = build("resnet50", lambda slot, rngs: HardConcreteGate(slot.shape))
+    rng = np.random.default_rng(6)
+    for gate in model.gates.values():
+        gate.log_alpha[...] = jnp.asarray(rng.normal(0.0, 3.0, gate.shape), jnp.float32)
+    result = slim_model(model)
+    assert_same_logits(model, result.model, shape)
+    report = gate_report(model)
+    assert float(count_network(result.model.layers, {})["flops"]) == pytest.approx(report.flops)
