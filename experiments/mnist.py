@@ -4,11 +4,14 @@
         --epochs=10 --workdir=runs/lenet5_arm
 
 Flags set the common fields; every other hyperparameter is a ``--config.NAME=VALUE`` override of
-``experiments/configs/mnist.py``. Rerunning the same command with the same ``--workdir`` resumes.
+``experiments/configs/mnist.py`` (the gate learning rate of ``l1`` / ``bounded_lp``, when unset,
+is ``recipes.MNIST_PROXIMAL_GATE_RATE``). Rerunning the same command with the same
+``--workdir`` resumes.
 SIGTERM or Ctrl-C saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run it again).
 """
 
 from experiments import cli
+from experiments.configs.recipes import resolve_mnist
 
 if __name__ == "__main__":
-    cli.run("mnist")
+    cli.run("mnist", resolve_mnist)

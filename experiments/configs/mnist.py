@@ -3,8 +3,10 @@
     python -m experiments.mnist --method=l0_hc --model=lenet5 --dataset=fashion_mnist \
         --epochs=200 --workdir=runs/lenet5_l0_hc --config.lambdas="(10,0.5,0.1,10)"
 
-Adam at 1e-3 for every parameter, batch 100, no schedule. ``lambdas`` are per gate slot in
-units of 1/N (None: the paper's for the model: MLP (0.1, 0.1, 0.1), LeNet-5 (10, 0.5, 0.1, 10)).
+Adam at 1e-3 for every parameter, batch 100, no schedule; ``experiments.mnist`` gives the gates
+of ``l1`` and ``bounded_lp`` ``recipes.MNIST_PROXIMAL_GATE_RATE`` when ``gate_learning_rate`` is
+None. ``lambdas`` are per gate slot in units of 1/N (None: the paper's for the model: MLP
+(0.1, 0.1, 0.1), LeNet-5 (10, 0.5, 0.1, 10)).
 Dep-L0 (``dep_l0``, ``dep_l0_arm``) reads ``dependency``, ``lamba`` (one lambda per expected
 weight, no 1/N; None: the method's default for the model and dependency), ``penalty_form``,
 ``fine_tune_epochs`` and ``generator_input_width``.

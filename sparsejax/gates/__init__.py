@@ -4,6 +4,7 @@ from sparsejax.gates.apply import gate_units
 from sparsejax.gates.base import GATE_STREAM, Gate, GateParam, active
 from sparsejax.gates.binary import BinaryGate
 from sparsejax.gates.hard_concrete import HardConcreteGate
+from sparsejax.gates.scale import ScaleGate
 
 __all__ = [
     "GATE_STREAM",
@@ -11,6 +12,7 @@ __all__ = [
     "GateParam",
     "BinaryGate",
     "HardConcreteGate",
+    "ScaleGate",
     "active",
     "gate_units",
 ]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sparsejax.estimators import binary, hard_concrete
+from sparsejax.estimators import hard_concrete
 from sparsejax.gates.generated import (
     GeneratedBinaryGate,
     GeneratedGate,
@@ -34,9 +34,9 @@ from sparsejax.gates.generated import (
 from sparsejax.gates.generator import DEPENDENCIES, GateGenerator
 from sparsejax.methods.base import Method, cross_entropy
 from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
+from sparsejax.methods.l0_arm import binary_gate_data_loss
 from sparsejax.methods.optim import build_optimizer
 from sparsejax.models.base import GatedModel, GateSlot
-from sparsejax.models.state import without_state_updates
 
 DEFAULT_LAMBDAS: dict[str, dict[str, float]] = {
     "vgg16": {"forward": 1e-6, "backward": 1e-6},
@@ -251,24 +251,11 @@ class DepL0ARM(DepL0):
         if self.fine_tuning:
             return super().objective(model, images, labels, key)
         logits = generator_of(model)()
-        per_example = bool(self.config.get("per_example_gates", False))
-
-        def data_loss(gates):
-            output, new_state = without_state_updates(
-                model, lambda m: m(images, train=True, gates=gates)
-            )
-            losses = cross_entropy(output, labels)
-            return (losses if per_example else jnp.mean(losses)), (output, new_state)
-
-        loss, (output, new_state) = binary.expectation(
-            data_loss,
-            logits,
-            key,
+        loss, output = binary_gate_data_loss(
+            model, images, labels, logits, key,
             estimator=self.estimator,
             gate_fn="sigmoid",
             k=1.0,
-            sample_shape=(images.shape[0],) if per_example else (),
-            has_aux=True,
+            per_example=bool(self.config.get("per_example_gates", False)),
         )
-        nnx.update(model, new_state)
         return self.loss_and_parts(loss, self.penalty_from_logits(model, logits), output)

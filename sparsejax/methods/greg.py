@@ -41,6 +41,7 @@ from flax import nnx
 
 from sparsejax.methods import state_paths
 from sparsejax.methods.base import Method, Params, cross_entropy
+from sparsejax.methods.dense import Dense
 from sparsejax.methods.greg_report import STATE_ATTRIBUTE, greg_progress, pruned_size
 from sparsejax.methods.greg_rules import GROUP_GRANULARITIES, layer_ratios
 from sparsejax.methods.greg_schedule import (
@@ -296,27 +297,15 @@ class GReg(Method):
         return {**params, "net": net}, state_paths.replace(model_state, self.state_paths, new_state)
 
 
-class GRegPretraining(Method):
-    """The pretraining phase of a GReg run: cross-entropy + (l2/2)||theta||^2, no schedule;
-    marks the next step as the first of regularisation."""
+class GRegPretraining(Dense):
+    """The pretraining phase of a GReg run: the dense objective, cross-entropy +
+    (l2/2)||theta||^2, no schedule; marks the next step as the first of regularisation."""
 
     name = "greg_pretraining"
 
     def __init__(self, parent: GReg):
         super().__init__(parent.config, num_train=parent.num_train)
         self.parent = parent
-
-    def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> None:
-        return None
-
-    def penalty(self, model: GatedModel) -> jax.Array:
-        return gated_l2(model, {}, self.config.l2)
-
-    def objective(self, model, images, labels, key):
-        logits = model(images, train=True)
-        return self.loss_and_parts(
-            jnp.mean(cross_entropy(logits, labels)), self.penalty(model), logits
-        )
 
     def after_update(self, params, model_state, key, step):
         next_step = step + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -9,7 +10,7 @@ from sparsejax.estimators import binary
 from sparsejax.gates.binary import BinaryGate
 from sparsejax.methods.base import cross_entropy
 from sparsejax.methods.l0 import L0Method
-from sparsejax.models.base import GateSlot
+from sparsejax.models.base import GatedModel, GateSlot
 from sparsejax.models.state import without_state_updates
 
 
@@ -43,28 +44,55 @@ class L0Binary(L0Method):
         )
 
     def objective(self, model, images, labels, key):
-        per_example = bool(self.config.get("per_example_gates", False))
         phi = {name: gate.phi[...] for name, gate in model.gates.items()}
-
-        def data_loss(z):
-            logits, new_state = without_state_updates(
-                model, lambda m: m(images, train=True, gates=z)
-            )
-            losses = cross_entropy(logits, labels)
-            return (losses if per_example else jnp.mean(losses)), (logits, new_state)
-
-        loss, (logits, new_state) = binary.expectation(
-            data_loss,
-            phi,
-            key,
+        loss, logits = binary_gate_data_loss(
+            model, images, labels, phi, key,
             estimator=self.estimator,
             gate_fn=self.config.gate_fn,
             k=self.config.k,
-            sample_shape=(images.shape[0],) if per_example else (),
-            has_aux=True,
+            per_example=bool(self.config.get("per_example_gates", False)),
         )
-        nnx.update(model, new_state)
         return self.loss_and_parts(loss, self.penalty(model), logits)
+
+
+def binary_gate_data_loss(
+    model: GatedModel,
+    images: jax.Array,
+    labels: jax.Array,
+    phi: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    estimator: str,
+    gate_fn: str,
+    k: float,
+    per_example: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """The data term E_z[CE] over binary gates z ~ Bernoulli(g(k phi)) of every slot in ``phi``,
+    as :func:`sparsejax.estimators.binary.expectation` (its ``jax.grad`` with respect to ``phi``
+    is the ARM / AR estimate), and the logits of the main pass.
+
+    Per-example gates (``per_example``) use per-example losses, which keeps the estimator
+    unbiased. The BatchNorm statistics of the main pass are kept and those of the antithetic
+    pass discarded, so the model's state moves once per step.
+    """
+
+    def data_loss(z):
+        logits, new_state = without_state_updates(model, lambda m: m(images, train=True, gates=z))
+        losses = cross_entropy(logits, labels)
+        return (losses if per_example else jnp.mean(losses)), (logits, new_state)
+
+    loss, (logits, new_state) = binary.expectation(
+        data_loss,
+        phi,
+        key,
+        estimator=estimator,
+        gate_fn=gate_fn,
+        k=k,
+        sample_shape=(images.shape[0],) if per_example else (),
+        has_aux=True,
+    )
+    nnx.update(model, new_state)
+    return loss, logits
 
 
 class L0AR(L0Binary):

@@ -40,8 +40,15 @@ def cubic_sparsity(
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
+SMALLEST_EXPONENT = -80.0
+"""e_i never underflows to 0 in float32 (e^-80 ~ 2e-35 is a normal number): every survivor keeps
+a positive probability, so the expected count k is always met, however cold T is (a large spread
+of magnitudes at a small T would otherwise leave fewer positive weights than k)."""
+
+
 def zeroing_weights(kernel: jax.Array, survivors: jax.Array, temperature: float) -> jax.Array:
-    """e_i = exp(-(|w_i| - min |w|) / (T * mean |w|)) over the survivors, 0 elsewhere."""
+    """e_i = exp(-(|w_i| - min |w|) / (T * mean |w|)) over the survivors (exponent at least
+    :data:`SMALLEST_EXPONENT`), 0 elsewhere."""
     if temperature <= 0:
         raise ValueError(f"the pruning temperature must be positive, got {temperature}")
     magnitude = jnp.abs(kernel)
@@ -49,8 +56,8 @@ def zeroing_weights(kernel: jax.Array, survivors: jax.Array, temperature: float)
     scale = jnp.sum(jnp.where(survivors, magnitude, 0.0)) / jnp.maximum(count, 1)
     scale = jnp.where(scale > 0, scale, 1.0)
     smallest = jnp.min(jnp.where(survivors, magnitude, jnp.inf))
-    weights = jnp.exp(-(magnitude - smallest) / (temperature * scale))
-    return jnp.where(survivors, weights, 0.0)
+    exponent = jnp.maximum(-(magnitude - smallest) / (temperature * scale), SMALLEST_EXPONENT)
+    return jnp.where(survivors, jnp.exp(exponent), 0.0)
 
 
 def inclusion_probabilities(weights: jax.Array, count: jax.Array) -> jax.Array:

@@ -33,7 +33,8 @@ conv2 of every stage-1 block write into ``stage1``, the conv2 of the blocks of s
 ``stage{s}``. A zero-padded shortcut copies ``stage{s-1}`` into ``stage{s}`` at a channel offset
 (``shortcut_from``), which ties the widths of both, so every stream that is padded into the next
 or receives a padded one is ``fixed``. Every conv1 reads the block's input stream, conv2 reads its
-block's conv1, and fc reads the last stream.
+block's conv1, and fc reads the last stream. ``norm``: the stem's BatchNorm is ``stem_bn``, a
+block's convolutions are normalised by its ``bn1`` / ``bn2``.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Declarations (for :mod:`sparsejax.slim.accounting` and slimming):
 - ``reads``: the stem reads :data:`~sparsejax.models.base.MODEL_INPUT`; a consumer in block b reads
   the block input (``"stem"`` for block 1, ``"trans{b-1}"`` after) followed by the earlier dense
   layers of its block in order; ``trans{b}`` and ``fc`` read the whole of block b that way.
+- ``input_norm``: each consumer's own BatchNorm (``final_bn`` for the classifier); every consumer
+  reads its input through an input selection, so that a slimmed model drops the features its gates
+  closed while later consumers still read them.
 With ``granularity="weight"`` every kernel gets its own weight gates instead and no unit is gated.
 """
 

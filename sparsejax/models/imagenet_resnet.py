@@ -34,7 +34,8 @@ Channel flow (for slimming): one coupling per residual stream, ``"stage{s}"``, w
 the projection shortcut and the conv3 of every block writing into it. Block 1 projects the 64
 stem channels to 256, so the stem is a plain layer read by block 1's conv1 and shortcut (the max
 pool keeps channels). Every conv1 and shortcut reads its block's input (a stream, or the stem),
-conv2 / conv3 read conv1 / conv2, and fc reads the last stream.
+conv2 / conv3 read conv1 / conv2, and fc reads the last stream. ``norm``: ``stem_bn``, and a
+block's ``bn1`` / ``bn2`` / ``bn3`` / ``shortcut_bn`` for conv1 / conv2 / conv3 / shortcut.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ reads the image. A dense layer that reads a feature map reads it flattened (NHWC
 fastest), so its inputs are the producer's channels times the map's positions: the MLP's fc1 reads
 the C = 1 channel of the image at H * W = 784 positions, LeNet-5's fc1 the 50 channels of conv2 at
 the 4 * 4 positions left after pooling (800 = 50 * 16, the tile count of ``conv2`` in its inputs).
+The dense layers read their input through an input selection, so that a slimmed model drops the
+pixels (MLP) or flattened positions (LeNet-5's fc1) whose own input gates are closed.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ The classifier has no dropout (the reference implementations put dropout 0.2 bef
 
 Residual streams (``channel_couplings``): the projections of a stage with n > 1 blocks are summed
 into one stream, named ``"stage{k}"`` (stages numbered from 1 in table order); every layer that
-reads the stream lists it in ``reads``. With ``granularity="weight"`` every kernel gets its own
-weight gates instead and no unit is gated.
+reads the stream lists it in ``reads``. ``norm``: every convolution is followed by its own
+BatchNorm (``stem_bn``, ``expand_bn``, ``depthwise_bn``, ``project_bn``, ``head_bn``). With
+``granularity="weight"`` every kernel gets its own weight gates instead and no unit is gated.
 """
 
 from __future__ import annotations

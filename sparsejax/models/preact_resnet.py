@@ -36,7 +36,10 @@ Channel flow (for slimming): one coupling per residual stream, ``"stage{s}"``, w
 the projection shortcut and the conv3 of every block writing into it. The stem has a quarter of
 the first stream's width, so the first block always projects and the stem is a plain layer read
 by its conv1 and shortcut. Every conv1 and shortcut reads its block's input (a stream, or the
-stem), conv2 / conv3 read conv1 / conv2, and fc reads the last stream.
+stem), conv2 / conv3 read conv1 / conv2, and fc reads the last stream. ``input_norm``: BN1 / BN2
+/ BN3 of a block normalise the inputs of conv1 / conv2 / conv3, ``final_bn`` that of fc; conv1
+and fc read their input through an input selection (a slimmed model drops the stream channels
+their gates closed).
 """
 
 from __future__ import annotations

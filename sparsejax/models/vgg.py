@@ -15,6 +15,7 @@ the channels of slot 13, each tiled over the (H/32) * (W/32) positions of the la
 CIFAR). With ``granularity="weight"`` every kernel, the dense one included, gets weight gates.
 ``reads``: convolution l reads convolution l-1 (the first reads the image), the dense layer reads
 the last convolution, its channels flattened over those positions (in = channels * positions).
+``norm``: convolution l is normalised by ``bn{l}``.
 """
 
 from __future__ import annotations

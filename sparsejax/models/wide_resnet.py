@@ -28,7 +28,9 @@ Channel flow (for slimming): one coupling per residual stream, ``"stage{s}"``, w
 the projection shortcut and the conv2 of every block writing into it; the stem joins stage 1's
 stream when the first block keeps its width (k = 1) and is otherwise read by that block's conv1
 and shortcut. Every conv1 and shortcut reads its block's input (a stream, or the stem), conv2
-reads its block's conv1, and fc reads the last stream.
+reads its block's conv1, and fc reads the last stream. ``norm`` / ``input_norm``: a block's
+BN1 normalises the input of conv1 and of the shortcut, BN2 the output of conv1; ``final_bn`` the
+input of fc; the stem and conv2 write into the stream unnormalised.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def test_gate_values(model: GatedModel) -> dict[str, np.ndarray]:
 
 
 def _set(variable: nnx.Variable, value: np.ndarray) -> None:
-    variable[...] = jnp.asarray(value, variable[...].dtype)
+    variable[...] = jnp.asarray(value.astype(np.asarray(variable[...]).dtype))
 
 
 def _scale_norm(norm: nnx.BatchNorm, z: np.ndarray) -> None:

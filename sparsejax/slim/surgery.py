@@ -32,6 +32,9 @@ from sparsejax.slim.plan import SlimPlan, plan_slimming
 NETWORK_ATTRIBUTES_KEPT = ("gates",)
 """Root attributes a slim model keeps even though no declared layer lives in them."""
 
+_count_network = jax.jit(count_network, static_argnums=0)
+"""The accounting compiled once per network (op by op it compiles for every layer shape)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SlimReport:
@@ -95,16 +98,18 @@ def strip_to_network(model: GatedModel) -> None:
     model.gates = nnx.Dict({})
 
 
-def _param(variable: nnx.Variable, value: jax.Array) -> nnx.Variable:
-    """A new variable of the same type holding ``value``."""
-    return type(variable)(value)
+def _sliced(variable: nnx.Variable, index: np.ndarray, axis: int = -1) -> nnx.Variable:
+    """A new variable of the same type holding ``variable``'s array taken at ``index`` along
+    ``axis`` (numpy indexing: no per-shape compilation)."""
+    value = np.take(np.asarray(variable[...]), index, axis=axis)
+    return type(variable)(jnp.asarray(value))
 
 
 def _slice_norm(norm: nnx.BatchNorm, index: np.ndarray) -> None:
     for name in ("scale", "bias", "mean", "var"):
         variable = getattr(norm, name)
         if variable is not None:
-            setattr(norm, name, _param(variable, variable[...][index]))
+            setattr(norm, name, _sliced(variable, index))
     norm.num_features = int(index.size)
 
 
@@ -114,19 +119,18 @@ def _absorb(model: GatedModel, layer: Layer, units: tuple[int, ...]) -> None:
     reader = model.layer_module(layer.name)
     producer = model.layer_module(layer.reads[0])
     index = np.asarray(units)
-    constants = jax.nn.relu(producer.bias[...][index])
-    reader.bias[...] = reader.bias[...] + constants @ reader.kernel[...][index]
+    constants = np.maximum(np.asarray(producer.bias[...])[index], 0.0)
+    absorbed = np.asarray(reader.bias[...]) + constants @ np.asarray(reader.kernel[...])[index]
+    reader.bias[...] = jnp.asarray(absorbed, reader.bias[...].dtype)
 
 
 def _slice_layer(module: nnx.Module, layer: Layer, rows: np.ndarray, columns: np.ndarray) -> None:
-    kernel = module.kernel[...]
     if layer.groups > 1:
         module.groups = int(columns.size)
         rows = np.zeros(1, np.int64)
-    kernel = jnp.take(jnp.take(kernel, rows, axis=-2), columns, axis=-1)
-    module.kernel = _param(module.kernel, kernel)
+    module.kernel = _sliced(_sliced(module.kernel, rows, axis=-2), columns)
     if module.bias is not None:
-        module.bias = _param(module.bias, module.bias[...][columns])
+        module.bias = _sliced(module.bias, columns)
     module.in_features = int(rows.size * (module.groups if layer.groups > 1 else 1))
     module.out_features = int(columns.size)
 
@@ -184,20 +188,29 @@ def apply_plan(model: GatedModel, plan: SlimPlan) -> None:
     model.input_selections = tuple(sorted(plan.selections.items()))
 
 
-def slim_model(model: GatedModel, keep: Mapping[str, np.ndarray] | None = None) -> SlimResult:
+def slim_model(
+    model: GatedModel,
+    keep: Mapping[str, np.ndarray] | None = None,
+    *,
+    width_multiple: int = 1,
+) -> SlimResult:
     """The physically slimmed copy of ``model`` (see the module docstring).
 
     ``keep`` optionally removes further units: per producer (a layer outside any residual stream,
     or a stream by its coupling name) a boolean vector, False where a unit must go even though
-    its output is not zero (the outputs then change).
+    its output is not zero (the outputs then change). ``width_multiple`` rounds every slimmed
+    width up to a multiple of it by keeping removable units
+    (:func:`~sparsejax.slim.plan.plan_slimming`).
     """
     slim = nnx.clone(model)
     fold_gates(slim, test_gate_values(model))
     strip_to_network(slim)
-    plan = plan_slimming(slim.layers, tuple(slim.channel_couplings), layer_weights(slim), keep)
+    plan = plan_slimming(
+        slim.layers, tuple(slim.channel_couplings), layer_weights(slim), keep, width_multiple
+    )
     apply_plan(slim, plan)
-    before = count_network(model.layers, {})
-    after = count_network(slim.layers, {})
+    before = _count_network(model.layers, {})
+    after = _count_network(slim.layers, {})
     report = SlimReport(
         params_before=float(before["params"]),
         flops_before=float(before["flops"]),

@@ -72,9 +72,10 @@ class Checkpointer:
         """Whether the job was told to stop (multi-host preemption notice, synced across hosts)."""
         return self._manager.reached_preemption(step)
 
-    def restore(self, template_state: Any) -> tuple[Any, dict] | None:
-        """The newest checkpoint, shaped like ``template_state``; None if there is none."""
-        step = self.latest_step()
+    def restore(self, template_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+        """The checkpoint of ``step`` (None: the newest), shaped like ``template_state``; None if
+        there is none."""
+        step = self.latest_step() if step is None else step
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)

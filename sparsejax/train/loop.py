@@ -18,7 +18,9 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.methods import create_method
@@ -79,7 +81,8 @@ def _step_of(state: TrainState) -> int:
     return int(local_copy(state.step))
 
 
-def _load_data(config: ml_collections.ConfigDict) -> BatchSource:
+def load_data(config: ml_collections.ConfigDict) -> BatchSource:
+    """The dataset of a run."""
     return open_source(
         config.dataset,
         data_dir=config.get("data_dir"),
@@ -92,7 +95,8 @@ def _load_data(config: ml_collections.ConfigDict) -> BatchSource:
     )
 
 
-def _build(config: ml_collections.ConfigDict, data: BatchSource) -> tuple[Method, GatedModel]:
+def build(config: ml_collections.ConfigDict, data: BatchSource) -> tuple[Method, GatedModel]:
+    """The method and its prepared model, with the initial weights of ``config.seed``."""
     method = create_method(config.method, config, num_train=data.num_train)
     model = build_model(
         config.model,
@@ -117,7 +121,8 @@ def _report_record(report: GateReport) -> dict:
     }
 
 
-def _steps_per_epoch(config: ml_collections.ConfigDict, data: BatchSource) -> int:
+def steps_per_epoch_of(config: ml_collections.ConfigDict, data: BatchSource) -> int:
+    """Training steps per epoch: full batches of the training set, at most ``steps_per_epoch``."""
     if config.batch_size > data.num_train:
         raise ValueError(
             f"batch_size {config.batch_size} exceeds the {data.num_train} training examples"
@@ -126,31 +131,50 @@ def _steps_per_epoch(config: ml_collections.ConfigDict, data: BatchSource) -> in
     return min(steps, config.steps_per_epoch) if config.get("steps_per_epoch") else steps
 
 
-def _evaluate(eval_step, state: TrainState, inputs: Input) -> dict[str, float]:
+def evaluate(eval_step, state: TrainState, inputs: Input) -> dict[str, float]:
+    """Test error (percent) and mean loss of ``state`` over the whole test set."""
     totals = [eval_step(state, *batch) for batch in inputs.eval_batches()]
     wrong, loss = (sum(float(t[k]) for t in jax.device_get(local_copy(totals))) for k in (0, 1))
     count = inputs.num_test
     return {"err": 100.0 * wrong / count, "loss": loss / count}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train ``config.model`` with ``config.method`` on ``config.dataset`` over every device;
-    return the summary (also written to ``workdir/summary.json``).
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a run of a config is made of before any training: its mesh, data, method,
+    optimizer, model structure, initial (replicated) train state and input pipeline."""
 
-    Raises :class:`~sparsejax.train.preemption.Preempted` after saving a checkpoint when the
-    process receives SIGTERM or SIGINT (or a multi-host preemption notice)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    data: BatchSource
+    method: Method
+    tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    initial_state: TrainState
+    inputs: Input
+    _phase_steps: dict[int, Callable] = dataclasses.field(default_factory=dict)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.inputs.steps_per_epoch
+
+    def train_step(self, epoch: int) -> Callable:
+        """The jitted step of the method's phase for ``epoch``, one per distinct phase object."""
+        phase = self.method.phase(epoch, self.config.epochs)
+        if id(phase) not in self._phase_steps:
+            self._phase_steps[id(phase)] = make_train_step(self.graphdef, phase, self.tx, self.mesh)
+        return self._phase_steps[id(phase)]
+
+
+def set_up(config: ml_collections.ConfigDict) -> RunSetup:
+    """Build everything a run of ``config`` needs, over every device."""
     mesh = create_mesh()
-    data = _load_data(config)
-    method, model = _build(config, data)
-    _check_config(workdir, config)
-    steps_per_epoch = _steps_per_epoch(config, data)
-
+    data = load_data(config)
+    method, model = build(config, data)
+    steps_per_epoch = steps_per_epoch_of(config, data)
     tx = method.optimizer(steps_per_epoch=steps_per_epoch, epochs=config.epochs)
     root_key = jax.random.key(config.seed)
     graphdef, state = init_state(model, tx, jax.random.fold_in(root_key, 0))
-    state = replicate(state, mesh)
     inputs = Input(
         data,
         mesh,
@@ -161,15 +185,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         workers=config.get("input_workers", 0),
         threads=config.get("input_threads", DEFAULT_THREADS),
     )
-    phase_steps: dict[int, Callable] = {}
+    return RunSetup(config, mesh, data, method, tx, graphdef, replicate(state, mesh), inputs)
 
-    def train_step(epoch: int) -> Callable:
-        """The jitted step of the method's phase for ``epoch``, one per distinct phase object."""
-        phase = method.phase(epoch, config.epochs)
-        if id(phase) not in phase_steps:
-            phase_steps[id(phase)] = make_train_step(graphdef, phase, tx, mesh)
-        return phase_steps[id(phase)]
 
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train ``config.model`` with ``config.method`` on ``config.dataset`` over every device;
+    return the summary (also written to ``workdir/summary.json``).
+
+    Raises :class:`~sparsejax.train.preemption.Preempted` after saving a checkpoint when the
+    process receives SIGTERM or SIGINT (or a multi-host preemption notice)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = set_up(config)
+    _check_config(workdir, config)
+    graphdef, inputs, state = setup.graphdef, setup.inputs, setup.initial_state
+    steps_per_epoch = setup.steps_per_epoch
     eval_step = make_eval_step(graphdef)
 
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
@@ -187,8 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         with StopRequest() as stop:
             batches = inputs.train_batches(start_step, config.epochs * steps_per_epoch)
             run = _Run(
-                config, inputs, batches, train_step, eval_step, graphdef, checkpointer, writer,
-                progress, stop,
+                config, inputs, batches, setup.train_step, eval_step, graphdef, checkpointer,
+                writer, progress, stop,
             )
             for epoch in range(progress_record["epoch"], config.epochs):
                 state, progress_record = run.epoch(epoch, state, progress_record)
@@ -198,9 +228,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         checkpointer.close()
 
     report = _report(graphdef, state)
-    summary = _summary(config, data, report, progress_record, steps_per_epoch)
+    summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
     final_model = merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
-    summary.update(method.report(final_model))
+    summary.update(setup.method.report(final_model))
     if jax.process_index() == 0:
         _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -231,7 +261,7 @@ class _Run:
             state = self._chunk(epoch, state, chunk_start, chunk_end, progress_record)
         epoch_seconds = time.perf_counter() - started
 
-        evaluation = _evaluate(self.eval_step, state, self.inputs)
+        evaluation = evaluate(self.eval_step, state, self.inputs)
         report = _report(self.graphdef, state)
         progress_record = {
             "epoch": epoch + 1,

@@ -12,7 +12,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments.configs import cifar, imagenet, mnist
-from experiments.configs.recipes import MODEL_SCHEDULES, SLIMMING_CIFAR, resolve
+from experiments.configs.recipes import (
+    MNIST_PROXIMAL_GATE_RATE,
+    MODEL_SCHEDULES,
+    SLIMMING_CIFAR,
+    resolve,
+    resolve_mnist,
+)
 from sparsejax.methods import create_method
 from sparsejax.methods.bounded_lp import BOUNDED_DEFAULTS, L1_DEFAULTS
 from sparsejax.methods.stochastic import DEFAULT_TEMPERATURE, DEFAULTS
@@ -44,8 +50,7 @@ OVERRIDES = {
 def resolved(module, **fields):
     config = module.get_config()
     config.update(fields)
-    if module is not mnist:
-        resolve(config)
+    (resolve_mnist if module is mnist else resolve)(config)
     return config
 
 
@@ -125,12 +130,25 @@ def test_stochastic_vgg16_on_cifar10_takes_the_dep_l0_schedule_and_its_defaults(
 
 def test_stochastic_mlp_on_mnist_takes_adam_and_the_mlp_defaults():
     config = resolved(mnist, method="stochastic", model="mlp")
-    assert (config.optimizer, config.learning_rate, config.lr_schedule) == ("adam", 1e-3, "constant")
-    assert (config.batch_size, config.weight_decay) == (100, 0.0)
+    assert (config.optimizer, config.learning_rate) == ("adam", 1e-3)
+    assert (config.lr_schedule, config.batch_size, config.weight_decay) == ("constant", 100, 0.0)
+    assert config.gate_learning_rate is None
     pruning = method_for(config)
     assert pruning.l1 == DEFAULTS["mlp"]["l1"] and pruning.l2 == config.l2
     assert pruning.default("prune_end_epoch") == DEFAULTS["mlp"]["prune_end_epoch"]
     assert pruning.default("prune_end_epoch") < config.epochs
+
+
+@pytest.mark.parametrize("method", ["l1", "bounded_lp"])
+def test_proximal_gates_on_mnist_take_the_recipes_gate_rate_unless_set(method):
+    config = resolved(mnist, method=method, model="lenet5")
+    assert config.gate_learning_rate == MNIST_PROXIMAL_GATE_RATE
+    assert config.learning_rate == 1e-3 and config.gate_optimizer is None
+    gate_method = method_for(config)
+    gate_method.optimizer(steps_per_epoch=10, epochs=config.epochs)
+    assert float(gate_method._gate_rate(0)) == pytest.approx(MNIST_PROXIMAL_GATE_RATE)
+    assert resolved(mnist, method=method, gate_learning_rate=0.5).gate_learning_rate == 0.5
+    assert resolved(mnist, method="l0_hc").gate_learning_rate is None
 
 
 def run_cli(module, *args, cwd):

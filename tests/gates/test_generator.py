@@ -88,7 +88,8 @@ def test_initial_parameters_follow_the_reference_and_most_gates_start_open():
 
 
 MODEL_INPUTS = {"mlp": {}, "lenet5": {}, "resnet20": {"input_shape": (32, 32, 3)},
-                "resnet56": {"input_shape": (32, 32, 3)}, "vgg16": {"input_shape": (32, 32, 3)}}
+                "resnet56": {"input_shape": (32, 32, 3)}, "vgg16": {"input_shape": (32, 32, 3)},
+                "resnet50": {"input_shape": (224, 224, 3), "num_classes": 1000}}
 
 
 @pytest.mark.parametrize("dependency", ["forward", "backward"])

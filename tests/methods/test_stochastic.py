@@ -289,6 +289,8 @@ def test_temperature_interpolates_between_magnitude_pruning_and_uniform_sampling
     count = jnp.float32(10.0)
     cold = np.asarray(inclusion_probabilities(zeroing_weights(kernel, survivors, 0.05), count))
     np.testing.assert_allclose(cold, (order < 10).astype(float), atol=1e-6)
+    frozen = np.asarray(inclusion_probabilities(zeroing_weights(kernel, survivors, 1e-3), count))
+    np.testing.assert_allclose(frozen, (order < 10).astype(float), atol=1e-5)  # no underflow
     hot = np.asarray(inclusion_probabilities(zeroing_weights(kernel, survivors, 1e4), count))
     np.testing.assert_allclose(hot, 10.0 / 40.0, rtol=1e-3)
 

@@ -1,0 +1,54 @@
+"""The trained model of a run directory, restored from its newest checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from sparsejax.models.base import GatedModel
+from sparsejax.slim.store import ModelSpec
+from sparsejax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from sparsejax.train.loop import CONFIG_FILE, build, load_data, steps_per_epoch_of
+from sparsejax.train.state import init_state, merge_model
+
+
+class NotARunError(ValueError):
+    """A directory is not a run, or holds no checkpoint."""
+
+
+def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
+    """The gated model of the run in ``workdir`` at its newest checkpoint, the spec of its dense
+    architecture and the checkpoint's step.
+
+    The model and method are rebuilt from ``workdir/config.json`` as the training loop builds
+    them, so the checkpoint's train state has the template's structure.
+    """
+    workdir = Path(workdir)
+    config_path = workdir / CONFIG_FILE
+    if not config_path.exists():
+        raise NotARunError(
+            f"{workdir} is not a run directory: it has no {CONFIG_FILE} (pass the --workdir of a "
+            "training run)"
+        )
+    checkpoints = workdir / CHECKPOINT_DIR
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise NotARunError(
+            f"the run in {workdir} has no checkpoint under {checkpoints}; train it for at least "
+            "one epoch first"
+        )
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    data = load_data(config)
+    method, model = build(config, data)
+    tx = method.optimizer(steps_per_epoch=steps_per_epoch_of(config, data), epochs=config.epochs)
+    graphdef, state = init_state(model, tx, jax.random.key(config.seed))
+    checkpointer = Checkpointer(workdir)
+    try:
+        restored = checkpointer.restore(state)
+    finally:
+        checkpointer.close()
+    state, _ = restored
+    spec = ModelSpec(config.model, data.num_classes, tuple(data.image_shape), config.granularity)
+    return merge_model(graphdef, state.params, state.model_state), spec, int(state.step)

@@ -1,0 +1,82 @@
+"""Saving a slim model and rebuilding it from disk.
+
+A slim directory holds ``slim_config.json`` (the model name and constructor arguments, and the
+:class:`~sparsejax.slim.plan.SlimPlan` that cut it), ``slim_report.json`` and an Orbax checkpoint
+of the slim model's state (``checkpoint/``). :func:`load_slim` builds the model from its name and
+arguments without gates, cuts it with the plan (:func:`~sparsejax.slim.surgery.rebuild`) and
+restores the arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sparsejax.models import build_model
+from sparsejax.models.base import GatedModel
+from sparsejax.slim.plan import SlimPlan
+from sparsejax.slim.surgery import SlimResult, rebuild
+
+SLIM_CONFIG_FILE = "slim_config.json"
+SLIM_REPORT_FILE = "slim_report.json"
+SLIM_CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What :func:`~sparsejax.models.build_model` needs to build the dense, ungated model."""
+
+    model: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    granularity: str
+
+    def build(self) -> GatedModel:
+        return build_model(
+            self.model, rngs=nnx.Rngs(params=0), num_classes=self.num_classes,
+            input_shape=self.input_shape, granularity=self.granularity,
+        )
+
+
+def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Path:
+    """Write ``result``'s model, plan and report under ``directory``; return its checkpoint path."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = directory / SLIM_CHECKPOINT_DIR
+    if checkpoint.exists():
+        raise FileExistsError(
+            f"{checkpoint} exists already; pass another output directory or delete it"
+        )
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(checkpoint, nnx.state(result.model))
+    config = {"spec": dataclasses.asdict(spec), "plan": json.loads(result.plan.to_json())}
+    (directory / SLIM_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    (directory / SLIM_REPORT_FILE).write_text(
+        json.dumps(result.report.to_dict(), indent=2, sort_keys=True) + "\n"
+    )
+    return checkpoint
+
+
+def load_slim(directory: str | Path) -> GatedModel:
+    """The slim model saved by :func:`save_slim` under ``directory``."""
+    directory = Path(directory).absolute()
+    config_path = directory / SLIM_CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(
+            f"{directory} holds no {SLIM_CONFIG_FILE}; it is not the output of "
+            "`python -m sparsejax.slim RUN_DIR`"
+        )
+    config = json.loads(config_path.read_text())
+    spec = config["spec"]
+    spec = ModelSpec(**{**spec, "input_shape": tuple(spec["input_shape"])})
+    model = rebuild(spec.build(), SlimPlan.from_json(json.dumps(config["plan"])))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory / SLIM_CHECKPOINT_DIR, abstract)
+    nnx.update(model, restored)
+    return model

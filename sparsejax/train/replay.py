@@ -1,0 +1,70 @@
+"""A run's network at any step, not only at its checkpoints.
+
+The newest checkpoint at or before the first asked step is restored and the run's own training
+steps are replayed from it. A step's minibatch and noise are pure functions of the seed and the
+step, so the replayed states are the states the run went through (bit for bit on the same
+devices): e.g. the network right before and right after a pruning step inside an epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from sparsejax.models.base import GatedModel
+from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.loop import evaluate, set_up
+from sparsejax.train.sharding import local_copy
+from sparsejax.train.state import merge_model
+from sparsejax.train.step import make_eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The network of a run after ``step`` updates, with its test error (percent) and mean
+    test loss."""
+
+    step: int
+    err: float
+    loss: float
+    model: GatedModel
+
+
+def replay(
+    config: ml_collections.ConfigDict, workdir: str | Path, steps: Sequence[int]
+) -> list[Snapshot]:
+    """Snapshots of the run of ``config`` in ``workdir`` after each of ``steps`` updates (in
+    increasing order), replayed from the newest checkpoint at or before the first of them (or
+    from the run's initial state; a larger ``config.keep_checkpoints`` shortens the replay).
+
+    Raises ValueError when a step lies outside the run's ``epochs``."""
+    setup = set_up(config)
+    steps = sorted(steps)
+    last = config.epochs * setup.steps_per_epoch
+    if not steps or steps[0] < 0 or steps[-1] > last:
+        raise ValueError(f"steps must lie in [0, {last}] (the run's epochs), got {steps}")
+    state, step = setup.initial_state, 0
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    try:
+        saved = [saved for saved in checkpointer.all_steps() if saved <= steps[0]]
+        if saved:
+            step = max(saved)
+            state, _ = checkpointer.restore(setup.initial_state, step=step)
+    finally:
+        checkpointer.close()
+
+    eval_step = make_eval_step(setup.graphdef)
+    snapshots = []
+    for target in steps:
+        for images, labels in setup.inputs.train_batches(step, target):
+            state, _ = setup.train_step(step // setup.steps_per_epoch)(state, images, labels)
+            step += 1
+        evaluation = evaluate(eval_step, state, setup.inputs)
+        params, model_state = jax.device_get(local_copy((state.params, state.model_state)))
+        model = merge_model(setup.graphdef, params, model_state)  # host copies: steps donate
+        snapshots.append(Snapshot(target, evaluation["err"], evaluation["loss"], model))
+    return snapshots

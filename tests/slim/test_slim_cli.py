@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.configs import mnist
+from sparsejax.slim.__main__ import main
+from sparsejax.slim.runs import restore_run
+from sparsejax.slim.store import SLIM_CONFIG_FILE, SLIM_REPORT_FILE, load_slim
+from sparsejax.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A two-step LeNet-5 L0-HC run on synthetic MNIST-shaped data."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = mnist.get_config()
+    config.update(
+        method="l0_hc", model="lenet5", dataset="synthetic", num_train=64, num_test=32,
+        batch_size=32, eval_batch_size=32, epochs=1, steps_per_epoch=2, log_every=1,
+        input_threads=1,
+    )
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+@nnx.jit
+def eval_logits(model, x):
+    return model(x, train=False)
+
+
+def close_half_the_conv2_gates(model):
+    gate = model.gates["conv2"]
+    gate.log_alpha[...] = gate.log_alpha[...].at[::2].set(-20.0)
+
+
+def test_slim_cli_writes_a_slim_checkpoint_that_restores_to_the_same_logits(run_dir, capsys):
+    output = run_dir / "slim"
+    assert main([str(run_dir), "--output", str(output)]) == 0
+    table = capsys.readouterr().out
+    assert "| params |" in table and "| FLOPs (MACs) |" in table
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    assert report["params_after"] <= report["params_before"]
+    assert json.loads((output / SLIM_CONFIG_FILE).read_text())["spec"]["model"] == "lenet5"
+    gated, _, _ = restore_run(run_dir)
+    slim = load_slim(output)
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    np.testing.assert_allclose(eval_logits(slim, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_pruned_slim_model_round_trips_through_disk(run_dir, tmp_path):
+    from sparsejax.slim import slim_model
+    from sparsejax.slim.store import save_slim
+
+    gated, spec, _ = restore_run(run_dir)
+    close_half_the_conv2_gates(gated)
+    result = slim_model(gated)
+    assert result.model.layers[1].out_units == 25
+    save_slim(tmp_path / "slim", spec, result)
+    restored = load_slim(tmp_path / "slim")
+    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    np.testing.assert_allclose(
+        eval_logits(restored, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4
+    )
+    assert restored.layers == result.model.layers
+
+
+def test_slim_cli_says_when_a_directory_is_not_a_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsejax.slim", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 1
+    assert "is not a run directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main([str(tmp_path)]) == 1
+    assert "has no checkpoint" in capsys.readouterr().err

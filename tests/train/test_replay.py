@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from experiments.configs.mnist import get_config
+from sparsejax.train import train_and_evaluate
+from sparsejax.train.replay import replay
+from sparsejax.train.state import split_model
+from tests.methods.test_greg import latest_checkpoint
+
+
+def tiny_config(**overrides):
+    config = get_config()
+    config.update(
+        dataset="synthetic", model="mlp", method="l0_hc", epochs=2, batch_size=64, num_train=512,
+        num_test=128, eval_batch_size=128, log_every=4, keep_checkpoints=2,
+    )
+    config.update(overrides)
+    return config
+
+
+def test_replayed_states_are_the_runs_states(tmp_path):
+    config = tiny_config()
+    summary = train_and_evaluate(config, tmp_path)  # stochastic gates; checkpoints 8 and 16
+    first, middle, last = replay(config, tmp_path, [16, 5, 8])  # from the initial state
+    assert [first.step, middle.step, last.step] == [5, 8, 16]
+    _, from_checkpoint = replay(config, tmp_path, [12, 16])  # from the checkpoint of step 8
+    assert last.err == from_checkpoint.err == summary["test_error"]
+    saved = latest_checkpoint(tmp_path)["params"]
+    for snapshot in (last, from_checkpoint):
+        replayed = split_model(snapshot.model)[1]
+        for name in ("fc1", "fc2", "fc3"):
+            np.testing.assert_array_equal(
+                replayed["net"][name]["kernel"][...], saved["net"][name]["kernel"]["value"]
+            )
+    with pytest.raises(ValueError, match="must lie in"):
+        replay(config, tmp_path, [17])
