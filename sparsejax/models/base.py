@@ -164,6 +164,24 @@ class GatedModel(nnx.Module):
     input_selections: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """(layer name, indices of the input units it reads): set on slimmed models only."""
 
+    def _declare(
+        self,
+        layers: list[Layer],
+        unit_slots: list[GateSlot],
+        *,
+        droprate_init: float,
+        gate_factory: GateFactory | None,
+        rngs: nnx.Rngs,
+        couplings: tuple[ChannelCoupling, ...] = (),
+    ) -> None:
+        """Set ``layers``, ``channel_couplings`` and the gate slots (``unit_slots`` at unit
+        granularity, one weight slot per kernel otherwise), then build the gates."""
+        self.layers = tuple(layers)
+        self.channel_couplings = couplings
+        unit = self.granularity == "unit"
+        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, droprate_init)
+        self._build_gates(gate_factory, rngs)
+
     def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
         built = {}
         if gate_factory is not None:

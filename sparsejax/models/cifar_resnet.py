@@ -46,17 +46,15 @@ from flax import nnx
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import (
     MODEL_INPUT,
-    GatedModel,
     GateFactory,
     GateSlot,
     Granularity,
     Layer,
     apply_unit_gate,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import ResidualStreams
+from sparsejax.models.residual import BlockNetwork, ResidualStreams
 
 CIFAR_SHAPE = (32, 32, 3)
 WIDTHS = (16, 32, 64)
@@ -114,7 +112,7 @@ class BasicBlock(nnx.Module):
         return nnx.relu(h + self.shortcut(x))
 
 
-class CifarResNet(GatedModel):
+class CifarResNet(BlockNetwork):
     """ResNet-(6n+2) for CIFAR with option-A shortcuts; see the module docstring for the gates."""
 
     def __init__(
@@ -194,17 +192,9 @@ class CifarResNet(GatedModel):
         self.fc = Dense(channels, num_classes, rngs=rngs)
         layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
                             reads=(streams.current,)))
-        self.layers = tuple(layers)
-        self.channel_couplings = streams.couplings()
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
-        self._build_gates(gate_factory, rngs)
+        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs, couplings=streams.couplings())
 
-    def layer_module(self, name: str) -> nnx.Module:
-        """``"stem"``, ``"fc"`` or ``"block{i}.conv1"`` / ``"block{i}.conv2"``."""
-        if name.startswith("block"):
-            block, conv = name.split(".")
-            return getattr(self.blocks[int(block.removeprefix("block")) - 1], conv)
-        return getattr(self, name)
 
     def __call__(
         self,

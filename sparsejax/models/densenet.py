@@ -53,7 +53,6 @@ from sparsejax.models.base import (
     Granularity,
     Layer,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
@@ -197,9 +196,8 @@ class DenseNet(GatedModel):
         self.fc = Dense(channels, num_classes, rngs=rngs)
         add_consumer(Layer("fc", (channels, num_classes), reads=tuple(features),
                            input_norm="final_bn"), axis=0)
-        self.layers = tuple(layers)
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
-        self._build_gates(gate_factory, rngs)
+        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs)
 
     def layer_module(self, name: str) -> nnx.Module:
         """``"stem"``, ``"fc"``, ``"trans{b}"`` or ``"block{b}.layer{j}"``."""

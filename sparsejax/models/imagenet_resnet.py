@@ -47,18 +47,16 @@ from flax import nnx
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import (
     MODEL_INPUT,
-    GatedModel,
     GateFactory,
     GateSlot,
     Granularity,
     Layer,
     apply_unit_gate,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.cifar_resnet import PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import ResidualStreams, block_member, strided
+from sparsejax.models.residual import BlockNetwork, ResidualStreams, strided
 
 IMAGENET_SHAPE = (224, 224, 3)
 RESNET50_BLOCKS = (3, 4, 6, 3)
@@ -120,7 +118,7 @@ class Bottleneck(nnx.Module):
         return nnx.relu(h + shortcut)
 
 
-class ImageNetResNet(GatedModel):
+class ImageNetResNet(BlockNetwork):
     """Bottleneck ResNet for ImageNet-sized images; see the module docstring for the gates."""
 
     def __init__(
@@ -219,15 +217,9 @@ class ImageNetResNet(GatedModel):
         self.fc = Dense(channels, num_classes, rngs=rngs)
         layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
                             reads=(streams.current,)))
-        self.layers = tuple(layers)
-        self.channel_couplings = streams.couplings()
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
-        self._build_gates(gate_factory, rngs)
+        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs, couplings=streams.couplings())
 
-    def layer_module(self, name: str) -> nnx.Module:
-        """``"stem"``, ``"fc"`` or ``"block{i}.conv1"`` / ``".conv2"`` / ``".conv3"`` /
-        ``".shortcut"``."""
-        return block_member(self.blocks, name) if name.startswith("block") else getattr(self, name)
 
     def __call__(
         self,

@@ -51,18 +51,16 @@ from flax import nnx
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import (
     MODEL_INPUT,
-    GatedModel,
     GateFactory,
     GateSlot,
     Granularity,
     Layer,
     apply_unit_gate,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import ResidualStreams, block_member, strided
+from sparsejax.models.residual import BlockNetwork, ResidualStreams, strided
 
 WIDTHS = (16, 32, 64)
 EXPANSION = 4
@@ -111,7 +109,7 @@ class PreActBottleneck(nnx.Module):
         return h + self.shortcut(x, kernel_gates["shortcut"])
 
 
-class PreActResNet(GatedModel):
+class PreActResNet(BlockNetwork):
     """Pre-activation bottleneck ResNet-(9n+2) for CIFAR; see the module docstring for the gates."""
 
     def __init__(
@@ -206,15 +204,9 @@ class PreActResNet(GatedModel):
         layers.append(fc)
         unit_slots.append(GateSlot("fc_in", "fc", (channels,), 0, False, DROPRATE,
                                    fc.kernel_shape))
-        self.layers = tuple(layers)
-        self.channel_couplings = streams.couplings()
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
-        self._build_gates(gate_factory, rngs)
+        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs, couplings=streams.couplings())
 
-    def layer_module(self, name: str) -> nnx.Module:
-        """``"stem"``, ``"fc"`` or ``"block{i}.conv1"`` / ``".conv2"`` / ``".conv3"`` /
-        ``".shortcut"``."""
-        return block_member(self.blocks, name) if name.startswith("block") else getattr(self, name)
 
     def __call__(
         self,

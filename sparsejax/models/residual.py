@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from flax import nnx
 
-from sparsejax.models.base import ChannelCoupling
+from sparsejax.models.base import ChannelCoupling, GatedModel
 
 
 def strided(size: int, stride: int) -> int:
@@ -26,6 +26,14 @@ def block_member(blocks: Sequence[nnx.Module], name: str) -> nnx.Module:
     """The module named ``"block{i}.{attribute}"``, blocks numbered from 1 through the network."""
     block, attribute = name.split(".")
     return getattr(blocks[int(block.removeprefix("block")) - 1], attribute)
+
+
+class BlockNetwork(GatedModel):
+    """A gated model whose blocks live in ``self.blocks`` and whose block layers are declared as
+    ``"block{i}.{attribute}"`` (blocks numbered from 1); other layers are attributes."""
+
+    def layer_module(self, name: str) -> nnx.Module:
+        return block_member(self.blocks, name) if name.startswith("block") else getattr(self, name)
 
 
 class ResidualStreams:

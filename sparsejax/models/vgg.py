@@ -32,7 +32,6 @@ from sparsejax.models.base import (
     Layer,
     apply_unit_gate,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, batch_norm
 from sparsejax.models.layers import Conv, Dense, max_pool
@@ -99,9 +98,8 @@ class VGG16(GatedModel):
         self.fc = Dense(flat, num_classes, rngs=rngs)
         layers.append(Layer("fc", (flat, num_classes), inputs=units((previous, positions)),
                             kernel_slot=None if unit else "fc", reads=(previous,)))
-        self.layers = tuple(layers)
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
-        self._build_gates(gate_factory, rngs)
+        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs)
 
     def __call__(
         self,

@@ -42,17 +42,15 @@ from flax import nnx
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import (
     MODEL_INPUT,
-    GatedModel,
     GateFactory,
     GateSlot,
     Granularity,
     Layer,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import ResidualStreams, block_member, strided
+from sparsejax.models.residual import BlockNetwork, ResidualStreams, strided
 
 STEM_WIDTH = 16
 BASE_WIDTHS = (16, 32, 64)
@@ -95,7 +93,7 @@ class PreActBasicBlock(nnx.Module):
         return h + self.shortcut(activated, kernel_gates["shortcut"])
 
 
-class WideResNet(GatedModel):
+class WideResNet(BlockNetwork):
     """WRN-depth-widen_factor for CIFAR; see the module docstring for the gates.
 
     ``stem_width`` and ``base_widths`` (the stage widths before widening) default to the paper's
@@ -178,14 +176,9 @@ class WideResNet(GatedModel):
         self.fc = Dense(channels, num_classes, rngs=rngs)
         layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
                             reads=(streams.current,), input_norm="final_bn"))
-        self.layers = tuple(layers)
-        self.channel_couplings = streams.couplings()
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, DROPRATE)
-        self._build_gates(gate_factory, rngs)
+        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs, couplings=streams.couplings())
 
-    def layer_module(self, name: str) -> nnx.Module:
-        """``"stem"``, ``"fc"`` or ``"block{i}.conv1"`` / ``".conv2"`` / ``".shortcut"``."""
-        return block_member(self.blocks, name) if name.startswith("block") else getattr(self, name)
 
     def __call__(
         self,

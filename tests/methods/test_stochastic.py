@@ -14,6 +14,7 @@ from sparsejax.methods.prune_sampling import (
 )
 from sparsejax.models import MLP, LeNet5, build_model
 from sparsejax.models.base import ChannelCoupling, Layer
+from sparsejax.slim import count_network, slim_model
 from sparsejax.slim.nodes import alive_units, node_report
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
@@ -298,8 +299,8 @@ def test_temperature_interpolates_between_magnitude_pruning_and_uniform_sampling
 def test_removing_the_dead_nodes_preserves_the_logits():
     """6-5-4-3 MLP: hidden1 unit 0 has no input, unit 1 no output, unit 4 feeds only hidden2
     unit 3, which has no output; hidden2 unit 2 is fed only by hidden1 unit 0; input 5 is
-    unread. The network without the dead nodes, their constant outputs folded into the consumers'
-    biases, computes the same logits."""
+    unread. The slim network without the dead nodes, their constant outputs folded into the
+    consumers' biases, has the node report's size and computes the same logits."""
     net = MLP(rngs=nnx.Rngs(0), input_shape=(6, 1, 1), hidden=(5, 4), num_classes=3)
     rng = np.random.default_rng(3)
     w1, w2, w3 = (rng.normal(size=s).astype(np.float32) for s in [(6, 5), (5, 4), (4, 3)])
@@ -326,16 +327,8 @@ def test_removing_the_dead_nodes_preserves_the_logits():
     logits = np.asarray(net(jnp.asarray(x).reshape(64, 6, 1, 1), train=False))
     np.testing.assert_allclose(activations[-1], logits, rtol=1e-5, atol=1e-5)
 
-    alive = alive_units(net.layers, {"fc1": w1, "fc2": w2, "fc3": w3})
-    keep = [alive["fc1"], alive["fc2"], alive["fc3"], np.ones(3, bool)]
-    h = x[:, keep[0]]
-    for i, (w, b) in enumerate(zip(kernels, biases)):
-        dead = ~keep[i]
-        inputs = activations[i][:, dead]
-        constant = np.ptp(inputs, axis=0) == 0.0
-        unread = np.all(w[dead][:, keep[i + 1]] == 0.0, axis=1)
-        assert np.all(constant | unread), i
-        folded = b[keep[i + 1]] + inputs[0, constant] @ w[dead][constant][:, keep[i + 1]]
-        h = h @ w[keep[i]][:, keep[i + 1]] + folded
-        h = np.maximum(h, 0.0) if i < 2 else h
-    np.testing.assert_allclose(h, logits, rtol=1e-5, atol=1e-5)
+    slim = slim_model(net)
+    assert slim.report.widths == {"fc1": (5, 2), "fc2": (2, 2), "fc3": (2, 3)}
+    assert float(count_network(slim.model.layers, {})["weights"]) == report.kept_weights
+    slim_logits = np.asarray(slim.model(jnp.asarray(x).reshape(64, 6, 1, 1), train=False))
+    np.testing.assert_allclose(slim_logits, logits, rtol=1e-5, atol=1e-5)
