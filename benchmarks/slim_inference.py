@@ -10,9 +10,9 @@ eval-mode forward passes are jitted, compiled, then timed alternately over ``--r
 ``--steps`` batches already on the device, so that both ratios come from the same run; the table
 gives the median examples per second, the wall-clock speedup, the FLOPs reduction
 (:mod:`sparsejax.slim.accounting`) and their quotient (the target is >= 0.7 on CPU), for the
-exactly slimmed network and for one whose widths are rounded up to ``--width_multiple`` (narrow
-convolutions use the CPU poorly: a 16 -> 4 channel 3x3 convolution on 32x32 maps takes ~75% of
-the time of the 16 -> 16 one, 16 -> 8 ~65%).
+exactly slimmed network and for one whose widths are rounded up to ``--width_multiple``.
+:mod:`benchmarks.narrow_conv` times the slimmed convolutions one by one (on XLA's CPU backend
+the narrowed 16-channel convolutions of stage 1 can be slower than the full-width ones).
 """
 
 from __future__ import annotations

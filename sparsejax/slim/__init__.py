@@ -7,7 +7,7 @@ from sparsejax.slim.accounting import (
     pruning_rate,
 )
 from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.report import GateReport, gate_report
+from sparsejax.slim.report import GateReport, gate_report, sparsity_report, weight_report
 from sparsejax.slim.surgery import SlimReport, SlimResult, slim_model
 
 __all__ = [
@@ -21,4 +21,6 @@ __all__ = [
     "gate_report",
     "pruning_rate",
     "slim_model",
+    "sparsity_report",
+    "weight_report",
 ]

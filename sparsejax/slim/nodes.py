@@ -34,7 +34,9 @@ class NodeReport:
 
     ``kept_weights`` are the kernel entries between live units (the node-pruned network's
     weights), ``nonzero_weights`` those of them that are nonzero; ``dense_weights`` all kernel
-    entries. Node slots are the slots some layer writes (hidden neurons, filters).
+    entries. ``kept_flops`` are the node-pruned network's MACs, ``nonzero_flops`` those of its
+    nonzero weights; ``live_biases`` the biases of live output units. Node slots are the slots
+    some layer writes (hidden neurons, filters).
     """
 
     alive_units: dict[str, int]
@@ -45,6 +47,8 @@ class NodeReport:
     dense_weights: float
     kept_flops: float
     dense_flops: float
+    nonzero_flops: float
+    live_biases: float
 
     @property
     def nodes(self) -> int:
@@ -173,8 +177,12 @@ def node_report(model: GatedModel) -> NodeReport:
     layers = model.layers
     kernels = {l.name: np.asarray(model.layer_module(l.name).kernel[...]) for l in layers}
     alive = alive_units(layers, kernels, tuple(model.channel_couplings))
-    nonzero = sum(
-        float(np.sum(_nonzero(kernels[l.name]) & _live_pairs(l, alive)[None])) for l in layers
+    nonzero = {
+        l.name: float(np.sum(_nonzero(kernels[l.name]) & _live_pairs(l, alive)[None]))
+        for l in layers
+    }
+    live_biases = sum(
+        float(_unit_vector(l.outputs, alive, l.out_units).sum()) for l in layers if l.has_bias
     )
     values = {slot: vector.astype(np.float32) for slot, vector in alive.items()}
     kept = count_network(layers, values)
@@ -185,8 +193,10 @@ def node_report(model: GatedModel) -> NodeReport:
         slot_sizes={slot: int(vector.size) for slot, vector in alive.items()},
         node_slots=node_slots,
         kept_weights=float(kept["weights"]),
-        nonzero_weights=nonzero,
+        nonzero_weights=sum(nonzero.values()),
         dense_weights=float(dense["weights"]),
         kept_flops=float(kept["flops"]),
         dense_flops=float(dense["flops"]),
+        nonzero_flops=sum(nonzero[l.name] * l.out_positions for l in layers),
+        live_biases=live_biases,
     )

@@ -1,4 +1,5 @@
-"""Per-layer gate statistics of a gated model: active units, expected L0, params and FLOPs."""
+"""What a network keeps: active units, expected L0, params and FLOPs, from its deterministic gates
+or, for a network without gates, from the zeros of its weights."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.accounting import count_network, pruning_rate
+from sparsejax.slim.nodes import node_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +22,7 @@ class GateReport:
     ``expected_flops`` are the expected number of nonzero parameters and MACs when gates are drawn
     from their training distribution; ``params``, ``flops`` and ``pruning_rate`` are those of the
     network under the test-time gates; ``dense_*`` those of the ungated network.
+    :func:`weight_report` fills it for a network without gates from the zeros of its weights.
     """
 
     active_units: dict[str, int]
@@ -62,3 +65,44 @@ def gate_report(model: GatedModel) -> GateReport:
         pruning_rate=pruning_rate(model.layers, masks),
         test_gates=test_gates,
     )
+
+
+def weight_report(model: GatedModel) -> GateReport:
+    """The report of a network without gates (GReg, stochastic or dense training), read from the
+    zeros of its weights.
+
+    Units are the live units of :func:`~sparsejax.slim.nodes.node_report` (a unit whose
+    incoming or outgoing weights are all zero is dead), and a weight-granularity slot counts its
+    layer's nonzero weights; ``params`` are the nonzero kernel weights between live units plus
+    the biases of live units, ``flops`` the MACs of those weights, and ``pruning_rate``
+    100 * (1 - those weights / all kernel weights): the gate accounting's conventions with the
+    weights' zeros as the masks. A network with no zero weight reports its dense size. The
+    expectations equal the deterministic values; there are no ``test_gates``.
+    """
+    nodes = node_report(model)
+    params = nodes.nonzero_weights + nodes.live_biases
+    dense = count_network(model.layers, {})
+    kernel_of_slot = {layer.kernel_slot: layer.name for layer in model.layers if layer.kernel_slot}
+
+    def active(slot: str) -> int:
+        if slot in nodes.alive_units:
+            return nodes.alive_units[slot]
+        return int(np.count_nonzero(model.layer_module(kernel_of_slot[slot]).kernel[...]))
+
+    return GateReport(
+        active_units={slot.name: active(slot.name) for slot in model.gate_slots},
+        slot_sizes={slot.name: int(np.prod(slot.shape)) for slot in model.gate_slots},
+        expected_l0=params,
+        expected_flops=nodes.nonzero_flops,
+        params=params,
+        flops=nodes.nonzero_flops,
+        dense_params=float(dense["params"]),
+        dense_flops=float(dense["flops"]),
+        pruning_rate=100.0 * (1.0 - nodes.nonzero_weights / nodes.dense_weights),
+        test_gates={},
+    )
+
+
+def sparsity_report(model: GatedModel) -> GateReport:
+    """:func:`gate_report` for a gated network, :func:`weight_report` for one without gates."""
+    return gate_report(model) if model.gates else weight_report(model)

@@ -27,7 +27,7 @@ from sparsejax.methods import create_method
 from sparsejax.methods.base import Method
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.report import GateReport, gate_report
+from sparsejax.slim.report import GateReport, sparsity_report
 from sparsejax.train.checkpoint import BEST_METRIC, Checkpointer
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.metrics import MetricWriter, NullWriter
@@ -74,7 +74,9 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _report(graphdef, state: TrainState) -> GateReport:
-    return gate_report(merge_model(graphdef, local_copy(state.params), local_copy(state.model_state)))
+    return sparsity_report(
+        merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
+    )
 
 
 def _step_of(state: TrainState) -> int:

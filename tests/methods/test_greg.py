@@ -278,6 +278,11 @@ def test_unstructured_mask_holds_through_fine_tuning_and_resume(tmp_path, monkey
     assert whole["greg/prune_step"] is not None and whole["greg/prune_step"] < 12
     assert whole["greg/sparsity"] > 50.0
     assert_masked_weights_are_zero(tmp_path / "whole", ["fc1", "fc2", "fc3"])
+    kernels = [latest_checkpoint(tmp_path / "whole")["params"]["net"][name]["kernel"]["value"]
+               for name in ("fc1", "fc2", "fc3")]
+    zero_percent = 100 * sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
+    assert whole["pruning_rate"] >= zero_percent > 40.0  # the summary sees the pruned weights
+    assert whole["params"] < whole["dense_params"] and whole["flops"] < whole["dense_flops"]
 
     with monkeypatch.context() as patch:  # stop during fine-tuning, then resume
         patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 19)
@@ -304,6 +309,7 @@ def test_greg2_pipeline_with_pretraining_resumes_like_an_uninterrupted_run(tmp_p
     for key in ("test_error", "greg/prune_step", "greg/widths", "greg/max_penalty"):
         assert resumed[key] == whole[key], key
     assert whole["greg/widths"] == {"fc1": 150, "fc2": 50}
+    assert whole["active_units"][1:] == [150, 50]  # the summary sees the removed neurons
 
 
 def test_pretrained_run_provides_the_weights(tmp_path):

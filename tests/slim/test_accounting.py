@@ -5,7 +5,14 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MLP, LeNet5
-from sparsejax.slim import count_network, gate_report, pruning_rate
+from sparsejax.slim import (
+    count_network,
+    gate_report,
+    pruning_rate,
+    slim_model,
+    sparsity_report,
+    weight_report,
+)
 
 
 def lenet():
@@ -93,3 +100,36 @@ def test_gate_report_of_a_gated_model():
     assert 0 < report.expected_l0 < report.dense_params
     dense_report = gate_report(LeNet5(rngs=nnx.Rngs(0)))
     assert dense_report.architecture == "20-50-800-500" and dense_report.pruning_rate == 0.0
+
+
+def test_weight_report_of_an_ungated_network_is_the_slim_network_less_its_zero_weights():
+    model = lenet()
+    conv1 = model.layer_module("conv1")
+    conv1.kernel[...] = conv1.kernel[...].at[..., np.array([0, 3])].set(0.0)  # two filters
+    conv1.bias[...] = conv1.bias[...].at[np.array([0, 3])].set(0.0)
+    fc1 = model.layer_module("fc1")
+    zeroed = np.random.default_rng(0).random(fc1.kernel.shape) < 0.3  # unstructured, in fc1
+    fc1.kernel[...] = np.where(zeroed, 0.0, np.asarray(fc1.kernel[...]))
+    slim = slim_model(model).report
+
+    report = weight_report(model)
+    assert report.active_units == {"conv1": 18, "conv2": 50, "fc1": 800, "fc2": 500}
+    assert report.params == slim.params_after - zeroed.sum()
+    assert report.flops == slim.flops_after - zeroed.sum()  # one position per dense weight
+    dense_weights = count_network(model.layers, {})["weights"]
+    kept_weights = slim.params_after - zeroed.sum() - (18 + 50 + 500 + 10)
+    assert report.pruning_rate == pytest.approx(100 * (1 - kept_weights / dense_weights))
+    assert (report.expected_l0, report.expected_flops) == (report.params, report.flops)
+    assert sparsity_report(model) == report
+
+
+def test_sparsity_report_reads_the_gates_of_a_gated_network():
+    def factory(slot, rngs):
+        return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=0.5)
+
+    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=factory)
+    model.gates["fc1"].log_alpha[...] = jax.numpy.where(jax.numpy.arange(800) < 100, -5.0, 3.0)
+    model.layer_module("fc2").kernel[...] = 0.0  # zero weights do not count where gates decide
+    report = sparsity_report(model)
+    assert report.architecture == "20-50-700-500"
+    assert set(report.test_gates) == {"conv1", "conv2", "fc1", "fc2"}
