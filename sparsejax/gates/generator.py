@@ -88,8 +88,7 @@ class GateGenerator(nnx.Module):
             raise ValueError(f"slot widths must be positive, got {bad}")
         self.slot_names = tuple(widths)
         self.dependency = dependency
-        chain_names = self.slot_names if dependency == "forward" else self.slot_names[::-1]
-        chain_widths = [int(widths[name]) for name in chain_names]
+        chain_widths = [int(widths[name]) for name in self.chain_order()]
         self.input_width = chain_widths[0] if input_width is None else int(input_width)
         if self.input_width <= 0:
             raise ValueError(f"input_width must be positive, got {input_width}")

@@ -34,6 +34,17 @@ Params = dict[str, Any]
 """``{"net": nnx.State of nnx.Param, "gates": nnx.State of GateParam}``."""
 
 
+def model_default(
+    config: ml_collections.ConfigDict, table: Mapping[str, Mapping[str, Any]], field: str
+) -> Any:
+    """``config.<field>`` when set, else ``table[config.model][field]`` (the ``"*"`` row for a
+    model without its own row): a method's per-model defaults."""
+    value = config.get(field)
+    if value is not None:
+        return value
+    return table.get(config.get("model", "*"), table["*"])[field]
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example softmax cross-entropy with integer labels."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -35,7 +35,7 @@ from flax import nnx
 from sparsejax.estimators.bounded_lp import bounded_norm, prox_bounded_l1, safe_norm, soft_threshold
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.methods import state_paths
-from sparsejax.methods.base import Method, Params, cross_entropy, per_slot
+from sparsejax.methods.base import Method, Params, cross_entropy, model_default, per_slot
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.models.base import GatedModel, GateSlot
 
@@ -95,11 +95,7 @@ class L1Gating(Method):
 
     def default(self, field: str) -> float:
         """``config.<field>``, or the defaults table's value for ``config.model``."""
-        value = self.config.get(field)
-        if value is not None:
-            return value
-        table = self.defaults.get(self.config.get("model", "*"), self.defaults["*"])
-        return table[field]
+        return model_default(self.config, self.defaults, field)
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> ScaleGate:
         return ScaleGate(slot.shape)

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.methods import state_paths
-from sparsejax.methods.base import Method, Params, cross_entropy
+from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.greg_report import STATE_ATTRIBUTE, greg_progress, pruned_size
 from sparsejax.methods.greg_rules import GROUP_GRANULARITIES, layer_ratios
@@ -98,11 +98,7 @@ the paper's 2.55x stage ratios."""
 
 
 def _resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    defaults = DEFAULTS.get(config.get("model", "*"), DEFAULTS["*"])
-    return {
-        field: default if config.get(field) is None else config.get(field)
-        for field, default in defaults.items()
-    }
+    return {field: model_default(config, DEFAULTS, field) for field in DEFAULTS["*"]}
 
 
 @dataclasses.dataclass(frozen=True)

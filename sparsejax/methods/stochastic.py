@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 
 from sparsejax.methods import state_paths
-from sparsejax.methods.base import Method, Params, cross_entropy
+from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity, sample_zeroed
 from sparsejax.models.base import GatedModel, GateSlot
@@ -82,10 +82,7 @@ class StochasticPruning(Method):
 
     def default(self, field: str) -> Any:
         """``config.<field>``, or :data:`DEFAULTS` for ``config.model``."""
-        value = self.config.get(field)
-        if value is not None:
-            return value
-        return DEFAULTS.get(self.config.get("model", "*"), DEFAULTS["*"])[field]
+        return model_default(self.config, DEFAULTS, field)
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> None:
         return None

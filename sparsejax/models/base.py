@@ -151,10 +151,8 @@ def weight_slots(layers: tuple[Layer, ...], droprate_init: float) -> tuple[GateS
 class GatedModel(nnx.Module):
     """Base of the models: owns the gate modules and resolves gate values for a forward pass.
 
-    Subclasses set ``layers`` and ``gate_slots`` and call :meth:`_build_gates`; their ``__call__``
-    takes ``(x, *, train, rngs=None, gates=None)``. ``gates`` maps slot names to explicit gate
-    values (used by ARM to evaluate the same network on the antithetic gates); slots not given
-    there are drawn by their gate module (training) or take its test-time value (evaluation).
+    Subclasses declare their layers and gate slots (:meth:`_declare`) and implement
+    :meth:`forward`, the network given the gate values.
     """
 
     layers: tuple[Layer, ...]
@@ -181,6 +179,35 @@ class GatedModel(nnx.Module):
         unit = self.granularity == "unit"
         self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, droprate_init)
         self._build_gates(gate_factory, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        rngs: nnx.Rngs | None = None,
+        gates: dict[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        """The logits of the batch ``x``. ``gates`` maps slot names to explicit gate values (used
+        by ARM to evaluate the same network on the antithetic gates); slots not given there are
+        drawn by their gate module from ``rngs`` (training) or take its test-time value
+        (evaluation)."""
+        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+        return self.forward(x, z, train=train)
+
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
+        """The logits of ``x`` with the gate values ``z`` (one entry per gated slot)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, z, *, train)")
+
+    def _unit_sources(self, *sources: tuple[str, int]) -> UnitSource:
+        """A layer declaration's ``inputs`` / ``outputs``: ``sources`` at unit granularity, none
+        at weight granularity (set ``granularity`` first)."""
+        return tuple(sources) if self.granularity == "unit" else ()
+
+    def _kernel_slot(self, name: str) -> str | None:
+        """A layer declaration's ``kernel_slot``: ``name`` at weight granularity, None at unit
+        granularity."""
+        return None if self.granularity == "unit" else name
 
     def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
         built = {}

@@ -54,7 +54,7 @@ from sparsejax.models.base import (
     check_granularity,
 )
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import BlockNetwork, ResidualStreams
+from sparsejax.models.residual import BlockNetwork, ResidualStreams, block_sites
 
 CIFAR_SHAPE = (32, 32, 3)
 WIDTHS = (16, 32, 64)
@@ -69,11 +69,6 @@ BN_EPSILON = 1e-5
 def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
     """BatchNorm over the channels, PyTorch's defaults (momentum 0.1 there is 0.9 here)."""
     return nnx.BatchNorm(features, rngs=rngs, momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
-
-
-def _strided(size: int, stride: int) -> int:
-    """Output size of a 3x3 convolution padded by one pixel (and of the option-A subsample)."""
-    return (size - 1) // stride + 1
 
 
 class BasicBlock(nnx.Module):
@@ -133,20 +128,13 @@ class CifarResNet(BlockNetwork):
         self.depth = depth
         blocks_per_stage = (depth - 2) // 6
         height, width, in_channels = input_shape
-        unit = granularity == "unit"
-
-        def units(*sources: tuple[str, int]) -> tuple[tuple[str, int], ...]:
-            return tuple(sources) if unit else ()
-
-        def kernel_slot(name: str) -> str | None:
-            return None if unit else name
 
         stem_width = widths[0]
         self.stem = Conv(in_channels, stem_width, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         self.stem_bn = batch_norm(stem_width, rngs)
         layers = [
             Layer("stem", (3, 3, in_channels, stem_width), height * width, has_bias=False,
-                  outputs=units(("stem", 1)), kernel_slot=kernel_slot("stem"),
+                  outputs=self._unit_sources(("stem", 1)), kernel_slot=self._kernel_slot("stem"),
                   reads=(MODEL_INPUT,), norm="stem_bn"),
         ]
         unit_slots = [
@@ -155,56 +143,45 @@ class CifarResNet(BlockNetwork):
         streams = ResidualStreams("stem")
         blocks = []
         channels = stem_width
-        for stage, stage_width in enumerate(widths):
-            for b in range(blocks_per_stage):
-                stride = 2 if stage > 0 and b == 0 else 1
-                height, width = _strided(height, stride), _strided(width, stride)
-                name = f"block{len(blocks) + 1}"
-                block = BasicBlock(channels, stage_width, stride, rngs=rngs)
-                blocks.append(block)
-                stream = f"stage{stage + 1}"
-                if block.channel_pad == (0, 0):
-                    stream_in = streams.add(f"{name}.conv2", stream)
-                else:
-                    stream_in = streams.pad(f"{name}.conv2", stream)
-                conv1 = Layer(
-                    f"{name}.conv1", (3, 3, channels, stage_width), height * width,
-                    has_bias=False,
-                    inputs=units(("stem", 1)) if len(blocks) == 1 else (),
-                    outputs=units((f"{name}.conv1", 1)),
-                    kernel_slot=kernel_slot(f"{name}.conv1"),
-                    reads=(stream_in,),
-                    norm=f"blocks.{len(blocks) - 1}.bn1",
-                )
-                conv2 = Layer(
-                    f"{name}.conv2", (3, 3, stage_width, stage_width), height * width,
-                    has_bias=False,
-                    inputs=units((f"{name}.conv1", 1)),
-                    kernel_slot=kernel_slot(f"{name}.conv2"),
-                    reads=(conv1.name,),
-                    norm=f"blocks.{len(blocks) - 1}.bn2",
-                )
-                layers += [conv1, conv2]
-                unit_slots.append(GateSlot(conv1.name, conv1.name, (stage_width,), 3, False,
-                                           DROPRATE, conv1.kernel_shape))
-                channels = stage_width
+        for site in block_sites((blocks_per_stage,) * len(widths), height, width):
+            stage_width = widths[site.stage]
+            name, block_path = site.name, site.path
+            block = BasicBlock(channels, stage_width, site.stride, rngs=rngs)
+            blocks.append(block)
+            if block.channel_pad == (0, 0):
+                stream_in = streams.add(f"{name}.conv2", site.stream)
+            else:
+                stream_in = streams.pad(f"{name}.conv2", site.stream)
+            conv1 = Layer(
+                f"{name}.conv1", (3, 3, channels, stage_width), site.positions,
+                has_bias=False,
+                inputs=self._unit_sources(("stem", 1)) if site.index == 0 else (),
+                outputs=self._unit_sources((f"{name}.conv1", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv1"),
+                reads=(stream_in,),
+                norm=f"{block_path}.bn1",
+            )
+            conv2 = Layer(
+                f"{name}.conv2", (3, 3, stage_width, stage_width), site.positions,
+                has_bias=False,
+                inputs=self._unit_sources((f"{name}.conv1", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv2"),
+                reads=(conv1.name,),
+                norm=f"{block_path}.bn2",
+            )
+            layers += [conv1, conv2]
+            unit_slots.append(GateSlot(conv1.name, conv1.name, (stage_width,), 3, False,
+                                       DROPRATE, conv1.kernel_shape))
+            channels = stage_width
         self.blocks = nnx.List(blocks)
         self.fc = Dense(channels, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
+        layers.append(Layer("fc", (channels, num_classes), kernel_slot=self._kernel_slot("fc"),
                             reads=(streams.current,)))
         self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
                       rngs=rngs, couplings=streams.couplings())
 
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
         h = self.stem_bn(self.stem(x, self.kernel_gate(z, "stem")), use_running_average=not train)
         if unit:

@@ -157,7 +157,7 @@ class DenseNet(GatedModel):
         self.stem = Conv(in_channels, channels, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         layers = [
             Layer("stem", (3, 3, in_channels, channels), height * width, has_bias=False,
-                  kernel_slot=None if unit else "stem", reads=(MODEL_INPUT,)),
+                  kernel_slot=self._kernel_slot("stem"), reads=(MODEL_INPUT,)),
         ]
         unit_slots: list[GateSlot] = []
 
@@ -210,15 +210,7 @@ class DenseNet(GatedModel):
             return self.transitions[int(name.removeprefix("trans")) - 1].conv
         return getattr(self, name)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
 
         def unit_gate(slot: str) -> jax.Array | None:

@@ -56,7 +56,13 @@ from sparsejax.models.base import (
 )
 from sparsejax.models.cifar_resnet import PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import BlockNetwork, ResidualStreams, strided
+from sparsejax.models.residual import (
+    BlockNetwork,
+    ResidualStreams,
+    block_sites,
+    projection,
+    strided,
+)
 
 IMAGENET_SHAPE = (224, 224, 3)
 RESNET50_BLOCKS = (3, 4, 6, 3)
@@ -88,13 +94,8 @@ class Bottleneck(nnx.Module):
         self.bn2 = batch_norm(width, rngs)
         self.conv3 = Conv(width, out_features, 1, use_bias=False, rngs=rngs)
         self.bn3 = batch_norm(out_features, rngs)
-        projects = in_features != out_features or stride != 1
-        if projects:
-            self.shortcut = Conv(in_features, out_features, 1, stride=stride, use_bias=False,
-                                 rngs=rngs)
-            self.shortcut_bn = batch_norm(out_features, rngs)
-        else:
-            self.shortcut = self.shortcut_bn = None
+        self.shortcut = projection(in_features, out_features, stride, rngs)
+        self.shortcut_bn = None if self.shortcut is None else batch_norm(out_features, rngs)
 
     def __call__(
         self,
@@ -141,13 +142,6 @@ class ImageNetResNet(BlockNetwork):
         self.granularity = granularity
         self.blocks_per_stage = tuple(blocks_per_stage)
         height, width, in_channels = input_shape
-        unit = granularity == "unit"
-
-        def units(slot: str | None) -> tuple[tuple[str, int], ...]:
-            return ((slot, 1),) if unit and slot is not None else ()
-
-        def kernel_slot(name: str) -> str | None:
-            return None if unit else name
 
         stem_width = widths[0]
         self.stem = Conv(in_channels, stem_width, STEM_KERNEL, stride=2, padding=STEM_PAD,
@@ -155,8 +149,8 @@ class ImageNetResNet(BlockNetwork):
         self.stem_bn = batch_norm(stem_width, rngs)
         height, width = strided(height, 2), strided(width, 2)
         stem = Layer("stem", (STEM_KERNEL, STEM_KERNEL, in_channels, stem_width), height * width,
-                     has_bias=False, outputs=units("stem"), kernel_slot=kernel_slot("stem"),
-                     reads=(MODEL_INPUT,), norm="stem_bn")
+                     has_bias=False, outputs=self._unit_sources(("stem", 1)),
+                     kernel_slot=self._kernel_slot("stem"), reads=(MODEL_INPUT,), norm="stem_bn")
         layers = [stem]
         unit_slots = [GateSlot("stem", "stem", (stem_width,), 3, False, DROPRATE,
                                stem.kernel_shape)]
@@ -164,72 +158,56 @@ class ImageNetResNet(BlockNetwork):
         streams = ResidualStreams("stem")
         blocks = []
         channels = stem_width
-        for stage, (count, stage_width) in enumerate(zip(blocks_per_stage, widths)):
-            for b in range(count):
-                stride = 2 if stage > 0 and b == 0 else 1
-                positions_in = height * width
-                height, width = strided(height, stride), strided(width, stride)
-                positions = height * width
-                out_features = EXPANSION * stage_width
-                name = f"block{len(blocks) + 1}"
-                block = Bottleneck(channels, stage_width, stride, rngs=rngs)
-                block_path = f"blocks.{len(blocks)}"
-                blocks.append(block)
-                stream = f"stage{stage + 1}"
-                if block.shortcut is None:
-                    stream_in = streams.add(f"{name}.conv3", stream)
-                else:
-                    stream_in = streams.project(f"{name}.shortcut", f"{name}.conv3", stream)
-                gated_input = "stem" if stream_in == "stem" else None
-                conv1 = Layer(
-                    f"{name}.conv1", (1, 1, channels, stage_width), positions_in, has_bias=False,
-                    inputs=units(gated_input), outputs=units(f"{name}.conv1"),
-                    kernel_slot=kernel_slot(f"{name}.conv1"), reads=(stream_in,),
-                    norm=f"{block_path}.bn1",
-                )
-                conv2 = Layer(
-                    f"{name}.conv2", (3, 3, stage_width, stage_width), positions, has_bias=False,
-                    inputs=units(conv1.name), outputs=units(f"{name}.conv2"),
-                    kernel_slot=kernel_slot(f"{name}.conv2"), reads=(conv1.name,),
-                    norm=f"{block_path}.bn2",
-                )
-                conv3 = Layer(
-                    f"{name}.conv3", (1, 1, stage_width, out_features), positions,
-                    has_bias=False, inputs=units(conv2.name),
-                    kernel_slot=kernel_slot(f"{name}.conv3"), reads=(conv2.name,),
-                    norm=f"{block_path}.bn3",
-                )
-                layers += [conv1, conv2, conv3]
-                unit_slots += [
-                    GateSlot(conv.name, conv.name, (stage_width,), 3, False, DROPRATE,
-                             conv.kernel_shape)
-                    for conv in (conv1, conv2)
-                ]
-                if block.shortcut is not None:
-                    layers.append(Layer(
-                        f"{name}.shortcut", (1, 1, channels, out_features), positions,
-                        has_bias=False, inputs=units(gated_input),
-                        kernel_slot=kernel_slot(f"{name}.shortcut"), reads=(stream_in,),
-                        norm=f"{block_path}.shortcut_bn",
-                    ))
-                channels = out_features
+        for site in block_sites(blocks_per_stage, height, width):
+            stage_width = widths[site.stage]
+            out_features = EXPANSION * stage_width
+            name, block_path = site.name, site.path
+            block = Bottleneck(channels, stage_width, site.stride, rngs=rngs)
+            blocks.append(block)
+            stream_in = streams.join(site, f"{name}.conv3", projects=block.shortcut is not None)
+            gated_input = self._unit_sources(("stem", 1)) if stream_in == "stem" else ()
+            conv1 = Layer(
+                f"{name}.conv1", (1, 1, channels, stage_width), site.positions_in, has_bias=False,
+                inputs=gated_input, outputs=self._unit_sources((f"{name}.conv1", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv1"), reads=(stream_in,),
+                norm=f"{block_path}.bn1",
+            )
+            conv2 = Layer(
+                f"{name}.conv2", (3, 3, stage_width, stage_width), site.positions, has_bias=False,
+                inputs=self._unit_sources((conv1.name, 1)),
+                outputs=self._unit_sources((f"{name}.conv2", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv2"), reads=(conv1.name,),
+                norm=f"{block_path}.bn2",
+            )
+            conv3 = Layer(
+                f"{name}.conv3", (1, 1, stage_width, out_features), site.positions,
+                has_bias=False, inputs=self._unit_sources((conv2.name, 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv3"), reads=(conv2.name,),
+                norm=f"{block_path}.bn3",
+            )
+            layers += [conv1, conv2, conv3]
+            unit_slots += [
+                GateSlot(conv.name, conv.name, (stage_width,), 3, False, DROPRATE,
+                         conv.kernel_shape)
+                for conv in (conv1, conv2)
+            ]
+            if block.shortcut is not None:
+                layers.append(Layer(
+                    f"{name}.shortcut", (1, 1, channels, out_features), site.positions,
+                    has_bias=False, inputs=gated_input,
+                    kernel_slot=self._kernel_slot(f"{name}.shortcut"), reads=(stream_in,),
+                    norm=f"{block_path}.shortcut_bn",
+                ))
+            channels = out_features
         self.blocks = nnx.List(blocks)
         self.fc = Dense(channels, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
+        layers.append(Layer("fc", (channels, num_classes), kernel_slot=self._kernel_slot("fc"),
                             reads=(streams.current,)))
         self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
                       rngs=rngs, couplings=streams.couplings())
 
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
         h = self.stem_bn(self.stem(x, self.kernel_gate(z, "stem")), use_running_average=not train)
         if unit:

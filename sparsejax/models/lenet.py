@@ -33,7 +33,6 @@ from sparsejax.models.base import (
     Layer,
     apply_unit_gate,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.layers import Conv, Dense, max_pool
 
@@ -61,45 +60,27 @@ class MLP(GatedModel):
         names = tuple(f"fc{i + 1}" for i in range(len(widths) - 1))
         for name, (a, b) in zip(names, zip(widths[:-1], widths[1:])):
             setattr(self, name, Dense(a, b, rngs=rngs))
-        kernel_slot = granularity == "weight"
-        self.layers = tuple(
+        layers = [
             Layer(
                 name,
                 (widths[i], widths[i + 1]),
-                inputs=() if kernel_slot else ((name, 1),),
-                outputs=() if kernel_slot or i + 1 == len(names) else ((names[i + 1], 1),),
-                kernel_slot=name if kernel_slot else None,
+                inputs=self._unit_sources((name, 1)),
+                outputs=self._unit_sources((names[i + 1], 1)) if i + 1 < len(names) else (),
+                kernel_slot=self._kernel_slot(name),
                 reads=(names[i - 1] if i else MODEL_INPUT,),
                 input_selection=True,
             )
             for i, name in enumerate(names)
-        )
-        if kernel_slot:
-            self.gate_slots = weight_slots(self.layers, HIDDEN_DROPRATE)
-        else:
-            self.gate_slots = tuple(
-                GateSlot(
-                    name,
-                    name,
-                    (widths[i],),
-                    0,
-                    False,
-                    PIXEL_DROPRATE if i == 0 else HIDDEN_DROPRATE,
-                    (widths[i], widths[i + 1]),
-                )
-                for i, name in enumerate(names)
-            )
-        self._build_gates(gate_factory, rngs)
+        ]
+        unit_slots = [
+            GateSlot(name, name, (widths[i],), 0, False,
+                     PIXEL_DROPRATE if i == 0 else HIDDEN_DROPRATE, layer.kernel_shape)
+            for i, (name, layer) in enumerate(zip(names, layers))
+        ]
+        self._declare(layers, unit_slots, droprate_init=HIDDEN_DROPRATE,
+                      gate_factory=gate_factory, rngs=rngs)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         h = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
             h = self.layer_module(layer.name)(
@@ -139,44 +120,31 @@ class LeNet5(GatedModel):
         self.conv2 = Conv(c1, c2, kernel, rngs=rngs)
         self.fc1 = Dense(flat, hidden, rngs=rngs)
         self.fc2 = Dense(hidden, num_classes, rngs=rngs)
-        unit = granularity == "unit"
-
-        def units(*sources: tuple[str, int]) -> tuple[tuple[str, int], ...]:
-            return tuple(sources) if unit else ()
-
-        self.layers = (
+        layers = [
             Layer("conv1", (kernel, kernel, in_channels, c1), h1 * w1,
-                  outputs=units(("conv1", 1)), kernel_slot=None if unit else "conv1",
+                  outputs=self._unit_sources(("conv1", 1)), kernel_slot=self._kernel_slot("conv1"),
                   reads=(MODEL_INPUT,)),
             Layer("conv2", (kernel, kernel, c1, c2), h2 * w2,
-                  inputs=units(("conv1", 1)), outputs=units(("conv2", 1)),
-                  kernel_slot=None if unit else "conv2", reads=("conv1",)),
-            Layer("fc1", (flat, hidden), inputs=units(("fc1", 1), ("conv2", positions)),
-                  outputs=units(("fc2", 1)), kernel_slot=None if unit else "fc1",
+                  inputs=self._unit_sources(("conv1", 1)),
+                  outputs=self._unit_sources(("conv2", 1)),
+                  kernel_slot=self._kernel_slot("conv2"), reads=("conv1",)),
+            Layer("fc1", (flat, hidden),
+                  inputs=self._unit_sources(("fc1", 1), ("conv2", positions)),
+                  outputs=self._unit_sources(("fc2", 1)), kernel_slot=self._kernel_slot("fc1"),
                   reads=("conv2",), input_selection=True),
-            Layer("fc2", (hidden, num_classes), inputs=units(("fc2", 1)),
-                  kernel_slot=None if unit else "fc2", reads=("fc1",), input_selection=True),
-        )
-        if unit:
-            self.gate_slots = (
-                GateSlot("conv1", "conv1", (c1,), 3, True, HIDDEN_DROPRATE, self.layers[0].kernel_shape),
-                GateSlot("conv2", "conv2", (c2,), 3, True, HIDDEN_DROPRATE, self.layers[1].kernel_shape),
-                GateSlot("fc1", "fc1", (flat,), 0, False, HIDDEN_DROPRATE, self.layers[2].kernel_shape),
-                GateSlot("fc2", "fc2", (hidden,), 0, False, HIDDEN_DROPRATE, self.layers[3].kernel_shape),
-            )
-        else:
-            self.gate_slots = weight_slots(self.layers, HIDDEN_DROPRATE)
-        self._build_gates(gate_factory, rngs)
+            Layer("fc2", (hidden, num_classes), inputs=self._unit_sources(("fc2", 1)),
+                  kernel_slot=self._kernel_slot("fc2"), reads=("fc1",), input_selection=True),
+        ]
+        unit_slots = [
+            GateSlot("conv1", "conv1", (c1,), 3, True, HIDDEN_DROPRATE, layers[0].kernel_shape),
+            GateSlot("conv2", "conv2", (c2,), 3, True, HIDDEN_DROPRATE, layers[1].kernel_shape),
+            GateSlot("fc1", "fc1", (flat,), 0, False, HIDDEN_DROPRATE, layers[2].kernel_shape),
+            GateSlot("fc2", "fc2", (hidden,), 0, False, HIDDEN_DROPRATE, layers[3].kernel_shape),
+        ]
+        self._declare(layers, unit_slots, droprate_init=HIDDEN_DROPRATE,
+                      gate_factory=gate_factory, rngs=rngs)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
 
         def gate(h: jax.Array, slot: str) -> jax.Array:

@@ -288,15 +288,7 @@ class MobileNetV2(GatedModel):
             return getattr(self.blocks[int(block.removeprefix("block")) - 1], conv)
         return getattr(self, name)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
         h = self.stem_bn(self.stem(x, self.kernel_gate(z, "stem")), use_running_average=not train)
         h = jax.nn.relu6(h)

@@ -60,7 +60,12 @@ from sparsejax.models.base import (
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import BlockNetwork, ResidualStreams, strided
+from sparsejax.models.residual import (
+    BlockNetwork,
+    ResidualStreams,
+    block_sites,
+    projection,
+)
 
 WIDTHS = (16, 32, 64)
 EXPANSION = 4
@@ -81,12 +86,7 @@ class PreActBottleneck(nnx.Module):
                           rngs=rngs)
         self.bn3 = batch_norm(width, rngs)
         self.conv3 = Conv(width, out_features, 1, use_bias=False, rngs=rngs)
-        projects = in_features != out_features or stride != 1
-        self.shortcut = (
-            Conv(in_features, out_features, 1, stride=stride, use_bias=False, rngs=rngs)
-            if projects
-            else None
-        )
+        self.shortcut = projection(in_features, out_features, stride, rngs)
 
     def __call__(
         self,
@@ -130,76 +130,62 @@ class PreActResNet(BlockNetwork):
         self.depth = depth
         blocks_per_stage = (depth - 2) // 9
         height, width, in_channels = input_shape
-        unit = granularity == "unit"
-
-        def units(slot: str) -> tuple[tuple[str, int], ...]:
-            return ((slot, 1),) if unit else ()
-
-        def kernel_slot(name: str) -> str | None:
-            return None if unit else name
 
         stem_width = widths[0]
         self.stem = Conv(in_channels, stem_width, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         layers = [
             Layer("stem", (3, 3, in_channels, stem_width), height * width, has_bias=False,
-                  kernel_slot=kernel_slot("stem"), reads=(MODEL_INPUT,)),
+                  kernel_slot=self._kernel_slot("stem"), reads=(MODEL_INPUT,)),
         ]
         unit_slots = []
         streams = ResidualStreams("stem")
         blocks = []
         channels = stem_width
-        for stage, stage_width in enumerate(widths):
-            for b in range(blocks_per_stage):
-                stride = 2 if stage > 0 and b == 0 else 1
-                positions_in = height * width
-                height, width = strided(height, stride), strided(width, stride)
-                positions = height * width
-                out_features = EXPANSION * stage_width
-                name = f"block{len(blocks) + 1}"
-                block = PreActBottleneck(channels, stage_width, stride, rngs=rngs)
-                block_path = f"blocks.{len(blocks)}"
-                blocks.append(block)
-                stream = f"stage{stage + 1}"
-                if block.shortcut is None:
-                    stream_in = streams.add(f"{name}.conv3", stream)
-                else:
-                    stream_in = streams.project(f"{name}.shortcut", f"{name}.conv3", stream)
-                conv1 = Layer(
-                    f"{name}.conv1", (1, 1, channels, stage_width), positions_in, has_bias=False,
-                    inputs=units(f"{name}.conv1_in"), outputs=units(f"{name}.conv2_in"),
-                    kernel_slot=kernel_slot(f"{name}.conv1"), reads=(stream_in,),
-                    input_norm=f"{block_path}.bn1", input_selection=True,
-                )
-                conv2 = Layer(
-                    f"{name}.conv2", (3, 3, stage_width, stage_width), positions, has_bias=False,
-                    inputs=units(f"{name}.conv2_in"), outputs=units(f"{name}.conv3_in"),
-                    kernel_slot=kernel_slot(f"{name}.conv2"), reads=(conv1.name,),
-                    input_norm=f"{block_path}.bn2",
-                )
-                conv3 = Layer(
-                    f"{name}.conv3", (1, 1, stage_width, out_features), positions,
-                    has_bias=False, inputs=units(f"{name}.conv3_in"),
-                    kernel_slot=kernel_slot(f"{name}.conv3"), reads=(conv2.name,),
-                    input_norm=f"{block_path}.bn3",
-                )
-                layers += [conv1, conv2, conv3]
-                unit_slots += [
-                    GateSlot(f"{conv.name}_in", conv.name, (conv.in_units,), 2, False, DROPRATE,
-                             conv.kernel_shape)
-                    for conv in (conv1, conv2, conv3)
-                ]
-                if block.shortcut is not None:
-                    layers.append(Layer(
-                        f"{name}.shortcut", (1, 1, channels, out_features), positions,
-                        has_bias=False, kernel_slot=kernel_slot(f"{name}.shortcut"),
-                        reads=(stream_in,),
-                    ))
-                channels = out_features
+        for site in block_sites((blocks_per_stage,) * len(widths), height, width):
+            stage_width = widths[site.stage]
+            out_features = EXPANSION * stage_width
+            name, block_path = site.name, site.path
+            block = PreActBottleneck(channels, stage_width, site.stride, rngs=rngs)
+            blocks.append(block)
+            stream_in = streams.join(site, f"{name}.conv3", projects=block.shortcut is not None)
+            conv1 = Layer(
+                f"{name}.conv1", (1, 1, channels, stage_width), site.positions_in, has_bias=False,
+                inputs=self._unit_sources((f"{name}.conv1_in", 1)),
+                outputs=self._unit_sources((f"{name}.conv2_in", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv1"), reads=(stream_in,),
+                input_norm=f"{block_path}.bn1", input_selection=True,
+            )
+            conv2 = Layer(
+                f"{name}.conv2", (3, 3, stage_width, stage_width), site.positions, has_bias=False,
+                inputs=self._unit_sources((f"{name}.conv2_in", 1)),
+                outputs=self._unit_sources((f"{name}.conv3_in", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv2"), reads=(conv1.name,),
+                input_norm=f"{block_path}.bn2",
+            )
+            conv3 = Layer(
+                f"{name}.conv3", (1, 1, stage_width, out_features), site.positions,
+                has_bias=False, inputs=self._unit_sources((f"{name}.conv3_in", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv3"), reads=(conv2.name,),
+                input_norm=f"{block_path}.bn3",
+            )
+            layers += [conv1, conv2, conv3]
+            unit_slots += [
+                GateSlot(f"{conv.name}_in", conv.name, (conv.in_units,), 2, False, DROPRATE,
+                         conv.kernel_shape)
+                for conv in (conv1, conv2, conv3)
+            ]
+            if block.shortcut is not None:
+                layers.append(Layer(
+                    f"{name}.shortcut", (1, 1, channels, out_features), site.positions,
+                    has_bias=False, kernel_slot=self._kernel_slot(f"{name}.shortcut"),
+                    reads=(stream_in,),
+                ))
+            channels = out_features
         self.blocks = nnx.List(blocks)
         self.final_bn = batch_norm(channels, rngs)
         self.fc = Dense(channels, num_classes, rngs=rngs)
-        fc = Layer("fc", (channels, num_classes), inputs=units("fc_in"),
-                   kernel_slot=kernel_slot("fc"), reads=(streams.current,),
+        fc = Layer("fc", (channels, num_classes), inputs=self._unit_sources(("fc_in", 1)),
+                   kernel_slot=self._kernel_slot("fc"), reads=(streams.current,),
                    input_norm="final_bn", input_selection=True)
         layers.append(fc)
         unit_slots.append(GateSlot("fc_in", "fc", (channels,), 0, False, DROPRATE,
@@ -208,15 +194,7 @@ class PreActResNet(BlockNetwork):
                       rngs=rngs, couplings=streams.couplings())
 
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
         h = self.stem(x, self.kernel_gate(z, "stem"))
         for i, block in enumerate(self.blocks, start=1):

@@ -1,4 +1,5 @@
-"""Bookkeeping shared by the residual networks: output sizes, block lookup, residual streams.
+"""Bookkeeping shared by the residual networks: output sizes, block sites and lookup, residual
+streams.
 
 A *residual stream* is the running sum a chain of blocks adds into: channel c of every layer that
 writes into it (the stem, the last convolution of each block, a projection shortcut) is one unit,
@@ -9,17 +10,67 @@ in its :attr:`~sparsejax.models.base.Layer.reads`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
 
 from flax import nnx
 
 from sparsejax.models.base import ChannelCoupling, GatedModel
+from sparsejax.models.layers import Conv
 
 
 def strided(size: int, stride: int) -> int:
     """Output size (size - 1) // stride + 1 of a k x k convolution or pooling with stride s and
     padding (k - 1) / 2 on each side (odd k), a 1x1 convolution with no padding included."""
     return (size - 1) // stride + 1
+
+
+def projection(in_features: int, out_features: int, stride: int, rngs: nnx.Rngs) -> Conv | None:
+    """The 1x1 projection shortcut of a block that changes the width or the resolution (strided,
+    no bias); None when the identity fits."""
+    if in_features == out_features and stride == 1:
+        return None
+    return Conv(in_features, out_features, 1, stride=stride, use_bias=False, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSite:
+    """Where a block sits: its index through the network and stage (both from 0), its stride and
+    the spatial positions (H * W) of its input and output maps."""
+
+    index: int
+    stage: int
+    stride: int
+    positions_in: int
+    positions: int
+
+    @property
+    def name(self) -> str:
+        """The prefix of its layers' names, ``"block{index + 1}"``."""
+        return f"block{self.index + 1}"
+
+    @property
+    def path(self) -> str:
+        """Its attribute path, ``"blocks.{index}"``."""
+        return f"blocks.{self.index}"
+
+    @property
+    def stream(self) -> str:
+        """The name of the residual stream its stage starts, ``"stage{stage + 1}"``."""
+        return f"stage{self.stage + 1}"
+
+
+def block_sites(blocks_per_stage: Sequence[int], height: int, width: int) -> Iterator[BlockSite]:
+    """The blocks of consecutive stages on ``height`` x ``width`` input maps, in network order; the
+    first block of every stage but the first has stride 2."""
+    index = 0
+    for stage, count in enumerate(blocks_per_stage):
+        for position in range(count):
+            stride = 2 if stage > 0 and position == 0 else 1
+            positions_in = height * width
+            height, width = strided(height, stride), strided(width, stride)
+            yield BlockSite(index, stage, stride, positions_in, height * width)
+            index += 1
 
 
 def block_member(blocks: Sequence[nnx.Module], name: str) -> nnx.Module:
@@ -80,6 +131,14 @@ class ResidualStreams:
         self._start((shortcut, layer), stream, shortcut_from=None, fixed=False)
         return previous
 
+    def join(self, site: BlockSite, layer: str, *, projects: bool) -> str:
+        """The block at ``site`` writes its last ``layer`` into the stream: through an identity
+        shortcut (:meth:`add`), or next to its projection shortcut ``"{site.name}.shortcut"``,
+        starting its stage's stream (:meth:`project`)."""
+        if projects:
+            return self.project(f"{site.name}.shortcut", layer, site.stream)
+        return self.add(layer, site.stream)
+
     def pad(self, layer: str, stream: str) -> str:
         """The block's last ``layer`` and the zero-padded current stream start ``stream``; the
         block reads the previous one."""
@@ -95,7 +154,10 @@ class ResidualStreams:
     def _current_coupling(self) -> tuple[ChannelCoupling, ...]:
         if self._name is None:
             return ()
-        return (ChannelCoupling(self._name, tuple(self._members), self._shortcut_from, self._fixed),)
+        coupling = ChannelCoupling(
+            self._name, tuple(self._members), self._shortcut_from, self._fixed
+        )
+        return (coupling,)
 
     def _start(
         self, members: tuple[str, ...], stream: str, *, shortcut_from: str | None, fixed: bool

@@ -67,10 +67,6 @@ class VGG16(GatedModel):
                 f"VGG with {pools} poolings needs images of at least {2 ** pools} pixels a side, "
                 f"got {height}x{width}"
             )
-        unit = granularity == "unit"
-
-        def units(*sources: tuple[str, int]) -> tuple[tuple[str, int], ...]:
-            return tuple(sources) if unit else ()
 
         layers, unit_slots = [], []
         previous: str | None = None
@@ -83,9 +79,9 @@ class VGG16(GatedModel):
             setattr(self, f"bn{len(layers) + 1}", batch_norm(item, rngs))
             layer = Layer(
                 name, (3, 3, channels, item), height * width,
-                inputs=units((previous, 1)) if previous else (),
-                outputs=units((name, 1)),
-                kernel_slot=None if unit else name,
+                inputs=self._unit_sources((previous, 1)) if previous else (),
+                outputs=self._unit_sources((name, 1)),
+                kernel_slot=self._kernel_slot(name),
                 reads=(previous or MODEL_INPUT,),
                 norm=f"bn{len(layers) + 1}",
             )
@@ -96,20 +92,13 @@ class VGG16(GatedModel):
         positions = height * width
         flat = positions * channels
         self.fc = Dense(flat, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (flat, num_classes), inputs=units((previous, positions)),
-                            kernel_slot=None if unit else "fc", reads=(previous,)))
+        layers.append(Layer("fc", (flat, num_classes),
+                            inputs=self._unit_sources((previous, positions)),
+                            kernel_slot=self._kernel_slot("fc"), reads=(previous,)))
         self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
                       rngs=rngs)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
         h, index = x, 0
         for item in self.config:

@@ -50,7 +50,12 @@ from sparsejax.models.base import (
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import BlockNetwork, ResidualStreams, strided
+from sparsejax.models.residual import (
+    BlockNetwork,
+    ResidualStreams,
+    block_sites,
+    projection,
+)
 
 STEM_WIDTH = 16
 BASE_WIDTHS = (16, 32, 64)
@@ -68,12 +73,7 @@ class PreActBasicBlock(nnx.Module):
                           use_bias=False, rngs=rngs)
         self.bn2 = batch_norm(out_features, rngs)
         self.conv2 = Conv(out_features, out_features, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
-        projects = in_features != out_features or stride != 1
-        self.shortcut = (
-            Conv(in_features, out_features, 1, stride=stride, use_bias=False, rngs=rngs)
-            if projects
-            else None
-        )
+        self.shortcut = projection(in_features, out_features, stride, rngs)
 
     def __call__(
         self,
@@ -122,73 +122,54 @@ class WideResNet(BlockNetwork):
         self.depth, self.widen_factor = depth, widen_factor
         blocks_per_stage = (depth - 4) // 6
         height, width, in_channels = input_shape
-        unit = granularity == "unit"
-
-        def kernel_slot(name: str) -> str | None:
-            return None if unit else name
 
         self.stem = Conv(in_channels, stem_width, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         layers = [
             Layer("stem", (3, 3, in_channels, stem_width), height * width, has_bias=False,
-                  kernel_slot=kernel_slot("stem"), reads=(MODEL_INPUT,)),
+                  kernel_slot=self._kernel_slot("stem"), reads=(MODEL_INPUT,)),
         ]
         unit_slots = []
         streams = ResidualStreams("stem")
         blocks = []
         channels = stem_width
-        for stage, base in enumerate(base_widths):
-            stage_width = base * widen_factor
-            for b in range(blocks_per_stage):
-                stride = 2 if stage > 0 and b == 0 else 1
-                height, width = strided(height, stride), strided(width, stride)
-                positions = height * width
-                name = f"block{len(blocks) + 1}"
-                block = PreActBasicBlock(channels, stage_width, stride, rngs=rngs)
-                blocks.append(block)
-                stream = f"stage{stage + 1}"
-                if block.shortcut is None:
-                    stream_in = streams.add(f"{name}.conv2", stream)
-                else:
-                    stream_in = streams.project(f"{name}.shortcut", f"{name}.conv2", stream)
-                conv1 = Layer(
-                    f"{name}.conv1", (3, 3, channels, stage_width), positions, has_bias=False,
-                    outputs=((f"{name}.conv1", 1),) if unit else (),
-                    kernel_slot=kernel_slot(f"{name}.conv1"), reads=(stream_in,),
-                    norm=f"blocks.{len(blocks) - 1}.bn2", input_norm=f"blocks.{len(blocks) - 1}.bn1",
-                )
-                conv2 = Layer(
-                    f"{name}.conv2", (3, 3, stage_width, stage_width), positions, has_bias=False,
-                    inputs=((f"{name}.conv1", 1),) if unit else (),
-                    kernel_slot=kernel_slot(f"{name}.conv2"), reads=(conv1.name,),
-                )
-                layers += [conv1, conv2]
-                if block.shortcut is not None:
-                    layers.append(Layer(
-                        f"{name}.shortcut", (1, 1, channels, stage_width), positions,
-                        has_bias=False, kernel_slot=kernel_slot(f"{name}.shortcut"),
-                        reads=(stream_in,), input_norm=f"blocks.{len(blocks) - 1}.bn1",
-                    ))
-                unit_slots.append(GateSlot(conv1.name, conv1.name, (stage_width,), 3, False,
-                                           DROPRATE, conv1.kernel_shape))
-                channels = stage_width
+        for site in block_sites((blocks_per_stage,) * len(base_widths), height, width):
+            stage_width = base_widths[site.stage] * widen_factor
+            name, block_path = site.name, site.path
+            block = PreActBasicBlock(channels, stage_width, site.stride, rngs=rngs)
+            blocks.append(block)
+            stream_in = streams.join(site, f"{name}.conv2", projects=block.shortcut is not None)
+            conv1 = Layer(
+                f"{name}.conv1", (3, 3, channels, stage_width), site.positions, has_bias=False,
+                outputs=self._unit_sources((f"{name}.conv1", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv1"), reads=(stream_in,),
+                norm=f"{block_path}.bn2",
+                input_norm=f"{block_path}.bn1",
+            )
+            conv2 = Layer(
+                f"{name}.conv2", (3, 3, stage_width, stage_width), site.positions, has_bias=False,
+                inputs=self._unit_sources((f"{name}.conv1", 1)),
+                kernel_slot=self._kernel_slot(f"{name}.conv2"), reads=(conv1.name,),
+            )
+            layers += [conv1, conv2]
+            if block.shortcut is not None:
+                layers.append(Layer(
+                    f"{name}.shortcut", (1, 1, channels, stage_width), site.positions,
+                    has_bias=False, kernel_slot=self._kernel_slot(f"{name}.shortcut"),
+                    reads=(stream_in,), input_norm=f"{block_path}.bn1",
+                ))
+            unit_slots.append(GateSlot(conv1.name, conv1.name, (stage_width,), 3, False,
+                                       DROPRATE, conv1.kernel_shape))
+            channels = stage_width
         self.blocks = nnx.List(blocks)
         self.final_bn = batch_norm(channels, rngs)
         self.fc = Dense(channels, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (channels, num_classes), kernel_slot=kernel_slot("fc"),
+        layers.append(Layer("fc", (channels, num_classes), kernel_slot=self._kernel_slot("fc"),
                             reads=(streams.current,), input_norm="final_bn"))
         self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
                       rngs=rngs, couplings=streams.couplings())
 
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        rngs: nnx.Rngs | None = None,
-        gates: dict[str, jax.Array] | None = None,
-    ) -> jax.Array:
-        z = self.gate_values(x.shape[0], train=train, rngs=rngs, gates=gates)
+    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         unit = self.granularity == "unit"
         h = self.stem(x, self.kernel_gate(z, "stem"))
         for i, block in enumerate(self.blocks, start=1):

@@ -147,12 +147,13 @@ def alive_units(
     sizes = _slot_sizes(layers)
     alive = {slot: np.ones(size, bool) for slot, size in sizes.items()}
     check_outputs = {slot: _readers_declared(slot, layers, couplings) for slot in sizes}
+    support = {l.name: _nonzero(np.asarray(kernels[l.name])).any(axis=0) for l in layers}
     changed = True
     while changed:
         has_input = {slot: None for slot in sizes}
         has_output = {slot: None for slot in sizes}
         for layer in layers:
-            live = _nonzero(np.asarray(kernels[layer.name])).any(axis=0) & _live_pairs(layer, alive)
+            live = support[layer.name] & _live_pairs(layer, alive)
             for slot, tiles in layer.outputs:
                 reached = live.any(axis=0).reshape(tiles, -1).any(axis=0)
                 has_input[slot] = reached if has_input[slot] is None else has_input[slot] | reached

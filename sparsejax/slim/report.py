@@ -9,7 +9,7 @@ import numpy as np
 
 from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.accounting import count_network, pruning_rate
+from sparsejax.slim.accounting import count_network
 from sparsejax.slim.nodes import node_report
 
 
@@ -49,6 +49,7 @@ def gate_report(model: GatedModel) -> GateReport:
     pruned = count_network(model.layers, masks)
     expected = count_network(model.layers, keep_probs)
     dense = count_network(model.layers, {})
+    kept_fraction = float(pruned["weights"]) / float(dense["weights"])
     active_units = {
         slot.name: int(masks[slot.name].sum()) if slot.name in masks else int(np.prod(slot.shape))
         for slot in model.gate_slots
@@ -62,7 +63,7 @@ def gate_report(model: GatedModel) -> GateReport:
         flops=float(pruned["flops"]),
         dense_params=float(dense["params"]),
         dense_flops=float(dense["flops"]),
-        pruning_rate=pruning_rate(model.layers, masks),
+        pruning_rate=100.0 * (1.0 - kept_fraction),
         test_gates=test_gates,
     )
 

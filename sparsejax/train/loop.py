@@ -229,9 +229,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.close()
         checkpointer.close()
 
-    report = _report(graphdef, state)
-    summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
     final_model = merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
+    report = sparsity_report(final_model)
+    summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
     summary.update(setup.method.report(final_model))
     if jax.process_index() == 0:
         _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

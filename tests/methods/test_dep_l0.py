@@ -291,10 +291,16 @@ def test_arm_objective_updates_batchnorm_statistics_once():
 @pytest.mark.parametrize("name", ["dep_l0", "dep_l0_arm"])
 def test_reports_and_eval_read_the_generated_gates(name):
     _, model = tiny_lenet(name)
+    generator = generator_of(model)
+    last = generator.layers[-1]  # close every other gate of the chain's last slot
+    last.bias[...] = last.bias[...].at[::2].set(-50.0)
+    logits = generator()
     report = gate_report(model)
-    assert len(report.architecture.split("-")) == 4
+    closed_slot = generator.chain_order()[-1]
+    expected = {n: int(np.sum(g.deterministic(logits[n]) > 0)) for n, g in model.gates.items()}
+    assert report.active_units == expected
+    assert expected[closed_slot] <= report.slot_sizes[closed_slot] // 2  # some gates closed
     x, _ = batch()
-    logits = generator_of(model)()
     explicit = {n: g.deterministic(logits[n]) for n, g in model.gates.items()}
     np.testing.assert_allclose(
         model(x, train=False), model(x, train=True, gates=explicit), rtol=1e-6

@@ -24,6 +24,8 @@ from sparsejax.methods.greg_schedule import (
 from sparsejax.methods.warm_start import load_network_weights
 from sparsejax.models import build_model
 from sparsejax.models.cifar_resnet import CifarResNet
+from sparsejax.slim import slim_model
+from sparsejax.slim.accounting import greg_pruned_count
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.state import merge_model, split_model
@@ -90,6 +92,16 @@ def test_greg1_magnitude_ratio_is_an_ema_and_ends_every_layer_when_all_pass():
     np.testing.assert_allclose([float(l.ratio) for l in layers], first, rtol=1e-6)
     assert int(phase) == REGULARISE
 
+    open_ended = Schedule(variant=1, **{**SCHEDULE, "interval": 1, "ratio_limit": 1000.0})
+    layers = [fresh_layer(s.shape) for s in SCORES]
+    layers, phase, start = regularise(
+        layers, SCORES, COUNTS, 0, jnp.int32(REGULARISE), jnp.int32(-1), open_ended
+    )
+    moved = [SCORES[0].at[2].set(1.9), SCORES[1]]  # layer 0's kept mean: 0.7 -> 3.1 / 3
+    layers, _, _ = regularise(layers, moved, COUNTS, 1, phase, start, open_ended)
+    ema = (0.9 * first[0] + 0.1 * (3.1 / 3) / 0.2, first[1])
+    np.testing.assert_allclose([float(l.ratio) for l in layers], ema, rtol=1e-6)
+
 
 def test_greg1_ceiling_is_strict_and_starts_stabilisation_at_that_iteration():
     schedule = Schedule(variant=1, **{**SCHEDULE, "interval": 2, "delta": 0.25, "ratio_test": False})
@@ -138,6 +150,18 @@ def test_greg2_finishes_a_layer_only_after_picking():
     layers, phase, start = run_iterations(schedule, SCORES, COUNTS, pick)
     assert all(bool(l.finished) for l in layers)
     assert (int(phase), int(start)) == (STABILISE, pick - 1)
+
+
+def test_greg2_finishes_each_layer_on_its_own_ratio_and_freezes_it():
+    schedule = Schedule(variant=2, **{**SCHEDULE, "interval": 1, "ratio_limit": 3.2})
+    pick, _ = greg2_pick_update(schedule)
+    at_pick, phase, _ = run_iterations(schedule, SCORES, COUNTS, pick)
+    assert [bool(l.finished) for l in at_pick] == [True, False]  # ratios 3.5 and 3.0
+    assert int(phase) == REGULARISE
+    later, phase, _ = run_iterations(schedule, SCORES, COUNTS, pick + 3)
+    assert int(phase) == REGULARISE and not bool(later[1].finished)
+    np.testing.assert_array_equal(later[0].penalty, at_pick[0].penalty)  # frozen once finished
+    assert float(jnp.max(later[1].penalty)) > float(jnp.max(at_pick[1].penalty))
 
 
 def test_smallest_marks_exactly_count_smallest_with_ties_by_index():
@@ -251,6 +275,12 @@ def test_pruned_filters_output_exactly_zero_like_removed_channels():
     nnx.jit(lambda m: m(images, train=True))(pruned)  # BatchNorm statistics of the pruned net
     evaluate = nnx.jit(lambda m: m(images, train=False))
     before = evaluate(pruned)
+    slimmed = slim_model(pruned)  # slimming removes exactly the channels GReg pruned
+    for name, channels in kept.items():
+        assert slimmed.plan.kept_outputs[name] == tuple(int(c) for c in channels)
+    np.testing.assert_allclose(
+        nnx.jit(lambda m: m(images, train=False))(slimmed.model), before, rtol=1e-5, atol=1e-5
+    )
     for block in pruned.blocks:  # the weights reading a removed channel no longer matter
         block.conv2.kernel[...] = block.conv2.kernel[...].at[:, :, :2, :].set(123.0)
     np.testing.assert_array_equal(evaluate(pruned), before)
@@ -261,14 +291,14 @@ def latest_checkpoint(workdir):
     return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
 
 
-def assert_masked_weights_are_zero(workdir, names):
+def assert_masked_weights_are_zero(workdir, names, ratio):
     saved = latest_checkpoint(workdir)
     masks = saved["model_state"]["greg"]["mask"]
-    assert any(np.any(np.asarray(masks[str(i)]["value"]) == 0) for i in range(len(names)))
     for i, name in enumerate(names):
         mask = np.asarray(masks[str(i)]["value"])
         kernel = np.asarray(saved["params"]["net"][name]["kernel"]["value"])
         assert np.all(kernel[mask == 0] == 0.0), name
+        assert np.sum(mask == 0) == greg_pruned_count(ratio, mask.size), name
 
 
 def test_unstructured_mask_holds_through_fine_tuning_and_resume(tmp_path, monkeypatch):
@@ -277,22 +307,23 @@ def test_unstructured_mask_holds_through_fine_tuning_and_resume(tmp_path, monkey
     assert whole["greg/phase"] == "finetune"
     assert whole["greg/prune_step"] is not None and whole["greg/prune_step"] < 12
     assert whole["greg/sparsity"] > 50.0
-    assert_masked_weights_are_zero(tmp_path / "whole", ["fc1", "fc2", "fc3"])
+    assert_masked_weights_are_zero(tmp_path / "whole", ["fc1", "fc2", "fc3"], 0.6)
     kernels = [latest_checkpoint(tmp_path / "whole")["params"]["net"][name]["kernel"]["value"]
                for name in ("fc1", "fc2", "fc3")]
     zero_percent = 100 * sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
-    assert whole["pruning_rate"] >= zero_percent > 40.0  # the summary sees the pruned weights
+    assert zero_percent == pytest.approx(60.0, abs=0.01)
+    assert whole["pruning_rate"] >= zero_percent  # the summary sees the pruned weights
     assert whole["params"] < whole["dense_params"] and whole["flops"] < whole["dense_flops"]
 
     with monkeypatch.context() as patch:  # stop during fine-tuning, then resume
         patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 19)
         with pytest.raises(Preempted):
             train_and_evaluate(config, tmp_path / "split")
-    assert_masked_weights_are_zero(tmp_path / "split", ["fc1", "fc2", "fc3"])
+    assert_masked_weights_are_zero(tmp_path / "split", ["fc1", "fc2", "fc3"], 0.6)
     resumed = train_and_evaluate(config, tmp_path / "split")
     for key in ("test_error", "greg/prune_step", "greg/sparsity", "greg/max_penalty"):
         assert resumed[key] == whole[key], key
-    assert_masked_weights_are_zero(tmp_path / "split", ["fc1", "fc2", "fc3"])
+    assert_masked_weights_are_zero(tmp_path / "split", ["fc1", "fc2", "fc3"], 0.6)
 
 
 def test_greg2_pipeline_with_pretraining_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -305,7 +336,11 @@ def test_greg2_pipeline_with_pretraining_resumes_like_an_uninterrupted_run(tmp_p
             train_and_evaluate(config, tmp_path / "split")
     resumed = train_and_evaluate(config, tmp_path / "split")
     assert whole["greg/phase"] == "finetune"
-    assert whole["greg/prune_step"] > 8  # after the pretraining epoch
+    pretraining_steps = 8  # one epoch of 512 / 64
+    assert whole["greg/regularisation_iteration"] == whole["greg/iteration"] - pretraining_steps
+    config.pretrain_epochs = 0  # the same schedule, started at step 0, prunes 8 steps earlier
+    unpretrained = train_and_evaluate(config, tmp_path / "unpretrained")
+    assert whole["greg/prune_step"] == pretraining_steps + unpretrained["greg/prune_step"]
     for key in ("test_error", "greg/prune_step", "greg/widths", "greg/max_penalty"):
         assert resumed[key] == whole[key], key
     assert whole["greg/widths"] == {"fc1": 150, "fc2": 50}
@@ -338,3 +373,22 @@ def test_bad_settings_are_refused():
         GReg2(greg_config(greg_granularity="channel"), num_train=10)
     with pytest.raises(ValueError, match="prunes no layer"):
         prepared(greg_config(stage_pr=0.0))
+
+
+def test_pretrained_run_provides_the_batchnorm_statistics(tmp_path):
+    dense = get_config()
+    dense.update(dataset="synthetic", synthetic_like="cifar10", model="resnet20", method="dense",
+                 epochs=1, batch_size=16, num_train=64, num_test=16, eval_batch_size=16)
+    train_and_evaluate(dense, tmp_path / "dense")
+    saved = latest_checkpoint(tmp_path / "dense")["model_state"]
+    model = build_model("resnet20", rngs=nnx.Rngs(params=1), input_shape=(32, 32, 3))
+    load_network_weights(model, tmp_path / "dense")
+    for path in ("stem_bn", "blocks.0.bn1", "blocks.8.bn2"):
+        norm, stored = model.module_at(path), saved
+        for part in path.split("."):
+            stored = stored[part]
+        assert not np.allclose(stored["mean"]["value"], 0.0)  # trained statistics, not the init
+        for statistic in ("mean", "var"):
+            np.testing.assert_array_equal(
+                getattr(norm, statistic)[...], stored[statistic]["value"]
+            )

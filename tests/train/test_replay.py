@@ -1,11 +1,11 @@
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments.configs.mnist import get_config
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.replay import replay
 from sparsejax.train.state import split_model
-from tests.methods.test_greg import latest_checkpoint
 
 
 def tiny_config(**overrides):
@@ -18,6 +18,17 @@ def tiny_config(**overrides):
     return config
 
 
+def saved_kernels(workdir, step):
+    state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return {name: state["params"]["net"][name]["kernel"]["value"] for name in ("fc1", "fc2", "fc3")}
+
+
+def assert_kernels_are(snapshot, saved):
+    replayed = split_model(snapshot.model)[1]["net"]
+    for name, kernel in saved.items():
+        np.testing.assert_array_equal(replayed[name]["kernel"][...], kernel)
+
+
 def test_replayed_states_are_the_runs_states(tmp_path):
     config = tiny_config()
     summary = train_and_evaluate(config, tmp_path)  # stochastic gates; checkpoints 8 and 16
@@ -25,12 +36,8 @@ def test_replayed_states_are_the_runs_states(tmp_path):
     assert [first.step, middle.step, last.step] == [5, 8, 16]
     _, from_checkpoint = replay(config, tmp_path, [12, 16])  # from the checkpoint of step 8
     assert last.err == from_checkpoint.err == summary["test_error"]
-    saved = latest_checkpoint(tmp_path)["params"]
+    assert_kernels_are(middle, saved_kernels(tmp_path, 8))
     for snapshot in (last, from_checkpoint):
-        replayed = split_model(snapshot.model)[1]
-        for name in ("fc1", "fc2", "fc3"):
-            np.testing.assert_array_equal(
-                replayed["net"][name]["kernel"][...], saved["net"][name]["kernel"]["value"]
-            )
+        assert_kernels_are(snapshot, saved_kernels(tmp_path, 16))
     with pytest.raises(ValueError, match="must lie in"):
         replay(config, tmp_path, [17])
