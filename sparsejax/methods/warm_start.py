@@ -46,28 +46,38 @@ def _copy_into(state: nnx.State, saved: Any, what: str, source: Path) -> nnx.Sta
 
 def load_network_weights(model: nnx.Module, workdir: str | Path) -> int:
     """Copy the network weights (parameters other than gate parameters) and BatchNorm
-    statistics of the newest checkpoint of the run in ``workdir`` into ``model``; its optimizer
-    state, gates and step are not used. Returns the step of that checkpoint."""
+    statistics of the newest checkpoint that verifies of the run in ``workdir`` into ``model``;
+    its optimizer state, gates and step are not used. Returns the step of that checkpoint."""
     # Imported here: sparsejax.train imports the methods.
+    from sparsejax.errors import warn
     from sparsejax.train.checkpoint import CHECKPOINT_DIR
+    from sparsejax.train.digest import verify_digest
 
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     steps = []
     if directory.is_dir():
         steps = sorted(
-            int(path.name)
-            for path in directory.iterdir()
-            if path.name.isdigit() and (path / STATE_ITEM).is_dir()
+            (
+                int(path.name)
+                for path in directory.iterdir()
+                if path.name.isdigit() and (path / STATE_ITEM).is_dir()
+            ),
+            reverse=True,
         )
-    if not steps:
+    for step in steps:
+        reason = verify_digest(directory / str(step))
+        if reason is None:
+            break
+        warn(f"config.pretrained: checkpoint {step} in {directory} failed verification: {reason}")
+    else:
         raise FileNotFoundError(
-            f"config.pretrained={str(workdir)!r}: no checkpoint in {directory}; give the --workdir "
-            "of a finished run of the same model"
+            f"config.pretrained={str(workdir)!r}: no checkpoint in {directory} verifies; give "
+            "the --workdir of a finished run of the same model"
         )
-    source = directory / str(steps[-1]) / STATE_ITEM
+    source = directory / str(step) / STATE_ITEM
     saved = ocp.PyTreeCheckpointer().restore(source)
     weights = nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam)))
     statistics = nnx.state(model, nnx.BatchStat)
     nnx.update(model, _copy_into(weights, saved["params"]["net"], "weight", source))
     nnx.update(model, _copy_into(statistics, saved["model_state"], "statistic", source))
-    return steps[-1]
+    return step

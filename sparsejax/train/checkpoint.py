@@ -1,34 +1,69 @@
-"""Orbax checkpoints of a run: the train state plus a small JSON record of its progress.
+"""Orbax checkpoints of a run: the train state plus a small JSON record of its progress, each
+sealed with a content digest (:mod:`sparsejax.train.digest`).
 
 One checkpoint per epoch (and one when the run is preempted); the newest ``max_to_keep`` and the
 one with the lowest test error are kept. A run restarted with the same working directory resumes
-from the newest one; restoring onto a different number of devices works, because the state is
-restored with the shardings of the current run's template. A checkpoint that cannot be restored raises
-:class:`CheckpointError` naming the directory: a run never silently starts again from scratch.
+from the newest checkpoint that verifies; restoring onto a different number of devices works,
+because the state is restored with the shardings of the current run's template.
+
+The digest is computed after Orbax has finished writing a checkpoint, in a background thread
+that overlaps with the next training steps; it is the last thing written, so a checkpoint
+without one was never finished. Before a checkpoint is read every process verifies it, and they
+agree. One that fails (damaged, truncated, unfinished) is never used: the training engine moves
+it aside to ``checkpoints/corrupt-STEP`` and resumes from the next newest one, as if the bad one
+had never been written; read-only users (slimming, replay) skip it with a warning. A checkpoint
+that verifies but does not fit the run (another configuration or version) raises
+:class:`CheckpointError`: a run never silently starts again from scratch.
 """
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from sparsejax.errors import UserError, warn
+from sparsejax.train.digest import verify_digest, write_digest
+
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_PREFIX = "corrupt-"
 BEST_METRIC = "eval/err"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but does not fit this run, or cannot be read."""
+class CheckpointError(UserError, RuntimeError):
+    """No checkpoint of a run can be used: none verifies, or one does not fit this run."""
+
+
+def _agreed(reason: str | None) -> str | None:
+    """``reason`` when every process found the checkpoint good (None) or this one did not; on
+    many processes, a checkpoint is good only when all of them verified it."""
+    if jax.process_count() == 1:
+        return reason
+    good = multihost_utils.process_allgather(np.int32(reason is None))
+    if reason is None and not np.all(good):
+        return f"process(es) {np.flatnonzero(np.asarray(good) == 0).tolist()} could not verify it"
+    return reason
 
 
 class Checkpointer:
-    """Save and restore ``(TrainState, progress dict)`` pairs under ``workdir/checkpoints``."""
+    """Save and restore ``(TrainState, progress dict)`` pairs under ``workdir/checkpoints``.
 
-    def __init__(self, workdir: str | Path, *, max_to_keep: int = 2):
+    ``set_aside``: move checkpoints that fail verification to ``checkpoints/corrupt-STEP`` (the
+    training engine, which holds the run's lock); otherwise they are only skipped.
+    """
+
+    def __init__(self, workdir: str | Path, *, max_to_keep: int = 2, set_aside: bool = False):
         self.directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+        self.set_aside = set_aside
+        self._digest_thread: threading.Thread | None = None
+        self._digest_error: BaseException | None = None
         preservation = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(max_to_keep),
@@ -47,6 +82,9 @@ class Checkpointer:
             ),
         )
 
+    def step_directory(self, step: int) -> Path:
+        return self.directory / str(step)
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
@@ -55,7 +93,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, progress: dict, metrics: dict | None = None) -> None:
         """Save ``step``, replacing an earlier checkpoint of the same step (a run stopped at the
-        end of an epoch saves before its evaluation; the resumed run saves again after it)."""
+        end of an epoch saves before its evaluation; the resumed run saves again after it), and
+        start sealing it with its digest in the background."""
+        self.wait_for_digest()
         if step in self._manager.all_steps():
             self._manager.delete(step)
         self._manager.save(
@@ -67,17 +107,80 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            self._digest_thread = threading.Thread(
+                target=self._seal, args=(self.step_directory(step),), name="checkpoint-digest"
+            )
+            self._digest_thread.start()
+
+    def _seal(self, directory: Path) -> None:
+        try:
+            write_digest(directory)
+        except BaseException as error:  # re-raised by wait_for_digest in the saving thread
+            self._digest_error = error
+
+    def wait_for_digest(self) -> None:
+        """Block until the newest checkpoint is sealed; raise what went wrong sealing it."""
+        if self._digest_thread is not None:
+            self._digest_thread.join()
+            self._digest_thread = None
+        if self._digest_error is not None:
+            error, self._digest_error = self._digest_error, None
+            raise error
 
     def reached_preemption(self, step: int) -> bool:
         """Whether the job was told to stop (multi-host preemption notice, synced across hosts)."""
         return self._manager.reached_preemption(step)
 
-    def restore(self, template_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
-        """The checkpoint of ``step`` (None: the newest), shaped like ``template_state``; None if
-        there is none."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+    def restore(
+        self, template_state: Any, at_most: int | None = None
+    ) -> tuple[Any, dict] | None:
+        """The newest checkpoint that verifies (of a step at most ``at_most``, when given),
+        shaped like ``template_state``; None if the run has none.
+
+        Raises :class:`CheckpointError` when checkpoints exist but none verifies, or when one
+        that verifies does not fit ``template_state``."""
+        self.wait_for_digest()
+        candidates = sorted(
+            (step for step in self.all_steps() if at_most is None or step <= at_most),
+            reverse=True,
+        )
+        if not candidates:
             return None
+        rejected = []
+        for candidate in candidates:
+            reason = _agreed(verify_digest(self.step_directory(candidate)))
+            if reason is None:
+                return self._read(candidate, template_state)
+            rejected.append(self._reject(candidate, reason))
+        where = (
+            f"they were moved to {self.directory}/{CORRUPT_PREFIX}*"
+            if self.set_aside
+            else f"they are in {self.directory}"
+        )
+        raise CheckpointError(
+            f"no usable checkpoint in {self.directory}: {'; '.join(rejected)} ({where}); "
+            f"delete {self.directory} to start the run again, or use another --workdir"
+        )
+
+    def _reject(self, step: int, reason: str) -> str:
+        """Warn that ``step`` failed verification and, when asked, move it aside."""
+        what = f"checkpoint {step} failed verification: {reason}"
+        if self.set_aside:
+            if jax.process_index() == 0:
+                target = self.directory / f"{CORRUPT_PREFIX}{step}"
+                if target.exists():
+                    shutil.rmtree(target)
+                self.step_directory(step).rename(target)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"sparsejax set aside checkpoint {step}")
+            self._manager.reload()
+            warn(f"{what}; moved to {self.directory / f'{CORRUPT_PREFIX}{step}'}")
+        else:
+            warn(f"{what}; skipped")
+        return what
+
+    def _read(self, step: int, template_state: Any) -> tuple[Any, dict]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
         try:
             restored = self._manager.restore(
@@ -87,12 +190,17 @@ class Checkpointer:
                 ),
             )
         except Exception as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CheckpointError(
-                f"cannot restore the checkpoint at step {step} in {self.directory}: {error}. "
-                "It was written by a different configuration or is damaged; use a new --workdir "
-                "or delete that directory to start again."
+                f"the checkpoint at step {step} in {self.directory} is intact but does not fit "
+                f"this run ({type(error).__name__}: {first_line}); it was written by another "
+                "configuration or version of sparsejax: use a new --workdir, or delete "
+                f"{self.directory} to start again"
             ) from error
         return restored["state"], restored["progress"]
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self.wait_for_digest()
+        finally:
+            self._manager.close()

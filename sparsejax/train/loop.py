@@ -8,8 +8,10 @@ epoch is a pure function of the seed and the epoch, a step's gate noise of the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -23,14 +25,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparsejax.data.sources import BatchSource, open_source
+from sparsejax.errors import UserError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import Method
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.report import GateReport, sparsity_report
-from sparsejax.train.checkpoint import BEST_METRIC, Checkpointer
+from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.input import DEFAULT_THREADS, Input
-from sparsejax.train.metrics import MetricWriter, NullWriter
+from sparsejax.train.lock import WorkdirLock
+from sparsejax.train.metrics import METRICS_FILE, MetricWriter, NullWriter
 from sparsejax.train.preemption import Preempted, StopRequest
 from sparsejax.train.progress import Progress
 from sparsejax.train.sharding import create_mesh, local_copy, replicate
@@ -63,8 +67,12 @@ def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
                 f"{workdir} holds a run with a different configuration ({details}); "
                 "use another --workdir, or the same flags to resume it"
             )
+
+
+def _write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
-        _write_atomically(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        current = json.loads(config.to_json_best_effort())
+        _write_atomically(workdir / CONFIG_FILE, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -194,24 +202,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Train ``config.model`` with ``config.method`` on ``config.dataset`` over every device;
     return the summary (also written to ``workdir/summary.json``).
 
-    Raises :class:`~sparsejax.train.preemption.Preempted` after saving a checkpoint when the
+    The run holds ``workdir`` (:class:`~sparsejax.train.lock.WorkdirLock`) while it writes it. A
+    run that fails before it saved anything leaves no working directory behind when it created
+    it. Raises :class:`~sparsejax.train.preemption.Preempted` after saving a checkpoint when the
     process receives SIGTERM or SIGINT (or a multi-host preemption notice)."""
     workdir = Path(workdir)
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+            return _train_and_evaluate(config, workdir)
+    except BaseException:
+        if created and jax.process_index() == 0:
+            _remove_if_unused(workdir)
+        raise
+
+
+def _remove_if_unused(workdir: Path) -> None:
+    """Delete ``workdir`` when it holds no checkpoint and no metric record."""
+    checkpoints = workdir / CHECKPOINT_DIR
+    metrics = workdir / METRICS_FILE
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return
+    if metrics.exists() and metrics.stat().st_size:
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     setup = set_up(config)
     _check_config(workdir, config)
     graphdef, inputs, state = setup.graphdef, setup.inputs, setup.initial_state
     steps_per_epoch = setup.steps_per_epoch
     eval_step = make_eval_step(graphdef)
 
-    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, set_aside=True)
     progress_record = {"epoch": 0, "test_errors": [], "epoch_seconds": []}
-    restored = checkpointer.restore(state)
+    try:
+        restored = checkpointer.restore(state)
+    except BaseException:
+        checkpointer.close()
+        raise
     if restored is not None:
         state, progress_record = restored
+    if progress_record["epoch"] > config.epochs:
+        checkpointer.close()
+        raise UserError(
+            f"{workdir} holds a run that has finished {progress_record['epoch']} epochs, more "
+            f"than --epochs={config.epochs}; pass --epochs={progress_record['epoch']} (or more, "
+            "to train on) to resume it, or use another --workdir"
+        )
+    _write_config(workdir, config)
     start_step = _step_of(state)
 
-    writer = MetricWriter(workdir) if jax.process_index() == 0 else NullWriter()
+    writer = (
+        MetricWriter(workdir, resume_step=start_step) if jax.process_index() == 0 else NullWriter()
+    )
     progress = Progress(config.epochs * steps_per_epoch, initial=start_step)
     if start_step:
         progress.message(f"resuming {workdir} at step {start_step}")
@@ -311,10 +357,16 @@ class _Run:
         means = {k: float(np.mean(v)) for k, v in metrics.items()}
         last = epoch * steps_per_epoch + end
         if not np.all(np.isfinite(metrics["loss"])):
+            newest = self.checkpointer.latest_step()
+            kept = (
+                f"the newest checkpoint (step {newest}) is in {self.checkpointer.directory}"
+                if newest is not None
+                else "no checkpoint was saved before it"
+            )
             raise NonFiniteLossError(
                 f"the training loss became {means['loss']} within steps "
-                f"{last - len(chunk) + 1}-{last} (epoch {epoch + 1}); "
-                f"the last good checkpoint is in {self.checkpointer.directory}"
+                f"{last - len(chunk) + 1}-{last} (epoch {epoch + 1}); {kept}; lower the "
+                "learning rate or the penalty"
             )
         self.writer.write(
             last,

@@ -26,12 +26,20 @@ def _plain(value):
 
 class MetricWriter:
     """Appends one JSON record per call to ``workdir/metrics.jsonl`` and mirrors every numeric
-    scalar (nested keys joined with "/") to TensorBoard."""
+    scalar (nested keys joined with "/") to TensorBoard.
 
-    def __init__(self, workdir: Path):
+    ``resume_step``: the step a resumed run restarts from. The records of later steps, written
+    before the run stopped and about to be written again, are dropped from the metrics file, and
+    TensorBoard is told to hide its events from the steps after it (``purge_step``)."""
+
+    def __init__(self, workdir: Path, resume_step: int = 0):
         self.path = Path(workdir) / METRICS_FILE
+        if resume_step:
+            drop_records_after(self.path, resume_step)
         self._file = self.path.open("a")
-        self._tensorboard = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR))
+        self._tensorboard = SummaryWriter(
+            str(Path(workdir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+        )
 
     def write(self, step: int, record: Mapping[str, object]) -> None:
         record = {"step": int(step), **_plain(record)}
@@ -48,6 +56,24 @@ class MetricWriter:
     def close(self) -> None:
         self._file.close()
         self._tensorboard.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file ``path`` (atomically) without the records of steps after
+    ``step`` and without an unfinished last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    partial.replace(path)
 
 
 def flatten_record(record: Mapping[str, object], prefix: str = "") -> dict[str, object]:

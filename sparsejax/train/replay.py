@@ -38,8 +38,9 @@ def replay(
     config: ml_collections.ConfigDict, workdir: str | Path, steps: Sequence[int]
 ) -> list[Snapshot]:
     """Snapshots of the run of ``config`` in ``workdir`` after each of ``steps`` updates (in
-    increasing order), replayed from the newest checkpoint at or before the first of them (or
-    from the run's initial state; a larger ``config.keep_checkpoints`` shortens the replay).
+    increasing order), replayed from the newest checkpoint that verifies at or before the first
+    of them (or from the run's initial state; a larger ``config.keep_checkpoints`` shortens the
+    replay).
 
     Raises ValueError when a step lies outside the run's ``epochs``."""
     setup = set_up(config)
@@ -50,12 +51,12 @@ def replay(
     state, step = setup.initial_state, 0
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     try:
-        saved = [saved for saved in checkpointer.all_steps() if saved <= steps[0]]
-        if saved:
-            step = max(saved)
-            state, _ = checkpointer.restore(setup.initial_state, step=step)
+        restored = checkpointer.restore(setup.initial_state, at_most=steps[0])
     finally:
         checkpointer.close()
+    if restored is not None:
+        state, _ = restored
+        step = int(local_copy(state.step))
 
     eval_step = make_eval_step(setup.graphdef)
     snapshots = []

@@ -368,6 +368,20 @@ def test_pretrained_run_provides_the_weights(tmp_path):
         GReg1(greg_config(pretrained=str(tmp_path / "dense"), pretrain_epochs=2), num_train=10)
 
 
+def test_a_pretrained_run_whose_checkpoint_fails_verification_is_not_used(tmp_path, capsys):
+    dense = get_config()
+    dense.update(dataset="synthetic", model="mlp", method="dense", epochs=2, batch_size=64,
+                 num_train=256, num_test=128, eval_batch_size=128)
+    train_and_evaluate(dense, tmp_path / "dense")
+    checkpoints = tmp_path / "dense" / "checkpoints"
+    (checkpoints / "8" / "sparsejax_digest.json").unlink()
+    assert load_network_weights(abstract_model("mlp"), tmp_path / "dense") == 4
+    assert "checkpoint 8" in capsys.readouterr().err
+    (checkpoints / "4" / "state" / "_METADATA").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="verifies"):
+        load_network_weights(abstract_model("mlp"), tmp_path / "dense")
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="greg_granularity"):
         GReg2(greg_config(greg_granularity="channel"), num_train=10)

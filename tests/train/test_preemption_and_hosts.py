@@ -82,3 +82,21 @@ def test_two_processes_train_one_data_parallel_run(tmp_path):
     assert reference["num_processes"] == 1 and reference["num_devices"] == 4
     assert pod["expected_l0"] == pytest.approx(reference["expected_l0"], rel=1e-4)
     assert pod["test_error"] == pytest.approx(reference["test_error"], abs=1.0)
+
+    # Both processes verify the newest checkpoint, agree that it is damaged and resume the pod
+    # from the one before, ending where the first pod run ended.
+    (tmp_path / "pod" / "checkpoints" / "12" / "state" / "_METADATA").write_text("{}")
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        cli(tmp_path / "pod", "--distributed", f"--coordinator_address={address}",
+            "--num_processes=2", f"--process_id={i}", "--steps_per_epoch=6", env=host_env)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (_, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+        assert "checkpoint 12 failed verification" in stderr
+    resumed = summary(tmp_path / "pod")
+    for key in ("test_error", "expected_l0", "params", "active_units"):
+        assert resumed[key] == pod[key], key
+    assert (tmp_path / "pod" / "checkpoints" / "corrupt-12").is_dir()

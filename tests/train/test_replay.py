@@ -41,3 +41,14 @@ def test_replayed_states_are_the_runs_states(tmp_path):
         assert_kernels_are(snapshot, saved_kernels(tmp_path, 16))
     with pytest.raises(ValueError, match="must lie in"):
         replay(config, tmp_path, [17])
+
+
+def test_replay_never_starts_from_a_checkpoint_that_fails_verification(tmp_path, capsys):
+    config = tiny_config()
+    train_and_evaluate(config, tmp_path)
+    kernels = saved_kernels(tmp_path, 16)
+    (tmp_path / "checkpoints" / "16" / "state" / "_METADATA").write_text("{}")
+    (snapshot,) = replay(config, tmp_path, [16])  # from the checkpoint of step 8
+    assert_kernels_are(snapshot, kernels)
+    assert "checkpoint 16 failed verification" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints" / "16").is_dir()  # a reader moves nothing

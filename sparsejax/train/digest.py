@@ -1,0 +1,81 @@
+"""Content digests of checkpoint directories: written after the data, verified before a read.
+
+A digest lists every file under a checkpoint directory with its size and SHA-256. It is written
+last, once the checkpoint is complete, so a directory without one was never finished; a file
+whose bytes, size or presence differ from the digest means the checkpoint was damaged after it
+was written (a bit flip, a truncation, a deleted metadata file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+DIGEST_FILE = "sparsejax_digest.json"
+HASH = "sha256"
+CHUNK_BYTES = 1 << 22
+
+
+def file_hash(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 4 MiB chunks (``hashlib`` releases the GIL on
+    each, so hashing overlaps with work in other threads)."""
+    digest = hashlib.new(HASH)
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def directory_digest(directory: Path) -> dict[str, dict[str, object]]:
+    """``{relative path: {"bytes": size, "sha256": hex}}`` of every file under ``directory``
+    except the digest file itself."""
+    files = sorted(
+        path for path in directory.rglob("*") if path.is_file() and path.name != DIGEST_FILE
+    )
+    return {
+        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, HASH: file_hash(path)}
+        for path in files
+    }
+
+
+def write_digest(directory: Path) -> None:
+    """Hash ``directory`` and write its digest file atomically (and durably) inside it."""
+    text = json.dumps({"files": directory_digest(directory)}, indent=1, sort_keys=True)
+    partial = directory / f"{DIGEST_FILE}.partial"
+    with partial.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    partial.replace(directory / DIGEST_FILE)
+
+
+def verify_digest(directory: Path) -> str | None:
+    """None when ``directory`` matches its digest; else why not, in a few words."""
+    path = directory / DIGEST_FILE
+    if not path.is_file():
+        return "it has no digest (the save did not finish)"
+    try:
+        expected = json.loads(path.read_text())["files"]
+        if not isinstance(expected, dict):
+            raise TypeError("files is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its digest file is unreadable ({error})"
+    found = {
+        path.relative_to(directory).as_posix()
+        for path in directory.rglob("*")
+        if path.is_file() and not path.name.startswith(DIGEST_FILE)
+    }
+    for name in sorted(set(expected) - found):
+        return f"{name} is missing"
+    for name in sorted(found - set(expected)):
+        return f"{name} was not part of it when it was saved"
+    for name, entry in sorted(expected.items()):
+        file = directory / name
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{name} has {size} bytes, {entry.get('bytes')} were saved"
+        if file_hash(file) != entry.get(HASH):
+            return f"the content of {name} differs from what was saved"
+    return None
