@@ -1,14 +1,77 @@
-"""Errors that are the user's or the environment's to fix, not bugs in sparsejax.
+"""Errors that are the user's or the environment's to fix, not bugs in sparsejax, and how the
+command lines report them.
 
-The command lines print such an error as one ``error: MESSAGE`` line and exit non-zero; the
-traceback is shown only with ``--debug`` (or the environment variable ``SPARSEJAX_DEBUG=1``).
+Library code raises a :class:`UserError` subclass where it finds out what is wrong, with a message
+that says what, where and how to fix it. The command lines (``experiments.*``,
+``sparsejax.slim``, ``sparsejax.plots``) run their work inside :func:`reported_errors`, which
+prints such an error, or an environment ``OSError`` (disk full, read-only file system, permission
+denied, quota exceeded), as one ``error: MESSAGE`` line and exits with :data:`EXIT_FAILED`. Every
+other exception is a bug and keeps its traceback. The traceback of a reported error is shown
+only with ``--debug`` (or the environment variable ``SPARSEJAX_DEBUG=1``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import sys
+from collections.abc import Iterator
+
 DEBUG_ENVIRONMENT_VARIABLE = "SPARSEJAX_DEBUG"
+
+EXIT_FAILED = 1
+"""Exit status of a command line after a reported error."""
+
+ENVIRONMENT_ERRNOS: dict[int, str] = {
+    errno.ENOSPC: "free space on that file system or use another {output}",
+    errno.EDQUOT: "free space within your quota or use another {output}",
+    errno.EROFS: "use another {output} on a writable file system",
+    errno.EACCES: "fix its permissions or use another {output}",
+    errno.EPERM: "fix its permissions or use another {output}",
+}
+"""The ``OSError`` numbers that are the environment's to fix, and the advice for each;
+``{output}`` is the command line's option for where it writes."""
 
 
 class UserError(Exception):
     """Wrong input or a broken environment. The message is one line that says what is wrong,
     where, and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config field (or the flag that sets it) has a value that cannot work: an unknown name,
+    the wrong type, length or range, or a field the chosen method does not read."""
+
+
+def debugging(debug_flag: bool) -> bool:
+    """Whether tracebacks are wanted: ``--debug`` or ``$SPARSEJAX_DEBUG`` set (and not ``0``)."""
+    return debug_flag or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "0") not in ("", "0")
+
+
+def error_message(error: BaseException, output: str) -> str | None:
+    """The one-line report of ``error`` if it is the user's or the environment's to fix, else
+    None; ``output`` names the command line's option for where it writes (e.g. ``--workdir``)."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+        place = f"{error.filename}: " if error.filename is not None else ""
+        meaning = os.strerror(error.errno)
+        advice = ENVIRONMENT_ERRNOS[error.errno].format(output=output)
+        return f"{place}{meaning[0].lower()}{meaning[1:]} ({errno.errorcode[error.errno]}); {advice}"
+    return None
+
+
+@contextlib.contextmanager
+def reported_errors(*, debug: bool = False, output: str = "output directory") -> Iterator[None]:
+    """Run the body; a user or environment error raised in it is printed to stderr as one
+    ``error: ...`` line and ends the process with :data:`EXIT_FAILED` (raised again as it is when
+    :func:`debugging`). Other exceptions pass through untouched."""
+    try:
+        yield
+    except (UserError, OSError) as error:
+        message = error_message(error, output)
+        if message is None or debugging(debug):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from sparsejax.errors import UserError
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """No copy of the requested dataset was found.
 
     The message lists every place that was searched and how to obtain the data.

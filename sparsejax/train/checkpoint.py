@@ -16,11 +16,13 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from sparsejax.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 BEST_METRIC = "eval/err"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but does not fit this run, or cannot be read."""
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparsejax.data.sources import BatchSource, open_source
+from sparsejax.errors import ConfigError, UserError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import Method
 from sparsejax.models import build_model
@@ -43,15 +44,38 @@ RESUMABLE_CHANGES = ("epochs", "data_dir", "keep_checkpoints")
 """Config fields that may differ when a run is resumed."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class DamagedConfigError(UserError, ValueError):
+    """A run directory's ``config.json`` is not a JSON object."""
+
+
+def read_saved_config(path: Path) -> dict:
+    """The config a run saved in ``path`` (its ``config.json``).
+
+    Raises:
+      DamagedConfigError: naming the file, if it is not a JSON object.
+    """
+    try:
+        saved = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = f"not JSON: {error}"
+    else:
+        if isinstance(saved, dict):
+            return saved
+        reason = f"a JSON {type(saved).__name__}, not an object"
+    raise DamagedConfigError(
+        f"{path} is damaged ({reason}); fix or delete it, or use another --workdir"
+    )
 
 
 def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     path = workdir / CONFIG_FILE
     current = json.loads(config.to_json_best_effort())
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_saved_config(path)
         changed = sorted(
             key
             for key in set(saved) | set(current)
@@ -59,7 +83,7 @@ def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
         )
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(
+            raise ConfigError(
                 f"{workdir} holds a run with a different configuration ({details}); "
                 "use another --workdir, or the same flags to resume it"
             )
@@ -126,8 +150,9 @@ def _report_record(report: GateReport) -> dict:
 def steps_per_epoch_of(config: ml_collections.ConfigDict, data: BatchSource) -> int:
     """Training steps per epoch: full batches of the training set, at most ``steps_per_epoch``."""
     if config.batch_size > data.num_train:
-        raise ValueError(
-            f"batch_size {config.batch_size} exceeds the {data.num_train} training examples"
+        raise ConfigError(
+            f"batch_size {config.batch_size} exceeds the {data.num_train} training examples; "
+            "use a smaller --batch_size"
         )
     steps = data.num_train // config.batch_size
     return min(steps, config.steps_per_epoch) if config.get("steps_per_epoch") else steps
