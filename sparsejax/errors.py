@@ -3,10 +3,11 @@ command lines report them.
 
 Library code raises a :class:`UserError` subclass where it finds out what is wrong, with a message
 that says what, where and how to fix it. The command lines (``experiments.*``,
-``sparsejax.slim``, ``sparsejax.plots``) run their work inside :func:`reported_errors`, which
-prints such an error, or an environment ``OSError`` (disk full, read-only file system, permission
-denied, quota exceeded), as one ``error: MESSAGE`` line and exits with :data:`EXIT_FAILED`. Every
-other exception is a bug and keeps its traceback. The traceback of a reported error is shown
+``sparsejax.slim``, ``sparsejax.plots``) hand what their work raises to :func:`report_error`
+(directly, or through the context manager :func:`reported_errors`), which prints such an error,
+or an environment ``OSError`` (disk full, read-only file system, permission denied, quota
+exceeded), as one ``error: MESSAGE`` line; the command then exits with :data:`EXIT_FAILED`.
+Every other exception is a bug and keeps its traceback. The traceback of a reported error is shown
 only with ``--debug`` (or the environment variable ``SPARSEJAX_DEBUG=1``).
 """
 
@@ -17,6 +18,7 @@ import errno
 import os
 import sys
 from collections.abc import Iterator
+from typing import ClassVar
 
 DEBUG_ENVIRONMENT_VARIABLE = "SPARSEJAX_DEBUG"
 
@@ -36,7 +38,11 @@ ENVIRONMENT_ERRNOS: dict[int, str] = {
 
 class UserError(Exception):
     """Wrong input or a broken environment. The message is one line that says what is wrong,
-    where, and how to fix it."""
+    where, and how to fix it; a report folds any line breaks in it (say from a library's message
+    quoted in it) into spaces, unless the class sets :attr:`one_line` False."""
+
+    one_line: ClassVar[bool] = True
+    """False for a message that is a list, one item a line (e.g. every place searched)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -53,7 +59,7 @@ def error_message(error: BaseException, output: str) -> str | None:
     """The one-line report of ``error`` if it is the user's or the environment's to fix, else
     None; ``output`` names the command line's option for where it writes (e.g. ``--workdir``)."""
     if isinstance(error, UserError):
-        return str(error)
+        return " ".join(str(error).split()) if error.one_line else str(error).rstrip()
     if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
         place = f"{error.filename}: " if error.filename is not None else ""
         meaning = os.strerror(error.errno)
@@ -62,16 +68,22 @@ def error_message(error: BaseException, output: str) -> str | None:
     return None
 
 
+def report_error(error: UserError | OSError, *, debug: bool, output: str) -> int:
+    """Print ``error`` to stderr as one ``error: ...`` line and return :data:`EXIT_FAILED`, the
+    exit status of the command; raise it again when it is not the user's or the environment's
+    to fix, or when :func:`debugging`. Called with the exception being handled."""
+    message = error_message(error, output)
+    if message is None or debugging(debug):
+        raise error
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 @contextlib.contextmanager
-def reported_errors(*, debug: bool = False, output: str = "output directory") -> Iterator[None]:
-    """Run the body; a user or environment error raised in it is printed to stderr as one
-    ``error: ...`` line and ends the process with :data:`EXIT_FAILED` (raised again as it is when
-    :func:`debugging`). Other exceptions pass through untouched."""
+def reported_errors(*, debug: bool, output: str) -> Iterator[None]:
+    """Run the body; a user or environment error raised in it goes to :func:`report_error` and
+    ends the process with :data:`EXIT_FAILED`. Other exceptions pass through untouched."""
     try:
         yield
     except (UserError, OSError) as error:
-        message = error_message(error, output)
-        if message is None or debugging(debug):
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_FAILED) from None
+        raise SystemExit(report_error(error, debug=debug, output=output)) from None

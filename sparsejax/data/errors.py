@@ -1,4 +1,4 @@
-"""The error raised when a dataset's files cannot be found anywhere."""
+"""The errors raised when a dataset's files cannot be found anywhere, or are damaged."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 
     The message lists every place that was searched and how to obtain the data.
     """
+
+    one_line = False
+
+
+class DatasetFileError(UserError, ValueError):
+    """A dataset file was found but is damaged or not the file it should be; the message names
+    it and says how to replace it."""
 
 
 def not_found_message(

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparsejax.errors import ConfigError, UserError
 from sparsejax.gates.base import GateParam
 
 STATE_ITEM = "state"
@@ -28,13 +29,17 @@ def _lookup(tree: Any, path: tuple) -> Any:
     return tree
 
 
+class PretrainedRunNotFoundError(UserError, FileNotFoundError):
+    """``config.pretrained`` names a directory without a checkpoint."""
+
+
 def _copy_into(state: nnx.State, saved: Any, what: str, source: Path) -> nnx.State:
     def restored(keypath, leaf):
         path = tuple(_key_name(entry) for entry in keypath)
         value = _lookup(saved, path)
         if value is None or np.shape(value) != np.shape(leaf):
             found = "missing" if value is None else f"shaped {np.shape(value)}"
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint in {source} does not fit this model: {what} "
                 f"{'/'.join(map(str, path[:-1]))} is {found}, the model has {np.shape(leaf)}; "
                 "config.pretrained must name a run of the same model and dataset"
@@ -60,7 +65,7 @@ def load_network_weights(model: nnx.Module, workdir: str | Path) -> int:
             if path.name.isdigit() and (path / STATE_ITEM).is_dir()
         )
     if not steps:
-        raise FileNotFoundError(
+        raise PretrainedRunNotFoundError(
             f"config.pretrained={str(workdir)!r}: no checkpoint in {directory}; give the --workdir "
             "of a finished run of the same model"
         )

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from sparsejax.errors import UserError
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.store import ModelSpec
 from sparsejax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
