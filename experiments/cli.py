@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from sparsejax.data.sources import SOURCES
-from sparsejax.errors import ConfigError, reported_errors
+from sparsejax.errors import ConfigError, DuplicateTracebackFilter, debugging, reported_errors
 from sparsejax.methods import METHODS
 from sparsejax.models import MODELS
 from sparsejax.train import Preempted, train_and_evaluate
@@ -158,6 +158,8 @@ def _main(argv: list[str], resolve: Callable[[ConfigDict], None] | None) -> None
 def _train(resolve: Callable[[ConfigDict], None] | None) -> None:
     """Apply the flags to the config, train and print the summary."""
     logging.set_verbosity(logging.WARNING)
+    if not debugging(_DEBUG.value):
+        logging.get_absl_handler().addFilter(DuplicateTracebackFilter())
     if _DISTRIBUTED.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import ClassVar
@@ -35,6 +37,9 @@ ENVIRONMENT_ERRNOS: dict[int, str] = {
 """The ``OSError`` numbers that are the environment's to fix, and the advice for each;
 ``{output}`` is the command line's option for where it writes."""
 
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='(\d+)'\]")
+_QUOTED_PATH = re.compile(r'"(/[^"]*)"')
+
 
 class UserError(Exception):
     """Wrong input or a broken environment. The message is one line that says what is wrong,
@@ -50,9 +55,31 @@ class ConfigError(UserError, ValueError):
     the wrong type, length or range, or a field the chosen method does not read."""
 
 
+REPORTABLE = (UserError, OSError, ValueError)
+"""The exceptions to hand to :func:`report_error`: those that may be the user's or the
+environment's to fix (it raises again the ones that are not)."""
+
+
 def debugging(debug_flag: bool) -> bool:
     """Whether tracebacks are wanted: ``--debug`` or ``$SPARSEJAX_DEBUG`` set (and not ``0``)."""
     return debug_flag or os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "0") not in ("", "0")
+
+
+def environment_error(error: BaseException) -> OSError | None:
+    """``error`` as an ``OSError`` with a number in :data:`ENVIRONMENT_ERRNOS`, else None.
+
+    Besides ``OSError`` itself this recognises the ``ValueError`` that tensorstore (which Orbax
+    writes checkpoints with) raises for a failed file operation, tagged ``[os_error_code='N']``;
+    its last quoted absolute path is the file."""
+    if isinstance(error, OSError):
+        return error if error.errno in ENVIRONMENT_ERRNOS else None
+    if isinstance(error, ValueError):
+        code = _TENSORSTORE_ERRNO.search(str(error))
+        if code and int(code.group(1)) in ENVIRONMENT_ERRNOS:
+            paths = _QUOTED_PATH.findall(str(error))
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number), paths[-1] if paths else None)
+    return None
 
 
 def error_message(error: BaseException, output: str) -> str | None:
@@ -60,15 +87,25 @@ def error_message(error: BaseException, output: str) -> str | None:
     None; ``output`` names the command line's option for where it writes (e.g. ``--workdir``)."""
     if isinstance(error, UserError):
         return " ".join(str(error).split()) if error.one_line else str(error).rstrip()
-    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
-        place = f"{error.filename}: " if error.filename is not None else ""
-        meaning = os.strerror(error.errno)
-        advice = ENVIRONMENT_ERRNOS[error.errno].format(output=output)
-        return f"{place}{meaning[0].lower()}{meaning[1:]} ({errno.errorcode[error.errno]}); {advice}"
-    return None
+    cause = environment_error(error)
+    if cause is None:
+        return None
+    place = f"{cause.filename}: " if cause.filename is not None else ""
+    meaning = os.strerror(cause.errno)
+    advice = ENVIRONMENT_ERRNOS[cause.errno].format(output=output)
+    return f"{place}{meaning[0].lower()}{meaning[1:]} ({errno.errorcode[cause.errno]}); {advice}"
 
 
-def report_error(error: UserError | OSError, *, debug: bool, output: str) -> int:
+class DuplicateTracebackFilter(logging.Filter):
+    """Drops log records that carry the traceback of an error :func:`report_error` reports as
+    one line (a library's worker thread logs the error it hands back to the caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or error_message(error, "") is None
+
+
+def report_error(error: Exception, *, debug: bool, output: str) -> int:
     """Print ``error`` to stderr as one ``error: ...`` line and return :data:`EXIT_FAILED`, the
     exit status of the command; raise it again when it is not the user's or the environment's
     to fix, or when :func:`debugging`. Called with the exception being handled."""
@@ -85,5 +122,5 @@ def reported_errors(*, debug: bool, output: str) -> Iterator[None]:
     ends the process with :data:`EXIT_FAILED`. Other exceptions pass through untouched."""
     try:
         yield
-    except (UserError, OSError) as error:
+    except REPORTABLE as error:
         raise SystemExit(report_error(error, debug=debug, output=output)) from None

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, UserError, report_error
+from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, REPORTABLE, report_error
 from sparsejax.train.metrics import METRICS_FILE, MetricsFileError, flatten_record, read_records
 
 SUMMARY_FILE = "summary.json"
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = plot_run(args.run_dir, args.out)
-    except (UserError, OSError) as error:
+    except REPORTABLE as error:
         return report_error(error, debug=args.debug, output="--out")
     for path in paths:
         print(path)

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, UserError, report_error
+from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, REPORTABLE, report_error
 from sparsejax.slim.runs import restore_run
 from sparsejax.slim.store import save_slim
 from sparsejax.slim.surgery import SlimReport, slim_model
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         model, spec, step = restore_run(args.run_dir)
         result = slim_model(model)
         save_slim(output, spec, result)
-    except (UserError, OSError) as error:
+    except REPORTABLE as error:
         return report_error(error, debug=args.debug, output="--output")
     print(f"{spec.model} at step {step} -> {output}")
     print(format_report(result.report))
