@@ -93,7 +93,10 @@ def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(text)
+    try:
+        partial.write_text(text)
+    except OSError as error:  # a failed write (e.g. disk full) names no file; name it
+        raise OSError(error.errno, error.strerror, str(partial)) from error
     partial.replace(path)
 
 
