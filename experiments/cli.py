@@ -102,13 +102,13 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
         except flags.Error as error:
             raise ConfigError(f"{error}; {program} --helpfull lists the flags") from error
         except ValueError as error:  # ml_collections: an override it cannot apply
-            raise ConfigError(f"{' '.join(str(error).split())}") from error
+            raise ConfigError(str(error)) from error
         except AttributeError as error:  # ml_collections' report of an unknown field
             missing, suggestion = _missing_field(error)
             override = _override_naming(missing, argv)
             if override is None:
                 raise
-            shown = config_file.relative_to(ROOT) if config_file.is_relative_to(ROOT) else config_file
+            shown = _shown(config_file)
             raise ConfigError(
                 f"--config.{override}: {shown} has no field {missing!r}"
                 + (f" ({suggestion[0].lower()}{suggestion[1:]})" if suggestion else "")
@@ -147,6 +147,11 @@ def _config_file(argv: list[str], default_config: Path) -> Path:
         if match:
             return Path(match.group(1))
     return default_config
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it, for messages."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _main(argv: list[str], resolve: Callable[[ConfigDict], None] | None) -> None:

@@ -57,8 +57,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      DatasetFileError: if the file is not a valid IDX file: a bad magic number, an unknown data-type
-        code, or a size that does not match the header (truncated or with trailing bytes).
+      DatasetFileError: if the file is not a valid IDX file: a bad magic number, an unknown
+        data-type code, or a size that does not match the header (truncated or with trailing
+        bytes).
     """
     name = os.fspath(path)
     data = _read_bytes(path)

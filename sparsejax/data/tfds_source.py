@@ -44,7 +44,9 @@ def _read_records(source: Sequence[Any], count: int) -> list[Any]:
 def _to_arrays(name: str, split: str, records: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Stacks ``{'image', 'label'}`` records into an image array and an int64 label array."""
     if not records:
-        raise DatasetFileError(f"tfds:{name} has no {split} records; prepare it again with tfds build.")
+        raise DatasetFileError(
+            f"tfds:{name} has no {split} records; prepare it again with tfds build."
+        )
     if not {IMAGE_KEY, LABEL_KEY} <= set(records[0]):
         raise DatasetFileError(
             f"tfds:{name} {split} records have keys {sorted(records[0])}; expected "

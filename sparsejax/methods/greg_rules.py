@@ -139,7 +139,9 @@ def _single_branch_ratios(
         spec = dict(enumerate(spec))
     unknown = sorted(i for i in spec if not 0 <= i < len(layers))
     if unknown:
-        raise ConfigError(f"stage_pr names layer indices {unknown}; the model has 0..{len(layers) - 1}")
+        raise ConfigError(
+            f"stage_pr names layer indices {unknown}; the model has 0..{len(layers) - 1}"
+        )
     last = len(layers) - 1
     if granularity == "filter" and spec.get(last, 0.0) > 0:
         raise ConfigError(

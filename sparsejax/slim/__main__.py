@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="working directory of a training run")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"where to write the slim model (default RUN_DIR/{DEFAULT_OUTPUT})")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of an error (also: {DEBUG_ENVIRONMENT_VARIABLE}=1)")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the traceback of an error (also: {DEBUG_ENVIRONMENT_VARIABLE}=1)",
+    )
     args = parser.parse_args(argv)
     output = args.output or args.run_dir / DEFAULT_OUTPUT
     try:
