@@ -1,7 +1,10 @@
 """The command line shared by the experiment entry points (``experiments.mnist``, ``.cifar``,
 ``.imagenet``): flags for the common fields, ``--config.NAME=VALUE`` for every other one, resume
 from ``--workdir``, exit status 75 after a preemption (rerun to resume) and 1 with a one-line
-``error:`` message for missing data, a damaged checkpoint or a diverged loss.
+``error:`` message for every mistake that is the user's or the environment's to fix (see
+:mod:`sparsejax.errors`): a bad flag or config field, missing or damaged data, a damaged
+checkpoint or ``config.json``, a diverged loss, a full or read-only disk. ``--debug`` (or
+``SPARSEJAX_DEBUG=1``) shows the traceback instead.
 
 Multi-host: ``--distributed`` calls ``jax.distributed.initialize`` (arguments detected on TPU
 pods and SLURM, or given with ``--coordinator_address``, ``--num_processes``, ``--process_id``).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,17 +23,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from sparsejax.data import DatasetNotFoundError
 from sparsejax.data.sources import SOURCES
+from sparsejax.errors import ConfigError, DuplicateTracebackFilter, debugging, reported_errors
 from sparsejax.methods import METHODS
 from sparsejax.models import MODELS
-from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
-from sparsejax.train.checkpoint import CheckpointError
+from sparsejax.train import Preempted, train_and_evaluate
 
-EXIT_FAILED = 1
 EXIT_PREEMPTED = 75
 
-CONFIGS = Path(__file__).parent / "configs"
+ROOT = Path(__file__).parents[1]
+CONFIGS = ROOT / "experiments" / "configs"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Configuration file; its fields are overridable as --config.NAME=VALUE."
@@ -49,6 +52,16 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the traceback of an error (also: environment SPARSEJAX_DEBUG=1)."
+)
+
+DEBUG_ARGUMENTS = ("--debug", "-debug", "--debug=true", "--debug=1")
+"""How ``--debug`` may be written; looked for in the raw arguments when the flags themselves
+cannot be parsed."""
+
+_CONFIG_OVERRIDE = re.compile(r"^--?config\.([^=]+)")
+_CONFIG_FILE = re.compile(r"^--?config=([^:]+)")
 
 _FLAG_FIELDS = {
     "method": _METHOD,
@@ -68,14 +81,90 @@ def run(default_config: str, resolve: Callable[[ConfigDict], None] | None = None
     ``resolve`` fills the config fields still None after the flags with the paper's values for
     the chosen method, model and dataset.
     """
-    flags.FLAGS.set_default("config", str(CONFIGS / f"{default_config}.py"))
-    app.run(functools.partial(_main, resolve=resolve))
+    app.run(
+        functools.partial(_main, resolve=resolve),
+        flags_parser=functools.partial(_parse_flags, CONFIGS / f"{default_config}.py"),
+    )
+
+
+def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
+    """absl's flag parsing with ``--config`` defaulting to ``default_config``. A bad flag, an
+    unknown config field, a value of the wrong type or a stray argument is reported as a
+    :class:`ConfigError`, before any data or model is built."""
+    program = f"python -m experiments.{Path(argv[0]).stem}"
+    with reported_errors(debug=any(arg in DEBUG_ARGUMENTS for arg in argv), output="--workdir"):
+        config_file = _config_file(argv, default_config)
+        if not config_file.is_file():
+            raise ConfigError(f"--config={config_file}: no such file; give a config file")
+        try:
+            flags.FLAGS.set_default("config", str(default_config))
+            rest = flags.FLAGS(argv)
+        except flags.Error as error:
+            raise ConfigError(f"{error}; {program} --helpfull lists the flags") from error
+        except ValueError as error:  # ml_collections: an override it cannot apply
+            raise ConfigError(str(error)) from error
+        except AttributeError as error:  # ml_collections' report of an unknown field
+            missing, suggestion = _missing_field(error)
+            override = _override_naming(missing, argv)
+            if override is None:
+                raise
+            shown = _shown(config_file)
+            raise ConfigError(
+                f"--config.{override}: {shown} has no field {missing!r}"
+                + (f" ({suggestion[0].lower()}{suggestion[1:]})" if suggestion else "")
+                + f"; the valid fields are those set in {shown}"
+            ) from error
+        if len(rest) > 1:
+            raise ConfigError(
+                f"unexpected arguments {' '.join(rest[1:])!r}; write flags as --NAME=VALUE "
+                f"({program} --helpfull lists them)"
+            )
+    return rest
+
+
+def _missing_field(error: AttributeError) -> tuple[str, str]:
+    """The field name in ml_collections' report of a missing field, and its "Did you mean"
+    suggestion (empty when it has none)."""
+    cause = error.args[0] if error.args else ""
+    text = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+    name, _, suggestion = str(text).partition("\n")
+    return name.strip("'\""), suggestion.strip()
+
+
+def _override_naming(missing: str, argv: list[str]) -> str | None:
+    """The ``--config.PATH`` override of ``argv`` with ``missing`` in its path, if any."""
+    for arg in argv:
+        match = _CONFIG_OVERRIDE.match(arg)
+        if match and missing in match.group(1).split("."):
+            return match.group(1)
+    return None
+
+
+def _config_file(argv: list[str], default_config: Path) -> Path:
+    """The config file of the command line: ``--config=FILE`` as given, else the default."""
+    for arg in argv:
+        match = _CONFIG_FILE.match(arg)
+        if match:
+            return Path(match.group(1))
+    return default_config
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it, for messages."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _main(argv: list[str], resolve: Callable[[ConfigDict], None] | None) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # _parse_flags refused positional arguments
+    with reported_errors(debug=_DEBUG.value, output="--workdir"):
+        _train(resolve)
+
+
+def _train(resolve: Callable[[ConfigDict], None] | None) -> None:
+    """Apply the flags to the config, train and print the summary."""
     logging.set_verbosity(logging.WARNING)
+    if not debugging(_DEBUG.value):
+        logging.get_absl_handler().addFilter(DuplicateTracebackFilter())
     if _DISTRIBUTED.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
@@ -94,9 +183,6 @@ def _main(argv: list[str], resolve: Callable[[ConfigDict], None] | None) -> None
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
-    except (DatasetNotFoundError, CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
 

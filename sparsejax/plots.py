@@ -1,10 +1,11 @@
 """Figures from a training run's ``metrics.jsonl`` (and ``summary.json`` / ``config.json``).
 
-    python -m sparsejax.plots RUN_DIR [--out OUT_DIR]
+    python -m sparsejax.plots RUN_DIR [--out OUT_DIR] [--debug]
 
 writes PNGs of the error, loss, sparsity and per-layer active-unit curves of a run directory
 written by ``python -m experiments.mnist ... --workdir=DIR``. Figures whose data is absent from
-the metrics file are skipped.
+the metrics file are skipped. A missing or damaged metrics file is reported as one ``error:``
+line (exit status 1); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from sparsejax.train.metrics import METRICS_FILE, flatten_record, read_records
+from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, REPORTABLE, report_error
+from sparsejax.train.metrics import METRICS_FILE, MetricsFileError, flatten_record, read_records
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -167,11 +169,11 @@ def read_run_info(run_dir: str | Path) -> dict:
 
 def _read_json_object(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from error
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MetricsFileError(f"{path} is damaged (not valid JSON: {error}); fix or delete it")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise MetricsFileError(f"{path} is damaged (not a JSON object); fix or delete it")
     return data
 
 
@@ -328,12 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help=f"output directory (default: RUN_DIR/{PLOTS_DIR})"
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (also: {DEBUG_ENVIRONMENT_VARIABLE}=1)",
+    )
     args = parser.parse_args(argv)
     try:
         paths = plot_run(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except REPORTABLE as error:
+        return report_error(error, debug=args.debug, output="--out")
     for path in paths:
         print(path)
     return 0

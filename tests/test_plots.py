@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -34,6 +37,8 @@ SUMMARY = {
     "method": "l0_arm",
     "model": "lenet5",
 }
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_record(step, err):
@@ -234,3 +239,24 @@ def test_bad_line_is_reported_with_its_number(tmp_path, bad_line):
     metrics.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl, line 3"):
         plot_run(run_dir)
+
+
+@pytest.mark.parametrize("metrics", [None, b"\xff\xfe\x00\x81 garbage", b"garbage\n"])
+def test_the_cli_reports_a_missing_or_damaged_metrics_file_in_one_line(tmp_path, metrics):
+    run_dir = tmp_path / "run"
+    if metrics is not None:
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_bytes(metrics)
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsejax.plots", str(run_dir)],
+        capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run_dir / 'metrics.jsonl'}")
+
+
+def test_main_shows_the_traceback_with_debug(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main([str(tmp_path), "--debug"])

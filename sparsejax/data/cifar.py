@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsejax.data.arrays import ArrayDataset, Splits, from_uint8_splits
-from sparsejax.data.errors import DatasetNotFoundError, not_found_message
+from sparsejax.data.errors import DatasetFileError, DatasetNotFoundError, not_found_message
 from sparsejax.data.mnist import DATA_DIR_ENV, search_settings
 from sparsejax.data.tfds_source import read_tfds_arrays, tfds_prepare_hint
 
@@ -133,7 +133,7 @@ def _tarball_reader(files: CifarFiles, path: Path) -> Reader:
     """Reads every batch member of the tarball in one pass; returns a lookup of their bytes.
 
     Raises:
-      ValueError: naming the tarball, if it cannot be read or lacks a member.
+      DatasetFileError: naming the tarball, if it cannot be read or lacks a member.
     """
     wanted = {f"{files.folder}/{name}": name for name in files.all_files}
     contents: dict[str, bytes] = {}
@@ -148,13 +148,14 @@ def _tarball_reader(files: CifarFiles, path: Path) -> Reader:
                     if len(contents) == len(wanted):
                         break
     except _TAR_ERRORS as err:
-        raise ValueError(
-            f"{path} could not be read as the {files.title} tarball ({files.tarball}): "
-            f"{type(err).__name__}: {err}"
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DatasetFileError(
+            f"{path} is damaged or not a {files.title} archive ({reason}); download "
+            f"{files.tarball} again from {DOWNLOAD_PAGE}"
         ) from err
     missing = [member for member, name in wanted.items() if name not in contents]
     if missing:
-        raise ValueError(
+        raise DatasetFileError(
             f"{path} lacks the member(s) {', '.join(missing)}; is it the {files.title} python "
             f"distribution {files.tarball} (from {DOWNLOAD_PAGE})?"
         )
@@ -165,13 +166,13 @@ def _folder_reader(files: CifarFiles, directory: Path) -> Reader:
     """Reads batch files from an extracted folder.
 
     Raises:
-      ValueError: naming the missing file(s), if the folder holds only some of the batches.
+      DatasetFileError: naming the missing file(s), if the folder holds only some of the batches.
     """
     missing = [
         str(directory / name) for name in files.all_files if not (directory / name).is_file()
     ]
     if missing:
-        raise ValueError(
+        raise DatasetFileError(
             f"{directory} holds only some of the {files.title} batch files; missing "
             f"{', '.join(missing)}. Extract {files.tarball} (from {DOWNLOAD_PAGE}) again, or "
             "remove the partial copy."
@@ -183,26 +184,26 @@ def _load_batch(files: CifarFiles, data: bytes, where: str) -> tuple[np.ndarray,
     """Unpickles one batch: uint8 NHWC images ``(N, 32, 32, 3)`` and integer labels ``(N,)``.
 
     Raises:
-      ValueError: naming ``where``, if the batch is not in the expected format.
+      DatasetFileError: naming ``where``, if the batch is not in the expected format.
     """
     try:
         batch = pickle.loads(data, encoding="bytes")
     # Unpickling a damaged or foreign file can raise nearly anything; all mean the same here.
     except Exception as err:
-        raise ValueError(
+        raise DatasetFileError(
             f"{where} could not be unpickled as a {files.title} batch: {type(err).__name__}: {err}"
         ) from err
     keys = (b"data", files.label_key)
     if not isinstance(batch, dict) or not all(key in batch for key in keys):
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(
+        raise DatasetFileError(
             f"{where} should hold a dict with keys {keys[0]!r} and {keys[1]!r}, got {found}; "
             f"is it a {files.title} batch?"
         )
     images = np.asarray(batch[b"data"])
     labels = np.asarray(batch[files.label_key])
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != _ROW_SIZE:
-        raise ValueError(
+        raise DatasetFileError(
             f"{where} should hold uint8 image rows of shape (N, {_ROW_SIZE}), got {images.dtype} "
             f"of shape {images.shape}."
         )
@@ -211,7 +212,7 @@ def _load_batch(files: CifarFiles, data: bytes, where: str) -> tuple[np.ndarray,
         or labels.shape[0] != images.shape[0]
         or not np.issubdtype(labels.dtype, np.integer)
     ):
-        raise ValueError(
+        raise DatasetFileError(
             f"{where} should hold one integer {files.label_key!r} per image ({images.shape[0]}), "
             f"got {labels.dtype} of shape {labels.shape}."
         )
@@ -257,7 +258,7 @@ def _to_dataset(name: str, arrays: Splits, source: str) -> ArrayDataset:
     """The :class:`ArrayDataset` of the splits, after checking the CIFAR image shape."""
     for split, (images, _) in arrays.items():
         if images.shape[1:] != IMAGE_SHAPE:
-            raise ValueError(
+            raise DatasetFileError(
                 f"{source}: {name} {split} images should be {IMAGE_SHAPE}, got {images.shape[1:]}."
             )
     return from_uint8_splits(
@@ -289,8 +290,8 @@ def load_cifar(
 
     Raises:
       DatasetNotFoundError: if no copy is found; the message lists where it was searched.
-      ValueError: if a copy found is unreadable, incomplete or not in the expected format; the
-        message names the file.
+      DatasetFileError: if a copy found is unreadable, incomplete or not in the expected
+        format; the message names the file.
     """
     if name not in CIFAR_FILES:
         raise ValueError(f"unknown CIFAR dataset {name!r}; expected one of {sorted(CIFAR_FILES)}.")

@@ -1,13 +1,22 @@
-"""The error raised when a dataset's files cannot be found anywhere."""
+"""The errors raised when a dataset's files cannot be found anywhere, or are damaged."""
 
 from __future__ import annotations
 
+from sparsejax.errors import UserError
 
-class DatasetNotFoundError(FileNotFoundError):
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """No copy of the requested dataset was found.
 
     The message lists every place that was searched and how to obtain the data.
     """
+
+    one_line = False
+
+
+class DatasetFileError(UserError, ValueError):
+    """A dataset file was found but is damaged or not the file it should be; the message names
+    it and says how to replace it."""
 
 
 def not_found_message(

@@ -14,6 +14,8 @@ import zlib
 
 import numpy as np
 
+from sparsejax.data.errors import DatasetFileError
+
 IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
@@ -38,7 +40,7 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as err:
-        raise ValueError(
+        raise DatasetFileError(
             f"{os.fspath(path)!r} is a corrupt or truncated gzip file ({err}); "
             "download it again."
         ) from err
@@ -55,25 +57,26 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      ValueError: if the file is not a valid IDX file: a bad magic number, an unknown data-type
-        code, or a size that does not match the header (truncated or with trailing bytes).
+      DatasetFileError: if the file is not a valid IDX file: a bad magic number, an unknown
+        data-type code, or a size that does not match the header (truncated or with trailing
+        bytes).
     """
     name = os.fspath(path)
     data = _read_bytes(path)
     if len(data) < _MAGIC_BYTES:
-        raise ValueError(
+        raise DatasetFileError(
             f"{name!r} is too short ({len(data)} bytes) to be an IDX file; download it again."
         )
     zero0, zero1, code, ndim = data[:_MAGIC_BYTES]
     if zero0 != 0 or zero1 != 0 or code not in IDX_DTYPES:
-        raise ValueError(
+        raise DatasetFileError(
             f"{name!r} is not an IDX file: magic number 0x{data[:_MAGIC_BYTES].hex()} should be "
             "0x0000 followed by a data-type code in "
             f"{{{', '.join(f'0x{c:02x}' for c in IDX_DTYPES)}}} and the number of dimensions."
         )
     header_bytes = _MAGIC_BYTES + _DIM_BYTES * ndim
     if len(data) < header_bytes:
-        raise ValueError(
+        raise DatasetFileError(
             f"{name!r} is truncated: its header declares {ndim} dimensions but the file has only "
             f"{len(data)} bytes; download it again."
         )
@@ -82,7 +85,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     expected = header_bytes + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "longer than its header declares"
-        raise ValueError(
+        raise DatasetFileError(
             f"{name!r} is {problem}: a {dtype.name} array of shape {shape} needs {expected} "
             f"bytes but the (decompressed) file has {len(data)}; download it again."
         )

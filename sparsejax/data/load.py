@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 from sparsejax.data.arrays import ArrayDataset
 from sparsejax.data.cifar import CIFAR_FILES, load_cifar
-from sparsejax.data.mnist import load_mnist_family
+from sparsejax.data.errors import DatasetNotFoundError
+from sparsejax.data.mnist import DATA_DIR_ENV, load_mnist_family
 from sparsejax.data.synthetic import SYNTHETIC_NAME, make_synthetic
+from sparsejax.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "fashion_mnist", "mnist", SYNTHETIC_NAME)
 """The names :func:`load_dataset` accepts."""
@@ -18,7 +21,18 @@ def _check_count(arg: str, value: int | None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{arg} must be a positive integer or None, got {value!r}.")
+        raise ConfigError(f"{arg} must be a positive integer or None, got {value!r}.")
+
+
+def check_data_dir(name: str, data_dir: str | None) -> None:
+    """A :class:`DatasetNotFoundError` if ``data_dir`` is given but does not exist: a mistyped
+    path must not quietly fall back to another copy of the dataset."""
+    if data_dir and not Path(data_dir).expanduser().exists():
+        raise DatasetNotFoundError(
+            f"data_dir {data_dir} does not exist; pass the directory that holds the {name} "
+            f"files with --data_dir, or leave it out to search ${DATA_DIR_ENV} and the system "
+            "location"
+        )
 
 
 def load_dataset(
@@ -49,17 +63,18 @@ def load_dataset(
       The dataset, with float32 NHWC images in [0, 1] and int32 labels.
 
     Raises:
-      ValueError: for an unknown ``name`` or ``synthetic_like``, a non-positive count, or a
-        corrupt data file.
-      DatasetNotFoundError: if a real dataset is found nowhere; the message says where it was
-        searched and how to get it.
+      ConfigError: for an unknown ``name`` or ``synthetic_like``, or a non-positive count.
+      DatasetFileError: for a damaged data file.
+      DatasetNotFoundError: if a real dataset is found nowhere, or ``data_dir`` does not exist;
+        the message says where it was searched and how to get it.
     """
     _check_count("num_train", num_train)
     _check_count("num_test", num_test)
     if name == SYNTHETIC_NAME:
         return make_synthetic(synthetic_like, seed=seed, num_train=num_train, num_test=num_test)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+    check_data_dir(name, data_dir)
     if name in CIFAR_FILES:
         return load_cifar(name, data_dir=data_dir, num_train=num_train, num_test=num_test)
     return load_mnist_family(name, data_dir=data_dir, num_train=num_train, num_test=num_test)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsejax.data.arrays import ArrayDataset, from_uint8_splits
-from sparsejax.data.errors import DatasetNotFoundError, not_found_message
+from sparsejax.data.errors import DatasetFileError, DatasetNotFoundError, not_found_message
 from sparsejax.data.idx import read_idx
 from sparsejax.data.tfds_source import read_tfds_arrays, tfds_prepare_hint
 
@@ -102,12 +102,12 @@ def _read_split(
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(
+        raise DatasetFileError(
             f"{images_path} should hold uint8 images of shape (N, H, W), got {images.dtype} of "
             f"shape {images.shape}; is it the right file?"
         )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
+        raise DatasetFileError(
             f"{labels_path} should hold one label per image of {images_path} "
             f"({images.shape[0]}), got an array of shape {labels.shape}; are the files from the "
             "same dataset and split?"
@@ -158,7 +158,7 @@ def load_mnist_family(
 
     Raises:
       DatasetNotFoundError: if no copy is found; the message lists where it was searched.
-      ValueError: if a file found is corrupt or not the expected IDX file.
+      DatasetFileError: if a file found is corrupt or not the expected IDX file.
     """
     if name not in SYSTEM_DATA_DIRS:
         raise ValueError(

@@ -26,8 +26,9 @@ from sparsejax.data import imagenet
 from sparsejax.data.arrays import LABEL_DTYPE, ArrayDataset
 from sparsejax.data.augment import channel_statistics, crop_flip, normalize
 from sparsejax.data.errors import DatasetNotFoundError
-from sparsejax.data.load import DATASETS, load_dataset
+from sparsejax.data.load import DATASETS, check_data_dir, load_dataset
 from sparsejax.data.tfds_source import FILE_FORMAT, IMAGE_KEY, LABEL_KEY, tfds_prepare_hint
+from sparsejax.errors import ConfigError
 
 Batch = tuple[np.ndarray, np.ndarray]
 Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -64,7 +65,7 @@ class ArraySource:
 
     def __init__(self, data: ArrayDataset, augment: str = "none", normalize_channels: bool = False):
         if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {tuple(AUGMENTATIONS)}, got {augment!r}")
+            raise ConfigError(f"augment must be one of {tuple(AUGMENTATIONS)}, got {augment!r}")
         self.data, self.augment = data, augment
         self.statistics = channel_statistics(data.train_images) if normalize_channels else None
         self.name, self.source, self.num_classes = data.name, data.source, data.num_classes
@@ -126,6 +127,7 @@ def open_imagenet(
       DatasetNotFoundError: if it is not prepared under ``data_dir`` (or tfds's default data
         directory); the message says where it looked and how to prepare it.
     """
+    check_data_dir(IMAGENET, data_dir)
     import tensorflow_datasets as tfds
 
     location = data_dir or tfds.core.constants.DATA_DIR
@@ -173,7 +175,7 @@ def open_source(
     (see :func:`sparsejax.data.load_dataset` for the arguments)."""
     if name == IMAGENET:
         if augment != "none" or normalize_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"{IMAGENET} has its own preprocessing (random resized crop, flip, ImageNet "
                 "mean/std); set augment='none' and normalize=False"
             )

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from sparsejax.data.arrays import IMAGE_DTYPE, LABEL_DTYPE, ArrayDataset
+from sparsejax.errors import ConfigError
 
 SYNTHETIC_NAME = "synthetic"
 """The dataset name and source of synthetic data."""
@@ -81,10 +82,10 @@ def make_synthetic(
         set do not depend on ``num_train``, nor the training set on ``num_test``.
 
     Raises:
-      ValueError: if ``like`` is not a key of :data:`SYNTHETIC_LIKE`.
+      ConfigError: if ``like`` is not a key of :data:`SYNTHETIC_LIKE`.
     """
     if like not in SYNTHETIC_LIKE:
-        raise ValueError(
+        raise ConfigError(
             f"synthetic_like={like!r} is not supported; choose one of {sorted(SYNTHETIC_LIKE)}."
         )
     spec = SYNTHETIC_LIKE[like]

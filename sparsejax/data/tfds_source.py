@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsejax.data.errors import DatasetNotFoundError
+from sparsejax.data.errors import DatasetFileError, DatasetNotFoundError
 
 TFDS_SPLITS = ("train", "test")
 """The tfds splits read, in order."""
@@ -44,9 +44,11 @@ def _read_records(source: Sequence[Any], count: int) -> list[Any]:
 def _to_arrays(name: str, split: str, records: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Stacks ``{'image', 'label'}`` records into an image array and an int64 label array."""
     if not records:
-        raise ValueError(f"tfds:{name} has no {split} records; prepare it again with tfds build.")
+        raise DatasetFileError(
+            f"tfds:{name} has no {split} records; prepare it again with tfds build."
+        )
     if not {IMAGE_KEY, LABEL_KEY} <= set(records[0]):
-        raise ValueError(
+        raise DatasetFileError(
             f"tfds:{name} {split} records have keys {sorted(records[0])}; expected "
             f"{IMAGE_KEY!r} and {LABEL_KEY!r}. Only image-classification datasets can be read."
         )
@@ -77,7 +79,7 @@ def read_tfds_arrays(
     Raises:
       DatasetNotFoundError: if tfds is not installed or the dataset is not prepared as
         ArrayRecord under the data directory. The message is one line saying why.
-      ValueError: if the records are not ``{'image', 'label'}`` examples.
+      DatasetFileError: if the records are not ``{'image', 'label'}`` examples.
     """
     try:
         import tensorflow_datasets as tfds

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.gates.base import Gate
 from sparsejax.methods.optim import (
     OPTIMIZERS,
@@ -32,6 +33,12 @@ from sparsejax.models.base import GatedModel, GateSlot
 
 Params = dict[str, Any]
 """``{"net": nnx.State of nnx.Param, "gates": nnx.State of GateParam}``."""
+
+
+PER_SLOT_FIELDS: tuple[str, ...] = ("lambdas", "gate_lambda", "final_sparsity", "stage_pr")
+"""Config fields with one value per gate slot or layer (or one for all), each read by some
+methods only; a method refuses those it does not read (:attr:`Method.per_slot_fields`), which it
+would otherwise silently ignore."""
 
 
 def model_default(
@@ -67,12 +74,15 @@ class Method(abc.ABC):
     """
 
     name: ClassVar[str]
+    per_slot_fields: ClassVar[tuple[str, ...]] = ()
+    """The fields of :data:`PER_SLOT_FIELDS` the method reads; the others must be None."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
         if num_train <= 0:
             raise ValueError(f"num_train must be positive, got {num_train}")
         self.config = config
         self.num_train = num_train
+        self._refuse_unread_per_slot_fields()
         for key, valid in (
             ("optimizer", OPTIMIZERS),
             ("gate_optimizer", OPTIMIZERS),
@@ -81,7 +91,19 @@ class Method(abc.ABC):
         ):
             value = config.get(key)
             if value is not None and value not in valid:
-                raise ValueError(f"config.{key} must be one of {valid}, got {value!r}")
+                raise ConfigError(f"config.{key} must be one of {valid}, got {value!r}")
+
+    def _refuse_unread_per_slot_fields(self) -> None:
+        """A :class:`ConfigError` for a per-slot field that is set but not read by the method."""
+        for field in PER_SLOT_FIELDS:
+            if field not in self.per_slot_fields and self.config.get(field) is not None:
+                reads = ", ".join(f"config.{name}" for name in self.per_slot_fields)
+                raise ConfigError(
+                    f"config.{field}={self.config.get(field)!r} does not apply to method "
+                    f"{self.name!r}, which " + (f"reads {reads} instead" if reads else
+                                               "has no per-slot setting")
+                    + f"; leave --config.{field} out"
+                )
 
     @abc.abstractmethod
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> Gate | None:
@@ -227,7 +249,7 @@ def per_slot(
         values = values * len(slots)
     if len(values) != len(slots):
         names = ", ".join(s.name for s in slots)
-        raise ValueError(
+        raise ConfigError(
             f"config.{what} has {len(values)} values but the model has {len(slots)} gate slots "
             f"({names}); give one value or one per slot"
         )

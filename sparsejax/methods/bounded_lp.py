@@ -32,6 +32,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.estimators.bounded_lp import bounded_norm, prox_bounded_l1, safe_norm, soft_threshold
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.methods import state_paths
@@ -84,13 +85,14 @@ class L1Gating(Method):
     """
 
     name: ClassVar[str] = "l1"
+    per_slot_fields = ("gate_lambda",)
     defaults: ClassVar[dict[str, dict[str, float]]] = L1_DEFAULTS
 
     def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
         super().__init__(config, num_train=num_train)
         self.filter_lambda = float(config.get("filter_lambda", 0.0))
         if self.filter_lambda < 0:
-            raise ValueError(f"config.filter_lambda must be >= 0, got {self.filter_lambda}")
+            raise ConfigError(f"config.filter_lambda must be >= 0, got {self.filter_lambda}")
         self._gate_rate: optax.Schedule | None = None
 
     def default(self, field: str) -> float:
@@ -103,12 +105,12 @@ class L1Gating(Method):
     def prepare_model(self, model: GatedModel) -> None:
         slots = tuple(s for s in model.gate_slots if s.name in model.gates)
         if not slots:
-            raise ValueError(f"method {self.name!r} needs a model with gate slots")
+            raise ConfigError(f"method {self.name!r} needs a model with gate slots")
         self.slots = slots
         lambdas = self.default("gate_lambda")
         self.gate_lambdas = per_slot(lambdas, slots, {}, "*", "gate_lambda")
         if min(self.gate_lambdas.values()) < 0:
-            raise ValueError(f"config.gate_lambda must be >= 0, got {lambdas}")
+            raise ConfigError(f"config.gate_lambda must be >= 0, got {lambdas}")
         self.gate_paths = state_paths.variable_paths(
             model, {s.name: model.gates[s.name].value for s in slots}
         )
@@ -206,7 +208,7 @@ class BoundedLpGating(L1Gating):
         self.p = float(config.get("p", 1.0))
         self.gate_threshold = float(config.get("gate_threshold", 0.0))
         if self.p < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"config.p must be >= 1 (for p < 1 the penalty's slope at 0 is infinite), got {self.p}"
             )
 
@@ -217,7 +219,7 @@ class BoundedLpGating(L1Gating):
         self.filter_sigma = self.sigma if filter_sigma is None else float(filter_sigma)
         for field, value in (("sigma", self.sigma), ("filter_sigma", self.filter_sigma)):
             if value <= 0:
-                raise ValueError(f"config.{field} must be positive, got {value}")
+                raise ConfigError(f"config.{field} must be positive, got {value}")
 
     def gate_penalty(self, values: jax.Array) -> jax.Array:
         return bounded_norm(values, self.sigma, self.p)

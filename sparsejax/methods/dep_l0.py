@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.estimators import hard_concrete
 from sparsejax.gates.generated import (
     GeneratedBinaryGate,
@@ -94,17 +95,17 @@ class DepL0(Method):
         super().__init__(config, num_train=num_train)
         self.dependency = config.get("dependency") or "forward"
         if self.dependency not in DEPENDENCIES:
-            raise ValueError(
+            raise ConfigError(
                 f"config.dependency must be one of {DEPENDENCIES}, got {self.dependency!r}"
             )
         self.penalty_form = config.get("penalty_form") or "layers"
         if self.penalty_form not in PENALTY_FORMS:
-            raise ValueError(
+            raise ConfigError(
                 f"config.penalty_form must be one of {PENALTY_FORMS}, got {self.penalty_form!r}"
             )
         self.fine_tune_epochs = int(config.get("fine_tune_epochs") or 0)
         if self.fine_tune_epochs < 0:
-            raise ValueError(f"config.fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
+            raise ConfigError(f"config.fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
         model_name = config.get("model") or "*"
         defaults = DEFAULT_LAMBDAS.get(model_name, DEFAULT_LAMBDAS["*"])
         lam = config.get("lamba")
@@ -114,7 +115,7 @@ class DepL0(Method):
     @staticmethod
     def unit_count(slot: GateSlot) -> int:
         if slot.axis is None or len(slot.shape) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"slot {slot.name!r} has weight gates; Dep-L0 generates unit gates, build the "
                 "model with granularity='unit'"
             )
@@ -198,7 +199,7 @@ class DepL0(Method):
         """The generator's optimizer: Adam 1e-3 unless configured, on the network's schedule
         unless configured, and a learning rate of exactly 0 during fine-tuning."""
         if self.fine_tune_epochs >= epochs:
-            raise ValueError(
+            raise ConfigError(
                 f"config.fine_tune_epochs={self.fine_tune_epochs} leaves no training epoch of "
                 f"the {epochs}; use fewer fine-tuning epochs"
             )

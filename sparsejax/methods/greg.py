@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.methods import state_paths
 from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.dense import Dense
@@ -164,13 +165,14 @@ class GReg(Method):
     """Growing regularisation; subclasses fix the variant (see the module docstring)."""
 
     variant: ClassVar[int]
+    per_slot_fields = ("stage_pr",)
 
     def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
         super().__init__(config, num_train=num_train)
         settings = _resolve(config)
         self.granularity = settings["greg_granularity"]
         if self.granularity not in GROUP_GRANULARITIES:
-            raise ValueError(
+            raise ConfigError(
                 f"greg_granularity must be one of {GROUP_GRANULARITIES}, got {self.granularity!r}"
             )
         self.stage_pr = settings["stage_pr"]
@@ -188,7 +190,7 @@ class GReg(Method):
         )
         self.pretrained = config.get("pretrained")
         if self.pretrained and config.get("pretrain_epochs"):
-            raise ValueError(
+            raise ConfigError(
                 f"config.pretrained={self.pretrained!r} and config.pretrain_epochs="
                 f"{config.pretrain_epochs} both ask for a pretrained network; set one of them"
             )
@@ -203,7 +205,7 @@ class GReg(Method):
         """Choose the pruned layers, attach the schedule state, load ``config.pretrained``."""
         ratios = layer_ratios(model.layers, self.stage_pr, self.granularity)
         if not ratios:
-            raise ValueError(
+            raise ConfigError(
                 f"stage_pr={self.stage_pr!r} prunes no layer of {type(model).__name__}; "
                 "give some layer a ratio in (0, 1)"
             )
@@ -298,6 +300,7 @@ class GRegPretraining(Dense):
     (l2/2)||theta||^2, no schedule; marks the next step as the first of regularisation."""
 
     name = "greg_pretraining"
+    per_slot_fields = GReg.per_slot_fields
 
     def __init__(self, parent: GReg):
         super().__init__(parent.config, num_train=parent.num_train)

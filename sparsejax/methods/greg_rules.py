@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
+from sparsejax.errors import ConfigError
 from sparsejax.models.base import Layer
 
 GroupGranularity = Literal["filter", "weight"]
@@ -48,7 +49,7 @@ def _parse_string(spec: str) -> float | list[float] | dict[int, float]:
         try:
             values = [float(v) for v in inner.split(",") if v.strip()]
         except ValueError as error:
-            raise ValueError(f"cannot read pruning ratios from {spec!r}") from error
+            raise ConfigError(f"cannot read pruning ratios from {spec!r}") from error
         if text[:1] in "[({":
             return values
         return values[0] if len(values) == 1 else values
@@ -56,7 +57,7 @@ def _parse_string(spec: str) -> float | list[float] | dict[int, float]:
     for item in inner.split(","):
         match = _DICT_ITEM.match(item)
         if match is None:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot read {item!r} in pruning ratios {spec!r}; write items as "
                 "'index:ratio' or 'first-last:ratio', e.g. '[1-15:0.7]'"
             )
@@ -77,7 +78,10 @@ def _index_mapping(spec: Mapping[int | str, float]) -> dict[int, float]:
 
 def _check_ratio(name: str, ratio: float) -> float:
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"pruning ratio {ratio} of layer {name!r} must lie in [0, 1)")
+        raise ConfigError(
+            f"config.stage_pr gives layer {name!r} the pruning ratio {ratio}; ratios must lie in "
+            "[0, 1) (the fraction of the layer's groups to remove)"
+        )
     return ratio
 
 
@@ -97,12 +101,12 @@ def _residual_ratios(
         return {layer.name: spec for layer in prunable}
     stages = len(spec) - 2
     if stages < 1 or len(blocks) % stages:
-        raise ValueError(
+        raise ConfigError(
             f"stage_pr {spec} must be [stem, one ratio per stage, fc] for a ResNet with "
             f"{len(blocks)} blocks"
         )
     if granularity == "filter" and (spec[0] or spec[-1]):
-        raise ValueError(
+        raise ConfigError(
             f"stage_pr {spec}: the stem and fc ratios must be 0 with filter granularity (the "
             "stem sets the residual width, fc the classes)"
         )
@@ -128,17 +132,19 @@ def _single_branch_ratios(
     elif isinstance(spec, list):
         if len(spec) != len(layers):
             names = ", ".join(layer.name for layer in layers)
-            raise ValueError(
+            raise ConfigError(
                 f"stage_pr has {len(spec)} ratios but the model has {len(layers)} layers "
                 f"({names}); give one per layer, a float or an index mapping like '[1-2:0.5]'"
             )
         spec = dict(enumerate(spec))
     unknown = sorted(i for i in spec if not 0 <= i < len(layers))
     if unknown:
-        raise ValueError(f"stage_pr names layer indices {unknown}; the model has 0..{len(layers) - 1}")
+        raise ConfigError(
+            f"stage_pr names layer indices {unknown}; the model has 0..{len(layers) - 1}"
+        )
     last = len(layers) - 1
     if granularity == "filter" and spec.get(last, 0.0) > 0:
-        raise ValueError(
+        raise ConfigError(
             f"stage_pr prunes the outputs of the classifier {layers[last].name!r} (index {last}), "
             "which are the classes; give it ratio 0 or use greg_granularity='weight'"
         )
@@ -150,7 +156,7 @@ def layer_ratios(
 ) -> dict[str, float]:
     """``{layer name: ratio}`` for every layer GReg prunes (ratio > 0), in network order."""
     if granularity not in GROUP_GRANULARITIES:
-        raise ValueError(
+        raise ConfigError(
             f"greg_granularity must be one of {GROUP_GRANULARITIES}, got {granularity!r}"
         )
     if isinstance(spec, str):
@@ -163,7 +169,7 @@ def layer_ratios(
         spec = [float(v) for v in spec]
     if is_residual(layers):
         if isinstance(spec, dict):
-            raise ValueError(
+            raise ConfigError(
                 "a residual network takes stage ratios [stem, stage 1, ..., fc] or one float, "
                 f"not a per-layer mapping ({spec})"
             )

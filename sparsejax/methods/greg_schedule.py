@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.errors import ConfigError
+
 REGULARISE, STABILISE, FINETUNE = 0, 1, 2
 """Values of :attr:`GRegState.phase` after pretraining."""
 
@@ -83,14 +85,14 @@ class Schedule:
         if self.variant not in (1, 2):
             raise ValueError(f"GReg variant must be 1 or 2, got {self.variant}")
         if self.interval < 1 or self.stabilise_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"greg_interval must be >= 1 and greg_stabilise_steps >= 0, got "
                 f"{self.interval} and {self.stabilise_steps}"
             )
         if self.delta <= 0 or self.ceiling <= 0 or (
             self.variant == 2 and (self.delta_pick <= 0 or self.ceiling_pick <= 0)
         ):
-            raise ValueError(
+            raise ConfigError(
                 "greg_delta, greg_ceiling (and for GReg-2 greg_delta_pick, greg_ceiling_pick) "
                 "must be positive"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, per_slot
 from sparsejax.methods.penalties import expected_l0, gated_l2
 from sparsejax.models.base import GatedModel, GateSlot
@@ -27,6 +28,8 @@ class L0Method(Method):
     paper's for the model), ``droprate_init`` (None: the reference's per slot), ``l2``,
     ``per_example_gates``, ``model`` (name, to pick default lambdas)."""
 
+    per_slot_fields = ("lambdas",)
+
     def prepare_model(self, model: GatedModel) -> None:
         self.lambdas = per_slot(
             self.config.get("lambdas"),
@@ -43,7 +46,7 @@ class L0Method(Method):
     def per_example(self, slot: GateSlot) -> bool:
         per_example = bool(self.config.get("per_example_gates", False))
         if per_example and slot.axis is None:
-            raise ValueError(
+            raise ConfigError(
                 f"slot {slot.name!r} has weight gates, which are shared by the batch; "
                 "set config.per_example_gates=False or use unit granularity"
             )

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import jax
 import optax
 
+from sparsejax.errors import ConfigError
+
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "momentum", "nesterov")
 SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
 MOMENTUM = 0.9
@@ -31,7 +33,7 @@ def learning_rate_schedule(
         return optax.piecewise_constant_schedule(base, boundaries)
     if schedule == "cosine":
         return optax.cosine_decay_schedule(base, max(1, epochs * steps_per_epoch))
-    raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    raise ConfigError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
 
 
 def build_optimizer(
@@ -50,7 +52,7 @@ def build_optimizer(
     elif name == "nesterov":
         optimizer = optax.sgd(learning_rate, momentum=MOMENTUM, nesterov=True)
     else:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
     if weight_decay:
         return optax.chain(optax.add_decayed_weights(weight_decay), optimizer)
     return optimizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method
 from sparsejax.methods.bounded_lp import BoundedLpGating, L1Gating
 from sparsejax.methods.dense import Dense
@@ -25,5 +26,5 @@ METHODS: dict[str, type[Method]] = {
 def create_method(name: str, config: ml_collections.ConfigDict, *, num_train: int) -> Method:
     """Instantiate the method registered as ``name``."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
     return METHODS[name](config, num_train=num_train)

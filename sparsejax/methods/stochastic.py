@@ -30,6 +30,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.methods import state_paths
 from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.penalties import gated_l2
@@ -64,20 +65,21 @@ class StochasticPruning(Method):
     :data:`DEFAULT_TEMPERATURE`; ``l2`` None is 0)."""
 
     name = "stochastic"
+    per_slot_fields = ("final_sparsity",)
 
     def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
         super().__init__(config, num_train=num_train)
         temperature = config.get("prune_temperature")
         self.temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
         if self.temperature <= 0:
-            raise ValueError(f"config.prune_temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"config.prune_temperature must be positive, got {self.temperature}")
         self.initial_sparsity = float(config.get("initial_sparsity", 0.0))
         self.regrowth = bool(config.get("allow_regrowth", False))
         self.l1 = float(self.default("l1"))
         self.l2 = float(config.get("l2") or 0.0)
         for field, value in (("l1", self.l1), ("l2", self.l2)):
             if value < 0:
-                raise ValueError(f"config.{field} must be >= 0, got {value}")
+                raise ConfigError(f"config.{field} must be >= 0, got {value}")
         self._schedule_steps: tuple[float, float] | None = None
 
     def default(self, field: str) -> Any:
@@ -89,7 +91,7 @@ class StochasticPruning(Method):
 
     def prepare_model(self, model: GatedModel) -> None:
         if model.granularity != "unit":
-            raise ValueError(
+            raise ConfigError(
                 "stochastic pruning finds dead nodes through the models' unit declarations; "
                 f"use granularity='unit', not {model.granularity!r}"
             )
@@ -97,7 +99,7 @@ class StochasticPruning(Method):
         self.final_sparsity = self._per_layer(self.default("final_sparsity"))
         for name, value in self.final_sparsity.items():
             if not self.initial_sparsity <= value < 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f"final sparsity {value} of layer {name!r} must lie in "
                     f"[initial_sparsity={self.initial_sparsity}, 1)"
                 )
@@ -114,7 +116,7 @@ class StochasticPruning(Method):
         values = list(values)
         if len(values) != len(self.layers):
             names = ", ".join(l.name for l in self.layers)
-            raise ValueError(
+            raise ConfigError(
                 f"config.final_sparsity has {len(values)} values but the model has "
                 f"{len(self.layers)} layers ({names}); give one value or one per layer"
             )
@@ -140,7 +142,7 @@ class StochasticPruning(Method):
         start = float(self.config.get("prune_start_epoch", 0.0)) * steps_per_epoch
         end = float(self.default("prune_end_epoch")) * steps_per_epoch
         if not 0 <= start <= end:
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 <= prune_start_epoch <= prune_end_epoch, got {start / steps_per_epoch} "
                 f"and {end / steps_per_epoch}"
             )

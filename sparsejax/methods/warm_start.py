@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparsejax.errors import ConfigError, UserError, warn
 from sparsejax.gates.base import GateParam
 
 STATE_ITEM = "state"
@@ -28,13 +29,17 @@ def _lookup(tree: Any, path: tuple) -> Any:
     return tree
 
 
+class PretrainedRunNotFoundError(UserError, FileNotFoundError):
+    """``config.pretrained`` names a directory without a checkpoint."""
+
+
 def _copy_into(state: nnx.State, saved: Any, what: str, source: Path) -> nnx.State:
     def restored(keypath, leaf):
         path = tuple(_key_name(entry) for entry in keypath)
         value = _lookup(saved, path)
         if value is None or np.shape(value) != np.shape(leaf):
             found = "missing" if value is None else f"shaped {np.shape(value)}"
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint in {source} does not fit this model: {what} "
                 f"{'/'.join(map(str, path[:-1]))} is {found}, the model has {np.shape(leaf)}; "
                 "config.pretrained must name a run of the same model and dataset"
@@ -49,7 +54,6 @@ def load_network_weights(model: nnx.Module, workdir: str | Path) -> int:
     statistics of the newest checkpoint that verifies of the run in ``workdir`` into ``model``;
     its optimizer state, gates and step are not used. Returns the step of that checkpoint."""
     # Imported here: sparsejax.train imports the methods.
-    from sparsejax.errors import warn
     from sparsejax.train.checkpoint import CHECKPOINT_DIR
     from sparsejax.train.digest import verify_digest
 
@@ -70,7 +74,7 @@ def load_network_weights(model: nnx.Module, workdir: str | Path) -> int:
             break
         warn(f"config.pretrained: checkpoint {step} in {directory} failed verification: {reason}")
     else:
-        raise FileNotFoundError(
+        raise PretrainedRunNotFoundError(
             f"config.pretrained={str(workdir)!r}: no checkpoint in {directory} verifies; give "
             "the --workdir of a finished run of the same model"
         )

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import ml_collections
 
+from sparsejax.errors import UserError
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.store import ModelSpec
 from sparsejax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
-from sparsejax.train.loop import CONFIG_FILE, build, load_data, steps_per_epoch_of
+from sparsejax.train.loop import (
+    CONFIG_FILE,
+    build,
+    load_data,
+    read_saved_config,
+    steps_per_epoch_of,
+)
 from sparsejax.train.state import init_state, merge_model
 
 
-class NotARunError(ValueError):
+class NotARunError(UserError, ValueError):
     """A directory is not a run, or holds no checkpoint."""
 
 
@@ -39,7 +45,7 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
             f"the run in {workdir} has no checkpoint under {checkpoints}; train it for at least "
             "one epoch first"
         )
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = ml_collections.ConfigDict(read_saved_config(config_path))
     data = load_data(config)
     method, model = build(config, data)
     tx = method.optimizer(steps_per_epoch=steps_per_epoch_of(config, data), epochs=config.epochs)

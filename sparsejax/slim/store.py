@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sparsejax.errors import UserError
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.plan import SlimPlan
@@ -25,6 +26,10 @@ from sparsejax.slim.surgery import SlimResult, rebuild
 SLIM_CONFIG_FILE = "slim_config.json"
 SLIM_REPORT_FILE = "slim_report.json"
 SLIM_CHECKPOINT_DIR = "checkpoint"
+
+
+class SlimOutputExistsError(UserError, FileExistsError):
+    """The output directory of a slim model holds one already."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +54,7 @@ def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Pat
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint = directory / SLIM_CHECKPOINT_DIR
     if checkpoint.exists():
-        raise FileExistsError(
+        raise SlimOutputExistsError(
             f"{checkpoint} exists already; pass another output directory or delete it"
         )
     with ocp.StandardCheckpointer() as checkpointer:

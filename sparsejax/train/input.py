@@ -23,6 +23,7 @@ from absl import flags
 from jax.sharding import Mesh
 
 from sparsejax.data.sources import Batch, BatchSource
+from sparsejax.errors import ConfigError
 from sparsejax.train.sharding import check_batch_size, global_batch, process_slice
 
 DEFAULT_THREADS = 4
@@ -103,7 +104,7 @@ class Input:
         check_batch_size(batch_size, mesh)
         check_batch_size(eval_batch_size, mesh, "eval_batch_size")
         if workers < 0 or threads < 1 or prefetch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"need workers >= 0, threads >= 1 and prefetch >= 1; got workers={workers}, "
                 f"threads={threads}, prefetch={prefetch}"
             )

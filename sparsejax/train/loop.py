@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparsejax.data.sources import BatchSource, open_source
-from sparsejax.errors import UserError
+from sparsejax.errors import ConfigError, UserError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import Method
 from sparsejax.models import build_model
@@ -47,15 +47,38 @@ RESUMABLE_CHANGES = ("epochs", "data_dir", "keep_checkpoints")
 """Config fields that may differ when a run is resumed."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class DamagedConfigError(UserError, ValueError):
+    """A run directory's ``config.json`` is not a JSON object."""
+
+
+def read_saved_config(path: Path) -> dict:
+    """The config a run saved in ``path`` (its ``config.json``).
+
+    Raises:
+      DamagedConfigError: naming the file, if it is not a JSON object.
+    """
+    try:
+        saved = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = f"not JSON: {error}"
+    else:
+        if isinstance(saved, dict):
+            return saved
+        reason = f"a JSON {type(saved).__name__}, not an object"
+    raise DamagedConfigError(
+        f"{path} is damaged ({reason}); fix or delete it, or use another --workdir"
+    )
 
 
 def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     path = workdir / CONFIG_FILE
     current = json.loads(config.to_json_best_effort())
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_saved_config(path)
         changed = sorted(
             key
             for key in set(saved) | set(current)
@@ -63,7 +86,7 @@ def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
         )
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            raise ValueError(
+            raise ConfigError(
                 f"{workdir} holds a run with a different configuration ({details}); "
                 "use another --workdir, or the same flags to resume it"
             )
@@ -77,7 +100,10 @@ def _write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(text)
+    try:
+        partial.write_text(text)
+    except OSError as error:  # a failed write (e.g. disk full) names no file; name it
+        raise OSError(error.errno, error.strerror, str(partial)) from error
     partial.replace(path)
 
 
@@ -134,8 +160,9 @@ def _report_record(report: GateReport) -> dict:
 def steps_per_epoch_of(config: ml_collections.ConfigDict, data: BatchSource) -> int:
     """Training steps per epoch: full batches of the training set, at most ``steps_per_epoch``."""
     if config.batch_size > data.num_train:
-        raise ValueError(
-            f"batch_size {config.batch_size} exceeds the {data.num_train} training examples"
+        raise ConfigError(
+            f"batch_size {config.batch_size} exceeds the {data.num_train} training examples; "
+            "use a smaller --batch_size"
         )
     steps = data.num_train // config.batch_size
     return min(steps, config.steps_per_epoch) if config.get("steps_per_epoch") else steps
@@ -247,7 +274,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
         state, progress_record = restored
     if progress_record["epoch"] > config.epochs:
         checkpointer.close()
-        raise UserError(
+        raise ConfigError(
             f"{workdir} holds a run that has finished {progress_record['epoch']} epochs, more "
             f"than --epochs={config.epochs}; pass --epochs={progress_record['epoch']} (or more, "
             "to train on) to resume it, or use another --workdir"

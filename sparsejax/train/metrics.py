@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from sparsejax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -88,24 +90,39 @@ def flatten_record(record: Mapping[str, object], prefix: str = "") -> dict[str, 
     return flat
 
 
+class MetricsNotFoundError(UserError, FileNotFoundError):
+    """A run directory has no metrics file."""
+
+
+class MetricsFileError(UserError, ValueError):
+    """A metrics file (or a JSON file beside it) is damaged; the message names it."""
+
+
 RUN_DIR_HINT = "a run directory written by `python -m experiments.mnist ... --workdir=DIR`"
 
 
 def read_records(path: str | Path) -> list[dict]:
     """The JSON records of a metrics file, one per non-blank line.
 
-    Raises FileNotFoundError when the file is missing and ValueError when it holds no records or
-    a line is not a JSON object (naming the line)."""
+    Raises MetricsNotFoundError when the file is missing and MetricsFileError when it is not
+    text, holds no records or a line is not a JSON object (naming the line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected {RUN_DIR_HINT}")
-    records = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                records.append(_parse_line(path, number, line))
+        raise MetricsNotFoundError(f"{path} not found: expected {RUN_DIR_HINT}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise MetricsFileError(
+            f"{path} is damaged (not UTF-8 text: {error.reason} at byte {error.start}); "
+            "delete it, or point at another run directory"
+        ) from error
+    records = [
+        _parse_line(path, number, line)
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
     if not records:
-        raise ValueError(f"{path} holds no metric records")
+        raise MetricsFileError(f"{path} holds no metric records")
     return records
 
 
@@ -113,9 +130,11 @@ def _parse_line(path: Path, number: int, line: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+        raise MetricsFileError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
     if not isinstance(record, dict):
-        raise ValueError(f"{path}, line {number}: expected a JSON object, got {line.strip()!r}")
+        raise MetricsFileError(
+            f"{path}, line {number}: expected a JSON object, got {line.strip()!r}"
+        )
     return record
 
 

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from sparsejax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -35,9 +37,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> i
     """The per-process share of a global batch; an error unless it splits evenly over devices."""
     devices = mesh.devices.size
     if batch_size % devices:
-        raise ValueError(
+        raise ConfigError(
             f"{what}={batch_size} is not divisible by the {devices} devices "
-            f"({jax.process_count()} processes); use a multiple of {devices}"
+            f"({jax.process_count()} processes): the batch size must be a multiple of the "
+            f"device count; use a multiple of {devices}"
         )
     return batch_size // jax.process_count()
 

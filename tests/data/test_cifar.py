@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
 from sparsejax.data import DATASETS, ArrayDataset, DatasetNotFoundError, load_dataset, mnist
+from sparsejax.data.errors import DatasetFileError
 
 NOT_FOUND_SECONDS = 5.0
 """Upper bound on the time to give up on a dataset that is nowhere (no download attempt)."""
@@ -232,7 +233,8 @@ def test_corrupt_tarball_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv(mnist.DATA_DIR_ENV, raising=False)
     path, _ = write_tarball(tmp_path, "cifar10")
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ValueError, match=re.escape(str(path)) + " could not be read"):
+    damaged = re.escape(str(path)) + " is damaged or not a CIFAR-10"
+    with pytest.raises(DatasetFileError, match=damaged):
         load_dataset("cifar10", data_dir=os.fspath(tmp_path))
 
 
@@ -306,7 +308,7 @@ def test_missing_data_lists_places_and_remedies(no_local_copies: Path, name: str
 def test_missing_data_reports_a_data_dir_that_does_not_exist(no_local_copies: Path):
     missing = no_local_copies / "nowhere"
     message = _load_missing("cifar10", os.fspath(missing))
-    assert f"{missing} (data_dir): does not exist" in message
+    assert message.startswith(f"data_dir {missing} does not exist; pass the directory")
     assert not missing.exists()
 
 

@@ -73,3 +73,10 @@ def test_array_dataset_properties():
 def test_array_dataset_rejects_bad_arrays(change: dict, problem: str):
     with pytest.raises(ValueError, match=problem):
         ArrayDataset(name="toy", num_classes=2, source="memory", **(_arrays() | change))
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
+def test_a_data_dir_that_does_not_exist_is_not_passed_over(tmp_path, name):
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(DatasetNotFoundError, match=f"data_dir {missing} does not exist"):
+        load_dataset(name, data_dir=str(missing))

@@ -74,6 +74,7 @@ def test_cifar_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 @pytest.mark.usefixtures("getitems_by_index")
 def test_cifar_under_mock_tfds_data(tmp_path):
+    (tmp_path / "no_files").mkdir()
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
         summary = train_and_evaluate(
             cifar_config(dataset="cifar100", num_train=None, num_test=None, epochs=1,

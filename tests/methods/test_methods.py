@@ -7,8 +7,10 @@ import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
+from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN
 from sparsejax.methods import METHODS, create_method, cross_entropy
+from sparsejax.methods.base import PER_SLOT_FIELDS
 from sparsejax.models import MLP, build_model
 from sparsejax.train.state import merge_model, split_model
 
@@ -151,3 +153,17 @@ def test_batchnorm_statistics_are_updated_once_per_step(name):
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(reference), initial))
     for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(reference)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("field", PER_SLOT_FIELDS)
+def test_a_per_slot_field_is_an_error_for_a_method_that_does_not_read_it(method_name, field):
+    config = get_config()
+    config.update(method=method_name, model="mlp")
+    config[field] = (0.1, 0.1)
+    if field in METHODS[method_name].per_slot_fields:
+        create_method(method_name, config, num_train=100)
+    else:
+        with pytest.raises(ConfigError, match=f"config.{field}=.* does not apply to method"):
+            create_method(method_name, config, num_train=100)
+

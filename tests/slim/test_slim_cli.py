@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from experiments.configs import mnist
 from sparsejax.models import build_model
 from sparsejax.slim import slim_model
 from sparsejax.slim.__main__ import main
-from sparsejax.slim.runs import restore_run
+from sparsejax.slim.runs import NotARunError, restore_run
 from sparsejax.slim.store import (
     SLIM_CONFIG_FILE,
     SLIM_REPORT_FILE,
@@ -114,3 +115,25 @@ def test_slim_models_with_streams_and_batchnorm_round_trip_through_disk(
     np.testing.assert_allclose(
         eval_logits(restored, x), eval_logits(model, x), atol=1e-4, rtol=1e-4
     )
+
+
+def test_slim_cli_reports_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    for path in damaged.glob("checkpoints/*/state/**/*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[:10])
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsejax.slim", str(damaged)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot restore the checkpoint")
+    assert str(damaged / "checkpoints") in lines[0]
+
+
+def test_slim_cli_shows_the_traceback_with_debug(tmp_path):
+    with pytest.raises(NotARunError):
+        main([str(tmp_path), "--debug"])

@@ -284,3 +284,27 @@ def test_slimming_reads_the_newest_checkpoint_that_verifies(tmp_path, capsys):
     flip_bits(largest_file(tmp_path / "checkpoints" / "8" / "state"))
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         restore_run(tmp_path)
+
+
+def test_a_second_cli_run_on_a_live_workdir_is_refused_with_one_line(tmp_path):
+    command = [
+        sys.executable, "-m", "experiments.mnist", "--model=lenet5", "--method=l0_hc",
+        "--dataset=synthetic", "--epochs=50", "--config.log_every=2", f"--workdir={tmp_path}",
+    ]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    first = subprocess.Popen(command, cwd=ROOT, env=environment, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / METRICS_FILE).exists() and time.time() < deadline:
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            time.sleep(0.1)
+        second = subprocess.run(
+            command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        first.kill()
+        first.communicate()
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), second.stderr[-2000:]
+    assert f"process {first.pid} on host {socket.gethostname()}" in lines[0]
