@@ -55,6 +55,11 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
         restored = checkpointer.restore(state)
     finally:
         checkpointer.close()
+    if restored is None:
+        raise NotARunError(
+            f"the run in {workdir} has no finished checkpoint under {checkpoints}; rerun its "
+            "training command to finish one"
+        )
     state, _ = restored
     spec = ModelSpec(config.model, data.num_classes, tuple(data.image_shape), config.granularity)
     return merge_model(graphdef, state.params, state.model_state), spec, int(state.step)

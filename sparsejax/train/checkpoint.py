@@ -11,7 +11,8 @@ that overlaps with the next training steps; it is the last thing written, so a c
 without one was never finished. Before a checkpoint is read every process verifies it, and they
 agree. One that fails (damaged, truncated, unfinished) is never used: the training engine moves
 it aside to ``checkpoints/corrupt-STEP`` and resumes from the next newest one, as if the bad one
-had never been written; read-only users (slimming, replay) skip it with a warning. A checkpoint
+had never been written (from the start when only unfinished ones are left); read-only users
+(slimming, replay) skip it with a warning. A checkpoint
 that verifies but does not fit the run (another configuration or version) raises
 :class:`CheckpointError`: a run never silently starts again from scratch.
 """
@@ -30,7 +31,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from sparsejax.errors import UserError, warn
-from sparsejax.train.digest import verify_digest, write_digest
+from sparsejax.train.digest import UNFINISHED, verify_digest, write_digest
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_PREFIX = "corrupt-"
@@ -136,10 +137,11 @@ class Checkpointer:
         self, template_state: Any, at_most: int | None = None
     ) -> tuple[Any, dict] | None:
         """The newest checkpoint that verifies (of a step at most ``at_most``, when given),
-        shaped like ``template_state``; None if the run has none.
+        shaped like ``template_state``; None if the run has none, or only checkpoints whose
+        save did not finish (as if they had never been written).
 
-        Raises :class:`CheckpointError` when checkpoints exist but none verifies, or when one
-        that verifies does not fit ``template_state``."""
+        Raises :class:`CheckpointError` when checkpoints exist but none verifies and some are
+        damaged, or when one that verifies does not fit ``template_state``."""
         self.wait_for_digest()
         candidates = sorted(
             (step for step in self.all_steps() if at_most is None or step <= at_most),
@@ -152,14 +154,17 @@ class Checkpointer:
             reason = _agreed(verify_digest(self.step_directory(candidate)))
             if reason is None:
                 return self._read(candidate, template_state)
-            rejected.append(self._reject(candidate, reason))
+            rejected.append((reason, self._reject(candidate, reason)))
+        if all(reason == UNFINISHED for reason, _ in rejected):
+            return None
         where = (
             f"they were moved to {self.directory}/{CORRUPT_PREFIX}*"
             if self.set_aside
             else f"they are in {self.directory}"
         )
         raise CheckpointError(
-            f"no usable checkpoint in {self.directory}: {'; '.join(rejected)} ({where}); "
+            f"no usable checkpoint in {self.directory}: {'; '.join(what for _, what in rejected)} "
+            f"({where}); "
             f"delete {self.directory} to start the run again, or use another --workdir"
         )
 

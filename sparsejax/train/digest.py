@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 DIGEST_FILE = "sparsejax_digest.json"
+UNFINISHED = "it has no digest: its save did not finish"
+"""The verdict on a checkpoint whose digest was never written."""
 HASH = "sha256"
 CHUNK_BYTES = 1 << 22
 
@@ -41,13 +42,10 @@ def directory_digest(directory: Path) -> dict[str, dict[str, object]]:
 
 
 def write_digest(directory: Path) -> None:
-    """Hash ``directory`` and write its digest file atomically (and durably) inside it."""
+    """Hash ``directory`` and write its digest file atomically inside it."""
     text = json.dumps({"files": directory_digest(directory)}, indent=1, sort_keys=True)
     partial = directory / f"{DIGEST_FILE}.partial"
-    with partial.open("w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
+    partial.write_text(text)
     partial.replace(directory / DIGEST_FILE)
 
 
@@ -55,7 +53,7 @@ def verify_digest(directory: Path) -> str | None:
     """None when ``directory`` matches its digest; else why not, in a few words."""
     path = directory / DIGEST_FILE
     if not path.is_file():
-        return "it has no digest (the save did not finish)"
+        return UNFINISHED
     try:
         expected = json.loads(path.read_text())["files"]
         if not isinstance(expected, dict):

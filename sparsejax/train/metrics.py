@@ -30,17 +30,19 @@ class MetricWriter:
     """Appends one JSON record per call to ``workdir/metrics.jsonl`` and mirrors every numeric
     scalar (nested keys joined with "/") to TensorBoard.
 
-    ``resume_step``: the step a resumed run restarts from. The records of later steps, written
-    before the run stopped and about to be written again, are dropped from the metrics file, and
-    TensorBoard is told to hide its events from the steps after it (``purge_step``)."""
+    ``resume_step``: the step the run starts from. When the metrics file exists already (a
+    resumed run), the records of later steps, written before the run stopped and about to be
+    written again, are dropped from it, and TensorBoard is told to hide its events from the steps
+    after it (``purge_step``)."""
 
     def __init__(self, workdir: Path, resume_step: int = 0):
         self.path = Path(workdir) / METRICS_FILE
-        if resume_step:
+        resuming = self.path.exists()
+        if resuming:
             drop_records_after(self.path, resume_step)
         self._file = self.path.open("a")
         self._tensorboard = SummaryWriter(
-            str(Path(workdir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+            str(Path(workdir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resuming else None
         )
 
     def write(self, step: int, record: Mapping[str, object]) -> None:

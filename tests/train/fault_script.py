@@ -52,6 +52,8 @@ def inject(fault: str) -> None:
         on_call(ocp.CompositeCheckpointHandler, "finalize", KILL_AT_SAVE, lambda *_, **__: die())
     elif fault == "before_digest":
         on_call(checkpoint, "write_digest", KILL_AT_SAVE, lambda *_: die())
+    elif fault == "before_first_digest":  # the only checkpoint is unfinished: start afresh
+        on_call(checkpoint, "write_digest", 1, lambda *_: die())
     elif fault == "mid_digest":
         def half_written(original, directory):
             (directory / f"{DIGEST_FILE}.partial").write_text('{"files": {')

@@ -130,6 +130,16 @@ def test_when_no_checkpoint_verifies_one_error_says_so_and_what_to_do(tmp_path):
     assert f"delete {tmp_path / 'checkpoints'}" in message
 
 
+def test_checkpoints_whose_save_did_not_finish_count_as_never_written(tmp_path, capsys):
+    template = saved(tmp_path)
+    for step in ("1", "2"):
+        (tmp_path / "checkpoints" / step / DIGEST_FILE).unlink()
+    checkpointer = Checkpointer(tmp_path, set_aside=True)
+    assert checkpointer.restore(template) is None
+    checkpointer.close()
+    assert capsys.readouterr().err.count("its save did not finish") == 2
+
+
 def test_an_intact_checkpoint_that_does_not_fit_is_an_error_and_stays(tmp_path):
     saved(tmp_path)
     checkpointer = Checkpointer(tmp_path, set_aside=True)
@@ -260,7 +270,9 @@ def uninterrupted(tmp_path_factory):
     return result_of(run_script(workdir, "none")), read_metrics(workdir)
 
 
-@pytest.mark.parametrize("fault", ["in_orbax_save", "before_digest", "mid_digest", "mid_epoch"])
+@pytest.mark.parametrize(
+    "fault", ["in_orbax_save", "before_digest", "before_first_digest", "mid_digest", "mid_epoch"]
+)
 def test_sigkill_at_any_point_resumes_exactly(tmp_path, uninterrupted, fault):
     killed = run_script(tmp_path, fault)
     assert killed.returncode == -9, killed.stderr[-3000:]
