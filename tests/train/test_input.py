@@ -43,7 +43,7 @@ def test_an_epoch_draws_distinct_examples_and_epochs_differ(source):
     epoch0 = np.concatenate(images[:STEPS]).reshape(STEPS * BATCH, -1)
     assert len({row.tobytes() for row in epoch0}) == STEPS * BATCH  # no example twice
     assert not np.array_equal(np.concatenate(labels[:STEPS]), np.concatenate(labels[STEPS:]))
-    train = source.data.train_images.reshape(source.num_train, -1)
+    train = np.asarray(source.data.train_images).reshape(source.num_train, -1)
     known = {row.tobytes() for row in train}
     assert all(row.tobytes() in known for row in epoch0)
 
