@@ -43,7 +43,7 @@ RUNS: dict[str, tuple[str, ...]] = {
 SMOKE_FLAGS = ("--dataset=synthetic", "--epochs=1", "--steps_per_epoch=2", "--config.log_every=1")
 
 _RUNS = flags.DEFINE_list("runs", list(RUNS), "Smoke runs to measure.")
-_LIMIT = flags.DEFINE_float("limit_gb", 10.0, "Kill a run whose summed resident memory passes this.")
+_LIMIT = flags.DEFINE_float("limit_gb", 10.0, "Kill a run whose summed memory passes this (GiB).")
 _INTERVAL = flags.DEFINE_float("interval", 0.05, "Seconds between memory samples.")
 _TIMEOUT = flags.DEFINE_float("timeout", 900.0, "Seconds a run may take.")
 _EXTRA = flags.DEFINE_list("extra", [], "More flags for every run, e.g. --config.input_workers=2.")

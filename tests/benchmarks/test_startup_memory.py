@@ -41,7 +41,10 @@ def test_measure_counts_and_kills_processes_left_behind():
 
 def test_measure_times_when_the_run_is_ready(tmp_path: Path):
     ready = tmp_path / "ready"
-    code = f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(ready)!r}).touch(); time.sleep(0.5)"
+    code = (
+        f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(ready)!r}).touch(); "
+        "time.sleep(0.5)"
+    )
     result = measure(python(code), limit_bytes=GIB, ready=ready.exists)
     assert 0.4 < result.ready_seconds < result.seconds
 
