@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -31,6 +30,10 @@ class MetricWriter:
     def __init__(self, workdir: Path):
         self.path = Path(workdir) / METRICS_FILE
         self._file = self.path.open("a")
+        # Imported here, not with this module: tensorboardX imports torch when it is installed
+        # (about 0.5 GB), and input worker processes import this module but write no metrics.
+        from tensorboardX import SummaryWriter
+
         self._tensorboard = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR))
 
     def write(self, step: int, record: Mapping[str, object]) -> None:

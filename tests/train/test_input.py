@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,6 +11,7 @@ from sparsejax.train.input import Input, usable_cpus
 from sparsejax.train.sharding import create_mesh
 
 BATCH, STEPS = 16, 4
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +96,16 @@ def test_eval_batches_cover_the_test_set_once(source):
 def test_bad_settings_are_refused(source):
     with pytest.raises(ValueError, match="workers >= 0"):
         make_input(source, workers=-1)
+
+
+def test_worker_processes_import_no_tensorboard():
+    """A worker imports the run's main module and the readers, not tensorboardX (and torch)."""
+    check = (
+        "import sys, experiments.imagenet, sparsejax.train.input; "
+        "print(sorted({'tensorboardX', 'torch'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.stdout.strip() == "[]", result.stderr
