@@ -107,11 +107,14 @@ def recipe(method: str, model: str) -> dict[str, Any]:
 
 
 def resolve(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] = ()) -> None:
-    """Fill every field of ``config`` that is None with the recipe's value (``overrides`` first)."""
+    """Fill every field of ``config`` that is None with the recipe's value (``overrides`` first);
+    an ``eval_batch_size`` left None is the batch size."""
     values = {**recipe(config.method, config.model), **dict(overrides)}
     for field, value in values.items():
         if field in config and config[field] is None:
             config[field] = value
+    if "eval_batch_size" in config and config.eval_batch_size is None:
+        config.eval_batch_size = config.batch_size
 
 
 def resolve_mnist(config: ml_collections.ConfigDict) -> None:

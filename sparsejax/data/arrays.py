@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
 
@@ -15,6 +16,19 @@ LABEL_DTYPE = np.dtype(np.int32)
 _UINT8_MAX = 255.0
 
 
+class ImageArray(Protocol):
+    """Images indexable like a NumPy array's first axis: a NumPy array, or images drawn when read
+    (:class:`sparsejax.data.synthetic.SyntheticImages`)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    ndim: int
+
+    def __getitem__(self, key) -> np.ndarray: ...
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray: ...
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
     """Train and test splits of an image-classification dataset.
@@ -23,9 +37,10 @@ class ArrayDataset:
 
     Attributes:
       name: the dataset's name, one of :data:`sparsejax.data.DATASETS`.
-      train_images: float32 array of shape ``(num_train, height, width, channels)`` in [0, 1].
+      train_images: float32 images of shape ``(num_train, height, width, channels)`` in [0, 1]
+        (a NumPy array, or any :class:`ImageArray`).
       train_labels: int32 array of shape ``(num_train,)`` with values in ``[0, num_classes)``.
-      test_images: float32 array of shape ``(num_test, height, width, channels)`` in [0, 1].
+      test_images: float32 images of shape ``(num_test, height, width, channels)`` in [0, 1].
       test_labels: int32 array of shape ``(num_test,)`` with values in ``[0, num_classes)``.
       num_classes: the number of classes.
       source: where the data was read from, for logs: a directory, ``"tfds:<name>"`` or
@@ -33,9 +48,9 @@ class ArrayDataset:
     """
 
     name: str
-    train_images: np.ndarray
+    train_images: ImageArray
     train_labels: np.ndarray
-    test_images: np.ndarray
+    test_images: ImageArray
     test_labels: np.ndarray
     num_classes: int
     source: str

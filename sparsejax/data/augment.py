@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sparsejax.data.arrays import ImageArray
+
 CROP_PADDING = 4
 FLIP_PROBABILITY = 0.5
 
@@ -31,9 +33,29 @@ def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
-def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation over a set of NHWC images."""
-    return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+STATISTICS_CHUNK = 1024
+"""Images read at a time when the statistics of images not held in memory are summed."""
+
+
+def channel_statistics(images: ImageArray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over a set of NHWC images.
+
+    Images not held in memory (e.g. synthetic images drawn when read) are read
+    :data:`STATISTICS_CHUNK` at a time, their per-channel sums and sums of squares kept in
+    float64; the statistics are returned in float32, as NumPy's of an in-memory array are."""
+    if isinstance(images, np.ndarray):
+        return images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))
+    count = images.shape[0]
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, count, STATISTICS_CHUNK):
+        chunk = images[start : start + STATISTICS_CHUNK].astype(np.float64)
+        total += chunk.sum(axis=(0, 1, 2))
+        squares += np.square(chunk).sum(axis=(0, 1, 2))
+    pixels = count * int(np.prod(images.shape[1:3]))
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - np.square(mean), 0.0))
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

@@ -11,12 +11,15 @@ kinds exist:
   (ArrayRecord, no TensorFlow), with the random-resized-crop / resize-and-center-crop recipe of
   :mod:`sparsejax.data.imagenet`.
 
-Sources are plain picklable objects, so grain can run them in worker processes.
+Sources are plain picklable objects, so grain can run them in worker processes. A pickled
+:class:`ArraySource` holds the names of its arrays in shared memory, not the arrays: every worker
+process attaches to the one copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -27,6 +30,7 @@ from sparsejax.data.arrays import LABEL_DTYPE, ArrayDataset
 from sparsejax.data.augment import channel_statistics, crop_flip, normalize
 from sparsejax.data.errors import DatasetNotFoundError
 from sparsejax.data.load import DATASETS, check_data_dir, load_dataset
+from sparsejax.data.shared import SharedArrays
 from sparsejax.data.tfds_source import FILE_FORMAT, IMAGE_KEY, LABEL_KEY, tfds_prepare_hint
 from sparsejax.errors import ConfigError
 
@@ -40,6 +44,10 @@ SOURCES: tuple[str, ...] = (*DATASETS, IMAGENET)
 
 IMAGENET_SPLITS = ("train", "validation")
 """ImageNet's test split has no labels; the validation split is the test set of the papers."""
+
+_SHARING = threading.Lock()
+"""Held while an :class:`ArraySource` moves its arrays into shared memory (grain pickles the
+sources of its workers from several threads)."""
 
 
 class BatchSource(Protocol):
@@ -61,7 +69,12 @@ class BatchSource(Protocol):
 
 class ArraySource:
     """An in-memory dataset with optional augmentation and per-channel normalisation (by the
-    training set's mean and standard deviation)."""
+    training set's mean and standard deviation).
+
+    The first time it is pickled (grain pickles it for each worker process) its NumPy arrays are
+    moved into shared memory (:class:`~sparsejax.data.shared.SharedArrays`), where this process
+    then reads them too; the pickle holds their names, and unpickling attaches to them.
+    """
 
     def __init__(self, data: ArrayDataset, augment: str = "none", normalize_channels: bool = False):
         if augment not in AUGMENTATIONS:
@@ -71,6 +84,27 @@ class ArraySource:
         self.name, self.source, self.num_classes = data.name, data.source, data.num_classes
         self.image_shape = data.image_shape
         self.num_train, self.num_test = data.num_train, data.num_test
+        self._shared: SharedArrays | None = None
+
+    def _fields(self) -> dict:
+        return {f.name: getattr(self.data, f.name) for f in dataclasses.fields(self.data)}
+
+    def __getstate__(self) -> dict:
+        with _SHARING:
+            if self._shared is None:
+                fields = self._fields()
+                self._shared = SharedArrays(
+                    {k: v for k, v in fields.items() if isinstance(v, np.ndarray)}
+                )
+                self.data = dataclasses.replace(self.data, **self._shared.arrays)
+        fields = self._fields()
+        state = dict(self.__dict__)
+        state["data"] = {k: v for k, v in fields.items() if k not in self._shared.arrays}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.data = ArrayDataset(**state["data"], **self._shared.arrays)
 
     def _prepare(self, images: np.ndarray) -> np.ndarray:
         return images if self.statistics is None else normalize(images, *self.statistics)

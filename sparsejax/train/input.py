@@ -6,7 +6,9 @@ draws from ``default_rng([seed, epoch, index, process])``. The dataset is theref
 ``MapDataset`` over step numbers, and the iterator's position *is* the step the checkpoint holds:
 a resumed run starts the same dataset at its restored step and reads exactly the batches an
 uninterrupted run reads. Reading and augmentation run in ``num_threads`` threads, or in
-``workers`` grain worker processes (ImageNet decoding), ahead of the training step.
+``workers`` grain worker processes (ImageNet decoding), ahead of the training step. Workers end
+with the process that started them, even when it is killed
+(:func:`sparsejax.train.worker_lifetime.exit_with_parent`).
 
 Every process reads only its own slice of each global batch (``process_slice``) and the slices
 are assembled into one array sharded over the mesh's ``data`` axis.
@@ -14,6 +16,8 @@ are assembled into one array sharded over the mesh's ``data`` axis.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterator
 
 import grain
@@ -25,10 +29,18 @@ from jax.sharding import Mesh
 from sparsejax.data.sources import Batch, BatchSource
 from sparsejax.errors import ConfigError
 from sparsejax.train.sharding import check_batch_size, global_batch, process_slice
+from sparsejax.train.worker_lifetime import exit_with_parent
 
 DEFAULT_THREADS = 4
 DEFAULT_PREFETCH = 8
 """Batches read ahead of the training step."""
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def epoch_order(seed: int, epoch: int, num_train: int, steps: int, batch_size: int) -> np.ndarray:
@@ -86,7 +98,12 @@ class TestBatchReader:
 
 
 class Input:
-    """Global training batches by step and padded evaluation batches of a :class:`BatchSource`."""
+    """Global training batches by step and padded evaluation batches of a :class:`BatchSource`.
+
+    At most one worker process runs per usable CPU core (:func:`usable_cpus`): a worker decodes
+    and augments on one core and holds its own copy of the program (some hundreds of MB), so more
+    workers than cores cost memory and bring no speed. The batches do not depend on the count.
+    """
 
     def __init__(
         self,
@@ -111,7 +128,8 @@ class Input:
         self.source, self.mesh, self.seed = source, mesh, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.workers, self.threads, self.prefetch = workers, threads, prefetch
+        self.workers = min(workers, usable_cpus())
+        self.threads, self.prefetch = threads, prefetch
 
     @property
     def num_test(self) -> int:
@@ -133,7 +151,10 @@ class Input:
         if self.workers:
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.workers),
+                worker_init_fn=functools.partial(exit_with_parent, os.getpid()),
+            )
         return dataset
 
     def train_batches(self, start_step: int, end_step: int) -> Iterator[tuple[jax.Array, jax.Array]]:

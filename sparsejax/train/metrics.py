@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from sparsejax.errors import UserError
 
@@ -41,6 +40,10 @@ class MetricWriter:
         if resuming:
             drop_records_after(self.path, resume_step)
         self._file = self.path.open("a")
+        # Imported here, not with this module: tensorboardX imports torch when it is installed
+        # (about 0.5 GB), and input worker processes import this module but write no metrics.
+        from tensorboardX import SummaryWriter
+
         self._tensorboard = SummaryWriter(
             str(Path(workdir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resuming else None
         )

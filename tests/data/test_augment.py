@@ -7,6 +7,7 @@ from sparsejax.data.augment import (
     random_crop,
     random_flip,
 )
+from sparsejax.data.synthetic import make_synthetic
 
 
 def images(count=64, size=8, channels=3):
@@ -58,3 +59,12 @@ def test_normalize_gives_zero_mean_unit_std_per_channel():
     np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1.0, rtol=1e-4)
     np.testing.assert_allclose(mean, [batch[..., c].mean() for c in range(3)], rtol=1e-5)
+
+
+def test_channel_statistics_of_images_not_in_memory_are_summed_in_chunks():
+    lazy = make_synthetic("cifar10", num_train=1100, num_test=1).train_images  # two chunks
+    whole = np.asarray(lazy).astype(np.float64)
+    mean, std = channel_statistics(lazy)
+    assert mean.dtype == std.dtype == np.float32
+    np.testing.assert_allclose(mean, whole.mean(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(std, whole.std(axis=(0, 1, 2)), rtol=1e-5)

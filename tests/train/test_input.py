@@ -1,12 +1,17 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from sparsejax.data import load_dataset
+from sparsejax.data import ArrayDataset, load_dataset
 from sparsejax.data.sources import ArraySource
-from sparsejax.train.input import Input
+from sparsejax.train.input import Input, usable_cpus
 from sparsejax.train.sharding import create_mesh
 
 BATCH, STEPS = 16, 4
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def test_an_epoch_draws_distinct_examples_and_epochs_differ(source):
     epoch0 = np.concatenate(images[:STEPS]).reshape(STEPS * BATCH, -1)
     assert len({row.tobytes() for row in epoch0}) == STEPS * BATCH  # no example twice
     assert not np.array_equal(np.concatenate(labels[:STEPS]), np.concatenate(labels[STEPS:]))
-    train = source.data.train_images.reshape(source.num_train, -1)
+    train = np.asarray(source.data.train_images).reshape(source.num_train, -1)
     known = {row.tobytes() for row in train}
     assert all(row.tobytes() in known for row in epoch0)
 
@@ -54,6 +59,29 @@ def test_worker_processes_read_the_same_batches(source):
     for (a, b), (c, d) in zip(threads, workers, strict=True):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
+
+
+def test_worker_processes_read_arrays_held_in_memory():
+    rng = np.random.default_rng(4)
+    data = ArrayDataset(
+        name="cifar10",
+        train_images=rng.random((70, 32, 32, 3), dtype=np.float32),
+        train_labels=rng.integers(0, 10, 70).astype(np.int32),
+        test_images=rng.random((5, 32, 32, 3), dtype=np.float32),
+        test_labels=rng.integers(0, 10, 5).astype(np.int32),
+        num_classes=10,
+        source="memory",
+    )
+    threads = as_numpy(make_input(ArraySource(data, "crop_flip")).train_batches(0, 4))
+    workers = as_numpy(make_input(ArraySource(data, "crop_flip"), workers=2).train_batches(0, 4))
+    for (a, b), (c, d) in zip(threads, workers, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+
+
+def test_no_more_workers_than_cpu_cores(source):
+    assert make_input(source, workers=1000).workers == usable_cpus()
+    assert make_input(source, workers=1).workers == 1
 
 
 def test_eval_batches_cover_the_test_set_once(source):
@@ -68,3 +96,16 @@ def test_eval_batches_cover_the_test_set_once(source):
 def test_bad_settings_are_refused(source):
     with pytest.raises(ValueError, match="workers >= 0"):
         make_input(source, workers=-1)
+
+
+def test_worker_processes_import_no_tensorboard():
+    """A worker imports the run's main module and the readers, not tensorboardX (and torch)."""
+    check = (
+        "import sys, experiments.imagenet, sparsejax.train.input; "
+        "print(sorted({'tensorboardX', 'torch'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.stdout.strip() == "[]", result.stderr
