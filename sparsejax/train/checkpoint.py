@@ -31,10 +31,13 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from sparsejax.errors import UserError, warn
-from sparsejax.train.digest import UNFINISHED, verify_digest, write_digest
+from sparsejax.train.digest import DIGEST_FILE, UNFINISHED, verify_digest, write_digest
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_PREFIX = "corrupt-"
+SEALED_MARKER = "sparsejax_sealed"
+"""A file in the checkpoint directory of every run whose checkpoints carry digests; a run without
+it was written before they existed."""
 BEST_METRIC = "eval/err"
 
 
@@ -97,6 +100,8 @@ class Checkpointer:
         end of an epoch saves before its evaluation; the resumed run saves again after it), and
         start sealing it with its digest in the background."""
         self.wait_for_digest()
+        if jax.process_index() == 0:
+            (self.directory / SEALED_MARKER).touch()
         if step in self._manager.all_steps():
             self._manager.delete(step)
         self._manager.save(
@@ -149,41 +154,67 @@ class Checkpointer:
         )
         if not candidates:
             return None
+        predating = not (self.directory / SEALED_MARKER).exists()
+        if predating and self.set_aside:
+            self._seal_predating(candidates)
+        elif predating:
+            warn(f"the checkpoints in {self.directory} predate digests: read without verification")
         rejected = []
         for candidate in candidates:
-            reason = _agreed(verify_digest(self.step_directory(candidate)))
+            reason = verify_digest(self.step_directory(candidate))
+            if predating and reason == UNFINISHED:
+                reason = None
+            reason = _agreed(reason)
             if reason is None:
+                self._warn_rejected(rejected)
                 return self._read(candidate, template_state)
             rejected.append((reason, self._reject(candidate, reason)))
         if all(reason == UNFINISHED for reason, _ in rejected):
+            self._warn_rejected(rejected)
             return None
-        where = (
-            f"they were moved to {self.directory}/{CORRUPT_PREFIX}*"
+        advice = (
+            f"delete {self.directory} to start the run again, or use another --workdir"
             if self.set_aside
-            else f"they are in {self.directory}"
+            else f"train the run again (delete {self.directory} first) to get one that can be read"
         )
         raise CheckpointError(
-            f"no usable checkpoint in {self.directory}: {'; '.join(what for _, what in rejected)} "
-            f"({where}); "
-            f"delete {self.directory} to start the run again, or use another --workdir"
+            f"no usable checkpoint in {self.directory}: "
+            f"{'; '.join(what for _, what in rejected)}; {advice}"
         )
 
+    def _seal_predating(self, steps: list[int]) -> None:
+        """Seal, as they are, the checkpoints of a run written before digests existed (by Orbax's
+        atomic save: as trustworthy as they ever were), and mark the run as sealed."""
+        if jax.process_index() == 0:
+            for step in steps:
+                if not (self.step_directory(step) / DIGEST_FILE).exists():
+                    write_digest(self.step_directory(step))
+            (self.directory / SEALED_MARKER).touch()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sparsejax sealed old checkpoints")
+        warn(f"sealed {len(steps)} checkpoint(s) in {self.directory} that predate digests, as found")
+
     def _reject(self, step: int, reason: str) -> str:
-        """Warn that ``step`` failed verification and, when asked, move it aside."""
+        """What is wrong with ``step``, which failed verification; moved aside when asked."""
         what = f"checkpoint {step} failed verification: {reason}"
-        if self.set_aside:
-            if jax.process_index() == 0:
-                target = self.directory / f"{CORRUPT_PREFIX}{step}"
-                if target.exists():
-                    shutil.rmtree(target)
-                self.step_directory(step).rename(target)
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices(f"sparsejax set aside checkpoint {step}")
-            self._manager.reload()
-            warn(f"{what}; moved to {self.directory / f'{CORRUPT_PREFIX}{step}'}")
-        else:
-            warn(f"{what}; skipped")
-        return what
+        if not self.set_aside:
+            return f"{what}; skipped"
+        if jax.process_index() == 0:
+            target = self.directory / f"{CORRUPT_PREFIX}{step}"
+            if target.exists():
+                shutil.rmtree(target)
+            self.step_directory(step).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"sparsejax set aside checkpoint {step}")
+        self._manager.reload()
+        return f"{what}; moved to {self.directory / f'{CORRUPT_PREFIX}{step}'}"
+
+    @staticmethod
+    def _warn_rejected(rejected: list[tuple[str, str]]) -> None:
+        """One warning line for each checkpoint passed over on the way to the one used (when
+        none is used, the error lists them instead)."""
+        for _, what in rejected:
+            warn(what)
 
     def _read(self, step: int, template_state: Any) -> tuple[Any, dict]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)

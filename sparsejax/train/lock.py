@@ -126,8 +126,12 @@ class WorkdirLock:
             except FileExistsError:
                 self._clear_dead_holder()
                 continue
-            with os.fdopen(descriptor, "w") as file:
-                file.write(json.dumps(self._record) + "\n")
+            try:
+                with os.fdopen(descriptor, "w") as file:
+                    file.write(json.dumps(self._record) + "\n")
+            except OSError as error:  # e.g. a full disk: name the file, leave no empty lock
+                self.path.unlink(missing_ok=True)
+                raise OSError(error.errno, error.strerror, str(self.path)) from error
             break
         self._heartbeat = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
         self._heartbeat.start()

@@ -130,7 +130,7 @@ def test_slim_cli_reports_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: cannot restore the checkpoint")
+    assert len(lines) == 1 and lines[0].startswith("error: no usable checkpoint")
     assert str(damaged / "checkpoints") in lines[0]
 
 

@@ -30,8 +30,8 @@ def small_config(**overrides):
     return config
 
 
-def steps(method_name: str, count: int, per_example: bool) -> dict:
-    config = small_config(method=method_name, per_example_gates=per_example)
+def steps(method_name: str, count: int, per_example: bool, **overrides) -> dict:
+    config = small_config(method=method_name, per_example_gates=per_example, **overrides)
     data = load_dataset("synthetic", num_train=512, num_test=128)
     method = create_method(method_name, config, num_train=data.num_train)
     model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gate)
@@ -63,7 +63,8 @@ def run(workdir: str, epochs: int, **overrides) -> dict:
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "steps":
-        result = steps(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "per_example")
+        overrides = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+        result = steps(sys.argv[2], int(sys.argv[3]), sys.argv[4] == "per_example", **overrides)
     else:
         result = run(sys.argv[2], int(sys.argv[3]), **json.loads(sys.argv[4]))
     result["devices"] = jax.device_count()

@@ -19,7 +19,12 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import UserError
 from sparsejax.slim.runs import restore_run
 from sparsejax.train import NonFiniteLossError, train_and_evaluate
-from sparsejax.train.checkpoint import CORRUPT_PREFIX, Checkpointer, CheckpointError
+from sparsejax.train.checkpoint import (
+    CORRUPT_PREFIX,
+    SEALED_MARKER,
+    Checkpointer,
+    CheckpointError,
+)
 from sparsejax.train.digest import DIGEST_FILE
 from sparsejax.train.lock import LOCK_FILE, STALE_SECONDS, WorkdirLock, WorkdirLockedError
 from sparsejax.train.metrics import METRICS_FILE, drop_records_after, read_metrics
@@ -140,13 +145,29 @@ def test_checkpoints_whose_save_did_not_finish_count_as_never_written(tmp_path, 
     assert capsys.readouterr().err.count("its save did not finish") == 2
 
 
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "reader"])
+def test_checkpoints_written_before_digests_are_still_read(tmp_path, capsys, engine):
+    template = saved(tmp_path)
+    (tmp_path / "checkpoints" / SEALED_MARKER).unlink()
+    for step in ("1", "2"):
+        (tmp_path / "checkpoints" / step / DIGEST_FILE).unlink()
+    checkpointer = Checkpointer(tmp_path, set_aside=engine)
+    state, _ = checkpointer.restore(template)
+    checkpointer.close()
+    np.testing.assert_array_equal(state["w"], np.full(4, 2.0))
+    assert "predate digests" in capsys.readouterr().err
+    sealed = [(tmp_path / "checkpoints" / step / DIGEST_FILE).exists() for step in ("1", "2")]
+    assert sealed == [engine, engine]  # a reader writes nothing
+    assert (tmp_path / "checkpoints" / SEALED_MARKER).exists() == engine
+
+
 def test_an_intact_checkpoint_that_does_not_fit_is_an_error_and_stays(tmp_path):
     saved(tmp_path)
     checkpointer = Checkpointer(tmp_path, set_aside=True)
     with pytest.raises(CheckpointError, match="intact but does not fit"):
         checkpointer.restore({"w": jnp.zeros(4), "extra": jnp.zeros(2)})
     checkpointer.close()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["1", "2"]
 
 
 def comparable(records):
