@@ -1,6 +1,7 @@
 """Every mistake that is the user's or the environment's to fix ends an experiment run with
 exit status 1 and one ``error:`` line on stderr, never a traceback (unless ``--debug``)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -138,21 +139,26 @@ def mount_tmpfs(path: Path, options: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    mount_tmpfs(path, options)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MB file system: a run's first checkpoint does not fit."""
-    disk = tmp_path / "disk"
-    mount_tmpfs(disk, "size=1m")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    with mounted_tmpfs(tmp_path / "disk", "size=1m") as disk:
+        yield disk
 
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    disk = tmp_path / "read_only"
-    mount_tmpfs(disk, "size=1m,ro")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    with mounted_tmpfs(tmp_path / "read_only", "size=1m,ro") as disk:
+        yield disk
 
 
 def test_a_read_only_workdir_parent_is_named(read_only_disk):

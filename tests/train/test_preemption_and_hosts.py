@@ -63,17 +63,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_one_data_parallel_run(tmp_path):
+def run_pod(workdir) -> list[str]:
+    """Two processes of 2 CPU devices each, joined on localhost, train ``workdir``; their
+    stderr."""
     address = f"127.0.0.1:{free_port()}"
     host_env = env(JAX_NUM_CPU_DEVICES="2", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     processes = [
-        cli(tmp_path / "pod", "--distributed", f"--coordinator_address={address}",
+        cli(workdir, "--distributed", f"--coordinator_address={address}",
             "--num_processes=2", f"--process_id={i}", "--steps_per_epoch=6", env=host_env)
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
     for p, (_, stderr) in zip(processes, outputs):
         assert p.returncode == 0, stderr[-3000:]
+    return [stderr for _, stderr in outputs]
+
+
+def test_two_processes_train_one_data_parallel_run(tmp_path):
+    run_pod(tmp_path / "pod")
     pod = summary(tmp_path / "pod")
     assert pod["num_processes"] == 2 and pod["num_devices"] == 4
     single = cli(tmp_path / "single", "--steps_per_epoch=6", env=env(JAX_NUM_CPU_DEVICES="4"))
@@ -86,15 +93,7 @@ def test_two_processes_train_one_data_parallel_run(tmp_path):
     # Both processes verify the newest checkpoint, agree that it is damaged and resume the pod
     # from the one before, ending where the first pod run ended.
     (tmp_path / "pod" / "checkpoints" / "12" / "state" / "_METADATA").write_text("{}")
-    address = f"127.0.0.1:{free_port()}"
-    processes = [
-        cli(tmp_path / "pod", "--distributed", f"--coordinator_address={address}",
-            "--num_processes=2", f"--process_id={i}", "--steps_per_epoch=6", env=host_env)
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (_, stderr) in zip(processes, outputs):
-        assert p.returncode == 0, stderr[-3000:]
+    for stderr in run_pod(tmp_path / "pod"):
         assert "checkpoint 12 failed verification" in stderr
     resumed = summary(tmp_path / "pod")
     for key in ("test_error", "expected_l0", "params", "active_units"):
