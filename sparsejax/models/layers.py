@@ -91,7 +91,3 @@ class Conv(nnx.Module):
         )
         return y if self.bias is None else y + self.bias[...]
 
-
-def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
-    """Non-overlapping max pooling of NHWC activations."""
-    return nnx.max_pool(x, window_shape=(size, size), strides=(size, size))

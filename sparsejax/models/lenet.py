@@ -34,7 +34,8 @@ from sparsejax.models.base import (
     apply_unit_gate,
     check_granularity,
 )
-from sparsejax.models.layers import Conv, Dense, max_pool
+from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.pooling import max_pool
 
 MNIST_SHAPE = (28, 28, 1)
 PIXEL_DROPRATE = 0.2
