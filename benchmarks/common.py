@@ -14,7 +14,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
 from sparsejax.methods import create_method
 from sparsejax.models import build_model
-from sparsejax.train.sharding import create_mesh, replicate
+from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
@@ -33,7 +33,8 @@ def make_steps(
     name: str, model_name: str, batch_size: int, steps: int, like: str
 ) -> Callable[[], None]:
     """A function that runs ``steps`` training steps of method ``name`` (compiled, on random
-    batches already on the device, shaped like dataset ``like``) and waits for the last."""
+    batches already on the devices, sharded over them, shaped like dataset ``like``) and waits
+    for the last."""
     config = get_config()
     config.method, config.model = name, model_name
     spec = SYNTHETIC_LIKE[like]
@@ -52,7 +53,8 @@ def make_steps(
     images = jax.random.uniform(jax.random.key(1), (steps, batch_size, *spec.image_shape))
     labels = jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size)
     labels = labels % spec.num_classes
-    batches = [(images[index], labels[index]) for index in range(steps)]
+    sharding = batch_sharded(mesh)
+    batches = [jax.device_put((images[index], labels[index]), sharding) for index in range(steps)]
     state, metrics = train_step(state, *batches[0])
     jax.block_until_ready(metrics)
 
