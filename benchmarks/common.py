@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
 from sparsejax.methods import create_method
 from sparsejax.models import build_model
-from sparsejax.train.sharding import create_mesh, replicate
+from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
@@ -28,10 +29,12 @@ def dataset_like(model_name: str) -> str:
     return "imagenet2012" if model_name in IMAGENET_MODELS else "cifar10"
 
 
-def time_method(
-    name: str, model_name: str, batch_size: int, steps: int, repeats: int, like: str
-) -> float:
-    """Median seconds per training step of ``name``."""
+def make_steps(
+    name: str, model_name: str, batch_size: int, steps: int, like: str
+) -> Callable[[], None]:
+    """A function that runs ``steps`` training steps of method ``name`` (compiled, on random
+    batches already on the devices, sharded over them, shaped like dataset ``like``) and waits
+    for the last."""
     config = get_config()
     config.method, config.model = name, model_name
     spec = SYNTHETIC_LIKE[like]
@@ -50,13 +53,30 @@ def time_method(
     images = jax.random.uniform(jax.random.key(1), (steps, batch_size, *spec.image_shape))
     labels = jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size)
     labels = labels % spec.num_classes
-    state, metrics = train_step(state, images[0], labels[0])
+    sharding = batch_sharded(mesh)
+    batches = [jax.device_put((images[index], labels[index]), sharding) for index in range(steps)]
+    state, metrics = train_step(state, *batches[0])
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for index in range(steps):
-            state, metrics = train_step(state, images[index], labels[index])
+
+    def run() -> None:
+        nonlocal state
+        for batch in batches:
+            state, metrics = train_step(state, *batch)
         jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - started) / steps)
-    return statistics.median(times)
+
+    return run
+
+
+def seconds_per_step(run: Callable[[], None], steps: int) -> float:
+    """Wall-clock seconds per step of one call of ``run`` (which runs ``steps`` steps)."""
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) / steps
+
+
+def time_method(
+    name: str, model_name: str, batch_size: int, steps: int, repeats: int, like: str
+) -> float:
+    """Median seconds per training step of ``name``."""
+    run = make_steps(name, model_name, batch_size, steps, like)
+    return statistics.median(seconds_per_step(run, steps) for _ in range(repeats))

@@ -6,16 +6,21 @@
 Each method's jitted step is compiled once, then timed over several repeats of ``steps`` steps on
 random batches already on the device (dispatch included), shaped like the model's dataset
 (MNIST, CIFAR or ImageNet: ``--like``); the table gives the median milliseconds per step, training
-examples per second and the ratio of each to ``dense``.
+examples per second and the ratio of each to ``dense``. The process makes the host settings of
+the entry points (:func:`sparsejax.host.configure`) first.
 """
 
 from __future__ import annotations
 
-import jax
-from absl import app, flags
+from sparsejax import host
 
-from benchmarks.common import dataset_like, time_method
-from sparsejax.data.synthetic import SYNTHETIC_LIKE
+host.configure()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from benchmarks.common import dataset_like, time_method  # noqa: E402
+from sparsejax.data.synthetic import SYNTHETIC_LIKE  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", "lenet5", "Model name.")
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Batch size.")

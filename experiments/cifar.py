@@ -10,8 +10,12 @@ fields take the paper's values for the model and method (``experiments/configs/r
 every field is overridable as ``--config.NAME=VALUE``. Rerun the same command to resume.
 """
 
-from experiments import cli
-from experiments.configs.recipes import resolve
+from sparsejax import host
+
+host.configure()
+
+from experiments import cli  # noqa: E402
+from experiments.configs.recipes import resolve  # noqa: E402
 
 if __name__ == "__main__":
     cli.run("cifar", resolve)

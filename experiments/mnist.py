@@ -10,8 +10,12 @@ is ``recipes.MNIST_PROXIMAL_GATE_RATE``). Rerunning the same command with the sa
 SIGTERM or Ctrl-C saves a checkpoint and exits with status 75 (EX_TEMPFAIL: run it again).
 """
 
-from experiments import cli
-from experiments.configs.recipes import resolve_mnist
+from sparsejax import host
+
+host.configure()
+
+from experiments import cli  # noqa: E402
+from experiments.configs.recipes import resolve_mnist  # noqa: E402
 
 if __name__ == "__main__":
     cli.run("mnist", resolve_mnist)

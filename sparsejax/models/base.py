@@ -261,6 +261,11 @@ class GatedModel(nnx.Module):
         """The unit gates of ``slot`` for a dense layer's inputs (unit granularity), else None."""
         return values.get(slot) if self.granularity == "unit" else None
 
+    def output_gate(self, values: dict[str, jax.Array], slot: str) -> jax.Array | None:
+        """The unit gates of ``slot`` for a conv layer's output channels (unit granularity),
+        else None."""
+        return self.input_gate(values, slot)
+
 
 def apply_unit_gate(x: jax.Array, values: dict[str, jax.Array], slot: str) -> jax.Array:
     """Multiply the unit gates of ``slot`` into x if that slot is gated."""

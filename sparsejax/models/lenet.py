@@ -31,10 +31,10 @@ from sparsejax.models.base import (
     GateSlot,
     Granularity,
     Layer,
-    apply_unit_gate,
     check_granularity,
 )
-from sparsejax.models.layers import Conv, Dense, max_pool
+from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.pooling import max_pool
 
 MNIST_SHAPE = (28, 28, 1)
 PIXEL_DROPRATE = 0.2
@@ -145,14 +145,9 @@ class LeNet5(GatedModel):
                       gate_factory=gate_factory, rngs=rngs)
 
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
-        unit = self.granularity == "unit"
-
-        def gate(h: jax.Array, slot: str) -> jax.Array:
-            return apply_unit_gate(h, z, slot) if unit else h
-
-        h = gate(self.conv1(x, self.kernel_gate(z, "conv1")), "conv1")
+        h = self.conv1(x, self.kernel_gate(z, "conv1"), self.output_gate(z, "conv1"))
         h = max_pool(nnx.relu(h))
-        h = gate(self.conv2(h, self.kernel_gate(z, "conv2")), "conv2")
+        h = self.conv2(h, self.kernel_gate(z, "conv2"), self.output_gate(z, "conv2"))
         h = max_pool(nnx.relu(h))
         h = self.select_inputs(h.reshape(h.shape[0], -1), "fc1")
         h = nnx.relu(self.fc1(h, self.kernel_gate(z, "fc1"), self.input_gate(z, "fc1")))

@@ -34,7 +34,8 @@ from sparsejax.models.base import (
     check_granularity,
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, batch_norm
-from sparsejax.models.layers import Conv, Dense, max_pool
+from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.pooling import max_pool
 
 VGG16_CONFIG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
