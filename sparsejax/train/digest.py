@@ -29,15 +29,20 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def directory_digest(directory: Path) -> dict[str, dict[str, object]]:
-    """``{relative path: {"bytes": size, "sha256": hex}}`` of every file under ``directory``
-    except the digest file itself."""
-    files = sorted(
-        path for path in directory.rglob("*") if path.is_file() and path.name != DIGEST_FILE
+def sealed_files(directory: Path) -> list[Path]:
+    """The files under ``directory`` that a digest covers: all but the digest's own."""
+    return sorted(
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and not path.name.startswith(DIGEST_FILE)
     )
+
+
+def directory_digest(directory: Path) -> dict[str, dict[str, object]]:
+    """``{relative path: {"bytes": size, "sha256": hex}}`` of :func:`sealed_files`."""
     return {
         path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, HASH: file_hash(path)}
-        for path in files
+        for path in sealed_files(directory)
     }
 
 
@@ -56,19 +61,16 @@ def verify_digest(directory: Path) -> str | None:
         return UNFINISHED
     try:
         expected = json.loads(path.read_text())["files"]
-        if not isinstance(expected, dict):
-            raise TypeError("files is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        if not all(isinstance(entry, dict) for entry in expected.values()):
+            raise TypeError("an entry is not an object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f"its digest file is unreadable ({error})"
-    found = {
-        path.relative_to(directory).as_posix()
-        for path in directory.rglob("*")
-        if path.is_file() and not path.name.startswith(DIGEST_FILE)
-    }
-    for name in sorted(set(expected) - found):
-        return f"{name} is missing"
-    for name in sorted(found - set(expected)):
-        return f"{name} was not part of it when it was saved"
+    found = {path.relative_to(directory).as_posix() for path in sealed_files(directory)}
+    missing, added = sorted(set(expected) - found), sorted(found - set(expected))
+    if missing:
+        return f"{missing[0]} is missing"
+    if added:
+        return f"{added[0]} was not part of it when it was saved"
     for name, entry in sorted(expected.items()):
         file = directory / name
         size = file.stat().st_size

@@ -67,6 +67,7 @@ DAMAGE = {
     "deleted checkpoint metadata": lambda step: (step / "_CHECKPOINT_METADATA").unlink(),
     "unfinished (no digest)": lambda step: (step / DIGEST_FILE).unlink(),
     "garbage digest": lambda step: (step / DIGEST_FILE).write_text("{not json"),
+    "digest of another shape": lambda step: (step / DIGEST_FILE).write_text('{"files": [1]}'),
     "added file": lambda step: (step / "state" / "stray").write_bytes(b"x"),
 }
 
