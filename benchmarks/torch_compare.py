@@ -45,11 +45,16 @@ from benchmarks.common import make_steps, seconds_per_step  # noqa: E402
 from sparsejax.models import build_model  # noqa: E402
 from sparsejax.slim.accounting import count_network  # noqa: E402
 
-_MODELS = flags.DEFINE_list("models", ["lenet5", "mlp"], "Models: lenet5, mlp.")
-_METHODS = flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm"], "sparsejax methods.")
-_BATCH = flags.DEFINE_integer("batch_size", 100, "Batch size.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed chunk.")
-_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed chunks per step kind (median reported).")
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when the module runs, so that importing its
+    pieces (as the tests do, next to other benchmarks) defines no flag twice."""
+    flags.DEFINE_list("models", ["lenet5", "mlp"], "Models: lenet5, mlp.")
+    flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm"], "sparsejax methods.")
+    flags.DEFINE_integer("batch_size", 100, "Batch size.")
+    flags.DEFINE_integer("steps", 20, "Steps per timed chunk.")
+    flags.DEFINE_integer("repeats", 9, "Timed chunks per step kind (median reported).")
 
 THREADS = 2
 LEARNING_RATE = 1e-3
@@ -122,15 +127,15 @@ def main(argv: list[str]) -> None:
     del argv
     torch.set_num_threads(THREADS)
     torch.set_flush_denormal(True)
-    batch, steps = _BATCH.value, _STEPS.value
+    batch, steps = flags.FLAGS.batch_size, flags.FLAGS.steps
     runs: dict[tuple[str, str], Callable[[], None]] = {}
-    for model_name in _MODELS.value:
+    for model_name in flags.FLAGS.models:
         runs[(model_name, "torch dense")] = torch_steps(model_name, batch, steps)
-        for method in _METHODS.value:
+        for method in flags.FLAGS.methods:
             runs[(model_name, method)] = make_steps(method, model_name, batch, steps, "fashion_mnist")
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     peaks = []
-    for _ in range(_REPEATS.value):
+    for _ in range(flags.FLAGS.repeats):
         peaks.append(matmul_peak())
         for key, run in runs.items():
             times[key].append(seconds_per_step(run, steps))
@@ -140,7 +145,7 @@ def main(argv: list[str]) -> None:
           f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s ({PEAK_SIZE}-square jnp.dot)")
     print("| model | step | ms / step | vs PyTorch dense | GFLOP/s | fraction of matmul peak |")
     print("|---|---|---|---|---|---|")
-    for model_name in _MODELS.value:
+    for model_name in flags.FLAGS.models:
         flops = step_flops(model_name, batch)
         base = statistics.median(times[(model_name, "torch dense")])
         for (name, kind), values in times.items():
@@ -152,4 +157,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

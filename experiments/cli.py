@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -24,7 +25,13 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from sparsejax.data.sources import SOURCES
-from sparsejax.errors import ConfigError, DuplicateTracebackFilter, debugging, reported_errors
+from sparsejax.errors import (
+    EXIT_FAILED,
+    ConfigError,
+    DuplicateTracebackFilter,
+    debugging,
+    reported_errors,
+)
 from sparsejax.methods import METHODS
 from sparsejax.models import MODELS
 from sparsejax.train import Preempted, train_and_evaluate
@@ -156,8 +163,21 @@ def _shown(path: Path) -> Path:
 
 def _main(argv: list[str], resolve: Callable[[ConfigDict], None] | None) -> None:
     del argv  # _parse_flags refused positional arguments
-    with reported_errors(debug=_DEBUG.value, output="--workdir"):
-        _train(resolve)
+    try:
+        with reported_errors(debug=_DEBUG.value, output="--workdir"):
+            _train(resolve)
+    except SystemExit as stopped:
+        if stopped.code == EXIT_FAILED and not debugging(_DEBUG.value):
+            _silence_stderr()
+        raise
+
+
+def _silence_stderr() -> None:
+    """Send what is left of the process's stderr to /dev/null. After a reported error the
+    ``error:`` line is the run's last word; library threads that outlive a failed run (Orbax's,
+    after a full disk) would otherwise print tracebacks while the interpreter shuts down."""
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def _train(resolve: Callable[[ConfigDict], None] | None) -> None:
