@@ -12,10 +12,12 @@ from sparsejax.models.base import GatedModel, GateSlot
 DEFAULT_LAMBDAS = {
     "mlp": (0.1, 0.1, 0.1),
     "lenet5": (10.0, 0.5, 0.1, 10.0),
+    "wrn28_10": (0.001,),
     "*": (0.1,),
 }
 """lambda per gate slot in units of 1/N: Louizos et al. (2018) MLP "L0" and LeNet-5 "L0-sep",
-which are also the L0-ARM defaults."""
+which are also the L0-ARM defaults, and WRN-28-10's 0.001/N (the smaller of the L0-HC paper's
+two WRN settings, and the value the L0-ARM code's README trains WRN with)."""
 
 
 def keep_probabilities(model: GatedModel) -> dict[str, jax.Array]:

@@ -40,6 +40,20 @@ def test_lambdas_default_to_the_papers_and_must_fit_the_slots():
         setup("l0_hc", lambdas=(1.0, 2.0))
 
 
+@pytest.mark.parametrize("name", ["l0_hc", "l0_arm"])
+def test_wide_resnet_lambdas_default_to_the_papers(name):
+    config = get_config()
+    config.method, config.model = name, "wrn28_10"
+    method = create_method(name, config, num_train=50000)
+    net = nnx.eval_shape(
+        lambda: build_model(
+            "wrn28_10", rngs=nnx.Rngs(0), gate_factory=method.make_gate, input_shape=(32, 32, 3)
+        )
+    )
+    method.prepare_model(net)
+    assert len(method.lambdas) == 12 and set(method.lambdas.values()) == {0.001}
+
+
 def test_dense_method_builds_no_gates():
     _, net = setup("dense")
     assert len(net.gates) == 0
