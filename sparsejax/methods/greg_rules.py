@@ -3,11 +3,14 @@
 Two model families, told apart by their layer names:
 
 - **Residual networks** (layers ``block{i}.conv{j}``): the ratios are a *stage list*
-  ``[stem, stage 1, ..., stage k, fc]``; blocks are numbered through the network, ``blocks / k``
-  per stage. With filter granularity only the convolutions of a block before its last one are
-  pruned (``conv1`` of a basic block), so the residual stream keeps its width; the stem, the
-  last convolution of every block and the classifier never are. With weight granularity every
-  kernel is pruned at its stage's ratio (stem: the first entry, classifier: the last).
+  ``[stem, stage 1, ..., stage k, fc]``; blocks are numbered through the network. A stage starts
+  at each block with a projection shortcut (``block{i}.shortcut``) when there are k of them
+  (ResNet-50's 3-4-6-3 blocks, WRN), else the blocks split evenly, ``blocks / k`` per stage (the
+  CIFAR ResNets' shortcuts have no weights). With filter granularity only the convolutions of a
+  block before its last one are pruned (``conv1`` of a basic block), so the residual stream
+  keeps its width; the stem, the last convolution of every block and the classifier never are.
+  With weight granularity every kernel is pruned at its stage's ratio, a block's shortcut
+  included, as the reference does (stem: the first entry, classifier: the last).
 - **Single-branch networks** (MLP, LeNet-5, VGG): one ratio per layer index ``0..L-1``, given as
   a sequence, a mapping ``{index or "a-b": ratio}`` or the reference's string ``"[1-15:0.7]"``
   (unlisted layers: 0). With filter granularity the classifier's outputs (the classes) are never
@@ -33,6 +36,8 @@ RatioSpec = float | Sequence[float] | Mapping[int | str, float] | str
 """A float, a per-layer (or per-stage) sequence, an index mapping or the reference's string."""
 
 _BLOCK_LAYER = re.compile(r"^block(\d+)\.conv(\d+)$")
+_BLOCK_MEMBER = re.compile(r"^block(\d+)\.")
+_SHORTCUT = re.compile(r"^block(\d+)\.shortcut$")
 _DICT_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([0-9.eE+-]+)\s*$")
 
 
@@ -100,7 +105,8 @@ def _residual_ratios(
     if isinstance(spec, float):
         return {layer.name: spec for layer in prunable}
     stages = len(spec) - 2
-    if stages < 1 or len(blocks) % stages:
+    shortcuts = sum(bool(_SHORTCUT.match(layer.name)) for layer in layers)
+    if stages < 1 or (len(blocks) % stages and shortcuts != stages):
         raise ConfigError(
             f"stage_pr {spec} must be [stem, one ratio per stage, fc] for a ResNet with "
             f"{len(blocks)} blocks"
@@ -110,15 +116,27 @@ def _residual_ratios(
             f"stage_pr {spec}: the stem and fc ratios must be 0 with filter granularity (the "
             "stem sets the residual width, fc the classes)"
         )
-    per_stage = len(blocks) // stages
+    stage_of = _block_stages(layers, sorted(blocks), stages)
     ratios = {}
     for layer in prunable:
-        match = _BLOCK_LAYER.match(layer.name)
+        match = _BLOCK_MEMBER.match(layer.name)
         if match:
-            ratios[layer.name] = spec[1 + (int(match.group(1)) - 1) // per_stage]
+            ratios[layer.name] = spec[1 + stage_of[int(match.group(1))]]
         else:
             ratios[layer.name] = spec[-1] if layer is layers[-1] else spec[0]
     return ratios
+
+
+def _block_stages(layers: Sequence[Layer], blocks: list[int], stages: int) -> dict[int, int]:
+    """The stage (0-based) of every block: a new one at each block with a projection shortcut
+    when there are ``stages`` of them, else ``len(blocks) / stages`` blocks per stage."""
+    starts = sorted(
+        int(match.group(1)) for layer in layers if (match := _SHORTCUT.match(layer.name))
+    )
+    if len(starts) == stages and starts[0] == blocks[0]:
+        return {block: sum(block >= start for start in starts) - 1 for block in blocks}
+    per_stage = len(blocks) // stages
+    return {block: index // per_stage for index, block in enumerate(blocks)}
 
 
 def _single_branch_ratios(

@@ -238,6 +238,24 @@ def test_resnet56_filter_rules_prune_only_the_first_conv_of_each_block():
         layer_ratios(model.layers, (0.5, 0.75, 0.75, 0.32, 0), "filter")
 
 
+@pytest.mark.parametrize(
+    "name,shape,blocks_per_stage",
+    [("resnet50", (224, 224, 3), (3, 4, 6, 3)), ("wrn28_10", (32, 32, 3), (4, 4, 4))],
+)
+def test_projection_shortcuts_take_their_stage_ratio_and_start_the_stages(
+    name, shape, blocks_per_stage
+):
+    model = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), input_shape=shape))
+    stage_ratios = [0.1 * (index + 1) for index in range(len(blocks_per_stage))]
+    weight = layer_ratios(model.layers, (0.0, *stage_ratios, 0.0), "weight")
+    first_blocks = np.cumsum((1, *blocks_per_stage[:-1]))
+    for stage, (first, count) in enumerate(zip(first_blocks, blocks_per_stage)):
+        assert weight[f"block{first}.shortcut"] == stage_ratios[stage]
+        for block in range(first, first + count):
+            assert weight[f"block{block}.conv1"] == stage_ratios[stage], block
+    assert len(weight) == len(model.layers) - 2  # all but the stem and fc
+
+
 def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
     model = abstract_model("lenet5")
     assert layer_ratios(model.layers, "[1-2:0.7]", "filter") == {"conv2": 0.7, "fc1": 0.7}
