@@ -263,44 +263,42 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     steps_per_epoch = setup.steps_per_epoch
     eval_step = make_eval_step(graphdef)
 
-    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, set_aside=True)
     progress_record = {"epoch": 0, "test_errors": [], "epoch_seconds": []}
-    try:
+    with contextlib.closing(
+        Checkpointer(workdir, max_to_keep=config.keep_checkpoints, set_aside=True)
+    ) as checkpointer:
         restored = checkpointer.restore(state)
-    except BaseException:
-        checkpointer.close()
-        raise
-    if restored is not None:
-        state, progress_record = restored
-    if progress_record["epoch"] > config.epochs:
-        checkpointer.close()
-        raise ConfigError(
-            f"{workdir} holds a run that has finished {progress_record['epoch']} epochs, more "
-            f"than --epochs={config.epochs}; pass --epochs={progress_record['epoch']} (or more, "
-            "to train on) to resume it, or use another --workdir"
-        )
-    _write_config(workdir, config)
-    start_step = _step_of(state)
-
-    writer = (
-        MetricWriter(workdir, resume_step=start_step) if jax.process_index() == 0 else NullWriter()
-    )
-    progress = Progress(config.epochs * steps_per_epoch, initial=start_step)
-    if start_step:
-        progress.message(f"resuming {workdir} at step {start_step}")
-    try:
-        with StopRequest() as stop:
-            batches = inputs.train_batches(start_step, config.epochs * steps_per_epoch)
-            run = _Run(
-                config, inputs, batches, setup.train_step, eval_step, graphdef, checkpointer,
-                writer, progress, stop,
+        if restored is not None:
+            state, progress_record = restored
+        if progress_record["epoch"] > config.epochs:
+            raise ConfigError(
+                f"{workdir} holds a run that has finished {progress_record['epoch']} epochs, "
+                f"more than --epochs={config.epochs}; pass --epochs={progress_record['epoch']} "
+                "(or more, to train on) to resume it, or use another --workdir"
             )
-            for epoch in range(progress_record["epoch"], config.epochs):
-                state, progress_record = run.epoch(epoch, state, progress_record)
-    finally:
-        progress.close()
-        writer.close()
-        checkpointer.close()
+        _write_config(workdir, config)
+        start_step = _step_of(state)
+
+        writer = (
+            MetricWriter(workdir, resume_step=start_step)
+            if jax.process_index() == 0
+            else NullWriter()
+        )
+        progress = Progress(config.epochs * steps_per_epoch, initial=start_step)
+        if start_step:
+            progress.message(f"resuming {workdir} at step {start_step}")
+        try:
+            with StopRequest() as stop:
+                batches = inputs.train_batches(start_step, config.epochs * steps_per_epoch)
+                run = _Run(
+                    config, inputs, batches, setup.train_step, eval_step, graphdef,
+                    checkpointer, writer, progress, stop,
+                )
+                for epoch in range(progress_record["epoch"], config.epochs):
+                    state, progress_record = run.epoch(epoch, state, progress_record)
+        finally:
+            progress.close()
+            writer.close()
 
     final_model = merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
     report = sparsity_report(final_model)
