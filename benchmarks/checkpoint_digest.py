@@ -26,7 +26,7 @@ from flax import nnx
 from benchmarks.common import dataset_like
 from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.digest import verify_digest, write_digest
@@ -46,14 +46,14 @@ def train_state(model_name: str):
     config = get_config()
     config.method, config.model = _METHOD.value, model_name
     spec = SYNTHETIC_LIKE[dataset_like(model_name)]
-    method = create_method(_METHOD.value, config, num_train=60000)
+    method = create_method(_METHOD.value, config, RunInfo(num_train=60000, steps_per_epoch=100))
     model = build_model(
-        model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate,
+        model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
         input_shape=spec.image_shape, num_classes=spec.num_classes,
     )
-    method.prepare_model(model)
-    tx = method.optimizer(steps_per_epoch=100, epochs=1)
-    graphdef, state = init_state(model, tx, jax.random.key(0))
+    method_state = method.init(model)
+    tx = method.optimizer()
+    graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
     return graphdef, method, tx, replicate(state, create_mesh()), spec
 
 

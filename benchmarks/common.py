@@ -12,7 +12,7 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
@@ -39,15 +39,15 @@ def make_steps(
     config.method, config.model = name, model_name
     spec = SYNTHETIC_LIKE[like]
     num_train = 60000
-    method = create_method(name, config, num_train=num_train)
+    method = create_method(name, config, RunInfo(num_train=num_train, steps_per_epoch=100))
     model = build_model(
-        model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate,
+        model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
         input_shape=spec.image_shape, num_classes=spec.num_classes,
     )
-    method.prepare_model(model)
-    tx = method.optimizer(steps_per_epoch=100, epochs=1)
+    method_state = method.init(model)
+    tx = method.optimizer()
     mesh = create_mesh()
-    graphdef, state = init_state(model, tx, jax.random.key(0))
+    graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
     state = replicate(state, mesh)
     train_step = make_train_step(graphdef, method, tx, mesh)
     images = jax.random.uniform(jax.random.key(1), (steps, batch_size, *spec.image_shape))

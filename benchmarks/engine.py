@@ -25,7 +25,7 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.data import load_dataset
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.data.sources import ArraySource
@@ -49,12 +49,12 @@ def measure() -> dict:
     config = get_config()
     config.update(model=_MODEL.value, method=_METHOD.value)
     data = load_dataset("synthetic", num_train=_STEPS.value * _BATCH.value, num_test=_BATCH.value)
-    method = create_method(_METHOD.value, config, num_train=EPOCH_EXAMPLES)
-    model = build_model(_MODEL.value, rngs=nnx.Rngs(0), gate_factory=method.make_gate)
-    method.prepare_model(model)
+    method = create_method(_METHOD.value, config, RunInfo(num_train=EPOCH_EXAMPLES, steps_per_epoch=100))
+    model = build_model(_MODEL.value, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    method_state = method.init(model)
     mesh = create_mesh()
-    tx = method.optimizer(steps_per_epoch=100, epochs=1)
-    graphdef, state = init_state(model, tx, jax.random.key(0))
+    tx = method.optimizer()
+    graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
     state = replicate(state, mesh)
     inputs = Input(
         ArraySource(data), mesh, batch_size=_BATCH.value, eval_batch_size=_BATCH.value,

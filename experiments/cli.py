@@ -32,7 +32,7 @@ from sparsejax.errors import (
     debugging,
     reported_errors,
 )
-from sparsejax.methods import METHODS
+from sparsejax.methods import METHODS, method_class
 from sparsejax.models import MODELS
 from sparsejax.train import Preempted, train_and_evaluate
 
@@ -44,7 +44,12 @@ CONFIGS = ROOT / "experiments" / "configs"
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Configuration file; its fields are overridable as --config.NAME=VALUE."
 )
-_METHOD = flags.DEFINE_enum("method", None, sorted(METHODS), "Sparsification method.")
+_METHOD = flags.DEFINE_string(
+    "method",
+    None,
+    f"Sparsification method: one of {', '.join(sorted(METHODS))}, or MODULE:CLASS for a method "
+    "class of an importable module.",
+)
 _MODEL = flags.DEFINE_enum("model", None, sorted(MODELS), "Model.")
 _DATASET = flags.DEFINE_enum("dataset", None, list(SOURCES), "Dataset.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs.", lower_bound=1)
@@ -69,6 +74,7 @@ cannot be parsed."""
 
 _CONFIG_OVERRIDE = re.compile(r"^--?config\.([^=]+)")
 _CONFIG_FILE = re.compile(r"^--?config=([^:]+)")
+_METHOD_FLAG = re.compile(r"^--?method=(.+)")
 
 _FLAG_FIELDS = {
     "method": _METHOD,
@@ -103,9 +109,12 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
         config_file = _config_file(argv, default_config)
         if not config_file.is_file():
             raise ConfigError(f"--config={config_file}: no such file; give a config file")
+        method = _method_of(argv)
+        if method is not None:
+            method_class(method)
         try:
-            flags.FLAGS.set_default("config", str(default_config))
-            rest = flags.FLAGS(argv)
+            flags.FLAGS.set_default("config", _with_method(str(default_config), method))
+            rest = flags.FLAGS(_config_for_method(argv, method))
         except flags.Error as error:
             raise ConfigError(f"{error}; {program} --helpfull lists the flags") from error
         except ValueError as error:  # ml_collections: an override it cannot apply
@@ -117,9 +126,11 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
                 raise
             shown = _shown(config_file)
             raise ConfigError(
-                f"--config.{override}: {shown} has no field {missing!r}"
+                f"--config.{override}: {missing!r} is neither a field of {shown} nor one of "
+                f"method {method or 'of the config'}'s fields"
                 + (f" ({suggestion[0].lower()}{suggestion[1:]})" if suggestion else "")
-                + f"; the valid fields are those set in {shown}"
+                + f"; the valid fields are those set in {shown} and the method's "
+                "(Method.fields of its class)"
             ) from error
         if len(rest) > 1:
             raise ConfigError(
@@ -145,6 +156,30 @@ def _override_naming(missing: str, argv: list[str]) -> str | None:
         if match and missing in match.group(1).split("."):
             return match.group(1)
     return None
+
+
+def _method_of(argv: list[str]) -> str | None:
+    """The value of the command line's last ``--method`` flag, if any."""
+    methods = [match.group(1) for arg in argv if (match := _METHOD_FLAG.match(arg))]
+    return methods[-1] if methods else None
+
+
+def _with_method(config_file: str, method: str | None) -> str:
+    """``FILE:METHOD``, the config file with the method as its argument (config files define
+    ``get_config(method=None)``), unless the file already has an argument."""
+    if method is None or ":" in config_file:
+        return config_file
+    return f"{config_file}:{method}"
+
+
+def _config_for_method(argv: list[str], method: str | None) -> list[str]:
+    """``argv`` with a ``--config=FILE`` given the method as its argument."""
+    return [
+        f"--config={_with_method(match.group(1), method)}"
+        if (match := re.match(r"^--?config=(.+)", arg))
+        else arg
+        for arg in argv
+    ]
 
 
 def _config_file(argv: list[str], default_config: Path) -> Path:

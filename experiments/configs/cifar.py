@@ -11,19 +11,21 @@ normalisation; ``--dataset=synthetic`` makes CIFAR-shaped random data.
 import ml_collections
 from ml_collections import config_dict
 
-from experiments.configs import mnist
+from sparsejax.train.config import shared_config, with_method
 
 SCHEDULE_FIELDS = {
     "epochs": int, "batch_size": int, "optimizer": str, "learning_rate": float,
     "lr_schedule": str, "lr_milestones": tuple, "lr_factor": float, "weight_decay": float,
     "l2": float, "gate_optimizer": str, "gate_learning_rate": float, "gate_lr_schedule": str,
-    "gate_lr_factor": float, "fine_tune_epochs": int,
+    "gate_lr_factor": float,
 }
-"""Fields left to the paper's recipe (type of each placeholder)."""
+"""Shared fields left to the paper's recipe (type of each placeholder); the method's own fields
+(e.g. Dep-L0's ``fine_tune_epochs``) are unset until resolved."""
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = mnist.get_config()
+def get_config(method: str | None = None) -> ml_collections.ConfigDict:
+    """The shared fields for CIFAR runs and the fields of ``method`` (None: dep_l0)."""
+    config = shared_config()
     config.method = "dep_l0"
     config.model = "resnet56"
     config.dataset = "cifar10"
@@ -34,4 +36,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.input_threads = 8
     for field, kind in SCHEDULE_FIELDS.items():
         config[field] = config_dict.placeholder(kind)
-    return config
+    return with_method(config, method)

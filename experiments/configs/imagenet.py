@@ -17,8 +17,9 @@ from ml_collections import config_dict
 from experiments.configs import cifar
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = cifar.get_config()
+def get_config(method: str | None = None) -> ml_collections.ConfigDict:
+    """The shared fields for ImageNet runs and the fields of ``method`` (None: dep_l0)."""
+    config = cifar.get_config(method)
     config.model = "resnet50"
     config.dataset = "imagenet2012"
     config.synthetic_like = "imagenet2012"

@@ -3,9 +3,9 @@
 Each gated slot keeps its own gate module (so that the model's forward pass and the gate reports
 call ``test_gate()`` / ``prob_nonzero()`` per slot as for any gate), but the module owns no
 parameters: it holds a reference to the one generator of the model and reads its slot's logits
-from it. The module is built first (by the method's ``make_gate``, while the model is built) and
-attached to the generator afterwards (by the method's ``prepare_model``, once all slots are
-known). The methods' training objectives evaluate the generator once per step and draw every
+from it. The method's ``make_gates`` builds the generator over all of the model's slots and
+attaches every slot's gate to it while the model is built; the model reaches the generator only
+through its gates. The methods' training objectives evaluate the generator once per step and draw every
 slot's gates from those logits (:meth:`GeneratedGate.draw`).
 """
 
@@ -49,8 +49,8 @@ class GeneratedGate(Gate):
         """This slot's logits, ``(units,)``."""
         if self.generator is None:
             raise ValueError(
-                f"the gate of slot {self.slot!r} has no generator yet; call the method's "
-                "prepare_model(model) after building the model"
+                f"the gate of slot {self.slot!r} has no generator; build the model with a "
+                "Dep-L0 method's make_gates, which attaches one"
             )
         return self.generator()[self.slot]
 

@@ -1,6 +1,28 @@
-"""Sparsification methods behind one interface and registry."""
+"""Sparsification methods behind one interface and registry.
 
-from sparsejax.methods.base import Method, cross_entropy, error_rate
-from sparsejax.methods.registry import METHODS, create_method
+Importing the package imports every module in it, and so registers the built-in methods
+(:func:`sparsejax.methods.registry.register`): a new built-in method is one new file.
+"""
 
-__all__ = ["Method", "METHODS", "create_method", "cross_entropy", "error_rate"]
+import importlib
+import pkgutil
+
+from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy, error_rate
+from sparsejax.methods.fields import Field
+from sparsejax.methods.registry import METHODS, create_method, method_class, register
+
+for _module in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+    importlib.import_module(_module.name)
+
+__all__ = [
+    "METHODS",
+    "Field",
+    "Method",
+    "MethodState",
+    "RunInfo",
+    "create_method",
+    "cross_entropy",
+    "error_rate",
+    "method_class",
+    "register",
+]

@@ -1,17 +1,31 @@
 """The interface every method implements, and the pieces most methods share.
 
-A method says how to gate a model (:meth:`Method.make_gate`), what the training objective is
-(:meth:`Method.objective`, whose ``jax.grad`` is the update direction: for ARM it carries the
-estimator's gradient for the gate parameters), which optimizer each parameter group gets
-(:meth:`Method.optimizer`, over ``{"net": ..., "gates": ...}``) and what happens after an update
-(:meth:`Method.after_update`: by default :meth:`Method.project`, e.g. the log-alpha clamp;
-masks and other non-trainable state). The training engine knows only this interface.
+A method is a set of pure pieces over an explicit state, in the manner of an optax
+transformation:
+
+- its hyperparameters, declared in :attr:`Method.fields` with their per-model defaults
+  (:mod:`sparsejax.methods.fields`) and resolved when the method is built;
+- its gates (:meth:`Method.make_gates`), built with the model;
+- :meth:`Method.init`, the method's non-trainable state (masks, growing penalties, counters) as
+  a pytree of arrays, created from the built model and carried by the engine in the train state
+  and every checkpoint;
+- :meth:`Method.objective`, whose ``jax.grad`` is the update direction (for ARM it carries the
+  estimator's gradient for the gate parameters), given the model and the state;
+- :meth:`Method.before_update` and :meth:`Method.after_update`, functions of (model, state,
+  step[, key]) that return the new state, the second one also editing the updated model (e.g.
+  re-applying masks, the log-alpha clamp, a prox step);
+- :meth:`Method.optimizer`, one optax transformation over ``{"net": ..., "gates": ...}``.
+
+The method object holds only its resolved config and the run's shape (:class:`RunInfo`); nothing
+is attached to it or to the model after construction, and every hook may be called in any order.
+The training engine knows only this interface.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -22,6 +36,8 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.gates.base import Gate
+from sparsejax.methods import fields as config_fields
+from sparsejax.methods.fields import Fields
 from sparsejax.methods.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -34,22 +50,26 @@ from sparsejax.models.base import GatedModel, GateSlot
 Params = dict[str, Any]
 """``{"net": nnx.State of nnx.Param, "gates": nnx.State of GateParam}``."""
 
-
-PER_SLOT_FIELDS: tuple[str, ...] = ("lambdas", "gate_lambda", "final_sparsity", "stage_pr")
-"""Config fields with one value per gate slot or layer (or one for all), each read by some
-methods only; a method refuses those it does not read (:attr:`Method.per_slot_fields`), which it
-would otherwise silently ignore."""
+MethodState = Any
+"""A method's non-trainable state: a pytree of arrays (``{}`` for a method without one)."""
 
 
-def model_default(
-    config: ml_collections.ConfigDict, table: Mapping[str, Mapping[str, Any]], field: str
-) -> Any:
-    """``config.<field>`` when set, else ``table[config.model][field]`` (the ``"*"`` row for a
-    model without its own row): a method's per-model defaults."""
-    value = config.get(field)
-    if value is not None:
-        return value
-    return table.get(config.get("model", "*"), table["*"])[field]
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What a method knows of the run it trains: training examples (N of the L0 penalties),
+    steps per epoch and epochs (its schedules)."""
+
+    num_train: int
+    steps_per_epoch: int = 1
+    epochs: int = 1
+
+    def __post_init__(self):
+        if self.num_train <= 0 or self.steps_per_epoch <= 0 or self.epochs <= 0:
+            raise ValueError(f"a run needs positive sizes, got {self}")
+
+
+Params = dict[str, Any]
+"""``{"net": nnx.State of nnx.Param, "gates": nnx.State of GateParam}``."""
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -63,55 +83,70 @@ def error_rate(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class Method(abc.ABC):
-    """Base class of sparsification methods; configured by an ``ml_collections.ConfigDict``.
+    """Base of sparsification methods; see the module docstring.
 
-    Shared config fields: ``optimizer``, ``learning_rate``, ``lr_schedule`` (constant | step |
-    cosine), ``lr_milestones`` (epochs), ``lr_factor`` and ``weight_decay`` (coupled, in the
-    optimizer) for the network weights; ``gate_optimizer``, ``gate_learning_rate``,
+    Reads the shared config fields ``model``, ``seed``, ``l2`` (coefficient of the L2 term in
+    the loss), ``optimizer``, ``learning_rate``, ``lr_schedule`` (constant | step | cosine),
+    ``lr_milestones`` (epochs), ``lr_factor`` and ``weight_decay`` (coupled, in the optimizer)
+    for the network weights, and ``gate_optimizer``, ``gate_learning_rate``,
     ``gate_lr_schedule`` and ``gate_lr_factor`` for gate parameters (None: the network's; gates
-    get no weight decay);
-    ``l2`` (coefficient of the L2 term in the loss).
+    get no weight decay); its own fields are :attr:`fields`.
     """
 
     name: ClassVar[str]
-    per_slot_fields: ClassVar[tuple[str, ...]] = ()
-    """The fields of :data:`PER_SLOT_FIELDS` the method reads; the others must be None."""
+    fields: ClassVar[Fields] = {}
+    """The method's own config fields with their defaults."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
-        if num_train <= 0:
-            raise ValueError(f"num_train must be positive, got {num_train}")
-        self.config = config
-        self.num_train = num_train
-        self._refuse_unread_per_slot_fields()
+    def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+        self.config = self.resolve(config)
+        self.run = run
         for key, valid in (
             ("optimizer", OPTIMIZERS),
             ("gate_optimizer", OPTIMIZERS),
             ("lr_schedule", SCHEDULES),
             ("gate_lr_schedule", SCHEDULES),
         ):
-            value = config.get(key)
+            value = self.config.get(key)
             if value is not None and value not in valid:
                 raise ConfigError(f"config.{key} must be one of {valid}, got {value!r}")
 
-    def _refuse_unread_per_slot_fields(self) -> None:
-        """A :class:`ConfigError` for a per-slot field that is set but not read by the method."""
-        for field in PER_SLOT_FIELDS:
-            if field not in self.per_slot_fields and self.config.get(field) is not None:
-                reads = ", ".join(f"config.{name}" for name in self.per_slot_fields)
-                raise ConfigError(
-                    f"config.{field}={self.config.get(field)!r} does not apply to method "
-                    f"{self.name!r}, which " + (f"reads {reads} instead" if reads else
-                                               "has no per-slot setting")
-                    + f"; leave --config.{field} out"
-                )
+    @classmethod
+    def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """A copy of ``config`` with the method's unset fields at their defaults for
+        ``config.model`` (override for defaults that depend on other fields)."""
+        return config_fields.resolve(config, cls.fields)
 
-    @abc.abstractmethod
+    @property
+    def num_train(self) -> int:
+        return self.run.num_train
+
+    def make_gates(self, slots: Sequence[GateSlot], rngs: nnx.Rngs) -> dict[str, Gate]:
+        """The gate modules of the model's ``slots``, by slot name (a slot left out stays
+        ungated); built with the model. Here: :meth:`make_gate` of every slot."""
+        built = {}
+        for slot in slots:
+            gate = self.make_gate(slot, rngs)
+            if gate is not None:
+                built[slot.name] = gate
+        return built
+
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> Gate | None:
-        """The gate module for ``slot`` (None leaves the slot ungated)."""
+        """The gate module for ``slot`` (None leaves the slot ungated). None here."""
+        return None
+
+    def init(self, model: GatedModel) -> MethodState:
+        """The method's state for the freshly built ``model`` (``{}`` here). Refuses, with a
+        :class:`ConfigError`, a model or per-slot setting the method cannot work with."""
+        return {}
 
     @abc.abstractmethod
     def objective(
-        self, model: GatedModel, images: jax.Array, labels: jax.Array, key: jax.Array
+        self,
+        model: GatedModel,
+        state: MethodState,
+        images: jax.Array,
+        labels: jax.Array,
+        key: jax.Array,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The training loss and its parts: ``{"logits", "data_loss", "penalty"}``.
 
@@ -119,26 +154,38 @@ class Method(abc.ABC):
         the forward pass are the new statistics.
         """
 
-    def penalty(self, model: GatedModel) -> jax.Array:
+    def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         """The regulariser alone (part of :meth:`objective`)."""
         return jnp.zeros(())
 
-    def optimizer(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
-        """One optax transformation over ``{"net": ..., "gates": ...}``."""
-        return partition(
-            self.net_transform(steps_per_epoch=steps_per_epoch, epochs=epochs),
-            self.gate_transform(steps_per_epoch=steps_per_epoch, epochs=epochs),
-        )
+    def before_update(self, model: GatedModel, state: MethodState, step: jax.Array) -> MethodState:
+        """The state for step ``step`` (0-based) from the parameters before its update, e.g.
+        GReg's coefficients; the objective of the step sees it. Identity here."""
+        return state
 
-    def schedule(
-        self,
-        base: float,
-        name: str,
-        *,
-        steps_per_epoch: int,
-        epochs: int,
-        factor: float | None = None,
-    ) -> float | optax.Schedule:
+    def after_update(
+        self, model: GatedModel, state: MethodState, step: jax.Array, key: jax.Array
+    ) -> MethodState:
+        """What happens after every optimizer update, inside the jitted train step.
+
+        ``model`` holds the updated parameters and the non-parameter state the step produced
+        (BatchNorm statistics); it is a copy that the engine splits again, so the method may
+        edit it in place (masks, clamps, prox steps) and returns the new method state. ``key``
+        is a PRNG key that is a pure function of the run's seed and the step (independent of
+        the objective's key) and ``step`` the 0-based index of the update just applied. Here:
+        :meth:`project`, the state unchanged.
+        """
+        self.project(model)
+        return state
+
+    def project(self, model: GatedModel) -> None:
+        """Map parameters back onto their constraint set after an update (nothing here)."""
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """One optax transformation over ``{"net": ..., "gates": ...}``."""
+        return partition(self.net_transform(), self.gate_transform())
+
+    def schedule(self, base: float, name: str, *, factor: float | None = None) -> float | optax.Schedule:
         """The learning rate ``base`` under schedule ``name`` with the config's milestones and
         ``factor`` (None: ``config.lr_factor``) per milestone."""
         if name == "constant":
@@ -146,15 +193,13 @@ class Method(abc.ABC):
         return learning_rate_schedule(
             base,
             name,
-            steps_per_epoch=steps_per_epoch,
-            epochs=epochs,
+            steps_per_epoch=self.run.steps_per_epoch,
+            epochs=self.run.epochs,
             milestones=self.config.get("lr_milestones") or (),
             factor=self.config.get("lr_factor", 0.1) if factor is None else factor,
         )
 
-    def gate_schedule(
-        self, *, steps_per_epoch: int, epochs: int, default_rate: float | None = None
-    ) -> float | optax.Schedule:
+    def gate_schedule(self, *, default_rate: float | None = None) -> float | optax.Schedule:
         """The gate parameters' learning rate: ``gate_learning_rate`` (None: ``default_rate``,
         else the network's), under ``gate_lr_schedule`` (None: the network's) with
         ``gate_lr_factor`` (None: ``lr_factor``) per milestone."""
@@ -165,61 +210,36 @@ class Method(abc.ABC):
         return self.schedule(
             rate,
             config.get("gate_lr_schedule") or config.get("lr_schedule", "constant"),
-            steps_per_epoch=steps_per_epoch,
-            epochs=epochs,
             factor=config.get("gate_lr_factor"),
         )
 
-    def net_transform(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+    def net_transform(self) -> optax.GradientTransformation:
         """The optimizer of the network weights (with the coupled weight decay)."""
         config = self.config
         return build_optimizer(
             config.optimizer,
-            self.schedule(
-                config.learning_rate,
-                config.get("lr_schedule", "constant"),
-                steps_per_epoch=steps_per_epoch,
-                epochs=epochs,
-            ),
+            self.schedule(config.learning_rate, config.get("lr_schedule", "constant")),
             weight_decay=config.get("weight_decay", 0.0),
         )
 
-    def gate_transform(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+    def gate_transform(self) -> optax.GradientTransformation:
         """The optimizer of the gate parameters (no weight decay)."""
         return build_optimizer(
-            self.config.get("gate_optimizer") or self.config.optimizer,
-            self.gate_schedule(steps_per_epoch=steps_per_epoch, epochs=epochs),
+            self.config.get("gate_optimizer") or self.config.optimizer, self.gate_schedule()
         )
 
-    def project(self, params: Params) -> Params:
-        """Map parameters back onto their constraint set after an update (identity here)."""
-        return params
-
-    def after_update(
-        self, params: Params, model_state: nnx.State, key: jax.Array, step: jax.Array
-    ) -> tuple[Params, nnx.State]:
-        """What happens after every optimizer update, inside the jitted train step.
-
-        ``params`` are the updated parameters, ``model_state`` the non-parameter state the
-        step produced (BatchNorm statistics, masks, schedules), ``key`` a PRNG key that is a
-        pure function of the run's seed and the step (independent of the objective's key) and
-        ``step`` the 0-based index of the update just applied. The default applies
-        :meth:`project` and leaves the state as it is.
-        """
-        return self.project(params), model_state
-
-    def prepare_model(self, model: GatedModel) -> None:
-        """Called once with the built model before training: resolve per-slot settings, attach
-        modules the gates share (e.g. a gate generator) and refuse models the method cannot work
-        with."""
-
-    def phase(self, epoch: int, epochs: int) -> Method:
-        """The method to train epoch ``epoch`` (0-based) of ``epochs`` with: ``self``, or a
-        variant for a later phase of training (e.g. fine-tuning with frozen gates). The engine
-        builds one train step per distinct phase object; all phases share one optimizer."""
+    def phase(self, epoch: int) -> Method:
+        """The method to train epoch ``epoch`` (0-based) with: ``self``, or a variant for a
+        later phase of training (e.g. fine-tuning with frozen gates). The engine builds one
+        train step per distinct phase object; all phases share one optimizer and one state."""
         return self
 
-    def report(self, model: GatedModel) -> dict[str, Any]:
+    def pretrained_run(self) -> str | None:
+        """The workdir of a run whose network weights the engine loads into the model before
+        :meth:`init` (None: train from the initialisation)."""
+        return None
+
+    def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
         """Method-specific facts about a trained model for the run's summary (e.g. dead nodes
         found from the weights); the gate report covers what the gates say. Empty here."""
         return {}
@@ -233,15 +253,9 @@ class Method(abc.ABC):
 
 
 def per_slot(
-    values: float | Sequence[float] | None,
-    slots: Sequence[GateSlot],
-    defaults: Mapping[str, Sequence[float]],
-    model_name: str,
-    what: str,
+    values: float | Sequence[float], slots: Sequence[GateSlot], what: str
 ) -> dict[str, float]:
     """Broadcast a scalar, or match a per-slot sequence ("L0-sep"), to ``{slot name: value}``."""
-    if values is None:
-        values = defaults.get(model_name, defaults.get("*"))
     if isinstance(values, (int, float)):
         values = [float(values)] * len(slots)
     values = list(values)

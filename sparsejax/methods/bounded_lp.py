@@ -24,6 +24,7 @@ shrinkage is decoupled from the adaptive update, as weight decay is in AdamW.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import jax
@@ -35,9 +36,10 @@ from flax import nnx
 from sparsejax.errors import ConfigError
 from sparsejax.estimators.bounded_lp import bounded_norm, prox_bounded_l1, safe_norm, soft_threshold
 from sparsejax.gates.scale import ScaleGate
-from sparsejax.methods import state_paths
-from sparsejax.methods.base import Method, Params, cross_entropy, model_default, per_slot
+from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy, per_slot
+from sparsejax.methods.fields import Field
 from sparsejax.methods.penalties import gated_l2
+from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel, GateSlot
 
 MOMENTUM_EQUIVALENCE = 10.0
@@ -45,75 +47,82 @@ MOMENTUM_EQUIVALENCE = 10.0
 on a gate is lr * s / (1 - 0.9) per step; the prox step after the update pulls lr * lambda. Our
 CIFAR / ImageNet lambdas are therefore 10 s."""
 
-L1_DEFAULTS: dict[str, dict[str, float]] = {
-    "mlp": {"gate_lambda": 0.1},
-    "lenet5": {"gate_lambda": 0.1},
-    "vgg16": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-4},
-    "resnet164": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-5},
-    "densenet40": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-5},
-    "mobilenet_v2_cifar": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-5},
-    "resnet50": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-5},
-    "mobilenet_v2": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-5},
-    "*": {"gate_lambda": MOMENTUM_EQUIVALENCE * 1e-4},
+L1_LAMBDAS: dict[str, float] = {
+    "mlp": 0.1,
+    "lenet5": 0.1,
+    "vgg16": MOMENTUM_EQUIVALENCE * 1e-4,
+    "resnet164": MOMENTUM_EQUIVALENCE * 1e-5,
+    "densenet40": MOMENTUM_EQUIVALENCE * 1e-5,
+    "mobilenet_v2_cifar": MOMENTUM_EQUIVALENCE * 1e-5,
+    "resnet50": MOMENTUM_EQUIVALENCE * 1e-5,
+    "mobilenet_v2": MOMENTUM_EQUIVALENCE * 1e-5,
 }
-"""Per model: network slimming's s (1e-4 VGG, 1e-5 ResNet-164 / DenseNet-40 on CIFAR) as a prox
-lambda (:data:`MOMENTUM_EQUIVALENCE`), and our choices elsewhere (MLP / LeNet-5 on Fashion-MNIST
-with Adam: measured, see BUILD_NOTES.md; MobileNetV2, ResNet-50: the ResNet value)."""
+"""``gate_lambda`` of ``l1`` per model: network slimming's s (1e-4 VGG, 1e-5 ResNet-164 /
+DenseNet-40 on CIFAR) as a prox lambda (:data:`MOMENTUM_EQUIVALENCE`), and our choices elsewhere
+(MLP / LeNet-5 on Fashion-MNIST with Adam: measured, see BUILD_NOTES.md; MobileNetV2, ResNet-50:
+the ResNet value); other models: VGG's."""
 
-BOUNDED_DEFAULTS: dict[str, dict[str, float]] = {
-    "mlp": {"gate_lambda": 0.05, "sigma": 0.5},
-    "lenet5": {"gate_lambda": 0.2, "sigma": 0.5},
-    **{
-        model: {"gate_lambda": 2 * values["gate_lambda"], "sigma": 0.5}
-        for model, values in L1_DEFAULTS.items()
-        if model not in ("mlp", "lenet5")
-    },
+BOUNDED_LAMBDAS: dict[str, float] = {
+    "mlp": 0.05,
+    "lenet5": 0.2,
+    **{model: 2 * value for model, value in L1_LAMBDAS.items() if model not in ("mlp", "lenet5")},
 }
-"""Per model (our choice; the paper's values were not available): sigma = 0.5 puts the L1-to-L0
-transition at half the initial gate value; lambda / sigma is 4x network slimming's lambda, so
-gates near 0 are pulled 4x harder than by L1 and gates near 1 about half as hard. LeNet-5
-(Fashion-MNIST, 5 epochs, gates at Adam 1e-2): 0.2 removed 93% of the parameters at 10.0% test
-error, 0.1 77% at 9.8% (BUILD_NOTES.md)."""
+"""``gate_lambda`` of ``bounded_lp`` per model (our choice; the paper's values were not
+available), with sigma = 0.5, which puts the L1-to-L0 transition at half the initial gate value:
+lambda / sigma is 4x network slimming's lambda, so gates near 0 are pulled 4x harder than by L1
+and gates near 1 about half as hard. LeNet-5 (Fashion-MNIST, 5 epochs, gates at Adam 1e-2): 0.2
+removed 93% of the parameters at 10.0% test error, 0.1 77% at 9.8% (BUILD_NOTES.md)."""
+
+L1_FIELDS = {
+    "gate_lambda": Field(
+        MOMENTUM_EQUIVALENCE * 1e-4,
+        "the gate penalty's weight, one value or one per gate slot (loss units)",
+        per_model=L1_LAMBDAS,
+        kind=object,
+    ),
+    "filter_lambda": Field(0.0, "weight of the penalty on the gated groups' norms; 0: off"),
+}
 
 
+@register
 class L1Gating(Method):
     """Network slimming on :class:`ScaleGate` gates: L1 penalty, soft-threshold prox.
 
-    Config: ``gate_lambda`` (one value or one per slot; None: :data:`L1_DEFAULTS` for
-    ``model``), ``filter_lambda`` (group penalty on the gated groups' weight norms, 0 = off),
-    ``l2``, and the shared optimizer fields.
+    Config: :data:`L1_FIELDS`, ``l2`` and the shared optimizer fields.
     """
 
     name: ClassVar[str] = "l1"
-    per_slot_fields = ("gate_lambda",)
-    defaults: ClassVar[dict[str, dict[str, float]]] = L1_DEFAULTS
+    fields = L1_FIELDS
 
-    def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
-        super().__init__(config, num_train=num_train)
-        self.filter_lambda = float(config.get("filter_lambda", 0.0))
+    def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+        super().__init__(config, run)
+        self.filter_lambda = float(self.config.filter_lambda)
         if self.filter_lambda < 0:
             raise ConfigError(f"config.filter_lambda must be >= 0, got {self.filter_lambda}")
-        self._gate_rate: optax.Schedule | None = None
-
-    def default(self, field: str) -> float:
-        """``config.<field>``, or the defaults table's value for ``config.model``."""
-        return model_default(self.config, self.defaults, field)
+        rate = self.gate_schedule()
+        self.gate_rate: optax.Schedule = rate if callable(rate) else optax.constant_schedule(rate)
+        """The prox step size: the gates' learning rate at each update."""
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> ScaleGate:
         return ScaleGate(slot.shape)
 
-    def prepare_model(self, model: GatedModel) -> None:
+    def slots(self, model: GatedModel) -> tuple[GateSlot, ...]:
+        """The gated slots of ``model``."""
         slots = tuple(s for s in model.gate_slots if s.name in model.gates)
         if not slots:
             raise ConfigError(f"method {self.name!r} needs a model with gate slots")
-        self.slots = slots
-        lambdas = self.default("gate_lambda")
-        self.gate_lambdas = per_slot(lambdas, slots, {}, "*", "gate_lambda")
-        if min(self.gate_lambdas.values()) < 0:
-            raise ConfigError(f"config.gate_lambda must be >= 0, got {lambdas}")
-        self.gate_paths = state_paths.variable_paths(
-            model, {s.name: model.gates[s.name].value for s in slots}
-        )
+        return slots
+
+    def gate_lambdas(self, model: GatedModel) -> dict[str, float]:
+        """lambda of every gated slot."""
+        lambdas = per_slot(self.config.gate_lambda, self.slots(model), "gate_lambda")
+        if min(lambdas.values()) < 0:
+            raise ConfigError(f"config.gate_lambda must be >= 0, got {self.config.gate_lambda}")
+        return lambdas
+
+    def init(self, model: GatedModel) -> MethodState:
+        self.gate_lambdas(model)
+        return {}
 
     def gate_penalty(self, values: jax.Array) -> jax.Array:
         """R(g) of one slot's gate values."""
@@ -145,22 +154,22 @@ class L1Gating(Method):
 
     def penalties(self, model: GatedModel) -> tuple[jax.Array, jax.Array]:
         """(gate penalty sum_s lambda_s R(g_s), all other penalty terms)."""
+        lambdas = self.gate_lambdas(model)
         gates = sum(
-            self.gate_lambdas[s.name] * self.gate_penalty(model.gates[s.name].value[...])
-            for s in self.slots
+            lambdas[name] * self.gate_penalty(model.gates[name].value[...]) for name in lambdas
         )
         others = gated_l2(model, {}, self.config.get("l2", 0.0))
         if self.filter_lambda:
             others = others + self.filter_lambda * sum(
-                self.group_penalty(self.group_norms(model, s)) for s in self.slots
+                self.group_penalty(self.group_norms(model, s)) for s in self.slots(model)
             )
         return gates, others
 
-    def penalty(self, model: GatedModel) -> jax.Array:
+    def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         gates, others = self.penalties(model)
         return gates + others
 
-    def objective(self, model, images, labels, key):
+    def objective(self, model, state, images, labels, key):
         logits = model(images, train=True)
         data_loss = jnp.mean(cross_entropy(logits, labels))
         gates, others = self.penalties(model)
@@ -168,53 +177,50 @@ class L1Gating(Method):
             gates = jax.lax.stop_gradient(gates)
         return self.loss_and_parts(data_loss, gates + others, logits)
 
-    def optimizer(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
-        """The shared optimizers; also fixes the prox step size, the gates' learning rate."""
-        rate = self.gate_schedule(steps_per_epoch=steps_per_epoch, epochs=epochs)
-        self._gate_rate = rate if callable(rate) else optax.constant_schedule(rate)
-        return super().optimizer(steps_per_epoch=steps_per_epoch, epochs=epochs)
-
-    def after_update(self, params: Params, model_state, key, step):
-        if self._gate_rate is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.optimizer() sets the prox step size; call it first"
-            )
-        params = self.project(params)
-        rate = self._gate_rate(step)
-        values = state_paths.read(params["gates"], self.gate_paths)
-        shrunk = {
-            name: jnp.maximum(self.shrink(value, rate * self.gate_lambdas[name]), 0.0)
-            for name, value in values.items()
-        }
-        gates = state_paths.replace(params["gates"], self.gate_paths, shrunk)
-        return {**params, "gates": gates}, model_state
+    def after_update(self, model, state, step, key):
+        """The prox step on every gate, with step size the gates' learning rate."""
+        self.project(model)
+        rate = self.gate_rate(step)
+        for name, value in self.gate_lambdas(model).items():
+            gate = model.gates[name].value
+            gate[...] = jnp.maximum(self.shrink(gate[...], rate * value), 0.0)
+        return state
 
 
+BOUNDED_FIELDS = {
+    **L1_FIELDS,
+    "gate_lambda": dataclasses.replace(
+        L1_FIELDS["gate_lambda"],
+        default=2 * L1_FIELDS["gate_lambda"].default,
+        per_model=BOUNDED_LAMBDAS,
+    ),
+    "sigma": Field(0.5, "the L1-to-L0 transition scale of B_{sigma,p}"),
+    "p": Field(1.0, "the exponent of B_{sigma,p}; 1: exact zeros by the prox"),
+    "filter_sigma": Field(None, "sigma of the group-norm penalty (None: sigma)", kind=float),
+    "gate_threshold": Field(0.0, "p > 1: gates at or below it are set to 0 after each update"),
+}
+
+
+@register
 class BoundedLpGating(L1Gating):
     """Bounded-Lp group gating: R = B_{sigma,p} on the gates and (``filter_lambda``) on the
     gated groups' weight norms.
 
-    Config: ``gate_lambda`` and ``sigma`` (None: :data:`BOUNDED_DEFAULTS` for ``model``), ``p``
-    (>= 1; 1 gives exact zeros by the prox), ``filter_sigma`` (sigma of the group-norm term,
-    whose scale differs from the gates'), ``gate_threshold`` (p > 1 only), ``filter_lambda``,
-    ``l2``.
+    Config: :data:`BOUNDED_FIELDS`, ``l2``.
     """
 
     name: ClassVar[str] = "bounded_lp"
-    defaults: ClassVar[dict[str, dict[str, float]]] = BOUNDED_DEFAULTS
+    fields = BOUNDED_FIELDS
 
-    def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
-        super().__init__(config, num_train=num_train)
-        self.p = float(config.get("p", 1.0))
-        self.gate_threshold = float(config.get("gate_threshold", 0.0))
+    def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+        super().__init__(config, run)
+        self.p = float(self.config.p)
+        self.gate_threshold = float(self.config.gate_threshold)
         if self.p < 1:
             raise ConfigError(
                 f"config.p must be >= 1 (for p < 1 the penalty's slope at 0 is infinite), got {self.p}"
             )
-
-    def prepare_model(self, model: GatedModel) -> None:
-        super().prepare_model(model)
-        self.sigma = float(self.default("sigma"))
+        self.sigma = float(self.config.sigma)
         filter_sigma = self.config.get("filter_sigma")
         self.filter_sigma = self.sigma if filter_sigma is None else float(filter_sigma)
         for field, value in (("sigma", self.sigma), ("filter_sigma", self.filter_sigma)):

@@ -18,10 +18,11 @@ to exactly 0.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
@@ -33,10 +34,13 @@ from sparsejax.gates.generated import (
     GeneratedHardConcreteGate,
 )
 from sparsejax.gates.generator import DEPENDENCIES, GateGenerator
-from sparsejax.methods.base import Method, cross_entropy
+from sparsejax.methods import fields as config_fields
+from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
-from sparsejax.methods.l0_arm import binary_gate_data_loss
+from sparsejax.methods.fields import ANY_MODEL, Field
+from sparsejax.methods.l0_arm import BINARY_GATE_FIELDS, binary_gate_data_loss
 from sparsejax.methods.optim import build_optimizer
+from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel, GateSlot
 
 DEFAULT_LAMBDAS: dict[str, dict[str, float]] = {
@@ -45,7 +49,7 @@ DEFAULT_LAMBDAS: dict[str, dict[str, float]] = {
     "resnet50": {"forward": 5e-9, "backward": 5e-9},
     "lenet5": {"forward": 2e-6, "backward": 2e-6},
     "mlp": {"forward": 2e-6, "backward": 2e-6},
-    "*": {"forward": 5e-7, "backward": 1e-6},
+    ANY_MODEL: {"forward": 5e-7, "backward": 1e-6},
 }
 """lambda per expected weight by model and dependency: the Dep-L0 README's for VGG-16, ResNet-56
 and ResNet-50; LeNet-5 / MLP: chosen here (see BUILD_NOTES.md); other models: ResNet-56's."""
@@ -56,13 +60,32 @@ GENERATOR_INIT_FOLD = 1
 """The generator is initialised from ``fold_in(key(config.seed), GENERATOR_INIT_FOLD)``."""
 
 
+FIELDS = {
+    "dependency": Field("forward", "the generator's direction over the layers: forward | backward"),
+    "lamba": Field(
+        None,
+        "lambda per expected weight, no 1/N (None: DEFAULT_LAMBDAS for the model and dependency)",
+        kind=float,
+    ),
+    "penalty_form": Field("layers", "layers | reference_chain | reference_k4"),
+    "fine_tune_epochs": Field(0, "last epochs trained with frozen deterministic gates"),
+    "generator_input_width": Field(
+        None, "d_0 of the generator (None: the width of the chain's first slot)", kind=int
+    ),
+    "temperature": Field(hard_concrete.BETA, "beta of the hard-concrete gates"),
+}
+
+
 def generator_of(model: GatedModel) -> GateGenerator:
-    """The gate generator a Dep-L0 method attached to ``model``."""
-    generator = getattr(model, "gate_generator", None)
+    """The gate generator of a model built by a Dep-L0 method (reached through its gates)."""
+    generator = next(
+        (gate.generator for gate in model.gates.values() if isinstance(gate, GeneratedGate)),
+        None,
+    )
     if not isinstance(generator, GateGenerator):
         raise ValueError(
-            "the model has no gate generator; build it with gate_factory=method.make_gate and "
-            "call method.prepare_model(model)"
+            "the model has no gate generator; build it with gate_factory=method.make_gates of "
+            "a Dep-L0 method"
         )
     return generator
 
@@ -77,22 +100,33 @@ def frozen_from(rate: float | optax.Schedule, boundary: int) -> optax.Schedule:
     return schedule
 
 
+@register
 class DepL0(Method):
     """Dep-L0 with hard-concrete gates; see the module docstring.
 
-    Config: ``dependency`` (forward | backward), ``lamba`` (lambda; None: ``DEFAULT_LAMBDAS``
-    for ``model`` and ``dependency``), ``penalty_form`` (layers | reference_chain |
-    reference_k4), ``fine_tune_epochs`` (0), ``temperature`` (beta, 2/3), ``seed`` (the
-    generator's initialisation), ``generator_input_width`` (d_0; None: the width of the first
-    slot of the chain), ``gate_optimizer`` / ``gate_learning_rate`` /
-    ``gate_lr_schedule`` (the generator's; None: Adam, 1e-3, the network's schedule).
+    Config: :data:`FIELDS`, ``seed`` (the generator's initialisation), ``gate_optimizer`` /
+    ``gate_learning_rate`` / ``gate_lr_schedule`` (the generator's; None: Adam, 1e-3, the
+    network's schedule).
     """
 
     name = "dep_l0"
+    fields = FIELDS
     fine_tuning = False
 
-    def __init__(self, config, *, num_train: int):
-        super().__init__(config, num_train=num_train)
+    @classmethod
+    def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The fields' defaults, ``lamba`` by model and dependency."""
+        resolved = config_fields.resolve(config, cls.fields)
+        if resolved.get("lamba") is None:
+            table = DEFAULT_LAMBDAS.get(config.get("model"), DEFAULT_LAMBDAS[ANY_MODEL])
+            if resolved.dependency in table:
+                with resolved.unlocked():
+                    resolved.lamba = table[resolved.dependency]
+        return resolved
+
+    def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+        super().__init__(config, run)
+        config = self.config
         self.dependency = config.get("dependency") or "forward"
         if self.dependency not in DEPENDENCIES:
             raise ConfigError(
@@ -106,11 +140,20 @@ class DepL0(Method):
         self.fine_tune_epochs = int(config.get("fine_tune_epochs") or 0)
         if self.fine_tune_epochs < 0:
             raise ConfigError(f"config.fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
-        model_name = config.get("model") or "*"
-        defaults = DEFAULT_LAMBDAS.get(model_name, DEFAULT_LAMBDAS["*"])
-        lam = config.get("lamba")
-        self.penalty_lambda = float(defaults[self.dependency] if lam is None else lam)
-        self._fine_tune_phase: DepL0 | None = None
+        if self.fine_tune_epochs >= run.epochs:
+            raise ConfigError(
+                f"config.fine_tune_epochs={self.fine_tune_epochs} leaves no training epoch of "
+                f"the {run.epochs}; use fewer fine-tuning epochs"
+            )
+        self.penalty_lambda = float(config.lamba)
+        self.fine_tune_phase: DepL0 = self if self.fine_tuning else self._fine_tuning_variant()
+        """The method of the last ``fine_tune_epochs`` epochs (frozen gates, no penalty)."""
+
+    def _fine_tuning_variant(self) -> DepL0:
+        variant = copy.copy(self)
+        variant.fine_tuning = True
+        variant.fine_tune_phase = variant
+        return variant
 
     @staticmethod
     def unit_count(slot: GateSlot) -> int:
@@ -122,23 +165,14 @@ class DepL0(Method):
         return slot.shape[0]
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> GeneratedGate:
-        beta = self.config.get("temperature", hard_concrete.BETA)
-        return GeneratedHardConcreteGate(slot.name, self.unit_count(slot), beta=beta)
+        return GeneratedHardConcreteGate(
+            slot.name, self.unit_count(slot), beta=self.config.temperature
+        )
 
-    def prepare_model(self, model: GatedModel) -> None:
-        """Build the generator over the model's gate slots (in declaration order, which is
-        network order) and attach it to the model and to every slot's gate."""
-        missing = [
-            s.name
-            for s in model.gate_slots
-            if s.name not in model.gates or not isinstance(model.gates[s.name], GeneratedGate)
-        ]
-        if missing:
-            raise ValueError(
-                f"slots {missing} have no generated gate; build the model with "
-                f"gate_factory=method.make_gate of {self.name}"
-            )
-        widths = {slot.name: self.unit_count(slot) for slot in model.gate_slots}
+    def make_gates(self, slots: Sequence[GateSlot], rngs: nnx.Rngs) -> dict[str, GeneratedGate]:
+        """Every slot's generated gate, attached to one generator over the slots (in
+        declaration order, which is network order), initialised from ``config.seed``."""
+        widths = {slot.name: self.unit_count(slot) for slot in slots}
         key = jax.random.fold_in(jax.random.key(self.config.get("seed", 0)), GENERATOR_INIT_FOLD)
         generator = GateGenerator(
             widths,
@@ -146,9 +180,10 @@ class DepL0(Method):
             input_width=self.config.get("generator_input_width"),
             rngs=nnx.Rngs(params=key),
         )
-        model.gate_generator = generator
-        for gate in model.gates.values():
+        gates = {slot.name: self.make_gate(slot, rngs) for slot in slots}
+        for gate in gates.values():
             gate.attach(generator)
+        return gates
 
     def keep_probabilities(
         self, model: GatedModel, logits: Mapping[str, jax.Array]
@@ -169,7 +204,7 @@ class DepL0(Method):
             form=self.penalty_form,
         )
 
-    def penalty(self, model: GatedModel) -> jax.Array:
+    def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         return self.penalty_from_logits(model, generator_of(model)())
 
     def deterministic_gates(
@@ -181,7 +216,7 @@ class DepL0(Method):
             for name, gate in model.gates.items()
         }
 
-    def objective(self, model, images, labels, key):
+    def objective(self, model, state, images, labels, key):
         logits = generator_of(model)()
         if self.fine_tuning:
             gates = self.deterministic_gates(model, logits)
@@ -195,33 +230,24 @@ class DepL0(Method):
         data_loss = jnp.mean(cross_entropy(output, labels))
         return self.loss_and_parts(data_loss, self.penalty_from_logits(model, logits), output)
 
-    def gate_transform(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+    def gate_transform(self) -> optax.GradientTransformation:
         """The generator's optimizer: Adam 1e-3 unless configured, on the network's schedule
         unless configured, and a learning rate of exactly 0 during fine-tuning."""
-        if self.fine_tune_epochs >= epochs:
-            raise ConfigError(
-                f"config.fine_tune_epochs={self.fine_tune_epochs} leaves no training epoch of "
-                f"the {epochs}; use fewer fine-tuning epochs"
-            )
-        rate = self.gate_schedule(
-            steps_per_epoch=steps_per_epoch, epochs=epochs, default_rate=GENERATOR_LEARNING_RATE
-        )
+        rate = self.gate_schedule(default_rate=GENERATOR_LEARNING_RATE)
         if self.fine_tune_epochs:
-            rate = frozen_from(rate, (epochs - self.fine_tune_epochs) * steps_per_epoch)
+            boundary = (self.run.epochs - self.fine_tune_epochs) * self.run.steps_per_epoch
+            rate = frozen_from(rate, boundary)
         return build_optimizer(self.config.get("gate_optimizer") or GENERATOR_OPTIMIZER, rate)
 
-    def phase(self, epoch: int, epochs: int) -> DepL0:
+    def phase(self, epoch: int) -> DepL0:
         """``self`` before the last ``fine_tune_epochs`` epochs, then the fine-tuning variant
         (always the same object)."""
-        if self.fine_tuning or epoch < epochs - self.fine_tune_epochs:
+        if epoch < self.run.epochs - self.fine_tune_epochs:
             return self
-        if self._fine_tune_phase is None:
-            variant = copy.copy(self)
-            variant.fine_tuning = True
-            self._fine_tune_phase = variant
-        return self._fine_tune_phase
+        return self.fine_tune_phase
 
 
+@register
 class DepL0ARM(DepL0):
     """Dep-L0 with binary gates z ~ Bernoulli(sigmoid(logit)) trained with ARM.
 
@@ -237,20 +263,25 @@ class DepL0ARM(DepL0):
 
     name = "dep_l0_arm"
     estimator = "arm"
+    fields = {
+        **{name: field for name, field in FIELDS.items() if name != "temperature"},
+        **BINARY_GATE_FIELDS,
+        "per_example_gates": Field(False, "draw the gates per example instead of per batch"),
+    }
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> GeneratedGate:
         config = self.config
         return GeneratedBinaryGate(
             slot.name,
             self.unit_count(slot),
-            test_rule=config.get("test_rule", "binary"),
-            threshold=config.get("threshold", 0.5),
+            test_rule=config.test_rule,
+            threshold=config.threshold,
             per_example=bool(config.get("per_example_gates", False)),
         )
 
-    def objective(self, model, images, labels, key):
+    def objective(self, model, state, images, labels, key):
         if self.fine_tuning:
-            return super().objective(model, images, labels, key)
+            return super().objective(model, state, images, labels, key)
         logits = generator_of(model)()
         loss, output = binary_gate_data_loss(
             model, images, labels, logits, key,

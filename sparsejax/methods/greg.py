@@ -20,17 +20,13 @@ lambda (.) W (the reference adds this to the gradient before SGD). Structured pr
 and bias of the BatchNorm that follows it, so the channel outputs exactly zero as if removed;
 ``"weight"`` prunes single weights of every kernel.
 
-Config fields (None: :data:`DEFAULTS` for ``config.model``): ``greg_granularity``,
-``stage_pr`` (see :mod:`.greg_rules`), ``greg_interval`` (K_u), ``greg_delta``,
-``greg_ceiling`` (tau), ``greg_ratio_limit`` (R), ``greg_stabilise_steps`` (K_s),
-``greg_delta_pick``, ``greg_ceiling_pick``, ``greg_delta_recover`` (GReg-2), ``pretrained``,
-``pretrain_epochs``, ``l2``.
+Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.greg_rules`) and ``l2``. The schedule
+state is the method's state (:func:`initial_state`), checkpointed with the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -40,15 +36,18 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods import state_paths
-from sparsejax.methods.base import Method, Params, cross_entropy, model_default
+from sparsejax.methods import fields as config_fields
+from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.dense import Dense
-from sparsejax.methods.greg_report import STATE_ATTRIBUTE, greg_progress, pruned_size
+from sparsejax.methods.fields import Field
+from sparsejax.methods.masking import unit_variables
+from sparsejax.methods.greg_report import greg_progress, kept_channels, pruned_size
 from sparsejax.methods.greg_rules import GROUP_GRANULARITIES, layer_ratios
 from sparsejax.methods.greg_schedule import (
     FINETUNE,
-    LAYER_FIELDS,
-    GRegState,
+    NOT_YET,
+    REGULARISE,
+    UNSET_RATIO,
     LayerState,
     Schedule,
     broadcast_groups,
@@ -57,49 +56,46 @@ from sparsejax.methods.greg_schedule import (
     regularise,
 )
 from sparsejax.methods.penalties import gated_l2
-from sparsejax.methods.state_paths import variable_paths
-from sparsejax.methods.warm_start import load_network_weights
-from sparsejax.models.base import GatedModel, GateSlot
+from sparsejax.methods.registry import register
+from sparsejax.models.base import GatedModel
 from sparsejax.slim.accounting import greg_pruned_count
 
-CIFAR_DEFAULTS: dict[str, Any] = {
-    "greg_granularity": "filter",
-    "stage_pr": 0.5,
-    "greg_interval": 10,
-    "greg_delta": 1e-4,
-    "greg_ceiling": 1.0,
-    "greg_ratio_limit": 1000.0,
-    "greg_stabilise_steps": 10_000,
-    "greg_delta_pick": 1e-5,
-    "greg_ceiling_pick": 1e-2,
-    "greg_delta_recover": -1e-4,
-    "pretrain_epochs": 200,
+FASHION_MNIST = ("mlp", "lenet5")
+
+
+def _fashion_mnist(value: Any) -> dict[str, Any]:
+    return {model: value for model in FASHION_MNIST}
+
+
+FIELDS = {
+    "greg_granularity": Field("filter", "filter | weight: the groups GReg prunes"),
+    "stage_pr": Field(
+        0.5,
+        "pruning ratios: one, per stage [stem, stages..., fc], per layer, or '[a-b:r]'",
+        per_model={"resnet56": (0.0, 0.75, 0.75, 0.32, 0.0)},
+        kind=object,
+    ),
+    "greg_interval": Field(10, "K_u, iterations between coefficient updates", _fashion_mnist(1)),
+    "greg_delta": Field(1e-4, "increment of the pruned groups' coefficient", _fashion_mnist(1e-3)),
+    "greg_ceiling": Field(1.0, "tau: a layer finishes when its largest coefficient exceeds it"),
+    "greg_ratio_limit": Field(1000.0, "R: the magnitude ratio that finishes a layer"),
+    "greg_stabilise_steps": Field(
+        10_000, "K_s, iterations with frozen coefficients before pruning", _fashion_mnist(600)
+    ),
+    "greg_delta_pick": Field(
+        1e-5, "GReg-2: uniform increment before picking", _fashion_mnist(1e-4)
+    ),
+    "greg_ceiling_pick": Field(1e-2, "GReg-2: the coefficient at which a layer picks"),
+    "greg_delta_recover": Field(-1e-4, "GReg-2: the kept groups' coefficient after picking"),
+    "pretrained": Field(None, "workdir of a run whose network weights to start from", kind=str),
+    "pretrain_epochs": Field(
+        200, "epochs of plain training first (when pretrained is unset)", {"mlp": 10, "lenet5": 5}
+    ),
 }
-"""The reference's CIFAR settings (README commands; K_u = 10, K_s = 10 000) and its 200-epoch
-pretraining."""
-
-FASHION_MNIST_DEFAULTS: dict[str, Any] = {
-    **CIFAR_DEFAULTS,
-    "greg_interval": 1,
-    "greg_delta": 1e-3,
-    "greg_stabilise_steps": 600,
-    "greg_delta_pick": 1e-4,
-}
-"""A schedule that finishes in a few epochs of 600 steps (batch 100): tau = 1 after 1000
-updates (GReg-2 picks after 100), one epoch of stabilisation. Chosen by us, not the paper."""
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "*": CIFAR_DEFAULTS,
-    "resnet56": {**CIFAR_DEFAULTS, "stage_pr": (0.0, 0.75, 0.75, 0.32, 0.0)},
-    "mlp": {**FASHION_MNIST_DEFAULTS, "pretrain_epochs": 10},
-    "lenet5": {**FASHION_MNIST_DEFAULTS, "pretrain_epochs": 5},
-}
-"""Per-model defaults of every GReg config field; ``"*"`` for models not listed. ResNet-56 uses
-the paper's 2.55x stage ratios."""
-
-
-def _resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {field: model_default(config, DEFAULTS, field) for field in DEFAULTS["*"]}
+"""The reference's CIFAR settings (README commands; K_u = 10, K_s = 10 000, 200 epochs of
+pretraining; ResNet-56 at the paper's 2.55x stage ratios). MLP / LeNet-5: a schedule that
+finishes in a few epochs of 600 steps (batch 100): tau = 1 after 1000 updates (GReg-2 picks
+after 100), one epoch of stabilisation; chosen by us, not the paper."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,182 +113,189 @@ class PrunedLayer:
     group_shape: tuple[int, ...]
 
 
-def _output_norm(model: GatedModel, name: str) -> nnx.BatchNorm | None:
-    """The BatchNorm that normalises the output of layer ``name`` (its declared ``norm``)."""
-    layer = next(layer for layer in model.layers if layer.name == name)
-    return None if layer.norm is None else model.module_at(layer.norm)
+def _masked_variables(model: GatedModel, name: str, per_weight: bool) -> list[nnx.Variable]:
+    """The parameters a layer's mask multiplies: its kernel, and for filters every parameter
+    of a pruned filter (:func:`~sparsejax.methods.masking.unit_variables`)."""
+    if per_weight:
+        return [model.layer_module(name).kernel]
+    return unit_variables(model, name)
 
 
-def _pruned_layers(
-    model: GatedModel, ratios: Mapping[str, float], per_weight: bool
-) -> tuple[PrunedLayer, ...]:
-    layers = {layer.name: layer for layer in model.layers}
-    pruned = []
-    for name, ratio in ratios.items():
-        shape = layers[name].kernel_shape if per_weight else (layers[name].out_units,)
-        count = greg_pruned_count(ratio, int(np.prod(shape)))
-        pruned.append(PrunedLayer(name, ratio, count, tuple(shape)))
-    return tuple(pruned)
+def initial_state(pruned: tuple[PrunedLayer, ...]) -> MethodState:
+    """The schedule state before pretraining: per pruned layer the fields of
+    :class:`~.greg_schedule.LayerState`, and the counters."""
+    return {
+        "layers": [
+            {
+                "penalty": jnp.zeros(layer.group_shape, jnp.float32),
+                "selected": jnp.zeros(layer.group_shape, jnp.bool_),
+                "mask": jnp.ones(layer.group_shape, jnp.float32),
+                "ratio": jnp.full((), UNSET_RATIO, jnp.float32),
+                "finished": jnp.zeros((), jnp.bool_),
+                "picked": jnp.zeros((), jnp.bool_),
+            }
+            for layer in pruned
+        ],
+        "phase": jnp.full((), REGULARISE, jnp.int32),
+        "iteration": jnp.zeros((), jnp.int32),
+        "reg_start": jnp.zeros((), jnp.int32),
+        "stabilise_start": jnp.full((), NOT_YET, jnp.int32),
+        "prune_step": jnp.full((), NOT_YET, jnp.int32),
+    }
 
 
-def _masked_variables(model: GatedModel, name: str, per_weight: bool) -> dict[str, nnx.Variable]:
-    """The parameters a layer's mask multiplies: its kernel and, for filters, the per-filter
-    parameters zeroed with a pruned filter (its bias, the scale and bias of the BatchNorm that
-    follows it), so that the channel outputs exactly zero."""
-    module = model.layer_module(name)
-    masked = {"kernel": module.kernel}
-    if not per_weight:
-        if getattr(module, "bias", None) is not None:
-            masked["bias"] = module.bias
-        norm = _output_norm(model, name)
-        if norm is not None:
-            masked["norm_scale"], masked["norm_bias"] = norm.scale, norm.bias
-    return masked
-
-
-def _growing_penalty(model: GatedModel, pruned: tuple[PrunedLayer, ...]) -> jax.Array:
-    """sum_l sum_j (lambda_{l,j} / 2) ||W_{l,j}||^2, lambda constant; 0 once fine-tuning."""
-    state: GRegState = getattr(model, STATE_ATTRIBUTE)
-    total = jnp.zeros(())
-    for layer, penalty in zip(pruned, state.penalty):
-        kernel = model.layer_module(layer.name).kernel[...]
-        coefficient = jax.lax.stop_gradient(broadcast_groups(penalty[...], kernel))
-        total = total + 0.5 * jnp.sum(coefficient * kernel**2)
-    return jnp.where(state.phase[...] == FINETUNE, 0.0, total)
+def _layer_states(state: MethodState) -> list[LayerState]:
+    return [LayerState(**layer) for layer in state["layers"]]
 
 
 class GReg(Method):
     """Growing regularisation; subclasses fix the variant (see the module docstring)."""
 
     variant: ClassVar[int]
-    per_slot_fields = ("stage_pr",)
+    fields = FIELDS
 
-    def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
-        super().__init__(config, num_train=num_train)
-        settings = _resolve(config)
-        self.granularity = settings["greg_granularity"]
+    def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+        super().__init__(config, run)
+        settings = self.config
+        self.granularity = settings.greg_granularity
         if self.granularity not in GROUP_GRANULARITIES:
             raise ConfigError(
                 f"greg_granularity must be one of {GROUP_GRANULARITIES}, got {self.granularity!r}"
             )
-        self.stage_pr = settings["stage_pr"]
         self.reg_schedule = Schedule(
             variant=self.variant,
-            interval=int(settings["greg_interval"]),
-            delta=float(settings["greg_delta"]),
-            ceiling=float(settings["greg_ceiling"]),
-            ratio_limit=float(settings["greg_ratio_limit"]),
-            stabilise_steps=int(settings["greg_stabilise_steps"]),
-            delta_pick=float(settings["greg_delta_pick"]),
-            ceiling_pick=float(settings["greg_ceiling_pick"]),
-            delta_recover=float(settings["greg_delta_recover"]),
+            interval=int(settings.greg_interval),
+            delta=float(settings.greg_delta),
+            ceiling=float(settings.greg_ceiling),
+            ratio_limit=float(settings.greg_ratio_limit),
+            stabilise_steps=int(settings.greg_stabilise_steps),
+            delta_pick=float(settings.greg_delta_pick),
+            ceiling_pick=float(settings.greg_ceiling_pick),
+            delta_recover=float(settings.greg_delta_recover),
             ratio_test=self.granularity == "filter",
         )
-        self.pretrained = config.get("pretrained")
-        if self.pretrained and config.get("pretrain_epochs"):
+        self.pretrain_epochs = int(settings.pretrain_epochs)
+        self.pretraining = GRegPretraining(self)
+        """The method of the first ``pretrain_epochs`` epochs."""
+
+    @classmethod
+    def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The fields' defaults; no pretraining epochs when ``pretrained`` gives the network."""
+        if config.get("pretrained") and config.get("pretrain_epochs"):
             raise ConfigError(
-                f"config.pretrained={self.pretrained!r} and config.pretrain_epochs="
+                f"config.pretrained={config.pretrained!r} and config.pretrain_epochs="
                 f"{config.pretrain_epochs} both ask for a pretrained network; set one of them"
             )
-        self.pretrain_epochs = 0 if self.pretrained else int(settings["pretrain_epochs"])
-        self.pruned: tuple[PrunedLayer, ...] = ()
-        self._pretraining = GRegPretraining(self)
+        resolved = config_fields.resolve(config, cls.fields)
+        if resolved.pretrained:
+            with resolved.unlocked():
+                resolved.pretrain_epochs = 0
+        return resolved
 
-    def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> None:
-        return None
-
-    def prepare_model(self, model: GatedModel) -> None:
-        """Choose the pruned layers, attach the schedule state, load ``config.pretrained``."""
-        ratios = layer_ratios(model.layers, self.stage_pr, self.granularity)
+    def pruned_layers(self, model: GatedModel) -> tuple[PrunedLayer, ...]:
+        """The layers GReg prunes in ``model``, in network order, with their ratios and counts."""
+        ratios = layer_ratios(model.layers, self.config.stage_pr, self.granularity)
         if not ratios:
             raise ConfigError(
-                f"stage_pr={self.stage_pr!r} prunes no layer of {type(model).__name__}; "
+                f"stage_pr={self.config.stage_pr!r} prunes no layer of {type(model).__name__}; "
                 "give some layer a ratio in (0, 1)"
             )
-        per_weight = self.granularity == "weight"
-        self.pruned = _pruned_layers(model, ratios, per_weight)
-        state = GRegState([layer.group_shape for layer in self.pruned])
-        state.layer_names = tuple(layer.name for layer in self.pruned)
-        state.granularity = self.granularity
-        setattr(model, STATE_ATTRIBUTE, state)
-        self.net_paths = variable_paths(
-            model,
-            {
-                f"{i}/{role}": variable
-                for i, layer in enumerate(self.pruned)
-                for role, variable in _masked_variables(model, layer.name, per_weight).items()
-            },
-        )
-        self.state_paths = variable_paths(model, state.variables())
-        if self.pretrained:
-            load_network_weights(model, self.pretrained)
+        layers = {layer.name: layer for layer in model.layers}
+        pruned = []
+        for name, ratio in ratios.items():
+            per_weight = self.granularity == "weight"
+            shape = layers[name].kernel_shape if per_weight else (layers[name].out_units,)
+            count = greg_pruned_count(ratio, int(np.prod(shape)))
+            pruned.append(PrunedLayer(name, ratio, count, tuple(shape)))
+        return tuple(pruned)
 
-    def report(self, model: GatedModel) -> dict[str, Any]:
+    def init(self, model: GatedModel) -> MethodState:
+        return initial_state(self.pruned_layers(model))
+
+    def pretrained_run(self) -> str | None:
+        return self.config.pretrained
+
+    def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
         """:func:`~.greg_report.greg_progress` and :func:`~.greg_report.pruned_size` under
         ``greg/`` keys."""
-        facts = {**greg_progress(model), **pruned_size(model)}
+        names = [layer.name for layer in self.pruned_layers(model)]
+        facts = {
+            **greg_progress(state, names),
+            **pruned_size(model.layers, state, names, self.granularity),
+        }
         return {f"greg/{key}": value for key, value in facts.items()}
 
-    def phase(self, epoch: int, epochs: int) -> Method:
+    def kept_channels(self, model: GatedModel, state: MethodState) -> dict[str, np.ndarray]:
+        """:func:`~.greg_report.kept_channels` of the pruned layers."""
+        names = [layer.name for layer in self.pruned_layers(model)]
+        return kept_channels(state, names, self.granularity)
+
+    def phase(self, epoch: int) -> Method:
         """Pretraining for the first ``pretrain_epochs`` epochs, then this method."""
-        return self._pretraining if epoch < self.pretrain_epochs else self
+        return self.pretraining if epoch < self.pretrain_epochs else self
 
-    def penalty(self, model: GatedModel) -> jax.Array:
-        return gated_l2(model, {}, self.config.l2) + _growing_penalty(model, self.pruned)
+    def growing_penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
+        """sum_l sum_j (lambda_{l,j} / 2) ||W_{l,j}||^2, lambda constant; 0 once fine-tuning."""
+        total = jnp.zeros(())
+        for layer, layer_state in zip(self.pruned_layers(model), state["layers"]):
+            kernel = model.layer_module(layer.name).kernel[...]
+            coefficient = jax.lax.stop_gradient(broadcast_groups(layer_state["penalty"], kernel))
+            total = total + 0.5 * jnp.sum(coefficient * kernel**2)
+        return jnp.where(state["phase"] == FINETUNE, 0.0, total)
 
-    def objective(self, model, images, labels, key):
-        """Update the coefficients from the weights before this step, then the loss."""
-        state: GRegState = getattr(model, STATE_ATTRIBUTE)
+    def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
+        return gated_l2(model, {}, self.config.l2) + self.growing_penalty(model, state)
+
+    def before_update(self, model: GatedModel, state: MethodState, step: jax.Array) -> MethodState:
+        """The coefficient update of this iteration, from the weights before the update."""
+        pruned = self.pruned_layers(model)
         scores = [
             group_scores(model.layer_module(layer.name).kernel[...], self.granularity == "weight")
-            for layer in self.pruned
+            for layer in pruned
         ]
         layers, phase, stabilise_start = regularise(
-            state.layers(),
+            _layer_states(state),
             scores,
-            [layer.count for layer in self.pruned],
-            state.iteration[...] - state.reg_start[...],
-            state.phase[...],
-            state.stabilise_start[...],
+            [layer.count for layer in pruned],
+            state["iteration"] - state["reg_start"],
+            state["phase"],
+            state["stabilise_start"],
             self.reg_schedule,
         )
-        state.set_layers(layers)
-        state.phase[...] = phase
-        state.stabilise_start[...] = stabilise_start
+        return {
+            **state,
+            "layers": [layer._asdict() for layer in layers],
+            "phase": phase,
+            "stabilise_start": stabilise_start,
+        }
+
+    def objective(self, model, state, images, labels, key):
         logits = model(images, train=True)
         return self.loss_and_parts(
-            jnp.mean(cross_entropy(logits, labels)), self.penalty(model), logits
+            jnp.mean(cross_entropy(logits, labels)), self.penalty(model, state), logits
         )
 
-    def after_update(
-        self, params: Params, model_state: nnx.State, key: jax.Array, step: jax.Array
-    ) -> tuple[Params, nnx.State]:
+    def after_update(self, model, state, step, key):
         """Prune when stabilisation is over, re-apply the masks, advance the iteration."""
-        values = state_paths.read(model_state, self.state_paths)
-        layers = [
-            LayerState(*(values[f"{field}/{i}"] for field in LAYER_FIELDS))
-            for i in range(len(self.pruned))
-        ]
         layers, phase, now = prune(
-            layers,
-            step - values["reg_start"],
-            values["phase"],
-            values["stabilise_start"],
+            _layer_states(state),
+            step - state["reg_start"],
+            state["phase"],
+            state["stabilise_start"],
             self.reg_schedule,
         )
-        new_state = {f"mask/{i}": layer.mask for i, layer in enumerate(layers)}
-        new_state |= {
+        per_weight = self.granularity == "weight"
+        for layer, layer_state in zip(self.pruned_layers(model), layers):
+            for variable in _masked_variables(model, layer.name, per_weight):
+                weight = variable[...]
+                variable[...] = weight * broadcast_groups(layer_state.mask, weight)
+        return {
+            **state,
+            "layers": [layer._asdict() for layer in layers],
             "phase": phase,
-            "prune_step": jnp.where(now, step, values["prune_step"]),
+            "prune_step": jnp.where(now, step, state["prune_step"]),
             "iteration": step + 1,
         }
-        weights = state_paths.read(params["net"], self.net_paths)
-        masked = {}
-        for name, weight in weights.items():
-            mask = layers[int(name.split("/")[0])].mask
-            masked[name] = weight * broadcast_groups(mask, weight)
-        net = state_paths.replace(params["net"], self.net_paths, masked)
-        return {**params, "net": net}, state_paths.replace(model_state, self.state_paths, new_state)
 
 
 class GRegPretraining(Dense):
@@ -300,21 +303,16 @@ class GRegPretraining(Dense):
     (l2/2)||theta||^2, no schedule; marks the next step as the first of regularisation."""
 
     name = "greg_pretraining"
-    per_slot_fields = GReg.per_slot_fields
 
     def __init__(self, parent: GReg):
-        super().__init__(parent.config, num_train=parent.num_train)
-        self.parent = parent
+        super().__init__(parent.config, parent.run)
 
-    def after_update(self, params, model_state, key, step):
+    def after_update(self, model, state, step, key):
         next_step = step + 1
-        return params, state_paths.replace(
-            model_state,
-            self.parent.state_paths,
-            {"iteration": next_step, "reg_start": next_step},
-        )
+        return {**state, "iteration": next_step, "reg_start": next_step}
 
 
+@register
 class GReg1(GReg):
     """GReg-1: the pruned set is chosen by magnitude before regularisation; only it is
     penalised, with a growing coefficient."""
@@ -323,6 +321,7 @@ class GReg1(GReg):
     variant = 1
 
 
+@register
 class GReg2(GReg):
     """GReg-2: a uniformly growing penalty first, then the pruned set is picked by magnitude and
     pushed to zero while the kept groups get ``greg_delta_recover``."""

@@ -23,7 +23,7 @@ update (fine-tuning). The ratio test is off for single-weight groups (``ratio_te
 as in the reference.
 
 All of it is array arithmetic on the state below (``jnp.where`` and ``lax.cond``), so it runs
-inside the jitted step and is checkpointed with the model.
+inside the jitted step and is checkpointed as the method's state.
 """
 
 from __future__ import annotations
@@ -34,21 +34,16 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from sparsejax.errors import ConfigError
 
 REGULARISE, STABILISE, FINETUNE = 0, 1, 2
-"""Values of :attr:`GRegState.phase` after pretraining."""
+"""Values of the state's ``phase`` after pretraining."""
 
 UNSET_RATIO = -1.0
 RATIO_MOMENTUM = 0.9
 NOT_YET = -1
 """Step value of an event that has not happened."""
-
-
-class GRegVariable(nnx.Variable):
-    """Non-trainable GReg state: coefficients, selections, masks, flags and counters."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,52 +103,6 @@ class LayerState(NamedTuple):
     ratio: jax.Array
     finished: jax.Array
     picked: jax.Array
-
-
-LAYER_FIELDS = LayerState._fields
-
-
-class GRegState(nnx.Module):
-    """The schedule state, attached to the model so that it lives in ``model_state`` and in
-    every checkpoint. One entry per prunable layer in each list, in network order."""
-
-    def __init__(self, group_shapes: Sequence[tuple[int, ...]]):
-        def per_layer(make):
-            return nnx.List([GRegVariable(make(tuple(shape))) for shape in group_shapes])
-
-        self.penalty = per_layer(lambda shape: jnp.zeros(shape, jnp.float32))
-        self.selected = per_layer(lambda shape: jnp.zeros(shape, jnp.bool_))
-        self.mask = per_layer(lambda shape: jnp.ones(shape, jnp.float32))
-        self.ratio = per_layer(lambda shape: jnp.full((), UNSET_RATIO, jnp.float32))
-        self.finished = per_layer(lambda shape: jnp.zeros((), jnp.bool_))
-        self.picked = per_layer(lambda shape: jnp.zeros((), jnp.bool_))
-        self.phase = GRegVariable(jnp.full((), REGULARISE, jnp.int32))
-        self.iteration = GRegVariable(jnp.zeros((), jnp.int32))
-        self.reg_start = GRegVariable(jnp.zeros((), jnp.int32))
-        self.stabilise_start = GRegVariable(jnp.full((), NOT_YET, jnp.int32))
-        self.prune_step = GRegVariable(jnp.full((), NOT_YET, jnp.int32))
-
-    def variables(self) -> dict[str, GRegVariable]:
-        """Every variable by key: ``"{field}/{layer index}"`` for the per-layer fields of
-        :class:`LayerState`, and the counters by name."""
-        per_layer = {
-            f"{field}/{i}": variable
-            for field in LAYER_FIELDS
-            for i, variable in enumerate(getattr(self, field))
-        }
-        counters = ("phase", "iteration", "reg_start", "stabilise_start", "prune_step")
-        return per_layer | {name: getattr(self, name) for name in counters}
-
-    def layers(self) -> list[LayerState]:
-        return [
-            LayerState(*(getattr(self, field)[i][...] for field in LAYER_FIELDS))
-            for i in range(len(self.penalty))
-        ]
-
-    def set_layers(self, layers: Sequence[LayerState]) -> None:
-        for i, layer in enumerate(layers):
-            for field in LAYER_FIELDS:
-                getattr(self, field)[i][...] = getattr(layer, field)
 
 
 def group_scores(kernel: jax.Array, per_weight: bool) -> jax.Array:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import jax
+import ml_collections
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods.base import Method, per_slot
+from sparsejax.methods import fields as config_fields
+from sparsejax.methods.base import Method, MethodState, per_slot
+from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.penalties import expected_l0, gated_l2
 from sparsejax.models.base import GatedModel, GateSlot
 
@@ -13,11 +16,28 @@ DEFAULT_LAMBDAS = {
     "mlp": (0.1, 0.1, 0.1),
     "lenet5": (10.0, 0.5, 0.1, 10.0),
     "wrn28_10": (0.001,),
-    "*": (0.1,),
+    ANY_MODEL: (0.1,),
 }
 """lambda per gate slot in units of 1/N: Louizos et al. (2018) MLP "L0" and LeNet-5 "L0-sep",
 which are also the L0-ARM defaults, and WRN-28-10's 0.001/N (the smaller of the L0-HC paper's
-two WRN settings, and the value the L0-ARM code's README trains WRN with)."""
+two WRN settings, and the value the L0-ARM code's README trains WRN with). At weight
+granularity every model takes the ``"*"`` row."""
+
+L0_FIELDS = {
+    "lambdas": Field(
+        None,
+        "lambda per gate slot in units of 1/N, one value or one per slot (None: the paper's "
+        "for the model at unit granularity, 0.1 at weight granularity)",
+        kind=object,
+    ),
+    "droprate_init": Field(
+        None, "initial drop rate of every gate (None: the reference's per slot)", kind=float
+    ),
+    "per_example_gates": Field(False, "draw the gates per example instead of per batch"),
+    "reference_bias_sign": Field(
+        False, "count a conv gate's bias with -lambda, as the L0-HC reference code does"
+    ),
+}
 
 
 def keep_probabilities(model: GatedModel) -> dict[str, jax.Array]:
@@ -26,20 +46,29 @@ def keep_probabilities(model: GatedModel) -> dict[str, jax.Array]:
 
 
 class L0Method(Method):
-    """Config fields: ``lambdas`` (one value or one per slot, in units of 1/N; None: the
-    paper's for the model), ``droprate_init`` (None: the reference's per slot), ``l2``,
-    ``per_example_gates``, ``model`` (name, to pick default lambdas)."""
+    """The expected-L0 penalty with per-slot lambdas (:data:`L0_FIELDS`) plus the gated L2
+    (``l2``, shared)."""
 
-    per_slot_fields = ("lambdas",)
+    fields = L0_FIELDS
 
-    def prepare_model(self, model: GatedModel) -> None:
-        self.lambdas = per_slot(
-            self.config.get("lambdas"),
-            model.gate_slots,
-            DEFAULT_LAMBDAS,
-            self.config.get("model", "*") if model.granularity == "unit" else "*",
-            "lambdas",
-        )
+    @classmethod
+    def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The fields' defaults, the lambdas by model at unit granularity only."""
+        resolved = config_fields.resolve(config, cls.fields)
+        if resolved.get("lambdas") is None:
+            unit = config.get("granularity", "unit") == "unit"
+            model = config.get("model") if unit else ANY_MODEL
+            with resolved.unlocked():
+                resolved.lambdas = DEFAULT_LAMBDAS.get(model, DEFAULT_LAMBDAS[ANY_MODEL])
+        return resolved
+
+    def lambdas(self, model: GatedModel) -> dict[str, float]:
+        """lambda of every gate slot of ``model``."""
+        return per_slot(self.config.lambdas, model.gate_slots, "lambdas")
+
+    def init(self, model: GatedModel) -> MethodState:
+        self.lambdas(model)
+        return {}
 
     def droprate_init(self, slot: GateSlot) -> float:
         value = self.config.get("droprate_init")
@@ -54,12 +83,12 @@ class L0Method(Method):
             )
         return per_example
 
-    def penalty(self, model: GatedModel) -> jax.Array:
+    def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         probs = keep_probabilities(model)
         return expected_l0(
             model.gate_slots,
             probs,
-            self.lambdas,
+            self.lambdas(model),
             self.num_train,
-            reference_bias_sign=bool(self.config.get("reference_bias_sign", False)),
+            reference_bias_sign=bool(self.config.reference_bias_sign),
         ) + gated_l2(model, probs, self.config.l2)

@@ -9,11 +9,20 @@ from flax import nnx
 from sparsejax.estimators import binary
 from sparsejax.gates.binary import BinaryGate
 from sparsejax.methods.base import cross_entropy
+from sparsejax.methods.fields import Field
 from sparsejax.methods.l0 import L0Method
+from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel, GateSlot
 from sparsejax.models.state import without_state_updates
 
+BINARY_GATE_FIELDS = {
+    "test_rule": Field("binary", "test-time gates: binary (1 where pi > threshold) or scaled (pi)"),
+    "threshold": Field(0.5, "the binary test rule's threshold on pi"),
+}
+"""The test rule of binary gates (L0-ARM / AR, Dep-L0-ARM)."""
 
+
+@register
 class L0Binary(L0Method):
     """Loss = E_z[CE(f(x; theta * z))] + R with z ~ Bernoulli(g(phi)), R with q = pi.
 
@@ -29,6 +38,12 @@ class L0Binary(L0Method):
 
     name = "l0_arm"
     estimator = "arm"
+    fields = {
+        **L0Method.fields,
+        **BINARY_GATE_FIELDS,
+        "k": Field(7.0, "the gate function's slope: pi = g(k phi)"),
+        "gate_fn": Field("sigmoid", "g: sigmoid or hard_sigmoid"),
+    }
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> BinaryGate:
         config = self.config
@@ -43,7 +58,7 @@ class L0Binary(L0Method):
             per_example=self.per_example(slot),
         )
 
-    def objective(self, model, images, labels, key):
+    def objective(self, model, state, images, labels, key):
         phi = {name: gate.phi[...] for name, gate in model.gates.items()}
         loss, logits = binary_gate_data_loss(
             model, images, labels, phi, key,
@@ -52,7 +67,7 @@ class L0Binary(L0Method):
             k=self.config.k,
             per_example=bool(self.config.get("per_example_gates", False)),
         )
-        return self.loss_and_parts(loss, self.penalty(model), logits)
+        return self.loss_and_parts(loss, self.penalty(model, state), logits)
 
 
 def binary_gate_data_loss(
@@ -95,6 +110,7 @@ def binary_gate_data_loss(
     return loss, logits
 
 
+@register
 class L0AR(L0Binary):
     """L0-AR: the same gates with the single-evaluation AR estimator f(z)(1 - 2u)."""
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.gates.base import GATE_STREAM
 from sparsejax.gates.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate
-from sparsejax.methods.base import Params, cross_entropy
+from sparsejax.methods.base import cross_entropy
+from sparsejax.methods.fields import Field
 from sparsejax.methods.l0 import L0Method
-from sparsejax.models.base import GateSlot
+from sparsejax.methods.registry import register
+from sparsejax.models.base import GatedModel, GateSlot
 
 
+@register
 class L0HardConcrete(L0Method):
     """Loss = CE(f(x; theta * z)) + R with z from hard-concrete gates, R of
     :mod:`sparsejax.methods.penalties` with q = P(z != 0).
@@ -22,6 +24,11 @@ class L0HardConcrete(L0Method):
     """
 
     name = "l0_hc"
+    fields = {
+        **L0Method.fields,
+        "temperature": Field(2.0 / 3.0, "beta, the temperature of the hard-concrete gates"),
+        "clamp_log_alpha": Field(True, "clip log_alpha to [ln 0.01, ln 100] after every update"),
+    }
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> HardConcreteGate:
         return HardConcreteGate(
@@ -32,13 +39,12 @@ class L0HardConcrete(L0Method):
             per_example=self.per_example(slot),
         )
 
-    def objective(self, model, images, labels, key):
+    def objective(self, model, state, images, labels, key):
         logits = model(images, train=True, rngs=nnx.Rngs(**{GATE_STREAM: key}))
         data_loss = jnp.mean(cross_entropy(logits, labels))
-        return self.loss_and_parts(data_loss, self.penalty(model), logits)
+        return self.loss_and_parts(data_loss, self.penalty(model, state), logits)
 
-    def project(self, params: Params) -> Params:
-        if not self.config.clamp_log_alpha:
-            return params
-        gates = jax.tree.map(lambda a: jnp.clip(a, LOG_ALPHA_MIN, LOG_ALPHA_MAX), params["gates"])
-        return {**params, "gates": gates}
+    def project(self, model: GatedModel) -> None:
+        if self.config.clamp_log_alpha:
+            for gate in model.gates.values():
+                gate.log_alpha[...] = jnp.clip(gate.log_alpha[...], LOG_ALPHA_MIN, LOG_ALPHA_MAX)

@@ -1,30 +1,60 @@
-"""One registry of methods: ``--method`` names to classes."""
+"""One registry of methods: ``--method`` names to classes.
+
+Built-in methods register themselves with :func:`register` when :mod:`sparsejax.methods` is
+imported. A method defined anywhere else is named ``MODULE:NAME`` (``my_methods:CustomMethod``):
+the module is imported and ``NAME`` must be a :class:`~sparsejax.methods.base.Method` subclass.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import ml_collections
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods.base import Method
-from sparsejax.methods.bounded_lp import BoundedLpGating, L1Gating
-from sparsejax.methods.dense import Dense
-from sparsejax.methods.dep_l0 import DepL0, DepL0ARM
-from sparsejax.methods.greg import GReg1, GReg2
-from sparsejax.methods.l0_arm import L0AR, L0Binary
-from sparsejax.methods.l0_hc import L0HardConcrete
-from sparsejax.methods.stochastic import StochasticPruning
+from sparsejax.methods.base import Method, RunInfo
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (
-        Dense, L0HardConcrete, L0Binary, L0AR, DepL0, DepL0ARM,
-        L1Gating, BoundedLpGating, StochasticPruning, GReg1, GReg2,
-    )
-}
+METHODS: dict[str, type[Method]] = {}
+"""The registered methods by name."""
 
 
-def create_method(name: str, config: ml_collections.ConfigDict, *, num_train: int) -> Method:
-    """Instantiate the method registered as ``name``."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](config, num_train=num_train)
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    if METHODS.get(name, cls) is not cls:
+        raise ValueError(f"method name {name!r} is taken by {METHODS[name].__qualname__}")
+    METHODS[name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """The method registered as ``name``, or the class ``NAME`` of module ``MODULE`` for
+    ``name = "MODULE:NAME"``."""
+    if ":" not in name:
+        if name not in METHODS:
+            raise ConfigError(
+                f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}, or "
+                "MODULE:CLASS for a method class of an importable module"
+            )
+        return METHODS[name]
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(
+            f"--method={name}: cannot import module {module_name!r} ({error}); put its "
+            "directory on PYTHONPATH"
+        ) from error
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(
+            f"--method={name}: module {module_name!r} has no Method subclass {class_name!r}"
+        )
+    return cls
+
+
+def create_method(name: str, config: ml_collections.ConfigDict, run: RunInfo) -> Method:
+    """Instantiate the method ``name`` (see :func:`method_class`) for ``run``."""
+    return method_class(name)(config, run)

@@ -13,171 +13,161 @@ layer's kernel goes through :meth:`StochasticPruning.after_update`:
    from ``initial_sparsity`` to ``final_sparsity`` between ``prune_start_epoch`` and
    ``prune_end_epoch``; they are zeroed and their mask set to 0.
 
-The masks are :class:`WeightMask` variables of the model, so they are part of the model state and
-of every checkpoint. The weight-level zeros, with the L1 / L2 pull on small weights, leave whole
+The masks are the method's state, so they are part of every checkpoint. The weight-level zeros, with the L1 / L2 pull on small weights, leave whole
 neurons and filters dead; :meth:`StochasticPruning.report` finds them
 (:mod:`sparsejax.slim.nodes`) and reports the node-pruned network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods import state_paths
-from sparsejax.methods.base import Method, Params, cross_entropy, model_default
+from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
+from sparsejax.methods.fields import Field
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity, sample_zeroed
-from sparsejax.models.base import GatedModel, GateSlot
+from sparsejax.methods.registry import register
+from sparsejax.models.base import GatedModel
 from sparsejax.slim.nodes import node_report
 
 DEFAULT_TEMPERATURE = 0.2
-"""T of the zeroing probabilities when ``prune_temperature`` is unset: a weight at the layer's
-mean magnitude is e^5 ~ 150 times less likely to be zeroed than the smallest one."""
+"""T of the zeroing probabilities: a weight at the layer's mean magnitude is e^5 ~ 150 times less
+likely to be zeroed than the smallest one."""
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"final_sparsity": 0.9, "prune_end_epoch": 3.0, "l1": 1e-4},
-    "lenet5": {"final_sparsity": 0.9, "prune_end_epoch": 3.0, "l1": 1e-4},
-    "vgg16": {"final_sparsity": 0.9, "prune_end_epoch": 100.0, "l1": 5e-6},
-    "*": {"final_sparsity": 0.9, "prune_end_epoch": 100.0, "l1": 5e-6},
+FIELDS = {
+    "final_sparsity": Field(
+        0.9, "per-layer target sparsity, one value or one per declared layer", kind=object
+    ),
+    "initial_sparsity": Field(0.0, "target when the cubic ramp starts"),
+    "prune_start_epoch": Field(0.0, "the ramp's start (fractional epochs)"),
+    "prune_end_epoch": Field(
+        100.0, "the ramp's end (fractional epochs)", per_model={"mlp": 3.0, "lenet5": 3.0}
+    ),
+    "prune_temperature": Field(DEFAULT_TEMPERATURE, "T of the zeroing probabilities"),
+    "allow_regrowth": Field(False, "False: pruned weights stay zero (persistent masks)"),
+    "l1": Field(5e-6, "L1 coefficient on the kernels", per_model={"mlp": 1e-4, "lenet5": 1e-4}),
 }
-"""Per model, for fields left None in the config (our choices; the paper's values were not
-available): MLP / LeNet-5 on (Fashion-)MNIST for a few epochs of Adam (measured, see
-BUILD_NOTES.md), VGG-16 on CIFAR-10 for the 300-epoch SGD schedule with weight decay 5e-4 from the
-recipe (pruning ends at a third of it; l1 an order of magnitude below the decay)."""
+"""Our choices (the paper's values were not available): MLP / LeNet-5 on (Fashion-)MNIST for a
+few epochs of Adam (measured, see BUILD_NOTES.md); otherwise VGG-16 on CIFAR-10's, for the
+300-epoch SGD schedule with weight decay 5e-4 from the recipe (pruning ends at a third of it;
+l1 an order of magnitude below the decay)."""
 
 
-class WeightMask(nnx.Variable):
-    """A persistent 0/1 (boolean) mask of a kernel: False where the weight is pruned."""
-
-
+@register
 class StochasticPruning(Method):
-    """Config: ``final_sparsity`` (per-layer target, one value or one per declared layer),
-    ``initial_sparsity``, ``prune_start_epoch``, ``prune_end_epoch``, ``prune_temperature`` (T),
-    ``allow_regrowth``, ``l1``, ``l2``, ``weight_decay``. None takes :data:`DEFAULTS` (and
-    :data:`DEFAULT_TEMPERATURE`; ``l2`` None is 0)."""
+    """Config: :data:`FIELDS`, ``l2`` (None: 0) and ``weight_decay``. The state is one
+    persistent boolean mask per declared layer's kernel (False where pruned)."""
 
     name = "stochastic"
-    per_slot_fields = ("final_sparsity",)
+    fields = FIELDS
 
-    def __init__(self, config: ml_collections.ConfigDict, *, num_train: int):
-        super().__init__(config, num_train=num_train)
-        temperature = config.get("prune_temperature")
-        self.temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+    def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
+        super().__init__(config, run)
+        config = self.config
+        self.temperature = float(config.prune_temperature)
         if self.temperature <= 0:
             raise ConfigError(f"config.prune_temperature must be positive, got {self.temperature}")
-        self.initial_sparsity = float(config.get("initial_sparsity", 0.0))
-        self.regrowth = bool(config.get("allow_regrowth", False))
-        self.l1 = float(self.default("l1"))
+        self.initial_sparsity = float(config.initial_sparsity)
+        self.regrowth = bool(config.allow_regrowth)
+        self.l1 = float(config.l1)
         self.l2 = float(config.get("l2") or 0.0)
         for field, value in (("l1", self.l1), ("l2", self.l2)):
             if value < 0:
                 raise ConfigError(f"config.{field} must be >= 0, got {value}")
-        self._schedule_steps: tuple[float, float] | None = None
-
-    def default(self, field: str) -> Any:
-        """``config.<field>``, or :data:`DEFAULTS` for ``config.model``."""
-        return model_default(self.config, DEFAULTS, field)
-
-    def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> None:
-        return None
-
-    def prepare_model(self, model: GatedModel) -> None:
-        if model.granularity != "unit":
+        start = float(config.prune_start_epoch) * run.steps_per_epoch
+        end = float(config.prune_end_epoch) * run.steps_per_epoch
+        if not 0 <= start <= end:
             raise ConfigError(
-                "stochastic pruning finds dead nodes through the models' unit declarations; "
-                f"use granularity='unit', not {model.granularity!r}"
+                f"need 0 <= prune_start_epoch <= prune_end_epoch, got {config.prune_start_epoch} "
+                f"and {config.prune_end_epoch}"
             )
-        self.layers = model.layers
-        self.final_sparsity = self._per_layer(self.default("final_sparsity"))
-        for name, value in self.final_sparsity.items():
+        self.schedule_steps = (start, end)
+        """The cubic ramp's first and last update."""
+
+    def final_sparsity(self, model: GatedModel) -> dict[str, float]:
+        """The target sparsity of every declared layer."""
+        values = self.config.final_sparsity
+        layers = model.layers
+        if isinstance(values, (int, float)):
+            values = [values] * len(layers)
+        values = list(values)
+        if len(values) != len(layers):
+            names = ", ".join(layer.name for layer in layers)
+            raise ConfigError(
+                f"config.final_sparsity has {len(values)} values but the model has "
+                f"{len(layers)} layers ({names}); give one value or one per layer"
+            )
+        targets = {layer.name: float(v) for layer, v in zip(layers, values)}
+        for name, value in targets.items():
             if not self.initial_sparsity <= value < 1.0:
                 raise ConfigError(
                     f"final sparsity {value} of layer {name!r} must lie in "
                     f"[initial_sparsity={self.initial_sparsity}, 1)"
                 )
-        kernels = {l.name: model.layer_module(l.name).kernel for l in self.layers}
-        model.weight_masks = nnx.Dict(
-            {name: WeightMask(jnp.ones(k.shape, bool)) for name, k in kernels.items()}
-        )
-        self.kernel_paths = state_paths.variable_paths(model, kernels)
-        self.mask_paths = state_paths.variable_paths(model, dict(model.weight_masks.items()))
+        return targets
 
-    def _per_layer(self, values: float | Sequence[float]) -> dict[str, float]:
-        if isinstance(values, (int, float)):
-            values = [values] * len(self.layers)
-        values = list(values)
-        if len(values) != len(self.layers):
-            names = ", ".join(l.name for l in self.layers)
+    def init(self, model: GatedModel) -> MethodState:
+        """``{"masks": {layer: all-True mask shaped like its kernel}}``."""
+        if model.granularity != "unit":
             raise ConfigError(
-                f"config.final_sparsity has {len(values)} values but the model has "
-                f"{len(self.layers)} layers ({names}); give one value or one per layer"
+                "stochastic pruning finds dead nodes through the models' unit declarations; "
+                f"use granularity='unit', not {model.granularity!r}"
             )
-        return {l.name: float(v) for l, v in zip(self.layers, values)}
+        self.final_sparsity(model)
+        return {
+            "masks": {
+                layer.name: jnp.ones(model.layer_module(layer.name).kernel.shape, bool)
+                for layer in model.layers
+            }
+        }
 
     def l1_penalty(self, model: GatedModel) -> jax.Array:
         """l1 * sum |W| over the kernels, with subgradient 0 at pruned (zero) weights."""
         total = jnp.zeros(())
-        for layer in self.layers:
+        for layer in model.layers:
             kernel = model.layer_module(layer.name).kernel[...]
             total = total + jnp.sum(kernel * jax.lax.stop_gradient(jnp.sign(kernel)))
         return self.l1 * total
 
-    def penalty(self, model: GatedModel) -> jax.Array:
+    def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         return self.l1_penalty(model) + gated_l2(model, {}, self.l2)
 
-    def objective(self, model, images, labels, key):
+    def objective(self, model, state, images, labels, key):
         logits = model(images, train=True)
         data_loss = jnp.mean(cross_entropy(logits, labels))
-        return self.loss_and_parts(data_loss, self.penalty(model), logits)
+        return self.loss_and_parts(data_loss, self.penalty(model, state), logits)
 
-    def optimizer(self, *, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
-        start = float(self.config.get("prune_start_epoch", 0.0)) * steps_per_epoch
-        end = float(self.default("prune_end_epoch")) * steps_per_epoch
-        if not 0 <= start <= end:
-            raise ConfigError(
-                f"need 0 <= prune_start_epoch <= prune_end_epoch, got {start / steps_per_epoch} "
-                f"and {end / steps_per_epoch}"
-            )
-        self._schedule_steps = (start, end)
-        return super().optimizer(steps_per_epoch=steps_per_epoch, epochs=epochs)
-
-    def target_sparsity(self, layer: str, updates: jax.Array) -> jax.Array:
-        """The layer's target sparsity once ``updates`` updates have been applied."""
-        if self._schedule_steps is None:
-            raise RuntimeError("StochasticPruning.optimizer() sets the schedule; call it first")
-        start, end = self._schedule_steps
+    def target_sparsity(self, final: float, updates: jax.Array) -> jax.Array:
+        """A layer's target sparsity, ``final`` at the end of the ramp, once ``updates``
+        updates have been applied."""
+        start, end = self.schedule_steps
         return cubic_sparsity(
-            updates, initial=self.initial_sparsity, final=self.final_sparsity[layer],
-            start=start, end=end,
+            updates, initial=self.initial_sparsity, final=final, start=start, end=end
         )
 
-    def after_update(self, params: Params, model_state: nnx.State, key, step):
-        params = self.project(params)
-        kernels = state_paths.read(params["net"], self.kernel_paths)
-        masks = state_paths.read(model_state, self.mask_paths)
-        for index, layer in enumerate(self.layers):
-            kernel, mask = kernels[layer.name], masks[layer.name]
+    def after_update(self, model, state, step, key):
+        self.project(model)
+        masks = dict(state["masks"])
+        for index, (name, final) in enumerate(self.final_sparsity(model).items()):
+            variable = model.layer_module(name).kernel
+            kernel, mask = variable[...], masks[name]
             if self.regrowth:
                 mask = mask | (kernel != 0)
             kernel = jnp.where(mask, kernel, 0.0)
             zeros = kernel.size - jnp.sum(mask)
-            count = jnp.maximum(0.0, self.target_sparsity(layer.name, step + 1) * kernel.size - zeros)
+            count = jnp.maximum(0.0, self.target_sparsity(final, step + 1) * kernel.size - zeros)
             zeroed = sample_zeroed(
                 jax.random.fold_in(key, index), kernel, mask, count, self.temperature
             )
-            masks[layer.name] = mask & ~zeroed
-            kernels[layer.name] = jnp.where(masks[layer.name], kernel, 0.0)
-        net = state_paths.replace(params["net"], self.kernel_paths, kernels)
-        return {**params, "net": net}, state_paths.replace(model_state, self.mask_paths, masks)
+            masks[name] = mask & ~zeroed
+            variable[...] = jnp.where(masks[name], kernel, 0.0)
+        return {"masks": masks}
 
-    def report(self, model: GatedModel) -> dict[str, Any]:
+    def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
         """Dead nodes and the node-pruned network (:func:`sparsejax.slim.nodes.node_report`)."""
         return node_report(model).summary()

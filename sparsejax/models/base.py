@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import jax
@@ -136,8 +136,20 @@ class ChannelCoupling:
     fixed: bool = False
 
 
-GateFactory = Callable[[GateSlot, nnx.Rngs], "Gate | None"]
-"""Builds the gate module for a slot, or None to leave the slot ungated."""
+GateFactory = Callable[[tuple[GateSlot, ...], nnx.Rngs], Mapping[str, Gate]]
+"""Builds the gate modules of a model's slots, by slot name (a slot left out stays ungated):
+a method's ``make_gates``."""
+
+
+def each_slot(make_gate: Callable[[GateSlot, nnx.Rngs], Gate | None]) -> GateFactory:
+    """The :data:`GateFactory` that builds every slot's gate with ``make_gate`` (None leaves a
+    slot ungated); usable as a decorator."""
+
+    def factory(slots: tuple[GateSlot, ...], rngs: nnx.Rngs) -> dict[str, Gate]:
+        built = {slot.name: make_gate(slot, rngs) for slot in slots}
+        return {name: gate for name, gate in built.items() if gate is not None}
+
+    return factory
 
 
 def weight_slots(layers: tuple[Layer, ...], droprate_init: float) -> tuple[GateSlot, ...]:
@@ -210,12 +222,10 @@ class GatedModel(nnx.Module):
         return None if self.granularity == "unit" else name
 
     def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
-        built = {}
-        if gate_factory is not None:
-            for slot in self.gate_slots:
-                gate = gate_factory(slot, rngs)
-                if gate is not None:
-                    built[slot.name] = gate
+        built = {} if gate_factory is None else dict(gate_factory(self.gate_slots, rngs))
+        unknown = sorted(set(built) - {slot.name for slot in self.gate_slots})
+        if unknown:
+            raise ValueError(f"gates built for slots {unknown}, which the model does not have")
         self.gates = nnx.Dict(built)
 
     def gate_values(

@@ -11,13 +11,7 @@ from sparsejax.errors import UserError
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.store import ModelSpec
 from sparsejax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
-from sparsejax.train.loop import (
-    CONFIG_FILE,
-    build,
-    load_data,
-    read_saved_config,
-    steps_per_epoch_of,
-)
+from sparsejax.train.loop import CONFIG_FILE, build, check_format, load_data, read_saved_config
 from sparsejax.train.state import init_state, merge_model
 
 
@@ -45,11 +39,10 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
             f"the run in {workdir} has no checkpoint under {checkpoints}; train it for at least "
             "one epoch first"
         )
-    config = ml_collections.ConfigDict(read_saved_config(config_path))
+    config = ml_collections.ConfigDict(check_format(config_path, read_saved_config(config_path)))
     data = load_data(config)
-    method, model = build(config, data)
-    tx = method.optimizer(steps_per_epoch=steps_per_epoch_of(config, data), epochs=config.epochs)
-    graphdef, state = init_state(model, tx, jax.random.key(config.seed))
+    method, model, method_state = build(config, data)
+    graphdef, state = init_state(model, method_state, method.optimizer(), jax.random.key(config.seed))
     checkpointer = Checkpointer(workdir)
     try:
         restored = checkpointer.restore(state)

@@ -21,16 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import graph
 
 from sparsejax.gates.base import GateParam
 from sparsejax.models.base import GatedModel, GateSlot, Layer
 from sparsejax.slim.accounting import count_network
 from sparsejax.slim.folding import fold_gates, layer_weights, test_gate_values
 from sparsejax.slim.plan import SlimPlan, plan_slimming
-
-NETWORK_ATTRIBUTES_KEPT = ("gates",)
-"""Root attributes a slim model keeps even though no declared layer lives in them."""
 
 _count_network = jax.jit(count_network, static_argnums=0)
 """The accounting compiled once per network (op by op it compiles for every layer shape)."""
@@ -79,22 +75,8 @@ def stored_params(model: nnx.Module) -> int:
 
 
 def strip_to_network(model: GatedModel) -> None:
-    """Remove the gates and every root attribute that holds none of the declared layers and
-    BatchNorms (what a method attached: masks, penalty state, a gate generator), in place."""
-    needed = {id(model.layer_module(layer.name)) for layer in model.layers}
-    needed |= {
-        id(model.module_at(path))
-        for layer in model.layers
-        for path in (layer.norm, layer.input_norm)
-        if path is not None
-    }
-    for name, value in list(vars(model).items()):
-        if name.startswith("_") or name in NETWORK_ATTRIBUTES_KEPT:
-            continue
-        if not graph.is_graph_node(value) and not isinstance(value, nnx.Variable):
-            continue
-        if not any(id(node) in needed for _, node in nnx.iter_graph(value)):
-            delattr(model, name)
+    """Remove the gates (and with them anything only they reach, e.g. a gate generator), in
+    place. Methods attach nothing else to a model: their state lives in the train state."""
     model.gates = nnx.Dict({})
 
 

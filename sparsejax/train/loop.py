@@ -26,12 +26,13 @@ from jax.sharding import Mesh
 
 from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.errors import ConfigError, UserError
-from sparsejax.methods import create_method
-from sparsejax.methods.base import Method
+from sparsejax.methods.base import Method, MethodState, RunInfo
+from sparsejax.methods.warm_start import load_network_weights
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.report import GateReport, sparsity_report
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
+from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.lock import WorkdirLock
 from sparsejax.train.metrics import METRICS_FILE, MetricWriter, NullWriter
@@ -74,11 +75,33 @@ def read_saved_config(path: Path) -> dict:
     )
 
 
+class OutdatedRunError(UserError, ValueError):
+    """A run directory written by an earlier sparsejax, whose layout this one cannot read."""
+
+
+def check_format(path: Path, saved: dict) -> dict:
+    """``saved`` (the ``config.json`` at ``path``) without its format key.
+
+    Raises:
+      OutdatedRunError: when it was written before :data:`CONFIG_FORMAT`.
+    """
+    saved = dict(saved)
+    if saved.pop(FORMAT_KEY, None) != CONFIG_FORMAT:
+        raise OutdatedRunError(
+            f"{path.parent} holds a run written by an earlier sparsejax, before methods kept "
+            "their state (masks, GReg's schedule, Dep-L0's generator) out of the model and "
+            "config.json recorded resolved values; this version cannot resume or read its "
+            "checkpoints: train it again in a new --workdir (or read it with the sparsejax "
+            "that wrote it)"
+        )
+    return saved
+
+
 def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     path = workdir / CONFIG_FILE
     current = json.loads(config.to_json_best_effort())
     if path.exists():
-        saved = read_saved_config(path)
+        saved = check_format(path, read_saved_config(path))
         changed = sorted(
             key
             for key in set(saved) | set(current)
@@ -94,7 +117,7 @@ def _check_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
 
 def _write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
-        current = json.loads(config.to_json_best_effort())
+        current = {**json.loads(config.to_json_best_effort()), FORMAT_KEY: CONFIG_FORMAT}
         _write_atomically(workdir / CONFIG_FILE, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
@@ -131,19 +154,26 @@ def load_data(config: ml_collections.ConfigDict) -> BatchSource:
     )
 
 
-def build(config: ml_collections.ConfigDict, data: BatchSource) -> tuple[Method, GatedModel]:
-    """The method and its prepared model, with the initial weights of ``config.seed``."""
-    method = create_method(config.method, config, num_train=data.num_train)
+def build(
+    config: ml_collections.ConfigDict, data: BatchSource
+) -> tuple[Method, GatedModel, MethodState]:
+    """The method, its model with the initial weights of ``config.seed`` (or the network
+    weights of the method's :meth:`~Method.pretrained_run`) and the method's initial state."""
+    method_cls, config = resolve_config(config)
+    run = RunInfo(data.num_train, steps_per_epoch_of(config, data), config.epochs)
+    method = method_cls(config, run)
     model = build_model(
         config.model,
         rngs=nnx.Rngs(params=config.seed),
         num_classes=data.num_classes,
         input_shape=data.image_shape,
-        gate_factory=method.make_gate,
+        gate_factory=method.make_gates,
         granularity=config.granularity,
     )
-    method.prepare_model(model)
-    return method, model
+    method_state = method.init(model)
+    if method.pretrained_run():
+        load_network_weights(model, method.pretrained_run())
+    return method, model, method_state
 
 
 def _report_record(report: GateReport) -> dict:
@@ -197,7 +227,7 @@ class RunSetup:
 
     def train_step(self, epoch: int) -> Callable:
         """The jitted step of the method's phase for ``epoch``, one per distinct phase object."""
-        phase = self.method.phase(epoch, self.config.epochs)
+        phase = self.method.phase(epoch)
         if id(phase) not in self._phase_steps:
             self._phase_steps[id(phase)] = make_train_step(self.graphdef, phase, self.tx, self.mesh)
         return self._phase_steps[id(phase)]
@@ -206,12 +236,14 @@ class RunSetup:
 def set_up(config: ml_collections.ConfigDict) -> RunSetup:
     """Build everything a run of ``config`` needs, over every device."""
     mesh = create_mesh()
+    resolve_config(config)
     data = load_data(config)
-    method, model = build(config, data)
-    steps_per_epoch = steps_per_epoch_of(config, data)
-    tx = method.optimizer(steps_per_epoch=steps_per_epoch, epochs=config.epochs)
+    method, model, method_state = build(config, data)
+    config = method.config
+    steps_per_epoch = method.run.steps_per_epoch
+    tx = method.optimizer()
     root_key = jax.random.key(config.seed)
-    graphdef, state = init_state(model, tx, jax.random.fold_in(root_key, 0))
+    graphdef, state = init_state(model, method_state, tx, jax.random.fold_in(root_key, 0))
     inputs = Input(
         data,
         mesh,
@@ -258,6 +290,7 @@ def _remove_if_unused(workdir: Path) -> None:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     setup = set_up(config)
+    config = setup.config
     _check_config(workdir, config)
     graphdef, inputs, state = setup.graphdef, setup.inputs, setup.initial_state
     steps_per_epoch = setup.steps_per_epoch
@@ -303,7 +336,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     final_model = merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
     report = sparsity_report(final_model)
     summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
-    summary.update(setup.method.report(final_model))
+    summary.update(setup.method.report(final_model, local_copy(state.method_state)))
     if jax.process_index() == 0:
         _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -9,19 +9,21 @@ import optax
 from flax import nnx, struct
 
 from sparsejax.gates.base import GateParam
-from sparsejax.methods.base import Params
+from sparsejax.methods.base import MethodState, Params
 
 
 @struct.dataclass
 class TrainState:
     """step, parameters ``{"net", "gates"}``, non-parameter model state (BatchNorm statistics),
-    optimizer state and the raw data of the run's base PRNG key (``jax.random.key_data``; a
-    step's key is ``fold_in(wrap_key_data(key), step)``). Every leaf is a plain array, so the
-    state can be replicated across processes and checkpointed as is."""
+    the method's state (:meth:`Method.init`), optimizer state and the raw data of the run's base
+    PRNG key (``jax.random.key_data``; a step's key is ``fold_in(wrap_key_data(key), step)``).
+    Every leaf is a plain array, so the state can be replicated across processes and
+    checkpointed as is."""
 
     step: jax.Array
     params: Params
     model_state: nnx.State
+    method_state: MethodState
     opt_state: optax.OptState
     key: jax.Array
 
@@ -37,13 +39,16 @@ def merge_model(graphdef: nnx.GraphDef, params: Params, model_state: nnx.State) 
     return nnx.merge(graphdef, params["gates"], params["net"], model_state, copy=True)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array):
-    """graphdef and the initial :class:`TrainState` of ``model``."""
+def init_state(
+    model: nnx.Module, method_state: MethodState, tx: optax.GradientTransformation, key: jax.Array
+):
+    """graphdef and the initial :class:`TrainState` of ``model`` and the method's state."""
     graphdef, params, rest = split_model(model)
     state = TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,
         model_state=rest,
+        method_state=method_state,
         opt_state=tx.init(params),
         key=jax.random.key_data(key),
     )

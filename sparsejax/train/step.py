@@ -17,9 +17,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sparsejax.methods.base import Method, cross_entropy, error_rate
+from sparsejax.methods.base import Method, MethodState, Params, cross_entropy, error_rate
 from sparsejax.train.sharding import replicated
-from sparsejax.train.state import TrainState, merge_model, step_key
+from sparsejax.train.state import TrainState, merge_model, split_model, step_key
 
 Metrics = dict[str, jax.Array]
 
@@ -34,22 +34,28 @@ def make_train_step(
     """``step(state, images, labels) -> (state, metrics)``, jitted, the state donated and kept
     replicated."""
 
-    def loss_fn(params, model_state, images, labels, key):
+    def loss_fn(params, model_state, method_state, images, labels, key):
         model = merge_model(graphdef, params, model_state)
-        loss, aux = method.objective(model, images, labels, key)
+        loss, aux = method.objective(model, method_state, images, labels, key)
         return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
     def step(state: TrainState, x: jax.Array, y: jax.Array):
         key = step_key(state)
+        method_state = method.before_update(
+            merge_model(graphdef, state.params, state.model_state), state.method_state, state.step
+        )
         (loss, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, x, y, key
+            state.params, state.model_state, method_state, x, y, key
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params, model_state = method.after_update(
+        params, model_state, method_state = apply_after_update(
+            method,
+            graphdef,
             optax.apply_updates(state.params, updates),
             model_state,
-            jax.random.fold_in(key, AFTER_UPDATE_FOLD),
+            method_state,
             state.step,
+            jax.random.fold_in(key, AFTER_UPDATE_FOLD),
         )
         metrics = {
             "loss": loss,
@@ -58,11 +64,32 @@ def make_train_step(
             "err": 100.0 * error_rate(aux["logits"], y),
         }
         new_state = state.replace(
-            step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            method_state=method_state,
+            opt_state=opt_state,
         )
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0, out_shardings=replicated(mesh))
+
+
+def apply_after_update(
+    method: Method,
+    graphdef: nnx.GraphDef,
+    params: Params,
+    model_state: nnx.State,
+    method_state: MethodState,
+    step: jax.Array,
+    key: jax.Array,
+) -> tuple[Params, nnx.State, MethodState]:
+    """:meth:`Method.after_update` as a pure function of the split model: the method edits a
+    model merged from ``params`` and ``model_state``, which is split again."""
+    model = merge_model(graphdef, params, model_state)
+    method_state = method.after_update(model, method_state, step, key)
+    _, params, model_state = split_model(model)
+    return params, model_state, method_state
 
 
 def make_eval_step(

@@ -19,7 +19,7 @@ from experiments.configs.recipes import (
     resolve,
     resolve_mnist,
 )
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.bounded_lp import BOUNDED_DEFAULTS, L1_DEFAULTS
 from sparsejax.methods.stochastic import DEFAULT_TEMPERATURE, DEFAULTS
 
@@ -55,7 +55,7 @@ def resolved(module, **fields):
 
 
 def method_for(config):
-    return create_method(config.method, config, num_train=50_000)
+    return create_method(config.method, config, RunInfo(num_train=50_000))
 
 
 @pytest.mark.parametrize("module", [mnist, cifar, imagenet], ids=["mnist", "cifar", "imagenet"])

@@ -9,7 +9,7 @@ from sparsejax.estimators import hard_concrete
 from sparsejax.gates.base import GateParam
 from sparsejax.gates.generated import GeneratedBinaryGate, GeneratedHardConcreteGate
 from sparsejax.gates.generator import BIAS_INIT_MEAN, BIAS_INIT_STD, LOGIT_BOUND, GateGenerator
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.dep_l0 import generator_of
 from sparsejax.models import LeNet5, build_model
 from sparsejax.train.state import merge_model, split_model
@@ -95,15 +95,14 @@ MODEL_INPUTS = {"mlp": {}, "lenet5": {}, "resnet20": {"input_shape": (32, 32, 3)
 @pytest.mark.parametrize("dependency", ["forward", "backward"])
 @pytest.mark.parametrize("model_name", sorted(MODEL_INPUTS))
 def test_generator_makes_one_logit_per_unit_of_every_declared_slot(model_name, dependency):
-    config = get_config()
+    config = get_config("dep_l0")
     config.update(model=model_name, dependency=dependency)
-    method = create_method("dep_l0", config, num_train=100)
+    method = create_method("dep_l0", config, RunInfo(num_train=100))
 
     def build():
         model = build_model(
-            model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate, **MODEL_INPUTS[model_name]
+            model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **MODEL_INPUTS[model_name]
         )
-        method.prepare_model(model)
         return model, generator_of(model)()
 
     model, logits = nnx.eval_shape(build)
@@ -122,14 +121,13 @@ def test_generator_makes_one_logit_per_unit_of_every_declared_slot(model_name, d
 )
 def test_generator_sizes_match_the_reference(model_name, dependency, count):
     """The Dep-L0 code's generators: 47,104 parameters for ResNet-56 and 1.64M for VGG-16."""
-    config = get_config()
+    config = get_config("dep_l0")
     config.update(model=model_name, dependency=dependency)
-    method = create_method("dep_l0", config, num_train=100)
+    method = create_method("dep_l0", config, RunInfo(num_train=100))
 
     def build():
-        model = build_model(model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gate,
+        model = build_model(model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
                             input_shape=(32, 32, 3))
-        method.prepare_model(model)
         return model
 
     generator = generator_of(nnx.eval_shape(build))
@@ -137,12 +135,10 @@ def test_generator_sizes_match_the_reference(model_name, dependency, count):
 
 
 def tiny_lenet(method_name):
-    config = get_config()
-    config.update(method=method_name, model="lenet5")
-    method = create_method(method_name, config, num_train=100)
+    config = get_config(method_name)
+    method = create_method(method_name, config, RunInfo(num_train=100))
     model = LeNet5(rngs=nnx.Rngs(0), input_shape=(16, 16, 1), channels=(2, 3), hidden=4,
-                   num_classes=3, gate_factory=method.make_gate)
-    method.prepare_model(model)
+                   num_classes=3, gate_factory=method.make_gates)
     return method, model
 
 
@@ -154,8 +150,9 @@ def test_gates_share_one_generator_through_split_and_merge(method_name):
     assert len(gate_leaves) == 2 * len(model.gate_slots)  # a kernel and a bias per slot, once
     assert len(jax.tree.leaves(rest)) == 0
     merged = merge_model(graphdef, params, rest)
-    assert all(gate.generator is merged.gate_generator for gate in merged.gates.values())
-    logits = merged.gate_generator()
+    generator = generator_of(merged)
+    assert all(gate.generator is generator for gate in merged.gates.values())
+    logits = generator()
     for name, gate in merged.gates.items():
         np.testing.assert_array_equal(gate.test_gate(), gate.deterministic(logits[name]))
         np.testing.assert_array_equal(gate.prob_nonzero(), gate.keep_probability(logits[name]))
@@ -184,7 +181,7 @@ def test_gate_distributions_given_logits():
 
 def test_a_gate_without_generator_says_how_to_attach_one():
     gate = GeneratedHardConcreteGate("conv1", 4)
-    with pytest.raises(ValueError, match="prepare_model"):
+    with pytest.raises(ValueError, match="make_gates"):
         gate.test_gate()
     with pytest.raises(ValueError, match="not for slot 'conv1'"):
         gate.attach(GateGenerator({"fc1": 2}, dependency="forward", rngs=nnx.Rngs(0)))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.estimators import binary
-from sparsejax.methods import METHODS, create_method, cross_entropy
+from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.dep_l0 import DEFAULT_LAMBDAS, generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.models import MLP, VGG16, LeNet5, build_model
@@ -18,23 +18,21 @@ from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import gate_report
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.state import merge_model, split_model
+from tests.methods.test_methods import method_config
 
 LAMBDA = 1e-3
 
 
-def method_for(name, model="lenet5", **overrides):
-    config = get_config()
-    config.update(method=name, model=model)
-    config.update(overrides)
-    return create_method(name, config, num_train=1000)
+def method_for(name, model="lenet5", run=RunInfo(num_train=1000, steps_per_epoch=10, epochs=2),
+               **overrides):
+    return create_method(name, method_config(name, model, **overrides), run)
 
 
 def tiny_lenet(name="dep_l0", **overrides):
     """LeNet-5 on 16x16 images: conv 1->2, conv 2->3 (one 1x1 position left), dense 3-4-3."""
     method = method_for(name, **overrides)
     model = LeNet5(rngs=nnx.Rngs(0), input_shape=(16, 16, 1), channels=(2, 3), hidden=4,
-                   num_classes=3, gate_factory=method.make_gate)
-    method.prepare_model(model)
+                   num_classes=3, gate_factory=method.make_gates)
     return method, model
 
 
@@ -57,9 +55,9 @@ def test_registry_defaults_and_config_errors():
         method_for("dep_l0", penalty_form="quadratic")
     method = method_for("dep_l0")
     with pytest.raises(ValueError, match="granularity='unit'"):
-        build_model("lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gate, granularity="weight")
-    with pytest.raises(ValueError, match="gate_factory=method.make_gate"):
-        method.prepare_model(build_model("lenet5", rngs=nnx.Rngs(0)))
+        build_model("lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gates, granularity="weight")
+    with pytest.raises(ValueError, match="gate_factory=method.make_gates"):
+        generator_of(build_model("lenet5", rngs=nnx.Rngs(0)))
 
 
 def test_penalty_of_lenet5_by_hand():
@@ -72,7 +70,7 @@ def test_penalty_of_lenet5_by_hand():
     assert float(got) == pytest.approx(want, rel=1e-6)
     logits = generator_of(model)()
     keep = method.keep_probabilities(model, logits)
-    assert float(method.penalty(model)) == pytest.approx(
+    assert float(method.penalty(model, {})) == pytest.approx(
         float(dep_l0_penalty(model.layers, model.gate_slots, keep, LAMBDA)), rel=1e-6
     )
 
@@ -80,7 +78,7 @@ def test_penalty_of_lenet5_by_hand():
 def test_mlp_penalty_is_expected_l0_weighted_by_group_size():
     method = method_for("dep_l0", model="mlp", lamba=LAMBDA)
     model = MLP(rngs=nnx.Rngs(0), input_shape=(3, 1, 1), hidden=(2,), num_classes=4,
-                gate_factory=method.make_gate)
+                gate_factory=method.make_gates)
     q = {"fc1": jnp.array([0.5, 0.5, 1.0]), "fc2": jnp.array([0.25, 0.75])}
     got = dep_l0_penalty(model.layers, model.gate_slots, q, LAMBDA)
     assert float(got) == pytest.approx(LAMBDA * (2 * 2.0 + 4 * 1.0), rel=1e-6)
@@ -89,7 +87,7 @@ def test_mlp_penalty_is_expected_l0_weighted_by_group_size():
 def resnet20_halves():
     method = method_for("dep_l0", model="resnet20")
     model = nnx.eval_shape(lambda: build_model("resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
-                                               gate_factory=method.make_gate))
+                                               gate_factory=method.make_gates))
     return model, {s.name: jnp.full(s.shape, 0.5) for s in model.gate_slots}
 
 
@@ -117,7 +115,7 @@ def test_resnet_penalty_forms_by_hand():
 def test_vgg_layers_form_is_the_reference_chain():
     method = method_for("dep_l0", model="vgg16")
     model = VGG16(rngs=nnx.Rngs(0), input_shape=(8, 8, 3), config=(4, "M", 6, 5, "M"),
-                  gate_factory=method.make_gate)
+                  gate_factory=method.make_gates)
     q = {"conv1": jnp.array([0.5, 1.0, 0.5, 0.0]), "conv2": jnp.full(6, 0.5),
          "conv3": jnp.array([0.2, 0.2, 0.2, 0.2, 0.2])}
     want = LAMBDA * (9 * 3 * 2.0 + 9 * 2.0 * 3.0 + 9 * 3.0 * 1.0)
@@ -130,13 +128,13 @@ def gradients(method, model, x, y):
     graphdef, params, rest = split_model(model)
 
     def loss(p):
-        return method.objective(merge_model(graphdef, p, rest), x, y, jax.random.key(1))[0]
+        return method.objective(merge_model(graphdef, p, rest), {}, x, y, jax.random.key(1))[0]
 
     return params, jax.jit(jax.grad(loss))(params)
 
 
 def one_update(method, params, grads):
-    tx = method.optimizer(steps_per_epoch=10, epochs=2)
+    tx = method.optimizer()
     updates, _ = tx.update(grads, tx.init(params), params)
     return optax.apply_updates(params, updates)
 
@@ -172,8 +170,7 @@ def test_each_group_is_trained_by_its_own_optimizer(name):
 def tiny_mlp(per_example):
     method = method_for("dep_l0_arm", model="mlp", lamba=0.0, per_example_gates=per_example)
     model = MLP(rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,), num_classes=2,
-                gate_factory=method.make_gate)
-    method.prepare_model(model)
+                gate_factory=method.make_gates)
     for layer, bias in zip(generator_of(model).layers, ([0.3, -0.2], [0.1, 0.4])):
         layer.kernel[...] = 0.1 * layer.kernel[...]
         layer.bias[...] = jnp.array(bias)
@@ -192,7 +189,7 @@ def test_arm_generator_gradient_is_the_chain_rule_on_the_exact_gradient(per_exam
 
     def exact(gate_params):
         net = merge_model(graphdef, {**params, "gates": gate_params}, rest)
-        pis = {n: jax.nn.sigmoid(v) for n, v in net.gate_generator().items()}
+        pis = {n: jax.nn.sigmoid(v) for n, v in generator_of(net)().items()}
         total = 0.0
         for bits in itertools.product([0.0, 1.0], repeat=4):
             z = {"fc1": jnp.array(bits[:2]), "fc2": jnp.array(bits[2:])}
@@ -202,14 +199,14 @@ def test_arm_generator_gradient_is_the_chain_rule_on_the_exact_gradient(per_exam
             total = total + weight * jnp.mean(cross_entropy(net(x, train=True, gates=z), y))
         return total
 
-    pis = jax.nn.sigmoid(jnp.concatenate(list(model.gate_generator().values())))
+    pis = jax.nn.sigmoid(jnp.concatenate(list(generator_of(model)().values())))
     assert 0.1 < float(pis.min()) and float(pis.max()) < 0.9
     exact_grad = jax.grad(exact)(params["gates"])
 
     def estimate(key):
         def loss(gate_params):
             net = merge_model(graphdef, {**params, "gates": gate_params}, rest)
-            return method.objective(net, x, y, key)[0]
+            return method.objective(net, {}, x, y, key)[0]
 
         return jax.grad(loss)(params["gates"])
 
@@ -223,17 +220,17 @@ def test_arm_generator_gradient_is_the_chain_rule_on_the_exact_gradient(per_exam
 
 @pytest.mark.parametrize("name", ["dep_l0", "dep_l0_arm"])
 def test_fine_tuning_freezes_the_generator_at_deterministic_gates(name):
-    method, model = tiny_lenet(name, fine_tune_epochs=1)
-    assert method.phase(0, 3) is method and method.phase(1, 3) is method
-    tuning = method.phase(2, 3)
-    assert tuning is not method and tuning.fine_tuning and method.phase(2, 3) is tuning
-    assert tuning.phase(0, 3) is tuning
+    method, model = tiny_lenet(name, run=RunInfo(1000, 10, 3), fine_tune_epochs=1)
+    assert method.phase(0) is method and method.phase(1) is method
+    tuning = method.phase(2)
+    assert tuning is not method and tuning.fine_tuning and method.phase(2) is tuning
+    assert tuning.phase(0) is tuning
 
     x, y = batch()
     graphdef, params, rest = split_model(model)
 
     def objective(p):
-        return tuning.objective(merge_model(graphdef, p, rest), x, y, jax.random.key(1))
+        return tuning.objective(merge_model(graphdef, p, rest), {}, x, y, jax.random.key(1))
 
     (loss, parts), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
     assert float(parts["penalty"]) == 0.0 and float(loss) == float(parts["data_loss"])
@@ -243,9 +240,9 @@ def test_fine_tuning_freezes_the_generator_at_deterministic_gates(name):
 
 
 def test_generator_learning_rate_is_exactly_zero_from_the_fine_tuning_boundary():
-    method, model = tiny_lenet("dep_l0", fine_tune_epochs=1)
+    method, model = tiny_lenet("dep_l0", run=RunInfo(1000, 2, 3), fine_tune_epochs=1)
     _, params, _ = split_model(model)
-    tx = method.optimizer(steps_per_epoch=2, epochs=3)  # fine-tuning from update 4 on
+    tx = method.optimizer()  # fine-tuning from update 4 on
     state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     moved = []
@@ -256,7 +253,7 @@ def test_generator_learning_rate_is_exactly_zero_from_the_fine_tuning_boundary()
         params = new
     assert moved == [(True, True)] * 4 + [(True, False)] * 2
     with pytest.raises(ValueError, match="fine_tune_epochs"):
-        method.optimizer(steps_per_epoch=2, epochs=1)
+        tiny_lenet("dep_l0", run=RunInfo(1000, 2, 1), fine_tune_epochs=1)
 
 
 def test_arm_objective_updates_batchnorm_statistics_once():
@@ -264,18 +261,17 @@ def test_arm_objective_updates_batchnorm_statistics_once():
     those of one training pass on the main gates the estimator drew."""
     method = method_for("dep_l0_arm", model="resnet8")
     net = CifarResNet(depth=8, rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
-                      gate_factory=method.make_gate)
-    method.prepare_model(net)
+                      gate_factory=method.make_gates)
     graphdef, params, rest = split_model(net)
     x, y = batch(4, (8, 8, 3), 10)
     key = jax.random.key(1)
     drawn = []
-    binary.expectation(lambda z: drawn.append(z) or jnp.zeros(()), net.gate_generator(), key, k=1.0)
+    binary.expectation(lambda z: drawn.append(z) or jnp.zeros(()), generator_of(net)(), key, k=1.0)
 
     @jax.jit
     def statistics(rest):
         model = merge_model(graphdef, params, rest)
-        method.objective(model, x, y, key)
+        method.objective(model, {}, x, y, key)
         after = nnx.state(model, nnx.BatchStat)
         model = merge_model(graphdef, params, rest)
         model(x, train=True, gates=drawn[0])

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.greg import GReg1, GReg2
 from sparsejax.methods.greg_report import greg_progress, kept_channels, pruned_size
 from sparsejax.methods.greg_rules import layer_ratios
@@ -185,7 +185,7 @@ def greg_config(**overrides):
 
 
 def prepared(config, **model_kwargs):
-    method = create_method(config.method, config, num_train=512)
+    method = create_method(config.method, config, RunInfo(num_train=512))
     model = build_model(config.model, rngs=nnx.Rngs(params=0), **model_kwargs)
     method.prepare_model(model)
     return method, model
@@ -270,7 +270,7 @@ def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
 
 def test_pruned_filters_output_exactly_zero_like_removed_channels():
     config = greg_config(model="resnet20", stage_pr=(0, 0.5, 0.5, 0.5, 0))
-    method = create_method(config.method, config, num_train=512)
+    method = create_method(config.method, config, RunInfo(num_train=512))
     model = CifarResNet(depth=8, widths=(4, 4, 4), input_shape=(8, 8, 3), rngs=nnx.Rngs(0))
     method.prepare_model(model)
     for i, layer in enumerate(method.pruned):  # prune now: S = the first half of the filters

@@ -9,49 +9,54 @@ from flax import nnx
 from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN
-from sparsejax.methods import METHODS, create_method, cross_entropy
-from sparsejax.methods.base import PER_SLOT_FIELDS
+from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.models import MLP, build_model
+from sparsejax.train.config import resolve_config
 from sparsejax.train.state import merge_model, split_model
 
 
-def setup(method_name, model="lenet5", **overrides):
-    config = get_config()
-    config.method, config.model = method_name, model
+def method_config(method_name, model="lenet5", **overrides):
+    """The MNIST config of ``method_name`` training ``model``, with ``overrides``."""
+    config = get_config(method_name)
+    config.model = model
     config.update(overrides)
-    method = create_method(method_name, config, num_train=60000)
-    net = build_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gate)
-    method.prepare_model(net)
+    return config
+
+
+def setup(method_name, model="lenet5", **overrides):
+    config = method_config(method_name, model, **overrides)
+    method = create_method(method_name, config, RunInfo(num_train=60000))
+    net = build_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    method.init(net)
     return method, net
 
 
 def test_registry_lists_the_methods_and_rejects_unknown_names():
-    assert {"dense", "l0_hc", "l0_arm", "l0_ar"} <= set(METHODS)
-    with pytest.raises(ValueError, match="valid methods: .*l0_arm"):
-        create_method("l0_xyz", get_config(), num_train=10)
+    assert {"dense", "l0_hc", "l0_arm", "l0_ar", "gmp"} <= set(METHODS)
+    with pytest.raises(ConfigError, match="valid methods: .*l0_arm"):
+        create_method("l0_xyz", get_config(), RunInfo(num_train=10))
 
 
 def test_lambdas_default_to_the_papers_and_must_fit_the_slots():
-    method, _ = setup("l0_hc")
-    assert method.lambdas == {"conv1": 10.0, "conv2": 0.5, "fc1": 0.1, "fc2": 10.0}
-    method, _ = setup("l0_hc", lambdas=(0.3,))
-    assert set(method.lambdas.values()) == {0.3}
+    method, net = setup("l0_hc")
+    assert method.lambdas(net) == {"conv1": 10.0, "conv2": 0.5, "fc1": 0.1, "fc2": 10.0}
+    assert method.config.lambdas == (10.0, 0.5, 0.1, 10.0)
+    method, net = setup("l0_hc", lambdas=(0.3,))
+    assert set(method.lambdas(net).values()) == {0.3}
     with pytest.raises(ValueError, match="4 gate slots"):
         setup("l0_hc", lambdas=(1.0, 2.0))
 
 
 @pytest.mark.parametrize("name", ["l0_hc", "l0_arm"])
 def test_wide_resnet_lambdas_default_to_the_papers(name):
-    config = get_config()
-    config.method, config.model = name, "wrn28_10"
-    method = create_method(name, config, num_train=50000)
+    method = create_method(name, method_config(name, "wrn28_10"), RunInfo(num_train=50000))
     net = nnx.eval_shape(
         lambda: build_model(
-            "wrn28_10", rngs=nnx.Rngs(0), gate_factory=method.make_gate, input_shape=(32, 32, 3)
+            "wrn28_10", rngs=nnx.Rngs(0), gate_factory=method.make_gates, input_shape=(32, 32, 3)
         )
     )
-    method.prepare_model(net)
-    assert len(method.lambdas) == 12 and set(method.lambdas.values()) == {0.001}
+    lambdas = method.lambdas(net)
+    assert len(lambdas) == 12 and set(lambdas.values()) == {0.001}
 
 
 def test_dense_method_builds_no_gates():
@@ -61,12 +66,13 @@ def test_dense_method_builds_no_gates():
 
 def test_hard_concrete_projection_clamps_log_alpha():
     method, net = setup("l0_hc")
-    _, params, _ = split_model(net)
-    params["gates"] = jax.tree.map(lambda a: a * 0 + 9.0, params["gates"])
-    clamped = method.project(params)
-    assert all(float(a.max()) == pytest.approx(LOG_ALPHA_MAX) for a in jax.tree.leaves(clamped["gates"]))
-    params["gates"] = jax.tree.map(lambda a: a * 0 - 9.0, params["gates"])
-    assert all(float(a.min()) == pytest.approx(LOG_ALPHA_MIN) for a in jax.tree.leaves(method.project(params)["gates"]))
+    for value, bound in ((9.0, LOG_ALPHA_MAX), (-9.0, LOG_ALPHA_MIN)):
+        for gate in net.gates.values():
+            gate.log_alpha[...] = jnp.full(gate.shape, value)
+        method.after_update(net, {}, jnp.int32(0), jax.random.key(0))
+        assert all(
+            np.allclose(gate.log_alpha[...], bound) for gate in net.gates.values()
+        ), value
 
 
 @pytest.mark.parametrize("name", ["l0_hc", "l0_arm", "l0_ar"])
@@ -77,7 +83,8 @@ def test_objective_gradients_reach_gates_and_weights(name):
     y = jnp.arange(8) % 10
 
     def loss(params):
-        return method.objective(merge_model(graphdef, params, rest), x, y, jax.random.key(1))[0]
+        model = merge_model(graphdef, params, rest)
+        return method.objective(model, {}, x, y, jax.random.key(1))[0]
 
     grads = jax.grad(loss)(params)
     for group in ("net", "gates"):
@@ -87,13 +94,14 @@ def test_objective_gradients_reach_gates_and_weights(name):
 
 
 def tiny_arm(per_example, estimator):
-    config = get_config()
-    config.update(method=estimator, model="mlp", lambdas=(0.0,), l2=0.0, per_example_gates=per_example)
-    method = create_method(estimator, config, num_train=100)
-    net = MLP(
-        rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,), num_classes=2, gate_factory=method.make_gate
+    config = method_config(
+        estimator, "mlp", lambdas=(0.0,), l2=0.0, per_example_gates=per_example
     )
-    method.prepare_model(net)
+    method = create_method(estimator, config, RunInfo(num_train=100))
+    net = MLP(
+        rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,), num_classes=2,
+        gate_factory=method.make_gates,
+    )
     return method, net
 
 
@@ -124,7 +132,7 @@ def test_method_gate_gradient_is_unbiased_against_enumeration(per_example, estim
     def estimate(key):
         def loss(gate_params):
             model = merge_model(graphdef, {**params, "gates": gate_params}, rest)
-            return method.objective(model, x, y, key)[0]
+            return method.objective(model, {}, x, y, key)[0]
 
         return jax.grad(loss)(params["gates"])
 
@@ -140,13 +148,10 @@ def test_method_gate_gradient_is_unbiased_against_enumeration(per_example, estim
 def test_batchnorm_statistics_are_updated_once_per_step(name):
     """With every gate open, the objective must move BatchNorm statistics exactly as one
     training forward pass does (ARM's antithetic pass must not add a second update)."""
-    config = get_config()
-    config.update(method=name, model="resnet20")
-    method = create_method(name, config, num_train=100)
+    method = create_method(name, method_config(name, "resnet20"), RunInfo(num_train=100))
     net = build_model(
-        "resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3), gate_factory=method.make_gate
+        "resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3), gate_factory=method.make_gates
     )
-    method.prepare_model(net)
     for gate in net.gates.values():
         for variable in (getattr(gate, "phi", None), getattr(gate, "log_alpha", None)):
             if variable is not None:
@@ -162,22 +167,50 @@ def test_batchnorm_statistics_are_updated_once_per_step(name):
 
     ones = {n: jnp.ones(g.shape) for n, g in net.gates.items()}
     reference = stats_after(lambda m: m(x, train=True, gates=ones))
-    after = stats_after(lambda m: method.objective(m, x, y, jax.random.key(1)))
+    after = stats_after(lambda m: method.objective(m, {}, x, y, jax.random.key(1)))
     initial = jax.tree.leaves(nnx.state(merge_model(graphdef, params, rest), nnx.BatchStat))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(reference), initial))
     for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(reference)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method_name", sorted(METHODS))
-@pytest.mark.parametrize("field", PER_SLOT_FIELDS)
-def test_a_per_slot_field_is_an_error_for_a_method_that_does_not_read_it(method_name, field):
-    config = get_config()
-    config.update(method=method_name, model="mlp")
-    config[field] = (0.1, 0.1)
-    if field in METHODS[method_name].per_slot_fields:
-        create_method(method_name, config, num_train=100)
-    else:
-        with pytest.raises(ConfigError, match=f"config.{field}=.* does not apply to method"):
-            create_method(method_name, config, num_train=100)
+OPTIONAL_FIELDS = {"droprate_init", "generator_input_width", "filter_sigma", "pretrained"}
+"""Fields whose unset value (None) is itself a setting: derived from the model when used."""
+DERIVED_FIELDS = {"lambdas", "lamba", "pretrain_epochs", "prune_end_epoch"}
+"""Fields whose default depends on other fields (checked by their methods' tests)."""
 
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("model", ["mlp", "lenet5"])
+def test_the_resolved_config_of_a_default_run_holds_the_declared_defaults(method_name, model):
+    cls, resolved = resolve_config(method_config(method_name, model))
+    assert cls is METHODS[method_name]
+    for name, field in cls.fields.items():
+        if name in OPTIONAL_FIELDS:
+            continue
+        assert resolved[name] is not None, name
+        if name not in DERIVED_FIELDS:
+            assert resolved[name] == field.default_for(model), name
+    if method_name in ("l0_hc", "l0_arm", "l0_ar"):
+        assert resolved.lambdas == {"mlp": (0.1,) * 3, "lenet5": (10.0, 0.5, 0.1, 10.0)}[model]
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_a_field_of_another_method_is_refused_when_set_and_dropped_when_unset(method_name):
+    other = "stage_pr" if method_name not in ("greg1", "greg2") else "lambdas"
+    config = method_config(method_name, "mlp")
+    with config.unlocked():
+        config[other] = None
+    _, resolved = resolve_config(config)
+    assert other not in resolved
+    config[other] = 0.5
+    with pytest.raises(ConfigError, match=f"{other!r} is not a field of method {method_name!r}"):
+        resolve_config(config)
+
+
+def test_a_misspelt_field_is_refused_with_a_suggestion():
+    config = method_config("l0_hc", "mlp")
+    with config.unlocked():
+        config.lambda_s = 0.1
+    with pytest.raises(ConfigError, match="did you mean 'lambdas'"):
+        resolve_config(config)

@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from experiments.configs.mnist import get_config
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.optim import build_optimizer, learning_rate_schedule
 
 
@@ -43,8 +43,8 @@ def test_method_optimizer_gives_gates_their_own_rate_and_no_weight_decay():
         optimizer="sgd", learning_rate=0.1, weight_decay=0.5, lr_schedule="step",
         lr_milestones=(1,), gate_learning_rate=0.01,
     )
-    method = create_method("l0_hc", config, num_train=10)
-    tx = method.optimizer(steps_per_epoch=2, epochs=2)
+    method = create_method("l0_hc", config, RunInfo(num_train=10, steps_per_epoch=2, epochs=2))
+    tx = method.optimizer()
     params = {"net": {"w": jnp.ones(2)}, "gates": {"a": jnp.ones(2)}}
     grads = jax.tree.map(jnp.ones_like, params)
     state = tx.init(params)
@@ -58,7 +58,7 @@ def test_method_optimizer_gives_gates_their_own_rate_and_no_weight_decay():
     np.testing.assert_allclose(updates[2]["gates"]["a"], -0.001, rtol=1e-6)
     with pytest.raises(ValueError, match="lr_schedule"):
         config.lr_schedule = "warm"
-        create_method("l0_hc", config, num_train=10)
+        create_method("l0_hc", config, RunInfo(num_train=10))
 
 
 def test_gate_lr_factor_changes_only_the_gates_milestone_factor():
@@ -67,8 +67,8 @@ def test_gate_lr_factor_changes_only_the_gates_milestone_factor():
         optimizer="sgd", learning_rate=0.1, lr_schedule="step", lr_milestones=(1,),
         lr_factor=0.1, gate_learning_rate=0.01, gate_lr_factor=0.2,
     )
-    method = create_method("l0_hc", config, num_train=10)
-    tx = method.optimizer(steps_per_epoch=2, epochs=2)
+    method = create_method("l0_hc", config, RunInfo(num_train=10, steps_per_epoch=2, epochs=2))
+    tx = method.optimizer()
     params = {"net": {"w": jnp.ones(2)}, "gates": {"a": jnp.ones(2)}}
     grads = jax.tree.map(jnp.ones_like, params)
     state = tx.init(params)

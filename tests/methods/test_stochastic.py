@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
-from sparsejax.methods import METHODS, create_method
+from sparsejax.methods import METHODS, RunInfo, create_method
 from sparsejax.methods.prune_sampling import (
     cubic_sparsity,
     inclusion_probabilities,
@@ -101,7 +101,7 @@ def tiny_stochastic(**overrides):
     config.update(method="stochastic", model="mlp", l2=0.0, l1=0.0, prune_start_epoch=1.0,
                   prune_end_epoch=3.0, final_sparsity=0.8)
     config.update(overrides)
-    method = create_method("stochastic", config, num_train=100)
+    method = create_method("stochastic", config, RunInfo(num_train=100))
     net = MLP(rngs=nnx.Rngs(0), input_shape=(8, 8, 1), hidden=(40,), num_classes=10)
     method.prepare_model(net)
     method.optimizer(steps_per_epoch=10, epochs=4)
@@ -170,7 +170,7 @@ def test_penalty_is_l1_plus_l2_with_zero_subgradient_at_pruned_weights():
 def test_weight_granularity_and_bad_targets_are_refused():
     config = get_config()
     config.update(method="stochastic", model="mlp")
-    method = create_method("stochastic", config, num_train=100)
+    method = create_method("stochastic", config, RunInfo(num_train=100))
     with pytest.raises(ValueError, match="granularity='unit'"):
         method.prepare_model(build_model("mlp", rngs=nnx.Rngs(0), granularity="weight"))
     with pytest.raises(ValueError, match="2 layers"):
@@ -244,7 +244,7 @@ def stochastic_config(**overrides):
 
 
 def restored_model(workdir, config):
-    method = create_method(config.method, config, num_train=config.num_train)
+    method = create_method(config.method, config, RunInfo(num_train=config.num_train))
     model = build_model(config.model, rngs=nnx.Rngs(params=config.seed))
     method.prepare_model(model)
     tx = method.optimizer(steps_per_epoch=config.num_train // config.batch_size, epochs=config.epochs)

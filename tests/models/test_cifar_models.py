@@ -6,12 +6,14 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MODELS, VGG16, CifarResNet, build_model, resnet20
+from sparsejax.models.base import each_slot
 from sparsejax.models.vgg import VGG16_CONFIG
 from sparsejax.slim import count_layer, count_network
 
 BATCH = (2, 32, 32, 3)
 
 
+@each_slot
 def hc_factory(slot, rngs):
     return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
 

@@ -20,7 +20,7 @@ from sparsejax.models import (
     mobilenet_v2,
     mobilenet_v2_cifar,
 )
-from sparsejax.models.base import MODEL_INPUT, Layer
+from sparsejax.models.base import MODEL_INPUT, Layer, each_slot
 from sparsejax.models.mobilenet_v2 import CIFAR_TABLE, IMAGENET_TABLE, make_divisible
 from sparsejax.slim import count_layer, count_network
 
@@ -31,6 +31,7 @@ NARROW_TABLE = ((1, 8, 1, 1), (2, 8, 2, 2))
 """A short MobileNetV2: a t = 1 block, then a strided stage of two blocks (one residual)."""
 
 
+@each_slot
 def hc_factory(slot, rngs):
     return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
 

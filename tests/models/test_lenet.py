@@ -6,8 +6,10 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MLP, LeNet5, build_model
+from sparsejax.models.base import each_slot
 
 
+@each_slot
 def hc_factory(slot, rngs):
     return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
 

@@ -18,13 +18,14 @@ from sparsejax.models import (
     resnet164,
     wrn28_10,
 )
-from sparsejax.models.base import MODEL_INPUT, GatedModel
+from sparsejax.models.base import MODEL_INPUT, GatedModel, each_slot
 from sparsejax.slim import count_layer
 
 CLASSES = 10
 BATCH = (2, 32, 32, 3)
 
 
+@each_slot
 def hc_factory(slot, rngs):
     return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
 

@@ -5,6 +5,7 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MLP, LeNet5
+from sparsejax.models.base import each_slot
 from sparsejax.slim import (
     count_network,
     gate_report,
@@ -85,6 +86,7 @@ def test_weight_granularity_counts_the_open_kernel_entries():
 
 
 def test_gate_report_of_a_gated_model():
+    @each_slot
     def factory(slot, rngs):
         return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=0.5)
 
@@ -124,6 +126,7 @@ def test_weight_report_of_an_ungated_network_is_the_slim_network_less_its_zero_w
 
 
 def test_sparsity_report_reads_the_gates_of_a_gated_network():
+    @each_slot
     def factory(slot, rngs):
         return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=0.5)
 

@@ -18,8 +18,9 @@ from sparsejax.models import (
     MobileNetV2,
     PreActResNet,
     WideResNet,
+    build_model,
 )
-from sparsejax.models.base import GatedModel
+from sparsejax.models.base import GatedModel, each_slot
 from sparsejax.slim import count_network, gate_report, slim_model
 from sparsejax.slim.nodes import node_report
 
@@ -33,6 +34,7 @@ SMALL_TABLE = ((1, 8, 1, 1), (2, 8, 2, 2), (2, 16, 3, 2), (2, 24, 1, 1))
 streams of 2 and 3 blocks) at a fraction of its size."""
 
 
+@each_slot
 def scale_gates(slot, rngs):
     return ScaleGate(slot.shape)
 
@@ -252,7 +254,9 @@ def test_dead_mlp_neurons_are_absorbed_into_the_next_bias():
 def test_hard_concrete_test_gates_fold_into_batch_norm():
     from sparsejax.gates import HardConcreteGate
 
-    model, shape = build("resnet50", lambda slot, rngs: HardConcreteGate(slot.shape, rngs=rngs))
+    model, shape = build(
+        "resnet50", each_slot(lambda slot, rngs: HardConcreteGate(slot.shape, rngs=rngs))
+    )
     rng = np.random.default_rng(6)
     for gate in model.gates.values():
         gate.log_alpha[...] = jnp.asarray(rng.normal(0.0, 3.0, gate.shape), jnp.float32)
@@ -289,11 +293,14 @@ def test_rounded_widths_stay_exact():
     assert exact.report.flops_after <= rounded.report.flops_after < rounded.report.flops_before
 
 
-def test_state_a_method_attached_is_left_behind():
-    from sparsejax.methods.stochastic import WeightMask
+def test_a_gate_generator_goes_with_the_gates():
+    from sparsejax.gates.generator import GateGenerator
+    from sparsejax.methods import RunInfo, create_method
+    from tests.methods.test_methods import method_config
 
-    model, shape = build("mlp")
-    model.weight_masks = nnx.Dict({"fc1": WeightMask(jnp.ones((784, 300), bool))})
+    method = create_method("dep_l0", method_config("dep_l0", "mlp"), RunInfo(num_train=100))
+    model = build_model("mlp", rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    assert any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(model))
     slim = slim_model(model).model
-    assert not hasattr(slim, "weight_masks") and hasattr(model, "weight_masks")
-    assert_same_logits(model, slim, shape)
+    assert not any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(slim))
+    assert_same_logits(model, slim, MNIST)

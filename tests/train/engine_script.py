@@ -10,7 +10,7 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.data import load_dataset
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.data.sources import ArraySource
@@ -33,12 +33,12 @@ def small_config(**overrides):
 def steps(method_name: str, count: int, per_example: bool, **overrides) -> dict:
     config = small_config(method=method_name, per_example_gates=per_example, **overrides)
     data = load_dataset("synthetic", num_train=512, num_test=128)
-    method = create_method(method_name, config, num_train=data.num_train)
-    model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gate)
-    method.prepare_model(model)
+    method = create_method(method_name, config, RunInfo(num_train=data.num_train, steps_per_epoch=100))
+    model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
+    method_state = method.init(model)
     mesh = create_mesh()
-    tx = method.optimizer(steps_per_epoch=100, epochs=1)
-    graphdef, state = init_state(model, tx, jax.random.key(0))
+    tx = method.optimizer()
+    graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
     state = replicate(state, mesh)
     inputs = Input(ArraySource(data), mesh, batch_size=64, eval_batch_size=64, steps_per_epoch=8)
     train_step = make_train_step(graphdef, method, tx, mesh)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
-from sparsejax.methods import create_method
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.slim import gate_report
 from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
@@ -28,8 +28,8 @@ def config_for(**overrides):
 
 
 def initial_report(config, num_train):
-    method = create_method(config.method, config, num_train=num_train)
-    model = build_model(config.model, rngs=nnx.Rngs(params=config.seed), gate_factory=method.make_gate)
+    method = create_method(config.method, config, RunInfo(num_train=num_train))
+    model = build_model(config.model, rngs=nnx.Rngs(params=config.seed), gate_factory=method.make_gates)
     return gate_report(model)
 
 
