@@ -208,6 +208,11 @@ class Method(abc.ABC):
         """
         return self.project(params), model_state
 
+    def pretrained_run(self) -> str | None:
+        """The workdir of a run whose network weights the engine loads into the model before
+        training (None: start from the initial weights)."""
+        return None
+
     def prepare_model(self, model: GatedModel) -> None:
         """Called once with the built model before training: resolve per-slot settings, attach
         modules the gates share (e.g. a gate generator) and refuse models the method cannot work

@@ -16,7 +16,7 @@ layer's kernel goes through :meth:`StochasticPruning.after_update`:
 The masks are :class:`WeightMask` variables of the model, so they are part of the model state and
 of every checkpoint. The weight-level zeros, with the L1 / L2 pull on small weights, leave whole
 neurons and filters dead; :meth:`StochasticPruning.report` finds them
-(:mod:`sparsejax.slim.nodes`) and reports the node-pruned network.
+(:mod:`sparsejax.structure.nodes`) and reports the node-pruned network.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity, sample_zeroed
 from sparsejax.models.base import GatedModel, GateSlot
-from sparsejax.slim.nodes import node_report
+from sparsejax.structure.nodes import node_report
 
 DEFAULT_TEMPERATURE = 0.2
 """T of the zeroing probabilities when ``prune_temperature`` is unset: a weight at the layer's
@@ -179,5 +179,6 @@ class StochasticPruning(Method):
         return {**params, "net": net}, state_paths.replace(model_state, self.mask_paths, masks)
 
     def report(self, model: GatedModel) -> dict[str, Any]:
-        """Dead nodes and the node-pruned network (:func:`sparsejax.slim.nodes.node_report`)."""
+        """Dead nodes and the node-pruned network
+        (:func:`sparsejax.structure.nodes.node_report`)."""
         return node_report(model).summary()

@@ -30,12 +30,13 @@ from sparsejax.methods import create_method
 from sparsejax.methods.base import Method
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.report import GateReport, sparsity_report
+from sparsejax.structure.report import GateReport, sparsity_report
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.lock import WorkdirLock
 from sparsejax.train.metrics import METRICS_FILE, MetricWriter, NullWriter
 from sparsejax.train.preemption import Preempted, StopRequest
+from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.progress import Progress
 from sparsejax.train.sharding import create_mesh, local_copy, replicate
 from sparsejax.train.state import TrainState, init_state, merge_model
@@ -132,7 +133,8 @@ def load_data(config: ml_collections.ConfigDict) -> BatchSource:
 
 
 def build(config: ml_collections.ConfigDict, data: BatchSource) -> tuple[Method, GatedModel]:
-    """The method and its prepared model, with the initial weights of ``config.seed``."""
+    """The method and its prepared model, with the initial weights of ``config.seed`` or the
+    network of the method's :meth:`~sparsejax.methods.base.Method.pretrained_run`."""
     method = create_method(config.method, config, num_train=data.num_train)
     model = build_model(
         config.model,
@@ -142,6 +144,8 @@ def build(config: ml_collections.ConfigDict, data: BatchSource) -> tuple[Method,
         gate_factory=method.make_gate,
         granularity=config.granularity,
     )
+    if pretrained := method.pretrained_run():
+        load_network_weights(model, pretrained)
     method.prepare_model(model)
     return method, model
 

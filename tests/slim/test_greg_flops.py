@@ -5,7 +5,7 @@ from flax import nnx
 
 from sparsejax.models import build_model
 from sparsejax.models.base import Layer
-from sparsejax.slim.accounting import (
+from sparsejax.structure.accounting import (
     greg_count,
     greg_kept_inputs,
     greg_pruned_count,

@@ -3,14 +3,15 @@
 One run is the whole pipeline, resumable at any point:
 
 1. **Pretraining**: the network from ``config.pretrained`` (the workdir of another run, whose
-   newest checkpoint gives the network weights and BatchNorm statistics), or else
+   newest checkpoint gives the network weights and BatchNorm statistics; the engine loads them,
+   :meth:`GReg.pretrained_run`), or else
    ``pretrain_epochs`` epochs of plain training (cross-entropy + ``l2``), run by a separate
    phase object (:meth:`GReg.phase`).
 2. **Regularisation** with growing coefficients, then **stabilisation** (K_s iterations), then
-   **pruning**, then **fine-tuning** with a persistent mask; see :mod:`.greg_schedule`. How long
+   **pruning**, then **fine-tuning** with a persistent mask; see :mod:`.schedule`. How long
    regularisation lasts depends on the data when the magnitude-ratio test ends it, so
    ``epochs`` is a budget: the phase lives in the checkpointed state, and a run whose budget
-   ends early stops unpruned (:func:`.greg_report.greg_progress`, also in the summary under
+   ends early stops unpruned (:func:`.report.greg_progress`, also in the summary under
    ``greg/``, says where it is; rerun with more epochs to continue).
 
 Loss: mean cross-entropy + (l2/2)||theta||^2 + sum_l sum_j (lambda_{l,j}/2)||W_{l,j}||^2 with
@@ -21,7 +22,7 @@ and bias of the BatchNorm that follows it, so the channel outputs exactly zero a
 ``"weight"`` prunes single weights of every kernel.
 
 Config fields (None: :data:`DEFAULTS` for ``config.model``): ``greg_granularity``,
-``stage_pr`` (see :mod:`.greg_rules`), ``greg_interval`` (K_u), ``greg_delta``,
+``stage_pr`` (see :mod:`.rules`), ``greg_interval`` (K_u), ``greg_delta``,
 ``greg_ceiling`` (tau), ``greg_ratio_limit`` (R), ``greg_stabilise_steps`` (K_s),
 ``greg_delta_pick``, ``greg_ceiling_pick``, ``greg_delta_recover`` (GReg-2), ``pretrained``,
 ``pretrain_epochs``, ``l2``.
@@ -43,9 +44,9 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods import state_paths
 from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.dense import Dense
-from sparsejax.methods.greg_report import STATE_ATTRIBUTE, greg_progress, pruned_size
-from sparsejax.methods.greg_rules import GROUP_GRANULARITIES, layer_ratios
-from sparsejax.methods.greg_schedule import (
+from sparsejax.methods.greg.report import STATE_ATTRIBUTE, greg_progress, pruned_size
+from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios
+from sparsejax.methods.greg.schedule import (
     FINETUNE,
     LAYER_FIELDS,
     GRegState,
@@ -58,9 +59,8 @@ from sparsejax.methods.greg_schedule import (
 )
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.state_paths import variable_paths
-from sparsejax.methods.warm_start import load_network_weights
 from sparsejax.models.base import GatedModel, GateSlot
-from sparsejax.slim.accounting import greg_pruned_count
+from sparsejax.structure.accounting import greg_pruned_count
 
 CIFAR_DEFAULTS: dict[str, Any] = {
     "greg_granularity": "filter",
@@ -201,8 +201,12 @@ class GReg(Method):
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> None:
         return None
 
+    def pretrained_run(self) -> str | None:
+        """``config.pretrained``: the run whose network the engine loads before training."""
+        return self.pretrained
+
     def prepare_model(self, model: GatedModel) -> None:
-        """Choose the pruned layers, attach the schedule state, load ``config.pretrained``."""
+        """Choose the pruned layers and attach the schedule state."""
         ratios = layer_ratios(model.layers, self.stage_pr, self.granularity)
         if not ratios:
             raise ConfigError(
@@ -224,11 +228,9 @@ class GReg(Method):
             },
         )
         self.state_paths = variable_paths(model, state.variables())
-        if self.pretrained:
-            load_network_weights(model, self.pretrained)
 
     def report(self, model: GatedModel) -> dict[str, Any]:
-        """:func:`~.greg_report.greg_progress` and :func:`~.greg_report.pruned_size` under
+        """:func:`~.report.greg_progress` and :func:`~.report.pruned_size` under
         ``greg/`` keys."""
         facts = {**greg_progress(model), **pruned_size(model)}
         return {f"greg/{key}": value for key, value in facts.items()}

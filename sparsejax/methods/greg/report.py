@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.methods.greg_schedule import (
+from sparsejax.methods.greg.schedule import (
     FINETUNE,
     NOT_YET,
     REGULARISE,
@@ -16,7 +16,7 @@ from sparsejax.methods.greg_schedule import (
     GRegState,
 )
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.accounting import greg_count, greg_kept_inputs
+from sparsejax.structure.accounting import greg_count, greg_kept_inputs
 
 STATE_ATTRIBUTE = "greg"
 """Name of the :class:`GRegState` module attached to the model (and its key in model_state)."""
@@ -68,10 +68,10 @@ def greg_progress(model: GatedModel) -> dict[str, Any]:
 
 
 def pruned_size(model: GatedModel) -> dict[str, Any]:
-    """Kernel weights and FLOPs under GReg's counter (:func:`~sparsejax.slim.accounting.greg_count`)
-    of the dense and of the masked network. Filters: the network with the masked channels
-    removed, its ``speedup`` and kept ``widths`` per pruned layer; weights: the kept weights
-    (unstructured sparsity saves no counted FLOPs)."""
+    """Kernel weights and FLOPs under GReg's counter (:func:`~sparsejax.structure.accounting.greg_count`) of the
+    dense and of the masked network. Filters: the network with the masked channels removed, its
+    ``speedup`` and kept ``widths`` per pruned layer; weights: the kept weights (unstructured
+    sparsity saves no counted FLOPs)."""
     state = _state_of(model)
     dense = greg_count(model.layers)
     masks = {name: np.asarray(mask[...]) for name, mask in zip(state.layer_names, state.mask)}

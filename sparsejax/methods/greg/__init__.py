@@ -1,0 +1,25 @@
+"""GReg-1 and GReg-2, pruning by growing L2 regularisation (Wang, Qin, Zhang, Fu, ICLR 2021).
+
+:mod:`.method` is the method (phases, loss, after-update), :mod:`.schedule` the growing-penalty
+schedule as array arithmetic, :mod:`.rules` which layers are pruned at which ratio and
+:mod:`.report` what a run has done so far.
+"""
+
+from sparsejax.methods.greg.method import DEFAULTS, GReg, GReg1, GReg2
+from sparsejax.methods.greg.report import (
+    STATE_ATTRIBUTE,
+    greg_progress,
+    kept_channels,
+    pruned_size,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "STATE_ATTRIBUTE",
+    "GReg",
+    "GReg1",
+    "GReg2",
+    "greg_progress",
+    "kept_channels",
+    "pruned_size",
+]
