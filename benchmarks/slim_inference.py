@@ -29,10 +29,10 @@ from flax import nnx
 
 from benchmarks.common import dataset_like
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
+from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim import slim_model
-from sparsejax.structure.accounting import greg_pruned_count
 
 _MODEL = flags.DEFINE_string("model", "resnet56", "A residual model with block{i}.conv1 layers.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")

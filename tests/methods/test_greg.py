@@ -11,6 +11,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.data.sources import open_source
 from sparsejax.methods import create_method
 from sparsejax.methods.greg import GReg1, GReg2, greg_progress, kept_channels, pruned_size
+from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
@@ -24,7 +25,6 @@ from sparsejax.methods.greg.schedule import (
 from sparsejax.models import build_model
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import slim_model
-from sparsejax.structure.accounting import greg_pruned_count
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.loop import build

@@ -44,6 +44,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods import state_paths
 from sparsejax.methods.base import Method, Params, cross_entropy, model_default
 from sparsejax.methods.dense import Dense
+from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.report import STATE_ATTRIBUTE, greg_progress, pruned_size
 from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios
 from sparsejax.methods.greg.schedule import (
@@ -60,7 +61,6 @@ from sparsejax.methods.greg.schedule import (
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.state_paths import variable_paths
 from sparsejax.models.base import GatedModel, GateSlot
-from sparsejax.structure.accounting import greg_pruned_count
 
 CIFAR_DEFAULTS: dict[str, Any] = {
     "greg_granularity": "filter",

@@ -16,7 +16,7 @@ from sparsejax.methods.greg.schedule import (
     GRegState,
 )
 from sparsejax.models.base import GatedModel
-from sparsejax.structure.accounting import greg_count, greg_kept_inputs
+from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs
 
 STATE_ATTRIBUTE = "greg"
 """Name of the :class:`GRegState` module attached to the model (and its key in model_state)."""
@@ -68,7 +68,7 @@ def greg_progress(model: GatedModel) -> dict[str, Any]:
 
 
 def pruned_size(model: GatedModel) -> dict[str, Any]:
-    """Kernel weights and FLOPs under GReg's counter (:func:`~sparsejax.structure.accounting.greg_count`) of the
+    """Kernel weights and FLOPs under GReg's counter (:func:`.accounting.greg_count`) of the
     dense and of the masked network. Filters: the network with the masked channels removed, its
     ``speedup`` and kept ``widths`` per pruned layer; weights: the kept weights (unstructured
     sparsity saves no counted FLOPs)."""
