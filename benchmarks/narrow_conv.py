@@ -21,7 +21,7 @@ import time
 import jax
 from absl import app, flags
 
-from sparsejax.slim.accounting import greg_pruned_count
+from sparsejax.methods.greg.accounting import greg_pruned_count
 
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")
 _STAGE_PR = flags.DEFINE_list("stage_pr", ["0.75", "0.75", "0.32"],

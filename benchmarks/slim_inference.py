@@ -9,7 +9,7 @@ ResNet-56 setting [0, 0.75, 0.75, 0.32, 0] by default; the lowest-L1 filters go)
 eval-mode forward passes are jitted, compiled, then timed alternately over ``--repeats`` chunks of
 ``--steps`` batches already on the device, so that both ratios come from the same run; the table
 gives the median examples per second, the wall-clock speedup, the FLOPs reduction
-(:mod:`sparsejax.slim.accounting`) and their quotient (the target is >= 0.7 on CPU), for the
+(:mod:`sparsejax.structure.accounting`) and their quotient (the target is >= 0.7 on CPU), for the
 exactly slimmed network and for one whose widths are rounded up to ``--width_multiple``.
 :mod:`benchmarks.narrow_conv` times the slimmed convolutions one by one (on XLA's CPU backend
 the narrowed 16-channel convolutions of stage 1 can be slower than the full-width ones).
@@ -29,10 +29,10 @@ from flax import nnx
 
 from benchmarks.common import dataset_like
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
+from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim import slim_model
-from sparsejax.slim.accounting import greg_pruned_count
 
 _MODEL = flags.DEFINE_string("model", "resnet56", "A residual model with block{i}.conv1 layers.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")

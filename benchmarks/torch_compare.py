@@ -15,7 +15,7 @@ measured in the same run (a ``PEAK_SIZE``-square ``jnp.dot``).
 
 FLOP convention: a training step is counted as 3 forward passes (forward, input gradient,
 weight gradient), each 2 FLOPs per multiply-accumulate of the dense network
-(``sparsejax.slim.accounting.count_network``), i.e. ``6 * MACs * batch``; gates, pooling,
+(``sparsejax.structure.accounting.count_network``), i.e. ``6 * MACs * batch``; gates, pooling,
 activations and the optimizer are not counted. (The first layer needs no input gradient, so
 this slightly overcounts.)
 
@@ -43,7 +43,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.common import make_steps, seconds_per_step  # noqa: E402
 from sparsejax.models import build_model  # noqa: E402
-from sparsejax.slim.accounting import count_network  # noqa: E402
+from sparsejax.structure.accounting import count_network  # noqa: E402
 
 
 

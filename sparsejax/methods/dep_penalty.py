@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.base import GateSlot, Layer
-from sparsejax.slim.accounting import count_layer
+from sparsejax.structure.accounting import count_layer
 
 PENALTY_FORMS: tuple[str, ...] = ("layers", "reference_chain", "reference_k4")
 

@@ -15,7 +15,7 @@ layer's kernel goes through :meth:`StochasticPruning.after_update`:
 
 The masks are the method's state, so they are part of every checkpoint. The weight-level zeros, with the L1 / L2 pull on small weights, leave whole
 neurons and filters dead; :meth:`StochasticPruning.report` finds them
-(:mod:`sparsejax.slim.nodes`) and reports the node-pruned network.
+(:mod:`sparsejax.structure.nodes`) and reports the node-pruned network.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity, sample_zeroed
 from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.nodes import node_report
+from sparsejax.structure.nodes import node_report
 
 DEFAULT_TEMPERATURE = 0.2
 """T of the zeroing probabilities: a weight at the layer's mean magnitude is e^5 ~ 150 times less
@@ -169,5 +169,6 @@ class StochasticPruning(Method):
         return {"masks": masks}
 
     def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
-        """Dead nodes and the node-pruned network (:func:`sparsejax.slim.nodes.node_report`)."""
+        """Dead nodes and the node-pruned network
+        (:func:`sparsejax.structure.nodes.node_report`)."""
         return node_report(model).summary()

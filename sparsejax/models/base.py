@@ -4,7 +4,7 @@ A *gate slot* is a place where a method may put a gate module: the input neurons
 the output channels of a convolution, or (weight granularity) every entry of a kernel. A
 *layer* records its kernel geometry and which slots switch off its input and output units, so that
 active units, parameters and FLOPs of the pruned network (and their expectations under the gate
-distribution) are computed in one place (:mod:`sparsejax.slim.accounting`) for every model.
+distribution) are computed in one place (:mod:`sparsejax.structure.accounting`) for every model.
 """
 
 from __future__ import annotations

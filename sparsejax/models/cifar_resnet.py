@@ -17,7 +17,7 @@ BatchNorm, where no normalisation can undo it, and before the ReLU (a nonnegativ
 gate commutes with it). The second convolution of a block and the residual stream are never
 gated, so the blocks keep their shapes and the shortcuts stay parameter-free.
 
-Which slots switch off the units of a layer (for :mod:`sparsejax.slim.accounting`):
+Which slots switch off the units of a layer (for :mod:`sparsejax.structure.accounting`):
 - ``stem``: outputs = stem slot.
 - ``block{i}.conv1``: outputs = its own slot; inputs = the stem slot for block 1, whose input is
   the gated stem activation, and nothing for every later block: from block 1 on, the residual

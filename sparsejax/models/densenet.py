@@ -24,7 +24,7 @@ its own, so a closed gate removes one input channel (kernel slice) of that consu
 producer's channel lives on as long as another consumer reads it, and is therefore not declared
 as gated.
 
-Declarations (for :mod:`sparsejax.slim.accounting` and slimming):
+Declarations (for :mod:`sparsejax.structure.accounting` and slimming):
 - every dense layer, transition and the classifier: ``inputs`` = its own slot, ``outputs`` = none;
 - the initial convolution (``"stem"``): no gated units;
 - ``reads``: the stem reads :data:`~sparsejax.models.base.MODEL_INPUT`; a consumer in block b reads

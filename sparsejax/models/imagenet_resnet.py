@@ -19,7 +19,7 @@ reference's gate after the ReLU, and after the pool in its hard-concrete variant
 shortcuts are never gated, so the residual streams keep their width. Initial drop rate 0.5 (the
 hard-concrete default).
 
-Which slots switch off the units of a layer (for :mod:`sparsejax.slim.accounting`):
+Which slots switch off the units of a layer (for :mod:`sparsejax.structure.accounting`):
 - ``stem``: outputs = the stem slot.
 - ``block{i}.conv1``: outputs = its own slot; inputs = the stem slot for block 1, which reads the
   gated (pooled) stem activation, and nothing for every later block (the residual stream).

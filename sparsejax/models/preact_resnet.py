@@ -24,7 +24,7 @@ reads it, so each slot is declared on that convolution's input axis:
   channel selection before the classifier).
 Initial drop rate 0.5 (the hard-concrete default).
 
-Which slots switch off the units of a layer (for :mod:`sparsejax.slim.accounting`):
+Which slots switch off the units of a layer (for :mod:`sparsejax.structure.accounting`):
 - ``block{i}.conv1``: inputs = ``conv1_in``; outputs = ``conv2_in``.
 - ``block{i}.conv2``: inputs = ``conv2_in``; outputs = ``conv3_in``.
 - ``block{i}.conv3``: inputs = ``conv3_in``; outputs = none (residual stream).

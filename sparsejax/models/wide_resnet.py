@@ -17,7 +17,7 @@ leaves the channel at BN2's bias instead of zero. Here the gate acts *after* BN2
 (BN2 - gate - ReLU - conv2), on the same channels, so that closing it removes the channel; this
 placement deliberately differs from the reference code.
 
-Which slots switch off the units of a layer (for :mod:`sparsejax.slim.accounting`):
+Which slots switch off the units of a layer (for :mod:`sparsejax.structure.accounting`):
 - ``block{i}.conv1``: outputs = its own slot; inputs = none (the pre-activated residual stream).
 - ``block{i}.conv2``: inputs = the block's conv1 slot; outputs = none (residual stream).
 - ``stem``, ``block{i}.shortcut`` (1x1 projections) and ``fc``: no gated units.

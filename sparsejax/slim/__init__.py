@@ -1,26 +1,15 @@
-"""Accounting (active units, params, FLOPs) of pruned networks, and their physical slimming."""
+"""Physical slimming of a pruned network: the plan of which units go (:mod:`.plan`), folding the
+test-time gates into the weights (:mod:`.folding`), the surgery that returns a smaller ordinary
+model (:mod:`.surgery`), saving it (:mod:`.store`) and its command line over a run's checkpoint
+(:mod:`.runs`, ``python -m sparsejax.slim``). It sits above the training engine; the accounting
+it checks itself against is :mod:`sparsejax.structure`."""
 
-from sparsejax.slim.accounting import (
-    LayerCount,
-    count_layer,
-    count_network,
-    pruning_rate,
-)
 from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.report import GateReport, gate_report, sparsity_report, weight_report
 from sparsejax.slim.surgery import SlimReport, SlimResult, slim_model
 
 __all__ = [
-    "GateReport",
-    "LayerCount",
     "SlimPlan",
     "SlimReport",
     "SlimResult",
-    "count_layer",
-    "count_network",
-    "gate_report",
-    "pruning_rate",
     "slim_model",
-    "sparsity_report",
-    "weight_report",
 ]

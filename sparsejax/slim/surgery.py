@@ -8,8 +8,8 @@ BatchNorm its reader's removed inputs, a depthwise convolution its channels and 
 groups, a dense reader absorbs the constant outputs of removed dead neurons into its bias, and a
 layer that reads only part of what its producers deliver gets an input selection. The copy has no
 gates (its forward pass skips gating) and none of the state a method attached; its ``layers`` and
-``gate_slots`` declare the new widths, so :func:`~sparsejax.slim.accounting.count_network` of its
-layers with no gate values gives its parameters and FLOPs. The input model is not modified.
+``gate_slots`` declare the new widths, so :func:`~sparsejax.structure.accounting.count_network` of
+its layers with no gate values gives its parameters and FLOPs. The input model is not modified.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from flax import nnx
 
 from sparsejax.gates.base import GateParam
 from sparsejax.models.base import GatedModel, GateSlot, Layer
-from sparsejax.slim.accounting import count_network
 from sparsejax.slim.folding import fold_gates, layer_weights, test_gate_values
 from sparsejax.slim.plan import SlimPlan, plan_slimming
+from sparsejax.structure.accounting import count_network
 
 _count_network = jax.jit(count_network, static_argnums=0)
 """The accounting compiled once per network (op by op it compiles for every layer shape)."""

@@ -27,16 +27,16 @@ from jax.sharding import Mesh
 from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.errors import ConfigError, UserError
 from sparsejax.methods.base import Method, MethodState, RunInfo
-from sparsejax.methods.warm_start import load_network_weights
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.report import GateReport, sparsity_report
+from sparsejax.structure.report import GateReport, sparsity_report
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.lock import WorkdirLock
 from sparsejax.train.metrics import METRICS_FILE, MetricWriter, NullWriter
 from sparsejax.train.preemption import Preempted, StopRequest
+from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.progress import Progress
 from sparsejax.train.sharding import create_mesh, local_copy, replicate
 from sparsejax.train.state import TrainState, init_state, merge_model
@@ -170,10 +170,9 @@ def build(
         gate_factory=method.make_gates,
         granularity=config.granularity,
     )
-    method_state = method.init(model)
-    if method.pretrained_run():
-        load_network_weights(model, method.pretrained_run())
-    return method, model, method_state
+    if pretrained := method.pretrained_run():
+        load_network_weights(model, pretrained)
+    return method, model, method.init(model)
 
 
 def _report_record(report: GateReport) -> dict:

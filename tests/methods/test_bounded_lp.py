@@ -11,7 +11,7 @@ from sparsejax.gates.scale import ScaleGate
 from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.bounded_lp import BOUNDED_LAMBDAS, L1_LAMBDAS
 from sparsejax.models import MLP, build_model
-from sparsejax.slim import gate_report
+from sparsejax.structure import gate_report
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.state import merge_model, split_model
 from sparsejax.train.step import apply_after_update

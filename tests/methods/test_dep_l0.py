@@ -15,7 +15,7 @@ from sparsejax.methods.dep_l0 import DEFAULT_LAMBDAS, generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.models import MLP, VGG16, LeNet5, build_model
 from sparsejax.models.cifar_resnet import CifarResNet
-from sparsejax.slim import gate_report
+from sparsejax.structure import gate_report
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.state import merge_model, split_model
 from tests.methods.test_methods import method_config

@@ -8,11 +8,12 @@ import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
+from sparsejax.data.sources import open_source
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.methods.greg import GReg1, GReg2
-from sparsejax.methods.greg_report import greg_progress, kept_channels, pruned_size
-from sparsejax.methods.greg_rules import layer_ratios
-from sparsejax.methods.greg_schedule import (
+from sparsejax.methods.greg import GReg1, GReg2, greg_progress, kept_channels, pruned_size
+from sparsejax.methods.greg.accounting import greg_pruned_count
+from sparsejax.methods.greg.rules import layer_ratios
+from sparsejax.methods.greg.schedule import (
     FINETUNE,
     REGULARISE,
     STABILISE,
@@ -21,13 +22,13 @@ from sparsejax.methods.greg_schedule import (
     regularise,
     smallest,
 )
-from sparsejax.methods.warm_start import load_network_weights
 from sparsejax.models import build_model
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import slim_model
-from sparsejax.slim.accounting import greg_pruned_count
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.loop import build
+from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.state import merge_model, split_model
 
 SCHEDULE = {
@@ -371,7 +372,13 @@ def test_pretrained_run_provides_the_weights(tmp_path):
                  num_train=256, num_test=128, eval_batch_size=128)
     train_and_evaluate(dense, tmp_path / "dense")
     saved = latest_checkpoint(tmp_path / "dense")
-    _, model = prepared(greg_config(model="mlp", pretrained=str(tmp_path / "dense")))
+    config = greg_config(model="mlp", pretrained=str(tmp_path / "dense"))
+    method, model = build(config, open_source("synthetic", num_train=256, num_test=128))
+    assert method.pretrained_run() == str(tmp_path / "dense")
+    assert GReg1(greg_config(), num_train=10).pretrained_run() is None
+    _, unloaded = prepared(config)  # the engine loads the run, not the method
+    saved_fc1 = saved["params"]["net"]["fc1"]["kernel"]["value"]
+    assert not np.array_equal(unloaded.fc1.kernel[...], saved_fc1)
     for name in ("fc1", "fc3"):
         for kind in ("kernel", "bias"):
             np.testing.assert_array_equal(

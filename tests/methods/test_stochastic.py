@@ -14,8 +14,9 @@ from sparsejax.methods.prune_sampling import (
 )
 from sparsejax.models import MLP, LeNet5, build_model
 from sparsejax.models.base import ChannelCoupling, Layer
-from sparsejax.slim import count_network, slim_model
-from sparsejax.slim.nodes import alive_units, node_report
+from sparsejax.slim import slim_model
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.nodes import alive_units, node_report
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import read_metrics

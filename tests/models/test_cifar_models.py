@@ -8,7 +8,7 @@ from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MODELS, VGG16, CifarResNet, build_model, resnet20
 from sparsejax.models.base import each_slot
 from sparsejax.models.vgg import VGG16_CONFIG
-from sparsejax.slim import count_layer, count_network
+from sparsejax.structure import count_layer, count_network
 
 BATCH = (2, 32, 32, 3)
 

@@ -22,7 +22,7 @@ from sparsejax.models import (
 )
 from sparsejax.models.base import MODEL_INPUT, Layer, each_slot
 from sparsejax.models.mobilenet_v2 import CIFAR_TABLE, IMAGENET_TABLE, make_divisible
-from sparsejax.slim import count_layer, count_network
+from sparsejax.structure import count_layer, count_network
 
 CLASSES = 10
 SIDE = 8

@@ -19,7 +19,7 @@ from sparsejax.models import (
     wrn28_10,
 )
 from sparsejax.models.base import MODEL_INPUT, GatedModel, each_slot
-from sparsejax.slim import count_layer
+from sparsejax.structure import count_layer
 
 CLASSES = 10
 BATCH = (2, 32, 32, 3)

@@ -21,8 +21,9 @@ from sparsejax.models import (
     build_model,
 )
 from sparsejax.models.base import GatedModel, each_slot
-from sparsejax.slim import count_network, gate_report, slim_model
-from sparsejax.slim.nodes import node_report
+from sparsejax.slim import slim_model
+from sparsejax.structure import count_network, gate_report
+from sparsejax.structure.nodes import node_report
 
 count = jax.jit(count_network, static_argnums=0)
 """The accounting, compiled once per network rather than once per layer shape."""

@@ -8,7 +8,7 @@ from flax import nnx
 from experiments.configs.mnist import get_config
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
-from sparsejax.slim import gate_report
+from sparsejax.structure import gate_report
 from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer, CheckpointError
 from sparsejax.train.metrics import read_metrics

@@ -3,14 +3,15 @@
 One run is the whole pipeline, resumable at any point:
 
 1. **Pretraining**: the network from ``config.pretrained`` (the workdir of another run, whose
-   newest checkpoint gives the network weights and BatchNorm statistics), or else
+   newest checkpoint gives the network weights and BatchNorm statistics; the engine loads them,
+   :meth:`GReg.pretrained_run`), or else
    ``pretrain_epochs`` epochs of plain training (cross-entropy + ``l2``), run by a separate
    phase object (:meth:`GReg.phase`).
 2. **Regularisation** with growing coefficients, then **stabilisation** (K_s iterations), then
-   **pruning**, then **fine-tuning** with a persistent mask; see :mod:`.greg_schedule`. How long
+   **pruning**, then **fine-tuning** with a persistent mask; see :mod:`.schedule`. How long
    regularisation lasts depends on the data when the magnitude-ratio test ends it, so
    ``epochs`` is a budget: the phase lives in the checkpointed state, and a run whose budget
-   ends early stops unpruned (:func:`.greg_report.greg_progress`, also in the summary under
+   ends early stops unpruned (:func:`.report.greg_progress`, also in the summary under
    ``greg/``, says where it is; rerun with more epochs to continue).
 
 Loss: mean cross-entropy + (l2/2)||theta||^2 + sum_l sum_j (lambda_{l,j}/2)||W_{l,j}||^2 with
@@ -20,7 +21,7 @@ lambda (.) W (the reference adds this to the gradient before SGD). Structured pr
 and bias of the BatchNorm that follows it, so the channel outputs exactly zero as if removed;
 ``"weight"`` prunes single weights of every kernel.
 
-Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.greg_rules`) and ``l2``. The schedule
+Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.rules`) and ``l2``. The schedule
 state is the method's state (:func:`initial_state`), checkpointed with the run.
 """
 
@@ -40,10 +41,10 @@ from sparsejax.methods import fields as config_fields
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.fields import Field
-from sparsejax.methods.masking import unit_variables
-from sparsejax.methods.greg_report import greg_progress, kept_channels, pruned_size
-from sparsejax.methods.greg_rules import GROUP_GRANULARITIES, layer_ratios
-from sparsejax.methods.greg_schedule import (
+from sparsejax.methods.greg.accounting import greg_pruned_count
+from sparsejax.methods.greg.report import greg_progress, kept_channels, pruned_size
+from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios
+from sparsejax.methods.greg.schedule import (
     FINETUNE,
     NOT_YET,
     REGULARISE,
@@ -56,9 +57,9 @@ from sparsejax.methods.greg_schedule import (
     regularise,
 )
 from sparsejax.methods.penalties import gated_l2
+from sparsejax.methods.masking import unit_variables
 from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.accounting import greg_pruned_count
 
 FASHION_MNIST = ("mlp", "lenet5")
 
@@ -123,7 +124,7 @@ def _masked_variables(model: GatedModel, name: str, per_weight: bool) -> list[nn
 
 def initial_state(pruned: tuple[PrunedLayer, ...]) -> MethodState:
     """The schedule state before pretraining: per pruned layer the fields of
-    :class:`~.greg_schedule.LayerState`, and the counters."""
+    :class:`~.schedule.LayerState`, and the counters."""
     return {
         "layers": [
             {
@@ -216,7 +217,7 @@ class GReg(Method):
         return self.config.pretrained
 
     def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
-        """:func:`~.greg_report.greg_progress` and :func:`~.greg_report.pruned_size` under
+        """:func:`~.report.greg_progress` and :func:`~.report.pruned_size` under
         ``greg/`` keys."""
         names = [layer.name for layer in self.pruned_layers(model)]
         facts = {
@@ -226,7 +227,7 @@ class GReg(Method):
         return {f"greg/{key}": value for key, value in facts.items()}
 
     def kept_channels(self, model: GatedModel, state: MethodState) -> dict[str, np.ndarray]:
-        """:func:`~.greg_report.kept_channels` of the pruned layers."""
+        """:func:`~.report.kept_channels` of the pruned layers."""
         names = [layer.name for layer in self.pruned_layers(model)]
         return kept_channels(state, names, self.granularity)
 

@@ -1,4 +1,9 @@
-"""Start a model from the network weights of another run (a pretrained network to prune)."""
+"""Start a model from the network weights of another run (a pretrained network to prune).
+
+A method names the run (:meth:`~sparsejax.methods.base.Method.pretrained_run`, e.g. GReg's
+``config.pretrained``); :func:`~sparsejax.train.loop.build` loads its weights into the built
+model before the method prepares it. Reading the run's checkpoints is the engine's job, as it
+owns their layout (:mod:`sparsejax.train.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError, UserError, warn
 from sparsejax.gates.base import GateParam
+from sparsejax.train.checkpoint import CHECKPOINT_DIR
+from sparsejax.train.digest import verify_digest
 
 STATE_ITEM = "state"
-"""The checkpoint item holding the train state (see :mod:`sparsejax.train.checkpoint`)."""
+"""The checkpoint item holding the train state (:meth:`.checkpoint.Checkpointer.save`)."""
 
 
 def _key_name(entry: Any) -> Any:
@@ -53,10 +60,6 @@ def load_network_weights(model: nnx.Module, workdir: str | Path) -> int:
     """Copy the network weights (parameters other than gate parameters) and BatchNorm
     statistics of the newest checkpoint that verifies of the run in ``workdir`` into ``model``;
     its optimizer state, gates and step are not used. Returns the step of that checkpoint."""
-    # Imported here: sparsejax.train imports the methods.
-    from sparsejax.train.checkpoint import CHECKPOINT_DIR
-    from sparsejax.train.digest import verify_digest
-
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     steps = []
     if directory.is_dir():

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.methods.base import MethodState
-from sparsejax.methods.greg_schedule import FINETUNE, NOT_YET, REGULARISE, STABILISE
+from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs
+from sparsejax.methods.greg.schedule import FINETUNE, NOT_YET, REGULARISE, STABILISE
 from sparsejax.models.base import Layer
-from sparsejax.slim.accounting import greg_count, greg_kept_inputs
 
 PHASE_NAMES = {REGULARISE: "regularise", STABILISE: "stabilise", FINETUNE: "finetune"}
 
@@ -52,7 +52,7 @@ def greg_progress(state: MethodState, layer_names: Sequence[str]) -> dict[str, A
 def pruned_size(
     layers: tuple[Layer, ...], state: MethodState, layer_names: Sequence[str], granularity: str
 ) -> dict[str, Any]:
-    """Kernel weights and FLOPs under GReg's counter (:func:`~sparsejax.slim.accounting.greg_count`)
+    """Kernel weights and FLOPs under GReg's counter (:func:`.accounting.greg_count`)
     of the dense and of the masked network. Filters: the network with the masked channels
     removed, its ``speedup`` and kept ``widths`` per pruned layer; weights: the kept weights
     (unstructured sparsity saves no counted FLOPs)."""

@@ -9,8 +9,8 @@ import numpy as np
 
 from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.accounting import count_network
-from sparsejax.slim.nodes import node_report
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.nodes import node_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def weight_report(model: GatedModel) -> GateReport:
     """The report of a network without gates (GReg, stochastic or dense training), read from the
     zeros of its weights.
 
-    Units are the live units of :func:`~sparsejax.slim.nodes.node_report` (a unit whose
+    Units are the live units of :func:`~sparsejax.structure.nodes.node_report` (a unit whose
     incoming or outgoing weights are all zero is dead), and a weight-granularity slot counts its
     layer's nonzero weights; ``params`` are the nonzero kernel weights between live units plus
     the biases of live units, ``flops`` the MACs of those weights, and ``pruning_rate``

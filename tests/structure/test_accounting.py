@@ -6,11 +6,11 @@ from flax import nnx
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MLP, LeNet5
 from sparsejax.models.base import each_slot
-from sparsejax.slim import (
+from sparsejax.slim import slim_model
+from sparsejax.structure import (
     count_network,
     gate_report,
     pruning_rate,
-    slim_model,
     sparsity_report,
     weight_report,
 )

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from sparsejax.models.base import ChannelCoupling, GatedModel, Layer, UnitSource
-from sparsejax.slim.accounting import count_network
+from sparsejax.structure.accounting import count_network
 
 
 @dataclasses.dataclass(frozen=True)

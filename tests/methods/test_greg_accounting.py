@@ -3,14 +3,14 @@ import math
 import pytest
 from flax import nnx
 
-from sparsejax.models import build_model
-from sparsejax.models.base import Layer
-from sparsejax.slim.accounting import (
+from sparsejax.methods.greg.accounting import (
     greg_count,
     greg_kept_inputs,
     greg_pruned_count,
     greg_resnet_widths,
 )
+from sparsejax.models import build_model
+from sparsejax.models.base import Layer
 
 PAPER_STAGE_PR = (0.0, 0.75, 0.75, 0.32, 0.0)
 
