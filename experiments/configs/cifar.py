@@ -1,4 +1,4 @@
-"""CIFAR-10/100 runs: ResNet-20/56/110, VGG-16, WRN-28-10, ResNet-164, DenseNet-40, MobileNetV2.
+"""CIFAR-10/100 runs: ResNet-20/56/110, VGG-16/19, WRN-28-10, ResNet-164, DenseNet-40, MobileNetV2.
 
     python -m experiments.cifar --method=dep_l0 --model=resnet56 --dataset=cifar10
 

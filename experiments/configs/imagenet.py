@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC 2012) runs: ResNet-50 and MobileNetV2.
+"""ImageNet (ILSVRC 2012) runs: ResNet-34, ResNet-50 and MobileNetV2.
 
     python -m experiments.imagenet --method=dep_l0 --model=resnet50 --data_dir=~/tensorflow_datasets
 

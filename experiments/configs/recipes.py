@@ -19,6 +19,11 @@ Sources (see BUILD_NOTES.md for the details and the deviations):
   the generator's Adam 1e-3 is multiplied by 0.2 (not 0.1) at the milestones.
 - MobileNetV2 (ImageNet): SGD momentum 0.9, lr 0.05 for batch 256, cosine over 150 epochs,
   weight decay 4e-5.
+- VGG-19 (CIFAR-100, GReg's network): the GReg README's pretraining: SGD momentum 0.9, lr 0.1,
+  x0.1 at 100/150, 200 epochs, batch 256, weight decay 5e-4.
+- ResNet-34 (ImageNet, GReg's network): GReg starts from torchvision's pretrained weights, whose
+  recipe (torchvision ``references/classification``) is SGD momentum 0.9, lr 0.1 for batch 256,
+  x0.1 at 30/60, 90 epochs, weight decay 1e-4.
 
 What depends on the method:
 - Stochastic-gate methods (L0-HC, L0-ARM/AR, Dep-L0) train their gate parameters with a separate
@@ -32,6 +37,18 @@ What depends on the method:
 - Stochastic pruning has no gates; its L2 is the recipe's weight decay (``l2`` 0) and its L1
   ``l1`` (None: ``stochastic.DEFAULTS``, which for VGG-16 end the pruning ramp at a third of the
   300 epochs).
+- GReg (``greg1``, ``greg2``) on VGG-19 and ResNet-34 (:data:`GREG_SCHEDULES`, and the
+  per-model defaults of GReg's fields): one run
+  pretrains on the model's schedule (``pretrain_epochs``: 200 / 90), whose last learning rate,
+  1e-3, is the reference's constant rate for regularisation; then regularises, stabilises,
+  prunes and fine-tunes at that rate (the reference fine-tunes at 0.01 with steps: 120 epochs on
+  CIFAR, 90 on ImageNet, which one schedule over a data-dependent phase cannot express). The
+  stage ratios are the paper's (VGG-19 ``[1-15:0.7]``, 8.84x; ResNet-34 ``[0,0.5,0.6,0.4,0,0]``,
+  whose 1.32x also needs the reference's ``--skip_layers``, not supported: without them 1.62x),
+  K_u 10 / 5, K_s 10 000 / 40 000. ``epochs`` is a budget covering pretraining, at most 10^4
+  penalty updates (K_u x 10^4 iterations) and K_s, and the fine-tuning. With
+  ``--config.pretrained=RUN`` give ``--config.pretrain_epochs=0 --config.learning_rate=1e-3
+  --config.lr_schedule=constant``.
 - Penalty weights (``gate_lambda``, ``sigma``, ``final_sparsity``, ``l1``, ...) are not schedule
   fields: the methods' tables give them per model when they are None.
 """
@@ -66,8 +83,27 @@ MODEL_SCHEDULES: dict[str, dict[str, Any]] = {
                  "epochs": 100, "batch_size": 256},
     "mobilenet_v2": {"optimizer": "momentum", "learning_rate": 0.05, "lr_schedule": "cosine",
                      "weight_decay": 4e-5, "epochs": 150, "batch_size": 256},
+    "vgg19": {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "step",
+              "lr_milestones": (100, 150), "lr_factor": 0.1, "weight_decay": 5e-4,
+              "epochs": 200, "batch_size": 256},
+    "resnet34": {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "step",
+                 "lr_milestones": (30, 60), "lr_factor": 0.1, "weight_decay": 1e-4,
+                 "epochs": 90, "batch_size": 256},
 }
 """The network's schedule per model (all methods)."""
+
+GREG_METHODS = ("greg1", "greg2")
+
+GREG_SCHEDULES: dict[str, dict[str, Any]] = {
+    # 200 pretraining + <= 10^4 x K_u = 10 iterations (513 epochs of 195 steps) + K_s (52) + 120
+    "vgg19": {"epochs": 885},
+    # 90 pretraining + <= 10^4 x K_u = 5 iterations (10 epochs of 5004 steps) + K_s (8) + 90
+    "resnet34": {"epochs": 198},
+}
+"""The epoch budget of GReg's runs of the paper on its two networks (Wang et al. 2021, README
+and ``option.py``): VGG-19 on CIFAR-100 and ResNet-34 on ImageNet, on top of the model's
+schedule. GReg's own settings for them (stage ratios, K_u, K_s, pretraining epochs) are its
+fields' per-model defaults (``sparsejax.methods.greg.FIELDS``)."""
 
 SEPARATE_GATE_OPTIMIZER = {"gate_optimizer": "adam", "gate_learning_rate": 1e-3}
 """Stochastic-gate methods train gate parameters with Adam (Dep-L0 recipe), on the network's
@@ -103,6 +139,8 @@ def recipe(method: str, model: str) -> dict[str, Any]:
         values.update(SEPARATE_GATE_OPTIMIZER, gate_lr_schedule=values["lr_schedule"])
     if method in DEP_L0_METHODS and model == "resnet50":
         values.update(DEP_L0_IMAGENET)
+    if method in GREG_METHODS:
+        values.update(GREG_SCHEDULES.get(model, {}))
     return values
 
 

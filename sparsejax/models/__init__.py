@@ -3,18 +3,20 @@
 from sparsejax.models.base import GatedModel, GateSlot, Layer
 from sparsejax.models.cifar_resnet import CifarResNet, resnet20, resnet56, resnet110
 from sparsejax.models.densenet import DenseNet, densenet40
-from sparsejax.models.imagenet_resnet import ImageNetResNet, resnet50
+from sparsejax.models.imagenet_resnet import ImageNetResNet, resnet34, resnet50
 from sparsejax.models.lenet import MLP, LeNet5
 from sparsejax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2, mobilenet_v2_cifar
 from sparsejax.models.preact_resnet import PreActResNet, resnet164
 from sparsejax.models.registry import MODELS, build_model
-from sparsejax.models.vgg import VGG16
+from sparsejax.models.vgg import VGG, VGG16, VGG19
 from sparsejax.models.wide_resnet import WideResNet, wrn28_10
 
 __all__ = [
     "MLP",
     "MODELS",
+    "VGG",
     "VGG16",
+    "VGG19",
     "CifarResNet",
     "DenseNet",
     "GateSlot",
@@ -30,6 +32,7 @@ __all__ = [
     "mobilenet_v2",
     "mobilenet_v2_cifar",
     "resnet20",
+    "resnet34",
     "resnet50",
     "resnet56",
     "resnet110",

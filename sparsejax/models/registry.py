@@ -7,11 +7,11 @@ from collections.abc import Callable
 from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import resnet20, resnet56, resnet110
 from sparsejax.models.densenet import densenet40
-from sparsejax.models.imagenet_resnet import resnet50
+from sparsejax.models.imagenet_resnet import resnet34, resnet50
 from sparsejax.models.lenet import MLP, LeNet5
 from sparsejax.models.mobilenet_v2 import mobilenet_v2, mobilenet_v2_cifar
 from sparsejax.models.preact_resnet import resnet164
-from sparsejax.models.vgg import VGG16
+from sparsejax.models.vgg import VGG16, VGG19
 from sparsejax.models.wide_resnet import wrn28_10
 
 MODELS: dict[str, Callable[..., GatedModel]] = {
@@ -21,8 +21,10 @@ MODELS: dict[str, Callable[..., GatedModel]] = {
     "resnet56": resnet56,
     "resnet110": resnet110,
     "vgg16": VGG16,
+    "vgg19": VGG19,
     "wrn28_10": wrn28_10,
     "resnet164": resnet164,
+    "resnet34": resnet34,
     "resnet50": resnet50,
     "densenet40": densenet40,
     "mobilenet_v2": mobilenet_v2,

@@ -7,7 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import cifar, imagenet
-from experiments.configs.recipes import MODEL_SCHEDULES, resolve
+from experiments.configs.recipes import GREG_SCHEDULES, MODEL_SCHEDULES, resolve
+from sparsejax.methods.greg import FIELDS as GREG_FIELDS
+from sparsejax.train.config import resolve_config
 from sparsejax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +50,33 @@ def test_imagenet_recipe_is_resnet50s():
     assert config.model == "resnet50" and config.dataset == "imagenet2012"
     for field, value in MODEL_SCHEDULES["resnet50"].items():
         assert config[field] == value, field
+
+
+@pytest.mark.parametrize(
+    "module, model, lr_at_regularisation",
+    [(cifar, "vgg19", 1e-3), (imagenet, "resnet34", 1e-3)],
+)
+@pytest.mark.parametrize("method", ["greg1", "greg2"])
+def test_greg_networks_take_the_papers_pretraining_and_greg_schedule(
+    module, model, lr_at_regularisation, method
+):
+    config = module.get_config(method)
+    config.update(model=model)
+    resolve(config)
+    _, config = resolve_config(config)
+    for field, value in {**MODEL_SCHEDULES[model], **GREG_SCHEDULES[model]}.items():
+        assert config[field] == value, field
+    expected = {"vgg19": (10, 10_000, 200), "resnet34": (5, 40_000, 90)}[model]
+    assert (config.greg_interval, config.greg_stabilise_steps, config.pretrain_epochs) == expected
+    # pretraining ends on the reference's constant regularisation rate
+    rate = config.learning_rate * config.lr_factor ** sum(
+        m <= config.pretrain_epochs for m in config.lr_milestones
+    )
+    assert rate == pytest.approx(lr_at_regularisation)
+    dense = module.get_config()
+    dense.update(model=model, method="dense")
+    resolve(dense)
+    assert dense.stage_pr is None and dense.epochs == MODEL_SCHEDULES[model]["epochs"]
 
 
 @pytest.mark.parametrize("method", ["dep_l0", "dep_l0_arm"])
@@ -107,6 +136,29 @@ def test_cifar_cli_on_synthetic_data(tmp_path):
     for key in ("active_units", "flops", "dense_flops", "params", "dense_params", "pruning_rate"):
         assert key in summary
     assert config["optimizer"] == "momentum" and config["augment"] == "crop_flip"
+
+
+@pytest.mark.parametrize(
+    "module, model, method, batch",
+    [("experiments.cifar", "vgg19", "greg2", 8), ("experiments.imagenet", "resnet34", "greg1", 2)],
+)
+def test_greg_networks_cli_on_synthetic_data(tmp_path, module, model, method, batch):
+    """Two steps of GReg's regularisation on each of its networks, recipe filled in."""
+    result = run_cli(
+        module, f"--method={method}", f"--model={model}", "--dataset=synthetic", "--epochs=1",
+        "--steps_per_epoch=2", f"--batch_size={batch}", f"--workdir={tmp_path}",
+        f"--config.num_train={2 * batch}", f"--config.num_test={batch}",
+        f"--config.eval_batch_size={batch}", "--config.pretrain_epochs=0",
+        "--config.input_workers=0", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert summary["model"] == model and summary["greg/phase"] == "regularise"
+    assert summary["greg/iteration"] == 2
+    stage_pr = GREG_FIELDS["stage_pr"].default_for(model)
+    assert config["stage_pr"] == (stage_pr if isinstance(stage_pr, str) else list(stage_pr))
+    assert config["greg_interval"] == GREG_FIELDS["greg_interval"].default_for(model)
 
 
 def test_imagenet_cli_without_data_says_how_to_prepare_it(tmp_path):

@@ -14,6 +14,7 @@ from sparsejax.models import (
     WideResNet,
     build_model,
     resnet20,
+    resnet34,
     resnet50,
     resnet164,
     wrn28_10,
@@ -111,12 +112,34 @@ def resnet50_formula(blocks, widths, classes, side=224):
     return weights + c * classes, bn, macs + c * classes
 
 
+def resnet34_formula(blocks, widths, classes, side=224):
+    """(kernel weights, BatchNorm params, MACs) of the torchvision basic-block ResNet: stem 7x7/2,
+    max pool /2, blocks conv3x3/s(c->p) conv3x3(p->p) each with BN, [+ conv1x1/s(c->p) + BN],
+    dense p_last -> classes."""
+    side = strided(side, 2)
+    weights, bn, macs = 49 * 3 * widths[0], 2 * widths[0], 49 * 3 * widths[0] * side * side
+    side = strided(side, 2)
+    c = widths[0]
+    for stage, (count, p) in enumerate(zip(blocks, widths)):
+        for b in range(count):
+            side = strided(side, 2 if stage > 0 and b == 0 else 1)
+            block = 9 * c * p + 9 * p * p
+            bn += 4 * p
+            if c != p or (stage > 0 and b == 0):
+                block += c * p
+                bn += 2 * p
+            weights, macs = weights + block, macs + block * side * side
+            c = p
+    return weights + c * classes, bn, macs + c * classes
+
+
 @pytest.fixture(scope="module")
 def full_models():
     """The full-size models, as shapes only."""
     return {
         "wrn28_10": abstract(wrn28_10),
         "resnet164": abstract(resnet164),
+        "resnet34": abstract(resnet34),
         "resnet50": abstract(resnet50),
     }
 
@@ -126,6 +149,8 @@ FULL_SIZE = {
     "wrn28_10": (wrn_formula(4, 10, CLASSES), CLASSES, 36_479_194),
     "resnet164": (preact_formula(18, (16, 32, 64), CLASSES), CLASSES, 1_703_258),
     "resnet50": (resnet50_formula((3, 4, 6, 3), (64, 128, 256, 512), 1000), 1000, 25_557_032),
+    # torchvision's ResNet-34: 21,797,672 parameters (its model table and weights' meta)
+    "resnet34": (resnet34_formula((3, 4, 6, 3), (64, 128, 256, 512), 1000), 1000, 21_797_672),
 }
 
 
@@ -154,6 +179,8 @@ def test_dense_accounting(full_models, name):
 
 def test_known_mac_counts():
     assert resnet50_formula((3, 4, 6, 3), (64, 128, 256, 512), 1000)[2] == 4_089_184_256  # 4.09G
+    # 3.66G: torchvision's "GFLOPS" of ResNet-34 and GReg's Table 3 (Wang et al. 2021)
+    assert resnet34_formula((3, 4, 6, 3), (64, 128, 256, 512), 1000)[2] == 3_663_761_408
     assert wrn_formula(4, 10, CLASSES)[2] == 5_243_328_768
     assert preact_formula(18, (16, 32, 64), CLASSES)[2] == 247_646_720
 
@@ -184,6 +211,23 @@ def test_resnet50_gate_slots(full_models):
     assert groups["block1.conv1"] == 64 and groups["block4.conv1"] == 256  # 1x1 over the input
     assert groups["block4.conv2"] == 9 * 128
     assert all(s.axis == 3 and s.layer == s.name for s in slots)
+
+
+def test_resnet34_gate_slots(full_models):
+    """A basic block gates conv1 only; the stem writes into stage 1's stream, so it is not
+    gated."""
+    slots = full_models["resnet34"].gate_slots
+    assert [s.name for s in slots] == [f"block{i}.conv1" for i in range(1, 17)]
+    assert [s.shape[0] for s in slots] == [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3
+    groups = {s.name: s.group_size for s in slots}
+    assert groups["block1.conv1"] == 9 * 64 and groups["block4.conv1"] == 9 * 64
+    assert groups["block5.conv1"] == 9 * 128
+    assert all(s.axis == 3 and s.layer == s.name and not s.gates_bias for s in slots)
+    layers = {l.name: l for l in full_models["resnet34"].layers}
+    assert layers["block1.conv1"].inputs == () and layers["stem"].outputs == ()
+    assert layers["block4.conv1"].out_positions == 28 * 28  # the stride is on conv1
+    assert layers["block4.conv2"].inputs == (("block4.conv1", 1),)
+    assert layers["block4.conv2"].outputs == ()
 
 
 def test_resnet164_gate_slots(full_models):
@@ -261,6 +305,11 @@ NARROW = {
     "bottleneck_2_1": lambda **kw: ImageNetResNet(
         blocks_per_stage=(2, 1), widths=(4, 4), input_shape=BATCH[1:], num_classes=CLASSES, **kw
     ),
+    # basic blocks: an identity first stage that the stem joins, then a projection
+    "basic_2_1": lambda **kw: ImageNetResNet(
+        blocks_per_stage=(2, 1), widths=(4, 8), block="basic", input_shape=BATCH[1:],
+        num_classes=CLASSES, **kw
+    ),
 }
 
 
@@ -327,6 +376,14 @@ def test_stream_membership_of_the_stem():
     assert reads["block1.conv1"] == reads["block1.shortcut"] == ("stem",)
     assert reads["block2.conv1"] == ("stage1",) and reads["block3.shortcut"] == ("stage1",)
     assert not any(c.fixed or c.shortcut_from for c in resnet.channel_couplings)
+    basic = abstract(NARROW["basic_2_1"])
+    assert [(c.name, c.layers) for c in basic.channel_couplings] == [
+        ("stage1", ("stem", "block1.conv2", "block2.conv2")),
+        ("stage2", ("block3.shortcut", "block3.conv2")),
+    ]
+    reads = {l.name: l.reads for l in basic.layers}
+    assert reads["block1.conv1"] == reads["block3.shortcut"] == ("stage1",)
+    assert reads["fc"] == ("stage2",)
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -495,6 +552,7 @@ def test_closed_gate_removes_exactly_the_declared_weights(narrow, name):
         ("bottleneck_2_1", "stem", lambda m: m.stem_bn),
         ("bottleneck_2_1", "block3.conv1", lambda m: m.blocks[2].bn1),
         ("bottleneck_2_1", "block3.conv2", lambda m: m.blocks[2].bn2),
+        ("basic_2_1", "block3.conv1", lambda m: m.blocks[2].bn1),
     ],
 )
 def test_gates_multiply_the_batchnorm_output(narrow, name, slot, norm_of):
@@ -523,6 +581,7 @@ def test_registry_and_bad_arguments():
     assert MODELS["wrn28_10"] is wrn28_10
     assert MODELS["resnet164"] is resnet164
     assert MODELS["resnet50"] is resnet50
+    assert MODELS["resnet34"] is resnet34
     model = abstract(lambda **kw: build_model("resnet50", **kw), num_classes=7,
                      input_shape=(64, 64, 3))
     assert model.layers[-1].kernel_shape == (2048, 7)
@@ -533,5 +592,7 @@ def test_registry_and_bad_arguments():
         PreActResNet(depth=164 + 1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="one positive block count per stage"):
         ImageNetResNet(blocks_per_stage=(3, 4, 6), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="block must be one of"):
+        ImageNetResNet(block="preact", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="granularity"):
         WideResNet(depth=10, widen_factor=1, rngs=nnx.Rngs(0), granularity="channel")

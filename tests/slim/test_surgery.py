@@ -11,6 +11,7 @@ from sparsejax.gates.scale import ScaleGate
 from sparsejax.models import (
     MLP,
     VGG16,
+    VGG19,
     CifarResNet,
     DenseNet,
     ImageNetResNet,
@@ -45,11 +46,15 @@ ARCHITECTURES = {
     "lenet5": (functools.partial(LeNet5), MNIST),
     "vgg16": (functools.partial(VGG16, config=(16, 16, "M", 32, 32, "M", 32, "M", 64, "M",
                                                64, "M")), CIFAR),
+    "vgg19": (functools.partial(VGG19, config=(16, 16, "M", 32, "M", 32, "M", 64, "M", 64, 64)),
+              CIFAR),
     "resnet20": (functools.partial(CifarResNet, depth=20), CIFAR),
     "wrn": (functools.partial(WideResNet, depth=16, widen_factor=2, stem_width=8,
                               base_widths=(8, 16, 16)), CIFAR),
     "resnet50": (functools.partial(ImageNetResNet, blocks_per_stage=(3, 4, 6, 3),
                                    widths=(8, 8, 16, 16)), CIFAR),
+    "resnet34": (functools.partial(ImageNetResNet, blocks_per_stage=(3, 4, 6, 3),
+                                   widths=(8, 8, 16, 16), block="basic"), CIFAR),
     "mobilenet_v2": (functools.partial(MobileNetV2, variant="imagenet", table=SMALL_TABLE,
                                        head_features=64), CIFAR),
     "mobilenet_v2_cifar": (functools.partial(MobileNetV2, variant="cifar", table=SMALL_TABLE,
@@ -182,7 +187,10 @@ def zero_filters(model: GatedModel, layer_name: str, channels) -> None:
         norm.bias[...] = norm.bias[...].at[index].set(0.0)
 
 
-@pytest.mark.parametrize("name, stream", [("resnet50", "stage2"), ("mobilenet_v2", "stage3")])
+@pytest.mark.parametrize(
+    "name, stream",
+    [("resnet50", "stage2"), ("resnet34", "stage1"), ("mobilenet_v2", "stage3")],
+)
 def test_residual_stream_channels_go_only_when_every_member_is_zero(name, stream):
     model, shape = build(name)
     coupling = next(c for c in model.channel_couplings if c.name == stream)

@@ -4,13 +4,14 @@ Two model families, told apart by their layer names:
 
 - **Residual networks** (layers ``block{i}.conv{j}``): the ratios are a *stage list*
   ``[stem, stage 1, ..., stage k, fc]``; blocks are numbered through the network. A stage starts
-  at each block with a projection shortcut (``block{i}.shortcut``) when there are k of them
-  (ResNet-50's 3-4-6-3 blocks, WRN), else the blocks split evenly, ``blocks / k`` per stage (the
-  CIFAR ResNets' shortcuts have no weights). With filter granularity only the convolutions of a
-  block before its last one are pruned (``conv1`` of a basic block), so the residual stream
-  keeps its width; the stem, the last convolution of every block and the classifier never are.
-  With weight granularity every kernel is pruned at its stage's ratio, a block's shortcut
-  included, as the reference does (stem: the first entry, classifier: the last).
+  at the first block and at each block with a projection shortcut (``block{i}.shortcut``) when
+  that makes k stages (ResNet-34's and ResNet-50's 3-4-6-3 blocks, WRN), else the blocks split
+  evenly, ``blocks / k`` per stage (the CIFAR ResNets' shortcuts have no weights). With filter
+  granularity only the convolutions of a block before its last one are pruned (``conv1`` of a
+  basic block), so the residual stream keeps its width; the stem, the last convolution of every
+  block and the classifier never are. With weight granularity every kernel is pruned at its
+  stage's ratio, a block's shortcut included, as the reference does (stem: the first entry,
+  classifier: the last).
 - **Single-branch networks** (MLP, LeNet-5, VGG): one ratio per layer index ``0..L-1``, given as
   a sequence, a mapping ``{index or "a-b": ratio}`` or the reference's string ``"[1-15:0.7]"``
   (unlisted layers: 0). With filter granularity the classifier's outputs (the classes) are never
@@ -105,8 +106,8 @@ def _residual_ratios(
     if isinstance(spec, float):
         return {layer.name: spec for layer in prunable}
     stages = len(spec) - 2
-    shortcuts = sum(bool(_SHORTCUT.match(layer.name)) for layer in layers)
-    if stages < 1 or (len(blocks) % stages and shortcuts != stages):
+    starts = _stage_starts(layers, sorted(blocks))
+    if stages < 1 or (len(blocks) % stages and len(starts) != stages):
         raise ConfigError(
             f"stage_pr {spec} must be [stem, one ratio per stage, fc] for a ResNet with "
             f"{len(blocks)} blocks"
@@ -116,7 +117,7 @@ def _residual_ratios(
             f"stage_pr {spec}: the stem and fc ratios must be 0 with filter granularity (the "
             "stem sets the residual width, fc the classes)"
         )
-    stage_of = _block_stages(layers, sorted(blocks), stages)
+    stage_of = _block_stages(starts, sorted(blocks), stages)
     ratios = {}
     for layer in prunable:
         match = _BLOCK_MEMBER.match(layer.name)
@@ -127,13 +128,17 @@ def _residual_ratios(
     return ratios
 
 
-def _block_stages(layers: Sequence[Layer], blocks: list[int], stages: int) -> dict[int, int]:
-    """The stage (0-based) of every block: a new one at each block with a projection shortcut
-    when there are ``stages`` of them, else ``len(blocks) / stages`` blocks per stage."""
-    starts = sorted(
-        int(match.group(1)) for layer in layers if (match := _SHORTCUT.match(layer.name))
-    )
-    if len(starts) == stages and starts[0] == blocks[0]:
+def _stage_starts(layers: Sequence[Layer], blocks: list[int]) -> list[int]:
+    """The first block and every block with a projection shortcut."""
+    shortcuts = {int(m.group(1)) for layer in layers if (m := _SHORTCUT.match(layer.name))}
+    return sorted(shortcuts | set(blocks[:1]))
+
+
+def _block_stages(starts: list[int], blocks: list[int], stages: int) -> dict[int, int]:
+    """The stage (0-based) of every block: a new one at the first block and at each block with
+    a projection shortcut when there are ``stages`` of these, else ``len(blocks) / stages``
+    blocks per stage."""
+    if len(starts) == stages:
         return {block: sum(block >= start for start in starts) - 1 for block in blocks}
     per_stage = len(blocks) // stages
     return {block: index // per_stage for index, block in enumerate(blocks)}
