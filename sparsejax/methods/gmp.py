@@ -18,11 +18,12 @@ so that no layer is cut off whole. ``gmp_structure``:
   kernel slice (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), divided by the slice's
   size so that units of layers with different fan-in compare under one global threshold (the
   ranking inside a layer is the L1 ranking); their bias and following BatchNorm (scale and bias)
-  are zeroed with them, so the unit's output is exactly zero and slimming removes it. Not pruned
-  by units: the classifier (its outputs are the classes), members of a residual stream (a stream
-  channel is removed only from all members at once) and layers read by a depthwise convolution
-  or through an input BatchNorm (pre-activation): there a zeroed unit becomes a constant, not a
-  removable zero.
+  are zeroed with them, and so is the input BatchNorm channel of a pre-activation layer that
+  reads the unit's layer alone, so the unit's output is exactly zero and slimming removes it. Not
+  pruned by units: the classifier (its outputs are the classes), members of a residual stream (a
+  stream channel is removed only from all members at once) and layers read by a depthwise
+  convolution or, with other producers, through an input BatchNorm (DenseNet): there a zeroed
+  unit becomes a constant, not a removable zero.
 
 Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 """
@@ -126,10 +127,12 @@ class GradualMagnitudePruning(Method):
         if self.config.gmp_structure == "weight":
             return tuple(layer.name for layer in model.layers)
         in_streams = {name for coupling in model.channel_couplings for name in coupling.layers}
+        # A depthwise reader turns a zero channel into a constant; so does an input BatchNorm,
+        # unless the reader reads this layer alone and its BatchNorm channel is zeroed too.
         constant_readers = {
             producer
             for reader in model.layers
-            if reader.groups > 1 or reader.input_norm is not None
+            if reader.groups > 1 or (reader.input_norm is not None and len(reader.reads) > 1)
             for producer in reader.reads
         }
         return tuple(
@@ -138,6 +141,17 @@ class GradualMagnitudePruning(Method):
             if layer.name not in in_streams and layer.name not in constant_readers
         )
 
+    def unit_variables(self, model: GatedModel, name: str) -> list:
+        """The parameters zeroed with a pruned unit of layer ``name``: its kernel column, bias
+        and output BatchNorm (:func:`~sparsejax.methods.masking.unit_variables`), and the input
+        BatchNorm channel of every layer that reads ``name`` alone through one."""
+        variables = unit_variables(model, name)
+        for reader in model.layers:
+            if reader.reads == (name,) and reader.input_norm is not None:
+                norm = model.module_at(reader.input_norm)
+                variables += [norm.scale, norm.bias]
+        return variables
+
     def init(self, model: GatedModel) -> MethodState:
         """``{"masks": {layer: all-True mask}}``: shaped like the kernel (weights) or its units."""
         per_unit = self.config.gmp_structure == "unit"
@@ -145,8 +159,8 @@ class GradualMagnitudePruning(Method):
         if not layers:
             raise ConfigError(
                 f"{type(model).__name__} has no layer that gmp can prune by units (outside "
-                "residual streams, not read by depthwise or pre-activation layers); use "
-                "--config.gmp_structure=weight"
+                "residual streams, not read by a depthwise convolution or through a BatchNorm "
+                "over concatenated producers); use --config.gmp_structure=weight"
             )
         shapes = {
             name: model.layer_module(name).kernel.shape[-1:] if per_unit
@@ -238,7 +252,7 @@ class GradualMagnitudePruning(Method):
         )
         for name, mask in masks.items():
             variables = (
-                unit_variables(model, name)
+                self.unit_variables(model, name)
                 if self.config.gmp_structure == "unit"
                 else [model.layer_module(name).kernel]
             )

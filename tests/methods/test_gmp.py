@@ -21,7 +21,8 @@ def gmp(model="lenet5", run=RunInfo(num_train=1000, steps_per_epoch=10, epochs=3
     """The gmp method and a freshly built ``model`` and the method's initial state."""
     config = method_config("gmp", model, **overrides)
     method = create_method("gmp", config, run)
-    kwargs = {"num_classes": 10, "input_shape": (32, 32, 3)} if model.startswith("resnet") else {}
+    cifar = model not in ("mlp", "lenet5")
+    kwargs = {"num_classes": 10, "input_shape": (32, 32, 3)} if cifar else {}
     net = build_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **kwargs)
     return method, net, method.init(net)
 
