@@ -30,9 +30,8 @@ Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
