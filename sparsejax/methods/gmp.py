@@ -1,26 +1,36 @@
 """Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune", arXiv 1710.01878).
 
-Every ``prune_every`` updates between ``prune_start_epoch`` and ``prune_end_epoch`` the
-sparsity target rises along the cubic schedule (their eq. 1)
+The pruning steps are the updates t_0, t_0 + dt, t_0 + 2 dt, ... up to the ramp's end t_1 =
+t_0 + n dt (``prune_start_epoch``, ``prune_every``, ``prune_end_epoch``; t counts applied
+updates), and t_1 itself when dt does not divide the ramp, so that s_f is always reached at
+t_1. At each the sparsity target follows the cubic schedule (their eq. 1)
 
     s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (n dt))^3
 
-and the smallest entries are masked until each layer (``gmp_scope="layer"``) or the network as
-a whole (``"global"``: one magnitude threshold over all kernels) is at s_t. Masks persist: a
-pruned entry is zero after every later update and never revives. ``gmp_structure``:
+and the smallest live entries are masked until each layer (``gmp_scope="layer"``) or the
+network as a whole (``"global"``: one magnitude threshold over all pruned kernels) is at s_t;
+between pruning steps the target, and the masks, are held. Masks persist: a pruned entry is
+zero after every later update and never revives. A layer always keeps its largest entry (unit),
+so that no layer is cut off whole. ``gmp_structure``:
 
 - ``"weight"``: single kernel entries by |w| (the paper's method);
-- ``"unit"``: whole output units (conv filters, dense neurons) by the L1 norm of their kernel
-  slice (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), their bias and following
-  BatchNorm zeroed with them so that slimming removes them. Layers whose outputs feed a
-  residual stream or are the classes are not pruned by units (removing a stream channel from
-  one member does not remove it).
+- ``"unit"``: whole output units (conv filters, dense neurons) ranked by the L1 norm of their
+  kernel slice (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), divided by the slice's
+  size so that units of layers with different fan-in compare under one global threshold (the
+  ranking inside a layer is the L1 ranking); their bias and following BatchNorm (scale and bias)
+  are zeroed with them, and so is the input BatchNorm channel of a pre-activation layer that
+  reads the unit's layer alone, so the unit's output is exactly zero and slimming removes it. Not
+  pruned by units: the classifier (its outputs are the classes), members of a residual stream (a
+  stream channel is removed only from all members at once) and layers read by a depthwise
+  convolution or, with other producers, through an input BatchNorm (DenseNet): there a zeroed
+  unit becomes a constant, not a removable zero.
 
 Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -60,6 +70,12 @@ def _smallest(scores: jax.Array, count: jax.Array) -> jax.Array:
     return (ranks < count).reshape(scores.shape)
 
 
+def _largest_one(scores: jax.Array) -> jax.Array:
+    """Boolean mask of one largest entry of ``scores``."""
+    flat = jnp.zeros(scores.size, bool).at[jnp.argmax(scores.ravel())].set(True)
+    return flat.reshape(scores.shape)
+
+
 @register
 class GradualMagnitudePruning(Method):
     """Config: :data:`FIELDS`, ``l2``. See the module docstring."""
@@ -90,6 +106,11 @@ class GradualMagnitudePruning(Method):
                 f"need 0 <= prune_start_epoch <= prune_end_epoch, got "
                 f"{config.prune_start_epoch} and {end_epoch}"
             )
+        self.l2 = float(config.get("l2") or 0.0)
+        self.first_step = max(math.ceil(self.start), 1)
+        """The first pruning step (in applied updates; an update is needed before pruning)."""
+        self.last_step = max(math.ceil(self.end), self.first_step)
+        """The last pruning step, where the target reaches s_f."""
 
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -105,9 +126,30 @@ class GradualMagnitudePruning(Method):
         if self.config.gmp_structure == "weight":
             return tuple(layer.name for layer in model.layers)
         in_streams = {name for coupling in model.channel_couplings for name in coupling.layers}
+        # A depthwise reader turns a zero channel into a constant; so does an input BatchNorm,
+        # unless the reader reads this layer alone and its BatchNorm channel is zeroed too.
+        constant_readers = {
+            producer
+            for reader in model.layers
+            if reader.groups > 1 or (reader.input_norm is not None and len(reader.reads) > 1)
+            for producer in reader.reads
+        }
         return tuple(
-            layer.name for layer in model.layers[:-1] if layer.name not in in_streams
+            layer.name
+            for layer in model.layers[:-1]
+            if layer.name not in in_streams and layer.name not in constant_readers
         )
+
+    def unit_variables(self, model: GatedModel, name: str) -> list:
+        """The parameters zeroed with a pruned unit of layer ``name``: its kernel column, bias
+        and output BatchNorm (:func:`~sparsejax.methods.masking.unit_variables`), and the input
+        BatchNorm channel of every layer that reads ``name`` alone through one."""
+        variables = unit_variables(model, name)
+        for reader in model.layers:
+            if reader.reads == (name,) and reader.input_norm is not None:
+                norm = model.module_at(reader.input_norm)
+                variables += [norm.scale, norm.bias]
+        return variables
 
     def init(self, model: GatedModel) -> MethodState:
         """``{"masks": {layer: all-True mask}}``: shaped like the kernel (weights) or its units."""
@@ -115,8 +157,9 @@ class GradualMagnitudePruning(Method):
         layers = self.pruned_layers(model)
         if not layers:
             raise ConfigError(
-                f"{type(model).__name__} has no layer that gmp can prune by units outside a "
-                "residual stream; use --config.gmp_structure=weight"
+                f"{type(model).__name__} has no layer that gmp can prune by units (outside "
+                "residual streams, not read by a depthwise convolution or through a BatchNorm "
+                "over concatenated producers); use --config.gmp_structure=weight"
             )
         shapes = {
             name: model.layer_module(name).kernel.shape[-1:] if per_unit
@@ -125,40 +168,65 @@ class GradualMagnitudePruning(Method):
         }
         return {"masks": {name: jnp.ones(shape, bool) for name, shape in shapes.items()}}
 
-    def target_sparsity(self, updates: jax.Array) -> jax.Array:
-        """s_t after ``updates`` updates, held between pruning steps."""
+    def is_pruning_step(self, updates: jax.Array) -> jax.Array:
+        """Whether the masks are recomputed after ``updates`` applied updates: every
+        ``prune_every`` updates from the first pruning step, and the last one."""
+        updates = jnp.asarray(updates)
+        on_grid = (updates - self.first_step) % self.config.prune_every == 0
+        return (updates >= self.first_step) & (
+            (on_grid & (updates <= self.last_step)) | (updates == self.last_step)
+        )
+
+    def last_pruning_step(self, updates: jax.Array) -> jax.Array:
+        """The latest pruning step at or before ``updates`` (``first_step - 1`` before it)."""
+        updates = jnp.asarray(updates)
         every = self.config.prune_every
-        since = jnp.maximum(updates - self.start, 0.0)
-        held = self.start + jnp.floor(since / every) * every
-        return cubic_sparsity(
+        grid = self.first_step + jnp.floor_divide(updates - self.first_step, every) * every
+        held = jnp.where(updates >= self.last_step, self.last_step, grid)
+        return jnp.where(updates >= self.first_step, held, self.first_step - 1)
+
+    def target_sparsity(self, updates: jax.Array) -> jax.Array:
+        """s_t after ``updates`` updates: the cubic schedule at the latest pruning step, held
+        between pruning steps (s_i before the first)."""
+        held = self.last_pruning_step(updates)
+        scheduled = cubic_sparsity(
             held,
             initial=self.config.initial_sparsity,
             final=self.config.final_sparsity,
             start=self.start,
             end=self.end,
         )
+        return jnp.where(held >= self.first_step, scheduled, self.config.initial_sparsity)
 
     def scores(self, model: GatedModel, name: str) -> jax.Array:
-        """|w| of every kernel entry, or the L1 norm of every output unit's kernel slice."""
+        """|w| of every kernel entry, or the L1 norm of every output unit's kernel slice
+        divided by the slice's size (its mean |w|)."""
         magnitude = jnp.abs(model.layer_module(name).kernel[...])
         if self.config.gmp_structure == "unit":
-            return jnp.sum(magnitude, axis=tuple(range(magnitude.ndim - 1)))
+            return jnp.mean(magnitude, axis=tuple(range(magnitude.ndim - 1)))
         return magnitude
 
     def new_masks(
         self, model: GatedModel, masks: dict[str, jax.Array], target: jax.Array
     ) -> dict[str, jax.Array]:
-        """Masks with the smallest live scores removed until the target sparsity is met."""
+        """Masks with the smallest live scores removed until the target sparsity is met, each
+        layer keeping its largest entry (unit). Pruned entries score -1 (they are counted
+        first), so the masks only shrink."""
         scores = {
             name: jnp.where(mask, self.scores(model, name), -1.0) for name, mask in masks.items()
         }
         if self.config.gmp_scope == "layer":
             return {
-                name: masks[name] & ~_smallest(score, jnp.round(target * score.size))
+                name: masks[name]
+                & ~_smallest(score, jnp.minimum(jnp.round(target * score.size), score.size - 1))
                 for name, score in scores.items()
             }
-        flat = jnp.concatenate([score.ravel() for score in scores.values()])
-        pruned = _smallest(flat, jnp.round(target * flat.size))
+        protected = {name: _largest_one(score) for name, score in scores.items()}
+        flat = jnp.concatenate(
+            [jnp.where(protected[name], jnp.inf, score).ravel() for name, score in scores.items()]
+        )
+        count = jnp.minimum(jnp.round(target * flat.size), flat.size - len(scores))
+        pruned = _smallest(flat, count)
         new, offset = {}, 0
         for name, score in scores.items():
             new[name] = masks[name] & ~pruned[offset : offset + score.size].reshape(score.shape)
@@ -166,7 +234,7 @@ class GradualMagnitudePruning(Method):
         return new
 
     def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
-        return gated_l2(model, {}, self.config.l2)
+        return gated_l2(model, {}, self.l2)
 
     def objective(self, model, state, images, labels, key):
         logits = model(images, train=True)
@@ -176,19 +244,14 @@ class GradualMagnitudePruning(Method):
     def after_update(self, model, state, step, key):
         """At a pruning step, mask the smallest entries up to s_t; re-apply every mask."""
         updates = step + 1
-        pruning = (
-            (updates >= self.start)
-            & (updates <= self.end + self.config.prune_every)
-            & ((updates - self.start) % self.config.prune_every < 1)
-        )
         masks = jax.lax.cond(
-            pruning,
+            self.is_pruning_step(updates),
             lambda: self.new_masks(model, state["masks"], self.target_sparsity(updates)),
             lambda: dict(state["masks"]),
         )
         for name, mask in masks.items():
             variables = (
-                unit_variables(model, name)
+                self.unit_variables(model, name)
                 if self.config.gmp_structure == "unit"
                 else [model.layer_module(name).kernel]
             )
