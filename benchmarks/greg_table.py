@@ -34,8 +34,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.configs.mnist import get_config
-from sparsejax.methods.greg import DEFAULTS, STATE_ATTRIBUTE, greg_progress, kept_channels
+from sparsejax.methods.greg import FIELDS, GReg, greg_progress
 from sparsejax.models.base import GatedModel
+from sparsejax.train.config import resolve_config
+from sparsejax.methods import RunInfo
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.metrics import METRICS_FILE
 from sparsejax.train.replay import replay
@@ -57,8 +59,8 @@ AROUND_PRUNING_FILE = "around_pruning.json"
 
 def dense_config(model: str, epochs: int, **overrides) -> ml_collections.ConfigDict:
     """The pretraining run of ``model``."""
-    config = get_config()
-    config.update(model=model, method="dense", epochs=epochs, **overrides)
+    config = get_config("dense")
+    config.update(model=model, epochs=epochs, **overrides)
     return config
 
 
@@ -67,9 +69,9 @@ def greg_config(
 ) -> ml_collections.ConfigDict:
     """A GReg run from the network of the run in ``pretrained``, keeping every epoch's checkpoint
     (the replay of the prune step starts from the one before it)."""
-    config = get_config()
+    config = get_config(method)
     config.update(
-        model=model, method=method, stage_pr=ratio, pretrained=str(pretrained.absolute()),
+        model=model, stage_pr=ratio, pretrained=str(pretrained.absolute()),
         pretrain_epochs=0, epochs=epochs, keep_checkpoints=epochs, **overrides,
     )
     return config
@@ -84,26 +86,29 @@ def around_pruning(config: ml_collections.ConfigDict, workdir: Path, prune_step:
         if cached["prune_step"] == prune_step and "pruned_max" in cached:
             return cached
     before, after = replay(config, workdir, [prune_step, prune_step + 1])
+    method_cls, resolved = resolve_config(config)
+    method: GReg = method_cls(resolved, RunInfo(num_train=1))
+    names = [layer.name for layer in method.pruned_layers(before.model)]
+    kept = method.kept_channels(after.model, after.method_state)
     result = {
         "prune_step": prune_step,
         "before_err": before.err,
         "after_err": after.err,
-        "before_phase": greg_progress(before.model)["phase"],
-        "after_widths": {name: len(kept) for name, kept in kept_channels(after.model).items()},
-        **group_magnitudes(before.model),
+        "before_phase": greg_progress(before.method_state, names)["phase"],
+        "after_widths": {name: len(channels) for name, channels in kept.items()},
+        **group_magnitudes(before.model, before.method_state, names),
     }
     cache.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def group_magnitudes(model: GatedModel) -> dict[str, float]:
+def group_magnitudes(model: GatedModel, state: dict, names: list[str]) -> dict[str, float]:
     """``pruned_max``: the largest |w| in the kernel slices of the groups GReg prunes (over
-    every pruned layer); ``kept_mean``: the mean |w| of the kept groups' kernel slices."""
-    state = getattr(model, STATE_ATTRIBUTE)
+    every pruned layer ``names``); ``kept_mean``: the mean |w| of the kept groups' slices."""
     pruned, kept = [], []
-    for name, selected in zip(state.layer_names, state.selected):
+    for name, layer in zip(names, state["layers"]):
         magnitude = np.abs(np.asarray(model.layer_module(name).kernel[...]))
-        selected = np.asarray(selected[...])
+        selected = np.asarray(layer["selected"])
         pruned.append(magnitude[..., selected].ravel())
         kept.append(magnitude[..., ~selected].ravel())
     return {
@@ -149,7 +154,7 @@ def main(argv: list[str]) -> None:
     parent = Path(_WORKDIR.value)
     rows, pretrained_rows = [], []
     for model in _MODELS.value:
-        pretrain_epochs = _PRETRAIN_EPOCHS.value or DEFAULTS[model]["pretrain_epochs"]
+        pretrain_epochs = _PRETRAIN_EPOCHS.value or FIELDS["pretrain_epochs"].default_for(model)
         common = {"dataset": _DATASET.value, "seed": _SEED.value}
         dense_workdir = parent / f"{model}_dense"
         dense = train_and_evaluate(dense_config(model, pretrain_epochs, **common), dense_workdir)

@@ -124,13 +124,9 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
             override = _override_naming(missing, argv)
             if override is None:
                 raise
-            shown = _shown(config_file)
             raise ConfigError(
-                f"--config.{override}: {missing!r} is neither a field of {shown} nor one of "
-                f"method {method or 'of the config'}'s fields"
+                f"--config.{override}: {_field_owner(missing, method, config_file)}"
                 + (f" ({suggestion[0].lower()}{suggestion[1:]})" if suggestion else "")
-                + f"; the valid fields are those set in {shown} and the method's "
-                "(Method.fields of its class)"
             ) from error
         if len(rest) > 1:
             raise ConfigError(
@@ -138,6 +134,22 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
                 f"({program} --helpfull lists them)"
             )
     return rest
+
+
+def _field_owner(field: str, method: str | None, config_file: Path) -> str:
+    """Why ``field`` is not in the config of ``method``: it belongs to other methods, or to
+    none; and where the valid fields are."""
+    owners = sorted(name for name, cls in METHODS.items() if field in cls.fields)
+    name = method or "the config's"
+    if owners:
+        return (
+            f"{field!r} is not a field of method {name!r} (it is one of {', '.join(owners)}'s); "
+            "leave it out or choose that method"
+        )
+    return (
+        f"{_shown(config_file)} and method {name!r} have no field {field!r}; the valid fields "
+        f"are those set in {_shown(config_file)} and the method's (Method.fields of its class)"
+    )
 
 
 def _missing_field(error: AttributeError) -> tuple[str, str]:

@@ -60,6 +60,9 @@ from typing import Any
 
 import ml_collections
 
+from sparsejax.methods import method_class
+from sparsejax.train.config import SHARED_FIELDS
+
 DEP_L0_CIFAR = {"optimizer": "momentum", "lr_schedule": "step", "weight_decay": 5e-4,
                 "lr_milestones": (60, 120, 180, 240), "epochs": 300, "batch_size": 128}
 SLIMMING_CIFAR = {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "step",
@@ -145,11 +148,13 @@ def recipe(method: str, model: str) -> dict[str, Any]:
 
 
 def resolve(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] = ()) -> None:
-    """Fill every field of ``config`` that is None with the recipe's value (``overrides`` first);
+    """Fill every field of ``config`` that is None with the recipe's value (``overrides`` first),
+    among the shared fields and the method's own;
     an ``eval_batch_size`` left None is the batch size."""
     values = {**recipe(config.method, config.model), **dict(overrides)}
+    applicable = SHARED_FIELDS | set(method_class(config.method).fields)
     for field, value in values.items():
-        if field in config and config[field] is None:
+        if field in applicable and field in config and config[field] is None:
             config[field] = value
     if "eval_batch_size" in config and config.eval_batch_size is None:
         config.eval_batch_size = config.batch_size

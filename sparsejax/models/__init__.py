@@ -1,6 +1,6 @@
 """Gated models and their declarations (gate slots, layers)."""
 
-from sparsejax.models.base import GatedModel, GateSlot, Layer
+from sparsejax.models.base import GatedModel, GateSlot, Layer, each_slot
 from sparsejax.models.cifar_resnet import CifarResNet, resnet20, resnet56, resnet110
 from sparsejax.models.densenet import DenseNet, densenet40
 from sparsejax.models.imagenet_resnet import ImageNetResNet, resnet34, resnet50
@@ -28,6 +28,7 @@ __all__ = [
     "PreActResNet",
     "WideResNet",
     "build_model",
+    "each_slot",
     "densenet40",
     "mobilenet_v2",
     "mobilenet_v2_cifar",

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from sparsejax.methods.base import MethodState
 from sparsejax.models.base import GatedModel
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.loop import evaluate, set_up
@@ -25,13 +26,14 @@ from sparsejax.train.step import make_eval_step
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """The network of a run after ``step`` updates, with its test error (percent) and mean
-    test loss."""
+    """The network of a run after ``step`` updates, with its test error (percent), mean test
+    loss and the method's state."""
 
     step: int
     err: float
     loss: float
     model: GatedModel
+    method_state: MethodState
 
 
 def replay(
@@ -65,7 +67,11 @@ def replay(
             state, _ = setup.train_step(step // setup.steps_per_epoch)(state, images, labels)
             step += 1
         evaluation = evaluate(eval_step, state, setup.inputs)
-        params, model_state = jax.device_get(local_copy((state.params, state.model_state)))
+        params, model_state, method_state = jax.device_get(
+            local_copy((state.params, state.model_state, state.method_state))
+        )
         model = merge_model(setup.graphdef, params, model_state)  # host copies: steps donate
-        snapshots.append(Snapshot(target, evaluation["err"], evaluation["loss"], model))
+        snapshots.append(
+            Snapshot(target, evaluation["err"], evaluation["loss"], model, method_state)
+        )
     return snapshots

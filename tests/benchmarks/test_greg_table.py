@@ -33,7 +33,7 @@ def test_errors_around_pruning_are_those_of_the_runs_networks(tmp_path):
         assert np.isclose(100.0 * float(jnp.mean(wrong)), snapshot.err)
     largest = 0.0
     for i, name in enumerate(("fc1", "fc2")):
-        pruned = np.asarray(after.model.greg.selected[i][...])
+        pruned = np.asarray(after.method_state["layers"][i]["selected"])
         assert pruned.sum() == {"fc1": 150, "fc2": 50}[name]
         layer = getattr(after.model, name)
         assert np.all(np.asarray(layer.kernel[...])[:, pruned] == 0.0)

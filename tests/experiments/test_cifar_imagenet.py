@@ -73,23 +73,21 @@ def test_greg_networks_take_the_papers_pretraining_and_greg_schedule(
         m <= config.pretrain_epochs for m in config.lr_milestones
     )
     assert rate == pytest.approx(lr_at_regularisation)
-    dense = module.get_config()
-    dense.update(model=model, method="dense")
+    dense = module.get_config("dense")
+    dense.update(model=model)
     resolve(dense)
-    assert dense.stage_pr is None and dense.epochs == MODEL_SCHEDULES[model]["epochs"]
+    assert "stage_pr" not in dense and dense.epochs == MODEL_SCHEDULES[model]["epochs"]
 
 
 @pytest.mark.parametrize("method", ["dep_l0", "dep_l0_arm"])
 def test_dep_l0_on_imagenet_fine_tunes_the_last_ten_epochs(method):
-    config = imagenet.get_config()
-    config.method = method
+    config = imagenet.get_config(method)
     resolve(config)
     assert config.epochs == 100 and config.fine_tune_epochs == 10
     assert config.gate_lr_factor == 0.2 and config.lr_factor == 0.1
-    other = imagenet.get_config()
-    other.method = "l0_hc"
+    other = imagenet.get_config("l0_hc")
     resolve(other)
-    assert other.fine_tune_epochs == 0 and other.gate_lr_factor is None
+    assert "fine_tune_epochs" not in other and other.gate_lr_factor is None
 
 
 def test_cifar_run_resumes_to_the_uninterrupted_result(tmp_path):

@@ -73,7 +73,7 @@ def test_a_per_slot_field_the_method_does_not_read_is_refused(tmp_path, method):
     result = run_cli(
         *TINY, f"--method={method}", f"--workdir={tmp_path}", "--config.lambdas=(0.1,0.1)"
     )
-    error_line(result, "config.lambdas", f"does not apply to method {method!r}")
+    error_line(result, "config.lambdas", f"not a field of method {method!r}", "l0_hc")
 
 
 def test_a_pruning_ratio_outside_the_unit_interval_is_refused(tmp_path):

@@ -175,9 +175,9 @@ def test_smallest_marks_exactly_count_smallest_with_ties_by_index():
 
 
 def greg_config(**overrides):
-    config = get_config()
+    config = get_config(overrides.get("method", "greg1"))
     config.update(
-        dataset="synthetic", model="mlp", method="greg1", epochs=3, batch_size=64,
+        dataset="synthetic", model="mlp", epochs=3, batch_size=64,
         num_train=512, num_test=128, log_every=4, eval_batch_size=128,
         greg_interval=1, greg_delta=0.5, greg_stabilise_steps=3, pretrain_epochs=0, stage_pr=0.5,
     )
@@ -188,32 +188,32 @@ def greg_config(**overrides):
 def prepared(config, **model_kwargs):
     method = create_method(config.method, config, RunInfo(num_train=512))
     model = build_model(config.model, rngs=nnx.Rngs(params=0), **model_kwargs)
-    method.prepare_model(model)
-    return method, model
+    return method, model, method.init(model)
 
 
 def test_added_gradient_equals_lambda_times_w():
-    method, model = prepared(greg_config(model="mlp"), hidden=(12, 8))
-    state = model.greg
+    method, model, state = prepared(greg_config(model="mlp"), hidden=(12, 8))
     rng = np.random.default_rng(0)
-    for penalty in state.penalty:
-        penalty[...] = jnp.asarray(rng.uniform(0, 2, penalty[...].shape), jnp.float32)
-    state.phase[...] = STABILISE  # coefficients frozen: the objective does not change them
+    for layer in state["layers"]:
+        layer["penalty"] = jnp.asarray(rng.uniform(0, 2, layer["penalty"].shape), jnp.float32)
+    state["phase"] = jnp.int32(STABILISE)  # coefficients frozen: the step does not change them
     graphdef, params, rest = split_model(model)
     images = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))
     labels = jnp.arange(16) % 10
 
     def gradient(with_growth):
+        # the growing term is off once pruned
+        phase = {} if with_growth else {"phase": jnp.int32(FINETUNE)}
+
         def loss(p):
             merged = merge_model(graphdef, p, rest)
-            if not with_growth:
-                merged.greg.phase[...] = FINETUNE  # the growing term is off once pruned
-            return method.objective(merged, images, labels, jax.random.key(1))[0]
+            step_state = method.before_update(merged, {**state, **phase}, jnp.int32(5))
+            return method.objective(merged, step_state, images, labels, jax.random.key(1))[0]
 
         return jax.jit(jax.grad(loss))(params)["net"]
 
     difference = jax.tree.map(lambda a, b: a - b, gradient(True), gradient(False))
-    lambdas = {"fc1": state.penalty[0][...], "fc2": state.penalty[1][...]}
+    lambdas = {"fc1": state["layers"][0]["penalty"], "fc2": state["layers"][1]["penalty"]}
     for name in ("fc1", "fc2", "fc3"):
         kernel = getattr(model, name).kernel[...]
         expected = lambdas[name] * kernel if name in lambdas else jnp.zeros_like(kernel)
@@ -272,23 +272,24 @@ def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
 def test_pruned_filters_output_exactly_zero_like_removed_channels():
     config = greg_config(model="resnet20", stage_pr=(0, 0.5, 0.5, 0.5, 0))
     method = create_method(config.method, config, RunInfo(num_train=512))
-    model = CifarResNet(depth=8, widths=(4, 4, 4), input_shape=(8, 8, 3), rngs=nnx.Rngs(0))
-    method.prepare_model(model)
-    for i, layer in enumerate(method.pruned):  # prune now: S = the first half of the filters
-        model.greg.selected[i][...] = jnp.arange(layer.group_shape[0]) < layer.count
-    model.greg.phase[...] = STABILISE
-    model.greg.stabilise_start[...] = 0
-    graphdef, params, rest = split_model(model)
+    pruned = CifarResNet(depth=8, widths=(4, 4, 4), input_shape=(8, 8, 3), rngs=nnx.Rngs(0))
+    state = method.init(pruned)
+    for layer, layer_state in zip(method.pruned_layers(pruned), state["layers"]):
+        # prune now: S = the first half of the filters
+        layer_state["selected"] = jnp.arange(layer.group_shape[0]) < layer.count
+    state.update(phase=jnp.int32(STABILISE), stabilise_start=jnp.int32(0))
     step = jnp.int32(config.greg_stabilise_steps)
-    params, rest = method.after_update(params, rest, jax.random.key(0), step)
-    pruned = merge_model(graphdef, params, rest)
-    assert greg_progress(pruned)["phase"] == "finetune"
-    assert greg_progress(pruned)["prune_step"] == config.greg_stabilise_steps
-    kept = kept_channels(pruned)
+    state = method.after_update(pruned, state, step, jax.random.key(0))
+    names = [layer.name for layer in method.pruned_layers(pruned)]
+    assert greg_progress(state, names)["phase"] == "finetune"
+    assert greg_progress(state, names)["prune_step"] == config.greg_stabilise_steps
+    kept = method.kept_channels(pruned, state)
     assert {name: list(channels) for name, channels in kept.items()} == {
         f"block{i}.conv1": [2, 3] for i in (1, 2, 3)
     }
-    assert pruned_size(pruned)["widths"] == {f"block{i}.conv1": 2 for i in (1, 2, 3)}
+    assert kept_channels(state, names, "filter").keys() == kept.keys()
+    sizes = pruned_size(pruned.layers, state, names, "filter")
+    assert sizes["widths"] == {f"block{i}.conv1": 2 for i in (1, 2, 3)}
 
     images = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
     nnx.jit(lambda m: m(images, train=True))(pruned)  # BatchNorm statistics of the pruned net
@@ -312,9 +313,9 @@ def latest_checkpoint(workdir):
 
 def assert_masked_weights_are_zero(workdir, names, ratio):
     saved = latest_checkpoint(workdir)
-    masks = saved["model_state"]["greg"]["mask"]
+    layers = saved["method_state"]["layers"]
     for i, name in enumerate(names):
-        mask = np.asarray(masks[str(i)]["value"])
+        mask = np.asarray(layers[i]["mask"])
         kernel = np.asarray(saved["params"]["net"][name]["kernel"]["value"])
         assert np.all(kernel[mask == 0] == 0.0), name
         assert np.sum(mask == 0) == greg_pruned_count(ratio, mask.size), name
@@ -367,16 +368,16 @@ def test_greg2_pipeline_with_pretraining_resumes_like_an_uninterrupted_run(tmp_p
 
 
 def test_pretrained_run_provides_the_weights(tmp_path):
-    dense = get_config()
-    dense.update(dataset="synthetic", model="mlp", method="dense", epochs=1, batch_size=64,
+    dense = get_config("dense")
+    dense.update(dataset="synthetic", model="mlp", epochs=1, batch_size=64,
                  num_train=256, num_test=128, eval_batch_size=128)
     train_and_evaluate(dense, tmp_path / "dense")
     saved = latest_checkpoint(tmp_path / "dense")
     config = greg_config(model="mlp", pretrained=str(tmp_path / "dense"))
-    method, model = build(config, open_source("synthetic", num_train=256, num_test=128))
+    method, model, _ = build(config, open_source("synthetic", num_train=256, num_test=128))
     assert method.pretrained_run() == str(tmp_path / "dense")
-    assert GReg1(greg_config(), num_train=10).pretrained_run() is None
-    _, unloaded = prepared(config)  # the engine loads the run, not the method
+    assert GReg1(greg_config(), RunInfo(10)).pretrained_run() is None
+    _, unloaded, _ = prepared(config)  # the engine loads the run, not the method
     saved_fc1 = saved["params"]["net"]["fc1"]["kernel"]["value"]
     assert not np.array_equal(unloaded.fc1.kernel[...], saved_fc1)
     for name in ("fc1", "fc3"):
@@ -390,12 +391,12 @@ def test_pretrained_run_provides_the_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_network_weights(abstract_model("mlp"), tmp_path / "nowhere")
     with pytest.raises(ValueError, match="set one of them"):
-        GReg1(greg_config(pretrained=str(tmp_path / "dense"), pretrain_epochs=2), num_train=10)
+        GReg1(greg_config(pretrained=str(tmp_path / "dense"), pretrain_epochs=2), RunInfo(10))
 
 
 def test_a_pretrained_run_whose_checkpoint_fails_verification_is_not_used(tmp_path, capsys):
-    dense = get_config()
-    dense.update(dataset="synthetic", model="mlp", method="dense", epochs=2, batch_size=64,
+    dense = get_config("dense")
+    dense.update(dataset="synthetic", model="mlp", epochs=2, batch_size=64,
                  num_train=256, num_test=128, eval_batch_size=128)
     train_and_evaluate(dense, tmp_path / "dense")
     checkpoints = tmp_path / "dense" / "checkpoints"
@@ -409,14 +410,14 @@ def test_a_pretrained_run_whose_checkpoint_fails_verification_is_not_used(tmp_pa
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="greg_granularity"):
-        GReg2(greg_config(greg_granularity="channel"), num_train=10)
+        GReg2(greg_config(greg_granularity="channel"), RunInfo(10))
     with pytest.raises(ValueError, match="prunes no layer"):
         prepared(greg_config(stage_pr=0.0))
 
 
 def test_pretrained_run_provides_the_batchnorm_statistics(tmp_path):
-    dense = get_config()
-    dense.update(dataset="synthetic", synthetic_like="cifar10", model="resnet20", method="dense",
+    dense = get_config("dense")
+    dense.update(dataset="synthetic", synthetic_like="cifar10", model="resnet20",
                  epochs=1, batch_size=16, num_train=64, num_test=16, eval_batch_size=16)
     train_and_evaluate(dense, tmp_path / "dense")
     saved = latest_checkpoint(tmp_path / "dense")["model_state"]

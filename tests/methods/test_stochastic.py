@@ -21,6 +21,8 @@ from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import read_metrics
 from sparsejax.train.state import init_state, merge_model, split_model
+from sparsejax.train.loop import build, load_data
+from tests.methods.test_methods import method_config
 from tests.train.test_loop import comparable, config_for
 
 SIGNIFICANCE = 1e-3
@@ -98,32 +100,30 @@ def test_sampled_zeroing_frequencies_follow_the_stated_probabilities():
 
 
 def tiny_stochastic(**overrides):
-    config = get_config()
-    config.update(method="stochastic", model="mlp", l2=0.0, l1=0.0, prune_start_epoch=1.0,
-                  prune_end_epoch=3.0, final_sparsity=0.8)
+    config = method_config(
+        "stochastic", "mlp", l2=0.0, l1=0.0, prune_start_epoch=1.0, prune_end_epoch=3.0,
+        final_sparsity=0.8,
+    )
     config.update(overrides)
-    method = create_method("stochastic", config, RunInfo(num_train=100))
+    method = create_method("stochastic", config, RunInfo(100, steps_per_epoch=10, epochs=4))
     net = MLP(rngs=nnx.Rngs(0), input_shape=(8, 8, 1), hidden=(40,), num_classes=10)
-    method.prepare_model(net)
-    method.optimizer(steps_per_epoch=10, epochs=4)
     return method, net
 
 
-def masks_of(model):
-    return {name: np.asarray(mask[...]) for name, mask in model.weight_masks.items()}
+def masks_of(state):
+    return {name: np.asarray(mask) for name, mask in state["masks"].items()}
 
 
 def test_pruning_follows_the_schedule_and_masks_only_shrink():
     method, net = tiny_stochastic()
-    graphdef, params, rest = split_model(net)
-    previous = masks_of(net)
+    state = method.init(net)
+    previous = masks_of(state)
     for step in range(30):
-        params, rest = method.after_update(params, rest, jax.random.key(step), jnp.int32(step))
-        model = merge_model(graphdef, params, rest)
-        masks = masks_of(model)
+        state = method.after_update(net, state, jnp.int32(step), jax.random.key(step))
+        masks = masks_of(state)
         for name, mask in masks.items():
             assert np.all(mask <= previous[name])
-            kernel = np.asarray(model.layer_module(name).kernel[...])
+            kernel = np.asarray(net.layer_module(name).kernel[...])
             assert np.all(kernel[~mask] == 0.0)
         previous = masks
         if step < 10:
@@ -134,17 +134,16 @@ def test_pruning_follows_the_schedule_and_masks_only_shrink():
 
 def test_masked_weights_stay_zero_after_updates_unless_regrowth_is_allowed():
     for regrowth in (False, True):
-        method, net = tiny_stochastic(allow_regrowth=regrowth, prune_start_epoch=0.0,
-                                      prune_end_epoch=0.0, final_sparsity=0.5)
-        graphdef, params, rest = split_model(net)
-        params, rest = method.after_update(params, rest, jax.random.key(0), jnp.int32(0))
-        pruned = ~masks_of(merge_model(graphdef, params, rest))["fc1"]
-        moved = jax.tree.map(lambda w: w + 0.01, params)
-        params, rest = method.after_update(moved, rest, jax.random.key(1), jnp.int32(1))
-        model = merge_model(graphdef, params, rest)
+        method, model = tiny_stochastic(allow_regrowth=regrowth, prune_start_epoch=0.0,
+                                        prune_end_epoch=0.0, final_sparsity=0.5)
+        state = method.after_update(model, method.init(model), jnp.int32(0), jax.random.key(0))
+        pruned = ~masks_of(state)["fc1"]
+        for variable in (model.fc1.kernel, model.fc2.kernel):
+            variable[...] = variable[...] + 0.01
+        state = method.after_update(model, state, jnp.int32(1), jax.random.key(1))
         kernel = np.asarray(model.fc1.kernel[...])
         if regrowth:
-            kept = masks_of(model)["fc1"]
+            kept = masks_of(state)["fc1"]
             revived = pruned & kept
             assert revived.sum() > 0
             np.testing.assert_allclose(kernel[revived], 0.01)
@@ -162,22 +161,20 @@ def test_penalty_is_l1_plus_l2_with_zero_subgradient_at_pruned_weights():
     expected = 0.01 * sum(np.abs(k).sum() for k in kernels) + 0.05 * sum(
         (a**2).sum() for a in kernels + biases
     )
-    assert float(method.penalty(net)) == pytest.approx(expected, rel=1e-5)
+    assert float(method.penalty(net, {})) == pytest.approx(expected, rel=1e-5)
     graphdef, params, rest = split_model(net)
-    grads = jax.grad(lambda p: method.penalty(merge_model(graphdef, p, rest)))(params)
+    grads = jax.grad(lambda p: method.penalty(merge_model(graphdef, p, rest), {}))(params)
     assert np.all(np.asarray(grads["net"]["fc1"]["kernel"][...])[0] == 0.0)
 
 
 def test_weight_granularity_and_bad_targets_are_refused():
-    config = get_config()
-    config.update(method="stochastic", model="mlp")
-    method = create_method("stochastic", config, RunInfo(num_train=100))
+    method = create_method("stochastic", method_config("stochastic", "mlp"), RunInfo(100))
     with pytest.raises(ValueError, match="granularity='unit'"):
-        method.prepare_model(build_model("mlp", rngs=nnx.Rngs(0), granularity="weight"))
-    with pytest.raises(ValueError, match="2 layers"):
-        tiny_stochastic(final_sparsity=(0.5, 0.5, 0.5))
-    with pytest.raises(ValueError, match=r"must lie in \[initial_sparsity"):
-        tiny_stochastic(final_sparsity=1.0)
+        method.init(build_model("mlp", rngs=nnx.Rngs(0), granularity="weight"))
+    for target, message in (((0.5, 0.5, 0.5), "2 layers"), (1.0, r"must lie in \[initial_sparsity")):
+        method, net = tiny_stochastic(final_sparsity=target)
+        with pytest.raises(ValueError, match=message):
+            method.init(net)
 
 
 def dense_layers(widths):
@@ -244,16 +241,14 @@ def stochastic_config(**overrides):
     )
 
 
-def restored_model(workdir, config):
-    method = create_method(config.method, config, RunInfo(num_train=config.num_train))
-    model = build_model(config.model, rngs=nnx.Rngs(params=config.seed))
-    method.prepare_model(model)
-    tx = method.optimizer(steps_per_epoch=config.num_train // config.batch_size, epochs=config.epochs)
-    graphdef, template = init_state(model, tx, jax.random.key(0))
+def restored_run(workdir, config):
+    """The model and method state of the newest checkpoint of the run in ``workdir``."""
+    method, model, method_state = build(config, load_data(config))
+    graphdef, template = init_state(model, method_state, method.optimizer(), jax.random.key(0))
     checkpointer = Checkpointer(workdir)
     state, _ = checkpointer.restore(template)
     checkpointer.close()
-    return merge_model(graphdef, state.params, state.model_state)
+    return merge_model(graphdef, state.params, state.model_state), state.method_state
 
 
 def test_masks_persist_through_checkpoints_and_resume_equals_an_uninterrupted_run(
@@ -271,10 +266,10 @@ def test_masks_persist_through_checkpoints_and_resume_equals_an_uninterrupted_ru
         comparable([r for r in read_metrics(tmp_path / d) if "eval/err" in r]) for d in ("split", "whole")
     ]
     assert evaluations[0] == evaluations[1]
-    models = [restored_model(tmp_path / d, stochastic_config()) for d in ("whole", "split")]
-    for name, mask in masks_of(models[0]).items():
-        np.testing.assert_array_equal(mask, masks_of(models[1])[name])
-        kernel = np.asarray(models[0].layer_module(name).kernel[...])
+    runs = [restored_run(tmp_path / d, stochastic_config()) for d in ("whole", "split")]
+    for name, mask in masks_of(runs[0][1]).items():
+        np.testing.assert_array_equal(mask, masks_of(runs[1][1])[name])
+        kernel = np.asarray(runs[0][0].layer_module(name).kernel[...])
         assert np.all(kernel[~mask] == 0.0)
         assert 1.0 - mask.mean() == pytest.approx(0.6, abs=0.05)
     assert whole["nodes/total_sparsity"] >= 59.0

@@ -21,7 +21,7 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.methods.greg.rules import layer_ratios
-from sparsejax.models import MODELS, VGG19, ImageNetResNet, build_model
+from sparsejax.models import MODELS, VGG19, ImageNetResNet, build_model, each_slot
 from sparsejax.models.vgg import VGG19_CONFIG
 from sparsejax.slim import slim_model
 from sparsejax.structure import count_network
@@ -43,6 +43,7 @@ def n_params(model):
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@each_slot
 def hc_factory(slot, rngs):
     return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=slot.droprate_init)
 
