@@ -244,7 +244,8 @@ def _train(resolve: Callable[[ConfigDict], None] | None) -> None:
             setattr(config, field, flag.value)
     if resolve is not None:
         resolve(config)
-    workdir = _WORKDIR.value or f"runs/{config.dataset}_{config.model}_{config.method}"
+    method = config.method.replace(":", "_")  # MODULE:CLASS
+    workdir = _WORKDIR.value or f"runs/{config.dataset}_{config.model}_{method}"
     try:
         summary = train_and_evaluate(config, workdir)
     except Preempted as stopped:

@@ -183,3 +183,15 @@ def test_a_full_disk_at_the_first_checkpoint_ends_with_one_error_line(small_disk
     assert last.startswith(f"error: {small_disk / 'run' / 'checkpoints'}"), result.stderr[-3000:]
     assert "no space left on device (ENOSPC); free space" in last
     assert "ValueError" not in result.stderr
+
+
+def test_a_run_written_before_method_state_left_the_model_is_named_not_read(tmp_path):
+    """A run directory whose config.json predates the resolved, versioned configs (and whose
+    checkpoints hold GReg's or stochastic pruning's state inside the model) is refused by
+    training and by slimming, in one line each."""
+    run = tmp_path / "old_run"
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"method": "l0_hc", "model": "mlp", "seed": 0}))
+    error_line(run_cli(*TINY, f"--workdir={run}"), str(run), "earlier sparsejax", "new --workdir")
+    slim = run_cli(str(run), module="sparsejax.slim")
+    error_line(slim, str(run), "earlier sparsejax")

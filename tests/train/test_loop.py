@@ -18,9 +18,9 @@ TIMING_KEYS = ("epoch_seconds", "train/steps_per_second", "train/examples_per_se
 
 
 def config_for(**overrides):
-    config = get_config()
+    config = get_config(overrides.get("method", "l0_hc"))
     config.update(
-        dataset="synthetic", model="mlp", method="l0_hc", epochs=2, batch_size=64,
+        dataset="synthetic", model="mlp", epochs=2, batch_size=64,
         num_train=512, num_test=128, log_every=3, eval_batch_size=100,
     )
     config.update(overrides)

@@ -1,0 +1,61 @@
+"""The examples a user copies work from outside the repository."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.configs.mnist import get_config
+from sparsejax.errors import ConfigError
+from sparsejax.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, pythonpath, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.mnist", *args], cwd=cwd, capture_output=True,
+        text=True, timeout=600,
+        env={"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_the_custom_method_runs_through_the_cli_from_a_copy_outside_the_repository(tmp_path):
+    own = tmp_path / "my_methods"
+    own.mkdir()
+    shutil.copy(ROOT / "examples" / "custom_method.py", own / "my_pruning.py")
+    result = run_cli(
+        "--method=my_pruning:CustomMethod", "--model=mlp", "--dataset=synthetic", "--epochs=2",
+        "--steps_per_epoch=4", "--config.num_train=256", "--config.num_test=64",
+        "--config.sparsity=0.75", f"--workdir={tmp_path / 'run'}",
+        pythonpath=f"{own}:{ROOT}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert summary["method"] == "my_pruning:CustomMethod"
+    for layer in ("fc1", "fc2", "fc3"):
+        assert summary[f"custom/sparsity/{layer}"] == pytest.approx(0.75, abs=0.01)
+    assert summary["pruning_rate"] > 70.0
+    assert (config["sparsity"], config["prune_epoch"]) == (0.75, 1.0)  # resolved, written out
+    unknown = run_cli("--method=my_pruning:Nothing", f"--workdir={tmp_path / 'x'}",
+                      pythonpath=f"{own}:{ROOT}", cwd=tmp_path)
+    lines = [line for line in unknown.stderr.splitlines() if line.strip()]
+    assert unknown.returncode == 1 and len(lines) == 1
+    assert "has no Method subclass 'Nothing'" in lines[0]
+
+
+def test_train_and_evaluate_takes_a_method_by_module_and_class(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    config = get_config("custom_method:CustomMethod")
+    config.update(model="mlp", dataset="synthetic", epochs=2, steps_per_epoch=3, num_train=192,
+                  num_test=64, eval_batch_size=64, batch_size=64, sparsity=0.5)
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["custom/sparsity/fc1"] == pytest.approx(0.5, abs=0.01)
+    config.method = "nowhere_module:CustomMethod"
+    with pytest.raises(ConfigError, match="cannot import module 'nowhere_module'"):
+        train_and_evaluate(config, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
