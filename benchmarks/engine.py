@@ -25,10 +25,10 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.data import load_dataset
+from sparsejax.data.sources import ArraySource
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train.checkpoint import Checkpointer
-from sparsejax.data.sources import ArraySource
 from sparsejax.train.input import Input
 from sparsejax.train.sharding import create_mesh, replicate
 from sparsejax.train.state import init_state
@@ -49,7 +49,8 @@ def measure() -> dict:
     config = get_config()
     config.update(model=_MODEL.value, method=_METHOD.value)
     data = load_dataset("synthetic", num_train=_STEPS.value * _BATCH.value, num_test=_BATCH.value)
-    method = create_method(_METHOD.value, config, RunInfo(num_train=EPOCH_EXAMPLES, steps_per_epoch=100))
+    run = RunInfo(num_train=EPOCH_EXAMPLES, steps_per_epoch=100)
+    method = create_method(_METHOD.value, config, run)
     model = build_model(_MODEL.value, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
     method_state = method.init(model)
     mesh = create_mesh()

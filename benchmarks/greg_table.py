@@ -34,11 +34,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.configs.mnist import get_config
+from sparsejax.methods import RunInfo
 from sparsejax.methods.greg import FIELDS, GReg, greg_progress
 from sparsejax.models.base import GatedModel
-from sparsejax.train.config import resolve_config
-from sparsejax.methods import RunInfo
 from sparsejax.train import train_and_evaluate
+from sparsejax.train.config import resolve_config
 from sparsejax.train.metrics import METRICS_FILE
 from sparsejax.train.replay import replay
 

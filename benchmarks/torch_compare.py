@@ -46,7 +46,6 @@ from sparsejax.models import build_model  # noqa: E402
 from sparsejax.structure.accounting import count_network  # noqa: E402
 
 
-
 def define_flags() -> None:
     """The command line's flags; defined only when the module runs, so that importing its
     pieces (as the tests do, next to other benchmarks) defines no flag twice."""

@@ -185,7 +185,9 @@ class Method(abc.ABC):
         """One optax transformation over ``{"net": ..., "gates": ...}``."""
         return partition(self.net_transform(), self.gate_transform())
 
-    def schedule(self, base: float, name: str, *, factor: float | None = None) -> float | optax.Schedule:
+    def schedule(
+        self, base: float, name: str, *, factor: float | None = None
+    ) -> float | optax.Schedule:
         """The learning rate ``base`` under schedule ``name`` with the config's milestones and
         ``factor`` (None: ``config.lr_factor``) per milestone."""
         if name == "constant":

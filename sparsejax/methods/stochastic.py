@@ -13,9 +13,10 @@ layer's kernel goes through :meth:`StochasticPruning.after_update`:
    from ``initial_sparsity`` to ``final_sparsity`` between ``prune_start_epoch`` and
    ``prune_end_epoch``; they are zeroed and their mask set to 0.
 
-The masks are the method's state, so they are part of every checkpoint. The weight-level zeros, with the L1 / L2 pull on small weights, leave whole
-neurons and filters dead; :meth:`StochasticPruning.report` finds them
-(:mod:`sparsejax.structure.nodes`) and reports the node-pruned network.
+The masks are the method's state, so they are part of every checkpoint. The weight-level
+zeros, with the L1 / L2 pull on small weights, leave whole neurons and filters dead;
+:meth:`StochasticPruning.report` finds them (:mod:`sparsejax.structure.nodes`) and reports the
+node-pruned network.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
     config = ml_collections.ConfigDict(check_format(config_path, read_saved_config(config_path)))
     data = load_data(config)
     method, model, method_state = build(config, data)
-    graphdef, state = init_state(model, method_state, method.optimizer(), jax.random.key(config.seed))
+    key = jax.random.key(config.seed)
+    graphdef, state = init_state(model, method_state, method.optimizer(), key)
     checkpointer = Checkpointer(workdir)
     try:
         restored = checkpointer.restore(state)

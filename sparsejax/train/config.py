@@ -74,7 +74,9 @@ def with_method(config: ml_collections.ConfigDict, method: str | None) -> ml_col
     return extended
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> tuple[type[Method], ml_collections.ConfigDict]:
+def resolve_config(
+    config: ml_collections.ConfigDict,
+) -> tuple[type[Method], ml_collections.ConfigDict]:
     """The method class of ``config`` and the config with the method's unset fields at their
     defaults for the model.
 

@@ -9,8 +9,8 @@ import tensorflow_datasets as tfds
 from experiments.configs import cifar, imagenet
 from experiments.configs.recipes import GREG_SCHEDULES, MODEL_SCHEDULES, resolve
 from sparsejax.methods.greg import FIELDS as GREG_FIELDS
-from sparsejax.train.config import resolve_config
 from sparsejax.train import train_and_evaluate
+from sparsejax.train.config import resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -54,7 +54,8 @@ def resolved(module, method, **fields):
 
 
 def method_for(config):
-    return create_method(config.method, config, RunInfo(50_000, steps_per_epoch=10, epochs=config.epochs))
+    run = RunInfo(50_000, steps_per_epoch=10, epochs=config.epochs)
+    return create_method(config.method, config, run)
 
 
 @pytest.mark.parametrize("module", [mnist, cifar, imagenet], ids=["mnist", "cifar", "imagenet"])

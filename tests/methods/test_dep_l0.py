@@ -55,7 +55,9 @@ def test_registry_defaults_and_config_errors():
         method_for("dep_l0", penalty_form="quadratic")
     method = method_for("dep_l0")
     with pytest.raises(ValueError, match="granularity='unit'"):
-        build_model("lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gates, granularity="weight")
+        build_model(
+            "lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gates, granularity="weight"
+        )
     with pytest.raises(ValueError, match="gate_factory=method.make_gates"):
         generator_of(build_model("lenet5", rngs=nnx.Rngs(0)))
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.models import MLP, LeNet5
 from sparsejax.methods.penalties import expected_l0, gated_l2
+from sparsejax.models import MLP, LeNet5
 
 
 def test_expected_l0_weights_each_slot_by_group_size_over_n():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.configs.mnist import get_config
 from sparsejax.methods import METHODS, RunInfo, create_method
 from sparsejax.methods.prune_sampling import (
     cubic_sparsity,
@@ -19,9 +18,9 @@ from sparsejax.structure.accounting import count_network
 from sparsejax.structure.nodes import alive_units, node_report
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.loop import build, load_data
 from sparsejax.train.metrics import read_metrics
 from sparsejax.train.state import init_state, merge_model, split_model
-from sparsejax.train.loop import build, load_data
 from tests.methods.test_methods import method_config
 from tests.train.test_loop import comparable, config_for
 
@@ -171,7 +170,8 @@ def test_weight_granularity_and_bad_targets_are_refused():
     method = create_method("stochastic", method_config("stochastic", "mlp"), RunInfo(100))
     with pytest.raises(ValueError, match="granularity='unit'"):
         method.init(build_model("mlp", rngs=nnx.Rngs(0), granularity="weight"))
-    for target, message in (((0.5, 0.5, 0.5), "2 layers"), (1.0, r"must lie in \[initial_sparsity")):
+    refused = (((0.5, 0.5, 0.5), "2 layers"), (1.0, r"must lie in \[initial_sparsity"))
+    for target, message in refused:
         method, net = tiny_stochastic(final_sparsity=target)
         with pytest.raises(ValueError, match=message):
             method.init(net)

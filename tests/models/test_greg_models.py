@@ -20,12 +20,13 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
+from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs, greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios
 from sparsejax.models import MODELS, VGG19, ImageNetResNet, build_model, each_slot
 from sparsejax.models.vgg import VGG19_CONFIG
 from sparsejax.slim import slim_model
 from sparsejax.structure import count_network
-from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs, greg_pruned_count
+from tests.slim.test_surgery import randomize_batch_norms
 
 CIFAR100 = 100
 VGG19_STAGE_PR = "[1-15:0.7]"
@@ -199,16 +200,6 @@ def zero_filters(model, layer_name, channels):
     norm = model.module_at(layer.norm)
     norm.scale[...] = norm.scale[...].at[index].set(0.0)
     norm.bias[...] = norm.bias[...].at[index].set(0.0)
-
-
-def randomize_batch_norms(model, rng):
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.BatchNorm):
-            n = node.num_features
-            node.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
-            node.bias[...] = jnp.asarray(rng.normal(0, 0.2, n), jnp.float32)
-            node.mean[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
-            node.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
 
 
 @pytest.mark.parametrize(

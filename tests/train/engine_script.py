@@ -10,10 +10,10 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.data import load_dataset
+from sparsejax.data.sources import ArraySource
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
-from sparsejax.data.sources import ArraySource
 from sparsejax.train.input import Input
 from sparsejax.train.sharding import create_mesh, replicate
 from sparsejax.train.state import init_state
@@ -33,7 +33,8 @@ def small_config(**overrides):
 def steps(method_name: str, count: int, per_example: bool, **overrides) -> dict:
     config = small_config(method=method_name, per_example_gates=per_example, **overrides)
     data = load_dataset("synthetic", num_train=512, num_test=128)
-    method = create_method(method_name, config, RunInfo(num_train=data.num_train, steps_per_epoch=100))
+    run = RunInfo(num_train=data.num_train, steps_per_epoch=100)
+    method = create_method(method_name, config, run)
     model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
     method_state = method.init(model)
     mesh = create_mesh()

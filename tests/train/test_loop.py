@@ -29,7 +29,9 @@ def config_for(**overrides):
 
 def initial_report(config, num_train):
     method = create_method(config.method, config, RunInfo(num_train=num_train))
-    model = build_model(config.model, rngs=nnx.Rngs(params=config.seed), gate_factory=method.make_gates)
+    model = build_model(
+        config.model, rngs=nnx.Rngs(params=config.seed), gate_factory=method.make_gates
+    )
     return gate_report(model)
 
 

@@ -56,8 +56,8 @@ from sparsejax.methods.greg.schedule import (
     prune,
     regularise,
 )
-from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.masking import unit_variables
+from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel
 
@@ -86,7 +86,9 @@ FIELDS = {
         "K_u, iterations between coefficient updates",
         {**_for(FASHION_MNIST, 1), **_for(IMAGENET, 5)},
     ),
-    "greg_delta": Field(1e-4, "increment of the pruned groups' coefficient", _for(FASHION_MNIST, 1e-3)),
+    "greg_delta": Field(
+        1e-4, "increment of the pruned groups' coefficient", _for(FASHION_MNIST, 1e-3)
+    ),
     "greg_ceiling": Field(1.0, "tau: a layer finishes when its largest coefficient exceeds it"),
     "greg_ratio_limit": Field(1000.0, "R: the magnitude ratio that finishes a layer"),
     "greg_stabilise_steps": Field(
