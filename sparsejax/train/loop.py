@@ -235,7 +235,7 @@ class RunSetup:
 def set_up(config: ml_collections.ConfigDict) -> RunSetup:
     """Build everything a run of ``config`` needs, over every device."""
     mesh = create_mesh()
-    resolve_config(config)
+    resolve_config(config)  # refuse unknown fields before any data is read
     data = load_data(config)
     method, model, method_state = build(config, data)
     config = method.config
