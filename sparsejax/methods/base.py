@@ -37,7 +37,7 @@ from flax import nnx
 from sparsejax.errors import ConfigError
 from sparsejax.gates.base import Gate
 from sparsejax.methods import fields as config_fields
-from sparsejax.methods.fields import Fields
+from sparsejax.methods.fields import Field, Fields
 from sparsejax.methods.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -96,6 +96,11 @@ class Method(abc.ABC):
     name: ClassVar[str]
     fields: ClassVar[Fields] = {}
     """The method's own config fields with their defaults."""
+    ema_default: ClassVar[Field] = Field(
+        0.0, "decay of the parameter average evaluated in the parameters' place (0: off)"
+    )
+    """The default of the shared field ``ema_decay`` (:mod:`sparsejax.train.ema`) per model:
+    off, unless the method's reference evaluates an average."""
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         self.config = self.resolve(config)

@@ -29,6 +29,11 @@ class L0HardConcrete(L0Method):
         "temperature": Field(2.0 / 3.0, "beta, the temperature of the hard-concrete gates"),
         "clamp_log_alpha": Field(True, "clip log_alpha to [ln 0.01, ln 100] after every update"),
     }
+    ema_default = Field(0.0, L0Method.ema_default.help, per_model={"mlp": 0.999})
+    """Evaluate the MLP's parameter average, decay 0.999, as the reference does ("temporal
+    averaging"). Its LeNet-5 script parses ``--beta_ema 0.999`` but never passes it to the
+    model (whose default is 0), so LeNet-5 trains and evaluates without one; its WRN script
+    computes an average with 0.99 but never loads it for validation: both are off here."""
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> HardConcreteGate:
         return HardConcreteGate(

@@ -11,8 +11,15 @@ from sparsejax.errors import UserError
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.store import ModelSpec
 from sparsejax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
-from sparsejax.train.loop import CONFIG_FILE, build, check_format, load_data, read_saved_config
-from sparsejax.train.state import init_state, merge_model
+from sparsejax.train.loop import (
+    CONFIG_FILE,
+    build,
+    check_format,
+    evaluated_model,
+    load_data,
+    read_saved_config,
+)
+from sparsejax.train.state import init_state
 
 
 class NotARunError(UserError, ValueError):
@@ -21,7 +28,9 @@ class NotARunError(UserError, ValueError):
 
 def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
     """The gated model of the run in ``workdir`` at its newest checkpoint, the spec of its dense
-    architecture and the checkpoint's step.
+    architecture and the checkpoint's step. The model is the network the run evaluated: the
+    average of its parameters when it kept one (``ema_decay``), with the BatchNorm statistics
+    of its trained model.
 
     The model and method are rebuilt from ``workdir/config.json`` as the training loop builds
     them, so the checkpoint's train state has the template's structure.
@@ -43,7 +52,9 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
     data = load_data(config)
     method, model, method_state = build(config, data)
     key = jax.random.key(config.seed)
-    graphdef, state = init_state(model, method_state, method.optimizer(), key)
+    graphdef, state = init_state(
+        model, method_state, method.optimizer(), key, method.config.ema_decay
+    )
     checkpointer = Checkpointer(workdir)
     try:
         restored = checkpointer.restore(state)
@@ -56,4 +67,4 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
         )
     state, _ = restored
     spec = ModelSpec(config.model, data.num_classes, tuple(data.image_shape), config.granularity)
-    return merge_model(graphdef, state.params, state.model_state), spec, int(state.step)
+    return evaluated_model(graphdef, state, method.config.ema_decay), spec, int(state.step)

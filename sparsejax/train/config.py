@@ -16,12 +16,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from sparsejax.methods import METHODS, Method, method_class
+from sparsejax.methods import fields as config_fields
 from sparsejax.methods.fields import add_fields, check_known
 
-CONFIG_FORMAT = 2
-"""Version of the layout of a run directory's ``config.json`` (stored under
+CONFIG_FORMAT = 3
+"""Version of the layout of a run directory's ``config.json`` and checkpoints (stored under
 :data:`FORMAT_KEY`): 2 since methods declare their fields and keep their state out of the
-model; runs without it were written by an earlier sparsejax."""
+model, 3 since the train state holds the parameter average (``ema_params``); runs with an
+older one (or none) were written by an earlier sparsejax."""
 FORMAT_KEY = "config_format"
 
 
@@ -60,6 +62,9 @@ def shared_config() -> ml_collections.ConfigDict:
 
     config.granularity = "unit"
     config.l2 = 5e-4  # (l2/2)||theta||^2 in the loss; stochastic: the L2 of the study
+    # decay of the parameter average evaluated instead of the parameters (0: off; None: the
+    # method's default for the model, Method.ema_default: 0.999 for l0_hc on the MLP)
+    config.ema_decay = config_dict.placeholder(float)
     return config
 
 
@@ -77,8 +82,8 @@ def with_method(config: ml_collections.ConfigDict, method: str | None) -> ml_col
 def resolve_config(
     config: ml_collections.ConfigDict,
 ) -> tuple[type[Method], ml_collections.ConfigDict]:
-    """The method class of ``config`` and the config with the method's unset fields at their
-    defaults for the model.
+    """The method class of ``config`` and the config with the method's unset fields, and
+    ``ema_decay`` when unset (:attr:`Method.ema_default`), at their defaults for the model.
 
     Raises:
       ConfigError: for a field that is neither shared nor the method's, or an unknown method.
@@ -86,7 +91,8 @@ def resolve_config(
     cls = method_class(config.method)
     config = _without_unset_foreign_fields(config, cls)
     check_known(config, cls.fields, config.method, SHARED_FIELDS)
-    return cls, cls.resolve(config)
+    config = config_fields.resolve(cls.resolve(config), {"ema_decay": cls.ema_default})
+    return cls, config
 
 
 def _without_unset_foreign_fields(

@@ -39,7 +39,7 @@ from sparsejax.train.preemption import Preempted, StopRequest
 from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.progress import Progress
 from sparsejax.train.sharding import create_mesh, local_copy, replicate
-from sparsejax.train.state import TrainState, init_state, merge_model
+from sparsejax.train.state import TrainState, evaluated_params, init_state, merge_model
 from sparsejax.train.step import make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
@@ -86,13 +86,18 @@ def check_format(path: Path, saved: dict) -> dict:
       OutdatedRunError: when it was written before :data:`CONFIG_FORMAT`.
     """
     saved = dict(saved)
-    if saved.pop(FORMAT_KEY, None) != CONFIG_FORMAT:
+    found = saved.pop(FORMAT_KEY, None)
+    if found != CONFIG_FORMAT:
+        before = (
+            "before the train state held the parameter average (ema_params)"
+            if found == 2
+            else "before methods kept their state (masks, GReg's schedule, Dep-L0's generator) "
+            "out of the model and config.json recorded resolved values"
+        )
         raise OutdatedRunError(
-            f"{path.parent} holds a run written by an earlier sparsejax, before methods kept "
-            "their state (masks, GReg's schedule, Dep-L0's generator) out of the model and "
-            "config.json recorded resolved values; this version cannot resume or read its "
-            "checkpoints: train it again in a new --workdir (or read it with the sparsejax "
-            "that wrote it)"
+            f"{path.parent} holds a run written by an earlier sparsejax, {before}; this "
+            "version cannot resume or read its checkpoints: train it again in a new --workdir "
+            "(or read it with the sparsejax that wrote it)"
         )
     return saved
 
@@ -130,10 +135,12 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def _report(graphdef, state: TrainState) -> GateReport:
-    return sparsity_report(
-        merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
-    )
+def evaluated_model(graphdef: nnx.GraphDef, state: TrainState, ema_decay: float) -> GatedModel:
+    """A host-side model of the network a run evaluates, reports and slims: the parameters, or
+    their average when ``ema_decay`` is not 0 (:func:`~sparsejax.train.state.evaluated_params`),
+    with the BatchNorm statistics of the trained (raw) model."""
+    state = local_copy(state)
+    return merge_model(graphdef, evaluated_params(state, ema_decay), state.model_state)
 
 
 def _step_of(state: TrainState) -> int:
@@ -228,7 +235,9 @@ class RunSetup:
         """The jitted step of the method's phase for ``epoch``, one per distinct phase object."""
         phase = self.method.phase(epoch)
         if id(phase) not in self._phase_steps:
-            self._phase_steps[id(phase)] = make_train_step(self.graphdef, phase, self.tx, self.mesh)
+            self._phase_steps[id(phase)] = make_train_step(
+                self.graphdef, phase, self.tx, self.mesh, self.config.ema_decay
+            )
         return self._phase_steps[id(phase)]
 
 
@@ -242,7 +251,9 @@ def set_up(config: ml_collections.ConfigDict) -> RunSetup:
     steps_per_epoch = method.run.steps_per_epoch
     tx = method.optimizer()
     root_key = jax.random.key(config.seed)
-    graphdef, state = init_state(model, method_state, tx, jax.random.fold_in(root_key, 0))
+    graphdef, state = init_state(
+        model, method_state, tx, jax.random.fold_in(root_key, 0), config.ema_decay
+    )
     inputs = Input(
         data,
         mesh,
@@ -293,7 +304,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     _check_config(workdir, config)
     graphdef, inputs, state = setup.graphdef, setup.inputs, setup.initial_state
     steps_per_epoch = setup.steps_per_epoch
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, config.ema_decay)
 
     progress_record = {"epoch": 0, "test_errors": [], "epoch_seconds": []}
     with contextlib.closing(
@@ -332,7 +343,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
             progress.close()
             writer.close()
 
-    final_model = merge_model(graphdef, local_copy(state.params), local_copy(state.model_state))
+    final_model = evaluated_model(graphdef, state, config.ema_decay)
     report = sparsity_report(final_model)
     summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
     summary.update(setup.method.report(final_model, local_copy(state.method_state)))
@@ -367,7 +378,7 @@ class _Run:
         epoch_seconds = time.perf_counter() - started
 
         evaluation = evaluate(self.eval_step, state, self.inputs)
-        report = _report(self.graphdef, state)
+        report = sparsity_report(evaluated_model(self.graphdef, state, self.config.ema_decay))
         progress_record = {
             "epoch": epoch + 1,
             "test_errors": [*progress_record["test_errors"], evaluation["err"]],
@@ -449,6 +460,8 @@ def _summary(config, data: BatchSource, report: GateReport, progress: dict, step
         "epochs": config.epochs,
         "steps_per_epoch": steps,
         "batch_size": config.batch_size,
+        "evaluated_parameters": "ema" if config.ema_decay else "raw",
+        "ema_decay": config.ema_decay,
         "test_error": errors[-1] if errors else None,
         "best_test_error": min(errors) if errors else None,
         "active_units": list(report.active_units.values()),

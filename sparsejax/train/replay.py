@@ -26,8 +26,9 @@ from sparsejax.train.step import make_eval_step
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """The network of a run after ``step`` updates, with its test error (percent), mean test
-    loss and the method's state."""
+    """The network of a run after ``step`` updates (its raw parameters), with the test error
+    (percent) and mean test loss the run reports for it (of the parameter average when the run
+    averages, ``config.ema_decay``) and the method's state."""
 
     step: int
     err: float
@@ -60,7 +61,7 @@ def replay(
         state, _ = restored
         step = int(local_copy(state.step))
 
-    eval_step = make_eval_step(setup.graphdef)
+    eval_step = make_eval_step(setup.graphdef, setup.config.ema_decay)
     snapshots = []
     for target in steps:
         for images, labels in setup.inputs.train_batches(step, target):

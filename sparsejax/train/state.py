@@ -10,15 +10,17 @@ from flax import nnx, struct
 
 from sparsejax.gates.base import GateParam
 from sparsejax.methods.base import MethodState, Params
+from sparsejax.train import ema
 
 
 @struct.dataclass
 class TrainState:
     """step, parameters ``{"net", "gates"}``, non-parameter model state (BatchNorm statistics),
-    the method's state (:meth:`Method.init`), optimizer state and the raw data of the run's base
-    PRNG key (``jax.random.key_data``; a step's key is ``fold_in(wrap_key_data(key), step)``).
-    Every leaf is a plain array, so the state can be replicated across processes and
-    checkpointed as is."""
+    the method's state (:meth:`Method.init`), optimizer state, the raw data of the run's base
+    PRNG key (``jax.random.key_data``; a step's key is ``fold_in(wrap_key_data(key), step)``)
+    and the moving average of the parameters (:mod:`sparsejax.train.ema`; ``{}`` when the run
+    does not average). Every leaf is a plain array, so the state can be replicated across
+    processes and checkpointed as is."""
 
     step: jax.Array
     params: Params
@@ -26,6 +28,7 @@ class TrainState:
     method_state: MethodState
     opt_state: optax.OptState
     key: jax.Array
+    ema_params: Params
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, nnx.State]:
@@ -40,9 +43,14 @@ def merge_model(graphdef: nnx.GraphDef, params: Params, model_state: nnx.State) 
 
 
 def init_state(
-    model: nnx.Module, method_state: MethodState, tx: optax.GradientTransformation, key: jax.Array
+    model: nnx.Module,
+    method_state: MethodState,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    ema_decay: float = 0.0,
 ):
-    """graphdef and the initial :class:`TrainState` of ``model`` and the method's state."""
+    """graphdef and the initial :class:`TrainState` of ``model`` and the method's state, with
+    a parameter average when ``ema_decay`` is not 0."""
     graphdef, params, rest = split_model(model)
     state = TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
@@ -51,6 +59,7 @@ def init_state(
         method_state=method_state,
         opt_state=tx.init(params),
         key=jax.random.key_data(key),
+        ema_params=ema.init(params, ema_decay),
     )
     return graphdef, state
 
@@ -58,3 +67,11 @@ def init_state(
 def step_key(state: TrainState) -> jax.Array:
     """The PRNG key of the state's current step."""
     return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+
+
+def evaluated_params(state: TrainState, ema_decay: float) -> Params:
+    """The parameters a run evaluates, reports and slims: the bias-corrected average
+    (:func:`sparsejax.train.ema.average`) when ``ema_decay`` is not 0, else the parameters."""
+    if not ema_decay:
+        return state.params
+    return ema.average(state.ema_params, state.params, state.step, ema_decay)

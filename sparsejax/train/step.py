@@ -18,8 +18,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sparsejax.methods.base import Method, MethodState, Params, cross_entropy, error_rate
+from sparsejax.train import ema
 from sparsejax.train.sharding import replicated
-from sparsejax.train.state import TrainState, merge_model, split_model, step_key
+from sparsejax.train.state import (
+    TrainState,
+    evaluated_params,
+    merge_model,
+    split_model,
+    step_key,
+)
 
 Metrics = dict[str, jax.Array]
 
@@ -29,10 +36,16 @@ draw counts (0, 1, ...) into the same key, which never reach this value."""
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, method: Method, tx: optax.GradientTransformation, mesh: Mesh
+    graphdef: nnx.GraphDef,
+    method: Method,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    ema_decay: float = 0.0,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, images, labels) -> (state, metrics)``, jitted, the state donated and kept
-    replicated."""
+    replicated. With ``ema_decay`` not 0 the step also updates the parameter average
+    (:func:`sparsejax.train.ema.update`) with the parameters after the method's after-update;
+    with 0 the step is the same program as without averaging."""
 
     def loss_fn(params, model_state, method_state, images, labels, key):
         model = merge_model(graphdef, params, model_state)
@@ -69,6 +82,9 @@ def make_train_step(
             model_state=model_state,
             method_state=method_state,
             opt_state=opt_state,
+            ema_params=ema.update(state.ema_params, params, ema_decay)
+            if ema_decay
+            else state.ema_params,
         )
         return new_state, metrics
 
@@ -93,14 +109,17 @@ def apply_after_update(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef, ema_decay: float = 0.0
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """``eval_step(state, images, labels, valid) -> (wrong, summed loss)`` over the valid
-    examples of a batch, with the test-time gates."""
+    examples of a batch, with the test-time gates, of the parameters the run evaluates
+    (:func:`~sparsejax.train.state.evaluated_params`: their average when ``ema_decay`` is not 0)
+    and the BatchNorm statistics of the trained (raw) model."""
 
     @jax.jit
     def eval_step(state: TrainState, images, labels, valid):
-        model = merge_model(graphdef, state.params, state.model_state)
+        params = evaluated_params(state, ema_decay)
+        model = merge_model(graphdef, params, state.model_state)
         logits = model(images, train=False)
         wrong = jnp.sum((jnp.argmax(logits, -1) != labels) & valid)
         loss = jnp.sum(jnp.where(valid, cross_entropy(logits, labels), 0.0))
