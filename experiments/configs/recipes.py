@@ -28,6 +28,10 @@ Sources (see BUILD_NOTES.md for the details and the deviations):
 What depends on the method:
 - Stochastic-gate methods (L0-HC, L0-ARM/AR, Dep-L0) train their gate parameters with a separate
   Adam at 1e-3 (Dep-L0 code), except on WRN-28-10.
+- Dep-L0's L2 is the optimizer's ``weight_decay`` on its CIFAR and ImageNet schedules, as in its
+  code; ``l2`` (the gated L2 in the loss, which Dep-L0 reads like the L0 methods) is 0 there
+  (``FALLBACK``), so the decay is not doubled. On WRN-28-10 (L0-HC's recipe: no weight decay,
+  ``l2`` 5e-4 in the loss) every method, Dep-L0 included, has its L2 in the loss.
 - The proximal gate methods (``l1``, ``bounded_lp``) get no separate gate optimizer: network
   slimming trains its channel scales (BatchNorm gamma) with the network's SGD, learning rate and
   schedule, and so do these methods' gates (without weight decay); the prox step size is that

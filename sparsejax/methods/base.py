@@ -241,6 +241,12 @@ class Method(abc.ABC):
         train step per distinct phase object; all phases share one optimizer and one state."""
         return self
 
+    def model_options(self) -> dict[str, Any]:
+        """Keyword arguments for the constructor of ``config.model`` that the method's reference
+        code fixes (e.g. an initialisation), which the engine passes when it builds the model.
+        None here."""
+        return {}
+
     def pretrained_run(self) -> str | None:
         """The workdir of a run whose network weights the engine loads into the model before
         :meth:`init` (None: train from the initialisation)."""

@@ -7,12 +7,17 @@ z ~ Bernoulli(sigmoid(logit)) with the generator output as the logit, trained wi
 estimator of Li & Ji (2019); the ARM estimate for the logits is carried to the generator's
 parameters by the chain rule (``jax.grad`` through the generator).
 
-Loss = data term + R, with R the product-form penalty of :mod:`sparsejax.methods.dep_penalty`
-(lambda per expected weight, no 1/N). The generator is trained by its own optimizer (Adam 1e-3
-unless ``gate_optimizer`` / ``gate_learning_rate`` say otherwise), the network by the network
-optimizer. An optional fine-tuning phase (the last ``fine_tune_epochs`` epochs) freezes the gates
-at their deterministic test-time values, drops the penalty and sets the generator's learning rate
-to exactly 0.
+Loss = data term + R + gated L2, with R the product-form penalty of
+:mod:`sparsejax.methods.dep_penalty` (lambda per expected weight, no 1/N) and the gated L2 that of
+the L0 methods (:func:`sparsejax.methods.penalties.gated_l2`, coefficient ``l2``, each gated group
+weighted by its keep probability under the generator). The Dep-L0 reference has no L2 in its loss
+but weight decay in its optimizer: its CIFAR and ImageNet recipes set ``weight_decay`` and ``l2``
+0, the MNIST-family configs ``l2`` 5e-4 as for L0-HC. The generator is trained by its own
+optimizer (Adam 1e-3 unless ``gate_optimizer`` / ``gate_learning_rate`` say otherwise), the
+network by the network optimizer. An optional fine-tuning phase (the last ``fine_tune_epochs``
+epochs) freezes the gates at their deterministic test-time values, drops R (the L2 stays, with
+the frozen keep probabilities held constant, as the reference's weight decay does) and sets the
+generator's learning rate to exactly 0.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.l0_arm import BINARY_GATE_FIELDS, binary_gate_data_loss
 from sparsejax.methods.optim import build_optimizer
+from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel, GateSlot
 
@@ -104,9 +110,9 @@ def frozen_from(rate: float | optax.Schedule, boundary: int) -> optax.Schedule:
 class DepL0(Method):
     """Dep-L0 with hard-concrete gates; see the module docstring.
 
-    Config: :data:`FIELDS`, ``seed`` (the generator's initialisation), ``gate_optimizer`` /
-    ``gate_learning_rate`` / ``gate_lr_schedule`` (the generator's; None: Adam, 1e-3, the
-    network's schedule).
+    Config: :data:`FIELDS`, ``l2`` (the gated L2), ``seed`` (the generator's initialisation),
+    ``gate_optimizer`` / ``gate_learning_rate`` / ``gate_lr_schedule`` (the generator's; None:
+    Adam, 1e-3, the network's schedule).
     """
 
     name = "dep_l0"
@@ -146,6 +152,7 @@ class DepL0(Method):
                 f"the {run.epochs}; use fewer fine-tuning epochs"
             )
         self.penalty_lambda = float(config.lamba)
+        self.l2 = float(config.get("l2") or 0.0)
         self.fine_tune_phase: DepL0 = self if self.fine_tuning else self._fine_tuning_variant()
         """The method of the last ``fine_tune_epochs`` epochs (frozen gates, no penalty)."""
 
@@ -194,15 +201,17 @@ class DepL0(Method):
     def penalty_from_logits(
         self, model: GatedModel, logits: Mapping[str, jax.Array]
     ) -> jax.Array:
+        """R + the gated L2 (fine-tuning: the L2 only, its keep probabilities constant)."""
+        keep = self.keep_probabilities(model, logits)
         if self.fine_tuning:
-            return jnp.zeros(())
+            return gated_l2(model, jax.lax.stop_gradient(keep), self.l2)
         return dep_l0_penalty(
             model.layers,
             model.gate_slots,
-            self.keep_probabilities(model, logits),
+            keep,
             self.penalty_lambda,
             form=self.penalty_form,
-        )
+        ) + gated_l2(model, keep, self.l2)
 
     def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         return self.penalty_from_logits(model, generator_of(model)())

@@ -17,6 +17,9 @@ block's conv1, which reads the ungated residual stream) counts its full input wi
 RGB, and every convolution with a gated side counts, the second convolution of a ResNet block
 (gated inputs) included.
 
+The method adds the gated L2 of the L0 methods (coefficient ``l2``) to R; see
+:mod:`sparsejax.methods.dep_l0`.
+
 Two reference forms are kept for comparison with the published lambdas:
 
 - ``"reference_chain"`` (VGG-16 and ResNet-56 code): a chain over the gated convolution slots in

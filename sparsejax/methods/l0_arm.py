@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,6 +36,9 @@ class L0Binary(L0Method):
     Config: ``k`` (7), ``gate_fn`` (sigmoid | hard_sigmoid), ``test_rule`` (binary | scaled),
     ``threshold`` (0.5), ``per_example_gates`` (per-example gates use per-example losses, which
     keeps the estimator unbiased).
+
+    LeNet-5's convolutions are initialised He-normal with the fan-out, as in the reference code
+    (its ``ArmConv2d``); its dense layers, like every L0 method's, with the fan-in.
     """
 
     name = "l0_arm"
@@ -44,6 +49,10 @@ class L0Binary(L0Method):
         "k": Field(7.0, "the gate function's slope: pi = g(k phi)"),
         "gate_fn": Field("sigmoid", "g: sigmoid or hard_sigmoid"),
     }
+
+    def model_options(self) -> dict[str, Any]:
+        """LeNet-5: ``conv_fan="fan_out"``."""
+        return {"conv_fan": "fan_out"} if self.config.get("model") == "lenet5" else {}
 
     def make_gate(self, slot: GateSlot, rngs: nnx.Rngs) -> BinaryGate:
         config = self.config

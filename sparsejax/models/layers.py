@@ -1,7 +1,11 @@
 """Dense and convolution layers whose kernel can be multiplied by weight-level gates.
 
 Kernels use the Flax layouts: dense ``(in, out)``, convolution ``HWIO`` on ``NHWC`` inputs.
-Initialisation is He-normal (fan-in) for kernels and zero for biases.
+Initialisation is He-normal for kernels, N(0, 2 / fan) with fan = fan-in (in, or k*k*in) unless a
+convolution is given ``kernel_fan="fan_out"`` (k*k*out), and zero for biases. This is the L0
+reference codes' initialisation: L0-HC's ``kaiming_normal`` fan-in on convolutions and, on dense
+``(in, out)`` weights, a "fan_out" that PyTorch reads from dimension 0, i.e. the fan-in; L0-ARM's
+dense layers the same, its convolutions fan-out.
 
 A dense layer also takes gates on its input neurons. Batch-shared input gates are folded into the
 kernel rows, y = x @ (z[:, None] * W), as the L0 reference code does: the gradient for z is then
@@ -28,6 +32,7 @@ from flax import nnx
 from sparsejax.gates.apply import gate_units
 
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+KERNEL_FANS: tuple[str, ...] = ("fan_in", "fan_out")
 
 
 def _gated(kernel: jax.Array, kernel_gate: jax.Array | None) -> jax.Array:
@@ -65,6 +70,7 @@ class Conv(nnx.Module):
 
     ``groups`` splits the channels into feature groups; the kernel is then
     ``(k, k, in / groups, out)`` and ``groups == in == out`` is a depthwise convolution.
+    ``kernel_fan``: the fan of the He-normal initialisation (fan_in | fan_out).
     """
 
     def __init__(
@@ -78,7 +84,10 @@ class Conv(nnx.Module):
         padding: str | tuple[tuple[int, int], tuple[int, int]] = "VALID",
         use_bias: bool = True,
         groups: int = 1,
+        kernel_fan: str = "fan_in",
     ):
+        if kernel_fan not in KERNEL_FANS:
+            raise ValueError(f"kernel_fan must be one of {KERNEL_FANS}, got {kernel_fan!r}")
         if in_features % groups or out_features % groups:
             raise ValueError(
                 f"groups={groups} must divide both in_features={in_features} and "
@@ -88,7 +97,8 @@ class Conv(nnx.Module):
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.groups = groups
         shape = (kernel_size, kernel_size, in_features // groups, out_features)
-        self.kernel = nnx.Param(he_normal(rngs.params(), shape, jnp.float32))
+        init = nnx.initializers.variance_scaling(2.0, kernel_fan, "normal")
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
     def __call__(

@@ -8,6 +8,11 @@ Gate placement follows Louizos et al. (2018) and Li & Ji (2019):
   the active gates of these four slots.
 With ``granularity="weight"`` every kernel entry gets its own gate instead.
 
+Initialisation as the reference codes (:mod:`sparsejax.models.layers`): kernels He-normal with
+the fan-in, N(0, 2 / fan_in), biases zero; LeNet-5's convolutions take ``conv_fan="fan_out"``
+(N(0, 2 / (25 * out))) for L0-ARM, whose code initialises them so
+(:meth:`sparsejax.methods.base.Method.model_options`).
+
 ``reads`` (the producer of each layer's input): every layer reads the one before it, the first
 reads the image. A dense layer that reads a feature map reads it flattened (NHWC order, channel
 fastest), so its inputs are the producer's channels times the map's positions: the MLP's fc1 reads
@@ -94,7 +99,8 @@ class MLP(GatedModel):
 
 
 class LeNet5(GatedModel):
-    """LeNet-5-Caffe: conv5x5(20) - pool - conv5x5(50) - pool - dense 800-500-classes."""
+    """LeNet-5-Caffe: conv5x5(20) - pool - conv5x5(50) - pool - dense 800-500-classes;
+    ``conv_fan`` is the fan of the convolutions' He-normal initialisation (fan_in | fan_out)."""
 
     def __init__(
         self,
@@ -106,6 +112,7 @@ class LeNet5(GatedModel):
         hidden: int = 500,
         gate_factory: GateFactory | None = None,
         granularity: Granularity = "unit",
+        conv_fan: str = "fan_in",
     ):
         check_granularity(granularity)
         self.granularity = granularity
@@ -116,8 +123,8 @@ class LeNet5(GatedModel):
         h2, w2 = h1 // 2 - kernel + 1, w1 // 2 - kernel + 1
         positions = (h2 // 2) * (w2 // 2)
         flat = positions * c2
-        self.conv1 = Conv(in_channels, c1, kernel, rngs=rngs)
-        self.conv2 = Conv(c1, c2, kernel, rngs=rngs)
+        self.conv1 = Conv(in_channels, c1, kernel, rngs=rngs, kernel_fan=conv_fan)
+        self.conv2 = Conv(c1, c2, kernel, rngs=rngs, kernel_fan=conv_fan)
         self.fc1 = Dense(flat, hidden, rngs=rngs)
         self.fc2 = Dense(hidden, num_classes, rngs=rngs)
         layers = [

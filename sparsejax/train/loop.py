@@ -176,6 +176,7 @@ def build(
         input_shape=data.image_shape,
         gate_factory=method.make_gates,
         granularity=config.granularity,
+        **method.model_options(),
     )
     if pretrained := method.pretrained_run():
         load_network_weights(model, pretrained)

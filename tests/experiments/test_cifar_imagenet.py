@@ -5,10 +5,15 @@ from pathlib import Path
 
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 
 from experiments.configs import cifar, imagenet
 from experiments.configs.recipes import GREG_SCHEDULES, MODEL_SCHEDULES, resolve
+from sparsejax.methods import RunInfo
+from sparsejax.methods.dep_l0 import generator_of
+from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.greg import FIELDS as GREG_FIELDS
+from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.config import resolve_config
 
@@ -42,6 +47,30 @@ def test_wrn_keeps_one_optimizer_and_the_l2_in_the_loss():
     resolve(config)
     assert config.optimizer == "nesterov" and config.gate_optimizer is None
     assert config.l2 == 5e-4 and config.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("method", ["dep_l0", "dep_l0_arm"])
+@pytest.mark.parametrize(
+    "module, model, weight_decay",
+    [(cifar, "resnet56", 5e-4), (cifar, "vgg16", 5e-4), (imagenet, "resnet50", 1e-4)],
+)
+def test_dep_l0_decays_in_the_optimizer_only(module, model, weight_decay, method):
+    """The Dep-L0 recipes' L2 is the optimizer's weight decay; ``l2`` 0, so the gated L2 of
+    the loss adds exactly nothing and the penalty is R alone, as before ``l2`` was read."""
+    config = module.get_config(method)
+    config.model = model
+    resolve(config)
+    assert config.l2 == 0.0 and config.weight_decay == weight_decay
+    resolved_cls, resolved = resolve_config(config)
+    small = cifar.get_config(method)
+    small.update(model="resnet20", l2=resolved.l2)
+    dep = resolved_cls(small, RunInfo(num_train=128, steps_per_epoch=1, epochs=2))
+    assert dep.l2 == 0.0
+    net = build_model("resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
+                      gate_factory=dep.make_gates)
+    keep = dep.keep_probabilities(net, generator_of(net)())
+    want = dep_l0_penalty(net.layers, net.gate_slots, keep, dep.penalty_lambda)
+    assert float(dep.penalty(net, {})) == float(want)
 
 
 def test_imagenet_recipe_is_resnet50s():

@@ -13,6 +13,7 @@ from sparsejax.estimators import binary
 from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.dep_l0 import DEFAULT_LAMBDAS, generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
+from sparsejax.methods.penalties import gated_l2
 from sparsejax.models import MLP, VGG16, LeNet5, build_model
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.structure import gate_report
@@ -73,8 +74,48 @@ def test_penalty_of_lenet5_by_hand():
     logits = generator_of(model)()
     keep = method.keep_probabilities(model, logits)
     assert float(method.penalty(model, {})) == pytest.approx(
-        float(dep_l0_penalty(model.layers, model.gate_slots, keep, LAMBDA)), rel=1e-6
+        float(dep_l0_penalty(model.layers, model.gate_slots, keep, LAMBDA)
+              + gated_l2(model, keep, method.l2)), rel=1e-6
     )
+
+
+def tiny_mlp_of_ones(name, **overrides):
+    """MLP 3-2-4 with every kernel and bias entry 1 (fc1 rows: |w|^2 = 2, fc2 rows: 4)."""
+    method = method_for(name, model="mlp", lamba=LAMBDA, **overrides)
+    model = MLP(rngs=nnx.Rngs(0), input_shape=(3, 1, 1), hidden=(2,), num_classes=4,
+                gate_factory=method.make_gates)
+    for layer in (model.fc1, model.fc2):
+        layer.kernel[...] = jnp.ones_like(layer.kernel[...])
+        layer.bias[...] = jnp.ones_like(layer.bias[...])
+    return method, model
+
+
+def test_l2_is_the_gated_l2_of_the_l0_methods_by_hand():
+    """Binary gates, logits 0 / 100: q = (1/2, 1/2, 1) on fc1's inputs, (1/2, 1) on fc2's.
+    (l2/2) * (fc1: 2 * (1/2 + 1/2 + 1) + |b1|^2 2 + fc2: 4 * (1/2 + 1) + |b2|^2 4) = 8 * l2
+    (biases ungated); R = lambda * (2 * 2 + 4 * 1.5)."""
+    logits = {"fc1": jnp.array([0.0, 0.0, 100.0]), "fc2": jnp.array([0.0, 100.0])}
+    for l2, want_l2 in ((0.0, 0.0), (0.01, 0.08), (5e-4, 4e-3)):
+        method, model = tiny_mlp_of_ones("dep_l0_arm", l2=l2)
+        got = method.penalty_from_logits(model, logits)
+        assert float(got) == pytest.approx(LAMBDA * 10.0 + want_l2, rel=1e-6), l2
+
+
+@pytest.mark.parametrize("name", ["dep_l0", "dep_l0_arm"])
+def test_loss_changes_with_l2_by_the_gated_l2(name):
+    """Same weights, generator and gate noise: the loss and ``penalty`` part grow by
+    (l2/2) * sum over the layers of q * |row|^2 + |bias|^2, q from the generator."""
+    x, y = jax.random.uniform(jax.random.key(0), (5, 3, 1, 1)), jnp.arange(5) % 4
+    parts = {}
+    for l2 in (0.0, 0.01):
+        method, model = tiny_mlp_of_ones(name, l2=l2)
+        loss, aux = method.objective(model, {}, x, y, jax.random.key(1))
+        parts[l2] = (float(loss), float(aux["penalty"]), float(aux["data_loss"]))
+    q = method.keep_probabilities(model, generator_of(model)())
+    want = 0.5 * 0.01 * (2 * float(jnp.sum(q["fc1"])) + 2 + 4 * float(jnp.sum(q["fc2"])) + 4)
+    assert parts[0.0][2] == parts[0.01][2]  # the same data term
+    assert parts[0.01][0] - parts[0.0][0] == pytest.approx(want, rel=1e-5)
+    assert parts[0.01][1] - parts[0.0][1] == pytest.approx(want, rel=1e-5)
 
 
 def test_mlp_penalty_is_expected_l0_weighted_by_group_size():
@@ -235,7 +276,10 @@ def test_fine_tuning_freezes_the_generator_at_deterministic_gates(name):
         return tuning.objective(merge_model(graphdef, p, rest), {}, x, y, jax.random.key(1))
 
     (loss, parts), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
-    assert float(parts["penalty"]) == 0.0 and float(loss) == float(parts["data_loss"])
+    keep = tuning.keep_probabilities(model, generator_of(model)())
+    assert tuning.l2 == 5e-4  # the MNIST configs' L2 stays; the sparsity penalty goes
+    assert float(parts["penalty"]) == pytest.approx(float(gated_l2(model, keep, 5e-4)), rel=1e-6)
+    assert float(loss) == pytest.approx(float(parts["data_loss"] + parts["penalty"]), rel=1e-6)
     assert all(np.all(g == 0) for g in jax.tree.leaves(grads["gates"]))
     assert any(np.any(g != 0) for g in jax.tree.leaves(grads["net"]))
     np.testing.assert_allclose(parts["logits"], model(x, train=False), rtol=1e-6)
@@ -320,7 +364,7 @@ def test_training_run_writes_a_summary(tmp_path):
 def test_training_run_fine_tunes_its_last_epoch_with_frozen_gates_and_no_penalty(tmp_path):
     config = get_config()
     config.update(
-        dataset="synthetic", model="mlp", method="dep_l0", epochs=2, fine_tune_epochs=1,
+        dataset="synthetic", model="mlp", method="dep_l0", epochs=2, fine_tune_epochs=1, l2=0.0,
         batch_size=64, num_train=256, num_test=128, log_every=2, eval_batch_size=128,
         steps_per_epoch=4,
     )

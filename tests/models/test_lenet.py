@@ -5,8 +5,11 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import MLP, LeNet5, build_model
 from sparsejax.models.base import each_slot
+from sparsejax.train.loop import build, load_data
+from tests.methods.test_methods import method_config
 
 
 @each_slot
@@ -103,3 +106,54 @@ def test_unknown_model_and_granularity_are_clear_errors():
         build_model("vgg99", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="granularity"):
         MLP(rngs=nnx.Rngs(0), granularity="block")
+
+
+def assert_std(values, std, what):
+    """The sample std of n draws of N(0, std^2) is within 5 standard errors, std / sqrt(2n)."""
+    values = np.asarray(values, np.float64).ravel()
+    assert abs(np.std(values) - std) < 5 * std / np.sqrt(2 * values.size), what
+    assert abs(np.mean(values)) < 5 * std / np.sqrt(values.size), what
+
+
+def test_initialisation_is_the_reference_codes():
+    """He-normal N(0, 2 / fan_in) for every kernel (L0-HC: conv fan_in; dense (in, out) with
+    PyTorch's "fan_out", which is dimension 0 = in), zero biases; LeNet-5's convolutions with
+    ``conv_fan="fan_out"`` (L0-ARM) N(0, 2 / (25 * out))."""
+    mlp = MLP(rngs=nnx.Rngs(0))
+    for name, fan_in in (("fc1", 784), ("fc2", 300), ("fc3", 100)):
+        layer = getattr(mlp, name)
+        assert_std(layer.kernel[...], np.sqrt(2 / fan_in), name)
+        assert np.all(layer.bias[...] == 0)
+    for conv_fan, fans in (("fan_in", (25, 500)), ("fan_out", (500, 1250))):
+        net = LeNet5(rngs=nnx.Rngs(0), conv_fan=conv_fan)
+        for name, fan in zip(("conv1", "conv2", "fc1", "fc2"), (*fans, 800, 500)):
+            layer = getattr(net, name)
+            assert_std(layer.kernel[...], np.sqrt(2 / fan), f"{conv_fan} {name}")
+            assert np.all(layer.bias[...] == 0)
+    with pytest.raises(ValueError, match="kernel_fan must be one of"):
+        LeNet5(rngs=nnx.Rngs(0), conv_fan="fan_avg")
+
+
+def test_gate_parameters_start_at_the_reference_drop_rates():
+    """L0-HC: log alpha ~ N(logit(1 - r), 0.01^2); L0-ARM: phi ~ N(logit(1 - r) / 7,
+    (0.01 / 7)^2); r = 0.2 on the MLP's pixels, 0.5 elsewhere."""
+    for name, attr, k in (("l0_hc", "log_alpha", 1.0), ("l0_arm", "phi", 7.0)):
+        method = create_method(name, method_config(name, "mlp"), RunInfo(num_train=60000))
+        mlp = MLP(rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+        for slot, rate in (("fc1", 0.2), ("fc2", 0.5), ("fc3", 0.5)):
+            values = np.asarray(getattr(mlp.gates[slot], attr)[...]) * k
+            mean = np.log(1 - rate) - np.log(rate)
+            assert abs(np.mean(values) - mean) < 5 * 0.01 / np.sqrt(values.size), (name, slot)
+            if values.size > 100:
+                assert_std(values - mean, 0.01, (name, slot))
+
+
+@pytest.mark.parametrize("name, conv_std", [
+    ("l0_hc", np.sqrt(2 / 500)), ("l0_arm", np.sqrt(2 / 1250)), ("l0_ar", np.sqrt(2 / 1250)),
+])
+def test_the_engine_builds_lenet5_with_the_methods_initialisation(name, conv_std):
+    config = method_config(name, "lenet5", dataset="synthetic", num_train=100, num_test=100)
+    _, model, _ = build(config, load_data(config))
+    assert_std(model.conv2.kernel[...], conv_std, name)
+    mlp = create_method(name, method_config(name, "mlp"), RunInfo(num_train=60000))
+    assert mlp.model_options() == {}
