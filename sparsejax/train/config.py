@@ -19,11 +19,11 @@ from sparsejax.methods import METHODS, Method, method_class
 from sparsejax.methods import fields as config_fields
 from sparsejax.methods.fields import add_fields, check_known
 
-CONFIG_FORMAT = 3
+CONFIG_FORMAT = 2
 """Version of the layout of a run directory's ``config.json`` and checkpoints (stored under
-:data:`FORMAT_KEY`): 2 since methods declare their fields and keep their state out of the
-model, 3 since the train state holds the parameter average (``ema_params``); runs with an
-older one (or none) were written by an earlier sparsejax."""
+:data:`FORMAT_KEY`): 2 since methods declare their fields and keep their state out of the model
+and the train state holds the parameter average (``ema_params``); runs without it were written
+by an earlier sparsejax."""
 FORMAT_KEY = "config_format"
 
 

@@ -86,16 +86,11 @@ def check_format(path: Path, saved: dict) -> dict:
       OutdatedRunError: when it was written before :data:`CONFIG_FORMAT`.
     """
     saved = dict(saved)
-    found = saved.pop(FORMAT_KEY, None)
-    if found != CONFIG_FORMAT:
-        before = (
-            "before the train state held the parameter average (ema_params)"
-            if found == 2
-            else "before methods kept their state (masks, GReg's schedule, Dep-L0's generator) "
-            "out of the model and config.json recorded resolved values"
-        )
+    if saved.pop(FORMAT_KEY, None) != CONFIG_FORMAT:
         raise OutdatedRunError(
-            f"{path.parent} holds a run written by an earlier sparsejax, {before}; this "
+            f"{path.parent} holds a run written by an earlier sparsejax, before methods kept "
+            "their state (masks, GReg's schedule, Dep-L0's generator) out of the model, the train "
+            "state held the parameter average and config.json recorded resolved values; this "
             "version cannot resume or read its checkpoints: train it again in a new --workdir "
             "(or read it with the sparsejax that wrote it)"
         )
