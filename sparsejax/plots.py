@@ -27,7 +27,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, REPORTABLE, report_error
-from sparsejax.train.metrics import METRICS_FILE, MetricsFileError, flatten_record, read_records
+from sparsejax.train.metrics import (
+    METRICS_FILE,
+    MetricsFileError,
+    flatten_record,
+    read_records,
+)
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"

@@ -32,7 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from sparsejax.data.arrays import ArrayDataset, Splits, from_uint8_splits
-from sparsejax.data.errors import DatasetFileError, DatasetNotFoundError, not_found_message
+from sparsejax.data.errors import (
+    DatasetFileError,
+    DatasetNotFoundError,
+    not_found_message,
+)
 from sparsejax.data.mnist import DATA_DIR_ENV, search_settings
 from sparsejax.data.tfds_source import read_tfds_arrays, tfds_prepare_hint
 

@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from sparsejax.data.arrays import ArrayDataset, from_uint8_splits
-from sparsejax.data.errors import DatasetFileError, DatasetNotFoundError, not_found_message
+from sparsejax.data.errors import (
+    DatasetFileError,
+    DatasetNotFoundError,
+    not_found_message,
+)
 from sparsejax.data.idx import read_idx
 from sparsejax.data.tfds_source import read_tfds_arrays, tfds_prepare_hint
 

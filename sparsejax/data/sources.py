@@ -31,7 +31,12 @@ from sparsejax.data.augment import channel_statistics, crop_flip, normalize
 from sparsejax.data.errors import DatasetNotFoundError
 from sparsejax.data.load import DATASETS, check_data_dir, load_dataset
 from sparsejax.data.shared import SharedArrays
-from sparsejax.data.tfds_source import FILE_FORMAT, IMAGE_KEY, LABEL_KEY, tfds_prepare_hint
+from sparsejax.data.tfds_source import (
+    FILE_FORMAT,
+    IMAGE_KEY,
+    LABEL_KEY,
+    tfds_prepare_hint,
+)
 from sparsejax.errors import ConfigError
 
 Batch = tuple[np.ndarray, np.ndarray]

@@ -7,7 +7,13 @@ Importing the package imports every module in it, and so registers the built-in 
 import importlib
 import pkgutil
 
-from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy, error_rate
+from sparsejax.methods.base import (
+    Method,
+    MethodState,
+    RunInfo,
+    cross_entropy,
+    error_rate,
+)
 from sparsejax.methods.fields import Field
 from sparsejax.methods.registry import METHODS, create_method, method_class, register
 

@@ -118,8 +118,27 @@ class Method(abc.ABC):
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """A copy of ``config`` with the method's unset fields at their defaults for
-        ``config.model`` (override for defaults that depend on other fields)."""
-        return config_fields.resolve(config, cls.fields)
+        ``config.model`` and, for a method with gates, the unset gate optimizer fields at
+        :meth:`gate_optimizer_defaults` (override for defaults that depend on other fields)."""
+        resolved = config_fields.resolve(config, cls.fields)
+        if cls.make_gates is Method.make_gates and cls.make_gate is Method.make_gate:
+            return resolved  # no gates: the gate optimizer fields are not used
+        with resolved.unlocked():
+            for field, value in cls.gate_optimizer_defaults(resolved).items():
+                if resolved.get(field) is None:
+                    resolved[field] = value
+        return resolved
+
+    @classmethod
+    def gate_optimizer_defaults(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """The values the gate optimizer fields take when unset: the network's optimizer,
+        learning rate, schedule and milestone factor."""
+        return {
+            "gate_optimizer": config.optimizer,
+            "gate_learning_rate": config.learning_rate,
+            "gate_lr_schedule": config.get("lr_schedule", "constant"),
+            "gate_lr_factor": config.get("lr_factor", 0.1),
+        }
 
     @property
     def num_train(self) -> int:

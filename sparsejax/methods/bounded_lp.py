@@ -34,7 +34,12 @@ import optax
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.estimators.bounded_lp import bounded_norm, prox_bounded_l1, safe_norm, soft_threshold
+from sparsejax.estimators.bounded_lp import (
+    bounded_norm,
+    prox_bounded_l1,
+    safe_norm,
+    soft_threshold,
+)
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy, per_slot
 from sparsejax.methods.fields import Field

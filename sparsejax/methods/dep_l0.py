@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,6 @@ from sparsejax.gates.generated import (
     GeneratedHardConcreteGate,
 )
 from sparsejax.gates.generator import DEPENDENCIES, GateGenerator
-from sparsejax.methods import fields as config_fields
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
 from sparsejax.methods.fields import ANY_MODEL, Field
@@ -122,13 +122,23 @@ class DepL0(Method):
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The fields' defaults, ``lamba`` by model and dependency."""
-        resolved = config_fields.resolve(config, cls.fields)
+        resolved = super().resolve(config)
         if resolved.get("lamba") is None:
             table = DEFAULT_LAMBDAS.get(config.get("model"), DEFAULT_LAMBDAS[ANY_MODEL])
             if resolved.dependency in table:
                 with resolved.unlocked():
                     resolved.lamba = table[resolved.dependency]
         return resolved
+
+    @classmethod
+    def gate_optimizer_defaults(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """The generator's own optimizer: Adam at 1e-3 (the Dep-L0 code), on the network's
+        schedule."""
+        return {
+            **super().gate_optimizer_defaults(config),
+            "gate_optimizer": GENERATOR_OPTIMIZER,
+            "gate_learning_rate": GENERATOR_LEARNING_RATE,
+        }
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         super().__init__(config, run)

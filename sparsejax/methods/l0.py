@@ -6,7 +6,6 @@ import jax
 import ml_collections
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods import fields as config_fields
 from sparsejax.methods.base import Method, MethodState, per_slot
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.penalties import expected_l0, gated_l2
@@ -54,7 +53,7 @@ class L0Method(Method):
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The fields' defaults, the lambdas by model at unit granularity only."""
-        resolved = config_fields.resolve(config, cls.fields)
+        resolved = super().resolve(config)
         if resolved.get("lambdas") is None:
             unit = config.get("granularity", "unit") == "unit"
             model = config.get("model") if unit else ANY_MODEL

@@ -7,9 +7,19 @@ and the per-run sparsity reports built on both (:mod:`.report`). Methods, the tr
 slimming read them; this layer imports only models, gates and the base utilities.
 """
 
-from sparsejax.structure.accounting import LayerCount, count_layer, count_network, pruning_rate
+from sparsejax.structure.accounting import (
+    LayerCount,
+    count_layer,
+    count_network,
+    pruning_rate,
+)
 from sparsejax.structure.nodes import NodeReport, alive_units, node_report
-from sparsejax.structure.report import GateReport, gate_report, sparsity_report, weight_report
+from sparsejax.structure.report import (
+    GateReport,
+    gate_report,
+    sparsity_report,
+    weight_report,
+)
 
 __all__ = [
     "GateReport",

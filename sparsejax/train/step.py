@@ -17,7 +17,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from sparsejax.methods.base import Method, MethodState, Params, cross_entropy, error_rate
+from sparsejax.methods.base import (
+    Method,
+    MethodState,
+    Params,
+    cross_entropy,
+    error_rate,
+)
 from sparsejax.train import ema
 from sparsejax.train.sharding import replicated
 from sparsejax.train.state import (

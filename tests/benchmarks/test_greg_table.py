@@ -3,7 +3,12 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.greg_table import AROUND_PRUNING_FILE, dense_config, greg_config, greg_row
+from benchmarks.greg_table import (
+    AROUND_PRUNING_FILE,
+    dense_config,
+    greg_config,
+    greg_row,
+)
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.loop import load_data
 from sparsejax.train.replay import replay

@@ -16,7 +16,13 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
-from sparsejax.data import DATASETS, ArrayDataset, DatasetNotFoundError, load_dataset, mnist
+from sparsejax.data import (
+    DATASETS,
+    ArrayDataset,
+    DatasetNotFoundError,
+    load_dataset,
+    mnist,
+)
 from sparsejax.data.errors import DatasetFileError
 
 NOT_FOUND_SECONDS = 5.0

@@ -8,7 +8,12 @@ from experiments.configs.mnist import get_config
 from sparsejax.estimators import hard_concrete
 from sparsejax.gates.base import GateParam
 from sparsejax.gates.generated import GeneratedBinaryGate, GeneratedHardConcreteGate
-from sparsejax.gates.generator import BIAS_INIT_MEAN, BIAS_INIT_STD, LOGIT_BOUND, GateGenerator
+from sparsejax.gates.generator import (
+    BIAS_INIT_MEAN,
+    BIAS_INIT_STD,
+    LOGIT_BOUND,
+    GateGenerator,
+)
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.dep_l0 import generator_of
 from sparsejax.models import LeNet5, build_model

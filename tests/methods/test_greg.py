@@ -9,8 +9,15 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.data.sources import open_source
+from sparsejax.errors import ConfigError
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.methods.greg import GReg1, GReg2, greg_progress, kept_channels, pruned_size
+from sparsejax.methods.greg import (
+    GReg1,
+    GReg2,
+    greg_progress,
+    kept_channels,
+    pruned_size,
+)
 from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios
 from sparsejax.methods.greg.schedule import (
@@ -27,6 +34,7 @@ from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import slim_model
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
+from sparsejax.train.config import resolve_config
 from sparsejax.train.loop import build
 from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.state import merge_model, split_model
@@ -432,3 +440,16 @@ def test_pretrained_run_provides_the_batchnorm_statistics(tmp_path):
             np.testing.assert_array_equal(
                 getattr(norm, statistic)[...], stored[statistic]["value"]
             )
+
+
+def test_greg_on_resnet50_needs_a_pretrained_network_or_explicit_pretraining():
+    config = get_config("greg1")
+    config.model = "resnet50"
+    with pytest.raises(ConfigError, match="--config.pretrained=WORKDIR"):
+        resolve_config(config)
+    config.pretrain_epochs = 5
+    assert resolve_config(config)[1].pretrain_epochs == 5
+    config.pretrain_epochs, config.pretrained = None, "runs/resnet50_dense"
+    assert resolve_config(config)[1].pretrain_epochs == 0
+    resolved = resolve_config(get_config("greg1"))[1]  # LeNet-5: its own default
+    assert (resolved.greg_interval, resolved.pretrain_epochs) == (1, 5)

@@ -214,3 +214,25 @@ def test_a_misspelt_field_is_refused_with_a_suggestion():
         config.lambda_s = 0.1
     with pytest.raises(ConfigError, match="did you mean 'lambdas'"):
         resolve_config(config)
+
+
+GATELESS = {"dense", "greg1", "greg2", "stochastic", "gmp"}
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_the_gate_optimizer_a_run_uses_is_written_out(method_name):
+    """Unset gate optimizer fields resolve to the values used: the network's (Dep-L0: its
+    generator's Adam at 1e-3), and stay unset for a method without gates."""
+    config = method_config(method_name, "lenet5", optimizer="sgd", learning_rate=0.05,
+                           lr_schedule="step", lr_factor=0.2)
+    _, resolved = resolve_config(config)
+    fields = ("gate_optimizer", "gate_learning_rate", "gate_lr_schedule", "gate_lr_factor")
+    values = tuple(resolved[field] for field in fields)
+    if method_name in GATELESS:
+        assert values == (None,) * 4
+    elif method_name.startswith("dep_l0"):
+        assert values == ("adam", 1e-3, "step", 0.2)
+    else:
+        assert values == ("sgd", 0.05, "step", 0.2)
+    config.gate_learning_rate = 0.3
+    assert resolve_config(config)[1].gate_learning_rate == 0.3

@@ -20,7 +20,11 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs, greg_pruned_count
+from sparsejax.methods.greg.accounting import (
+    greg_count,
+    greg_kept_inputs,
+    greg_pruned_count,
+)
 from sparsejax.methods.greg.rules import layer_ratios
 from sparsejax.models import MODELS, VGG19, ImageNetResNet, build_model, each_slot
 from sparsejax.models.vgg import VGG19_CONFIG

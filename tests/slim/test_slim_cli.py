@@ -22,7 +22,11 @@ from sparsejax.slim.store import (
     save_slim,
 )
 from sparsejax.train import train_and_evaluate
-from tests.slim.test_surgery import close_random_gates, randomize_batch_norms, scale_gates
+from tests.slim.test_surgery import (
+    close_random_gates,
+    randomize_batch_norms,
+    scale_gates,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -26,7 +26,12 @@ from sparsejax.train.checkpoint import (
     CheckpointError,
 )
 from sparsejax.train.digest import DIGEST_FILE
-from sparsejax.train.lock import LOCK_FILE, STALE_SECONDS, WorkdirLock, WorkdirLockedError
+from sparsejax.train.lock import (
+    LOCK_FILE,
+    STALE_SECONDS,
+    WorkdirLock,
+    WorkdirLockedError,
+)
 from sparsejax.train.metrics import METRICS_FILE, drop_records_after, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

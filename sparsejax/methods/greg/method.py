@@ -37,7 +37,6 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods import fields as config_fields
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.fields import Field
@@ -105,12 +104,14 @@ FIELDS = {
     "pretrain_epochs": Field(
         200,
         "epochs of plain training first (when pretrained is unset)",
-        {"mlp": 10, "lenet5": 5, "resnet34": 90},
+        {"mlp": 10, "lenet5": 5, "resnet34": 90, "resnet50": None},
     ),
 }
 """The reference's settings (README commands and ``option.py``): CIFAR K_u = 10, K_s = 10 000
 and 200 epochs of pretraining; ImageNet K_u = 5, K_s = 40 000 (ResNet-34: the 90 epochs of
-torchvision's recipe, whose weights the reference starts from); the paper's stage ratios for
+torchvision's recipe, whose weights the reference starts from; ResNet-50: no default, the run
+needs ``pretrained`` or an explicit ``pretrain_epochs``, since the model's 100-epoch budget
+leaves no room for GReg after 90 epochs of pretraining); the paper's stage ratios for
 ResNet-56 (2.55x), VGG-19 (8.84x) and ResNet-34 (1.32x with the reference's skipped layers,
 which are not supported: 1.62x). MLP / LeNet-5: a schedule that finishes in a few epochs of
 600 steps (batch 100): tau = 1 after 1000 updates (GReg-2 picks after 100), one epoch of
@@ -205,10 +206,16 @@ class GReg(Method):
                 f"config.pretrained={config.pretrained!r} and config.pretrain_epochs="
                 f"{config.pretrain_epochs} both ask for a pretrained network; set one of them"
             )
-        resolved = config_fields.resolve(config, cls.fields)
+        resolved = super().resolve(config)
         if resolved.pretrained:
             with resolved.unlocked():
                 resolved.pretrain_epochs = 0
+        if resolved.pretrain_epochs is None:
+            raise ConfigError(
+                f"GReg on {config.model} starts, as the reference does, from a pretrained "
+                "network: give --config.pretrained=WORKDIR (a finished dense run of the model) "
+                "or --config.pretrain_epochs=N to pretrain inside the run"
+            )
         return resolved
 
     def pruned_layers(self, model: GatedModel) -> tuple[PrunedLayer, ...]:
