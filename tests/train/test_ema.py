@@ -8,7 +8,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments.configs.mnist import get_config
 from sparsejax.slim.runs import restore_run
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
@@ -18,22 +17,7 @@ from sparsejax.train.metrics import read_metrics
 from sparsejax.train.sharding import local_copy
 from sparsejax.train.state import evaluated_params, split_model
 from sparsejax.train.step import make_eval_step
-
-TIMING_KEYS = ("epoch_seconds", "train/steps_per_second", "train/examples_per_second")
-
-
-def config_for(**overrides):
-    config = get_config(overrides.get("method", "l0_hc"))
-    config.update(
-        dataset="synthetic", model="mlp", epochs=2, batch_size=64,
-        num_train=512, num_test=128, log_every=3, eval_batch_size=100,
-    )
-    config.update(overrides)
-    return config
-
-
-def untimed(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+from tests.train.test_loop import comparable, config_for
 
 
 def hand_average(history, decay):
@@ -99,7 +83,7 @@ def test_without_averaging_nothing_is_stored_and_training_is_the_same(tmp_path, 
     assert not jax.tree.leaves(saved.get("ema_params", {}))
 
     def train_records(run):
-        return untimed(r for r in read_metrics(run) if "train/loss" in r)
+        return comparable(r for r in read_metrics(run) if "train/loss" in r)
 
     # the average never feeds back (XLA fuses the step with the average differently: ulps)
     for without, with_average in zip(train_records(tmp_path), train_records(workdir), strict=True):
@@ -123,7 +107,7 @@ def test_a_preempted_averaging_run_resumes_exactly(tmp_path, monkeypatch, ema_ru
     for key in ("test_error", "best_test_error", "expected_l0", "params", "active_units"):
         assert resumed[key] == whole[key], key
     def evals(run):
-        return untimed(r for r in read_metrics(run) if "eval/err" in r)
+        return comparable(r for r in read_metrics(run) if "eval/err" in r)
 
     assert evals(tmp_path) == evals(workdir)
     ema = [
