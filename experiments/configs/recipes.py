@@ -39,8 +39,8 @@ What depends on the method:
   its steady pull by 1 / (1 - m), which a prox step after the update does not: on these
   schedules (m = 0.9) a gate_lambda of 10 s matches slimming's sparsity weight s.
 - Stochastic pruning has no gates; its L2 is the recipe's weight decay (``l2`` 0) and its L1
-  ``l1`` (None: ``stochastic.DEFAULTS``, which for VGG-16 end the pruning ramp at a third of the
-  300 epochs).
+  ``l1`` (None: the per-model defaults of ``stochastic.FIELDS``, which for VGG-16 end the
+  pruning ramp at a third of the 300 epochs).
 - GReg (``greg1``, ``greg2``) on VGG-19 and ResNet-34 (:data:`GREG_SCHEDULES`, and the
   per-model defaults of GReg's fields): one run
   pretrains on the model's schedule (``pretrain_epochs``: 200 / 90), whose last learning rate,
