@@ -124,9 +124,9 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
             override = _override_naming(missing, argv)
             if override is None:
                 raise
+            hint = f" ({suggestion[0].lower()}{suggestion[1:]})" if suggestion else ""
             raise ConfigError(
-                f"--config.{override}: {_field_owner(missing, method, config_file)}"
-                + (f" ({suggestion[0].lower()}{suggestion[1:]})" if suggestion else "")
+                f"--config.{override}: {_field_owner(missing, method, config_file, hint)}"
             ) from error
         if len(rest) > 1:
             raise ConfigError(
@@ -136,19 +136,20 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
     return rest
 
 
-def _field_owner(field: str, method: str | None, config_file: Path) -> str:
-    """Why ``field`` is not in the config of ``method``: it belongs to other methods, or to
-    none; and where the valid fields are."""
+def _field_owner(field: str, method: str | None, config_file: Path, hint: str) -> str:
+    """Why ``field`` is not in the config of ``method`` (``hint``: a spelling suggestion, or
+    empty): it belongs to other methods, or to none; and where the valid fields are."""
     owners = sorted(name for name, cls in METHODS.items() if field in cls.fields)
     name = method or "the config's"
     if owners:
         return (
-            f"{field!r} is not a field of method {name!r} (it is one of {', '.join(owners)}'s); "
+            f"{field!r} is not a field of method {name!r} (it belongs to {', '.join(owners)}); "
             "leave it out or choose that method"
         )
     return (
-        f"{_shown(config_file)} and method {name!r} have no field {field!r}; the valid fields "
-        f"are those set in {_shown(config_file)} and the method's (Method.fields of its class)"
+        f"{_shown(config_file)} and method {name!r} have no field {field!r}{hint}; the valid "
+        f"fields are those set in {_shown(config_file)} and the method's (Method.fields of its "
+        "class)"
     )
 
 
