@@ -41,9 +41,9 @@ What depends on the method:
 - Stochastic pruning has no gates; its L2 is the recipe's weight decay (``l2`` 0) and its L1
   ``l1`` (None: the per-model defaults of ``stochastic.FIELDS``, which for VGG-16 end the
   pruning ramp at a third of the 300 epochs).
-- GReg (``greg1``, ``greg2``) on VGG-19 and ResNet-34 (:data:`GREG_SCHEDULES`, and the
-  per-model defaults of GReg's fields): one run
-  pretrains on the model's schedule (``pretrain_epochs``: 200 / 90), whose last learning rate,
+- GReg (``greg1``, ``greg2``) on VGG-19, ResNet-34 and ResNet-56 (:data:`GREG_SCHEDULES`, and
+  the per-model defaults of GReg's fields): one run pretrains on the model's schedule
+  (``pretrain_epochs``: 200 / 90 / 200; ResNet-56 on GReg's steps), whose last learning rate,
   1e-3, is the reference's constant rate for regularisation; then regularises, stabilises,
   prunes and fine-tunes at that rate (the reference fine-tunes at 0.01 with steps: 120 epochs on
   CIFAR, 90 on ImageNet, which one schedule over a data-dependent phase cannot express). The
@@ -106,11 +106,15 @@ GREG_SCHEDULES: dict[str, dict[str, Any]] = {
     "vgg19": {"epochs": 885},
     # 90 pretraining + <= 10^4 x K_u = 5 iterations (10 epochs of 5004 steps) + K_s (8) + 90
     "resnet34": {"epochs": 198},
+    # 200 pretraining + <= 10^4 x K_u = 10 iterations (256 epochs of 390 steps) + K_s (26) + 120
+    "resnet56": {"lr_milestones": (100, 150), "lr_factor": 0.1, "epochs": 602},
 }
-"""The epoch budget of GReg's runs of the paper on its two networks (Wang et al. 2021, README
-and ``option.py``): VGG-19 on CIFAR-100 and ResNet-34 on ImageNet, on top of the model's
-schedule. GReg's own settings for them (stage ratios, K_u, K_s, pretraining epochs) are its
-fields' per-model defaults (``sparsejax.methods.greg.FIELDS``)."""
+"""The epoch budget of GReg's runs of the paper (Wang et al. 2021, README and ``option.py``) on
+VGG-19 (CIFAR-100), ResNet-34 (ImageNet) and ResNet-56 (CIFAR-10), on top of the model's
+schedule; ResNet-56 also pretrains on GReg's own steps (x0.1 at 100 and 150 of 200 epochs, not
+the Dep-L0 recipe's 60/120/180/240), so that regularisation starts at the reference's 1e-3.
+GReg's own settings for them (stage ratios, K_u, K_s, pretraining epochs) are its fields'
+per-model defaults (``sparsejax.methods.greg.FIELDS``)."""
 
 SEPARATE_GATE_OPTIMIZER = {"gate_optimizer": "adam", "gate_learning_rate": 1e-3}
 """Stochastic-gate methods train gate parameters with Adam (Dep-L0 recipe), on the network's

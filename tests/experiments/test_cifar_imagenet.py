@@ -83,7 +83,7 @@ def test_imagenet_recipe_is_resnet50s():
 
 @pytest.mark.parametrize(
     "module, model, lr_at_regularisation",
-    [(cifar, "vgg19", 1e-3), (imagenet, "resnet34", 1e-3)],
+    [(cifar, "vgg19", 1e-3), (imagenet, "resnet34", 1e-3), (cifar, "resnet56", 1e-3)],
 )
 @pytest.mark.parametrize("method", ["greg1", "greg2"])
 def test_greg_networks_take_the_papers_pretraining_and_greg_schedule(
@@ -95,7 +95,9 @@ def test_greg_networks_take_the_papers_pretraining_and_greg_schedule(
     _, config = resolve_config(config)
     for field, value in {**MODEL_SCHEDULES[model], **GREG_SCHEDULES[model]}.items():
         assert config[field] == value, field
-    expected = {"vgg19": (10, 10_000, 200), "resnet34": (5, 40_000, 90)}[model]
+    expected = {
+        "vgg19": (10, 10_000, 200), "resnet34": (5, 40_000, 90), "resnet56": (10, 10_000, 200)
+    }[model]
     assert (config.greg_interval, config.greg_stabilise_steps, config.pretrain_epochs) == expected
     # pretraining ends on the reference's constant regularisation rate
     rate = config.learning_rate * config.lr_factor ** sum(
