@@ -2,13 +2,13 @@
 run preempted mid-epoch resumes to exactly the uninterrupted result."""
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from sparsejax.methods import METHODS
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import read_metrics
+from tests.methods.test_greg import latest_checkpoint
 from tests.train.test_loop import comparable, config_for
 
 SCHEDULES = {
@@ -21,11 +21,6 @@ SCHEDULES = {
     "dep_l0": {"fine_tune_epochs": 1},
 }
 """Settings under which each method's state changes within the short run."""
-
-
-def final_state(workdir):
-    step = Checkpointer(workdir).latest_step()
-    return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
 
 
 def leaves(tree, prefix=""):
@@ -47,7 +42,7 @@ def test_method_state_round_trips_and_a_preempted_run_resumes_exactly(tmp_path, 
         patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 11)
         with pytest.raises(Preempted):
             train_and_evaluate(config, tmp_path / "split")
-    saved = leaves(final_state(tmp_path / "split")["method_state"])
+    saved = leaves(latest_checkpoint(tmp_path / "split")["method_state"])
     assert all(np.all(np.isfinite(v)) for v in saved.values() if v.dtype.kind == "f")
     resumed = train_and_evaluate(config, tmp_path / "split")
     evaluations = [  # the training records of the resumed run are chunked from the resume
@@ -58,7 +53,7 @@ def test_method_state_round_trips_and_a_preempted_run_resumes_exactly(tmp_path, 
     for key, value in whole.items():
         if "seconds" not in key and key != "examples_per_second":
             assert resumed[key] == value, key
-    states = [leaves(final_state(tmp_path / d)) for d in ("whole", "split")]
+    states = [leaves(latest_checkpoint(tmp_path / d)) for d in ("whole", "split")]
     assert states[0].keys() == states[1].keys()
     for path, value in states[0].items():
         np.testing.assert_array_equal(value, states[1][path], err_msg=path)
