@@ -1,13 +1,13 @@
 """The GReg results table: GReg-1 and GReg-2 on LeNet-300-100 and LeNet-5-Caffe, Fashion-MNIST.
 
-    python -m benchmarks.greg_table --models=mlp,lenet5 --ratios=0.5,0.8 --epochs=6 \
+    python -m benchmarks.greg_table --models=mlp,lenet5 --ratios=0.5,0.8 \
         --workdir=runs/greg_table
 
 Per model, one ``dense`` run (``pretrain_epochs`` epochs; None: GReg's default for the model)
 gives the pretrained network that every GReg run of that model starts from
 (``config.pretrained``). Each GReg run (filter/neuron granularity, every prunable layer at
-``ratio``, the model's schedule defaults) regularises, stabilises, prunes and fine-tunes within
-``epochs`` epochs. All runs are resumable under ``workdir``. Test errors reported:
+``ratio``, the model's schedule defaults) regularises, stabilises and prunes at GReg's
+``lr_prune``, then fine-tunes for ``fine_tune_epochs`` on a fresh optimizer at ``lr_ft``. All runs are resumable under ``workdir``. Test errors reported:
 
 - pretrained: the dense run's network (where every GReg run starts);
 - before pruning: the run's network after the last update before the prune step p, i.e. after
@@ -45,7 +45,9 @@ from sparsejax.train.replay import replay
 _MODELS = flags.DEFINE_list("models", ["mlp", "lenet5"], "Models.")
 _METHODS = flags.DEFINE_list("methods", ["greg1", "greg2"], "GReg variants.")
 _RATIOS = flags.DEFINE_list("ratios", ["0.5", "0.8"], "Pruning ratios (stage_pr) of every layer.")
-_EPOCHS = flags.DEFINE_integer("epochs", 6, "Epochs of every GReg run (schedule + fine-tuning).")
+_FINE_TUNE_EPOCHS = flags.DEFINE_integer(
+    "fine_tune_epochs", None, "Fine-tuning epochs of every GReg run; None: GReg's default."
+)
 _PRETRAIN_EPOCHS = flags.DEFINE_integer(
     "pretrain_epochs", None, "Epochs of the dense pretraining; None: GReg's default per model."
 )
@@ -64,15 +66,22 @@ def dense_config(model: str, epochs: int, **overrides) -> ml_collections.ConfigD
     return config
 
 
+KEEP_CHECKPOINTS = 1000
+"""Every epoch's checkpoint of a GReg run is kept: the replay of the prune step starts from the
+one before it."""
+
+
 def greg_config(
-    model: str, method: str, ratio: float, pretrained: Path, epochs: int, **overrides
+    model: str, method: str, ratio: float, pretrained: Path, fine_tune_epochs: int | None,
+    **overrides,
 ) -> ml_collections.ConfigDict:
-    """A GReg run from the network of the run in ``pretrained``, keeping every epoch's checkpoint
-    (the replay of the prune step starts from the one before it)."""
+    """A GReg run from the network of the run in ``pretrained`` (``fine_tune_epochs`` None:
+    GReg's default for the model)."""
     config = get_config(method)
     config.update(
         model=model, stage_pr=ratio, pretrained=str(pretrained.absolute()),
-        pretrain_epochs=0, epochs=epochs, keep_checkpoints=epochs, **overrides,
+        pretrain_epochs=0, fine_tune_epochs=fine_tune_epochs, keep_checkpoints=KEEP_CHECKPOINTS,
+        **overrides,
     )
     return config
 
@@ -133,6 +142,7 @@ def greg_row(summary: dict, config: ml_collections.ConfigDict, workdir: Path) ->
         "phase": summary["greg/phase"], "prune_step": summary["greg/prune_step"],
         "last_err": summary["test_error"],
         "seconds": sum(r["epoch_seconds"] for r in records),
+        "epochs": "+".join(str(phase["epochs"]) for phase in summary["phases"]),
         **{key: summary[f"greg/{key}"] for key in ("widths", "weights", "dense_weights",
                                                   "flops", "dense_flops", "speedup")},
     }
@@ -164,7 +174,7 @@ def main(argv: list[str]) -> None:
         for method in _METHODS.value:
             for ratio in map(float, _RATIOS.value):
                 config = greg_config(
-                    model, method, ratio, dense_workdir, _EPOCHS.value, **common
+                    model, method, ratio, dense_workdir, _FINE_TUNE_EPOCHS.value, **common
                 )
                 workdir = parent / f"{model}_{method}_pr{ratio:g}"
                 summary = train_and_evaluate(config, workdir)
@@ -172,16 +182,17 @@ def main(argv: list[str]) -> None:
                 row["pretrained_err"] = dense["test_error"]
                 rows.append(row)
                 print(_row(row), flush=True)
-    print(f"\n{_DATASET.value}, seed {_SEED.value}; GReg runs: {_EPOCHS.value} epochs from the "
-          "pretrained network\n")
+    fine_tuning = _FINE_TUNE_EPOCHS.value or "GReg's default"
+    print(f"\n{_DATASET.value}, seed {_SEED.value}; GReg runs from the pretrained network, "
+          f"fine-tuning epochs: {fine_tuning}\n")
     for model, epochs, dense in pretrained_rows:
         print(f"- {model} pretrained (dense, {epochs} epochs, {_seconds(dense):.0f} s): "
               f"{dense['test_error']:.2f}% error, architecture {dense['architecture']}")
     print("\n| model | method | ratio | pretrained err % | before pruning err % "
           "| after pruning err % | fine-tuned err % (last / best) | pruned max abs w / kept mean "
           "| kept widths "
-          "| weights (pruned / dense) | MFLOPs (pruned / dense) | speedup | prune step | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| weights (pruned / dense) | MFLOPs (pruned / dense) | speedup | prune step | epochs (reg. + tuning) | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(_row(row))
 
@@ -194,8 +205,8 @@ def _seconds(summary: dict) -> float:
 def _row(r: dict) -> str:
     if r["prune_step"] is None:
         return (f"| {r['model']} | {r['method']} | {r['ratio']:g} | {r['pretrained_err']:.2f} "
-                f"| not pruned: the run ended in phase {r['phase']}; rerun with more --epochs "
-                f"| | {r['last_err']:.2f} | | | | | | | {r['seconds']:.0f} |")
+                f"| not pruned: the run ended in phase {r['phase']} "
+                f"| | {r['last_err']:.2f} | | | | | | | {r['epochs']} | {r['seconds']:.0f} |")
     widths = "-".join(str(width) for width in r["widths"].values())
     return (
         f"| {r['model']} | {r['method']} | {r['ratio']:g} | {r['pretrained_err']:.2f} "
@@ -204,7 +215,7 @@ def _row(r: dict) -> str:
         f"| {r['pruned_max']:.1e} / {r['kept_mean']:.1e} | {widths} "
         f"| {int(r['weights']):,} / {int(r['dense_weights']):,} "
         f"| {r['flops'] / 1e6:.3f} / {r['dense_flops'] / 1e6:.3f} | {r['speedup']:.2f}x "
-        f"| {r['prune_step']} | {r['seconds']:.0f} |"
+        f"| {r['prune_step']} | {r['epochs']} | {r['seconds']:.0f} |"
     )
 
 

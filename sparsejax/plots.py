@@ -50,6 +50,7 @@ TITLE_KEYS = ("method", "model", "dataset")
 ERROR_FIGURE = "error.png"
 LOSS_FIGURE = "loss.png"
 SPARSITY_FIGURE = "sparsity.png"
+LEARNING_RATE_FIGURE = "learning_rate.png"
 ACTIVE_UNITS_FIGURE = "active_units.png"
 KEPT_UNITS_FIGURE = "kept_units.png"
 
@@ -71,6 +72,7 @@ class Panel:
     title: str
     ylabel: str
     lines: tuple[tuple[str, str], ...]
+    yscale: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,19 @@ LINE_FIGURES = (
                 "FLOPs",
                 "FLOPs",
                 (("sparsity/expected_flops", "expected FLOPs"), ("sparsity/flops", "FLOPs")),
+            ),
+        ),
+    ),
+    LineFigure(
+        LEARNING_RATE_FIGURE,
+        "Learning rate",
+        "epoch",
+        (
+            Panel(
+                "Learning rate per parameter group",
+                "learning rate",
+                (("lr/net", "network"), ("lr/gates", "gates"), ("lr/all", "all parameters")),
+                yscale="log",
             ),
         ),
     ),
@@ -224,7 +239,7 @@ def _line_figure(spec: LineFigure, series: Mapping[str, Series]) -> tuple[str, F
             if key in series:
                 data = series[key]
                 ax.plot(getattr(data, x_name), data.value, marker=_marker(data), label=label)
-        ax.set(title=panel.title, xlabel=x_name, ylabel=panel.ylabel)
+        ax.set(title=panel.title, xlabel=x_name, ylabel=panel.ylabel, yscale=panel.yscale)
         ax.legend()
     return spec.filename, figure
 

@@ -11,6 +11,7 @@ from sparsejax.plots import (
     ACTIVE_UNITS_FIGURE,
     ERROR_FIGURE,
     KEPT_UNITS_FIGURE,
+    LEARNING_RATE_FIGURE,
     LOSS_FIGURE,
     SPARSITY_FIGURE,
     build_figures,
@@ -24,7 +25,10 @@ from sparsejax.plots import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 5_000
-ALL_FIGURES = {ERROR_FIGURE, LOSS_FIGURE, SPARSITY_FIGURE, ACTIVE_UNITS_FIGURE, KEPT_UNITS_FIGURE}
+ALL_FIGURES = {
+    ERROR_FIGURE, LOSS_FIGURE, SPARSITY_FIGURE, ACTIVE_UNITS_FIGURE, KEPT_UNITS_FIGURE,
+    LEARNING_RATE_FIGURE,
+}
 SLOTS = ["conv1", "conv2", "fc1", "fc2"]
 DENSE = [20, 50, 800, 500]
 FINAL_ACTIVE = [9, 26, 380, 240]
@@ -49,6 +53,7 @@ def train_record(step, err):
         "train/err": err,
         "train/loss": 3.0 - step / 1000,
         "train/penalty": 1.0,
+        "lr/net": 0.1 if step < 2 * STEPS_PER_EPOCH else 0.01,
         "train/steps_per_second": 13.9,
         "train/examples_per_second": 1394.6,
     }
@@ -193,7 +198,7 @@ def test_run_without_summary_plots_kept_units_from_the_last_eval(tmp_path):
 def test_figures_without_data_are_skipped(tmp_path):
     records = [train_record(50 * i, err=50.0) for i in range(1, 4)]
     paths = plot_run(write_run(tmp_path / "run", records=records, summary=None))
-    assert {p.name for p in paths} == {ERROR_FIGURE, LOSS_FIGURE}
+    assert {p.name for p in paths} == {ERROR_FIGURE, LOSS_FIGURE, LEARNING_RATE_FIGURE}
 
 
 def test_title_falls_back_to_config(tmp_path):
@@ -260,3 +265,10 @@ def test_the_cli_reports_a_missing_or_damaged_metrics_file_in_one_line(tmp_path,
 def test_main_shows_the_traceback_with_debug(tmp_path):
     with pytest.raises(FileNotFoundError):
         main([str(tmp_path), "--debug"])
+
+
+def test_learning_rate_figure_shows_the_change_of_rate_on_a_log_axis(full_figures):
+    (ax,) = full_figures[LEARNING_RATE_FIGURE].axes
+    (line,) = ax.get_lines()
+    assert ax.get_yscale() == "log" and line.get_label() == "network"
+    assert sorted(set(line.get_ydata())) == [0.01, 0.1]

@@ -41,18 +41,15 @@ What depends on the method:
 - Stochastic pruning has no gates; its L2 is the recipe's weight decay (``l2`` 0) and its L1
   ``l1`` (None: the per-model defaults of ``stochastic.FIELDS``, which for VGG-16 end the
   pruning ramp at a third of the 300 epochs).
-- GReg (``greg1``, ``greg2``) on VGG-19, ResNet-34 and ResNet-56 (:data:`GREG_SCHEDULES`, and
-  the per-model defaults of GReg's fields): one run pretrains on the model's schedule
-  (``pretrain_epochs``: 200 / 90 / 200; ResNet-56 on GReg's steps), whose last learning rate,
-  1e-3, is the reference's constant rate for regularisation; then regularises, stabilises,
-  prunes and fine-tunes at that rate (the reference fine-tunes at 0.01 with steps: 120 epochs on
-  CIFAR, 90 on ImageNet, which one schedule over a data-dependent phase cannot express). The
-  stage ratios are the paper's (VGG-19 ``[1-15:0.7]``, 8.84x; ResNet-34 ``[0,0.5,0.6,0.4,0,0]``,
-  whose 1.32x also needs the reference's ``--skip_layers``, not supported: without them 1.62x),
-  K_u 10 / 5, K_s 10 000 / 40 000. ``epochs`` is a budget covering pretraining, at most 10^4
-  penalty updates (K_u x 10^4 iterations) and K_s, and the fine-tuning. With
-  ``--config.pretrained=RUN`` give ``--config.pretrain_epochs=0 --config.learning_rate=1e-3
-  --config.lr_schedule=constant``.
+- GReg (``greg1``, ``greg2``) plans its run's length (``epochs`` stays unset): it pretrains
+  for ``pretrain_epochs`` on the model's schedule (VGG-19 200, ResNet-34 90, ResNet-56 200 on
+  GReg's own steps, :data:`GREG_SCHEDULES`), regularises, stabilises and prunes at the constant
+  ``lr_prune`` 1e-3, then fine-tunes on a fresh optimizer at ``lr_ft`` for
+  ``fine_tune_epochs`` (120 on CIFAR at 0.01, x0.1 at 60 and 90; 90 on ImageNet at 0.01, x0.1
+  at 30, 60 and 75), as the reference. The stage ratios are the paper's (VGG-19
+  ``[1-15:0.7]``, 8.84x; ResNet-34 ``[0,0.5,0.6,0.4,0,0]``, whose 1.32x also needs the
+  reference's ``--skip_layers``, not supported: without them 1.62x), K_u 10 / 5,
+  K_s 10 000 / 40 000: GReg's field defaults per model.
 - Penalty weights (``gate_lambda``, ``sigma``, ``final_sparsity``, ``l1``, ...) are not schedule
   fields: the methods' tables give them per model when they are None.
 """
@@ -102,19 +99,12 @@ MODEL_SCHEDULES: dict[str, dict[str, Any]] = {
 GREG_METHODS = ("greg1", "greg2")
 
 GREG_SCHEDULES: dict[str, dict[str, Any]] = {
-    # 200 pretraining + <= 10^4 x K_u = 10 iterations (513 epochs of 195 steps) + K_s (52) + 120
-    "vgg19": {"epochs": 885},
-    # 90 pretraining + <= 10^4 x K_u = 5 iterations (10 epochs of 5004 steps) + K_s (8) + 90
-    "resnet34": {"epochs": 198},
-    # 200 pretraining + <= 10^4 x K_u = 10 iterations (256 epochs of 390 steps) + K_s (26) + 120
-    "resnet56": {"lr_milestones": (100, 150), "lr_factor": 0.1, "epochs": 602},
+    "resnet56": {"lr_milestones": (100, 150), "lr_factor": 0.1},
 }
-"""The epoch budget of GReg's runs of the paper (Wang et al. 2021, README and ``option.py``) on
-VGG-19 (CIFAR-100), ResNet-34 (ImageNet) and ResNet-56 (CIFAR-10), on top of the model's
-schedule; ResNet-56 also pretrains on GReg's own steps (x0.1 at 100 and 150 of 200 epochs, not
-the Dep-L0 recipe's 60/120/180/240), so that regularisation starts at the reference's 1e-3.
-GReg's own settings for them (stage ratios, K_u, K_s, pretraining epochs) are its fields'
-per-model defaults (``sparsejax.methods.greg.FIELDS``)."""
+"""GReg's pretraining schedule where it differs from the model's (Wang et al. 2021, README):
+ResNet-56 pretrains on GReg's own steps (x0.1 at 100 and 150 of 200 epochs, not the Dep-L0
+recipe's 60/120/180/240). GReg's own settings (stage ratios, K_u, K_s, the phases' lengths and
+learning rates) are its fields' per-model defaults (``sparsejax.methods.greg.FIELDS``)."""
 
 SEPARATE_GATE_OPTIMIZER = {"gate_optimizer": "adam", "gate_learning_rate": 1e-3}
 """Stochastic-gate methods train gate parameters with Adam (Dep-L0 recipe), on the network's
@@ -139,7 +129,7 @@ would let the penalty outrun Adam's largest step on every gate; at 1e-2 gate_lam
 
 FALLBACK = {"optimizer": "momentum", "learning_rate": 0.1, "lr_schedule": "cosine",
             "lr_milestones": (), "lr_factor": 0.1, "weight_decay": 5e-4, "l2": 0.0,
-            "epochs": 200, "batch_size": 128, "fine_tune_epochs": 0}
+            "epochs": 200, "batch_size": 128}
 """For a model without a paper schedule."""
 
 
@@ -152,6 +142,8 @@ def recipe(method: str, model: str) -> dict[str, Any]:
         values.update(DEP_L0_IMAGENET)
     if method in GREG_METHODS:
         values.update(GREG_SCHEDULES.get(model, {}))
+    if method_class(method).plans_length:
+        del values["epochs"]
     return values
 
 

@@ -10,6 +10,7 @@ import pkgutil
 from sparsejax.methods.base import (
     Method,
     MethodState,
+    Phase,
     RunInfo,
     cross_entropy,
     error_rate,
@@ -25,6 +26,7 @@ __all__ = [
     "Field",
     "Method",
     "MethodState",
+    "Phase",
     "RunInfo",
     "create_method",
     "cross_entropy",

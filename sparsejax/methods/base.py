@@ -14,7 +14,9 @@ transformation:
 - :meth:`Method.before_update` and :meth:`Method.after_update`, functions of (model, state,
   step[, key]) that return the new state, the second one also editing the updated model (e.g.
   re-applying masks, the log-alpha clamp, a prox step);
-- :meth:`Method.optimizer`, one optax transformation over ``{"net": ..., "gates": ...}``.
+- :meth:`Method.optimizer`, one optax transformation over ``{"net": ..., "gates": ...}``;
+- :meth:`Method.phases`, the stretches of a run with their own hooks, optimizer and length (one
+  phase, the whole run with :meth:`optimizer`, unless the method's pipeline has several).
 
 The method object holds only its resolved config and the run's shape (:class:`RunInfo`); nothing
 is attached to it or to the model after construction, and every hook may be called in any order.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -57,19 +59,17 @@ MethodState = Any
 @dataclasses.dataclass(frozen=True)
 class RunInfo:
     """What a method knows of the run it trains: training examples (N of the L0 penalties),
-    steps per epoch and epochs (its schedules)."""
+    steps per epoch and epochs (its schedules; None for a method that plans the run's length
+    itself, :attr:`Method.plans_length`)."""
 
     num_train: int
     steps_per_epoch: int = 1
-    epochs: int = 1
+    epochs: int | None = 1
 
     def __post_init__(self):
-        if self.num_train <= 0 or self.steps_per_epoch <= 0 or self.epochs <= 0:
+        sizes = (self.num_train, self.steps_per_epoch, 1 if self.epochs is None else self.epochs)
+        if min(sizes) <= 0:
             raise ValueError(f"a run needs positive sizes, got {self}")
-
-
-Params = dict[str, Any]
-"""``{"net": nnx.State of nnx.Param, "gates": nnx.State of GateParam}``."""
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -80,6 +80,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def error_rate(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Fraction of examples whose arg-max prediction is wrong."""
     return jnp.mean(jnp.argmax(logits, axis=-1) != labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of a run trained by one method object with one optimizer.
+
+    Attributes:
+      name: what the plan printed at start, the progress lines and the summary call it.
+      method: the method whose objective and hooks train the phase (the method itself, or a
+        variant such as GReg's pretraining or Dep-L0's fine-tuning with frozen gates).
+      epochs: the phase's length in epochs; with ``until``, the most it may last.
+      optimizer: a fresh optimizer, its state initialised from the parameters when the phase
+        begins; None continues the previous phase's optimizer and its state (the first phase
+        must have one).
+      until: a test of the method state (host arrays) after each of the phase's epochs: the
+        phase ends at the first epoch end where it holds (None: after ``epochs`` epochs).
+      learning_rate: the phase's learning rate in words, for the plan printed at start.
+    """
+
+    name: str
+    method: Method
+    epochs: int
+    optimizer: optax.GradientTransformation | None = None
+    until: Callable[[MethodState], bool] | None = None
+    learning_rate: str = ""
 
 
 class Method(abc.ABC):
@@ -101,6 +126,9 @@ class Method(abc.ABC):
     )
     """The default of the shared field ``ema_decay`` (:mod:`sparsejax.train.ema`) per model:
     off, unless the method's reference evaluates an average."""
+    plans_length: ClassVar[bool] = False
+    """Whether the run's length is the sum of the method's :meth:`phases`, one of which ends
+    when the method's state says so; the shared field ``epochs`` is then unset (None)."""
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         self.config = self.resolve(config)
@@ -210,17 +238,18 @@ class Method(abc.ABC):
         return partition(self.net_transform(), self.gate_transform())
 
     def schedule(
-        self, base: float, name: str, *, factor: float | None = None
+        self, base: float, name: str, *, factor: float | None = None, epochs: int | None = None
     ) -> float | optax.Schedule:
         """The learning rate ``base`` under schedule ``name`` with the config's milestones and
-        ``factor`` (None: ``config.lr_factor``) per milestone."""
+        ``factor`` (None: ``config.lr_factor``) per milestone, over ``epochs`` (None: the
+        run's)."""
         if name == "constant":
             return base
         return learning_rate_schedule(
             base,
             name,
             steps_per_epoch=self.run.steps_per_epoch,
-            epochs=self.run.epochs,
+            epochs=self.run.epochs if epochs is None else epochs,
             milestones=self.config.get("lr_milestones") or (),
             factor=self.config.get("lr_factor", 0.1) if factor is None else factor,
         )
@@ -254,11 +283,11 @@ class Method(abc.ABC):
             self.config.get("gate_optimizer") or self.config.optimizer, self.gate_schedule()
         )
 
-    def phase(self, epoch: int) -> Method:
-        """The method to train epoch ``epoch`` (0-based) with: ``self``, or a variant for a
-        later phase of training (e.g. fine-tuning with frozen gates). The engine builds one
-        train step per distinct phase object; all phases share one optimizer and one state."""
-        return self
+    def phases(self) -> tuple[Phase, ...]:
+        """The stretches of the run, in order (:class:`Phase`): here one, the whole run with
+        :meth:`optimizer`. The engine builds one train step per phase, starts a phase's fresh
+        optimizer when the phase begins, and ends the run after the last phase."""
+        return (Phase("train", self, self.run.epochs, self.optimizer()),)
 
     def model_options(self) -> dict[str, Any]:
         """Keyword arguments for the constructor of ``config.model`` that the method's reference

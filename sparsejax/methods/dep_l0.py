@@ -40,7 +40,7 @@ from sparsejax.gates.generated import (
     GeneratedHardConcreteGate,
 )
 from sparsejax.gates.generator import DEPENDENCIES, GateGenerator
-from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
+from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
 from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.l0_arm import BINARY_GATE_FIELDS, binary_gate_data_loss
@@ -258,12 +258,15 @@ class DepL0(Method):
             rate = frozen_from(rate, boundary)
         return build_optimizer(self.config.get("gate_optimizer") or GENERATOR_OPTIMIZER, rate)
 
-    def phase(self, epoch: int) -> DepL0:
-        """``self`` before the last ``fine_tune_epochs`` epochs, then the fine-tuning variant
-        (always the same object)."""
-        if epoch < self.run.epochs - self.fine_tune_epochs:
-            return self
-        return self.fine_tune_phase
+    def phases(self) -> tuple[Phase, ...]:
+        """The run with the penalty, then (``fine_tune_epochs``) the fine-tuning variant on the
+        same optimizer, whose generator learning rate is 0 from then on."""
+        training = Phase(
+            "train", self, self.run.epochs - self.fine_tune_epochs, self.optimizer()
+        )
+        if not self.fine_tune_epochs:
+            return (training,)
+        return (training, Phase("fine-tune", self.fine_tune_phase, self.fine_tune_epochs))
 
 
 @register

@@ -19,6 +19,7 @@ from sparsejax.train.loop import (
     load_data,
     read_saved_config,
 )
+from sparsejax.train.phases import PhasePlan
 from sparsejax.train.state import init_state
 
 
@@ -52,12 +53,13 @@ def restore_run(workdir: str | Path) -> tuple[GatedModel, ModelSpec, int]:
     data = load_data(config)
     method, model, method_state = build(config, data)
     key = jax.random.key(config.seed)
+    plan = PhasePlan(method.phases(), method.run.steps_per_epoch)
     graphdef, state = init_state(
-        model, method_state, method.optimizer(), key, method.config.ema_decay
+        model, method_state, plan.optimizer(0), key, method.config.ema_decay
     )
     checkpointer = Checkpointer(workdir)
     try:
-        restored = checkpointer.restore(state)
+        restored = checkpointer.restore(lambda progress: plan.state_template(state, progress))
     finally:
         checkpointer.close()
     if restored is None:

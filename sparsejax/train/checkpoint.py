@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +140,13 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def restore(
-        self, template_state: Any, at_most: int | None = None
+        self, template_state: Any | Callable[[dict], Any], at_most: int | None = None
     ) -> tuple[Any, dict] | None:
         """The newest checkpoint that verifies (of a step at most ``at_most``, when given),
-        shaped like ``template_state``; None if the run has none, or only checkpoints whose
-        save did not finish (as if they had never been written).
+        shaped like ``template_state`` (or like ``template_state(progress)`` of the
+        checkpoint's progress record, when the state's shape depends on it, e.g. on the
+        phase's optimizer); None if the run has none, or only checkpoints whose save did not
+        finish (as if they had never been written).
 
         Raises :class:`CheckpointError` when checkpoints exist but none verifies and some are
         damaged, or when one that verifies does not fit ``template_state``."""
@@ -216,9 +219,14 @@ class Checkpointer:
         for _, what in rejected:
             warn(what)
 
-    def _read(self, step: int, template_state: Any) -> tuple[Any, dict]:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+    def _read(self, step: int, template_state: Any | Callable[[dict], Any]) -> tuple[Any, dict]:
         try:
+            if callable(template_state):
+                progress = self._manager.restore(
+                    step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+                )["progress"]
+                template_state = template_state(progress)
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(

@@ -19,11 +19,12 @@ from sparsejax.methods import METHODS, Method, method_class
 from sparsejax.methods import fields as config_fields
 from sparsejax.methods.fields import add_fields, check_known
 
-CONFIG_FORMAT = 2
+CONFIG_FORMAT = 3
 """Version of the layout of a run directory's ``config.json`` and checkpoints (stored under
 :data:`FORMAT_KEY`): 2 since methods declare their fields and keep their state out of the model
-and the train state holds the parameter average (``ema_params``); runs without it were written
-by an earlier sparsejax."""
+and the train state holds the parameter average (``ema_params``); 3 since the optimizer state
+keeps each group's learning rate and the progress record the phases begun. Runs of another
+format were written by another sparsejax."""
 FORMAT_KEY = "config_format"
 
 
@@ -72,10 +73,14 @@ SHARED_FIELDS: frozenset[str] = frozenset(shared_config().keys())
 
 
 def with_method(config: ml_collections.ConfigDict, method: str | None) -> ml_collections.ConfigDict:
-    """``config`` for ``method`` (None: ``config.method``): its name and its own fields, unset."""
+    """``config`` for ``method`` (None: ``config.method``): its name and its own fields, unset,
+    and ``epochs`` unset for a method that plans the run's length (:attr:`Method.plans_length`)."""
     name = method or config.method
-    extended = add_fields(config, method_class(name).fields)
+    cls = method_class(name)
+    extended = add_fields(config, cls.fields)
     extended.method = name
+    if cls.plans_length:
+        extended.epochs = config_dict.placeholder(int)
     return extended
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -35,16 +34,17 @@ from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.lock import WorkdirLock
 from sparsejax.train.metrics import METRICS_FILE, MetricWriter, NullWriter
+from sparsejax.train.phases import PHASE_STARTS, PhasePlan
 from sparsejax.train.preemption import Preempted, StopRequest
 from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.progress import Progress
 from sparsejax.train.sharding import create_mesh, local_copy, replicate
 from sparsejax.train.state import TrainState, evaluated_params, init_state, merge_model
-from sparsejax.train.step import make_eval_step, make_train_step
+from sparsejax.train.step import LEARNING_RATE, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-RESUMABLE_CHANGES = ("epochs", "data_dir", "keep_checkpoints")
+RESUMABLE_CHANGES = ("epochs", "finetune_epochs", "data_dir", "keep_checkpoints")
 """Config fields that may differ when a run is resumed."""
 
 
@@ -88,11 +88,10 @@ def check_format(path: Path, saved: dict) -> dict:
     saved = dict(saved)
     if saved.pop(FORMAT_KEY, None) != CONFIG_FORMAT:
         raise OutdatedRunError(
-            f"{path.parent} holds a run written by an earlier sparsejax, before methods kept "
-            "their state (masks, GReg's schedule, Dep-L0's generator) out of the model, the train "
-            "state held the parameter average and config.json recorded resolved values; this "
-            "version cannot resume or read its checkpoints: train it again in a new --workdir "
-            "(or read it with the sparsejax that wrote it)"
+            f"{path.parent} holds a run written by an earlier sparsejax, whose checkpoints "
+            "(method state, parameter average, optimizer state, phases) this version cannot "
+            "resume or read: train it again in a new --workdir (or read it with the sparsejax "
+            "that wrote it)"
         )
     return saved
 
@@ -162,7 +161,7 @@ def build(
     """The method, its model with the initial weights of ``config.seed`` (or the network
     weights of the method's :meth:`~Method.pretrained_run`) and the method's initial state."""
     method_cls, config = resolve_config(config)
-    run = RunInfo(data.num_train, steps_per_epoch_of(config, data), config.epochs)
+    run = RunInfo(data.num_train, steps_per_epoch_of(config, data), config.get("epochs"))
     method = method_cls(config, run)
     model = build_model(
         config.model,
@@ -210,14 +209,14 @@ def evaluate(eval_step, state: TrainState, inputs: Input) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
-    """What a run of a config is made of before any training: its mesh, data, method,
-    optimizer, model structure, initial (replicated) train state and input pipeline."""
+    """What a run of a config is made of before any training: its mesh, data, method, phases,
+    model structure, initial (replicated) train state and input pipeline."""
 
     config: ml_collections.ConfigDict
     mesh: Mesh
     data: BatchSource
     method: Method
-    tx: optax.GradientTransformation
+    plan: PhasePlan
     graphdef: nnx.GraphDef
     initial_state: TrainState
     inputs: Input
@@ -227,14 +226,57 @@ class RunSetup:
     def steps_per_epoch(self) -> int:
         return self.inputs.steps_per_epoch
 
-    def train_step(self, epoch: int) -> Callable:
-        """The jitted step of the method's phase for ``epoch``, one per distinct phase object."""
-        phase = self.method.phase(epoch)
-        if id(phase) not in self._phase_steps:
-            self._phase_steps[id(phase)] = make_train_step(
-                self.graphdef, phase, self.tx, self.mesh, self.config.ema_decay
+    def train_step(self, phase: int) -> Callable:
+        """The jitted step of phase ``phase`` (its method and optimizer), built once."""
+        if phase not in self._phase_steps:
+            self._phase_steps[phase] = make_train_step(
+                self.graphdef,
+                self.plan.phases[phase].method,
+                self.plan.optimizer(phase),
+                self.mesh,
+                self.config.ema_decay,
             )
-        return self._phase_steps[id(phase)]
+        return self._phase_steps[phase]
+
+    def with_fresh_optimizer(self, state: TrainState, phase: int) -> TrainState:
+        """``state`` with the optimizer state of phase ``phase`` initialised from its
+        parameters (the state a phase with its own optimizer begins with)."""
+        opt_state = self.plan.optimizer(phase).init(state.params)
+        return state.replace(opt_state=replicate(opt_state, self.mesh))
+
+    def state_template(self, progress: dict) -> TrainState:
+        """A train state shaped like a checkpoint whose progress record is ``progress``
+        (:meth:`PhasePlan.state_template`), replicated."""
+        return replicate(self.plan.state_template(self.initial_state, progress), self.mesh)
+
+    def advance(
+        self, state: TrainState, progress: dict, announce: Callable[[str], None]
+    ) -> tuple[int | None, TrainState, dict]:
+        """The phase that trains the next epoch (None: the run is over), beginning the phases
+        whose time has come at epoch ``progress["epoch"]``: each is recorded in ``progress``
+        and, with its own optimizer, starts from a fresh optimizer state."""
+        while True:
+            starts = progress[PHASE_STARTS]
+            phase = len(starts) - 1
+            ended = self.plan.ended(
+                phase, starts[-1], progress["epoch"], lambda: local_copy(state.method_state)
+            )
+            if not ended:
+                return phase, state, progress
+            finished = self.plan.phases[phase]
+            if finished.until is not None and not finished.until(local_copy(state.method_state)):
+                announce(
+                    f"the {finished.name} phase reached its longest planned length "
+                    f"({finished.epochs} epochs) before the method ended it"
+                )
+            if phase + 1 == len(self.plan.phases):
+                return None, state, progress
+            progress = {**progress, PHASE_STARTS: [*starts, progress["epoch"]]}
+            if self.plan.starts_optimizer(phase + 1):
+                state = self.with_fresh_optimizer(state, phase + 1)
+            upcoming = self.plan.phases[phase + 1]
+            if upcoming.epochs:
+                announce(f"epoch {progress['epoch'] + 1}: the {upcoming.name} phase begins")
 
 
 def set_up(config: ml_collections.ConfigDict) -> RunSetup:
@@ -245,10 +287,10 @@ def set_up(config: ml_collections.ConfigDict) -> RunSetup:
     method, model, method_state = build(config, data)
     config = method.config
     steps_per_epoch = method.run.steps_per_epoch
-    tx = method.optimizer()
+    plan = PhasePlan(method.phases(), steps_per_epoch)
     root_key = jax.random.key(config.seed)
     graphdef, state = init_state(
-        model, method_state, tx, jax.random.fold_in(root_key, 0), config.ema_decay
+        model, method_state, plan.optimizer(0), jax.random.fold_in(root_key, 0), config.ema_decay
     )
     inputs = Input(
         data,
@@ -260,7 +302,7 @@ def set_up(config: ml_collections.ConfigDict) -> RunSetup:
         workers=config.get("input_workers", 0),
         threads=config.get("input_threads", DEFAULT_THREADS),
     )
-    return RunSetup(config, mesh, data, method, tx, graphdef, replicate(state, mesh), inputs)
+    return RunSetup(config, mesh, data, method, plan, graphdef, replicate(state, mesh), inputs)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -302,14 +344,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     steps_per_epoch = setup.steps_per_epoch
     eval_step = make_eval_step(graphdef, config.ema_decay)
 
-    progress_record = {"epoch": 0, "test_errors": [], "epoch_seconds": []}
+    plan = setup.plan
+    progress_record = {"epoch": 0, "test_errors": [], "epoch_seconds": [], PHASE_STARTS: [0]}
     with contextlib.closing(
         Checkpointer(workdir, max_to_keep=config.keep_checkpoints, set_aside=True)
     ) as checkpointer:
-        restored = checkpointer.restore(state)
+        restored = checkpointer.restore(setup.state_template)
         if restored is not None:
             state, progress_record = restored
-        if progress_record["epoch"] > config.epochs:
+        if config.epochs is not None and progress_record["epoch"] > config.epochs:
             raise ConfigError(
                 f"{workdir} holds a run that has finished {progress_record['epoch']} epochs, "
                 f"more than --epochs={config.epochs}; pass --epochs={progress_record['epoch']} "
@@ -323,18 +366,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
             if jax.process_index() == 0
             else NullWriter()
         )
-        progress = Progress(config.epochs * steps_per_epoch, initial=start_step)
+        planned = plan.planned_epochs(progress_record[PHASE_STARTS])
+        progress = Progress(planned * steps_per_epoch, initial=start_step)
+        if len(plan.phases) > 1:
+            progress.message(plan.describe())
         if start_step:
             progress.message(f"resuming {workdir} at step {start_step}")
         try:
             with StopRequest() as stop:
-                batches = inputs.train_batches(start_step, config.epochs * steps_per_epoch)
+                batches = inputs.train_batches(start_step, planned * steps_per_epoch)
                 run = _Run(
                     config, inputs, batches, setup.train_step, eval_step, graphdef,
                     checkpointer, writer, progress, stop,
                 )
-                for epoch in range(progress_record["epoch"], config.epochs):
-                    state, progress_record = run.epoch(epoch, state, progress_record)
+                while True:
+                    phase, state, progress_record = setup.advance(
+                        state, progress_record, progress.message
+                    )
+                    if phase is None:
+                        break
+                    progress.set_total(
+                        plan.planned_epochs(progress_record[PHASE_STARTS]) * steps_per_epoch
+                    )
+                    state, progress_record = run.epoch(phase, state, progress_record)
         finally:
             progress.close()
             writer.close()
@@ -342,6 +396,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     final_model = evaluated_model(graphdef, state, config.ema_decay)
     report = sparsity_report(final_model)
     summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
+    if len(plan.phases) > 1:
+        summary["phases"] = plan.summary(progress_record[PHASE_STARTS], progress_record["epoch"])
     summary.update(setup.method.report(final_model, local_copy(state.method_state)))
     if jax.process_index() == 0:
         _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
@@ -356,6 +412,7 @@ class _Run:
     inputs: Input
     batches: Iterator[tuple[jax.Array, jax.Array]]
     train_step: Callable[[int], Callable]
+    """The jitted step of a phase, by phase index."""
     eval_step: Callable
     graphdef: nnx.GraphDef
     checkpointer: Checkpointer
@@ -363,19 +420,23 @@ class _Run:
     progress: Progress
     stop: StopRequest
 
-    def epoch(self, epoch: int, state: TrainState, progress_record: dict):
-        """One epoch (or its remainder after a resume), its evaluation and its checkpoint."""
+    def epoch(self, phase: int, state: TrainState, progress_record: dict):
+        """One epoch of phase ``phase`` (or its remainder after a resume), its evaluation and
+        its checkpoint."""
         steps_per_epoch = self.inputs.steps_per_epoch
+        epoch = progress_record["epoch"]
+        step_fn = self.train_step(phase)
         started = time.perf_counter()
         first = _step_of(state) - epoch * steps_per_epoch
         for chunk_start in range(first, steps_per_epoch, self.config.log_every):
             chunk_end = min(chunk_start + self.config.log_every, steps_per_epoch)
-            state = self._chunk(epoch, state, chunk_start, chunk_end, progress_record)
+            state = self._chunk(epoch, step_fn, state, chunk_start, chunk_end, progress_record)
         epoch_seconds = time.perf_counter() - started
 
         evaluation = evaluate(self.eval_step, state, self.inputs)
         report = sparsity_report(evaluated_model(self.graphdef, state, self.config.ema_decay))
         progress_record = {
+            **progress_record,
             "epoch": epoch + 1,
             "test_errors": [*progress_record["test_errors"], evaluation["err"]],
             "epoch_seconds": [*progress_record["epoch_seconds"], epoch_seconds],
@@ -393,20 +454,21 @@ class _Run:
         )
         self.writer.histograms(step, {f"gates/{k}": v for k, v in report.test_gates.items()})
         self.progress.message(
-            f"epoch {epoch + 1}/{self.config.epochs}: test error {evaluation['err']:.2f}%, "
+            f"epoch {epoch + 1}/{self.progress.total // steps_per_epoch}: test error "
+            f"{evaluation['err']:.2f}%, "
             f"architecture {report.architecture}, pruning rate {report.pruning_rate:.1f}%"
         )
         self.checkpointer.save(step, state, progress_record, {BEST_METRIC: evaluation["err"]})
         return state, progress_record
 
-    def _chunk(self, epoch, state, start, end, progress_record) -> TrainState:
+    def _chunk(self, epoch, step_fn, state, start, end, progress_record) -> TrainState:
         """Steps ``start..end-1`` of an epoch, then one metrics record; saves and raises
         :class:`Preempted` when asked to stop."""
         steps_per_epoch = self.inputs.steps_per_epoch
         started = time.perf_counter()
         chunk = []
         for index in range(start, end):
-            state, step_metrics = self.train_step(epoch)(state, *next(self.batches))
+            state, step_metrics = step_fn(state, *next(self.batches))
             chunk.append(step_metrics)
             step = epoch * steps_per_epoch + index + 1
             if self.stop.requested or self.checkpointer.reached_preemption(step):
@@ -416,7 +478,10 @@ class _Run:
                     "Rerun the same command to resume."
                 )
         fetched = jax.device_get(local_copy(chunk))
-        metrics = {k: np.array([m[k] for m in fetched]) for k in fetched[0]}
+        rates = {k: float(v) for k, v in fetched[-1].items() if k.startswith(LEARNING_RATE)}
+        metrics = {
+            k: np.array([m[k] for m in fetched]) for k in fetched[0] if k not in rates
+        }
         elapsed = time.perf_counter() - started
         means = {k: float(np.mean(v)) for k, v in metrics.items()}
         last = epoch * steps_per_epoch + end
@@ -439,6 +504,7 @@ class _Run:
                 **{f"train/{k}": v for k, v in means.items()},
                 "train/steps_per_second": len(chunk) / elapsed,
                 "train/examples_per_second": len(chunk) * self.inputs.batch_size / elapsed,
+                **rates,
             },
         )
         self.progress.update(len(chunk), f"loss {means['loss']:.4f} err {means['err']:.2f}%")
@@ -453,7 +519,7 @@ def _summary(config, data: BatchSource, report: GateReport, progress: dict, step
         "model": config.model,
         "dataset": data.name,
         "data_source": data.source,
-        "epochs": config.epochs,
+        "epochs": progress["epoch"],
         "steps_per_epoch": steps,
         "batch_size": config.batch_size,
         "evaluated_parameters": "ema" if config.ema_decay else "raw",

@@ -20,6 +20,18 @@ class Progress:
         self._total = total_steps
         self._done = initial
 
+    @property
+    def total(self) -> int:
+        """The steps the run is planned to take."""
+        return self._total
+
+    def set_total(self, total_steps: int) -> None:
+        """Change the planned steps (a phase that ended before its longest length)."""
+        self._total = total_steps
+        if self._bar is not None and self._bar.total != total_steps:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     def update(self, steps: int, status: str) -> None:
         self._done += steps
         if self._bar is not None:

@@ -19,6 +19,7 @@ from sparsejax.methods.base import MethodState
 from sparsejax.models.base import GatedModel
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.loop import evaluate, set_up
+from sparsejax.train.phases import PHASE_STARTS
 from sparsejax.train.sharding import local_copy
 from sparsejax.train.state import merge_model
 from sparsejax.train.step import make_eval_step
@@ -48,24 +49,30 @@ def replay(
     Raises ValueError when a step lies outside the run's ``epochs``."""
     setup = set_up(config)
     steps = sorted(steps)
-    last = config.epochs * setup.steps_per_epoch
+    last = setup.plan.planned_epochs([0]) * setup.steps_per_epoch
     if not steps or steps[0] < 0 or steps[-1] > last:
         raise ValueError(f"steps must lie in [0, {last}] (the run's epochs), got {steps}")
-    state, step = setup.initial_state, 0
+    state, step, progress = setup.initial_state, 0, {"epoch": 0, PHASE_STARTS: [0]}
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     try:
-        restored = checkpointer.restore(setup.initial_state, at_most=steps[0])
+        restored = checkpointer.restore(setup.state_template, at_most=steps[0])
     finally:
         checkpointer.close()
     if restored is not None:
-        state, _ = restored
+        state, progress = restored
         step = int(local_copy(state.step))
+    phase, state, progress = setup.advance(state, progress, _quiet)
 
     eval_step = make_eval_step(setup.graphdef, setup.config.ema_decay)
     snapshots = []
     for target in steps:
         for images, labels in setup.inputs.train_batches(step, target):
-            state, _ = setup.train_step(step // setup.steps_per_epoch)(state, images, labels)
+            if step // setup.steps_per_epoch != progress["epoch"]:  # the next epoch begins
+                progress = {**progress, "epoch": step // setup.steps_per_epoch}
+                phase, state, progress = setup.advance(state, progress, _quiet)
+            if phase is None:
+                raise ValueError(f"the run ends before step {target}")
+            state, _ = setup.train_step(phase)(state, images, labels)
             step += 1
         evaluation = evaluate(eval_step, state, setup.inputs)
         params, model_state, method_state = jax.device_get(
@@ -76,3 +83,7 @@ def replay(
             Snapshot(target, evaluation["err"], evaluation["loss"], model, method_state)
         )
     return snapshots
+
+
+def _quiet(message: str) -> None:
+    """Phase announcements are not shown while replaying."""

@@ -24,6 +24,7 @@ from sparsejax.methods.base import (
     cross_entropy,
     error_rate,
 )
+from sparsejax.methods.optim import learning_rates
 from sparsejax.train import ema
 from sparsejax.train.sharding import replicated
 from sparsejax.train.state import (
@@ -35,6 +36,10 @@ from sparsejax.train.state import (
 )
 
 Metrics = dict[str, jax.Array]
+
+LEARNING_RATE = "lr/"
+"""Prefix of the step metrics that give each parameter group's learning rate (``lr/net``,
+``lr/gates``) of the step's update."""
 
 AFTER_UPDATE_FOLD = 2**31 - 1
 """Folded into a step's key to give :meth:`Method.after_update` its key. Gate streams fold their
@@ -49,7 +54,8 @@ def make_train_step(
     ema_decay: float = 0.0,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, images, labels) -> (state, metrics)``, jitted, the state donated and kept
-    replicated. With ``ema_decay`` not 0 the step also updates the parameter average
+    replicated. The metrics are the loss and its parts, the batch error and the learning rate
+    of every parameter group that has parameters (:data:`LEARNING_RATE`). With ``ema_decay`` not 0 the step also updates the parameter average
     (:func:`sparsejax.train.ema.update`) with the parameters after the method's after-update;
     with 0 the step is the same program as without averaging."""
 
@@ -81,6 +87,11 @@ def make_train_step(
             "data_loss": aux["data_loss"],
             "penalty": aux["penalty"],
             "err": 100.0 * error_rate(aux["logits"], y),
+            **{
+                f"{LEARNING_RATE}{group}": rate
+                for group, rate in learning_rates(opt_state).items()
+                if group not in state.params or jax.tree.leaves(state.params[group])
+            },
         }
         new_state = state.replace(
             step=state.step + 1,

@@ -23,10 +23,10 @@ SCHEDULE = {"greg_interval": 1, "greg_delta": 0.5, "greg_stabilise_steps": 3}
 
 def test_errors_around_pruning_are_those_of_the_runs_networks(tmp_path):
     train_and_evaluate(dense_config("mlp", 1, **TINY), tmp_path / "dense")
-    config = greg_config("mlp", "greg1", 0.5, tmp_path / "dense", 2, **TINY, **SCHEDULE)
+    config = greg_config("mlp", "greg1", 0.5, tmp_path / "dense", 1, **TINY, **SCHEDULE)
     summary = train_and_evaluate(config, tmp_path / "greg1")
     row = greg_row(summary, config, tmp_path / "greg1")
-    assert row["prune_step"] == 5 and row["phase"] == "finetune"
+    assert row["prune_step"] == 5 and row["phase"] == "finetune" and row["epochs"] == "1+1"
     assert row["widths"] == row["after_widths"] == {"fc1": 150, "fc2": 50}
     assert row["best_err"] <= row["last_err"] == summary["test_error"]
 

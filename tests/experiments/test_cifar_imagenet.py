@@ -3,16 +3,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
-from experiments.configs import cifar, imagenet
+from experiments.configs import cifar, imagenet, mnist
 from experiments.configs.recipes import GREG_SCHEDULES, MODEL_SCHEDULES, resolve
+from sparsejax.errors import ConfigError
 from sparsejax.methods import RunInfo
 from sparsejax.methods.dep_l0 import generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.greg import FIELDS as GREG_FIELDS
+from sparsejax.methods.optim import learning_rates
 from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.config import resolve_config
@@ -81,33 +85,80 @@ def test_imagenet_recipe_is_resnet50s():
         assert config[field] == value, field
 
 
+def learning_rate_of_update(tx, update: int) -> float:
+    """The network's learning rate of 0-based update ``update`` of ``tx``, read from its state."""
+    params = {"net": {"w": jnp.zeros(2)}, "gates": {}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = jax.lax.fori_loop(
+        0, update + 1, lambda _, s: tx.update(grads, s, params)[1], tx.init(params)
+    )
+    return float(learning_rates(state)["net"])
+
+
 @pytest.mark.parametrize(
-    "module, model, lr_at_regularisation",
-    [(cifar, "vgg19", 1e-3), (imagenet, "resnet34", 1e-3), (cifar, "resnet56", 1e-3)],
+    "module, model, steps_per_epoch, fine_tuning",
+    [
+        (cifar, "vgg19", 196, (120, {0: 0.01, 60: 1e-3, 90: 1e-4})),
+        (imagenet, "resnet34", 5005, (90, {0: 0.01, 30: 1e-3, 60: 1e-4, 75: 1e-5})),
+        (cifar, "resnet56", 391, (120, {0: 0.01, 60: 1e-3, 90: 1e-4})),
+    ],
 )
 @pytest.mark.parametrize("method", ["greg1", "greg2"])
-def test_greg_networks_take_the_papers_pretraining_and_greg_schedule(
-    module, model, lr_at_regularisation, method
+def test_greg_networks_run_the_papers_phases_with_their_own_learning_rates(
+    module, model, steps_per_epoch, fine_tuning, method
 ):
     config = module.get_config(method)
     config.update(model=model)
     resolve(config)
-    _, config = resolve_config(config)
-    for field, value in {**MODEL_SCHEDULES[model], **GREG_SCHEDULES[model]}.items():
-        assert config[field] == value, field
+    cls, config = resolve_config(config)
+    assert config.epochs is None  # the phases give the run's length
+    for field, value in {**MODEL_SCHEDULES[model], **GREG_SCHEDULES.get(model, {})}.items():
+        if field != "epochs":
+            assert config[field] == value, field
     expected = {
         "vgg19": (10, 10_000, 200), "resnet34": (5, 40_000, 90), "resnet56": (10, 10_000, 200)
     }[model]
     assert (config.greg_interval, config.greg_stabilise_steps, config.pretrain_epochs) == expected
-    # pretraining ends on the reference's constant regularisation rate
-    rate = config.learning_rate * config.lr_factor ** sum(
-        m <= config.pretrain_epochs for m in config.lr_milestones
-    )
-    assert rate == pytest.approx(lr_at_regularisation)
+
+    greg = cls(config, RunInfo(50_000, steps_per_epoch, None))
+    pretrain, regularise, fine_tune = greg.phases()
+    assert [p.name for p in greg.phases()] == ["pretrain", "regularise", "fine-tune"]
+    assert pretrain.epochs == expected[2] and pretrain.method is not greg
+    milestones = tuple(config.lr_milestones)
+    for epoch in (0, *milestones, expected[2] - 1):
+        drops = sum(m <= epoch for m in milestones)
+        assert learning_rate_of_update(
+            pretrain.optimizer, epoch * steps_per_epoch
+        ) == pytest.approx(config.learning_rate * config.lr_factor**drops), epoch
+    # the reference regularises at a constant 1e-3 for at most tau / delta = 10^4 coefficient
+    # updates (GReg-2: tau_pick / delta_pick = 10^3 uniform ones, then (tau - tau_pick) / delta
+    # = 9,900) every K_u iterations, and K_s more (float32 sums may need an update more)
+    updates = 10_000 if method == "greg1" else 1_000 + 9_900
+    longest = expected[0] * updates + expected[1]
+    assert regularise.until is not None
+    planned = regularise.epochs * steps_per_epoch
+    assert -2 * expected[0] <= planned - longest < steps_per_epoch + 2 * expected[0]
+    for update in (0, 12_345):
+        assert learning_rate_of_update(regularise.optimizer, update) == pytest.approx(1e-3)
+    epochs, rates = fine_tuning
+    assert fine_tune.epochs == epochs and fine_tune.method is greg
+    for epoch, rate in rates.items():
+        for at in (epoch, epoch + 1):
+            assert learning_rate_of_update(
+                fine_tune.optimizer, at * steps_per_epoch - (at > epoch)
+            ) == pytest.approx(rate), epoch
     dense = module.get_config("dense")
     dense.update(model=model)
     resolve(dense)
     assert "stage_pr" not in dense and dense.epochs == MODEL_SCHEDULES[model]["epochs"]
+
+
+@pytest.mark.parametrize("module, model", [(cifar, "resnet56"), (mnist, "lenet5")])
+def test_greg_refuses_an_epoch_count(module, model):
+    config = module.get_config("greg1")
+    config.update(model=model, epochs=30)
+    with pytest.raises(ConfigError, match="fine_tune_epochs"):
+        resolve_config(config)
 
 
 @pytest.mark.parametrize("method", ["dep_l0", "dep_l0_arm"])
@@ -174,17 +225,21 @@ def test_cifar_cli_on_synthetic_data(tmp_path):
 def test_greg_networks_cli_on_synthetic_data(tmp_path, module, model, method, batch):
     """Two steps of GReg's regularisation on each of its networks, recipe filled in."""
     result = run_cli(
-        module, f"--method={method}", f"--model={model}", "--dataset=synthetic", "--epochs=1",
+        module, f"--method={method}", f"--model={model}", "--dataset=synthetic",
         "--steps_per_epoch=2", f"--batch_size={batch}", f"--workdir={tmp_path}",
         f"--config.num_train={2 * batch}", f"--config.num_test={batch}",
         f"--config.eval_batch_size={batch}", "--config.pretrain_epochs=0",
+        # one coefficient update past the ceiling, pruning right after it, one epoch of tuning
+        "--config.greg_delta=1.0", "--config.greg_ceiling=0.5", "--config.greg_delta_pick=1.0",
+        "--config.greg_stabilise_steps=0", "--config.fine_tune_epochs=1",
         "--config.input_workers=0", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     config = json.loads((tmp_path / "config.json").read_text())
-    assert summary["model"] == model and summary["greg/phase"] == "regularise"
-    assert summary["greg/iteration"] == 2
+    assert summary["model"] == model and summary["greg/phase"] == "finetune"
+    assert summary["greg/iteration"] == 4 and summary["epochs"] == 2
+    assert [phase["name"] for phase in summary["phases"]] == ["regularise", "fine-tune"]
     stage_pr = GREG_FIELDS["stage_pr"].default_for(model)
     assert config["stage_pr"] == (stage_pr if isinstance(stage_pr, str) else list(stage_pr))
     assert config["greg_interval"] == GREG_FIELDS["greg_interval"].default_for(model)

@@ -264,10 +264,12 @@ def test_arm_generator_gradient_is_the_chain_rule_on_the_exact_gradient(per_exam
 @pytest.mark.parametrize("name", ["dep_l0", "dep_l0_arm"])
 def test_fine_tuning_freezes_the_generator_at_deterministic_gates(name):
     method, model = tiny_lenet(name, run=RunInfo(1000, 10, 3), fine_tune_epochs=1)
-    assert method.phase(0) is method and method.phase(1) is method
-    tuning = method.phase(2)
-    assert tuning is not method and tuning.fine_tuning and method.phase(2) is tuning
-    assert tuning.phase(0) is tuning
+    training, fine_tuning = method.phases()
+    assert (training.method, training.epochs) == (method, 2)
+    tuning = fine_tuning.method
+    assert tuning is not method and tuning.fine_tuning and fine_tuning.epochs == 1
+    assert fine_tuning.optimizer is None  # the same optimizer and state go on
+    assert tuning.fine_tune_phase is tuning
 
     x, y = batch()
     graphdef, params, rest = split_model(model)

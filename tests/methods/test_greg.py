@@ -22,10 +22,13 @@ from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
+    NOT_YET,
     REGULARISE,
     STABILISE,
     LayerState,
     Schedule,
+    longest_regularisation,
+    prune,
     regularise,
     smallest,
 )
@@ -36,6 +39,7 @@ from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.config import resolve_config
 from sparsejax.train.loop import build
+from sparsejax.train.metrics import read_metrics
 from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.state import merge_model, split_model
 
@@ -185,9 +189,10 @@ def test_smallest_marks_exactly_count_smallest_with_ties_by_index():
 def greg_config(**overrides):
     config = get_config(overrides.get("method", "greg1"))
     config.update(
-        dataset="synthetic", model="mlp", epochs=3, batch_size=64,
+        dataset="synthetic", model="mlp", batch_size=64,
         num_train=512, num_test=128, log_every=4, eval_batch_size=128,
         greg_interval=1, greg_delta=0.5, greg_stabilise_steps=3, pretrain_epochs=0, stage_pr=0.5,
+        fine_tune_epochs=2,
     )
     config.update(overrides)
     return config
@@ -317,6 +322,17 @@ def test_pruned_filters_output_exactly_zero_like_removed_channels():
 def latest_checkpoint(workdir):
     step = Checkpointer(workdir).latest_step()
     return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def leaves(tree, prefix=""):
+    """``{path: array}`` of a restored pytree of dicts and lists."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: np.asarray(tree)}
+    return {k: v for key, sub in items for k, v in leaves(sub, f"{prefix}/{key}").items()}
 
 
 def assert_masked_weights_are_zero(workdir, names, ratio):
@@ -453,3 +469,66 @@ def test_greg_on_resnet50_needs_a_pretrained_network_or_explicit_pretraining():
     assert resolve_config(config)[1].pretrain_epochs == 0
     resolved = resolve_config(get_config("greg1"))[1]  # LeNet-5: its own default
     assert (resolved.greg_interval, resolved.pretrain_epochs) == (1, 5)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_the_longest_regularisation_is_the_schedule_run_without_early_finishes(variant):
+    schedule = Schedule(**{**SCHEDULE, "variant": variant, "delta": 0.1, "ceiling": 0.45,
+                           "delta_pick": 0.03, "ceiling_pick": 0.1, "stabilise_steps": 4})
+    scores = [jnp.ones(6), jnp.ones(4)]  # equal scores: the magnitude ratio stays 1 < R
+    layers, phase, start = [fresh_layer(s.shape) for s in scores], REGULARISE, NOT_YET
+    t = 0
+    while phase != FINETUNE:
+        layers, phase, start = regularise(layers, scores, COUNTS, t, phase, start, schedule)
+        layers, phase, _ = prune(layers, t, phase, start, schedule)
+        t += 1
+    assert longest_regularisation(schedule) == t
+    # GReg-1: 5 updates (0.5 > 0.45), GReg-2: 4 uniform (0.12 >= 0.1) and 4 pushes (0.52)
+    updates = 5 if variant == 1 else 8
+    assert t == schedule.interval * (updates - 1) + schedule.stabilise_steps + 1
+
+
+def opt_counts(opt_state):
+    """The update counts kept by the optimizer's learning-rate state, per parameter group."""
+    return {
+        group: int(np.asarray(inner["inner_state"][-1]["count"]))
+        for group, inner in opt_state["inner_states"].items()
+    }
+
+
+def test_each_phase_trains_at_its_own_learning_rate_from_a_fresh_optimizer(tmp_path):
+    config = greg_config(pretrain_epochs=1, lr_prune=5e-4, lr_ft="0:0.01,1:0.002",
+                         learning_rate=2e-3, fine_tune_epochs=2)
+    summary = train_and_evaluate(config, tmp_path)
+    assert summary["epochs"] == 4 and summary["greg/phase"] == "finetune"
+    assert summary["phases"] == [
+        {"name": "pretrain", "start_epoch": 0, "epochs": 1},
+        {"name": "regularise", "start_epoch": 1, "epochs": 1},
+        {"name": "fine-tune", "start_epoch": 2, "epochs": 2},
+    ]
+    rates = {r["step"]: r["lr/net"] for r in read_metrics(tmp_path) if "lr/net" in r}
+    assert all("lr/gates" not in r for r in read_metrics(tmp_path))  # GReg has no gates
+    expected = {4: 2e-3, 8: 2e-3, 12: 5e-4, 16: 5e-4, 20: 0.01, 24: 0.01, 28: 2e-3, 32: 2e-3}
+    assert rates == pytest.approx(expected)
+    saved = latest_checkpoint(tmp_path)
+    assert opt_counts(saved["opt_state"])["net"] == 16  # started with fine-tuning, at step 16
+
+
+@pytest.mark.parametrize("stop", [5, 11, 16, 19])
+def test_a_run_stopped_in_any_phase_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch, stop
+):
+    config = greg_config(method="greg2", pretrain_epochs=1, greg_delta_pick=0.2,
+                         greg_ceiling_pick=0.3, greg_stabilise_steps=2, lr_ft="0:0.01,1:0.002")
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == stop)
+        with pytest.raises(Preempted):
+            train_and_evaluate(config, tmp_path / "split")
+    resumed = train_and_evaluate(config, tmp_path / "split")
+    for key, value in whole.items():
+        if "seconds" not in key and key != "examples_per_second":
+            assert resumed[key] == value, key
+    states = [leaves(latest_checkpoint(tmp_path / d)) for d in ("whole", "split")]
+    for path, value in states[0].items():
+        np.testing.assert_array_equal(value, states[1][path], err_msg=path)

@@ -8,14 +8,15 @@ from sparsejax.methods import METHODS
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.metrics import read_metrics
-from tests.methods.test_greg import latest_checkpoint
+from tests.methods.test_greg import latest_checkpoint, leaves
 from tests.train.test_loop import comparable, config_for
 
 SCHEDULES = {
     "greg1": {"pretrain_epochs": 1, "greg_interval": 1, "greg_delta": 0.5,
-              "greg_stabilise_steps": 2},
+              "greg_stabilise_steps": 2, "fine_tune_epochs": 1, "epochs": None},
     "greg2": {"pretrain_epochs": 1, "greg_interval": 1, "greg_delta_pick": 0.2,
-              "greg_ceiling_pick": 0.3, "greg_delta": 0.5, "greg_stabilise_steps": 2},
+              "greg_ceiling_pick": 0.3, "greg_delta": 0.5, "greg_stabilise_steps": 2,
+              "fine_tune_epochs": 1, "epochs": None},
     "stochastic": {"final_sparsity": 0.5, "prune_end_epoch": 1.5},
     "gmp": {"final_sparsity": 0.5, "prune_every": 2, "prune_end_epoch": 1.5},
     "dep_l0": {"fine_tune_epochs": 1},
@@ -23,20 +24,9 @@ SCHEDULES = {
 """Settings under which each method's state changes within the short run."""
 
 
-def leaves(tree, prefix=""):
-    """``{path: array}`` of a restored pytree of dicts and lists."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return {prefix: np.asarray(tree)}
-    return {k: v for key, sub in items for k, v in leaves(sub, f"{prefix}/{key}").items()}
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_state_round_trips_and_a_preempted_run_resumes_exactly(tmp_path, method, monkeypatch):
-    config = config_for(method=method, epochs=3, **SCHEDULES.get(method, {}))
+    config = config_for(method=method, **{"epochs": 3, **SCHEDULES.get(method, {})})
     whole = train_and_evaluate(config, tmp_path / "whole")
     with monkeypatch.context() as patch:  # stop inside the second epoch
         patch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 11)

@@ -1,18 +1,21 @@
 """GReg-1 and GReg-2: pruning by growing L2 regularisation (Wang, Qin, Zhang, Fu, ICLR 2021).
 
-One run is the whole pipeline, resumable at any point:
+One run is the whole pipeline, resumable at any point, in three phases
+(:meth:`GReg.phases`), each with its own optimizer as in the reference:
 
 1. **Pretraining**: the network from ``config.pretrained`` (the workdir of another run, whose
    newest checkpoint gives the network weights and BatchNorm statistics; the engine loads them,
-   :meth:`GReg.pretrained_run`), or else
-   ``pretrain_epochs`` epochs of plain training (cross-entropy + ``l2``), run by a separate
-   phase object (:meth:`GReg.phase`).
+   :meth:`GReg.pretrained_run`), or else ``pretrain_epochs`` epochs of plain training
+   (cross-entropy + ``l2``) on the model's learning-rate schedule, by a separate method object.
 2. **Regularisation** with growing coefficients, then **stabilisation** (K_s iterations), then
-   **pruning**, then **fine-tuning** with a persistent mask; see :mod:`.schedule`. How long
-   regularisation lasts depends on the data when the magnitude-ratio test ends it, so
-   ``epochs`` is a budget: the phase lives in the checkpointed state, and a run whose budget
-   ends early stops unpruned (:func:`.report.greg_progress`, also in the summary under
-   ``greg/``, says where it is; rerun with more epochs to continue).
+   **pruning** (:mod:`.schedule`), at the constant learning rate ``lr_prune`` (fresh optimizer
+   state). How long regularisation lasts depends on the weights when the magnitude-ratio test
+   ends it, so the phase ends at the first epoch end after pruning; it lasts at most
+   :func:`.schedule.longest_regularisation` iterations.
+3. **Fine-tuning** with a persistent mask, ``fine_tune_epochs`` epochs on a fresh optimizer at
+   the learning rates ``lr_ft`` (``"EPOCH:RATE,..."``, the reference's format).
+
+The run's length is the sum of the phases (:attr:`GReg.plans_length`: ``epochs`` stays unset).
 
 Loss: mean cross-entropy + (l2/2)||theta||^2 + sum_l sum_j (lambda_{l,j}/2)||W_{l,j}||^2 with
 lambda held constant (``stop_gradient``), so the optimizer sees the data gradient plus
@@ -21,8 +24,10 @@ lambda (.) W (the reference adds this to the gradient before SGD). Structured pr
 and bias of the BatchNorm that follows it, so the channel outputs exactly zero as if removed;
 ``"weight"`` prunes single weights of every kernel.
 
-Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.rules`) and ``l2``. The schedule
-state is the method's state (:func:`initial_state`), checkpointed with the run.
+Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.rules`), ``l2`` and the network's
+optimizer, learning rate, schedule and weight decay (pretraining; the later phases use the same
+optimizer and weight decay). The schedule state is the method's state (:func:`initial_state`),
+checkpointed with the run.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
+from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.fields import Field
 from sparsejax.methods.greg.accounting import greg_pruned_count
@@ -52,10 +58,17 @@ from sparsejax.methods.greg.schedule import (
     Schedule,
     broadcast_groups,
     group_scores,
+    longest_regularisation,
     prune,
     regularise,
 )
 from sparsejax.methods.masking import unit_variables
+from sparsejax.methods.optim import (
+    build_optimizer,
+    epoch_rate_schedule,
+    parse_epoch_rates,
+    partition,
+)
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel
@@ -106,16 +119,28 @@ FIELDS = {
         "epochs of plain training first (when pretrained is unset)",
         {"mlp": 10, "lenet5": 5, "resnet34": 90, "resnet50": None},
     ),
+    "lr_prune": Field(1e-3, "constant learning rate of regularisation and stabilisation"),
+    "lr_ft": Field(
+        "0:0.01,60:0.001,90:0.0001",
+        "fine-tuning learning rates 'EPOCH:RATE,...' from its first epoch",
+        {**_for(FASHION_MNIST, "0:0.001"), **_for(IMAGENET, "0:0.01,30:0.001,60:0.0001,75:0.00001")},
+        kind=str,
+    ),
+    "fine_tune_epochs": Field(
+        120, "epochs of fine-tuning after pruning", {**_for(FASHION_MNIST, 3), **_for(IMAGENET, 90)}
+    ),
 }
 """The reference's settings (README commands and ``option.py``): CIFAR K_u = 10, K_s = 10 000
 and 200 epochs of pretraining; ImageNet K_u = 5, K_s = 40 000 (ResNet-34: the 90 epochs of
 torchvision's recipe, whose weights the reference starts from; ResNet-50: no default, the run
-needs ``pretrained`` or an explicit ``pretrain_epochs``, since the model's 100-epoch budget
-leaves no room for GReg after 90 epochs of pretraining); the paper's stage ratios for
-ResNet-56 (2.55x), VGG-19 (8.84x) and ResNet-34 (1.32x with the reference's skipped layers,
-which are not supported: 1.62x). MLP / LeNet-5: a schedule that finishes in a few epochs of
-600 steps (batch 100): tau = 1 after 1000 updates (GReg-2 picks after 100), one epoch of
-stabilisation; chosen by us, not the paper."""
+needs ``pretrained`` or an explicit ``pretrain_epochs``, as the reference starts from
+torchvision's weights); the paper's stage ratios for ResNet-56 (2.55x), VGG-19 (8.84x) and
+ResNet-34 (1.32x with the reference's skipped layers, which are not supported: 1.62x);
+regularisation at ``lr_prune`` 1e-3; fine-tuning 120 epochs at 0.01, x0.1 at 60 and 90 (CIFAR)
+or 90 epochs at 0.01, x0.1 at 30, 60 and 75 (ImageNet). MLP / LeNet-5: a schedule that
+finishes in a few epochs of 600 steps (batch 100): tau = 1 after 1000 updates (GReg-2 picks
+after 100), one epoch of stabilisation, 3 epochs of fine-tuning at Adam's 1e-3 (the reference
+fine-tunes its LeNets with Adam); chosen by us, not the paper."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +198,7 @@ class GReg(Method):
 
     variant: ClassVar[int]
     fields = FIELDS
+    plans_length = True
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         super().__init__(config, run)
@@ -195,12 +221,19 @@ class GReg(Method):
             ratio_test=self.granularity == "filter",
         )
         self.pretrain_epochs = int(settings.pretrain_epochs)
+        self.fine_tune_rates = parse_epoch_rates(settings.lr_ft, "lr_ft")
         self.pretraining = GRegPretraining(self)
         """The method of the first ``pretrain_epochs`` epochs."""
 
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The fields' defaults; no pretraining epochs when ``pretrained`` gives the network."""
+        if config.get("epochs") is not None:
+            raise ConfigError(
+                f"{cls.name} runs as long as its phases (pretrain_epochs, regularisation until "
+                f"it prunes, fine_tune_epochs), not for epochs={config.epochs}: leave epochs "
+                "unset and set those instead"
+            )
         if config.get("pretrained") and config.get("pretrain_epochs"):
             raise ConfigError(
                 f"config.pretrained={config.pretrained!r} and config.pretrain_epochs="
@@ -256,9 +289,49 @@ class GReg(Method):
         names = [layer.name for layer in self.pruned_layers(model)]
         return kept_channels(state, names, self.granularity)
 
-    def phase(self, epoch: int) -> Method:
-        """Pretraining for the first ``pretrain_epochs`` epochs, then this method."""
-        return self.pretraining if epoch < self.pretrain_epochs else self
+    def phases(self) -> tuple[Phase, ...]:
+        """Pretraining (none with ``pretrained``), regularisation with stabilisation and
+        pruning, fine-tuning; each starts a fresh optimizer (module docstring)."""
+        config = self.config
+        steps = self.run.steps_per_epoch
+        longest = -(-longest_regularisation(self.reg_schedule) // steps)
+        rates = ", ".join(f"{rate:g} from epoch {epoch}" for epoch, rate in self.fine_tune_rates)
+        schedule = config.lr_schedule
+        phases = (
+            Phase(
+                "pretrain",
+                self.pretraining,
+                self.pretrain_epochs,
+                self._optimizer(
+                    self.schedule(config.learning_rate, schedule, epochs=self.pretrain_epochs)
+                ),
+                learning_rate=f"{config.optimizer} {config.learning_rate:g}, {schedule}",
+            ),
+            Phase(
+                "regularise",
+                self,
+                longest,
+                self._optimizer(float(config.lr_prune)),
+                until=lambda state: int(state["phase"]) == FINETUNE,
+                learning_rate=f"{config.optimizer} {config.lr_prune:g}, constant",
+            ),
+            Phase(
+                "fine-tune",
+                self,
+                int(config.fine_tune_epochs),
+                self._optimizer(epoch_rate_schedule(self.fine_tune_rates, steps_per_epoch=steps)),
+                learning_rate=f"{config.optimizer} {rates}",
+            ),
+        )
+        return phases if self.pretrain_epochs else phases[1:]
+
+    def _optimizer(self, rate) -> optax.GradientTransformation:
+        """The network's optimizer with its weight decay at ``rate`` (GReg has no gates)."""
+        config = self.config
+        return partition(
+            build_optimizer(config.optimizer, rate, weight_decay=config.get("weight_decay", 0.0)),
+            build_optimizer(config.optimizer, rate),
+        )
 
     def growing_penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         """sum_l sum_j (lambda_{l,j} / 2) ||W_{l,j}||^2, lambda constant; 0 once fine-tuning."""

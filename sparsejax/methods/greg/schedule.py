@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparsejax.errors import ConfigError
 
@@ -230,3 +231,31 @@ def prune(
         for layer in layers
     ]
     return pruned, jnp.where(now, FINETUNE, phase), now
+
+
+def _additions_until(value: np.float32, delta: float, done) -> tuple[int, np.float32]:
+    """How many float32 additions of ``delta`` to ``value`` it takes until ``done(value)``,
+    and the value then (the coefficients accumulate in float32 inside the step)."""
+    count = 0
+    while not done(value):
+        value = np.float32(value + np.float32(delta))
+        count += 1
+    return count, value
+
+
+def longest_regularisation(schedule: Schedule) -> int:
+    """Iterations of the regularisation phase up to and including the one whose update ends
+    with pruning, when no layer finishes early on the magnitude ratio: every layer's largest
+    coefficient must pass tau, after n updates (GReg-2: the uniform ones up to tau_pick, then
+    the pushes), the last at iteration K_u (n - 1); pruning follows K_s iterations later."""
+    ceiling = np.float32(schedule.ceiling)
+    start = np.float32(0.0)
+    updates = 0
+    if schedule.variant == 2:
+        pick_ceiling = np.float32(schedule.ceiling_pick)
+        updates, start = _additions_until(
+            start, schedule.delta_pick, lambda value: value >= pick_ceiling
+        )
+    pushes, _ = _additions_until(start, schedule.delta, lambda value: value > ceiling)
+    updates += pushes
+    return schedule.interval * (updates - 1) + schedule.stabilise_steps + 1
