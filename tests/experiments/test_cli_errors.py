@@ -77,8 +77,14 @@ def test_a_per_slot_field_the_method_does_not_read_is_refused(tmp_path, method):
 
 
 def test_a_pruning_ratio_outside_the_unit_interval_is_refused(tmp_path):
-    result = run_cli(*TINY, "--method=greg1", f"--workdir={tmp_path}", "--config.stage_pr=1.5")
+    greg = [flag for flag in TINY if not flag.startswith("--epochs")]  # GReg plans its length
+    result = run_cli(*greg, "--method=greg1", f"--workdir={tmp_path}", "--config.stage_pr=1.5")
     error_line(result, "config.stage_pr", "1.5", "[0, 1)")
+
+
+def test_an_epoch_count_for_greg_names_its_phase_fields(tmp_path):
+    result = run_cli(*TINY, "--method=greg2", f"--workdir={tmp_path}")
+    error_line(result, "greg2", "epochs=1", "pretrain_epochs", "fine_tune_epochs")
 
 
 def test_an_unknown_optimizer_lists_the_valid_ones(tmp_path):
