@@ -20,11 +20,13 @@ from sparsejax.structure.report import (
     sparsity_report,
     weight_report,
 )
+from sparsejax.structure.trace import TracedStructure, trace_structure
 
 __all__ = [
     "GateReport",
     "LayerCount",
     "NodeReport",
+    "TracedStructure",
     "alive_units",
     "count_layer",
     "count_network",
@@ -32,5 +34,6 @@ __all__ = [
     "node_report",
     "pruning_rate",
     "sparsity_report",
+    "trace_structure",
     "weight_report",
 ]

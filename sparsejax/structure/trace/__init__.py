@@ -1,0 +1,25 @@
+"""Prunable structure found by tracing: any Flax NNX model's unit groups, their couplings and
+costs, from the jaxpr of its forward pass (the JAX counterpart of Torch-Pruning's dependency
+graph; see ``specs/structure.md``)."""
+
+from sparsejax.structure.trace.analyze import trace_structure
+from sparsejax.structure.trace.result import (
+    Member,
+    TracedCounts,
+    TracedLayer,
+    TracedLayerCount,
+    TracedStructure,
+    UnitGroup,
+)
+from sparsejax.structure.trace.units import Blocker
+
+__all__ = [
+    "Blocker",
+    "Member",
+    "TracedCounts",
+    "TracedLayer",
+    "TracedLayerCount",
+    "TracedStructure",
+    "UnitGroup",
+    "trace_structure",
+]

@@ -1,0 +1,83 @@
+"""Tracing a Flax NNX model and finding its prunable unit groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.structure.trace.result import TracedStructure
+from sparsejax.structure.trace.units import Blocker, Seed, make_field
+from sparsejax.structure.trace.values import UNLABELLED, Context, Value
+from sparsejax.structure.trace.walk import walk
+
+Apply = Callable[[nnx.Module, jax.Array], jax.Array]
+
+
+def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+def _dotted(path: tuple) -> str:
+    """``"blocks.0.conv1.kernel"`` from a state path, or from a pytree key path ending in the
+    variable's ``value``."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        path = path[:-1]
+    parts = (getattr(key, "key", getattr(key, "idx", key)) for key in path)
+    return ".".join(str(part) for part in parts)
+
+
+def trace_structure(
+    model: nnx.Module,
+    example_input: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    apply: Apply = _call,
+) -> TracedStructure:
+    """The prunable unit groups of ``model`` and its costs, from the jaxpr of its forward pass.
+
+    ``apply(model, x)`` runs the forward pass (default ``model(x)``; pass e.g.
+    ``lambda m, x: m(x, train=False)`` to choose a mode). Only shapes are used, nothing runs:
+    ``model`` may be abstract (``nnx.eval_shape``). Every floating-point state array is an input
+    of the traced function and each of its dimensions a run of units; the rules of :mod:`.rules`
+    merge the units that must be removed together, and groups form around the output axes of the
+    kernels of convolutions and matrix products. Units that reach the model's output, and units
+    touched by a primitive without a rule, are blocked (the group reports which operation, and
+    where). FLOPs are per example: the traced total divided by the leading dimension of
+    ``example_input``.
+    """
+    graphdef, state = nnx.split(model)
+    is_param = {_dotted(path): isinstance(v, nnx.Param) for path, v in nnx.to_flat_state(state)}
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = [leaf for _, leaf in keyed]
+
+    def forward(arrays: list[jax.Array], x: jax.Array) -> jax.Array:
+        return apply(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays)), x)
+
+    x = jax.ShapeDtypeStruct(example_input.shape, example_input.dtype)
+    closed = jax.make_jaxpr(forward)(leaves, x)
+
+    ctx = Context()
+    inputs, param_ids = [], {}
+    for path, leaf in keyed:
+        name = _dotted(path)
+        shape = tuple(leaf.shape)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            inputs.append(UNLABELLED)
+            continue
+        ids = [ctx.units.new_units(Seed(name, axis, size)) if size > 1 else size
+               for axis, size in enumerate(shape)]
+        fields = tuple(
+            make_field((axis,), i) for axis, i in enumerate(ids) if not isinstance(i, int)
+        )
+        inputs.append(Value(fields, param=name))
+        if is_param[name]:
+            param_ids[name] = tuple(ids)
+    outs = walk(ctx, closed.jaxpr, [*inputs, UNLABELLED])
+    for out in outs:
+        for field in out.fields:
+            ctx.units.block(field.ids, Blocker("output", "", "reaches the model's output"))
+    return TracedStructure(
+        ctx.units, ctx.layers, ctx.other_macs, param_ids, example_input.shape[0]
+    )

@@ -1,0 +1,249 @@
+"""The outcome of the analysis: unit groups with their members and blockers, the layers found,
+and parameter / FLOP counts of the network with any units removed."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+from sparsejax.structure.trace.units import NO_UNIT, Blocker, UnitTable
+from sparsejax.structure.trace.values import Factor, LayerRecord
+
+ArrayLike = np.ndarray | float
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """The slice of a parameter that belongs to a group: indices ``indices`` of axis ``axis`` of
+    the parameter at ``path``; ``units[k]`` is the group unit that index ``indices[k]`` goes
+    with (several indices share a unit when a channel became a block of features)."""
+
+    path: str
+    axis: int
+    indices: tuple[int, ...]
+    units: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitGroup:
+    """Units that are produced by the same kernels' output axes, with everything tied to them.
+
+    ``producers`` are the ``(kernel path, axis)`` pairs whose outputs are the group's units (one
+    for a plain layer, several for a residual stream), in network order; ``members`` every
+    parameter slice removed with a unit; ``blockers`` the operations that keep the group from
+    being pruned (empty when it is prunable); ``caveats`` the reductions over its units (a
+    normaliser's statistics) whose value removing units changes unless slimming accounts for it.
+    """
+
+    index: int
+    size: int
+    producers: tuple[tuple[str, int], ...]
+    members: tuple[Member, ...]
+    blockers: tuple[Blocker, ...]
+    caveats: tuple[Blocker, ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blockers
+
+    def member(self, path: str, axis: int) -> Member | None:
+        """The slice of parameter ``path`` along ``axis`` in this group, if any."""
+        return next((m for m in self.members if (m.path, m.axis) == (path, axis)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedLayer:
+    """A convolution or dense product that reads the parameter ``kernel``; ``bias`` is the
+    parameter added to its output, if any."""
+
+    kernel: str
+    kind: str
+    bias: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedCounts:
+    """Kept kernel weights, layer biases and MACs per example, the conventions of
+    :mod:`sparsejax.structure.accounting` (``params = weights + biases``; normaliser
+    parameters are counted apart in ``other_params``, statistics not at all)."""
+
+    weights: float
+    biases: float
+    flops: float
+    other_params: float
+
+    @property
+    def params(self) -> float:
+        return self.weights + self.biases
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedLayerCount:
+    """Kept kernel weights, bias entries and MACs per example of one :class:`TracedLayer`."""
+
+    kernel: str
+    weights: float
+    biases: float
+    macs: float
+
+
+class TracedStructure:
+    """Prunable unit groups of a traced network and its costs; see
+    :func:`~sparsejax.structure.trace.trace_structure`.
+
+    Costs are evaluated under per-unit *keep values*: for some group indices, one value per unit
+    of the group (1 keeps it, 0 removes it, a probability P(unit kept) gives expectations over
+    independent units, as the accounting of the declared models does); groups not given are
+    kept. A parameter entry is kept with the product of the values of its units along each
+    axis; a product's MACs likewise.
+    """
+
+    def __init__(
+        self,
+        table: UnitTable,
+        layers: list[LayerRecord],
+        other_macs: list[tuple[Factor, ...]],
+        param_ids: Mapping[str, tuple[np.ndarray | int, ...]],
+        batch_size: int,
+    ):
+        roots = table.roots()
+        self._unit_group, self._unit_pos, self.groups = _form_groups(table, roots)
+        self.layers = tuple(TracedLayer(l.kernel, l.kind, l.bias) for l in layers)
+        self._layer_macs = [l.macs for l in layers]
+        self._other_macs = list(other_macs)
+        self._param_ids = dict(param_ids)
+        self.param_shapes = {
+            path: tuple(i if isinstance(i, int) else i.size for i in ids)
+            for path, ids in param_ids.items()
+        }
+        self.batch_size = batch_size
+
+    def groups_of(self, path: str, axis: int) -> tuple[int, ...]:
+        """Indices of the groups that parameter ``path`` has members in along ``axis``."""
+        return tuple(g.index for g in self.groups if g.member(path, axis) is not None)
+
+    def count(self, keep: Mapping[int, ArrayLike] | None = None) -> TracedCounts:
+        """Totals of the network under the keep values ``keep`` (all units kept by default).
+        A kernel read by several layers (tied weights) counts once; FLOPs include the products
+        of two activations (attention scores), which no layer owns."""
+        values = self._unit_values(keep)
+        roles = {l.kernel: "kernel" for l in self.layers}
+        roles |= {l.bias: "bias" for l in self.layers if l.bias}
+        sums = {"kernel": 0.0, "bias": 0.0, "other": 0.0}
+        for path, ids in self._param_ids.items():
+            sums[roles.get(path, "other")] += _product(values, ids)
+        macs = self._layer_macs + self._other_macs
+        flops = sum(_product(values, m) for m in macs) / self.batch_size
+        return TracedCounts(sums["kernel"], sums["bias"], flops, sums["other"])
+
+    def layer_counts(
+        self, keep: Mapping[int, ArrayLike] | None = None
+    ) -> tuple[TracedLayerCount, ...]:
+        """Per layer, in network order, under the keep values ``keep``."""
+        values = self._unit_values(keep)
+        return tuple(
+            TracedLayerCount(
+                layer.kernel,
+                _product(values, self._param_ids[layer.kernel]),
+                _product(values, self._param_ids[layer.bias]) if layer.bias else 0.0,
+                _product(values, macs) / self.batch_size,
+            )
+            for layer, macs in zip(self.layers, self._layer_macs)
+        )
+
+    def _unit_values(self, keep: Mapping[int, ArrayLike] | None) -> np.ndarray:
+        """The keep value of every unit, and a last entry 1 for positions of no unit."""
+        values = np.ones(self._unit_group.size + 1, np.float64)
+        for group, vector in (keep or {}).items():
+            vector = np.broadcast_to(np.asarray(vector, np.float64), (self.groups[group].size,))
+            chosen = self._unit_group == group
+            values[:-1][chosen] = vector[self._unit_pos[chosen]]
+        return values
+
+
+def _product(values: np.ndarray, factors: tuple[Factor, ...]) -> float:
+    """The product of the factors: sizes as they are, unit ids as the sum of their values."""
+    total = 1.0
+    for factor in factors:
+        if isinstance(factor, int):
+            total *= factor
+        else:
+            total *= float(np.sum(values[np.where(factor == NO_UNIT, -1, factor)]))
+    return total
+
+
+def _form_groups(
+    table: UnitTable, roots: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[UnitGroup, ...]]:
+    """Group the unit classes around the producer seeds, in the order they were produced."""
+    group_of_root: dict[int, int] = {}
+    parent: list[int] = []
+
+    def find(g: int) -> int:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for seed in table.producers:
+        found = {find(group_of_root[r]) for r in roots[table.seed_ids[seed]].tolist()
+                 if r in group_of_root}
+        if found:
+            target = min(found)
+            for g in found:
+                parent[g] = target
+        else:
+            target = len(parent)
+            parent.append(target)
+        for r in roots[table.seed_ids[seed]].tolist():
+            group_of_root.setdefault(r, target)
+    final = sorted({find(g) for g in range(len(parent))})
+    renumber = {g: k for k, g in enumerate(final)}
+    group_of_root = {r: renumber[find(g)] for r, g in group_of_root.items()}
+
+    position_of_root: dict[int, int] = {}
+    sizes = [0] * len(final)
+    producers: list[list[tuple[str, int]]] = [[] for _ in final]
+    for seed in table.producers:
+        rs = roots[table.seed_ids[seed]].tolist()
+        group = group_of_root[rs[0]]
+        producers[group].append((table.seeds[seed].path, table.seeds[seed].axis))
+        for r in rs:
+            if r not in position_of_root:
+                position_of_root[r] = sizes[group_of_root[r]]
+                sizes[group_of_root[r]] += 1
+
+    unit_group = np.array([group_of_root.get(r, -1) for r in roots.tolist()], np.int64)
+    unit_pos = np.array([position_of_root.get(r, -1) for r in roots.tolist()], np.int64)
+
+    members: list[list[Member]] = [[] for _ in final]
+    for seed, ids in zip(table.seeds, table.seed_ids):
+        if seed.opaque:
+            continue
+        groups = unit_group[ids]
+        for group in np.unique(groups[groups >= 0]).tolist():
+            where = np.flatnonzero(groups == group)
+            members[group].append(
+                Member(seed.path, seed.axis, tuple(where.tolist()),
+                       tuple(unit_pos[ids[where]].tolist()))
+            )
+    blockers, caveats = _per_group(table.blocks, unit_group, len(final)), _per_group(
+        table.caveats, unit_group, len(final))
+    groups = tuple(
+        UnitGroup(k, sizes[k], tuple(producers[k]), tuple(members[k]), blockers[k], caveats[k])
+        for k in range(len(final))
+    )
+    return unit_group, unit_pos, groups
+
+
+def _per_group(
+    records: list[tuple[np.ndarray, Blocker]], unit_group: np.ndarray, count: int
+) -> list[tuple[Blocker, ...]]:
+    """The distinct records that touch each group's units, in the order they were made."""
+    found: list[list[Blocker]] = [[] for _ in range(count)]
+    for ids, record in records:
+        for group in np.unique(unit_group[ids]).tolist():
+            if group >= 0 and record not in found[group]:
+                found[group].append(record)
+    return [tuple(f) for f in found]

@@ -1,0 +1,113 @@
+"""What the analysis knows about each variable of a jaxpr, and the context the rules write to."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sparsejax.structure.trace.units import NO_UNIT, Blocker, Field, Seed, UnitTable
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """The fields of a variable; ``param``: the parameter it is (up to casts, reshapes and
+    broadcasts), else None; ``layer``: the index of the layer whose output it is, else None."""
+
+    fields: tuple[Field, ...] = ()
+    param: str | None = None
+    layer: int | None = None
+
+
+UNLABELLED = Value()
+
+Factor = int | np.ndarray
+"""A factor of a cost: a fixed size, or unit ids whose kept values are summed (-1 counts 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """A convolution or matrix product that reads a parameter as its kernel.
+
+    ``macs`` are the factors whose product is its multiply-accumulates over the traced batch;
+    ``bias`` the parameter added to its output, if any."""
+
+    kernel: str
+    kind: str
+    macs: tuple[Factor, ...]
+    bias: str | None = None
+
+
+class Context:
+    """The state of one analysis: the unit table, the layers found, the other products' costs,
+    and the equation being read (named by blockers)."""
+
+    def __init__(self) -> None:
+        self.units = UnitTable()
+        self.layers: list[LayerRecord] = []
+        self.other_macs: list[tuple[Factor, ...]] = []
+        self.primitive = ""
+        self.source = ""
+
+    def block(self, fields: tuple[Field, ...] | list[Field], reason: str) -> None:
+        """Keep the units of ``fields`` from being removed because of the current equation."""
+        for field in fields:
+            self.units.block(field.ids, Blocker(self.primitive, self.source, reason))
+
+    def warn(self, fields: tuple[Field, ...] | list[Field], reason: str) -> None:
+        """Record that removing the units of ``fields`` changes the current equation's value
+        beyond dropping their terms."""
+        for field in fields:
+            self.units.warn(field.ids, Blocker(self.primitive, self.source, reason))
+
+    def opaque(self, axis: int, size: int, reason: str) -> Field:
+        """A field of fresh blocked units on dimension ``axis``: an output dimension whose width
+        the current equation fixes (whatever meets it is blocked too)."""
+        ids = self.units.new_units(Seed(self.primitive, axis, size, opaque=True))
+        field = Field((axis,), ids)
+        self.block([field], reason)
+        return field
+
+    def merge_fields(self, fields: list[Field]) -> tuple[Field, ...]:
+        """Fields of one array from several operands: fields on the same dimensions merge their
+        units position by position; fields that overlap on some dimensions only are blocked (one
+        position cannot belong to two units) and dropped."""
+        out: list[Field] = []
+        for field in fields:
+            for i, other in enumerate(out):
+                if other.dims == field.dims:
+                    self.units.merge(other.ids, field.ids)
+                    ids = np.where(other.ids == NO_UNIT, field.ids, other.ids)
+                    out[i] = Field(other.dims, ids)
+                    break
+                if set(other.dims) & set(field.dims):
+                    self.block([other, field], "unit labellings overlap on some dimensions")
+                    out.pop(i)
+                    break
+            else:
+                out.append(field)
+        return tuple(out)
+
+    def add_layer(self, record: LayerRecord) -> int:
+        self.layers.append(record)
+        return len(self.layers) - 1
+
+
+def field_on(value: Value, dims: tuple[int, ...]) -> Field | None:
+    """The field of ``value`` exactly on ``dims``, if any."""
+    return next((f for f in value.fields if f.dims == dims), None)
+
+
+def factors(value: Value, dims: list[int], shape: tuple[int, ...]) -> list[Factor]:
+    """The cost factors of the dimensions ``dims`` of ``value``: the ids of each field that lies
+    inside them, and the sizes of the dimensions that no such field covers. A product's cost is
+    the product of its operands' factors, each dimension counted on one side: the side whose
+    fields label it, so that a removed unit removes its multiply-accumulates."""
+    out: list[Factor] = []
+    covered: set[int] = set()
+    for field in value.fields:
+        if set(field.dims) <= set(dims):
+            out.append(field.ids)
+            covered |= set(field.dims)
+    out.append(int(np.prod([shape[d] for d in dims if d not in covered], dtype=np.int64)))
+    return out

@@ -1,0 +1,147 @@
+"""Walking a jaxpr: equations in order, into the sub-jaxprs of call-like primitives and scans,
+and the fallback for primitives without a rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from jax.extend import core
+
+Jaxpr = core.Jaxpr
+JAXPR_TYPES = tuple({core.Jaxpr, getattr(core, "ClosedJaxpr", core.Jaxpr)})
+"""A jaxpr parameter is a Jaxpr or a ClosedJaxpr (one class in later jax versions, where a
+jaxpr's ``.jaxpr`` is itself)."""
+
+from sparsejax.structure.trace.rules import RULES
+from sparsejax.structure.trace.units import Field
+from sparsejax.structure.trace.values import UNLABELLED, Context, Value
+
+CALL_PRIMITIVES = frozenset({
+    "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+    "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint",
+})
+"""Primitives that call a jaxpr once on their own inputs and return its outputs (names differ
+between jax versions). ``scan`` has its own walk (:func:`_scan`); ``while`` and ``cond`` (a body
+run an unknown number of times, or one of several branches) are left to the unknown-primitive
+fallback."""
+
+SUB_JAXPR_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+"""Parameters under which call primitives keep the jaxpr they call."""
+
+_LIBRARY_DIRS = tuple(
+    os.sep + name + os.sep for name in ("jax", "jaxlib", "flax", "structure" + os.sep + "trace")
+)
+
+
+def describe_source(eqn) -> str:
+    """``file:line (function)`` of the innermost caller outside jax, flax and this analysis."""
+    traceback = getattr(eqn.source_info, "traceback", None)
+    for frame in getattr(traceback, "frames", None) or ():
+        if not any(part in frame.file_name for part in _LIBRARY_DIRS):
+            return f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
+    return ""
+
+
+def _same_shapes(outer, inner) -> bool:
+    return len(outer) == len(inner) and all(
+        getattr(a.aval, "shape", None) == getattr(b.aval, "shape", None)
+        for a, b in zip(outer, inner)
+    )
+
+
+def _sub_jaxpr(eqn) -> Jaxpr | None:
+    """The jaxpr a call primitive calls, if ``eqn`` is one (its constants are not needed: they
+    carry no units)."""
+    if eqn.primitive.name not in CALL_PRIMITIVES:
+        return None
+    for name in SUB_JAXPR_PARAMS:
+        sub = eqn.params.get(name)
+        if not isinstance(sub, JAXPR_TYPES):
+            continue
+        sub = getattr(sub, "jaxpr", sub)
+        if _same_shapes(eqn.invars, sub.invars) and _same_shapes(eqn.outvars, sub.outvars):
+            return sub
+    return None
+
+
+def _unknown(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
+    """A primitive without a rule blocks every unit of its inputs; its outputs get blocked
+    opaque units, so that whatever they meet is blocked too."""
+    touched = [f for value in ins for f in value.fields]
+    if not touched:
+        return [UNLABELLED] * len(eqn.outvars)
+    ctx.block(touched, "no rule for this primitive")
+    reason = "output of a primitive without a rule"
+    return [
+        Value(tuple(
+            ctx.opaque(axis, size, reason)
+            for axis, size in enumerate(getattr(var.aval, "shape", ())) if size > 1
+        ))
+        for var in eqn.outvars
+    ]
+
+
+def _shift(ctx: Context, value: Value, offset: int) -> Value:
+    """``value`` with its dimensions renumbered by ``offset``: -1 takes one iteration's slice of
+    a scanned input (a field on the scanned dimension is blocked), +1 stacks an output."""
+    fields = []
+    for field in value.fields:
+        if offset < 0 and 0 in field.dims:
+            ctx.block([field], "scan over a unit dimension")
+        else:
+            fields.append(Field(tuple(d + offset for d in field.dims), field.ids))
+    return Value(tuple(fields), param=value.param if offset < 0 else None)
+
+
+def _scan(ctx: Context, eqn, ins: Sequence[Value], source: str) -> list[Value]:
+    """A scan runs its body on the same parameter slices in every iteration (a stack of
+    layers: one unit is index j of every layer). The body is walked once, its costs counted
+    ``length`` times, and each carry's units at the end of an iteration are merged with those at
+    its start; a carry that gains units inside the body (which the next iteration would see) is
+    blocked rather than walked again."""
+    params = eqn.params
+    body = getattr(params["jaxpr"], "jaxpr", params["jaxpr"])
+    consts, carries = params["num_consts"], params["num_carry"]
+    ctx.primitive, ctx.source = eqn.primitive.name, source
+    xs = [_shift(ctx, value, -1) for value in ins[consts + carries:]]
+    layers, others = len(ctx.layers), len(ctx.other_macs)
+    outs = walk(ctx, body, [*ins[:consts + carries], *xs], source)
+    ctx.primitive, ctx.source = eqn.primitive.name, source
+    length = params["length"]
+    for k in range(layers, len(ctx.layers)):
+        ctx.layers[k] = dataclasses.replace(ctx.layers[k], macs=(length, *ctx.layers[k].macs))
+    ctx.other_macs[others:] = [(length, *macs) for macs in ctx.other_macs[others:]]
+    final = []
+    for start, end in zip(ins[consts:consts + carries], outs[:carries]):
+        merged = ctx.merge_fields([*start.fields, *end.fields])
+        known = {field.dims for field in start.fields}
+        ctx.block([f for f in merged if f.dims not in known], "scan carry gains units")
+        final.append(Value(merged))
+    return final + [_shift(ctx, value, 1) for value in outs[carries:]]
+
+
+def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> list[Value]:
+    """The values of ``jaxpr``'s outputs given those of its inputs (constants are unlabelled).
+    ``caller``: where the call-like equation that holds ``jaxpr`` was made, the source named for
+    its equations when theirs lies inside a library (``jnp.sort``'s jit)."""
+    env: dict = {var: UNLABELLED for var in jaxpr.constvars}
+    env.update(zip(jaxpr.invars, ins))
+
+    def read(var) -> Value:
+        return UNLABELLED if isinstance(var, core.Literal) else env.get(var, UNLABELLED)
+
+    for eqn in jaxpr.eqns:
+        values = [read(var) for var in eqn.invars]
+        sub = _sub_jaxpr(eqn)
+        source = describe_source(eqn) or caller
+        if sub is not None:
+            outs = walk(ctx, sub, values, source)
+        elif eqn.primitive.name == "scan":
+            outs = _scan(ctx, eqn, values, source)
+        else:
+            ctx.primitive, ctx.source = eqn.primitive.name, source
+            outs = RULES.get(eqn.primitive.name, _unknown)(ctx, eqn, values)
+        env.update(zip(eqn.outvars, outs))
+    return [read(var) for var in jaxpr.outvars]
