@@ -311,7 +311,7 @@ class GReg(Method):
                 "regularise",
                 self,
                 longest,
-                self._optimizer(float(config.lr_prune)),
+                self.optimizer(),
                 until=lambda state: int(state["phase"]) == FINETUNE,
                 learning_rate=f"{config.optimizer} {config.lr_prune:g}, constant",
             ),
@@ -324,6 +324,10 @@ class GReg(Method):
             ),
         )
         return phases if self.pretrain_epochs else phases[1:]
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optimizer of GReg's own steps: regularisation's, at the constant ``lr_prune``."""
+        return self._optimizer(float(self.config.lr_prune))
 
     def _optimizer(self, rate) -> optax.GradientTransformation:
         """The network's optimizer with its weight decay at ``rate`` (GReg has no gates)."""
