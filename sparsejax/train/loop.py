@@ -44,7 +44,7 @@ from sparsejax.train.step import LEARNING_RATE, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-RESUMABLE_CHANGES = ("epochs", "finetune_epochs", "data_dir", "keep_checkpoints")
+RESUMABLE_CHANGES = ("epochs", "fine_tune_epochs", "data_dir", "keep_checkpoints")
 """Config fields that may differ when a run is resumed."""
 
 
