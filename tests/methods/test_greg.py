@@ -532,3 +532,15 @@ def test_a_run_stopped_in_any_phase_resumes_to_the_uninterrupted_result(
     states = [leaves(latest_checkpoint(tmp_path / d)) for d in ("whole", "split")]
     for path, value in states[0].items():
         np.testing.assert_array_equal(value, states[1][path], err_msg=path)
+
+
+def test_more_fine_tuning_epochs_on_resume_train_on_to_the_longer_run(tmp_path):
+    config = greg_config(fine_tune_epochs=2)
+    longer = train_and_evaluate(config, tmp_path / "longer")
+    config.fine_tune_epochs = 1
+    shorter = train_and_evaluate(config, tmp_path / "trained_on")
+    assert shorter["epochs"] == longer["epochs"] - 1
+    config.fine_tune_epochs = 2
+    trained_on = train_and_evaluate(config, tmp_path / "trained_on")
+    for key in ("test_error", "epochs", "phases", "greg/prune_step", "params"):
+        assert trained_on[key] == longer[key], key
