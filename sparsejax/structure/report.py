@@ -46,9 +46,10 @@ def gate_report(model: GatedModel) -> GateReport:
     test_gates = {name: np.asarray(gate.test_gate()) for name, gate in model.gates.items()}
     keep_probs = {name: np.asarray(gate.prob_nonzero()) for name, gate in model.gates.items()}
     masks = {name: np.asarray(active(value)) for name, value in test_gates.items()}
-    pruned = count_network(model.layers, masks)
-    expected = count_network(model.layers, keep_probs)
-    dense = count_network(model.layers, {})
+    products = tuple(model.activation_products)
+    pruned = count_network(model.layers, masks, products)
+    expected = count_network(model.layers, keep_probs, products)
+    dense = count_network(model.layers, {}, products)
     kept_fraction = float(pruned["weights"]) / float(dense["weights"])
     active_units = {
         slot.name: int(masks[slot.name].sum()) if slot.name in masks else int(np.prod(slot.shape))
