@@ -136,17 +136,12 @@ class Norm(nnx.Module):
         return y if mask is None else y * mask
 
 
-def _init_normal(dense: Dense, std: float, rngs: nnx.Rngs) -> Dense:
-    dense.kernel[...] = std * jax.random.normal(rngs.params(), dense.kernel[...].shape)
-    return dense
-
-
 def projection(
     in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool, scale: float = 1.0
 ) -> Dense:
     """A dense layer initialised N(0, scale^2 / in_features) (LeCun normal times ``scale``)."""
-    dense = Dense(in_features, out_features, rngs=rngs, use_bias=use_bias)
-    return _init_normal(dense, scale / math.sqrt(in_features), rngs)
+    init = nnx.initializers.variance_scaling(scale**2, "fan_in", "normal")
+    return Dense(in_features, out_features, rngs=rngs, use_bias=use_bias, kernel_init=init)
 
 
 def _head_multiplier(gate: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:

@@ -41,8 +41,13 @@ def images(shape=(8, 8, 1), batch: int = 2) -> jax.Array:
     return jax.random.uniform(jax.random.key(2), (batch, *shape))
 
 
+@nnx.jit
+def _forward(model, x, z):
+    return model.forward(x, z, train=False)
+
+
 def logits(model, x, z=None) -> np.ndarray:
-    return np.asarray(model.forward(x, z or {}, train=False))
+    return np.asarray(_forward(model, x, z or {}))
 
 
 def transplant(big, small, removed: dict[int, list[int]]):
@@ -64,13 +69,15 @@ def test_shapes():
     assert logits(model, tokens()).shape == (2, CONTEXT, VOCAB)
     assert logits(model, tokens(length=5)).shape == (2, 5, VOCAB)
     assert logits(vit(), images()).shape == (2, 5)
-    for shape in ((28, 28, 1), (32, 32, 3)):
-        for pooling in ("cls", "mean"):
-            model = build_model("vit_tiny", rngs=nnx.Rngs(0), input_shape=shape, pooling=pooling,
-                                dim=16, depth=1)
-            assert model(images(shape), train=False).shape == (2, 10)
-    model = build_model("lm_tiny", rngs=nnx.Rngs(0), dim=16, depth=1, head_dim=8, ffn_hidden=8)
-    assert model(jnp.zeros((1, 128), jnp.int32), train=False).shape == (1, 128, 256)
+    # the registered models at their default sizes, evaluated abstractly
+    for shape, pooling in (((28, 28, 1), "cls"), ((32, 32, 3), "mean")):
+        out = nnx.eval_shape(lambda: build_model(
+            "vit_tiny", rngs=nnx.Rngs(0), input_shape=shape, pooling=pooling
+        )(jnp.zeros((2, *shape)), train=False))
+        assert out.shape == (2, 10)
+    out = nnx.eval_shape(lambda: build_model("lm_tiny", rngs=nnx.Rngs(0))(
+        jnp.zeros((1, 128), jnp.int32), train=False))
+    assert out.shape == (1, 128, 256)
 
 
 def test_causal_masking_future_tokens_do_not_change_past_logits():
@@ -244,7 +251,7 @@ def test_hard_concrete_gates_train_and_report():
     factory = each_slot(
         lambda slot, rngs: HardConcreteGate(slot.shape, rngs=rngs, droprate_init=0.5))
     model = lm(gate_factory=factory)
-    train = model(tokens(), train=True, rngs=nnx.Rngs(gates=0))
+    train = nnx.jit(lambda m, x: m(x, train=True, rngs=nnx.Rngs(gates=0)))(model, tokens())
     assert train.shape == (2, CONTEXT, VOCAB) and np.all(np.isfinite(train))
     report = gate_report(model)
     assert report.dense_flops == count_network(model.layers, {}, model.activation_products)["flops"]
