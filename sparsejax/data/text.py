@@ -243,3 +243,36 @@ def load_text(
         documents = python_sources_documents(root, include_tests=include_tests)
         return split_documents(name, documents, str(root))
     raise ConfigError(f"unknown text dataset {name!r}; choose one of {', '.join(TEXT_DATASETS)}.")
+
+
+DEFAULT_SEQ_LEN = 128
+"""The sequence length of a text dataset opened by name (``lm_tiny``'s context)."""
+
+
+class TokenSource:
+    """A :class:`~sparsejax.data.sources.BatchSource` of a :class:`TextDataset`: example i is
+    sequence i of length ``seq_len`` (inputs, next-byte targets), so that the engine's image
+    batches become ``(batch, seq_len)`` token batches; ``num_classes`` is the vocabulary and
+    ``image_shape`` is ``(seq_len,)``, which the engine passes to the model as ``input_shape``.
+    ``num_train`` / ``num_test`` keep the first sequences of a split only."""
+
+    def __init__(
+        self,
+        data: TextDataset,
+        seq_len: int = DEFAULT_SEQ_LEN,
+        *,
+        num_train: int | None = None,
+        num_test: int | None = None,
+    ):
+        self.data, self.seq_len = data, seq_len
+        self.name, self.source, self.num_classes = data.name, data.source, data.vocab_size
+        self.image_shape = (seq_len,)
+        train, test = data.num_sequences("train", seq_len), data.num_sequences("test", seq_len)
+        self.num_train = min(num_train or train, train)
+        self.num_test = min(num_test or test, test)
+
+    def train_batch(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
+        return self.data.sequences("train", self.seq_len, indices)
+
+    def test_batch(self, indices: np.ndarray) -> Batch:
+        return self.data.sequences("test", self.seq_len, indices)

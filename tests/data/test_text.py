@@ -129,3 +129,15 @@ def test_bad_names_and_lengths_are_config_errors():
         data.num_sequences("train", 0)
     with pytest.raises(ConfigError, match="split"):
         data.stream("validation")
+
+
+def test_token_source_serves_sequences_as_the_engine_reads_examples():
+    data = text.split_documents("corpus", _documents(), "memory")
+    source = text.TokenSource(data, seq_len=6, num_test=3)
+    assert source.image_shape == (6,) and source.num_classes == 256
+    assert source.num_train == data.num_sequences("train", 6) and source.num_test == 3
+    inputs, targets = source.train_batch(np.asarray([4, 1]), np.random.default_rng(0))
+    expected = data.sequences("train", 6, np.asarray([4, 1]))
+    np.testing.assert_array_equal(inputs, expected[0])
+    np.testing.assert_array_equal(targets, expected[1])
+    np.testing.assert_array_equal(source.test_batch(np.arange(2))[0], data.sequences("test", 6)[0][:2])
