@@ -305,11 +305,14 @@ class TransformerModel(GatedModel):
         return self._unit_sources(*kept)
 
     def _slot(
-        self, name: str, layer: Layer, units: int, params_per_gate: int
+        self, name: str, layer: Layer, units: int, params_per_gate: int, axis: int = 0
     ) -> list[SpanSlot]:
+        """The slot ``name`` if its family is enabled; ``layer`` and ``axis`` name the kernel
+        axis its units index where one does (``hidden``: the embedding's, ``ffn``: the down
+        projection's rows)."""
         if slot_family(name) not in self.families:
             return []
-        return [SpanSlot(name, layer.name, (units,), 0, False, DROPRATE, layer.kernel_shape,
+        return [SpanSlot(name, layer.name, (units,), axis, False, DROPRATE, layer.kernel_shape,
                          params_per_gate)]
 
     def _block_declarations(

@@ -99,7 +99,7 @@ class ViT(TransformerModel):
                             kernel_slot=self._kernel_slot("head")))
         hidden_params = patch_features + 1 + num_classes + sum(
             self._block_hidden_params(i) for i in range(depth))
-        slots = self._slot(HIDDEN, embed, dim, hidden_params) + slots
+        slots = self._slot(HIDDEN, embed, dim, hidden_params, axis=1) + slots
         self.activation_products = tuple(products)
         self._declare(layers, slots, droprate_init=0.5, gate_factory=gate_factory, rngs=rngs)
 
