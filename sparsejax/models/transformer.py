@@ -86,6 +86,17 @@ def family_slots(slots: Iterable[GateSlot]) -> dict[str, tuple[str, ...]]:
     return {family: tuple(names) for family, names in families.items()}
 
 
+def lambdas_by_family(
+    slots: Iterable[GateSlot], values: Mapping[str, float], default: float = 0.0
+) -> tuple[float, ...]:
+    """Per-slot values in slot order (the ``lambdas`` of the L0 methods) from one value per
+    family, e.g. ``{"heads": 1e-3, "hidden": 1e-4}``; families not given take ``default``."""
+    unknown = sorted(set(values) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown gate families {unknown}; valid: {', '.join(FAMILIES)}")
+    return tuple(float(values.get(slot_family(slot.name), default)) for slot in slots)
+
+
 def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Array:
     """Rotary position embedding of queries or keys ``x`` shaped ``(batch, T, head_dim, ...)``.
 

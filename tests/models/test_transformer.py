@@ -12,7 +12,7 @@ from flax import nnx
 from sparsejax.gates.hard_concrete import HardConcreteGate
 from sparsejax.models import build_model, each_slot
 from sparsejax.models.lm import DecoderLM
-from sparsejax.models.transformer import FAMILIES, family_slots, rope
+from sparsejax.models.transformer import FAMILIES, family_slots, lambdas_by_family, rope
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import gate_report
@@ -257,3 +257,13 @@ def test_hard_concrete_gates_train_and_report():
     assert report.dense_flops == count_network(model.layers, {}, model.activation_products)["flops"]
     assert 0 < report.expected_flops < report.dense_flops
     assert set(report.active_units) == {s.name for s in model.gate_slots}
+
+
+def test_lambdas_by_family_follow_the_slot_order():
+    slots = lm().gate_slots
+    lambdas = lambdas_by_family(slots, {"heads": 2.0, "hidden": 3.0}, default=1.0)
+    expected = {"heads": 2.0, "hidden": 3.0}
+    assert lambdas == tuple(expected.get(s.name.rsplit(".", 1)[-1], 1.0) for s in slots)
+    assert lambdas[0] == 3.0 and slots[0].name == "hidden"
+    with pytest.raises(ValueError, match="unknown gate families"):
+        lambdas_by_family(slots, {"head": 1.0})
