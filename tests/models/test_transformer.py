@@ -15,7 +15,7 @@ from sparsejax.models.lm import DecoderLM
 from sparsejax.models.transformer import FAMILIES, family_slots, lambdas_by_family, rope
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
-from sparsejax.structure.report import gate_report
+from sparsejax.structure.report import gate_report, weight_report
 
 VOCAB, CONTEXT = 32, 8
 # Every width differs from the others, so an axis's size says which units it indexes.
@@ -267,3 +267,16 @@ def test_lambdas_by_family_follow_the_slot_order():
     assert lambdas[0] == 3.0 and slots[0].name == "hidden"
     with pytest.raises(ValueError, match="unknown gate families"):
         lambdas_by_family(slots, {"head": 1.0})
+
+
+def test_a_model_without_gates_counts_the_attention_of_its_live_heads():
+    model = lm()
+    heads, dh, dim, t = LM["heads"], LM["head_dim"], LM["dim"], CONTEXT
+    dense = weight_report(model)
+    assert dense.flops == dense.dense_flops == count_network(
+        model.layers, {}, model.activation_products)["flops"]
+    kernel = model.blocks[0].attn.o.kernel
+    kernel[...] = kernel[...].at[jnp.arange(dh) * heads + 2].set(0.0)  # head 2 is dead
+    report = weight_report(model)
+    assert report.active_units["blocks.0.heads"] == heads - 1
+    assert dense.flops - report.flops == 2 * dh * t * t + t * 2 * dim * dh
