@@ -343,7 +343,8 @@ class TransformerModel(GatedModel):
         kernel = self._kernel_slot
 
         def head_sources(tile: int) -> tuple[tuple[str, int], ...]:
-            return ((s["heads"], tile), (s["kv_groups"], tile * per_group))
+            heads_source = ((s["heads"], tile),)
+            return heads_source if mha else (*heads_source, (s["kv_groups"], tile * per_group))
 
         kv_outputs = (((s["heads"], dh),) if mha else ((s["kv_groups"], dh),))
         layers = [

@@ -236,7 +236,10 @@ def test_families_choose_the_slots_and_weight_granularity_gates_every_kernel():
     model = lm(families=("heads", "hidden"))
     assert {s.name for s in model.gate_slots} == {"hidden", "blocks.0.heads", "blocks.1.heads"}
     assert all(s.name.endswith("heads") or s.name == "hidden" for s in model.gate_slots)
-    assert "blocks.0.kv_groups" not in {s.name for s in vit().gate_slots}  # MHA: heads suffice
+    mha = vit()
+    assert "blocks.0.kv_groups" not in {s.name for s in mha.gate_slots}  # MHA: heads suffice
+    named = {name for layer in mha.layers for name, _ in layer.inputs + layer.outputs}
+    assert named == {s.name for s in mha.gate_slots}
     weights = lm(granularity="weight")
     assert {s.name for s in weights.gate_slots} == {l.name for l in weights.layers}
     z = {s.name: jnp.ones(s.shape) for s in weights.gate_slots}
