@@ -27,6 +27,7 @@ from sparsejax.models.base import GateFactory, Granularity, Layer, check_granula
 from sparsejax.models.transformer import (
     FAMILIES,
     HIDDEN,
+    WEIGHT_DROPRATE,
     Norm,
     TransformerModel,
     check_families,
@@ -85,7 +86,8 @@ class DecoderLM(TransformerModel):
             self._block_hidden_params(i) for i in range(depth))
         slots = self._slot(HIDDEN, embed, dim, hidden_params) + slots
         self.activation_products = tuple(products)
-        self._declare(layers, slots, droprate_init=0.5, gate_factory=gate_factory, rngs=rngs)
+        self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs)
 
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         hidden = self.hidden_gate(z)

@@ -52,7 +52,13 @@ from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import GatedModel, GateSlot, Layer, UnitSource
 from sparsejax.models.layers import Dense
 
-DROPRATE = 0.5
+DROPRATE = 0.1
+"""Initial drop rate of the unit slots. Lower than the CNNs' 0.5: a residual branch is multiplied
+by up to four gates (hidden, head, KV group, sublayer), so at 0.5 a network trained from scratch
+sees a heavily corrupted forward pass (``vit_tiny`` + ``l0_hc`` on Fashion-MNIST, 30 steps: test
+error 88% at 0.5, 51% at 0.1, 38% dense)."""
+WEIGHT_DROPRATE = 0.5
+"""Initial drop rate of weight-granularity gates (one gate per weight, the L0 papers' 0.5)."""
 ROPE_BASE = 10000.0
 NORM_EPSILON = 1e-6
 FAMILIES: tuple[str, ...] = ("heads", "kv_groups", "ffn", "attn", "mlp", "hidden")

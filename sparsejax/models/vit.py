@@ -33,6 +33,7 @@ from sparsejax.models.base import (
 from sparsejax.models.transformer import (
     FAMILIES,
     HIDDEN,
+    WEIGHT_DROPRATE,
     Norm,
     TransformerModel,
     check_families,
@@ -101,7 +102,8 @@ class ViT(TransformerModel):
             self._block_hidden_params(i) for i in range(depth))
         slots = self._slot(HIDDEN, embed, dim, hidden_params, axis=1) + slots
         self.activation_products = tuple(products)
-        self._declare(layers, slots, droprate_init=0.5, gate_factory=gate_factory, rngs=rngs)
+        self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
+                      rngs=rngs)
 
     def patchify(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C)`` -> ``(B, patches, p * p * C)``, patches row-major."""
