@@ -89,7 +89,8 @@ def concatenate(documents: Mapping[str, bytes]) -> np.ndarray:
 
 def unigram_bits_per_byte(train: np.ndarray, test: np.ndarray) -> float:
     """Cross-entropy in bits per byte of the add-one-smoothed byte frequencies of ``train`` on
-    ``test`` (both uint8 streams): -(1/|test|) sum_b log2((count_train(b) + 1) / (|train| + 256))."""
+    ``test`` (both uint8 streams):
+    -(1/|test|) sum_{b in test} log2((count_train(b) + 1) / (|train| + 256))."""
     counts = np.bincount(train, minlength=VOCAB_SIZE).astype(np.float64)
     log2_probs = np.log2(counts + 1.0) - np.log2(train.size + VOCAB_SIZE)
     test_counts = np.bincount(test, minlength=VOCAB_SIZE).astype(np.float64)
@@ -130,7 +131,9 @@ class TextDataset:
         count = self.num_sequences(split, seq_len)
         index = np.arange(count) if indices is None else np.asarray(indices, np.int64)
         if index.size and (index.min() < 0 or index.max() >= count):
-            raise IndexError(f"sequence indices must lie in [0, {count}) for {split} at L={seq_len}")
+            raise IndexError(
+                f"sequence indices must lie in [0, {count}) for {split} at L={seq_len}"
+            )
         starts = index[:, None] * seq_len + np.arange(seq_len)[None, :]
         stream = self.stream(split)
         return stream[starts].astype(TOKEN_DTYPE), stream[starts + 1].astype(TOKEN_DTYPE)

@@ -54,7 +54,8 @@ class Dense(nnx.Module):
         kernel_init: nnx.Initializer = he_normal,
     ):
         self.in_features, self.out_features = in_features, out_features
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), jnp.float32))
+        shape = (in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
     def __call__(

@@ -240,7 +240,8 @@ class FeedForward(nnx.Module):
         if kind not in FFNS:
             raise ValueError(f"ffn must be one of {FFNS}, got {kind!r}")
         self.kind = kind
-        self.gate = projection(dim, hidden, rngs=rngs, use_bias=use_bias) if kind == "swiglu" else None
+        swiglu = kind == "swiglu"
+        self.gate = projection(dim, hidden, rngs=rngs, use_bias=use_bias) if swiglu else None
         self.up = projection(dim, hidden, rngs=rngs, use_bias=use_bias)
         self.down = projection(hidden, dim, rngs=rngs, use_bias=use_bias, scale=out_scale)
 

@@ -77,7 +77,8 @@ class ViT(TransformerModel):
         tokens = patches + (pooling == "cls")
         patch_features = patch_size * patch_size * channels
         self.patch_embed = projection(patch_features, dim, rngs=rngs, use_bias=True)
-        self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), jnp.float32)) if pooling == "cls" else None
+        cls_token = jnp.zeros((1, 1, dim), jnp.float32)
+        self.cls_token = nnx.Param(cls_token) if pooling == "cls" else None
         self.positions = nnx.Param(
             POSITION_STD * jax.random.normal(rngs.params(), (1, tokens, dim), jnp.float32))
         self._build_blocks(depth, dim, heads=heads, kv_heads=heads, head_dim=head_dim,

@@ -140,4 +140,5 @@ def test_token_source_serves_sequences_as_the_engine_reads_examples():
     expected = data.sequences("train", 6, np.asarray([4, 1]))
     np.testing.assert_array_equal(inputs, expected[0])
     np.testing.assert_array_equal(targets, expected[1])
-    np.testing.assert_array_equal(source.test_batch(np.arange(2))[0], data.sequences("test", 6)[0][:2])
+    first_test = data.sequences("test", 6)[0][:2]
+    np.testing.assert_array_equal(source.test_batch(np.arange(2))[0], first_test)
