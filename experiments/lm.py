@@ -24,7 +24,8 @@ from pathlib import Path  # noqa: E402
 import ml_collections  # noqa: E402
 
 from experiments import cli  # noqa: E402
-from sparsejax.data.text import load_text  # noqa: E402
+from sparsejax.data.text import TEXT_DATASETS, load_text  # noqa: E402
+from sparsejax.errors import ConfigError  # noqa: E402
 from sparsejax.train.loop import SUMMARY_FILE  # noqa: E402
 from sparsejax.train.metrics import METRICS_FILE  # noqa: E402
 
@@ -33,7 +34,13 @@ LM_LAMBDA = 1e-3
 
 
 def resolve(config: ml_collections.ConfigDict) -> None:
-    """An unset ``lambdas`` of an L0-family method becomes :data:`LM_LAMBDA`."""
+    """Refuses a dataset that is not text; an unset ``lambdas`` of an L0-family method becomes
+    :data:`LM_LAMBDA`."""
+    if config.dataset not in TEXT_DATASETS:
+        raise ConfigError(
+            f"--dataset={config.dataset}: experiments.lm trains on text; choose one of "
+            f"{', '.join(TEXT_DATASETS)}"
+        )
     if "lambdas" in config and config.get("lambdas") is None:
         config.lambdas = LM_LAMBDA
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import GateFactory, Granularity, Layer, check_granularity
 from sparsejax.models.transformer import (
@@ -60,6 +61,11 @@ class DecoderLM(TransformerModel):
         check_granularity(granularity)
         self.granularity = granularity
         self.families = check_families(families)
+        if len(input_shape) != 1:
+            raise ConfigError(
+                f"lm_tiny reads token sequences (input_shape (T,)), got input_shape {input_shape}; "
+                "train it on a text dataset (python_docs, python_sources)"
+            )
         (context,) = input_shape
         vocab = num_classes
         self.tied = tied

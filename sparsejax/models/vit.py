@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.gates.apply import gate_units
 from sparsejax.models.base import (
     MODEL_INPUT,
@@ -67,6 +68,11 @@ class ViT(TransformerModel):
         check_granularity(granularity)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if len(input_shape) != 3:
+            raise ConfigError(
+                f"vit_tiny reads images (input_shape (H, W, C)), got input_shape {input_shape}; "
+                "train it on an image dataset"
+            )
         height, width, channels = input_shape
         if height % patch_size or width % patch_size:
             raise ValueError(f"patch_size {patch_size} must divide the image sides {input_shape}")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import HardConcreteGate
 from sparsejax.models import build_model, each_slot
 from sparsejax.models.lm import DecoderLM
@@ -283,3 +284,10 @@ def test_a_model_without_gates_counts_the_attention_of_its_live_heads():
     report = weight_report(model)
     assert report.active_units["blocks.0.heads"] == heads - 1
     assert dense.flops - report.flops == 2 * dh * t * t + t * 2 * dim * dh
+
+
+def test_a_model_given_the_other_kind_of_input_is_a_config_error():
+    with pytest.raises(ConfigError, match="text dataset"):
+        lm(input_shape=(28, 28, 1))
+    with pytest.raises(ConfigError, match="image dataset"):
+        vit(input_shape=(128,))
