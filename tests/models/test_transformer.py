@@ -6,9 +6,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+from sparsejax.data import text
 from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import HardConcreteGate
 from sparsejax.models import build_model, each_slot
@@ -291,3 +293,26 @@ def test_a_model_given_the_other_kind_of_input_is_a_config_error():
         lm(input_shape=(28, 28, 1))
     with pytest.raises(ConfigError, match="image dataset"):
         vit(input_shape=(128,))
+
+
+def test_a_short_run_beats_the_unigram_baseline():
+    data = text.load_text("python_docs")
+    model = DecoderLM(rngs=nnx.Rngs(0), input_shape=(32,), dim=32, depth=1, heads=2, kv_heads=1,
+                      head_dim=16, ffn_hidden=64)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    def loss(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x, train=False), y).mean()
+
+    @nnx.jit
+    def step(m, opt, x, y):
+        value, grads = nnx.value_and_grad(loss)(m, x, y)
+        opt.update(m, grads)
+        return value
+
+    for _, (x, y) in zip(range(80), data.train_batches(32, 16, seed=0, epoch=0)):
+        step(model, optimizer, jnp.asarray(x), jnp.asarray(y))
+    x, y = data.sequences("test", 32, np.arange(256))
+    bits = float(nnx.jit(loss)(model, jnp.asarray(x), jnp.asarray(y))) / np.log(2)
+    unigram = text.unigram_bits_per_byte(data.train_stream, y.reshape(-1).astype(np.uint8))
+    assert bits < unigram - 0.3
