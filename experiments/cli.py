@@ -88,14 +88,22 @@ _FLAG_FIELDS = {
 }
 
 
-def run(default_config: str, resolve: Callable[[ConfigDict], None] | None = None) -> None:
+Summarize = Callable[[ConfigDict, Path, dict], dict]
+"""Adds an experiment's own fields to a finished run's summary (and its ``summary.json``)."""
+
+
+def run(
+    default_config: str,
+    resolve: Callable[[ConfigDict], None] | None = None,
+    summarize: Summarize | None = None,
+) -> None:
     """Parse the flags (``--config`` defaulting to ``configs/<default_config>.py``) and train.
 
     ``resolve`` fills the config fields still None after the flags with the paper's values for
-    the chosen method, model and dataset.
+    the chosen method, model and dataset; ``summarize`` (on process 0) extends the summary.
     """
     app.run(
-        functools.partial(_main, resolve=resolve),
+        functools.partial(_main, resolve=resolve, summarize=summarize),
         flags_parser=functools.partial(_parse_flags, CONFIGS / f"{default_config}.py"),
     )
 
@@ -209,11 +217,15 @@ def _shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
-def _main(argv: list[str], resolve: Callable[[ConfigDict], None] | None) -> None:
+def _main(
+    argv: list[str],
+    resolve: Callable[[ConfigDict], None] | None,
+    summarize: Summarize | None = None,
+) -> None:
     del argv  # _parse_flags refused positional arguments
     try:
         with reported_errors(debug=_DEBUG.value, output="--workdir"):
-            _train(resolve)
+            _train(resolve, summarize)
     except SystemExit as stopped:
         if stopped.code == EXIT_FAILED and not debugging(_DEBUG.value):
             _silence_stderr()
@@ -228,7 +240,9 @@ def _silence_stderr() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
-def _train(resolve: Callable[[ConfigDict], None] | None) -> None:
+def _train(
+    resolve: Callable[[ConfigDict], None] | None, summarize: Summarize | None = None
+) -> None:
     """Apply the flags to the config, train and print the summary."""
     logging.set_verbosity(logging.WARNING)
     if not debugging(_DEBUG.value):
@@ -253,5 +267,7 @@ def _train(resolve: Callable[[ConfigDict], None] | None) -> None:
         print(stopped, file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     if jax.process_index() == 0:
+        if summarize is not None:
+            summary = summarize(config, Path(workdir), summary)
         print(json.dumps(summary, indent=2))
 

@@ -31,6 +31,7 @@ from sparsejax.data.augment import channel_statistics, crop_flip, normalize
 from sparsejax.data.errors import DatasetNotFoundError
 from sparsejax.data.load import DATASETS, check_data_dir, load_dataset
 from sparsejax.data.shared import SharedArrays
+from sparsejax.data.text import TEXT_DATASETS, TokenSource, load_text
 from sparsejax.data.tfds_source import (
     FILE_FORMAT,
     IMAGE_KEY,
@@ -44,7 +45,7 @@ Augmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 AUGMENTATIONS: dict[str, Augmentation | None] = {"none": None, "crop_flip": crop_flip}
 
 IMAGENET = "imagenet2012"
-SOURCES: tuple[str, ...] = (*DATASETS, IMAGENET)
+SOURCES: tuple[str, ...] = (*DATASETS, IMAGENET, *TEXT_DATASETS)
 """Every dataset name :func:`open_source` accepts."""
 
 IMAGENET_SPLITS = ("train", "validation")
@@ -210,8 +211,15 @@ def open_source(
     augment: str = "none",
     normalize_channels: bool = False,
 ) -> BatchSource:
-    """The batch source for dataset ``name``: ImageNet read from tfds, anything else in memory
-    (see :func:`sparsejax.data.load_dataset` for the arguments)."""
+    """The batch source for dataset ``name``: ImageNet read from tfds, a text corpus as
+    sequences of :data:`~sparsejax.data.text.DEFAULT_SEQ_LEN` bytes (``data_dir``: the standard
+    library directory of ``python_sources``), anything else in memory (see
+    :func:`sparsejax.data.load_dataset` for the arguments)."""
+    if name in TEXT_DATASETS:
+        if augment != "none" or normalize_channels:
+            raise ConfigError(f"{name} is text; set augment='none' and normalize=False")
+        data = load_text(name, stdlib_dir=data_dir)
+        return TokenSource(data, num_train=num_train, num_test=num_test)
     if name == IMAGENET:
         if augment != "none" or normalize_channels:
             raise ConfigError(

@@ -173,6 +173,10 @@ class GatedModel(nnx.Module):
     channel_couplings: tuple[ChannelCoupling, ...] = ()
     input_selections: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """(layer name, indices of the input units it reads): set on slimmed models only."""
+    activation_products: tuple[Layer, ...] = ()
+    """Products of two activations (attention's ``Q K^T`` and ``A V``), declared as layers whose
+    "kernel" is the other activation: they cost MACs but hold no parameters, have no module and
+    take no weight gates, so they are kept out of ``layers`` and counted in FLOPs only."""
 
     def _declare(
         self,

@@ -41,11 +41,21 @@ def _gated(kernel: jax.Array, kernel_gate: jax.Array | None) -> jax.Array:
 
 class Dense(nnx.Module):
     """y = (x * z_in) @ (W * z_w) + b, with optional input-neuron gates z_in (``(in,)`` or
-    ``(batch, in)``) and weight gates z_w shaped like W."""
+    ``(batch, in)``) and weight gates z_w shaped like W; ``kernel_init`` draws W (He-normal by
+    default)."""
 
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        kernel_init: nnx.Initializer = he_normal,
+    ):
         self.in_features, self.out_features = in_features, out_features
-        self.kernel = nnx.Param(he_normal(rngs.params(), (in_features, out_features), jnp.float32))
+        shape = (in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
     def __call__(

@@ -9,9 +9,11 @@ from sparsejax.models.cifar_resnet import resnet20, resnet56, resnet110
 from sparsejax.models.densenet import densenet40
 from sparsejax.models.imagenet_resnet import resnet34, resnet50
 from sparsejax.models.lenet import MLP, LeNet5
+from sparsejax.models.lm import lm_tiny
 from sparsejax.models.mobilenet_v2 import mobilenet_v2, mobilenet_v2_cifar
 from sparsejax.models.preact_resnet import resnet164
 from sparsejax.models.vgg import VGG16, VGG19
+from sparsejax.models.vit import vit_tiny
 from sparsejax.models.wide_resnet import wrn28_10
 
 MODELS: dict[str, Callable[..., GatedModel]] = {
@@ -29,6 +31,8 @@ MODELS: dict[str, Callable[..., GatedModel]] = {
     "densenet40": densenet40,
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v2_cifar": mobilenet_v2_cifar,
+    "vit_tiny": vit_tiny,
+    "lm_tiny": lm_tiny,
 }
 
 

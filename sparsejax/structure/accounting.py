@@ -69,15 +69,22 @@ def count_layer(layer: Layer, values: Mapping[str, ArrayLike]) -> LayerCount:
     return LayerCount(layer.name, weights, biases, weights * layer.out_positions)
 
 
-def count_network(layers: tuple[Layer, ...], values: Mapping[str, ArrayLike]) -> dict[str, float]:
-    """Totals over the layers: ``weights``, ``params`` (weights + biases) and ``flops`` (MACs)."""
+def count_network(
+    layers: tuple[Layer, ...],
+    values: Mapping[str, ArrayLike],
+    products: tuple[Layer, ...] = (),
+) -> dict[str, float]:
+    """Totals over the layers: ``weights``, ``params`` (weights + biases) and ``flops`` (MACs);
+    ``products`` (:attr:`~sparsejax.models.base.GatedModel.activation_products`) add their MACs
+    to ``flops`` only."""
     counts = [count_layer(layer, values) for layer in layers]
     weights = sum(c.weights for c in counts)
     biases = sum(c.biases for c in counts)
     return {
         "weights": weights,
         "params": weights + biases,
-        "flops": sum(c.macs for c in counts),
+        "flops": sum(c.macs for c in counts)
+        + sum(count_layer(product, values).macs for product in products),
     }
 
 

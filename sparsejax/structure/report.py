@@ -10,7 +10,7 @@ import numpy as np
 from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
 from sparsejax.structure.accounting import count_network
-from sparsejax.structure.nodes import node_report
+from sparsejax.structure.nodes import alive_units, node_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +46,10 @@ def gate_report(model: GatedModel) -> GateReport:
     test_gates = {name: np.asarray(gate.test_gate()) for name, gate in model.gates.items()}
     keep_probs = {name: np.asarray(gate.prob_nonzero()) for name, gate in model.gates.items()}
     masks = {name: np.asarray(active(value)) for name, value in test_gates.items()}
-    pruned = count_network(model.layers, masks)
-    expected = count_network(model.layers, keep_probs)
-    dense = count_network(model.layers, {})
+    products = tuple(model.activation_products)
+    pruned = count_network(model.layers, masks, products)
+    expected = count_network(model.layers, keep_probs, products)
+    dense = count_network(model.layers, {}, products)
     kept_fraction = float(pruned["weights"]) / float(dense["weights"])
     active_units = {
         slot.name: int(masks[slot.name].sum()) if slot.name in masks else int(np.prod(slot.shape))
@@ -82,7 +83,9 @@ def weight_report(model: GatedModel) -> GateReport:
     """
     nodes = node_report(model)
     params = nodes.nonzero_weights + nodes.live_biases
-    dense = count_network(model.layers, {})
+    products = tuple(model.activation_products)
+    dense = count_network(model.layers, {}, products)
+    flops = nodes.nonzero_flops + _live_product_flops(model, products)
     kernel_of_slot = {layer.kernel_slot: layer.name for layer in model.layers if layer.kernel_slot}
 
     def active(slot: str) -> int:
@@ -94,14 +97,24 @@ def weight_report(model: GatedModel) -> GateReport:
         active_units={slot.name: active(slot.name) for slot in model.gate_slots},
         slot_sizes={slot.name: int(np.prod(slot.shape)) for slot in model.gate_slots},
         expected_l0=params,
-        expected_flops=nodes.nonzero_flops,
+        expected_flops=flops,
         params=params,
-        flops=nodes.nonzero_flops,
+        flops=flops,
         dense_params=float(dense["params"]),
         dense_flops=float(dense["flops"]),
         pruning_rate=100.0 * (1.0 - nodes.nonzero_weights / nodes.dense_weights),
         test_gates={},
     )
+
+
+def _live_product_flops(model: GatedModel, products: tuple) -> float:
+    """MACs of the model's activation products (attention) between its live units."""
+    if not products:
+        return 0.0
+    kernels = {l.name: np.asarray(model.layer_module(l.name).kernel[...]) for l in model.layers}
+    alive = alive_units(model.layers, kernels, tuple(model.channel_couplings))
+    values = {slot: vector.astype(np.float32) for slot, vector in alive.items()}
+    return float(count_network((), values, products)["flops"])
 
 
 def sparsity_report(model: GatedModel) -> GateReport:

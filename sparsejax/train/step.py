@@ -125,6 +125,12 @@ def apply_after_update(
     return params, model_state, method_state
 
 
+def _per_example(values: jax.Array) -> jax.Array:
+    """``(batch,)``: the values of each example, averaged over its positions when it has several
+    (a sequence's tokens), so that test error and loss are per token for a language model."""
+    return values if values.ndim == 1 else jnp.mean(values.reshape(values.shape[0], -1), axis=1)
+
+
 def make_eval_step(
     graphdef: nnx.GraphDef, ema_decay: float = 0.0
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
@@ -138,8 +144,8 @@ def make_eval_step(
         params = evaluated_params(state, ema_decay)
         model = merge_model(graphdef, params, state.model_state)
         logits = model(images, train=False)
-        wrong = jnp.sum((jnp.argmax(logits, -1) != labels) & valid)
-        loss = jnp.sum(jnp.where(valid, cross_entropy(logits, labels), 0.0))
-        return wrong, loss
+        wrong = _per_example(jnp.argmax(logits, -1) != labels)
+        loss = _per_example(cross_entropy(logits, labels))
+        return jnp.sum(jnp.where(valid, wrong, 0)), jnp.sum(jnp.where(valid, loss, 0.0))
 
     return eval_step

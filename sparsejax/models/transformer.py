@@ -1,0 +1,459 @@
+"""Transformer blocks with gates on heads, KV groups, FFN units, the hidden dimension and sublayers.
+
+The pieces of :mod:`sparsejax.models.vit` and :mod:`sparsejax.models.lm`: pre-norm blocks
+h <- h + z_hidden * z_attn * Attn(Norm(h)), h <- h + z_hidden * z_mlp * FFN(Norm(h)) (Xiong et
+al. 2020), with multi-head attention (Vaswani et al. 2017) whose query heads may share key/value
+heads in groups (grouped-query attention, GQA: Ainslie et al. 2023), optional rotary positions
+(RoPE: Su et al. 2021), a GELU MLP or a SwiGLU FFN (Shazeer 2020), LayerNorm or RMSNorm.
+
+Gate slot families (unit granularity), one slot per block except ``hidden`` (names
+``blocks.{i}.{family}``), so that a method can give each family (and each block) its own lambda,
+as CoFi (Xia et al. 2022) and Sheared LLaMA (Xia et al. 2023) do:
+
+- ``heads`` (H per block): query head h's output, before the output projection. With H query
+  heads in G groups of M = H / G (group g owns heads m * G + g, m < M), a closed head removes its
+  query columns and output-projection rows; in multi-head attention (M = 1) also its key and value
+  columns.
+- ``kv_groups`` (G per block, only when M > 1): key/value head g and every query head it serves.
+- ``ffn`` (F per block): FFN hidden unit j (after the activation, SwiGLU's product).
+- ``attn`` / ``mlp`` (1 per block): the whole attention / FFN sublayer's residual branch.
+- ``hidden`` (d, shared by every block): one dimension of the residual stream. The embedding and
+  every branch are multiplied by it, so a closed dimension is exactly 0 in the stream; the norms
+  take their statistics over the open dimensions only (n = #{z_hidden != 0}) and zero the closed
+  ones, so that a closed dimension is the same network as one without it (as CoFi's LayerNorm).
+
+Which families exist is the ``families`` argument of the models. At weight granularity every
+kernel (embeddings, projections, FFN, head) has weight gates instead.
+
+Accounting (:mod:`sparsejax.structure.accounting`): projections are dense layers applied at every
+token, so a layer's ``out_positions`` is the number of tokens T of the declared context (FLOPs
+are per sequence, as a CNN's are per image). The layouts make every slot a tiled unit source: the
+query columns and output-projection rows are ordered (head_dim, M, G) with G fastest, the key and
+value columns (head_dim, G). Attention itself costs, per query head, T * T * head_dim MACs for
+Q K^T and as many for A V: 2 * H * head_dim * T^2 per block, counted over the full T x T score
+matrix even when causal (the dense computation does all of it); they are declared as
+:attr:`~sparsejax.models.base.GatedModel.activation_products` (MACs, no parameters) and scale
+with the kept heads. Norm scales and biases, positional embeddings and a class token are
+parameters outside the declared layers, as BatchNorm's are in the CNNs. A slot's ``group_size``
+(the parameters one gate removes, |g| of the L0 penalty) is counted over all the layers it spans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsejax.gates.apply import gate_units
+from sparsejax.models.base import GatedModel, GateSlot, Layer, UnitSource
+from sparsejax.models.layers import Dense
+
+DROPRATE = 0.1
+"""Initial drop rate of the unit slots. Lower than the CNNs' 0.5: a residual branch is multiplied
+by up to four gates (hidden, head, KV group, sublayer), so at 0.5 a network trained from scratch
+sees a heavily corrupted forward pass (``vit_tiny`` + ``l0_hc`` on Fashion-MNIST, 30 steps: test
+error 88% at 0.5, 51% at 0.1, 38% dense)."""
+WEIGHT_DROPRATE = 0.5
+"""Initial drop rate of weight-granularity gates (one gate per weight, the L0 papers' 0.5)."""
+ROPE_BASE = 10000.0
+NORM_EPSILON = 1e-6
+FAMILIES: tuple[str, ...] = ("heads", "kv_groups", "ffn", "attn", "mlp", "hidden")
+HIDDEN = "hidden"
+NORMS: tuple[str, ...] = ("layer", "rms")
+FFNS: tuple[str, ...] = ("gelu", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanSlot(GateSlot):
+    """A unit slot whose gates remove parameters in several layers (a head: its query, key,
+    value and output-projection slices); ``params_per_gate`` is what one gate removes."""
+
+    params_per_gate: int = 0
+
+    @property
+    def group_size(self) -> int:
+        return self.params_per_gate
+
+
+def slot_family(name: str) -> str:
+    """The family of a transformer slot name (``"blocks.2.heads"`` -> ``"heads"``)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def family_slots(slots: Iterable[GateSlot]) -> dict[str, tuple[str, ...]]:
+    """Slot names by family, in network order."""
+    families: dict[str, list[str]] = {}
+    for slot in slots:
+        families.setdefault(slot_family(slot.name), []).append(slot.name)
+    return {family: tuple(names) for family, names in families.items()}
+
+
+def lambdas_by_family(
+    slots: Iterable[GateSlot], values: Mapping[str, float], default: float = 0.0
+) -> tuple[float, ...]:
+    """Per-slot values in slot order (the ``lambdas`` of the L0 methods) from one value per
+    family, e.g. ``{"heads": 1e-3, "hidden": 1e-4}``; families not given take ``default``."""
+    unknown = sorted(set(values) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown gate families {unknown}; valid: {', '.join(FAMILIES)}")
+    return tuple(float(values.get(slot_family(slot.name), default)) for slot in slots)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Array:
+    """Rotary position embedding of queries or keys ``x`` shaped ``(batch, T, head_dim, ...)``.
+
+    Su et al. (2021), eq. 34, "rotate-half" pairing: dimension i < head_dim / 2 and i + head_dim / 2
+    form a plane rotated by the angle t * theta_i at position t, theta_i = base^(-2i / head_dim).
+    Then <rope(q, t), rope(k, s)> depends on t - s only.
+    """
+    half = x.shape[2] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]
+    shape = (1, *angles.shape, *([1] * (x.ndim - 3)))
+    cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
+    x1, x2 = x[:, :, :half], x[:, :, half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=2).astype(x.dtype)
+
+
+def _unit_mask(gate: jax.Array, x: jax.Array) -> jax.Array:
+    """1 where the hidden gate is open, broadcastable to x ``(batch, ..., d)``."""
+    mask = (gate != 0).astype(x.dtype)
+    return mask if mask.ndim == 1 else mask.reshape(mask.shape[0], *([1] * (x.ndim - 2)), -1)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019) over the open hidden units.
+
+    With n the number of open units (all d without a hidden gate):
+    layer: y = (x - mu) / sqrt(var + eps) * scale + bias, mu and var over the open units;
+    rms: y = x / sqrt(sum(x^2) / n + eps) * scale. Closed units of y are 0.
+    """
+
+    def __init__(self, dim: int, kind: str):
+        if kind not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+        self.kind = kind
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if kind == "layer" else None
+
+    def __call__(self, x: jax.Array, hidden_gate: jax.Array | None) -> jax.Array:
+        mask = None if hidden_gate is None else _unit_mask(hidden_gate, x)
+        count = x.shape[-1] if mask is None else jnp.sum(mask, axis=-1, keepdims=True)
+        if self.kind == "layer":
+            x = x - jnp.sum(x, axis=-1, keepdims=True) / count
+            x = x if mask is None else x * mask
+        y = x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) / count + NORM_EPSILON)
+        y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y if mask is None else y * mask
+
+
+def projection(
+    in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool, scale: float = 1.0
+) -> Dense:
+    """A dense layer initialised N(0, scale^2 / in_features) (LeCun normal times ``scale``)."""
+    init = nnx.initializers.variance_scaling(scale**2, "fan_in", "normal")
+    return Dense(in_features, out_features, rngs=rngs, use_bias=use_bias, kernel_init=init)
+
+
+def _head_multiplier(gate: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """A head (``(H,)`` / ``(B, H)``) or group (``(G,)`` / ``(B, G)``) gate, reshaped to
+    multiply attention outputs ``(B, T, head_dim, M, G)``; ``shape`` is ``(M, G)`` or ``(G,)``."""
+    if gate is None:
+        return None
+    lead = gate.shape[0] if gate.ndim == 2 else 1
+    return gate.reshape(lead, 1, 1, *([1] * (2 - len(shape))), *shape)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with H query heads sharing G key/value heads (GQA; G = H is multi-head
+    attention, Vaswani et al. 2017): softmax(Q_h K_g^T / sqrt(head_dim) + mask) V_g for query head
+    h = m * G + g, then the output projection of the concatenated heads."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        use_bias: bool,
+        causal: bool,
+        rotary: bool,
+        out_scale: float,
+        rngs: nnx.Rngs,
+    ):
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+        if rotary and head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got {head_dim}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.causal, self.rotary = causal, rotary
+        self.q = projection(dim, heads * head_dim, rngs=rngs, use_bias=use_bias)
+        self.k = projection(dim, kv_heads * head_dim, rngs=rngs, use_bias=use_bias)
+        self.v = projection(dim, kv_heads * head_dim, rngs=rngs, use_bias=use_bias)
+        self.o = projection(heads * head_dim, dim, rngs=rngs, use_bias=use_bias, scale=out_scale)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        head_gate: jax.Array | None = None,
+        group_gate: jax.Array | None = None,
+        kernel_gates: Mapping[str, jax.Array | None] | None = None,
+    ) -> jax.Array:
+        kernel_gates = kernel_gates or {}
+        batch, length, _ = x.shape
+        groups, dh = self.kv_heads, self.head_dim
+        per_group = self.heads // groups
+        q = self.q(x, kernel_gates.get("q")).reshape(batch, length, dh, per_group, groups)
+        k = self.k(x, kernel_gates.get("k")).reshape(batch, length, dh, groups)
+        v = self.v(x, kernel_gates.get("v")).reshape(batch, length, dh, groups)
+        if self.rotary:
+            positions = jnp.arange(length)
+            q, k = rope(q, positions), rope(k, positions)
+        scores = jnp.einsum("btdmg,bsdg->bmgts", q, k) / math.sqrt(dh)
+        if self.causal:
+            visible = jnp.tril(jnp.ones((length, length), bool))
+            scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bmgts,bsdg->btdmg", weights, v)
+        for gate, shape in ((head_gate, (per_group, groups)), (group_gate, (groups,))):
+            multiplier = _head_multiplier(gate, shape)
+            if multiplier is not None:
+                out = out * multiplier
+        return self.o(out.reshape(batch, length, -1), kernel_gates.get("o"))
+
+
+class FeedForward(nnx.Module):
+    """GELU MLP, down(gelu(up(x))), or SwiGLU (Shazeer 2020), down(silu(gate(x)) * up(x)); the
+    FFN unit gates multiply the hidden units."""
+
+    def __init__(
+        self, dim: int, hidden: int, *, kind: str, use_bias: bool, out_scale: float, rngs: nnx.Rngs
+    ):
+        if kind not in FFNS:
+            raise ValueError(f"ffn must be one of {FFNS}, got {kind!r}")
+        self.kind = kind
+        swiglu = kind == "swiglu"
+        self.gate = projection(dim, hidden, rngs=rngs, use_bias=use_bias) if swiglu else None
+        self.up = projection(dim, hidden, rngs=rngs, use_bias=use_bias)
+        self.down = projection(hidden, dim, rngs=rngs, use_bias=use_bias, scale=out_scale)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        unit_gate: jax.Array | None = None,
+        kernel_gates: Mapping[str, jax.Array | None] | None = None,
+    ) -> jax.Array:
+        kernel_gates = kernel_gates or {}
+        up = self.up(x, kernel_gates.get("up"))
+        if self.gate is None:
+            h = jax.nn.gelu(up, approximate=False)
+        else:
+            h = jax.nn.silu(self.gate(x, kernel_gates.get("gate"))) * up
+        if unit_gate is not None:
+            h = gate_units(h, unit_gate)
+        return self.down(h, kernel_gates.get("down"))
+
+
+class Block(nnx.Module):
+    """A pre-norm transformer block: attention and FFN residual branches."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        ffn_hidden: int,
+        norm: str,
+        ffn: str,
+        use_bias: bool,
+        causal: bool,
+        rotary: bool,
+        out_scale: float,
+        rngs: nnx.Rngs,
+    ):
+        self.attn_norm = Norm(dim, norm)
+        self.attn = Attention(dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                              use_bias=use_bias, causal=causal, rotary=rotary,
+                              out_scale=out_scale, rngs=rngs)
+        self.ffn_norm = Norm(dim, norm)
+        self.ffn = FeedForward(dim, ffn_hidden, kind=ffn, use_bias=use_bias, out_scale=out_scale,
+                               rngs=rngs)
+
+
+def _scale_branch(x: jax.Array, *gates: jax.Array | None) -> jax.Array:
+    for gate in gates:
+        if gate is not None:
+            x = gate_units(x, gate)
+    return x
+
+
+class TransformerModel(GatedModel):
+    """What the ViT and the LM share: the blocks, their declarations and their forward pass.
+
+    Subclasses build ``self.blocks`` with :meth:`_build_blocks`, declare their embedding and head
+    layers around :meth:`_block_declarations` and call :meth:`_run_blocks`.
+    """
+
+    families: tuple[str, ...]
+
+    def _build_blocks(self, depth: int, dim: int, **block_options) -> None:
+        out_scale = 1.0 / math.sqrt(2 * depth)
+        self.blocks = nnx.List([Block(dim, out_scale=out_scale, **block_options)
+                                for _ in range(depth)])
+
+    def layer_module(self, name: str) -> nnx.Module:
+        """Declared layers are named by their attribute path (``"blocks.0.attn.q"``)."""
+        return self.module_at(name)
+
+    def _sources(self, *sources: tuple[str, int]) -> UnitSource:
+        """Unit sources limited to the slots of the enabled families (none at weight
+        granularity)."""
+        kept = tuple((s, t) for s, t in sources if slot_family(s) in self.families)
+        return self._unit_sources(*kept)
+
+    def _slot(
+        self, name: str, layer: Layer, units: int, params_per_gate: int, axis: int = 0
+    ) -> list[SpanSlot]:
+        """The slot ``name`` if its family is enabled; ``layer`` and ``axis`` name the kernel
+        axis its units index where one does (``hidden``: the embedding's, ``ffn``: the down
+        projection's rows)."""
+        if slot_family(name) not in self.families:
+            return []
+        return [SpanSlot(name, layer.name, (units,), axis, False, DROPRATE, layer.kernel_shape,
+                         params_per_gate)]
+
+    def _block_declarations(
+        self, index: int, *, positions: int, use_bias: bool
+    ) -> tuple[list[Layer], list[Layer], list[SpanSlot]]:
+        """Layers, activation products and slots of block ``index`` (module docstring)."""
+        block = self.blocks[index]
+        attn, ffn = block.attn, block.ffn
+        path = f"blocks.{index}"
+        heads, groups, dh = attn.heads, attn.kv_heads, attn.head_dim
+        per_group = heads // groups
+        dim = attn.q.in_features
+        hidden_units = ffn.up.out_features
+        s = {family: f"{path}.{family}" for family in FAMILIES if family != HIDDEN}
+        mha = per_group == 1
+        bias = int(use_bias)
+        kernel = self._kernel_slot
+
+        def head_sources(tile: int) -> tuple[tuple[str, int], ...]:
+            heads_source = ((s["heads"], tile),)
+            return heads_source if mha else (*heads_source, (s["kv_groups"], tile * per_group))
+
+        kv_outputs = (((s["heads"], dh),) if mha else ((s["kv_groups"], dh),))
+        layers = [
+            Layer(f"{path}.attn.q", (dim, heads * dh), positions, use_bias,
+                  inputs=self._sources((HIDDEN, 1)),
+                  outputs=self._sources(*head_sources(dh), (s["attn"], heads * dh)),
+                  kernel_slot=kernel(f"{path}.attn.q")),
+            *[Layer(f"{path}.attn.{kv}", (dim, groups * dh), positions, use_bias,
+                    inputs=self._sources((HIDDEN, 1)),
+                    outputs=self._sources(*kv_outputs, (s["attn"], groups * dh)),
+                    kernel_slot=kernel(f"{path}.attn.{kv}"))
+              for kv in ("k", "v")],
+            Layer(f"{path}.attn.o", (heads * dh, dim), positions, use_bias,
+                  inputs=self._sources(*head_sources(dh)),
+                  outputs=self._sources((HIDDEN, 1), (s["attn"], dim)),
+                  kernel_slot=kernel(f"{path}.attn.o")),
+        ]
+        products = [
+            Layer(f"{path}.attn.{name}", (heads * dh, positions), positions, False,
+                  inputs=self._sources(*head_sources(dh)),
+                  outputs=self._sources((s["attn"], positions)))
+            for name in ("scores", "mix")
+        ]
+        ffn_in = ("gate", "up") if ffn.gate is not None else ("up",)
+        layers += [
+            Layer(f"{path}.ffn.{name}", (dim, hidden_units), positions, use_bias,
+                  inputs=self._sources((HIDDEN, 1)),
+                  outputs=self._sources((s["ffn"], 1), (s["mlp"], hidden_units)),
+                  kernel_slot=kernel(f"{path}.ffn.{name}"))
+            for name in ffn_in
+        ]
+        layers.append(
+            Layer(f"{path}.ffn.down", (hidden_units, dim), positions, use_bias,
+                  inputs=self._sources((s["ffn"], 1)),
+                  outputs=self._sources((HIDDEN, 1), (s["mlp"], dim)),
+                  kernel_slot=kernel(f"{path}.ffn.down"))
+        )
+        head_params = (dim * dh + bias * dh) + dh * dim
+        kv_params = 2 * (dim * dh + bias * dh)
+        attn_params = (dim * heads * dh * 2 + 2 * dim * groups * dh
+                       + bias * (heads * dh + 2 * groups * dh + dim))
+        ffn_params = len(ffn_in) * (dim + bias) + dim
+        mlp_params = hidden_units * ffn_params + bias * dim
+        o, down = layers[3], layers[-1]
+        slots = [
+            *self._slot(s["heads"], o, heads, head_params + (kv_params if mha else 0)),
+            *([] if mha else
+              self._slot(s["kv_groups"], o, groups, kv_params + per_group * head_params)),
+            *self._slot(s["attn"], o, 1, attn_params),
+            *self._slot(s["ffn"], down, hidden_units, ffn_params),
+            *self._slot(s["mlp"], down, 1, mlp_params),
+        ]
+        return layers, products, slots
+
+    def _block_hidden_params(self, index: int) -> int:
+        """The parameters of block ``index`` that one hidden dimension removes."""
+        block = self.blocks[index]
+        attn, ffn = block.attn, block.ffn
+        bias = int(attn.q.bias is not None)
+        projected = attn.heads * attn.head_dim + 2 * attn.kv_heads * attn.head_dim
+        ffn_in = 2 if ffn.gate is not None else 1
+        hidden_units = ffn.up.out_features
+        return (projected + attn.heads * attn.head_dim + bias
+                + ffn_in * hidden_units + hidden_units + bias)
+
+    def _block_gates(self, z: Mapping[str, jax.Array], index: int) -> dict[str, jax.Array | None]:
+        path = f"blocks.{index}"
+        unit = self.granularity == "unit"
+        return {family: z.get(f"{path}.{family}") if unit else None
+                for family in FAMILIES if family != HIDDEN}
+
+    def _kernel_gates(self, z: Mapping[str, jax.Array], prefix: str, names: Iterable[str]):
+        return {name: self.kernel_gate(dict(z), f"{prefix}.{name}") for name in names}
+
+    def hidden_gate(self, z: Mapping[str, jax.Array]) -> jax.Array | None:
+        return z.get(HIDDEN) if self.granularity == "unit" else None
+
+    def _run_blocks(self, h: jax.Array, z: Mapping[str, jax.Array]) -> jax.Array:
+        """The residual stream after every block, h given with the hidden gate applied."""
+        hidden = self.hidden_gate(z)
+        for index, block in enumerate(self.blocks):
+            gates = self._block_gates(z, index)
+            path = f"blocks.{index}"
+            a = block.attn(
+                block.attn_norm(h, hidden),
+                head_gate=gates["heads"],
+                group_gate=gates["kv_groups"],
+                kernel_gates=self._kernel_gates(z, f"{path}.attn", "qkvo"),
+            )
+            h = h + _scale_branch(a, gates["attn"], hidden)
+            f = block.ffn(
+                block.ffn_norm(h, hidden),
+                unit_gate=gates["ffn"],
+                kernel_gates=self._kernel_gates(z, f"{path}.ffn", ("gate", "up", "down")),
+            )
+            h = h + _scale_branch(f, gates["mlp"], hidden)
+        return h
+
+
+def check_families(families: Iterable[str]) -> tuple[str, ...]:
+    families = tuple(families)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown gate families {unknown}; valid: {', '.join(FAMILIES)}")
+    return families
