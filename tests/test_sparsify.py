@@ -1,0 +1,252 @@
+"""sparsify: gating NNX models the package has never seen, from their traced structure."""
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sparsejax
+from sparsejax.data.idx import read_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+OPEN, CLOSED = 30.0, -30.0  # log_alpha at which train draws and test gates are exactly 1 / 0
+SHIFT = (2.0 / 3.0) * np.log(11.0)  # -beta * log(-gamma / zeta) at the paper's constants
+
+
+class MLP(nnx.Module):
+    def __init__(self, sizes, *, rngs):
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.layers[0](x))
+        for layer in self.layers[1:-1]:
+            x = jax.nn.sigmoid(layer(x))  # f(0) = 1/2: a zeroed pre-activation is not removal
+        return self.layers[-1](x)
+
+
+class BranchCNN(nnx.Module):
+    """Stem, two summed branches (3x3 conv and 1x1 projection, both BN'd), an identity residual
+    block on the stream, global pooling, a dense head."""
+
+    def __init__(self, *, rngs):
+        def conv(i, o, k):
+            return nnx.Conv(i, o, (k, k), use_bias=False, rngs=rngs)
+
+        def bn(c):
+            return nnx.BatchNorm(c, rngs=rngs)
+
+        self.stem, self.bn_stem = conv(1, 4, 3), bn(4)
+        self.conv_a, self.bn_a = conv(4, 6, 3), bn(6)
+        self.proj, self.bn_proj = conv(4, 6, 1), bn(6)
+        self.conv_c, self.bn_c = conv(6, 6, 3), bn(6)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn_stem(self.stem(x)))
+        x = jax.nn.relu(self.bn_a(self.conv_a(x)) + self.bn_proj(self.proj(x)))
+        x = x + jax.nn.relu(self.bn_c(self.conv_c(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def set_gates(gated, closed):
+    """Every gate open except the units ``closed[group position] = [units]``."""
+    for k, gate in enumerate(gated.gates):
+        values = np.full(gate.shape, OPEN, np.float32)
+        values[list(closed.get(k, []))] = CLOSED
+        gate.log_alpha.set_value(jnp.asarray(values))
+
+
+def randomize_batch_norm(model, key):
+    """Non-trivial BN scales, biases and running statistics, so that zeros are not by chance."""
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable) and var[...].ndim == 1 and "bn" in str(path[0]):
+            key, sub = jax.random.split(key)
+            var.set_value(jax.random.uniform(sub, var[...].shape, minval=0.5, maxval=1.5))
+
+
+def test_closed_gates_equal_the_mlp_with_the_units_removed():
+    model = MLP([20, 16, 12, 3], rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (5, 20))
+    gated = sparsejax.sparsify(model, x)
+    assert [g.size for g in gated.report().groups] == [16, 12]
+    set_gates(gated, {0: [3, 7], 1: [5]})
+    gated.eval()
+    logits = gated(x)
+
+    keep1 = np.setdiff1d(np.arange(16), [3, 7])
+    keep2 = np.setdiff1d(np.arange(12), [5])
+    small = MLP([20, 14, 11, 3], rngs=nnx.Rngs(0))
+    big = model.layers
+    small.layers[0].kernel[...] = big[0].kernel[...][:, keep1]
+    small.layers[0].bias[...] = big[0].bias[...][keep1]
+    small.layers[1].kernel[...] = big[1].kernel[...][keep1][:, keep2]
+    small.layers[1].bias[...] = big[1].bias[...][keep2]
+    small.layers[2].kernel[...] = big[2].kernel[...][keep2]
+    small.layers[2].bias[...] = big[2].bias[...]
+    np.testing.assert_allclose(logits, small(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits, model(x), atol=1e-3)  # the closed units mattered
+    # the wrapped model's own parameters are untouched by the gated forward pass
+    np.testing.assert_array_equal(model.layers[1].kernel[...], big[1].kernel[...])
+
+    report = gated.report()
+    assert [g.kept for g in report.groups] == [14, 11]
+    assert report.architecture == "14-11"
+    assert report.total_params == 20 * 16 + 16 + 16 * 12 + 12 + 12 * 3 + 3
+    assert report.params == 20 * 14 + 14 + 14 * 11 + 11 + 11 * 3 + 3
+    assert report.flops == 20 * 14 + 14 * 11 + 11 * 3
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_closed_stream_and_stem_gates_equal_zeroed_channels_through_batch_norm(train):
+    model = BranchCNN(rngs=nnx.Rngs(0))
+    randomize_batch_norm(model, jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+    gated = sparsejax.sparsify(model, x, apply=lambda m, x: m(x))
+    producers = [[p for p, _ in g.producers] for g in gated.report().groups]
+    assert producers == [["stem.kernel"], ["conv_a.kernel", "proj.kernel", "conv_c.kernel"]]
+    set_gates(gated, {0: [1], 1: [2, 4]})
+    gated.train() if train else gated.eval()
+    logits = gated(x, rngs=nnx.Rngs(gates=0))
+
+    # The same channels removed by hand: zero the BN scale and bias of every producer of the
+    # stream (and of the stem), so the channel is 0 wherever it is read.
+    reference = BranchCNN(rngs=nnx.Rngs(0))
+    nnx.update(reference, nnx.state(model))
+    for bn, channels in (("bn_stem", [1]), ("bn_a", [2, 4]), ("bn_proj", [2, 4]),
+                         ("bn_c", [2, 4])):
+        for name in ("scale", "bias"):
+            var = getattr(getattr(reference, bn), name)
+            var[jnp.array(channels)] = 0.0
+    reference.train() if train else reference.eval()
+    np.testing.assert_allclose(logits, reference(x), rtol=1e-5, atol=1e-5)
+    model.train() if train else model.eval()
+    assert not np.allclose(logits, model(x), atol=1e-3)  # the closed channels mattered
+    assert gated.report().architecture == "3-4"
+
+
+def test_penalty_at_init_is_the_group_size_weighted_expected_l0():
+    model = MLP([20, 16, 12, 3], rngs=nnx.Rngs(0))
+    x = jnp.zeros((2, 20))
+    gated = sparsejax.sparsify(model, x, rngs=nnx.Rngs(params=4), droprate_init=0.3)
+    la = [np.asarray(g.log_alpha[...], np.float64) for g in gated.gates]
+    assert abs(la[0].mean() - np.log(0.7 / 0.3)) < 0.02
+    prob = [1.0 / (1.0 + np.exp(-(a + SHIFT))) for a in la]
+    # a unit of layer 1 removes its kernel column (20), bias (1) and layer 2's row (12)
+    expected = (20 + 1 + 12) * prob[0].sum() + (16 + 1 + 3) * prob[1].sum()
+    np.testing.assert_allclose(float(gated.penalty()), expected, rtol=1e-5)
+    flops = sparsejax.sparsify(model, x, cost="flops", rngs=nnx.Rngs(params=4),
+                               droprate_init=0.3)
+    np.testing.assert_allclose(float(flops.penalty()),
+                               (20 + 12) * prob[0].sum() + (16 + 3) * prob[1].sum(), rtol=1e-5)
+
+
+def test_gradients_reach_every_gate_through_loss_and_penalty():
+    model = BranchCNN(rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+    y = jnp.array([0, 1, 2, 1])
+    gated = sparsejax.sparsify(model, x)
+
+    def loss_fn(gated, key):
+        logits = gated(x, rngs=nnx.Rngs(gates=key))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    # the loss alone: a draw saturated at 0 or 1 has no gradient, the others do
+    grads = nnx.grad(lambda g: loss_fn(g, jax.random.key(5)))(gated)
+    for gate in grads["gates"].values():
+        assert np.count_nonzero(gate["log_alpha"][...]) > 0
+    assert np.count_nonzero(grads["model"]["conv_a"]["kernel"][...]) > 0
+    # with the penalty every gate has a gradient, and it is the penalty's plus the loss's
+    with_penalty = nnx.grad(lambda g: loss_fn(g, jax.random.key(5)) + 1e-3 * g.penalty())(gated)
+    penalty = nnx.grad(lambda g: 1e-3 * g.penalty())(gated)
+    for name, gate in with_penalty["gates"].items():
+        g = np.asarray(gate["log_alpha"][...])
+        assert np.all(np.isfinite(g)) and np.count_nonzero(g) == g.size
+        np.testing.assert_allclose(
+            g, grads["gates"][name]["log_alpha"][...] + penalty["gates"][name]["log_alpha"][...],
+            rtol=1e-5, atol=1e-9)
+    # the same key draws the same gates; another key other gates
+    a, b = loss_fn(gated, jax.random.key(5)), loss_fn(gated, jax.random.key(5))
+    assert a == b and a != loss_fn(gated, jax.random.key(6))
+    with pytest.raises(ValueError, match="rngs=nnx.Rngs"):
+        gated(x)
+
+
+def test_unprunable_groups_get_no_gate_and_bad_arguments_are_refused():
+    class Sorted(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(6, 5, rngs=rngs), nnx.Linear(5, 4, rngs=rngs)
+            self.c = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(jax.nn.relu(self.b(jnp.sort(self.a(x), axis=-1))))
+
+    gated = sparsejax.sparsify(Sorted(nnx.Rngs(0)), jnp.zeros((2, 6)))
+    assert [g.producers for g in gated.report().groups] == [(("b.kernel", 1),)]
+    with pytest.raises(ValueError, match="unknown method 'dep_l0'"):
+        sparsejax.sparsify(Sorted(nnx.Rngs(0)), jnp.zeros((2, 6)), method="dep_l0")
+    with pytest.raises(ValueError, match="unknown granularity"):
+        sparsejax.sparsify(Sorted(nnx.Rngs(0)), jnp.zeros((2, 6)), granularity="weight")
+
+
+def fashion_slice(split, count):
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(FASHION / f"{prefix}-images-idx3-ubyte.gz")[:count]
+    labels = read_idx(FASHION / f"{prefix}-labels-idx1-ubyte.gz")[:count]
+    return images.reshape(count, -1).astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed")
+def test_an_optax_loop_on_fashion_mnist_closes_gates_and_the_report_shrinks():
+    x_train, y_train = fashion_slice("train", 2048)
+    x_test, y_test = fashion_slice("test", 512)
+    model = MLP([784, 64, 32, 10], rngs=nnx.Rngs(0))
+    gated = sparsejax.sparsify(model, x_train[:1])
+    optimizer = nnx.Optimizer(gated, optax.adam(2e-2), wrt=nnx.Param)
+    lam = 5e-5
+
+    @nnx.jit
+    def step(gated, optimizer, x, y, key):
+        def loss_fn(gated):
+            logits = gated(x, rngs=nnx.Rngs(gates=key))
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return ce + lam * gated.penalty()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(gated)
+        optimizer.update(gated, grads)
+        return loss
+
+    key = jax.random.key(0)
+    for i in range(150):
+        key, sub = jax.random.split(key)
+        rows = np.arange(i * 128, (i + 1) * 128) % len(x_train)
+        step(gated, optimizer, x_train[rows], y_train[rows], sub)
+    gated.eval()
+    accuracy = float((gated(x_test).argmax(-1) == y_test).mean())
+    report = gated.report()
+    assert accuracy > 0.5  # chance is 0.1
+    assert report.groups[0].kept < 64
+    assert report.params < 0.8 * report.total_params
+    assert report.flops_fraction < 0.8
+
+
+def readme_block():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Any NNX model", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+
+
+def test_the_readme_example_is_the_example_file_and_runs():
+    example = (ROOT / "examples" / "sparsify_any_model.py").read_text()
+    assert readme_block().strip() in example
+    namespace = {"__name__": "__example__"}
+    exec(compile(example, "sparsify_any_model.py", "exec"), namespace)
+    report = namespace["report"]
+    assert report.params <= report.total_params and len(report.groups) == 2
