@@ -250,3 +250,39 @@ def test_the_readme_example_is_the_example_file_and_runs():
     exec(compile(example, "sparsify_any_model.py", "exec"), namespace)
     report = namespace["report"]
     assert report.params <= report.total_params and len(report.groups) == 2
+
+
+class Attention(nnx.Module):
+    def __init__(self, *, rngs):
+        self.embed = nnx.Linear(5, 8, rngs=rngs)
+        self.att = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
+                                          decode=False, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.embed(x)
+        return self.head((h + self.att(h)).mean(axis=1))
+
+
+def test_attention_heads_and_query_key_dims_closed_equal_them_removed_by_hand():
+    model = Attention(rngs=nnx.Rngs(0))
+    for k, bias in enumerate((model.att.query.bias, model.att.key.bias)):
+        bias[...] = jax.random.normal(jax.random.key(10 + k), bias[...].shape)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 5))
+    gated = sparsejax.sparsify(model, x)
+    producers = [tuple(p for p, _ in g.producers) for g in gated.report().groups]
+    heads = producers.index(("att.query.kernel", "att.key.kernel", "att.value.kernel"))
+    query_key = producers.index(("att.query.kernel", "att.key.kernel"))
+    set_gates(gated, {heads: [1], query_key: [2]})
+    gated.eval()
+    logits = gated(x)
+
+    # by hand: head 1 no longer reaches the output projection; dimension 2 of every head's
+    # keys is zero (the gate acts on the queries: the score q.k loses the same term)
+    reference = Attention(rngs=nnx.Rngs(0))
+    nnx.update(reference, nnx.state(model))
+    reference.att.out.kernel[1] = 0.0
+    reference.att.key.kernel[:, :, 2] = 0.0
+    reference.att.key.bias[:, 2] = 0.0
+    np.testing.assert_allclose(logits, reference(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits, model(x), atol=1e-4)

@@ -114,9 +114,7 @@ def gated_slices(structure: TracedStructure, group: UnitGroup) -> tuple[GatedSli
     if not consumers:
         path, axis = group.producers[0]
         bias = next((l.bias for l in structure.layers if l.kernel == path and l.bias), None)
-        consumers = [group.member(path, axis)]
-        if bias is not None and group.member(bias, 0) is not None:
-            consumers.append(group.member(bias, 0))
+        consumers = [m for m in group.members if (m.path, m.axis) == (path, axis) or m.path == bias]
     return tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in consumers)
 
 
