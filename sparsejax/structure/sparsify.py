@@ -25,6 +25,8 @@ group sparsity) the expected L0 norm of the gated parameters is
     E[L0] = sum_g |g| * sum_{u in g} P(z_u != 0),
     P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta)),
 
+and for the binary gates of L0-ARM (Li & Ji 2019) P(z != 0) = sigmoid(k * phi),
+
 with ``|g|`` the number of parameters removed with one unit of group ``g`` (its producer's kernel
 slice and bias, its normaliser parameters, every consumer's kernel rows), computed from the trace
 as ``(count().params - count({g: 0}).params) / size_g``. With ``cost="flops"`` the weight is the
@@ -42,10 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparsejax.estimators import binary
+from sparsejax.gates.binary import BinaryGate
 from sparsejax.gates.hard_concrete import HardConcreteGate
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_structure
 
-METHODS: tuple[str, ...] = ("l0_hc",)
+METHODS: tuple[str, ...] = ("l0_hc", "l0_arm")
 GRANULARITIES: tuple[str, ...] = ("unit",)
 COSTS: tuple[str, ...] = ("params", "flops")
 
@@ -154,18 +158,21 @@ class Sparsified(nnx.Module):
         structure: TracedStructure,
         *,
         rngs: nnx.Rngs,
+        method: str = "l0_hc",
         cost: str = "params",
         droprate_init: float = 0.5,
     ):
         self.model = model
+        self.method = method
         self.structure = structure
         groups = [g for g in structure.groups if g.prunable]
         self.group_indices = tuple(g.index for g in groups)
         self.slices = tuple(gated_slices(structure, g) for g in groups)
         self.unit_costs = tuple(_unit_costs(structure, g, cost) for g in groups)
         self.cost = cost
+        gate_type = BinaryGate if method == "l0_arm" else HardConcreteGate
         self.gates = nnx.List(
-            [HardConcreteGate(g.size, rngs=rngs, droprate_init=droprate_init) for g in groups]
+            [gate_type(g.size, rngs=rngs, droprate_init=droprate_init) for g in groups]
         )
         self.deterministic = False
 
@@ -174,10 +181,20 @@ class Sparsified(nnx.Module):
         test-time gates."""
         return [gate(train=not self.deterministic, rngs=rngs) for gate in self.gates]
 
-    def __call__(self, *args, rngs: nnx.Rngs | None = None, **kwargs):
-        """``model(*args, **kwargs)`` with the gates applied (``rngs.gates`` in training)."""
+    def __call__(
+        self,
+        *args,
+        rngs: nnx.Rngs | None = None,
+        gates: list[jax.Array] | None = None,
+        **kwargs,
+    ):
+        """``model(*args, **kwargs)`` with the gates applied: drawn from ``rngs.gates`` in
+        training, the test-time gates in evaluation, or the values ``gates`` (one vector per
+        gated group) when given."""
+        if gates is None:
+            gates = self.gate_values(rngs)
         scaled: dict[str, tuple[nnx.Variable, jax.Array, jax.Array]] = {}
-        for z, slices in zip(self.gate_values(rngs), self.slices):
+        for z, slices in zip(gates, self.slices):
             for s in slices:
                 if s.path not in scaled:
                     var = _variable(self.model, s.path)
@@ -195,6 +212,33 @@ class Sparsified(nnx.Module):
         finally:
             for var, original, _ in scaled.values():
                 var.set_value(original)
+
+    def expected(
+        self, f: Callable[[jax.Array], jax.Array], *args, rngs: nnx.Rngs | None = None, **kwargs
+    ) -> jax.Array:
+        """One-sample estimate of E_z[f(model_z(*args, **kwargs))] whose gradient reaches the
+        gate parameters, for either method: ``f`` maps the outputs to a scalar loss.
+
+        ``l0_hc`` draws reparameterised hard-concrete gates, so this is ``f(self(*args,
+        rngs=rngs))``. ``l0_arm`` draws binary gates z ~ Bernoulli(sigmoid(k phi)), which have
+        no pathwise gradient; the gradient in ``phi`` is the ARM estimate (Yin & Zhou 2019; Li &
+        Ji 2019), from a second, antithetic forward pass
+        (:func:`sparsejax.estimators.binary.expectation`). In evaluation mode, ``f`` of the
+        test-time outputs.
+        """
+        if self.method != "l0_arm" or self.deterministic or not self.gates:
+            return f(self(*args, rngs=rngs, **kwargs))
+        if rngs is None:
+            raise ValueError("l0_arm draws its gates in training and needs rngs=nnx.Rngs(gates=key)")
+        first = self.gates[0]
+        return binary.expectation(
+            lambda z: f(self(*args, gates=z, **kwargs)),
+            [gate.phi[...] for gate in self.gates],
+            rngs.gates(),
+            estimator="arm",
+            gate_fn=first.gate_fn,
+            k=first.k,
+        )
 
     def penalty(self) -> jax.Array:
         """Expected L0 of the gated parameters, sum_g |g| sum_u P(z_u != 0) (Louizos et al.
@@ -258,7 +302,8 @@ def sparsify(
     Args:
       model: a Flax NNX module.
       example_input: an input batch, or its shape and dtype.
-      method: ``"l0_hc"`` (hard-concrete gates).
+      method: ``"l0_hc"`` (hard-concrete gates) or ``"l0_arm"`` (binary gates with ARM
+        gradients; train through :meth:`Sparsified.expected`).
       granularity: ``"unit"`` (one gate per unit of every prunable group).
       cost: what a unit's gate is weighted by in the penalty: ``"params"`` or ``"flops"``
         (multiply-accumulates per example).
@@ -279,7 +324,9 @@ def sparsify(
     if isinstance(rngs, int):
         rngs = nnx.Rngs(params=rngs)
     structure = trace_structure(model, example_input, apply=apply)
-    return Sparsified(model, structure, rngs=rngs, cost=cost, droprate_init=droprate_init)
+    return Sparsified(
+        model, structure, rngs=rngs, method=method, cost=cost, droprate_init=droprate_init
+    )
 
 
 __all__ = [
