@@ -185,6 +185,17 @@ def test_unprunable_groups_get_no_gate_and_bad_arguments_are_refused():
 
     gated = sparsejax.sparsify(Sorted(nnx.Rngs(0)), jnp.zeros((2, 6)))
     assert [g.producers for g in gated.report().groups] == [(("b.kernel", 1),)]
+
+    class Normed(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.norm = nnx.Linear(6, 5, rngs=rngs), nnx.LayerNorm(5, rngs=rngs)
+            self.b, self.c = nnx.Linear(5, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(jax.nn.relu(self.b(jax.nn.relu(self.norm(self.a(x))))))
+
+    groups = sparsejax.sparsify(Normed(nnx.Rngs(0)), jnp.zeros((2, 6))).report().groups
+    assert [len(g.caveats) > 0 for g in groups] == [True, False]  # LayerNorm statistics
     with pytest.raises(ValueError, match="unknown method 'dep_l0'"):
         sparsejax.sparsify(Sorted(nnx.Rngs(0)), jnp.zeros((2, 6)), method="dep_l0")
     with pytest.raises(ValueError, match="unknown granularity"):
