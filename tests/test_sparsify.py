@@ -336,3 +336,38 @@ def test_l0_arm_gradients_are_unbiased_for_the_exact_expectation_over_all_gates(
     closed = [jnp.array([1.0, 0.0]), jnp.ones(2)]
     np.testing.assert_array_equal(gated(x), gated(x, gates=closed))
     assert gated.report().architecture == "1-2"
+
+
+class DepthwiseSeparable(nnx.Module):
+    def __init__(self, *, rngs):
+        self.expand = nnx.Conv(3, 6, (1, 1), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(6, rngs=rngs)
+        self.dw = nnx.Conv(6, 6, (3, 3), feature_group_count=6, use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(6, rngs=rngs)
+        self.project = nnx.Conv(6, 4, (1, 1), rngs=rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu6(self.bn1(self.expand(x)))
+        x = jax.nn.relu6(self.bn2(self.dw(x)))
+        return self.head(jax.nn.relu(self.project(x)).mean(axis=(1, 2)))
+
+
+def test_a_closed_depthwise_channel_in_training_equals_it_zeroed_after_the_last_batch_norm():
+    model = DepthwiseSeparable(rngs=nnx.Rngs(0))
+    randomize_batch_norm(model, jax.random.key(7))
+    x = jax.random.normal(jax.random.key(8), (3, 6, 6, 3))
+    gated = sparsejax.sparsify(model, x)
+    # the expand and depthwise outputs are one group, gated once: at the projection's input
+    assert [g.producers for g in gated.report().groups][0] == (("expand.kernel", 3),
+                                                               ("dw.kernel", 3))
+    assert [s.path for s in gated.slices[0]] == ["project.kernel"]
+    set_gates(gated, {0: [0, 3]})
+    logits = gated(x, rngs=nnx.Rngs(gates=1))  # training mode: BN uses batch statistics
+
+    reference = DepthwiseSeparable(rngs=nnx.Rngs(0))
+    nnx.update(reference, nnx.state(model))
+    reference.bn2.scale[jnp.array([0, 3])] = 0.0
+    reference.bn2.bias[jnp.array([0, 3])] = 0.0
+    np.testing.assert_allclose(logits, reference(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits, model(x), atol=1e-4)
