@@ -1,8 +1,9 @@
 """sparsejax: learning sparse neural networks with stochastic gates and sparsity regularizers.
 
 ``sparsejax.sparsify(model, example_input)`` gates any Flax NNX model (see
-:mod:`sparsejax.structure.sparsify`); it is loaded on first use, so that ``from sparsejax import
-estimators`` still imports only JAX.
+:mod:`sparsejax.structure.sparsify`). It is loaded on first use (PEP 562), so that ``from sparsejax
+import estimators`` still imports only JAX: the one place where the package root refers to a higher
+layer, for the sake of the public name.
 """
 
 _LAZY = {
