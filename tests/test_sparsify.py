@@ -335,6 +335,8 @@ def test_l0_arm_gradients_are_unbiased_for_the_exact_expectation_over_all_gates(
     gated.eval()
     closed = [jnp.array([1.0, 0.0]), jnp.ones(2)]
     np.testing.assert_array_equal(gated(x), gated(x, gates=closed))
+    with pytest.raises(ValueError, match="1 gate vectors given for 2 gated groups"):
+        gated(x, gates=closed[:1])
     assert gated.report().architecture == "1-2"
 
 

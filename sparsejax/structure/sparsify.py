@@ -193,6 +193,8 @@ class Sparsified(nnx.Module):
         gated group) when given."""
         if gates is None:
             gates = self.gate_values(rngs)
+        if len(gates) != len(self.slices):
+            raise ValueError(f"{len(gates)} gate vectors given for {len(self.slices)} gated groups")
         scaled: dict[str, tuple[nnx.Variable, jax.Array, jax.Array]] = {}
         for z, slices in zip(gates, self.slices):
             for s in slices:
