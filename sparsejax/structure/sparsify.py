@@ -1,0 +1,342 @@
+"""Gating any Flax NNX model from its traced structure: :func:`sparsify`.
+
+:func:`sparsify` traces a plain NNX model (:func:`~sparsejax.structure.trace.trace_structure`),
+puts one gate module on every prunable unit group, and returns a :class:`Sparsified` module that
+a user trains in their own optax loop: its forward pass applies the gates, ``penalty()`` is the
+expected-L0 (or expected-FLOPs) regulariser and ``report()`` the test-time sparsity.
+
+Where a gate acts. A gate ``z_u`` of unit ``u`` multiplies the rows of every kernel that *reads*
+the unit (each consumer's input-axis member of the group) while the model runs. Every consumer
+then sees ``z_u * a_u`` instead of the unit's activation ``a_u``, so a closed gate (``z_u = 0``)
+equals removing the unit from the network, whatever lies between the producer and the consumers:
+an activation with ``f(0) != 0`` (sigmoid), a BatchNorm in training mode (which would normalise a
+gate on the producer's kernel away), a residual stream read by many blocks, or a channel flattened
+into a block of features (each feature row gets its channel's gate). This is the input-neuron
+gating of Louizos, Welling & Kingma (2018, sec. 4.1) applied at every consumer. A group that no
+kernel reads (the query/key dimension of attention, contracted between two activations) is gated
+on the output of its first producer instead (kernel output slice and bias), which removes the
+unit from that product. Reductions over a group's units (LayerNorm / RMSNorm statistics, listed in
+``UnitGroup.caveats``) still see a gated unit: closing its gate does not reproduce the statistic of
+the narrower network; such groups are gated and flagged in the report.
+
+Penalty. For hard-concrete gates (Louizos et al. 2018, eq. 12 for the probability, sec. 4.2 for
+group sparsity) the expected L0 norm of the gated parameters is
+
+    E[L0] = sum_g |g| * sum_{u in g} P(z_u != 0),
+    P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta)),
+
+and for the binary gates of L0-ARM (Li & Ji 2019) P(z != 0) = sigmoid(k * phi),
+
+with ``|g|`` the number of parameters removed with one unit of group ``g`` (its producer's kernel
+slice and bias, its normaliser parameters, every consumer's kernel rows), computed from the trace
+as ``(count().params - count({g: 0}).params) / size_g``. With ``cost="flops"`` the weight is the
+MACs per example removed with a unit instead. Both are first-order: a kernel entry between two
+gated groups is counted in both groups' weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsejax.estimators import binary
+from sparsejax.gates.binary import BinaryGate
+from sparsejax.gates.hard_concrete import HardConcreteGate
+from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_structure
+
+METHODS: tuple[str, ...] = ("l0_hc", "l0_arm")
+GRANULARITIES: tuple[str, ...] = ("unit",)
+COSTS: tuple[str, ...] = ("params", "flops")
+
+Apply = Callable[[nnx.Module, jax.Array], jax.Array]
+
+
+def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedSlice:
+    """Gate values ``z[units[k]]`` multiply index ``indices[k]`` of axis ``axis`` of the
+    parameter at ``path``."""
+
+    path: str
+    axis: int
+    indices: tuple[int, ...]
+    units: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupReport:
+    """Test-time state of one gated group: ``kept`` of its ``size`` units have a nonzero gate."""
+
+    group: int
+    size: int
+    kept: int
+    producers: tuple[tuple[str, int], ...]
+    caveats: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+    """The network under its test-time gates: per-group kept units, and kept params (kernel
+    weights + layer biases) and MACs per example, from :meth:`TracedStructure.count`."""
+
+    groups: tuple[GroupReport, ...]
+    params: float
+    total_params: float
+    flops: float
+    total_flops: float
+
+    @property
+    def params_fraction(self) -> float:
+        return self.params / self.total_params
+
+    @property
+    def flops_fraction(self) -> float:
+        return self.flops / self.total_flops
+
+    @property
+    def architecture(self) -> str:
+        """Kept units of the gated groups, e.g. ``"12-7"``."""
+        return "-".join(str(g.kept) for g in self.groups)
+
+
+def gated_slices(structure: TracedStructure, group: UnitGroup) -> tuple[GatedSlice, ...]:
+    """Where the gates of ``group`` act: the input-axis slices of the kernels that read its
+    units or, when no kernel reads them, the output slice (and bias) of its first producer."""
+    producer_axes = {p for g in structure.groups for p in g.producers}
+    kernels = {layer.kernel for layer in structure.layers}
+    consumers = [
+        m for m in group.members if m.path in kernels and (m.path, m.axis) not in producer_axes
+    ]
+    if not consumers:
+        path, axis = group.producers[0]
+        bias = next((l.bias for l in structure.layers if l.kernel == path and l.bias), None)
+        consumers = [m for m in group.members if (m.path, m.axis) == (path, axis) or m.path == bias]
+    return tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in consumers)
+
+
+def _variable(model: nnx.Module, path: str) -> nnx.Variable:
+    """The variable at a dotted state path such as ``"blocks.0.conv.kernel"``."""
+    node = model
+    for part in path.split("."):
+        if hasattr(node, part):
+            node = getattr(node, part)
+        else:
+            node = node[int(part) if part.isdigit() else part]
+    return node
+
+
+def _unit_costs(structure: TracedStructure, group: UnitGroup, cost: str) -> float:
+    """Params (or MACs per example) removed with one unit of ``group``, all others kept."""
+    full = structure.count()
+    without = structure.count({group.index: 0.0})
+    removed = full.params - without.params if cost == "params" else full.flops - without.flops
+    return removed / group.size
+
+
+class Sparsified(nnx.Module):
+    """A user's NNX model with a gate on every prunable unit group; made by :func:`sparsify`.
+
+    ``model`` is the original module (its parameters are trained as they are; the gates scale
+    them only while the forward pass runs), ``gates`` one gate module per gated group. Calling
+    the module runs ``model(*args, **kwargs)`` with the gates applied: a random draw from
+    ``rngs.gates`` in training mode (``.train()``, the default) and the deterministic test-time
+    gate in evaluation mode (``.eval()``); NNX's ``train()`` / ``eval()`` reach the wrapped
+    model's Dropout and BatchNorm as usual.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        structure: TracedStructure,
+        *,
+        rngs: nnx.Rngs,
+        method: str = "l0_hc",
+        cost: str = "params",
+        droprate_init: float = 0.5,
+    ):
+        self.model = model
+        self.method = method
+        self.structure = structure
+        groups = [g for g in structure.groups if g.prunable]
+        self.group_indices = tuple(g.index for g in groups)
+        self.slices = tuple(gated_slices(structure, g) for g in groups)
+        self.unit_costs = tuple(_unit_costs(structure, g, cost) for g in groups)
+        self.cost = cost
+        gate_type = BinaryGate if method == "l0_arm" else HardConcreteGate
+        self.gates = nnx.List(
+            [gate_type(g.size, rngs=rngs, droprate_init=droprate_init) for g in groups]
+        )
+        self.deterministic = False
+
+    def gate_values(self, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+        """One vector of gate values per gated group: sampled in training mode, else the
+        test-time gates."""
+        return [gate(train=not self.deterministic, rngs=rngs) for gate in self.gates]
+
+    def __call__(
+        self,
+        *args,
+        rngs: nnx.Rngs | None = None,
+        gates: list[jax.Array] | None = None,
+        **kwargs,
+    ):
+        """``model(*args, **kwargs)`` with the gates applied: drawn from ``rngs.gates`` in
+        training, the test-time gates in evaluation, or the values ``gates`` (one vector per
+        gated group) when given."""
+        if gates is None:
+            gates = self.gate_values(rngs)
+        if len(gates) != len(self.slices):
+            raise ValueError(f"{len(gates)} gate vectors given for {len(self.slices)} gated groups")
+        scaled: dict[str, tuple[nnx.Variable, jax.Array, jax.Array]] = {}
+        for z, slices in zip(gates, self.slices):
+            for s in slices:
+                if s.path not in scaled:
+                    var = _variable(self.model, s.path)
+                    scaled[s.path] = (var, var[...], var[...])
+                var, original, value = scaled[s.path]
+                factor = jnp.ones(value.shape[s.axis], z.dtype)
+                factor = factor.at[np.asarray(s.indices)].set(z[np.asarray(s.units)])
+                shape = [1] * value.ndim
+                shape[s.axis] = -1
+                scaled[s.path] = (var, original, value * factor.reshape(shape).astype(value.dtype))
+        try:
+            for var, _, value in scaled.values():
+                var.set_value(value)
+            return self.model(*args, **kwargs)
+        finally:
+            for var, original, _ in scaled.values():
+                var.set_value(original)
+
+    def expected(
+        self, f: Callable[[jax.Array], jax.Array], *args, rngs: nnx.Rngs | None = None, **kwargs
+    ) -> jax.Array:
+        """One-sample estimate of E_z[f(model_z(*args, **kwargs))] whose gradient reaches the
+        gate parameters, for either method: ``f`` maps the outputs to a scalar loss.
+
+        ``l0_hc`` draws reparameterised hard-concrete gates, so this is ``f(self(*args,
+        rngs=rngs))``. ``l0_arm`` draws binary gates z ~ Bernoulli(sigmoid(k phi)), which have
+        no pathwise gradient; the gradient in ``phi`` is the ARM estimate (Yin & Zhou 2019; Li &
+        Ji 2019), from a second, antithetic forward pass
+        (:func:`sparsejax.estimators.binary.expectation`). In evaluation mode, ``f`` of the
+        test-time outputs.
+        """
+        if self.method != "l0_arm" or self.deterministic or not self.gates:
+            return f(self(*args, rngs=rngs, **kwargs))
+        if rngs is None:
+            raise ValueError("l0_arm draws its gates in training and needs rngs=nnx.Rngs(gates=key)")
+        first = self.gates[0]
+        return binary.expectation(
+            lambda z: f(self(*args, gates=z, **kwargs)),
+            [gate.phi[...] for gate in self.gates],
+            rngs.gates(),
+            estimator="arm",
+            gate_fn=first.gate_fn,
+            k=first.k,
+        )
+
+    def penalty(self) -> jax.Array:
+        """Expected L0 of the gated parameters, sum_g |g| sum_u P(z_u != 0) (Louizos et al.
+        2018, eq. 12 and sec. 4.2), ``|g|`` the params (or MACs) one unit of group g removes."""
+        terms = [
+            cost * jnp.sum(gate.prob_nonzero())
+            for cost, gate in zip(self.unit_costs, self.gates)
+        ]
+        return jnp.sum(jnp.stack(terms)) if terms else jnp.zeros(())
+
+    def keep_masks(self) -> dict[int, np.ndarray]:
+        """Per traced group index, 1.0 where the test-time gate is nonzero."""
+        return {
+            index: np.asarray(gate.test_gate() > 0, np.float64)
+            for index, gate in zip(self.group_indices, self.gates)
+        }
+
+    def report(self) -> SparsityReport:
+        """Kept units per gated group, kept params and MACs under the test-time gates."""
+        masks = self.keep_masks()
+        full, kept = self.structure.count(), self.structure.count(masks)
+        groups = tuple(
+            GroupReport(
+                index,
+                self.structure.groups[index].size,
+                int(masks[index].sum()),
+                self.structure.groups[index].producers,
+                tuple(f"{c.primitive} at {c.source}" for c in self.structure.groups[index].caveats),
+            )
+            for index in self.group_indices
+        )
+        return SparsityReport(groups, kept.params, full.params, kept.flops, full.flops)
+
+
+def sparsify(
+    model: nnx.Module,
+    example_input: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    method: str = "l0_hc",
+    granularity: str = "unit",
+    cost: str = "params",
+    apply: Apply = _call,
+    rngs: nnx.Rngs | int = 0,
+    droprate_init: float = 0.5,
+) -> Sparsified:
+    """Gate every prunable unit group of a plain NNX model, found by tracing its forward pass.
+
+    ``example_input`` (an array or a ``jax.ShapeDtypeStruct``; only its shape and dtype are used)
+    and ``apply(model, x)`` (default ``model(x)``) define the traced forward pass. Each group that
+    the trace finds prunable (neurons, channels, residual-stream channels, attention heads of a
+    factored kernel) gets a hard-concrete gate (Louizos et al. 2018), with ``log_alpha``
+    initialised around ``logit(1 - droprate_init)`` from ``rngs.params``.
+
+    The result is an NNX module: call it like the model, with ``rngs=nnx.Rngs(gates=key)`` in
+    training mode; add ``lam * gated.penalty()`` to the loss; ``gated.eval()`` for test-time
+    gates and ``gated.report()`` for kept units, params and FLOPs. The gate parameters are
+    :class:`~sparsejax.gates.GateParam` (an ``nnx.Param``), so ``nnx.Optimizer(gated, tx,
+    wrt=nnx.Param)`` trains weights and gates together. See the module docstring for where the
+    gates act and what the penalty counts.
+
+    Args:
+      model: a Flax NNX module.
+      example_input: an input batch, or its shape and dtype.
+      method: ``"l0_hc"`` (hard-concrete gates) or ``"l0_arm"`` (binary gates with ARM
+        gradients; train through :meth:`Sparsified.expected`).
+      granularity: ``"unit"`` (one gate per unit of every prunable group).
+      cost: what a unit's gate is weighted by in the penalty: ``"params"`` or ``"flops"``
+        (multiply-accumulates per example).
+      apply: ``apply(model, x)`` runs the forward pass traced for the structure.
+      rngs: an ``nnx.Rngs`` (its ``params`` stream initialises the gates) or a seed.
+      droprate_init: initial probability that a gate is closed.
+
+    Raises:
+      ValueError: for an unknown method, granularity or cost.
+    """
+    for name, value, allowed in (
+        ("method", method, METHODS),
+        ("granularity", granularity, GRANULARITIES),
+        ("cost", cost, COSTS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"sparsify: unknown {name} {value!r}; choose one of {allowed}")
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(params=rngs)
+    structure = trace_structure(model, example_input, apply=apply)
+    return Sparsified(
+        model, structure, rngs=rngs, method=method, cost=cost, droprate_init=droprate_init
+    )
+
+
+__all__ = [
+    "GatedSlice",
+    "GroupReport",
+    "Sparsified",
+    "SparsityReport",
+    "gated_slices",
+    "sparsify",
+]
+
