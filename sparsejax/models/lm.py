@@ -19,7 +19,11 @@ projections additionally times 1 / sqrt(2 depth) (GPT-2, Radford et al. 2019).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparsejax.errors import ConfigError
@@ -39,7 +43,11 @@ BYTE_VOCAB = 256
 
 
 class DecoderLM(TransformerModel):
-    """Causal LM: ``(batch, T)`` int tokens -> ``(batch, T, vocab)`` next-token logits."""
+    """Causal LM: ``(batch, T)`` int tokens -> ``(batch, T, vocab)`` next-token logits.
+
+    ``heads``, ``kv_heads`` and ``ffn_hidden`` take one value for every block or a tuple with one
+    per block; 0 heads (or FFN units) builds a block without that sublayer (slimmed models).
+    """
 
     def __init__(
         self,
@@ -49,10 +57,10 @@ class DecoderLM(TransformerModel):
         input_shape: tuple[int, ...] = (128,),
         dim: int = 128,
         depth: int = 4,
-        heads: int = 4,
-        kv_heads: int = 2,
+        heads: int | Sequence[int] = 4,
+        kv_heads: int | Sequence[int] = 2,
         head_dim: int = 32,
-        ffn_hidden: int = 384,
+        ffn_hidden: int | Sequence[int] = 384,
         tied: bool = True,
         families: tuple[str, ...] = FAMILIES,
         gate_factory: GateFactory | None = None,
@@ -69,6 +77,8 @@ class DecoderLM(TransformerModel):
         (context,) = input_shape
         vocab = num_classes
         self.tied = tied
+        self.input_shape, self.num_classes = (int(context),), vocab
+        self.dim, self.head_dim = dim, head_dim
         self.embed = projection(dim, vocab, rngs=rngs, use_bias=False)
         self._build_blocks(depth, dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                            ffn_hidden=ffn_hidden, norm="rms", ffn="swiglu", use_bias=False,
@@ -95,6 +105,15 @@ class DecoderLM(TransformerModel):
         self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
                       rngs=rngs)
 
+    def architecture(self) -> dict:
+        """The constructor arguments (without ``rngs`` and gates) that build this network's
+        shapes: per-block widths, so a slimmed model rebuilds from them."""
+        return {
+            "num_classes": self.num_classes, "input_shape": self.input_shape, "dim": self.dim,
+            "depth": len(self.blocks), **self.block_widths(), "head_dim": self.head_dim,
+            "tied": self.tied, "families": self.families, "granularity": self.granularity,
+        }
+
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         hidden = self.hidden_gate(z)
         table = self.embed.kernel[...]
@@ -114,3 +133,33 @@ def lm_tiny(**kwargs) -> DecoderLM:
     """The byte-level LM of the defaults: dim 128, 4 blocks, 4 query heads in 2 KV groups of
     head_dim 32, SwiGLU 384, tied embeddings, context 128 (0.82M parameters)."""
     return DecoderLM(**kwargs)
+
+
+def generate(model: DecoderLM, prompt: bytes, steps: int, *, window: int | None = None) -> bytes:
+    """Greedy decoding: ``steps`` bytes after ``prompt``, each the argmax of the model's
+    evaluation logits at the last position given everything before it (the prompt and the bytes
+    generated so far; the last ``window`` of them, default the model's context, when longer).
+
+    Every step runs the model on a fixed-length buffer (the tokens, right-padded; causal
+    attention makes the padding invisible to earlier positions), so it compiles once. Works on
+    gated models (test-time gates) and slim ones alike; the same inputs give the same bytes.
+    """
+    if not prompt:
+        raise ValueError("generate needs a prompt of at least one byte")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    window = window or model.input_shape[0]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def next_token(state: nnx.State, tokens: jax.Array, last: jax.Array) -> jax.Array:
+        logits = nnx.merge(graphdef, state)(tokens[None], train=False)
+        return jnp.argmax(logits[0, last])
+
+    tokens = list(prompt)
+    for _ in range(steps):
+        recent = tokens[-window:]
+        buffer = np.zeros(window, np.int32)
+        buffer[:len(recent)] = recent
+        tokens.append(int(next_token(state, jnp.asarray(buffer), len(recent) - 1)))
+    return bytes(tokens[len(prompt):])

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -264,7 +264,9 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    """A pre-norm transformer block: attention and FFN residual branches."""
+    """A pre-norm transformer block: attention and FFN residual branches. ``heads=0`` builds no
+    attention sublayer, ``ffn_hidden=0`` no FFN sublayer (a slimmed model whose gates closed
+    them); the missing branch adds nothing to the stream."""
 
     def __init__(
         self,
@@ -282,13 +284,24 @@ class Block(nnx.Module):
         out_scale: float,
         rngs: nnx.Rngs,
     ):
-        self.attn_norm = Norm(dim, norm)
+        attention = heads > 0
+        self.attn_norm = Norm(dim, norm) if attention else None
         self.attn = Attention(dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                               use_bias=use_bias, causal=causal, rotary=rotary,
-                              out_scale=out_scale, rngs=rngs)
-        self.ffn_norm = Norm(dim, norm)
+                              out_scale=out_scale, rngs=rngs) if attention else None
+        self.ffn_norm = Norm(dim, norm) if ffn_hidden > 0 else None
         self.ffn = FeedForward(dim, ffn_hidden, kind=ffn, use_bias=use_bias, out_scale=out_scale,
-                               rngs=rngs)
+                               rngs=rngs) if ffn_hidden > 0 else None
+
+
+def per_block(value: int | Sequence[int], depth: int, name: str) -> tuple[int, ...]:
+    """A width given once for every block, or per block (a tuple of ``depth`` values)."""
+    if isinstance(value, int):
+        return (value,) * depth
+    values = tuple(int(v) for v in value)
+    if len(values) != depth:
+        raise ValueError(f"{name} gives {len(values)} values for {depth} blocks: {values}")
+    return values
 
 
 def _scale_branch(x: jax.Array, *gates: jax.Array | None) -> jax.Array:
@@ -307,10 +320,34 @@ class TransformerModel(GatedModel):
 
     families: tuple[str, ...]
 
-    def _build_blocks(self, depth: int, dim: int, **block_options) -> None:
+    def _build_blocks(
+        self,
+        depth: int,
+        dim: int,
+        *,
+        heads: int | Sequence[int],
+        kv_heads: int | Sequence[int],
+        ffn_hidden: int | Sequence[int],
+        **block_options,
+    ) -> None:
+        """``depth`` blocks; ``heads``, ``kv_heads`` and ``ffn_hidden`` are one value for every
+        block or one per block (0 heads / 0 FFN units: no such sublayer)."""
         out_scale = 1.0 / math.sqrt(2 * depth)
-        self.blocks = nnx.List([Block(dim, out_scale=out_scale, **block_options)
-                                for _ in range(depth)])
+        widths = zip(per_block(heads, depth, "heads"), per_block(kv_heads, depth, "kv_heads"),
+                     per_block(ffn_hidden, depth, "ffn_hidden"), strict=True)
+        self.blocks = nnx.List([
+            Block(dim, heads=h, kv_heads=g, ffn_hidden=f, out_scale=out_scale, **block_options)
+            for h, g, f in widths
+        ])
+
+    def block_widths(self) -> dict[str, tuple[int, ...]]:
+        """Per block: query heads, KV heads and FFN units (0 where the sublayer is absent)."""
+        return {
+            "heads": tuple(b.attn.heads if b.attn is not None else 0 for b in self.blocks),
+            "kv_heads": tuple(b.attn.kv_heads if b.attn is not None else 0 for b in self.blocks),
+            "ffn_hidden": tuple(b.ffn.up.out_features if b.ffn is not None else 0
+                                for b in self.blocks),
+        }
 
     def layer_module(self, name: str) -> nnx.Module:
         """Declared layers are named by their attribute path (``"blocks.0.attn.q"``)."""
@@ -336,15 +373,25 @@ class TransformerModel(GatedModel):
     def _block_declarations(
         self, index: int, *, positions: int, use_bias: bool
     ) -> tuple[list[Layer], list[Layer], list[SpanSlot]]:
-        """Layers, activation products and slots of block ``index`` (module docstring)."""
+        """Layers, activation products and slots of block ``index`` (module docstring); a
+        sublayer the block lacks declares nothing."""
         block = self.blocks[index]
-        attn, ffn = block.attn, block.ffn
+        s = {family: f"{path}.{family}" for path in (f"blocks.{index}",)
+             for family in FAMILIES if family != HIDDEN}
+        attn = ([], [], []) if block.attn is None else self._attention_declarations(
+            index, s, positions=positions, use_bias=use_bias)
+        ffn = ([], []) if block.ffn is None else self._ffn_declarations(
+            index, s, positions=positions, use_bias=use_bias)
+        return attn[0] + ffn[0], attn[1], attn[2] + ffn[1]
+
+    def _attention_declarations(
+        self, index: int, s: Mapping[str, str], *, positions: int, use_bias: bool
+    ) -> tuple[list[Layer], list[Layer], list[SpanSlot]]:
+        attn = self.blocks[index].attn
         path = f"blocks.{index}"
         heads, groups, dh = attn.heads, attn.kv_heads, attn.head_dim
         per_group = heads // groups
         dim = attn.q.in_features
-        hidden_units = ffn.up.out_features
-        s = {family: f"{path}.{family}" for family in FAMILIES if family != HIDDEN}
         mha = per_group == 1
         bias = int(use_bias)
         kernel = self._kernel_slot
@@ -375,8 +422,30 @@ class TransformerModel(GatedModel):
                   outputs=self._sources((s["attn"], positions)))
             for name in ("scores", "mix")
         ]
+        head_params = (dim * dh + bias * dh) + dh * dim
+        kv_params = 2 * (dim * dh + bias * dh)
+        attn_params = (dim * heads * dh * 2 + 2 * dim * groups * dh
+                       + bias * (heads * dh + 2 * groups * dh + dim))
+        o = layers[3]
+        slots = [
+            *self._slot(s["heads"], o, heads, head_params + (kv_params if mha else 0)),
+            *([] if mha else
+              self._slot(s["kv_groups"], o, groups, kv_params + per_group * head_params)),
+            *self._slot(s["attn"], o, 1, attn_params),
+        ]
+        return layers, products, slots
+
+    def _ffn_declarations(
+        self, index: int, s: Mapping[str, str], *, positions: int, use_bias: bool
+    ) -> tuple[list[Layer], list[SpanSlot]]:
+        ffn = self.blocks[index].ffn
+        path = f"blocks.{index}"
+        dim = ffn.up.in_features
+        hidden_units = ffn.up.out_features
+        bias = int(use_bias)
+        kernel = self._kernel_slot
         ffn_in = ("gate", "up") if ffn.gate is not None else ("up",)
-        layers += [
+        layers = [
             Layer(f"{path}.ffn.{name}", (dim, hidden_units), positions, use_bias,
                   inputs=self._sources((HIDDEN, 1)),
                   outputs=self._sources((s["ffn"], 1), (s["mlp"], hidden_units)),
@@ -389,33 +458,30 @@ class TransformerModel(GatedModel):
                   outputs=self._sources((HIDDEN, 1), (s["mlp"], dim)),
                   kernel_slot=kernel(f"{path}.ffn.down"))
         )
-        head_params = (dim * dh + bias * dh) + dh * dim
-        kv_params = 2 * (dim * dh + bias * dh)
-        attn_params = (dim * heads * dh * 2 + 2 * dim * groups * dh
-                       + bias * (heads * dh + 2 * groups * dh + dim))
         ffn_params = len(ffn_in) * (dim + bias) + dim
         mlp_params = hidden_units * ffn_params + bias * dim
-        o, down = layers[3], layers[-1]
+        down = layers[-1]
         slots = [
-            *self._slot(s["heads"], o, heads, head_params + (kv_params if mha else 0)),
-            *([] if mha else
-              self._slot(s["kv_groups"], o, groups, kv_params + per_group * head_params)),
-            *self._slot(s["attn"], o, 1, attn_params),
             *self._slot(s["ffn"], down, hidden_units, ffn_params),
             *self._slot(s["mlp"], down, 1, mlp_params),
         ]
-        return layers, products, slots
+        return layers, slots
 
     def _block_hidden_params(self, index: int) -> int:
         """The parameters of block ``index`` that one hidden dimension removes."""
         block = self.blocks[index]
         attn, ffn = block.attn, block.ffn
-        bias = int(attn.q.bias is not None)
-        projected = attn.heads * attn.head_dim + 2 * attn.kv_heads * attn.head_dim
-        ffn_in = 2 if ffn.gate is not None else 1
-        hidden_units = ffn.up.out_features
-        return (projected + attn.heads * attn.head_dim + bias
-                + ffn_in * hidden_units + hidden_units + bias)
+        params = 0
+        if attn is not None:
+            bias = int(attn.q.bias is not None)
+            projected = attn.heads * attn.head_dim + 2 * attn.kv_heads * attn.head_dim
+            params += projected + attn.heads * attn.head_dim + bias
+        if ffn is not None:
+            bias = int(ffn.up.bias is not None)
+            ffn_in = 2 if ffn.gate is not None else 1
+            hidden_units = ffn.up.out_features
+            params += ffn_in * hidden_units + hidden_units + bias
+        return params
 
     def _block_gates(self, z: Mapping[str, jax.Array], index: int) -> dict[str, jax.Array | None]:
         path = f"blocks.{index}"
@@ -435,19 +501,21 @@ class TransformerModel(GatedModel):
         for index, block in enumerate(self.blocks):
             gates = self._block_gates(z, index)
             path = f"blocks.{index}"
-            a = block.attn(
-                block.attn_norm(h, hidden),
-                head_gate=gates["heads"],
-                group_gate=gates["kv_groups"],
-                kernel_gates=self._kernel_gates(z, f"{path}.attn", "qkvo"),
-            )
-            h = h + _scale_branch(a, gates["attn"], hidden)
-            f = block.ffn(
-                block.ffn_norm(h, hidden),
-                unit_gate=gates["ffn"],
-                kernel_gates=self._kernel_gates(z, f"{path}.ffn", ("gate", "up", "down")),
-            )
-            h = h + _scale_branch(f, gates["mlp"], hidden)
+            if block.attn is not None:
+                a = block.attn(
+                    block.attn_norm(h, hidden),
+                    head_gate=gates["heads"],
+                    group_gate=gates["kv_groups"],
+                    kernel_gates=self._kernel_gates(z, f"{path}.attn", "qkvo"),
+                )
+                h = h + _scale_branch(a, gates["attn"], hidden)
+            if block.ffn is not None:
+                f = block.ffn(
+                    block.ffn_norm(h, hidden),
+                    unit_gate=gates["ffn"],
+                    kernel_gates=self._kernel_gates(z, f"{path}.ffn", ("gate", "up", "down")),
+                )
+                h = h + _scale_branch(f, gates["mlp"], hidden)
         return h
 
 

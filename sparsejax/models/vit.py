@@ -18,6 +18,8 @@ class token zero, position embeddings N(0, 0.02^2), biases zero.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,7 +48,11 @@ POSITION_STD = 0.02
 
 
 class ViT(TransformerModel):
-    """Vision Transformer: ``(batch, H, W, C)`` images -> ``(batch, classes)`` logits."""
+    """Vision Transformer: ``(batch, H, W, C)`` images -> ``(batch, classes)`` logits.
+
+    ``heads`` and ``mlp_hidden`` take one value for every block or a tuple with one per block;
+    0 builds a block without that sublayer (slimmed models).
+    """
 
     def __init__(
         self,
@@ -57,9 +63,9 @@ class ViT(TransformerModel):
         patch_size: int = 4,
         dim: int = 64,
         depth: int = 4,
-        heads: int = 4,
+        heads: int | Sequence[int] = 4,
         head_dim: int = 16,
-        mlp_hidden: int = 128,
+        mlp_hidden: int | Sequence[int] = 128,
         pooling: str = "cls",
         families: tuple[str, ...] = FAMILIES,
         gate_factory: GateFactory | None = None,
@@ -79,6 +85,8 @@ class ViT(TransformerModel):
         self.granularity = granularity
         self.families = check_families(families)
         self.patch_size, self.pooling = patch_size, pooling
+        self.input_shape, self.num_classes = (height, width, channels), num_classes
+        self.dim, self.head_dim = dim, head_dim
         patches = (height // patch_size) * (width // patch_size)
         tokens = patches + (pooling == "cls")
         patch_features = patch_size * patch_size * channels
@@ -111,6 +119,18 @@ class ViT(TransformerModel):
         self.activation_products = tuple(products)
         self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
                       rngs=rngs)
+
+    def architecture(self) -> dict:
+        """The constructor arguments (without ``rngs`` and gates) that build this network's
+        shapes: per-block widths, so a slimmed model rebuilds from them."""
+        widths = self.block_widths()
+        return {
+            "num_classes": self.num_classes, "input_shape": self.input_shape,
+            "patch_size": self.patch_size, "dim": self.dim, "depth": len(self.blocks),
+            "heads": widths["heads"], "head_dim": self.head_dim,
+            "mlp_hidden": widths["ffn_hidden"], "pooling": self.pooling,
+            "families": self.families, "granularity": self.granularity,
+        }
 
     def patchify(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C)`` -> ``(B, patches, p * p * C)``, patches row-major."""

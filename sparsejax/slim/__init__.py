@@ -5,7 +5,8 @@ model (:mod:`.surgery`), saving it (:mod:`.store`) and its command line over a r
 it checks itself against is :mod:`sparsejax.structure`."""
 
 from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.surgery import SlimReport, SlimResult, slim_model
+from sparsejax.slim.result import SlimReport, SlimResult
+from sparsejax.slim.surgery import slim_model
 
 __all__ = [
     "SlimPlan",

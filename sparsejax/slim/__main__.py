@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, REPORTABLE, report_error
+from sparsejax.slim.result import SlimReport
 from sparsejax.slim.runs import restore_run
 from sparsejax.slim.store import save_slim
-from sparsejax.slim.surgery import SlimReport, slim_model
+from sparsejax.slim.surgery import slim_model
 
 DEFAULT_OUTPUT = "slim"
 

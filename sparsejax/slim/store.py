@@ -4,7 +4,8 @@ A slim directory holds ``slim_config.json`` (the model name and constructor argu
 :class:`~sparsejax.slim.plan.SlimPlan` that cut it), ``slim_report.json`` and an Orbax checkpoint
 of the slim model's state (``checkpoint/``). :func:`load_slim` builds the model from its name and
 arguments without gates, cuts it with the plan (:func:`~sparsejax.slim.surgery.rebuild`) and
-restores the arrays.
+restores the arrays. A transformer's config also holds ``architecture``, the slim model's own
+constructor arguments (per-block widths): it is built from them directly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sparsejax.errors import UserError
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.surgery import SlimResult, rebuild
+from sparsejax.slim.surgery import SlimResult, rebuild, strip_to_network
 
 SLIM_CONFIG_FILE = "slim_config.json"
 SLIM_REPORT_FILE = "slim_report.json"
@@ -41,11 +42,12 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     granularity: str
 
-    def build(self) -> GatedModel:
-        return build_model(
-            self.model, rngs=nnx.Rngs(params=0), num_classes=self.num_classes,
-            input_shape=self.input_shape, granularity=self.granularity,
-        )
+    def build(self, architecture: dict | None = None) -> GatedModel:
+        """The model; ``architecture`` (constructor arguments, e.g. a slim transformer's
+        per-block widths) overrides the defaults."""
+        options = {"num_classes": self.num_classes, "input_shape": self.input_shape,
+                   "granularity": self.granularity, **(architecture or {})}
+        return build_model(self.model, rngs=nnx.Rngs(params=0), **options)
 
 
 def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Path:
@@ -60,6 +62,8 @@ def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Pat
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(checkpoint, nnx.state(result.model))
     config = {"spec": dataclasses.asdict(spec), "plan": json.loads(result.plan.to_json())}
+    if result.architecture is not None:
+        config["architecture"] = result.architecture
     (directory / SLIM_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     (directory / SLIM_REPORT_FILE).write_text(
         json.dumps(result.report.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -79,7 +83,11 @@ def load_slim(directory: str | Path) -> GatedModel:
     config = json.loads(config_path.read_text())
     spec = config["spec"]
     spec = ModelSpec(**{**spec, "input_shape": tuple(spec["input_shape"])})
-    model = rebuild(spec.build(), SlimPlan.from_json(json.dumps(config["plan"])))
+    if "architecture" in config:
+        model = spec.build(config["architecture"])
+        strip_to_network(model)
+    else:
+        model = rebuild(spec.build(), SlimPlan.from_json(json.dumps(config["plan"])))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory / SLIM_CHECKPOINT_DIR, abstract)

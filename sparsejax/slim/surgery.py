@@ -17,61 +17,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.gates.base import GateParam
 from sparsejax.models.base import GatedModel, GateSlot, Layer
+from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.folding import fold_gates, layer_weights, test_gate_values
 from sparsejax.slim.plan import SlimPlan, plan_slimming
-from sparsejax.structure.accounting import count_network
-
-_count_network = jax.jit(count_network, static_argnums=0)
-"""The accounting compiled once per network (op by op it compiles for every layer shape)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SlimReport:
-    """Size of the network before and after slimming.
-
-    ``params`` and ``flops`` follow the accounting convention (kernel weights and biases; MACs);
-    ``stored_params`` count every stored parameter array entry (BatchNorm scale and bias
-    included, gate parameters excluded). ``widths``: per layer, its (input units, output units)
-    after slimming.
-    """
-
-    params_before: float
-    flops_before: float
-    params_after: float
-    flops_after: float
-    stored_params_before: int
-    stored_params_after: int
-    widths: dict[str, tuple[int, int]]
-
-    @property
-    def flops_ratio(self) -> float:
-        """FLOPs before / after (the FLOPs reduction, >= 1)."""
-        return self.flops_before / self.flops_after
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}
-
-
-@dataclasses.dataclass(frozen=True)
-class SlimResult:
-    """The slim model, the plan that made it (enough to rebuild it) and its report."""
-
-    model: GatedModel
-    plan: SlimPlan
-    report: SlimReport
-
-
-def stored_params(model: nnx.Module) -> int:
-    """Entries of the model's parameter arrays, gate parameters excluded."""
-    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam)))
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(state)))
+from sparsejax.slim.result import SlimReport, SlimResult, count_network_once, stored_params
+from sparsejax.slim.transformer import slim_transformer
 
 
 def strip_to_network(model: GatedModel) -> None:
@@ -183,7 +138,15 @@ def slim_model(
     its output is not zero (the outputs then change). ``width_multiple`` rounds every slimmed
     width up to a multiple of it by keeping removable units
     (:func:`~sparsejax.slim.plan.plan_slimming`).
+
+    Transformers (:class:`~sparsejax.models.transformer.TransformerModel`) are cut by
+    :func:`~sparsejax.slim.transformer.slim_transformer` into a model of the same class with
+    smaller per-block widths; ``keep`` and ``width_multiple`` do not apply to them.
     """
+    if isinstance(model, TransformerModel):
+        if keep is not None or width_multiple != 1:
+            raise ValueError("keep and width_multiple are not supported for transformers")
+        return slim_transformer(model)
     slim = nnx.clone(model)
     fold_gates(slim, test_gate_values(model))
     strip_to_network(slim)
@@ -191,8 +154,8 @@ def slim_model(
         slim.layers, tuple(slim.channel_couplings), layer_weights(slim), keep, width_multiple
     )
     apply_plan(slim, plan)
-    before = _count_network(model.layers, {})
-    after = _count_network(slim.layers, {})
+    before = count_network_once(model.layers, {}, ())
+    after = count_network_once(slim.layers, {}, ())
     report = SlimReport(
         params_before=float(before["params"]),
         flops_before=float(before["flops"]),

@@ -1,0 +1,66 @@
+"""What slimming returns: the slim model, the plan that cut it and a report of its size."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sparsejax.gates.base import GateParam
+from sparsejax.models.base import GatedModel
+from sparsejax.slim.plan import SlimPlan
+from sparsejax.structure.accounting import count_network
+
+count_network_once = jax.jit(count_network, static_argnums=(0, 2))
+"""The accounting compiled once per network (op by op it compiles for every layer shape)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimReport:
+    """Size of the network before and after slimming.
+
+    ``params`` and ``flops`` follow the accounting convention (kernel weights and biases; MACs);
+    ``stored_params`` count every stored parameter array entry (BatchNorm scale and bias
+    included, gate parameters excluded). ``widths``: per layer, its (input units, output units)
+    after slimming.
+    """
+
+    params_before: float
+    flops_before: float
+    params_after: float
+    flops_after: float
+    stored_params_before: int
+    stored_params_after: int
+    widths: dict[str, tuple[int, int]]
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs before / after (the FLOPs reduction, >= 1)."""
+        return self.flops_before / self.flops_after
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimResult:
+    """The slim model, the plan that made it (enough to rebuild it) and its report.
+
+    ``architecture``: for a model rebuilt from its constructor arguments rather than by cutting
+    the dense model with the plan (transformers: per-block widths), those arguments.
+    """
+
+    model: GatedModel
+    plan: SlimPlan
+    report: SlimReport
+    architecture: dict | None = None
+
+
+def stored_params(model: nnx.Module) -> int:
+    """Entries of the model's parameter arrays, gate parameters excluded."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(GateParam)))
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(state)))
+
+

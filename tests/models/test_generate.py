@@ -1,0 +1,59 @@
+"""Greedy generation from a (gated or slim) byte-level LM."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.gates.scale import ScaleGate
+from sparsejax.models.base import each_slot
+from sparsejax.models.lm import DecoderLM, generate
+from sparsejax.slim import slim_model
+
+PROMPT = b"def f(x):"
+
+
+@each_slot
+def scale_gates(slot, rngs):
+    return ScaleGate(slot.shape)
+
+
+def small_lm(gate_factory=None) -> DecoderLM:
+    return DecoderLM(rngs=nnx.Rngs(4), dim=16, depth=2, heads=4, kv_heads=2, head_dim=4,
+                     ffn_hidden=24, input_shape=(16,), gate_factory=gate_factory)
+
+
+def greedy_reference(model, prompt: bytes, steps: int, window: int) -> bytes:
+    """Each byte the argmax of the model's last-position logits on the unpadded prefix."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        prefix = jnp.asarray([tokens[-window:]], jnp.int32)
+        tokens.append(int(np.argmax(np.asarray(model(prefix, train=False))[0, -1])))
+    return bytes(tokens[len(prompt):])
+
+
+@pytest.mark.parametrize("window", [16, 12])
+def test_each_byte_is_the_argmax_given_its_prefix(window):
+    model = small_lm()
+    steps = 10  # 19 bytes in all: longer than either window, so the window slides
+    out = generate(model, PROMPT, steps, window=window)
+    assert len(out) == steps
+    assert out == greedy_reference(model, PROMPT, steps, window)
+    assert generate(model, PROMPT, steps, window=window) == out
+
+
+def test_a_slim_model_generates_what_its_gated_model_does():
+    model = small_lm(scale_gates)
+    rng = np.random.default_rng(0)
+    for gate in model.gates.values():
+        values = rng.uniform(0.5, 1.5, gate.shape) * (rng.random(gate.shape) >= 0.3)
+        values.flat[0] = 1.0
+        gate.value[...] = jnp.asarray(values, jnp.float32)
+    slim = slim_model(model).model
+    assert slim.dim < model.dim
+    assert generate(slim, PROMPT, 8) == generate(model, PROMPT, 8)
+
+
+def test_generate_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match="prompt"):
+        generate(small_lm(), b"", 3)

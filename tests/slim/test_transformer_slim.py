@@ -1,0 +1,213 @@
+"""Slimming ``vit_tiny`` / ``lm_tiny``: the slim model has the gated one's eval logits, the
+widths its gates leave and the parameters the report counts; it saves and loads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.gates.scale import ScaleGate
+from sparsejax.models.base import each_slot
+from sparsejax.models.lm import DecoderLM
+from sparsejax.models.vit import ViT
+from sparsejax.slim import slim_model
+from sparsejax.slim.__main__ import main as slim_main
+from sparsejax.slim.runs import restore_run
+from sparsejax.slim.store import ModelSpec, load_slim, save_slim
+from sparsejax.structure import gate_report
+
+DEPTH = 3
+LM_SHAPE = dict(dim=16, depth=DEPTH, heads=6, kv_heads=2, head_dim=4, ffn_hidden=24,
+                input_shape=(8,))
+VIT_SHAPE = dict(dim=16, depth=DEPTH, heads=4, head_dim=4, mlp_hidden=24, input_shape=(8, 8, 1))
+PATTERNS = ("heads", "kv_groups", "ffn", "hidden", "sublayers", "everything")
+
+
+@each_slot
+def scale_gates(slot, rngs):
+    return ScaleGate(slot.shape)
+
+
+def build(kind: str, granularity: str = "unit"):
+    if kind == "vit":
+        return ViT(rngs=nnx.Rngs(0), gate_factory=scale_gates, granularity=granularity,
+                   **VIT_SHAPE)
+    return DecoderLM(rngs=nnx.Rngs(0), gate_factory=scale_gates, granularity=granularity,
+                     tied=kind == "lm_tied", **LM_SHAPE)
+
+
+def inputs(model):
+    if isinstance(model, ViT):
+        return jax.random.normal(jax.random.key(3), (2, *VIT_SHAPE["input_shape"]))
+    return jax.random.randint(jax.random.key(3), (2, 8), 0, 256)
+
+
+def set_gates(model, pattern: str, rng: np.random.Generator) -> None:
+    """Gate values in [0.5, 1.5] (folded, not just masked), zero where ``pattern`` closes:
+    random units of its family, every family at once, or whole sublayers (block 0's attention,
+    block 1's FFN, both of block 2's: the block goes)."""
+    for name, gate in model.gates.items():
+        family = name.rsplit(".", 1)[-1]
+        values = rng.uniform(0.5, 1.5, gate.shape)
+        if pattern == "sublayers":
+            closed = name in ("blocks.0.attn", "blocks.1.mlp", "blocks.2.attn", "blocks.2.mlp")
+            values = values * (not closed)
+        elif family == pattern or pattern == "everything":
+            values = values * (rng.random(gate.shape) >= 0.4)
+            values.flat[rng.integers(values.size)] = 1.0  # never a whole slot
+        gate.value[...] = jnp.asarray(values, jnp.float32)
+
+
+@nnx.jit
+def logits(model, x):
+    return model(x, train=False)
+
+
+def assert_same_logits(model, slim):
+    x = inputs(model)
+    expected, got = np.asarray(logits(model, x)), np.asarray(logits(slim, x))
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
+
+
+def declared_entries(model) -> int:
+    """Kernel and bias entries of the declared layers, read from the arrays themselves."""
+    total = 0
+    for layer in model.layers:
+        module = model.layer_module(layer.name)
+        total += module.kernel[...].size
+        total += 0 if getattr(module, "bias", None) is None else module.bias[...].size
+    return total
+
+
+def mask(model, slot: str) -> np.ndarray:
+    return np.asarray(model.gates[slot].value[...]) != 0
+
+
+CASES = [
+    *[("vit", p) for p in PATTERNS if p != "kv_groups"],  # multi-head attention: no KV groups
+    *[("lm_untied", p) for p in PATTERNS],
+    *[("lm_tied", p) for p in ("hidden", "everything")],  # where the table takes the hidden gate
+]
+
+
+@pytest.mark.parametrize("kind, pattern", CASES)
+def test_slim_transformer_has_the_gated_logits_and_the_gates_widths(kind, pattern):
+    model = build(kind)
+    set_gates(model, pattern, np.random.default_rng(PATTERNS.index(pattern)))
+    result = slim_model(model)
+    slim = result.model
+    assert type(slim) is type(model) and not slim.gates
+    assert_same_logits(model, slim)
+
+    kept = [i for i in range(DEPTH)
+            if mask(model, f"blocks.{i}.attn").any() or mask(model, f"blocks.{i}.mlp").any()]
+    assert len(slim.blocks) == len(kept)
+    assert slim.dim == mask(model, "hidden").sum()
+    widths = slim.block_widths()
+    for new, old in enumerate(kept):
+        ffn_open = mask(model, f"blocks.{old}.mlp").all()
+        assert widths["ffn_hidden"][new] == (ffn_open and mask(model, f"blocks.{old}.ffn").sum())
+        heads = mask(model, f"blocks.{old}.heads").reshape(-1, model.blocks[old].attn.kv_heads)
+        if f"blocks.{old}.kv_groups" in model.gates:
+            heads = heads & mask(model, f"blocks.{old}.kv_groups")
+        if not mask(model, f"blocks.{old}.attn").all():
+            heads = heads & False
+        groups = heads.any(axis=0)
+        assert widths["kv_heads"][new] == groups.sum()
+        per_group = heads.sum(axis=0).max()  # GQA pads every kept group to the fullest one
+        assert widths["heads"][new] == per_group * groups.sum()
+
+    assert result.report.params_after == declared_entries(slim)
+    predicted = gate_report(model)
+    balanced = all(
+        len(set(m.sum(axis=0)[m.any(axis=0)])) <= 1
+        for i in kept
+        for m in [mask(model, f"blocks.{i}.heads").reshape(-1, model.blocks[i].attn.kv_heads)]
+    )
+    if balanced:  # no padding: exactly what the accounting predicts under the test-time masks
+        assert result.report.params_after == pytest.approx(predicted.params)
+        assert result.report.flops_after == pytest.approx(predicted.flops)
+    else:
+        assert result.report.params_after > predicted.params
+
+
+def test_weight_gates_fold_and_dead_heads_and_units_go():
+    model = build("lm_untied", granularity="weight")
+    rng = np.random.default_rng(5)
+    for name, gate in model.gates.items():
+        values = rng.uniform(0.5, 1.5, gate.shape) * (rng.random(gate.shape) >= 0.3)
+        if name == "blocks.1.attn.o":  # zero the o rows of query head 0 (columns d * 6 + 0)
+            values = values.reshape(4, 6, -1)
+            values[:, 0] = 0.0
+            values = values.reshape(gate.shape)
+        if name == "blocks.0.ffn.down":
+            values[:5] = 0.0
+        gate.value[...] = jnp.asarray(values, jnp.float32)
+    result = slim_model(model)
+    assert_same_logits(model, result.model)
+    widths = result.model.block_widths()
+    assert widths["ffn_hidden"][0] == 19
+    assert widths["heads"][1] == 6  # head 0's group keeps 2 others: the head is a filler
+    assert result.report.params_after == declared_entries(result.model)
+
+
+def test_a_bias_only_branch_keeps_its_constant():
+    model = build("vit")
+    for gate in model.gates.values():
+        gate.value[...] = jnp.ones(gate.shape)
+    model.gates["blocks.0.heads"].value[...] = jnp.zeros(4)
+    model.gates["blocks.1.ffn"].value[...] = jnp.zeros(24)
+    model.blocks[0].attn.o.bias[...] = jnp.linspace(-1.0, 1.0, 16)
+    model.blocks[1].ffn.down.bias[...] = jnp.linspace(1.0, -1.0, 16)
+    result = slim_model(model)
+    assert_same_logits(model, result.model)
+    widths = result.model.block_widths()
+    assert widths["heads"][0] == 1 and widths["ffn_hidden"][1] == 1
+
+
+def test_slim_transformer_saves_and_loads(tmp_path):
+    model = build("lm_tied")
+    set_gates(model, "everything", np.random.default_rng(11))
+    result = slim_model(model)
+    spec = ModelSpec("lm_tiny", 256, LM_SHAPE["input_shape"], "unit")
+    save_slim(tmp_path / "slim", spec, result)
+    loaded = load_slim(tmp_path / "slim")
+    assert loaded.block_widths() == result.model.block_widths()
+    x = inputs(model)
+    np.testing.assert_array_equal(np.asarray(logits(loaded, x)),
+                                  np.asarray(logits(result.model, x)))
+
+
+def test_the_input_model_is_unchanged():
+    model = build("lm_untied")
+    set_gates(model, "everything", np.random.default_rng(2))
+    x = inputs(model)
+    before = np.asarray(logits(model, x))
+    slim_model(model)
+    np.testing.assert_array_equal(np.asarray(logits(model, x)), before)
+
+
+def test_slim_command_line_on_an_lm_run(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    run = tmp_path / "run"
+    trained = subprocess.run(
+        [sys.executable, "-m", "experiments.lm", "--method=l0_hc", "--model=lm_tiny",
+         "--dataset=python_docs", "--epochs=1", "--steps_per_epoch=2", "--batch_size=4",
+         "--config.num_test=8", "--config.eval_batch_size=8", f"--workdir={run}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert slim_main([str(run)]) == 0
+    gated, _, _ = restore_run(run)
+    loaded = load_slim(run / "slim")
+    assert isinstance(loaded, DecoderLM) and not loaded.gates
+    x = jax.random.randint(jax.random.key(0), (2, 128), 0, 256)
+    expected = np.asarray(logits(gated, x))
+    np.testing.assert_allclose(np.asarray(logits(loaded, x)), expected,
+                               atol=1e-5 * np.abs(expected).max())
