@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.errors import ConfigError, UserError
 from sparsejax.methods.base import Method, MethodState, RunInfo
+from sparsejax.methods.budget import requested_target, target_report
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.structure.report import GateReport, sparsity_report
@@ -342,6 +343,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     final_model = evaluated_model(graphdef, state, config.ema_decay)
     report = sparsity_report(final_model)
     summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
+    summary.update(target_report(requested_target(config), report))
     summary.update(setup.method.report(final_model, local_copy(state.method_state)))
     if jax.process_index() == 0:
         _write_atomically(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

@@ -81,6 +81,7 @@ def make_train_step(
             "data_loss": aux["data_loss"],
             "penalty": aux["penalty"],
             "err": 100.0 * error_rate(aux["logits"], y),
+            **method.metrics(method_state),
         }
         new_state = state.replace(
             step=state.step + 1,
