@@ -52,6 +52,7 @@ LOSS_FIGURE = "loss.png"
 SPARSITY_FIGURE = "sparsity.png"
 ACTIVE_UNITS_FIGURE = "active_units.png"
 KEPT_UNITS_FIGURE = "kept_units.png"
+BUDGET_FIGURE = "budget.png"
 
 
 
@@ -121,6 +122,23 @@ LINE_FIGURES = (
                 "FLOPs",
                 "FLOPs",
                 (("sparsity/expected_flops", "expected FLOPs"), ("sparsity/flops", "FLOPs")),
+            ),
+        ),
+    ),
+    LineFigure(
+        BUDGET_FIGURE,
+        "Budget",
+        "step",
+        (
+            Panel(
+                "Size vs target",
+                "fraction of the dense network",
+                (("train/budget/size", "size s"), ("train/budget/target", "target t")),
+            ),
+            Panel(
+                "Multipliers",
+                "value",
+                (("train/budget/lambda1", "lambda_1"), ("train/budget/lambda2", "lambda_2")),
             ),
         ),
     ),
