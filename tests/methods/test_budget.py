@@ -37,6 +37,9 @@ RATIO = ("gmp", "stochastic", "greg1", "greg2")
 SHORT_GREG = {"pretrain_epochs": 1, "greg_interval": 1, "greg_delta": 0.5,
               "greg_stabilise_steps": 2, "greg_delta_pick": 0.2, "greg_ceiling_pick": 0.3}
 """GReg's schedule compressed so that it prunes within a short run (as in the resume tests)."""
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST.exists(), reason="needs apt-get install dataset-fashion-mnist"
+)
 
 
 def method_for(name, model="mlp", granularity="unit", **overrides):
@@ -214,7 +217,7 @@ ends 0.23 above its target here. Three full-data epochs land closer (BUILD_NOTES
 budget table)."""
 
 
-@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 @pytest.mark.parametrize("method", GATED)
 def test_a_gated_method_lands_near_its_flops_target(tmp_path, method):
     summary = train_and_evaluate(fashion_config(method), tmp_path)
@@ -230,7 +233,7 @@ def test_a_gated_method_lands_near_its_flops_target(tmp_path, method):
     assert summary["budget/target"] == pytest.approx(0.5)
 
 
-@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="needs apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 @pytest.mark.parametrize("method", RATIO)
 def test_a_ratio_method_meets_its_target(tmp_path, method):
     overrides = SHORT_GREG if method.startswith("greg") else {"prune_end_epoch": 2.0}
