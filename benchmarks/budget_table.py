@@ -42,6 +42,7 @@ METHODS = (
     "l0_hc", "l0_arm", "l0_ar", "dep_l0", "dep_l0_arm", "l1", "bounded_lp",
     "gmp", "stochastic", "greg1", "greg2",
 )
+RATIO_METHODS = ("gmp", "stochastic", "greg1", "greg2")
 PROTOCOL = {"mlp": 3, "lenet5": 2}
 """Epochs per model."""
 GATE_LEARNING_RATE = 1e-2
@@ -128,7 +129,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Test error vs achieved FLOPs fraction, one line per method, one panel per model."""
+    """Test error vs achieved FLOPs fraction, one line per method (dashed: the ratio methods),
+    one panel per model."""
     models = list(dict.fromkeys(r["model"] for r in rows))
     figure, axes = plt.subplots(
         1, len(models), figsize=(PANEL_SIZE[0] * len(models), PANEL_SIZE[1]), squeeze=False
@@ -140,7 +142,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 for r in rows
                 if r["model"] == model and r["method"] == method
             )
-            ax.plot(*zip(*points), marker="o", label=method)
+            style = "--" if method in RATIO_METHODS else "-"  # dashed: a ratio set up front
+            ax.plot(*zip(*points), marker="o", linestyle=style, label=method)
         ax.set_title(f"{model}, Fashion-MNIST")
         ax.set_xlabel("achieved FLOPs fraction")
         ax.set_ylabel("test error (%)")
