@@ -53,6 +53,7 @@ SPARSITY_FIGURE = "sparsity.png"
 LEARNING_RATE_FIGURE = "learning_rate.png"
 ACTIVE_UNITS_FIGURE = "active_units.png"
 KEPT_UNITS_FIGURE = "kept_units.png"
+BUDGET_FIGURE = "budget.png"
 
 
 
@@ -136,6 +137,23 @@ LINE_FIGURES = (
                 "learning rate",
                 (("lr/net", "network"), ("lr/gates", "gates"), ("lr/all", "all parameters")),
                 yscale="log",
+            ),
+        ),
+    ),
+    LineFigure(
+        BUDGET_FIGURE,
+        "Budget",
+        "step",
+        (
+            Panel(
+                "Size vs target",
+                "fraction of the dense network",
+                (("train/budget/size", "size s"), ("train/budget/target", "target t")),
+            ),
+            Panel(
+                "Multipliers",
+                "value",
+                (("train/budget/lambda1", "lambda_1"), ("train/budget/lambda2", "lambda_2")),
             ),
         ),
     ),

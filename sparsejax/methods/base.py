@@ -300,6 +300,11 @@ class Method(abc.ABC):
         :meth:`init` (None: train from the initialisation)."""
         return None
 
+    def metrics(self, state: MethodState) -> dict[str, jax.Array]:
+        """Scalars of the method's state to log with every step's metrics (as ``train/NAME``),
+        e.g. Lagrange multipliers. None here."""
+        return {}
+
     def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
         """Method-specific facts about a trained model for the run's summary (e.g. dead nodes
         found from the weights); the gate report covers what the gates say. Empty here."""

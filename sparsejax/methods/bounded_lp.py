@@ -41,7 +41,8 @@ from sparsejax.estimators.bounded_lp import (
     soft_threshold,
 )
 from sparsejax.gates.scale import ScaleGate
-from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy, per_slot
+from sparsejax.methods.base import MethodState, RunInfo, cross_entropy, per_slot
+from sparsejax.methods.budget import LAGRANGIAN_FIELDS, Budgeted
 from sparsejax.methods.fields import Field
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
@@ -86,11 +87,12 @@ L1_FIELDS = {
         kind=object,
     ),
     "filter_lambda": Field(0.0, "weight of the penalty on the gated groups' norms; 0: off"),
+    **LAGRANGIAN_FIELDS,
 }
 
 
 @register
-class L1Gating(Method):
+class L1Gating(Budgeted):
     """Network slimming on :class:`ScaleGate` gates: L1 penalty, soft-threshold prox.
 
     Config: :data:`L1_FIELDS`, ``l2`` and the shared optimizer fields.
@@ -98,6 +100,7 @@ class L1Gating(Method):
 
     name: ClassVar[str] = "l1"
     fields = L1_FIELDS
+    budget_replaces = "gate_lambda"
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         super().__init__(config, run)
@@ -127,7 +130,7 @@ class L1Gating(Method):
 
     def init(self, model: GatedModel) -> MethodState:
         self.gate_lambdas(model)
-        return {}
+        return super().init(model)
 
     def gate_penalty(self, values: jax.Array) -> jax.Array:
         """R(g) of one slot's gate values."""
@@ -180,16 +183,27 @@ class L1Gating(Method):
         gates, others = self.penalties(model)
         if self.proximal():
             gates = jax.lax.stop_gradient(gates)
-        return self.loss_and_parts(data_loss, gates + others, logits)
+        budget = self.budget_penalty(model, state)
+        return self.loss_and_parts(data_loss, gates + others + budget, logits)
+
+    def budget_surrogate(self, model: GatedModel) -> dict[str, jax.Array]:
+        """Per-unit keep values for the budget's gradient, 0 at a pruned gate, shaped like the
+        penalty the budget replaces: |g| here (every gate pulled alike, as by the L1 penalty;
+        gates start at 1)."""
+        return {name: self.keep_surrogate(gate.value[...]) for name, gate in model.gates.items()}
+
+    def keep_surrogate(self, values: jax.Array) -> jax.Array:
+        """|g|."""
+        return jnp.abs(values)
 
     def after_update(self, model, state, step, key):
-        """The prox step on every gate, with step size the gates' learning rate."""
-        self.project(model)
+        """The prox step on every gate, with step size the gates' learning rate (under a
+        target lambda is 0 and the step projects the gates onto g >= 0)."""
         rate = self.gate_rate(step)
         for name, value in self.gate_lambdas(model).items():
             gate = model.gates[name].value
             gate[...] = jnp.maximum(self.shrink(gate[...], rate * value), 0.0)
-        return state
+        return super().after_update(model, state, step, key)
 
 
 BOUNDED_FIELDS = {
@@ -237,6 +251,11 @@ class BoundedLpGating(L1Gating):
 
     def group_penalty(self, norms: jax.Array) -> jax.Array:
         return bounded_norm(norms, self.filter_sigma, self.p)
+
+    def keep_surrogate(self, values: jax.Array) -> jax.Array:
+        """1 - exp(-|g|^p / sigma), a gate's term of B_{sigma,p}: near 1 for a gate well above
+        sigma^(1/p), pulled hardest near 0."""
+        return -jnp.expm1(-jnp.power(jnp.abs(values), self.p) / self.sigma)
 
     def proximal(self) -> bool:
         return self.p == 1.0

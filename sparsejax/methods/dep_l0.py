@@ -40,7 +40,8 @@ from sparsejax.gates.generated import (
     GeneratedHardConcreteGate,
 )
 from sparsejax.gates.generator import DEPENDENCIES, GateGenerator
-from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
+from sparsejax.methods.base import MethodState, Phase, RunInfo, cross_entropy
+from sparsejax.methods.budget import LAGRANGIAN_FIELDS, Budgeted
 from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.l0_arm import BINARY_GATE_FIELDS, binary_gate_data_loss
@@ -79,6 +80,7 @@ FIELDS = {
         None, "d_0 of the generator (None: the width of the chain's first slot)", kind=int
     ),
     "temperature": Field(hard_concrete.BETA, "beta of the hard-concrete gates"),
+    **LAGRANGIAN_FIELDS,
 }
 
 
@@ -107,7 +109,7 @@ def frozen_from(rate: float | optax.Schedule, boundary: int) -> optax.Schedule:
 
 
 @register
-class DepL0(Method):
+class DepL0(Budgeted):
     """Dep-L0 with hard-concrete gates; see the module docstring.
 
     Config: :data:`FIELDS`, ``l2`` (the gated L2), ``seed`` (the generator's initialisation),
@@ -117,6 +119,7 @@ class DepL0(Method):
 
     name = "dep_l0"
     fields = FIELDS
+    budget_replaces = "lamba"
     fine_tuning = False
 
     @classmethod
@@ -224,7 +227,9 @@ class DepL0(Method):
         ) + gated_l2(model, keep, self.l2)
 
     def penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
-        return self.penalty_from_logits(model, generator_of(model)())
+        return self.penalty_from_logits(model, generator_of(model)()) + self.budget_penalty(
+            model, state
+        )
 
     def deterministic_gates(
         self, model: GatedModel, logits: Mapping[str, jax.Array]
@@ -247,7 +252,8 @@ class DepL0(Method):
             }
         output = model(images, train=True, gates=gates)
         data_loss = jnp.mean(cross_entropy(output, labels))
-        return self.loss_and_parts(data_loss, self.penalty_from_logits(model, logits), output)
+        penalty = self.penalty_from_logits(model, logits) + self.budget_penalty(model, state)
+        return self.loss_and_parts(data_loss, penalty, output)
 
     def gate_transform(self) -> optax.GradientTransformation:
         """The generator's optimizer: Adam 1e-3 unless configured, on the network's schedule
@@ -312,4 +318,5 @@ class DepL0ARM(DepL0):
             k=1.0,
             per_example=bool(self.config.get("per_example_gates", False)),
         )
-        return self.loss_and_parts(loss, self.penalty_from_logits(model, logits), output)
+        penalty = self.penalty_from_logits(model, logits) + self.budget_penalty(model, state)
+        return self.loss_and_parts(loss, penalty, output)

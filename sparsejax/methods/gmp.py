@@ -39,6 +39,8 @@ import ml_collections
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
+from sparsejax.methods.budget import TARGET_FIELDS, requested_target
+from sparsejax.methods.budget_ratio import layers_ratio
 from sparsejax.methods.fields import Field
 from sparsejax.methods.masking import unit_variables
 from sparsejax.methods.penalties import gated_l2
@@ -61,6 +63,7 @@ FIELDS = {
     "prune_every": Field(100, "dt, updates between two pruning steps"),
     "gmp_scope": Field("layer", "layer: every layer at s_t; global: one threshold for all"),
     "gmp_structure": Field("weight", "weight: single entries by |w|; unit: units by L1 norm"),
+    **TARGET_FIELDS,
 }
 
 
@@ -161,6 +164,7 @@ class GradualMagnitudePruning(Method):
                 "residual streams, not read by a depthwise convolution or through a BatchNorm "
                 "over concatenated producers); use --config.gmp_structure=weight"
             )
+        self.final_sparsity(model)
         shapes = {
             name: model.layer_module(name).kernel.shape[-1:] if per_unit
             else model.layer_module(name).kernel.shape
@@ -185,14 +189,40 @@ class GradualMagnitudePruning(Method):
         held = jnp.where(updates >= self.last_step, self.last_step, grid)
         return jnp.where(updates >= self.first_step, held, self.first_step - 1)
 
-    def target_sparsity(self, updates: jax.Array) -> jax.Array:
-        """s_t after ``updates`` updates: the cubic schedule at the latest pruning step, held
-        between pruning steps (s_i before the first)."""
+    def final_sparsity(self, model: GatedModel) -> float:
+        """s_f: ``final_sparsity``, or under a target (``target_flops`` / ``target_params``)
+        the ratio that, pruned from every pruned layer alike (``gmp_scope="layer"``), meets it
+        (:mod:`sparsejax.methods.budget_ratio`)."""
+        target = requested_target(self.config)
+        if target is None:
+            return float(self.config.final_sparsity)
+        if self.config.gmp_scope != "layer":
+            raise ConfigError(
+                "a target chooses one ratio for every layer: use it with gmp_scope=layer"
+            )
+        ratio = layers_ratio(
+            model.layers,
+            self.pruned_layers(model),
+            target,
+            structure=self.config.gmp_structure,
+            what=f"gmp ({self.config.gmp_structure} structure)",
+        )
+        if ratio < self.config.initial_sparsity:
+            raise ConfigError(
+                f"target_{target.kind}={target.fraction} needs a final sparsity of {ratio:.3f}, "
+                f"below initial_sparsity={self.config.initial_sparsity}"
+            )
+        return ratio
+
+    def target_sparsity(self, updates: jax.Array, final: float | None = None) -> jax.Array:
+        """s_t after ``updates`` updates: the cubic schedule towards ``final`` (None:
+        ``final_sparsity``) at the latest pruning step, held between pruning steps (s_i before
+        the first)."""
         held = self.last_pruning_step(updates)
         scheduled = cubic_sparsity(
             held,
             initial=self.config.initial_sparsity,
-            final=self.config.final_sparsity,
+            final=self.config.final_sparsity if final is None else final,
             start=self.start,
             end=self.end,
         )
@@ -246,7 +276,9 @@ class GradualMagnitudePruning(Method):
         updates = step + 1
         masks = jax.lax.cond(
             self.is_pruning_step(updates),
-            lambda: self.new_masks(model, state["masks"], self.target_sparsity(updates)),
+            lambda: self.new_masks(
+                model, state["masks"], self.target_sparsity(updates, self.final_sparsity(model))
+            ),
             lambda: dict(state["masks"]),
         )
         for name, mask in masks.items():
@@ -265,4 +297,8 @@ class GradualMagnitudePruning(Method):
         pruned = {name: float(1.0 - mask.mean()) for name, mask in masks.items()}
         total = sum(mask.size for mask in masks.values())
         kept = sum(int(mask.sum()) for mask in masks.values())
-        return {"gmp/sparsity": pruned, "gmp/overall_sparsity": 1.0 - kept / total}
+        return {
+            "gmp/sparsity": pruned,
+            "gmp/overall_sparsity": 1.0 - kept / total,
+            "gmp/final_sparsity": self.final_sparsity(model),
+        }

@@ -6,7 +6,8 @@ import jax
 import ml_collections
 
 from sparsejax.errors import ConfigError
-from sparsejax.methods.base import Method, MethodState, per_slot
+from sparsejax.methods.base import MethodState, per_slot
+from sparsejax.methods.budget import LAGRANGIAN_FIELDS, Budgeted
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.penalties import expected_l0, gated_l2
 from sparsejax.models.base import GatedModel, GateSlot
@@ -36,6 +37,7 @@ L0_FIELDS = {
     "reference_bias_sign": Field(
         False, "count a conv gate's bias with -lambda, as the L0-HC reference code does"
     ),
+    **LAGRANGIAN_FIELDS,
 }
 
 
@@ -44,11 +46,13 @@ def keep_probabilities(model: GatedModel) -> dict[str, jax.Array]:
     return {name: gate.prob_nonzero() for name, gate in model.gates.items()}
 
 
-class L0Method(Method):
+class L0Method(Budgeted):
     """The expected-L0 penalty with per-slot lambdas (:data:`L0_FIELDS`) plus the gated L2
-    (``l2``, shared)."""
+    (``l2``, shared); under a target (:mod:`sparsejax.methods.budget`) the lambdas are 0 and
+    the budget's Lagrangian takes the expected L0's place."""
 
     fields = L0_FIELDS
+    budget_replaces = "lambdas"
 
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -67,7 +71,7 @@ class L0Method(Method):
 
     def init(self, model: GatedModel) -> MethodState:
         self.lambdas(model)
-        return {}
+        return super().init(model)
 
     def droprate_init(self, slot: GateSlot) -> float:
         value = self.config.get("droprate_init")
@@ -90,4 +94,4 @@ class L0Method(Method):
             self.lambdas(model),
             self.num_train,
             reference_bias_sign=bool(self.config.reference_bias_sign),
-        ) + gated_l2(model, probs, self.config.l2)
+        ) + gated_l2(model, probs, self.config.l2) + self.budget_penalty(model, state)

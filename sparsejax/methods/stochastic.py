@@ -29,6 +29,8 @@ import ml_collections
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
+from sparsejax.methods.budget import TARGET_FIELDS, requested_target
+from sparsejax.methods.budget_ratio import layers_ratio
 from sparsejax.methods.fields import Field
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity, sample_zeroed
@@ -52,6 +54,7 @@ FIELDS = {
     "prune_temperature": Field(DEFAULT_TEMPERATURE, "T of the zeroing probabilities"),
     "allow_regrowth": Field(False, "False: pruned weights stay zero (persistent masks)"),
     "l1": Field(5e-6, "L1 coefficient on the kernels", per_model={"mlp": 1e-4, "lenet5": 1e-4}),
+    **TARGET_FIELDS,
 }
 """Our choices (the paper's values were not available): MLP / LeNet-5 on (Fashion-)MNIST for a
 few epochs of Adam (measured, see BUILD_NOTES.md); otherwise VGG-16 on CIFAR-10's, for the
@@ -91,9 +94,16 @@ class StochasticPruning(Method):
         """The cubic ramp's first and last update."""
 
     def final_sparsity(self, model: GatedModel) -> dict[str, float]:
-        """The target sparsity of every declared layer."""
+        """The target sparsity of every declared layer: ``final_sparsity``, or under a target
+        (``target_flops`` / ``target_params``) the one ratio of every layer that meets it
+        (:mod:`sparsejax.methods.budget_ratio`)."""
         values = self.config.final_sparsity
         layers = model.layers
+        if (target := requested_target(self.config)) is not None:
+            names = [layer.name for layer in layers]
+            values = layers_ratio(
+                layers, names, target, structure="weight", what="stochastic pruning"
+            )
         if isinstance(values, (int, float)):
             values = [values] * len(layers)
         values = list(values)

@@ -25,7 +25,12 @@ from sparsejax.models.base import GatedModel, GateSlot, Layer
 from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.folding import fold_gates, layer_weights, test_gate_values
 from sparsejax.slim.plan import SlimPlan, plan_slimming
-from sparsejax.slim.result import SlimReport, SlimResult, count_network_once, stored_params
+from sparsejax.slim.result import (
+    SlimReport,
+    SlimResult,
+    count_network_once,
+    stored_params,
+)
 from sparsejax.slim.transformer import slim_transformer
 
 

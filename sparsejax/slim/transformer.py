@@ -41,7 +41,12 @@ from flax import nnx
 from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.folding import test_gate_values
 from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.result import SlimReport, SlimResult, count_network_once, stored_params
+from sparsejax.slim.result import (
+    SlimReport,
+    SlimResult,
+    count_network_once,
+    stored_params,
+)
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.errors import ConfigError, UserError
 from sparsejax.methods.base import Method, MethodState, RunInfo
+from sparsejax.methods.budget import requested_target, target_report
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.structure.report import GateReport, sparsity_report
@@ -396,6 +397,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     final_model = evaluated_model(graphdef, state, config.ema_decay)
     report = sparsity_report(final_model)
     summary = _summary(config, setup.data, report, progress_record, steps_per_epoch)
+    summary.update(target_report(requested_target(config), report))
     if len(plan.phases) > 1:
         summary["phases"] = plan.summary(progress_record[PHASE_STARTS], progress_record["epoch"])
     summary.update(setup.method.report(final_model, local_copy(state.method_state)))

@@ -92,6 +92,7 @@ def make_train_step(
                 for group, rate in learning_rates(opt_state).items()
                 if group not in state.params or jax.tree.leaves(state.params[group])
             },
+            **method.metrics(method_state),
         }
         new_state = state.replace(
             step=state.step + 1,

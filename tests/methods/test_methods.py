@@ -174,7 +174,10 @@ def test_batchnorm_statistics_are_updated_once_per_step(name):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-OPTIONAL_FIELDS = {"droprate_init", "generator_input_width", "filter_sigma", "pretrained"}
+OPTIONAL_FIELDS = {
+    "droprate_init", "generator_input_width", "filter_sigma", "pretrained",
+    "target_flops", "target_params", "target_warmup_epochs",
+}
 """Fields whose unset value (None) is itself a setting: derived from the model when used."""
 DERIVED_FIELDS = {"lambdas", "lamba", "pretrain_epochs", "prune_end_epoch"}
 """Fields whose default depends on other fields (checked by their methods' tests)."""

@@ -44,9 +44,11 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
+from sparsejax.methods.budget import TARGET_FIELDS
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.fields import Field
 from sparsejax.methods.greg.accounting import greg_pruned_count
+from sparsejax.methods.greg.budget import budget_stage_pr
 from sparsejax.methods.greg.report import greg_progress, kept_channels, pruned_size
 from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios
 from sparsejax.methods.greg.schedule import (
@@ -129,6 +131,7 @@ FIELDS = {
     "fine_tune_epochs": Field(
         120, "epochs of fine-tuning after pruning", {**_for(FASHION_MNIST, 3), **_for(IMAGENET, 90)}
     ),
+    **TARGET_FIELDS,  # a budget sets stage_pr (.budget)
 }
 """The reference's settings (README commands and ``option.py``): CIFAR K_u = 10, K_s = 10 000
 and 200 epochs of pretraining; ImageNet K_u = 5, K_s = 40 000 (ResNet-34: the 90 epochs of
@@ -253,7 +256,8 @@ class GReg(Method):
 
     def pruned_layers(self, model: GatedModel) -> tuple[PrunedLayer, ...]:
         """The layers GReg prunes in ``model``, in network order, with their ratios and counts."""
-        ratios = layer_ratios(model.layers, self.config.stage_pr, self.granularity)
+        stage_pr = budget_stage_pr(self.config, model.layers, self.granularity)  # a target's
+        ratios = layer_ratios(model.layers, stage_pr, self.granularity)
         if not ratios:
             raise ConfigError(
                 f"stage_pr={self.config.stage_pr!r} prunes no layer of {type(model).__name__}; "

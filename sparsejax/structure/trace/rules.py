@@ -14,7 +14,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from sparsejax.structure.trace.units import NO_UNIT, Field, make_field, relabel
-from sparsejax.structure.trace.values import Context, LayerRecord, Value, factors, field_on
+from sparsejax.structure.trace.values import (
+    Context,
+    LayerRecord,
+    Value,
+    factors,
+    field_on,
+)
 
 Rule = Callable[[Context, object, Sequence[Value]], list[Value]]
 
