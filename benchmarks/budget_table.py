@@ -54,7 +54,8 @@ SHORT_GREG = {
 }
 """GReg's schedule in a short run: one epoch of pretraining, the ceiling tau = 1 after 100
 coefficient updates, 100 updates of stabilisation (the defaults for MLP / LeNet-5: 10 / 5
-epochs of pretraining, 1000 and 600)."""
+epochs of pretraining, 1000 and 600), so regularisation is one epoch; fine-tuning takes the
+protocol's remaining epochs."""
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "lenet5"], "Models.")
 _TARGETS = flags.DEFINE_list("targets", ["0.5", "0.3", "0.15"], "FLOPs targets.")
@@ -79,6 +80,8 @@ def run_config(method: str, model: str, target: float, seed: int = 0) -> ml_coll
         "prune_end_epoch": 2.0 * epochs / 3.0,
         **(SHORT_GREG if method.startswith("greg") else {}),
     }
+    if method.startswith("greg"):  # the same epochs: pretraining, regularisation, fine-tuning
+        settings.update(epochs=None, fine_tune_epochs=epochs - 2)
     config.update({key: value for key, value in settings.items() if key in config})
     return config
 

@@ -35,7 +35,8 @@ from tests.train.test_method_state import leaves
 GATED = ("l0_hc", "l0_arm", "l0_ar", "dep_l0", "dep_l0_arm", "l1", "bounded_lp")
 RATIO = ("gmp", "stochastic", "greg1", "greg2")
 SHORT_GREG = {"pretrain_epochs": 1, "greg_interval": 1, "greg_delta": 0.5,
-              "greg_stabilise_steps": 2, "greg_delta_pick": 0.2, "greg_ceiling_pick": 0.3}
+              "greg_stabilise_steps": 2, "greg_delta_pick": 0.2, "greg_ceiling_pick": 0.3,
+              "epochs": None, "fine_tune_epochs": 2}
 """GReg's schedule compressed so that it prunes within a short run (as in the resume tests)."""
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST.exists(), reason="needs apt-get install dataset-fashion-mnist"
