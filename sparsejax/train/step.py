@@ -1,8 +1,8 @@
 """The jitted training and evaluation steps.
 
-The train state is replicated, or with FSDP partly sharded, and a batch sharded over the mesh
-(see :mod:`sparsejax.train.sharding`); the host dispatches steps asynchronously and reads metrics back
-once per logging interval. Steps are not fused with ``lax.scan``: XLA on CPU runs convolutions
+The train state is replicated (with FSDP partly sharded) and a batch sharded over the mesh (see
+:mod:`sparsejax.train.sharding`); the host dispatches steps asynchronously and reads metrics
+back once per logging interval. Steps are not fused with ``lax.scan``: XLA on CPU runs convolutions
 inside a loop body several times slower than at the top level of a program (measured: LeNet-5
 gradient 262 ms in a scan vs 42 ms outside).
 """
@@ -55,10 +55,12 @@ def make_train_step(
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, images, labels) -> (state, metrics)``, jitted, the state donated and kept
     replicated, or with an ``fsdp`` mesh axis of size > 1 in the shardings of
-    :func:`~sparsejax.train.sharding.state_shardings` (the metrics replicated). The metrics are the loss and its parts, the batch error and the learning rate
-    of every parameter group that has parameters (:data:`LEARNING_RATE`). With ``ema_decay`` not 0 the step also updates the parameter average
-    (:func:`sparsejax.train.ema.update`) with the parameters after the method's after-update;
-    with 0 the step is the same program as without averaging."""
+    :func:`~sparsejax.train.sharding.state_shardings` (the metrics replicated). The metrics
+    are the loss and its parts, the batch error and the learning rate of every parameter group
+    that has parameters (:data:`LEARNING_RATE`). With ``ema_decay`` not 0 the step also
+    updates the parameter average (:func:`sparsejax.train.ema.update`) with the parameters
+    after the method's after-update; with 0 the step is the same program as without
+    averaging."""
 
     def loss_fn(params, model_state, method_state, images, labels, key):
         model = merge_model(graphdef, params, model_state)

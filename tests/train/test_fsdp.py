@@ -61,7 +61,8 @@ def train_losses(workdir):
 def saved_specs(workdir, step):
     """The mesh shapes and partition specs Orbax recorded for the leaves of a saved state."""
     path = workdir / "checkpoints" / str(step) / "state" / "_sharding"
-    leaves = [json.loads(s) if isinstance(s, str) else s for s in json.loads(path.read_text()).values()]
+    saved = json.loads(path.read_text()).values()
+    leaves = [json.loads(s) if isinstance(s, str) else s for s in saved]
     return {tuple(s["shape"]) for s in leaves}, [s["partition_spec"] for s in leaves]
 
 
@@ -98,3 +99,18 @@ def test_fsdp_must_divide_the_device_count(tmp_path, fsdp):
     assert f"fsdp={fsdp} does not divide the 8 devices" in result.stderr
     assert "[1, 2, 4, 8]" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_gated_run_with_a_sharded_average_matches_the_replicated_run(tmp_path):
+    # l0_hc with Adam and a parameter average (sharded like the parameters under fsdp); the
+    # evaluated (averaged) network and its expected L0 must agree as well as the losses.
+    options = {"method": "l0_hc", "ema_decay": 0.9}
+    sharded = run_script("run", tmp_path / "s", 1, json.dumps({**options, "fsdp": 8}), devices=8)
+    replicated = run_script("run", tmp_path / "r", 1, json.dumps(options), devices=8)
+    assert sharded["fsdp"] == 8 and sharded["evaluated_parameters"] == "ema"
+    expected = train_losses(tmp_path / "r")
+    losses = train_losses(tmp_path / "s")
+    assert sorted(losses) == sorted(expected) == [4, 8]
+    np.testing.assert_allclose([losses[4], losses[8]], [expected[4], expected[8]], rtol=1e-4)
+    assert sharded["expected_l0"] == pytest.approx(replicated["expected_l0"], rel=1e-5)
+    assert sharded["test_error"] == pytest.approx(replicated["test_error"], abs=1.0)
