@@ -49,6 +49,10 @@ def shared_config() -> ml_collections.ConfigDict:
     config.input_workers = 0
     config.input_threads = 4
     config.keep_checkpoints = 2
+    # devices along the mesh's second axis that split each large parameter and its optimizer
+    # state (FSDP); 1: replicated (plain data parallelism). Must divide the device count; a run
+    # may resume with another value (onto another mesh shape).
+    config.fsdp = 1
 
     config.optimizer = "adam"
     config.learning_rate = 1e-3

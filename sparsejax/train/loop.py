@@ -39,14 +39,21 @@ from sparsejax.train.phases import PHASE_STARTS, PhasePlan
 from sparsejax.train.preemption import Preempted, StopRequest
 from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.progress import Progress
-from sparsejax.train.sharding import create_mesh, local_copy, replicate
+from sparsejax.train.sharding import (
+    create_mesh,
+    local_copy,
+    place_like_params,
+    place_state,
+)
 from sparsejax.train.state import TrainState, evaluated_params, init_state, merge_model
 from sparsejax.train.step import LEARNING_RATE, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-RESUMABLE_CHANGES = ("epochs", "fine_tune_epochs", "data_dir", "keep_checkpoints")
-"""Config fields that may differ when a run is resumed."""
+RESUMABLE_CHANGES = (
+    "epochs", "fine_tune_epochs", "data_dir", "keep_checkpoints", "fsdp"
+)
+"""Config fields that may differ when a run is resumed (``fsdp``: onto another mesh shape)."""
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -211,7 +218,8 @@ def evaluate(eval_step, state: TrainState, inputs: Input) -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
     """What a run of a config is made of before any training: its mesh, data, method, phases,
-    model structure, initial (replicated) train state and input pipeline."""
+    model structure, initial train state (placed on the mesh:
+    :func:`~sparsejax.train.sharding.place_state`) and input pipeline."""
 
     config: ml_collections.ConfigDict
     mesh: Mesh
@@ -243,12 +251,12 @@ class RunSetup:
         """``state`` with the optimizer state of phase ``phase`` initialised from its
         parameters (the state a phase with its own optimizer begins with)."""
         opt_state = self.plan.optimizer(phase).init(state.params)
-        return state.replace(opt_state=replicate(opt_state, self.mesh))
+        return state.replace(opt_state=place_like_params(opt_state, self.mesh))
 
     def state_template(self, progress: dict) -> TrainState:
         """A train state shaped like a checkpoint whose progress record is ``progress``
-        (:meth:`PhasePlan.state_template`), replicated."""
-        return replicate(self.plan.state_template(self.initial_state, progress), self.mesh)
+        (:meth:`PhasePlan.state_template`), placed like the run's states."""
+        return place_state(self.plan.state_template(self.initial_state, progress), self.mesh)
 
     def advance(
         self, state: TrainState, progress: dict, announce: Callable[[str], None]
@@ -282,8 +290,8 @@ class RunSetup:
 
 def set_up(config: ml_collections.ConfigDict) -> RunSetup:
     """Build everything a run of ``config`` needs, over every device."""
-    mesh = create_mesh()
     resolve_config(config)  # refuse unknown fields before any data is read
+    mesh = create_mesh(config.get("fsdp", 1))
     data = load_data(config)
     method, model, method_state = build(config, data)
     config = method.config
@@ -303,7 +311,7 @@ def set_up(config: ml_collections.ConfigDict) -> RunSetup:
         workers=config.get("input_workers", 0),
         threads=config.get("input_threads", DEFAULT_THREADS),
     )
-    return RunSetup(config, mesh, data, method, plan, graphdef, replicate(state, mesh), inputs)
+    return RunSetup(config, mesh, data, method, plan, graphdef, place_state(state, mesh), inputs)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -544,5 +552,6 @@ def _summary(config, data: BatchSource, report: GateReport, progress: dict, step
         if median_seconds
         else None,
         "num_devices": jax.device_count(),
+        "fsdp": config.get("fsdp", 1),
         "num_processes": jax.process_count(),
     }

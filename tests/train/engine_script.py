@@ -15,7 +15,7 @@ from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.input import Input
-from sparsejax.train.sharding import create_mesh, replicate
+from sparsejax.train.sharding import create_mesh, place_state
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
@@ -37,10 +37,10 @@ def steps(method_name: str, count: int, per_example: bool, **overrides) -> dict:
     method = create_method(method_name, config, run)
     model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
     method_state = method.init(model)
-    mesh = create_mesh()
+    mesh = create_mesh(config.fsdp)
     tx = method.optimizer()
     graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
-    state = replicate(state, mesh)
+    state = place_state(state, mesh)
     inputs = Input(ArraySource(data), mesh, batch_size=64, eval_batch_size=64, steps_per_epoch=8)
     train_step = make_train_step(graphdef, method, tx, mesh)
     losses = []
@@ -49,12 +49,41 @@ def steps(method_name: str, count: int, per_example: bool, **overrides) -> dict:
         losses.append(float(metrics["loss"]))
     leaves = jax.tree.leaves(state.params)
     identical = all(
-        np.array_equal(np.asarray(shard.data), np.asarray(leaf.addressable_shards[0].data))
+        np.array_equal(np.asarray(shard.data), np.asarray(first.data))
+        for leaf in leaves
+        for shard in leaf.addressable_shards
+        for first in [next(s for s in leaf.addressable_shards if s.index == shard.index)]
+    )
+    replicas = min(
+        sum(s.index == shard.index for s in leaf.addressable_shards)
         for leaf in leaves
         for shard in leaf.addressable_shards
     )
-    replicas = min(len(leaf.addressable_shards) for leaf in leaves)
-    return {"losses": losses, "identical": identical, "replicas": replicas}
+    return {
+        "losses": losses,
+        "identical": identical,
+        "replicas": replicas,
+        "params": layout(state.params),
+        "opt_state": layout(state.opt_state),
+    }
+
+
+def layout(tree) -> list[dict]:
+    """Each array leaf's global shape, the shape of every device's shard and the bytes of the
+    shards on each device."""
+    result = []
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        shards = leaf.addressable_shards
+        result.append({
+            "shape": list(leaf.shape),
+            "shard_shapes": sorted({tuple(s.data.shape) for s in shards}),
+            "devices": len(shards),
+            "bytes_per_device": shards[0].data.nbytes,
+            "bytes": leaf.nbytes,
+        })
+    return result
 
 
 def run(workdir: str, epochs: int, **overrides) -> dict:

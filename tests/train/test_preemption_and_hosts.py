@@ -63,14 +63,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_pod(workdir) -> list[str]:
+def run_pod(workdir, *extra) -> list[str]:
     """Two processes of 2 CPU devices each, joined on localhost, train ``workdir``; their
     stderr."""
     address = f"127.0.0.1:{free_port()}"
     host_env = env(JAX_NUM_CPU_DEVICES="2", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     processes = [
         cli(workdir, "--distributed", f"--coordinator_address={address}",
-            "--num_processes=2", f"--process_id={i}", "--steps_per_epoch=6", env=host_env)
+            "--num_processes=2", f"--process_id={i}", "--steps_per_epoch=6", *extra,
+            env=host_env)
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in processes]
@@ -99,3 +100,17 @@ def test_two_processes_train_one_data_parallel_run(tmp_path):
     for key in ("test_error", "expected_l0", "params", "active_units"):
         assert resumed[key] == pod[key], key
     assert (tmp_path / "pod" / "checkpoints" / "corrupt-12").is_dir()
+
+
+def test_two_processes_train_with_parameters_sharded_across_them(tmp_path):
+    # fsdp=4 over the 4 devices of 2 processes: every large parameter is split across both
+    # processes, so placing the state, reading it on the host and checkpointing are collective.
+    run_pod(tmp_path / "pod", "--config.fsdp=4")
+    pod = summary(tmp_path / "pod")
+    assert pod["num_processes"] == 2 and pod["fsdp"] == 4
+    single = cli(tmp_path / "single", "--steps_per_epoch=6", env=env(JAX_NUM_CPU_DEVICES="4"))
+    assert single.wait(timeout=600) == 0, single.communicate()[1][-2000:]
+    reference = summary(tmp_path / "single")
+    assert reference["fsdp"] == 1
+    assert pod["expected_l0"] == pytest.approx(reference["expected_l0"], rel=1e-4)
+    assert pod["test_error"] == pytest.approx(reference["test_error"], abs=1.0)
