@@ -96,7 +96,12 @@ def out_axis(model, name):
     return len(next(l for l in model.layers if l.name == name).kernel_shape) - 1
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+TRANSFORMERS = ("vit_tiny", "lm_tiny")
+"""Not compared yet: their heads are gated through reordered projection columns and the LM reads
+its embedding with a gather, which the trace does not describe (issue "Any Flax NNX model")."""
+
+
+@pytest.fixture(scope="module", params=sorted(set(MODELS) - set(TRANSFORMERS)))
 def zoo(request):
     return request.param, *traced(request.param)
 
