@@ -29,8 +29,8 @@ from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.config import resolve_config
 from sparsejax.train.metrics import read_metrics
 from tests.methods.test_greg import latest_checkpoint
-from tests.train.test_loop import FASHION_MNIST, comparable, config_for
-from tests.train.test_method_state import leaves
+from tests.train.test_loop import FASHION_MNIST, config_for
+from tests.train.test_method_state import assert_resumed_like_whole
 
 GATED = ("l0_hc", "l0_arm", "l0_ar", "dep_l0", "dep_l0_arm", "l1", "bounded_lp")
 RATIO = ("gmp", "stochastic", "greg1", "greg2")
@@ -259,15 +259,4 @@ def test_a_run_preempted_mid_warmup_resumes_exactly(tmp_path, method, monkeypatc
     saved = latest_checkpoint(tmp_path / "split")["method_state"][STATE_KEY]
     assert 0.4 < float(saved["target"]) < 1.0 and float(saved["lambda2"]) > 0  # mid-warm-up
     resumed = train_and_evaluate(config, tmp_path / "split")
-    evaluations = [
-        comparable([r for r in read_metrics(tmp_path / d) if "eval/err" in r])
-        for d in ("split", "whole")
-    ]
-    assert evaluations[0] == evaluations[1]
-    for key, value in whole.items():
-        if "seconds" not in key and key != "examples_per_second":
-            assert resumed[key] == value, key
-    states = [leaves(latest_checkpoint(tmp_path / d)) for d in ("whole", "split")]
-    assert states[0].keys() == states[1].keys()
-    for path, value in states[0].items():
-        np.testing.assert_array_equal(value, states[1][path], err_msg=path)
+    assert_resumed_like_whole(tmp_path, whole, resumed)

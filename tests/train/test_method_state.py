@@ -35,6 +35,15 @@ def test_method_state_round_trips_and_a_preempted_run_resumes_exactly(tmp_path, 
     saved = leaves(latest_checkpoint(tmp_path / "split")["method_state"])
     assert all(np.all(np.isfinite(v)) for v in saved.values() if v.dtype.kind == "f")
     resumed = train_and_evaluate(config, tmp_path / "split")
+    assert_resumed_like_whole(tmp_path, whole, resumed)
+    states = [leaves(latest_checkpoint(tmp_path / d)) for d in ("whole", "split")]
+    if method in ("greg1", "greg2", "stochastic", "gmp"):
+        assert any(path.startswith("/method_state") for path in states[0]), method
+
+
+def assert_resumed_like_whole(tmp_path, whole, resumed):
+    """The run in ``tmp_path / "split"``, stopped and resumed, ended like the one in
+    ``tmp_path / "whole"``: its evaluations, summary (timings aside) and newest checkpoint."""
     evaluations = [  # the training records of the resumed run are chunked from the resume
         comparable([r for r in read_metrics(tmp_path / d) if "eval/err" in r])
         for d in ("split", "whole")
@@ -47,5 +56,3 @@ def test_method_state_round_trips_and_a_preempted_run_resumes_exactly(tmp_path, 
     assert states[0].keys() == states[1].keys()
     for path, value in states[0].items():
         np.testing.assert_array_equal(value, states[1][path], err_msg=path)
-    if method in ("greg1", "greg2", "stochastic", "gmp"):
-        assert any(path.startswith("/method_state") for path in states[0]), method
