@@ -64,3 +64,17 @@ def stored_params(model: nnx.Module) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(state)))
 
 
+def slim_report(model: GatedModel, slim: GatedModel) -> SlimReport:
+    """Params and FLOPs of ``model`` and of its slim network (attention products included),
+    the arrays each stores and the slim layers' widths."""
+    before = count_network_once(model.layers, {}, tuple(model.activation_products))
+    after = count_network_once(slim.layers, {}, tuple(slim.activation_products))
+    return SlimReport(
+        params_before=float(before["params"]),
+        flops_before=float(before["flops"]),
+        params_after=float(after["params"]),
+        flops_after=float(after["flops"]),
+        stored_params_before=stored_params(model),
+        stored_params_after=stored_params(slim),
+        widths={layer.name: (layer.in_units, layer.out_units) for layer in slim.layers},
+    )

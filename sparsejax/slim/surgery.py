@@ -26,10 +26,8 @@ from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.folding import fold_gates, layer_weights, test_gate_values
 from sparsejax.slim.plan import SlimPlan, plan_slimming
 from sparsejax.slim.result import (
-    SlimReport,
     SlimResult,
-    count_network_once,
-    stored_params,
+    slim_report,
 )
 from sparsejax.slim.transformer import slim_transformer
 
@@ -159,17 +157,7 @@ def slim_model(
         slim.layers, tuple(slim.channel_couplings), layer_weights(slim), keep, width_multiple
     )
     apply_plan(slim, plan)
-    before = count_network_once(model.layers, {}, ())
-    after = count_network_once(slim.layers, {}, ())
-    report = SlimReport(
-        params_before=float(before["params"]),
-        flops_before=float(before["flops"]),
-        params_after=float(after["params"]),
-        flops_after=float(after["flops"]),
-        stored_params_before=stored_params(model),
-        stored_params_after=stored_params(slim),
-        widths={layer.name: (layer.in_units, layer.out_units) for layer in slim.layers},
-    )
+    report = slim_report(model, slim)
     return SlimResult(slim, plan, report)
 
 

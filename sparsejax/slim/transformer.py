@@ -42,10 +42,8 @@ from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.folding import test_gate_values
 from sparsejax.slim.plan import SlimPlan
 from sparsejax.slim.result import (
-    SlimReport,
     SlimResult,
-    count_network_once,
-    stored_params,
+    slim_report,
 )
 
 
@@ -240,24 +238,13 @@ def slim_transformer(model: TransformerModel) -> SlimResult:
     architecture[ffn_key] = tuple(widths["ffn_hidden"])
     slim = type(model)(rngs=nnx.Rngs(params=0), **architecture)
     _assign(slim, cut.arrays)
-    products = tuple(model.activation_products)
-    before = count_network_once(model.layers, {}, products)
-    after = count_network_once(slim.layers, {}, tuple(slim.activation_products))
     plan = SlimPlan(
         kept_outputs={name: _indices(c) for name, c in cut.columns.items()},
         kept_inputs={name: _indices(r) for name, r in cut.rows.items()},
         selections={},
         absorbed={},
     )
-    report = SlimReport(
-        params_before=float(before["params"]),
-        flops_before=float(before["flops"]),
-        params_after=float(after["params"]),
-        flops_after=float(after["flops"]),
-        stored_params_before=stored_params(model),
-        stored_params_after=stored_params(slim),
-        widths={layer.name: (layer.in_units, layer.out_units) for layer in slim.layers},
-    )
+    report = slim_report(model, slim)
     return SlimResult(slim, plan, report, architecture)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import shutil
 import statistics
@@ -267,13 +268,11 @@ class RunSetup:
         while True:
             starts = progress[PHASE_STARTS]
             phase = len(starts) - 1
-            ended = self.plan.ended(
-                phase, starts[-1], progress["epoch"], lambda: local_copy(state.method_state)
-            )
-            if not ended:
+            method_state = functools.cache(lambda: local_copy(state.method_state))
+            if not self.plan.ended(phase, starts[-1], progress["epoch"], method_state):
                 return phase, state, progress
             finished = self.plan.phases[phase]
-            if finished.until is not None and not finished.until(local_copy(state.method_state)):
+            if finished.until is not None and not finished.until(method_state()):
                 announce(
                     f"the {finished.name} phase reached its longest planned length "
                     f"({finished.epochs} epochs) before the method ended it"
