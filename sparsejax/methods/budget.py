@@ -52,7 +52,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.gates.base import active
 from sparsejax.methods.base import Method, MethodState
 from sparsejax.methods.fields import Field
-from sparsejax.models.base import GatedModel, Layer
+from sparsejax.models.base import GatedModel
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import GateReport
 
@@ -120,11 +120,13 @@ def requested_target(config: ml_collections.ConfigDict) -> Target | None:
     return Target(kind, float(fraction))
 
 
-def size_fraction(layers: tuple[Layer, ...], values: Mapping[str, Any], kind: str) -> jax.Array:
-    """The ``kind`` (flops | params) of the network under per-slot unit ``values`` (masks or
-    keep probabilities) as a fraction of the dense network's."""
-    dense = count_network(layers, {})[kind]
-    return count_network(layers, values)[kind] / dense
+def size_fraction(model: GatedModel, values: Mapping[str, Any], kind: str) -> jax.Array:
+    """The ``kind`` (flops | params) of ``model`` under per-slot unit ``values`` (masks or
+    keep probabilities) as a fraction of the dense network's; FLOPs include the model's
+    activation products (attention)."""
+    products = model.activation_products
+    dense = count_network(model.layers, {}, products)[kind]
+    return count_network(model.layers, values, products)[kind] / dense
 
 
 def target_report(target: Target | None, report: GateReport) -> dict[str, Any]:
@@ -242,14 +244,14 @@ class Budgeted(Method):
     def budget_size(self, model: GatedModel) -> jax.Array:
         """s, the network's size fraction (see the module docstring)."""
         target = self.target
-        expected = size_fraction(model.layers, self.budget_surrogate(model), target.kind)
+        expected = size_fraction(model, self.budget_surrogate(model), target.kind)
         if self.config.target_measure == "expected":
             return expected
         masks = {
             name: jax.lax.stop_gradient(active(gate.test_gate()))
             for name, gate in model.gates.items()
         }
-        tested = size_fraction(model.layers, masks, target.kind)
+        tested = size_fraction(model, masks, target.kind)
         return tested + expected - jax.lax.stop_gradient(expected)
 
     def warmup_steps(self) -> float:
