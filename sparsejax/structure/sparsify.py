@@ -258,6 +258,43 @@ class Sparsified(nnx.Module):
             for index, gate in zip(self.group_indices, self.gates)
         }
 
+    def slim(
+        self,
+        example_input: jax.Array | jax.ShapeDtypeStruct,
+        *,
+        round_to: int = 1,
+        check: jax.Array | None = None,
+        apply: Apply = _call,
+    ):
+        """The slim network of the model under its test-time gates: a
+        :class:`~sparsejax.structure.slim_trace.SlimModel` (a pure function with its parameters,
+        ``save()``-able and loaded by :func:`~sparsejax.structure.slim_trace.load_slim` without
+        the model's class) with the units of closed gates removed and the other gate values
+        folded into the kernels that read them. ``round_to=K`` keeps multiples of K units per
+        group (adding the units most likely open); ``check``, a batch of inputs, records the
+        largest output difference to this gated model in evaluation mode in the report.
+        ``apply(model, x)`` is the model's forward pass (default ``model(x)``), run in
+        evaluation mode; for ``check`` it is also applied to this gated module, so it should
+        only call the model (e.g. ``lambda m, x: m(x, train=False)``). See :func:`~sparsejax.structure.slim_trace.slim_traced`."""
+        from sparsejax.structure.slim_trace import slim_traced  # imports this module
+
+        slim = slim_traced(
+            self.model,
+            example_input,
+            structure=self.structure,
+            gates={i: gate.test_gate() for i, gate in zip(self.group_indices, self.gates)},
+            scores={i: np.asarray(gate.prob_nonzero())
+                    for i, gate in zip(self.group_indices, self.gates)},
+            round_to=round_to,
+            apply=apply,
+        )
+        if check is not None:
+            graphdef, state = nnx.split(self)
+            evaluated = nnx.merge(graphdef, state)
+            evaluated.eval()
+            slim.check(apply(evaluated, check), check)
+        return slim
+
     def report(self) -> SparsityReport:
         """Kept units per gated group, kept params and MACs under the test-time gates."""
         masks = self.keep_masks()

@@ -2,7 +2,11 @@
 costs, from the jaxpr of its forward pass (the JAX counterpart of Torch-Pruning's dependency
 graph; see ``specs/structure.md``)."""
 
-from sparsejax.structure.trace.analyze import trace_structure
+from sparsejax.structure.trace.analyze import (
+    TracedProgram,
+    trace_program,
+    trace_structure,
+)
 from sparsejax.structure.trace.result import (
     Member,
     TracedCounts,
@@ -19,7 +23,9 @@ __all__ = [
     "TracedCounts",
     "TracedLayer",
     "TracedLayerCount",
+    "TracedProgram",
     "TracedStructure",
     "UnitGroup",
+    "trace_program",
     "trace_structure",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 
 from sparsejax.structure.trace.result import TracedStructure
 from sparsejax.structure.trace.units import Blocker, Seed, make_field
-from sparsejax.structure.trace.values import UNLABELLED, Context, Value
+from sparsejax.structure.trace.values import UNLABELLED, Context, Frame, Value
 from sparsejax.structure.trace.walk import walk
 
 Apply = Callable[[nnx.Module, jax.Array], jax.Array]
@@ -27,6 +28,20 @@ def _dotted(path: tuple) -> str:
         path = path[:-1]
     parts = (getattr(key, "key", getattr(key, "idx", key)) for key in path)
     return ".".join(str(part) for part in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedProgram:
+    """A traced forward pass with what the analysis found: ``jaxpr`` (closed; its inputs are the
+    state leaves named ``paths``, in order, then the input; its outputs the leaves of
+    ``out_tree``), the :class:`Frame` of its walk (every variable's fields), and the
+    :class:`TracedStructure` read off them."""
+
+    structure: TracedStructure
+    jaxpr: object
+    frame: Frame
+    paths: tuple[str, ...]
+    out_tree: jax.tree_util.PyTreeDef
 
 
 def trace_structure(
@@ -47,6 +62,17 @@ def trace_structure(
     where). FLOPs are per example: the traced total divided by the leading dimension of
     ``example_input``.
     """
+    return trace_program(model, example_input, apply=apply).structure
+
+
+def trace_program(
+    model: nnx.Module,
+    example_input: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    apply: Apply = _call,
+) -> TracedProgram:
+    """:func:`trace_structure`, keeping the jaxpr and the fields of all its variables (what
+    slimming needs to run the jaxpr with fewer units)."""
     graphdef, state = nnx.split(model)
     is_param = {_dotted(path): isinstance(v, nnx.Param) for path, v in nnx.to_flat_state(state)}
     keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -56,7 +82,7 @@ def trace_structure(
         return apply(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays)), x)
 
     x = jax.ShapeDtypeStruct(example_input.shape, example_input.dtype)
-    closed = jax.make_jaxpr(forward)(leaves, x)
+    closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(leaves, x)
 
     ctx = Context()
     inputs, param_ids = [], {}
@@ -78,6 +104,10 @@ def trace_structure(
     for out in outs:
         for field in out.fields:
             ctx.units.block(field.ids, Blocker("output", "", "reaches the model's output"))
-    return TracedStructure(
+    structure = TracedStructure(
         ctx.units, ctx.layers, ctx.other_macs, param_ids, example_input.shape[0]
+    )
+    paths = tuple(_dotted(path) for path, _ in keyed)
+    return TracedProgram(
+        structure, closed, ctx.root, paths, jax.tree_util.tree_structure(out_shape)
     )

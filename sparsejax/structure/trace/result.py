@@ -128,7 +128,7 @@ class TracedStructure:
         """Totals of the network under the keep values ``keep`` (all units kept by default).
         A kernel read by several layers (tied weights) counts once; FLOPs include the products
         of two activations (attention scores), which no layer owns."""
-        values = self._unit_values(keep)
+        values = self.unit_values(keep)
         roles = {l.kernel: "kernel" for l in self.layers}
         roles |= {l.bias: "bias" for l in self.layers if l.bias}
         sums = {"kernel": 0.0, "bias": 0.0, "other": 0.0}
@@ -142,7 +142,7 @@ class TracedStructure:
         self, keep: Mapping[int, ArrayLike] | None = None
     ) -> tuple[TracedLayerCount, ...]:
         """Per layer, in network order, under the keep values ``keep``."""
-        values = self._unit_values(keep)
+        values = self.unit_values(keep)
         return tuple(
             TracedLayerCount(
                 layer.kernel,
@@ -153,14 +153,22 @@ class TracedStructure:
             for layer, macs in zip(self.layers, self._layer_macs)
         )
 
-    def _unit_values(self, keep: Mapping[int, ArrayLike] | None) -> np.ndarray:
-        """The keep value of every unit, and a last entry 1 for positions of no unit."""
+    def unit_values(self, keep: Mapping[int, ArrayLike] | None) -> np.ndarray:
+        """The keep value of every unit (indexed by unit id, as in the fields of the walk), and
+        a last entry 1 for positions of no unit (id -1)."""
         values = np.ones(self._unit_group.size + 1, np.float64)
         for group, vector in (keep or {}).items():
             vector = np.broadcast_to(np.asarray(vector, np.float64), (self.groups[group].size,))
             chosen = self._unit_group == group
             values[:-1][chosen] = vector[self._unit_pos[chosen]]
         return values
+
+
+    def unit_places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The group of each unit id in ``ids`` (-1 for a unit in no group) and its position
+        in the group."""
+        ids = np.asarray(ids, np.int64)
+        return self._unit_group[ids], self._unit_pos[ids]
 
 
 def _product(values: np.ndarray, factors: tuple[Factor, ...]) -> float:

@@ -38,12 +38,25 @@ class LayerRecord:
     bias: str | None = None
 
 
+@dataclasses.dataclass
+class Frame:
+    """The values of one walk of a jaxpr (``env``: variable -> :class:`Value`), and the frames
+    of the sub-jaxprs it walked into, in the order it met them (a sub-jaxpr called twice is
+    walked twice, with its own values each time)."""
+
+    env: dict
+    children: list[Frame] = dataclasses.field(default_factory=list)
+
+
 class Context:
     """The state of one analysis: the unit table, the layers found, the other products' costs,
-    and the equation being read (named by blockers)."""
+    the equation being read (named by blockers), and the frames of the walks (``root``, the
+    outermost, with the ``stack`` of those in progress)."""
 
     def __init__(self) -> None:
         self.units = UnitTable()
+        self.root: Frame | None = None
+        self.stack: list[Frame] = []
         self.layers: list[LayerRecord] = []
         self.other_macs: list[tuple[Factor, ...]] = []
         self.primitive = ""

@@ -16,7 +16,7 @@ jaxpr's ``.jaxpr`` is itself)."""
 
 from sparsejax.structure.trace.rules import RULES
 from sparsejax.structure.trace.units import Field
-from sparsejax.structure.trace.values import UNLABELLED, Context, Value
+from sparsejax.structure.trace.values import UNLABELLED, Context, Frame, Value
 
 CALL_PRIMITIVES = frozenset({
     "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
@@ -51,7 +51,7 @@ def _same_shapes(outer, inner) -> bool:
     )
 
 
-def _sub_jaxpr(eqn) -> Jaxpr | None:
+def sub_jaxpr(eqn) -> Jaxpr | None:
     """The jaxpr a call primitive calls, if ``eqn`` is one (its constants are not needed: they
     carry no units)."""
     if eqn.primitive.name not in CALL_PRIMITIVES:
@@ -128,13 +128,19 @@ def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> 
     its equations when theirs lies inside a library (``jnp.sort``'s jit)."""
     env: dict = {var: UNLABELLED for var in jaxpr.constvars}
     env.update(zip(jaxpr.invars, ins))
+    frame = Frame(env)
+    if ctx.stack:
+        ctx.stack[-1].children.append(frame)
+    else:
+        ctx.root = frame
+    ctx.stack.append(frame)
 
     def read(var) -> Value:
         return UNLABELLED if isinstance(var, core.Literal) else env.get(var, UNLABELLED)
 
     for eqn in jaxpr.eqns:
         values = [read(var) for var in eqn.invars]
-        sub = _sub_jaxpr(eqn)
+        sub = sub_jaxpr(eqn)
         source = describe_source(eqn) or caller
         if sub is not None:
             outs = walk(ctx, sub, values, source)
@@ -144,4 +150,5 @@ def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> 
             ctx.primitive, ctx.source = eqn.primitive.name, source
             outs = RULES.get(eqn.primitive.name, _unknown)(ctx, eqn, values)
         env.update(zip(eqn.outvars, outs))
+    ctx.stack.pop()
     return [read(var) for var in jaxpr.outvars]

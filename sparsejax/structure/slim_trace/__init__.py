@@ -1,0 +1,14 @@
+"""Slimming any traced NNX model: the units of closed gates taken out of every array, the
+forward pass re-run from its jaxpr on the narrower arrays, saved and loaded without the model's
+class (:func:`slim_traced`, :func:`load_slim`)."""
+
+from sparsejax.structure.slim_trace.api import (
+    SlimGroup,
+    SlimModel,
+    SlimReport,
+    load_slim,
+    slim_traced,
+)
+from sparsejax.structure.slim_trace.interpret import SlimmingError
+
+__all__ = ["SlimGroup", "SlimModel", "SlimReport", "SlimmingError", "load_slim", "slim_traced"]

@@ -1,0 +1,305 @@
+"""Slimming any traced NNX model: :func:`slim_traced`, the :class:`SlimModel` it returns, and
+:func:`load_slim`.
+
+The slim network is the model's evaluation forward pass with the removed units taken out of
+every array: its parameters are the model's state arrays, with the gate values folded into the
+kernels that read them (:func:`~sparsejax.structure.sparsify.gated_slices`) and each dimension
+cut to its kept positions; its function is the traced jaxpr run on the narrower arrays
+(:mod:`.interpret`). Neither needs the model's Python class, and :meth:`SlimModel.save` writes
+both as one ``.npz`` file (the function as serialized StableHLO from ``jax.export``, with a
+symbolic batch size) that :func:`load_slim` reads back into a callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsejax.errors import ConfigError
+from sparsejax.structure.slim_trace.interpret import Narrowed
+from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
+from sparsejax.structure.sparsify import gated_slices
+from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
+
+Apply = Callable[[nnx.Module, jax.Array], jax.Array]
+
+TRACED_BATCHES = (10007, 10009, 10037, 10039, 10061)
+"""Primes to trace at, the first one that no other size of the model is a multiple of (so that
+every multiple of it in a shape parameter is the batch; see :mod:`.interpret`)."""
+
+
+def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimGroup:
+    """One traced group in the slim network: ``open`` of its ``size`` units have an open gate,
+    ``width`` are kept; ``status`` says why units with closed gates stay, if they do."""
+
+    index: int
+    producers: tuple[str, ...]
+    size: int
+    open: int
+    width: int
+    status: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimReport:
+    """Widths and costs of a slim network: params (kernel weights + layer biases) and MACs per
+    example from the traced counts, before and after; ``stored_before`` / ``stored_after`` the
+    floats in all state arrays (normalisers and statistics included); ``max_logit_difference``
+    the largest absolute output difference to the gated model on a check batch, once measured."""
+
+    groups: tuple[SlimGroup, ...]
+    round_to: int
+    params_before: float
+    params_after: float
+    flops_before: float
+    flops_after: float
+    stored_before: int
+    stored_after: int
+    max_logit_difference: float | None = None
+
+    @property
+    def widths(self) -> dict[int, int]:
+        return {g.index: g.width for g in self.groups}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"widths": self.widths}
+
+
+class SlimModel:
+    """A slim network: ``apply(params, x)`` (a pure function) with its ``params`` (state arrays
+    by dotted path); calling it runs ``apply(params, x)``. ``report`` describes the slimming."""
+
+    def __init__(
+        self,
+        apply: Callable,
+        params: Mapping[str, jax.Array],
+        report: SlimReport,
+        input_spec: jax.ShapeDtypeStruct,
+    ):
+        self.apply = apply
+        self.params = dict(params)
+        self.report = report
+        self.input_spec = input_spec
+
+    def __call__(self, x: jax.Array):
+        return self.apply(self.params, x)
+
+    def check(self, reference: jax.Array, x: jax.Array) -> float:
+        """Record and return max |slim(x) - reference| (``reference``: the gated model's
+        evaluation outputs on ``x``)."""
+        difference = float(jnp.max(jnp.abs(self(x) - reference)))
+        self.report = dataclasses.replace(self.report, max_logit_difference=difference)
+        return difference
+
+    def save(self, path: str, *, platforms: Sequence[str] = ("cpu", "cuda")) -> None:
+        """Write the function (``jax.export``, batch size symbolic, lowered for ``platforms``),
+        the parameters and the report to one ``.npz`` file; :func:`load_slim` reads it."""
+        (batch,) = jax.export.symbolic_shape("batch")
+        spec = jax.ShapeDtypeStruct((batch, *self.input_spec.shape[1:]), self.input_spec.dtype)
+        params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.params.items()}
+        exported = jax.export.export(jax.jit(self.apply), platforms=tuple(platforms))(params, spec)
+        meta = {
+            "report": self.report.to_json(),
+            "input": [list(self.input_spec.shape), jnp.dtype(self.input_spec.dtype).name],
+        }
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                __exported__=np.frombuffer(bytes(exported.serialize()), np.uint8),
+                __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                **{f"param:{k}": np.asarray(v) for k, v in self.params.items()},
+            )
+
+
+def load_slim(path: str) -> SlimModel:
+    """The :class:`SlimModel` that :meth:`SlimModel.save` wrote to ``path``, callable on any
+    batch size; no model class is needed."""
+    with np.load(path) as data:
+        exported = jax.export.deserialize(bytearray(data["__exported__"].tobytes()))
+        meta = json.loads(data["__meta__"].tobytes().decode())
+        params = {k.removeprefix("param:"): jnp.asarray(data[k])
+                  for k in data.files if k.startswith("param:")}
+    report = meta["report"]
+    report.pop("widths")
+    report["groups"] = tuple(
+        SlimGroup(**g | {"producers": tuple(g["producers"])}) for g in report["groups"]
+    )
+    shape, dtype = meta["input"]
+    return SlimModel(
+        exported.call, params, SlimReport(**report), jax.ShapeDtypeStruct(tuple(shape), dtype)
+    )
+
+
+def _traced_batch(model: nnx.Module, example_input) -> int:
+    """The first of :data:`TRACED_BATCHES` that divides no size of the state or the input."""
+    sizes = {s for leaf in jax.tree_util.tree_leaves(nnx.state(model))
+             for s in getattr(leaf, "shape", ())}
+    sizes |= set(example_input.shape[1:])
+    for prime in TRACED_BATCHES:
+        if all(s % prime for s in sizes if s):
+            return prime
+    raise ConfigError("slim_traced: the model's sizes are multiples of every traced batch size")
+
+
+def _places(group: UnitGroup) -> dict[tuple[str, int, int], int]:
+    return {(m.path, m.axis, i): u for m in group.members for i, u in zip(m.indices, m.units)}
+
+
+def _match(given: TracedStructure, traced: TracedStructure) -> dict[int, tuple[int, np.ndarray]]:
+    """For each group of ``given``: the group of ``traced`` with the same producers, and the
+    position there of each of its units (found through the parameter slices they own)."""
+    by_producers = {g.producers: g for g in traced.groups}
+    found = {}
+    for group in given.groups:
+        other = by_producers.get(group.producers)
+        if other is None or other.size != group.size:
+            raise ConfigError(
+                f"slim_traced: group {group.index} ({group.producers}) is not in the model's "
+                "evaluation trace; pass the structure traced from this model"
+            )
+        places = _places(other)
+        position = np.full(group.size, -1, np.int64)
+        for (path, axis, index), unit in _places(group).items():
+            position[unit] = places.get((path, axis, index), -1)
+        found[group.index] = (other.index, position)
+    return found
+
+
+def _fold(
+    state: dict[str, jax.Array], structure: TracedStructure, gates: Mapping[int, jax.Array]
+) -> None:
+    """Multiply every kernel slice that a gate scales in the gated model by that gate's value,
+    as the gated model's forward pass does (same order, same operations)."""
+    for index, z in gates.items():
+        z = jnp.asarray(z)
+        for s in gated_slices(structure, structure.groups[index]):
+            value = state[s.path]
+            factor = jnp.ones(value.shape[s.axis], z.dtype)
+            factor = factor.at[np.asarray(s.indices)].set(z[np.asarray(s.units)])
+            shape = [1] * value.ndim
+            shape[s.axis] = -1
+            state[s.path] = value * factor.reshape(shape).astype(value.dtype)
+
+
+def _status(group: UnitGroup, removable: set[int]) -> str:
+    if not group.prunable:
+        blocker = group.blockers[0]
+        return f"unprunable: {blocker.primitive} at {blocker.source or '?'} ({blocker.reason})"
+    if group.index not in removable:
+        caveat = group.caveats[0]
+        return f"kept whole, gates folded: {caveat.reason} ({caveat.primitive} at {caveat.source})"
+    return "slimmed"
+
+
+def slim_traced(
+    model: nnx.Module,
+    example_input: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    structure: TracedStructure | None = None,
+    keep: Mapping[int, np.ndarray] | None = None,
+    gates: Mapping[int, jax.Array] | None = None,
+    scores: Mapping[int, np.ndarray] | None = None,
+    round_to: int = 1,
+    apply: Apply = _call,
+) -> SlimModel:
+    """The slim evaluation network of ``model`` with the units of closed gates removed.
+
+    Groups and their units are those of ``structure`` (a trace of ``model``, any mode; default:
+    the evaluation trace made here). ``gates`` gives a gate value per unit for some groups (the
+    test-time gates of a :class:`~sparsejax.structure.sparsify.Sparsified`, in [0, 1]): units
+    with value 0 are removed and the values are folded into the kernels that read the units,
+    so the slim network computes what the gated model does. Without ``gates``, ``keep`` gives a
+    0/1 mask per group. ``round_to=K`` keeps a multiple of K units per slimmed group, adding
+    removed units by decreasing ``scores`` (per group, one per unit; e.g. the gates'
+    ``log_alpha``). What stays and why: :mod:`.widths`.
+
+    ``apply(model, x)`` is the forward pass; it runs on a copy of ``model`` in evaluation mode
+    (NNX ``eval()``). ``example_input`` gives the input's shape and dtype; the slim network
+    takes any batch size.
+    """
+    if round_to < 1:
+        raise ConfigError(f"slim_traced: round_to must be a positive integer, got {round_to}")
+    graphdef, state = nnx.split(model)
+    evaluated = nnx.merge(graphdef, state)
+    evaluated.eval()
+    batch = _traced_batch(evaluated, example_input)
+    spec = jax.ShapeDtypeStruct((batch, *example_input.shape[1:]), example_input.dtype)
+    program = trace_program(evaluated, spec, apply=apply)
+    traced = program.structure
+    given = structure or traced
+    if gates is not None:
+        keep = {g: np.asarray(z) > 0 for g, z in gates.items()}
+    matched = {g.index: (g.index, np.arange(g.size)) for g in traced.groups} if given is traced \
+        else _match(given, traced)
+
+    def moved(values: Mapping[int, np.ndarray] | None, fill) -> dict[int, np.ndarray]:
+        out = {}
+        for group, vector in (values or {}).items():
+            index, position = matched[group]
+            target = np.full(traced.groups[index].size, fill, np.asarray(vector).dtype)
+            target[position] = np.asarray(vector)
+            out[index] = target
+        return out
+
+    kept = physical_keep(
+        traced, program.frame, moved(keep, True), round_to=round_to, scores=moved(scores, 0.0)
+    )
+    narrowed = Narrowed(traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()}),
+                        batch)
+
+    leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(state)))
+    floating = {p: v for p, v in leaves.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+    folded = dict(floating)
+    _fold(folded, given, gates or {})
+    params = {}
+    for path, var in zip(program.paths, program.jaxpr.jaxpr.invars):
+        if path in folded:
+            value = folded[path]
+            for axis, positions in enumerate(narrowed.kept(program.frame, var)):
+                if positions is not None:
+                    value = jnp.take(value, jnp.asarray(positions), axis=axis)
+            params[path] = value
+    fixed = {p: v for p, v in leaves.items() if p not in params}
+    closed = program.jaxpr
+
+    def slim_apply(params: Mapping[str, jax.Array], x: jax.Array):
+        args = [params[p] if p in params else fixed[p] for p in program.paths]
+        outs = narrowed.run(closed.jaxpr, closed.consts, program.frame, [*args, x], x.shape[0])
+        return jax.tree_util.tree_unflatten(program.out_tree, outs)
+
+    removable = set(slimmable(traced))
+    opened = moved(keep, True)
+    before, after = traced.count(), traced.count({g: k.astype(np.float64) for g, k in kept.items()})
+    report = SlimReport(
+        groups=tuple(
+            SlimGroup(
+                g.index,
+                tuple(f"{path}:{axis}" for path, axis in g.producers),
+                g.size,
+                int(opened.get(g.index, np.ones(g.size, bool)).sum()),
+                int(kept[g.index].sum()),
+                _status(g, removable),
+            )
+            for g in traced.groups
+        ),
+        round_to=round_to,
+        params_before=before.params,
+        params_after=after.params,
+        flops_before=before.flops,
+        flops_after=after.flops,
+        stored_before=int(sum(v.size for v in floating.values())),
+        stored_after=int(sum(v.size for v in params.values())),
+    )
+    input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
+    return SlimModel(slim_apply, params, report, input_spec)

@@ -1,0 +1,285 @@
+"""Slimming from the trace on models the package has never seen: the slim function computes the
+gated model's evaluation outputs, its arrays shrink as the gates say, it is saved and loaded
+without the model's class, and ``round_to`` gives multiples."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.errors import ConfigError
+from sparsejax.models import build_model
+from sparsejax.structure.slim_trace import slim_traced
+from sparsejax.structure.sparsify import sparsify
+from sparsejax.structure.trace import trace_structure
+
+
+class BranchCNN(nnx.Module):
+    """A BN'd stem, two branches concatenated (6 + 4 channels), a residual block with a 1x1
+    projection shortcut, global average pooling and a dense head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        conv = lambda i, o, k: nnx.Conv(i, o, (k, k), rngs=rngs)  # noqa: E731
+        bn = lambda c: nnx.BatchNorm(c, rngs=rngs)  # noqa: E731
+        self.stem, self.stem_bn = conv(3, 8, 3), bn(8)
+        self.a, self.a_bn = conv(8, 6, 3), bn(6)
+        self.b, self.b_bn = conv(8, 4, 1), bn(4)
+        self.c1, self.c1_bn = conv(10, 12, 3), bn(12)
+        self.c2, self.c2_bn = conv(12, 12, 3), bn(12)
+        self.proj, self.proj_bn = conv(10, 12, 1), bn(12)
+        self.head = nnx.Linear(12, 5, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem_bn(self.stem(x)))
+        h = nnx.relu(jnp.concatenate([self.a_bn(self.a(h)), self.b_bn(self.b(h))], axis=-1))
+        r = nnx.relu(self.c1_bn(self.c1(h)))
+        h = nnx.relu(self.c2_bn(self.c2(r)) + self.proj_bn(self.proj(h)))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+class DepthwiseSeparable(nnx.Module):
+    """Expand 1x1 (BN, relu6), depthwise 3x3 (BN, relu6), project 1x1 (BN), pool, dense."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.expand = nnx.Conv(4, 12, (1, 1), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(12, rngs=rngs)
+        self.depthwise = nnx.Conv(12, 12, (3, 3), feature_group_count=12, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(12, rngs=rngs)
+        self.project = nnx.Conv(12, 6, (1, 1), rngs=rngs)
+        self.bn3 = nnx.BatchNorm(6, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu6(self.bn1(self.expand(x)))
+        h = nnx.relu6(self.bn2(self.depthwise(h)))
+        return self.head(self.bn3(self.project(h)).mean(axis=(1, 2)))
+
+
+class Mixer(nnx.Module):
+    """MLP-Mixer: 4x4 patches of an 8x8 image (4 tokens of 8 channels) reshaped to tokens,
+    one block of token mixing (hidden 10) and channel mixing (hidden 12), LayerNorms, mean over
+    tokens, dense head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.patch = nnx.Conv(3, 8, (4, 4), strides=(4, 4), rngs=rngs)
+        self.norm1, self.norm2, self.norm3 = (nnx.LayerNorm(8, rngs=rngs) for _ in range(3))
+        self.token1, self.token2 = nnx.Linear(4, 10, rngs=rngs), nnx.Linear(10, 4, rngs=rngs)
+        self.channel1, self.channel2 = nnx.Linear(8, 12, rngs=rngs), nnx.Linear(12, 8, rngs=rngs)
+        self.head = nnx.Linear(8, 5, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.patch(x)
+        h = h.reshape(h.shape[0], -1, h.shape[-1])
+        t = jnp.swapaxes(self.norm1(h), 1, 2)
+        h = h + jnp.swapaxes(self.token2(nnx.gelu(self.token1(t))), 1, 2)
+        h = h + self.channel2(nnx.gelu(self.channel1(self.norm2(h))))
+        return self.head(self.norm3(h).mean(axis=1))
+
+
+class SortMLP(nnx.Module):
+    """An MLP whose first hidden layer goes through ``jnp.sort`` (an op without a rule)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1, self.l2 = nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 7, rngs=rngs)
+        self.l3 = nnx.Linear(7, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.sort(nnx.relu(self.l1(x)), axis=-1)
+        return self.l3(nnx.tanh(self.l2(h)))
+
+
+MODELS = {
+    "branch_cnn": (BranchCNN, (2, 8, 8, 3)),
+    "depthwise": (DepthwiseSeparable, (2, 6, 6, 4)),
+    "mixer": (Mixer, (2, 8, 8, 3)),
+    "sort_mlp": (SortMLP, (2, 6)),
+}
+
+
+def _randomise(model: nnx.Module, key: jax.Array) -> None:
+    """Non-trivial running statistics, normaliser scales and biases, so that slicing any of
+    them wrongly shows."""
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable) or path[-1] not in ("mean", "var", "scale", "bias"):
+            continue
+        key, sub = jax.random.split(key)
+        shape = var[...].shape
+        if path[-1] in ("var", "scale"):
+            var.set_value(jax.random.uniform(sub, shape, minval=0.5, maxval=1.5))
+        else:
+            var.set_value(0.3 * jax.random.normal(sub, shape))
+
+
+def _gated(name: str, seed: int = 0):
+    """The model gated by ``sparsify``, with random gates: log_alpha in [-3, 3] gives test
+    gates of 0 (closed), in (0, 1), and 1; returns it with a random input batch."""
+    cls, shape = MODELS[name]
+    model = cls(nnx.Rngs(seed))
+    _randomise(model, jax.random.key(seed + 1))
+    x = jax.random.normal(jax.random.key(seed + 2), shape)
+    gated = sparsify(model, x, rngs=seed)
+    key = jax.random.key(seed + 3)
+    for gate in gated.gates:
+        key, sub = jax.random.split(key)
+        gate.log_alpha.set_value(jax.random.uniform(sub, gate.log_alpha[...].shape, minval=-3,
+                                                    maxval=3))
+    return gated, x
+
+
+def _reference(gated, x):
+    graphdef, state = nnx.split(gated)
+    evaluated = nnx.merge(graphdef, state)
+    evaluated.eval()
+    return evaluated(x)
+
+
+def _relative(a, b) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def _open(gated) -> dict[int, np.ndarray]:
+    return {i: np.asarray(g.test_gate()) > 0 for i, g in zip(gated.group_indices, gated.gates)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_slim_equals_gated_eval_and_shrinks(name):
+    gated, x = _gated(name)
+    reference = _reference(gated, x)
+    slim = gated.slim(x, check=x)
+    assert _relative(slim(x), reference) < 1e-5
+    assert slim.report.max_logit_difference == pytest.approx(
+        float(jnp.max(jnp.abs(slim(x) - reference))))
+    # A bigger batch than traced: the batch size is free.
+    big = jnp.concatenate([x, x + 1.0], axis=0)
+    assert _relative(slim(big), _reference(gated, big)) < 1e-5
+
+    opened = _open(gated)
+    structure = gated.structure
+    shapes = {".".join(map(str, path)): v[...].shape
+              for path, v in nnx.to_flat_state(nnx.state(gated.model))}
+    assert any(not m.all() for m in opened.values()), "the random gates close some units"
+    by_index = {g.index: g for g in slim.report.groups}
+    for group in structure.groups:
+        report = by_index[group.index]
+        expected = int(opened[group.index].sum()) if group.prunable and not group.caveats \
+            else group.size
+        assert report.width == expected, (group.producers, report)
+        if not group.prunable or group.caveats:
+            continue
+        for member in group.members:  # every slice of the group lost the closed units
+            kept = np.isin(np.arange(group.size), np.flatnonzero(opened[group.index]))
+            removed = sum(not kept[u] for u in member.units)
+            original = shapes[member.path][member.axis]
+            assert slim.params[member.path].shape[member.axis] == original - removed
+    kept = {i: m.astype(float) for i, m in opened.items()
+            if structure.groups[i].prunable and not structure.groups[i].caveats}
+    assert slim.report.params_after == structure.count(kept).params
+    assert slim.report.flops_after == structure.count(kept).flops
+    assert slim.report.params_before == structure.count().params
+
+
+def test_groups_of_unknown_ops_and_normalisers_stay_whole():
+    gated, x = _gated("sort_mlp")
+    slim = gated.slim(x)
+    first = next(g for g in slim.report.groups if g.producers == ("l1.kernel:1",))
+    assert first.width == first.size == 8 and "sort" in first.status
+    assert slim.params["l1.kernel"].shape == (6, 8)
+
+    gated, x = _gated("mixer")
+    slim = gated.slim(x)
+    channels = next(g for g in slim.report.groups if "patch.kernel:3" in g.producers)
+    assert channels.width == channels.size == 8 and "reduction over units" in channels.status
+    hidden = [g for g in slim.report.groups if g.producers in (("token1.kernel:1",),
+                                                               ("channel1.kernel:1",))]
+    assert len(hidden) == 2 and all(g.status == "slimmed" for g in hidden)
+
+
+@pytest.mark.parametrize("name", ["branch_cnn", "mixer"])
+def test_round_to_gives_multiples_and_same_outputs(name):
+    gated, x = _gated(name, seed=1)
+    slim = gated.slim(x, round_to=4)
+    assert _relative(slim(x), _reference(gated, x)) < 1e-5
+    opened = _open(gated)
+    for group in slim.report.groups:
+        if group.status == "slimmed":
+            assert group.width % 4 == 0 or group.width == group.size, group
+            assert group.width >= int(opened[group.index].sum())
+            assert group.width == min(group.size, -(-int(opened[group.index].sum()) // 4) * 4)
+    assert slim.report.round_to == 4
+
+
+def test_round_to_adds_the_most_likely_units():
+    model = SortMLP(nnx.Rngs(0))
+    x = jnp.ones((2, 6))
+    structure = trace_structure(model, x)
+    (index,) = structure.groups_of("l2.kernel", 1)
+    keep = {index: np.array([1, 0, 0, 0, 0, 0, 1], bool)}
+    scores = {index: np.array([0, 0.1, 0.9, 0.2, 0.8, 0.3, 0])}
+    slim = slim_traced(model, x, keep=keep, scores=scores, round_to=4)
+    # Kept units 0, 6 and the two most likely closed ones, 2 and 4, in their original order.
+    expected = np.asarray(model.l2.kernel[...])[:, [0, 2, 4, 6]]
+    np.testing.assert_array_equal(slim.params["l2.kernel"], expected)
+    with pytest.raises(ConfigError, match="round_to"):
+        slim_traced(model, x, keep=keep, round_to=0)
+
+
+def test_save_and_load_without_the_model_classes(tmp_path):
+    inputs, outputs = {}, {}
+    for name in sorted(MODELS):
+        gated, x = _gated(name)
+        slim = gated.slim(x, round_to=2, check=x)
+        slim.save(str(tmp_path / f"{name}.npz"))
+        x3 = jnp.concatenate([x, x[:1] * 2.0], axis=0)  # a batch size never traced
+        np.save(tmp_path / f"{name}_x.npy", np.asarray(x3))
+        inputs[name], outputs[name] = x3, slim(x3)
+    script = (
+        "import json, sys, numpy as np\n"
+        "from sparsejax.structure.slim_trace import load_slim\n"
+        "d = sys.argv[1]\n"
+        "for name in sys.argv[2:]:\n"
+        "    slim = load_slim(f'{d}/{name}.npz')\n"
+        "    np.save(f'{d}/{name}_out.npy', np.asarray(slim(np.load(f'{d}/{name}_x.npy'))))\n"
+        "    json.dump(slim.report.to_json(), open(f'{d}/{name}.json', 'w'))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), *sorted(MODELS)], check=True,
+                   cwd=root, env={"PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
+                                  "PATH": "/usr/bin:/bin"})
+    for name in sorted(MODELS):
+        loaded = np.load(tmp_path / f"{name}_out.npy")
+        np.testing.assert_allclose(loaded, outputs[name], rtol=1e-5, atol=1e-6)
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["round_to"] == 2 and report["max_logit_difference"] is not None
+
+
+def test_lenet5_from_the_zoo():
+    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10, input_shape=(28, 28, 1),
+                        granularity="unit")
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+
+    def apply(m, x):
+        return m(x, train=False)
+
+    gated = sparsify(model, x, apply=apply, rngs=0)
+    key = jax.random.key(1)
+    for gate in gated.gates:
+        key, sub = jax.random.split(key)
+        gate.log_alpha.set_value(jax.random.uniform(sub, gate.log_alpha[...].shape, minval=-3,
+                                                    maxval=3))
+    slim = gated.slim(x, check=x, apply=apply)
+    graphdef, state = nnx.split(gated)
+    evaluated = nnx.merge(graphdef, state)
+    evaluated.eval()
+    assert _relative(slim(x), apply(evaluated, x)) < 1e-5
+    widths = {g.producers: g.width for g in slim.report.groups}
+    opened = _open(gated)
+    conv2 = gated.structure.groups_of("conv2.kernel", 3)[0]
+    assert widths[("conv2.kernel:3",)] == int(opened[conv2].sum()) < 50
+    # fc1 reads conv2's kept channels at 16 positions each.
+    assert slim.params["fc1.kernel"].shape[0] == 16 * int(opened[conv2].sum())
