@@ -267,15 +267,17 @@ class Sparsified(nnx.Module):
         apply: Apply = _call,
     ):
         """The slim network of the model under its test-time gates: a
-        :class:`~sparsejax.structure.slim_trace.SlimModel` (a pure function with its parameters,
-        ``save()``-able and loaded by :func:`~sparsejax.structure.slim_trace.load_slim` without
-        the model's class) with the units of closed gates removed and the other gate values
-        folded into the kernels that read them. ``round_to=K`` keeps multiples of K units per
-        group (adding the units most likely open); ``check``, a batch of inputs, records the
-        largest output difference to this gated model in evaluation mode in the report.
-        ``apply(model, x)`` is the model's forward pass (default ``model(x)``), run in
-        evaluation mode; for ``check`` it is also applied to this gated module, so it should
-        only call the model (e.g. ``lambda m, x: m(x, train=False)``). See :func:`~sparsejax.structure.slim_trace.slim_traced`."""
+        :class:`~sparsejax.structure.slim_trace.SlimFunction` (a pure function with its
+        parameters, ``save()``-able and loaded by
+        :func:`~sparsejax.structure.slim_trace.load_slim_function` without the model's class)
+        with the units of closed gates removed and the other gate values folded into the
+        kernels that read them. ``round_to=K`` keeps multiples of K units per group (adding the
+        units most likely open); ``check``, a batch of inputs, records the largest output
+        difference to this gated model in evaluation mode in the report. ``apply(model, x)`` is
+        the model's forward pass (default ``model(x)``), run in evaluation mode; for ``check``
+        it is also applied to this gated module, so it should only call the model (e.g.
+        ``lambda m, x: m(x, train=False)``). See
+        :func:`~sparsejax.structure.slim_trace.slim_traced`."""
         from sparsejax.structure.slim_trace import slim_traced  # imports this module
 
         slim = slim_traced(
@@ -292,7 +294,7 @@ class Sparsified(nnx.Module):
             graphdef, state = nnx.split(self)
             evaluated = nnx.merge(graphdef, state)
             evaluated.eval()
-            slim.check(apply(evaluated, check), check)
+            slim.check(nnx.jit(apply)(evaluated, check), check)
         return slim
 
     def report(self) -> SparsityReport:

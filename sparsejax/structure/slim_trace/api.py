@@ -1,13 +1,13 @@
-"""Slimming any traced NNX model: :func:`slim_traced`, the :class:`SlimModel` it returns, and
-:func:`load_slim`.
+"""Slimming any traced NNX model: :func:`slim_traced`, the :class:`SlimFunction` it returns, and
+:func:`load_slim_function`.
 
 The slim network is the model's evaluation forward pass with the removed units taken out of
 every array: its parameters are the model's state arrays, with the gate values folded into the
 kernels that read them (:func:`~sparsejax.structure.sparsify.gated_slices`) and each dimension
 cut to its kept positions; its function is the traced jaxpr run on the narrower arrays
-(:mod:`.interpret`). Neither needs the model's Python class, and :meth:`SlimModel.save` writes
+(:mod:`.interpret`). Neither needs the model's Python class, and :meth:`SlimFunction.save` writes
 both as one ``.npz`` file (the function as serialized StableHLO from ``jax.export``, with a
-symbolic batch size) that :func:`load_slim` reads back into a callable.
+symbolic batch size) that :func:`load_slim_function` reads back into a callable.
 """
 
 from __future__ import annotations
@@ -76,9 +76,10 @@ class SlimReport:
         return dataclasses.asdict(self) | {"widths": self.widths}
 
 
-class SlimModel:
-    """A slim network: ``apply(params, x)`` (a pure function) with its ``params`` (state arrays
-    by dotted path); calling it runs ``apply(params, x)``. ``report`` describes the slimming."""
+class SlimFunction:
+    """A slim network: ``apply(params, x)`` (a pure function, ``jax.jit``-able and
+    differentiable) with its ``params`` (state arrays by dotted path); calling it runs
+    ``apply(params, x)`` compiled. ``report`` describes the slimming."""
 
     def __init__(
         self,
@@ -88,12 +89,14 @@ class SlimModel:
         input_spec: jax.ShapeDtypeStruct,
     ):
         self.apply = apply
+        self._jitted = jax.jit(apply)
         self.params = dict(params)
         self.report = report
         self.input_spec = input_spec
 
     def __call__(self, x: jax.Array):
-        return self.apply(self.params, x)
+        """``apply(params, x)``, compiled (once per input shape)."""
+        return self._jitted(self.params, x)
 
     def check(self, reference: jax.Array, x: jax.Array) -> float:
         """Record and return max |slim(x) - reference| (``reference``: the gated model's
@@ -104,7 +107,7 @@ class SlimModel:
 
     def save(self, path: str, *, platforms: Sequence[str] = ("cpu", "cuda")) -> None:
         """Write the function (``jax.export``, batch size symbolic, lowered for ``platforms``),
-        the parameters and the report to one ``.npz`` file; :func:`load_slim` reads it."""
+        the parameters and the report to one ``.npz`` file; :func:`load_slim_function` reads it."""
         (batch,) = jax.export.symbolic_shape("batch")
         spec = jax.ShapeDtypeStruct((batch, *self.input_spec.shape[1:]), self.input_spec.dtype)
         params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.params.items()}
@@ -122,8 +125,8 @@ class SlimModel:
             )
 
 
-def load_slim(path: str) -> SlimModel:
-    """The :class:`SlimModel` that :meth:`SlimModel.save` wrote to ``path``, callable on any
+def load_slim_function(path: str) -> SlimFunction:
+    """The :class:`SlimFunction` that :meth:`SlimFunction.save` wrote to ``path``, callable on any
     batch size; no model class is needed."""
     with np.load(path) as data:
         exported = jax.export.deserialize(bytearray(data["__exported__"].tobytes()))
@@ -136,7 +139,7 @@ def load_slim(path: str) -> SlimModel:
         SlimGroup(**g | {"producers": tuple(g["producers"])}) for g in report["groups"]
     )
     shape, dtype = meta["input"]
-    return SlimModel(
+    return SlimFunction(
         exported.call, params, SlimReport(**report), jax.ShapeDtypeStruct(tuple(shape), dtype)
     )
 
@@ -212,7 +215,7 @@ def slim_traced(
     scores: Mapping[int, np.ndarray] | None = None,
     round_to: int = 1,
     apply: Apply = _call,
-) -> SlimModel:
+) -> SlimFunction:
     """The slim evaluation network of ``model`` with the units of closed gates removed.
 
     Groups and their units are those of ``structure`` (a trace of ``model``, any mode; default:
@@ -302,4 +305,4 @@ def slim_traced(
         stored_after=int(sum(v.size for v in params.values())),
     )
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
-    return SlimModel(slim_apply, params, report, input_spec)
+    return SlimFunction(slim_apply, params, report, input_spec)
