@@ -299,3 +299,43 @@ def test_lenet5_from_the_zoo():
     assert widths[("conv2.kernel:3",)] == int(opened[conv2].sum()) < 50
     # fc1 reads conv2's kept channels at 16 positions each.
     assert slim.params["fc1.kernel"].shape[0] == 16 * int(opened[conv2].sum())
+
+
+class Attention(nnx.Module):
+    """Flax multi-head self-attention (2 heads of 4) in a residual stream, LayerNorm, mean over
+    tokens, dense head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.inp = nnx.Linear(5, 8, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.inp(x)
+        h = h + self.attention(h)
+        return self.out(self.norm(h).mean(axis=1))
+
+
+def test_attention_loses_a_head_and_head_dims():
+    model = Attention(nnx.Rngs(0))
+    _randomise(model, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (2, 4, 5))
+    gated = sparsify(model, x)
+    closed = {  # producers -> the units to close; the others are set in (0, 1]
+        ("attention.query.kernel", 1): [1],  # head 1 (with its value and output rows)
+        ("attention.query.kernel", 2): [0],  # query/key dimension 0 of every head
+        ("attention.value.kernel", 2): [2, 3],  # value dimensions 2 and 3
+    }
+    for index, gate in zip(gated.group_indices, gated.gates):
+        producers = gated.structure.groups[index].producers
+        log_alpha = jnp.linspace(0.0, 3.0, gate.log_alpha[...].size)
+        shut = next((units for p, units in closed.items() if p in producers), [])
+        gate.log_alpha.set_value(log_alpha.at[jnp.asarray(shut, int)].set(-10.0))
+    slim = gated.slim(x)
+    assert _relative(slim(x), _reference(gated, x)) < 1e-5
+    assert slim.params["attention.query.kernel"].shape == (8, 1, 3)
+    assert slim.params["attention.key.bias"].shape == (1, 3)
+    assert slim.params["attention.value.kernel"].shape == (8, 1, 2)
+    assert slim.params["attention.out.kernel"].shape == (1, 2, 8)
