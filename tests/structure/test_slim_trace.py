@@ -109,12 +109,28 @@ class ScanMLP(nnx.Module):
         return self.out(h)
 
 
+class SliceMLP(nnx.Module):
+    """A hidden layer cut by a slice (5 + 3 features, each read by its own layer) and one
+    cut by ``jnp.split`` (two halves, summed after their own layers)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1, self.l2 = nnx.Linear(6, 8, rngs=rngs), nnx.Linear(6, 10, rngs=rngs)
+        self.a, self.b = nnx.Linear(5, 3, rngs=rngs), nnx.Linear(3, 3, rngs=rngs)
+        self.c, self.d = nnx.Linear(5, 3, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.l1(x))
+        first, second = jnp.split(nnx.tanh(self.l2(x)), 2, axis=-1)
+        return self.a(h[:, :5]) + self.b(h[:, 5:]) + self.c(first) + self.d(second)
+
+
 MODELS = {
     "branch_cnn": (BranchCNN, (2, 8, 8, 3)),
     "depthwise": (DepthwiseSeparable, (2, 6, 6, 4)),
     "mixer": (Mixer, (2, 8, 8, 3)),
     "sort_mlp": (SortMLP, (2, 6)),
     "scan_mlp": (ScanMLP, (3, 5)),
+    "slice_mlp": (SliceMLP, (2, 6)),
 }
 
 
