@@ -16,7 +16,7 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.models import build_model
-from sparsejax.structure.slim_trace import slim_traced
+from sparsejax.structure.slim_trace import load_slim_function, slim_traced
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
 
@@ -355,3 +355,14 @@ def test_attention_loses_a_head_and_head_dims():
     assert slim.params["attention.key.bias"].shape == (1, 3)
     assert slim.params["attention.value.kernel"].shape == (8, 1, 2)
     assert slim.params["attention.out.kernel"].shape == (1, 2, 8)
+
+
+def test_save_and_load_keep_bfloat16_parameters(tmp_path):
+    model = nnx.Linear(6, 3, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    x = jnp.arange(12, dtype=jnp.bfloat16).reshape(2, 6)
+    slim = slim_traced(model, x)
+    slim.save(str(tmp_path / "bf16.npz"))
+    loaded = load_slim_function(str(tmp_path / "bf16.npz"))
+    assert loaded.params["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(loaded.params["kernel"], model.kernel[...])
+    np.testing.assert_array_equal(loaded(x), model(x))

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.structure.slim_trace.interpret import Narrowed
+from sparsejax.structure.slim_trace.interpret import Narrowed, opened
 from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
 from sparsejax.structure.sparsify import gated_slices
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
@@ -115,6 +115,7 @@ class SlimFunction:
         meta = {
             "report": self.report.to_json(),
             "input": [list(self.input_spec.shape), jnp.dtype(self.input_spec.dtype).name],
+            "dtypes": {k: jnp.dtype(v.dtype).name for k, v in self.params.items()},
         }
         with open(path, "wb") as f:
             np.savez(
@@ -131,8 +132,10 @@ def load_slim_function(path: str) -> SlimFunction:
     with np.load(path) as data:
         exported = jax.export.deserialize(bytearray(data["__exported__"].tobytes()))
         meta = json.loads(data["__meta__"].tobytes().decode())
-        params = {k.removeprefix("param:"): jnp.asarray(data[k])
-                  for k in data.files if k.startswith("param:")}
+        params = {  # .view: numpy stores bfloat16 and the like as raw bytes
+            name: jnp.asarray(data[f"param:{name}"].view(jnp.dtype(dtype)))
+            for name, dtype in meta["dtypes"].items()
+        }
     report = meta["report"]
     report.pop("widths")
     report["groups"] = tuple(
@@ -175,6 +178,12 @@ def _match(given: TracedStructure, traced: TracedStructure) -> dict[int, tuple[i
         position = np.full(group.size, -1, np.int64)
         for (path, axis, index), unit in _places(group).items():
             position[unit] = places.get((path, axis, index), -1)
+        if np.any(position < 0):
+            raise ConfigError(
+                f"slim_traced: the units of group {group.index} ({group.producers}) own other "
+                "parameter slices in the model's evaluation trace; pass the structure traced "
+                "from this model"
+            )
         found[group.index] = (other.index, position)
     return found
 
@@ -266,7 +275,8 @@ def slim_traced(
     folded = dict(floating)
     _fold(folded, given, gates or {})
     params = {}
-    for path, var in zip(program.paths, program.jaxpr.jaxpr.invars):
+    jaxpr, consts = opened(program.jaxpr)
+    for path, var in zip(program.paths, jaxpr.invars):
         if path in folded:
             value = folded[path]
             for axis, positions in enumerate(narrowed.kept(program.frame, var)):
@@ -274,15 +284,14 @@ def slim_traced(
                     value = jnp.take(value, jnp.asarray(positions), axis=axis)
             params[path] = value
     fixed = {p: v for p, v in leaves.items() if p not in params}
-    closed = program.jaxpr
 
     def slim_apply(params: Mapping[str, jax.Array], x: jax.Array):
         args = [params[p] if p in params else fixed[p] for p in program.paths]
-        outs = narrowed.run(closed.jaxpr, closed.consts, program.frame, [*args, x], x.shape[0])
+        outs = narrowed.run(jaxpr, consts, program.frame, [*args, x], x.shape[0])
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
     removable = set(slimmable(traced))
-    opened = moved(keep, True)
+    open_masks = moved(keep, True)
     before, after = traced.count(), traced.count({g: k.astype(np.float64) for g, k in kept.items()})
     report = SlimReport(
         groups=tuple(
@@ -290,7 +299,7 @@ def slim_traced(
                 g.index,
                 tuple(f"{path}:{axis}" for path, axis in g.producers),
                 g.size,
-                int(opened.get(g.index, np.ones(g.size, bool)).sum()),
+                int(open_masks.get(g.index, np.ones(g.size, bool)).sum()),
                 int(kept[g.index].sum()),
                 _status(g, removable),
             )

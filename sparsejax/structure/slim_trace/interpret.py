@@ -83,6 +83,12 @@ def conform(x: jax.Array, have: Kept, want: Kept, what: str) -> jax.Array:
     return x
 
 
+def opened(closed) -> tuple[object, tuple]:
+    """The jaxpr of a closed jaxpr and its constants (one class in later jax versions, where a
+    jaxpr's ``.jaxpr`` is itself)."""
+    return getattr(closed, "jaxpr", closed), tuple(getattr(closed, "consts", ()) or ())
+
+
 def _called(eqn) -> tuple[object, Sequence] | None:
     """The jaxpr a call primitive runs, with its constants."""
     sub = sub_jaxpr(eqn)
@@ -90,8 +96,8 @@ def _called(eqn) -> tuple[object, Sequence] | None:
         return None
     for name in SUB_JAXPR_PARAMS:
         closed = eqn.params.get(name)
-        if closed is not None and getattr(closed, "jaxpr", closed) is sub:
-            return sub, tuple(getattr(closed, "consts", ()) or ())
+        if closed is not None and opened(closed)[0] is sub:
+            return opened(closed)
     return sub, ()
 
 
@@ -163,9 +169,7 @@ class Narrowed:
 
     def _scan(self, eqn, ins: list, child: Frame, batch) -> list:
         params = eqn.params
-        closed = params["jaxpr"]
-        body = getattr(closed, "jaxpr", closed)
-        body_consts = tuple(getattr(closed, "consts", ()) or ())
+        body, body_consts = opened(params["jaxpr"])
         consts, carries = params["num_consts"], params["num_carry"]
 
         def step(carry, xs):
