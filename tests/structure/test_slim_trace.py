@@ -262,6 +262,10 @@ def test_round_to_adds_the_most_likely_units():
     np.testing.assert_array_equal(slim.params["l2.kernel"], expected)
     with pytest.raises(ConfigError, match="round_to"):
         slim_traced(model, x, keep=keep, round_to=0)
+    with pytest.raises(ConfigError, match="group 7"):
+        slim_traced(model, x, keep={7: np.ones(3, bool)})
+    with pytest.raises(ConfigError, match="one value per unit"):
+        slim_traced(model, x, keep={index: np.ones(3, bool)})
 
 
 def test_save_and_load_without_the_model_classes(tmp_path):

@@ -214,6 +214,40 @@ def _status(group: UnitGroup, removable: set[int]) -> str:
     return "slimmed"
 
 
+def _report(
+    traced: TracedStructure,
+    kept: Mapping[int, np.ndarray],
+    open_masks: Mapping[int, np.ndarray],
+    round_to: int,
+    floating: Mapping[str, jax.Array],
+    params: Mapping[str, jax.Array],
+) -> SlimReport:
+    """Widths, status and costs of the slim network (``kept``: units kept per group)."""
+    removable = set(slimmable(traced))
+    before = traced.count()
+    after = traced.count({g: k.astype(np.float64) for g, k in kept.items()})
+    return SlimReport(
+        groups=tuple(
+            SlimGroup(
+                g.index,
+                tuple(f"{path}:{axis}" for path, axis in g.producers),
+                g.size,
+                int(open_masks.get(g.index, np.ones(g.size, bool)).sum()),
+                int(kept[g.index].sum()),
+                _status(g, removable),
+            )
+            for g in traced.groups
+        ),
+        round_to=round_to,
+        params_before=before.params,
+        params_after=after.params,
+        flops_before=before.flops,
+        flops_after=after.flops,
+        stored_before=int(sum(v.size for v in floating.values())),
+        stored_after=int(sum(v.size for v in params.values())),
+    )
+
+
 def slim_traced(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
@@ -233,8 +267,9 @@ def slim_traced(
     with value 0 are removed and the values are folded into the kernels that read the units,
     so the slim network computes what the gated model does. Without ``gates``, ``keep`` gives a
     0/1 mask per group. ``round_to=K`` keeps a multiple of K units per slimmed group, adding
-    removed units by decreasing ``scores`` (per group, one per unit; e.g. the gates'
-    ``log_alpha``). What stays and why: :mod:`.widths`.
+    removed units by decreasing ``scores`` (per group, one per unit; e.g. P(gate != 0)). What
+    stays and why: :mod:`.widths`; the report (``.report``, :class:`SlimReport`) gives each
+    group's width and status.
 
     ``apply(model, x)`` is the forward pass; it runs on a copy of ``model`` in evaluation mode
     (NNX ``eval()``). ``example_input`` gives the input's shape and dtype; the slim network
@@ -258,6 +293,11 @@ def slim_traced(
     def moved(values: Mapping[int, np.ndarray] | None, fill) -> dict[int, np.ndarray]:
         out = {}
         for group, vector in (values or {}).items():
+            if group not in matched or np.size(vector) != given.groups[group].size:
+                raise ConfigError(
+                    f"slim_traced: group {group} is not a group of size {np.size(vector)} of "
+                    f"the structure ({len(given.groups)} groups); give one value per unit"
+                )
             index, position = matched[group]
             target = np.full(traced.groups[index].size, fill, np.asarray(vector).dtype)
             target[position] = np.asarray(vector)
@@ -290,28 +330,6 @@ def slim_traced(
         outs = narrowed.run(jaxpr, consts, program.frame, [*args, x], x.shape[0])
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
-    removable = set(slimmable(traced))
-    open_masks = moved(keep, True)
-    before, after = traced.count(), traced.count({g: k.astype(np.float64) for g, k in kept.items()})
-    report = SlimReport(
-        groups=tuple(
-            SlimGroup(
-                g.index,
-                tuple(f"{path}:{axis}" for path, axis in g.producers),
-                g.size,
-                int(open_masks.get(g.index, np.ones(g.size, bool)).sum()),
-                int(kept[g.index].sum()),
-                _status(g, removable),
-            )
-            for g in traced.groups
-        ),
-        round_to=round_to,
-        params_before=before.params,
-        params_after=after.params,
-        flops_before=before.flops,
-        flops_after=after.flops,
-        stored_before=int(sum(v.size for v in floating.values())),
-        stored_after=int(sum(v.size for v in params.values())),
-    )
+    report = _report(traced, kept, moved(keep, True), round_to, floating, params)
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
     return SlimFunction(slim_apply, params, report, input_spec)
