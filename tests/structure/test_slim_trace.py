@@ -284,7 +284,7 @@ def test_save_and_load_without_the_model_classes(tmp_path):
         "for name in sys.argv[2:]:\n"
         "    slim = load_slim_function(f'{d}/{name}.npz')\n"
         "    np.save(f'{d}/{name}_out.npy', np.asarray(slim(np.load(f'{d}/{name}_x.npy'))))\n"
-        "    json.dump(slim.report.to_json(), open(f'{d}/{name}.json', 'w'))\n"
+        "    json.dump(slim.report.to_dict(), open(f'{d}/{name}.json', 'w'))\n"
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", script, str(tmp_path), *sorted(MODELS)], check=True,

@@ -54,9 +54,10 @@ class SlimGroup:
 @dataclasses.dataclass(frozen=True)
 class SlimReport:
     """Widths and costs of a slim network: params (kernel weights + layer biases) and MACs per
-    example from the traced counts, before and after; ``stored_before`` / ``stored_after`` the
-    floats in all state arrays (normalisers and statistics included); ``max_logit_difference``
-    the largest absolute output difference to the gated model on a check batch, once measured."""
+    example from the traced counts, before and after; ``stored_params_before`` /
+    ``stored_params_after`` the floats in all state arrays (normalisers and statistics
+    included); ``max_logit_difference`` the largest absolute output difference to the gated
+    model on a check batch, once measured."""
 
     groups: tuple[SlimGroup, ...]
     round_to: int
@@ -64,16 +65,28 @@ class SlimReport:
     params_after: float
     flops_before: float
     flops_after: float
-    stored_before: int
-    stored_after: int
+    stored_params_before: int
+    stored_params_after: int
     max_logit_difference: float | None = None
 
     @property
     def widths(self) -> dict[int, int]:
         return {g.index: g.width for g in self.groups}
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"widths": self.widths}
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs before / after (the FLOPs reduction, >= 1)."""
+        return self.flops_before / self.flops_after
+
+    def to_dict(self) -> dict:
+        """The fields, ``widths`` and ``flops_ratio``, as JSON-ready values (the fields of the
+        zoo's ``slim_report.json`` where they mean the same)."""
+        return dataclasses.asdict(self) | {"widths": self.widths, "flops_ratio": self.flops_ratio}
+
+    def write(self, path: str) -> None:
+        """Write :meth:`to_dict` as JSON to ``path`` (e.g. ``slim_report.json``)."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
 
 
 class SlimFunction:
@@ -113,7 +126,7 @@ class SlimFunction:
         params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.params.items()}
         exported = jax.export.export(jax.jit(self.apply), platforms=tuple(platforms))(params, spec)
         meta = {
-            "report": self.report.to_json(),
+            "report": self.report.to_dict(),
             "input": [list(self.input_spec.shape), jnp.dtype(self.input_spec.dtype).name],
             "dtypes": {k: jnp.dtype(v.dtype).name for k, v in self.params.items()},
         }
@@ -138,6 +151,7 @@ def load_slim_function(path: str) -> SlimFunction:
         }
     report = meta["report"]
     report.pop("widths")
+    report.pop("flops_ratio")
     report["groups"] = tuple(
         SlimGroup(**g | {"producers": tuple(g["producers"])}) for g in report["groups"]
     )
@@ -243,8 +257,8 @@ def _report(
         params_after=after.params,
         flops_before=before.flops,
         flops_after=after.flops,
-        stored_before=int(sum(v.size for v in floating.values())),
-        stored_after=int(sum(v.size for v in params.values())),
+        stored_params_before=int(sum(v.size for v in floating.values())),
+        stored_params_after=int(sum(v.size for v in params.values())),
     )
 
 
