@@ -134,9 +134,8 @@ def test_kv_group_ffn_and_hidden_norms_by_hand():
     attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
     groups = np.asarray(unit_norms(model, slot(model, "blocks.0.kv_groups")))
     g, count = 1, attn.kv_heads
-    by_hand = (np.sum(attn.q.kernel[...][:, g::count] ** 2) + np.sum(attn.o.kernel[...][g::count] ** 2)
-               + np.sum(attn.k.kernel[...][:, g::count] ** 2)
-               + np.sum(attn.v.kernel[...][:, g::count] ** 2))
+    by_hand = sum(np.sum(getattr(attn, name).kernel[...][:, g::count] ** 2) for name in "qkv")
+    by_hand += np.sum(attn.o.kernel[...][g::count] ** 2)
     np.testing.assert_allclose(groups[g], np.sqrt(by_hand), rtol=1e-5)
     units = np.asarray(unit_norms(model, slot(model, "blocks.0.ffn")))
     j = 3

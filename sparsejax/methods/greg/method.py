@@ -385,7 +385,8 @@ class GReg(Method):
             if slots is not None:
                 slot = slots[layer.name]
                 squares = unit_square_sums(model, slot, kernel_members(model, slot))
-                total = total + 0.5 * jnp.sum(jax.lax.stop_gradient(layer_state["penalty"]) * squares)
+                coefficient = jax.lax.stop_gradient(layer_state["penalty"])
+                total = total + 0.5 * jnp.sum(coefficient * squares)
                 continue
             kernel = model.layer_module(layer.name).kernel[...]
             coefficient = jax.lax.stop_gradient(broadcast_groups(layer_state["penalty"], kernel))
