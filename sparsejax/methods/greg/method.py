@@ -169,7 +169,8 @@ class PrunedLayer:
 
     Attributes:
       count: groups pruned, ``min(ceil(ratio * groups), groups - 1)``.
-      group_shape: ``(C_out,)`` (filters) or the kernel's shape (weights).
+      group_shape: ``(C_out,)`` (filters), the kernel's shape (weights) or ``(units,)`` of a
+        transformer's gate slot (``name`` is then the slot's).
     """
 
     name: str
@@ -272,9 +273,10 @@ class GReg(Method):
         return resolved
 
     def unit_slots(self, model: GatedModel) -> dict[str, GateSlot] | None:
-        """The gate slots whose units GReg prunes (a transformer at filter granularity), by
-        name, or None when it prunes layers."""
-        if self.granularity != "filter" or not isinstance(model, TransformerModel):
+        """The gate slots whose units GReg prunes (a transformer with unit slots, at filter
+        granularity), by name, or None when it prunes layers."""
+        if (self.granularity != "filter" or not isinstance(model, TransformerModel)
+                or model.granularity != "unit"):
             return None
         return {slot.name: slot for slot in model.gate_slots}
 
