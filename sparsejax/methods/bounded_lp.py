@@ -37,7 +37,6 @@ from sparsejax.errors import ConfigError
 from sparsejax.estimators.bounded_lp import (
     bounded_norm,
     prox_bounded_l1,
-    safe_norm,
     soft_threshold,
 )
 from sparsejax.gates.scale import ScaleGate
@@ -46,6 +45,7 @@ from sparsejax.methods.budget import LAGRANGIAN_FIELDS, Budgeted
 from sparsejax.methods.fields import Field
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
+from sparsejax.methods.slot_groups import unit_norms
 from sparsejax.models.base import GatedModel, GateSlot
 
 MOMENTUM_EQUIVALENCE = 10.0
@@ -149,16 +149,11 @@ class L1Gating(Budgeted):
         return soft_threshold(values, threshold)
 
     def group_norms(self, model: GatedModel, slot: GateSlot) -> jax.Array:
-        """||W_g||_2 of every group a gate of ``slot`` scales (its bias too when the gate scales
-        it; |w| for weight gates), with gradient 0 at a zero group."""
-        module = model.layer_module(slot.layer)
-        kernel = module.kernel[...]
-        if slot.axis is None:
-            return safe_norm(kernel[..., None], axis=-1)
-        groups = jnp.moveaxis(kernel, slot.axis, 0).reshape(kernel.shape[slot.axis], -1)
-        if slot.gates_bias and module.bias is not None:
-            groups = jnp.concatenate([groups, module.bias[...][:, None]], axis=1)
-        return safe_norm(groups, axis=1)
+        """||W_g||_2 of every group a gate of ``slot`` scales, over every kernel and bias entry
+        the gate removes (:func:`~sparsejax.methods.slot_groups.unit_norms`: a conv filter and
+        its bias, a transformer head's query / key / value columns and output rows; |w| for
+        weight gates), with gradient 0 at a zero group."""
+        return unit_norms(model, slot)
 
     def penalties(self, model: GatedModel) -> tuple[jax.Array, jax.Array]:
         """(gate penalty sum_s lambda_s R(g_s), all other penalty terms)."""

@@ -49,6 +49,7 @@ from sparsejax.methods.optim import build_optimizer
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
 from sparsejax.models.base import GatedModel, GateSlot
+from sparsejax.models.transformer import family_chain_order
 
 DEFAULT_LAMBDAS: dict[str, dict[str, float]] = {
     "vgg16": {"forward": 1e-6, "backward": 1e-6},
@@ -191,8 +192,11 @@ class DepL0(Budgeted):
 
     def make_gates(self, slots: Sequence[GateSlot], rngs: nnx.Rngs) -> dict[str, GeneratedGate]:
         """Every slot's generated gate, attached to one generator over the slots (in
-        declaration order, which is network order), initialised from ``config.seed``."""
-        widths = {slot.name: self.unit_count(slot) for slot in slots}
+        declaration order, which is network order; a transformer's by family, then block:
+        :func:`~sparsejax.models.transformer.family_chain_order`), initialised from
+        ``config.seed``."""
+        chain = family_chain_order(slots)
+        widths = {slot.name: self.unit_count(slot) for slot in chain}
         key = jax.random.fold_in(jax.random.key(self.config.get("seed", 0)), GENERATOR_INIT_FOLD)
         generator = GateGenerator(
             widths,

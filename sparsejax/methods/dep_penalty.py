@@ -10,7 +10,11 @@ E[active] = sum of q over a layer's units,
 The product term is the expected number of kernel weights of convolution l when its input and
 output channels are switched off by independent gates, so the gradient reaches the gates on both
 sides of a layer; the dense term is the expected L0 of Louizos et al. (2018) weighted by the group
-size (a dense slot gates input neurons, |g| = out features). Which slots switch off a layer's
+size (a dense slot gates input neurons, |g| = out features). A transformer's slots span several
+layers (a head's query, key, value and output slices; the hidden dimension every block's), so
+for them the dense term is the expected number of kernel weights of every layer they gate, with
+the product of the keep probabilities on its input and output units, like the convolution term
+(:func:`span_expected_weights`). Which slots switch off a layer's
 input and output channels is read from the model's :class:`~sparsejax.models.base.Layer`
 declarations (``form="layers"``): a layer with no gated input (the first convolution; a ResNet
 block's conv1, which reads the ungated residual stream) counts its full input width, e.g. 3 for
@@ -38,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models.base import GateSlot, Layer
+from sparsejax.models.transformer import SpanSlot
 from sparsejax.structure.accounting import count_layer
 
 PENALTY_FORMS: tuple[str, ...] = ("layers", "reference_chain", "reference_k4")
@@ -53,13 +58,18 @@ def _gated_conv_slots(
     return [s for s in slots if s.name in keep_probs and _is_conv(s.kernel_shape)]
 
 
+def _spans(slot: GateSlot) -> bool:
+    return isinstance(slot, SpanSlot)
+
+
 def dense_expected_l0(
     slots: tuple[GateSlot, ...], keep_probs: Mapping[str, jax.Array]
 ) -> jax.Array:
-    """sum over the dense-layer slots of |g_s| * sum_j q_j."""
+    """sum over the dense-layer slots of |g_s| * sum_j q_j (slots spanning several layers are
+    counted by :func:`span_expected_weights` instead)."""
     total = jnp.zeros(())
     for slot in slots:
-        if slot.name in keep_probs and not _is_conv(slot.kernel_shape):
+        if slot.name in keep_probs and not _is_conv(slot.kernel_shape) and not _spans(slot):
             total = total + slot.group_size * jnp.sum(keep_probs[slot.name])
     return total
 
@@ -72,6 +82,23 @@ def conv_expected_weights(
     for layer in layers:
         sources = (*layer.inputs, *layer.outputs)
         if _is_conv(layer.kernel_shape) and any(name in keep_probs for name, _ in sources):
+            total = total + count_layer(layer, keep_probs).weights
+    return total
+
+
+def span_expected_weights(
+    layers: tuple[Layer, ...], slots: tuple[GateSlot, ...], keep_probs: Mapping[str, jax.Array]
+) -> jax.Array:
+    """sum over the dense layers that a spanning slot (a transformer's heads, KV groups, FFN
+    units, sublayers, hidden dimension) gates of their expected kernel weights: each weight
+    counted once with the product of the keep probabilities of every gate on its input and
+    output (:func:`~sparsejax.structure.accounting.count_layer`), the dense analogue of the
+    convolution term."""
+    spanning = {s.name for s in slots if s.name in keep_probs and _spans(s)}
+    total = jnp.zeros(())
+    for layer in layers:
+        sources = (*layer.inputs, *layer.outputs)
+        if not _is_conv(layer.kernel_shape) and any(name in spanning for name, _ in sources):
             total = total + count_layer(layer, keep_probs).weights
     return total
 
@@ -118,4 +145,5 @@ def dep_l0_penalty(
         conv = reference_k4(slots, keep_probs)
     else:
         raise ValueError(f"penalty form must be one of {PENALTY_FORMS}, got {form!r}")
-    return lam * (conv + dense_expected_l0(slots, keep_probs))
+    dense = dense_expected_l0(slots, keep_probs) + span_expected_weights(layers, slots, keep_probs)
+    return lam * (conv + dense)

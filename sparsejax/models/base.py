@@ -56,6 +56,21 @@ class GateSlot:
         return math.prod(self.kernel_shape) // self.kernel_shape[self.axis] + int(self.gates_bias)
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotMember:
+    """Entries of one parameter that a slot's gates remove: the *parameter groups of a slot*.
+
+    Along ``axis`` of the parameter at ``path`` (an attribute path from the model, e.g.
+    ``"blocks.0.attn.q.kernel"``, whose owner is a declared layer's name or a module path),
+    index i belongs to unit ``units[i]`` of the slot; ``units`` None: index i is unit i. ``axis``
+    None: every entry is its own unit (weight gates, the slot's shape is the parameter's).
+    """
+
+    path: str
+    axis: int | None
+    units: tuple[int, ...] | None = None
+
+
 UnitSource = tuple[tuple[str, int], ...]
 """Slots whose (tiled) values multiply a layer's units: ((slot name, tile count), ...)."""
 
@@ -252,6 +267,26 @@ class GatedModel(nnx.Module):
     def layer_module(self, name: str) -> nnx.Module:
         """The Dense/Conv module of the declared layer ``name``."""
         return getattr(self, name)
+
+    def slot_members(self, slot: GateSlot) -> tuple[SlotMember, ...]:
+        """The parameter entries a gate of ``slot`` removes, unit by unit. Default: the slot's
+        layer's kernel along ``slot.axis`` (every entry at weight granularity), and its bias
+        when the gates scale it. Models whose gates span several layers (transformer heads,
+        the hidden dimension) override it."""
+        kernel = SlotMember(f"{slot.layer}.kernel", slot.axis)
+        bias = getattr(self.layer_module(slot.layer), "bias", None)
+        if slot.gates_bias and slot.axis is not None and bias is not None:
+            return (kernel, SlotMember(f"{slot.layer}.bias", 0))
+        return (kernel,)
+
+    def parameter(self, path: str) -> nnx.Variable:
+        """The parameter at a :class:`SlotMember` path: ``"{layer or module path}.{name}"``, or
+        a bare name for a parameter of the model itself."""
+        owner, _, name = path.rpartition(".")
+        if not owner:
+            return getattr(self, name)
+        is_layer = any(layer.name == owner for layer in self.layers)
+        return getattr(self.layer_module(owner) if is_layer else self.module_at(owner), name)
 
     def module_at(self, path: str) -> nnx.Module:
         """The submodule at a dotted attribute path; numbers index lists (``"blocks.0.bn1"``)."""

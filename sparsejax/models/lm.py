@@ -28,7 +28,13 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.gates.apply import gate_units
-from sparsejax.models.base import GateFactory, Granularity, Layer, check_granularity
+from sparsejax.models.base import (
+    GateFactory,
+    Granularity,
+    Layer,
+    SlotMember,
+    check_granularity,
+)
 from sparsejax.models.transformer import (
     FAMILIES,
     HIDDEN,
@@ -104,6 +110,14 @@ class DecoderLM(TransformerModel):
         self.activation_products = tuple(products)
         self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
                       rngs=rngs)
+
+    def _stream_members(self) -> list[SlotMember]:
+        """The embedding's rows (the table and, tied, the head), an untied head's rows and the
+        final norm's scale."""
+        members = [SlotMember("embed.kernel", 0)]
+        if self.head is not None:
+            members.append(SlotMember("head.kernel", 0))
+        return [*members, SlotMember("final_norm.scale", 0)]
 
     def architecture(self) -> dict:
         """The constructor arguments (without ``rngs`` and gates) that build this network's

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
-from sparsejax.models.base import GatedModel, GateSlot, Layer, UnitSource
+from sparsejax.models.base import GatedModel, GateSlot, Layer, SlotMember, UnitSource
 from sparsejax.models.layers import Dense
 
 DROPRATE = 0.1
@@ -101,6 +101,21 @@ def lambdas_by_family(
     if unknown:
         raise ValueError(f"unknown gate families {unknown}; valid: {', '.join(FAMILIES)}")
     return tuple(float(values.get(slot_family(slot.name), default)) for slot in slots)
+
+
+def family_chain_order(slots: Sequence[GateSlot]) -> tuple[GateSlot, ...]:
+    """Transformer slots ordered by family, then block: ``hidden``, every block's ``heads``,
+    every block's ``kv_groups``, ``attn``, ``ffn``, ``mlp``; other slots keep their order.
+
+    The order of Dep-L0's generator chain (Li & Ji 2021): its dependency "over the layers" runs
+    over the blocks, so a block's head gates are generated from the previous block's head gates
+    (and its FFN gates from the previous block's FFN gates), not from the one-unit sublayer gate
+    that precedes them in network order."""
+    if not slots or not all(isinstance(slot, SpanSlot) for slot in slots):
+        return tuple(slots)
+    order = {family: i for i, family in enumerate((HIDDEN, "heads", "kv_groups", "attn", "ffn",
+                                                   "mlp"))}
+    return tuple(sorted(slots, key=lambda slot: order[slot_family(slot.name)]))
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Array:
@@ -294,6 +309,40 @@ class Block(nnx.Module):
                                rngs=rngs) if ffn_hidden > 0 else None
 
 
+def _periodic(size: int, period: int) -> tuple[int, ...]:
+    """Unit i % period of each index 0..size-1: the query columns / output-projection rows
+    (head_dim, M, G) of the heads (period H) or of the KV groups (period G), the key / value
+    columns (head_dim, G) of the groups."""
+    return tuple(i % period for i in range(size))
+
+
+def _projection_members(
+    module: Dense, path: str, axis: int, units: tuple[int, ...] | None
+) -> list[SlotMember]:
+    """A projection's kernel along ``axis`` (0: its inputs, 1: its outputs) and, for its
+    outputs, its bias."""
+    members = [SlotMember(f"{path}.kernel", axis, units)]
+    if axis == 1 and module.bias is not None:
+        members.append(SlotMember(f"{path}.bias", 0, units))
+    return members
+
+
+def _whole(module: nnx.Module, path: str) -> list[SlotMember]:
+    """Every entry of a module's kernel / bias / norm scale as unit 0 (a whole sublayer)."""
+    members = []
+    for name in ("kernel", "bias", "scale"):
+        value = getattr(module, name, None)
+        if value is not None:
+            members.append(SlotMember(f"{path}.{name}", 0, (0,) * value.shape[0]))
+    return members
+
+
+def _norm_members(norm: Norm, path: str) -> list[SlotMember]:
+    """A norm's scale (and bias) entries, one per hidden dimension."""
+    names = ("scale",) if norm.bias is None else ("scale", "bias")
+    return [SlotMember(f"{path}.{name}", 0) for name in names]
+
+
 def per_block(value: int | Sequence[int], depth: int, name: str) -> tuple[int, ...]:
     """A width given once for every block, or per block (a tuple of ``depth`` values)."""
     if isinstance(value, int):
@@ -483,6 +532,56 @@ class TransformerModel(GatedModel):
             params += ffn_in * hidden_units + hidden_units + bias
         return params
 
+    def slot_members(self, slot: GateSlot) -> tuple[SlotMember, ...]:
+        """The parameter groups of a slot (:class:`~sparsejax.models.base.SlotMember`), every
+        parameter entry one of its gates removes, by unit:
+
+        - ``heads``: the head's query columns (and query bias), its output-projection rows and,
+          in multi-head attention, its key and value columns;
+        - ``kv_groups``: the group's key and value columns and the query columns and
+          output-projection rows of its heads;
+        - ``ffn``: the unit's ``gate`` / ``up`` columns (and biases) and its ``down`` row;
+        - ``attn`` / ``mlp``: every kernel, bias and norm entry of the sublayer (one unit);
+        - ``hidden``: the dimension's row or column of every kernel reading or writing the
+          stream, the output biases writing it, every norm's scale (and bias) entry, and the
+          model's own stream parameters (:meth:`_stream_members`).
+
+        Weight-granularity slots are one kernel each (the default).
+        """
+        if slot.axis is None:
+            return super().slot_members(slot)
+        if slot.name == HIDDEN:
+            return self._hidden_members()
+        _, index, family = slot.name.split(".")
+        path = f"blocks.{index}"
+        block = self.blocks[int(index)]
+        if family in ("heads", "kv_groups", "attn"):
+            return tuple(_attention_members(block, path, family))
+        return tuple(_ffn_members(block, path, family))
+
+    def _stream_members(self) -> list[SlotMember]:
+        """The hidden dimension's entries outside the blocks (embeddings, head, final norm)."""
+        raise NotImplementedError
+
+    def _hidden_members(self) -> tuple[SlotMember, ...]:
+        members = []
+        for index, block in enumerate(self.blocks):
+            path = f"blocks.{index}"
+            if block.attn is not None:
+                members += _norm_members(block.attn_norm, f"{path}.attn_norm")
+                for name in ("q", "k", "v"):
+                    members += _projection_members(
+                        getattr(block.attn, name), f"{path}.attn.{name}", 0, None)
+                members += _projection_members(block.attn.o, f"{path}.attn.o", 1, None)
+            if block.ffn is not None:
+                members += _norm_members(block.ffn_norm, f"{path}.ffn_norm")
+                for name in ("gate", "up"):
+                    if getattr(block.ffn, name) is not None:
+                        members += _projection_members(
+                            getattr(block.ffn, name), f"{path}.ffn.{name}", 0, None)
+                members += _projection_members(block.ffn.down, f"{path}.ffn.down", 1, None)
+        return tuple(self._stream_members() + members)
+
     def _block_gates(self, z: Mapping[str, jax.Array], index: int) -> dict[str, jax.Array | None]:
         path = f"blocks.{index}"
         unit = self.granularity == "unit"
@@ -517,6 +616,36 @@ class TransformerModel(GatedModel):
                 )
                 h = h + _scale_branch(f, gates["mlp"], hidden)
         return h
+
+
+def _attention_members(block: Block, path: str, family: str) -> list[SlotMember]:
+    attn, prefix = block.attn, f"{path}.attn"
+    if family == "attn":
+        return [member for name in ("q", "k", "v", "o")
+                for member in _whole(getattr(attn, name), f"{prefix}.{name}")
+                ] + _whole(block.attn_norm, f"{path}.attn_norm")
+    heads, groups, dh = attn.heads, attn.kv_heads, attn.head_dim
+    period = heads if family == "heads" else groups
+    members = _projection_members(attn.q, f"{prefix}.q", 1, _periodic(heads * dh, period))
+    if family == "kv_groups" or heads == groups:
+        for name in ("k", "v"):
+            members += _projection_members(getattr(attn, name), f"{prefix}.{name}", 1,
+                                           _periodic(groups * dh, groups))
+    return members + _projection_members(attn.o, f"{prefix}.o", 0, _periodic(heads * dh, period))
+
+
+def _ffn_members(block: Block, path: str, family: str) -> list[SlotMember]:
+    ffn, prefix = block.ffn, f"{path}.ffn"
+    names = [name for name in ("gate", "up", "down") if getattr(ffn, name) is not None]
+    if family == "mlp":
+        return [member for name in names
+                for member in _whole(getattr(ffn, name), f"{prefix}.{name}")
+                ] + _whole(block.ffn_norm, f"{path}.ffn_norm")
+    members = []
+    for name in names:
+        axis = 0 if name == "down" else 1
+        members += _projection_members(getattr(ffn, name), f"{prefix}.{name}", axis, None)
+    return members
 
 
 def check_families(families: Iterable[str]) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from sparsejax.models.base import (
     GateFactory,
     Granularity,
     Layer,
+    SlotMember,
     check_granularity,
 )
 from sparsejax.models.transformer import (
@@ -119,6 +120,15 @@ class ViT(TransformerModel):
         self.activation_products = tuple(products)
         self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
                       rngs=rngs)
+
+    def _stream_members(self) -> list[SlotMember]:
+        """The patch projection's columns and bias, the class token and position entries, the
+        head's rows and the final norm's scale and bias."""
+        members = [SlotMember("patch_embed.kernel", 1), SlotMember("patch_embed.bias", 0)]
+        if self.cls_token is not None:
+            members.append(SlotMember("cls_token", 2))
+        return [*members, SlotMember("positions", 2), SlotMember("head.kernel", 0),
+                SlotMember("final_norm.scale", 0), SlotMember("final_norm.bias", 0)]
 
     def architecture(self) -> dict:
         """The constructor arguments (without ``rngs`` and gates) that build this network's

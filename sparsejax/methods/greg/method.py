@@ -22,7 +22,12 @@ lambda held constant (``stop_gradient``), so the optimizer sees the data gradien
 lambda (.) W (the reference adds this to the gradient before SGD). Structured pruning
 (``greg_granularity="filter"``) zeroes a pruned filter's kernel slice, its bias, and the scale
 and bias of the BatchNorm that follows it, so the channel outputs exactly zero as if removed;
-``"weight"`` prunes single weights of every kernel.
+``"weight"`` prunes single weights of every kernel. On a transformer, filter granularity prunes
+the units of its gate slots (heads, KV groups, FFN units, hidden dimensions; :func:`.rules.
+slot_ratios`): a unit's group is every kernel entry it spans
+(:meth:`~sparsejax.models.base.GatedModel.slot_members`: a head's query / key / value columns
+and output rows), its score the mean |w| over them, its penalty lambda_j/2 ||group||^2, and
+pruning zeroes every member (biases and norm entries too).
 
 Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.rules`), ``l2`` and the network's
 optimizer, learning rate, schedule and weight decay (pretraining; the later phases use the same
@@ -44,13 +49,18 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
-from sparsejax.methods.budget import TARGET_FIELDS
+from sparsejax.methods.budget import TARGET_FIELDS, requested_target
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.fields import Field
 from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.budget import budget_stage_pr
-from sparsejax.methods.greg.report import greg_progress, kept_channels, pruned_size
-from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios
+from sparsejax.methods.greg.report import (
+    greg_progress,
+    kept_channels,
+    pruned_size,
+    slot_pruned_size,
+)
+from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios, slot_ratios
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
     NOT_YET,
@@ -73,7 +83,14 @@ from sparsejax.methods.optim import (
 )
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
-from sparsejax.models.base import GatedModel
+from sparsejax.methods.slot_groups import (
+    kernel_members,
+    scale_units,
+    unit_mean_magnitudes,
+    unit_square_sums,
+)
+from sparsejax.models.base import GatedModel, GateSlot
+from sparsejax.models.transformer import TransformerModel
 
 FASHION_MNIST = ("mlp", "lenet5")
 IMAGENET = ("resnet34", "resnet50")
@@ -152,7 +169,8 @@ class PrunedLayer:
 
     Attributes:
       count: groups pruned, ``min(ceil(ratio * groups), groups - 1)``.
-      group_shape: ``(C_out,)`` (filters) or the kernel's shape (weights).
+      group_shape: ``(C_out,)`` (filters), the kernel's shape (weights) or ``(units,)`` of a
+        transformer's gate slot (``name`` is then the slot's).
     """
 
     name: str
@@ -254,8 +272,29 @@ class GReg(Method):
             )
         return resolved
 
+    def unit_slots(self, model: GatedModel) -> dict[str, GateSlot] | None:
+        """The gate slots whose units GReg prunes (a transformer with unit slots, at filter
+        granularity), by name, or None when it prunes layers."""
+        if (self.granularity != "filter" or not isinstance(model, TransformerModel)
+                or model.granularity != "unit"):
+            return None
+        return {slot.name: slot for slot in model.gate_slots}
+
     def pruned_layers(self, model: GatedModel) -> tuple[PrunedLayer, ...]:
-        """The layers GReg prunes in ``model``, in network order, with their ratios and counts."""
+        """The layers (or a transformer's slots) GReg prunes in ``model``, in network order,
+        with their ratios and counts."""
+        slots = self.unit_slots(model)
+        if slots is not None:
+            if requested_target(self.config) is not None:
+                raise ConfigError(
+                    "GReg takes no target_flops / target_params on a transformer; give the "
+                    "ratios per family in stage_pr, e.g. {'heads': 0.5, 'ffn': 0.5}"
+                )
+            return tuple(
+                PrunedLayer(name, ratio, greg_pruned_count(ratio, slots[name].shape[0]),
+                            slots[name].shape)
+                for name, ratio in slot_ratios(tuple(slots.values()), self.config.stage_pr).items()
+            )
         stage_pr = budget_stage_pr(self.config, model.layers, self.granularity)  # a target's
         ratios = layer_ratios(model.layers, stage_pr, self.granularity)
         if not ratios:
@@ -282,10 +321,9 @@ class GReg(Method):
         """:func:`~.report.greg_progress` and :func:`~.report.pruned_size` under
         ``greg/`` keys."""
         names = [layer.name for layer in self.pruned_layers(model)]
-        facts = {
-            **greg_progress(state, names),
-            **pruned_size(model.layers, state, names, self.granularity),
-        }
+        size = (pruned_size(model.layers, state, names, self.granularity)
+                if self.unit_slots(model) is None else slot_pruned_size(model, state, names))
+        facts = {**greg_progress(state, names), **size}
         return {f"greg/{key}": value for key, value in facts.items()}
 
     def kept_channels(self, model: GatedModel, state: MethodState) -> dict[str, np.ndarray]:
@@ -344,7 +382,14 @@ class GReg(Method):
     def growing_penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         """sum_l sum_j (lambda_{l,j} / 2) ||W_{l,j}||^2, lambda constant; 0 once fine-tuning."""
         total = jnp.zeros(())
+        slots = self.unit_slots(model)
         for layer, layer_state in zip(self.pruned_layers(model), state["layers"]):
+            if slots is not None:
+                slot = slots[layer.name]
+                squares = unit_square_sums(model, slot, kernel_members(model, slot))
+                coefficient = jax.lax.stop_gradient(layer_state["penalty"])
+                total = total + 0.5 * jnp.sum(coefficient * squares)
+                continue
             kernel = model.layer_module(layer.name).kernel[...]
             coefficient = jax.lax.stop_gradient(broadcast_groups(layer_state["penalty"], kernel))
             total = total + 0.5 * jnp.sum(coefficient * kernel**2)
@@ -356,8 +401,10 @@ class GReg(Method):
     def before_update(self, model: GatedModel, state: MethodState, step: jax.Array) -> MethodState:
         """The coefficient update of this iteration, from the weights before the update."""
         pruned = self.pruned_layers(model)
+        slots = self.unit_slots(model)
         scores = [
             group_scores(model.layer_module(layer.name).kernel[...], self.granularity == "weight")
+            if slots is None else unit_mean_magnitudes(model, slots[layer.name])
             for layer in pruned
         ]
         layers, phase, stabilise_start = regularise(
@@ -392,7 +439,11 @@ class GReg(Method):
             self.reg_schedule,
         )
         per_weight = self.granularity == "weight"
+        slots = self.unit_slots(model)
         for layer, layer_state in zip(self.pruned_layers(model), layers):
+            if slots is not None:
+                scale_units(model, slots[layer.name], layer_state.mask)
+                continue
             for variable in _masked_variables(model, layer.name, per_weight):
                 weight = variable[...]
                 variable[...] = weight * broadcast_groups(layer_state.mask, weight)

@@ -12,7 +12,9 @@ import numpy as np
 from sparsejax.methods.base import MethodState
 from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs
 from sparsejax.methods.greg.schedule import FINETUNE, NOT_YET, REGULARISE, STABILISE
-from sparsejax.models.base import Layer
+from sparsejax.models.base import GatedModel, Layer
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.report import weight_report
 
 PHASE_NAMES = {REGULARISE: "regularise", STABILISE: "stabilise", FINETUNE: "finetune"}
 
@@ -76,4 +78,28 @@ def pruned_size(
         "dense_weights": dense.weights,
         "weights": dense.weights - removed,
         "sparsity": 100.0 * removed / dense.weights,
+    }
+
+
+def slot_pruned_size(
+    model: GatedModel, state: MethodState, slot_names: Sequence[str]
+) -> dict[str, Any]:
+    """Params and FLOPs of a transformer pruned by slot units, read from its zeros
+    (:func:`~sparsejax.structure.report.weight_report`, the conventions of
+    :mod:`sparsejax.structure.accounting`: MACs counted once, attention products included, not
+    GReg's counter, which knows only convolutions and dense layers; a KV group whose heads are
+    all pruned goes with them), the dense network's, the ``speedup`` and the kept ``widths``
+    per pruned slot."""
+    dense = count_network(model.layers, {}, model.activation_products)
+    pruned = weight_report(model)
+    return {
+        "dense_params": float(dense["params"]),
+        "params": float(pruned.params),
+        "dense_flops": float(dense["flops"]),
+        "flops": float(pruned.flops),
+        "speedup": float(dense["flops"]) / float(pruned.flops),
+        "widths": {
+            name: int(np.sum(np.asarray(layer["mask"]) > 0))
+            for name, layer in zip(slot_names, state["layers"])
+        },
     }

@@ -19,6 +19,12 @@ Two model families, told apart by their layer names:
 
 A single float applies to every layer the granularity allows. Layers at ratio 0 are not
 prunable.
+
+**Transformers** (``vit_tiny``, ``lm_tiny``) with filter granularity prune the units of their
+gate slots instead of kernel filters (:func:`slot_ratios`): a head, KV group, FFN unit or hidden
+dimension is the group of every parameter entry it spans. ``stage_pr`` is a float for the
+``heads`` and ``ffn`` families of every block (:data:`DEFAULT_SLOT_FAMILIES`) or one ratio per
+family, ``{"heads": 0.5, "hidden": 0.25}`` or ``"heads:0.5,hidden:0.25"``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from sparsejax.errors import ConfigError
-from sparsejax.models.base import Layer
+from sparsejax.models.base import GateSlot, Layer
+from sparsejax.models.transformer import FAMILIES, slot_family
 
 GroupGranularity = Literal["filter", "weight"]
 GROUP_GRANULARITIES: tuple[str, ...] = ("filter", "weight")
@@ -39,6 +46,10 @@ RatioSpec = float | Sequence[float] | Mapping[int | str, float] | str
 _BLOCK_LAYER = re.compile(r"^block(\d+)\.conv(\d+)$")
 _BLOCK_MEMBER = re.compile(r"^block(\d+)\.")
 _SHORTCUT = re.compile(r"^block(\d+)\.shortcut$")
+DEFAULT_SLOT_FAMILIES: tuple[str, ...] = ("heads", "ffn")
+"""The transformer families a single ``stage_pr`` float prunes: attention heads (Voita et al.
+2019) and FFN units, the two that leave the residual stream and the block count unchanged."""
+_FAMILY_ITEM = re.compile(r"^\s*([a-z_]+)\s*:\s*([0-9.eE+-]+)\s*$")
 _DICT_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([0-9.eE+-]+)\s*$")
 
 
@@ -202,3 +213,47 @@ def layer_ratios(
     checked = {name: _check_ratio(name, r) for name, r in ratios.items()}
     order = [layer.name for layer in layers]
     return {name: checked[name] for name in order if checked.get(name, 0.0) > 0.0}
+
+
+def _family_ratios(spec: RatioSpec) -> dict[str, float]:
+    if isinstance(spec, (int, float)):
+        return {family: float(spec) for family in DEFAULT_SLOT_FAMILIES}
+    if hasattr(spec, "items"):  # a mapping or a ConfigDict
+        return {str(family): float(ratio) for family, ratio in spec.items()}
+    if isinstance(spec, str):
+        text = spec.strip().strip("[](){}")
+        if ":" not in text:
+            return _family_ratios(float(text))
+        ratios = {}
+        for item in text.split(","):
+            match = _FAMILY_ITEM.match(item)
+            if match is None:
+                raise ConfigError(
+                    f"cannot read {item!r} in stage_pr {spec!r}; a transformer takes "
+                    "'family:ratio' items, e.g. 'heads:0.5,ffn:0.25'"
+                )
+            ratios[match.group(1)] = float(match.group(2))
+        return ratios
+    raise ConfigError(
+        f"stage_pr={spec!r}: a transformer takes one ratio (heads and FFN units) or one per "
+        "gate family, e.g. {'heads': 0.5, 'hidden': 0.25}"
+    )
+
+
+def slot_ratios(slots: Sequence[GateSlot], spec: RatioSpec) -> dict[str, float]:
+    """``{slot name: ratio}`` for every transformer slot GReg prunes (ratio > 0), in slot
+    order: the slots of the families ``spec`` names (module docstring)."""
+    ratios = _family_ratios(spec)
+    present = {slot_family(slot.name) for slot in slots}
+    unknown = sorted(set(ratios) - present)
+    if unknown:
+        raise ConfigError(
+            f"stage_pr names the gate families {unknown}, which the model does not have "
+            f"(valid: {', '.join(f for f in FAMILIES if f in present)})"
+        )
+    chosen = {
+        slot.name: _check_ratio(slot.name, ratios[slot_family(slot.name)])
+        for slot in slots
+        if slot_family(slot.name) in ratios
+    }
+    return {name: ratio for name, ratio in chosen.items() if ratio > 0.0}
