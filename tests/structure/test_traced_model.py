@@ -434,7 +434,7 @@ def test_other_methods_train_the_branch_cnn(method, overrides, tmp_path, monkeyp
     assert summary["dense_params"] == params and np.isfinite(summary["test_error"])
     if method == "gmp":
         assert summary["gmp/overall_sparsity"] == pytest.approx(0.5, abs=0.01)
-        assert summary["pruning_rate"] == pytest.approx(50.0, abs=1.0)
+        assert summary["pruning_rate"] >= 49.5  # and the weights of units left dead
 
 
 @needs_fashion_mnist
