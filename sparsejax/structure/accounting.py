@@ -47,7 +47,7 @@ def _unit_vector(sources: UnitSource, values: Mapping[str, ArrayLike], size: int
         slot_values = jnp.asarray(values[slot], jnp.float32)
         if isinstance(placement, UnitIndex):
             indices, units = unit_positions(placement, size)
-            vector = vector.at[indices].multiply(slot_values[units])
+            vector = vector.at[indices].set(vector[indices] * slot_values[units])
         else:
             vector = vector * jnp.tile(slot_values, placement)
     return vector

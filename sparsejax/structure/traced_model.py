@@ -53,12 +53,21 @@ from sparsejax.models.base import (
     Layer,
     UnitIndex,
     check_granularity,
-    weight_slots,
 )
 from sparsejax.models.registry import MODELS, build_model
 from sparsejax.structure.accounting import count_network
-from sparsejax.structure.sparsify import GatedSlice, gated_slices, parameters_gated, variable_at
-from sparsejax.structure.trace import Member, TracedStructure, UnitGroup, trace_structure
+from sparsejax.structure.sparsify import (
+    GatedSlice,
+    gated_slices,
+    parameters_gated,
+    variable_at,
+)
+from sparsejax.structure.trace import (
+    Member,
+    TracedStructure,
+    UnitGroup,
+    trace_structure,
+)
 
 DROPRATE_INIT = 0.5
 """Initial drop rate of every gate of a traced model (the L0 references' hidden-layer value)."""
@@ -225,8 +234,10 @@ class TracedModel(GatedModel):
         )
         if any(getattr(gate, "per_example", False) for gate in self.gates.values()):
             raise ConfigError(
-                "a traced model folds its gates into the shared parameters, so they cannot be "
-                "drawn per example; set config.per_example_gates=False"
+                "the method draws its gates per example, but a traced model multiplies its gates "
+                "into the parameters the whole batch shares: set config.per_example_gates=False "
+                "where the method has it, or use a method with batch-shared gates (l0_hc, "
+                "l0_arm, dep_l0_arm, l1, bounded_lp)"
             )
 
     def _unit_slot(self, group: int, name: str, layers: tuple[Layer, ...]) -> GateSlot:
