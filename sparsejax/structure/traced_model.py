@@ -152,7 +152,8 @@ def traced_layers(
             )
         sources = {"inputs": [], "outputs": []}
         for side, axis in (("inputs", len(shape) - 2), ("outputs", len(shape) - 1)):
-            if granularity != "unit" or (side == "inputs" and (layer.kernel, axis) in producer_axes):
+            reads_itself = side == "inputs" and (layer.kernel, axis) in producer_axes
+            if granularity != "unit" or reads_itself:
                 continue
             for group in structure.groups:
                 member = group.member(layer.kernel, axis)
@@ -255,7 +256,9 @@ class TracedModel(GatedModel):
             group_params=_unit_params(self.structure, traced),
         )
 
-    def _gated_slices(self, slots: dict[int, str]) -> tuple[tuple[str, tuple[GatedSlice, ...]], ...]:
+    def _gated_slices(
+        self, slots: dict[int, str]
+    ) -> tuple[tuple[str, tuple[GatedSlice, ...]], ...]:
         """Where each slot's gates act: the consumers' rows (unit granularity), the kernel
         (weight granularity)."""
         if self.granularity == "weight":
@@ -296,9 +299,8 @@ class TracedModel(GatedModel):
         """The kernel and bias variables of the traced layer ``name``."""
         for layer, kernel, bias in self.layer_params:
             if layer == name:
-                return LayerParameters(
-                    variable_at(self.net, kernel), None if bias is None else variable_at(self.net, bias)
-                )
+                bias_variable = None if bias is None else variable_at(self.net, bias)
+                return LayerParameters(variable_at(self.net, kernel), bias_variable)
         raise KeyError(f"the traced model has no layer {name!r}")
 
 

@@ -321,9 +321,13 @@ def test_closed_gates_give_the_logits_of_the_narrower_model(name, train):
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
     model = traced(case, gate_factory=method.make_gates)
     randomized(model.net, seed=3)
-    gates = {slot.name: jnp.asarray(np.isin(np.arange(slot.shape[0]), case.closed.get(slot.name, ()),
-                                            invert=True), jnp.float32)
-             for slot in model.gate_slots}
+    gates = {
+        slot.name: jnp.asarray(
+            np.isin(np.arange(slot.shape[0]), case.closed.get(slot.name, ()), invert=True),
+            jnp.float32,
+        )
+        for slot in model.gate_slots
+    }
     x = jax.random.normal(jax.random.key(2), (4, *MNIST_SHAPE))
     gated = model(x, train=train, gates=gates)
 
@@ -382,7 +386,8 @@ def test_a_zoo_model_traced_as_a_plain_module_counts_and_gates_like_its_declarat
     for _ in range(3):
         masks = {name: (rng.random(slot.shape) < 0.6).astype(np.float32)
                  for name, slot in traced_slots.items()}
-        traced_counts = count_network(model.layers, {traced_slots[n].name: m for n, m in masks.items()})
+        traced_masks = {traced_slots[n].name: m for n, m in masks.items()}
+        traced_counts = count_network(model.layers, traced_masks)
         zoo_counts = count_network(zoo.layers, {matched[n]: m for n, m in masks.items()})
         for what in ("params", "flops"):
             assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
