@@ -51,10 +51,10 @@ class GateSlot:
     gates_bias: bool
     droprate_init: float
     kernel_shape: tuple[int, ...]
-    group_params: int | None = None
+    group_params: float | None = None
 
     @property
-    def group_size(self) -> int:
+    def group_size(self) -> float:
         """Number of parameters one gate removes (|g| in the L0 papers)."""
         if self.group_params is not None:
             return self.group_params

@@ -26,6 +26,7 @@ from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.structure.accounting import count_network
+from sparsejax.structure.nodes import node_report
 from sparsejax.structure.traced_model import TracedModel, build_any_model, load_factory
 from sparsejax.train import train_and_evaluate
 
@@ -291,6 +292,20 @@ def test_the_mixer_gates_its_stream_with_layer_norm_caveats_and_not_its_token_ou
     tokens = groups["token2.kernel"]
     assert [b.reason for b in tokens.blockers][:1] == ["summed with values of no unit"]
     assert [slot.name for slot in model.gate_slots] == ["patch", "token1", "channel1"]
+
+
+def test_dead_units_are_found_through_the_readers_of_a_concatenation():
+    model = traced(CASES["branch_cnn"])
+    net = model.net
+    for reader in (net.mix, net.proj):  # right's unit 1 sits at input 4 + 1 of both readers
+        reader.kernel[...] = reader.kernel[...].at[:, :, 5].set(0.0)
+    net.left.kernel[...] = net.left.kernel[...].at[..., 2].set(0.0)  # left's unit 2: no input
+    report = node_report(model)
+    assert report.alive_units == {"stem": 6, "left": 3, "right": 4, "mix": 8}
+    narrow_params, narrow_flops = branch_cnn_counts(left=3, right=4)
+    assert report.live_biases == 6 + 3 + 4 + 8 + 8 + 10
+    assert report.kept_weights == narrow_params - report.live_biases
+    assert report.kept_flops == narrow_flops
 
 
 def test_weight_granularity_puts_one_gate_on_every_kernel_entry():
