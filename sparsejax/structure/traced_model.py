@@ -313,30 +313,30 @@ def _trace(
         raise ConfigError(
             f"{name} returned an object of type {type(net).__name__}, not a Flax NNX module"
         )
-    outputs = []
-
-    def apply(model: nnx.Module, x: jax.Array) -> jax.Array:
-        y = model(x)
-        outputs.append(y)
-        return y
-
+    if jax.tree.leaves(nnx.state(net, nnx.RngState)):
+        raise ConfigError(
+            f"{name} keeps random-number state (an nnx.Rngs stream, e.g. nnx.Dropout(rngs=...)), "
+            "which the engine cannot place on devices or checkpoint yet; build the model without "
+            "dropout"
+        )
     net.eval()
     images = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    graphdef, state = nnx.split(net)
     try:
-        structure = trace_structure(net, images, apply=apply)
+        logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
     except Exception as error:  # the user's model failing on images is the user's to fix
         message = " ".join(str(error).split())
         raise ConfigError(
             f"{name} fails on images of shape (batch, {', '.join(map(str, input_shape))}): "
             f"{type(error).__name__}: {message[:300]}"
         ) from error
-    shape = getattr(outputs[0], "shape", None) if outputs else None
+    shape = getattr(logits, "shape", None)
     if shape != (1, num_classes):
         raise ConfigError(
             f"{name} maps images of shape (1, {', '.join(map(str, input_shape))}) to an output "
             f"of shape {shape}, not logits of shape (batch, {num_classes})"
         )
-    return structure
+    return trace_structure(net, images, apply=lambda model, x: model(x))
 
 
 def load_factory(spec: str) -> Factory:
@@ -383,9 +383,12 @@ def build_traced_model(
     gate_factory: GateFactory | None = None,
     granularity: Granularity = "unit",
 ) -> TracedModel:
-    """The :class:`TracedModel` of the plain module ``FACTORY(rngs=rngs,
-    num_classes=num_classes)`` for ``spec = "MODULE:FACTORY"`` (:func:`load_factory`)."""
-    net = load_factory(spec)(rngs=rngs, num_classes=num_classes)
+    """The :class:`TracedModel` of the plain module ``FACTORY(rngs=..., num_classes=...)`` for
+    ``spec = "MODULE:FACTORY"`` (:func:`load_factory`). The factory's ``nnx.Rngs`` has a
+    ``params`` and a ``dropout`` stream, both derived from ``rngs.params``."""
+    key = rngs.params()
+    net_rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
+    net = load_factory(spec)(rngs=net_rngs, num_classes=num_classes)
     return TracedModel(
         net,
         rngs=rngs,

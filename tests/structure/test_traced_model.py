@@ -488,6 +488,7 @@ def test_a_spec_loads_the_factory_and_names_what_is_wrong(tmp_path, monkeypatch)
         "def positional(rngs, num_classes, width):\n    pass\n"
         "def to_features(*, rngs, num_classes):\n    return nnx.Linear(784, 32, rngs=rngs)\n"
         "def not_a_module(*, rngs, num_classes):\n    return 3\n"
+        "def with_dropout(*, rngs, num_classes):\n    return nnx.Dropout(0.5, rngs=rngs)\n"
         "CONSTANT = 1\n"
     )
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -506,6 +507,9 @@ def test_a_spec_loads_the_factory_and_names_what_is_wrong(tmp_path, monkeypatch)
                         input_shape=(784,))
     with pytest.raises(ConfigError, match="fails on images of shape"):
         build_any_model("user_models:to_features", rngs=nnx.Rngs(0), num_classes=10,
+                        input_shape=MNIST_SHAPE)
+    with pytest.raises(ConfigError, match="keeps random-number state"):
+        build_any_model("user_models:with_dropout", rngs=nnx.Rngs(0), num_classes=10,
                         input_shape=MNIST_SHAPE)
     with pytest.raises(ConfigError, match="returned an object of type int, not a Flax NNX module"):
         build_any_model("user_models:not_a_module", rngs=nnx.Rngs(0), num_classes=10,
