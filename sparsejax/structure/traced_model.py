@@ -8,10 +8,11 @@ params and FLOPs), :class:`GateSlot` places for gates and :class:`ChannelCouplin
 of a hand-written declaration:
 
 - **Layers**: one per traced dense or conv product, named after the module that holds its kernel
-  (``"blocks.0.conv"``), with the kernel's shape, its bias, and its output positions (MACs per
-  kernel weight from the trace). Its ``inputs`` are the gated groups with members on the
-  kernel's input axis (second to last), placed by tile count or, for a concatenation or any other
-  arrangement, by :class:`UnitIndex`; its ``outputs`` the group its output axis (last) produces.
+  (``"blocks.0.conv"``; the parameter's path when it is not called ``kernel``), with the
+  kernel's shape, its bias, and its output positions (MACs per kernel weight from the trace).
+  Its ``inputs`` are the gated groups with members on the kernel's input axis (second to last),
+  placed by tile count or, for a concatenation or any other arrangement, by :class:`UnitIndex`;
+  its ``outputs`` the group its output axis (last) produces.
 - **Gate slots** at unit granularity: one per *prunable* traced group, named after its first
   producer, ``(size,)`` gates. The gates act on the consumers, as :func:`sparsejax.sparsify`
   does (:func:`~sparsejax.structure.sparsify.gated_slices`): gate ``z_u`` multiplies the kernel
@@ -24,8 +25,8 @@ of a hand-written declaration:
 - **Couplings**: a group with several producers (a residual stream) is a
   :class:`ChannelCoupling` of their layers (``fixed`` when the group is not prunable).
 
-The wrapped module runs in NNX training mode (``model.train()``: BatchNorm batch statistics,
-dropout on) when the engine trains and in evaluation mode (``model.eval()``) otherwise. What the
+The wrapped module runs in NNX training mode (``model.train()``: BatchNorm on batch
+statistics) when the engine trains and in evaluation mode (``model.eval()``) otherwise. What the
 trace cannot map onto the layer geometry (a kernel whose input and output are not its last two
 axes, a kernel read by several products, FLOPs no layer owns) is refused with a
 :class:`~sparsejax.errors.ConfigError` naming the layer.
@@ -86,9 +87,11 @@ class LayerParameters:
     bias: nnx.Variable | None
 
 
-def _module_path(param_path: str) -> str:
-    """``"blocks.0.conv"`` for the parameter ``"blocks.0.conv.kernel"``."""
-    return param_path.rpartition(".")[0] or param_path
+def _layer_name(kernel_path: str) -> str:
+    """The name of the layer whose kernel is the parameter ``kernel_path``: its module,
+    ``"blocks.0.conv"`` for ``"blocks.0.conv.kernel"``, or the parameter's own path when it is
+    not called ``kernel`` (a module holding several weights)."""
+    return kernel_path.removesuffix(".kernel")
 
 
 def _placement(member: Member, axis_size: int, group_size: int) -> int | UnitIndex:
@@ -108,7 +111,7 @@ def _placement(member: Member, axis_size: int, group_size: int) -> int | UnitInd
 
 def _slot_names(structure: TracedStructure) -> dict[int, str]:
     """Slot name of every prunable group: its first producer's module."""
-    return {g.index: _module_path(g.producers[0][0]) for g in structure.groups if g.prunable}
+    return {g.index: _layer_name(g.producers[0][0]) for g in structure.groups if g.prunable}
 
 
 def _unit_params(structure: TracedStructure, group: UnitGroup) -> float:
@@ -127,7 +130,7 @@ def traced_layers(
       ConfigError: for a layer the geometry cannot describe.
     """
     producer_axes = {p for g in structure.groups for p in g.producers}
-    names = [_module_path(layer.kernel) for layer in structure.layers]
+    names = [_layer_name(layer.kernel) for layer in structure.layers]
     if len(set(names)) != len(names):
         shared = sorted({n for n in names if names.count(n) > 1})
         raise ConfigError(
@@ -244,7 +247,7 @@ class TracedModel(GatedModel):
     def _unit_slot(self, group: int, name: str, layers: tuple[Layer, ...]) -> GateSlot:
         traced = self.structure.groups[group]
         path, axis = traced.producers[0]
-        producer = next(layer for layer in layers if layer.name == _module_path(path))
+        producer = next(layer for layer in layers if layer.name == _layer_name(path))
         return GateSlot(
             name,
             producer.name,
@@ -263,7 +266,7 @@ class TracedModel(GatedModel):
         (weight granularity)."""
         if self.granularity == "weight":
             return tuple(
-                (_module_path(layer.kernel), (GatedSlice(layer.kernel, None),))
+                (_layer_name(layer.kernel), (GatedSlice(layer.kernel, None),))
                 for layer in self.structure.layers
             )
         return tuple(
@@ -277,7 +280,7 @@ class TracedModel(GatedModel):
         return tuple(
             ChannelCoupling(
                 names.get(g.index, f"group{g.index}"),
-                tuple(_module_path(path) for path, _ in g.producers),
+                tuple(_layer_name(path) for path, _ in g.producers),
                 fixed=not g.prunable,
             )
             for g in self.structure.groups
