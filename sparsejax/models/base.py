@@ -103,7 +103,8 @@ class Layer:
       kernel_shape: ``(in, out)`` or ``(kh, kw, in, out)``.
       out_positions: output spatial positions (H_out * W_out; 1 for a dense layer).
       inputs / outputs: slots whose values, each tiled the given number of times (flattening a
-        NHWC map puts the channel fastest), multiply the layer's input / output units.
+        NHWC map puts the channel fastest) or placed by a :class:`UnitIndex`, multiply the
+        layer's input / output units.
       kernel_slot: the weight-granularity slot of this layer's kernel, if any.
       groups: feature groups of a grouped convolution (the kernel's in axis is ``in / groups``;
         a depthwise convolution has ``groups == in == out``).
