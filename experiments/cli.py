@@ -34,6 +34,7 @@ from sparsejax.errors import (
 )
 from sparsejax.methods import METHODS, method_class
 from sparsejax.models import MODELS
+from sparsejax.structure.traced_model import check_model_name
 from sparsejax.train import Preempted, train_and_evaluate
 
 EXIT_PREEMPTED = 75
@@ -50,7 +51,13 @@ _METHOD = flags.DEFINE_string(
     f"Sparsification method: one of {', '.join(sorted(METHODS))}, or MODULE:CLASS for a method "
     "class of an importable module.",
 )
-_MODEL = flags.DEFINE_enum("model", None, sorted(MODELS), "Model.")
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    f"Model: one of {', '.join(sorted(MODELS))}, or MODULE:FACTORY for a factory "
+    "FACTORY(*, rngs, num_classes) of a plain NNX model (NHWC images -> logits) in an importable "
+    "module, gated and counted from its traced structure.",
+)
 _DATASET = flags.DEFINE_enum("dataset", None, list(SOURCES), "Dataset.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs.", lower_bound=1)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Minibatch size.", lower_bound=1)
@@ -136,6 +143,8 @@ def _parse_flags(default_config: Path, argv: list[str]) -> list[str]:
             raise ConfigError(
                 f"--config.{override}: {_field_owner(missing, method, config_file, hint)}"
             ) from error
+        if flags.FLAGS.model is not None:
+            check_model_name(flags.FLAGS.model)
         if len(rest) > 1:
             raise ConfigError(
                 f"unexpected arguments {' '.join(rest[1:])!r}; write flags as --NAME=VALUE "
@@ -260,7 +269,8 @@ def _train(
     if resolve is not None:
         resolve(config)
     method = config.method.replace(":", "_")  # MODULE:CLASS
-    workdir = _WORKDIR.value or f"runs/{config.dataset}_{config.model}_{method}"
+    model = config.model.replace(":", "_")  # MODULE:FACTORY
+    workdir = _WORKDIR.value or f"runs/{config.dataset}_{model}_{method}"
     try:
         summary = train_and_evaluate(config, workdir)
     except Preempted as stopped:

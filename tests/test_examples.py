@@ -59,3 +59,65 @@ def test_train_and_evaluate_takes_a_method_by_module_and_class(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="cannot import module 'nowhere_module'"):
         train_and_evaluate(config, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+BAD_FACTORIES = '''
+from flax import nnx
+
+
+class Features(nnx.Module):
+    def __init__(self, *, rngs, num_classes):
+        self.conv = nnx.Conv(1, 32, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv(x).mean(axis=(1, 2))
+
+
+def features(*, rngs, num_classes):
+    return Features(rngs=rngs, num_classes=num_classes)
+
+
+def positional(rngs, num_classes, width):
+    return Features(rngs=rngs, num_classes=num_classes)
+'''
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(),
+                    reason="needs apt-get install dataset-fashion-mnist")
+def test_a_plain_nnx_model_runs_and_resumes_through_the_cli_from_outside_the_repository(tmp_path):
+    own = tmp_path / "my_models"
+    own.mkdir()
+    shutil.copy(ROOT / "examples" / "traced_model.py", own / "my_cnn.py")
+    (own / "bad_models.py").write_text(BAD_FACTORIES)
+    common = ("--method=l0_hc", "--dataset=fashion_mnist", "--steps_per_epoch=2",
+              "--batch_size=64", "--config.num_train=256", "--config.num_test=128",
+              f"--workdir={tmp_path / 'run'}")
+    first = run_cli("--model=my_cnn:small_cnn", "--epochs=1", *common,
+                    pythonpath=f"{own}:{ROOT}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_cli("--model=my_cnn:small_cnn", "--epochs=2", *common,
+                      pythonpath=f"{own}:{ROOT}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "at step 2" in resumed.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == summary["model"] == "my_cnn:small_cnn"
+    assert summary["epochs"] == 2
+    assert summary["gate_slots"] == ["stem", "conv", "wide", "narrow", "fc1"]
+    assert summary["dense_units"] == [16, 32, 16, 8, 64]
+    # conv stem, conv + shortcut (a stream), two branches, fc1 over 7 x 7 x 24, fc2
+    assert summary["dense_params"] == (9 * 16 + 16) + (9 * 16 * 32 + 32) + (16 * 32 + 32) + (
+        9 * 32 * 16 + 16) + (32 * 8 + 8) + (49 * 24 * 64 + 64) + (64 * 10 + 10)
+    for model, message in [
+        ("nowhere:small_cnn", "cannot import module 'nowhere'"),
+        ("my_cnn:large_cnn", "module 'my_cnn' has no attribute 'large_cnn'"),
+        ("bad_models:positional", "cannot be called as positional(*, rngs, num_classes)"),
+        ("bad_models:features", "to an output of shape (1, 32), not logits of shape (batch, 10)"),
+    ]:
+        failed = run_cli(f"--model={model}", "--epochs=1", *common[:-1],
+                         f"--workdir={tmp_path / 'failed'}", pythonpath=f"{own}:{ROOT}",
+                         cwd=tmp_path)
+        lines = [line for line in failed.stderr.splitlines() if line.strip()]
+        assert failed.returncode == 1 and len(lines) == 1, failed.stderr[-2000:]
+        assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "failed").exists()

@@ -42,7 +42,7 @@ from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.budget import TARGET_FIELDS, requested_target
 from sparsejax.methods.budget_ratio import layers_ratio
 from sparsejax.methods.fields import Field
-from sparsejax.methods.masking import unit_variables
+from sparsejax.methods.masking import check_unit_zeroing, unit_variables
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity
 from sparsejax.methods.registry import register
@@ -157,6 +157,8 @@ class GradualMagnitudePruning(Method):
     def init(self, model: GatedModel) -> MethodState:
         """``{"masks": {layer: all-True mask}}``: shaped like the kernel (weights) or its units."""
         per_unit = self.config.gmp_structure == "unit"
+        if per_unit:
+            check_unit_zeroing(model, "gmp_structure=unit")
         layers = self.pruned_layers(model)
         if not layers:
             raise ConfigError(

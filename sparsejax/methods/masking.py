@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.models.base import GatedModel
+from sparsejax.structure.traced_model import TracedModel
+
+
+def check_unit_zeroing(model: GatedModel, what: str) -> None:
+    """Refuse, with a :class:`ConfigError`, to prune ``model``'s units by zeroing their
+    parameters (``what``: the method and setting that asks for it) when the model does not
+    declare what lies between a layer and its readers: a traced model's activations and
+    normalisers are not declared, so a zeroed output could still reach the readers as a
+    constant (a BatchNorm's bias, sigmoid(0))."""
+    if isinstance(model, TracedModel):
+        raise ConfigError(
+            f"{what} removes a unit by zeroing its layer's kernel slice, bias and declared "
+            "BatchNorm, which a traced model (--model=MODULE:FACTORY) does not declare; prune "
+            "its weights instead, or use a gated method (l0_hc, l0_arm, l1, bounded_lp, ...)"
+        )
 
 
 def unit_variables(model: GatedModel, name: str) -> list[nnx.Variable]:
     """The parameters of layer ``name`` indexed by its output units on their last axis: its
     kernel, its bias and the scale and bias of the BatchNorm that normalises its output, so
     that zeroing unit j in all of them makes the unit output exactly zero, as if removed."""
+    check_unit_zeroing(model, "pruning units")
     module = model.layer_module(name)
     variables = [module.kernel]
     if getattr(module, "bias", None) is not None:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
@@ -38,6 +39,9 @@ class GateSlot:
       gates_bias: whether a gate also multiplies the bias of its group (conv output channels).
       droprate_init: the initial drop rate the reference uses for this slot.
       kernel_shape: shape of the gated layer's kernel.
+      group_params: parameters one gate removes, where the model knows it better than the
+        gated layer's geometry does (a traced model: the producers' slices, their biases and
+        every consumer's rows), else None.
     """
 
     name: str
@@ -47,10 +51,13 @@ class GateSlot:
     gates_bias: bool
     droprate_init: float
     kernel_shape: tuple[int, ...]
+    group_params: float | None = None
 
     @property
-    def group_size(self) -> int:
+    def group_size(self) -> float:
         """Number of parameters one gate removes (|g| in the L0 papers)."""
+        if self.group_params is not None:
+            return self.group_params
         if self.axis is None:
             return 1
         return math.prod(self.kernel_shape) // self.kernel_shape[self.axis] + int(self.gates_bias)
@@ -71,8 +78,36 @@ class SlotMember:
     units: tuple[int, ...] | None = None
 
 
-UnitSource = tuple[tuple[str, int], ...]
-"""Slots whose (tiled) values multiply a layer's units: ((slot name, tile count), ...)."""
+@dataclasses.dataclass(frozen=True)
+class UnitIndex:
+    """Where a slot's units sit among a layer's units when a tiling cannot say it (a traced
+    model's concatenations and flattenings): unit ``units[k]`` of the slot multiplies the layer's
+    unit ``indices[k]``; the layer's other units are not the slot's."""
+
+    indices: tuple[int, ...]
+    units: tuple[int, ...]
+    slot_size: int
+
+
+def unit_positions(placement: int | UnitIndex, layer_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, units)`` of a slot placed among ``layer_units`` units by ``placement`` (a tile
+    count or a :class:`UnitIndex`): unit ``units[k]`` of the slot is the layer's unit
+    ``indices[k]``."""
+    if isinstance(placement, UnitIndex):
+        return np.asarray(placement.indices, np.int64), np.asarray(placement.units, np.int64)
+    indices = np.arange(layer_units)
+    return indices, indices % (layer_units // placement)
+
+
+def slot_size(placement: int | UnitIndex, layer_units: int) -> int:
+    """The number of units of a slot placed among ``layer_units`` units by ``placement``."""
+    return placement.slot_size if isinstance(placement, UnitIndex) else layer_units // placement
+
+
+UnitSource = tuple[tuple[str, int | UnitIndex], ...]
+"""Slots whose values multiply a layer's units: ((slot name, tile count or
+:class:`UnitIndex`), ...); a tile count t repeats the slot's values t times (flattening an NHWC
+map puts the channel fastest)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +118,8 @@ class Layer:
       kernel_shape: ``(in, out)`` or ``(kh, kw, in, out)``.
       out_positions: output spatial positions (H_out * W_out; 1 for a dense layer).
       inputs / outputs: slots whose values, each tiled the given number of times (flattening a
-        NHWC map puts the channel fastest), multiply the layer's input / output units.
+        NHWC map puts the channel fastest) or placed by a :class:`UnitIndex`, multiply the
+        layer's input / output units.
       kernel_slot: the weight-granularity slot of this layer's kernel, if any.
       groups: feature groups of a grouped convolution (the kernel's in axis is ``in / groups``;
         a depthwise convolution has ``groups == in == out``).

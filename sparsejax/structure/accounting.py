@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax.models.base import Layer, UnitSource
+from sparsejax.models.base import Layer, UnitIndex, UnitSource, unit_positions
 
 ArrayLike = np.ndarray | jnp.ndarray
 
@@ -41,9 +41,15 @@ class LayerCount:
 
 def _unit_vector(sources: UnitSource, values: Mapping[str, ArrayLike], size: int):
     vector = jnp.ones((size,), jnp.float32)
-    for slot, tiles in sources:
-        if slot in values:
-            vector = vector * jnp.tile(jnp.asarray(values[slot], jnp.float32), tiles)
+    for slot, placement in sources:
+        if slot not in values:
+            continue
+        slot_values = jnp.asarray(values[slot], jnp.float32)
+        if isinstance(placement, UnitIndex):
+            indices, units = unit_positions(placement, size)
+            vector = vector.at[indices].set(vector[indices] * slot_values[units])
+        else:
+            vector = vector * jnp.tile(slot_values, placement)
     return vector
 
 

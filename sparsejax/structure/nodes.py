@@ -24,7 +24,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sparsejax.models.base import ChannelCoupling, GatedModel, Layer, UnitSource
+from sparsejax.models.base import (
+    ChannelCoupling,
+    GatedModel,
+    Layer,
+    UnitIndex,
+    UnitSource,
+    slot_size,
+    unit_positions,
+)
 from sparsejax.structure.accounting import count_network
 
 
@@ -90,16 +98,25 @@ def _slot_sizes(layers: tuple[Layer, ...]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for layer in layers:
         for sources, units in ((layer.inputs, layer.in_units), (layer.outputs, layer.out_units)):
-            for slot, tiles in sources:
-                sizes.setdefault(slot, units // tiles)
+            for slot, placement in sources:
+                sizes.setdefault(slot, slot_size(placement, units))
     return sizes
 
 
 def _unit_vector(sources: UnitSource, alive: Mapping[str, np.ndarray], size: int) -> np.ndarray:
     vector = np.ones(size, bool)
-    for slot, tiles in sources:
-        vector &= np.tile(alive[slot], tiles)
+    for slot, placement in sources:
+        indices, units = unit_positions(placement, size)
+        vector[indices] &= alive[slot][units]
     return vector
+
+
+def _per_unit_any(per_position: np.ndarray, placement: int | UnitIndex, size: int) -> np.ndarray:
+    """Per unit of a slot placed by ``placement``: whether any of its positions is True."""
+    indices, units = unit_positions(placement, per_position.size)
+    found = np.zeros(size, bool)
+    np.logical_or.at(found, units, per_position[indices])
+    return found
 
 
 def _nonzero(kernel: np.ndarray) -> np.ndarray:
@@ -154,12 +171,12 @@ def alive_units(
         has_output = {slot: None for slot in sizes}
         for layer in layers:
             live = support[layer.name] & _live_pairs(layer, alive)
-            for slot, tiles in layer.outputs:
-                reached = live.any(axis=0).reshape(tiles, -1).any(axis=0)
+            for slot, placement in layer.outputs:
+                reached = _per_unit_any(live.any(axis=0), placement, sizes[slot])
                 has_input[slot] = reached if has_input[slot] is None else has_input[slot] | reached
             used_inputs = _inputs_used(live, layer)
-            for slot, tiles in layer.inputs:
-                used = used_inputs.reshape(tiles, -1).any(axis=0)
+            for slot, placement in layer.inputs:
+                used = _per_unit_any(used_inputs, placement, sizes[slot])
                 has_output[slot] = used if has_output[slot] is None else has_output[slot] | used
         changed = False
         for slot in sizes:

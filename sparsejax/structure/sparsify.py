@@ -36,8 +36,9 @@ gated groups is counted in both groups' weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +64,47 @@ def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class GatedSlice:
     """Gate values ``z[units[k]]`` multiply index ``indices[k]`` of axis ``axis`` of the
-    parameter at ``path``."""
+    parameter at ``path``; with ``axis`` None, ``z`` has the parameter's shape and multiplies it
+    entry by entry (weight gates)."""
 
     path: str
-    axis: int
-    indices: tuple[int, ...]
-    units: tuple[int, ...]
+    axis: int | None
+    indices: tuple[int, ...] = ()
+    units: tuple[int, ...] = ()
+
+
+def _scaled(value: jax.Array, s: GatedSlice, z: jax.Array) -> jax.Array:
+    if s.axis is None:
+        return value * z.astype(value.dtype)
+    factor = jnp.ones(value.shape[s.axis], z.dtype)
+    factor = factor.at[np.asarray(s.indices)].set(z[np.asarray(s.units)])
+    shape = [1] * value.ndim
+    shape[s.axis] = -1
+    return value * factor.reshape(shape).astype(value.dtype)
+
+
+@contextlib.contextmanager
+def parameters_gated(
+    model: nnx.Module, gated: Sequence[tuple[GatedSlice, jax.Array]]
+) -> Iterator[None]:
+    """Inside the block, every parameter of ``model`` named by a :class:`GatedSlice` of
+    ``gated`` is multiplied by its gate values (several slices of one parameter multiply
+    together); the original values are restored on leaving, so gradients reach both the
+    parameters and the gates through the product."""
+    scaled: dict[str, tuple[nnx.Variable, jax.Array, jax.Array]] = {}
+    for s, z in gated:
+        if s.path not in scaled:
+            var = variable_at(model, s.path)
+            scaled[s.path] = (var, var[...], var[...])
+        var, original, value = scaled[s.path]
+        scaled[s.path] = (var, original, _scaled(value, s, z))
+    try:
+        for var, _, value in scaled.values():
+            var.set_value(value)
+        yield
+    finally:
+        for var, original, _ in scaled.values():
+            var.set_value(original)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +158,7 @@ def gated_slices(structure: TracedStructure, group: UnitGroup) -> tuple[GatedSli
     return tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in consumers)
 
 
-def _variable(model: nnx.Module, path: str) -> nnx.Variable:
+def variable_at(model: nnx.Module, path: str) -> nnx.Variable:
     """The variable at a dotted state path such as ``"blocks.0.conv.kernel"``."""
     node = model
     for part in path.split("."):
@@ -195,25 +231,9 @@ class Sparsified(nnx.Module):
             gates = self.gate_values(rngs)
         if len(gates) != len(self.slices):
             raise ValueError(f"{len(gates)} gate vectors given for {len(self.slices)} gated groups")
-        scaled: dict[str, tuple[nnx.Variable, jax.Array, jax.Array]] = {}
-        for z, slices in zip(gates, self.slices):
-            for s in slices:
-                if s.path not in scaled:
-                    var = _variable(self.model, s.path)
-                    scaled[s.path] = (var, var[...], var[...])
-                var, original, value = scaled[s.path]
-                factor = jnp.ones(value.shape[s.axis], z.dtype)
-                factor = factor.at[np.asarray(s.indices)].set(z[np.asarray(s.units)])
-                shape = [1] * value.ndim
-                shape[s.axis] = -1
-                scaled[s.path] = (var, original, value * factor.reshape(shape).astype(value.dtype))
-        try:
-            for var, _, value in scaled.values():
-                var.set_value(value)
+        gated = [(s, z) for z, slices in zip(gates, self.slices) for s in slices]
+        with parameters_gated(self.model, gated):
             return self.model(*args, **kwargs)
-        finally:
-            for var, original, _ in scaled.values():
-                var.set_value(original)
 
     def expected(
         self, f: Callable[[jax.Array], jax.Array], *args, rngs: nnx.Rngs | None = None, **kwargs
@@ -376,6 +396,8 @@ __all__ = [
     "Sparsified",
     "SparsityReport",
     "gated_slices",
+    "parameters_gated",
     "sparsify",
+    "variable_at",
 ]
 

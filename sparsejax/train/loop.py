@@ -28,9 +28,9 @@ from sparsejax.data.sources import BatchSource, open_source
 from sparsejax.errors import ConfigError, UserError
 from sparsejax.methods.base import Method, MethodState, RunInfo
 from sparsejax.methods.budget import requested_target, target_report
-from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.structure.report import GateReport, sparsity_report
+from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
 from sparsejax.train.input import DEFAULT_THREADS, Input
@@ -172,7 +172,7 @@ def build(
     method_cls, config = resolve_config(config)
     run = RunInfo(data.num_train, steps_per_epoch_of(config, data), config.get("epochs"))
     method = method_cls(config, run)
-    model = build_model(
+    model = build_any_model(
         config.model,
         rngs=nnx.Rngs(params=config.seed),
         num_classes=data.num_classes,

@@ -46,8 +46,31 @@ def cast(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     return [Value(ins[0].fields, param=ins[0].param)]
 
 
+def _block_unit_free_summands(ctx: Context, eqn, ins: Sequence[Value]) -> None:
+    """In a sum (or max / min) of arrays of the output's shape, a field of one operand on
+    dimensions where another operand varies but carries no unit is blocked: removing the units
+    would not remove that operand's values there (a token-mixing output added to a stream whose
+    token positions come from the image). An operand broadcast along those dimensions (a
+    normaliser's mean) leaves them free."""
+    shape = _out_shape(eqn)
+    full = [v for var, v in zip(eqn.invars, ins) if _shape(var) == shape]
+    for value in full:
+        for field in value.fields:
+            for other in full:
+                covered = any(set(field.dims) <= set(f.dims) for f in other.fields)
+                if other is not value and not covered and not set(field.dims) <= other.constant:
+                    ctx.block([field], "summed with values of no unit")
+
+
+def summed(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
+    """An elementwise difference, maximum or minimum (:func:`_block_unit_free_summands`)."""
+    _block_unit_free_summands(ctx, eqn, ins)
+    return elementwise(ctx, eqn, ins)
+
+
 def add(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """An elementwise sum; a parameter added to a layer's output is that layer's bias."""
+    _block_unit_free_summands(ctx, eqn, ins)
     (out,) = elementwise(ctx, eqn, ins)
     a, b = ins
     layer, bias = (a.layer, b.param) if a.layer is not None else (b.layer, a.param)
@@ -60,7 +83,10 @@ def broadcast_in_dim(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """Fields move to the dimensions the operand's map to (a bias vector onto the channels)."""
     mapping = dict(enumerate(eqn.params["broadcast_dimensions"]))
     fields = tuple(f for f in (relabel(f, mapping) for f in ins[0].fields) if f is not None)
-    return [Value(fields, param=ins[0].param)]
+    operand = _shape(eqn.invars[0])
+    varying = {mapping[d] for d, size in enumerate(operand) if size > 1}
+    constant = frozenset(d for d in range(len(_out_shape(eqn))) if d not in varying)
+    return [Value(fields, param=ins[0].param, constant=constant)]
 
 
 def transpose(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
@@ -365,6 +391,7 @@ RULES: dict[str, Rule] = {
     **{name: reduce for name in REDUCTIONS},
     **{name: reduce_window for name in POOLING},
     "add": add,
+    **{name: summed for name in ("sub", "max", "min")},
     "convert_element_type": cast,
     "copy": cast,
     "copy_p": cast,

@@ -12,11 +12,13 @@ from sparsejax.structure.trace.units import NO_UNIT, Blocker, Field, Seed, UnitT
 @dataclasses.dataclass(frozen=True)
 class Value:
     """The fields of a variable; ``param``: the parameter it is (up to casts, reshapes and
-    broadcasts), else None; ``layer``: the index of the layer whose output it is, else None."""
+    broadcasts), else None; ``layer``: the index of the layer whose output it is, else None;
+    ``constant``: dimensions along which it is known to be constant (a broadcast)."""
 
     fields: tuple[Field, ...] = ()
     param: str | None = None
     layer: int | None = None
+    constant: frozenset[int] = frozenset()
 
 
 UNLABELLED = Value()

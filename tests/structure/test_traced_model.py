@@ -1,0 +1,516 @@
+"""Plain NNX models the package has never seen, gated, counted and trained from their trace
+(:class:`sparsejax.structure.traced_model.TracedModel`).
+
+For each model: the traced layers count the params and FLOPs computed by hand, with every unit
+kept and with some removed; closing gates gives the logits of the physically narrower model
+(parameters sliced along the trace's members); the engine trains it on a slice of
+Fashion-MNIST. The zoo's LeNet-5 and ResNet-20, traced as plain modules, count and gate like
+their declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.configs.mnist import get_config
+from sparsejax.errors import ConfigError
+from sparsejax.methods.base import RunInfo
+from sparsejax.methods.l0_hc import L0HardConcrete
+from sparsejax.models import build_model
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.nodes import node_report
+from sparsejax.structure.traced_model import TracedModel, build_any_model, load_factory
+from sparsejax.train import train_and_evaluate
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST.exists(), reason="needs apt-get install dataset-fashion-mnist"
+)
+MNIST_SHAPE = (28, 28, 1)
+THIS_MODULE = Path(__file__).stem
+
+
+# ---------------------------------------------------------------- the models, never seen before
+
+
+class BranchCNN(nnx.Module):
+    """stem (BN) -> [3x3 left | 1x1 right] concatenated -> 3x3/2 mix + 1x1/2 projection summed
+    (a projected residual) -> global mean -> dense head."""
+
+    def __init__(self, *, rngs, num_classes, stem=6, left=4, right=5, mix=8):
+        self.stem = nnx.Conv(1, stem, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(stem, rngs=rngs)
+        self.left = nnx.Conv(stem, left, (3, 3), rngs=rngs)
+        self.right = nnx.Conv(stem, right, (1, 1), rngs=rngs)
+        self.mix = nnx.Conv(left + right, mix, (3, 3), strides=2, rngs=rngs)
+        self.proj = nnx.Conv(left + right, mix, (1, 1), strides=2, rngs=rngs)
+        self.head = nnx.Linear(mix, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.bn(self.stem(x)))
+        h = jnp.concatenate([nnx.relu(self.left(h)), jax.nn.sigmoid(self.right(h))], axis=-1)
+        h = nnx.relu(self.mix(h) + self.proj(h))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+def branch_cnn_counts(stem=6, left=4, right=5, mix=8, classes=10):
+    cat = left + right
+    params = (9 * stem + stem) + (9 * stem * left + left) + (stem * right + right) \
+        + (9 * cat * mix + mix) + (cat * mix + mix) + (mix * classes + classes)
+    flops = 784 * (9 * stem + 9 * stem * left + stem * right) + 196 * (9 * cat * mix + cat * mix) \
+        + mix * classes
+    return params, flops
+
+
+class DepthwiseSeparable(nnx.Module):
+    """stem 3x3/2 -> expand 1x1 (BN, relu6) -> depthwise 3x3 (BN, relu6) -> project 1x1 (BN)
+    -> global mean -> dense head."""
+
+    def __init__(self, *, rngs, num_classes, stem=4, expand=12, project=6):
+        self.stem = nnx.Conv(1, stem, (3, 3), strides=2, rngs=rngs)
+        self.expand = nnx.Conv(stem, expand, (1, 1), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(expand, rngs=rngs)
+        self.depthwise = nnx.Conv(
+            expand, expand, (3, 3), feature_group_count=expand, use_bias=False, rngs=rngs
+        )
+        self.bn2 = nnx.BatchNorm(expand, rngs=rngs)
+        self.project = nnx.Conv(expand, project, (1, 1), use_bias=False, rngs=rngs)
+        self.bn3 = nnx.BatchNorm(project, rngs=rngs)
+        self.head = nnx.Linear(project, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem(x))
+        h = jax.nn.relu6(self.bn1(self.expand(h)))
+        h = jax.nn.relu6(self.bn2(self.depthwise(h)))
+        h = self.bn3(self.project(h))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+def depthwise_counts(stem=4, expand=12, project=6, classes=10):
+    params = (9 * stem + stem) + stem * expand + 9 * expand + expand * project \
+        + (project * classes + classes)
+    flops = 196 * (9 * stem + stem * expand + 9 * expand + expand * project) + project * classes
+    return params, flops
+
+
+class Mixer(nnx.Module):
+    """MLP-Mixer: 7x7 patches (16 tokens) -> [LN, token MLP over the transposed tokens,
+    residual; LN, channel MLP, residual] -> LN -> mean over tokens -> dense head."""
+
+    def __init__(self, *, rngs, num_classes, channels=8, token_hidden=6, channel_hidden=10):
+        tokens = 16
+        self.patch = nnx.Conv(1, channels, (7, 7), strides=7, padding="VALID", rngs=rngs)
+        self.norm1 = nnx.LayerNorm(channels, rngs=rngs)
+        self.token1 = nnx.Linear(tokens, token_hidden, rngs=rngs)
+        self.token2 = nnx.Linear(token_hidden, tokens, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(channels, rngs=rngs)
+        self.channel1 = nnx.Linear(channels, channel_hidden, rngs=rngs)
+        self.channel2 = nnx.Linear(channel_hidden, channels, rngs=rngs)
+        self.norm3 = nnx.LayerNorm(channels, rngs=rngs)
+        self.head = nnx.Linear(channels, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.patch(x)
+        h = h.reshape(h.shape[0], -1, h.shape[-1])  # (batch, tokens, channels)
+        y = jnp.swapaxes(self.norm1(h), 1, 2)
+        y = self.token2(nnx.gelu(self.token1(y)))
+        h = h + jnp.swapaxes(y, 1, 2)
+        h = h + self.channel2(nnx.gelu(self.channel1(self.norm2(h))))
+        return self.head(self.norm3(h).mean(axis=1))
+
+
+def mixer_counts(channels=8, token_hidden=6, channel_hidden=10, classes=10, tokens=16):
+    params = (49 * channels + channels) + (tokens * token_hidden + token_hidden) \
+        + (token_hidden * tokens + tokens) + (channels * channel_hidden + channel_hidden) \
+        + (channel_hidden * channels + channels) + (channels * classes + classes)
+    flops = tokens * 49 * channels + 2 * channels * tokens * token_hidden \
+        + 2 * tokens * channels * channel_hidden + channels * classes
+    return params, flops
+
+
+class SortedCNN(nnx.Module):
+    """conv1 -> conv2 -> a sort over conv2's channels (an op the tracer has no rule for) ->
+    global mean -> dense head."""
+
+    def __init__(self, *, rngs, num_classes, first=5, second=7):
+        self.conv1 = nnx.Conv(1, first, (3, 3), strides=2, rngs=rngs)
+        self.conv2 = nnx.Conv(first, second, (3, 3), strides=2, rngs=rngs)
+        self.head = nnx.Linear(second, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+        return self.head(jnp.sort(h, axis=-1).mean(axis=(1, 2)))
+
+
+def sorted_counts(first=5, second=7, classes=10):
+    params = (9 * first + first) + (9 * first * second + second) + (second * classes + classes)
+    flops = 196 * 9 * first + 49 * 9 * first * second + second * classes
+    return params, flops
+
+
+def branch_cnn(*, rngs, num_classes):
+    return BranchCNN(rngs=rngs, num_classes=num_classes)
+
+
+def depthwise_separable(*, rngs, num_classes):
+    return DepthwiseSeparable(rngs=rngs, num_classes=num_classes)
+
+
+def mixer(*, rngs, num_classes):
+    return Mixer(rngs=rngs, num_classes=num_classes)
+
+
+def sorted_cnn(*, rngs, num_classes):
+    return SortedCNN(rngs=rngs, num_classes=num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A test model: its class and factory, its hand counts, its expected gate slots (name:
+    units) and the units to close per slot with the narrower widths they leave."""
+
+    cls: type
+    factory: str
+    counts: object
+    slots: dict
+    closed: dict
+    narrow: dict
+
+
+CASES = {
+    "branch_cnn": Case(
+        BranchCNN, "branch_cnn", branch_cnn_counts,
+        {"stem": 6, "left": 4, "right": 5, "mix": 8},
+        {"stem": (0, 4), "left": (2,), "right": (1, 3), "mix": (5,)},
+        {"stem": 4, "left": 3, "right": 3, "mix": 7},
+    ),
+    "depthwise_separable": Case(
+        DepthwiseSeparable, "depthwise_separable", depthwise_counts,
+        {"stem": 4, "expand": 12, "project": 6},
+        {"stem": (1,), "expand": (0, 5, 11), "project": (2, 3)},
+        {"stem": 3, "expand": 9, "project": 4},
+    ),
+    "mixer": Case(
+        Mixer, "mixer", mixer_counts,
+        {"patch": 8, "token1": 6, "channel1": 10},
+        {"token1": (1, 4), "channel1": (0, 3, 9)},
+        {"token_hidden": 4, "channel_hidden": 7},
+    ),
+    "sorted_cnn": Case(
+        SortedCNN, "sorted_cnn", sorted_counts, {"conv1": 5}, {"conv1": (2,)}, {"first": 4}
+    ),
+}
+
+
+def traced(case: Case, seed: int = 0, **options) -> TracedModel:
+    net = case.cls(rngs=nnx.Rngs(params=seed), num_classes=10)
+    return TracedModel(net, rngs=nnx.Rngs(params=seed), input_shape=MNIST_SHAPE, num_classes=10,
+                       **options)
+
+
+def randomized(module: nnx.Module, seed: int) -> None:
+    """Every float state array (biases, BatchNorm statistics and scales included) drawn at
+    random (variances positive), so that a parameter left out of the gating shows in the
+    logits."""
+    keys = iter(jax.random.split(jax.random.key(seed), 100))
+    for path, variable in nnx.iter_graph(module):
+        if isinstance(variable, nnx.Variable) and jnp.issubdtype(variable.dtype, jnp.floating):
+            value = 0.3 * jax.random.normal(next(keys), variable.shape)
+            variable.set_value(jnp.abs(value) + 0.5 if path[-1] == "var" else value)
+
+
+def removed(net: nnx.Module, model: TracedModel, closed: dict) -> dict:
+    """The state of ``net`` with the closed units of each slot cut out of every member of its
+    traced group (along the member's axis), as a flat ``{path: array}``."""
+    sliced = {".".join(map(str, path)): np.asarray(v.get_value())
+              for path, v in nnx.to_flat_state(nnx.state(net))}
+    group_of = {name: group for group, name in model.group_slots}
+    drops: dict[tuple[str, int], list[int]] = {}
+    for name, units in closed.items():
+        for member in model.structure.groups[group_of[name]].members:
+            drop = [i for i, u in zip(member.indices, member.units) if u in units]
+            drops.setdefault((member.path, member.axis), []).extend(drop)
+    for (path, axis), drop in drops.items():  # indices of the full parameter, cut at once
+        sliced[path] = np.delete(sliced[path], drop, axis=axis)
+    return sliced
+
+
+# ---------------------------------------------------------------- structure and counts
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_traced_model_counts_and_gates_as_computed_by_hand(name):
+    case = CASES[name]
+    model = traced(case)
+    slots = {slot.name: slot.shape[0] for slot in model.gate_slots}
+    assert slots == case.slots
+    assert set(model.gates) == set()  # no gate factory: ungated, counted dense
+    params, flops = case.counts()
+    dense = count_network(model.layers, {})
+    assert (float(dense["params"]), float(dense["flops"])) == (params, flops)
+    masks = {slot: np.isin(np.arange(slots[slot]), units, invert=True).astype(np.float32)
+             for slot, units in case.closed.items()}
+    narrow_params, narrow_flops = case.counts(**case.narrow)
+    pruned = count_network(model.layers, masks)
+    assert (float(pruned["params"]), float(pruned["flops"])) == (narrow_params, narrow_flops)
+
+
+def test_the_gate_slots_weigh_a_unit_by_every_parameter_it_takes_along():
+    model = traced(CASES["branch_cnn"])
+    group_params = {slot.name: slot.group_size for slot in model.gate_slots}
+    # stem: its 3x3x1 kernel slice and bias, the rows of left (3x3x4) and right (1x1x5)
+    assert group_params["stem"] == 9 + 1 + 9 * 4 + 5
+    # mix: the stream of mix and proj (two kernel slices, two biases) and the head's row
+    assert group_params["mix"] == 9 * 9 + 1 + 9 + 1 + 10
+    assert [(c.layers, c.fixed) for c in model.channel_couplings] == [(("mix", "proj"), False)]
+
+
+def test_an_op_without_a_rule_leaves_its_groups_ungated_and_says_where():
+    model = traced(CASES["sorted_cnn"])
+    blocked = [g for g in model.structure.groups if g.producers[0][0] == "conv2.kernel"][0]
+    assert not blocked.prunable
+    assert any(b.primitive == "sort" and "test_traced_model.py" in b.source
+               for b in blocked.blockers)
+    assert [slot.name for slot in model.gate_slots] == ["conv1"]
+
+
+def test_the_mixer_gates_its_stream_with_layer_norm_caveats_and_not_its_token_outputs():
+    model = traced(CASES["mixer"])
+    groups = {g.producers[0][0]: g for g in model.structure.groups}
+    stream = groups["patch.kernel"]
+    assert stream.producers == (("patch.kernel", 3), ("channel2.kernel", 1))
+    assert stream.prunable and {c.primitive for c in stream.caveats} == {"reduce_sum"}
+    # token2's outputs are added to token positions of the image, which no unit removes
+    tokens = groups["token2.kernel"]
+    assert [b.reason for b in tokens.blockers][:1] == ["summed with values of no unit"]
+    assert [slot.name for slot in model.gate_slots] == ["patch", "token1", "channel1"]
+
+
+def test_dead_units_are_found_through_the_readers_of_a_concatenation():
+    model = traced(CASES["branch_cnn"])
+    net = model.net
+    for reader in (net.mix, net.proj):  # right's unit 1 sits at input 4 + 1 of both readers
+        reader.kernel[...] = reader.kernel[...].at[:, :, 5].set(0.0)
+    net.left.kernel[...] = net.left.kernel[...].at[..., 2].set(0.0)  # left's unit 2: no input
+    report = node_report(model)
+    assert report.alive_units == {"stem": 6, "left": 3, "right": 4, "mix": 8}
+    narrow_params, narrow_flops = branch_cnn_counts(left=3, right=4)
+    assert report.live_biases == 6 + 3 + 4 + 8 + 8 + 10
+    assert report.kept_weights == narrow_params - report.live_biases
+    assert report.kept_flops == narrow_flops
+
+
+def test_weight_granularity_puts_one_gate_on_every_kernel_entry():
+    case = CASES["branch_cnn"]
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    model = traced(case, granularity="weight", gate_factory=method.make_gates)
+    kernels = {layer.name: layer.kernel_shape for layer in model.layers}
+    assert {name: gate.shape for name, gate in model.gates.items()} == kernels
+    x = jax.random.normal(jax.random.key(1), (2, *MNIST_SHAPE))
+    closed = {name: jnp.zeros(shape) if name == "head" else jnp.ones(shape)
+              for name, shape in kernels.items()}
+    head_bias = model.net.head.bias[...]
+    assert np.allclose(model(x, train=False, gates=closed), head_bias[None], atol=1e-6)
+    masks = {name: np.asarray(value) for name, value in closed.items()}
+    params, _ = case.counts()
+    assert float(count_network(model.layers, masks)["params"]) == params - 8 * 10
+
+
+# ---------------------------------------------------------------- closing gates removes units
+
+
+@pytest.mark.parametrize(
+    "name, train",
+    [(name, False) for name in CASES] + [("branch_cnn", True), ("depthwise_separable", True)],
+)
+def test_closed_gates_give_the_logits_of_the_narrower_model(name, train):
+    case = CASES[name]
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    model = traced(case, gate_factory=method.make_gates)
+    randomized(model.net, seed=3)
+    gates = {
+        slot.name: jnp.asarray(
+            np.isin(np.arange(slot.shape[0]), case.closed.get(slot.name, ()), invert=True),
+            jnp.float32,
+        )
+        for slot in model.gate_slots
+    }
+    x = jax.random.normal(jax.random.key(2), (4, *MNIST_SHAPE))
+    gated = model(x, train=train, gates=gates)
+
+    narrow = case.cls(rngs=nnx.Rngs(params=1), num_classes=10, **case.narrow)
+    state = nnx.state(narrow)
+    sliced = removed(model.net, model, case.closed)
+    for path, variable in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        assert variable.get_value().shape == sliced[key].shape, key
+        variable.set_value(jnp.asarray(sliced[key]))
+    nnx.update(narrow, state)
+    narrow.train() if train else narrow.eval()
+    expected = narrow(x)
+    assert np.allclose(gated, expected, atol=1e-5), np.abs(gated - expected).max()
+    full = model(x, train=train, gates={k: jnp.ones_like(v) for k, v in gates.items()})
+    assert np.abs(full - expected).max() > 1e-3  # the closed units did matter
+
+
+# ---------------------------------------------------------------- the zoo through the adapter
+
+
+class Plain(nnx.Module):
+    """A zoo model as a plain module: ``model(x)``, its mode from NNX's train() / eval()."""
+
+    def __init__(self, zoo):
+        self.zoo = zoo
+        self.deterministic = False
+
+    def __call__(self, x):
+        return self.zoo(x, train=not self.deterministic)
+
+
+@pytest.mark.parametrize(
+    "zoo_name, shape, matched, declared_only",
+    [
+        ("lenet5", MNIST_SHAPE, {"conv1": "conv1", "conv2": "conv2", "fc1": "fc2"}, {"fc1"}),
+        ("resnet20", (32, 32, 3),
+         {f"blocks.{i}.conv1": f"block{i + 1}.conv1" for i in range(9)}, {"stem"}),
+    ],
+)
+def test_a_zoo_model_traced_as_a_plain_module_counts_and_gates_like_its_declarations(
+    zoo_name, shape, matched, declared_only
+):
+    zoo = build_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
+    model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=shape, num_classes=10)
+    traced_slots = {slot.name.removeprefix("zoo."): slot for slot in model.gate_slots}
+    declared = {slot.name: slot for slot in zoo.gate_slots}
+    assert set(traced_slots) == set(matched)
+    assert set(declared) == set(matched.values()) | declared_only
+    for name, slot in traced_slots.items():
+        assert slot.shape == declared[matched[name]].shape
+    for what in ("params", "flops"):
+        assert float(count_network(model.layers, {})[what]) == float(
+            count_network(zoo.layers, {})[what])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        masks = {name: (rng.random(slot.shape) < 0.6).astype(np.float32)
+                 for name, slot in traced_slots.items()}
+        traced_masks = {traced_slots[n].name: m for n, m in masks.items()}
+        traced_counts = count_network(model.layers, traced_masks)
+        zoo_counts = count_network(zoo.layers, {matched[n]: m for n, m in masks.items()})
+        for what in ("params", "flops"):
+            assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the engine and its methods
+
+
+def fashion_config(method: str, factory: str, **overrides):
+    config = get_config(method)
+    config.update(
+        model=f"{THIS_MODULE}:{factory}", dataset="fashion_mnist", data_dir=str(FASHION_MNIST),
+        num_train=256, num_test=128, batch_size=64, eval_batch_size=128, epochs=1,
+        steps_per_epoch=3, log_every=3, **overrides,
+    )
+    return config
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("name", list(CASES))
+def test_l0_hc_trains_each_unseen_model_through_the_engine(name, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    case = CASES[name]
+    summary = train_and_evaluate(fashion_config("l0_hc", case.factory), tmp_path / "run")
+    params, flops = case.counts()
+    assert (summary["dense_params"], summary["dense_flops"]) == (params, flops)
+    assert dict(zip(summary["gate_slots"], summary["dense_units"])) == case.slots
+    assert summary["expected_l0"] < params and np.isfinite(summary["test_error"])
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("l0_arm", {}),
+        ("bounded_lp", {"filter_lambda": 1e-3}),
+        ("dep_l0_arm", {}),
+        ("gmp", {"final_sparsity": 0.5, "prune_every": 1, "prune_end_epoch": 1.0}),
+        ("greg1", {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 0.5,
+                   "greg_stabilise_steps": 1, "greg_delta": 1.0, "fine_tune_epochs": 1,
+                   "lr_ft": "0:0.001"}),
+    ],
+)
+def test_other_methods_train_the_branch_cnn(method, overrides, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = fashion_config(method, "branch_cnn", **overrides)
+    if method == "greg1":
+        config.epochs = None
+    summary = train_and_evaluate(config, tmp_path / "run")
+    params, _ = branch_cnn_counts()
+    assert summary["dense_params"] == params and np.isfinite(summary["test_error"])
+    if method == "gmp":
+        assert summary["gmp/overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert summary["pruning_rate"] >= 49.5  # and the weights of units left dead
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize(
+    "method, overrides, message",
+    [
+        ("gmp", {"gmp_structure": "unit"}, "does not declare"),
+        ("dep_l0", {}, "draws its gates per example"),
+        ("l0_hc", {"per_example_gates": True}, "draws its gates per example"),
+    ],
+)
+def test_methods_that_cannot_work_on_a_traced_model_say_why(
+    method, overrides, message, tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = fashion_config(method, "branch_cnn", **overrides)
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- specs and their errors
+
+
+def test_a_spec_loads_the_factory_and_names_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_models.py").write_text(
+        "from flax import nnx\n"
+        "def positional(rngs, num_classes, width):\n    pass\n"
+        "def to_features(*, rngs, num_classes):\n    return nnx.Linear(784, 32, rngs=rngs)\n"
+        "def not_a_module(*, rngs, num_classes):\n    return 3\n"
+        "def with_dropout(*, rngs, num_classes):\n    return nnx.Dropout(0.5, rngs=rngs)\n"
+        "CONSTANT = 1\n"
+    )
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert load_factory(f"{THIS_MODULE}:mixer").__name__ == "mixer"
+    for spec, message in [
+        ("no_such_module:f", "cannot import module 'no_such_module'"),
+        ("user_models:missing", "has no attribute 'missing'"),
+        ("user_models:CONSTANT", "has no callable 'CONSTANT'"),
+        ("user_models:positional", "cannot be called as positional(*, rngs, num_classes)"),
+        ("resnet21", "unknown model 'resnet21'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_any_model(spec, rngs=nnx.Rngs(0), num_classes=10, input_shape=MNIST_SHAPE)
+    with pytest.raises(ConfigError, match=r"not logits of shape \(batch, 10\)"):
+        build_any_model("user_models:to_features", rngs=nnx.Rngs(0), num_classes=10,
+                        input_shape=(784,))
+    with pytest.raises(ConfigError, match="fails on images of shape"):
+        build_any_model("user_models:to_features", rngs=nnx.Rngs(0), num_classes=10,
+                        input_shape=MNIST_SHAPE)
+    with pytest.raises(ConfigError, match="keeps random-number state"):
+        build_any_model("user_models:with_dropout", rngs=nnx.Rngs(0), num_classes=10,
+                        input_shape=MNIST_SHAPE)
+    with pytest.raises(ConfigError, match="returned an object of type int, not a Flax NNX module"):
+        build_any_model("user_models:not_a_module", rngs=nnx.Rngs(0), num_classes=10,
+                        input_shape=MNIST_SHAPE)
