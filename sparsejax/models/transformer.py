@@ -70,13 +70,7 @@ FFNS: tuple[str, ...] = ("gelu", "swiglu")
 @dataclasses.dataclass(frozen=True)
 class SpanSlot(GateSlot):
     """A unit slot whose gates remove parameters in several layers (a head: its query, key,
-    value and output-projection slices); ``params_per_gate`` is what one gate removes."""
-
-    params_per_gate: int = 0
-
-    @property
-    def group_size(self) -> int:
-        return self.params_per_gate
+    value and output-projection slices); ``group_params`` is what one gate removes."""
 
 
 def slot_family(name: str) -> str:
@@ -417,7 +411,7 @@ class TransformerModel(GatedModel):
         if slot_family(name) not in self.families:
             return []
         return [SpanSlot(name, layer.name, (units,), axis, False, DROPRATE, layer.kernel_shape,
-                         params_per_gate)]
+                         group_params=params_per_gate)]
 
     def _block_declarations(
         self, index: int, *, positions: int, use_bias: bool
