@@ -108,6 +108,13 @@ def make_steps(
     return run
 
 
+def forward(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """The jitted eval-mode forward pass of ``model``."""
+    graphdef, state = nnx.split(model)
+    apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False))
+    return lambda x: apply(state, x)
+
+
 def seconds_per_step(run: Callable[[], None], steps: int) -> float:
     """Wall-clock seconds per step of one call of ``run`` (which runs ``steps`` steps)."""
     started = time.perf_counter()

@@ -26,8 +26,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import dataset_like, input_spec, interleaved_medians  # noqa: E402
-from benchmarks.slim_inference import forward  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    dataset_like,
+    forward,
+    input_spec,
+    interleaved_medians,
+)
 from sparsejax.data.text import TEXT_DATASETS  # noqa: E402
 from sparsejax.slim import slim_model  # noqa: E402
 from sparsejax.slim.runs import restore_run  # noqa: E402

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 
 from benchmarks import common
 from benchmarks.common import input_spec, interleaved_medians, make_steps, parse_method
-from benchmarks.transformer_table import heads_per_block, run_config
+from benchmarks.transformer_table import heads_per_block, live_heads, run_config
 
 
 def test_a_method_spec_names_the_fields_it_overrides():
@@ -52,3 +53,19 @@ def test_gated_runs_train_to_the_budget_and_dense_runs_have_none(model, field):
     gated = run_config("l0_arm", model, 2, 0.4)
     assert gated[field] == 0.4 and gated.epochs == 2 and gated.model == model
     assert field not in run_config("dense", model, 2, 0.4)
+
+
+def test_a_head_is_live_when_its_gate_its_group_and_the_attention_are_open():
+    # H = 4 heads in G = 2 groups: head h is in group h % 2
+    gates = {
+        "blocks.0.heads": np.array([1.0, 0.5, 0.0, 1.0]),
+        "blocks.0.kv_groups": np.array([0.3, 0.0]),
+        "blocks.0.attn": np.array([1.0]),
+        "blocks.1.heads": np.array([1.0, 1.0, 1.0, 1.0]),
+        "blocks.1.kv_groups": np.array([1.0, 1.0]),
+        "blocks.1.attn": np.array([0.0]),
+        "blocks.2.heads": np.array([0.0, 1.0, 0.0, 0.2]),
+        "blocks.2.kv_groups": np.array([1.0, 1.0]),
+        "blocks.2.attn": np.array([0.9]),
+    }
+    assert live_heads(gates, 3) == [1, 0, 2]
