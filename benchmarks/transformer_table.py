@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments import lm  # noqa: E402
 from experiments.configs import lm as lm_config  # noqa: E402
@@ -137,6 +138,8 @@ def row_of(model: str, method: str, summary: dict) -> dict:
         "model": model,
         "method": method,
         "epochs": summary["epochs"],
+        "updates": summary["epochs"] * summary["steps_per_epoch"],
+        "batch_size": summary["batch_size"],
         "test_error": summary["test_error"],
         "flops_fraction": summary["flops"] / summary["dense_flops"],
         "params_fraction": summary["params"] / summary["dense_params"],
@@ -153,13 +156,17 @@ def row_of(model: str, method: str, summary: dict) -> dict:
     return row
 
 
+def protocol(row: dict) -> str:
+    return f"{row['epochs']} epochs, {row['updates']} updates of batch {row['batch_size']}"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         if model == "lm_tiny":
             lines += [
-                f"**lm_tiny on python_docs** ({mine[0]['epochs']} epochs; unigram "
+                f"**lm_tiny on python_docs** ({protocol(mine[0])}; unigram "
                 f"{mine[0]['unigram_bits_per_byte']:.3f} bits/byte)",
                 "",
                 "| method | test perplexity / byte | bits / byte | byte error % | kept params "
@@ -174,7 +181,7 @@ def markdown(rows: list[dict]) -> str:
             ]
         else:
             lines += [
-                f"**vit_tiny on Fashion-MNIST** ({mine[0]['epochs']} epochs)",
+                f"**vit_tiny on Fashion-MNIST** ({protocol(mine[0])})",
                 "",
                 "| method | test error % | kept FLOPs fraction | params fraction "
                 "| heads per block | s / epoch |",
@@ -206,6 +213,7 @@ def plot_heads(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("kept query heads")
         ax.set_xticks(range(len(mine[0]["live_heads"])))
         ax.set_ylim(bottom=-0.2)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.tight_layout()
