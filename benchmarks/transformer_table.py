@@ -64,10 +64,10 @@ LIVE_HEADS_FILE = "live_heads.json"
 
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Models (vit_tiny, lm_tiny).")
 _METHODS = flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm", "l0_ar"], "Methods.")
-_VIT_EPOCHS = flags.DEFINE_integer("vit_epochs", 2, "Epochs of every vit_tiny run.")
+_VIT_EPOCHS = flags.DEFINE_integer("vit_epochs", 1, "Epochs of every vit_tiny run.")
 _LM_EPOCHS = flags.DEFINE_integer("lm_epochs", 2, "Epochs of every lm_tiny run.")
 _VIT_STEPS = flags.DEFINE_integer(
-    "vit_steps_per_epoch", None, "Cap on the updates of a vit_tiny epoch (None: 600, all data)."
+    "vit_steps_per_epoch", 300, "Cap on the updates of a vit_tiny epoch (None: 600, all data)."
 )
 _VIT_TARGET = flags.DEFINE_float("vit_target", 0.5, "vit_tiny: FLOPs fraction of the gated runs.")
 _LM_TARGET = flags.DEFINE_float("lm_target", 0.5, "lm_tiny: params fraction of the gated runs.")
