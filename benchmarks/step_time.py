@@ -11,8 +11,8 @@ random batches already on the device (dispatch included), shaped like the model'
 within each repeat so that a shared machine's load touches them alike; the table gives the
 median milliseconds per step, training examples per second and the ratio of each to ``dense``.
 A method ``NAME@FIELD=VALUE`` overrides a numeric config field (a budget:
-``l0_hc@target_flops=0.5``, whose Lagrangian counts the network every step). The process makes the host settings of
-the entry points (:func:`sparsejax.host.configure`) first.
+``l0_hc@target_flops=0.5``, whose Lagrangian counts the network every step). The process makes
+the host settings of the entry points (:func:`sparsejax.host.configure`) first.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ _METHODS = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed chunks per method (median reported).")
 _LIKE = flags.DEFINE_enum(
-    "like", None, [*SYNTHETIC_LIKE, *TEXT_DATASETS], "Dataset shape (default: the model's usual dataset)."
+    "like", None, [*SYNTHETIC_LIKE, *TEXT_DATASETS],
+    "Dataset shape (default: the model's usual dataset).",
 )
 
 

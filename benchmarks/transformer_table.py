@@ -7,18 +7,19 @@ a ``summary.json`` is read back, not retrained). Every gated method trains to a 
 Lagrangian of :mod:`sparsejax.methods.budget`, its lambdas replaced): ``vit_tiny`` to
 ``--vit_target`` of the dense FLOPs (attention products included), ``lm_tiny`` to ``--lm_target``
 of the dense parameters; the target is reached after half the run (``target_warmup_epochs``, the
-default), the gates train at Adam 2e-2 (ViT) / 5e-2 (LM) (:data:`GATE_LEARNING_RATE`). Seed 0.
-``dense`` trains the same epochs. The ViT uses the MNIST config (batch 100, Adam 1e-3, gated L2
-5e-4), the LM the LM config (batch 32 x 128 bytes, Adam 1e-3, no L2) and
-:func:`experiments.lm.summarize` (test perplexity and bits per byte).
+default), the gates train at Adam 4e-2 (ViT) / 5e-2 (LM) (:data:`GATE_LEARNING_RATE`). Seed 0.
+``dense`` trains the same updates. By default a ViT run is 300 updates (one epoch capped by
+``--vit_steps_per_epoch``) and an LM run 2 epochs (176 updates). The ViT uses the MNIST config
+(batch 100, Adam 1e-3, gated L2 5e-4), the LM the LM config (batch 32 x 128 bytes, Adam 1e-3, no
+L2) and :func:`experiments.lm.summarize` (test perplexity and bits per byte).
 
 Writes ``transformer_table.json`` (one row per run), ``transformer_table.md`` (a table per
 model) and ``transformer_heads.png`` (kept query heads per block, one line per method, one panel
-per model) in ``runs`` (``--runs``, not ``--workdir``: :mod:`experiments.lm`'s
-command-line flags are defined on import); ``--report_only`` rebuilds them from the runs present. A block's
-kept heads are the query heads that reach its output: head gate, KV group gate (LM) and
-``attn`` sublayer gate all open (:func:`live_heads`, read from the LM runs' checkpoints, whose
-summaries count a head of a closed group as open).
+per model) in ``--runs`` (not ``--workdir``: importing :mod:`experiments.lm` defines its
+command-line flags); ``--report_only`` rebuilds them from the runs present. A block's kept heads
+are the query heads that reach its output: head gate, KV group gate (LM) and ``attn`` sublayer
+gate all open (:func:`live_heads`, read from the LM runs' checkpoints, whose summaries count a
+head of a closed group as open).
 """
 
 from __future__ import annotations
