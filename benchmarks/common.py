@@ -4,40 +4,76 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.configs import lm as lm_config
 from experiments.configs.mnist import get_config
-from sparsejax.data.synthetic import SYNTHETIC_LIKE
+from sparsejax.data.synthetic import SYNTHETIC_LIKE, ImageSpec
+from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
+from sparsejax.train.config import resolve_config
 from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
 IMAGENET_MODELS = ("resnet50", "mobilenet_v2")
-MNIST_MODELS = ("mlp", "lenet5")
+MNIST_MODELS = ("mlp", "lenet5", "vit_tiny")
+TEXT_MODELS = ("lm_tiny",)
+BYTE_VOCABULARY = 256
 
 
 def dataset_like(model_name: str) -> str:
     """The dataset whose shapes ``model_name`` is usually trained on."""
     if model_name in MNIST_MODELS:
         return "fashion_mnist"
+    if model_name in TEXT_MODELS:
+        return "python_docs"
     return "imagenet2012" if model_name in IMAGENET_MODELS else "cifar10"
 
 
+def input_spec(like: str) -> ImageSpec:
+    """The example shape and classes of dataset ``like``: byte sequences of the default length
+    (inputs and targets both ``(seq_len,)``, 256 classes) for a text dataset."""
+    if like in TEXT_DATASETS:
+        return ImageSpec((DEFAULT_SEQ_LEN,), BYTE_VOCABULARY)
+    return SYNTHETIC_LIKE[like]
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, float]]:
+    """``NAME`` or ``NAME@FIELD=VALUE@...`` (e.g. ``l0_hc@target_flops=0.5``): the method and
+    the numeric config fields its run overrides."""
+    name, *settings = spec.split("@")
+    overrides = {}
+    for setting in settings:
+        field, _, value = setting.partition("=")
+        overrides[field] = float(value)
+    return name, overrides
+
+
 def make_steps(
-    name: str, model_name: str, batch_size: int, steps: int, like: str
+    name: str,
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    like: str,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Callable[[], None]:
     """A function that runs ``steps`` training steps of method ``name`` (compiled, on random
-    batches already on the devices, sharded over them, shaped like dataset ``like``) and waits
-    for the last."""
-    config = get_config()
+    batches already on the devices, sharded over them, shaped like dataset ``like``: random
+    bytes with random next-byte targets for a text dataset) and waits for the last. The config
+    is the MNIST one (the LM one for text) with ``overrides``, resolved as a training run's."""
+    text = like in TEXT_DATASETS
+    config = lm_config.get_config(name) if text else get_config(name)
     config.method, config.model = name, model_name
-    spec = SYNTHETIC_LIKE[like]
+    config.update(dict(overrides or {}))
+    _, config = resolve_config(config)
+    spec = input_spec(like)
     num_train = 60000
     method = create_method(name, config, RunInfo(num_train=num_train, steps_per_epoch=100))
     model = build_model(
@@ -50,9 +86,14 @@ def make_steps(
     graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
     state = replicate(state, mesh)
     train_step = make_train_step(graphdef, method, tx, mesh)
-    images = jax.random.uniform(jax.random.key(1), (steps, batch_size, *spec.image_shape))
-    labels = jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size)
-    labels = labels % spec.num_classes
+    if text:
+        shape = (steps, batch_size, *spec.image_shape)
+        images = jax.random.randint(jax.random.key(1), shape, 0, spec.num_classes)
+        labels = jax.random.randint(jax.random.key(2), shape, 0, spec.num_classes)
+    else:
+        images = jax.random.uniform(jax.random.key(1), (steps, batch_size, *spec.image_shape))
+        labels = jnp.arange(steps * batch_size, dtype=jnp.int32).reshape(steps, batch_size)
+        labels = labels % spec.num_classes
     sharding = batch_sharded(mesh)
     batches = [jax.device_put((images[index], labels[index]), sharding) for index in range(steps)]
     state, metrics = train_step(state, *batches[0])
@@ -67,11 +108,32 @@ def make_steps(
     return run
 
 
+def forward(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """The jitted eval-mode forward pass of ``model``."""
+    graphdef, state = nnx.split(model)
+    apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False))
+    return lambda x: apply(state, x)
+
+
 def seconds_per_step(run: Callable[[], None], steps: int) -> float:
     """Wall-clock seconds per step of one call of ``run`` (which runs ``steps`` steps)."""
     started = time.perf_counter()
     run()
     return (time.perf_counter() - started) / steps
+
+
+def interleaved_medians(
+    runs: Mapping[str, Callable[[], Any]], repeats: int, divisor: int = 1
+) -> dict[str, float]:
+    """Median wall-clock seconds of each run / ``divisor``, the runs called in turn ``repeats``
+    times (round robin), so that a change in the machine's load touches every run alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - started) / divisor)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def time_method(

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from benchmarks.common import dataset_like
+from benchmarks.common import dataset_like, forward
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
 from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.models import build_model
@@ -65,13 +65,6 @@ def prune_first_convs(model: GatedModel, stage_pr: list[float]) -> None:
             values = np.asarray(variable[...]).copy()
             values[pruned] = 0.0
             variable[...] = jnp.asarray(values)
-
-
-def forward(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """The jitted eval-mode forward pass of ``model``."""
-    graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False))
-    return lambda x: apply(state, x)
 
 
 def time_chunk(run: Callable[[jax.Array], jax.Array], batches: jax.Array) -> float:
