@@ -12,6 +12,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "errors": (0, "base: the user-error types and their one-line report, for every layer"),
     "host": (0, "base: process settings made before JAX starts, for every entry point"),
     "estimators": (1, "pure jax.numpy math of the gate distributions; knows no module"),
+    "user_code": (1, "the user's own modules named on the command line, for every layer"),
     "gates": (2, "NNX gate modules drawing from the estimators"),
     "models": (3, "the zoo, gated through the gates"),
     "structure": (4, "units, params, FLOPs, node rules and reports of a model's declarations"),

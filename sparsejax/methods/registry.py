@@ -7,12 +7,11 @@ the module is imported and ``NAME`` must be a :class:`~sparsejax.methods.base.Me
 
 from __future__ import annotations
 
-import importlib
-
 import ml_collections
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, RunInfo
+from sparsejax.user_code import import_named
 
 METHODS: dict[str, type[Method]] = {}
 """The registered methods by name."""
@@ -39,15 +38,7 @@ def method_class(name: str) -> type[Method]:
                 "MODULE:CLASS for a method class of an importable module"
             )
         return METHODS[name]
-    module_name, _, class_name = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(
-            f"--method={name}: cannot import module {module_name!r} ({error}); put its "
-            "directory on PYTHONPATH"
-        ) from error
-    cls = getattr(module, class_name, None)
+    module_name, class_name, cls = import_named("method", name, "CLASS")
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ConfigError(
             f"--method={name}: module {module_name!r} has no Method subclass {class_name!r}"

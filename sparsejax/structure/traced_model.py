@@ -35,7 +35,6 @@ axes, a kernel read by several products, FLOPs no layer owns) is refused with a
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Callable
 
@@ -69,6 +68,7 @@ from sparsejax.structure.trace import (
     UnitGroup,
     trace_structure,
 )
+from sparsejax.user_code import import_named
 
 DROPRATE_INIT = 0.5
 """Initial drop rate of every gate of a traced model (the L0 references' hidden-layer value)."""
@@ -351,17 +351,7 @@ def load_factory(spec: str) -> Factory:
       ConfigError: for a module that cannot be imported, a missing or non-callable attribute,
         or a factory with another signature.
     """
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"--model={spec}: write a custom model as MODULE:FACTORY")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(
-            f"--model={spec}: cannot import module {module_name!r} ({error}); run from its "
-            "directory or put that directory on PYTHONPATH"
-        ) from error
-    factory = getattr(module, attribute, None)
+    module_name, attribute, factory = import_named("model", spec, "FACTORY")
     if not callable(factory):
         what = "no attribute" if factory is None else "no callable"
         raise ConfigError(f"--model={spec}: module {module_name!r} has {what} {attribute!r}")
