@@ -94,6 +94,11 @@ def test_a_target_replaces_the_penalty_and_turns_the_average_off():
     for name, field in (("dep_l0", "lamba"), ("l1", "gate_lambda"), ("bounded_lp", "gate_lambda")):
         _, config = resolve_config(_config(name, target_params=0.4))
         assert config[field] == 0.0, name
+    # the proportional gain: the stochastic gates' default, none for the deterministic ones
+    for name, gain in (("l0_hc", 30.0), ("l0_ar", 30.0), ("dep_l0_arm", 30.0), ("l1", 0.0),
+                       ("bounded_lp", 0.0)):
+        assert resolve_config(_config(name, target_flops=0.4))[1].target_kp == gain, name
+    assert resolve_config(_config("l1", target_flops=0.4, target_kp=5.0))[1].target_kp == 5.0
 
 
 def _config(name, **overrides):
