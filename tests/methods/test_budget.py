@@ -1,5 +1,6 @@
-"""Pruning to a budget: config errors, the multipliers' direction, the ratio finder's count,
-short Fashion-MNIST runs landing near the target, and exact resume mid-warm-up."""
+"""Pruning to a budget: config errors, the multipliers' direction and the proportional term,
+Dep-L0's budget gradient, the ratio finder's count, transformer FLOPs and targets, short
+Fashion-MNIST runs landing near the target, and exact resume mid-warm-up."""
 
 import jax
 import jax.numpy as jnp
