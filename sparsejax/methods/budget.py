@@ -173,7 +173,8 @@ def target_report(target: Target | None, report: GateReport) -> dict[str, Any]:
             "schedule had not pruned yet, see greg/ in the summary)"
             if missed > 0
             else "the network is smaller than the budget: the gates overshot and the run ended "
-            "before the multipliers turned them back (train longer, or lower target_lr); for "
+            "before the multipliers turned them back (train longer, lower target_lr or raise "
+            "target_kp; L0-AR's gates keep closing after the ramp, see BUILD_NOTES); for "
             "ratio methods, units left dead by pruned weights count as removed"
         )
     return entries
