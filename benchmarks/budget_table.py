@@ -9,13 +9,16 @@ at the first targets) one run with ``--config.target_flops=TARGET``, resumable u
 ``budget_table.json`` (one row per run: achieved FLOPs fraction, test error, architecture,
 params fraction, miss), ``budget_table.md`` (the table, the lowest error per model and budget in
 bold) and ``budget_table.png`` (test error vs achieved FLOPs fraction, one line per method, one
-panel per model) in ``workdir``; ``--report_only`` rebuilds them from the runs present.
+panel per model) in ``workdir``; ``--report_only`` rebuilds them from the runs present, and
+``--earlier_rows=JSON`` (a ``budget_table.json``) fills the runs missing from ``workdir`` with
+rows measured by an earlier version of the code, marked † in the table.
 
 The protocol (:data:`PROTOCOL`, :func:`run_config`): batch 100, Adam 1e-3 for the weights, the
 gates at Adam 1e-2 (Dep-L0's generator at its default, Adam 1e-3: at 1e-2 its scaled tanh
 saturates within the first few hundred updates, the gates it turned off get no gradient and the
 budget cannot reopen them), the target reached after half the run
-(``target_warmup_epochs``, the default) with ``target_lr`` at its default; gmp and stochastic
+(``target_warmup_epochs``, the default) with ``target_lr`` and ``target_kp`` at their defaults;
+gmp and stochastic
 pruning ramp over the first two thirds; GReg pretrains one epoch and runs a schedule compressed
 into a few hundred updates (:data:`SHORT_GREG`). Every method's other settings are its defaults.
 """
@@ -63,6 +66,9 @@ _METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/budget_table", "Parent directory of runs.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the table from the runs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.")
+_EARLIER = flags.DEFINE_string(
+    "earlier_rows", None, "budget_table.json of an earlier version: rows for the missing runs."
+)
 
 
 def run_config(method: str, model: str, target: float, seed: int = 0) -> ml_collections.ConfigDict:
@@ -125,6 +131,8 @@ def markdown(rows: list[dict]) -> str:
                 error = f"{r['test_error']:.2f}"
                 if r["test_error"] == best[t]:
                     error = f"**{error}**"
+                if r.get("earlier"):
+                    error += " †"
                 cells.append(f"{error} / {r['achieved_flops']:.3f} / {r['architecture']}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -173,6 +181,26 @@ def main(argv):
                 summary = json.loads((run_dir / SUMMARY_FILE).read_text())
                 rows.append(row_of(model, target, method, summary))
                 write_outputs(workdir, rows)
+    if _EARLIER.value:
+        write_outputs(workdir, with_earlier(rows, json.loads(Path(_EARLIER.value).read_text())))
+
+
+def with_earlier(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """``rows`` plus the ``earlier`` rows of the models, targets and methods asked for that
+    ``rows`` lacks, marked ``earlier``, in the table's order."""
+    have = {(r["model"], r["target"], r["method"]) for r in rows}
+    wanted = {
+        (m, float(t), me) for m in _MODELS.value for t in _TARGETS.value for me in _METHODS.value
+    }
+    added = [
+        {**r, "earlier": True}
+        for r in earlier
+        if (key := (r["model"], r["target"], r["method"])) in wanted and key not in have
+    ]
+    order = {key: i for i, key in enumerate(
+        (m, float(t), me) for m in _MODELS.value for t in _TARGETS.value for me in _METHODS.value
+    )}
+    return sorted(rows + added, key=lambda r: order[(r["model"], r["target"], r["method"])])
 
 
 def write_outputs(workdir: Path, rows: list[dict]) -> None:

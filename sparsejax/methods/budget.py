@@ -10,7 +10,8 @@ at the current step, the method's sparsity penalty (its lambdas) is replaced by
 
 minimised over the network and gate parameters and maximised over the multipliers
 (lambda_1, lambda_2), so that the multipliers grow while the network is too large and the
-constraint ``s = t`` holds at a saddle point. The target ramps linearly from 1 (dense) to the
+constraint ``s = t`` holds at a saddle point. The target ramps linearly from the network's size
+at initialisation (1 unless gates start closed at test time, as L0-AR's and Dep-L0's can) to the
 requested fraction over ``target_warmup_epochs``.
 
 ``s`` (``target_measure``):
@@ -27,7 +28,16 @@ requested fraction over ``target_warmup_epochs``.
 
 The multipliers are method state, updated after every optimizer step by plain gradient ascent on
 L_budget, lambda_1 += target_lr * (s - t) and lambda_2 += target_lr * (s - t)^2, evaluated at the
-updated parameters. Keeping them out of the optimizer (instead of training them as parameters
+updated parameters. The network sees lambda_1 + target_kp * (s - t) in place of lambda_1: a
+proportional term on the current violation beside the integral one (the PI Lagrangian of Stooke,
+Achiam & Abbeel 2020, "Responsive Safety in Reinforcement Learning by PID Lagrangian Methods").
+Stochastic gates respond to the multiplier with a lag (they travel at their learning rate to the
+test threshold), so the integral alone winds up during the ramp and overshoots the target by
+tens of points in a short run; the proportional term pushes while the violation lasts and lets
+go as it closes. Gates without that lag (``l1``, ``bounded_lp``) default to no proportional term
+(:attr:`Budgeted.default_target_kp`).
+
+Keeping the multipliers out of the optimizer (instead of training them as parameters
 with a negated gradient, as CoFi does with Adam) keeps the network's optimizer and its state
 untouched, makes their step independent of the optimizer's normalisation (an Adam step on a
 multiplier has the same size whatever the violation) and lets the update be read and tested as
@@ -60,6 +70,8 @@ KINDS = ("flops", "params")
 MEASURES = ("test", "expected")
 TOLERANCE = 0.02
 """How far the achieved fraction may lie from the target before the summary calls it a miss."""
+STOCHASTIC_GATE_KP = 30.0
+"""The default ``target_kp`` of the stochastic-gate methods (L0-HC / ARM / AR, Dep-L0)."""
 STATE_KEY = "budget"
 """The key of the budget's entry in a method's state."""
 
@@ -78,10 +90,18 @@ TARGET_FIELDS = {
 LAGRANGIAN_FIELDS = {
     **TARGET_FIELDS,
     "target_warmup_epochs": Field(
-        None, "epochs over which the target ramps from 1 to its value (None: half the run)",
+        None,
+        "epochs over which the target ramps from the initial size to its value (None: half the "
+        "run)",
         kind=float,
     ),
-    "target_lr": Field(1.0, "step size of the multipliers' gradient ascent"),
+    "target_lr": Field(1.0, "step size of the multipliers' gradient ascent (integral gain)"),
+    "target_kp": Field(
+        None,
+        "proportional gain: lambda_1 acts as lambda_1 + target_kp * (s - t) (PI Lagrangian; "
+        "None: the method's default_target_kp)",
+        kind=float,
+    ),
     "target_measure": Field("test", "s: test (test-time size, straight-through) | expected"),
 }
 """The fields of a gated method's budget (:class:`Budgeted`)."""
@@ -153,25 +173,34 @@ def target_report(target: Target | None, report: GateReport) -> dict[str, Any]:
             "schedule had not pruned yet, see greg/ in the summary)"
             if missed > 0
             else "the network is smaller than the budget: the gates overshot and the run ended "
-            "before the multipliers turned them back (train longer, or lower target_lr); for "
+            "before the multipliers turned them back (train longer, lower target_lr or raise "
+            "target_kp; L0-AR's gates keep closing after the ramp, see BUILD_NOTES); for "
             "ratio methods, units left dead by pruned weights count as removed"
         )
     return entries
 
 
-def ramped_target(final: float, step: jax.Array, warmup_steps: float) -> jax.Array:
-    """The target at update ``step``: linear from 1 at step 0 to ``final`` at ``warmup_steps``,
-    then ``final``."""
+def ramped_target(
+    final: float, step: jax.Array, warmup_steps: float, start: jax.Array | float = 1.0
+) -> jax.Array:
+    """The target at update ``step``: linear from ``start`` at step 0 to ``final`` at
+    ``warmup_steps``, then ``final``."""
     if warmup_steps <= 0:
         return jnp.asarray(final, jnp.float32)
     progress = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
-    return 1.0 + (final - 1.0) * progress
+    return start + (final - start) * progress
 
 
-def lagrangian(size: jax.Array, state: Mapping[str, jax.Array]) -> jax.Array:
-    """lambda_1 (s - t) + lambda_2 (s - t)^2 at the state's multipliers and target."""
+def lagrangian(
+    size: jax.Array, state: Mapping[str, jax.Array], proportional: float = 0.0
+) -> jax.Array:
+    """(lambda_1 + k_p sg(s - t)) (s - t) + lambda_2 (s - t)^2 at the state's multipliers and
+    target, sg the stop-gradient: the multiplier the network sees is the integral lambda_1 plus
+    a proportional term on the current violation (Stooke et al. 2020, eq. 9, without the
+    derivative term)."""
     gap = size - state["target"]
-    return state["lambda1"] * gap + state["lambda2"] * jnp.square(gap)
+    multiplier = state["lambda1"] + proportional * jax.lax.stop_gradient(gap)
+    return multiplier * gap + state["lambda2"] * jnp.square(gap)
 
 
 def ascend(state: Mapping[str, jax.Array], size: jax.Array, rate: float) -> dict[str, jax.Array]:
@@ -199,6 +228,9 @@ class Budgeted(Method):
 
     budget_replaces: ClassVar[str]
     """The config field of the sparsity penalty's weight, set to 0 under a target."""
+    default_target_kp: ClassVar[float] = 0.0
+    """``target_kp`` unless given: 0 (integral action alone) for gates that follow the budget's
+    gradient without lag (``l1``, ``bounded_lp``); the stochastic-gate methods set their own."""
 
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -221,6 +253,8 @@ class Budgeted(Method):
             config[field] = 0.0
         resolved = super().resolve(config)
         with resolved.unlocked():
+            if resolved.get("target_kp") is None:
+                resolved.target_kp = cls.default_target_kp
             if resolved.get("target_warmup_epochs") is None:
                 resolved.target_warmup_epochs = 0.5 * float(resolved.get("epochs", 1))
             if "ema_decay" in resolved and resolved.ema_decay is None:
@@ -229,8 +263,10 @@ class Budgeted(Method):
             raise ConfigError(
                 f"config.target_measure must be one of {MEASURES}, got {resolved.target_measure!r}"
             )
-        if resolved.target_warmup_epochs < 0 or resolved.target_lr < 0:
-            raise ConfigError("config.target_warmup_epochs and config.target_lr must be >= 0")
+        if min(resolved.target_warmup_epochs, resolved.target_lr, resolved.target_kp) < 0:
+            raise ConfigError(
+                "config.target_warmup_epochs, config.target_lr and config.target_kp must be >= 0"
+            )
         return resolved
 
     @property
@@ -262,29 +298,29 @@ class Budgeted(Method):
         if self.target is None:
             return state
         zero = jnp.zeros((), jnp.float32)
+        size = jnp.asarray(self.budget_size(model), jnp.float32)
         return {
             **state,
-            STATE_KEY: {
-                "lambda1": zero,
-                "lambda2": zero,
-                "target": jnp.ones((), jnp.float32),
-                "size": jnp.asarray(self.budget_size(model), jnp.float32),
-            },
+            STATE_KEY: {"lambda1": zero, "lambda2": zero, "target": size, "size": size,
+                        "start": size},
         }
 
     def before_update(self, model: GatedModel, state: MethodState, step: jax.Array) -> MethodState:
         state = super().before_update(model, state, step)
         if self.target is None:
             return state
-        target = ramped_target(self.target.fraction, step, self.warmup_steps())
-        return {**state, STATE_KEY: {**state[STATE_KEY], "target": target}}
+        budget = state[STATE_KEY]
+        target = ramped_target(self.target.fraction, step, self.warmup_steps(), budget["start"])
+        return {**state, STATE_KEY: {**budget, "target": target}}
 
     def budget_penalty(self, model: GatedModel, state: MethodState) -> jax.Array:
         """L_budget at the state's multipliers and target (0 without a target): the method
         adds it to its penalty, in place of the sparsity penalty it replaces."""
         if self.target is None:
             return jnp.zeros(())
-        return lagrangian(self.budget_size(model), state[STATE_KEY])
+        return lagrangian(
+            self.budget_size(model), state[STATE_KEY], float(self.config.target_kp)
+        )
 
     def after_update(self, model, state, step, key):
         state = super().after_update(model, state, step, key)

@@ -39,9 +39,9 @@ from sparsejax.gates.generated import (
     GeneratedGate,
     GeneratedHardConcreteGate,
 )
-from sparsejax.gates.generator import DEPENDENCIES, GateGenerator
+from sparsejax.gates.generator import DEPENDENCIES, LOGIT_BOUND, GateGenerator
 from sparsejax.methods.base import MethodState, Phase, RunInfo, cross_entropy
-from sparsejax.methods.budget import LAGRANGIAN_FIELDS, Budgeted
+from sparsejax.methods.budget import LAGRANGIAN_FIELDS, STOCHASTIC_GATE_KP, Budgeted
 from sparsejax.methods.dep_penalty import PENALTY_FORMS, dep_l0_penalty
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.l0_arm import BINARY_GATE_FIELDS, binary_gate_data_loss
@@ -99,6 +99,26 @@ def generator_of(model: GatedModel) -> GateGenerator:
     return generator
 
 
+def budget_logits(generator: GateGenerator) -> dict[str, jax.Array]:
+    """The generator's logits (the values of ``generator()``) with the gradient the budget
+    needs: each layer's ln 100 tanh(a_l) passed straight through (d log_alpha_l / d a_l =
+    ln 100 instead of ln 100 (1 - tanh^2(a_l))) and its input h_{l-1} held constant, so that
+    the budget's gradient for a gate reaches that gate's own pre-activation only.
+
+    For the budget's gradient only. Through the tanh, a saturated gate (Dep-L0's biases start
+    at 3, where 1 - tanh^2 is 0.01; a closed gate sits at a << 0) gets almost no gradient from
+    the Lagrangian: its drift under Adam is drowned by the data term's noise and a closed gate
+    never reopens. Through the chain, the straight-through derivatives of the downstream
+    layers' logits would add terms of either sign to every gate's budget gradient."""
+    h = jnp.ones((generator.input_width,), jnp.float32)
+    logits = {}
+    for name, layer in zip(generator.chain_order(), generator.layers):
+        a = layer(jax.lax.stop_gradient(h))
+        h = LOGIT_BOUND * (jax.lax.stop_gradient(jnp.tanh(a)) + a - jax.lax.stop_gradient(a))
+        logits[name] = h
+    return {name: logits[name] for name in generator.slot_names}
+
+
 def frozen_from(rate: float | optax.Schedule, boundary: int) -> optax.Schedule:
     """``rate`` before update ``boundary``, exactly 0 from it on."""
 
@@ -121,6 +141,7 @@ class DepL0(Budgeted):
     name = "dep_l0"
     fields = FIELDS
     budget_replaces = "lamba"
+    default_target_kp = STOCHASTIC_GATE_KP
     fine_tuning = False
 
     @classmethod
@@ -214,6 +235,10 @@ class DepL0(Budgeted):
     ) -> dict[str, jax.Array]:
         """P(z != 0) of every slot's gates given the generator's logits."""
         return {name: gate.keep_probability(logits[name]) for name, gate in model.gates.items()}
+
+    def budget_surrogate(self, model: GatedModel) -> dict[str, jax.Array]:
+        """P(z != 0) of every gate under :func:`budget_logits`."""
+        return self.keep_probabilities(model, budget_logits(generator_of(model)))
 
     def penalty_from_logits(
         self, model: GatedModel, logits: Mapping[str, jax.Array]

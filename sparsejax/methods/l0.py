@@ -7,7 +7,7 @@ import ml_collections
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MethodState, per_slot
-from sparsejax.methods.budget import LAGRANGIAN_FIELDS, Budgeted
+from sparsejax.methods.budget import LAGRANGIAN_FIELDS, STOCHASTIC_GATE_KP, Budgeted
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.penalties import expected_l0, gated_l2
 from sparsejax.models.base import GatedModel, GateSlot
@@ -53,6 +53,7 @@ class L0Method(Budgeted):
 
     fields = L0_FIELDS
     budget_replaces = "lambdas"
+    default_target_kp = STOCHASTIC_GATE_KP
 
     @classmethod
     def resolve(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

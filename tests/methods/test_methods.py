@@ -176,7 +176,7 @@ def test_batchnorm_statistics_are_updated_once_per_step(name):
 
 OPTIONAL_FIELDS = {
     "droprate_init", "generator_input_width", "filter_sigma", "pretrained",
-    "target_flops", "target_params", "target_warmup_epochs",
+    "target_flops", "target_params", "target_warmup_epochs", "target_kp",
 }
 """Fields whose unset value (None) is itself a setting: derived from the model when used."""
 DERIVED_FIELDS = {"lambdas", "lamba", "pretrain_epochs", "prune_end_epoch"}
