@@ -3,7 +3,7 @@ import pytest
 
 from benchmarks import common
 from benchmarks.common import input_spec, interleaved_medians, make_steps, parse_method
-from benchmarks.transformer_table import heads_per_block, live_heads, run_config
+from benchmarks.transformer_runs import heads_per_block, live_heads, run_config
 
 
 def test_a_method_spec_names_the_fields_it_overrides():
