@@ -56,18 +56,18 @@ def parse_method(spec: str) -> tuple[str, dict[str, float]]:
     return name, overrides
 
 
-def make_steps(
+def build_step(
     name: str,
     model_name: str,
     batch_size: int,
     steps: int,
     like: str,
     overrides: Mapping[str, Any] | None = None,
-) -> Callable[[], None]:
-    """A function that runs ``steps`` training steps of method ``name`` (compiled, on random
-    batches already on the devices, sharded over them, shaped like dataset ``like``: random
-    bytes with random next-byte targets for a text dataset) and waits for the last. The config
-    is the MNIST one (the LM one for text) with ``overrides``, resolved as a training run's."""
+) -> tuple[Callable[..., Any], Any, list[tuple[jax.Array, jax.Array]]]:
+    """The jitted training step of method ``name`` (not yet compiled), its initial state and
+    ``steps`` random batches already on the devices, sharded over them, shaped like dataset
+    ``like`` (random bytes with random next-byte targets for a text dataset). The config is the
+    MNIST one (the LM one for text) with ``overrides``, resolved as a training run's."""
     text = like in TEXT_DATASETS
     config = lm_config.get_config(name) if text else get_config(name)
     config.method, config.model = name, model_name
@@ -96,6 +96,20 @@ def make_steps(
         labels = labels % spec.num_classes
     sharding = batch_sharded(mesh)
     batches = [jax.device_put((images[index], labels[index]), sharding) for index in range(steps)]
+    return train_step, state, batches
+
+
+def make_steps(
+    name: str,
+    model_name: str,
+    batch_size: int,
+    steps: int,
+    like: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> Callable[[], None]:
+    """A function that runs ``steps`` training steps of method ``name`` (compiled, on the
+    batches of :func:`build_step`) and waits for the last."""
+    train_step, state, batches = build_step(name, model_name, batch_size, steps, like, overrides)
     state, metrics = train_step(state, *batches[0])
     jax.block_until_ready(metrics)
 
