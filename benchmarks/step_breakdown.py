@@ -55,12 +55,17 @@ from sparsejax.models import build_model  # noqa: E402
 from sparsejax.models.pooling import max_pool  # noqa: E402
 from sparsejax.structure.accounting import count_network  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "lenet5", "Model name.")
-_BATCH = flags.DEFINE_integer("batch_size", 100, "Batch size.")
-_METHODS = flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm"], "Methods to profile.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed chunk.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed chunks per method (median reported).")
-_TOP = flags.DEFINE_integer("top", 12, "Heaviest ops listed per method.")
+
+def define_flags() -> None:
+    """The command line's flags; defined only when the module runs, so that importing its
+    pieces (as the tests do, next to other benchmarks) defines no flag twice."""
+    flags.DEFINE_string("model", "lenet5", "Model name.")
+    flags.DEFINE_integer("batch_size", 100, "Batch size.")
+    flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm"], "Methods to profile.")
+    flags.DEFINE_integer("steps", 20, "Steps per timed chunk.")
+    flags.DEFINE_integer("repeats", 7, "Timed chunks per method (median reported).")
+    flags.DEFINE_integer("top", 12, "Heaviest ops listed per method.")
+
 
 PEAK_SIZE = 2048
 STEP_FLOPS_PER_MAC = 6
@@ -231,17 +236,18 @@ def time_pieces(batch: int, repeats: int) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    steps, batch = _STEPS.value, _BATCH.value
-    model = build_model(_MODEL.value, rngs=nnx.Rngs(0))
+    options = flags.FLAGS
+    steps, batch, model_name = options.steps, options.batch_size, options.model
+    model = build_model(model_name, rngs=nnx.Rngs(0))
     flops = STEP_FLOPS_PER_MAC * float(count_network(model.layers, {})["flops"]) * batch
     peak = matmul_peak()
-    print(f"model={_MODEL.value} batch={batch} jax={jax.__version__} "
+    print(f"model={model_name} batch={batch} jax={jax.__version__} "
           f"devices={jax.devices()} float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"({PEAK_SIZE}-square jnp.dot); step {flops / 1e9:.2f} GFLOP")
-    if _MODEL.value == "lenet5":
-        time_pieces(batch, _REPEATS.value)
-    for name in _METHODS.value:
-        train_step, state, batches = build_step(name, _MODEL.value, batch, steps, "fashion_mnist")
+    if model_name == "lenet5":
+        time_pieces(batch, options.repeats)
+    for name in options.methods:
+        train_step, state, batches = build_step(name, model_name, batch, steps, "fashion_mnist")
         labels = parse_hlo(train_step.lower(state, *batches[0]).compile().as_text())
         state, metrics = train_step(state, *batches[0])
         jax.block_until_ready(metrics)
@@ -259,13 +265,13 @@ def main(argv: list[str]) -> None:
             jax.block_until_ready(out)
 
         dispatch()
-        step = median_seconds(run, _REPEATS.value, steps)
-        dispatch_seconds = median_seconds(dispatch, _REPEATS.value, steps)
+        step = median_seconds(run, options.repeats, steps)
+        dispatch_seconds = median_seconds(dispatch, options.repeats, steps)
         with tempfile.TemporaryDirectory() as directory:
             totals, idle = trace_ops(run, directory)
         per_op = {op: seconds / steps for op, seconds in totals.items()}
         summed = sum(per_op.values())
-        print(f"\n{name}: {1000 * step:.2f} ms / step (median of {_REPEATS.value} x {steps}), "
+        print(f"\n{name}: {1000 * step:.2f} ms / step (median of {options.repeats} x {steps}), "
               f"{flops / step / 1e9:.1f} GFLOP/s = {flops / step / peak:.2f} of peak; "
               f"op time summed {1000 * summed:.2f} ms, no op running {1000 * idle / steps:.2f} "
               f"ms, trivial dispatch {1000 * dispatch_seconds:.3f} ms")
@@ -279,10 +285,11 @@ def main(argv: list[str]) -> None:
             print(f"| {label} | {direction} | {1000 * seconds:.2f} | {seconds / summed:.0%} |")
         print(f"\n| heaviest ops ({name}) | kind | pass | output | ms / step |")
         print("|---|---|---|---|---|")
-        for op, seconds in sorted(per_op.items(), key=lambda kv: -kv[1])[:_TOP.value]:
+        for op, seconds in sorted(per_op.items(), key=lambda kv: -kv[1])[:options.top]:
             label, direction, shape = labels.get(op, ("unlabelled", "-", ""))
             print(f"| {op} | {label} | {direction} | {shape} | {1000 * seconds:.2f} |")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
