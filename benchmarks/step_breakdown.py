@@ -50,7 +50,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import build_step  # noqa: E402
+from benchmarks.common import build_step, dataset_like  # noqa: E402
 from sparsejax.models import build_model  # noqa: E402
 from sparsejax.models.pooling import max_pool  # noqa: E402
 from sparsejax.structure.accounting import count_network  # noqa: E402
@@ -247,7 +247,7 @@ def main(argv: list[str]) -> None:
     if model_name == "lenet5":
         time_pieces(batch, options.repeats)
     for name in options.methods:
-        train_step, state, batches = build_step(name, model_name, batch, steps, "fashion_mnist")
+        train_step, state, batches = build_step(name, model_name, batch, steps, dataset_like(model_name))
         labels = parse_hlo(train_step.lower(state, *batches[0]).compile().as_text())
         state, metrics = train_step(state, *batches[0])
         jax.block_until_ready(metrics)
