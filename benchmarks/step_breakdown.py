@@ -246,8 +246,9 @@ def main(argv: list[str]) -> None:
           f"({PEAK_SIZE}-square jnp.dot); step {flops / 1e9:.2f} GFLOP")
     if model_name == "lenet5":
         time_pieces(batch, options.repeats)
+    like = dataset_like(model_name)
     for name in options.methods:
-        train_step, state, batches = build_step(name, model_name, batch, steps, dataset_like(model_name))
+        train_step, state, batches = build_step(name, model_name, batch, steps, like)
         labels = parse_hlo(train_step.lower(state, *batches[0]).compile().as_text())
         state, metrics = train_step(state, *batches[0])
         jax.block_until_ready(metrics)
