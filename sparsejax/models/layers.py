@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
+from sparsejax.models.batch_chunks import convolve
 
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 KERNEL_FANS: tuple[str, ...] = ("fan_in", "fan_out")
@@ -123,7 +124,7 @@ class Conv(nnx.Module):
         if shared:
             kernel = kernel * output_gate
             bias = None if bias is None else bias * output_gate
-        y = jax.lax.conv_general_dilated(
+        y = convolve(
             x,
             kernel,
             window_strides=(self.stride, self.stride),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax.models.batch_chunks import whole_batch
 from sparsejax.structure.trace.result import TracedStructure
 from sparsejax.structure.trace.units import Blocker, Seed, make_field
 from sparsejax.structure.trace.values import UNLABELLED, Context, Frame, Value
@@ -82,7 +83,8 @@ def trace_program(
         return apply(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays)), x)
 
     x = jax.ShapeDtypeStruct(example_input.shape, example_input.dtype)
-    closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(leaves, x)
+    with whole_batch():
+        closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(leaves, x)
 
     ctx = Context()
     inputs, param_ids = [], {}
