@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from sparsejax.data.synthetic import SYNTHETIC_LIKE, ImageSpec
 from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
+from sparsejax.models.batch_chunks import fixed_chunks
 from sparsejax.train.config import resolve_config
 from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
@@ -26,6 +28,9 @@ IMAGENET_MODELS = ("resnet50", "mobilenet_v2")
 MNIST_MODELS = ("mlp", "lenet5", "vit_tiny")
 TEXT_MODELS = ("lm_tiny",)
 BYTE_VOCABULARY = 256
+CONV_CHUNKS_OVERRIDE = "conv_chunks"
+"""The method-spec field (``dense@conv_chunks=1``) that sets the batch slices of the step's
+convolutions instead of a config field."""
 
 
 def dataset_like(model_name: str) -> str:
@@ -108,9 +113,17 @@ def make_steps(
     overrides: Mapping[str, Any] | None = None,
 ) -> Callable[[], None]:
     """A function that runs ``steps`` training steps of method ``name`` (compiled, on the
-    batches of :func:`build_step`) and waits for the last."""
+    batches of :func:`build_step`) and waits for the last.
+
+    The override ``conv_chunks=N`` is not a config field: the step is compiled with its
+    convolutions on ``N`` slices of the batch (:func:`sparsejax.models.batch_chunks.fixed_chunks`),
+    so that one run can time a step with and without the splitting."""
+    overrides = dict(overrides or {})
+    chunks = overrides.pop(CONV_CHUNKS_OVERRIDE, None)
+    slicing = contextlib.nullcontext() if chunks is None else fixed_chunks(int(chunks))
     train_step, state, batches = build_step(name, model_name, batch_size, steps, like, overrides)
-    state, metrics = train_step(state, *batches[0])
+    with slicing:
+        state, metrics = train_step(state, *batches[0])
     jax.block_until_ready(metrics)
 
     def run() -> None:

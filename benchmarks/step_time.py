@@ -37,7 +37,8 @@ _MODEL = flags.DEFINE_string("model", "lenet5", "Model name.")
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Batch size.")
 _METHODS = flags.DEFINE_list(
     "methods", ["dense", "l0_hc", "l0_arm", "l0_ar"],
-    "Methods to time; NAME@FIELD=VALUE overrides a config field of that run.",
+    "Methods to time; NAME@FIELD=VALUE overrides a config field of that run (conv_chunks=N: "
+    "the convolutions on N slices of the batch, 1 for the whole batch).",
 )
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed chunks per method (median reported).")

@@ -41,7 +41,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import make_steps, seconds_per_step  # noqa: E402
+from benchmarks.common import make_steps, parse_method, seconds_per_step  # noqa: E402
 from sparsejax.models import build_model  # noqa: E402
 from sparsejax.structure.accounting import count_network  # noqa: E402
 
@@ -50,7 +50,12 @@ def define_flags() -> None:
     """The command line's flags; defined only when the module runs, so that importing its
     pieces (as the tests do, next to other benchmarks) defines no flag twice."""
     flags.DEFINE_list("models", ["lenet5", "mlp"], "Models: lenet5, mlp.")
-    flags.DEFINE_list("methods", ["dense", "l0_hc", "l0_arm"], "sparsejax methods.")
+    flags.DEFINE_list(
+        "methods",
+        ["dense", "l0_hc", "l0_arm"],
+        "sparsejax methods, each NAME or NAME@FIELD=VALUE (e.g. dense@conv_chunks=1: the "
+        "convolutions on the whole batch).",
+    )
     flags.DEFINE_integer("batch_size", 100, "Batch size.")
     flags.DEFINE_integer("steps", 20, "Steps per timed chunk.")
     flags.DEFINE_integer("repeats", 9, "Timed chunks per step kind (median reported).")
@@ -130,8 +135,11 @@ def main(argv: list[str]) -> None:
     runs: dict[tuple[str, str], Callable[[], None]] = {}
     for model_name in flags.FLAGS.models:
         runs[(model_name, "torch dense")] = torch_steps(model_name, batch, steps)
-        for method in flags.FLAGS.methods:
-            runs[(model_name, method)] = make_steps(method, model_name, batch, steps, "fashion_mnist")
+        for spec in flags.FLAGS.methods:
+            name, overrides = parse_method(spec)
+            runs[(model_name, spec)] = make_steps(
+                name, model_name, batch, steps, "fashion_mnist", overrides
+            )
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     peaks = []
     for _ in range(flags.FLAGS.repeats):

@@ -45,17 +45,27 @@ MAX_CHUNKS = 16
 """The most slices the automatic policy makes, which bounds the growth of compilation time."""
 
 
-_WHOLE_BATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_batch", default=False)
+_FIXED_CHUNKS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "fixed_conv_chunks", default=None
+)
 
 
 @contextlib.contextmanager
-def whole_batch() -> Iterator[None]:
-    """Within this context every convolution runs on the whole batch (one slice)."""
-    token = _WHOLE_BATCH.set(True)
+def fixed_chunks(chunks: int) -> Iterator[None]:
+    """Within this context every convolution traced runs on ``chunks`` slices of its batch
+    (at most one per example), whatever the environment says."""
+    if chunks < 1:
+        raise ValueError(f"chunks must be a positive integer, got {chunks}")
+    token = _FIXED_CHUNKS.set(chunks)
     try:
         yield
     finally:
-        _WHOLE_BATCH.reset(token)
+        _FIXED_CHUNKS.reset(token)
+
+
+def whole_batch() -> contextlib.AbstractContextManager[None]:
+    """Within this context every convolution traced runs on the whole batch (one slice)."""
+    return fixed_chunks(1)
 
 
 def batch_chunks(
@@ -67,12 +77,14 @@ def batch_chunks(
 ) -> int:
     """How many slices of a batch of ``batch`` examples each convolution runs on.
 
-    1 inside :func:`whole_batch`. ``$SPARSEJAX_CONV_CHUNKS`` (a positive integer) wins, capped at ``batch``. Otherwise:
+    Inside :func:`fixed_chunks`, its count; else ``$SPARSEJAX_CONV_CHUNKS`` (a positive
+    integer); either capped at ``batch``. Otherwise:
     ``min(MAX_CHUNKS, batch // CHUNK_EXAMPLES)`` (at least 1) on a CPU backend with one device,
     and 1 elsewhere. ``backend`` and ``device_count`` default to the process's.
     """
-    if _WHOLE_BATCH.get():
-        return 1
+    fixed = _FIXED_CHUNKS.get()
+    if fixed is not None:
+        return min(fixed, batch)
     environ = os.environ if environ is None else environ
     setting = environ.get(CHUNKS_VARIABLE, "").strip()
     if setting:
