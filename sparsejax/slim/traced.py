@@ -1,0 +1,67 @@
+"""Slimming the trained model of a ``--model=MODULE:FACTORY`` run from its trace.
+
+Such a run trains a :class:`~sparsejax.structure.traced_model.TracedModel`: the user's plain NNX
+module ``net`` with gates multiplied into the kernel slices their units feed. Its slim network is
+the :class:`~sparsejax.structure.slim_trace.SlimFunction` of ``net`` with those test-time gate
+values folded in (:func:`slim_traced_model`): every gated slice is multiplied by its gate exactly
+as the gated forward pass does (:func:`~sparsejax.structure.sparsify.parameters_gated`, one value
+per unit, or per kernel entry at weight granularity), units whose gate is 0 are removed
+(:func:`~sparsejax.structure.slim_trace.slim_traced`, on the groups of the model's own trace), and
+``round_to=K`` keeps back the removed units with the highest P(gate != 0) until every slimmed
+group has a multiple of K units. The largest logit difference to the gated model in evaluation
+mode is measured on a batch of the run's test images (:func:`check_images`) and recorded in the
+report.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsejax.data.sources import BatchSource
+from sparsejax.slim.folding import test_gate_values
+from sparsejax.structure.slim_trace import SlimFunction, slim_traced
+from sparsejax.structure.sparsify import parameters_gated
+from sparsejax.structure.traced_model import TracedModel
+
+CHECK_EXAMPLES = 256
+"""Test images the slim network is compared on with the gated model."""
+
+
+def check_images(data: BatchSource, examples: int = CHECK_EXAMPLES) -> np.ndarray:
+    """The first ``examples`` test images of ``data`` (all of them when it has fewer), as the
+    run's evaluation reads them."""
+    images, _ = data.test_batch(np.arange(min(examples, data.num_test)))
+    return np.asarray(images)
+
+
+@nnx.jit
+def _evaluation_logits(model: TracedModel, x: jax.Array) -> jax.Array:
+    return model(x, train=False)
+
+
+def slim_traced_model(
+    model: TracedModel, check: np.ndarray, *, round_to: int = 1
+) -> SlimFunction:
+    """The slim network of ``model`` under its test-time gates (see the module docstring), its
+    report holding ``max_logit_difference`` on the images ``check``."""
+    values = test_gate_values(model)
+    gated = [
+        (s, jnp.asarray(values[name])) for name, slices in model.gated if name in values
+        for s in slices
+    ]
+    keep = {group: values[name] != 0 for group, name in model.group_slots if name in values}
+    scores = {
+        group: np.asarray(model.gates[name].prob_nonzero())
+        for group, name in model.group_slots if name in values
+    }
+    example = jax.ShapeDtypeStruct((1, *check.shape[1:]), jnp.asarray(check).dtype)
+    with parameters_gated(model.net, gated):
+        slim = slim_traced(
+            model.net, example, structure=model.structure, keep=keep, scores=scores,
+            round_to=round_to,
+        )
+    slim.check(_evaluation_logits(model, check), check)
+    return slim
