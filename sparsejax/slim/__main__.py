@@ -83,7 +83,10 @@ def format_report(report: SlimReport | TracedSlimReport) -> str:
         ("FLOPs (MACs)", report.flops_before, report.flops_after),
     ]
     lines = ["| | before | after | before / after |", "|---|---|---|---|"]
-    lines += [f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |" for name, a, b in rows]
+    lines += [
+        f"| {name} | {a:,.0f} | {b:,.0f} | {f'{a / b:.2f}x' if b else '-'} |"
+        for name, a, b in rows
+    ]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -38,8 +39,9 @@ class SlimReport:
 
     @property
     def flops_ratio(self) -> float:
-        """FLOPs before / after (the FLOPs reduction, >= 1)."""
-        return self.flops_before / self.flops_after
+        """FLOPs before / after (the FLOPs reduction, >= 1; infinite when no FLOPs are left,
+        e.g. every unit before the logits removed)."""
+        return self.flops_before / self.flops_after if self.flops_after else math.inf
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}

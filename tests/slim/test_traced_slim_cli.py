@@ -169,3 +169,24 @@ def test_a_model_run_without_checkpoint_or_with_a_slim_output_already_says_so(
     assert cli.main([str(run_dir), "--output", str(output)]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {output / SLIM_FUNCTION_FILE} exists")
+
+
+def test_a_run_whose_gates_all_closed_slims_to_the_bias_of_the_logits(
+    run_dir, tmp_path, monkeypatch
+):
+    def restore_closed(workdir, config, data):
+        model, spec, step = restore_model(workdir, config, data)
+        for gate in model.gates.values():
+            gate.log_alpha[...] = jnp.full(gate.log_alpha.shape, -10.0)
+        return model, spec, step
+
+    monkeypatch.setattr(cli, "restore_model", restore_closed)
+    output = tmp_path / "slim"
+    assert cli.main([str(run_dir), "--output", str(output), "--round_to", "4"]) == 0
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    assert report["flops_after"] == 0 and report["flops_ratio"] == float("inf")
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    model, images = gated_run(run_dir)
+    bias = np.asarray(model.net.fc2.bias[...])
+    np.testing.assert_allclose(slim(images), np.broadcast_to(bias, (len(images), bias.size)))
+    assert report["params_after"] == bias.size
