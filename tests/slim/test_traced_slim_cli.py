@@ -17,7 +17,7 @@ import sparsejax
 from experiments.configs import mnist
 from sparsejax.slim import __main__ as cli
 from sparsejax.slim.runs import restore_model, run_config
-from sparsejax.slim.store import SLIM_FUNCTION_FILE, SLIM_REPORT_FILE
+from sparsejax.slim.store import SLIM_FUNCTION_FILE, SLIM_REPORT_FILE, load_slim
 from sparsejax.slim.traced import check_images
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.loop import load_data
@@ -123,6 +123,8 @@ def test_the_slim_function_of_a_model_run_gives_the_gated_logits_on_test_data(
     assert (report["params_after"], report["flops_after"]) == (kept.params, kept.flops)
     assert report["params_after"] < report["params_before"] == model.structure.count().params
     assert report["round_to"] == 1
+    with pytest.raises(FileNotFoundError, match="with sparsejax.load_slim_function"):
+        load_slim(output)
     (conv1,) = [g.index for g in model.structure.groups if ("conv1.kernel", 3) in g.producers]
     assert slim.params["conv1.kernel"].shape == (3, 3, 1, int(open_units[conv1].sum()))
     assert slim.params["bn.mean"].shape == (int(open_units[conv1].sum()),)
@@ -152,7 +154,7 @@ def test_a_bad_round_to_is_one_line(value, run_dir, tmp_path, capsys):
     assert not (tmp_path / "slim").exists()
 
 
-def test_a_model_run_without_checkpoint_or_with_a_slim_output_already_says_so(
+def test_a_model_run_without_checkpoint_or_module_or_with_a_slim_output_says_so(
     run_dir, tmp_path, capsys
 ):
     bare = tmp_path / "bare"
@@ -162,6 +164,16 @@ def test_a_model_run_without_checkpoint_or_with_a_slim_output_already_says_so(
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: the run in") and "has no checkpoint" in message
     assert "train it for at least one epoch first" in message
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["model"] = "no_such_module:tiny_cnn"
+    (moved / "config.json").write_text(json.dumps(config))
+    assert cli.main([str(moved)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot import module 'no_such_module'" in lines[0]
+    assert "put that directory on PYTHONPATH" in lines[0]
 
     output = tmp_path / "slim"
     output.mkdir()
