@@ -57,7 +57,7 @@ def slim_traced_model(
         group: np.asarray(model.gates[name].prob_nonzero())
         for group, name in model.group_slots if name in values
     }
-    example = jax.ShapeDtypeStruct((1, *check.shape[1:]), jnp.asarray(check).dtype)
+    example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
     with parameters_gated(model.net, gated):
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=keep, scores=scores,
