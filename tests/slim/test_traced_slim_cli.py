@@ -45,21 +45,24 @@ def tiny_cnn(*, rngs: nnx.Rngs, num_classes: int) -> TinyCNN:
     return TinyCNN(rngs=rngs, num_classes=num_classes)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def train_tiny_cnn(workdir: Path, **overrides) -> Path:
     """Two L0-HC steps of the tiny CNN, given as MODULE:FACTORY, on synthetic MNIST-shaped
     data."""
-    workdir = tmp_path_factory.mktemp("traced_run")
     config = mnist.get_config()
     config.update(
         method="l0_hc", model=f"{THIS_MODULE}:tiny_cnn", dataset="synthetic", num_train=64,
         num_test=48, batch_size=32, eval_batch_size=48, epochs=1, steps_per_epoch=2,
-        log_every=1, input_threads=1,
+        log_every=1, input_threads=1, **overrides,
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(Path(__file__).parent))
         train_and_evaluate(config, workdir)
-        yield workdir
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return train_tiny_cnn(tmp_path_factory.mktemp("traced_run"))
 
 
 def set_gates(model) -> None:
@@ -202,3 +205,35 @@ def test_a_run_whose_gates_all_closed_slims_to_the_bias_of_the_logits(
     bias = np.asarray(model.net.fc2.bias[...])
     np.testing.assert_allclose(slim(images), np.broadcast_to(bias, (len(images), bias.size)))
     assert report["params_after"] == bias.size
+
+
+def test_units_whose_weight_gates_all_closed_on_every_reading_row_go(
+    tmp_path, monkeypatch, capsys
+):
+    run = train_tiny_cnn(tmp_path / "run", granularity="weight")
+
+    def close_rows(model):
+        conv2 = model.gates["conv2"].log_alpha  # rows of conv1's (BatchNorm) channels 0, 3, 6, 9
+        conv2[...] = conv2[...].at[:, :, ::3, :].set(-10.0)
+        fc1 = model.gates["fc1"].log_alpha  # rows of conv2's channel 1 (channel fastest)
+        fc1[...] = fc1[...].at[1::10, :].set(-10.0)
+        fc1[...] = fc1[...].at[2:40:10, :].set(-10.0)  # some of channel 2's rows only: it stays
+
+    def restore_closed(workdir, config, data):
+        model, spec, step = restore_model(workdir, config, data)
+        close_rows(model)
+        return model, spec, step
+
+    monkeypatch.setattr(cli, "restore_model", restore_closed)
+    output = tmp_path / "slim"
+    assert cli.main([str(run), "--output", str(output)]) == 0
+    assert "widths per traced group (kept/size): 8/12-9/10-20/20-10/10" in capsys.readouterr().out
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    assert slim.params["conv2.kernel"].shape == (3, 3, 8, 9)
+    assert slim.params["fc1.kernel"].shape == (7 * 7 * 9, 20)
+
+    config = run_config(run)
+    data = load_data(config)
+    model, _, _ = restore_closed(run, config, data)
+    images = check_images(data)
+    np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)
