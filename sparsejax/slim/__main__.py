@@ -1,14 +1,18 @@
 """Slim the newest checkpoint of a run.
 
-    python -m sparsejax.slim RUN_DIR [--output OUT] [--debug]
+    python -m sparsejax.slim RUN_DIR [--output OUT] [--round_to K] [--debug]
 
 Rebuilds the run's model from RUN_DIR/config.json, restores its newest checkpoint, removes the
-pruned units (:func:`sparsejax.slim.slim_model`) and writes to OUT (default RUN_DIR/slim) an
-Orbax checkpoint of the slim model, ``slim_config.json`` (what
-:func:`sparsejax.slim.store.load_slim` needs to rebuild it) and ``slim_report.json`` (params and
-FLOPs before and after); prints the same numbers as a table. A run that is not one, a damaged
-checkpoint or a full disk is reported as one ``error:`` line (exit status 1); ``--debug`` shows
-the traceback.
+pruned units and writes to OUT (default RUN_DIR/slim) the slim network and ``slim_report.json``
+(widths, params and FLOPs before and after, ``round_to``); prints the same numbers as a table.
+A zoo model (:func:`sparsejax.slim.slim_model`) is written as an Orbax checkpoint of the slim
+model and ``slim_config.json`` (what :func:`sparsejax.slim.store.load_slim` needs to rebuild
+it). A ``--model=MODULE:FACTORY`` run is slimmed from its trace (:mod:`sparsejax.slim.traced`)
+into ``slim_function.npz``, which :func:`sparsejax.load_slim_function` loads without the model's
+class; its report also holds ``max_logit_difference`` to the gated model on the run's first test
+images. ``--round_to K`` keeps every slimmed width at a multiple of K (or the full width). A run
+that is not one, a damaged checkpoint or a full disk is reported as one ``error:`` line (exit
+status 1); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,16 +21,61 @@ import argparse
 import sys
 from pathlib import Path
 
-from sparsejax.errors import DEBUG_ENVIRONMENT_VARIABLE, REPORTABLE, report_error
+from sparsejax.data.sources import BatchSource
+from sparsejax.errors import (
+    DEBUG_ENVIRONMENT_VARIABLE,
+    REPORTABLE,
+    ConfigError,
+    report_error,
+)
+from sparsejax.models.base import GatedModel
+from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.result import SlimReport
-from sparsejax.slim.runs import restore_run
-from sparsejax.slim.store import save_slim
+from sparsejax.slim.runs import restore_model, run_config
+from sparsejax.slim.store import ModelSpec, save_slim, save_slim_function
 from sparsejax.slim.surgery import slim_model
+from sparsejax.slim.traced import CHECK_EXAMPLES, check_images, slim_traced_model
+from sparsejax.structure.slim_trace import SlimReport as TracedSlimReport
+from sparsejax.structure.traced_model import TracedModel
+from sparsejax.train.loop import load_data
 
 DEFAULT_OUTPUT = "slim"
 
 
-def format_report(report: SlimReport) -> str:
+def parse_round_to(text: str) -> int:
+    """The value of ``--round_to``: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"--round_to must be a positive integer (the multiple slim widths are rounded up to, "
+            f"e.g. 8), got {text!r}"
+        )
+    return value
+
+
+def slim_and_save(
+    model: GatedModel, spec: ModelSpec, data: BatchSource, output: Path, round_to: int
+) -> SlimReport | TracedSlimReport:
+    """Slim ``model`` (a zoo model, or the traced model of a ``MODULE:FACTORY`` run, checked on
+    test images of ``data``), write it under ``output`` and return its report."""
+    if isinstance(model, TracedModel):
+        slim = slim_traced_model(model, check_images(data), round_to=round_to)
+        save_slim_function(output, slim)
+        return slim.report
+    if isinstance(model, TransformerModel) and round_to != 1:
+        raise ConfigError(
+            f"--round_to does not apply to {spec.model}: a transformer is slimmed block by block "
+            "to the heads, groups and units its gates keep; omit --round_to"
+        )
+    result = slim_model(model, width_multiple=round_to)
+    save_slim(output, spec, result)
+    return result.report
+
+
+def format_report(report: SlimReport | TracedSlimReport) -> str:
     """The report as a markdown table: params, stored params and FLOPs before and after."""
     rows = [
         ("params", report.params_before, report.params_after),
@@ -34,7 +83,10 @@ def format_report(report: SlimReport) -> str:
         ("FLOPs (MACs)", report.flops_before, report.flops_after),
     ]
     lines = ["| | before | after | before / after |", "|---|---|---|---|"]
-    lines += [f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |" for name, a, b in rows]
+    lines += [
+        f"| {name} | {a:,.0f} | {b:,.0f} | {f'{a / b:.2f}x' if b else '-'} |"
+        for name, a, b in rows
+    ]
     return "\n".join(lines)
 
 
@@ -46,19 +98,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None,
                         help=f"where to write the slim model (default RUN_DIR/{DEFAULT_OUTPUT})")
     parser.add_argument(
+        "--round_to", default="1", metavar="K",
+        help="keep every slimmed width at a multiple of K, or the full width (default 1)",
+    )
+    parser.add_argument(
         "--debug", action="store_true",
         help=f"show the traceback of an error (also: {DEBUG_ENVIRONMENT_VARIABLE}=1)",
     )
     args = parser.parse_args(argv)
     output = args.output or args.run_dir / DEFAULT_OUTPUT
     try:
-        model, spec, step = restore_run(args.run_dir)
-        result = slim_model(model)
-        save_slim(output, spec, result)
+        round_to = parse_round_to(args.round_to)
+        config = run_config(args.run_dir)
+        data = load_data(config)
+        model, spec, step = restore_model(args.run_dir, config, data)
+        report = slim_and_save(model, spec, data, output, round_to)
     except REPORTABLE as error:
         return report_error(error, debug=args.debug, output="--output")
     print(f"{spec.model} at step {step} -> {output}")
-    print(format_report(result.report))
+    print(format_report(report))
+    if isinstance(report, TracedSlimReport):
+        widths = "-".join(f"{g.width}/{g.size}" for g in report.groups)
+        print(f"widths per traced group (kept/size): {widths}")
+        examples = min(CHECK_EXAMPLES, data.num_test)
+        print(f"max logit difference to the gated model on {examples} test images: "
+              f"{report.max_logit_difference:.1e}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -24,7 +25,7 @@ class SlimReport:
     ``params`` and ``flops`` follow the accounting convention (kernel weights and biases; MACs);
     ``stored_params`` count every stored parameter array entry (BatchNorm scale and bias
     included, gate parameters excluded). ``widths``: per layer, its (input units, output units)
-    after slimming.
+    after slimming; ``round_to``: the multiple the slimmed widths were rounded up to.
     """
 
     params_before: float
@@ -34,11 +35,13 @@ class SlimReport:
     stored_params_before: int
     stored_params_after: int
     widths: dict[str, tuple[int, int]]
+    round_to: int = 1
 
     @property
     def flops_ratio(self) -> float:
-        """FLOPs before / after (the FLOPs reduction, >= 1)."""
-        return self.flops_before / self.flops_after
+        """FLOPs before / after (the FLOPs reduction, >= 1; infinite when no FLOPs are left,
+        e.g. every unit before the logits removed)."""
+        return self.flops_before / self.flops_after if self.flops_after else math.inf
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}
@@ -64,9 +67,9 @@ def stored_params(model: nnx.Module) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(state)))
 
 
-def slim_report(model: GatedModel, slim: GatedModel) -> SlimReport:
+def slim_report(model: GatedModel, slim: GatedModel, *, round_to: int = 1) -> SlimReport:
     """Params and FLOPs of ``model`` and of its slim network (attention products included),
-    the arrays each stores and the slim layers' widths."""
+    the arrays each stores and the slim layers' widths (rounded to multiples of ``round_to``)."""
     before = count_network_once(model.layers, {}, tuple(model.activation_products))
     after = count_network_once(slim.layers, {}, tuple(slim.activation_products))
     return SlimReport(
@@ -77,4 +80,5 @@ def slim_report(model: GatedModel, slim: GatedModel) -> SlimReport:
         stored_params_before=stored_params(model),
         stored_params_after=stored_params(slim),
         widths={layer.name: (layer.in_units, layer.out_units) for layer in slim.layers},
+        round_to=round_to,
     )

@@ -1,11 +1,17 @@
 """Saving a slim model and rebuilding it from disk.
 
-A slim directory holds ``slim_config.json`` (the model name and constructor arguments, and the
-:class:`~sparsejax.slim.plan.SlimPlan` that cut it), ``slim_report.json`` and an Orbax checkpoint
-of the slim model's state (``checkpoint/``). :func:`load_slim` builds the model from its name and
-arguments without gates, cuts it with the plan (:func:`~sparsejax.slim.surgery.rebuild`) and
-restores the arrays. A transformer's config also holds ``architecture``, the slim model's own
-constructor arguments (per-block widths): it is built from them directly.
+A zoo model's slim directory holds ``slim_config.json`` (the model name and constructor
+arguments, and the :class:`~sparsejax.slim.plan.SlimPlan` that cut it), ``slim_report.json`` and
+an Orbax checkpoint of the slim model's state (``checkpoint/``). :func:`load_slim` builds the
+model from its name and arguments without gates, cuts it with the plan
+(:func:`~sparsejax.slim.surgery.rebuild`) and restores the arrays. A transformer's config also
+holds ``architecture``, the slim model's own constructor arguments (per-block widths): it is
+built from them directly.
+
+A model given as ``MODULE:FACTORY`` slims into a pure function with its parameters
+(:class:`~sparsejax.structure.slim_trace.SlimFunction`): its directory holds ``slim_function.npz``
+(:func:`save_slim_function`), which :func:`sparsejax.load_slim_function` loads without the
+model's class, and ``slim_report.json``.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ from sparsejax.errors import UserError
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.plan import SlimPlan
+from sparsejax.slim.result import SlimReport
 from sparsejax.slim.surgery import SlimResult, rebuild, strip_to_network
+from sparsejax.structure.slim_trace import SlimFunction
+from sparsejax.structure.slim_trace import SlimReport as TracedSlimReport
 
 SLIM_CONFIG_FILE = "slim_config.json"
 SLIM_REPORT_FILE = "slim_report.json"
 SLIM_CHECKPOINT_DIR = "checkpoint"
+SLIM_FUNCTION_FILE = "slim_function.npz"
 
 
 class SlimOutputExistsError(UserError, FileExistsError):
@@ -50,31 +60,57 @@ class ModelSpec:
         return build_model(self.model, rngs=nnx.Rngs(params=0), **options)
 
 
-def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Path:
-    """Write ``result``'s model, plan and report under ``directory``; return its checkpoint path."""
+def write_report(directory: Path, report: SlimReport | TracedSlimReport) -> None:
+    """Write ``report`` (of a zoo model or of a traced one) to ``directory/slim_report.json``."""
+    (directory / SLIM_REPORT_FILE).write_text(
+        json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
+    )
+
+
+def _output_directory(directory: str | Path, written: str) -> Path:
+    """``directory`` made, as an absolute path; refused when it holds ``written`` already."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoint = directory / SLIM_CHECKPOINT_DIR
-    if checkpoint.exists():
+    if (directory / written).exists():
         raise SlimOutputExistsError(
-            f"{checkpoint} exists already; pass another output directory or delete it"
+            f"{directory / written} exists already; pass another output directory or delete it"
         )
+    return directory
+
+
+def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Path:
+    """Write ``result``'s model, plan and report under ``directory``; return its checkpoint path."""
+    directory = _output_directory(directory, SLIM_CHECKPOINT_DIR)
+    checkpoint = directory / SLIM_CHECKPOINT_DIR
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(checkpoint, nnx.state(result.model))
     config = {"spec": dataclasses.asdict(spec), "plan": json.loads(result.plan.to_json())}
     if result.architecture is not None:
         config["architecture"] = result.architecture
     (directory / SLIM_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-    (directory / SLIM_REPORT_FILE).write_text(
-        json.dumps(result.report.to_dict(), indent=2, sort_keys=True) + "\n"
-    )
+    write_report(directory, result.report)
     return checkpoint
+
+
+def save_slim_function(directory: str | Path, slim: SlimFunction) -> Path:
+    """Write the slim function and its parameters (:meth:`SlimFunction.save`) and its report
+    under ``directory``; return the path of the ``.npz`` file."""
+    directory = _output_directory(directory, SLIM_FUNCTION_FILE)
+    path = directory / SLIM_FUNCTION_FILE
+    slim.save(str(path))
+    write_report(directory, slim.report)
+    return path
 
 
 def load_slim(directory: str | Path) -> GatedModel:
     """The slim model saved by :func:`save_slim` under ``directory``."""
     directory = Path(directory).absolute()
     config_path = directory / SLIM_CONFIG_FILE
+    if (directory / SLIM_FUNCTION_FILE).exists():
+        raise FileNotFoundError(
+            f"{directory} holds the slim function of a MODULE:FACTORY model; load "
+            f"{directory / SLIM_FUNCTION_FILE} with sparsejax.load_slim_function"
+        )
     if not config_path.exists():
         raise FileNotFoundError(
             f"{directory} holds no {SLIM_CONFIG_FILE}; it is not the output of "

@@ -157,7 +157,7 @@ def slim_model(
         slim.layers, tuple(slim.channel_couplings), layer_weights(slim), keep, width_multiple
     )
     apply_plan(slim, plan)
-    report = slim_report(model, slim)
+    report = slim_report(model, slim, round_to=width_multiple)
     return SlimResult(slim, plan, report)
 
 

@@ -10,10 +10,13 @@ import pytest
 from flax import nnx
 
 from experiments.configs import mnist
+from sparsejax.errors import ConfigError
 from sparsejax.models import build_model
+from sparsejax.models.vit import ViT
+from sparsejax.slim import __main__ as cli
 from sparsejax.slim import slim_model
 from sparsejax.slim.__main__ import main
-from sparsejax.slim.runs import NotARunError, restore_run
+from sparsejax.slim.runs import NotARunError, restore_model, restore_run
 from sparsejax.slim.store import (
     SLIM_CONFIG_FILE,
     SLIM_REPORT_FILE,
@@ -68,6 +71,34 @@ def test_slim_cli_writes_a_slim_checkpoint_that_restores_to_the_same_logits(run_
     slim = load_slim(output)
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     np.testing.assert_allclose(eval_logits(slim, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4)
+
+
+def test_round_to_rounds_the_widths_of_a_zoo_run(run_dir, tmp_path, monkeypatch):
+    def restore_pruned(workdir, config, data):
+        model, spec, step = restore_model(workdir, config, data)
+        close_half_the_conv2_gates(model)
+        return model, spec, step
+
+    monkeypatch.setattr(cli, "restore_model", restore_pruned)
+    output = tmp_path / "slim"
+    assert main([str(run_dir), "--output", str(output), "--round_to", "8"]) == 0
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    assert report["round_to"] == 8 and report["widths"]["conv2"][1] == 32  # 25 open, of 50
+    gated, _, _ = restore_run(run_dir)
+    close_half_the_conv2_gates(gated)
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    np.testing.assert_allclose(
+        eval_logits(load_slim(output), x), eval_logits(gated, x), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_round_to_does_not_apply_to_a_transformer(tmp_path):
+    vit = ViT(rngs=nnx.Rngs(0), dim=16, depth=1, heads=2, head_dim=4, mlp_hidden=8,
+              input_shape=(8, 8, 1))
+    spec = ModelSpec("vit_tiny", 10, (8, 8, 1), "unit")
+    with pytest.raises(ConfigError, match="--round_to does not apply to vit_tiny"):
+        cli.slim_and_save(vit, spec, None, tmp_path / "slim", 8)
+    assert not (tmp_path / "slim").exists()
 
 
 def test_a_pruned_slim_model_round_trips_through_disk(run_dir, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -75,8 +76,9 @@ class SlimReport:
 
     @property
     def flops_ratio(self) -> float:
-        """FLOPs before / after (the FLOPs reduction, >= 1)."""
-        return self.flops_before / self.flops_after
+        """FLOPs before / after (the FLOPs reduction, >= 1; infinite when no FLOPs are left,
+        e.g. every unit before the logits removed)."""
+        return self.flops_before / self.flops_after if self.flops_after else math.inf
 
     def to_dict(self) -> dict:
         """The fields, ``widths`` and ``flops_ratio``, as JSON-ready values (the fields of the

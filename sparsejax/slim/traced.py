@@ -1,0 +1,85 @@
+"""Slimming the trained model of a ``--model=MODULE:FACTORY`` run from its trace.
+
+Such a run trains a :class:`~sparsejax.structure.traced_model.TracedModel`: the user's plain NNX
+module ``net`` with gates multiplied into the kernel slices their units feed. Its slim network is
+the :class:`~sparsejax.structure.slim_trace.SlimFunction` of ``net`` with those test-time gate
+values folded in (:func:`slim_traced_model`): every gated slice is multiplied by its gate exactly
+as the gated forward pass does (:func:`~sparsejax.structure.sparsify.parameters_gated`; one value
+per unit, or per kernel entry at weight granularity). A unit goes when no kernel reads it any
+more (:func:`read_units`): every row that reads it, in every kernel its gates act on, is zero
+after folding (a closed unit gate, closed weight gates or pruned weights on all of its rows), so
+removing it is exact. :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the
+groups of the model's own trace; ``round_to=K`` keeps back the removed units with the highest
+P(gate != 0) until every slimmed group has a multiple of K units. The largest logit difference
+to the gated model in evaluation mode is measured on a batch of the run's test images
+(:func:`check_images`) and recorded in the report.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsejax.data.sources import BatchSource
+from sparsejax.slim.folding import test_gate_values
+from sparsejax.structure.slim_trace import SlimFunction, slim_traced
+from sparsejax.structure.sparsify import gated_slices, parameters_gated, variable_at
+from sparsejax.structure.traced_model import TracedModel
+
+CHECK_EXAMPLES = 256
+"""Test images the slim network is compared on with the gated model."""
+
+
+def check_images(data: BatchSource, examples: int = CHECK_EXAMPLES) -> np.ndarray:
+    """The first ``examples`` test images of ``data`` (all of them when it has fewer), as the
+    run's evaluation reads them."""
+    images, _ = data.test_batch(np.arange(min(examples, data.num_test)))
+    return np.asarray(images)
+
+
+def read_units(model: TracedModel) -> dict[int, np.ndarray]:
+    """Per prunable traced group of ``model``, True for each unit with a nonzero entry in a
+    slice its gates act on (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the
+    kernels that read it), in ``model.net``'s current parameters."""
+    read = {}
+    for group in model.structure.groups:
+        if not group.prunable:
+            continue
+        units = np.zeros(group.size, bool)
+        for s in gated_slices(model.structure, group):
+            value = np.moveaxis(np.asarray(variable_at(model.net, s.path)[...]), s.axis, 0)
+            rows = value[np.asarray(s.indices)].reshape(len(s.indices), -1)
+            units[np.asarray(s.units)[np.any(rows != 0, axis=1)]] = True
+        read[group.index] = units
+    return read
+
+
+@nnx.jit
+def _evaluation_logits(model: TracedModel, x: jax.Array) -> jax.Array:
+    return model(x, train=False)
+
+
+def slim_traced_model(
+    model: TracedModel, check: np.ndarray, *, round_to: int = 1
+) -> SlimFunction:
+    """The slim network of ``model`` under its test-time gates (see the module docstring), its
+    report holding ``max_logit_difference`` on the images ``check``."""
+    values = test_gate_values(model)
+    gated = [
+        (s, jnp.asarray(values[name])) for name, slices in model.gated if name in values
+        for s in slices
+    ]
+    scores = {
+        group: np.asarray(model.gates[name].prob_nonzero())
+        for group, name in model.group_slots if name in values
+    }
+    example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
+    with parameters_gated(model.net, gated):
+        slim = slim_traced(
+            model.net, example, structure=model.structure, keep=read_units(model),
+            scores=scores, round_to=round_to,
+        )
+    slim.check(_evaluation_logits(model, check), check)
+    return slim

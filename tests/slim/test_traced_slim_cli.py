@@ -1,0 +1,239 @@
+"""``python -m sparsejax.slim`` on a ``--model=MODULE:FACTORY`` run: the trained model slimmed
+from its trace into a function that loads without the model's class (sparsejax.slim.traced)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sparsejax
+from experiments.configs import mnist
+from sparsejax.slim import __main__ as cli
+from sparsejax.slim.runs import restore_model, run_config
+from sparsejax.slim.store import SLIM_FUNCTION_FILE, SLIM_REPORT_FILE, load_slim
+from sparsejax.slim.traced import check_images
+from sparsejax.train import train_and_evaluate
+from sparsejax.train.loop import load_data
+
+THIS_MODULE = Path(__file__).stem
+
+
+class TinyCNN(nnx.Module):
+    """conv 3x3/2 (BatchNorm) -> conv 3x3/2 -> flatten -> dense -> logits."""
+
+    def __init__(self, *, rngs: nnx.Rngs, num_classes: int):
+        self.conv1 = nnx.Conv(1, 12, (3, 3), strides=2, rngs=rngs)
+        self.bn = nnx.BatchNorm(12, rngs=rngs)
+        self.conv2 = nnx.Conv(12, 10, (3, 3), strides=2, rngs=rngs)
+        self.fc1 = nnx.Linear(7 * 7 * 10, 20, rngs=rngs)
+        self.fc2 = nnx.Linear(20, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(self.bn(self.conv1(x)))
+        h = jax.nn.relu(self.conv2(h))
+        return self.fc2(jax.nn.relu(self.fc1(h.reshape(h.shape[0], -1))))
+
+
+def tiny_cnn(*, rngs: nnx.Rngs, num_classes: int) -> TinyCNN:
+    return TinyCNN(rngs=rngs, num_classes=num_classes)
+
+
+def train_tiny_cnn(workdir: Path, **overrides) -> Path:
+    """Two L0-HC steps of the tiny CNN, given as MODULE:FACTORY, on synthetic MNIST-shaped
+    data."""
+    config = mnist.get_config()
+    config.update(
+        method="l0_hc", model=f"{THIS_MODULE}:tiny_cnn", dataset="synthetic", num_train=64,
+        num_test=48, batch_size=32, eval_batch_size=48, epochs=1, steps_per_epoch=2,
+        log_every=1, input_threads=1, **overrides,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(Path(__file__).parent))
+        train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return train_tiny_cnn(tmp_path_factory.mktemp("traced_run"))
+
+
+def set_gates(model) -> None:
+    """log_alpha uniform in [-3, 3] (test gates of 0, in (0, 1) and 1), every third unit
+    closed: the trained gates of two steps are all open."""
+    rng = np.random.default_rng(0)
+    for gate in model.gates.values():
+        log_alpha = rng.uniform(-3.0, 3.0, gate.log_alpha.shape)
+        log_alpha[::3] = -10.0
+        gate.log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
+
+
+def restore_with_gates_set(workdir, config, data):
+    model, spec, step = restore_model(workdir, config, data)
+    set_gates(model)
+    return model, spec, step
+
+
+@pytest.fixture
+def gates_set(monkeypatch):
+    monkeypatch.setattr(cli, "restore_model", restore_with_gates_set)
+
+
+def gated_run(run_dir):
+    """The run's model with :func:`set_gates`, and its first test images."""
+    config = run_config(run_dir)
+    data = load_data(config)
+    model, _, _ = restore_with_gates_set(run_dir, config, data)
+    return model, check_images(data)
+
+
+@nnx.jit
+def eval_logits(model, x):
+    return model(x, train=False)
+
+
+def test_the_slim_function_of_a_model_run_gives_the_gated_logits_on_test_data(
+    run_dir, gates_set, tmp_path, capsys
+):
+    output = tmp_path / "slim"
+    assert cli.main([str(run_dir), "--output", str(output)]) == 0
+    assert "| params |" in capsys.readouterr().out
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+
+    model, images = gated_run(run_dir)
+    assert images.shape == (48, 28, 28, 1)
+    expected = np.asarray(eval_logits(model, images))
+    difference = float(np.max(np.abs(np.asarray(slim(images)) - expected)))
+    assert difference <= 1e-5
+    assert report["max_logit_difference"] == pytest.approx(difference, abs=1e-6)
+
+    open_units = {
+        group: np.asarray(model.gates[name].test_gate()) > 0 for group, name in model.group_slots
+    }
+    assert {int(g): w for g, w in report["widths"].items()} == {
+        g.index: int(open_units[g.index].sum()) if g.index in open_units else g.size
+        for g in model.structure.groups
+    }
+    kept = model.structure.count({g: m.astype(np.float64) for g, m in open_units.items()})
+    assert (report["params_after"], report["flops_after"]) == (kept.params, kept.flops)
+    assert report["params_after"] < report["params_before"] == model.structure.count().params
+    assert report["round_to"] == 1
+    with pytest.raises(FileNotFoundError, match="with sparsejax.load_slim_function"):
+        load_slim(output)
+    (conv1,) = [g.index for g in model.structure.groups if ("conv1.kernel", 3) in g.producers]
+    assert slim.params["conv1.kernel"].shape == (3, 3, 1, int(open_units[conv1].sum()))
+    assert slim.params["bn.mean"].shape == (int(open_units[conv1].sum()),)
+
+
+def test_round_to_keeps_multiples_of_eight_with_the_same_logits(run_dir, gates_set, tmp_path):
+    output = tmp_path / "slim"
+    assert cli.main([str(run_dir), "--output", str(output), "--round_to", "8"]) == 0
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    assert report["round_to"] == 8
+    for group in report["groups"]:
+        assert group["width"] % 8 == 0 or group["width"] == group["size"]
+        assert group["width"] >= group["open"]
+    assert any(g["width"] > g["open"] for g in report["groups"])
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    model, images = gated_run(run_dir)
+    np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=1e-5)
+    assert report["max_logit_difference"] <= 1e-5
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "eight"])
+def test_a_bad_round_to_is_one_line(value, run_dir, tmp_path, capsys):
+    assert cli.main([str(run_dir), "--output", str(tmp_path / "slim"), "--round_to", value]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: --round_to must be a positive integer (the multiple slim widths "
+                     f"are rounded up to, e.g. 8), got {value!r}"]
+    assert not (tmp_path / "slim").exists()
+
+
+def test_a_model_run_without_checkpoint_or_module_or_with_a_slim_output_says_so(
+    run_dir, tmp_path, capsys
+):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run_dir / "config.json", bare / "config.json")
+    assert cli.main([str(bare)]) == 1
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: the run in") and "has no checkpoint" in message
+    assert "train it for at least one epoch first" in message
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["model"] = "no_such_module:tiny_cnn"
+    (moved / "config.json").write_text(json.dumps(config))
+    assert cli.main([str(moved)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot import module 'no_such_module'" in lines[0]
+    assert "put that directory on PYTHONPATH" in lines[0]
+
+    output = tmp_path / "slim"
+    output.mkdir()
+    (output / SLIM_FUNCTION_FILE).write_bytes(b"")
+    assert cli.main([str(run_dir), "--output", str(output)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {output / SLIM_FUNCTION_FILE} exists")
+
+
+def test_a_run_whose_gates_all_closed_slims_to_the_bias_of_the_logits(
+    run_dir, tmp_path, monkeypatch
+):
+    def restore_closed(workdir, config, data):
+        model, spec, step = restore_model(workdir, config, data)
+        for gate in model.gates.values():
+            gate.log_alpha[...] = jnp.full(gate.log_alpha.shape, -10.0)
+        return model, spec, step
+
+    monkeypatch.setattr(cli, "restore_model", restore_closed)
+    output = tmp_path / "slim"
+    assert cli.main([str(run_dir), "--output", str(output), "--round_to", "4"]) == 0
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    assert report["flops_after"] == 0 and report["flops_ratio"] == float("inf")
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    model, images = gated_run(run_dir)
+    bias = np.asarray(model.net.fc2.bias[...])
+    np.testing.assert_allclose(slim(images), np.broadcast_to(bias, (len(images), bias.size)))
+    assert report["params_after"] == bias.size
+
+
+def test_units_whose_weight_gates_all_closed_on_every_reading_row_go(
+    tmp_path, monkeypatch, capsys
+):
+    run = train_tiny_cnn(tmp_path / "run", granularity="weight")
+
+    def close_rows(model):
+        conv2 = model.gates["conv2"].log_alpha  # rows of conv1's (BatchNorm) channels 0, 3, 6, 9
+        conv2[...] = conv2[...].at[:, :, ::3, :].set(-10.0)
+        fc1 = model.gates["fc1"].log_alpha  # rows of conv2's channel 1 (channel fastest)
+        fc1[...] = fc1[...].at[1::10, :].set(-10.0)
+        fc1[...] = fc1[...].at[2:40:10, :].set(-10.0)  # some of channel 2's rows only: it stays
+
+    def restore_closed(workdir, config, data):
+        model, spec, step = restore_model(workdir, config, data)
+        close_rows(model)
+        return model, spec, step
+
+    monkeypatch.setattr(cli, "restore_model", restore_closed)
+    output = tmp_path / "slim"
+    assert cli.main([str(run), "--output", str(output)]) == 0
+    assert "widths per traced group (kept/size): 8/12-9/10-20/20-10/10" in capsys.readouterr().out
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    assert slim.params["conv2.kernel"].shape == (3, 3, 8, 9)
+    assert slim.params["fc1.kernel"].shape == (7 * 7 * 9, 20)
+
+    config = run_config(run)
+    data = load_data(config)
+    model, _, _ = restore_closed(run, config, data)
+    images = check_images(data)
+    np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)
