@@ -19,6 +19,7 @@ from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.models import build_model
 from sparsejax.models.batch_chunks import fixed_chunks
+from sparsejax.structure.accounting import count_network
 from sparsejax.train.config import resolve_config
 from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
@@ -28,6 +29,11 @@ IMAGENET_MODELS = ("resnet50", "mobilenet_v2")
 MNIST_MODELS = ("mlp", "lenet5", "vit_tiny")
 TEXT_MODELS = ("lm_tiny",)
 BYTE_VOCABULARY = 256
+PEAK_SIZE = 2048
+"""The side of the square float32 ``jnp.dot`` whose rate is the machine's matmul peak."""
+STEP_FLOPS_PER_MAC = 6
+"""FLOPs of a training step per multiply-accumulate of the dense forward pass: forward, input
+gradient and weight gradient, 2 FLOPs per multiply-accumulate each."""
 CONV_CHUNKS_OVERRIDE = "conv_chunks"
 """The method-spec field (``dense@conv_chunks=1``) that sets the batch slices of the step's
 convolutions instead of a config field."""
@@ -140,6 +146,35 @@ def forward(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
     graphdef, state = nnx.split(model)
     apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, train=False))
     return lambda x: apply(state, x)
+
+
+def matmul_peak() -> float:
+    """FLOP/s of a float32 ``PEAK_SIZE``-square ``jnp.dot`` at JAX's default precision on the
+    default backend (median of 5 calls)."""
+    a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), jnp.float32)
+    dot = jax.jit(jnp.dot)
+
+    def run() -> None:
+        dot(a, a).block_until_ready()
+
+    run()
+    return 2 * PEAK_SIZE**3 / statistics.median(seconds_per_step(run, 1) for _ in range(5))
+
+
+def step_flops(model_name: str, batch_size: int, like: str | None = None) -> float | None:
+    """FLOPs of one training step of the dense network on inputs shaped like dataset ``like``
+    (default: the model's usual one): ``STEP_FLOPS_PER_MAC`` x the forward pass's
+    multiply-accumulates of its layers (:func:`sparsejax.structure.accounting.count_network`)
+    x ``batch_size``; gates, normalisation, pooling, activations and the optimizer are not
+    counted, and the first layer's unneeded input gradient is. None for a text model."""
+    like = like or dataset_like(model_name)
+    if like in TEXT_DATASETS:
+        return None
+    spec = input_spec(like)
+    model = build_model(
+        model_name, rngs=nnx.Rngs(0), input_shape=spec.image_shape, num_classes=spec.num_classes
+    )
+    return STEP_FLOPS_PER_MAC * float(count_network(model.layers, {})["flops"]) * batch_size
 
 
 def seconds_per_step(run: Callable[[], None], steps: int) -> float:

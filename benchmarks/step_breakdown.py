@@ -48,12 +48,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from benchmarks.common import build_step, dataset_like  # noqa: E402
-from sparsejax.models import build_model  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PEAK_SIZE,
+    build_step,
+    dataset_like,
+    matmul_peak,
+    step_flops,
+)
 from sparsejax.models.pooling import max_pool  # noqa: E402
-from sparsejax.structure.accounting import count_network  # noqa: E402
 
 
 def define_flags() -> None:
@@ -67,8 +70,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("top", 12, "Heaviest ops listed per method.")
 
 
-PEAK_SIZE = 2048
-STEP_FLOPS_PER_MAC = 6
 KINDS = (
     ("convolution", "convolution"), ("dot", "dot"), ("gather", "gather/scatter"),
     ("scatter", "gather/scatter"), ("threefry", "random bits"), ("reduce", "reduce"),
@@ -166,14 +167,6 @@ def median_seconds(call, repeats: int, divisor: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_peak() -> float:
-    """FLOP/s of a float32 ``PEAK_SIZE``-square ``jnp.dot`` (median of 5 calls)."""
-    a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    return 2 * PEAK_SIZE**3 / median_seconds(lambda: dot(a, a).block_until_ready(), 5)
-
-
 def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -238,8 +231,7 @@ def main(argv: list[str]) -> None:
     del argv
     options = flags.FLAGS
     steps, batch, model_name = options.steps, options.batch_size, options.model
-    model = build_model(model_name, rngs=nnx.Rngs(0))
-    flops = STEP_FLOPS_PER_MAC * float(count_network(model.layers, {})["flops"]) * batch
+    flops = step_flops(model_name, batch)
     peak = matmul_peak()
     print(f"model={model_name} batch={batch} jax={jax.__version__} "
           f"devices={jax.devices()} float32 matmul peak {peak / 1e9:.1f} GFLOP/s "

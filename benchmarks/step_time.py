@@ -13,6 +13,11 @@ median milliseconds per step, training examples per second and the ratio of each
 A method ``NAME@FIELD=VALUE`` overrides a numeric config field (a budget:
 ``l0_hc@target_flops=0.5``, whose Lagrangian counts the network every step). The process makes
 the host settings of the entry points (:func:`sparsejax.host.configure`) first.
+
+``--peak`` adds each step's FLOP/s (``benchmarks.common.step_flops``: 6 x the dense network's
+multiply-accumulates x batch) and its fraction of the matmul peak measured in the same run (a
+float32 ``PEAK_SIZE``-square ``jnp.dot`` at JAX's default precision, which on recent NVIDIA
+GPUs is TF32): the model FLOPs utilisation against what a matmul reaches on that device.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    PEAK_SIZE,
     dataset_like,
     interleaved_medians,
     make_steps,
+    matmul_peak,
     parse_method,
+    step_flops,
 )
 from sparsejax.data.synthetic import SYNTHETIC_LIKE  # noqa: E402
 from sparsejax.data.text import TEXT_DATASETS  # noqa: E402
@@ -42,6 +50,9 @@ _METHODS = flags.DEFINE_list(
 )
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed chunks per method (median reported).")
+_PEAK = flags.DEFINE_bool(
+    "peak", False, "Also report GFLOP/s and the fraction of the measured matmul peak."
+)
 _LIKE = flags.DEFINE_enum(
     "like", None, [*SYNTHETIC_LIKE, *TEXT_DATASETS],
     "Dataset shape (default: the model's usual dataset).",
@@ -57,15 +68,23 @@ def main(argv: list[str]) -> None:
         runs[spec] = make_steps(name, _MODEL.value, _BATCH.value, _STEPS.value, like, overrides)
     results = interleaved_medians(runs, _REPEATS.value, _STEPS.value)
     base = results.get("dense")
-    print(f"model={_MODEL.value} like={like} batch={_BATCH.value} "
-          f"backend={jax.default_backend()} devices={jax.devices()}")
-    print("| method | ms / step | examples / s | throughput vs dense | step time vs dense |")
-    print("|---|---|---|---|---|")
+    flops = step_flops(_MODEL.value, _BATCH.value, like) if _PEAK.value else None
+    peak = matmul_peak() if flops else None
+    header = f"model={_MODEL.value} like={like} batch={_BATCH.value} " + (
+        f"backend={jax.default_backend()} devices={jax.devices()}"
+    )
+    if peak:
+        header += f" matmul peak {peak / 1e9:.1f} GFLOP/s ({PEAK_SIZE}-square jnp.dot)"
+    print(header)
+    extra = " GFLOP/s | fraction of peak |" if peak else ""
+    print(f"| method | ms / step | examples / s | throughput vs dense | step time vs dense |{extra}")
+    print("|---|---|---|---|---|" + ("---|---|" if peak else ""))
     for name, seconds in results.items():
         ratio = f"{base / seconds:.2f}x" if base else "-"
         slower = f"{seconds / base:.2f}x" if base else "-"
+        rates = f" {flops / seconds / 1e9:.1f} | {flops / seconds / peak:.2f} |" if peak else ""
         print(f"| {name} | {1000 * seconds:.2f} | {_BATCH.value / seconds:.0f} | {ratio} "
-              f"| {slower} |")
+              f"| {slower} |{rates}")
 
 
 if __name__ == "__main__":

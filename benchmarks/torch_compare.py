@@ -35,15 +35,18 @@ import statistics  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import make_steps, parse_method, seconds_per_step  # noqa: E402
-from sparsejax.models import build_model  # noqa: E402
-from sparsejax.structure.accounting import count_network  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PEAK_SIZE,
+    make_steps,
+    matmul_peak,
+    parse_method,
+    seconds_per_step,
+    step_flops,
+)
 
 
 def define_flags() -> None:
@@ -62,11 +65,8 @@ def define_flags() -> None:
 
 THREADS = 2
 LEARNING_RATE = 1e-3
-PEAK_SIZE = 2048
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
-STEP_FLOPS_PER_MAC = 6
-"""Forward, input gradient and weight gradient, 2 FLOPs per multiply-accumulate each."""
 
 
 def torch_lenet5() -> nn.Module:
@@ -107,24 +107,6 @@ def torch_steps(model_name: str, batch_size: int, steps: int) -> Callable[[], No
 
     run()
     return run
-
-
-def matmul_peak() -> float:
-    """FLOP/s of a float32 ``PEAK_SIZE``-square ``jnp.dot`` (median of 5 calls)."""
-    a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), jnp.float32)
-    dot = jax.jit(jnp.dot)
-
-    def run() -> None:
-        dot(a, a).block_until_ready()
-
-    run()
-    return 2 * PEAK_SIZE**3 / statistics.median(seconds_per_step(run, 1) for _ in range(5))
-
-
-def step_flops(model_name: str, batch_size: int) -> float:
-    """FLOPs of one training step of the dense network (see the module docstring)."""
-    model = build_model(model_name, rngs=nnx.Rngs(0))
-    return STEP_FLOPS_PER_MAC * float(count_network(model.layers, {})["flops"]) * batch_size
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,25 @@
+from benchmarks.common import make_steps, step_flops
+from sparsejax.models import batch_chunks
+
+
+def test_step_flops_follow_the_stated_convention():
+    assert step_flops("lenet5", 100) == 6 * 100 * (
+        24 * 24 * 25 * 20 + 8 * 8 * 25 * 20 * 50 + 800 * 500 + 500 * 10)
+    assert step_flops("resnet20", 2) == 2 * step_flops("resnet20", 1)
+    assert step_flops("lm_tiny", 2) is None
+
+
+def test_a_conv_chunks_override_compiles_the_step_on_that_many_slices(monkeypatch):
+    seen = []
+    chosen = batch_chunks.batch_chunks
+
+    def recording(batch, **options):
+        seen.append(chosen(batch, **options))
+        return seen[-1]
+
+    monkeypatch.setattr(batch_chunks, "batch_chunks", recording)
+    make_steps("l0_hc", "lenet5", 6, 1, "fashion_mnist", {"conv_chunks": 3})()
+    assert seen and set(seen) == {3}
+    seen.clear()
+    make_steps("l0_hc", "lenet5", 6, 1, "fashion_mnist", {"conv_chunks": 1})()
+    assert seen and set(seen) == {1}
