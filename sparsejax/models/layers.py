@@ -13,6 +13,11 @@ sum_o W * (x^T g), from the weight gradient the backward pass computes anyway, w
 inputs would cost an extra input-gradient matmul (the first layer's, usually the largest: +40% on
 the LeNet-300-100 step). Per-example input gates multiply the inputs.
 
+A dense layer's output gates (the transformers' sublayer and hidden-dimension gates on a residual
+branch) multiply its output including the bias. Batch-shared ones are folded into the kernel's
+output columns and the bias, y = x @ (W * z) + b * z, as a convolution's are, for the same
+reasons.
+
 A convolution takes gates on its output channels, which multiply the output including its bias.
 Batch-shared output gates are folded into the kernel's output columns and the bias,
 y = conv(x, W * z) + b * z (the same function; a closed channel is still exactly zero): this
@@ -41,9 +46,9 @@ def _gated(kernel: jax.Array, kernel_gate: jax.Array | None) -> jax.Array:
 
 
 class Dense(nnx.Module):
-    """y = (x * z_in) @ (W * z_w) + b, with optional input-neuron gates z_in (``(in,)`` or
-    ``(batch, in)``) and weight gates z_w shaped like W; ``kernel_init`` draws W (He-normal by
-    default)."""
+    """y = ((x * z_in) @ (W * z_w) + b) * z_out, with optional input-neuron gates z_in (``(in,)``
+    or ``(batch, in)``), weight gates z_w shaped like W and output-neuron gates z_out (``(out,)``
+    or ``(batch, out)``); ``kernel_init`` draws W (He-normal by default)."""
 
     def __init__(
         self,
@@ -64,14 +69,21 @@ class Dense(nnx.Module):
         x: jax.Array,
         kernel_gate: jax.Array | None = None,
         input_gate: jax.Array | None = None,
+        output_gate: jax.Array | None = None,
     ) -> jax.Array:
         kernel = _gated(self.kernel[...], kernel_gate)
+        bias = None if self.bias is None else self.bias[...]
         if input_gate is not None and input_gate.ndim == 1:
             kernel = kernel * input_gate[:, None]
         elif input_gate is not None:
             x = gate_units(x, input_gate)
+        shared = output_gate is not None and output_gate.ndim == 1
+        if shared:
+            kernel = kernel * output_gate
+            bias = None if bias is None else bias * output_gate
         y = x @ kernel
-        return y if self.bias is None else y + self.bias[...]
+        y = y if bias is None else y + bias
+        return y if output_gate is None or shared else gate_units(y, output_gate)
 
 
 class Conv(nnx.Module):

@@ -134,9 +134,11 @@ class DecoderLM(TransformerModel):
         embed_gate = self.kernel_gate(z, "embed")
         if embed_gate is not None:
             table = table * embed_gate
-        h = table.T[x]
-        if hidden is not None:
-            h = gate_units(h, hidden)
+        if hidden is not None and hidden.ndim == 1:
+            h = (table.T * hidden)[x]  # the batch-shared gate folded into the looked-up rows
+        else:
+            h = table.T[x]
+            h = h if hidden is None else gate_units(h, hidden)
         h = self.final_norm(self._run_blocks(h, z), hidden)
         if self.head is None:
             return h @ table

@@ -22,6 +22,16 @@ as CoFi (Xia et al. 2022) and Sheared LLaMA (Xia et al. 2023) do:
   take their statistics over the open dimensions only (n = #{z_hidden != 0}) and zero the closed
   ones, so that a closed dimension is the same network as one without it (as CoFi's LayerNorm).
 
+Batch-shared gates are folded into the weights rather than multiplied into the activations, as
+the CNN layers do (:mod:`sparsejax.models.layers`): a head or KV-group gate scales its heads'
+rows of the output projection, an FFN unit gate its row of the down projection, a branch's
+sublayer and hidden gates the columns and bias of the projection that writes the branch into the
+stream (the embedding's likewise), and the norms' hidden mask their scale and bias. The gates'
+gradients then come from the weight gradients the backward pass computes anyway instead of
+reductions over every token. It is the same function up to float rounding and a closed unit is
+still exactly 0. The hidden gate stays on the activations only inside a norm's statistics (the
+count n and LayerNorm's centred values); per-example gates multiply the activations.
+
 Which families exist is the ``families`` argument of the models. At weight granularity every
 kernel (embeddings, projections, FFN, head) has weight gates instead.
 
@@ -150,16 +160,21 @@ class Norm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if kind == "layer" else None
 
     def __call__(self, x: jax.Array, hidden_gate: jax.Array | None) -> jax.Array:
+        """The statistics need x's closed units to be 0 (the stream's are); the mask that zeroes
+        the closed units of y is folded into the scale and bias (exact: it is 0 or 1)."""
         mask = None if hidden_gate is None else _unit_mask(hidden_gate, x)
         count = x.shape[-1] if mask is None else jnp.sum(mask, axis=-1, keepdims=True)
         if self.kind == "layer":
             x = x - jnp.sum(x, axis=-1, keepdims=True) / count
             x = x if mask is None else x * mask
         y = x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) / count + NORM_EPSILON)
-        y = y * self.scale[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y if mask is None else y * mask
+        scale = self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        if mask is not None:
+            scale = scale * mask
+            bias = None if bias is None else bias * mask
+        y = y * scale
+        return y if bias is None else y + bias
 
 
 def projection(
@@ -170,13 +185,40 @@ def projection(
     return Dense(in_features, out_features, rngs=rngs, use_bias=use_bias, kernel_init=init)
 
 
-def _head_multiplier(gate: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
-    """A head (``(H,)`` / ``(B, H)``) or group (``(G,)`` / ``(B, G)``) gate, reshaped to
-    multiply attention outputs ``(B, T, head_dim, M, G)``; ``shape`` is ``(M, G)`` or ``(G,)``."""
-    if gate is None:
-        return None
-    lead = gate.shape[0] if gate.ndim == 2 else 1
-    return gate.reshape(lead, 1, 1, *([1] * (2 - len(shape))), *shape)
+def _head_multiplier(gate: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A per-example head (``(B, H)``) or group (``(B, G)``) gate, reshaped to multiply attention
+    outputs ``(B, T, head_dim, M, G)``; ``shape`` is ``(M, G)`` or ``(G,)``."""
+    return gate.reshape(gate.shape[0], 1, 1, *([1] * (2 - len(shape))), *shape)
+
+
+def _product(gates: Sequence[jax.Array]) -> jax.Array | None:
+    """The elementwise product of ``gates`` (broadcast), None for none."""
+    product = None
+    for gate in gates:
+        product = gate if product is None else product * gate
+    return product
+
+
+def gated_projection(
+    layer: Dense,
+    x: jax.Array,
+    *,
+    kernel_gate: jax.Array | None = None,
+    input_gate: jax.Array | None = None,
+    output_gates: Sequence[jax.Array | None] = (),
+) -> jax.Array:
+    """``layer(x)`` with input gates and times every gate of ``output_gates`` (a residual
+    branch's sublayer and hidden gates). Batch-shared gates are folded into the kernel's rows
+    (inputs) and its columns and bias (outputs, their product), per-example ones multiply the
+    activations (:class:`~sparsejax.models.layers.Dense`): the same function up to float
+    rounding, and a closed unit is still exactly 0."""
+    given = [gate for gate in output_gates if gate is not None]
+    shared = _product([gate for gate in given if gate.ndim == 1])
+    y = layer(x, kernel_gate, input_gate=input_gate, output_gate=shared)
+    for gate in given:
+        if gate.ndim != 1:
+            y = gate_units(y, gate)
+    return y
 
 
 class Attention(nnx.Module):
@@ -214,8 +256,12 @@ class Attention(nnx.Module):
         *,
         head_gate: jax.Array | None = None,
         group_gate: jax.Array | None = None,
+        output_gates: Sequence[jax.Array | None] = (),
         kernel_gates: Mapping[str, jax.Array | None] | None = None,
     ) -> jax.Array:
+        """The attention output projected to the stream, times ``output_gates`` (the branch's
+        gates). Batch-shared head and group gates scale their heads' rows of the output
+        projection (row d * H + h of head h), per-example ones the heads' outputs."""
         kernel_gates = kernel_gates or {}
         batch, length, _ = x.shape
         groups, dh = self.kv_heads, self.head_dim
@@ -232,16 +278,21 @@ class Attention(nnx.Module):
             scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bmgts,bsdg->btdmg", weights, v)
+        rows = []
         for gate, shape in ((head_gate, (per_group, groups)), (group_gate, (groups,))):
-            multiplier = _head_multiplier(gate, shape)
-            if multiplier is not None:
-                out = out * multiplier
-        return self.o(out.reshape(batch, length, -1), kernel_gates.get("o"))
+            if gate is not None and gate.ndim == 1:
+                rows.append(jnp.tile(gate, self.heads * dh // gate.shape[0]))
+            elif gate is not None:
+                out = out * _head_multiplier(gate, shape)
+        return gated_projection(self.o, out.reshape(batch, length, -1),
+                                kernel_gate=kernel_gates.get("o"), input_gate=_product(rows),
+                                output_gates=output_gates)
 
 
 class FeedForward(nnx.Module):
     """GELU MLP, down(gelu(up(x))), or SwiGLU (Shazeer 2020), down(silu(gate(x)) * up(x)); the
-    FFN unit gates multiply the hidden units."""
+    FFN unit gates multiply the hidden units (batch-shared ones folded into the rows of
+    ``down``), ``output_gates`` (the branch's gates) the output."""
 
     def __init__(
         self, dim: int, hidden: int, *, kind: str, use_bias: bool, out_scale: float, rngs: nnx.Rngs
@@ -259,6 +310,7 @@ class FeedForward(nnx.Module):
         x: jax.Array,
         *,
         unit_gate: jax.Array | None = None,
+        output_gates: Sequence[jax.Array | None] = (),
         kernel_gates: Mapping[str, jax.Array | None] | None = None,
     ) -> jax.Array:
         kernel_gates = kernel_gates or {}
@@ -267,9 +319,8 @@ class FeedForward(nnx.Module):
             h = jax.nn.gelu(up, approximate=False)
         else:
             h = jax.nn.silu(self.gate(x, kernel_gates.get("gate"))) * up
-        if unit_gate is not None:
-            h = gate_units(h, unit_gate)
-        return self.down(h, kernel_gates.get("down"))
+        return gated_projection(self.down, h, kernel_gate=kernel_gates.get("down"),
+                                input_gate=unit_gate, output_gates=output_gates)
 
 
 class Block(nnx.Module):
@@ -345,13 +396,6 @@ def per_block(value: int | Sequence[int], depth: int, name: str) -> tuple[int, .
     if len(values) != depth:
         raise ValueError(f"{name} gives {len(values)} values for {depth} blocks: {values}")
     return values
-
-
-def _scale_branch(x: jax.Array, *gates: jax.Array | None) -> jax.Array:
-    for gate in gates:
-        if gate is not None:
-            x = gate_units(x, gate)
-    return x
 
 
 class TransformerModel(GatedModel):
@@ -589,7 +633,9 @@ class TransformerModel(GatedModel):
         return z.get(HIDDEN) if self.granularity == "unit" else None
 
     def _run_blocks(self, h: jax.Array, z: Mapping[str, jax.Array]) -> jax.Array:
-        """The residual stream after every block, h given with the hidden gate applied."""
+        """The residual stream after every block, h given with the hidden gate applied. Each
+        branch's sublayer and hidden gates multiply its output projection's output
+        (:func:`gated_projection`)."""
         hidden = self.hidden_gate(z)
         for index, block in enumerate(self.blocks):
             gates = self._block_gates(z, index)
@@ -599,16 +645,18 @@ class TransformerModel(GatedModel):
                     block.attn_norm(h, hidden),
                     head_gate=gates["heads"],
                     group_gate=gates["kv_groups"],
+                    output_gates=(gates["attn"], hidden),
                     kernel_gates=self._kernel_gates(z, f"{path}.attn", "qkvo"),
                 )
-                h = h + _scale_branch(a, gates["attn"], hidden)
+                h = h + a
             if block.ffn is not None:
                 f = block.ffn(
                     block.ffn_norm(h, hidden),
                     unit_gate=gates["ffn"],
+                    output_gates=(gates["mlp"], hidden),
                     kernel_gates=self._kernel_gates(z, f"{path}.ffn", ("gate", "up", "down")),
                 )
-                h = h + _scale_branch(f, gates["mlp"], hidden)
+                h = h + f
         return h
 
 

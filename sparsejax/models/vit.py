@@ -9,8 +9,9 @@ default patch size 4; the image sides must be multiples of it.
 Gates and accounting: :mod:`sparsejax.models.transformer` (multi-head attention, so no
 ``kv_groups`` family). The patch projection ``"patch_embed"`` (kernel ``(p * p * C, dim)``, at
 every patch) writes the hidden units; the class token and the position embeddings are multiplied
-by the hidden gate with them; the head ``"head"`` (kernel ``(dim, classes)``) reads them. The
-attention FLOPs count T = patches + 1 tokens with a class token.
+by the hidden gate with them (a batch-shared one is folded into the projection's columns and
+bias, the token and the position table); the head ``"head"`` (kernel ``(dim, classes)``) reads
+them. The attention FLOPs count T = patches + 1 tokens with a class token.
 
 Initialisation: kernels N(0, 1 / fan_in), residual output projections times 1 / sqrt(2 depth),
 class token zero, position embeddings N(0, 0.02^2), biases zero.
@@ -151,12 +152,18 @@ class ViT(TransformerModel):
 
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         hidden = self.hidden_gate(z)
-        h = self.patch_embed(self.patchify(x), self.kernel_gate(z, "patch_embed"))
+        shared = hidden if hidden is not None and hidden.ndim == 1 else None
+
+        def stream(parameter: jax.Array) -> jax.Array:
+            return parameter if shared is None else parameter * shared
+
+        h = self.patch_embed(self.patchify(x), self.kernel_gate(z, "patch_embed"),
+                             output_gate=shared)
         if self.cls_token is not None:
-            cls = jnp.broadcast_to(self.cls_token[...], (h.shape[0], 1, h.shape[-1]))
+            cls = jnp.broadcast_to(stream(self.cls_token[...]), (h.shape[0], 1, h.shape[-1]))
             h = jnp.concatenate([cls, h], axis=1)
-        h = h + self.positions[...]
-        if hidden is not None:
+        h = h + stream(self.positions[...])
+        if hidden is not None and shared is None:
             h = gate_units(h, hidden)
         h = self.final_norm(self._run_blocks(h, z), hidden)
         h = h[:, 0] if self.pooling == "cls" else jnp.mean(h, axis=1)

@@ -202,6 +202,46 @@ def test_per_example_head_gates_gate_each_example_separately():
     np.testing.assert_allclose(per_example[1], shared[1], rtol=1e-5, atol=1e-6)
 
 
+def _gate_values(model, seed: int = 4) -> dict[str, jax.Array]:
+    """Values in (0.2, 1) for every slot, with the first unit of each slot of more than one unit
+    closed (a head, a KV group, an FFN unit, a hidden dimension)."""
+    keys = jax.random.split(jax.random.key(seed), len(model.gate_slots))
+    z = {}
+    for key, slot in zip(keys, model.gate_slots):
+        values = jax.random.uniform(key, slot.shape, minval=0.2, maxval=1.0)
+        z[slot.name] = values.at[0].set(0.0) if slot.shape[0] > 1 else values
+    return z
+
+
+@pytest.mark.parametrize("make,inputs", [(lm, tokens), (vit, images)], ids=["lm", "vit"])
+def test_shared_gates_folded_into_weights_equal_gating_the_activations(make, inputs):
+    """Batch-shared gates are folded into the projections' rows / columns and the norms' scales;
+    per-example gates multiply the activations. The same gates given per example (broadcast over
+    the batch) must give the same logits, parameter gradients and gate gradients."""
+    model, x = make(), inputs()
+    z = _gate_values(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    weights = jax.random.normal(jax.random.key(5), logits(model, x).shape)
+
+    def loss(params, z, per_example):
+        m = nnx.merge(graphdef, params)
+        if per_example:
+            z = {name: jnp.broadcast_to(v, (x.shape[0], *v.shape)) for name, v in z.items()}
+        return jnp.sum(m.forward(x, z, train=True) * weights), m.forward(x, z, train=True)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (folded_params, folded_z), folded = grad(params, z, False)
+    (gated_params, gated_z), gated = grad(params, z, True)
+    np.testing.assert_allclose(folded, gated, rtol=1e-5, atol=1e-6)
+    for name in z:
+        np.testing.assert_allclose(folded_z[name], gated_z[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    leaves = jax.tree_util.tree_leaves_with_path(folded_params)
+    for (path, a), b in zip(leaves, jax.tree.leaves(gated_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    assert any(float(jnp.max(jnp.abs(v))) > 1e-3 for v in folded_z.values())
+
+
 @pytest.mark.parametrize("make", [lm, vit, lambda: lm(tied=False)], ids=["lm", "vit", "untied"])
 def test_group_size_is_the_params_one_gate_removes(make):
     model = make()
