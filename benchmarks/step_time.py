@@ -77,7 +77,8 @@ def main(argv: list[str]) -> None:
         header += f" matmul peak {peak / 1e9:.1f} GFLOP/s ({PEAK_SIZE}-square jnp.dot)"
     print(header)
     extra = " GFLOP/s | fraction of peak |" if peak else ""
-    print(f"| method | ms / step | examples / s | throughput vs dense | step time vs dense |{extra}")
+    columns = "| method | ms / step | examples / s | throughput vs dense | step time vs dense |"
+    print(columns + extra)
     print("|---|---|---|---|---|" + ("---|---|" if peak else ""))
     for name, seconds in results.items():
         ratio = f"{base / seconds:.2f}x" if base else "-"
