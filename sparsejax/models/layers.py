@@ -45,6 +45,24 @@ def _gated(kernel: jax.Array, kernel_gate: jax.Array | None) -> jax.Array:
     return kernel if kernel_gate is None else kernel * kernel_gate
 
 
+def _fold_output_gate(
+    kernel: jax.Array, bias: jax.Array | None, output_gate: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None, bool]:
+    """``(W * z, b * z, True)`` for batch-shared output gates z (``(out,)``), folded into the
+    kernel's output columns and the bias; else ``(W, b, False)``."""
+    if output_gate is None or output_gate.ndim != 1:
+        return kernel, bias, False
+    return kernel * output_gate, None if bias is None else bias * output_gate, True
+
+
+def _add_bias_and_gate(
+    y: jax.Array, bias: jax.Array | None, output_gate: jax.Array | None, folded: bool
+) -> jax.Array:
+    """``y + b``, times per-example output gates unless they were folded."""
+    y = y if bias is None else y + bias
+    return y if output_gate is None or folded else gate_units(y, output_gate)
+
+
 class Dense(nnx.Module):
     """y = ((x * z_in) @ (W * z_w) + b) * z_out, with optional input-neuron gates z_in (``(in,)``
     or ``(batch, in)``), weight gates z_w shaped like W and output-neuron gates z_out (``(out,)``
@@ -77,13 +95,8 @@ class Dense(nnx.Module):
             kernel = kernel * input_gate[:, None]
         elif input_gate is not None:
             x = gate_units(x, input_gate)
-        shared = output_gate is not None and output_gate.ndim == 1
-        if shared:
-            kernel = kernel * output_gate
-            bias = None if bias is None else bias * output_gate
-        y = x @ kernel
-        y = y if bias is None else y + bias
-        return y if output_gate is None or shared else gate_units(y, output_gate)
+        kernel, bias, folded = _fold_output_gate(kernel, bias, output_gate)
+        return _add_bias_and_gate(x @ kernel, bias, output_gate, folded)
 
 
 class Conv(nnx.Module):
@@ -132,10 +145,7 @@ class Conv(nnx.Module):
     ) -> jax.Array:
         kernel = _gated(self.kernel[...], kernel_gate)
         bias = None if self.bias is None else self.bias[...]
-        shared = output_gate is not None and output_gate.ndim == 1
-        if shared:
-            kernel = kernel * output_gate
-            bias = None if bias is None else bias * output_gate
+        kernel, bias, folded = _fold_output_gate(kernel, bias, output_gate)
         y = convolve(
             x,
             kernel,
@@ -144,6 +154,5 @@ class Conv(nnx.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
-        y = y if bias is None else y + bias
-        return y if output_gate is None or shared else gate_units(y, output_gate)
+        return _add_bias_and_gate(y, bias, output_gate, folded)
 
