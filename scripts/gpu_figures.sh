@@ -7,8 +7,9 @@
 #   the same run (benchmarks.step_time --peak);
 # - inference of the slimmed GReg ResNet-56 pattern against the masked network
 #   (benchmarks.slim_inference).
-# Each table is printed and written to OUT/*.md. STEPS and REPEATS (default 20 and 5) size the
-# timing; STEPS=2 REPEATS=1 BATCH_SCALE=8 makes a quick check on a CPU (batches divided by 8).
+# Each table is printed and written to OUT/*.md, the logs to OUT/stderr.log (read it when a step
+# fails). STEPS and REPEATS (default 20 and 5) size the timing; STEPS=1 REPEATS=1 BATCH_SCALE=64
+# makes a quick check on a CPU (batches divided by 64).
 set -euo pipefail
 out=${1:-runs/gpu_figures}
 steps=${STEPS:-20}
@@ -21,7 +22,7 @@ for spec in resnet56:128 resnet50:256; do
     model=${spec%%:*}
     batch=$(( ${spec##*:} / scale ))
     python3 -m benchmarks.step_time --model="$model" --batch_size="$batch" --methods="$methods" \
-        --steps="$steps" --repeats="$repeats" --peak 2>/dev/null | tee "$out/step_time_$model.md"
+        --steps="$steps" --repeats="$repeats" --peak 2>>"$out/stderr.log" | tee "$out/step_time_$model.md"
 done
 python3 -m benchmarks.slim_inference --model=resnet56 --batch_size=$(( 256 / scale )) \
-    --steps="$steps" --repeats="$repeats" 2>/dev/null | tee "$out/slim_inference_resnet56.md"
+    --steps="$steps" --repeats="$repeats" 2>>"$out/stderr.log" | tee "$out/slim_inference_resnet56.md"

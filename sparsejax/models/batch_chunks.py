@@ -9,14 +9,15 @@ the same step concurrently on its thread pool. A convolution over ``C`` slices o
 is the same function (each output row depends only on its own input row), and its gradients
 are the slices' input gradients concatenated and their kernel gradients summed, which differ
 from the whole-batch ones only by the order of a float sum. The ``C`` convolutions are
-independent, so XLA spreads them, and their gradients, over the cores: on a 2-core CPU a
-LeNet-5 training step at batch 100 went from about 31 to 21 ms with four slices.
+independent, so XLA spreads them, and their gradients, over the cores.
 
-Smaller slices also keep each convolution's operands in the cores' caches: on the same CPU
-ten slices of 10 examples beat four of 25 (LeNet-5: 19.6 against 25.4 ms per step), and a
-ResNet-56 step at batch 128 went from 2.60 s to 1.84 s with 8 slices, 1.52 s with 16. Each
-slice is one more convolution in the compiled program, so compilation takes longer (ResNet-56:
-about 1.5x with 8 slices, 3x with 16).
+Smaller slices also keep each convolution's operands in the cores' caches. On a 2-core CPU
+(``benchmarks.step_time``, ``NAME@conv_chunks=N``) a LeNet-5 training step at batch 100 went
+from 27.8 ms on the whole batch to 25.4 ms on four slices of 25 examples and 19.6 ms on ten of
+10, and a ResNet-56 step at batch 128 from 2.94 s to 2.19 s (4 slices) and 1.84 s (8 or 12).
+Each slice is one more convolution in the compiled program, so compilation takes longer: two
+ResNet-56 steps compiled and timed took 80 s on the whole batch, 127 s on 8 slices and 249 s
+on 16.
 
 The number of slices comes from :func:`batch_chunks`: ``SPARSEJAX_CONV_CHUNKS=N`` sets it
 (``1`` turns the splitting off); by default, on a CPU backend with one device, slices of about

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ from flax import nnx
 from sparsejax.gates.base import GateParam
 from sparsejax.models.base import GatedModel
 from sparsejax.slim.plan import SlimPlan
-from sparsejax.structure.accounting import count_network
+from sparsejax.structure.accounting import count_network, reduction
 
 count_network_once = jax.jit(count_network, static_argnums=(0, 2))
 """The accounting compiled once per network (op by op it compiles for every layer shape)."""
@@ -39,9 +38,8 @@ class SlimReport:
 
     @property
     def flops_ratio(self) -> float:
-        """FLOPs before / after (the FLOPs reduction, >= 1; infinite when no FLOPs are left,
-        e.g. every unit before the logits removed)."""
-        return self.flops_before / self.flops_after if self.flops_after else math.inf
+        """FLOPs before / after (:func:`~sparsejax.structure.accounting.reduction`)."""
+        return reduction(self.flops_before, self.flops_after)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "flops_ratio": self.flops_ratio}

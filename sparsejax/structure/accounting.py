@@ -19,6 +19,7 @@ Conventions (stated once, used everywhere):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -99,3 +100,9 @@ def pruning_rate(layers: tuple[Layer, ...], values: Mapping[str, ArrayLike]) -> 
     kept = count_network(layers, values)["weights"]
     total = count_network(layers, {})["weights"]
     return 100.0 * (1.0 - float(kept) / float(total))
+
+
+def reduction(before: float, after: float) -> float:
+    """``before / after``, the factor a count shrank by (>= 1 for a pruned network); infinite
+    when nothing is left (e.g. every unit before the logits removed)."""
+    return before / after if after else math.inf

@@ -92,9 +92,20 @@ def _lenet5_loss_and_grads(x, labels):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def _convolutions_per_layer(model, x) -> int:
+    program = jax.make_jaxpr(lambda x: model(x, train=False))(x)
+    convolutions = [e for e in program.eqns if e.primitive.name == "conv_general_dilated"]
+    return len(convolutions) // 2  # LeNet-5 has two convolution layers
+
+
 def test_a_zoo_model_trains_the_same_on_slices(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (40, 28, 28, 1))
     labels = jax.random.randint(jax.random.key(1), (40,), 0, 10)
+    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
+    monkeypatch.delenv(CHUNKS_VARIABLE, raising=False)
+    assert _convolutions_per_layer(model, x) == 40 // CHUNK_EXAMPLES  # one CPU device here
+    monkeypatch.setenv(CHUNKS_VARIABLE, "3")
+    assert _convolutions_per_layer(model, x) == 3
     monkeypatch.setenv(CHUNKS_VARIABLE, "1")
     want_loss, want_grads = _lenet5_loss_and_grads(x, labels)
     monkeypatch.setenv(CHUNKS_VARIABLE, "4")

@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -12,6 +13,7 @@ from flax import nnx
 from experiments.configs import mnist
 from sparsejax.errors import ConfigError
 from sparsejax.models import build_model
+from sparsejax.models.base import GatedModel
 from sparsejax.models.vit import ViT
 from sparsejax.slim import __main__ as cli
 from sparsejax.slim import slim_model
@@ -53,6 +55,17 @@ def eval_logits(model, x):
     return model(x, train=False)
 
 
+def restore_changed(monkeypatch, change: Callable[[GatedModel], None]) -> None:
+    """Make the slimming CLI restore a run's model with ``change`` applied to it."""
+
+    def restore(workdir, config, data):
+        model, spec, step = restore_model(workdir, config, data)
+        change(model)
+        return model, spec, step
+
+    monkeypatch.setattr(cli, "restore_model", restore)
+
+
 def close_half_the_conv2_gates(model):
     gate = model.gates["conv2"]
     gate.log_alpha[...] = gate.log_alpha[...].at[::2].set(-20.0)
@@ -74,12 +87,7 @@ def test_slim_cli_writes_a_slim_checkpoint_that_restores_to_the_same_logits(run_
 
 
 def test_round_to_rounds_the_widths_of_a_zoo_run(run_dir, tmp_path, monkeypatch):
-    def restore_pruned(workdir, config, data):
-        model, spec, step = restore_model(workdir, config, data)
-        close_half_the_conv2_gates(model)
-        return model, spec, step
-
-    monkeypatch.setattr(cli, "restore_model", restore_pruned)
+    restore_changed(monkeypatch, close_half_the_conv2_gates)
     output = tmp_path / "slim"
     assert main([str(run_dir), "--output", str(output), "--round_to", "8"]) == 0
     report = json.loads((output / SLIM_REPORT_FILE).read_text())

@@ -21,6 +21,7 @@ from sparsejax.slim.store import SLIM_FUNCTION_FILE, SLIM_REPORT_FILE, load_slim
 from sparsejax.slim.traced import check_images
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.loop import load_data
+from tests.slim.test_slim_cli import eval_logits, restore_changed
 
 THIS_MODULE = Path(__file__).stem
 
@@ -75,28 +76,18 @@ def set_gates(model) -> None:
         gate.log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
 
 
-def restore_with_gates_set(workdir, config, data):
-    model, spec, step = restore_model(workdir, config, data)
-    set_gates(model)
-    return model, spec, step
-
-
 @pytest.fixture
 def gates_set(monkeypatch):
-    monkeypatch.setattr(cli, "restore_model", restore_with_gates_set)
+    restore_changed(monkeypatch, set_gates)
 
 
 def gated_run(run_dir):
     """The run's model with :func:`set_gates`, and its first test images."""
     config = run_config(run_dir)
     data = load_data(config)
-    model, _, _ = restore_with_gates_set(run_dir, config, data)
+    model, _, _ = restore_model(run_dir, config, data)
+    set_gates(model)
     return model, check_images(data)
-
-
-@nnx.jit
-def eval_logits(model, x):
-    return model(x, train=False)
 
 
 def test_the_slim_function_of_a_model_run_gives_the_gated_logits_on_test_data(
@@ -189,13 +180,11 @@ def test_a_model_run_without_checkpoint_or_module_or_with_a_slim_output_says_so(
 def test_a_run_whose_gates_all_closed_slims_to_the_bias_of_the_logits(
     run_dir, tmp_path, monkeypatch
 ):
-    def restore_closed(workdir, config, data):
-        model, spec, step = restore_model(workdir, config, data)
+    def close_all(model):
         for gate in model.gates.values():
             gate.log_alpha[...] = jnp.full(gate.log_alpha.shape, -10.0)
-        return model, spec, step
 
-    monkeypatch.setattr(cli, "restore_model", restore_closed)
+    restore_changed(monkeypatch, close_all)
     output = tmp_path / "slim"
     assert cli.main([str(run_dir), "--output", str(output), "--round_to", "4"]) == 0
     report = json.loads((output / SLIM_REPORT_FILE).read_text())
@@ -219,12 +208,7 @@ def test_units_whose_weight_gates_all_closed_on_every_reading_row_go(
         fc1[...] = fc1[...].at[1::10, :].set(-10.0)
         fc1[...] = fc1[...].at[2:40:10, :].set(-10.0)  # some of channel 2's rows only: it stays
 
-    def restore_closed(workdir, config, data):
-        model, spec, step = restore_model(workdir, config, data)
-        close_rows(model)
-        return model, spec, step
-
-    monkeypatch.setattr(cli, "restore_model", restore_closed)
+    restore_changed(monkeypatch, close_rows)
     output = tmp_path / "slim"
     assert cli.main([str(run), "--output", str(output)]) == 0
     assert "widths per traced group (kept/size): 8/12-9/10-20/20-10/10" in capsys.readouterr().out
@@ -234,6 +218,7 @@ def test_units_whose_weight_gates_all_closed_on_every_reading_row_go(
 
     config = run_config(run)
     data = load_data(config)
-    model, _, _ = restore_closed(run, config, data)
+    model, _, _ = restore_model(run, config, data)
+    close_rows(model)
     images = check_images(data)
     np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.errors import ConfigError
+from sparsejax.structure.accounting import reduction
 from sparsejax.structure.slim_trace.interpret import Narrowed, opened
 from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
 from sparsejax.structure.sparsify import gated_slices
@@ -76,9 +76,8 @@ class SlimReport:
 
     @property
     def flops_ratio(self) -> float:
-        """FLOPs before / after (the FLOPs reduction, >= 1; infinite when no FLOPs are left,
-        e.g. every unit before the logits removed)."""
-        return self.flops_before / self.flops_after if self.flops_after else math.inf
+        """FLOPs before / after (:func:`~sparsejax.structure.accounting.reduction`)."""
+        return reduction(self.flops_before, self.flops_after)
 
     def to_dict(self) -> dict:
         """The fields, ``widths`` and ``flops_ratio``, as JSON-ready values (the fields of the
