@@ -1,9 +1,12 @@
-"""A plain Flax NNX model, with nothing declared for sparsejax, trained by any method of the
-command line: ``--model=MODULE:FACTORY`` traces it and gates its prunable unit groups.
+"""Plain Flax NNX models, with nothing declared for sparsejax, trained by any method of the
+command line: ``--model=MODULE:FACTORY`` traces them and gates their prunable unit groups.
 
     PYTHONPATH=examples python -m experiments.mnist --model=traced_model:small_cnn \
         --method=l0_hc --dataset=fashion_mnist --epochs=2 --steps_per_epoch=50 \
         --workdir=runs/traced_cnn
+    PYTHONPATH=examples python -m experiments.mnist --model=traced_model:small_vit \
+        --method=l0_hc --dataset=fashion_mnist --epochs=2 --steps_per_epoch=50 \
+        --workdir=runs/traced_vit
 
 The factory takes ``rngs`` and ``num_classes`` by keyword and returns a module that maps NHWC
 images to logits; NNX's ``train()`` / ``eval()`` switch its BatchNorm (the engine calls them).
@@ -42,3 +45,45 @@ class SmallCNN(nnx.Module):
 def small_cnn(*, rngs: nnx.Rngs, num_classes: int) -> SmallCNN:
     """The factory named on the command line."""
     return SmallCNN(rngs=rngs, num_classes=num_classes)
+
+
+class Block(nnx.Module):
+    """A pre-norm transformer block on Flax's own attention and a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, *, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=dim, decode=False, rngs=rngs
+        )
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = nnx.Linear(dim, mlp, rngs=rngs)
+        self.down = nnx.Linear(mlp, dim, rngs=rngs)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        h = h + self.attention(self.norm1(h))
+        return h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+
+
+class SmallViT(nnx.Module):
+    """7x7 patches of a 28x28 image (16 tokens), a learned position table, two blocks of four
+    heads, a mean over the tokens."""
+
+    def __init__(self, *, rngs: nnx.Rngs, num_classes: int, dim: int = 64, depth: int = 2):
+        self.embed = nnx.Linear(49, dim, rngs=rngs)
+        self.positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (16, dim)))
+        self.blocks = nnx.List([Block(dim, 4, 2 * dim, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        patches = x.reshape(x.shape[0], 4, 7, 4, 7).transpose(0, 1, 3, 2, 4)
+        h = self.embed(patches.reshape(x.shape[0], 16, 49)) + self.positions[...]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(axis=1))
+
+
+def small_vit(*, rngs: nnx.Rngs, num_classes: int) -> SmallViT:
+    """The transformer's factory: its heads, head dimensions and MLP units are found and
+    gated from the trace."""
+    return SmallViT(rngs=rngs, num_classes=num_classes)

@@ -1,5 +1,6 @@
 """The examples a user copies work from outside the repository."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -7,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.traced_model import TracedModel
 from sparsejax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +125,21 @@ def test_a_plain_nnx_model_runs_and_resumes_through_the_cli_from_outside_the_rep
         assert failed.returncode == 1 and len(lines) == 1, failed.stderr[-2000:]
         assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "failed").exists()
+
+
+def test_the_example_transformer_is_gated_by_heads_head_dimensions_and_mlp_units():
+    spec = importlib.util.spec_from_file_location("traced_model", ROOT / "examples/traced_model.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    net = example.small_vit(rngs=nnx.Rngs(params=0), num_classes=10)
+    model = TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=(28, 28, 1), num_classes=10)
+    blocks = [{f"blocks.{i}.attention.query.axis1": 4, f"blocks.{i}.attention.query.axis2": 16,
+               f"blocks.{i}.attention.value": 16, f"blocks.{i}.up": 128} for i in range(2)]
+    assert {s.name: s.shape[0] for s in model.gate_slots} == {"embed": 64, **blocks[0],
+                                                              **blocks[1]}
+    dense = count_network(model.layers, {}, model.activation_products)
+    block_params = 4 * (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64)
+    assert float(dense["params"]) == (49 * 64 + 64) + 2 * block_params + (64 * 10 + 10)
+    attention = 2 * 64 * 16 * 16  # Q K^T and A V over 16 tokens, 4 heads of 16
+    block_flops = 16 * (4 * 64 * 64 + 2 * 64 * 128) + attention
+    assert float(dense["flops"]) == 16 * 49 * 64 + 2 * block_flops + 64 * 10

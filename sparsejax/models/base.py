@@ -203,11 +203,19 @@ def each_slot(make_gate: Callable[[GateSlot, nnx.Rngs], Gate | None]) -> GateFac
     return factory
 
 
-def weight_slots(layers: tuple[Layer, ...], droprate_init: float) -> tuple[GateSlot, ...]:
-    """One weight-granularity slot per layer kernel, named after the layer."""
+def weight_slots(
+    layers: tuple[Layer, ...],
+    droprate_init: float,
+    kernel_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[GateSlot, ...]:
+    """One weight-granularity slot per layer kernel, named after the layer, shaped like the
+    kernel: ``kernel_shapes[name]`` where given (a kernel whose layer geometry flattens several
+    input or output axes into one), else the layer's ``kernel_shape``."""
+    shapes = kernel_shapes or {}
     return tuple(
-        GateSlot(l.name, l.name, l.kernel_shape, None, False, droprate_init, l.kernel_shape)
+        GateSlot(l.name, l.name, shape, None, False, droprate_init, shape)
         for l in layers
+        for shape in [shapes.get(l.name, l.kernel_shape)]
     )
 
 
@@ -238,13 +246,17 @@ class GatedModel(nnx.Module):
         gate_factory: GateFactory | None,
         rngs: nnx.Rngs,
         couplings: tuple[ChannelCoupling, ...] = (),
+        kernel_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         """Set ``layers``, ``channel_couplings`` and the gate slots (``unit_slots`` at unit
-        granularity, one weight slot per kernel otherwise), then build the gates."""
+        granularity, one weight slot per kernel otherwise, :func:`weight_slots` with
+        ``kernel_shapes``), then build the gates."""
         self.layers = tuple(layers)
         self.channel_couplings = couplings
         unit = self.granularity == "unit"
-        self.gate_slots = tuple(unit_slots) if unit else weight_slots(self.layers, droprate_init)
+        self.gate_slots = (
+            tuple(unit_slots) if unit else weight_slots(self.layers, droprate_init, kernel_shapes)
+        )
         self._build_gates(gate_factory, rngs)
 
     def __call__(

@@ -190,10 +190,19 @@ def alive_units(
     return alive
 
 
+def layer_kernels(model: GatedModel) -> dict[str, np.ndarray]:
+    """Every layer's kernel by layer name, in the layer's geometry ``kernel_shape`` (a traced
+    kernel with several input or output axes flattened to ``(in, out)``)."""
+    return {
+        l.name: np.asarray(model.layer_module(l.name).kernel[...]).reshape(l.kernel_shape)
+        for l in model.layers
+    }
+
+
 def node_report(model: GatedModel) -> NodeReport:
     """Dead nodes of ``model`` from its kernels' zeros, and its node-pruned size."""
     layers = model.layers
-    kernels = {l.name: np.asarray(model.layer_module(l.name).kernel[...]) for l in layers}
+    kernels = layer_kernels(model)
     alive = alive_units(layers, kernels, tuple(model.channel_couplings))
     nonzero = {
         l.name: float(np.sum(_nonzero(kernels[l.name]) & _live_pairs(l, alive)[None]))

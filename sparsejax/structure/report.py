@@ -10,7 +10,7 @@ import numpy as np
 from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
 from sparsejax.structure.accounting import count_network
-from sparsejax.structure.nodes import alive_units, node_report
+from sparsejax.structure.nodes import alive_units, layer_kernels, node_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,7 @@ def _live_product_flops(model: GatedModel, products: tuple) -> float:
     """MACs of the model's activation products (attention) between its live units."""
     if not products:
         return 0.0
-    kernels = {l.name: np.asarray(model.layer_module(l.name).kernel[...]) for l in model.layers}
-    alive = alive_units(model.layers, kernels, tuple(model.channel_couplings))
+    alive = alive_units(model.layers, layer_kernels(model), tuple(model.channel_couplings))
     values = {slot: vector.astype(np.float32) for slot, vector in alive.items()}
     return float(count_network((), values, products)["flops"])
 

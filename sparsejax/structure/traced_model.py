@@ -9,26 +9,33 @@ of a hand-written declaration:
 
 - **Layers**: one per traced dense or conv product, named after the module that holds its kernel
   (``"blocks.0.conv"``; the parameter's path when it is not called ``kernel``), with the
-  kernel's shape, its bias, and its output positions (MACs per kernel weight from the trace).
-  Its ``inputs`` are the gated groups with members on the kernel's input axis (second to last),
-  placed by tile count or, for a concatenation or any other arrangement, by :class:`UnitIndex`;
-  its ``outputs`` the group its output axis (last) produces.
+  kernel's geometry, its bias, and its output positions (MACs per kernel weight from the trace).
+  A dense kernel's output axes are those that produce units and its input axes all before them,
+  each side flattened (``nnx.LinearGeneral``'s ``(dim, heads, head_dim)`` is a ``(dim, heads *
+  head_dim)`` layer). Its ``inputs`` are the gated groups with members on the input axes, placed
+  by tile count or, for a concatenation, a head or any other arrangement, by
+  :class:`UnitIndex`; its ``outputs`` the groups its output axes produce.
+- **Activation products** (attention's ``Q K^T`` and ``A V``): one
+  :attr:`~sparsejax.models.base.GatedModel.activation_products` layer per product the trace
+  counted, so that FLOPs shrink with the heads and head dimensions kept.
 - **Gate slots** at unit granularity: one per *prunable* traced group, named after its first
-  producer, ``(size,)`` gates. The gates act on the consumers, as :func:`sparsejax.sparsify`
-  does (:func:`~sparsejax.structure.sparsify.gated_slices`): gate ``z_u`` multiplies the kernel
-  rows of every layer that reads unit ``u`` while the forward pass runs, so a closed gate
-  removes the unit exactly. ``group_params`` is the params one unit takes with it (its
+  producer (with ``.axis{k}`` where that module produces several groups), ``(size,)`` gates.
+  The gates act on the consumers, as :func:`sparsejax.sparsify` does
+  (:func:`~sparsejax.structure.sparsify.gated_slices`): gate ``z_u`` multiplies the kernel rows
+  of every layer that reads unit ``u`` while the forward pass runs, so a closed gate removes the
+  unit exactly. ``group_params`` is the params one unit takes with it (its
   producers' kernel slices and biases and every consumer's rows), the ``|g|`` of the expected-L0
   penalty. For the methods that read a slot's layer (gated L2, group norms) the slot names its
   first producer and that kernel's output axis. At weight granularity every traced kernel gets
-  one gate per entry (a slot named after its layer), multiplied into the kernel.
+  one gate per entry (a slot named after its layer, shaped like the kernel), multiplied into
+  the kernel.
 - **Couplings**: a group with several producers (a residual stream) is a
   :class:`ChannelCoupling` of their layers (``fixed`` when the group is not prunable).
 
 The wrapped module runs in NNX training mode (``model.train()``: BatchNorm on batch
 statistics) when the engine trains and in evaluation mode (``model.eval()``) otherwise. What the
-trace cannot map onto the layer geometry (a kernel whose input and output are not its last two
-axes, a kernel read by several products, FLOPs no layer owns) is refused with a
+trace cannot map onto the layer geometry (a kernel whose outputs are not its last axes, a kernel
+read by several products, parameters read outside a layer) is refused with a
 :class:`~sparsejax.errors.ConfigError` naming the layer.
 """
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 
 import jax
@@ -51,6 +59,7 @@ from sparsejax.models.base import (
     GateSlot,
     Granularity,
     Layer,
+    SlotMember,
     UnitIndex,
     check_granularity,
 )
@@ -63,7 +72,6 @@ from sparsejax.structure.sparsify import (
     variable_at,
 )
 from sparsejax.structure.trace import (
-    Member,
     TracedStructure,
     UnitGroup,
     trace_structure,
@@ -94,24 +102,39 @@ def _layer_name(kernel_path: str) -> str:
     return kernel_path.removesuffix(".kernel")
 
 
-def _placement(member: Member, axis_size: int, group_size: int) -> int | UnitIndex:
-    """A tile count when ``member`` repeats the group's units over the whole axis in order
-    (channel fastest), else the explicit :class:`UnitIndex`."""
-    indices, units = np.asarray(member.indices), np.asarray(member.units)
+def _placement(
+    indices: np.ndarray, units: np.ndarray, sizes: tuple[int, ...], position: int, group_size: int
+) -> int | UnitIndex:
+    """Where a group's units sit among the units of a layer side whose axes have ``sizes``
+    (flattened in C order): index ``indices[k]`` of axis ``position`` goes with unit
+    ``units[k]``. A tile count when the group repeats over the whole side in order (channel
+    fastest), else the explicit :class:`UnitIndex`."""
+    total = math.prod(sizes)
+    grid = np.moveaxis(np.arange(total).reshape(sizes), position, 0)
+    flat = grid[np.asarray(indices, np.int64)].reshape(len(indices), -1)
+    unit_of = np.broadcast_to(np.asarray(units, np.int64)[:, None], flat.shape)
+    order = np.argsort(flat, axis=None)
+    flat, unit_of = flat.reshape(-1)[order], unit_of.reshape(-1)[order]
     tiled = (
-        indices.size == axis_size
-        and axis_size % group_size == 0
-        and np.array_equal(indices, np.arange(axis_size))
-        and np.array_equal(units, np.arange(axis_size) % group_size)
+        flat.size == total
+        and total % group_size == 0
+        and np.array_equal(unit_of, np.arange(total) % group_size)
     )
     if tiled:
-        return axis_size // group_size
-    return UnitIndex(member.indices, member.units, group_size)
+        return total // group_size
+    return UnitIndex(tuple(flat.tolist()), tuple(unit_of.tolist()), group_size)
 
 
 def _slot_names(structure: TracedStructure) -> dict[int, str]:
-    """Slot name of every prunable group: its first producer's module."""
-    return {g.index: _layer_name(g.producers[0][0]) for g in structure.groups if g.prunable}
+    """Slot name of every prunable group: its first producer's module, followed by the
+    producing axis (``"attn.query.axis1"``, the heads) where one module produces several
+    groups."""
+    prunable = [g for g in structure.groups if g.prunable]
+    modules = [_layer_name(g.producers[0][0]) for g in prunable]
+    return {
+        g.index: module if modules.count(module) == 1 else f"{module}.axis{g.producers[0][1]}"
+        for g, module in zip(prunable, modules)
+    }
 
 
 def _unit_params(structure: TracedStructure, group: UnitGroup) -> float:
@@ -120,11 +143,63 @@ def _unit_params(structure: TracedStructure, group: UnitGroup) -> float:
     return removed / group.size
 
 
+def _layer_axes(
+    name: str, shape: tuple[int, ...], kind: str, outputs: set[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The input and output axes of a traced kernel: a convolution's second to last and last
+    (the others are its window); a dense product's output axes are those producing units
+    (several for a projection into heads, ``(in, heads, head_dim)``), all before them its
+    inputs (several for a projection out of heads, ``(heads, head_dim, out)``).
+
+    Raises:
+      ConfigError: for a kernel not laid out (..., inputs, outputs).
+    """
+    last = len(shape) - 1
+    if kind == "conv":
+        in_axes, out_axes = (last - 1,), (last,)
+    elif outputs:
+        in_axes, out_axes = tuple(range(min(outputs))), tuple(range(min(outputs), last + 1))
+    else:
+        in_axes, out_axes = tuple(range(last)), (last,)
+    complete = kind == "conv" or not outputs or outputs == set(out_axes)
+    if not in_axes or not outputs <= set(out_axes) or not complete:
+        raise ConfigError(
+            f"traced model: layer {name!r} has a kernel of shape {shape} whose outputs are on "
+            f"axes {sorted(outputs)}; the accounting needs kernels laid out (..., inputs, "
+            "outputs) like nnx.Linear, nnx.LinearGeneral and nnx.Conv"
+        )
+    return in_axes, out_axes
+
+
+def _side_sources(
+    structure: TracedStructure,
+    slots: dict[int, str],
+    path: str,
+    axes: tuple[int, ...],
+) -> tuple[tuple[str, int | UnitIndex], ...]:
+    """The gated groups with members on ``axes`` of parameter ``path``, placed among the
+    units of those axes flattened."""
+    sizes = tuple(structure.param_shapes[path][a] for a in axes)
+    sources = []
+    for position, axis in enumerate(axes):
+        for group in structure.groups:
+            member = group.member(path, axis)
+            if member is not None and group.index in slots:
+                placement = _placement(
+                    np.asarray(member.indices), np.asarray(member.units), sizes, position,
+                    group.size,
+                )
+                sources.append((slots[group.index], placement))
+    return tuple(sources)
+
+
 def traced_layers(
     structure: TracedStructure, slots: dict[int, str], granularity: Granularity
 ) -> tuple[Layer, ...]:
     """The :class:`Layer` of every traced layer, in network order; ``slots`` names the gated
-    groups (their units switch layer units off at unit granularity).
+    groups (their units switch layer units off at unit granularity). A dense kernel with
+    several input or output axes is one layer of shape ``(inputs, outputs)``, each side
+    flattened in C order.
 
     Raises:
       ConfigError: for a layer the geometry cannot describe.
@@ -141,53 +216,108 @@ def traced_layers(
     for name, layer, count in zip(names, structure.layers, structure.layer_counts()):
         shape = structure.param_shapes[layer.kernel]
         outputs = {axis for path, axis in producer_axes if path == layer.kernel}
-        if len(shape) < 2 or not outputs <= {len(shape) - 1}:
-            raise ConfigError(
-                f"traced model: layer {name!r} has a kernel of shape {shape} whose outputs are "
-                f"on axes {sorted(outputs)}; the accounting needs kernels laid out (..., in, out) "
-                "like nnx.Linear and nnx.Conv"
-            )
+        in_axes, out_axes = _layer_axes(name, shape, layer.kind, outputs)
         positions = count.macs / count.weights
         if positions != round(positions):
             raise ConfigError(
                 f"traced model: layer {name!r} has {count.macs} MACs for {count.weights} weights, "
                 "not a whole number of output positions"
             )
-        sources = {"inputs": [], "outputs": []}
-        for side, axis in (("inputs", len(shape) - 2), ("outputs", len(shape) - 1)):
-            reads_itself = side == "inputs" and (layer.kernel, axis) in producer_axes
-            if granularity != "unit" or reads_itself:
-                continue
-            for group in structure.groups:
-                member = group.member(layer.kernel, axis)
-                if member is not None and group.index in slots:
-                    placement = _placement(member, shape[axis], group.size)
-                    sources[side].append((slots[group.index], placement))
+        unit = granularity == "unit"
+        reads_itself = any((layer.kernel, axis) in producer_axes for axis in in_axes)
+        window = shape[: in_axes[0]]
         layers.append(
             Layer(
                 name,
-                shape,
+                (*window, math.prod(shape[a] for a in in_axes),
+                 math.prod(shape[a] for a in out_axes)),
                 int(round(positions)),
                 has_bias=layer.bias is not None,
-                inputs=tuple(sources["inputs"]),
-                outputs=tuple(sources["outputs"]),
+                inputs=_side_sources(structure, slots, layer.kernel, in_axes)
+                if unit and not reads_itself else (),
+                outputs=_side_sources(structure, slots, layer.kernel, out_axes) if unit else (),
                 kernel_slot=name if granularity == "weight" else None,
             )
         )
     return tuple(layers)
 
 
-def _check_counts(structure: TracedStructure, layers: tuple[Layer, ...]) -> None:
+MAX_PRODUCT_UNITS = 1 << 20
+"""The most unit combinations an activation product may span in the layer accounting."""
+
+
+def traced_products(
+    structure: TracedStructure, slots: dict[int, str]
+) -> tuple[Layer, ...]:
+    """The products of two activations (attention's ``Q K^T`` and ``A V``) as
+    :attr:`~sparsejax.models.base.GatedModel.activation_products`: a product whose MACs are
+    ``n * prod_f sum(kept units of factor f)`` (``n`` its fixed sizes per example) is a layer
+    of shape ``(units of the first factor, units of the others combined)`` at ``n`` positions,
+    each factor's gated units placed on its side.
+
+    Raises:
+      ConfigError: for a product the accounting cannot hold (a fraction of a position per
+        example, more than :data:`MAX_PRODUCT_UNITS` unit combinations).
+    """
+    products = []
+    for index, factors in enumerate(structure.products):
+        fixed = math.prod(int(f) for f in factors if isinstance(f, int))
+        unit_factors = [np.asarray(f).reshape(-1) for f in factors if not isinstance(f, int)]
+        positions = fixed / structure.batch_size
+        combinations = math.prod(f.size for f in unit_factors[1:])
+        if positions != round(positions) or combinations > MAX_PRODUCT_UNITS:
+            raise ConfigError(
+                f"traced model: product {index} of two activations ({fixed} fixed MACs over a "
+                f"batch of {structure.batch_size}, {combinations} unit combinations) cannot be "
+                "counted by the layer accounting"
+            )
+        sides = [unit_factors[:1], unit_factors[1:]]
+        sources = [_factor_sources(structure, slots, side) for side in sides]
+        products.append(
+            Layer(
+                f"product{index}",
+                (math.prod(f.size for f in sides[0]), combinations),
+                int(round(positions)),
+                has_bias=False,
+                inputs=sources[0],
+                outputs=sources[1],
+            )
+        )
+    return tuple(products)
+
+
+def _factor_sources(
+    structure: TracedStructure, slots: dict[int, str], factors: list[np.ndarray]
+) -> tuple[tuple[str, int | UnitIndex], ...]:
+    """The gated groups among the unit ids of ``factors``, placed among their combinations
+    (C order)."""
+    sizes = tuple(f.size for f in factors)
+    sources = []
+    for position, ids in enumerate(factors):
+        groups, units = structure.unit_places(np.where(ids < 0, 0, ids))
+        groups = np.where(ids < 0, -1, groups)
+        for group in sorted(set(groups.tolist()) & set(slots)):
+            where = np.flatnonzero(groups == group)
+            placement = _placement(
+                where, units[where], sizes, position, structure.groups[group].size
+            )
+            sources.append((slots[group], placement))
+    return tuple(sources)
+
+
+def _check_counts(
+    structure: TracedStructure, layers: tuple[Layer, ...], products: tuple[Layer, ...]
+) -> None:
     """The layer accounting of the dense network must give the trace's params and FLOPs."""
     traced = structure.count()
-    declared = count_network(layers, {})
+    declared = count_network(layers, {}, products)
     for what, exact in (("params", traced.params), ("flops", traced.flops)):
         value = float(declared[what])
         if abs(value - exact) > COUNT_TOLERANCE * max(exact, 1.0):
             raise ConfigError(
                 f"traced model: the layers account for {value:.0f} {what} but the trace finds "
-                f"{exact:.0f} (products of two activations or parameters read outside a dense "
-                "or conv layer are not supported yet)"
+                f"{exact:.0f} (parameters read outside a dense or conv layer are not supported "
+                "yet)"
             )
 
 
@@ -220,7 +350,8 @@ class TracedModel(GatedModel):
         self.structure = _trace(net, input_shape, num_classes, name)
         slots = _slot_names(self.structure) if granularity == "unit" else {}
         layers = traced_layers(self.structure, slots, granularity)
-        _check_counts(self.structure, layers)
+        self.activation_products = traced_products(self.structure, slots)
+        _check_counts(self.structure, layers, self.activation_products)
         self.layer_params = tuple(
             (layer.name, traced.kernel, traced.bias)
             for layer, traced in zip(layers, self.structure.layers)
@@ -235,6 +366,10 @@ class TracedModel(GatedModel):
             gate_factory=gate_factory,
             rngs=rngs,
             couplings=self._couplings(),
+            kernel_shapes={
+                layer.name: self.structure.param_shapes[traced.kernel]
+                for layer, traced in zip(layers, self.structure.layers)
+            },
         )
         if any(getattr(gate, "per_example", False) for gate in self.gates.values()):
             raise ConfigError(
@@ -255,9 +390,31 @@ class TracedModel(GatedModel):
             axis,
             producer.has_bias,
             DROPRATE_INIT,
-            producer.kernel_shape,
+            self.structure.param_shapes[path],
             group_params=_unit_params(self.structure, traced),
         )
+
+    def slot_members(self, slot: GateSlot) -> tuple[SlotMember, ...]:
+        """A unit slot's first producer's kernel slice and its bias's, along the axes the trace
+        found (a head's bias is a row of a ``(heads, head_dim)`` bias); the kernel at weight
+        granularity."""
+        if slot.axis is None:
+            return super().slot_members(slot)
+        group = self.structure.groups[next(g for g, n in self.group_slots if n == slot.name)]
+        kernel = group.producers[0][0]
+        bias = next(layer.bias for layer in self.structure.layers if layer.kernel == kernel)
+        owned = {(kernel, slot.axis): "kernel"}
+        owned |= {(m.path, m.axis): "bias" for m in group.members if m.path == bias}
+        members = []
+        for member in group.members:
+            name = owned.get((member.path, member.axis))
+            if name is None:
+                continue
+            size = self.structure.param_shapes[member.path][member.axis]
+            if member.indices == tuple(range(size)):
+                units = None if member.units == member.indices else member.units
+                members.append(SlotMember(f"{slot.layer}.{name}", member.axis, units))
+        return tuple(members)
 
     def _gated_slices(
         self, slots: dict[int, str]

@@ -22,6 +22,7 @@ from sparsejax.slim.traced import check_images
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.loop import load_data
 from tests.slim.test_slim_cli import eval_logits, restore_changed
+from tests.structure.test_traced_model import ViT
 
 THIS_MODULE = Path(__file__).stem
 
@@ -46,12 +47,16 @@ def tiny_cnn(*, rngs: nnx.Rngs, num_classes: int) -> TinyCNN:
     return TinyCNN(rngs=rngs, num_classes=num_classes)
 
 
-def train_tiny_cnn(workdir: Path, **overrides) -> Path:
-    """Two L0-HC steps of the tiny CNN, given as MODULE:FACTORY, on synthetic MNIST-shaped
-    data."""
+def vit(*, rngs: nnx.Rngs, num_classes: int) -> ViT:
+    return ViT(rngs=rngs, num_classes=num_classes)
+
+
+def train_tiny_cnn(workdir: Path, factory: str = "tiny_cnn", **overrides) -> Path:
+    """Two L0-HC steps of the tiny CNN (or another ``factory`` of this module), given as
+    MODULE:FACTORY, on synthetic MNIST-shaped data."""
     config = mnist.get_config()
     config.update(
-        method="l0_hc", model=f"{THIS_MODULE}:tiny_cnn", dataset="synthetic", num_train=64,
+        method="l0_hc", model=f"{THIS_MODULE}:{factory}", dataset="synthetic", num_train=64,
         num_test=48, batch_size=32, eval_batch_size=48, epochs=1, steps_per_epoch=2,
         log_every=1, input_threads=1, **overrides,
     )
@@ -137,6 +142,31 @@ def test_round_to_keeps_multiples_of_eight_with_the_same_logits(run_dir, gates_s
     model, images = gated_run(run_dir)
     np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=1e-5)
     assert report["max_logit_difference"] <= 1e-5
+
+
+def test_a_vision_transformer_run_loses_heads_and_keeps_its_logits(
+    tmp_path, monkeypatch, capsys
+):
+    run_dir = train_tiny_cnn(tmp_path / "run", "vit")
+    restore_changed(monkeypatch, set_gates)
+    output = tmp_path / "slim"
+    assert cli.main([str(run_dir), "--output", str(output)]) == 0
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    model, images = gated_run(run_dir)
+    np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=1e-5)
+    assert report["max_logit_difference"] <= 1e-5
+
+    gates = {name: np.asarray(model.gates[name].test_gate()) > 0 for name in model.gates}
+    heads, head_dims = gates["attention.query.axis1"].sum(), gates["attention.query.axis2"].sum()
+    assert 0 < heads < 4 and 0 < head_dims < 4
+    assert slim.params["attention.query.kernel"].shape == (16, heads, head_dims)
+    assert slim.params["attention.out.kernel"].shape == (
+        heads, gates["attention.value"].sum(), 16)
+    assert slim.params["up.kernel"].shape == (16, gates["up"].sum())
+    kept = model.structure.count(
+        {g: gates[name].astype(np.float64) for g, name in model.group_slots if name != "embed"})
+    assert (report["params_after"], report["flops_after"]) == (kept.params, kept.flops)
 
 
 @pytest.mark.parametrize("value", ["0", "-8", "eight"])

@@ -136,6 +136,41 @@ def mixer_counts(channels=8, token_hidden=6, channel_hidden=10, classes=10, toke
     return params, flops
 
 
+class ViT(nnx.Module):
+    """A one-block vision transformer on Flax's own attention: 7x7 patches (16 tokens) ->
+    dense embedding -> [LN, nnx.MultiHeadAttention, residual; LN, GELU MLP, residual] -> mean
+    over tokens -> dense head. Its projections are nnx.LinearGeneral kernels with a heads axis:
+    (dim, heads, head_dim) and (heads, head_dim, dim)."""
+
+    def __init__(self, *, rngs, num_classes, dim=16, heads=4, head_dim=4, mlp=24):
+        self.embed = nnx.Linear(49, dim, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=dim, qkv_features=heads * head_dim, decode=False,
+            rngs=rngs,
+        )
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.up = nnx.Linear(dim, mlp, rngs=rngs)
+        self.down = nnx.Linear(mlp, dim, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        patches = x.reshape(x.shape[0], 4, 7, 4, 7).transpose(0, 1, 3, 2, 4)
+        h = self.embed(patches.reshape(x.shape[0], 16, 49))
+        h = h + self.attention(self.norm1(h))
+        h = h + self.down(nnx.gelu(self.up(self.norm2(h))))
+        return self.head(h.mean(axis=1))
+
+
+def vit_counts(dim=16, heads=4, head_dim=4, mlp=24, classes=10, tokens=16):
+    inner = heads * head_dim
+    params = (49 * dim + dim) + 3 * (dim * inner + inner) + (inner * dim + dim) \
+        + (dim * mlp + mlp) + (mlp * dim + dim) + (dim * classes + classes)
+    attention = 2 * inner * tokens * tokens  # Q K^T and A V
+    flops = tokens * (49 * dim + 4 * dim * inner + 2 * dim * mlp) + attention + dim * classes
+    return params, flops
+
+
 class SortedCNN(nnx.Module):
     """conv1 -> conv2 -> a sort over conv2's channels (an op the tracer has no rule for) ->
     global mean -> dense head."""
@@ -172,6 +207,10 @@ def sorted_cnn(*, rngs, num_classes):
     return SortedCNN(rngs=rngs, num_classes=num_classes)
 
 
+def vit(*, rngs, num_classes):
+    return ViT(rngs=rngs, num_classes=num_classes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A test model: its class and factory, its hand counts, its expected gate slots (name:
@@ -206,6 +245,13 @@ CASES = {
     ),
     "sorted_cnn": Case(
         SortedCNN, "sorted_cnn", sorted_counts, {"conv1": 5}, {"conv1": (2,)}, {"first": 4}
+    ),
+    "vit": Case(  # a head (its query, key, value and output rows) and MLP units
+        ViT, "vit", vit_counts,
+        {"embed": 16, "attention.query.axis1": 4, "attention.query.axis2": 4,
+         "attention.value": 4, "up": 24},
+        {"attention.query.axis1": (2,), "up": (0, 7, 23)},
+        {"heads": 3, "mlp": 21},
     ),
 }
 
@@ -254,12 +300,12 @@ def test_the_traced_model_counts_and_gates_as_computed_by_hand(name):
     assert slots == case.slots
     assert set(model.gates) == set()  # no gate factory: ungated, counted dense
     params, flops = case.counts()
-    dense = count_network(model.layers, {})
+    dense = count_network(model.layers, {}, model.activation_products)
     assert (float(dense["params"]), float(dense["flops"])) == (params, flops)
     masks = {slot: np.isin(np.arange(slots[slot]), units, invert=True).astype(np.float32)
              for slot, units in case.closed.items()}
     narrow_params, narrow_flops = case.counts(**case.narrow)
-    pruned = count_network(model.layers, masks)
+    pruned = count_network(model.layers, masks, model.activation_products)
     assert (float(pruned["params"]), float(pruned["flops"])) == (narrow_params, narrow_flops)
 
 
@@ -408,6 +454,40 @@ def test_a_zoo_model_traced_as_a_plain_module_counts_and_gates_like_its_declarat
             assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
 
 
+def test_the_zoo_vit_traced_as_a_plain_module_counts_heads_like_its_declarations():
+    """The trace finds finer groups than vit_tiny declares (one unit per query/key column and per
+    value column, where the zoo gates whole heads): a head closed in the declarations is its
+    16 query/key and 16 value columns closed in the trace, and both count the same params and
+    FLOPs, attention products included."""
+    zoo = build_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST_SHAPE)
+    model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE,
+                        num_classes=10)
+    blocks = range(4)
+    slots = {slot.name: slot.shape for slot in model.gate_slots}
+    assert slots == {"zoo.patch_embed": (64,)} | {
+        f"zoo.blocks.{i}.{name}": (size,)
+        for i in blocks for name, size in (("attn.q", 64), ("attn.v", 64), ("ffn.up", 128))
+    }
+    for what in ("params", "flops"):  # 134,602 and 7,884,416 (1,280,000 of it attention)
+        assert float(count_network(model.layers, {}, model.activation_products)[what]) == float(
+            count_network(zoo.layers, {}, zoo.activation_products)[what])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        hidden = (rng.random(64) < 0.6).astype(np.float32)
+        heads = [(rng.random(4) < 0.6).astype(np.float32) for _ in blocks]
+        ffn = [(rng.random(128) < 0.6).astype(np.float32) for _ in blocks]
+        declared = {"hidden": hidden} | {f"blocks.{i}.heads": heads[i] for i in blocks} | {
+            f"blocks.{i}.ffn": ffn[i] for i in blocks}
+        columns = [heads[i][np.arange(64) % 4] for i in blocks]
+        traced_masks = {"zoo.patch_embed": hidden} | {
+            f"zoo.blocks.{i}.{name}": columns[i] for i in blocks for name in ("attn.q", "attn.v")
+        } | {f"zoo.blocks.{i}.ffn.up": ffn[i] for i in blocks}
+        traced_counts = count_network(model.layers, traced_masks, model.activation_products)
+        zoo_counts = count_network(zoo.layers, declared, zoo.activation_products)
+        for what in ("params", "flops"):
+            assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
+
+
 # ---------------------------------------------------------------- the engine and its methods
 
 
@@ -433,27 +513,39 @@ def test_l0_hc_trains_each_unseen_model_through_the_engine(name, tmp_path, monke
     assert summary["expected_l0"] < params and np.isfinite(summary["test_error"])
 
 
+GMP = {"final_sparsity": 0.5, "prune_every": 1, "prune_end_epoch": 1.0}
+GREG_WEIGHTS = {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 0.5,
+                "greg_stabilise_steps": 1, "greg_delta": 1.0, "fine_tune_epochs": 1,
+                "lr_ft": "0:0.001"}
+
+
 @needs_fashion_mnist
 @pytest.mark.parametrize(
-    "method, overrides",
+    "name, method, overrides",
     [
-        ("l0_arm", {}),
-        ("bounded_lp", {"filter_lambda": 1e-3}),
-        ("dep_l0_arm", {}),
-        ("gmp", {"final_sparsity": 0.5, "prune_every": 1, "prune_end_epoch": 1.0}),
-        ("greg1", {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 0.5,
-                   "greg_stabilise_steps": 1, "greg_delta": 1.0, "fine_tune_epochs": 1,
-                   "lr_ft": "0:0.001"}),
+        ("branch_cnn", "l0_arm", {}),
+        ("branch_cnn", "bounded_lp", {"filter_lambda": 1e-3}),
+        ("branch_cnn", "dep_l0_arm", {}),
+        ("branch_cnn", "gmp", GMP),
+        ("branch_cnn", "greg1", GREG_WEIGHTS),
+        ("vit", "l0_hc", {"granularity": "weight"}),
+        ("vit", "bounded_lp", {"filter_lambda": 1e-3}),
+        ("vit", "gmp", GMP),
+        ("vit", "greg1", GREG_WEIGHTS),
     ],
 )
-def test_other_methods_train_the_branch_cnn(method, overrides, tmp_path, monkeypatch):
+def test_other_methods_train_the_branch_cnn_and_the_vit(
+    name, method, overrides, tmp_path, monkeypatch
+):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    config = fashion_config(method, "branch_cnn", **overrides)
+    case = CASES[name]
+    config = fashion_config(method, case.factory, **overrides)
     if method == "greg1":
         config.epochs = None
     summary = train_and_evaluate(config, tmp_path / "run")
-    params, _ = branch_cnn_counts()
-    assert summary["dense_params"] == params and np.isfinite(summary["test_error"])
+    params, flops = case.counts()
+    assert (summary["dense_params"], summary["dense_flops"]) == (params, flops)
+    assert np.isfinite(summary["test_error"])
     if method == "gmp":
         assert summary["gmp/overall_sparsity"] == pytest.approx(0.5, abs=0.01)
         assert summary["pruning_rate"] >= 49.5  # and the weights of units left dead
@@ -514,3 +606,20 @@ def test_a_spec_loads_the_factory_and_names_what_is_wrong(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="returned an object of type int, not a Flax NNX module"):
         build_any_model("user_models:not_a_module", rngs=nnx.Rngs(0), num_classes=10,
                         input_shape=MNIST_SHAPE)
+
+
+class TransposedKernel(nnx.Module):
+    """A dense layer stored (out, in), as PyTorch stores it, applied as x @ W.T."""
+
+    def __init__(self, *, rngs, num_classes):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_classes, 784)))
+
+    def __call__(self, x):
+        return x.reshape(x.shape[0], -1) @ self.weight[...].T
+
+
+def test_a_kernel_stored_outputs_first_is_refused_with_its_layout():
+    net = TransposedKernel(rngs=nnx.Rngs(params=0), num_classes=10)
+    with pytest.raises(ConfigError, match=r"layer 'weight' has a kernel of shape \(10, 784\) whose "
+                       r"outputs are on axes \[0\]; .* laid out \(\.\.\., inputs, outputs\)"):
+        TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE, num_classes=10)

@@ -306,7 +306,10 @@ class GReg(Method):
         pruned = []
         for name, ratio in ratios.items():
             per_weight = self.granularity == "weight"
-            shape = layers[name].kernel_shape if per_weight else (layers[name].out_units,)
+            shape = (
+                model.layer_module(name).kernel.shape if per_weight
+                else (layers[name].out_units,)
+            )
             count = greg_pruned_count(ratio, int(np.prod(shape)))
             pruned.append(PrunedLayer(name, ratio, count, tuple(shape)))
         return tuple(pruned)

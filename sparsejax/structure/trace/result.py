@@ -120,6 +120,13 @@ class TracedStructure:
         }
         self.batch_size = batch_size
 
+    @property
+    def products(self) -> tuple[tuple[Factor, ...], ...]:
+        """The cost factors of every product of two activations (attention's scores and
+        mixing), in traced order: its multiply-accumulates over the traced batch are the
+        product of its factors."""
+        return tuple(self._other_macs)
+
     def groups_of(self, path: str, axis: int) -> tuple[int, ...]:
         """Indices of the groups that parameter ``path`` has members in along ``axis``."""
         return tuple(g.index for g in self.groups if g.member(path, axis) is not None)
