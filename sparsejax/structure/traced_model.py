@@ -26,9 +26,11 @@ of a hand-written declaration:
   unit exactly. ``group_params`` is the params one unit takes with it (its
   producers' kernel slices and biases and every consumer's rows), the ``|g|`` of the expected-L0
   penalty. For the methods that read a slot's layer (gated L2, group norms) the slot names its
-  first producer and that kernel's output axis. At weight granularity every traced kernel gets
-  one gate per entry (a slot named after its layer, shaped like the kernel), multiplied into
-  the kernel.
+  first producer and that kernel's output axis. Gates drawn per example (Dep-L0) scale each
+  example's inputs of those kernels instead
+  (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). At weight granularity
+  every traced kernel gets one gate per entry (a slot named after its layer, shaped like the
+  kernel), multiplied into the kernel.
 - **Couplings**: a group with several producers (a residual stream) is a
   :class:`ChannelCoupling` of their layers (``fixed`` when the group is not prunable).
 
@@ -65,6 +67,7 @@ from sparsejax.models.base import (
 )
 from sparsejax.models.registry import MODELS, build_model
 from sparsejax.structure.accounting import count_network
+from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.sparsify import (
     GatedSlice,
     gated_slices,
@@ -371,13 +374,25 @@ class TracedModel(GatedModel):
                 for layer, traced in zip(layers, self.structure.layers)
             },
         )
-        if any(getattr(gate, "per_example", False) for gate in self.gates.values()):
-            raise ConfigError(
-                "the method draws its gates per example, but a traced model multiplies its gates "
-                "into the parameters the whole batch shares: set config.per_example_gates=False "
-                "where the method has it, or use a method with batch-shared gates (l0_hc, "
-                "l0_arm, dep_l0_arm, l1, bounded_lp)"
-            )
+        self._check_example_gates()
+
+    def _check_example_gates(self) -> None:
+        """Gates drawn per example act on the inputs of the kernels that read their units
+        (:func:`~sparsejax.structure.example_gates.run_with_example_gates`): refuse a slot
+        whose units no kernel reads."""
+        producer_axes = {p for g in self.structure.groups for p in g.producers}
+        kernels = {layer.kernel for layer in self.structure.layers}
+        for name, slices in self.gated:
+            if not getattr(self.gates.get(name), "per_example", False):
+                continue
+            if any(s.path not in kernels or (s.path, s.axis) in producer_axes for s in slices):
+                raise ConfigError(
+                    f"the method draws its gates per example, which act on the inputs of the "
+                    f"kernels that read a unit, but no kernel reads the units of {name!r} (as "
+                    "attention's query and key dimensions): set config.per_example_gates=False "
+                    "where the method has it, or use a method with batch-shared gates (l0_hc, "
+                    "l0_arm, dep_l0_arm, l1, bounded_lp)"
+                )
 
     def _unit_slot(self, group: int, name: str, layers: tuple[Layer, ...]) -> GateSlot:
         traced = self.structure.groups[group]
@@ -446,13 +461,21 @@ class TracedModel(GatedModel):
 
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         """``net(x)`` in NNX training (``train``) or evaluation mode, with the gate values
-        ``z`` multiplied into the parameters they gate."""
+        ``z`` multiplied into the parameters they gate, or, for unit gates drawn per example
+        (``(batch, units)``, Dep-L0), into each example's inputs of those parameters
+        (:func:`~sparsejax.structure.example_gates.run_with_example_gates`)."""
         if train:
             self.net.train()
         else:
             self.net.eval()
-        gated = [(s, z[name]) for name, slices in self.gated if name in z for s in slices]
-        with parameters_gated(self.net, gated):
+        shared, per_example = [], []
+        for name, slices in self.gated:
+            if name in z:
+                drawn = self.granularity == "unit" and z[name].ndim == 2
+                (per_example if drawn else shared).extend((s, z[name]) for s in slices)
+        with parameters_gated(self.net, shared):
+            if per_example:
+                return run_with_example_gates(self.net, x, per_example)
             return self.net(x)
 
     def layer_module(self, name: str) -> LayerParameters:

@@ -407,6 +407,55 @@ def test_closed_gates_give_the_logits_of_the_narrower_model(name, train):
     assert np.abs(full - expected).max() > 1e-3  # the closed units did matter
 
 
+# ---------------------------------------------------------------- gates drawn per example
+
+
+def drawn_gates(model: TracedModel, batch: int, seed: int) -> dict:
+    """Per-example unit gates: each 0, 1 or 0.5 at random."""
+    rng = np.random.default_rng(seed)
+    return {slot.name: jnp.asarray(rng.choice([0.0, 0.5, 1.0], (batch, *slot.shape)),
+                                   jnp.float32)
+            for slot in model.gate_slots}
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name != "vit"])
+def test_gates_drawn_per_example_gate_each_example_as_a_batch_of_its_own(name):
+    model = traced(CASES[name], gate_factory=L0HardConcrete(
+        get_config().lock(), RunInfo(100)).make_gates)
+    randomized(model.net, seed=3)
+    x = jax.random.normal(jax.random.key(2), (3, *MNIST_SHAPE))
+    gates = drawn_gates(model, 3, seed=4)
+    together = model(x, train=False, gates=gates)
+    for b in range(3):
+        alone = model(x[b:b + 1], train=False, gates={k: v[b] for k, v in gates.items()})
+        np.testing.assert_allclose(together[b], alone[0], atol=1e-5, rtol=1e-5)
+    other = model(x, train=False, gates=drawn_gates(model, 3, seed=5))
+    assert np.abs(other - together).max() > 1e-3  # the gates did act
+
+
+@pytest.mark.parametrize("name", ["branch_cnn", "depthwise_separable"])
+def test_the_same_gate_for_every_example_trains_batch_norm_as_a_shared_gate(name):
+    """Train mode: per-example gates equal across the batch give the logits and the BatchNorm
+    statistics of the same gates shared (parameters scaled instead of activations)."""
+    runs = []
+    for drawn in (False, True):
+        model = traced(CASES[name], gate_factory=L0HardConcrete(
+            get_config().lock(), RunInfo(100)).make_gates)
+        randomized(model.net, seed=3)
+        shared = {k: v[0] for k, v in drawn_gates(model, 1, seed=4).items()}
+        gates = {k: jnp.tile(v, (4, 1)) for k, v in shared.items()} if drawn else shared
+        x = jax.random.normal(jax.random.key(2), (4, *MNIST_SHAPE))
+        before = jax.tree.leaves(nnx.state(model.net, nnx.BatchStat))
+        logits = model(x, train=True, gates=gates)
+        after = jax.tree.leaves(nnx.state(model.net, nnx.BatchStat))
+        assert after and all(np.abs(a - b).max() > 1e-4 for a, b in zip(after, before))
+        runs.append((logits, after))
+    (shared_logits, shared_stats), (drawn_logits, drawn_stats) = runs
+    np.testing.assert_allclose(drawn_logits, shared_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(drawn_stats, shared_stats):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- the zoo through the adapter
 
 
@@ -526,6 +575,8 @@ GREG_WEIGHTS = {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 
         ("branch_cnn", "l0_arm", {}),
         ("branch_cnn", "bounded_lp", {"filter_lambda": 1e-3}),
         ("branch_cnn", "dep_l0_arm", {}),
+        ("branch_cnn", "dep_l0", {}),
+        ("depthwise_separable", "l0_hc", {"per_example_gates": True}),
         ("branch_cnn", "gmp", GMP),
         ("branch_cnn", "greg1", GREG_WEIGHTS),
         ("vit", "l0_hc", {"granularity": "weight"}),
@@ -553,18 +604,18 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
 
 @needs_fashion_mnist
 @pytest.mark.parametrize(
-    "method, overrides, message",
+    "name, method, overrides, message",
     [
-        ("gmp", {"gmp_structure": "unit"}, "does not declare"),
-        ("dep_l0", {}, "draws its gates per example"),
-        ("l0_hc", {"per_example_gates": True}, "draws its gates per example"),
+        ("branch_cnn", "gmp", {"gmp_structure": "unit"}, "does not declare"),
+        ("vit", "dep_l0", {}, "no kernel reads the units of 'attention.query.axis2'"),
+        ("vit", "l0_hc", {"per_example_gates": True}, "draws its gates per example"),
     ],
 )
 def test_methods_that_cannot_work_on_a_traced_model_say_why(
-    method, overrides, message, tmp_path, monkeypatch
+    name, method, overrides, message, tmp_path, monkeypatch
 ):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    config = fashion_config(method, "branch_cnn", **overrides)
+    config = fashion_config(method, CASES[name].factory, **overrides)
     with pytest.raises(ConfigError, match=message):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
     return model(x)
 
 
-def _dotted(path: tuple) -> str:
+def dotted_path(path: tuple) -> str:
     """``"blocks.0.conv1.kernel"`` from a state path, or from a pytree key path ending in the
     variable's ``value``."""
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
@@ -75,7 +75,7 @@ def trace_program(
     """:func:`trace_structure`, keeping the jaxpr and the fields of all its variables (what
     slimming needs to run the jaxpr with fewer units)."""
     graphdef, state = nnx.split(model)
-    is_param = {_dotted(path): isinstance(v, nnx.Param) for path, v in nnx.to_flat_state(state)}
+    is_param = {dotted_path(path): isinstance(v, nnx.Param) for path, v in nnx.to_flat_state(state)}
     keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
     leaves = [leaf for _, leaf in keyed]
 
@@ -89,7 +89,7 @@ def trace_program(
     ctx = Context()
     inputs, param_ids = [], {}
     for path, leaf in keyed:
-        name = _dotted(path)
+        name = dotted_path(path)
         shape = tuple(leaf.shape)
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             inputs.append(UNLABELLED)
@@ -109,7 +109,7 @@ def trace_program(
     structure = TracedStructure(
         ctx.units, ctx.layers, ctx.other_macs, param_ids, example_input.shape[0]
     )
-    paths = tuple(_dotted(path) for path, _ in keyed)
+    paths = tuple(dotted_path(path) for path, _ in keyed)
     return TracedProgram(
         structure, closed, ctx.root, paths, jax.tree_util.tree_structure(out_shape)
     )
