@@ -7,21 +7,26 @@ that example's input unit ``i``:
 
     y_b = x_b (diag(z_b) W) = (x_b * z_b) W
 
-(for a convolution, the input channel at every position). :func:`run_with_example_gates`
-therefore evaluates the jaxpr of ``module(x)`` equation by equation and multiplies the
-activation operand of every ``dot_general`` and ``conv_general_dilated`` whose kernel is a
-gated parameter, along the dimension the kernel's gated axis contracts with, by the example's
-gate values. The kernel is recognised through casts and copies; plain calls (``jit``,
-``remat``) are evaluated inline, other calls (custom derivatives) are bound as they are. The
-module's state that is not a parameter (BatchNorm statistics) is updated as ``module(x)``
-would update it.
+(for a convolution, the input channel at every position), and scaling output column ``j`` of
+a kernel and its bias is scaling that example's output unit ``j`` (a unit no kernel reads, such
+as a query/key dimension of attention, is gated where it is produced):
+
+    y_b = (x_b W + c) diag(z_b) = (x_b W) diag(z_b) + c diag(z_b).
+
+:func:`run_with_example_gates` therefore evaluates the jaxpr of ``module(x)`` equation by
+equation: a ``dot_general`` or ``conv_general_dilated`` whose kernel is a gated parameter gets
+its activation operand (gated input axis) or its result (gated output axis) multiplied by the
+example's gate values along the matching dimension, and a gated bias is multiplied where it is
+added. Parameters are followed through casts, copies, broadcasts and reshapes that only add or
+drop size-1 dimensions; plain calls (``jit``, ``remat``) are evaluated inline, other calls
+(custom derivatives, such as ``relu``'s) are bound as they are. The module's state that is not a
+parameter (BatchNorm statistics) is updated as ``module(x)`` would update it.
 
 Gates that cannot be placed this way are refused with a
-:class:`~sparsejax.errors.ConfigError`: a gated axis that a product does not contract (the
-units of attention's queries and keys, gated on their projection's outputs), a grouped
-convolution read through its gated input axis, an activation whose first dimension is not the
-examples, or a gated parameter the evaluation never met as a kernel (read inside a call with
-its own derivative rule, or through a reshape).
+:class:`~sparsejax.errors.ConfigError`: a grouped convolution's gated axis, an activation whose
+first dimension is not the examples, a gated parameter reshaped before use, or one the
+evaluation never met where it acts (read inside a call with its own derivative rule), so that
+no gate is silently dropped.
 """
 
 from __future__ import annotations
@@ -51,101 +56,171 @@ SHARED_GATES = "use batch-shared gates (set config.per_example_gates=False where
 """How to get around a gate that cannot be drawn per example."""
 
 
+Tracked = tuple[str, tuple[int | None, ...]]
+"""A variable that is a gated parameter: its path, and the variable's dimension that holds each
+axis of the parameter (None where a reshape dropped a size-1 axis)."""
+
+
 def example_factors(s: GatedSlice, z: jax.Array, size: int) -> jax.Array:
-    """``(batch, size)`` factors of an activation dimension of ``size`` read by the kernel axis
-    of ``s``: ``z[:, units[k]]`` at index ``indices[k]``, 1 elsewhere."""
+    """``(batch, size)`` factors of a dimension of ``size`` that holds the parameter axis of
+    ``s``: ``z[:, units[k]]`` at index ``indices[k]``, 1 elsewhere."""
     factors = jnp.ones((z.shape[0], size), z.dtype)
     return factors.at[:, np.asarray(s.indices)].set(z[:, np.asarray(s.units)])
 
 
-def _read_dimension(eqn, kernel_operand: int, axis: int) -> tuple[int, int]:
-    """(the activation's dimension that the kernel's ``axis`` contracts with, the activation's
-    example dimension) of the product ``eqn``."""
+def _scaled(x: jax.Array, factors: jax.Array, examples: int, dim: int) -> jax.Array:
+    """``x`` times ``(batch, size)`` factors placed on its dimensions ``examples`` and ``dim``
+    (a size-1 example dimension broadcasts to the batch)."""
+    shape = [1] * x.ndim
+    shape[examples], shape[dim] = factors.shape
+    return x * factors.reshape(shape).astype(x.dtype)
+
+
+def _followed(eqn, dims: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
+    """Where the parameter axes ``dims`` of a gated parameter's variable sit in the output of
+    ``eqn``: through casts and copies, broadcasts, and reshapes that only add or drop size-1
+    dimensions; None for any other equation."""
+    name = eqn.primitive.name
+    if name in ALIASES:
+        return dims
+    if name == "broadcast_in_dim":
+        mapping = eqn.params["broadcast_dimensions"]
+        return tuple(None if d is None else mapping[d] for d in dims)
+    if name == "reshape" and eqn.params.get("dimensions") is None:
+        old, new = eqn.invars[0].aval.shape, eqn.params["new_sizes"]
+        old_sized = [i for i, size in enumerate(old) if size != 1]
+        new_sized = [i for i, size in enumerate(new) if size != 1]
+        if [old[i] for i in old_sized] == [new[i] for i in new_sized]:
+            where = dict(zip(old_sized, new_sized))
+            return tuple(None if d is None else where.get(d) for d in dims)
+    return None
+
+
+def _product_dimension(eqn, kernel_operand: int, axis: int) -> tuple[str, int, int]:
+    """Where a gate on the kernel operand's dimension ``axis`` of the product ``eqn`` acts:
+    ``("input", dimension, example dimension)`` of the other operand when the product contracts
+    ``axis`` (the gate scales what the kernel reads), ``("output", dimension, example
+    dimension)`` of the result when ``axis`` is an output axis (a unit no kernel reads, such as
+    a query/key dimension of attention, gated where it is produced)."""
     what = f"{eqn.primitive.name} reading a gated kernel"
     if eqn.primitive.name == "conv_general_dilated":
-        lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
-        if axis != rhs_spec[1] or eqn.params["feature_group_count"] != 1:
-            raise ConfigError(
-                f"per-example gates: a {what} along axis {axis} (not the input channels of an "
-                f"ungrouped convolution) cannot be gated per example; {SHARED_GATES}"
-            )
-        return lhs_spec[1], lhs_spec[0]
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    kernel_contracted, other_contracted = (rc, lc) if kernel_operand == 1 else (lc, rc)
-    other_batch = lb if kernel_operand == 1 else rb
-    if axis not in kernel_contracted:
+        lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+        if eqn.params["feature_group_count"] == 1 and axis == rhs_spec[1]:
+            return "input", lhs_spec[1], lhs_spec[0]
+        if eqn.params["batch_group_count"] == 1 and axis == rhs_spec[0]:
+            return "output", out_spec[1], out_spec[0]
         raise ConfigError(
-            f"per-example gates: units gated on a kernel's output axis {axis} (e.g. attention's "
-            f"query and key dimensions, which no kernel reads) cannot be gated per example; "
+            f"per-example gates: a {what} along axis {axis} (not the input channels of an "
+            f"ungrouped convolution, nor its output channels) cannot be gated per example; "
             f"{SHARED_GATES}"
         )
-    dim = other_contracted[list(kernel_contracted).index(axis)]
-    if 0 in tuple(other_contracted) + tuple(other_batch):
+    lhs_ndim, rhs_ndim = (len(v.aval.shape) for v in eqn.invars[:2])
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contracted = {0: tuple(lc), 1: tuple(rc)}
+    batched = {0: tuple(lb), 1: tuple(rb)}
+    other = 1 - kernel_operand
+    if 0 in contracted[other] + batched[other]:
         raise ConfigError(
             f"per-example gates: a {what} contracts the first dimension of its activation, so "
             f"the examples are not its first dimension; {SHARED_GATES}"
         )
-    return dim, 0
+    if axis in contracted[kernel_operand]:
+        return "input", contracted[other][contracted[kernel_operand].index(axis)], 0
+    free = {
+        side: [d for d in range(ndim) if d not in contracted[side] + batched[side]]
+        for side, ndim in ((0, lhs_ndim), (1, rhs_ndim))
+    }
+    position = {(side, d): len(lb) + side * len(free[0]) + k
+                for side in (0, 1) for k, d in enumerate(free[side])}
+    if (kernel_operand, axis) not in position:
+        raise ConfigError(f"per-example gates: a {what} along its batch axis {axis}; "
+                          f"{SHARED_GATES}")
+    return "output", position[(kernel_operand, axis)], position[(other, 0)]
 
 
 class _Evaluation:
     """One evaluation of a jaxpr with the per-example gates of ``gated`` (parameter path ->
-    its slices and their ``(batch, units)`` gate values); ``applied`` collects the gated
-    parameters met as kernels."""
+    its slices and their ``(batch, units)`` gate values); ``biases`` are the gated paths that
+    are added to a product's output rather than read as its kernel; ``applied`` collects the
+    gated parameters met where they act."""
 
-    def __init__(self, gated: Mapping[str, Sequence[tuple[GatedSlice, jax.Array]]]):
+    def __init__(
+        self, gated: Mapping[str, Sequence[tuple[GatedSlice, jax.Array]]], biases: set[str]
+    ):
         self.gated = gated
+        self.biases = biases
         self.applied: set[str] = set()
 
-    def run(self, jaxpr, consts: Sequence, args: Sequence, kernels: dict) -> list:
-        """The outputs of ``jaxpr`` on ``args``; ``kernels`` maps its variables that are
-        parameters to their paths."""
+    def run(self, jaxpr, consts: Sequence, args: Sequence, tracked: dict) -> list:
+        """The outputs of ``jaxpr`` on ``args``; ``tracked`` maps its variables that are gated
+        parameters to where their axes are (:data:`Tracked`)."""
         env: dict = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
 
         def read(var):
             return var.val if isinstance(var, core.Literal) else env[var]
 
-        def path_of(var) -> str | None:
-            return None if isinstance(var, core.Literal) else kernels.get(var)
+        def tracking(var) -> Tracked | None:
+            return None if isinstance(var, core.Literal) else tracked.get(var)
 
         for eqn in jaxpr.eqns:
             ins = [read(var) for var in eqn.invars]
-            name = eqn.primitive.name
+            operands = [tracking(var) for var in eqn.invars]
             called = _inlined(eqn)
             if called is not None:
                 sub, sub_consts = called
-                inner = {s: path_of(v) for v, s in zip(eqn.invars, sub.invars) if path_of(v)}
+                inner = {s: t for s, t in zip(sub.invars, operands) if t is not None}
                 outs = self.run(sub, sub_consts, ins, inner)
             else:
-                if name in PRODUCTS:
-                    ins = self._gate_inputs(eqn, ins, [path_of(v) for v in eqn.invars])
-                out = _bind(eqn, ins)
-                outs = list(out) if eqn.primitive.multiple_results else [out]
-                if name in ALIASES and path_of(eqn.invars[0]):
-                    kernels[eqn.outvars[0]] = path_of(eqn.invars[0])
+                outs = self._evaluate(eqn, ins, operands)
+                if operands and operands[0] is not None:
+                    dims = _followed(eqn, operands[0][1])
+                    if dims is not None:
+                        tracked[eqn.outvars[0]] = (operands[0][0], dims)
             env.update(zip(eqn.outvars, outs))
         return [read(var) for var in jaxpr.outvars]
 
-    def _gate_inputs(self, eqn, ins: list, paths: list[str | None]) -> list:
-        for operand, path in enumerate(paths[:2]):
-            if path not in self.gated:
+    def _evaluate(self, eqn, ins: list, operands: list[Tracked | None]) -> list:
+        """The outputs of ``eqn``, with the gates of a gated kernel on what it reads or on the
+        product's output, and those of a gated bias on the bias where it is added."""
+        name = eqn.primitive.name
+        outputs = []
+        for operand, tracked in enumerate(operands[:2]):
+            if tracked is None or tracked[0] not in self.gated:
                 continue
-            other = 1 - operand
+            path, dims = tracked
+            is_bias = path in self.biases
+            if name not in (("add", "add_any") if is_bias else PRODUCTS):
+                continue
             for s, z in self.gated[path]:
-                dim, examples = _read_dimension(eqn, operand, s.axis)
-                x = ins[other]
-                if x.shape[examples] != z.shape[0]:
+                dim = dims[s.axis]
+                if dim is None:
+                    raise ConfigError(f"per-example gates: {path} is reshaped before it is used; "
+                                      f"{SHARED_GATES}")
+                if is_bias:
+                    side, examples, x = "bias", 0, ins[operand]
+                else:
+                    side, dim, examples = _product_dimension(eqn, operand, dim)
+                    x = ins[1 - operand]
+                if dim == examples:
+                    raise ConfigError(f"per-example gates: {path} is gated along the examples' "
+                                      f"dimension; {SHARED_GATES}")
+                if side == "output":
+                    outputs.append((s, z, dim, examples))
+                    continue
+                if x.shape[examples] not in ((1, z.shape[0]) if is_bias else (z.shape[0],)):
                     raise ConfigError(
-                        f"per-example gates: {path} reads an activation of shape {x.shape}, "
+                        f"per-example gates: {path} meets an activation of shape {x.shape}, "
                         f"whose first dimension is not the {z.shape[0]} examples; {SHARED_GATES}"
                     )
-                factors = example_factors(s, z, x.shape[dim])
-                shape = [1] * x.ndim
-                shape[examples], shape[dim] = x.shape[examples], x.shape[dim]
-                ins[other] = x * factors.reshape(shape).astype(x.dtype)
+                scaled = _scaled(x, example_factors(s, z, x.shape[dim]), examples, dim)
+                ins[operand if is_bias else 1 - operand] = scaled
             self.applied.add(path)
-        return ins
+        out = _bind(eqn, ins)
+        outs = list(out) if eqn.primitive.multiple_results else [out]
+        for s, z, dim, examples in outputs:
+            outs[0] = _scaled(outs[0], example_factors(s, z, outs[0].shape[dim]), examples, dim)
+        return outs
 
 
 def _bind(eqn, ins: Sequence) -> object:
@@ -167,11 +242,15 @@ def _inlined(eqn) -> tuple[object, tuple] | None:
 
 
 def run_with_example_gates(
-    module: nnx.Module, x: jax.Array, gated: Sequence[tuple[GatedSlice, jax.Array]]
+    module: nnx.Module,
+    x: jax.Array,
+    gated: Sequence[tuple[GatedSlice, jax.Array]],
+    biases: set[str] = frozenset(),
 ) -> jax.Array:
-    """``module(x)`` with every slice of ``gated`` (input-axis slices of kernels, gate values of
-    shape ``(batch, units)``) applied to the example's activations (module docstring), and the
-    module's non-parameter state updated.
+    """``module(x)`` with every slice of ``gated`` (gate values of shape ``(batch, units)``)
+    applied to each example (module docstring), and the module's non-parameter state updated;
+    ``biases`` are the paths of the gated parameters that are biases (added to a product's
+    output) rather than kernels.
 
     Raises:
       ConfigError: for a gate that cannot be applied per example (module docstring).
@@ -192,16 +271,17 @@ def run_with_example_gates(
     param_leaves = [leaf for _, leaf in param_keyed]
     closed = jax.make_jaxpr(forward)(param_leaves, rest_leaves, x)
     jaxpr, consts = opened(closed)
-    kernels = {
-        var: dotted_path(path) for var, (path, _) in zip(jaxpr.invars, param_keyed)
-    }
-    evaluation = _Evaluation(by_path)
-    outs = evaluation.run(jaxpr, consts, [*param_leaves, *rest_leaves, x], kernels)
+    tracked = {}
+    for var, (path, leaf) in zip(jaxpr.invars, param_keyed):
+        if dotted_path(path) in by_path:
+            tracked[var] = (dotted_path(path), tuple(range(jnp.ndim(leaf))))
+    evaluation = _Evaluation(by_path, set(biases))
+    outs = evaluation.run(jaxpr, consts, [*param_leaves, *rest_leaves, x], tracked)
     missed = sorted(set(by_path) - evaluation.applied)
     if missed:
         raise ConfigError(
-            f"per-example gates: {missed} were not met as the kernel of a product (read through "
-            f"a reshape, or inside a function with its own derivative rule); {SHARED_GATES}"
+            f"per-example gates: {missed} were not met where they act (a kernel read through a "
+            f"reshape, or inside a function with its own derivative rule); {SHARED_GATES}"
         )
     nnx.update(module, jax.tree_util.tree_unflatten(rest_def, outs[1:]))
     return outs[0]

@@ -374,25 +374,6 @@ class TracedModel(GatedModel):
                 for layer, traced in zip(layers, self.structure.layers)
             },
         )
-        self._check_example_gates()
-
-    def _check_example_gates(self) -> None:
-        """Gates drawn per example act on the inputs of the kernels that read their units
-        (:func:`~sparsejax.structure.example_gates.run_with_example_gates`): refuse a slot
-        whose units no kernel reads."""
-        producer_axes = {p for g in self.structure.groups for p in g.producers}
-        kernels = {layer.kernel for layer in self.structure.layers}
-        for name, slices in self.gated:
-            if not getattr(self.gates.get(name), "per_example", False):
-                continue
-            if any(s.path not in kernels or (s.path, s.axis) in producer_axes for s in slices):
-                raise ConfigError(
-                    f"the method draws its gates per example, which act on the inputs of the "
-                    f"kernels that read a unit, but no kernel reads the units of {name!r} (as "
-                    "attention's query and key dimensions): set config.per_example_gates=False "
-                    "where the method has it, or use a method with batch-shared gates (l0_hc, "
-                    "l0_arm, dep_l0_arm, l1, bounded_lp)"
-                )
 
     def _unit_slot(self, group: int, name: str, layers: tuple[Layer, ...]) -> GateSlot:
         traced = self.structure.groups[group]
@@ -475,7 +456,8 @@ class TracedModel(GatedModel):
                 (per_example if drawn else shared).extend((s, z[name]) for s in slices)
         with parameters_gated(self.net, shared):
             if per_example:
-                return run_with_example_gates(self.net, x, per_example)
+                biases = {layer.bias for layer in self.structure.layers if layer.bias}
+                return run_with_example_gates(self.net, x, per_example, biases)
             return self.net(x)
 
     def layer_module(self, name: str) -> LayerParameters:

@@ -418,7 +418,7 @@ def drawn_gates(model: TracedModel, batch: int, seed: int) -> dict:
             for slot in model.gate_slots}
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if name != "vit"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_gates_drawn_per_example_gate_each_example_as_a_batch_of_its_own(name):
     model = traced(CASES[name], gate_factory=L0HardConcrete(
         get_config().lock(), RunInfo(100)).make_gates)
@@ -580,6 +580,7 @@ GREG_WEIGHTS = {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 
         ("branch_cnn", "gmp", GMP),
         ("branch_cnn", "greg1", GREG_WEIGHTS),
         ("vit", "l0_hc", {"granularity": "weight"}),
+        ("vit", "dep_l0", {}),
         ("vit", "bounded_lp", {"filter_lambda": 1e-3}),
         ("vit", "gmp", GMP),
         ("vit", "greg1", GREG_WEIGHTS),
@@ -607,8 +608,6 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     "name, method, overrides, message",
     [
         ("branch_cnn", "gmp", {"gmp_structure": "unit"}, "does not declare"),
-        ("vit", "dep_l0", {}, "no kernel reads the units of 'attention.query.axis2'"),
-        ("vit", "l0_hc", {"per_example_gates": True}, "draws its gates per example"),
     ],
 )
 def test_methods_that_cannot_work_on_a_traced_model_say_why(
