@@ -17,9 +17,9 @@ from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE, ImageSpec
 from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
 from sparsejax.models.batch_chunks import fixed_chunks
 from sparsejax.structure.accounting import count_network
+from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.config import resolve_config
 from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
@@ -87,7 +87,7 @@ def build_step(
     spec = input_spec(like)
     num_train = 60000
     method = create_method(name, config, RunInfo(num_train=num_train, steps_per_epoch=100))
-    model = build_model(
+    model = build_any_model(
         model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
         input_shape=spec.image_shape, num_classes=spec.num_classes,
     )
@@ -164,17 +164,19 @@ def matmul_peak() -> float:
 def step_flops(model_name: str, batch_size: int, like: str | None = None) -> float | None:
     """FLOPs of one training step of the dense network on inputs shaped like dataset ``like``
     (default: the model's usual one): ``STEP_FLOPS_PER_MAC`` x the forward pass's
-    multiply-accumulates of its layers (:func:`sparsejax.structure.accounting.count_network`)
-    x ``batch_size``; gates, normalisation, pooling, activations and the optimizer are not
-    counted, and the first layer's unneeded input gradient is. None for a text model."""
+    multiply-accumulates of its layers and activation products (attention's ``Q K^T`` and
+    ``A V``; :func:`sparsejax.structure.accounting.count_network`) x ``batch_size``; gates,
+    normalisation, pooling, activations and the optimizer are not counted, and the first
+    layer's unneeded input gradient is. None for a text model."""
     like = like or dataset_like(model_name)
     if like in TEXT_DATASETS:
         return None
     spec = input_spec(like)
-    model = build_model(
+    model = build_any_model(
         model_name, rngs=nnx.Rngs(0), input_shape=spec.image_shape, num_classes=spec.num_classes
     )
-    return STEP_FLOPS_PER_MAC * float(count_network(model.layers, {})["flops"]) * batch_size
+    macs = count_network(model.layers, {}, model.activation_products)["flops"]
+    return STEP_FLOPS_PER_MAC * float(macs) * batch_size
 
 
 def seconds_per_step(run: Callable[[], None], steps: int) -> float:

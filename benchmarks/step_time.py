@@ -4,6 +4,8 @@
     python -m benchmarks.step_time --model=resnet56 --batch_size=128 --methods=dense,l0_hc,l0_arm
     python -m benchmarks.step_time --model=lm_tiny --batch_size=32 \
         --methods=dense,l0_hc,l0_hc@target_params=0.5
+    PYTHONPATH=examples python -m benchmarks.step_time --model=traced_model:small_cnn \
+        --like=fashion_mnist --methods=dense,l0_hc,dep_l0,dep_l0_arm
 
 Each method's jitted step is compiled once, then timed over several repeats of ``steps`` steps on
 random batches already on the device (dispatch included), shaped like the model's dataset
@@ -41,7 +43,9 @@ from benchmarks.common import (  # noqa: E402
 from sparsejax.data.synthetic import SYNTHETIC_LIKE  # noqa: E402
 from sparsejax.data.text import TEXT_DATASETS  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", "lenet5", "Model name.")
+_MODEL = flags.DEFINE_string(
+    "model", "lenet5", "Model name, or MODULE:FACTORY for a plain NNX model (traced)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Batch size.")
 _METHODS = flags.DEFINE_list(
     "methods", ["dense", "l0_hc", "l0_arm", "l0_ar"],

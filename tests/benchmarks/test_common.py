@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from benchmarks.common import make_steps, step_flops
 from sparsejax.models import batch_chunks
 
@@ -23,3 +25,10 @@ def test_a_conv_chunks_override_compiles_the_step_on_that_many_slices(monkeypatc
     seen.clear()
     make_steps("l0_hc", "lenet5", 6, 1, "fashion_mnist", {"conv_chunks": 1})()
     assert seen and set(seen) == {1}
+
+
+def test_a_plain_nnx_model_is_timed_and_counted_from_its_trace(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "examples"))
+    assert step_flops("traced_model:small_vit", 2, "fashion_mnist") == 6 * 2 * (
+        16 * 49 * 64 + 2 * (16 * (4 * 64 * 64 + 2 * 64 * 128) + 2 * 64 * 16 * 16) + 64 * 10)
+    make_steps("dep_l0", "traced_model:small_cnn", 4, 1, "fashion_mnist")()
