@@ -211,11 +211,10 @@ def weight_slots(
     """One weight-granularity slot per layer kernel, named after the layer, shaped like the
     kernel: ``kernel_shapes[name]`` where given (a kernel whose layer geometry flattens several
     input or output axes into one), else the layer's ``kernel_shape``."""
-    shapes = kernel_shapes or {}
+    shapes = {l.name: l.kernel_shape for l in layers} | dict(kernel_shapes or {})
     return tuple(
-        GateSlot(l.name, l.name, shape, None, False, droprate_init, shape)
+        GateSlot(l.name, l.name, shapes[l.name], None, False, droprate_init, shapes[l.name])
         for l in layers
-        for shape in [shapes.get(l.name, l.kernel_shape)]
     )
 
 

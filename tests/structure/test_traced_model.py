@@ -2,10 +2,11 @@
 (:class:`sparsejax.structure.traced_model.TracedModel`).
 
 For each model: the traced layers count the params and FLOPs computed by hand, with every unit
-kept and with some removed; closing gates gives the logits of the physically narrower model
-(parameters sliced along the trace's members); the engine trains it on a slice of
-Fashion-MNIST. The zoo's LeNet-5 and ResNet-20, traced as plain modules, count and gate like
-their declarations.
+kept and with some removed (attention products included for the ViT on
+``nnx.MultiHeadAttention``); closing gates gives the logits of the physically narrower model
+(parameters sliced along the trace's members); gates drawn per example gate each example as if
+it were alone; the engine trains it on a slice of Fashion-MNIST. The zoo's LeNet-5, ResNet-20
+and ViT, traced as plain modules, count and gate like their declarations.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.structure.accounting import count_network
+from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import node_report
+from sparsejax.structure.sparsify import GatedSlice
 from sparsejax.structure.traced_model import TracedModel, build_any_model, load_factory
 from sparsejax.train import train_and_evaluate
 
@@ -454,6 +457,24 @@ def test_the_same_gate_for_every_example_trains_batch_norm_as_a_shared_gate(name
     np.testing.assert_allclose(drawn_logits, shared_logits, atol=1e-5, rtol=1e-5)
     for a, b in zip(drawn_stats, shared_stats):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+class ScannedStack(nnx.Module):
+    """Three stacked 6x6 layers run by ``lax.scan``: their kernel is read inside the scan."""
+
+    def __init__(self, *, rngs):
+        self.stack = nnx.Param(jax.random.normal(rngs.params(), (3, 6, 6)))
+
+    def __call__(self, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, self.stack[...])
+        return h
+
+
+def test_a_gate_drawn_per_example_that_cannot_be_placed_is_refused_not_dropped():
+    net = ScannedStack(rngs=nnx.Rngs(params=0))
+    rows = GatedSlice("stack", 1, tuple(range(6)), tuple(range(6)))
+    with pytest.raises(ConfigError, match=r"\['stack'\] were not met where they act"):
+        run_with_example_gates(net, jnp.ones((4, 6)), [(rows, jnp.ones((4, 6)))])
 
 
 # ---------------------------------------------------------------- the zoo through the adapter
