@@ -25,7 +25,7 @@ from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
-IMAGENET_MODELS = ("resnet50", "mobilenet_v2")
+IMAGENET_MODELS = ("resnet34", "resnet50", "mobilenet_v2")
 MNIST_MODELS = ("mlp", "lenet5", "vit_tiny")
 TEXT_MODELS = ("lm_tiny",)
 BYTE_VOCABULARY = 256
