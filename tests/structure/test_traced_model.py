@@ -524,6 +524,34 @@ def test_a_zoo_model_traced_as_a_plain_module_counts_and_gates_like_its_declarat
             assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "zoo_name, shape",
+    [("lenet5", MNIST_SHAPE), ("resnet20", (32, 32, 3)), ("vit_tiny", MNIST_SHAPE)],
+)
+def test_a_zoo_model_traced_at_weight_granularity_has_its_declared_weight_slots(zoo_name, shape):
+    """One weight gate per kernel entry, on the same kernels as the declarations (matched by
+    the kernel variable), and the same kept params and FLOPs under random weight masks."""
+    zoo = build_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape,
+                      granularity="weight")
+    model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=shape, num_classes=10,
+                        granularity="weight")
+    kernel_of = {id(zoo.layer_module(slot.layer).kernel): slot for slot in zoo.gate_slots}
+    matched = {}
+    for slot in model.gate_slots:
+        declared = kernel_of[id(model.layer_module(slot.layer).kernel)]
+        assert slot.shape == declared.shape, slot.name
+        matched[slot.name] = declared.name
+    assert sorted(matched.values()) == sorted(kernel_of[k].name for k in kernel_of)
+    rng = np.random.default_rng(0)
+    masks = {name: (rng.random(slot.shape) < 0.4).astype(np.float32)
+             for name, slot in zip(matched, model.gate_slots)}
+    traced_counts = count_network(model.layers, masks, model.activation_products)
+    zoo_counts = count_network(zoo.layers, {matched[n]: m for n, m in masks.items()},
+                               zoo.activation_products)
+    for what in ("params", "flops"):
+        assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
+
+
 def test_the_zoo_vit_traced_as_a_plain_module_counts_heads_like_its_declarations():
     """The trace finds finer groups than vit_tiny declares (one unit per query/key column and per
     value column, where the zoo gates whole heads): a head closed in the declarations is its
