@@ -25,9 +25,13 @@ from sparsejax.data.text import TEXT_DATASETS
 from sparsejax.models import MODELS, build_model
 from sparsejax.structure.trace import TracedStructure, trace_structure
 
-_MODELS = flags.DEFINE_list("models", sorted(MODELS), "Zoo models to trace.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Traces per model (median reported).")
-_IMAGENET_SIZE = flags.DEFINE_integer("imagenet_size", 224, "Image side of the ImageNet models.")
+
+def define_flags() -> None:
+    """The command line's flags; defined only when the module runs, so that importing its
+    pieces (as the tests do, next to other benchmarks) defines no flag twice."""
+    flags.DEFINE_list("models", sorted(MODELS), "Zoo models to trace.")
+    flags.DEFINE_integer("repeats", 3, "Traces per model (median reported).")
+    flags.DEFINE_integer("imagenet_size", 224, "Image side of the ImageNet models.")
 
 
 def input_shape(name: str, imagenet_size: int) -> tuple[int, ...]:
@@ -55,9 +59,10 @@ def main(argv: list[str]) -> None:
     del argv
     print("| model | input | seconds (median) | groups (prunable) | params | FLOPs (MACs) |")
     print("|---|---|---|---|---|---|")
-    for name in _MODELS.value:
-        shape = input_shape(name, _IMAGENET_SIZE.value)
-        runs = [trace_once(name, shape) for _ in range(_REPEATS.value)]
+    options = flags.FLAGS
+    for name in options.models:
+        shape = input_shape(name, options.imagenet_size)
+        runs = [trace_once(name, shape) for _ in range(options.repeats)]
         structure = runs[-1][1]
         prunable = sum(group.prunable for group in structure.groups)
         counts = structure.count()
@@ -68,4 +73,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
