@@ -35,13 +35,12 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.extend import core
 
 from sparsejax.errors import ConfigError
 from sparsejax.structure.slim_trace.interpret import opened
-from sparsejax.structure.sparsify import GatedSlice
+from sparsejax.structure.sparsify import GatedSlice, slice_factors
 from sparsejax.structure.trace.analyze import dotted_path
 from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS
 
@@ -59,13 +58,6 @@ SHARED_GATES = "use batch-shared gates (set config.per_example_gates=False where
 Tracked = tuple[str, tuple[int | None, ...]]
 """A variable that is a gated parameter: its path, and the variable's dimension that holds each
 axis of the parameter (None where a reshape dropped a size-1 axis)."""
-
-
-def example_factors(s: GatedSlice, z: jax.Array, size: int) -> jax.Array:
-    """``(batch, size)`` factors of a dimension of ``size`` that holds the parameter axis of
-    ``s``: ``z[:, units[k]]`` at index ``indices[k]``, 1 elsewhere."""
-    factors = jnp.ones((z.shape[0], size), z.dtype)
-    return factors.at[:, np.asarray(s.indices)].set(z[:, np.asarray(s.units)])
 
 
 def _scaled(x: jax.Array, factors: jax.Array, examples: int, dim: int) -> jax.Array:
@@ -213,13 +205,13 @@ class _Evaluation:
                         f"per-example gates: {path} meets an activation of shape {x.shape}, "
                         f"whose first dimension is not the {z.shape[0]} examples; {SHARED_GATES}"
                     )
-                scaled = _scaled(x, example_factors(s, z, x.shape[dim]), examples, dim)
+                scaled = _scaled(x, slice_factors(s, z, x.shape[dim]), examples, dim)
                 ins[operand if is_bias else 1 - operand] = scaled
             self.applied.add(path)
         out = _bind(eqn, ins)
         outs = list(out) if eqn.primitive.multiple_results else [out]
         for s, z, dim, examples in outputs:
-            outs[0] = _scaled(outs[0], example_factors(s, z, outs[0].shape[dim]), examples, dim)
+            outs[0] = _scaled(outs[0], slice_factors(s, z, outs[0].shape[dim]), examples, dim)
         return outs
 
 

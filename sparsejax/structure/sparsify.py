@@ -73,11 +73,17 @@ class GatedSlice:
     units: tuple[int, ...] = ()
 
 
+def slice_factors(s: GatedSlice, z: jax.Array, size: int) -> jax.Array:
+    """Factors of the ``size`` entries along the axis of ``s``: ``z[..., units[k]]`` at index
+    ``indices[k]``, 1 elsewhere; leading dimensions of ``z`` (examples) are kept."""
+    factors = jnp.ones((*z.shape[:-1], size), z.dtype)
+    return factors.at[..., np.asarray(s.indices)].set(z[..., np.asarray(s.units)])
+
+
 def _scaled(value: jax.Array, s: GatedSlice, z: jax.Array) -> jax.Array:
     if s.axis is None:
         return value * z.astype(value.dtype)
-    factor = jnp.ones(value.shape[s.axis], z.dtype)
-    factor = factor.at[np.asarray(s.indices)].set(z[np.asarray(s.units)])
+    factor = slice_factors(s, z, value.shape[s.axis])
     shape = [1] * value.ndim
     shape[s.axis] = -1
     return value * factor.reshape(shape).astype(value.dtype)
