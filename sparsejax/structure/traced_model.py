@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,7 @@ from sparsejax.models.base import (
     Layer,
     SlotMember,
     UnitIndex,
+    UnitSource,
     check_granularity,
 )
 from sparsejax.models.registry import MODELS, build_model
@@ -174,26 +175,38 @@ def _layer_axes(
     return in_axes, out_axes
 
 
+def _placed_sources(
+    structure: TracedStructure,
+    slots: dict[int, str],
+    sizes: tuple[int, ...],
+    found: Iterable[tuple[int, int, np.ndarray, np.ndarray]],
+) -> UnitSource:
+    """The gated ones among ``found`` (``(position, group, indices, units)``: index
+    ``indices[k]`` of axis ``position`` of a side with axes of ``sizes`` carries unit
+    ``units[k]`` of ``group``), each placed among the units of the side flattened."""
+    return tuple(
+        (slots[group], _placement(indices, units, sizes, position, structure.groups[group].size))
+        for position, group, indices, units in found
+        if group in slots
+    )
+
+
 def _side_sources(
     structure: TracedStructure,
     slots: dict[int, str],
     path: str,
     axes: tuple[int, ...],
-) -> tuple[tuple[str, int | UnitIndex], ...]:
+) -> UnitSource:
     """The gated groups with members on ``axes`` of parameter ``path``, placed among the
     units of those axes flattened."""
+    found = (
+        (position, group.index, np.asarray(member.indices), np.asarray(member.units))
+        for position, axis in enumerate(axes)
+        for group in structure.groups
+        if (member := group.member(path, axis)) is not None
+    )
     sizes = tuple(structure.param_shapes[path][a] for a in axes)
-    sources = []
-    for position, axis in enumerate(axes):
-        for group in structure.groups:
-            member = group.member(path, axis)
-            if member is not None and group.index in slots:
-                placement = _placement(
-                    np.asarray(member.indices), np.asarray(member.units), sizes, position,
-                    group.size,
-                )
-                sources.append((slots[group.index], placement))
-    return tuple(sources)
+    return _placed_sources(structure, slots, sizes, found)
 
 
 def traced_layers(
@@ -291,21 +304,19 @@ def traced_products(
 
 def _factor_sources(
     structure: TracedStructure, slots: dict[int, str], factors: list[np.ndarray]
-) -> tuple[tuple[str, int | UnitIndex], ...]:
+) -> UnitSource:
     """The gated groups among the unit ids of ``factors``, placed among their combinations
     (C order)."""
-    sizes = tuple(f.size for f in factors)
-    sources = []
-    for position, ids in enumerate(factors):
+
+    def found(position: int, ids: np.ndarray):
         groups, units = structure.unit_places(np.where(ids < 0, 0, ids))
         groups = np.where(ids < 0, -1, groups)
-        for group in sorted(set(groups.tolist()) & set(slots)):
+        for group in sorted(set(groups.tolist())):
             where = np.flatnonzero(groups == group)
-            placement = _placement(
-                where, units[where], sizes, position, structure.groups[group].size
-            )
-            sources.append((slots[group], placement))
-    return tuple(sources)
+            yield position, group, where, units[where]
+
+    every = (item for position, ids in enumerate(factors) for item in found(position, ids))
+    return _placed_sources(structure, slots, tuple(f.size for f in factors), every)
 
 
 def _check_counts(

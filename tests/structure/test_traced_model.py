@@ -722,3 +722,15 @@ def test_a_kernel_stored_outputs_first_is_refused_with_its_layout():
     with pytest.raises(ConfigError, match=r"layer 'weight' has a kernel of shape \(10, 784\) whose "
                        r"outputs are on axes \[0\]; .* laid out \(\.\.\., inputs, outputs\)"):
         TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE, num_classes=10)
+
+
+def test_a_product_over_more_unit_combinations_than_the_accounting_holds_is_refused(monkeypatch):
+    import sparsejax.structure.traced_model as traced_model
+
+    combinations = 4  # Q K^T spans the 4 heads by the 4 query/key dimensions: a (4, 4) layer
+    monkeypatch.setattr(traced_model, "MAX_PRODUCT_UNITS", combinations - 1)
+    with pytest.raises(ConfigError, match=rf"product 0 of two activations .* {combinations} unit "
+                       "combinations\\) cannot be counted"):
+        traced(CASES["vit"])
+    monkeypatch.setattr(traced_model, "MAX_PRODUCT_UNITS", combinations)
+    assert len(traced(CASES["vit"]).activation_products) == 2
