@@ -80,7 +80,9 @@ def slice_factors(s: GatedSlice, z: jax.Array, size: int) -> jax.Array:
     return factors.at[..., np.asarray(s.indices)].set(z[..., np.asarray(s.units)])
 
 
-def _scaled(value: jax.Array, s: GatedSlice, z: jax.Array) -> jax.Array:
+def scaled_slice(value: jax.Array, s: GatedSlice, z: jax.Array) -> jax.Array:
+    """``value`` (the parameter at ``s.path``) with the gate values ``z`` multiplied into the
+    slice ``s``."""
     if s.axis is None:
         return value * z.astype(value.dtype)
     factor = slice_factors(s, z, value.shape[s.axis])
@@ -103,7 +105,7 @@ def parameters_gated(
             var = variable_at(model, s.path)
             scaled[s.path] = (var, var[...], var[...])
         var, original, value = scaled[s.path]
-        scaled[s.path] = (var, original, _scaled(value, s, z))
+        scaled[s.path] = (var, original, scaled_slice(value, s, z))
     try:
         for var, _, value in scaled.values():
             var.set_value(value)

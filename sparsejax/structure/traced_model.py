@@ -33,6 +33,12 @@ of a hand-written declaration:
   kernel), multiplied into the kernel.
 - **Couplings**: a group with several producers (a residual stream) is a
   :class:`ChannelCoupling` of their layers (``fixed`` when the group is not prunable).
+- **Gate placements** (``placements``, :class:`GatePlacement`): where a paper gates other units
+  than every prunable group, one placement per slot names a layer and a side. Its output units
+  are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
+  their group when only that layer reads it, else an input selection of the layer's rows
+  alone, with one row as ``|g|``. The zoo's own gates, placed so, give its declared slots,
+  accounting and logits (``tests/structure/test_gate_placements.py``).
 
 The wrapped module runs in NNX training mode (``model.train()``: BatchNorm on batch
 statistics) when the engine trains and in evaluation mode (``model.eval()``) otherwise. What the
@@ -46,7 +52,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +83,8 @@ from sparsejax.structure.sparsify import (
     variable_at,
 )
 from sparsejax.structure.trace import (
+    Member,
+    TracedLayer,
     TracedStructure,
     UnitGroup,
     trace_structure,
@@ -97,6 +106,126 @@ class LayerParameters:
 
     kernel: nnx.Variable
     bias: nnx.Variable | None
+
+
+Side = Literal["input", "output"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GatePlacement:
+    """One unit-gate slot of a :class:`TracedModel` placed by hand, for a model whose paper
+    gates other units than the default (every prunable traced group):
+
+    - ``side="output"``: the output units of ``layer``, which must be one prunable traced group
+      (a layer's outputs, a depthwise convolution's channels). The gates act as the group's
+      default gates do, on its readers; ``|g|`` is the layer's kernel slice and bias, the group
+      of Louizos et al. (2018) for a convolution's output channel.
+    - ``side="input"``: one gate per input unit of ``layer``. When those units are a prunable
+      group that only ``layer`` reads, they are that group (its producers' outputs are switched
+      off with it); otherwise an *input selection* that gates the layer's rows alone (the pixel
+      gates of LeNet-300-100, the 800 flattened inputs of LeNet-5's first dense layer,
+      DenseNet's concatenated inputs). ``|g|`` is one row of the layer's kernel (Louizos et al.'s
+      group of a dense layer's input neuron).
+
+    Attributes:
+      slot: the slot's name (in the gates, the config's per-slot lambdas and the reports).
+      layer: the traced layer, named after the module holding its kernel (``"blocks.0.conv1"``).
+      side: ``"input"`` or ``"output"``.
+      droprate_init: the initial drop rate of the slot's gates.
+    """
+
+    slot: str
+    layer: str
+    side: Side
+    droprate_init: float = DROPRATE_INIT
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlacedSlot:
+    """A resolved :class:`GatePlacement`: its slot, the traced group it gates (None for an
+    input selection) and where its gates act."""
+
+    slot: GateSlot
+    group: int | None
+    slices: tuple[GatedSlice, ...]
+
+
+def _covers(member: Member, size: int) -> bool:
+    """Whether a group member holds every index of an axis of ``size``, index i being unit i."""
+    return member.indices == tuple(range(size)) and member.units == member.indices
+
+
+def _place(
+    structure: TracedStructure, layers: dict[str, TracedLayer], placement: GatePlacement
+) -> _PlacedSlot:
+    """Resolve ``placement`` against the trace; see :class:`GatePlacement`.
+
+    Raises:
+      ConfigError: for an unknown layer or side, a side of several axes, or output units that
+        are not a prunable group.
+    """
+    where = f"gate placement {placement.slot!r}"
+    if placement.side not in ("input", "output"):
+        raise ConfigError(f"{where}: side must be 'input' or 'output', got {placement.side!r}")
+    traced = layers.get(placement.layer)
+    if traced is None:
+        raise ConfigError(
+            f"{where}: the traced model has no layer {placement.layer!r}; its layers are "
+            f"{', '.join(layers)}"
+        )
+    shape = structure.param_shapes[traced.kernel]
+    outputs = {a for g in structure.groups for p, a in g.producers if p == traced.kernel}
+    in_axes, out_axes = _layer_axes(placement.layer, shape, traced.kind, outputs)
+    axes = out_axes if placement.side == "output" else in_axes
+    if len(axes) != 1:
+        raise ConfigError(
+            f"{where}: the {placement.side}s of layer {placement.layer!r} span kernel axes "
+            f"{list(axes)} of shape {shape}; place gates on a side with one axis"
+        )
+    axis, size = axes[0], shape[axes[0]]
+    found = [
+        g for g in structure.groups
+        if (member := g.member(traced.kernel, axis)) is not None
+        and g.size == size and _covers(member, size)
+    ]
+    group = found[0] if len(found) == 1 and found[0].prunable else None
+    slot = GateSlot(
+        placement.slot, placement.layer, (size,), axis,
+        placement.side == "output" and traced.bias is not None, placement.droprate_init, shape,
+    )
+    if placement.side == "output":
+        if group is None:
+            blocker = found[0].blockers[0] if len(found) == 1 else None
+            why = (f"{blocker.reason}: {blocker.primitive} at {blocker.source or '?'}"
+                   if blocker else f"{len(found)} traced groups hold them")
+            raise ConfigError(
+                f"{where}: the outputs of layer {placement.layer!r} are not a prunable unit "
+                f"group ({why}); place the gates on the inputs of the layers that read them"
+            )
+        return _PlacedSlot(slot, group.index, gated_slices(structure, group))
+    own_rows = (GatedSlice(traced.kernel, axis, tuple(range(size)), tuple(range(size))),)
+    if group is not None and gated_slices(structure, group) == own_rows:
+        return _PlacedSlot(slot, group.index, own_rows)
+    return _PlacedSlot(slot, None, own_rows)
+
+
+def _placed_slots(
+    structure: TracedStructure, placements: Sequence[GatePlacement]
+) -> tuple[_PlacedSlot, ...]:
+    """Every placement resolved, in order; a slot name or a group placed twice is refused."""
+    layers = {_layer_name(layer.kernel): layer for layer in structure.layers}
+    placed = tuple(_place(structure, layers, p) for p in placements)
+    names = [f"slot name {p.slot.name}" for p in placed]
+    targets = [
+        f"traced group {p.group}" if p.group is not None
+        else f"the inputs of layer {p.slot.layer!r}"
+        for p in placed
+    ]
+    for values in (names, targets):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(f"gate placements: {', '.join(twice)} placed twice")
+    return placed
 
 
 def _layer_name(kernel_path: str) -> str:
@@ -210,17 +339,22 @@ def _side_sources(
 
 
 def traced_layers(
-    structure: TracedStructure, slots: dict[int, str], granularity: Granularity
+    structure: TracedStructure,
+    slots: dict[int, str],
+    granularity: Granularity,
+    selections: Mapping[str, str] | None = None,
 ) -> tuple[Layer, ...]:
     """The :class:`Layer` of every traced layer, in network order; ``slots`` names the gated
-    groups (their units switch layer units off at unit granularity). A dense kernel with
-    several input or output axes is one layer of shape ``(inputs, outputs)``, each side
-    flattened in C order.
+    groups (their units switch layer units off at unit granularity), ``selections`` the slot
+    that gates a layer's inputs one by one (an input selection, :class:`GatePlacement`), by
+    layer name. A dense kernel with several input or output axes is one layer of shape
+    ``(inputs, outputs)``, each side flattened in C order.
 
     Raises:
       ConfigError: for a layer the geometry cannot describe.
     """
     producer_axes = {p for g in structure.groups for p in g.producers}
+    selected = {layer: ((slot, 1),) for layer, slot in (selections or {}).items()}
     names = [_layer_name(layer.kernel) for layer in structure.layers]
     if len(set(names)) != len(names):
         shared = sorted({n for n in names if names.count(n) > 1})
@@ -249,8 +383,9 @@ def traced_layers(
                  math.prod(shape[a] for a in out_axes)),
                 int(round(positions)),
                 has_bias=layer.bias is not None,
-                inputs=_side_sources(structure, slots, layer.kernel, in_axes)
-                if unit and not reads_itself else (),
+                inputs=selected.get(name, ())
+                + (_side_sources(structure, slots, layer.kernel, in_axes)
+                   if unit and not reads_itself else ()),
                 outputs=_side_sources(structure, slots, layer.kernel, out_axes) if unit else (),
                 kernel_slot=name if granularity == "weight" else None,
             )
@@ -345,6 +480,8 @@ class TracedModel(GatedModel):
       structure: the :class:`~sparsejax.structure.trace.TracedStructure` of ``net`` in
         evaluation mode on one image of ``input_shape``.
       group_slots: ``(group index, slot name)`` of every gated group (unit granularity).
+      placed: whether the slots come from :class:`GatePlacement` s (``placements``) rather
+        than one per prunable group.
     """
 
     def __init__(
@@ -357,13 +494,25 @@ class TracedModel(GatedModel):
         gate_factory: GateFactory | None = None,
         granularity: Granularity = "unit",
         name: str = "traced model",
+        placements: Sequence[GatePlacement] | None = None,
     ):
         check_granularity(granularity)
+        if placements is not None and granularity != "unit":
+            raise ConfigError(
+                "gate placements place unit gates; at weight granularity every kernel entry "
+                "gets its own gate, so leave placements out"
+            )
         self.granularity = granularity
         self.net = net
         self.structure = _trace(net, input_shape, num_classes, name)
-        slots = _slot_names(self.structure) if granularity == "unit" else {}
-        layers = traced_layers(self.structure, slots, granularity)
+        self.placed = placements is not None
+        placed = () if placements is None else _placed_slots(self.structure, placements)
+        if placements is not None:
+            slots = {p.group: p.slot.name for p in placed if p.group is not None}
+        else:
+            slots = _slot_names(self.structure) if granularity == "unit" else {}
+        selections = {p.slot.layer: p.slot.name for p in placed if p.group is None}
+        layers = traced_layers(self.structure, slots, granularity, selections)
         self.activation_products = traced_products(self.structure, slots)
         _check_counts(self.structure, layers, self.activation_products)
         self.layer_params = tuple(
@@ -371,8 +520,12 @@ class TracedModel(GatedModel):
             for layer, traced in zip(layers, self.structure.layers)
         )
         self.group_slots = tuple(slots.items())
-        unit_slots = [self._unit_slot(group, name, layers) for group, name in self.group_slots]
-        self.gated = self._gated_slices(slots)
+        if placements is not None:
+            unit_slots = [p.slot for p in placed]
+            self.gated = tuple((p.slot.name, p.slices) for p in placed)
+        else:
+            unit_slots = [self._unit_slot(g, name, layers) for g, name in self.group_slots]
+            self.gated = self._gated_slices(slots)
         self._declare(
             list(layers),
             unit_slots,
@@ -405,7 +558,7 @@ class TracedModel(GatedModel):
         """A unit slot's first producer's kernel slice and its bias's, along the axes the trace
         found (a head's bias is a row of a ``(heads, head_dim)`` bias); the kernel at weight
         granularity."""
-        if slot.axis is None:
+        if slot.axis is None or self.placed:
             return super().slot_members(slot)
         group = self.structure.groups[next(g for g, n in self.group_slots if n == slot.name)]
         kernel = group.producers[0][0]
@@ -593,6 +746,7 @@ def build_any_model(name: str, **kwargs) -> GatedModel:
 
 
 __all__ = [
+    "GatePlacement",
     "LayerParameters",
     "TracedModel",
     "build_any_model",

@@ -25,7 +25,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.structure.accounting import reduction
 from sparsejax.structure.slim_trace.interpret import Narrowed, opened
 from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
-from sparsejax.structure.sparsify import gated_slices
+from sparsejax.structure.sparsify import gated_slices, scaled_slice
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
 
 Apply = Callable[[nnx.Module, jax.Array], jax.Array]
@@ -211,12 +211,7 @@ def _fold(
     for index, z in gates.items():
         z = jnp.asarray(z)
         for s in gated_slices(structure, structure.groups[index]):
-            value = state[s.path]
-            factor = jnp.ones(value.shape[s.axis], z.dtype)
-            factor = factor.at[np.asarray(s.indices)].set(z[np.asarray(s.units)])
-            shape = [1] * value.ndim
-            shape[s.axis] = -1
-            state[s.path] = value * factor.reshape(shape).astype(value.dtype)
+            state[s.path] = scaled_slice(state[s.path], s, z)
 
 
 def _status(group: UnitGroup, removable: set[int]) -> str:

@@ -1,0 +1,166 @@
+"""Gate placements: the zoo's paper gates put on its models traced as plain modules.
+
+Each zoo model's hand declarations say where its paper puts the gates. Given only those places,
+one :class:`GatePlacement` per slot (a layer and a side), the traced model must rebuild what
+the declarations say: the same slots and ``|g|``, the same accounting under any gate values,
+and the same logits with the same gates, shared or drawn per example.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsejax.errors import ConfigError
+from sparsejax.models import build_model
+from sparsejax.models.base import GatedModel
+from sparsejax.models.densenet import DenseNet
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.traced_model import GatePlacement, TracedModel
+
+MNIST = (28, 28, 1)
+CIFAR = (32, 32, 3)
+ZOO = {
+    "mlp": MNIST,
+    "lenet5": MNIST,
+    "resnet20": CIFAR,
+    "vgg16": CIFAR,
+    "vgg19": CIFAR,
+    "wrn28_10": CIFAR,
+    "resnet164": CIFAR,
+    "densenet40": CIFAR,
+    "mobilenet_v2_cifar": CIFAR,
+    "resnet34": (64, 64, 3),
+    "resnet50": (64, 64, 3),
+    "mobilenet_v2": (64, 64, 3),
+}
+"""The zoo's convolutional models (ResNet-56/110 are ResNet-20's class), by their input."""
+SMALLER = {"densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs)}
+"""DenseNet-40's class at depth 16 (4 layers per dense block, the same declarations): the
+concatenations of depth 40 cost a minute of tracing and comparing for nothing more."""
+STREAM_MEMBER_GATES = {"resnet20": {"stem"}}
+"""Slots that gate one member of a residual stream (the CIFAR ResNets' stem, whose stream is
+zero-padded into the next stage): no traced group, so no placement can hold them yet."""
+
+
+class Bare(nnx.Module):
+    """A zoo model without its gates: ``model.forward(x, {})``, its mode from NNX's train() /
+    eval()."""
+
+    def __init__(self, zoo: GatedModel):
+        self.zoo = zoo
+        self.deterministic = False
+
+    def __call__(self, x):
+        return self.zoo.forward(x, {}, train=not self.deterministic)
+
+
+def placements(zoo: GatedModel, skipped: set[str]) -> list[GatePlacement]:
+    """One placement per declared slot: its layer, the side its kernel axis is on."""
+    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+    result = []
+    for slot in zoo.gate_slots:
+        if slot.name in skipped:
+            continue
+        output_axis = len(slot.kernel_shape) - 1
+        result.append(GatePlacement(
+            slot.name,
+            "zoo." + where[id(zoo.layer_module(slot.layer))],
+            "output" if slot.axis == output_axis else "input",
+            slot.droprate_init,
+        ))
+    return result
+
+
+def placed(name: str) -> tuple[GatedModel, TracedModel]:
+    shape = ZOO[name]
+    build = SMALLER.get(name, functools.partial(build_model, name))
+    zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
+    skipped = STREAM_MEMBER_GATES.get(name, set())
+    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
+                        placements=placements(zoo, skipped))
+    return zoo, model
+
+
+def described(slot):
+    return slot.name, slot.shape, slot.axis, slot.gates_bias, slot.droprate_init, slot.group_size
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_placements_rebuild_the_declared_slots_and_accounting_of_every_zoo_model(name):
+    zoo, model = placed(name)
+    skipped = STREAM_MEMBER_GATES.get(name, set())
+    declared = [described(s) for s in zoo.gate_slots if s.name not in skipped]
+    assert [described(s) for s in model.gate_slots] == declared
+    rng = np.random.default_rng(0)
+    for draw in range(4):
+        values = {
+            s.name: rng.random(s.shape).astype(np.float32) if draw % 2
+            else (rng.random(s.shape) < 0.5).astype(np.float32)
+            for s in zoo.gate_slots
+        }
+        values |= {slot: np.ones_like(values[slot]) for slot in skipped}
+        traced = count_network(model.layers, values, model.activation_products)
+        hand = count_network(zoo.layers, values, zoo.activation_products)
+        for what in ("params", "flops"):
+            assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet164", "densenet40", "wrn28_10"])
+@pytest.mark.parametrize("per_example", [False, True])
+def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
+    """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
+    zoo, model = placed(name)
+    shape = ZOO[name]
+    x = jax.random.normal(jax.random.key(0), (3, *shape))
+    rng = np.random.default_rng(1)
+    batch = (3,) if per_example else ()
+    z = {s.name: jnp.asarray(rng.random((*batch, *s.shape)), jnp.float32)
+         for s in model.gate_slots}
+    for train in (False, True):
+        expected = zoo.forward(x, z, train=train)
+        np.testing.assert_allclose(model.forward(x, z, train=train), expected,
+                                   rtol=2e-4, atol=2e-4)
+        assert not np.allclose(model.forward(x, {}, train=train), expected, atol=1e-2)
+
+
+def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():
+    """LeNet-5's 800 fc1 gates sit on the flattened conv2 map: closing the 16 inputs of one
+    conv2 channel there keeps the channel (conv1 -> conv2 unchanged) and removes 16 rows."""
+    zoo, model = placed("lenet5")
+    open_ = {s.name: np.ones(s.shape, np.float32) for s in model.gate_slots}
+    fc1 = open_["fc1"].copy()
+    fc1[np.arange(16) * 50 + 7] = 0  # channel 7 at each of the 16 positions (channel fastest)
+    dense = float(count_network(model.layers, open_)["params"])
+    assert float(count_network(model.layers, open_ | {"fc1": fc1})["params"]) == dense - 16 * 500
+
+
+def test_placements_that_cannot_hold_say_what_is_wrong():
+    zoo = build_model("resnet20", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=CIFAR)
+
+    def build(*placed_gates, granularity="unit"):
+        return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=CIFAR,
+                           num_classes=10, placements=placed_gates, granularity=granularity)
+
+    with pytest.raises(ConfigError, match=r"'stem': the outputs of layer 'zoo.stem' are not a "
+                       r"prunable unit group \(.+\); place the gates on the inputs"):
+        build(GatePlacement("stem", "zoo.stem", "output"))
+    with pytest.raises(ConfigError, match=r"no layer 'zoo.nowhere'; its layers are zoo.stem, "):
+        build(GatePlacement("a", "zoo.nowhere", "output"))
+    with pytest.raises(ConfigError, match="side must be 'input' or 'output', got 'outputs'"):
+        build(GatePlacement("a", "zoo.stem", "outputs"))
+    with pytest.raises(ConfigError, match="slot name a placed twice"):
+        build(GatePlacement("a", "zoo.blocks.0.conv1", "output"),
+              GatePlacement("a", "zoo.blocks.1.conv1", "output"))
+    with pytest.raises(ConfigError, match=r"traced group \d+ placed twice"):
+        build(GatePlacement("a", "zoo.blocks.0.conv1", "output"),
+              GatePlacement("b", "zoo.blocks.0.conv2", "input"))
+    with pytest.raises(ConfigError, match="the inputs of layer 'zoo.fc' placed twice"):
+        build(GatePlacement("a", "zoo.fc", "input"), GatePlacement("b", "zoo.fc", "input"))
+    with pytest.raises(ConfigError, match="at weight granularity every kernel entry"):
+        build(GatePlacement("a", "zoo.blocks.0.conv1", "output"), granularity="weight")
