@@ -22,8 +22,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from sparsejax.methods.slot_groups import LAYER_PARAMETERS, per_unit, unit_sums
-from sparsejax.models.base import GatedModel, GateSlot, SlotMember
+from sparsejax.methods.slot_groups import LAYER_PARAMETERS, unit_sums
+from sparsejax.models.base import GatedModel, GateSlot, SlotMember, per_unit
 
 
 def expected_l0(

@@ -56,16 +56,6 @@ def unit_sums(values: jax.Array, member: SlotMember, slot: GateSlot) -> jax.Arra
     return jax.ops.segment_sum(along, jnp.asarray(member.units), num_segments=slot.shape[0])
 
 
-def per_unit(member: SlotMember, values: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Per-unit ``values`` of the slot spread over a member's parameter of ``shape``:
-    broadcastable to it, each entry taking its unit's value."""
-    if member.axis is None:
-        return values
-    along = values if member.units is None else values[jnp.asarray(member.units)]
-    axis = member.axis % len(shape)
-    return along.reshape((1,) * axis + (-1,) + (1,) * (len(shape) - axis - 1))
-
-
 def unit_square_sums(
     model: GatedModel, slot: GateSlot, members: tuple[SlotMember, ...] | None = None
 ) -> jax.Array:
@@ -109,12 +99,3 @@ def unit_mean_magnitudes(model: GatedModel, slot: GateSlot) -> jax.Array:
         total = total + unit_sums(value, member, slot)
         count = count + unit_sums(jnp.ones_like(value), member, slot)
     return total / count
-
-
-def scale_units(model: GatedModel, slot: GateSlot, factors: jax.Array) -> None:
-    """Multiply every member entry (layer or not) of unit j by ``factors[j]``, in place: a 0
-    removes the unit from every parameter it spans."""
-    for member in model.slot_members(slot):
-        variable = model.parameter(member.path)
-        value = variable[...]
-        variable[...] = value * per_unit(member, factors, value.shape).astype(value.dtype)

@@ -78,6 +78,16 @@ class SlotMember:
     units: tuple[int, ...] | None = None
 
 
+def per_unit(member: SlotMember, values: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Per-unit ``values`` of the slot spread over a member's parameter of ``shape``:
+    broadcastable to it, each entry taking its unit's value."""
+    if member.axis is None:
+        return values
+    along = values if member.units is None else values[jnp.asarray(member.units)]
+    axis = member.axis % len(shape)
+    return along.reshape((1,) * axis + (-1,) + (1,) * (len(shape) - axis - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class UnitIndex:
     """Where a slot's units sit among a layer's units when a tiling cannot say it (a traced
@@ -325,6 +335,16 @@ class GatedModel(nnx.Module):
         if slot.gates_bias and slot.axis is not None and bias is not None:
             return (kernel, SlotMember(f"{slot.layer}.bias", 0))
         return (kernel,)
+
+    def scale_units(self, slot: GateSlot, factors: jax.Array) -> None:
+        """Multiply every entry of unit j of ``slot`` by ``factors[j]``, in place, so that a 0
+        removes the unit from every parameter it spans. The default scales the slot's members
+        (:meth:`slot_members`, layer or not); models that know more of what a unit takes along
+        override it."""
+        for member in self.slot_members(slot):
+            variable = self.parameter(member.path)
+            value = variable[...]
+            variable[...] = value * per_unit(member, factors, value.shape).astype(value.dtype)
 
     def parameter(self, path: str) -> nnx.Variable:
         """The parameter at a :class:`SlotMember` path: ``"{layer or module path}.{name}"``, or

@@ -80,6 +80,7 @@ from sparsejax.structure.sparsify import (
     GatedSlice,
     gated_slices,
     parameters_gated,
+    scaled_slice,
     variable_at,
 )
 from sparsejax.structure.trace import (
@@ -575,6 +576,24 @@ class TracedModel(GatedModel):
                 units = None if member.units == member.indices else member.units
                 members.append(SlotMember(f"{slot.layer}.{name}", member.axis, units))
         return tuple(members)
+
+    def scale_units(self, slot: GateSlot, factors: jax.Array) -> None:
+        """Multiply every parameter slice the trace ties to unit j of ``slot`` by
+        ``factors[j]``, in place: its producers' kernel slices and biases, its normalisers'
+        scales and biases and every reader's rows, so that a 0 removes the unit whatever its
+        activation makes of zero (sigmoid(0) is not 0) and the readers' rows no longer train.
+        An input selection scales its layer's rows."""
+        group = dict((name, g) for g, name in self.group_slots).get(slot.name)
+        if group is None:
+            slices = dict(self.gated)[slot.name]
+        else:
+            slices = tuple(
+                GatedSlice(m.path, m.axis, m.indices, m.units)
+                for m in self.structure.groups[group].members
+            )
+        for s in slices:
+            variable = variable_at(self.net, s.path)
+            variable[...] = scaled_slice(variable[...], s, factors)
 
     def _gated_slices(
         self, slots: dict[int, str]

@@ -19,7 +19,7 @@ from sparsejax.methods.greg import (
     pruned_size,
 )
 from sparsejax.methods.greg.accounting import greg_pruned_count
-from sparsejax.methods.greg.rules import layer_ratios
+from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
     NOT_YET,
@@ -33,6 +33,7 @@ from sparsejax.methods.greg.schedule import (
     smallest,
 )
 from sparsejax.models import build_model
+from sparsejax.models.base import GateSlot
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import slim_model
 from sparsejax.train import Preempted, train_and_evaluate
@@ -280,6 +281,24 @@ def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
         layer_ratios(model.layers, (0.5, 0.5, 0.5, 0.5), "filter")
     with pytest.raises(ValueError, match="4 layers"):
         layer_ratios(model.layers, (0.5, 0.5), "filter")
+
+
+def test_traced_slot_rules_take_one_ratio_or_one_per_named_slot():
+    slots = [GateSlot(name, name, (8,), 3, False, 0.5, (3, 3, 4, 8))
+             for name in ("stem", "blocks.0.conv", "head")]
+    assert traced_slot_ratios(slots, 0.5) == dict.fromkeys(["stem", "blocks.0.conv", "head"], 0.5)
+    assert traced_slot_ratios(slots, "0.25") == traced_slot_ratios(slots, 0.25)
+    assert traced_slot_ratios(slots, {"head": 0.5, "stem": 0.0}) == {"head": 0.5}
+    assert traced_slot_ratios(slots, "blocks.0.conv:0.7, head:0.1") == {
+        "blocks.0.conv": 0.7, "head": 0.1}
+    with pytest.raises(ConfigError, match=r"the gate slots \['fc'\], .* stem, blocks.0.conv, head"):
+        traced_slot_ratios(slots, {"fc": 0.5})
+    with pytest.raises(ConfigError, match="one ratio for every gated group or one per gate slot"):
+        traced_slot_ratios(slots, [0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match="'slot:ratio' items"):
+        traced_slot_ratios(slots, "head=0.5,stem:0.1")
+    with pytest.raises(ValueError, match="head"):
+        traced_slot_ratios(slots, {"head": 1.0})
 
 
 def test_pruned_filters_output_exactly_zero_like_removed_channels():

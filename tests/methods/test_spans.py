@@ -17,7 +17,6 @@ from sparsejax.methods.greg.schedule import FINETUNE
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.slot_groups import (
     layer_members,
-    scale_units,
     unit_mean_magnitudes,
     unit_norms,
     unit_sums,
@@ -217,7 +216,7 @@ def test_dep_l0_penalty_counts_each_weight_with_all_its_gates_and_the_chain_runs
     (MODELS["lm_mha_untied"], "heads"), (MODELS["vit"], "heads"), (MODELS["vit"], "ffn"),
 ])
 def test_zeroing_a_units_members_equals_closing_its_gate(make, family):
-    """GReg's mask (:func:`scale_units`) zeroes every member of a unit: the logits equal the
+    """GReg's mask (``GatedModel.scale_units``) zeroes every member of a unit: the logits equal the
     model whose gate closes that unit, which equals the model without it (model tests)."""
     model = randomize(make())
     name = f"blocks.1.{family}"
@@ -227,7 +226,7 @@ def test_zeroing_a_units_members_equals_closing_its_gate(make, family):
     x = inputs_of(model)
     closed = model.forward(x, {name: mask}, train=False)
     before = model.forward(x, {}, train=False)
-    scale_units(model, slot(model, name), mask)
+    model.scale_units(slot(model, name), mask)
     np.testing.assert_allclose(model.forward(x, {}, train=False), closed, rtol=1e-5, atol=1e-5)
     assert not np.allclose(before, closed, atol=1e-3)
     for member in model.slot_members(slot(model, name)):

@@ -20,7 +20,7 @@ from sparsejax.slim.runs import restore_model, run_config
 from sparsejax.slim.store import SLIM_FUNCTION_FILE, SLIM_REPORT_FILE, load_slim
 from sparsejax.slim.traced import check_images
 from sparsejax.train import train_and_evaluate
-from sparsejax.train.loop import load_data
+from sparsejax.train.loop import SUMMARY_FILE, load_data
 from tests.slim.test_slim_cli import eval_logits, restore_changed
 from tests.structure.test_traced_model import ViT
 
@@ -51,15 +51,17 @@ def vit(*, rngs: nnx.Rngs, num_classes: int) -> ViT:
     return ViT(rngs=rngs, num_classes=num_classes)
 
 
-def train_tiny_cnn(workdir: Path, factory: str = "tiny_cnn", **overrides) -> Path:
-    """Two L0-HC steps of the tiny CNN (or another ``factory`` of this module), given as
-    MODULE:FACTORY, on synthetic MNIST-shaped data."""
+def train_tiny_cnn(
+    workdir: Path, factory: str = "tiny_cnn", method: str = "l0_hc", **overrides
+) -> Path:
+    """Two L0-HC steps (or ``method``'s) of the tiny CNN (or another ``factory`` of this
+    module), given as MODULE:FACTORY, on synthetic MNIST-shaped data."""
     config = mnist.get_config()
-    config.update(
-        method="l0_hc", model=f"{THIS_MODULE}:{factory}", dataset="synthetic", num_train=64,
-        num_test=48, batch_size=32, eval_batch_size=48, epochs=1, steps_per_epoch=2,
-        log_every=1, input_threads=1, **overrides,
-    )
+    config.update({
+        "method": method, "model": f"{THIS_MODULE}:{factory}", "dataset": "synthetic",
+        "num_train": 64, "num_test": 48, "batch_size": 32, "eval_batch_size": 48, "epochs": 1,
+        "steps_per_epoch": 2, "log_every": 1, "input_threads": 1, **overrides,
+    })
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(Path(__file__).parent))
         train_and_evaluate(config, workdir)
@@ -252,3 +254,31 @@ def test_units_whose_weight_gates_all_closed_on_every_reading_row_go(
     close_rows(model)
     images = check_images(data)
     np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)
+
+
+GREG_FILTERS = {
+    "greg_granularity": "filter", "pretrain_epochs": 0, "stage_pr": "conv1:0.5,fc1:0.25",
+    "greg_stabilise_steps": 1, "greg_delta": 1.0, "fine_tune_epochs": 1, "lr_ft": "0:0.001",
+    "epochs": None,
+}
+
+
+def test_a_greg_filter_run_slims_to_the_units_it_pruned(tmp_path, capsys):
+    """GReg-1 at filter granularity prunes the traced groups it is given (conv1 behind its
+    BatchNorm, fc1) and slimming removes exactly those units."""
+    run = train_tiny_cnn(tmp_path / "run", method="greg1", **GREG_FILTERS)
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert summary["greg/widths"] == {"conv1": 12 - 6, "fc1": 20 - 5}
+    output = tmp_path / "slim"
+    assert cli.main([str(run), "--output", str(output)]) == 0
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    assert slim.params["conv1.kernel"].shape == (3, 3, 1, 6)
+    assert slim.params["bn.scale"].shape == (6,)
+    assert slim.params["fc1.kernel"].shape == (7 * 7 * 10, 15)
+    config = run_config(run)
+    data = load_data(config)
+    model, _, _ = restore_model(run, config, data)
+    images = check_images(data)
+    np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)
+    report = json.loads((output / SLIM_REPORT_FILE).read_text())
+    assert report["params_after"] == pytest.approx(summary["greg/params"])

@@ -12,6 +12,7 @@ and ViT, traced as plain modules, count and gate like their declarations.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
+from sparsejax.slim.traced import read_units
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import node_report
@@ -410,6 +412,40 @@ def test_closed_gates_give_the_logits_of_the_narrower_model(name, train):
     assert np.abs(full - expected).max() > 1e-3  # the closed units did matter
 
 
+@pytest.mark.parametrize(
+    "name, train",
+    [(name, False) for name in CASES] + [("branch_cnn", True), ("depthwise_separable", True)],
+)
+def test_scaling_units_to_zero_removes_them_from_every_parameter_the_trace_ties_to_them(
+    name, train
+):
+    """GReg's pruning mask (``scale_units``) on a traced model: the logits of the narrower
+    model with every gate open, whatever the removed units' activations make of zero (the
+    branch CNN's sigmoid), and slimming reads the units as gone."""
+    case = CASES[name]
+    model = traced(case)
+    randomized(model.net, seed=3)
+    narrow = case.cls(rngs=nnx.Rngs(params=1), num_classes=10, **case.narrow)
+    state = nnx.state(narrow)
+    sliced = removed(model.net, model, case.closed)
+    for path, variable in nnx.to_flat_state(state):
+        variable.set_value(jnp.asarray(sliced[".".join(map(str, path))]))
+    nnx.update(narrow, state)
+    narrow.train() if train else narrow.eval()
+    x = jax.random.normal(jax.random.key(2), (4, *MNIST_SHAPE))
+    expected = narrow(x)
+    assert np.abs(model(x, train=train) - expected).max() > 1e-3  # the units did matter
+
+    for slot in model.gate_slots:
+        closed = case.closed.get(slot.name, ())
+        model.scale_units(slot, jnp.asarray(np.isin(np.arange(slot.shape[0]), closed,
+                                                    invert=True), jnp.float32))
+    assert np.allclose(model(x, train=train), expected, atol=1e-5)
+    read = read_units(model)
+    for group, slot in model.group_slots:
+        assert not read[group][list(case.closed.get(slot, ()))].any(), slot
+
+
 # ---------------------------------------------------------------- gates drawn per example
 
 
@@ -591,11 +627,11 @@ def test_the_zoo_vit_traced_as_a_plain_module_counts_heads_like_its_declarations
 
 def fashion_config(method: str, factory: str, **overrides):
     config = get_config(method)
-    config.update(
-        model=f"{THIS_MODULE}:{factory}", dataset="fashion_mnist", data_dir=str(FASHION_MNIST),
-        num_train=256, num_test=128, batch_size=64, eval_batch_size=128, epochs=1,
-        steps_per_epoch=3, log_every=3, **overrides,
-    )
+    config.update({
+        "model": f"{THIS_MODULE}:{factory}", "dataset": "fashion_mnist",
+        "data_dir": str(FASHION_MNIST), "num_train": 256, "num_test": 128, "batch_size": 64,
+        "eval_batch_size": 128, "epochs": 1, "steps_per_epoch": 3, "log_every": 3, **overrides,
+    })
     return config
 
 
@@ -633,6 +669,7 @@ GREG_WEIGHTS = {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 
         ("vit", "bounded_lp", {"filter_lambda": 1e-3}),
         ("vit", "gmp", GMP),
         ("vit", "greg1", GREG_WEIGHTS),
+        ("vit", "greg1", {**GREG_WEIGHTS, "greg_granularity": "filter"}),
     ],
 )
 def test_other_methods_train_the_branch_cnn_and_the_vit(
@@ -641,7 +678,7 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     case = CASES[name]
     config = fashion_config(method, case.factory, **overrides)
-    if method == "greg1":
+    if method.startswith("greg"):
         config.epochs = None
     summary = train_and_evaluate(config, tmp_path / "run")
     params, flops = case.counts()
@@ -650,6 +687,10 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     if method == "gmp":
         assert summary["gmp/overall_sparsity"] == pytest.approx(0.5, abs=0.01)
         assert summary["pruning_rate"] >= 49.5  # and the weights of units left dead
+    if overrides.get("greg_granularity") == "filter":  # every slot loses ceil(half) its units
+        assert summary["greg/widths"] == {
+            slot: size - math.ceil(size / 2) for slot, size in case.slots.items()}
+        assert summary["greg/params"] < params
 
 
 @needs_fashion_mnist
@@ -657,6 +698,12 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     "name, method, overrides, message",
     [
         ("branch_cnn", "gmp", {"gmp_structure": "unit"}, "does not declare"),
+        ("branch_cnn", "greg1", {"greg_granularity": "filter", "target_flops": 0.5,
+                                  "epochs": None},
+         "no target_flops / target_params on a traced model; give stage_pr as one ratio"),
+        ("branch_cnn", "greg1", {"greg_granularity": "filter", "stage_pr": "stem:0.5,nope:0.5",
+                                  "epochs": None},
+         r"names the gate slots \['nope'\], which the model does not have \(valid: stem, "),
     ],
 )
 def test_methods_that_cannot_work_on_a_traced_model_say_why(

@@ -27,7 +27,12 @@ the units of its gate slots (heads, KV groups, FFN units, hidden dimensions; :fu
 slot_ratios`): a unit's group is every kernel entry it spans
 (:meth:`~sparsejax.models.base.GatedModel.slot_members`: a head's query / key / value columns
 and output rows), its score the mean |w| over them, its penalty lambda_j/2 ||group||^2, and
-pruning zeroes every member (biases and norm entries too).
+pruning zeroes every member (biases and norm entries too). On a traced model
+(``--model=MODULE:FACTORY``), filter granularity prunes the units of its gate slots, the
+prunable groups of its trace (:func:`.rules.traced_slot_ratios`): a unit's score and penalty
+are over its first producer's filter, as for a declared layer, and pruning zeroes everything
+the trace ties to it (:meth:`~sparsejax.structure.traced_model.TracedModel.scale_units`:
+producers' filters and biases, normalisers' entries and the readers' rows).
 
 Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.rules`), ``l2`` and the network's
 optimizer, learning rate, schedule and weight decay (pretraining; the later phases use the same
@@ -60,7 +65,12 @@ from sparsejax.methods.greg.report import (
     pruned_size,
     slot_pruned_size,
 )
-from sparsejax.methods.greg.rules import GROUP_GRANULARITIES, layer_ratios, slot_ratios
+from sparsejax.methods.greg.rules import (
+    GROUP_GRANULARITIES,
+    layer_ratios,
+    slot_ratios,
+    traced_slot_ratios,
+)
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
     NOT_YET,
@@ -85,12 +95,12 @@ from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.registry import register
 from sparsejax.methods.slot_groups import (
     kernel_members,
-    scale_units,
     unit_mean_magnitudes,
     unit_square_sums,
 )
 from sparsejax.models.base import GatedModel, GateSlot
 from sparsejax.models.transformer import TransformerModel
+from sparsejax.structure.traced_model import TracedModel
 
 FASHION_MNIST = ("mlp", "lenet5")
 IMAGENET = ("resnet34", "resnet50")
@@ -273,10 +283,10 @@ class GReg(Method):
         return resolved
 
     def unit_slots(self, model: GatedModel) -> dict[str, GateSlot] | None:
-        """The gate slots whose units GReg prunes (a transformer with unit slots, at filter
-        granularity), by name, or None when it prunes layers."""
-        if (self.granularity != "filter" or not isinstance(model, TransformerModel)
-                or model.granularity != "unit"):
+        """The gate slots whose units GReg prunes (a transformer or a traced model with unit
+        slots, at filter granularity), by name, or None when it prunes layers."""
+        by_slots = isinstance(model, (TransformerModel, TracedModel))
+        if self.granularity != "filter" or not by_slots or model.granularity != "unit":
             return None
         return {slot.name: slot for slot in model.gate_slots}
 
@@ -285,15 +295,22 @@ class GReg(Method):
         with their ratios and counts."""
         slots = self.unit_slots(model)
         if slots is not None:
+            traced = isinstance(model, TracedModel)
             if requested_target(self.config) is not None:
                 raise ConfigError(
-                    "GReg takes no target_flops / target_params on a transformer; give the "
-                    "ratios per family in stage_pr, e.g. {'heads': 0.5, 'ffn': 0.5}"
+                    "GReg takes no target_flops / target_params on a "
+                    + ("traced model; give stage_pr as one ratio or one per gate slot, e.g. "
+                       "{'conv1': 0.5}" if traced else
+                       "transformer; give the ratios per family in stage_pr, e.g. "
+                       "{'heads': 0.5, 'ffn': 0.5}")
                 )
+            ratios = (traced_slot_ratios if traced else slot_ratios)(
+                tuple(slots.values()), self.config.stage_pr
+            )
             return tuple(
                 PrunedLayer(name, ratio, greg_pruned_count(ratio, slots[name].shape[0]),
                             slots[name].shape)
-                for name, ratio in slot_ratios(tuple(slots.values()), self.config.stage_pr).items()
+                for name, ratio in ratios.items()
             )
         stage_pr = budget_stage_pr(self.config, model.layers, self.granularity)  # a target's
         ratios = layer_ratios(model.layers, stage_pr, self.granularity)
@@ -445,7 +462,7 @@ class GReg(Method):
         slots = self.unit_slots(model)
         for layer, layer_state in zip(self.pruned_layers(model), layers):
             if slots is not None:
-                scale_units(model, slots[layer.name], layer_state.mask)
+                model.scale_units(slots[layer.name], layer_state.mask)
                 continue
             for variable in _masked_variables(model, layer.name, per_weight):
                 weight = variable[...]

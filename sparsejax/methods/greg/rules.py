@@ -25,13 +25,18 @@ gate slots instead of kernel filters (:func:`slot_ratios`): a head, KV group, FF
 dimension is the group of every parameter entry it spans. ``stage_pr`` is a float for the
 ``heads`` and ``ffn`` families of every block (:data:`DEFAULT_SLOT_FAMILIES`) or one ratio per
 family, ``{"heads": 0.5, "hidden": 0.25}`` or ``"heads:0.5,hidden:0.25"``.
+
+**Traced models** (``--model=MODULE:FACTORY``) with filter granularity prune the units of their
+gate slots, the prunable groups the trace found (:func:`traced_slot_ratios`): ``stage_pr`` is one
+float for every slot, or one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
+(unlisted slots: 0).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from sparsejax.errors import ConfigError
 from sparsejax.models.base import GateSlot, Layer
@@ -49,7 +54,6 @@ _SHORTCUT = re.compile(r"^block(\d+)\.shortcut$")
 DEFAULT_SLOT_FAMILIES: tuple[str, ...] = ("heads", "ffn")
 """The transformer families a single ``stage_pr`` float prunes: attention heads (Voita et al.
 2019) and FFN units, the two that leave the residual stream and the block count unchanged."""
-_FAMILY_ITEM = re.compile(r"^\s*([a-z_]+)\s*:\s*([0-9.eE+-]+)\s*$")
 _DICT_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([0-9.eE+-]+)\s*$")
 
 
@@ -215,35 +219,62 @@ def layer_ratios(
     return {name: checked[name] for name in order if checked.get(name, 0.0) > 0.0}
 
 
-def _family_ratios(spec: RatioSpec) -> dict[str, float]:
+class _KeyedSpec(NamedTuple):
+    """How one kind of model names its ratios in ``stage_pr``: ``key:ratio`` items matched by
+    ``item``; ``kind``, ``key``, ``one`` (what a single ratio prunes) and the examples make its
+    error messages."""
+
+    item: re.Pattern
+    kind: str
+    key: str
+    one: str
+    items_example: str
+    mapping_example: str
+
+
+_FAMILIES = _KeyedSpec(
+    re.compile(r"^\s*([a-z_]+)\s*:\s*([0-9.eE+-]+)\s*$"), "a transformer", "family",
+    "(heads and FFN units)", "heads:0.5,ffn:0.25", "{'heads': 0.5, 'hidden': 0.25}",
+)
+_SLOTS = _KeyedSpec(
+    re.compile(r"^\s*([\w.]+)\s*:\s*([0-9.eE+-]+)\s*$"), "a traced model", "slot",
+    "for every gated group", "conv1:0.5,blocks.0.conv:0.25",
+    "{'conv1': 0.5, 'blocks.0.conv': 0.25}",
+)
+
+
+def _keyed_ratios(spec: RatioSpec, form: _KeyedSpec) -> float | dict[str, float]:
+    """One ratio, or ``{key: ratio}`` from a mapping or ``"key:ratio,..."``."""
     if isinstance(spec, (int, float)):
-        return {family: float(spec) for family in DEFAULT_SLOT_FAMILIES}
+        return float(spec)
     if hasattr(spec, "items"):  # a mapping or a ConfigDict
-        return {str(family): float(ratio) for family, ratio in spec.items()}
+        return {str(key): float(ratio) for key, ratio in spec.items()}
     if isinstance(spec, str):
         text = spec.strip().strip("[](){}")
         if ":" not in text:
-            return _family_ratios(float(text))
+            return float(text)
         ratios = {}
         for item in text.split(","):
-            match = _FAMILY_ITEM.match(item)
+            match = form.item.match(item)
             if match is None:
                 raise ConfigError(
-                    f"cannot read {item!r} in stage_pr {spec!r}; a transformer takes "
-                    "'family:ratio' items, e.g. 'heads:0.5,ffn:0.25'"
+                    f"cannot read {item!r} in stage_pr {spec!r}; {form.kind} takes "
+                    f"'{form.key}:ratio' items, e.g. {form.items_example!r}"
                 )
             ratios[match.group(1)] = float(match.group(2))
         return ratios
     raise ConfigError(
-        f"stage_pr={spec!r}: a transformer takes one ratio (heads and FFN units) or one per "
-        "gate family, e.g. {'heads': 0.5, 'hidden': 0.25}"
+        f"stage_pr={spec!r}: {form.kind} takes one ratio {form.one} or one per gate "
+        f"{form.key}, e.g. {form.mapping_example}"
     )
 
 
 def slot_ratios(slots: Sequence[GateSlot], spec: RatioSpec) -> dict[str, float]:
     """``{slot name: ratio}`` for every transformer slot GReg prunes (ratio > 0), in slot
     order: the slots of the families ``spec`` names (module docstring)."""
-    ratios = _family_ratios(spec)
+    ratios = _keyed_ratios(spec, _FAMILIES)
+    if isinstance(ratios, float):
+        ratios = dict.fromkeys(DEFAULT_SLOT_FAMILIES, ratios)
     present = {slot_family(slot.name) for slot in slots}
     unknown = sorted(set(ratios) - present)
     if unknown:
@@ -256,4 +287,21 @@ def slot_ratios(slots: Sequence[GateSlot], spec: RatioSpec) -> dict[str, float]:
         for slot in slots
         if slot_family(slot.name) in ratios
     }
+    return {name: ratio for name, ratio in chosen.items() if ratio > 0.0}
+
+
+def traced_slot_ratios(slots: Sequence[GateSlot], spec: RatioSpec) -> dict[str, float]:
+    """``{slot name: ratio}`` for every slot of a traced model GReg prunes (ratio > 0), in slot
+    order: every slot at one ratio, or the slots ``spec`` names."""
+    ratios = _keyed_ratios(spec, _SLOTS)
+    names = [slot.name for slot in slots]
+    if isinstance(ratios, float):
+        ratios = dict.fromkeys(names, ratios)
+    unknown = sorted(set(ratios) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"stage_pr names the gate slots {unknown}, which the model does not have "
+            f"(valid: {', '.join(names)})"
+        )
+    chosen = {name: _check_ratio(name, ratios[name]) for name in names if name in ratios}
     return {name: ratio for name, ratio in chosen.items() if ratio > 0.0}
