@@ -23,7 +23,10 @@ so that no layer is cut off whole. ``gmp_structure``:
   pruned by units: the classifier (its outputs are the classes), members of a residual stream (a
   stream channel is removed only from all members at once) and layers read by a depthwise
   convolution or, with other producers, through an input BatchNorm (DenseNet): there a zeroed
-  unit becomes a constant, not a removable zero.
+  unit becomes a constant, not a removable zero. On a traced model (``--model=MODULE:FACTORY``)
+  the units are those of its gate slots, the prunable groups of its trace, scored by their first
+  producer's filter and removed with every slice the trace ties to them (producers, normalisers,
+  readers' rows); a target is refused there (give ``final_sparsity``).
 
 Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 """
@@ -46,7 +49,9 @@ from sparsejax.methods.masking import check_unit_zeroing, unit_variables
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity
 from sparsejax.methods.registry import register
+from sparsejax.methods.slot_groups import unit_mean_magnitudes
 from sparsejax.models.base import GatedModel
+from sparsejax.structure.traced_model import TracedModel
 
 SCOPES = ("layer", "global")
 STRUCTURES = ("weight", "unit")
@@ -124,10 +129,23 @@ class GradualMagnitudePruning(Method):
                 resolved.prune_end_epoch = 2.0 * resolved.epochs / 3.0
         return resolved
 
+    def by_slots(self, model: GatedModel) -> bool:
+        """Whether ``model``'s units are pruned by gate slot: a traced model's prunable groups
+        (``gmp_structure="unit"``), each unit removed with every slice the trace ties to it
+        (:meth:`~sparsejax.structure.traced_model.TracedModel.scale_units`)."""
+        return (
+            self.config.gmp_structure == "unit"
+            and isinstance(model, TracedModel)
+            and model.granularity == "unit"
+        )
+
     def pruned_layers(self, model: GatedModel) -> tuple[str, ...]:
-        """The layers whose kernels (or units) are pruned."""
+        """The layers whose kernels (or units) are pruned; a traced model's slots when
+        :meth:`by_slots`."""
         if self.config.gmp_structure == "weight":
             return tuple(layer.name for layer in model.layers)
+        if self.by_slots(model):
+            return tuple(slot.name for slot in model.gate_slots)
         in_streams = {name for coupling in model.channel_couplings for name in coupling.layers}
         # A depthwise reader turns a zero channel into a constant; so does an input BatchNorm,
         # unless the reader reads this layer alone and its BatchNorm channel is zeroed too.
@@ -157,8 +175,8 @@ class GradualMagnitudePruning(Method):
     def init(self, model: GatedModel) -> MethodState:
         """``{"masks": {layer: all-True mask}}``: shaped like the kernel (weights) or its units."""
         per_unit = self.config.gmp_structure == "unit"
-        if per_unit:
-            check_unit_zeroing(model, "gmp_structure=unit")
+        if per_unit and not self.by_slots(model):
+            check_unit_zeroing(model, "gmp_structure=unit at weight granularity")
         layers = self.pruned_layers(model)
         if not layers:
             raise ConfigError(
@@ -167,8 +185,10 @@ class GradualMagnitudePruning(Method):
                 "over concatenated producers); use --config.gmp_structure=weight"
             )
         self.final_sparsity(model)
+        slots = {slot.name: slot for slot in model.gate_slots}
         shapes = {
-            name: model.layer_module(name).kernel.shape[-1:] if per_unit
+            name: slots[name].shape if self.by_slots(model)
+            else model.layer_module(name).kernel.shape[-1:] if per_unit
             else model.layer_module(name).kernel.shape
             for name in layers
         }
@@ -198,6 +218,11 @@ class GradualMagnitudePruning(Method):
         target = requested_target(self.config)
         if target is None:
             return float(self.config.final_sparsity)
+        if self.by_slots(model):
+            raise ConfigError(
+                "gmp_structure=unit takes no target_flops / target_params on a traced model; "
+                "give final_sparsity, the fraction of every gate slot's units to prune"
+            )
         if self.config.gmp_scope != "layer":
             raise ConfigError(
                 "a target chooses one ratio for every layer: use it with gmp_scope=layer"
@@ -232,7 +257,11 @@ class GradualMagnitudePruning(Method):
 
     def scores(self, model: GatedModel, name: str) -> jax.Array:
         """|w| of every kernel entry, or the L1 norm of every output unit's kernel slice
-        divided by the slice's size (its mean |w|)."""
+        divided by the slice's size (its mean |w|; over its first producer's filter for a
+        traced model's slot)."""
+        if self.by_slots(model):
+            slot = next(slot for slot in model.gate_slots if slot.name == name)
+            return unit_mean_magnitudes(model, slot)
         magnitude = jnp.abs(model.layer_module(name).kernel[...])
         if self.config.gmp_structure == "unit":
             return jnp.mean(magnitude, axis=tuple(range(magnitude.ndim - 1)))
@@ -283,7 +312,11 @@ class GradualMagnitudePruning(Method):
             ),
             lambda: dict(state["masks"]),
         )
+        slots = {slot.name: slot for slot in model.gate_slots}
         for name, mask in masks.items():
+            if self.by_slots(model):
+                model.scale_units(slots[name], mask.astype(jnp.float32))
+                continue
             variables = (
                 self.unit_variables(model, name)
                 if self.config.gmp_structure == "unit"

@@ -263,22 +263,37 @@ GREG_FILTERS = {
 }
 
 
-def test_a_greg_filter_run_slims_to_the_units_it_pruned(tmp_path, capsys):
-    """GReg-1 at filter granularity prunes the traced groups it is given (conv1 behind its
-    BatchNorm, fc1) and slimming removes exactly those units."""
-    run = train_tiny_cnn(tmp_path / "run", method="greg1", **GREG_FILTERS)
+GMP_UNITS = {
+    "gmp_structure": "unit", "final_sparsity": 0.5, "prune_every": 1, "prune_end_epoch": 1.0,
+}
+
+
+@pytest.mark.parametrize(
+    "method, overrides, widths",
+    [
+        ("greg1", GREG_FILTERS, {"conv1": 6, "conv2": 10, "fc1": 15}),
+        ("gmp", GMP_UNITS, {"conv1": 6, "conv2": 5, "fc1": 10}),
+    ],
+)
+def test_a_run_pruning_units_by_zeroing_slims_to_the_units_it_pruned(
+    method, overrides, widths, tmp_path
+):
+    """GReg-1 at filter granularity (conv1 behind its BatchNorm and fc1, as stage_pr names
+    them) and gmp by units (every slot) prune the traced groups; slimming removes exactly those
+    units and keeps the run's logits."""
+    run = train_tiny_cnn(tmp_path / "run", method=method, **overrides)
     summary = json.loads((run / SUMMARY_FILE).read_text())
-    assert summary["greg/widths"] == {"conv1": 12 - 6, "fc1": 20 - 5}
     output = tmp_path / "slim"
     assert cli.main([str(run), "--output", str(output)]) == 0
     slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
-    assert slim.params["conv1.kernel"].shape == (3, 3, 1, 6)
-    assert slim.params["bn.scale"].shape == (6,)
-    assert slim.params["fc1.kernel"].shape == (7 * 7 * 10, 15)
+    assert slim.params["conv1.kernel"].shape == (3, 3, 1, widths["conv1"])
+    assert slim.params["bn.scale"].shape == (widths["conv1"],)
+    assert slim.params["conv2.kernel"].shape == (3, 3, widths["conv1"], widths["conv2"])
+    assert slim.params["fc1.kernel"].shape == (7 * 7 * widths["conv2"], widths["fc1"])
     config = run_config(run)
     data = load_data(config)
     model, _, _ = restore_model(run, config, data)
     images = check_images(data)
     np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)
     report = json.loads((output / SLIM_REPORT_FILE).read_text())
-    assert report["params_after"] == pytest.approx(summary["greg/params"])
+    assert report["params_after"] == pytest.approx(summary["params"])

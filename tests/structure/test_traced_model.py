@@ -663,6 +663,7 @@ GREG_WEIGHTS = {"greg_granularity": "weight", "pretrain_epochs": 0, "stage_pr": 
         ("branch_cnn", "dep_l0", {}),
         ("depthwise_separable", "l0_hc", {"per_example_gates": True}),
         ("branch_cnn", "gmp", GMP),
+        ("branch_cnn", "gmp", {**GMP, "gmp_structure": "unit", "gmp_scope": "global"}),
         ("branch_cnn", "greg1", GREG_WEIGHTS),
         ("vit", "l0_hc", {"granularity": "weight"}),
         ("vit", "dep_l0", {}),
@@ -684,7 +685,12 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     params, flops = case.counts()
     assert (summary["dense_params"], summary["dense_flops"]) == (params, flops)
     assert np.isfinite(summary["test_error"])
-    if method == "gmp":
+    if method == "gmp" and overrides.get("gmp_structure") == "unit":  # half the slots' units
+        units = sum(case.slots.values())
+        assert summary["gmp/overall_sparsity"] == round(0.5 * units) / units
+        assert set(summary["gmp/sparsity"]) == set(case.slots)
+        assert summary["params"] < 0.75 * params
+    elif method == "gmp":
         assert summary["gmp/overall_sparsity"] == pytest.approx(0.5, abs=0.01)
         assert summary["pruning_rate"] >= 49.5  # and the weights of units left dead
     if overrides.get("greg_granularity") == "filter":  # every slot loses ceil(half) its units
@@ -697,7 +703,10 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
 @pytest.mark.parametrize(
     "name, method, overrides, message",
     [
-        ("branch_cnn", "gmp", {"gmp_structure": "unit"}, "does not declare"),
+        ("branch_cnn", "gmp", {"gmp_structure": "unit", "granularity": "weight"},
+         "does not declare"),
+        ("branch_cnn", "gmp", {"gmp_structure": "unit", "target_flops": 0.5},
+         "no target_flops / target_params on a traced model; give final_sparsity"),
         ("branch_cnn", "greg1", {"greg_granularity": "filter", "target_flops": 0.5,
                                   "epochs": None},
          "no target_flops / target_params on a traced model; give stage_pr as one ratio"),
