@@ -2,7 +2,9 @@
 
 ``sparsejax.sparsify(model, example_input)`` gates any Flax NNX model (see
 :mod:`sparsejax.structure.sparsify`); ``sparsejax.slim_traced`` slims any traced model and
-``sparsejax.load_slim_function`` loads the saved result (:mod:`sparsejax.structure.slim_trace`).
+``sparsejax.load_slim_function`` loads the saved result (:mod:`sparsejax.structure.slim_trace`);
+``sparsejax.GatePlacement`` places a model's gates where its paper does
+(:mod:`sparsejax.structure.traced_model`).
 They are loaded on first use (PEP 562), so that ``from sparsejax import estimators`` still imports
 only JAX: the one place where the package root refers to a higher layer, for the sake of the
 public names.
@@ -15,6 +17,7 @@ _LAZY = {
     "slim_traced": "sparsejax.structure.slim_trace",
     "load_slim_function": "sparsejax.structure.slim_trace",
     "SlimFunction": "sparsejax.structure.slim_trace",
+    "GatePlacement": "sparsejax.structure.traced_model",
 }
 
 

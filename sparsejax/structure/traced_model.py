@@ -735,7 +735,29 @@ def build_traced_model(
         gate_factory=gate_factory,
         granularity=granularity,
         name=f"--model={spec}",
+        placements=declared_placements(net, spec) if granularity == "unit" else None,
     )
+
+
+def declared_placements(net: nnx.Module, spec: str) -> tuple[GatePlacement, ...] | None:
+    """The module's own ``gate_placements`` attribute (a sequence of :class:`GatePlacement`:
+    where its paper puts the gates), or None to gate every prunable group.
+
+    Raises:
+      ConfigError: for an attribute that is not a sequence of :class:`GatePlacement`.
+    """
+    placements = getattr(net, "gate_placements", None)
+    if placements is None:
+        return None
+    if not isinstance(placements, (tuple, list)) or not all(
+        isinstance(p, GatePlacement) for p in placements
+    ):
+        raise ConfigError(
+            f"--model={spec}: gate_placements must be a tuple of "
+            f"sparsejax.GatePlacement(slot, layer, side), got {placements!r:.200}"
+        )
+    return tuple(placements)
+
 
 
 def is_model_spec(name: str) -> bool:
@@ -771,6 +793,7 @@ __all__ = [
     "build_any_model",
     "build_traced_model",
     "check_model_name",
+    "declared_placements",
     "is_model_spec",
     "load_factory",
     "traced_layers",

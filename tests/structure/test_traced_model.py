@@ -32,7 +32,12 @@ from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import node_report
 from sparsejax.structure.sparsify import GatedSlice
-from sparsejax.structure.traced_model import TracedModel, build_any_model, load_factory
+from sparsejax.structure.traced_model import (
+    GatePlacement,
+    TracedModel,
+    build_any_model,
+    load_factory,
+)
 from sparsejax.train import train_and_evaluate
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -723,6 +728,59 @@ def test_methods_that_cannot_work_on_a_traced_model_say_why(
     with pytest.raises(ConfigError, match=message):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+class PixelMLP(nnx.Module):
+    """LeNet-300-100's gates on a plain MLP: one per pixel (an input selection) and one per
+    hidden unit of each layer, read at the next layer's inputs, as its own ``gate_placements``
+    say."""
+
+    gate_placements = (
+        GatePlacement("pixels", "fc1", "input", droprate_init=0.2),
+        GatePlacement("hidden1", "fc2", "input"),
+        GatePlacement("hidden2", "fc3", "input"),
+    )
+
+    def __init__(self, *, rngs, num_classes):
+        self.fc1 = nnx.Linear(784, 30, rngs=rngs)
+        self.fc2 = nnx.Linear(30, 10, rngs=rngs)
+        self.fc3 = nnx.Linear(10, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.fc3(nnx.relu(self.fc2(h)))
+
+
+def pixel_mlp(*, rngs, num_classes):
+    return PixelMLP(rngs=rngs, num_classes=num_classes)
+
+
+@needs_fashion_mnist
+def test_a_model_places_its_own_gates_for_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    model = build_any_model(f"{THIS_MODULE}:pixel_mlp", rngs=nnx.Rngs(0), num_classes=10,
+                            input_shape=MNIST_SHAPE)
+    assert [(s.name, s.shape, s.droprate_init, s.group_size) for s in model.gate_slots] == [
+        ("pixels", (784,), 0.2, 30), ("hidden1", (30,), 0.5, 10), ("hidden2", (10,), 0.5, 10)]
+    closed = {"pixels": np.zeros(784), "hidden1": np.ones(30), "hidden2": np.ones(10)}
+    assert float(count_network(model.layers, closed)["params"]) == 30 + 30 * 10 + 10 + 100 + 10
+    summary = train_and_evaluate(fashion_config("l0_hc", "pixel_mlp"), tmp_path / "run")
+    assert summary["gate_slots"] == ["pixels", "hidden1", "hidden2"]
+    assert summary["dense_units"] == [784, 30, 10]
+
+
+def placements_as_text(*, rngs, num_classes):
+    net = PixelMLP(rngs=rngs, num_classes=num_classes)
+    net.gate_placements = ("fc1:input",)
+    return net
+
+
+def test_placements_that_are_not_gate_placements_are_one_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    with pytest.raises(ConfigError, match=r"gate_placements must be a tuple of "
+                       r"sparsejax.GatePlacement\(slot, layer, side\), got \('fc1:input',\)"):
+        build_any_model(f"{THIS_MODULE}:placements_as_text", rngs=nnx.Rngs(0), num_classes=10,
+                        input_shape=MNIST_SHAPE)
 
 
 # ---------------------------------------------------------------- specs and their errors
