@@ -17,9 +17,10 @@ as a query/key dimension of attention, is gated where it is produced):
 equation: a ``dot_general`` or ``conv_general_dilated`` whose kernel is a gated parameter gets
 its activation operand (gated input axis) or its result (gated output axis) multiplied by the
 example's gate values along the matching dimension, and a gated bias is multiplied where it is
-added. Parameters are followed through casts, copies, broadcasts and reshapes that only add or
-drop size-1 dimensions; plain calls (``jit``, ``remat``) are evaluated inline, other calls
-(custom derivatives, such as ``relu``'s) are bound as they are. The module's state that is not a
+added (or, for a normaliser's bias whose output the gates scale, the sum is). Parameters are
+followed through casts, copies, broadcasts and reshapes that only add or drop size-1 dimensions;
+plain calls (``jit``, ``remat``) are evaluated inline, other calls (custom derivatives, such as
+``relu``'s) are bound as they are. The module's state that is not a
 parameter (BatchNorm statistics) is updated as ``module(x)`` would update it.
 
 Gates that cannot be placed this way are refused with a
@@ -137,10 +138,14 @@ class _Evaluation:
     gated parameters met where they act."""
 
     def __init__(
-        self, gated: Mapping[str, Sequence[tuple[GatedSlice, jax.Array]]], biases: set[str]
+        self,
+        gated: Mapping[str, Sequence[tuple[GatedSlice, jax.Array]]],
+        biases: set[str],
+        sums: set[str],
     ):
         self.gated = gated
         self.biases = biases
+        self.sums = sums
         self.applied: set[str] = set()
 
     def run(self, jaxpr, consts: Sequence, args: Sequence, tracked: dict) -> list:
@@ -181,7 +186,7 @@ class _Evaluation:
             if tracked is None or tracked[0] not in self.gated:
                 continue
             path, dims = tracked
-            is_bias = path in self.biases
+            is_bias = path in self.biases or path in self.sums
             if name not in (("add", "add_any") if is_bias else PRODUCTS):
                 continue
             for s, z in self.gated[path]:
@@ -190,7 +195,8 @@ class _Evaluation:
                     raise ConfigError(f"per-example gates: {path} is reshaped before it is used; "
                                       f"{SHARED_GATES}")
                 if is_bias:
-                    side, examples, x = "bias", 0, ins[operand]
+                    side = "output" if path in self.sums else "bias"
+                    examples, x = 0, ins[operand]
                 else:
                     side, dim, examples = _product_dimension(eqn, operand, dim)
                     x = ins[1 - operand]
@@ -238,11 +244,13 @@ def run_with_example_gates(
     x: jax.Array,
     gated: Sequence[tuple[GatedSlice, jax.Array]],
     biases: set[str] = frozenset(),
+    sums: set[str] = frozenset(),
 ) -> jax.Array:
     """``module(x)`` with every slice of ``gated`` (gate values of shape ``(batch, units)``)
     applied to each example (module docstring), and the module's non-parameter state updated;
     ``biases`` are the paths of the gated parameters that are biases (added to a product's
-    output) rather than kernels.
+    output) rather than kernels, ``sums`` those of gated biases whose whole sum the gates scale
+    (a normaliser's bias: its output gated).
 
     Raises:
       ConfigError: for a gate that cannot be applied per example (module docstring).
@@ -267,7 +275,7 @@ def run_with_example_gates(
     for var, (path, leaf) in zip(jaxpr.invars, param_keyed):
         if dotted_path(path) in by_path:
             tracked[var] = (dotted_path(path), tuple(range(jnp.ndim(leaf))))
-    evaluation = _Evaluation(by_path, set(biases))
+    evaluation = _Evaluation(by_path, set(biases), set(sums))
     outs = evaluation.run(jaxpr, consts, [*param_leaves, *rest_leaves, x], tracked)
     missed = sorted(set(by_path) - evaluation.applied)
     if missed:

@@ -37,7 +37,8 @@ of a hand-written declaration:
   than every prunable group, one placement per slot names a layer and a side. Its output units
   are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
   their group when only that layer reads it, else an input selection of the layer's rows
-  alone, with one row as ``|g|``. The zoo's own gates, placed so, give its declared slots,
+  alone, with one row as ``|g|``; with ``norm``, the output of the normaliser after the layer
+  (one member of a residual stream). The zoo's own gates, placed so, give its declared slots,
   accounting and logits (``tests/structure/test_gate_placements.py``).
 
 The wrapped module runs in NNX training mode (``model.train()``: BatchNorm on batch
@@ -121,6 +122,12 @@ class GatePlacement:
       (a layer's outputs, a depthwise convolution's channels). The gates act as the group's
       default gates do, on its readers; ``|g|`` is the layer's kernel slice and bias, the group
       of Louizos et al. (2018) for a convolution's output channel.
+    - ``side="output"`` with ``norm``: the output of the normaliser ``norm`` that follows
+      ``layer``, alone: one member of a residual stream, whose group is not prunable (the stem
+      of the CIFAR ResNets, Dep-L0's placement). The gates multiply the normaliser's scale and
+      bias, which is multiplying its output, and the layers in ``readers``, which read that
+      output before it joins the stream, lose the closed units' inputs in the accounting.
+      ``|g|`` is the layer's kernel slice and bias.
     - ``side="input"``: one gate per input unit of ``layer``. When those units are a prunable
       group that only ``layer`` reads, they are that group (its producers' outputs are switched
       off with it); otherwise an *input selection* that gates the layer's rows alone (the pixel
@@ -133,12 +140,17 @@ class GatePlacement:
       layer: the traced layer, named after the module holding its kernel (``"blocks.0.conv1"``).
       side: ``"input"`` or ``"output"``.
       droprate_init: the initial drop rate of the slot's gates.
+      norm: the module path of the normaliser (with ``scale`` and ``bias``) whose output the
+        gates multiply, for an output that is one member of a larger group; None otherwise.
+      readers: the traced layers that read the normaliser's output alone (``norm`` only).
     """
 
     slot: str
     layer: str
     side: Side
     droprate_init: float = DROPRATE_INIT
+    norm: str | None = None
+    readers: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +161,9 @@ class _PlacedSlot:
     slot: GateSlot
     group: int | None
     slices: tuple[GatedSlice, ...]
+    readers: tuple[str, ...] = ()
+    summed: str | None = None
+    """For a normaliser's output: its bias, where gates drawn per example scale the sum."""
 
 
 def _covers(member: Member, size: int) -> bool:
@@ -194,6 +209,10 @@ def _place(
         placement.slot, placement.layer, (size,), axis,
         placement.side == "output" and traced.bias is not None, placement.droprate_init, shape,
     )
+    if placement.norm is not None:
+        return _place_after_norm(structure, layers, placement, slot)
+    if placement.readers:
+        raise ConfigError(f"{where}: readers are for a normaliser's output; give norm too")
     if placement.side == "output":
         if group is None:
             blocker = found[0].blockers[0] if len(found) == 1 else None
@@ -201,13 +220,55 @@ def _place(
                    if blocker else f"{len(found)} traced groups hold them")
             raise ConfigError(
                 f"{where}: the outputs of layer {placement.layer!r} are not a prunable unit "
-                f"group ({why}); place the gates on the inputs of the layers that read them"
+                f"group ({why}); place the gates on the inputs of the layers that read them, "
+                "or on the output of the normaliser that follows it (norm=...)"
             )
         return _PlacedSlot(slot, group.index, gated_slices(structure, group))
     own_rows = (GatedSlice(traced.kernel, axis, tuple(range(size)), tuple(range(size))),)
     if group is not None and gated_slices(structure, group) == own_rows:
         return _PlacedSlot(slot, group.index, own_rows)
     return _PlacedSlot(slot, None, own_rows)
+
+
+def _place_after_norm(
+    structure: TracedStructure,
+    layers: dict[str, TracedLayer],
+    placement: GatePlacement,
+    slot: GateSlot,
+) -> _PlacedSlot:
+    """A placement on a normaliser's output (:class:`GatePlacement` with ``norm``)."""
+    where = f"gate placement {placement.slot!r}"
+    if placement.side != "output":
+        raise ConfigError(f"{where}: norm gates a layer's output; use side='output'")
+    size = slot.shape[0]
+    params = {f"{placement.norm}.{name}": name for name in ("scale", "bias")}
+    shapes = {name: structure.param_shapes.get(path) for path, name in params.items()}
+    if any(shape != (size,) for shape in shapes.values()):
+        raise ConfigError(
+            f"{where}: norm {placement.norm!r} must have a scale and a bias of shape ({size},), "
+            f"the outputs of layer {placement.layer!r}; it has {shapes}"
+        )
+    unknown = sorted(set(placement.readers) - set(layers))
+    if unknown:
+        raise ConfigError(f"{where}: the readers {unknown} are not traced layers")
+    units = tuple(range(size))
+    slices = tuple(GatedSlice(path, 0, units, units) for path in params)
+    return _PlacedSlot(slot, None, slices, tuple(placement.readers), f"{placement.norm}.bias")
+
+
+def _added_sources(placed: Sequence[_PlacedSlot]) -> dict[tuple[str, str], tuple[str, ...]]:
+    """The layer sides that placed slots without a traced group switch off one by one: an
+    input selection its layer's inputs; a normaliser's output its layer's outputs and its
+    readers' inputs."""
+    added: dict[tuple[str, str], tuple[str, ...]] = {}
+    for p in placed:
+        if p.group is not None:
+            continue
+        sides = [("inputs", p.slot.layer)] if p.summed is None else [
+            ("outputs", p.slot.layer), *(("inputs", reader) for reader in p.readers)]
+        for side in sides:
+            added[side] = added.get(side, ()) + (p.slot.name,)
+    return added
 
 
 def _placed_slots(
@@ -219,6 +280,7 @@ def _placed_slots(
     names = [f"slot name {p.slot.name}" for p in placed]
     targets = [
         f"traced group {p.group}" if p.group is not None
+        else f"the outputs of {p.summed.removesuffix('.bias')!r}" if p.summed
         else f"the inputs of layer {p.slot.layer!r}"
         for p in placed
     ]
@@ -343,19 +405,21 @@ def traced_layers(
     structure: TracedStructure,
     slots: dict[int, str],
     granularity: Granularity,
-    selections: Mapping[str, str] | None = None,
+    added: Mapping[tuple[str, str], tuple[str, ...]] | None = None,
 ) -> tuple[Layer, ...]:
     """The :class:`Layer` of every traced layer, in network order; ``slots`` names the gated
-    groups (their units switch layer units off at unit granularity), ``selections`` the slot
-    that gates a layer's inputs one by one (an input selection, :class:`GatePlacement`), by
-    layer name. A dense kernel with several input or output axes is one layer of shape
-    ``(inputs, outputs)``, each side flattened in C order.
+    groups (their units switch layer units off at unit granularity), ``added`` the slots that
+    are no traced group but switch off a layer's ``("inputs" | "outputs", layer name)`` one by
+    one (input selections and normalisers' outputs, :class:`GatePlacement`). A dense kernel
+    with several input or output axes is one layer of shape ``(inputs, outputs)``, each side
+    flattened in C order.
 
     Raises:
       ConfigError: for a layer the geometry cannot describe.
     """
     producer_axes = {p for g in structure.groups for p in g.producers}
-    selected = {layer: ((slot, 1),) for layer, slot in (selections or {}).items()}
+    added_sources = {key: tuple((slot, 1) for slot in slots_) for key, slots_ in
+                     (added or {}).items()}
     names = [_layer_name(layer.kernel) for layer in structure.layers]
     if len(set(names)) != len(names):
         shared = sorted({n for n in names if names.count(n) > 1})
@@ -384,10 +448,11 @@ def traced_layers(
                  math.prod(shape[a] for a in out_axes)),
                 int(round(positions)),
                 has_bias=layer.bias is not None,
-                inputs=selected.get(name, ())
+                inputs=added_sources.get(("inputs", name), ())
                 + (_side_sources(structure, slots, layer.kernel, in_axes)
                    if unit and not reads_itself else ()),
-                outputs=_side_sources(structure, slots, layer.kernel, out_axes) if unit else (),
+                outputs=added_sources.get(("outputs", name), ())
+                + (_side_sources(structure, slots, layer.kernel, out_axes) if unit else ()),
                 kernel_slot=name if granularity == "weight" else None,
             )
         )
@@ -512,8 +577,7 @@ class TracedModel(GatedModel):
             slots = {p.group: p.slot.name for p in placed if p.group is not None}
         else:
             slots = _slot_names(self.structure) if granularity == "unit" else {}
-        selections = {p.slot.layer: p.slot.name for p in placed if p.group is None}
-        layers = traced_layers(self.structure, slots, granularity, selections)
+        layers = traced_layers(self.structure, slots, granularity, _added_sources(placed))
         self.activation_products = traced_products(self.structure, slots)
         _check_counts(self.structure, layers, self.activation_products)
         self.layer_params = tuple(
@@ -521,6 +585,7 @@ class TracedModel(GatedModel):
             for layer, traced in zip(layers, self.structure.layers)
         )
         self.group_slots = tuple(slots.items())
+        self.summed = tuple((p.slot.name, p.summed) for p in placed if p.summed)
         if placements is not None:
             unit_slots = [p.slot for p in placed]
             self.gated = tuple((p.slot.name, p.slices) for p in placed)
@@ -626,21 +691,27 @@ class TracedModel(GatedModel):
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
         """``net(x)`` in NNX training (``train``) or evaluation mode, with the gate values
         ``z`` multiplied into the parameters they gate, or, for unit gates drawn per example
-        (``(batch, units)``, Dep-L0), into each example's inputs of those parameters
+        (``(batch, units)``, Dep-L0), into each example's inputs of those parameters or, for
+        a normaliser's output, into the example's sum with the normaliser's bias
         (:func:`~sparsejax.structure.example_gates.run_with_example_gates`)."""
         if train:
             self.net.train()
         else:
             self.net.eval()
         shared, per_example = [], []
+        summed = dict(self.summed)
         for name, slices in self.gated:
             if name in z:
                 drawn = self.granularity == "unit" and z[name].ndim == 2
+                if drawn and name in summed:  # the normaliser's output: scaled where it is summed
+                    slices = tuple(s for s in slices if s.path == summed[name])
                 (per_example if drawn else shared).extend((s, z[name]) for s in slices)
         with parameters_gated(self.net, shared):
             if per_example:
                 biases = {layer.bias for layer in self.structure.layers if layer.bias}
-                return run_with_example_gates(self.net, x, per_example, biases)
+                return run_with_example_gates(
+                    self.net, x, per_example, biases, sums=set(summed.values())
+                )
             return self.net(x)
 
     def layer_module(self, name: str) -> LayerParameters:

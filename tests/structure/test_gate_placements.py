@@ -45,7 +45,8 @@ SMALLER = {"densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs)}
 concatenations of depth 40 cost a minute of tracing and comparing for nothing more."""
 STREAM_MEMBER_GATES = {"resnet20": {"stem"}}
 """Slots that gate one member of a residual stream (the CIFAR ResNets' stem, whose stream is
-zero-padded into the next stage): no traced group, so no placement can hold them yet."""
+zero-padded into the next stage): no traced group, so they are placed on the output of the
+member's BatchNorm, with the layers that read it alone."""
 
 
 class Bare(nnx.Module):
@@ -60,20 +61,26 @@ class Bare(nnx.Module):
         return self.zoo.forward(x, {}, train=not self.deterministic)
 
 
-def placements(zoo: GatedModel, skipped: set[str]) -> list[GatePlacement]:
-    """One placement per declared slot: its layer, the side its kernel axis is on."""
+def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]:
+    """One placement per declared slot: its layer, the side its kernel axis is on; for a
+    stream member's slot, its declared BatchNorm and the layers that declare it as inputs."""
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+
+    def traced_name(layer: str) -> str:
+        return "zoo." + where[id(zoo.layer_module(layer))]
+
     result = []
     for slot in zoo.gate_slots:
-        if slot.name in skipped:
-            continue
         output_axis = len(slot.kernel_shape) - 1
+        side = "output" if slot.axis == output_axis else "input"
+        extra = {}
+        if slot.name in stream_members:
+            layer = next(layer for layer in zoo.layers if layer.name == slot.layer)
+            readers = [l.name for l in zoo.layers if any(n == slot.name for n, _ in l.inputs)]
+            extra = {"norm": f"zoo.{layer.norm}",
+                     "readers": tuple(traced_name(reader) for reader in readers)}
         result.append(GatePlacement(
-            slot.name,
-            "zoo." + where[id(zoo.layer_module(slot.layer))],
-            "output" if slot.axis == output_axis else "input",
-            slot.droprate_init,
-        ))
+            slot.name, traced_name(slot.layer), side, slot.droprate_init, **extra))
     return result
 
 
@@ -81,9 +88,8 @@ def placed(name: str) -> tuple[GatedModel, TracedModel]:
     shape = ZOO[name]
     build = SMALLER.get(name, functools.partial(build_model, name))
     zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
-    skipped = STREAM_MEMBER_GATES.get(name, set())
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
-                        placements=placements(zoo, skipped))
+                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
     return zoo, model
 
 
@@ -94,9 +100,7 @@ def described(slot):
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_placements_rebuild_the_declared_slots_and_accounting_of_every_zoo_model(name):
     zoo, model = placed(name)
-    skipped = STREAM_MEMBER_GATES.get(name, set())
-    declared = [described(s) for s in zoo.gate_slots if s.name not in skipped]
-    assert [described(s) for s in model.gate_slots] == declared
+    assert [described(s) for s in model.gate_slots] == [described(s) for s in zoo.gate_slots]
     rng = np.random.default_rng(0)
     for draw in range(4):
         values = {
@@ -104,14 +108,15 @@ def test_placements_rebuild_the_declared_slots_and_accounting_of_every_zoo_model
             else (rng.random(s.shape) < 0.5).astype(np.float32)
             for s in zoo.gate_slots
         }
-        values |= {slot: np.ones_like(values[slot]) for slot in skipped}
         traced = count_network(model.layers, values, model.activation_products)
         hand = count_network(zoo.layers, values, zoo.activation_products)
         for what in ("params", "flops"):
             assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet164", "densenet40", "wrn28_10"])
+@pytest.mark.parametrize(
+    "name", ["lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10"]
+)
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
@@ -162,5 +167,19 @@ def test_placements_that_cannot_hold_say_what_is_wrong():
               GatePlacement("b", "zoo.blocks.0.conv2", "input"))
     with pytest.raises(ConfigError, match="the inputs of layer 'zoo.fc' placed twice"):
         build(GatePlacement("a", "zoo.fc", "input"), GatePlacement("b", "zoo.fc", "input"))
+    with pytest.raises(ConfigError, match=r"norm 'zoo.blocks.3.bn1' must have a scale and a "
+                       r"bias of shape \(16,\), the outputs of layer 'zoo.stem'; it has "
+                       r"\{'scale': \(32,\), 'bias': \(32,\)\}"):
+        build(GatePlacement("a", "zoo.stem", "output", norm="zoo.blocks.3.bn1"))
+    with pytest.raises(ConfigError, match=r"the readers \['zoo.nowhere'\] are not traced layers"):
+        build(GatePlacement("a", "zoo.stem", "output", norm="zoo.stem_bn",
+                            readers=("zoo.nowhere",)))
+    with pytest.raises(ConfigError, match="readers are for a normaliser's output; give norm"):
+        build(GatePlacement("a", "zoo.stem", "output", readers=("zoo.blocks.0.conv1",)))
+    with pytest.raises(ConfigError, match="norm gates a layer's output; use side='output'"):
+        build(GatePlacement("a", "zoo.stem", "input", norm="zoo.stem_bn"))
+    with pytest.raises(ConfigError, match="the outputs of 'zoo.stem_bn' placed twice"):
+        build(GatePlacement("a", "zoo.stem", "output", norm="zoo.stem_bn"),
+              GatePlacement("b", "zoo.stem", "output", norm="zoo.stem_bn"))
     with pytest.raises(ConfigError, match="at weight granularity every kernel entry"):
         build(GatePlacement("a", "zoo.blocks.0.conv1", "output"), granularity="weight")
