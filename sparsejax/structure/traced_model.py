@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import jax
@@ -156,7 +156,7 @@ class GatePlacement:
 @dataclasses.dataclass(frozen=True)
 class _PlacedSlot:
     """A resolved :class:`GatePlacement`: its slot, the traced group it gates (None for an
-    input selection) and where its gates act."""
+    input selection or a normaliser's output) and where its gates act."""
 
     slot: GateSlot
     group: int | None
@@ -177,8 +177,8 @@ def _place(
     """Resolve ``placement`` against the trace; see :class:`GatePlacement`.
 
     Raises:
-      ConfigError: for an unknown layer or side, a side of several axes, or output units that
-        are not a prunable group.
+      ConfigError: for an unknown layer or side, a side of several axes, output units that
+        are not a prunable group, or a normaliser or readers that do not fit.
     """
     where = f"gate placement {placement.slot!r}"
     if placement.side not in ("input", "output"):
@@ -418,8 +418,9 @@ def traced_layers(
       ConfigError: for a layer the geometry cannot describe.
     """
     producer_axes = {p for g in structure.groups for p in g.producers}
-    added_sources = {key: tuple((slot, 1) for slot in slots_) for key, slots_ in
-                     (added or {}).items()}
+    added_sources = {
+        side: tuple((name, 1) for name in names) for side, names in (added or {}).items()
+    }
     names = [_layer_name(layer.kernel) for layer in structure.layers]
     if len(set(names)) != len(names):
         shared = sorted({n for n in names if names.count(n) > 1})
@@ -509,7 +510,7 @@ def _factor_sources(
     """The gated groups among the unit ids of ``factors``, placed among their combinations
     (C order)."""
 
-    def found(position: int, ids: np.ndarray):
+    def found(position: int, ids: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
         groups, units = structure.unit_places(np.where(ids < 0, 0, ids))
         groups = np.where(ids < 0, -1, groups)
         for group in sorted(set(groups.tolist())):

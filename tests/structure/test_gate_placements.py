@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
+from sparsejax.methods.base import RunInfo
+from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.models.densenet import DenseNet
@@ -132,6 +135,23 @@ def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
         np.testing.assert_allclose(model.forward(x, z, train=train), expected,
                                    rtol=2e-4, atol=2e-4)
         assert not np.allclose(model.forward(x, {}, train=train), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
+    """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
+    gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    build = functools.partial(build_model, name, num_classes=10, input_shape=ZOO[name])
+    declared = build(rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
+    rngs = nnx.Rngs(params=0)
+    zoo = build(rngs=rngs)
+    model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
+                        gate_factory=method.make_gates,
+                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+    assert list(model.gates) == list(declared.gates)
+    for slot, gate in declared.gates.items():
+        np.testing.assert_array_equal(model.gates[slot].log_alpha[...], gate.log_alpha[...])
 
 
 def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():
