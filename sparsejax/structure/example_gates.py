@@ -21,7 +21,9 @@ added (or, for a normaliser's bias whose output the gates scale, the sum is). Pa
 followed through casts, copies, broadcasts and reshapes that only add or drop size-1 dimensions;
 plain calls (``jit``, ``remat``) are evaluated inline, other calls (custom derivatives, such as
 ``relu``'s) are bound as they are. The module's state that is not a
-parameter (BatchNorm statistics) is updated as ``module(x)`` would update it.
+parameter (BatchNorm statistics) is updated as ``module(x)`` would update it. Convolutions run
+on the whole batch (:func:`~sparsejax.models.batch_chunks.whole_batch`), so that every one sees
+the examples.
 
 Gates that cannot be placed this way are refused with a
 :class:`~sparsejax.errors.ConfigError`: a grouped convolution's gated axis, an activation whose
@@ -40,6 +42,7 @@ from flax import nnx
 from jax.extend import core
 
 from sparsejax.errors import ConfigError
+from sparsejax.models.batch_chunks import whole_batch
 from sparsejax.structure.slim_trace.interpret import opened
 from sparsejax.structure.sparsify import GatedSlice, slice_factors
 from sparsejax.structure.trace.analyze import dotted_path
@@ -269,7 +272,8 @@ def run_with_example_gates(
         return logits, jax.tree_util.tree_leaves(nnx.state(model, nnx.Not(nnx.Param)))
 
     param_leaves = [leaf for _, leaf in param_keyed]
-    closed = jax.make_jaxpr(forward)(param_leaves, rest_leaves, x)
+    with whole_batch():  # a convolution split along the batch would hide the examples
+        closed = jax.make_jaxpr(forward)(param_leaves, rest_leaves, x)
     jaxpr, consts = opened(closed)
     tracked = {}
     for var, (path, leaf) in zip(jaxpr.invars, param_keyed):

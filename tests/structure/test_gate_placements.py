@@ -18,13 +18,18 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
+from sparsejax.methods import create_method
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
+from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.models.densenet import DenseNet
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.traced_model import GatePlacement, TracedModel
+from sparsejax.train.sharding import create_mesh
+from sparsejax.train.state import init_state, merge_model
+from sparsejax.train.step import make_train_step
 
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
@@ -152,6 +157,47 @@ def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
     assert list(model.gates) == list(declared.gates)
     for slot, gate in declared.gates.items():
         np.testing.assert_array_equal(model.gates[slot].log_alpha[...], gate.log_alpha[...])
+
+
+def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.ndarray]:
+    """The losses of one jitted engine step per batch, and the trained model's eval logits on
+    the first batch."""
+    tx = method.optimizer()
+    graphdef, state = init_state(model, method.init(model), tx, jax.random.key(0))
+    step = make_train_step(graphdef, method, tx, create_mesh(1))
+    losses = []
+    for x, y in zip(images, labels):
+        state, metrics = step(state, x, y)
+        losses.append(float(metrics["loss"]))
+    model = merge_model(graphdef, state.params, state.model_state)
+    return np.array(losses), np.asarray(model(images[0], train=False))
+
+
+@pytest.mark.parametrize("name, method_name", [("lenet5", "l0_hc"), ("lenet5", "dep_l0"),
+                                               ("resnet20", "l0_hc")])
+def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
+    """Ten engine steps from the same initial network and gates stay within float rounding:
+    LeNet-5 under shared and per-example gates, ResNet-20's class at depth 8 (its stem gate on
+    the BatchNorm's output included) under BatchNorm on batch statistics."""
+    config = get_config(method_name)
+    config.model = name
+    method = create_method(method_name, config, RunInfo(num_train=320, steps_per_epoch=10))
+    build = functools.partial(
+        CifarResNet, depth=8) if name == "resnet20" else functools.partial(build_model, name)
+    build = functools.partial(build, num_classes=10, input_shape=ZOO[name])
+    declared = build(rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
+    rngs = nnx.Rngs(params=0)
+    zoo = build(rngs=rngs)
+    model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
+                        gate_factory=method.make_gates,
+                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+    images = jax.random.normal(jax.random.key(1), (10, 32, *ZOO[name]))
+    labels = jax.random.randint(jax.random.key(2), (10, 32), 0, 10)
+    losses, logits = trained(declared, method, images, labels)
+    placed_losses, placed_logits = trained(model, method, images, labels)
+    np.testing.assert_allclose(placed_losses, losses, rtol=1e-5)
+    np.testing.assert_allclose(placed_logits, logits, atol=1e-4)
+    assert np.abs(np.diff(losses)).max() > 1e-3  # the steps did train
 
 
 def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():
