@@ -142,18 +142,26 @@ def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
         assert not np.allclose(model.forward(x, {}, train=train), expected, atol=1e-2)
 
 
+def twins(name: str, build, gate_factory) -> tuple[GatedModel, TracedModel]:
+    """The declared model ``build(...)`` with its gates, and its placed twin: the same class
+    built without gates from ``Rngs(params=0)``, whose TracedModel then takes that ``Rngs``
+    for its gates, as the declared model's gates come after its layers."""
+    build = functools.partial(build, num_classes=10, input_shape=ZOO[name])
+    declared = build(rngs=nnx.Rngs(params=0), gate_factory=gate_factory)
+    rngs = nnx.Rngs(params=0)
+    zoo = build(rngs=rngs)
+    model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
+                        gate_factory=gate_factory,
+                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+    return declared, model
+
+
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
 def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
     """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
     gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    build = functools.partial(build_model, name, num_classes=10, input_shape=ZOO[name])
-    declared = build(rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
-    rngs = nnx.Rngs(params=0)
-    zoo = build(rngs=rngs)
-    model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
-                        gate_factory=method.make_gates,
-                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+    declared, model = twins(name, functools.partial(build_model, name), method.make_gates)
     assert list(model.gates) == list(declared.gates)
     for slot, gate in declared.gates.items():
         np.testing.assert_array_equal(model.gates[slot].log_alpha[...], gate.log_alpha[...])
@@ -184,13 +192,7 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     method = create_method(method_name, config, RunInfo(num_train=320, steps_per_epoch=10))
     build = functools.partial(
         CifarResNet, depth=8) if name == "resnet20" else functools.partial(build_model, name)
-    build = functools.partial(build, num_classes=10, input_shape=ZOO[name])
-    declared = build(rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
-    rngs = nnx.Rngs(params=0)
-    zoo = build(rngs=rngs)
-    model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
-                        gate_factory=method.make_gates,
-                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+    declared, model = twins(name, build, method.make_gates)
     images = jax.random.normal(jax.random.key(1), (10, 32, *ZOO[name]))
     labels = jax.random.randint(jax.random.key(2), (10, 32), 0, 10)
     losses, logits = trained(declared, method, images, labels)
