@@ -50,7 +50,7 @@ from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity
 from sparsejax.methods.registry import register
 from sparsejax.methods.slot_groups import unit_mean_magnitudes
-from sparsejax.models.base import GatedModel
+from sparsejax.models.base import GatedModel, GateSlot
 from sparsejax.structure.traced_model import TracedModel
 
 SCOPES = ("layer", "global")
@@ -76,6 +76,11 @@ def _smallest(scores: jax.Array, count: jax.Array) -> jax.Array:
     """Boolean mask of the ``count`` smallest of ``scores`` (ties: lower flat index first)."""
     ranks = jnp.argsort(jnp.argsort(scores.ravel(), stable=True), stable=True)
     return (ranks < count).reshape(scores.shape)
+
+
+def _slot(model: GatedModel, name: str) -> GateSlot:
+    """The gate slot ``name`` of ``model``."""
+    return next(slot for slot in model.gate_slots if slot.name == name)
 
 
 def _largest_one(scores: jax.Array) -> jax.Array:
@@ -185,9 +190,8 @@ class GradualMagnitudePruning(Method):
                 "over concatenated producers); use --config.gmp_structure=weight"
             )
         self.final_sparsity(model)
-        slots = {slot.name: slot for slot in model.gate_slots}
         shapes = {
-            name: slots[name].shape if self.by_slots(model)
+            name: _slot(model, name).shape if self.by_slots(model)
             else model.layer_module(name).kernel.shape[-1:] if per_unit
             else model.layer_module(name).kernel.shape
             for name in layers
@@ -260,8 +264,7 @@ class GradualMagnitudePruning(Method):
         divided by the slice's size (its mean |w|; over its first producer's filter for a
         traced model's slot)."""
         if self.by_slots(model):
-            slot = next(slot for slot in model.gate_slots if slot.name == name)
-            return unit_mean_magnitudes(model, slot)
+            return unit_mean_magnitudes(model, _slot(model, name))
         magnitude = jnp.abs(model.layer_module(name).kernel[...])
         if self.config.gmp_structure == "unit":
             return jnp.mean(magnitude, axis=tuple(range(magnitude.ndim - 1)))
@@ -312,10 +315,9 @@ class GradualMagnitudePruning(Method):
             ),
             lambda: dict(state["masks"]),
         )
-        slots = {slot.name: slot for slot in model.gate_slots}
         for name, mask in masks.items():
             if self.by_slots(model):
-                model.scale_units(slots[name], mask.astype(jnp.float32))
+                model.scale_units(_slot(model, name), mask.astype(jnp.float32))
                 continue
             variables = (
                 self.unit_variables(model, name)

@@ -18,8 +18,9 @@ def check_unit_zeroing(model: GatedModel, what: str) -> None:
     if isinstance(model, TracedModel):
         raise ConfigError(
             f"{what} removes a unit by zeroing its layer's kernel slice, bias and declared "
-            "BatchNorm, which a traced model (--model=MODULE:FACTORY) does not declare; prune "
-            "its weights instead, or use a gated method (l0_hc, l0_arm, l1, bounded_lp, ...)"
+            "BatchNorm, which a traced model (--model=MODULE:FACTORY) does not declare; at unit "
+            "granularity (the default) gmp and GReg prune a traced model's units by its gate "
+            "slots instead"
         )
 
 

@@ -20,10 +20,9 @@ example's gate values along the matching dimension, and a gated bias is multipli
 added (or, for a normaliser's bias whose output the gates scale, the sum is). Parameters are
 followed through casts, copies, broadcasts and reshapes that only add or drop size-1 dimensions;
 plain calls (``jit``, ``remat``) are evaluated inline, other calls (custom derivatives, such as
-``relu``'s) are bound as they are. The module's state that is not a
-parameter (BatchNorm statistics) is updated as ``module(x)`` would update it. Convolutions run
-on the whole batch (:func:`~sparsejax.models.batch_chunks.whole_batch`), so that every one sees
-the examples.
+``relu``'s) are bound as they are. The module's state that is not a parameter (BatchNorm
+statistics) is updated as ``module(x)`` would update it. Convolutions run on the whole batch
+(:func:`~sparsejax.models.batch_chunks.whole_batch`), so that every one sees the examples.
 
 Gates that cannot be placed this way are refused with a
 :class:`~sparsejax.errors.ConfigError`: a grouped convolution's gated axis, an activation whose

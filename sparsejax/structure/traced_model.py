@@ -573,10 +573,11 @@ class TracedModel(GatedModel):
         self.net = net
         self.structure = _trace(net, input_shape, num_classes, name)
         self.placed = placements is not None
-        placed = () if placements is None else _placed_slots(self.structure, placements)
-        if placements is not None:
+        if self.placed:
+            placed = _placed_slots(self.structure, placements)
             slots = {p.group: p.slot.name for p in placed if p.group is not None}
         else:
+            placed = ()
             slots = _slot_names(self.structure) if granularity == "unit" else {}
         layers = traced_layers(self.structure, slots, granularity, _added_sources(placed))
         self.activation_products = traced_products(self.structure, slots)
@@ -587,7 +588,7 @@ class TracedModel(GatedModel):
         )
         self.group_slots = tuple(slots.items())
         self.summed = tuple((p.slot.name, p.summed) for p in placed if p.summed)
-        if placements is not None:
+        if self.placed:
             unit_slots = [p.slot for p in placed]
             self.gated = tuple((p.slot.name, p.slices) for p in placed)
         else:
@@ -829,7 +830,6 @@ def declared_placements(net: nnx.Module, spec: str) -> tuple[GatePlacement, ...]
             f"sparsejax.GatePlacement(slot, layer, side), got {placements!r:.200}"
         )
     return tuple(placements)
-
 
 
 def is_model_spec(name: str) -> bool:

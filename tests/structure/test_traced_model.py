@@ -764,6 +764,9 @@ def test_a_model_places_its_own_gates_for_the_command_line(tmp_path, monkeypatch
         ("pixels", (784,), 0.2, 30), ("hidden1", (30,), 0.5, 10), ("hidden2", (10,), 0.5, 10)]
     closed = {"pixels": np.zeros(784), "hidden1": np.ones(30), "hidden2": np.ones(10)}
     assert float(count_network(model.layers, closed)["params"]) == 30 + 30 * 10 + 10 + 100 + 10
+    by_weight = build_any_model(f"{THIS_MODULE}:pixel_mlp", rngs=nnx.Rngs(0), num_classes=10,
+                                input_shape=MNIST_SHAPE, granularity="weight")
+    assert [s.shape for s in by_weight.gate_slots] == [(784, 30), (30, 10), (10, 10)]
     summary = train_and_evaluate(fashion_config("l0_hc", "pixel_mlp"), tmp_path / "run")
     assert summary["gate_slots"] == ["pixels", "hidden1", "hidden2"]
     assert summary["dense_units"] == [784, 30, 10]
