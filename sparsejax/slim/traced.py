@@ -8,8 +8,10 @@ as the gated forward pass does (:func:`~sparsejax.structure.sparsify.parameters_
 per unit, or per kernel entry at weight granularity). A unit goes when no kernel reads it any
 more (:func:`read_units`): every row that reads it, in every kernel its gates act on, is zero
 after folding (a closed unit gate, closed weight gates or pruned weights on all of its rows), so
-removing it is exact. :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the
-groups of the model's own trace; ``round_to=K`` keeps back the removed units with the highest
+removing it is exact. The rows of an input selection (a placed slot on inputs that are no group
+of their own: pixels, a concatenation other layers read whole) go the same way, row by row
+(:func:`selected_rows`). :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on
+the groups of the model's own trace; ``round_to=K`` keeps back the removed units with the highest
 P(gate != 0) until every slimmed group has a multiple of K units. The largest logit difference
 to the gated model in evaluation mode is measured on a batch of the run's test images
 (:func:`check_images`) and recorded in the report.
@@ -25,7 +27,12 @@ from flax import nnx
 from sparsejax.data.sources import BatchSource
 from sparsejax.slim.folding import test_gate_values
 from sparsejax.structure.slim_trace import SlimFunction, slim_traced
-from sparsejax.structure.sparsify import gated_slices, parameters_gated, variable_at
+from sparsejax.structure.sparsify import (
+    GatedSlice,
+    gated_slices,
+    parameters_gated,
+    variable_at,
+)
 from sparsejax.structure.traced_model import TracedModel
 
 CHECK_EXAMPLES = 256
@@ -39,6 +46,13 @@ def check_images(data: BatchSource, examples: int = CHECK_EXAMPLES) -> np.ndarra
     return np.asarray(images)
 
 
+def _nonzero_rows(model: TracedModel, s: GatedSlice) -> np.ndarray:
+    """True for each index of axis ``s.axis`` of the parameter ``s.path`` of ``model.net``
+    whose row holds a nonzero entry."""
+    value = np.moveaxis(np.asarray(variable_at(model.net, s.path)[...]), s.axis, 0)
+    return np.any(value.reshape(value.shape[0], -1) != 0, axis=1)
+
+
 def read_units(model: TracedModel) -> dict[int, np.ndarray]:
     """Per prunable traced group of ``model``, True for each unit with a nonzero entry in a
     slice its gates act on (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the
@@ -49,11 +63,17 @@ def read_units(model: TracedModel) -> dict[int, np.ndarray]:
             continue
         units = np.zeros(group.size, bool)
         for s in gated_slices(model.structure, group):
-            value = np.moveaxis(np.asarray(variable_at(model.net, s.path)[...]), s.axis, 0)
-            rows = value[np.asarray(s.indices)].reshape(len(s.indices), -1)
-            units[np.asarray(s.units)[np.any(rows != 0, axis=1)]] = True
+            nonzero = _nonzero_rows(model, s)[np.asarray(s.indices)]
+            units[np.asarray(s.units)[nonzero]] = True
         read[group.index] = units
     return read
+
+
+def selected_rows(model: TracedModel) -> dict[str, tuple[int, np.ndarray]]:
+    """Per input selection of ``model`` (:class:`~sparsejax.structure.traced_model.GatePlacement`
+    on inputs that are no group of their own), its kernel's axis and True for each row with a
+    nonzero entry, in ``model.net``'s current parameters: the rows the slim network keeps."""
+    return {s.path: (s.axis, _nonzero_rows(model, s)) for _, s in model.selections}
 
 
 @nnx.jit
@@ -79,7 +99,7 @@ def slim_traced_model(
     with parameters_gated(model.net, gated):
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=read_units(model),
-            scores=scores, round_to=round_to,
+            scores=scores, round_to=round_to, rows=selected_rows(model),
         )
     slim.check(_evaluation_logits(model, check), check)
     return slim

@@ -549,6 +549,8 @@ class TracedModel(GatedModel):
       group_slots: ``(group index, slot name)`` of every gated group (unit granularity).
       placed: whether the slots come from :class:`GatePlacement` s (``placements``) rather
         than one per prunable group.
+      selections: ``(slot name, rows)`` of every input selection: the slot's gates act on
+        these rows of its layer's kernel alone.
     """
 
     def __init__(
@@ -588,6 +590,9 @@ class TracedModel(GatedModel):
         )
         self.group_slots = tuple(slots.items())
         self.summed = tuple((p.slot.name, p.summed) for p in placed if p.summed)
+        self.selections = tuple(
+            (p.slot.name, p.slices[0]) for p in placed if p.group is None and not p.summed
+        )
         if self.placed:
             unit_slots = [p.slot for p in placed]
             self.gated = tuple((p.slot.name, p.slices) for p in placed)

@@ -25,6 +25,8 @@ from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.models.densenet import DenseNet
+from sparsejax.slim.surgery import slim_model
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.traced_model import GatePlacement, TracedModel
 from sparsejax.train.sharding import create_mesh
@@ -122,6 +124,42 @@ def test_placements_rebuild_the_declared_slots_and_accounting_of_every_zoo_model
             assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
 
 
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name == "mobilenet_v2" else name
+    for name in sorted(ZOO)
+])  # MobileNetV2 for ImageNet: the class of mobilenet_v2_cifar, at 64 x 64
+def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(name):
+    """At weight granularity a traced zoo model has one gate per kernel entry of every layer,
+    as its declarations do, and counts the same params and FLOPs under any gate values."""
+    shape = ZOO[name]
+    build = functools.partial(SMALLER.get(name, functools.partial(build_model, name)),
+                              num_classes=10, input_shape=shape)
+    declared = build(rngs=nnx.Rngs(params=0), granularity="weight")
+    zoo = build(rngs=nnx.Rngs(params=0))
+    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
+                        granularity="weight")
+    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+    traced_name = {s.name: "zoo." + where[id(zoo.layer_module(s.layer))]
+                   for s in declared.gate_slots}
+    by_name = {s.name: s for s in model.gate_slots}
+    assert sorted(traced_name.values()) == sorted(by_name)
+    for slot in declared.gate_slots:
+        twin = by_name[traced_name[slot.name]]
+        assert (twin.shape, twin.axis, twin.group_size) == (slot.shape, None, 1), slot.name
+    rng = np.random.default_rng(0)
+    for draw in range(2):
+        values = {
+            s.name: rng.random(s.shape).astype(np.float32) if draw
+            else (rng.random(s.shape) < 0.5).astype(np.float32)
+            for s in declared.gate_slots
+        }
+        traced = count_network(model.layers, {traced_name[k]: v for k, v in values.items()},
+                               model.activation_products)
+        hand = count_network(declared.layers, values, declared.activation_products)
+        for what in ("params", "flops"):
+            assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
+
+
 @pytest.mark.parametrize(
     "name", ["lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10"]
 )
@@ -200,6 +238,43 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     np.testing.assert_allclose(placed_losses, losses, rtol=1e-5)
     np.testing.assert_allclose(placed_logits, logits, atol=1e-4)
     assert np.abs(np.diff(losses)).max() > 1e-3  # the steps did train
+
+
+def set_random_gates(*models: GatedModel) -> None:
+    """The same log_alpha in every model: uniform in [-3, 3] (test gates of 0, in (0, 1) and
+    1), every third unit closed."""
+    rng = np.random.default_rng(0)
+    for slot, gate in models[0].gates.items():
+        log_alpha = rng.uniform(-3.0, 3.0, gate.log_alpha.shape)
+        log_alpha[::3] = -10.0
+        for model in models:
+            model.gates[slot].log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
+
+
+@pytest.mark.parametrize("name", [
+    "mlp", "lenet5",
+    pytest.param("densenet40", marks=pytest.mark.slow),
+    pytest.param("resnet164", marks=pytest.mark.slow),
+])
+def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
+    """Slimming from the trace removes what the zoo's surgery removes, the closed rows of input
+    selections included (the MLP's pixels, LeNet-5's flattened inputs, DenseNet's and
+    ResNet-164's per-layer input gates): every array has the surgery's shape, the params and
+    FLOPs are the surgery's, and the logits are the slim zoo model's."""
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    build = SMALLER.get(name, functools.partial(build_model, name))
+    declared, model = twins(name, build, method.make_gates)
+    set_random_gates(declared, model)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *ZOO[name])))
+    surgery = slim_model(declared)
+    slim = slim_traced_model(model, x)
+    shapes = {".".join(map(str, path)): tuple(v.shape)
+              for path, v in nnx.state(surgery.model).flat_state()}
+    assert {path.removeprefix("zoo."): tuple(v.shape) for path, v in slim.params.items()} == shapes
+    assert slim.report.params_after == surgery.report.params_after
+    assert slim.report.flops_after == pytest.approx(surgery.report.flops_after, rel=1e-6)
+    np.testing.assert_allclose(slim(x), surgery.model(x, train=False), rtol=1e-5, atol=1e-5)
+    assert slim.report.max_logit_difference < 1e-5
 
 
 def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():

@@ -370,3 +370,69 @@ def test_save_and_load_keep_bfloat16_parameters(tmp_path):
     assert loaded.params["kernel"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(loaded.params["kernel"], model.kernel[...])
     np.testing.assert_array_equal(loaded(x), model(x))
+
+
+class SharedStem(nnx.Module):
+    """A stem on the flattened input, read by two heads: one through its own BatchNorm and
+    ReLU (a pre-activation layer, as in DenseNet), one directly."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Linear(6, 10, rngs=rngs)
+        self.bn = nnx.BatchNorm(10, rngs=rngs)
+        self.own = nnx.Linear(10, 4, rngs=rngs)
+        self.other = nnx.Linear(10, 4, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x.reshape(x.shape[0], -1))
+        return self.own(nnx.relu(self.bn(h))) + self.other(h)
+
+
+def _zero_rows(kernel: nnx.Variable, keep: np.ndarray) -> None:
+    kernel.set_value(kernel[...] * jnp.asarray(keep, kernel[...].dtype)[:, None])
+
+
+def test_dropped_rows_leave_their_products_and_the_chain_only_they_read():
+    """Rows of units that stay (the input's pixels; stem outputs another head reads whole)
+    go from their kernel; the pixels are gathered before the stem, and the head's own
+    BatchNorm loses the same entries, while the stem and the other head keep all ten."""
+    model = SharedStem(nnx.Rngs(0))
+    _randomise(model, jax.random.key(1))
+    pixels = np.array([1, 0, 1, 1, 0, 1], bool)
+    own = np.array([1, 1, 0, 1, 1, 0, 1, 0, 1, 1], bool)
+    _zero_rows(model.stem.kernel, pixels)
+    _zero_rows(model.own.kernel, own)
+    x = jax.random.normal(jax.random.key(2), (5, 2, 3))
+    model.eval()
+    reference = model(x)
+    model.train()
+    slim = slim_traced(model, x, rows={"stem.kernel": (0, pixels), "own.kernel": (0, own)})
+    np.testing.assert_allclose(slim(x), reference, rtol=1e-6, atol=1e-6)
+    shapes = {path: tuple(value.shape) for path, value in slim.params.items()}
+    assert shapes["stem.kernel"] == (4, 10)
+    assert shapes["own.kernel"] == (7, 4)
+    assert shapes["other.kernel"] == (10, 4)
+    for name in ("scale", "bias", "mean", "var"):
+        assert shapes[f"bn.{name}"] == (7,)
+    report = slim.report
+    assert report.params_before - report.params_after == 2 * 10 + 3 * 4
+    assert report.flops_before - report.flops_after == 2 * 10 + 3 * 4
+
+
+class ReadTwice(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x) + jnp.sum(self.dense.kernel[...])
+
+
+def test_rows_that_cannot_be_dropped_say_why():
+    model = ReadTwice(nnx.Rngs(0))
+    x = jnp.ones((2, 6))
+    keep = np.array([1, 1, 0, 1, 1, 1], bool)
+    with pytest.raises(ConfigError, match="reduce_sum reads a kernel whose rows are dropped"):
+        slim_traced(model, x, rows={"dense.kernel": (0, keep)})
+    with pytest.raises(ConfigError, match="one boolean per index of that axis"):
+        slim_traced(model, x, rows={"dense.kernel": (1, keep)})
+    with pytest.raises(ConfigError, match="give a floating state array"):
+        slim_traced(model, x, rows={"dense.weights": (0, keep)})

@@ -23,7 +23,8 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.structure.accounting import reduction
-from sparsejax.structure.slim_trace.interpret import Narrowed, opened
+from sparsejax.structure.slim_trace.interpret import Narrowed, conform, opened
+from sparsejax.structure.slim_trace.rows import RowsError, dropped_positions
 from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
 from sparsejax.structure.sparsify import gated_slices, scaled_slice
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
@@ -214,6 +215,31 @@ def _fold(
             state[s.path] = scaled_slice(state[s.path], s, z)
 
 
+def _rows(
+    narrowed: Narrowed,
+    frame,
+    invars: Mapping[str, object],
+    floating: Mapping[str, jax.Array],
+    rows: Mapping[str, tuple[int, np.ndarray]],
+) -> tuple[dict[object, dict[int, np.ndarray]], dict[str, float]]:
+    """``rows`` (see :func:`slim_traced`) checked and keyed by jaxpr input, and per kernel the
+    share of the rows its kept units hold that stay."""
+    chosen, share = {}, {}
+    for path, (axis, keep) in rows.items():
+        shape = tuple(floating[path].shape) if path in floating else None
+        keep = np.asarray(keep, bool)
+        if shape is None or not 0 <= axis < len(shape) or keep.shape != (shape[axis],):
+            raise ConfigError(
+                f"slim_traced: rows of {path!r} along axis {axis}: give a floating state array "
+                f"and one boolean per index of that axis (shape {shape})"
+            )
+        by_units = narrowed.kept(frame, invars[path])[axis]
+        by_units = np.arange(shape[axis]) if by_units is None else by_units
+        chosen[invars[path]] = {axis: np.flatnonzero(keep)}
+        share[path] = float(np.sum(keep[by_units]) / max(len(by_units), 1))
+    return chosen, share
+
+
 def _status(group: UnitGroup, removable: set[int]) -> str:
     if not group.prunable:
         blocker = group.blockers[0]
@@ -224,6 +250,19 @@ def _status(group: UnitGroup, removable: set[int]) -> str:
     return "slimmed"
 
 
+def _row_savings(
+    traced: TracedStructure, keep: Mapping[int, np.ndarray], row_share: Mapping[str, float]
+) -> tuple[float, float]:
+    """Kernel weights and MACs per example that dropped rows take out of the network kept by
+    ``keep``: the share ``1 - row_share[kernel]`` of each such kernel's count (its rows are all
+    the same size), once per kernel for the weights, once per layer reading it for the MACs."""
+    counts = traced.layer_counts(keep)
+    weights = {c.kernel: c.weights for c in counts if c.kernel in row_share}
+    saved_weights = sum(w * (1.0 - row_share[k]) for k, w in weights.items())
+    saved_macs = sum(c.macs * (1.0 - row_share[c.kernel]) for c in counts if c.kernel in row_share)
+    return saved_weights, saved_macs
+
+
 def _report(
     traced: TracedStructure,
     kept: Mapping[int, np.ndarray],
@@ -231,11 +270,15 @@ def _report(
     round_to: int,
     floating: Mapping[str, jax.Array],
     params: Mapping[str, jax.Array],
+    row_share: Mapping[str, float],
 ) -> SlimReport:
-    """Widths, status and costs of the slim network (``kept``: units kept per group)."""
+    """Widths, status and costs of the slim network (``kept``: units kept per group;
+    ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps)."""
     removable = set(slimmable(traced))
     before = traced.count()
-    after = traced.count({g: k.astype(np.float64) for g, k in kept.items()})
+    keep = {g: k.astype(np.float64) for g, k in kept.items()}
+    after = traced.count(keep)
+    saved_weights, saved_macs = _row_savings(traced, keep, row_share)
     return SlimReport(
         groups=tuple(
             SlimGroup(
@@ -250,9 +293,9 @@ def _report(
         ),
         round_to=round_to,
         params_before=before.params,
-        params_after=after.params,
+        params_after=after.params - saved_weights,
         flops_before=before.flops,
-        flops_after=after.flops,
+        flops_after=after.flops - saved_macs,
         stored_params_before=int(sum(v.size for v in floating.values())),
         stored_params_after=int(sum(v.size for v in params.values())),
     )
@@ -267,6 +310,7 @@ def slim_traced(
     gates: Mapping[int, jax.Array] | None = None,
     scores: Mapping[int, np.ndarray] | None = None,
     round_to: int = 1,
+    rows: Mapping[str, tuple[int, np.ndarray]] | None = None,
     apply: Apply = _call,
 ) -> SlimFunction:
     """The slim evaluation network of ``model`` with the units of closed gates removed.
@@ -284,6 +328,13 @@ def slim_traced(
     ``apply(model, x)`` is the forward pass; it runs on a copy of ``model`` in evaluation mode
     (NNX ``eval()``). ``example_input`` gives the input's shape and dtype; the slim network
     takes any batch size.
+
+    ``rows`` drops rows whose units stay: ``{kernel path: (axis, keep)}`` with ``keep`` one
+    boolean per index of that axis, for rows that are zero (after ``gates`` are folded), such
+    as an input selection's closed rows (:class:`~sparsejax.structure.traced_model.GatePlacement`):
+    the kernel loses them, and the operand its products pair with them loses the same
+    positions back to where other operations read it whole (:mod:`.rows`). Every product
+    reading the kernel must sum over ``axis``.
     """
     if round_to < 1:
         raise ConfigError(f"slim_traced: round_to must be a positive integer, got {round_to}")
@@ -317,15 +368,20 @@ def slim_traced(
     kept = physical_keep(
         traced, program.frame, moved(keep, True), round_to=round_to, scores=moved(scores, 0.0)
     )
-    narrowed = Narrowed(traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()}),
-                        batch)
-
+    unit_values = traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()})
     leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(state)))
     floating = {p: v for p, v in leaves.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+    jaxpr, consts = opened(program.jaxpr)
+    chosen, row_share = _rows(Narrowed(unit_values, batch), program.frame,
+                              dict(zip(program.paths, jaxpr.invars)), floating, rows or {})
+    try:
+        positions = dropped_positions(jaxpr, program.frame, chosen)
+    except RowsError as error:
+        raise ConfigError(f"slim_traced: {error}") from None
+    narrowed = Narrowed(unit_values, batch, positions)
     folded = dict(floating)
     _fold(folded, given, gates or {})
     params = {}
-    jaxpr, consts = opened(program.jaxpr)
     for path, var in zip(program.paths, jaxpr.invars):
         if path in folded:
             value = folded[path]
@@ -337,9 +393,10 @@ def slim_traced(
 
     def slim_apply(params: Mapping[str, jax.Array], x: jax.Array):
         args = [params[p] if p in params else fixed[p] for p in program.paths]
+        x = conform(x, (None,) * x.ndim, narrowed.kept(program.frame, jaxpr.invars[-1]), "input")
         outs = narrowed.run(jaxpr, consts, program.frame, [*args, x], x.shape[0])
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
-    report = _report(traced, kept, moved(keep, True), round_to, floating, params)
+    report = _report(traced, kept, moved(keep, True), round_to, floating, params, row_share)
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
     return SlimFunction(slim_apply, params, report, input_spec)

@@ -13,6 +13,10 @@ walk made. Reductions never run over a narrowed dimension: the groups whose unit
 reads are kept whole (see :func:`~sparsejax.structure.slim_trace.widths.physical_keep`), so a
 mean keeps its divisor.
 
+Dropped rows. Besides its units, a variable may keep fewer positions where a kernel's rows are
+left out (:mod:`.rows`): ``positions`` gives them, and every variable holds the positions both
+keep.
+
 Batch size. The program is traced at a batch size ``traced_batch`` that no other dimension is a
 multiple of; any size in a shape parameter that is a multiple of it is rewritten as the same
 multiple of the actual batch, so the function accepts any batch (also a symbolic one for
@@ -22,7 +26,7 @@ whose parameters name the batch size runs only at ``traced_batch``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,17 +106,29 @@ def _called(eqn) -> tuple[object, Sequence] | None:
 
 
 class Narrowed:
-    """Evaluates a traced jaxpr with the units whose ``unit_values`` are 0 removed."""
+    """Evaluates a traced jaxpr with the units whose ``unit_values`` are 0 removed and only the
+    ``positions`` given (``{(id(frame), var): {dim: kept positions}}``, :mod:`.rows`) kept."""
 
-    def __init__(self, unit_values: np.ndarray, traced_batch: int):
+    def __init__(
+        self,
+        unit_values: np.ndarray,
+        traced_batch: int,
+        positions: Mapping[tuple[int, object], Mapping[int, np.ndarray]] | None = None,
+    ):
         self.unit_values = unit_values
         self.traced_batch = traced_batch
+        self.positions = dict(positions or {})
 
     def kept(self, frame: Frame, var) -> Kept:
+        """The positions ``var`` holds per dimension: those of its kept units that the given
+        ``positions`` keep too."""
         shape = tuple(getattr(var.aval, "shape", ()))
         if isinstance(var, core.Literal):
             return (None,) * len(shape)
-        return kept_positions(frame.env.get(var, UNLABELLED), shape, self.unit_values)
+        kept = list(kept_positions(frame.env.get(var, UNLABELLED), shape, self.unit_values))
+        for dim, chosen in self.positions.get((id(frame), var), {}).items():
+            kept[dim] = chosen if kept[dim] is None else np.intersect1d(kept[dim], chosen)
+        return tuple(kept)
 
     def size(self, traced: int, batch) -> object:
         """A traced size in terms of the actual ``batch`` (a multiple of the traced batch)."""
@@ -129,7 +145,10 @@ class Narrowed:
     def run(self, jaxpr, consts: Sequence, frame: Frame, args: Sequence, batch) -> list:
         """The outputs of ``jaxpr`` on ``args``, each holding its invar's kept positions;
         ``frame`` is the walk of this call of ``jaxpr``, ``batch`` the actual batch size."""
-        env: dict = dict(zip(jaxpr.constvars, consts))
+        env: dict = {
+            var: conform(c, (None,) * jnp.ndim(c), self.kept(frame, var), "constant")
+            for var, c in zip(jaxpr.constvars, consts)
+        }
         env.update(zip(jaxpr.invars, args))
         children = iter(frame.children)
 
@@ -246,24 +265,33 @@ def _concatenate(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
     return _rebind(eqn, ins, eqn.params)
 
 
+def _holds(have: np.ndarray | None, want: np.ndarray | None) -> bool:
+    """Whether positions ``have`` (None: all) include the positions ``want``."""
+    return have is None or (want is not None and bool(np.all(np.isin(want, have))))
+
+
+def _cut(x: jax.Array, kept: list, dim: int, want: np.ndarray, what: str) -> jax.Array:
+    """``x`` (holding ``kept``) with dimension ``dim`` reduced to ``want``; ``kept`` updated."""
+    target = list(kept)
+    target[dim] = want
+    x = conform(x, tuple(kept), tuple(target), what)
+    kept[dim] = want
+    return x
+
+
 def _pair_operands(ins, ins_kept, pairs, what: str) -> list:
     """Make paired dimensions (contracted or batch dimensions of a product) hold the same
-    positions: an operand that holds all of them (a constant) is cut to its partner's."""
+    positions: the operand that holds more of them (a constant, or an activation whose
+    kernel's rows were dropped) is cut to its partner's."""
     lhs, rhs = ins[0], ins[1]
     lk, rk = list(ins_kept[0]), list(ins_kept[1])
     for a, b in pairs:
         if _same(lk[a], rk[b]):
             continue
-        if lk[a] is None:
-            want = [None] * len(lk)
-            want[a] = rk[b]
-            lhs = conform(lhs, tuple(lk), tuple(want), what)
-            lk[a] = rk[b]
-        elif rk[b] is None:
-            want = [None] * len(rk)
-            want[b] = lk[a]
-            rhs = conform(rhs, tuple(rk), tuple(want), what)
-            rk[b] = lk[a]
+        if _holds(lk[a], rk[b]):
+            lhs = _cut(lhs, lk, a, rk[b], what)
+        elif _holds(rk[b], lk[a]):
+            rhs = _cut(rhs, rk, b, lk[a], what)
         else:
             raise SlimmingError(f"{what}: paired dimensions keep different positions")
     return [lhs, rhs, *ins[2:]]
