@@ -129,6 +129,10 @@ class Method(abc.ABC):
     plans_length: ClassVar[bool] = False
     """Whether the run's length is the sum of the method's :meth:`phases`, one of which ends
     when the method's state says so; the shared field ``epochs`` is then unset (None)."""
+    uses_gate_placements: ClassVar[bool] = True
+    """Whether a ``--model`` module's own ``gate_placements`` (where the L0 papers put their
+    gates) give the method its unit slots; False for methods that prune filters and units
+    (GReg, gmp), which take the traced model's prunable groups, the producers' outputs."""
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         self.config = self.resolve(config)

@@ -95,6 +95,7 @@ class GradualMagnitudePruning(Method):
 
     name = "gmp"
     fields = FIELDS
+    uses_gate_placements = False
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         super().__init__(config, run)

@@ -135,6 +135,10 @@ class GatePlacement:
       DenseNet's concatenated inputs). ``|g|`` is one row of the layer's kernel (Louizos et al.'s
       group of a dense layer's input neuron).
 
+    Placements give the gated methods their slots; the methods that prune filters and units
+    (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
+    prunable group instead.
+
     Attributes:
       slot: the slot's name (in the gates, the config's per-slot lambdas and the reports).
       layer: the traced layer, named after the module holding its kernel (``"blocks.0.conv1"``).
@@ -798,10 +802,13 @@ def build_traced_model(
     input_shape: tuple[int, ...],
     gate_factory: GateFactory | None = None,
     granularity: Granularity = "unit",
+    use_placements: bool = True,
 ) -> TracedModel:
     """The :class:`TracedModel` of the plain module ``FACTORY(rngs=..., num_classes=...)`` for
     ``spec = "MODULE:FACTORY"`` (:func:`load_factory`). The factory's ``nnx.Rngs`` has a
-    ``params`` and a ``dropout`` stream, both derived from ``rngs.params``."""
+    ``params`` and a ``dropout`` stream, both derived from ``rngs.params``. The module's own
+    ``gate_placements`` (:func:`declared_placements`) give the unit slots when
+    ``use_placements`` (at unit granularity); else every prunable group is one."""
     key = rngs.params()
     net_rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
     net = load_factory(spec)(rngs=net_rngs, num_classes=num_classes)
@@ -813,7 +820,9 @@ def build_traced_model(
         gate_factory=gate_factory,
         granularity=granularity,
         name=f"--model={spec}",
-        placements=declared_placements(net, spec) if granularity == "unit" else None,
+        placements=(
+            declared_placements(net, spec) if granularity == "unit" and use_placements else None
+        ),
     )
 
 

@@ -230,6 +230,7 @@ class GReg(Method):
     variant: ClassVar[int]
     fields = FIELDS
     plans_length = True
+    uses_gate_placements = False
 
     def __init__(self, config: ml_collections.ConfigDict, run: RunInfo):
         super().__init__(config, run)
