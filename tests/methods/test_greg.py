@@ -283,7 +283,7 @@ def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
         layer_ratios(model.layers, (0.5, 0.5), "filter")
 
 
-def test_traced_slot_rules_take_one_ratio_or_one_per_named_slot():
+def test_traced_slot_rules_take_one_ratio_one_per_named_slot_or_one_per_layer_index():
     slots = [GateSlot(name, name, (8,), 3, False, 0.5, (3, 3, 4, 8))
              for name in ("stem", "blocks.0.conv", "head")]
     assert traced_slot_ratios(slots, 0.5) == dict.fromkeys(["stem", "blocks.0.conv", "head"], 0.5)
@@ -293,8 +293,15 @@ def test_traced_slot_rules_take_one_ratio_or_one_per_named_slot():
         "blocks.0.conv": 0.7, "head": 0.1}
     with pytest.raises(ConfigError, match=r"the gate slots \['fc'\], .* stem, blocks.0.conv, head"):
         traced_slot_ratios(slots, {"fc": 0.5})
-    with pytest.raises(ConfigError, match="one ratio for every gated group or one per gate slot"):
-        traced_slot_ratios(slots, [0.5, 0.5, 0.5])
+    layers = ["stem", "blocks.0.conv", "head", "fc"]
+    assert traced_slot_ratios(slots, [0.5, 0, 0.25, 0], layers) == {"stem": 0.5, "head": 0.25}
+    assert traced_slot_ratios(slots, "[1-2:0.7]", layers) == {"blocks.0.conv": 0.7, "head": 0.7}
+    assert traced_slot_ratios(slots, {"0": 0.5}, layers) == {"stem": 0.5}
+    with pytest.raises(ConfigError, match=r"layer 3 \('fc'\), whose outputs are not a prunable "
+                       r"group of the traced model; the layers with one are \[0, 1, 2\]"):
+        traced_slot_ratios(slots, "[2-3:0.5]", layers)
+    with pytest.raises(ConfigError, match=r"3 ratios but the traced model has 4 layers"):
+        traced_slot_ratios(slots, [0.5, 0.5, 0.5], layers)
     with pytest.raises(ConfigError, match="'slot:ratio' items"):
         traced_slot_ratios(slots, "head=0.5,stem:0.1")
     with pytest.raises(ValueError, match="head"):

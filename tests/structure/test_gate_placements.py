@@ -20,6 +20,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import RunInfo
+from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
@@ -238,6 +239,29 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     np.testing.assert_allclose(placed_losses, losses, rtol=1e-5)
     np.testing.assert_allclose(placed_logits, logits, atol=1e-4)
     assert np.abs(np.diff(losses)).max() > 1e-3  # the steps did train
+
+
+@pytest.mark.parametrize("name, stage_pr", [
+    ("mlp", 0.5), ("mlp", (0.3, 0.6, 0.0)), ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
+    ("vgg16", "[1-12:0.5]"), ("vgg19", 0.25),
+])
+def test_greg_ratios_per_layer_index_prune_the_declared_filters_of_a_traced_zoo_model(
+    name, stage_pr
+):
+    """The zoo's single-branch rule, one ratio per layer index, picks the same layers' output
+    filters on the model traced as a plain module, at the same ratios and widths."""
+    shape = ZOO[name]
+    zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
+    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10)
+    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+    declared = layer_ratios(zoo.layers, stage_pr, "filter")
+    traced = traced_slot_ratios(model.gate_slots, stage_pr, [l.name for l in model.layers])
+    slots = {slot.name: slot for slot in model.gate_slots}
+    widths = {layer.name: layer.out_units for layer in zoo.layers}
+    assert {slots[n].layer: (r, slots[n].shape[0]) for n, r in traced.items()} == {
+        "zoo." + where[id(zoo.layer_module(layer))]: (r, widths[layer])
+        for layer, r in declared.items()
+    }
 
 
 def set_random_gates(*models: GatedModel) -> None:

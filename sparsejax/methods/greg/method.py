@@ -305,8 +305,10 @@ class GReg(Method):
                        "transformer; give the ratios per family in stage_pr, e.g. "
                        "{'heads': 0.5, 'ffn': 0.5}")
                 )
-            ratios = (traced_slot_ratios if traced else slot_ratios)(
-                tuple(slots.values()), self.config.stage_pr
+            ratios = (
+                traced_slot_ratios(tuple(slots.values()), self.config.stage_pr,
+                                   [layer.name for layer in model.layers])
+                if traced else slot_ratios(tuple(slots.values()), self.config.stage_pr)
             )
             return tuple(
                 PrunedLayer(name, ratio, greg_pruned_count(ratio, slots[name].shape[0]),

@@ -28,8 +28,10 @@ family, ``{"heads": 0.5, "hidden": 0.25}`` or ``"heads:0.5,hidden:0.25"``.
 
 **Traced models** (``--model=MODULE:FACTORY``) with filter granularity prune the units of their
 gate slots, the prunable groups the trace found (:func:`traced_slot_ratios`): ``stage_pr`` is one
-float for every slot, or one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
-(unlisted slots: 0).
+float for every slot, one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
+(unlisted slots: 0), or, as for a single-branch zoo model, one ratio per layer index of the
+traced layers in network order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each
+pruning the group of its layer's outputs.
 """
 
 from __future__ import annotations
@@ -290,18 +292,79 @@ def slot_ratios(slots: Sequence[GateSlot], spec: RatioSpec) -> dict[str, float]:
     return {name: ratio for name, ratio in chosen.items() if ratio > 0.0}
 
 
-def traced_slot_ratios(slots: Sequence[GateSlot], spec: RatioSpec) -> dict[str, float]:
-    """``{slot name: ratio}`` for every slot of a traced model GReg prunes (ratio > 0), in slot
-    order: every slot at one ratio, or the slots ``spec`` names."""
-    ratios = _keyed_ratios(spec, _SLOTS)
-    names = [slot.name for slot in slots]
-    if isinstance(ratios, float):
-        ratios = dict.fromkeys(names, ratios)
-    unknown = sorted(set(ratios) - set(names))
+_INDEX_KEY = re.compile(r"^\s*\d+\s*(?:-\s*\d+\s*)?$")
+
+
+def _layer_indexed(spec: RatioSpec) -> list[float] | dict[int, float] | None:
+    """``spec`` as ratios per layer index (a sequence, an index mapping, or either written as
+    the reference's string), or None when it is one ratio or keyed by slot names."""
+    if isinstance(spec, str):
+        items = spec.strip().strip("[](){}").split(",")
+        if len(items) > 1 and all(":" not in item for item in items):
+            return _parse_string(spec)
+        if all(_DICT_ITEM.match(item) for item in items):
+            return _parse_string(spec)
+        return None
+    if hasattr(spec, "items"):
+        keys = [str(key) for key in spec.keys()]
+        return _index_mapping(spec) if keys and all(_INDEX_KEY.match(k) for k in keys) else None
+    if isinstance(spec, (list, tuple)):
+        return [float(v) for v in spec]
+    return None
+
+
+def _traced_layer_ratios(
+    slots: Sequence[GateSlot], spec: list[float] | dict[int, float], layers: Sequence[str]
+) -> dict[str, float]:
+    """``{slot name: ratio}`` for ratios per layer index: a layer's ratio prunes the slot of
+    the group its outputs are (the single-branch rule of the zoo, on the traced layers)."""
+    if isinstance(spec, list):
+        if len(spec) != len(layers):
+            raise ConfigError(
+                f"stage_pr has {len(spec)} ratios but the traced model has {len(layers)} "
+                f"layers ({', '.join(layers)}); give one per layer, a float, an index mapping "
+                "like '[1-2:0.5]' or ratios per slot"
+            )
+        spec = dict(enumerate(spec))
+    unknown = sorted(i for i in spec if not 0 <= i < len(layers))
     if unknown:
         raise ConfigError(
-            f"stage_pr names the gate slots {unknown}, which the model does not have "
-            f"(valid: {', '.join(names)})"
+            f"stage_pr names layer indices {unknown}; the traced model has 0..{len(layers) - 1}"
         )
+    slot_of = {slot.layer: slot.name for slot in slots}
+    ratios = {}
+    for index, ratio in sorted(spec.items()):
+        if ratio == 0.0:
+            continue
+        if layers[index] not in slot_of:
+            prunable = [i for i, name in enumerate(layers) if name in slot_of]
+            raise ConfigError(
+                f"stage_pr prunes layer {index} ({layers[index]!r}), whose outputs are not a "
+                f"prunable group of the traced model; the layers with one are {prunable}"
+            )
+        ratios[slot_of[layers[index]]] = ratio
+    return ratios
+
+
+def traced_slot_ratios(
+    slots: Sequence[GateSlot], spec: RatioSpec, layers: Sequence[str] = ()
+) -> dict[str, float]:
+    """``{slot name: ratio}`` for every slot of a traced model GReg prunes (ratio > 0), in slot
+    order: every slot at one ratio, the slots ``spec`` names, or, for ratios per layer index
+    (``layers``: the traced layers in network order), the slot of each layer's outputs."""
+    indexed = _layer_indexed(spec)
+    names = [slot.name for slot in slots]
+    if indexed is not None:
+        ratios = _traced_layer_ratios(slots, indexed, layers)
+    else:
+        ratios = _keyed_ratios(spec, _SLOTS)
+        if isinstance(ratios, float):
+            ratios = dict.fromkeys(names, ratios)
+        unknown = sorted(set(ratios) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"stage_pr names the gate slots {unknown}, which the model does not have "
+                f"(valid: {', '.join(names)})"
+            )
     chosen = {name: _check_ratio(name, ratios[name]) for name in names if name in ratios}
     return {name: ratio for name, ratio in chosen.items() if ratio > 0.0}
