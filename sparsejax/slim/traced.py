@@ -27,6 +27,7 @@ from flax import nnx
 from sparsejax.data.sources import BatchSource
 from sparsejax.slim.folding import test_gate_values
 from sparsejax.structure.slim_trace import SlimFunction, slim_traced
+from sparsejax.structure.slim_trace.zeros import Rows, zero_rows
 from sparsejax.structure.sparsify import (
     GatedSlice,
     gated_slices,
@@ -46,34 +47,40 @@ def check_images(data: BatchSource, examples: int = CHECK_EXAMPLES) -> np.ndarra
     return np.asarray(images)
 
 
-def _nonzero_rows(model: TracedModel, s: GatedSlice) -> np.ndarray:
+def _live_rows(model: TracedModel, s: GatedSlice, met: Rows) -> np.ndarray:
     """True for each index of axis ``s.axis`` of the parameter ``s.path`` of ``model.net``
-    whose row holds a nonzero entry."""
+    whose row holds a nonzero entry and, where ``met`` (:func:`zero_rows`) knows the row,
+    meets a nonzero value."""
     value = np.moveaxis(np.asarray(variable_at(model.net, s.path)[...]), s.axis, 0)
-    return np.any(value.reshape(value.shape[0], -1) != 0, axis=1)
+    nonzero = np.any(value.reshape(value.shape[0], -1) != 0, axis=1)
+    return nonzero & met.get((s.path, s.axis), True)
 
 
-def read_units(model: TracedModel) -> dict[int, np.ndarray]:
-    """Per prunable traced group of ``model``, True for each unit with a nonzero entry in a
-    slice its gates act on (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the
-    kernels that read it), in ``model.net``'s current parameters."""
+def read_units(model: TracedModel, met: Rows | None = None) -> dict[int, np.ndarray]:
+    """Per prunable traced group of ``model``, True for each unit that a slice its gates act on
+    (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the kernels that read it)
+    still reads, in ``model.net``'s current parameters: a row with a nonzero entry that meets a
+    nonzero value (``met``: :func:`~sparsejax.structure.slim_trace.zeros.zero_rows`; rows it
+    does not know count as meeting one)."""
     read = {}
     for group in model.structure.groups:
         if not group.prunable:
             continue
         units = np.zeros(group.size, bool)
         for s in gated_slices(model.structure, group):
-            nonzero = _nonzero_rows(model, s)[np.asarray(s.indices)]
-            units[np.asarray(s.units)[nonzero]] = True
+            live = _live_rows(model, s, met or {})[np.asarray(s.indices)]
+            units[np.asarray(s.units)[live]] = True
         read[group.index] = units
     return read
 
 
-def selected_rows(model: TracedModel) -> dict[str, tuple[int, np.ndarray]]:
+def selected_rows(
+    model: TracedModel, met: Rows | None = None
+) -> dict[str, tuple[int, np.ndarray]]:
     """Per input selection of ``model`` (:class:`~sparsejax.structure.traced_model.GatePlacement`
-    on inputs that are no group of their own), its kernel's axis and True for each row with a
-    nonzero entry, in ``model.net``'s current parameters: the rows the slim network keeps."""
-    return {s.path: (s.axis, _nonzero_rows(model, s)) for _, s in model.selections}
+    on inputs that are no group of their own), its kernel's axis and True for each row that is
+    still read (as in :func:`read_units`): the rows the slim network keeps."""
+    return {s.path: (s.axis, _live_rows(model, s, met or {})) for _, s in model.selections}
 
 
 @nnx.jit
@@ -97,9 +104,10 @@ def slim_traced_model(
     }
     example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
     with parameters_gated(model.net, gated):
+        met = zero_rows(model.net, example)
         slim = slim_traced(
-            model.net, example, structure=model.structure, keep=read_units(model),
-            scores=scores, round_to=round_to, rows=selected_rows(model),
+            model.net, example, structure=model.structure, keep=read_units(model, met),
+            scores=scores, round_to=round_to, rows=selected_rows(model, met),
         )
     slim.check(_evaluation_logits(model, check), check)
     return slim

@@ -16,9 +16,12 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.models import build_model
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.slim_trace import load_slim_function, slim_traced
+from sparsejax.structure.slim_trace.zeros import zero_rows
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
+from sparsejax.structure.traced_model import TracedModel
 
 
 class BranchCNN(nnx.Module):
@@ -436,3 +439,57 @@ def test_rows_that_cannot_be_dropped_say_why():
         slim_traced(model, x, rows={"dense.kernel": (1, keep)})
     with pytest.raises(ConfigError, match="give a floating state array"):
         slim_traced(model, x, rows={"dense.weights": (0, keep)})
+
+
+class DeadUnits(nnx.Module):
+    """conv (6, BatchNorm, ReLU) - max pool - flatten - fc1 (8, sigmoid or ReLU) - fc2."""
+
+    def __init__(self, rngs: nnx.Rngs, activation=nnx.relu):
+        self.conv = nnx.Conv(1, 6, (3, 3), padding="VALID", rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+        self.fc1 = nnx.Linear(6 * 4 * 4, 8, rngs=rngs)
+        self.fc2 = nnx.Linear(8, 3, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x):
+        h = nnx.max_pool(nnx.relu(self.bn(self.conv(x))), (2, 2), (2, 2))
+        return self.fc2(self.activation(self.fc1(h.reshape(h.shape[0], -1))))
+
+
+def _killed(activation=nnx.relu) -> DeadUnits:
+    """Channel 2 dead from its filter and bias (BatchNorm mean 0 and bias 0 keep it 0), channel
+    4 through its BatchNorm's scale and bias, channel 3 dead from its filter but shifted by a
+    nonzero running mean (so not zero), and hidden unit 5 dead from its inputs and bias."""
+    model = DeadUnits(nnx.Rngs(0), activation)
+    conv, bn, fc1 = model.conv, model.bn, model.fc1
+    conv.kernel.set_value(conv.kernel[...].at[..., (2, 3)].set(0.0))
+    conv.bias.set_value(conv.bias[...].at[jnp.array([2, 3])].set(0.0))
+    bn.mean.set_value(bn.mean[...].at[3].set(0.5))
+    bn.scale.set_value(bn.scale[...].at[4].set(0.0))
+    bn.bias.set_value(bn.bias[...].at[4].set(0.0))
+    fc1.kernel.set_value(fc1.kernel[...].at[:, 5].set(0.0))
+    fc1.bias.set_value(fc1.bias[...].at[5].set(0.0))
+    return model
+
+
+def test_rows_that_only_ever_meet_zeros_are_found_through_the_network():
+    rows = zero_rows(_killed(), jnp.ones((1, 10, 10, 1)))
+    channel = np.arange(96) % 6
+    np.testing.assert_array_equal(rows[("fc1.kernel", 0)], (channel != 2) & (channel != 4))
+    np.testing.assert_array_equal(rows[("fc2.kernel", 0)], np.arange(8) != 5)
+    assert rows[("conv.kernel", 2)].all()
+    sigmoid = zero_rows(_killed(nnx.sigmoid), jnp.ones((1, 10, 10, 1)))
+    assert sigmoid[("fc2.kernel", 0)].all()  # sigmoid(0) = 1/2: unit 5 still reaches fc2
+
+
+def test_units_that_only_output_zeros_slim_away_with_the_same_logits():
+    """Dead units whose readers' rows are not zero: slimming removes them exactly, and keeps
+    the channel a running mean makes constant."""
+    model = TracedModel(_killed(), rngs=nnx.Rngs(1), input_shape=(10, 10, 1), num_classes=3)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 10, 10, 1)))
+    slim = slim_traced_model(model, x)
+    assert slim.params["conv.kernel"].shape == (3, 3, 1, 4)
+    assert slim.params["bn.mean"].shape == (4,)
+    assert slim.params["fc1.kernel"].shape == (64, 7)
+    assert slim.params["fc2.kernel"].shape == (7, 3)
+    assert slim.report.max_logit_difference < 1e-5

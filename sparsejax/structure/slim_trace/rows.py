@@ -45,7 +45,7 @@ class RowsError(RuntimeError):
     """A kernel whose rows are dropped is read other than by a product summing over them."""
 
 
-def _contracted(eqn) -> tuple[tuple[int, int], ...]:
+def contracted(eqn) -> tuple[tuple[int, int], ...]:
     """The paired dimensions ``(lhs, rhs)`` a product sums over (a grouped convolution's
     input features are not summed across groups); empty for other primitives."""
     if eqn.primitive.name == "dot_general":
@@ -77,7 +77,7 @@ def _forward(jaxpr, frame: Frame, rows: Positions) -> None:
                 rows[(id(children[i]), sub.invars[k])] = dropped
             elif eqn.primitive.name in PASS_THROUGH:
                 rows[(id(frame), eqn.outvars[0])] = dropped
-            elif k > 1 or not set(dropped) <= {pair[k] for pair in _contracted(eqn)}:
+            elif k > 1 or not set(dropped) <= {pair[k] for pair in contracted(eqn)}:
                 raise RowsError(
                     f"{eqn.primitive.name} reads a kernel whose rows are dropped other than "
                     "as a product summing over them; keep those rows"
@@ -145,7 +145,7 @@ def _product(eqn, frame: Frame, rows: Positions) -> tuple[list[Need], bool]:
     """The operand paired with a kernel's dropped rows reads only the kept rows; the product
     gives all of its result's positions."""
     needs = [[None] * len(_shape(v)) for v in eqn.invars]
-    for pair in _contracted(eqn):
+    for pair in contracted(eqn):
         for side in (0, 1):
             kernel = eqn.invars[1 - side]
             dropped = None if isinstance(kernel, core.Literal) else rows.get((id(frame), kernel))
@@ -207,7 +207,7 @@ def _backward(
             rule = _PASSING.get(eqn.primitive.name)
             if rule is not None:
                 operands, passed = rule(eqn, results)
-            elif _contracted(eqn):
+            elif contracted(eqn):
                 operands, passed = _product(eqn, frame, rows)
             else:
                 operands, passed = _all(eqn.invars), False
