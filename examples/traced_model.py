@@ -7,6 +7,8 @@ command line: ``--model=MODULE:FACTORY`` traces them and gates their prunable un
     PYTHONPATH=examples python -m experiments.mnist --model=traced_model:small_vit \
         --method=l0_hc --dataset=fashion_mnist --epochs=2 --steps_per_epoch=50 \
         --workdir=runs/traced_vit
+    PYTHONPATH=examples python -m experiments.mnist --model=traced_model:pixel_mlp \
+        --method=l0_hc --dataset=fashion_mnist --epochs=3 --workdir=runs/pixel_mlp
 
 The factory takes ``rngs`` and ``num_classes`` by keyword and returns a module that maps NHWC
 images to logits; NNX's ``train()`` / ``eval()`` switch its BatchNorm (the engine calls them).
@@ -17,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sparsejax import GatePlacement
 
 
 class SmallCNN(nnx.Module):
@@ -87,3 +91,30 @@ def small_vit(*, rngs: nnx.Rngs, num_classes: int) -> SmallViT:
     """The transformer's factory: its heads, head dimensions and MLP units are found and
     gated from the trace."""
     return SmallViT(rngs=rngs, num_classes=num_classes)
+
+
+class PixelMLP(nnx.Module):
+    """LeNet-300-100 with the gates of Louizos et al. (2018), placed by its own
+    ``gate_placements``: one per pixel (the rows of ``fc1`` alone, since the image has no
+    producer) and one per hidden unit, at the inputs of the layer that reads it. GReg and gmp
+    leave the placements out and prune the hidden layers' outputs."""
+
+    gate_placements = (
+        GatePlacement("pixels", "fc1", "input", droprate_init=0.2),
+        GatePlacement("hidden1", "fc2", "input"),
+        GatePlacement("hidden2", "fc3", "input"),
+    )
+
+    def __init__(self, *, rngs: nnx.Rngs, num_classes: int):
+        self.fc1 = nnx.Linear(784, 300, rngs=rngs)
+        self.fc2 = nnx.Linear(300, 100, rngs=rngs)
+        self.fc3 = nnx.Linear(100, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.fc3(jax.nn.relu(self.fc2(h)))
+
+
+def pixel_mlp(*, rngs: nnx.Rngs, num_classes: int) -> PixelMLP:
+    """The factory named on the command line."""
+    return PixelMLP(rngs=rngs, num_classes=num_classes)

@@ -7,13 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
+from sparsejax.methods.base import RunInfo
+from sparsejax.methods.l0_hc import L0HardConcrete
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
-from sparsejax.structure.traced_model import TracedModel
+from sparsejax.structure.traced_model import TracedModel, build_traced_model
 from sparsejax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +149,20 @@ def test_the_example_transformer_is_gated_by_heads_head_dimensions_and_mlp_units
     attention = 2 * 64 * 16 * 16  # Q K^T and A V over 16 tokens, 4 heads of 16
     block_flops = 16 * (4 * 64 * 64 + 2 * 64 * 128) + attention
     assert float(dense["flops"]) == 16 * 49 * 64 + 2 * block_flops + 64 * 10
+
+
+def test_the_example_mlp_places_the_l0_gates_and_slims_away_its_closed_pixels(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    model = build_traced_model("traced_model:pixel_mlp", rngs=nnx.Rngs(params=0),
+                               num_classes=10, input_shape=(28, 28, 1),
+                               gate_factory=method.make_gates)
+    assert [(s.name, s.shape) for s in model.gate_slots] == [
+        ("pixels", (784,)), ("hidden1", (300,)), ("hidden2", (100,))]
+    pixels = model.gates["pixels"].log_alpha
+    pixels.set_value(jnp.where(jnp.arange(784) < 100, -10.0, 10.0))
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 28, 28, 1)))
+    slim = slim_traced_model(model, x)
+    assert slim.params["fc1.kernel"].shape == (684, 300)
+    assert slim.report.rows == {"fc1.kernel": [684, 784]}
+    assert slim.report.max_logit_difference < 1e-5

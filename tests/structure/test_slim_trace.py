@@ -417,6 +417,7 @@ def test_dropped_rows_leave_their_products_and_the_chain_only_they_read():
     for name in ("scale", "bias", "mean", "var"):
         assert shapes[f"bn.{name}"] == (7,)
     report = slim.report
+    assert report.rows == {"stem.kernel": [4, 6], "own.kernel": [7, 10]}
     assert report.params_before - report.params_after == 2 * 10 + 3 * 4
     assert report.flops_before - report.flops_after == 2 * 10 + 3 * 4
 

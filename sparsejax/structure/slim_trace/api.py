@@ -58,8 +58,10 @@ class SlimReport:
     """Widths and costs of a slim network: params (kernel weights + layer biases) and MACs per
     example from the traced counts, before and after; ``stored_params_before`` /
     ``stored_params_after`` the floats in all state arrays (normalisers and statistics
-    included); ``max_logit_difference`` the largest absolute output difference to the gated
-    model on a check batch, once measured."""
+    included); ``rows`` per kernel whose rows were dropped (``rows`` of :func:`slim_traced`:
+    an input selection), ``[kept, size]`` along that axis, by its rows and its units;
+    ``max_logit_difference`` the largest absolute output difference to the gated model on a
+    check batch, once measured."""
 
     groups: tuple[SlimGroup, ...]
     round_to: int
@@ -70,6 +72,7 @@ class SlimReport:
     stored_params_before: int
     stored_params_after: int
     max_logit_difference: float | None = None
+    rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def widths(self) -> dict[int, int]:
@@ -271,6 +274,7 @@ def _report(
     floating: Mapping[str, jax.Array],
     params: Mapping[str, jax.Array],
     row_share: Mapping[str, float],
+    rows: Mapping[str, tuple[int, np.ndarray]],
 ) -> SlimReport:
     """Widths, status and costs of the slim network (``kept``: units kept per group;
     ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps)."""
@@ -298,6 +302,8 @@ def _report(
         flops_after=after.flops - saved_macs,
         stored_params_before=int(sum(v.size for v in floating.values())),
         stored_params_after=int(sum(v.size for v in params.values())),
+        rows={path: [int(params[path].shape[axis]), int(np.size(keep))]
+              for path, (axis, keep) in rows.items()},
     )
 
 
@@ -397,6 +403,7 @@ def slim_traced(
         outs = narrowed.run(jaxpr, consts, program.frame, [*args, x], x.shape[0])
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
-    report = _report(traced, kept, moved(keep, True), round_to, floating, params, row_share)
+    report = _report(traced, kept, moved(keep, True), round_to, floating, params, row_share,
+                     rows or {})
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
     return SlimFunction(slim_apply, params, report, input_spec)
