@@ -20,7 +20,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import RunInfo
-from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
+from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios, traced_stages
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
@@ -244,24 +244,43 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
 @pytest.mark.parametrize("name, stage_pr", [
     ("mlp", 0.5), ("mlp", (0.3, 0.6, 0.0)), ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
     ("vgg16", "[1-12:0.5]"), ("vgg19", 0.25),
+    ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
+    ("wrn28_10", (0, 0.2, 0.4, 0.6, 0)), ("resnet34", (0, 0.1, 0.2, 0.3, 0.4, 0)),
+    ("resnet50", (0, 0.1, 0.2, 0.3, 0.4, 0)),
 ])
-def test_greg_ratios_per_layer_index_prune_the_declared_filters_of_a_traced_zoo_model(
-    name, stage_pr
-):
-    """The zoo's single-branch rule, one ratio per layer index, picks the same layers' output
-    filters on the model traced as a plain module, at the same ratios and widths."""
+def test_greg_layer_rules_prune_the_declared_filters_of_a_traced_zoo_model(name, stage_pr):
+    """The zoo's rules, one ratio per layer index for a single-branch network and the stage
+    list ``[stem, stage 1, ..., stage k, fc]`` over the convolutions inside the blocks of a
+    residual one, pick the same layers' output filters on the model traced as a plain module,
+    at the same ratios and widths."""
     shape = ZOO[name]
     zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10)
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
     declared = layer_ratios(zoo.layers, stage_pr, "filter")
-    traced = traced_slot_ratios(model.gate_slots, stage_pr, [l.name for l in model.layers])
+    traced = traced_slot_ratios(model.gate_slots, stage_pr, [l.name for l in model.layers],
+                                traced_stages(model))
     slots = {slot.name: slot for slot in model.gate_slots}
     widths = {layer.name: layer.out_units for layer in zoo.layers}
     assert {slots[n].layer: (r, slots[n].shape[0]) for n, r in traced.items()} == {
         "zoo." + where[id(zoo.layer_module(layer))]: (r, widths[layer])
         for layer, r in declared.items()
     }
+
+
+def test_a_stage_list_that_does_not_fit_a_traced_residual_network_says_why():
+    def traced(name):
+        zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=ZOO[name])
+        return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=ZOO[name],
+                           num_classes=10)
+
+    assert traced_stages(traced("lenet5")) is None
+    model = traced("resnet20")
+    layers, stages = [layer.name for layer in model.layers], traced_stages(model)
+    with pytest.raises(ConfigError, match=r"whose blocks have 3 stages \(by output resolution"):
+        traced_slot_ratios(model.gate_slots, (0, 0.5, 0.5, 0), layers, stages)
+    with pytest.raises(ConfigError, match="the stem and fc ratios must be 0"):
+        traced_slot_ratios(model.gate_slots, (0.1, 0.5, 0.5, 0.5, 0), layers, stages)
 
 
 def set_random_gates(*models: GatedModel) -> None:

@@ -70,6 +70,7 @@ from sparsejax.methods.greg.rules import (
     layer_ratios,
     slot_ratios,
     traced_slot_ratios,
+    traced_stages,
 )
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
@@ -307,7 +308,7 @@ class GReg(Method):
                 )
             ratios = (
                 traced_slot_ratios(tuple(slots.values()), self.config.stage_pr,
-                                   [layer.name for layer in model.layers])
+                                   [layer.name for layer in model.layers], traced_stages(model))
                 if traced else slot_ratios(tuple(slots.values()), self.config.stage_pr)
             )
             return tuple(

@@ -31,7 +31,10 @@ gate slots, the prunable groups the trace found (:func:`traced_slot_ratios`): ``
 float for every slot, one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
 (unlisted slots: 0), or, as for a single-branch zoo model, one ratio per layer index of the
 traced layers in network order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each
-pruning the group of its layer's outputs.
+pruning the group of its layer's outputs. On a traced residual network (one with a stream) a
+sequence is the zoo's stage list ``[stem, stage 1, ..., stage k, fc]`` instead: the slots inside
+its blocks (one producer, one reader) at their stage's ratio, a stage being an output
+resolution (:func:`traced_stages`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from typing import Literal, NamedTuple
 from sparsejax.errors import ConfigError
 from sparsejax.models.base import GateSlot, Layer
 from sparsejax.models.transformer import FAMILIES, slot_family
+from sparsejax.structure.sparsify import gated_slices
+from sparsejax.structure.traced_model import TracedModel
 
 GroupGranularity = Literal["filter", "weight"]
 GROUP_GRANULARITIES: tuple[str, ...] = ("filter", "weight")
@@ -346,15 +351,61 @@ def _traced_layer_ratios(
     return ratios
 
 
+def traced_stages(model: TracedModel) -> dict[str, int | None] | None:
+    """For a traced residual network (a group with several producers: a residual stream), the
+    stage (0-based) of every unit slot inside a block, else None: a slot is inside a block
+    when its group has one producer and one reading layer (a block's conv1, not the stem or a
+    stream), and its stage is the rank of that reader's output resolution (output positions
+    per example, largest first), which a stage's stride changes. None for a network without
+    streams."""
+    structure = model.structure
+    if not any(len(group.producers) > 1 for group in structure.groups):
+        return None
+    positions = {c.kernel: c.macs / c.weights for c in structure.layer_counts() if c.weights}
+    resolution: dict[str, float | None] = {}
+    for index, name in model.group_slots:
+        group = structure.groups[index]
+        produced = {path for path, _ in group.producers}
+        readers = {s.path for s in gated_slices(structure, group)} - produced
+        inside = len(produced) == 1 and len(readers) == 1
+        resolution[name] = positions.get(next(iter(readers))) if inside else None
+    ranks = sorted({r for r in resolution.values() if r is not None}, reverse=True)
+    return {name: None if r is None else ranks.index(r) for name, r in resolution.items()}
+
+
+def _traced_stage_ratios(spec: list[float], stages: Mapping[str, int | None]) -> dict[str, float]:
+    """``[stem, stage 1, ..., stage k, fc]``: each slot inside a block at its stage's ratio."""
+    found = len({s for s in stages.values() if s is not None})
+    if len(spec) - 2 != found:
+        raise ConfigError(
+            f"stage_pr {spec} must be [stem, one ratio per stage, fc] for this traced residual "
+            f"network, whose blocks have {found} stages (by output resolution), or ratios per "
+            "layer index like '[3-5:0.5]' or per slot"
+        )
+    if spec[0] or spec[-1]:
+        raise ConfigError(
+            f"stage_pr {spec}: the stem and fc ratios must be 0 with filter granularity (the "
+            "stem sets the residual width, fc the classes)"
+        )
+    return {name: spec[1 + stage] for name, stage in stages.items() if stage is not None}
+
+
 def traced_slot_ratios(
-    slots: Sequence[GateSlot], spec: RatioSpec, layers: Sequence[str] = ()
+    slots: Sequence[GateSlot],
+    spec: RatioSpec,
+    layers: Sequence[str] = (),
+    stages: Mapping[str, int | None] | None = None,
 ) -> dict[str, float]:
     """``{slot name: ratio}`` for every slot of a traced model GReg prunes (ratio > 0), in slot
-    order: every slot at one ratio, the slots ``spec`` names, or, for ratios per layer index
-    (``layers``: the traced layers in network order), the slot of each layer's outputs."""
+    order: every slot at one ratio, the slots ``spec`` names, for ratios per layer index
+    (``layers``: the traced layers in network order) the slot of each layer's outputs, or, for
+    a sequence on a residual network (``stages``: :func:`traced_stages`), the zoo's stage list
+    ``[stem, stage 1, ..., stage k, fc]`` over the slots inside its blocks."""
     indexed = _layer_indexed(spec)
     names = [slot.name for slot in slots]
-    if indexed is not None:
+    if isinstance(indexed, list) and stages is not None:
+        ratios = _traced_stage_ratios(indexed, stages)
+    elif indexed is not None:
         ratios = _traced_layer_ratios(slots, indexed, layers)
     else:
         ratios = _keyed_ratios(spec, _SLOTS)
