@@ -201,7 +201,7 @@ def _backward(
         if sub is not None:
             operands = _backward(sub, children[i], rows, results, read)
             for var, inner in zip(eqn.outvars, sub.outvars):
-                if (id(children[i]), inner) in read:
+                if not isinstance(inner, core.Literal) and (id(children[i]), inner) in read:
                     read[(id(frame), var)] = read[(id(children[i]), inner)]
         else:
             rule = _PASSING.get(eqn.primitive.name)
