@@ -61,6 +61,15 @@ def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
     return model(x)
 
 
+def evaluation_copy(module: nnx.Module) -> nnx.Module:
+    """A copy of ``module`` (sharing its arrays) in NNX evaluation mode; ``module`` keeps its
+    own mode."""
+    graphdef, state = nnx.split(module)
+    copy = nnx.merge(graphdef, state)
+    copy.eval()
+    return copy
+
+
 @dataclasses.dataclass(frozen=True)
 class GatedSlice:
     """Gate values ``z[units[k]]`` multiply index ``indices[k]`` of axis ``axis`` of the
@@ -319,10 +328,7 @@ class Sparsified(nnx.Module):
             apply=apply,
         )
         if check is not None:
-            graphdef, state = nnx.split(self)
-            evaluated = nnx.merge(graphdef, state)
-            evaluated.eval()
-            slim.check(nnx.jit(apply)(evaluated, check), check)
+            slim.check(nnx.jit(apply)(evaluation_copy(self), check), check)
         return slim
 
     def report(self) -> SparsityReport:

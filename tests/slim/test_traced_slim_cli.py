@@ -22,7 +22,7 @@ from sparsejax.slim.traced import check_images
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.loop import SUMMARY_FILE, load_data
 from tests.slim.test_slim_cli import eval_logits, restore_changed
-from tests.structure.test_traced_model import ViT
+from tests.structure.test_traced_model import PixelMLP, ViT
 
 THIS_MODULE = Path(__file__).stem
 
@@ -49,6 +49,10 @@ def tiny_cnn(*, rngs: nnx.Rngs, num_classes: int) -> TinyCNN:
 
 def vit(*, rngs: nnx.Rngs, num_classes: int) -> ViT:
     return ViT(rngs=rngs, num_classes=num_classes)
+
+
+def pixel_mlp(*, rngs: nnx.Rngs, num_classes: int) -> PixelMLP:
+    return PixelMLP(rngs=rngs, num_classes=num_classes)
 
 
 def train_tiny_cnn(
@@ -297,3 +301,24 @@ def test_a_run_pruning_units_by_zeroing_slims_to_the_units_it_pruned(
     np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=0)
     report = json.loads((output / SLIM_REPORT_FILE).read_text())
     assert report["params_after"] == pytest.approx(summary["params"])
+
+
+def close_the_first_100_pixels(model) -> None:
+    pixels = model.gates["pixels"].log_alpha
+    pixels[...] = jnp.where(jnp.arange(784) < 100, -10.0, 10.0)
+
+
+def test_a_run_with_placed_pixel_gates_slims_its_closed_pixels_away(
+    tmp_path, monkeypatch, capsys
+):
+    """The model's own placements (pixels an input selection of fc1): the command takes the
+    closed pixels' rows out, says so, and records them in the report."""
+    run = train_tiny_cnn(tmp_path / "run", factory="pixel_mlp")
+    restore_changed(monkeypatch, close_the_first_100_pixels)
+    output = tmp_path / "slim"
+    assert cli.main([str(run), "--output", str(output)]) == 0
+    assert "rows of fc1.kernel kept (input selection): 684/784" in capsys.readouterr().out
+    slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    assert slim.params["fc1.kernel"].shape == (684, 30)
+    assert slim.report.rows == {"fc1.kernel": [684, 784]}
+    assert slim.report.max_logit_difference < 1e-5

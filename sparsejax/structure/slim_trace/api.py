@@ -26,7 +26,7 @@ from sparsejax.structure.accounting import reduction
 from sparsejax.structure.slim_trace.interpret import Narrowed, conform, opened
 from sparsejax.structure.slim_trace.rows import RowsError, dropped_positions
 from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
-from sparsejax.structure.sparsify import gated_slices, scaled_slice
+from sparsejax.structure.sparsify import evaluation_copy, gated_slices, scaled_slice
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
 
 Apply = Callable[[nnx.Module, jax.Array], jax.Array]
@@ -344,9 +344,7 @@ def slim_traced(
     """
     if round_to < 1:
         raise ConfigError(f"slim_traced: round_to must be a positive integer, got {round_to}")
-    graphdef, state = nnx.split(model)
-    evaluated = nnx.merge(graphdef, state)
-    evaluated.eval()
+    evaluated = evaluation_copy(model)
     batch = _traced_batch(evaluated, example_input)
     spec = jax.ShapeDtypeStruct((batch, *example_input.shape[1:]), example_input.dtype)
     program = trace_program(evaluated, spec, apply=apply)
@@ -375,7 +373,7 @@ def slim_traced(
         traced, program.frame, moved(keep, True), round_to=round_to, scores=moved(scores, 0.0)
     )
     unit_values = traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()})
-    leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(state)))
+    leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(nnx.state(evaluated))))
     floating = {p: v for p, v in leaves.items() if jnp.issubdtype(v.dtype, jnp.floating)}
     jaxpr, consts = opened(program.jaxpr)
     chosen, row_share = _rows(Narrowed(unit_values, batch), program.frame,

@@ -93,7 +93,7 @@ def opened(closed) -> tuple[object, tuple]:
     return getattr(closed, "jaxpr", closed), tuple(getattr(closed, "consts", ()) or ())
 
 
-def _called(eqn) -> tuple[object, Sequence] | None:
+def called_jaxpr(eqn) -> tuple[object, Sequence] | None:
     """The jaxpr a call primitive runs, with its constants."""
     sub = sub_jaxpr(eqn)
     if sub is None:
@@ -159,7 +159,7 @@ class Narrowed:
             ins = [read(var) for var in eqn.invars]
             ins_kept = [self.kept(frame, var) for var in eqn.invars]
             outs_kept = [self.kept(frame, var) for var in eqn.outvars]
-            called = _called(eqn)
+            called = called_jaxpr(eqn)
             if called is not None:
                 sub, sub_consts = called
                 child = next(children)

@@ -96,24 +96,25 @@ def _union(needs: list[Need], ndim: int) -> Need:
     )
 
 
-def _shape(var) -> tuple[int, ...]:
+def var_shape(var) -> tuple[int, ...]:
+    """The shape of a jaxpr variable (() for a token or the like)."""
     return tuple(getattr(var.aval, "shape", ()))
 
 
 def _elementwise(eqn, outs: list[Need]) -> tuple[list[Need], bool]:
-    out = _shape(eqn.outvars[0])
+    out = var_shape(eqn.outvars[0])
     operands = [
-        tuple(outs[0][d] if s == out[d] else None for d, s in enumerate(_shape(var)))
-        if len(_shape(var)) == len(out) else (None,) * len(_shape(var))
+        tuple(outs[0][d] if s == out[d] else None for d, s in enumerate(var_shape(var)))
+        if len(var_shape(var)) == len(out) else (None,) * len(var_shape(var))
         for var in eqn.invars
     ]
     return operands, True
 
 
 def _broadcast_in_dim(eqn, outs: list[Need]) -> tuple[list[Need], bool]:
-    dims, out = eqn.params["broadcast_dimensions"], _shape(eqn.outvars[0])
+    dims, out = eqn.params["broadcast_dimensions"], var_shape(eqn.outvars[0])
     operand = tuple(
-        outs[0][d] if s == out[d] else None for s, d in zip(_shape(eqn.invars[0]), dims)
+        outs[0][d] if s == out[d] else None for s, d in zip(var_shape(eqn.invars[0]), dims)
     )
     return [operand, *_all(eqn.invars[1:])], True
 
@@ -121,7 +122,7 @@ def _broadcast_in_dim(eqn, outs: list[Need]) -> tuple[list[Need], bool]:
 def _reshape(eqn, outs: list[Need]) -> tuple[list[Need], bool]:
     """A reshape that only adds or removes dimensions of size 1 maps the others in order;
     any other reshape reads everything and gives all positions."""
-    shape, out = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+    shape, out = var_shape(eqn.invars[0]), var_shape(eqn.outvars[0])
     kept_in = [d for d, s in enumerate(shape) if s != 1]
     kept_out = [d for d, s in enumerate(out) if s != 1]
     if [shape[d] for d in kept_in] != [out[d] for d in kept_out]:
@@ -137,27 +138,27 @@ def _reduce(eqn, outs: list[Need]) -> tuple[list[Need], bool]:
     others."""
     axes = set(eqn.params["axes"])
     others = iter(outs[0])
-    need = tuple(None if d in axes else next(others) for d in range(len(_shape(eqn.invars[0]))))
+    need = tuple(None if d in axes else next(others) for d in range(len(var_shape(eqn.invars[0]))))
     return [need], True
 
 
 def _product(eqn, frame: Frame, rows: Positions) -> tuple[list[Need], bool]:
     """The operand paired with a kernel's dropped rows reads only the kept rows; the product
     gives all of its result's positions."""
-    needs = [[None] * len(_shape(v)) for v in eqn.invars]
+    needs = [[None] * len(var_shape(v)) for v in eqn.invars]
     for pair in contracted(eqn):
         for side in (0, 1):
             kernel = eqn.invars[1 - side]
             dropped = None if isinstance(kernel, core.Literal) else rows.get((id(frame), kernel))
             if dropped is not None and pair[1 - side] in dropped:
-                mask = np.zeros(_shape(eqn.invars[side])[pair[side]], bool)
+                mask = np.zeros(var_shape(eqn.invars[side])[pair[side]], bool)
                 mask[dropped[pair[1 - side]]] = True
                 needs[side][pair[side]] = mask
     return [tuple(n) for n in needs], False
 
 
 def _all(variables) -> list[Need]:
-    return [(None,) * len(_shape(v)) for v in variables]
+    return [(None,) * len(var_shape(v)) for v in variables]
 
 
 def _record(read: Positions, frame: Frame, var, need: Need) -> None:
@@ -167,7 +168,7 @@ def _record(read: Positions, frame: Frame, var, need: Need) -> None:
 
 
 _PASSING = {
-    **dict.fromkeys(ELEMENTWISE | PASS_THROUGH, _elementwise),
+    **dict.fromkeys(ELEMENTWISE, _elementwise),
     "broadcast_in_dim": _broadcast_in_dim,
     "reshape": _reshape,
     "reduce_sum": _reduce,
@@ -196,7 +197,7 @@ def _backward(
     use(jaxpr.outvars, outs)
     for i in reversed(range(len(jaxpr.eqns))):
         eqn = jaxpr.eqns[i]
-        results = [_union(uses.get(var, []), len(_shape(var))) for var in eqn.outvars]
+        results = [_union(uses.get(var, []), len(var_shape(var))) for var in eqn.outvars]
         sub = sub_jaxpr(eqn)
         if sub is not None:
             operands = _backward(sub, children[i], rows, results, read)
@@ -215,7 +216,7 @@ def _backward(
                 for var, need in zip(eqn.outvars, results):
                     _record(read, frame, var, need)
         use(eqn.invars, operands)
-    inputs = {var: _union(uses.get(var, []), len(_shape(var)))
+    inputs = {var: _union(uses.get(var, []), len(var_shape(var)))
               for var in [*jaxpr.constvars, *jaxpr.invars]}
     for var, need in inputs.items():
         _record(read, frame, var, need)
@@ -239,7 +240,7 @@ def dropped_positions(
     }
     _forward(jaxpr, frame, kernels)
     read: Positions = {}
-    _backward(jaxpr, frame, kernels, [(None,) * len(_shape(v)) for v in jaxpr.outvars], read)
+    _backward(jaxpr, frame, kernels, [(None,) * len(var_shape(v)) for v in jaxpr.outvars], read)
     for key, dims in kernels.items():
         read.setdefault(key, {}).update(dims)
     return read

@@ -35,12 +35,11 @@ import numpy as np
 from flax import nnx
 from jax.extend import core
 
-from sparsejax.models.batch_chunks import whole_batch
-from sparsejax.structure.slim_trace.interpret import opened
-from sparsejax.structure.slim_trace.rows import PASS_THROUGH, contracted
-from sparsejax.structure.trace.analyze import dotted_path
+from sparsejax.structure.slim_trace.interpret import called_jaxpr, opened
+from sparsejax.structure.slim_trace.rows import PASS_THROUGH, contracted, var_shape
+from sparsejax.structure.sparsify import evaluation_copy
+from sparsejax.structure.trace.analyze import dotted_path, forward_jaxpr
 from sparsejax.structure.trace.rules import UNARY
-from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
 
 Rows = dict[tuple[str, int], np.ndarray]
 """``(parameter path, axis) -> True`` for each row that meets a nonzero value somewhere."""
@@ -96,13 +95,12 @@ class _Indicators:
 
     def _equation(self, eqn, ins: list, names: Mapping[object, str]) -> list:
         name = eqn.primitive.name
-        sub = sub_jaxpr(eqn)
-        if sub is not None:
-            closed = next(eqn.params[k] for k in SUB_JAXPR_PARAMS
-                          if k in eqn.params and opened(eqn.params[k])[0] is sub)
+        called = called_jaxpr(eqn)
+        if called is not None:
+            sub, consts = called
             inner = {v: names[o] for o, v in zip(eqn.invars, sub.invars)
                      if not isinstance(o, core.Literal) and o in names}
-            return self.run(sub, opened(closed)[1], ins, inner)
+            return self.run(sub, consts, ins, inner)
         if name in ("dot_general", "conv_general_dilated"):
             self._record(eqn, ins, names)
         if name in _SAME_ON_INDICATORS:
@@ -112,16 +110,16 @@ class _Indicators:
         if name == "mul":
             return [ins[0] * ins[1]]
         if name == "div":
-            return [jnp.broadcast_to(ins[0], _shape(eqn.outvars[0]))]
+            return [jnp.broadcast_to(ins[0], var_shape(eqn.outvars[0]))]
         if name in _EITHER or name == "select_n":
             cases = ins[1:] if name == "select_n" else ins
             return [jnp.broadcast_to(jnp.max(jnp.stack(jnp.broadcast_arrays(*cases)), 0),
-                                     _shape(eqn.outvars[0]))]
+                                     var_shape(eqn.outvars[0]))]
         if name in _OPERAND_ZERO_KEPT or (name in UNARY and _maps_zero_to_zero(eqn)):
             return [ins[0]]
         if name == "reduce_min":
             return [jnp.max(ins[0], axis=eqn.params["axes"])]
-        return [jnp.ones(_shape(var), jnp.float32) for var in eqn.outvars]
+        return [jnp.ones(var_shape(var), jnp.float32) for var in eqn.outvars]
 
     def _record(self, eqn, ins: list, names: Mapping[object, str]) -> None:
         """For each parameter operand, which rows along a summed axis meet a nonzero entry of
@@ -146,10 +144,6 @@ def _indicator(value) -> jax.Array:
     return jnp.asarray(value != 0, jnp.float32)
 
 
-def _shape(var) -> tuple[int, ...]:
-    return tuple(getattr(var.aval, "shape", ()))
-
-
 def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
     return model(x)
 
@@ -163,20 +157,10 @@ def zero_rows(
     that meets a value other than zero for some input, in ``model``'s evaluation forward pass
     ``apply(model, x)`` with its current parameters (see the module docstring); a row marked
     False only ever multiplies zeros."""
-    graphdef, state = nnx.split(model)
-    evaluated = nnx.merge(graphdef, state)
-    evaluated.eval()
-    graphdef, state = nnx.split(evaluated)
-    keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = [leaf for _, leaf in keyed]
-
-    def forward(arrays: list[jax.Array], x: jax.Array) -> jax.Array:
-        return apply(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays)), x)
-
     x = jax.ShapeDtypeStruct((1, *example_input.shape[1:]), example_input.dtype)
-    with whole_batch():
-        closed = jax.make_jaxpr(forward)(leaves, x)
+    closed, keyed, _ = forward_jaxpr(evaluation_copy(model), x, apply)
     jaxpr, consts = opened(closed)
+    leaves = [leaf for _, leaf in keyed]
     paths = [dotted_path(path) for path, _ in keyed]
 
     @jax.jit

@@ -66,6 +66,28 @@ def trace_structure(
     return trace_program(model, example_input, apply=apply).structure
 
 
+def forward_jaxpr(
+    model: nnx.Module,
+    example_input: jax.Array | jax.ShapeDtypeStruct,
+    apply: Apply = _call,
+) -> tuple[object, list[tuple[tuple, jax.Array]], object]:
+    """The closed jaxpr of ``apply(model, x)`` as a function of the model's state arrays (in
+    state order) and ``x`` of ``example_input``'s shape, convolutions on the whole batch; with
+    each array's state path (:func:`dotted_path` names it) and the output's shape tree."""
+    graphdef, state = nnx.split(model)
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
+
+    def forward(arrays: list[jax.Array], x: jax.Array) -> jax.Array:
+        return apply(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays)), x)
+
+    x = jax.ShapeDtypeStruct(example_input.shape, example_input.dtype)
+    with whole_batch():
+        closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(
+            [leaf for _, leaf in keyed], x
+        )
+    return closed, keyed, out_shape
+
+
 def trace_program(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
@@ -74,17 +96,9 @@ def trace_program(
 ) -> TracedProgram:
     """:func:`trace_structure`, keeping the jaxpr and the fields of all its variables (what
     slimming needs to run the jaxpr with fewer units)."""
-    graphdef, state = nnx.split(model)
-    is_param = {dotted_path(path): isinstance(v, nnx.Param) for path, v in nnx.to_flat_state(state)}
-    keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = [leaf for _, leaf in keyed]
-
-    def forward(arrays: list[jax.Array], x: jax.Array) -> jax.Array:
-        return apply(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays)), x)
-
-    x = jax.ShapeDtypeStruct(example_input.shape, example_input.dtype)
-    with whole_batch():
-        closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(leaves, x)
+    is_param = {dotted_path(path): isinstance(v, nnx.Param)
+                for path, v in nnx.to_flat_state(nnx.state(model))}
+    closed, keyed, out_shape = forward_jaxpr(model, example_input, apply)
 
     ctx = Context()
     inputs, param_ids = [], {}
