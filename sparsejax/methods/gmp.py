@@ -24,9 +24,10 @@ so that no layer is cut off whole. ``gmp_structure``:
   stream channel is removed only from all members at once) and layers read by a depthwise
   convolution or, with other producers, through an input BatchNorm (DenseNet): there a zeroed
   unit becomes a constant, not a removable zero. On a traced model (``--model=MODULE:FACTORY``)
-  the units are those of its gate slots, the prunable groups of its trace, scored by their first
-  producer's filter and removed with every slice the trace ties to them (producers, normalisers,
-  readers' rows); a target is refused there (give ``final_sparsity``).
+  the units are those of its gate slots, the prunable groups of its trace outside the residual
+  streams (:func:`~sparsejax.structure.blocks.outside_streams`, as in the zoo), scored by their
+  first producer's filter and removed with every slice the trace ties to them
+  (producers, normalisers, readers' rows); a target is refused there (give ``final_sparsity``).
 
 Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 """
@@ -51,6 +52,7 @@ from sparsejax.methods.prune_sampling import cubic_sparsity
 from sparsejax.methods.registry import register
 from sparsejax.methods.slot_groups import unit_mean_magnitudes
 from sparsejax.models.base import GatedModel, GateSlot
+from sparsejax.structure.blocks import outside_streams
 from sparsejax.structure.traced_model import TracedModel
 
 SCOPES = ("layer", "global")
@@ -151,7 +153,7 @@ class GradualMagnitudePruning(Method):
         if self.config.gmp_structure == "weight":
             return tuple(layer.name for layer in model.layers)
         if self.by_slots(model):
-            return tuple(slot.name for slot in model.gate_slots)
+            return tuple(outside_streams(model))
         in_streams = {name for coupling in model.channel_couplings for name in coupling.layers}
         # A depthwise reader turns a zero channel into a constant; so does an input BatchNorm,
         # unless the reader reads this layer alone and its BatchNorm channel is zeroed too.

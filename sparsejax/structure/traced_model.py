@@ -31,8 +31,9 @@ of a hand-written declaration:
   (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). At weight granularity
   every traced kernel gets one gate per entry (a slot named after its layer, shaped like the
   kernel), multiplied into the kernel.
-- **Couplings**: a group with several producers (a residual stream) is a
-  :class:`ChannelCoupling` of their layers (``fixed`` when the group is not prunable).
+- **Couplings**: a group with several producers (a residual stream, or kernels tied by a
+  product or a depthwise convolution) is a :class:`ChannelCoupling` of their layers (``fixed``
+  when the group is not prunable).
 - **Gate placements** (``placements``, :class:`GatePlacement`): where a paper gates other units
   than every prunable group, one placement per slot names a layer and a side. Its output units
   are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
@@ -687,7 +688,8 @@ class TracedModel(GatedModel):
         )
 
     def _couplings(self) -> tuple[ChannelCoupling, ...]:
-        """The groups with several producers (residual streams), fixed when not prunable."""
+        """The groups with several producers (residual streams, and the kernels a product or a
+        depthwise convolution ties), fixed when not prunable."""
         names = _slot_names(self.structure)
         return tuple(
             ChannelCoupling(

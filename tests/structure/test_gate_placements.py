@@ -20,7 +20,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import RunInfo
-from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios, traced_stages
+from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
@@ -29,6 +29,7 @@ from sparsejax.models.densenet import DenseNet
 from sparsejax.slim.surgery import slim_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
+from sparsejax.structure.blocks import traced_layer_stages, traced_stages
 from sparsejax.structure.traced_model import GatePlacement, TracedModel
 from sparsejax.train.sharding import create_mesh
 from sparsejax.train.state import init_state, merge_model
@@ -245,26 +246,86 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     ("mlp", 0.5), ("mlp", (0.3, 0.6, 0.0)), ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
     ("vgg16", "[1-12:0.5]"), ("vgg19", 0.25),
     ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
+    ("resnet20", 0.4), ("resnet34", 0.3),
     ("wrn28_10", (0, 0.2, 0.4, 0.6, 0)), ("resnet34", (0, 0.1, 0.2, 0.3, 0.4, 0)),
     ("resnet50", (0, 0.1, 0.2, 0.3, 0.4, 0)),
 ])
 def test_greg_layer_rules_prune_the_declared_filters_of_a_traced_zoo_model(name, stage_pr):
     """The zoo's rules, one ratio per layer index for a single-branch network and the stage
     list ``[stem, stage 1, ..., stage k, fc]`` over the convolutions inside the blocks of a
-    residual one, pick the same layers' output filters on the model traced as a plain module,
-    at the same ratios and widths."""
-    shape = ZOO[name]
-    zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
-    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10)
-    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+    residual one (one ratio: all of those, never the stem or a stream), pick the same layers'
+    output filters on the model traced as a plain module, at the same ratios and widths."""
+    zoo, model = traced_zoo(name)
     declared = layer_ratios(zoo.layers, stage_pr, "filter")
     traced = traced_slot_ratios(model.gate_slots, stage_pr, [l.name for l in model.layers],
                                 traced_stages(model))
     slots = {slot.name: slot for slot in model.gate_slots}
     widths = {layer.name: layer.out_units for layer in zoo.layers}
     assert {slots[n].layer: (r, slots[n].shape[0]) for n, r in traced.items()} == {
-        "zoo." + where[id(zoo.layer_module(layer))]: (r, widths[layer])
-        for layer, r in declared.items()
+        traced_layer(zoo, layer): (r, widths[layer]) for layer, r in declared.items()
+    }
+
+
+def traced_zoo(name: str) -> tuple[GatedModel, TracedModel]:
+    """A zoo model and the same network traced as a plain module, without placements."""
+    shape = ZOO[name]
+    zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
+    return zoo, TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape,
+                            num_classes=10)
+
+
+def traced_layer(zoo: GatedModel, layer: str) -> str:
+    """The traced name of the zoo's declared ``layer`` in :class:`Bare`."""
+    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+    return "zoo." + where[id(zoo.layer_module(layer))]
+
+
+@pytest.mark.parametrize("name, stage_pr", [
+    ("lenet5", (0.1, 0.2, 0.3, 0.4)), ("vgg16", "[1-12:0.5]"), ("resnet20", 0.5),
+    ("resnet20", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet20", "[0, 0.3, 0.4, 0.5, 0.2]"),
+    ("wrn28_10", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet34", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
+    ("resnet50", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
+    pytest.param("resnet164", (0.1, 0.2, 0.3, 0.4, 0.5), marks=pytest.mark.slow),
+])
+def test_greg_weight_rules_prune_the_declared_kernels_of_a_traced_zoo_model(name, stage_pr):
+    """With ``greg_granularity="weight"`` GReg prunes the same kernels at the same ratios and
+    counts on the traced model as on the declared one: one ratio per layer index on a
+    single-branch network, and on a residual one the stage list, each kernel of a block
+    (shortcut included) at the block's stage, the stem at the first entry, fc at the last."""
+    zoo, model = traced_zoo(name)
+    config = get_config("greg1")
+    config.model, config.greg_granularity, config.stage_pr = name, "weight", stage_pr
+    config.pretrain_epochs = 0
+    method = create_method("greg1", config, RunInfo(num_train=100))
+
+    def pruned(network, rename):
+        return {rename(p.name): (p.ratio, p.count, p.group_shape)
+                for p in method.pruned_layers(network)}
+
+    assert pruned(model, str) == pruned(zoo, functools.partial(traced_layer, zoo))
+
+
+def test_a_stage_list_of_the_wrong_length_for_a_traced_residual_network_says_why():
+    _, model = traced_zoo("resnet20")
+    stages = traced_layer_stages(model)
+    with pytest.raises(ConfigError, match=r"whose blocks have 3 stages \(by output resolution"):
+        layer_ratios(model.layers, [0.1, 0.2, 0.3, 0.4], "weight", stages)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "vgg16", "resnet20", "resnet50"])
+def test_gmp_by_units_prunes_the_declared_layers_of_a_traced_zoo_model(name):
+    """``gmp_structure="unit"`` prunes, on the traced model, the groups of the layers it prunes
+    on the declared one: every layer but the classifier and the members of residual streams
+    (ResNet-50's stem included, as it is no member), each with all its units."""
+    zoo, model = traced_zoo(name)
+    config = get_config("gmp")
+    config.model, config.gmp_structure = name, "unit"
+    method = create_method("gmp", config, RunInfo(num_train=100))
+    slots = {slot.name: slot for slot in model.gate_slots}
+    widths = {layer.name: layer.out_units for layer in zoo.layers}
+    traced = {slots[n].layer: slots[n].shape[0] for n in method.pruned_layers(model)}
+    assert traced == {
+        traced_layer(zoo, layer): widths[layer] for layer in method.pruned_layers(zoo)
     }
 
 

@@ -126,10 +126,14 @@ def test_layers_and_dense_counts(zoo):
 
 
 def test_output_groups_match_streams_and_depthwise_ties(zoo):
+    """Each layer's output group has the declared producers (a stream's members, a depthwise
+    convolution tied to its input), is prunable as declared, and is marked a stream exactly
+    for the members of a declared residual stream."""
     name, model, structure, kernels = zoo
     layer_of = {path: layer for layer, path in kernels.items()}
     partition = declared_partition(model)
     fixed = {m for c in model.channel_couplings if c.fixed for m in c.layers}
+    coupled = {m for c in model.channel_couplings for m in c.layers}
     read = {r for l in model.layers for r in l.reads}
     read |= {m for c in model.channel_couplings if c.name in read for m in c.layers}
     for layer in model.layers:
@@ -138,6 +142,7 @@ def test_output_groups_match_streams_and_depthwise_ties(zoo):
         assert {layer_of[p] for p, _ in group.producers} == partition[layer.name], layer.name
         reaches_output = layer.name not in read
         assert group.prunable == (layer.name not in fixed and not reaches_output), layer.name
+        assert group.stream == (layer.name in coupled), layer.name  # not a depthwise tie
     # BatchNorm's statistics are per channel: no statistic is taken over any group's units
     assert all(not group.caveats for group in structure.groups)
 

@@ -224,7 +224,8 @@ def vit(*, rngs, num_classes):
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A test model: its class and factory, its hand counts, its expected gate slots (name:
-    units) and the units to close per slot with the narrower widths they leave."""
+    units), the units to close per slot with the narrower widths they leave, and the slots
+    that are residual streams."""
 
     cls: type
     factory: str
@@ -232,6 +233,7 @@ class Case:
     slots: dict
     closed: dict
     narrow: dict
+    streams: frozenset = frozenset()
 
 
 CASES = {
@@ -240,6 +242,7 @@ CASES = {
         {"stem": 6, "left": 4, "right": 5, "mix": 8},
         {"stem": (0, 4), "left": (2,), "right": (1, 3), "mix": (5,)},
         {"stem": 4, "left": 3, "right": 3, "mix": 7},
+        frozenset({"mix"}),
     ),
     "depthwise_separable": Case(
         DepthwiseSeparable, "depthwise_separable", depthwise_counts,
@@ -252,6 +255,7 @@ CASES = {
         {"patch": 8, "token1": 6, "channel1": 10},
         {"token1": (1, 4), "channel1": (0, 3, 9)},
         {"token_hidden": 4, "channel_hidden": 7},
+        frozenset({"patch"}),
     ),
     "sorted_cnn": Case(
         SortedCNN, "sorted_cnn", sorted_counts, {"conv1": 5}, {"conv1": (2,)}, {"first": 4}
@@ -262,6 +266,7 @@ CASES = {
          "attention.value": 4, "up": 24},
         {"attention.query.axis1": (2,), "up": (0, 7, 23)},
         {"heads": 3, "mlp": 21},
+        frozenset({"embed"}),
     ),
 }
 
@@ -270,6 +275,17 @@ def traced(case: Case, seed: int = 0, **options) -> TracedModel:
     net = case.cls(rngs=nnx.Rngs(params=seed), num_classes=10)
     return TracedModel(net, rngs=nnx.Rngs(params=seed), input_shape=MNIST_SHAPE, num_classes=10,
                        **options)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_trace_marks_the_groups_a_residual_addition_joins_as_streams(name):
+    """A stream is a group whose units a sum of two activations joins (the projected residual,
+    a mixer's and a transformer's hidden dimension), not one whose producers a product ties
+    (a head's queries, keys and values), a normaliser centres or a bias is added to."""
+    model = traced(CASES[name])
+    groups = model.structure.groups
+    found = {slot for index, slot in model.group_slots if groups[index].stream}
+    assert found == CASES[name].streams
 
 
 def randomized(module: nnx.Module, seed: int) -> None:
@@ -688,17 +704,18 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     params, flops = case.counts()
     assert (summary["dense_params"], summary["dense_flops"]) == (params, flops)
     assert np.isfinite(summary["test_error"])
+    outside = {slot: size for slot, size in case.slots.items() if slot not in case.streams}
     if method == "gmp" and overrides.get("gmp_structure") == "unit":  # half the slots' units
-        units = sum(case.slots.values())
+        units = sum(outside.values())
         assert summary["gmp/overall_sparsity"] == round(0.5 * units) / units
-        assert set(summary["gmp/sparsity"]) == set(case.slots)
+        assert set(summary["gmp/sparsity"]) == set(outside)
         assert summary["params"] < 0.75 * params
     elif method == "gmp":
         assert summary["gmp/overall_sparsity"] == pytest.approx(0.5, abs=0.01)
         assert summary["pruning_rate"] >= 49.5  # and the weights of units left dead
     if overrides.get("greg_granularity") == "filter":  # every slot loses ceil(half) its units
         assert summary["greg/widths"] == {
-            slot: size - math.ceil(size / 2) for slot, size in case.slots.items()}
+            slot: size - math.ceil(size / 2) for slot, size in outside.items()}
         assert summary["greg/params"] < params
 
 

@@ -70,7 +70,6 @@ from sparsejax.methods.greg.rules import (
     layer_ratios,
     slot_ratios,
     traced_slot_ratios,
-    traced_stages,
 )
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
@@ -101,6 +100,7 @@ from sparsejax.methods.slot_groups import (
 )
 from sparsejax.models.base import GatedModel, GateSlot
 from sparsejax.models.transformer import TransformerModel
+from sparsejax.structure.blocks import traced_layer_stages, traced_stages
 from sparsejax.structure.traced_model import TracedModel
 
 FASHION_MNIST = ("mlp", "lenet5")
@@ -317,7 +317,11 @@ class GReg(Method):
                 for name, ratio in ratios.items()
             )
         stage_pr = budget_stage_pr(self.config, model.layers, self.granularity)  # a target's
-        ratios = layer_ratios(model.layers, stage_pr, self.granularity)
+        stages = (
+            traced_layer_stages(model)
+            if isinstance(model, TracedModel) and self.granularity == "weight" else None
+        )
+        ratios = layer_ratios(model.layers, stage_pr, self.granularity, stages)
         if not ratios:
             raise ConfigError(
                 f"stage_pr={self.config.stage_pr!r} prunes no layer of {type(model).__name__}; "

@@ -28,13 +28,17 @@ family, ``{"heads": 0.5, "hidden": 0.25}`` or ``"heads:0.5,hidden:0.25"``.
 
 **Traced models** (``--model=MODULE:FACTORY``) with filter granularity prune the units of their
 gate slots, the prunable groups the trace found (:func:`traced_slot_ratios`): ``stage_pr`` is one
-float for every slot, one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
+float for every slot (on a residual network, one with a stream, every slot inside a block, as for
+the zoo's), one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
 (unlisted slots: 0), or, as for a single-branch zoo model, one ratio per layer index of the
 traced layers in network order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each
 pruning the group of its layer's outputs. On a traced residual network (one with a stream) a
 sequence is the zoo's stage list ``[stem, stage 1, ..., stage k, fc]`` instead: the slots inside
 its blocks (one producer, one reader) at their stage's ratio, a stage being an output
-resolution (:func:`traced_stages`).
+resolution (:func:`~sparsejax.structure.blocks.traced_stages`). With weight granularity the
+traced layers take the rules of the zoo's layers: one ratio per layer index, or, on a network of
+residual blocks, a sequence as the stage list, every kernel at the stage of the stream it writes
+to (:func:`~sparsejax.structure.blocks.traced_layer_stages`).
 """
 
 from __future__ import annotations
@@ -46,8 +50,7 @@ from typing import Literal, NamedTuple
 from sparsejax.errors import ConfigError
 from sparsejax.models.base import GateSlot, Layer
 from sparsejax.models.transformer import FAMILIES, slot_family
-from sparsejax.structure.sparsify import gated_slices
-from sparsejax.structure.traced_model import TracedModel
+from sparsejax.structure.blocks import inside_blocks
 
 GroupGranularity = Literal["filter", "weight"]
 GROUP_GRANULARITIES: tuple[str, ...] = ("filter", "weight")
@@ -196,10 +199,28 @@ def _single_branch_ratios(
     return {layers[i].name: ratio for i, ratio in spec.items()}
 
 
+def _stage_list_ratios(spec: list[float], stages: Mapping[str, int]) -> dict[str, float]:
+    """``[stem, stage 1, ..., stage k, fc]`` on a traced network: each layer at the entry
+    :func:`~sparsejax.structure.blocks.traced_layer_stages` gives it."""
+    entries = max(stages.values()) + 1
+    if len(spec) != entries:
+        raise ConfigError(
+            f"stage_pr {spec} must be [stem, one ratio per stage, fc] for this traced residual "
+            f"network, whose blocks have {entries - 2} stages (by output resolution), or ratios "
+            "per layer index like '[3-5:0.5]'"
+        )
+    return {name: spec[stage] for name, stage in stages.items()}
+
+
 def layer_ratios(
-    layers: Sequence[Layer], spec: RatioSpec, granularity: GroupGranularity
+    layers: Sequence[Layer],
+    spec: RatioSpec,
+    granularity: GroupGranularity,
+    stages: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
-    """``{layer name: ratio}`` for every layer GReg prunes (ratio > 0), in network order."""
+    """``{layer name: ratio}`` for every layer GReg prunes (ratio > 0), in network order.
+    ``stages`` (:func:`~sparsejax.structure.blocks.traced_layer_stages`, weight granularity)
+    make a sequence a stage list over a traced residual network's layers."""
     if granularity not in GROUP_GRANULARITIES:
         raise ConfigError(
             f"greg_granularity must be one of {GROUP_GRANULARITIES}, got {granularity!r}"
@@ -212,7 +233,9 @@ def layer_ratios(
         spec = _index_mapping(spec)
     else:
         spec = [float(v) for v in spec]
-    if is_residual(layers):
+    if stages is not None and isinstance(spec, list):
+        ratios = _stage_list_ratios(spec, stages)
+    elif is_residual(layers):
         if isinstance(spec, dict):
             raise ConfigError(
                 "a residual network takes stage ratios [stem, stage 1, ..., fc] or one float, "
@@ -351,28 +374,6 @@ def _traced_layer_ratios(
     return ratios
 
 
-def traced_stages(model: TracedModel) -> dict[str, int | None] | None:
-    """For a traced residual network (a group with several producers: a residual stream), the
-    stage (0-based) of every unit slot inside a block, else None: a slot is inside a block
-    when its group has one producer and one reading layer (a block's conv1, not the stem or a
-    stream), and its stage is the rank of that reader's output resolution (output positions
-    per example, largest first), which a stage's stride changes. None for a network without
-    streams."""
-    structure = model.structure
-    if not any(len(group.producers) > 1 for group in structure.groups):
-        return None
-    positions = {c.kernel: c.macs / c.weights for c in structure.layer_counts() if c.weights}
-    resolution: dict[str, float | None] = {}
-    for index, name in model.group_slots:
-        group = structure.groups[index]
-        produced = {path for path, _ in group.producers}
-        readers = {s.path for s in gated_slices(structure, group)} - produced
-        inside = len(produced) == 1 and len(readers) == 1
-        resolution[name] = positions.get(next(iter(readers))) if inside else None
-    ranks = sorted({r for r in resolution.values() if r is not None}, reverse=True)
-    return {name: None if r is None else ranks.index(r) for name, r in resolution.items()}
-
-
 def _traced_stage_ratios(spec: list[float], stages: Mapping[str, int | None]) -> dict[str, float]:
     """``[stem, stage 1, ..., stage k, fc]``: each slot inside a block at its stage's ratio."""
     found = len({s for s in stages.values() if s is not None})
@@ -397,10 +398,12 @@ def traced_slot_ratios(
     stages: Mapping[str, int | None] | None = None,
 ) -> dict[str, float]:
     """``{slot name: ratio}`` for every slot of a traced model GReg prunes (ratio > 0), in slot
-    order: every slot at one ratio, the slots ``spec`` names, for ratios per layer index
-    (``layers``: the traced layers in network order) the slot of each layer's outputs, or, for
-    a sequence on a residual network (``stages``: :func:`traced_stages`), the zoo's stage list
-    ``[stem, stage 1, ..., stage k, fc]`` over the slots inside its blocks."""
+    order: one ratio for every slot (on a residual network every slot inside a block,
+    :func:`~sparsejax.structure.blocks.inside_blocks`), the slots ``spec`` names, for ratios
+    per layer index (``layers``: the traced layers in network order) the slot of each layer's
+    outputs, or, for a sequence on a residual network (``stages``:
+    :func:`~sparsejax.structure.blocks.traced_stages`), the zoo's stage list ``[stem, stage 1,
+    ..., stage k, fc]`` over the slots inside its blocks."""
     indexed = _layer_indexed(spec)
     names = [slot.name for slot in slots]
     if isinstance(indexed, list) and stages is not None:
@@ -410,7 +413,7 @@ def traced_slot_ratios(
     else:
         ratios = _keyed_ratios(spec, _SLOTS)
         if isinstance(ratios, float):
-            ratios = dict.fromkeys(names, ratios)
+            ratios = dict.fromkeys(inside_blocks(names, stages), ratios)
         unknown = sorted(set(ratios) - set(names))
         if unknown:
             raise ConfigError(

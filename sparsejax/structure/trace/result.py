@@ -34,7 +34,9 @@ class UnitGroup:
     for a plain layer, several for a residual stream), in network order; ``members`` every
     parameter slice removed with a unit; ``blockers`` the operations that keep the group from
     being pruned (empty when it is prunable); ``caveats`` the reductions over its units (a
-    normaliser's statistics) whose value removing units changes unless slimming accounts for it.
+    normaliser's statistics) whose value removing units changes unless slimming accounts for it;
+    ``stream``: whether a sum of two activations joins its units (a residual stream), where
+    several producers may also be tied by a product (attention heads' queries and keys).
     """
 
     index: int
@@ -43,6 +45,7 @@ class UnitGroup:
     members: tuple[Member, ...]
     blockers: tuple[Blocker, ...]
     caveats: tuple[Blocker, ...] = ()
+    stream: bool = False
 
     @property
     def prunable(self) -> bool:
@@ -245,8 +248,10 @@ def _form_groups(
             )
     blockers, caveats = _per_group(table.blocks, unit_group, len(final)), _per_group(
         table.caveats, unit_group, len(final))
+    streams = {g for ids in table.joined for g in unit_group[ids].tolist() if g >= 0}
     groups = tuple(
-        UnitGroup(k, sizes[k], tuple(producers[k]), tuple(members[k]), blockers[k], caveats[k])
+        UnitGroup(k, sizes[k], tuple(producers[k]), tuple(members[k]), blockers[k], caveats[k],
+                  k in streams)
         for k in range(len(final))
     )
     return unit_group, unit_pos, groups

@@ -68,9 +68,30 @@ def summed(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     return elementwise(ctx, eqn, ins)
 
 
+def _mark_joined_units(ctx: Context, eqn, ins: Sequence[Value]) -> None:
+    """Record units that a sum of two activations joins while they are still apart (a residual
+    addition: a block's output onto its stream), not a parameter added (a bias) nor a value
+    combined with what it was computed from (a normaliser's centring)."""
+    shape = _out_shape(eqn)
+    summands = [v for var, v in zip(eqn.invars, ins) if _shape(var) == shape and v.param is None]
+    for i, value in enumerate(summands):
+        for field in value.fields:
+            for other in summands[i + 1:]:
+                match = field_on(other, field.dims)
+                if match is None:
+                    continue
+                pairs = zip(np.ravel(field.ids).tolist(), np.ravel(match.ids).tolist())
+                find = ctx.units.find
+                if any(a != NO_UNIT and b != NO_UNIT and find(a) != find(b) for a, b in pairs):
+                    ctx.units.mark_joined(np.concatenate([np.ravel(field.ids),
+                                                          np.ravel(match.ids)]))
+
+
 def add(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
-    """An elementwise sum; a parameter added to a layer's output is that layer's bias."""
+    """An elementwise sum; a parameter added to a layer's output is that layer's bias; units
+    of two activations joined by it make a residual stream (:func:`_mark_joined_units`)."""
     _block_unit_free_summands(ctx, eqn, ins)
+    _mark_joined_units(ctx, eqn, ins)
     (out,) = elementwise(ctx, eqn, ins)
     a, b = ins
     layer, bias = (a.layer, b.param) if a.layer is not None else (b.layer, a.param)

@@ -85,6 +85,7 @@ class UnitTable:
         self._producer_set: set[int] = set()
         self.blocks: list[tuple[np.ndarray, Blocker]] = []
         self.caveats: list[tuple[np.ndarray, Blocker]] = []
+        self.joined: list[np.ndarray] = []
 
     def new_units(self, seed: Seed) -> np.ndarray:
         """``seed.size`` fresh units, one per index of the seed's dimension."""
@@ -118,6 +119,11 @@ class UnitTable:
     def warn(self, ids: np.ndarray, caveat: Blocker) -> None:
         """Record that removing the units of ``ids`` changes what ``caveat`` names."""
         self._record(self.caveats, ids, caveat)
+
+    def mark_joined(self, ids: np.ndarray) -> None:
+        """Record that a residual addition joins the units of ``ids``."""
+        ids = np.unique(np.ravel(ids))
+        self.joined.append(ids[ids != NO_UNIT])
 
     @staticmethod
     def _record(records: list, ids: np.ndarray, what: Blocker) -> None:
