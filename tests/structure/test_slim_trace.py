@@ -18,7 +18,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.models import build_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.slim_trace import load_slim_function, slim_traced
-from sparsejax.structure.slim_trace.zeros import zero_rows
+from sparsejax.structure.slim_trace.zeros import read_rows
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
 from sparsejax.structure.traced_model import TracedModel
@@ -440,6 +440,8 @@ def test_rows_that_cannot_be_dropped_say_why():
         slim_traced(model, x, rows={"dense.kernel": (1, keep)})
     with pytest.raises(ConfigError, match="give a floating state array"):
         slim_traced(model, x, rows={"dense.weights": (0, keep)})
+    with pytest.raises(ConfigError, match="replaced names 'dense.bias', which is no floating"):
+        slim_traced(model, x, replaced={"dense.bias": np.zeros(4)})
 
 
 class DeadUnits(nnx.Module):
@@ -459,13 +461,15 @@ class DeadUnits(nnx.Module):
 
 def _killed(activation=nnx.relu) -> DeadUnits:
     """Channel 2 dead from its filter and bias (BatchNorm mean 0 and bias 0 keep it 0), channel
-    4 through its BatchNorm's scale and bias, channel 3 dead from its filter but shifted by a
-    nonzero running mean (so not zero), and hidden unit 5 dead from its inputs and bias."""
+    4 through its BatchNorm's scale and bias; channels 1 and 3 dead from their filters but
+    shifted by a running mean of 0.5 and -0.5: after ReLU, 1 is 0 and 3 the constant 0.5 (up to
+    the BatchNorm's epsilon); hidden unit 5 dead from its inputs and bias, so the constant
+    ``activation(0)``."""
     model = DeadUnits(nnx.Rngs(0), activation)
     conv, bn, fc1 = model.conv, model.bn, model.fc1
-    conv.kernel.set_value(conv.kernel[...].at[..., (2, 3)].set(0.0))
-    conv.bias.set_value(conv.bias[...].at[jnp.array([2, 3])].set(0.0))
-    bn.mean.set_value(bn.mean[...].at[3].set(0.5))
+    conv.kernel.set_value(conv.kernel[...].at[..., (1, 2, 3)].set(0.0))
+    conv.bias.set_value(conv.bias[...].at[jnp.array([1, 2, 3])].set(0.0))
+    bn.mean.set_value(bn.mean[...].at[jnp.array([1, 3])].set(jnp.array([0.5, -0.5])))
     bn.scale.set_value(bn.scale[...].at[4].set(0.0))
     bn.bias.set_value(bn.bias[...].at[4].set(0.0))
     fc1.kernel.set_value(fc1.kernel[...].at[:, 5].set(0.0))
@@ -473,24 +477,68 @@ def _killed(activation=nnx.relu) -> DeadUnits:
     return model
 
 
-def test_rows_that_only_ever_meet_zeros_are_found_through_the_network():
-    rows = zero_rows(_killed(), jnp.ones((1, 10, 10, 1)))
+def test_rows_that_only_ever_meet_zeros_or_one_constant_are_found_through_the_network():
+    reads = read_rows(_killed(), jnp.ones((1, 10, 10, 1)))
     channel = np.arange(96) % 6
-    np.testing.assert_array_equal(rows[("fc1.kernel", 0)], (channel != 2) & (channel != 4))
-    np.testing.assert_array_equal(rows[("fc2.kernel", 0)], np.arange(8) != 5)
-    assert rows[("conv.kernel", 2)].all()
-    sigmoid = zero_rows(_killed(nnx.sigmoid), jnp.ones((1, 10, 10, 1)))
-    assert sigmoid[("fc2.kernel", 0)].all()  # sigmoid(0) = 1/2: unit 5 still reaches fc2
+    np.testing.assert_array_equal(reads.met[("fc1.kernel", 0)], np.isin(channel, (0, 3, 5)))
+    np.testing.assert_array_equal(reads.met[("fc2.kernel", 0)], np.arange(8) != 5)
+    assert reads.met[("conv.kernel", 2)].all()
+    constant, values = reads.constant[("fc1.kernel", 0)]
+    np.testing.assert_array_equal(constant, np.isin(channel, (1, 2, 3, 4)))
+    np.testing.assert_allclose(values[channel == 3], 0.5, rtol=1e-5)
+    assert not values[np.isin(channel, (1, 2, 4))].any()
+    assert ("conv.kernel", 2) not in reads.constant  # a convolution absorbs nothing
+    sigmoid = read_rows(_killed(nnx.sigmoid), jnp.ones((1, 10, 10, 1)))
+    assert sigmoid.met[("fc2.kernel", 0)].all()  # sigmoid(0) = 1/2: unit 5 still reaches fc2
+    constant, values = sigmoid.constant[("fc2.kernel", 0)]
+    np.testing.assert_array_equal(constant, np.arange(8) == 5)
+    assert values[5] == 0.5
 
 
-def test_units_that_only_output_zeros_slim_away_with_the_same_logits():
-    """Dead units whose readers' rows are not zero: slimming removes them exactly, and keeps
-    the channel a running mean makes constant."""
-    model = TracedModel(_killed(), rngs=nnx.Rngs(1), input_shape=(10, 10, 1), num_classes=3)
+@pytest.mark.parametrize("activation", [nnx.relu, nnx.sigmoid])
+def test_units_that_only_output_zeros_or_a_constant_slim_away_with_the_same_logits(activation):
+    """Dead units whose readers' rows are not zero: slimming removes them exactly, a constant
+    channel by folding it into the dense reader's bias, and so the hidden unit whose
+    sigmoid(0) = 1/2 reaches fc2."""
+    model = TracedModel(_killed(activation), rngs=nnx.Rngs(1), input_shape=(10, 10, 1),
+                        num_classes=3)
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, 10, 10, 1)))
     slim = slim_traced_model(model, x)
-    assert slim.params["conv.kernel"].shape == (3, 3, 1, 4)
-    assert slim.params["bn.mean"].shape == (4,)
-    assert slim.params["fc1.kernel"].shape == (64, 7)
+    assert slim.params["conv.kernel"].shape == (3, 3, 1, 2)
+    assert slim.params["bn.mean"].shape == (2,)
+    assert slim.params["fc1.kernel"].shape == (32, 7)
     assert slim.params["fc2.kernel"].shape == (7, 3)
+    assert slim.report.max_logit_difference < 1e-5
+    assert np.asarray(model.net.fc1.kernel[...]).shape == (96, 8)  # the model is untouched
+
+
+class ConstantReaders(nnx.Module):
+    """conv1 (4) - ReLU - conv2 (3, SAME) and a dense layer without bias, both reading conv1's
+    channels; the mean over positions into a head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(4, 3, (3, 3), rngs=rngs)
+        self.plain = nnx.Linear(4, 3, use_bias=False, rngs=rngs)
+        self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.conv1(x))
+        return self.head(self.conv2(h).mean(axis=(1, 2)) + self.plain(h).mean(axis=(1, 2)))
+
+
+def test_a_constant_read_by_a_convolution_or_a_dense_layer_without_bias_stays():
+    """A convolution's zero padding makes a constant input channel's contribution vary at the
+    borders, and a layer without bias has nowhere to put it: the channel stays."""
+    model = ConstantReaders(nnx.Rngs(0))
+    conv1 = model.conv1
+    conv1.kernel.set_value(conv1.kernel[...].at[..., 1].set(0.0))
+    conv1.bias.set_value(conv1.bias[...].at[1].set(0.7))
+    reads = read_rows(model, jnp.ones((1, 6, 6, 1)))
+    constant, values = reads.constant[("plain.kernel", 0)]
+    np.testing.assert_array_equal(constant, np.arange(4) == 1)
+    traced = TracedModel(model, rngs=nnx.Rngs(1), input_shape=(6, 6, 1), num_classes=2)
+    slim = slim_traced_model(traced, np.asarray(jax.random.normal(jax.random.key(0),
+                                                                  (3, 6, 6, 1))))
+    assert slim.params["conv1.kernel"].shape == (3, 3, 1, 4)
     assert slim.report.max_logit_difference < 1e-5

@@ -317,6 +317,7 @@ def slim_traced(
     scores: Mapping[int, np.ndarray] | None = None,
     round_to: int = 1,
     rows: Mapping[str, tuple[int, np.ndarray]] | None = None,
+    replaced: Mapping[str, np.ndarray | jax.Array] | None = None,
     apply: Apply = _call,
 ) -> SlimFunction:
     """The slim evaluation network of ``model`` with the units of closed gates removed.
@@ -341,6 +342,10 @@ def slim_traced(
     the kernel loses them, and the operand its products pair with them loses the same
     positions back to where other operations read it whole (:mod:`.rows`). Every product
     reading the kernel must sum over ``axis``.
+
+    ``replaced`` gives new values for some floating state arrays, by path, after ``gates`` are
+    folded: biases that absorbed the constants some rows meet, with those rows zeroed
+    (:func:`sparsejax.slim.traced.absorbed_constants`).
     """
     if round_to < 1:
         raise ConfigError(f"slim_traced: round_to must be a positive integer, got {round_to}")
@@ -385,6 +390,13 @@ def slim_traced(
     narrowed = Narrowed(unit_values, batch, positions)
     folded = dict(floating)
     _fold(folded, given, gates or {})
+    for path, value in (replaced or {}).items():
+        if path not in folded or np.shape(value) != folded[path].shape:
+            raise ConfigError(
+                f"slim_traced: replaced names {path!r}, which is no floating state array of "
+                "that shape; give one per array to replace, shaped like it"
+            )
+        folded[path] = jnp.asarray(value, folded[path].dtype)
     params = {}
     for path, var in zip(program.paths, jaxpr.invars):
         if path in folded:
