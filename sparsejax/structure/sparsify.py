@@ -308,25 +308,36 @@ class Sparsified(nnx.Module):
         parameters, ``save()``-able and loaded by
         :func:`~sparsejax.structure.slim_trace.load_slim_function` without the model's class)
         with the units of closed gates removed and the other gate values folded into the
-        kernels that read them. ``round_to=K`` keeps multiples of K units per group (adding the
-        units most likely open); ``check``, a batch of inputs, records the largest output
-        difference to this gated model in evaluation mode in the report. ``apply(model, x)`` is
-        the model's forward pass (default ``model(x)``), run in evaluation mode; for ``check``
-        it is also applied to this gated module, so it should only call the model (e.g.
-        ``lambda m, x: m(x, train=False)``). See
+        kernels that read them; so are units that only output zeros, and those of constant
+        output that dense readers fold into their biases
+        (:mod:`~sparsejax.structure.slim_trace.unread`). ``round_to=K`` keeps multiples of K
+        units per group (adding the units most likely open); ``check``, a batch of inputs,
+        records the largest output difference to this gated model in evaluation mode in the
+        report. ``apply(model, x)`` is the model's forward pass (default ``model(x)``), run in
+        evaluation mode; for ``check`` it is also applied to this gated module, so it should
+        only call the model (e.g. ``lambda m, x: m(x, train=False)``). See
         :func:`~sparsejax.structure.slim_trace.slim_traced`."""
-        from sparsejax.structure.slim_trace import slim_traced  # imports this module
+        # These import this module.
+        from sparsejax.structure.slim_trace import slim_traced
+        from sparsejax.structure.slim_trace.unread import absorbed_constants, read_units
+        from sparsejax.structure.slim_trace.zeros import read_rows
 
-        slim = slim_traced(
-            self.model,
-            example_input,
-            structure=self.structure,
-            gates={i: gate.test_gate() for i, gate in zip(self.group_indices, self.gates)},
-            scores={i: np.asarray(gate.prob_nonzero())
-                    for i, gate in zip(self.group_indices, self.gates)},
-            round_to=round_to,
-            apply=apply,
-        )
+        values = [gate.test_gate() for gate in self.gates]
+        gated = [(s, z) for z, slices in zip(values, self.slices) for s in slices]
+        with parameters_gated(self.model, gated):
+            reads = read_rows(self.model, example_input, apply)
+            replaced, met = absorbed_constants(self.model, self.structure, reads)
+            slim = slim_traced(
+                self.model,
+                example_input,
+                structure=self.structure,
+                keep=read_units(self.model, self.structure, met),
+                scores={i: np.asarray(gate.prob_nonzero())
+                        for i, gate in zip(self.group_indices, self.gates)},
+                round_to=round_to,
+                replaced=replaced,
+                apply=apply,
+            )
         if check is not None:
             slim.check(nnx.jit(apply)(evaluation_copy(self), check), check)
         return slim

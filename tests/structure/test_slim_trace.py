@@ -222,6 +222,19 @@ def test_slim_equals_gated_eval_and_shrinks(name):
     assert slim.report.params_before == structure.count().params
 
 
+def test_slim_traced_folds_gate_values_given_per_group():
+    """``slim_traced(..., gates=...)`` on the plain model, without ``sparsify``'s slimming: the
+    units of zero gates go and the others' values are folded, to the gated outputs."""
+    gated, x = _gated("branch_cnn")
+    values = {i: gate.test_gate() for i, gate in zip(gated.group_indices, gated.gates)}
+    slim = slim_traced(gated.model, x, structure=gated.structure, gates=values)
+    assert _relative(slim(x), _reference(gated, x)) < 1e-5
+    widths = {g.index: g.width for g in slim.report.groups}
+    for index, opened in _open(gated).items():
+        if gated.structure.groups[index].prunable and not gated.structure.groups[index].caveats:
+            assert widths[index] == opened.sum()
+
+
 def test_groups_of_unknown_ops_and_normalisers_stay_whole():
     gated, x = _gated("sort_mlp")
     slim = gated.slim(x)
@@ -495,21 +508,31 @@ def test_rows_that_only_ever_meet_zeros_or_one_constant_are_found_through_the_ne
     assert values[5] == 0.5
 
 
+@pytest.mark.parametrize("path", ["traced_model", "sparsify"])
 @pytest.mark.parametrize("activation", [nnx.relu, nnx.sigmoid])
-def test_units_that_only_output_zeros_or_a_constant_slim_away_with_the_same_logits(activation):
+def test_units_that_only_output_zeros_or_a_constant_slim_away_with_the_same_logits(
+    activation, path
+):
     """Dead units whose readers' rows are not zero: slimming removes them exactly, a constant
     channel by folding it into the dense reader's bias, and so the hidden unit whose
-    sigmoid(0) = 1/2 reaches fc2."""
-    model = TracedModel(_killed(activation), rngs=nnx.Rngs(1), input_shape=(10, 10, 1),
-                        num_classes=3)
+    sigmoid(0) = 1/2 reaches fc2; a ``--model`` run's slimming and ``Sparsified.slim`` alike
+    (the latter's gates all open at their initial test-time value)."""
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, 10, 10, 1)))
-    slim = slim_traced_model(model, x)
+    if path == "sparsify":
+        gated = sparsify(_killed(activation), x, rngs=1)
+        slim = gated.slim(x, check=x)
+        model = gated.model
+    else:
+        model = TracedModel(_killed(activation), rngs=nnx.Rngs(1), input_shape=(10, 10, 1),
+                            num_classes=3)
+        slim = slim_traced_model(model, x)
+        model = model.net
     assert slim.params["conv.kernel"].shape == (3, 3, 1, 2)
     assert slim.params["bn.mean"].shape == (2,)
     assert slim.params["fc1.kernel"].shape == (32, 7)
     assert slim.params["fc2.kernel"].shape == (7, 3)
     assert slim.report.max_logit_difference < 1e-5
-    assert np.asarray(model.net.fc1.kernel[...]).shape == (96, 8)  # the model is untouched
+    np.testing.assert_array_equal(model.fc1.bias[...], _killed(activation).fc1.bias[...])
 
 
 class ConstantReaders(nnx.Module):

@@ -27,10 +27,10 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
-from sparsejax.slim.traced import read_units
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import node_report
+from sparsejax.structure.slim_trace.unread import read_units
 from sparsejax.structure.sparsify import GatedSlice
 from sparsejax.structure.traced_model import (
     GatePlacement,
@@ -462,7 +462,7 @@ def test_scaling_units_to_zero_removes_them_from_every_parameter_the_trace_ties_
         model.scale_units(slot, jnp.asarray(np.isin(np.arange(slot.shape[0]), closed,
                                                     invert=True), jnp.float32))
     assert np.allclose(model(x, train=train), expected, atol=1e-5)
-    read = read_units(model)
+    read = read_units(model.net, model.structure)
     for group, slot in model.group_slots:
         assert not read[group][list(case.closed.get(slot, ()))].any(), slot
 

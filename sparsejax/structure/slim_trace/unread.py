@@ -1,0 +1,76 @@
+"""Which units of a traced network no kernel reads any more, after the constants its rows
+meet are folded into biases.
+
+A unit can go exactly when every kernel row that reads it is zero, only ever multiplies zeros,
+or multiplies one constant that its layer's bias takes over (:mod:`.zeros` finds the last
+two). :func:`read_units` says which units are still read, :func:`absorbed_constants` makes the
+fold. Both slimming paths use them: a ``--model`` run's
+(:func:`sparsejax.slim.traced.slim_traced_model`) and
+:meth:`~sparsejax.structure.sparsify.Sparsified.slim`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from sparsejax.structure.slim_trace.zeros import RowReads, Rows
+from sparsejax.structure.sparsify import GatedSlice, gated_slices, variable_at
+from sparsejax.structure.trace import TracedStructure
+
+
+def live_rows(net: nnx.Module, s: GatedSlice, met: Rows) -> np.ndarray:
+    """True for each index of axis ``s.axis`` of the parameter ``s.path`` of ``net``
+    whose row holds a nonzero entry and, where ``met`` (:func:`.zeros.read_rows`) knows the
+    row, meets a nonzero value."""
+    value = np.moveaxis(np.asarray(variable_at(net, s.path)[...]), s.axis, 0)
+    nonzero = np.any(value.reshape(value.shape[0], -1) != 0, axis=1)
+    return nonzero & met.get((s.path, s.axis), True)
+
+
+def absorbed_constants(
+    net: nnx.Module, structure: TracedStructure, reads: RowReads
+) -> tuple[dict[str, np.ndarray], Rows]:
+    """Fold the constants that rows of ``net``'s layers (those of ``structure``) meet into the
+    layers' biases (:mod:`.zeros`): for a layer with a bias whose kernel one matrix product
+    reads, ``b + c W_c`` over its nonzero rows ``W_c`` that meet a nonzero constant ``c``, and
+    those rows zeroed. Returns the new values by parameter path and ``reads.met`` with the
+    absorbed rows marked as meeting nothing, so that a unit only such rows read goes."""
+    replaced: dict[str, np.ndarray] = {}
+    met = dict(reads.met)
+    for layer in structure.layers:
+        for (path, axis), (mask, values) in reads.constant.items():
+            if path != layer.kernel or layer.bias is None:
+                continue
+            kernel = np.moveaxis(np.asarray(variable_at(net, path)[...]), axis, 0)
+            rows = kernel.reshape(kernel.shape[0], -1)
+            bias = np.asarray(variable_at(net, layer.bias)[...])
+            chosen = mask & (values != 0) & np.any(rows != 0, axis=1)
+            if not chosen.any() or bias.size != rows.shape[1]:
+                continue
+            shift = (values[chosen] @ rows[chosen]).reshape(bias.shape)
+            replaced[layer.bias] = (bias + shift).astype(bias.dtype)
+            replaced[path] = np.moveaxis(np.where(chosen[:, None], 0, rows).reshape(
+                kernel.shape), 0, axis).astype(kernel.dtype)
+            met[(path, axis)] = met.get((path, axis), True) & ~chosen
+    return replaced, met
+
+
+def read_units(
+    net: nnx.Module, structure: TracedStructure, met: Rows | None = None
+) -> dict[int, np.ndarray]:
+    """Per prunable group of ``structure`` (a trace of ``net``), True for each unit that a
+    slice its gates act on (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the
+    kernels that read it) still reads, in ``net``'s current parameters: a row with a nonzero
+    entry that meets a nonzero value (``met``: :func:`.zeros.read_rows`; rows it does not know
+    count as meeting one)."""
+    read = {}
+    for group in structure.groups:
+        if not group.prunable:
+            continue
+        units = np.zeros(group.size, bool)
+        for s in gated_slices(structure, group):
+            live = live_rows(net, s, met or {})[np.asarray(s.indices)]
+            units[np.asarray(s.units)[live]] = True
+        read[group.index] = units
+    return read
