@@ -535,6 +535,30 @@ def test_units_that_only_output_zeros_or_a_constant_slim_away_with_the_same_logi
     np.testing.assert_array_equal(model.fc1.bias[...], _killed(activation).fc1.bias[...])
 
 
+class HalfPrecision(nnx.Module):
+    """Two bfloat16 dense layers with Python scalars between them."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        kinds = {"dtype": jnp.bfloat16, "param_dtype": jnp.bfloat16}
+        self.first = nnx.Linear(6, 5, rngs=rngs, **kinds)
+        self.second = nnx.Linear(5, 3, rngs=rngs, **kinds)
+
+    def __call__(self, x):
+        return self.second(nnx.relu(self.first(x) * 2.0 + 1.0))
+
+
+def test_a_bfloat16_model_is_read_in_its_own_dtype():
+    """The abstract run evaluates the bfloat16 program as it is, Python scalars included:
+    unit 1, its filter and bias zero, outputs relu(0 * 2 + 1) = 1 for every input."""
+    model = HalfPrecision(nnx.Rngs(0))
+    model.first.kernel.set_value(model.first.kernel[...].at[:, 1].set(0))
+    model.first.bias.set_value(model.first.bias[...].at[1].set(0))
+    reads = read_rows(model, jnp.ones((1, 6), jnp.bfloat16))
+    constant, values = reads.constant[("second.kernel", 0)]
+    np.testing.assert_array_equal(constant, np.arange(5) == 1)
+    assert values[1] == 1.0 and reads.met[("second.kernel", 0)].all()
+
+
 class ConstantReaders(nnx.Module):
     """conv1 (4) - ReLU - conv2 (3, SAME) and a dense layer without bias, both reading conv1's
     channels; the mean over positions into a head."""

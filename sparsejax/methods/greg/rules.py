@@ -28,14 +28,14 @@ family, ``{"heads": 0.5, "hidden": 0.25}`` or ``"heads:0.5,hidden:0.25"``.
 
 **Traced models** (``--model=MODULE:FACTORY``) with filter granularity prune the units of their
 gate slots, the prunable groups the trace found (:func:`traced_slot_ratios`): ``stage_pr`` is one
-float for every slot (on a residual network, one with a stream, every slot inside a block, as for
-the zoo's), one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"``
-(unlisted slots: 0), or, as for a single-branch zoo model, one ratio per layer index of the
-traced layers in network order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each
-pruning the group of its layer's outputs. On a traced residual network (one with a stream) a
-sequence is the zoo's stage list ``[stem, stage 1, ..., stage k, fc]`` instead: the slots inside
-its blocks (one producer, one reader) at their stage's ratio, a stage being an output
-resolution (:func:`~sparsejax.structure.blocks.traced_stages`). With weight granularity the
+float for every slot (on a network of residual blocks, every slot inside a block, as for the
+zoo's), one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"`` (unlisted slots: 0),
+or, as for a single-branch zoo model, one ratio per layer index of the traced layers in network
+order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each pruning the group of its layer's
+outputs. On a network of residual blocks a sequence is the zoo's stage list ``[stem, stage 1,
+..., stage k, fc]`` instead: the slots inside its blocks (no stream, read by at most one layer)
+at their stage's ratio, a stage being an output resolution
+(:func:`~sparsejax.structure.blocks.traced_stages`). With weight granularity the
 traced layers take the rules of the zoo's layers: one ratio per layer index, or, on a network of
 residual blocks, a sequence as the stage list, every kernel at the stage of the stream it writes
 to (:func:`~sparsejax.structure.blocks.traced_layer_stages`).

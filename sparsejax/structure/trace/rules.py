@@ -74,6 +74,7 @@ def _mark_joined_units(ctx: Context, eqn, ins: Sequence[Value]) -> None:
     combined with what it was computed from (a normaliser's centring)."""
     shape = _out_shape(eqn)
     summands = [v for var, v in zip(eqn.invars, ins) if _shape(var) == shape and v.param is None]
+    find = ctx.units.find
     for i, value in enumerate(summands):
         for field in value.fields:
             for other in summands[i + 1:]:
@@ -81,7 +82,6 @@ def _mark_joined_units(ctx: Context, eqn, ins: Sequence[Value]) -> None:
                 if match is None:
                     continue
                 pairs = zip(np.ravel(field.ids).tolist(), np.ravel(match.ids).tolist())
-                find = ctx.units.find
                 if any(a != NO_UNIT and b != NO_UNIT and find(a) != find(b) for a, b in pairs):
                     ctx.units.mark_joined(np.concatenate([np.ravel(field.ids),
                                                           np.ravel(match.ids)]))
