@@ -33,14 +33,22 @@ def _readers(structure: TracedStructure, group: UnitGroup) -> set[str]:
     return {s.path for s in gated_slices(structure, group)} & kernels
 
 
+def _resolutions(structure: TracedStructure) -> dict[str, float] | None:
+    """Output positions per example of every traced layer, by kernel path (MACs over
+    weights); None for a network without streams, which has no blocks."""
+    if not any(group.stream for group in structure.groups):
+        return None
+    return {c.kernel: c.macs / c.weights for c in structure.layer_counts() if c.weights}
+
+
 def traced_stages(model: TracedModel) -> dict[str, int | None] | None:
     """For a traced network of residual blocks, the stage (0-based) of every unit slot inside a
     block, None for the others (module docstring); None for a network without streams or
     without a slot inside a block."""
     structure = model.structure
-    if not any(group.stream for group in structure.groups):
+    positions = _resolutions(structure)
+    if positions is None:
         return None
-    positions = {c.kernel: c.macs / c.weights for c in structure.layer_counts() if c.weights}
     resolution: dict[str, float | None] = {}
     for index, name in model.group_slots:
         group = structure.groups[index]
@@ -77,9 +85,9 @@ def traced_layer_stages(model: TracedModel) -> dict[str, int] | None:
     block at the block's stage. None unless the network has streams and every layer between the
     first and the last writes to one."""
     structure = model.structure
-    if not any(group.stream for group in structure.groups):
+    resolution = _resolutions(structure)
+    if resolution is None:
         return None
-    resolution = {c.kernel: c.macs / c.weights for c in structure.layer_counts() if c.weights}
     produced: dict[str, list[int]] = {}
     for group in structure.groups:
         for path, _ in group.producers:

@@ -248,9 +248,13 @@ class Sparsified(nnx.Module):
             gates = self.gate_values(rngs)
         if len(gates) != len(self.slices):
             raise ValueError(f"{len(gates)} gate vectors given for {len(self.slices)} gated groups")
-        gated = [(s, z) for z, slices in zip(gates, self.slices) for s in slices]
-        with parameters_gated(self.model, gated):
+        with parameters_gated(self.model, self._gated(gates)):
             return self.model(*args, **kwargs)
+
+    def _gated(self, gates: Sequence[jax.Array]) -> list[tuple[GatedSlice, jax.Array]]:
+        """Every slice a gate scales, with its group's values ``gates`` (one vector per gated
+        group), for :func:`parameters_gated`."""
+        return [(s, z) for z, slices in zip(gates, self.slices) for s in slices]
 
     def expected(
         self, f: Callable[[jax.Array], jax.Array], *args, rngs: nnx.Rngs | None = None, **kwargs
@@ -322,9 +326,7 @@ class Sparsified(nnx.Module):
         from sparsejax.structure.slim_trace.unread import absorbed_constants, read_units
         from sparsejax.structure.slim_trace.zeros import read_rows
 
-        values = [gate.test_gate() for gate in self.gates]
-        gated = [(s, z) for z, slices in zip(values, self.slices) for s in slices]
-        with parameters_gated(self.model, gated):
+        with parameters_gated(self.model, self._gated([g.test_gate() for g in self.gates])):
             reads = read_rows(self.model, example_input, apply)
             replaced, met = absorbed_constants(self.model, self.structure, reads)
             slim = slim_traced(

@@ -38,21 +38,21 @@ def absorbed_constants(
     absorbed rows marked as meeting nothing, so that a unit only such rows read goes."""
     replaced: dict[str, np.ndarray] = {}
     met = dict(reads.met)
-    for layer in structure.layers:
-        for (path, axis), (mask, values) in reads.constant.items():
-            if path != layer.kernel or layer.bias is None:
-                continue
-            kernel = np.moveaxis(np.asarray(variable_at(net, path)[...]), axis, 0)
-            rows = kernel.reshape(kernel.shape[0], -1)
-            bias = np.asarray(variable_at(net, layer.bias)[...])
-            chosen = mask & (values != 0) & np.any(rows != 0, axis=1)
-            if not chosen.any() or bias.size != rows.shape[1]:
-                continue
-            shift = (values[chosen] @ rows[chosen]).reshape(bias.shape)
-            replaced[layer.bias] = (bias + shift).astype(bias.dtype)
-            replaced[path] = np.moveaxis(np.where(chosen[:, None], 0, rows).reshape(
-                kernel.shape), 0, axis).astype(kernel.dtype)
-            met[(path, axis)] = met.get((path, axis), True) & ~chosen
+    biases = {layer.kernel: layer.bias for layer in structure.layers if layer.bias}
+    for (path, axis), (mask, values) in reads.constant.items():
+        if path not in biases:
+            continue
+        kernel = np.moveaxis(np.asarray(variable_at(net, path)[...]), axis, 0)
+        rows = kernel.reshape(kernel.shape[0], -1)
+        bias = np.asarray(variable_at(net, biases[path])[...])
+        chosen = mask & (values != 0) & np.any(rows != 0, axis=1)
+        if not chosen.any() or bias.size != rows.shape[1]:
+            continue
+        shift = (values[chosen] @ rows[chosen]).reshape(bias.shape)
+        replaced[biases[path]] = (bias + shift).astype(bias.dtype)
+        replaced[path] = np.moveaxis(np.where(chosen[:, None], 0, rows).reshape(
+            kernel.shape), 0, axis).astype(kernel.dtype)
+        met[(path, axis)] = met.get((path, axis), True) & ~chosen
     return replaced, met
 
 
