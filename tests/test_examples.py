@@ -141,8 +141,10 @@ def test_the_example_transformer_is_gated_by_heads_head_dimensions_and_mlp_units
     model = TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=(28, 28, 1), num_classes=10)
     blocks = [{f"blocks.{i}.attention.query.axis1": 4, f"blocks.{i}.attention.query.axis2": 16,
                f"blocks.{i}.attention.value": 16, f"blocks.{i}.up": 128} for i in range(2)]
-    assert {s.name: s.shape[0] for s in model.gate_slots} == {"embed": 64, **blocks[0],
-                                                              **blocks[1]}
+    assert {s.name: s.shape[0] for s in model.gate_slots} == {**blocks[0], **blocks[1]}
+    # the stream, whose units the LayerNorms' statistics read, keeps its width
+    stream = [g for g in model.structure.groups if g.stream]
+    assert [(g.size, g.prunable, g.removable) for g in stream] == [(64, True, False)]
     dense = count_network(model.layers, {}, model.activation_products)
     block_params = 4 * (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64)
     assert float(dense["params"]) == (49 * 64 + 64) + 2 * block_params + (64 * 10 + 10)

@@ -194,8 +194,14 @@ def test_unprunable_groups_get_no_gate_and_bad_arguments_are_refused():
         def __call__(self, x):
             return self.c(jax.nn.relu(self.b(jax.nn.relu(self.norm(self.a(x))))))
 
-    groups = sparsejax.sparsify(Normed(nnx.Rngs(0)), jnp.zeros((2, 6))).report().groups
-    assert [len(g.caveats) > 0 for g in groups] == [True, False]  # LayerNorm statistics
+    report = sparsejax.sparsify(Normed(nnx.Rngs(0)), jnp.zeros((2, 6))).report()
+    assert [g.producers for g in report.groups] == [(("b.kernel", 1),)]
+    # a's units feed LayerNorm's statistics: slimming could not remove them, so no gate
+    normed, logits = report.ungated
+    assert normed.producers == (("a.kernel", 1),) and normed.size == 5
+    assert normed.reason.startswith("reduction over units (reduce_sum at ")
+    assert "test_sparsify.py" in normed.reason
+    assert logits.producers == (("c.kernel", 1),) and "output" in logits.reason
     with pytest.raises(ValueError, match="unknown method 'dep_l0'"):
         sparsejax.sparsify(Sorted(nnx.Rngs(0)), jnp.zeros((2, 6)), method="dep_l0")
     with pytest.raises(ValueError, match="unknown granularity"):

@@ -1,7 +1,7 @@
 """Gating any Flax NNX model from its traced structure: :func:`sparsify`.
 
 :func:`sparsify` traces a plain NNX model (:func:`~sparsejax.structure.trace.trace_structure`),
-puts one gate module on every prunable unit group, and returns a :class:`Sparsified` module that
+puts one gate module on every removable unit group, and returns a :class:`Sparsified` module that
 a user trains in their own optax loop: its forward pass applies the gates, ``penalty()`` is the
 expected-L0 (or expected-FLOPs) regulariser and ``report()`` the test-time sparsity.
 
@@ -15,9 +15,10 @@ into a block of features (each feature row gets its channel's gate). This is the
 gating of Louizos, Welling & Kingma (2018, sec. 4.1) applied at every consumer. A group that no
 kernel reads (the query/key dimension of attention, contracted between two activations) is gated
 on the output of its first producer instead (kernel output slice and bias), which removes the
-unit from that product. Reductions over a group's units (LayerNorm / RMSNorm statistics, listed in
-``UnitGroup.caveats``) still see a gated unit: closing its gate does not reproduce the statistic of
-the narrower network; such groups are gated and flagged in the report.
+unit from that product. A group whose units a reduction reads (LayerNorm / RMSNorm statistics,
+listed in ``UnitGroup.caveats``: a pre-norm transformer's hidden stream) gets no gate: the
+statistic would still see a closed unit, so its producers' columns could never go and slimming
+keeps the group whole; the report lists it among ``ungated`` with the reduction that reads it.
 
 Penalty. For hard-concrete gates (Louizos et al. 2018, eq. 12 for the probability, sec. 4.2 for
 group sparsity) the expected L0 norm of the gated parameters is
@@ -132,19 +133,31 @@ class GroupReport:
     size: int
     kept: int
     producers: tuple[tuple[str, int], ...]
-    caveats: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class UngatedGroup:
+    """A group the trace found that keeps every unit, and why (``reason``: the operation that
+    blocks it, or the normaliser's statistic that reads its units)."""
+
+    group: int
+    size: int
+    producers: tuple[tuple[str, int], ...]
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SparsityReport:
     """The network under its test-time gates: per-group kept units, and kept params (kernel
-    weights + layer biases) and MACs per example, from :meth:`TracedStructure.count`."""
+    weights + layer biases) and MACs per example, from :meth:`TracedStructure.count`;
+    ``ungated`` the groups without gates, each with the reason."""
 
     groups: tuple[GroupReport, ...]
     params: float
     total_params: float
     flops: float
     total_flops: float
+    ungated: tuple[UngatedGroup, ...] = ()
 
     @property
     def params_fraction(self) -> float:
@@ -218,7 +231,7 @@ class Sparsified(nnx.Module):
         self.model = model
         self.method = method
         self.structure = structure
-        groups = [g for g in structure.groups if g.prunable]
+        groups = [g for g in structure.groups if g.removable]
         self.group_indices = tuple(g.index for g in groups)
         self.slices = tuple(gated_slices(structure, g) for g in groups)
         self.unit_costs = tuple(_unit_costs(structure, g, cost) for g in groups)
@@ -272,7 +285,9 @@ class Sparsified(nnx.Module):
         if self.method != "l0_arm" or self.deterministic or not self.gates:
             return f(self(*args, rngs=rngs, **kwargs))
         if rngs is None:
-            raise ValueError("l0_arm draws its gates in training and needs rngs=nnx.Rngs(gates=key)")
+            raise ValueError(
+                "l0_arm draws its gates in training and needs rngs=nnx.Rngs(gates=key)"
+            )
         first = self.gates[0]
         return binary.expectation(
             lambda z: f(self(*args, gates=z, **kwargs)),
@@ -354,11 +369,15 @@ class Sparsified(nnx.Module):
                 self.structure.groups[index].size,
                 int(masks[index].sum()),
                 self.structure.groups[index].producers,
-                tuple(f"{c.primitive} at {c.source}" for c in self.structure.groups[index].caveats),
             )
             for index in self.group_indices
         )
-        return SparsityReport(groups, kept.params, full.params, kept.flops, full.flops)
+        ungated = tuple(
+            UngatedGroup(g.index, g.size, g.producers, g.obstacle.describe())
+            for g in self.structure.groups
+            if not g.removable
+        )
+        return SparsityReport(groups, kept.params, full.params, kept.flops, full.flops, ungated)
 
 
 def sparsify(
@@ -372,12 +391,13 @@ def sparsify(
     rngs: nnx.Rngs | int = 0,
     droprate_init: float = 0.5,
 ) -> Sparsified:
-    """Gate every prunable unit group of a plain NNX model, found by tracing its forward pass.
+    """Gate every removable unit group of a plain NNX model, found by tracing its forward pass.
 
     ``example_input`` (an array or a ``jax.ShapeDtypeStruct``; only its shape and dtype are used)
     and ``apply(model, x)`` (default ``model(x)``) define the traced forward pass. Each group that
-    the trace finds prunable (neurons, channels, residual-stream channels, attention heads of a
-    factored kernel) gets a hard-concrete gate (Louizos et al. 2018), with ``log_alpha``
+    the trace finds removable (neurons, channels, residual-stream channels, attention heads of a
+    factored kernel; not a group a normaliser's statistic reads, see the module docstring) gets
+    a hard-concrete gate (Louizos et al. 2018), with ``log_alpha``
     initialised around ``logit(1 - droprate_init)`` from ``rngs.params``.
 
     The result is an NNX module: call it like the model, with ``rngs=nnx.Rngs(gates=key)`` in
@@ -392,7 +412,7 @@ def sparsify(
       example_input: an input batch, or its shape and dtype.
       method: ``"l0_hc"`` (hard-concrete gates) or ``"l0_arm"`` (binary gates with ARM
         gradients; train through :meth:`Sparsified.expected`).
-      granularity: ``"unit"`` (one gate per unit of every prunable group).
+      granularity: ``"unit"`` (one gate per unit of every removable group).
       cost: what a unit's gate is weighted by in the penalty: ``"params"`` or ``"flops"``
         (multiply-accumulates per example).
       apply: ``apply(model, x)`` runs the forward pass traced for the structure.
@@ -422,6 +442,7 @@ __all__ = [
     "GroupReport",
     "Sparsified",
     "SparsityReport",
+    "UngatedGroup",
     "gated_slices",
     "parameters_gated",
     "sparsify",

@@ -18,7 +18,9 @@ of a hand-written declaration:
 - **Activation products** (attention's ``Q K^T`` and ``A V``): one
   :attr:`~sparsejax.models.base.GatedModel.activation_products` layer per product the trace
   counted, so that FLOPs shrink with the heads and head dimensions kept.
-- **Gate slots** at unit granularity: one per *prunable* traced group, named after its first
+- **Gate slots** at unit granularity: one per *removable* traced group (prunable, and no
+  normaliser's statistic reads its units: a LayerNorm'd stream keeps every unit when slimmed,
+  so a gate there would count producers' columns that never go), named after its first
   producer (with ``.axis{k}`` where that module produces several groups), ``(size,)`` gates.
   The gates act on the consumers, as :func:`sparsejax.sparsify` does
   (:func:`~sparsejax.structure.sparsify.gated_slices`): gate ``z_u`` multiplies the kernel rows
@@ -33,7 +35,7 @@ of a hand-written declaration:
   kernel), multiplied into the kernel.
 - **Couplings**: a group with several producers (a residual stream, or kernels tied by a
   product or a depthwise convolution) is a :class:`ChannelCoupling` of their layers (``fixed``
-  when the group is not prunable).
+  when the group is not removable).
 - **Gate placements** (``placements``, :class:`GatePlacement`): where a paper gates other units
   than every prunable group, one placement per slot names a layer and a side. Its output units
   are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
@@ -209,7 +211,7 @@ def _place(
         if (member := g.member(traced.kernel, axis)) is not None
         and g.size == size and _covers(member, size)
     ]
-    group = found[0] if len(found) == 1 and found[0].prunable else None
+    group = found[0] if len(found) == 1 and found[0].removable else None
     slot = GateSlot(
         placement.slot, placement.layer, (size,), axis,
         placement.side == "output" and traced.bias is not None, placement.droprate_init, shape,
@@ -220,11 +222,10 @@ def _place(
         raise ConfigError(f"{where}: readers are for a normaliser's output; give norm too")
     if placement.side == "output":
         if group is None:
-            blocker = found[0].blockers[0] if len(found) == 1 else None
-            why = (f"{blocker.reason}: {blocker.primitive} at {blocker.source or '?'}"
-                   if blocker else f"{len(found)} traced groups hold them")
+            why = (found[0].obstacle.describe() if len(found) == 1
+                   else f"{len(found)} traced groups hold them")
             raise ConfigError(
-                f"{where}: the outputs of layer {placement.layer!r} are not a prunable unit "
+                f"{where}: the outputs of layer {placement.layer!r} are not a removable unit "
                 f"group ({why}); place the gates on the inputs of the layers that read them, "
                 "or on the output of the normaliser that follows it (norm=...)"
             )
@@ -327,14 +328,14 @@ def _placement(
 
 
 def _slot_names(structure: TracedStructure) -> dict[int, str]:
-    """Slot name of every prunable group: its first producer's module, followed by the
-    producing axis (``"attn.query.axis1"``, the heads) where one module produces several
-    groups."""
-    prunable = [g for g in structure.groups if g.prunable]
-    modules = [_layer_name(g.producers[0][0]) for g in prunable]
+    """Slot name of every removable group (prunable, no normaliser's statistic reads it): its
+    first producer's module, followed by the producing axis (``"attn.query.axis1"``, the
+    heads) where one module produces several groups."""
+    removable = [g for g in structure.groups if g.removable]
+    modules = [_layer_name(g.producers[0][0]) for g in removable]
     return {
         g.index: module if modules.count(module) == 1 else f"{module}.axis{g.producers[0][1]}"
-        for g, module in zip(prunable, modules)
+        for g, module in zip(removable, modules)
     }
 
 
@@ -689,13 +690,13 @@ class TracedModel(GatedModel):
 
     def _couplings(self) -> tuple[ChannelCoupling, ...]:
         """The groups with several producers (residual streams, and the kernels a product or a
-        depthwise convolution ties), fixed when not prunable."""
+        depthwise convolution ties), fixed when not removable."""
         names = _slot_names(self.structure)
         return tuple(
             ChannelCoupling(
                 names.get(g.index, f"group{g.index}"),
                 tuple(_layer_name(path) for path, _ in g.producers),
-                fixed=not g.prunable,
+                fixed=not g.removable,
             )
             for g in self.structure.groups
             if len(g.producers) > 1

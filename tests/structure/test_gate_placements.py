@@ -400,7 +400,8 @@ def test_placements_that_cannot_hold_say_what_is_wrong():
                            num_classes=10, placements=placed_gates, granularity=granularity)
 
     with pytest.raises(ConfigError, match=r"'stem': the outputs of layer 'zoo.stem' are not a "
-                       r"prunable unit group \(.+\); place the gates on the inputs"):
+                       r"removable unit group \(padding along a unit dimension \(pad at "
+                       r".+\)\); place the gates on the inputs"):
         build(GatePlacement("stem", "zoo.stem", "output"))
     with pytest.raises(ConfigError, match=r"no layer 'zoo.nowhere'; its layers are zoo.stem, "):
         build(GatePlacement("a", "zoo.nowhere", "output"))

@@ -25,7 +25,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.structure.accounting import reduction
 from sparsejax.structure.slim_trace.interpret import Narrowed, conform, opened
 from sparsejax.structure.slim_trace.rows import RowsError, dropped_positions
-from sparsejax.structure.slim_trace.widths import physical_keep, slimmable
+from sparsejax.structure.slim_trace.widths import physical_keep
 from sparsejax.structure.sparsify import evaluation_copy, gated_slices, scaled_slice
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
 
@@ -243,13 +243,11 @@ def _rows(
     return chosen, share
 
 
-def _status(group: UnitGroup, removable: set[int]) -> str:
+def _status(group: UnitGroup) -> str:
     if not group.prunable:
-        blocker = group.blockers[0]
-        return f"unprunable: {blocker.primitive} at {blocker.source or '?'} ({blocker.reason})"
-    if group.index not in removable:
-        caveat = group.caveats[0]
-        return f"kept whole, gates folded: {caveat.reason} ({caveat.primitive} at {caveat.source})"
+        return f"unprunable: {group.obstacle.describe()}"
+    if not group.removable:
+        return f"kept whole: {group.obstacle.describe()}"
     return "slimmed"
 
 
@@ -278,7 +276,6 @@ def _report(
 ) -> SlimReport:
     """Widths, status and costs of the slim network (``kept``: units kept per group;
     ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps)."""
-    removable = set(slimmable(traced))
     before = traced.count()
     keep = {g: k.astype(np.float64) for g, k in kept.items()}
     after = traced.count(keep)
@@ -291,7 +288,7 @@ def _report(
                 g.size,
                 int(open_masks.get(g.index, np.ones(g.size, bool)).sum()),
                 int(kept[g.index].sum()),
-                _status(g, removable),
+                _status(g),
             )
             for g in traced.groups
         ),

@@ -31,7 +31,7 @@ from sparsejax.structure.trace.values import Frame
 
 def slimmable(structure: TracedStructure) -> tuple[int, ...]:
     """Indices of the groups whose units can be removed: prunable and without caveats."""
-    return tuple(g.index for g in structure.groups if g.prunable and not g.caveats)
+    return tuple(g.index for g in structure.groups if g.removable)
 
 
 def _joint_fields(frame: Frame) -> Iterator[np.ndarray]:

@@ -51,6 +51,18 @@ class UnitGroup:
     def prunable(self) -> bool:
         return not self.blockers
 
+    @property
+    def removable(self) -> bool:
+        """Prunable and without caveats: removing a unit changes nothing but the units left
+        (no normaliser's statistic reads the group), so gates here count what slimming
+        removes."""
+        return self.prunable and not self.caveats
+
+    @property
+    def obstacle(self) -> Blocker | None:
+        """Why the group is not removable: its first blocker, else its first caveat."""
+        return next(iter(self.blockers + self.caveats), None)
+
     def member(self, path: str, axis: int) -> Member | None:
         """The slice of parameter ``path`` along ``axis`` in this group, if any."""
         return next((m for m in self.members if (m.path, m.axis) == (path, axis)), None)

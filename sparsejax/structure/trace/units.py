@@ -71,6 +71,12 @@ class Blocker:
     source: str
     reason: str
 
+    def describe(self) -> str:
+        """``"why (primitive at file:line (function))"``, for reports and errors; the place is
+        left out where none is known."""
+        where = f" at {self.source}" if self.source else ""
+        return f"{self.reason} ({self.primitive}{where})"
+
 
 class UnitTable:
     """Every unit, its seed, the union-find of merged units, what blocks them and what their
