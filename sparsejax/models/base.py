@@ -287,6 +287,11 @@ class GatedModel(nnx.Module):
         """The logits of ``x`` with the gate values ``z`` (one entry per gated slot)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x, z, *, train)")
 
+    def notes(self) -> tuple[str, ...]:
+        """Lines a run shows when it starts: what the model keeps whole that a user may expect
+        to be pruned, and why. None for a declared model, whose slots say it all."""
+        return ()
+
     def _unit_sources(self, *sources: tuple[str, int]) -> UnitSource:
         """A layer declaration's ``inputs`` / ``outputs``: ``sources`` at unit granularity, none
         at weight granularity (set ``granularity`` first)."""

@@ -88,6 +88,7 @@ from sparsejax.structure.sparsify import (
     variable_at,
 )
 from sparsejax.structure.trace import (
+    OUTPUT_BLOCKER,
     Member,
     TracedLayer,
     TracedStructure,
@@ -616,6 +617,19 @@ class TracedModel(GatedModel):
                 layer.name: self.structure.param_shapes[traced.kernel]
                 for layer, traced in zip(layers, self.structure.layers)
             },
+        )
+
+    def notes(self) -> tuple[str, ...]:
+        """One line per traced group that keeps every unit (one per unprunable or caveat
+        group, the logits left out), naming its producing layers and the operation, with its
+        source line, that keeps it whole; none when the slots are placed or per weight."""
+        if self.placed or self.granularity != "unit":
+            return ()
+        return tuple(
+            f"kept whole: {', '.join(_layer_name(path) for path, _ in g.producers)} "
+            f"({g.size} units): {g.obstacle.describe()}"
+            for g in self.structure.groups
+            if not g.removable and g.obstacle != OUTPUT_BLOCKER
         )
 
     def _unit_slot(self, group: int, name: str, layers: tuple[Layer, ...]) -> GateSlot:

@@ -233,6 +233,8 @@ class RunSetup:
     graphdef: nnx.GraphDef
     initial_state: TrainState
     inputs: Input
+    notes: tuple[str, ...] = ()
+    """What the model keeps whole and why (:meth:`GatedModel.notes`), shown as a run starts."""
     _phase_steps: dict[int, Callable] = dataclasses.field(default_factory=dict)
 
     @property
@@ -313,7 +315,9 @@ def set_up(config: ml_collections.ConfigDict) -> RunSetup:
         workers=config.get("input_workers", 0),
         threads=config.get("input_threads", DEFAULT_THREADS),
     )
-    return RunSetup(config, mesh, data, method, plan, graphdef, place_state(state, mesh), inputs)
+    return RunSetup(
+        config, mesh, data, method, plan, graphdef, place_state(state, mesh), inputs, model.notes()
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -379,6 +383,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
         )
         planned = plan.planned_epochs(progress_record[PHASE_STARTS])
         progress = Progress(planned * steps_per_epoch, initial=start_step)
+        if not start_step:
+            for note in setup.notes:
+                progress.message(note)
         if len(plan.phases) > 1:
             progress.message(plan.describe())
         if start_step:

@@ -366,6 +366,13 @@ def test_the_mixer_gates_neither_its_layer_normed_stream_nor_its_token_outputs()
     tokens = groups["token2.kernel"]
     assert [b.reason for b in tokens.blockers][:1] == ["summed with values of no unit"]
     assert [slot.name for slot in model.gate_slots] == ["token1", "channel1"]
+    # a run shows both, with the operation and its line; the logits are left out
+    stream_note, tokens_note = model.notes()
+    assert stream_note.startswith("kept whole: patch, channel2 (8 units): reduction over units "
+                                  "(reduce_sum at ")
+    assert tokens_note.startswith("kept whole: token2 (16 units): summed with values of no unit")
+    assert all("test_traced_model.py:" in note for note in model.notes())
+    assert traced(CASES["mixer"], granularity="weight").notes() == ()
 
 
 def test_dead_units_are_found_through_the_readers_of_a_concatenation():
@@ -660,10 +667,12 @@ def fashion_config(method: str, factory: str, **overrides):
 
 @needs_fashion_mnist
 @pytest.mark.parametrize("name", list(CASES))
-def test_l0_hc_trains_each_unseen_model_through_the_engine(name, tmp_path, monkeypatch):
+def test_l0_hc_trains_each_unseen_model_through_the_engine(name, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     case = CASES[name]
     summary = train_and_evaluate(fashion_config("l0_hc", case.factory), tmp_path / "run")
+    shown = capsys.readouterr().err
+    assert all(note in shown for note in traced(case).notes())
     params, flops = case.counts()
     assert (summary["dense_params"], summary["dense_flops"]) == (params, flops)
     assert dict(zip(summary["gate_slots"], summary["dense_units"])) == case.slots

@@ -15,9 +15,10 @@ from sparsejax.structure.trace.result import (
     TracedStructure,
     UnitGroup,
 )
-from sparsejax.structure.trace.units import Blocker
+from sparsejax.structure.trace.units import OUTPUT_BLOCKER, Blocker
 
 __all__ = [
+    "OUTPUT_BLOCKER",
     "Blocker",
     "Member",
     "TracedCounts",

@@ -11,7 +11,7 @@ from flax import nnx
 
 from sparsejax.models.batch_chunks import whole_batch
 from sparsejax.structure.trace.result import TracedStructure
-from sparsejax.structure.trace.units import Blocker, Seed, make_field
+from sparsejax.structure.trace.units import OUTPUT_BLOCKER, Seed, make_field
 from sparsejax.structure.trace.values import UNLABELLED, Context, Frame, Value
 from sparsejax.structure.trace.walk import walk
 
@@ -119,7 +119,7 @@ def trace_program(
     outs = walk(ctx, closed.jaxpr, [*inputs, UNLABELLED])
     for out in outs:
         for field in out.fields:
-            ctx.units.block(field.ids, Blocker("output", "", "reaches the model's output"))
+            ctx.units.block(field.ids, OUTPUT_BLOCKER)
     structure = TracedStructure(
         ctx.units, ctx.layers, ctx.other_macs, param_ids, example_input.shape[0]
     )

@@ -78,6 +78,10 @@ class Blocker:
         return f"{self.reason} ({self.primitive}{where})"
 
 
+OUTPUT_BLOCKER = Blocker("output", "", "reaches the model's output")
+"""What keeps the units of the model's output (the logits) whole."""
+
+
 class UnitTable:
     """Every unit, its seed, the union-find of merged units, what blocks them and what their
     removal changes."""
