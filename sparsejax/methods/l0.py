@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import ml_collections
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MethodState, per_slot
-from sparsejax.methods.budget import LAGRANGIAN_FIELDS, STOCHASTIC_GATE_KP, Budgeted
+from sparsejax.methods.budget import (
+    BUDGET_GATE_LEARNING_RATE,
+    LAGRANGIAN_FIELDS,
+    STOCHASTIC_GATE_KP,
+    Budgeted,
+    requested_target,
+)
 from sparsejax.methods.fields import ANY_MODEL, Field
 from sparsejax.methods.penalties import expected_l0, gated_l2
 from sparsejax.models.base import GatedModel, GateSlot
@@ -65,6 +73,18 @@ class L0Method(Budgeted):
             with resolved.unlocked():
                 resolved.lambdas = DEFAULT_LAMBDAS.get(model, DEFAULT_LAMBDAS[ANY_MODEL])
         return resolved
+
+    @classmethod
+    def gate_optimizer_defaults(cls, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """The network's optimizer; under a target, gates on Adam learn at least at
+        :data:`~sparsejax.methods.budget.BUDGET_GATE_LEARNING_RATE`, so that they can follow
+        the target's ramp."""
+        defaults = super().gate_optimizer_defaults(config)
+        if requested_target(config) is not None and defaults["gate_optimizer"] == "adam":
+            defaults["gate_learning_rate"] = max(
+                defaults["gate_learning_rate"], BUDGET_GATE_LEARNING_RATE
+            )
+        return defaults
 
     def lambdas(self, model: GatedModel) -> dict[str, float]:
         """lambda of every gate slot of ``model``."""

@@ -100,6 +100,20 @@ def test_a_target_replaces_the_penalty_and_turns_the_average_off():
                        ("bounded_lp", 0.0)):
         assert resolve_config(_config(name, target_flops=0.4))[1].target_kp == gain, name
     assert resolve_config(_config("l1", target_flops=0.4, target_kp=5.0))[1].target_kp == 5.0
+    # L0 gates on Adam learn at 1e-2 or more under a target unless told otherwise; Dep-L0's
+    # generator and the deterministic gates keep theirs
+    for name, plain_rate, target_rate in (("l0_hc", 1e-3, 1e-2), ("l0_arm", 1e-3, 1e-2),
+                                          ("l0_ar", 1e-3, 1e-2), ("dep_l0", 1e-3, 1e-3),
+                                          ("l1", 1e-3, 1e-3)):
+        assert resolve_config(_config(name))[1].gate_learning_rate == plain_rate, name
+        targeted = resolve_config(_config(name, target_flops=0.4))[1]
+        assert targeted.gate_learning_rate == target_rate, name
+    given = _config("l0_hc", target_flops=0.4, gate_learning_rate=3e-3)
+    assert resolve_config(given)[1].gate_learning_rate == 3e-3
+    faster = _config("l0_hc", target_flops=0.4, learning_rate=0.05)
+    assert resolve_config(faster)[1].gate_learning_rate == 0.05
+    on_sgd = _config("l0_hc", target_flops=0.4, optimizer="momentum", learning_rate=0.1)
+    assert resolve_config(on_sgd)[1].gate_learning_rate == 0.1
 
 
 def _config(name, **overrides):
