@@ -289,7 +289,7 @@ class GatedModel(nnx.Module):
 
     def notes(self) -> tuple[str, ...]:
         """Lines a run shows when it starts: what the model keeps whole that a user may expect
-        to be pruned, and why. None for a declared model, whose slots say it all."""
+        to be pruned, and why. Empty for a declared model, whose slots say it all."""
         return ()
 
     def _unit_sources(self, *sources: tuple[str, int]) -> UnitSource:

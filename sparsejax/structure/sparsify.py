@@ -397,8 +397,8 @@ def sparsify(
     and ``apply(model, x)`` (default ``model(x)``) define the traced forward pass. Each group that
     the trace finds removable (neurons, channels, residual-stream channels, attention heads of a
     factored kernel; not a group a normaliser's statistic reads, see the module docstring) gets
-    a hard-concrete gate (Louizos et al. 2018), with ``log_alpha``
-    initialised around ``logit(1 - droprate_init)`` from ``rngs.params``.
+    a hard-concrete gate (Louizos et al. 2018), with ``log_alpha`` initialised around
+    ``logit(1 - droprate_init)`` from ``rngs.params``.
 
     The result is an NNX module: call it like the model, with ``rngs=nnx.Rngs(gates=key)`` in
     training mode; add ``lam * gated.penalty()`` to the loss; ``gated.eval()`` for test-time
