@@ -9,12 +9,12 @@ per unit, or per kernel entry at weight granularity). A unit goes when no kernel
 more: every row that reads it, in every kernel its gates act on, is zero after folding (a
 closed unit gate, closed weight gates or pruned weights on all of its rows), only ever meets
 zeros, or meets a constant that its dense layer's bias absorbs
-(:mod:`~sparsejax.structure.slim_trace.unread`), so removing it is exact. The rows of an input
-selection (a placed slot on inputs that are no group of their own: pixels, a concatenation
-other layers read whole) go the same way, row by row
-(:func:`selected_rows`). :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on
-the groups of the model's own trace; ``round_to=K`` keeps back the removed units with the highest
-P(gate != 0) until every slimmed group has a multiple of K units. The largest logit difference
+(:func:`~sparsejax.structure.slim_trace.unread.units_left`), so removing it is exact. The
+rows of an input selection (a placed slot on inputs that are no group of their own: pixels, a
+concatenation other layers read whole) go the same way, row by row (:func:`selected_rows`).
+:func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the groups of the
+model's own trace; ``round_to=K`` keeps back the removed units with the highest P(gate != 0)
+until every slimmed group has a multiple of K units. The largest logit difference
 to the gated model in evaluation mode is measured on a batch of the run's test images
 (:func:`check_images`) and recorded in the report.
 """
@@ -29,8 +29,8 @@ from flax import nnx
 from sparsejax.data.sources import BatchSource
 from sparsejax.slim.folding import test_gate_values
 from sparsejax.structure.slim_trace import SlimFunction, slim_traced
-from sparsejax.structure.slim_trace.unread import absorbed_constants, live_rows, read_units
-from sparsejax.structure.slim_trace.zeros import Rows, read_rows
+from sparsejax.structure.slim_trace.unread import live_rows, units_left
+from sparsejax.structure.slim_trace.zeros import Rows
 from sparsejax.structure.sparsify import parameters_gated
 from sparsejax.structure.traced_model import TracedModel
 
@@ -76,12 +76,10 @@ def slim_traced_model(
     }
     example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
     with parameters_gated(model.net, gated):
-        reads = read_rows(model.net, example)
-        replaced, met = absorbed_constants(model.net, model.structure, reads)
+        keep, replaced, met = units_left(model.net, model.structure, example)
         slim = slim_traced(
-            model.net, example, structure=model.structure,
-            keep=read_units(model.net, model.structure, met), scores=scores, round_to=round_to,
-            rows=selected_rows(model, met), replaced=replaced,
+            model.net, example, structure=model.structure, keep=keep, scores=scores,
+            round_to=round_to, rows=selected_rows(model, met), replaced=replaced,
         )
     slim.check(_evaluation_logits(model, check), check)
     return slim

@@ -50,17 +50,11 @@ from sparsejax.estimators import binary
 from sparsejax.gates.binary import BinaryGate
 from sparsejax.gates.hard_concrete import HardConcreteGate
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_structure
+from sparsejax.structure.trace.analyze import Apply, call_model
 
 METHODS: tuple[str, ...] = ("l0_hc", "l0_arm")
 GRANULARITIES: tuple[str, ...] = ("unit",)
 COSTS: tuple[str, ...] = ("params", "flops")
-
-Apply = Callable[[nnx.Module, jax.Array], jax.Array]
-
-
-def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
-    return model(x)
-
 
 def evaluation_copy(module: nnx.Module) -> nnx.Module:
     """A copy of ``module`` (sharing its arrays) in NNX evaluation mode; ``module`` keeps its
@@ -320,7 +314,7 @@ class Sparsified(nnx.Module):
         *,
         round_to: int = 1,
         check: jax.Array | None = None,
-        apply: Apply = _call,
+        apply: Apply = call_model,
     ):
         """The slim network of the model under its test-time gates: a
         :class:`~sparsejax.structure.slim_trace.SlimFunction` (a pure function with its
@@ -338,17 +332,15 @@ class Sparsified(nnx.Module):
         :func:`~sparsejax.structure.slim_trace.slim_traced`."""
         # These import this module.
         from sparsejax.structure.slim_trace import slim_traced
-        from sparsejax.structure.slim_trace.unread import absorbed_constants, read_units
-        from sparsejax.structure.slim_trace.zeros import read_rows
+        from sparsejax.structure.slim_trace.unread import units_left
 
         with parameters_gated(self.model, self._gated([g.test_gate() for g in self.gates])):
-            reads = read_rows(self.model, example_input, apply)
-            replaced, met = absorbed_constants(self.model, self.structure, reads)
+            keep, replaced, _ = units_left(self.model, self.structure, example_input, apply)
             slim = slim_traced(
                 self.model,
                 example_input,
                 structure=self.structure,
-                keep=read_units(self.model, self.structure, met),
+                keep=keep,
                 scores={i: np.asarray(gate.prob_nonzero())
                         for i, gate in zip(self.group_indices, self.gates)},
                 round_to=round_to,
@@ -387,7 +379,7 @@ def sparsify(
     method: str = "l0_hc",
     granularity: str = "unit",
     cost: str = "params",
-    apply: Apply = _call,
+    apply: Apply = call_model,
     rngs: nnx.Rngs | int = 0,
     droprate_init: float = 0.5,
 ) -> Sparsified:

@@ -37,7 +37,7 @@ of a hand-written declaration:
   product or a depthwise convolution) is a :class:`ChannelCoupling` of their layers (``fixed``
   when the group is not removable).
 - **Gate placements** (``placements``, :class:`GatePlacement`): where a paper gates other units
-  than every prunable group, one placement per slot names a layer and a side. Its output units
+  than every removable group, one placement per slot names a layer and a side. Its output units
   are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
   their group when only that layer reads it, else an input selection of the layer's rows
   alone, with one row as ``|g|``; with ``norm``, the output of the normaliser after the layer
@@ -120,10 +120,11 @@ Side = Literal["input", "output"]
 @dataclasses.dataclass(frozen=True)
 class GatePlacement:
     """One unit-gate slot of a :class:`TracedModel` placed by hand, for a model whose paper
-    gates other units than the default (every prunable traced group):
+    gates other units than the default (every removable traced group):
 
-    - ``side="output"``: the output units of ``layer``, which must be one prunable traced group
-      (a layer's outputs, a depthwise convolution's channels). The gates act as the group's
+    - ``side="output"``: the output units of ``layer``, which must be one removable traced
+      group (a layer's outputs, a depthwise convolution's channels; not one whose units a
+      normaliser's statistics read). The gates act as the group's
       default gates do, on its readers; ``|g|`` is the layer's kernel slice and bias, the group
       of Louizos et al. (2018) for a convolution's output channel.
     - ``side="output"`` with ``norm``: the output of the normaliser ``norm`` that follows
@@ -132,7 +133,7 @@ class GatePlacement:
       bias, which is multiplying its output, and the layers in ``readers``, which read that
       output before it joins the stream, lose the closed units' inputs in the accounting.
       ``|g|`` is the layer's kernel slice and bias.
-    - ``side="input"``: one gate per input unit of ``layer``. When those units are a prunable
+    - ``side="input"``: one gate per input unit of ``layer``. When those units are a removable
       group that only ``layer`` reads, they are that group (its producers' outputs are switched
       off with it); otherwise an *input selection* that gates the layer's rows alone (the pixel
       gates of LeNet-300-100, the 800 flattened inputs of LeNet-5's first dense layer,
@@ -141,7 +142,7 @@ class GatePlacement:
 
     Placements give the gated methods their slots; the methods that prune filters and units
     (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
-    prunable group instead.
+    removable group instead.
 
     Attributes:
       slot: the slot's name (in the gates, the config's per-slot lambdas and the reports).

@@ -205,18 +205,16 @@ def test_slim_equals_gated_eval_and_shrinks(name):
     by_index = {g.index: g for g in slim.report.groups}
     for group in structure.groups:
         report = by_index[group.index]
-        expected = int(opened[group.index].sum()) if group.prunable and not group.caveats \
-            else group.size
+        expected = int(opened[group.index].sum()) if group.removable else group.size
         assert report.width == expected, (group.producers, report)
-        if not group.prunable or group.caveats:
+        if not group.removable:
             continue
         for member in group.members:  # every slice of the group lost the closed units
             kept = np.isin(np.arange(group.size), np.flatnonzero(opened[group.index]))
             removed = sum(not kept[u] for u in member.units)
             original = shapes[member.path][member.axis]
             assert slim.params[member.path].shape[member.axis] == original - removed
-    kept = {i: m.astype(float) for i, m in opened.items()
-            if structure.groups[i].prunable and not structure.groups[i].caveats}
+    kept = {i: m.astype(float) for i, m in opened.items()}  # the gated groups are removable
     assert slim.report.params_after == structure.count(kept).params
     assert slim.report.flops_after == structure.count(kept).flops
     assert slim.report.params_before == structure.count().params
@@ -231,8 +229,7 @@ def test_slim_traced_folds_gate_values_given_per_group():
     assert _relative(slim(x), _reference(gated, x)) < 1e-5
     widths = {g.index: g.width for g in slim.report.groups}
     for index, opened in _open(gated).items():
-        if gated.structure.groups[index].prunable and not gated.structure.groups[index].caveats:
-            assert widths[index] == opened.sum()
+        assert widths[index] == opened.sum()
 
 
 def test_groups_of_unknown_ops_and_normalisers_stay_whole():

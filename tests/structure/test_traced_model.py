@@ -375,6 +375,16 @@ def test_the_mixer_gates_neither_its_layer_normed_stream_nor_its_token_outputs()
     assert traced(CASES["mixer"], granularity="weight").notes() == ()
 
 
+def test_a_placement_on_the_outputs_of_a_layer_normed_stream_is_refused_with_its_reduction():
+    """Output gates there would count producers' columns that slimming keeps; gates on one
+    reader's inputs are an input selection of that reader's rows, which slimming removes."""
+    with pytest.raises(ConfigError, match=r"the outputs of layer 'embed' are not a removable "
+                       r"unit group \(reduction over units \(reduce_sum at .*test_traced_model"):
+        traced(CASES["vit"], placements=[GatePlacement("stream", "embed", "output")])
+    model = traced(CASES["vit"], placements=[GatePlacement("rows", "up", "input")])
+    assert [(name, s.path, s.axis) for name, s in model.selections] == [("rows", "up.kernel", 0)]
+
+
 def test_dead_units_are_found_through_the_readers_of_a_concatenation():
     model = traced(CASES["branch_cnn"])
     net = model.net

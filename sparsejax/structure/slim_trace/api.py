@@ -28,16 +28,11 @@ from sparsejax.structure.slim_trace.rows import RowsError, dropped_positions
 from sparsejax.structure.slim_trace.widths import physical_keep
 from sparsejax.structure.sparsify import evaluation_copy, gated_slices, scaled_slice
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_program
-
-Apply = Callable[[nnx.Module, jax.Array], jax.Array]
+from sparsejax.structure.trace.analyze import Apply, call_model
 
 TRACED_BATCHES = (10007, 10009, 10037, 10039, 10061)
 """Primes to trace at, the first one that no other size of the model is a multiple of (so that
 every multiple of it in a shape parameter is the batch; see :mod:`.interpret`)."""
-
-
-def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
-    return model(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,7 +310,7 @@ def slim_traced(
     round_to: int = 1,
     rows: Mapping[str, tuple[int, np.ndarray]] | None = None,
     replaced: Mapping[str, np.ndarray | jax.Array] | None = None,
-    apply: Apply = _call,
+    apply: Apply = call_model,
 ) -> SlimFunction:
     """The slim evaluation network of ``model`` with the units of closed gates removed.
 

@@ -4,19 +4,21 @@ meet are folded into biases.
 A unit can go exactly when every kernel row that reads it is zero, only ever multiplies zeros,
 or multiplies one constant that its layer's bias takes over (:mod:`.zeros` finds the last
 two). :func:`read_units` says which units are still read, :func:`absorbed_constants` makes the
-fold. Both slimming paths use them: a ``--model`` run's
-(:func:`sparsejax.slim.traced.slim_traced_model`) and
+fold, and :func:`units_left` does both on the network as it runs. Both slimming paths use it: a
+``--model`` run's (:func:`sparsejax.slim.traced.slim_traced_model`) and
 :meth:`~sparsejax.structure.sparsify.Sparsified.slim`.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
-from sparsejax.structure.slim_trace.zeros import RowReads, Rows
+from sparsejax.structure.slim_trace.zeros import RowReads, Rows, read_rows
 from sparsejax.structure.sparsify import GatedSlice, gated_slices, variable_at
 from sparsejax.structure.trace import TracedStructure
+from sparsejax.structure.trace.analyze import Apply, call_model
 
 
 def live_rows(net: nnx.Module, s: GatedSlice, met: Rows) -> np.ndarray:
@@ -59,14 +61,14 @@ def absorbed_constants(
 def read_units(
     net: nnx.Module, structure: TracedStructure, met: Rows | None = None
 ) -> dict[int, np.ndarray]:
-    """Per prunable group of ``structure`` (a trace of ``net``), True for each unit that a
+    """Per removable group of ``structure`` (a trace of ``net``), True for each unit that a
     slice its gates act on (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the
     kernels that read it) still reads, in ``net``'s current parameters: a row with a nonzero
     entry that meets a nonzero value (``met``: :func:`.zeros.read_rows`; rows it does not know
     count as meeting one)."""
     read = {}
     for group in structure.groups:
-        if not group.prunable:
+        if not group.removable:
             continue
         units = np.zeros(group.size, bool)
         for s in gated_slices(structure, group):
@@ -74,3 +76,17 @@ def read_units(
             units[np.asarray(s.units)[live]] = True
         read[group.index] = units
     return read
+
+
+def units_left(
+    net: nnx.Module,
+    structure: TracedStructure,
+    example_input: jax.Array | jax.ShapeDtypeStruct,
+    apply: Apply = call_model,
+) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray], Rows]:
+    """What slimming keeps of ``net`` (traced as ``structure``) with its current parameters:
+    the units still read (:func:`read_units`) once the constants its rows meet in the forward
+    pass ``apply(net, x)`` are folded, the folded parameter values
+    (:func:`absorbed_constants`), and which rows still meet a value."""
+    replaced, met = absorbed_constants(net, structure, read_rows(net, example_input, apply))
+    return read_units(net, structure, met), replaced, met

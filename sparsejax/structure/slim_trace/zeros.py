@@ -38,7 +38,7 @@ product summing one axis, which rows meet one constant at every position, and it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -50,7 +50,12 @@ from jax.extend import core
 from sparsejax.structure.slim_trace.interpret import called_jaxpr, opened
 from sparsejax.structure.slim_trace.rows import PASS_THROUGH, contracted, var_shape
 from sparsejax.structure.sparsify import evaluation_copy
-from sparsejax.structure.trace.analyze import dotted_path, forward_jaxpr
+from sparsejax.structure.trace.analyze import (
+    Apply,
+    call_model,
+    dotted_path,
+    forward_jaxpr,
+)
 from sparsejax.structure.trace.rules import BINARY, UNARY
 
 Rows = dict[tuple[str, int], np.ndarray]
@@ -240,14 +245,10 @@ def _constant(value) -> _Entry:
     return _Entry(value, nonzero, jnp.zeros(value.shape, jnp.float32))
 
 
-def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
-    return model(x)
-
-
 def read_rows(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
-    apply: Callable[[nnx.Module, jax.Array], jax.Array] = _call,
+    apply: Apply = call_model,
 ) -> RowReads:
     """For every parameter that a product reads along a summed axis, which of its rows meet a
     value other than zero for some input, and which meet one constant, in ``model``'s

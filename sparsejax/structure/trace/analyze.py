@@ -16,9 +16,11 @@ from sparsejax.structure.trace.values import UNLABELLED, Context, Frame, Value
 from sparsejax.structure.trace.walk import walk
 
 Apply = Callable[[nnx.Module, jax.Array], jax.Array]
+"""A model's forward pass on an input batch, ``apply(model, x)``."""
 
 
-def _call(model: nnx.Module, x: jax.Array) -> jax.Array:
+def call_model(model: nnx.Module, x: jax.Array) -> jax.Array:
+    """The default :data:`Apply`: ``model(x)``."""
     return model(x)
 
 
@@ -49,7 +51,7 @@ def trace_structure(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
     *,
-    apply: Apply = _call,
+    apply: Apply = call_model,
 ) -> TracedStructure:
     """The prunable unit groups of ``model`` and its costs, from the jaxpr of its forward pass.
 
@@ -69,7 +71,7 @@ def trace_structure(
 def forward_jaxpr(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
-    apply: Apply = _call,
+    apply: Apply = call_model,
 ) -> tuple[object, list[tuple[tuple, jax.Array]], object]:
     """The closed jaxpr of ``apply(model, x)`` as a function of the model's state arrays (in
     state order) and ``x`` of ``example_input``'s shape, convolutions on the whole batch; with
@@ -92,7 +94,7 @@ def trace_program(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
     *,
-    apply: Apply = _call,
+    apply: Apply = call_model,
 ) -> TracedProgram:
     """:func:`trace_structure`, keeping the jaxpr and the fields of all its variables (what
     slimming needs to run the jaxpr with fewer units)."""
