@@ -9,7 +9,9 @@ per unit, or per kernel entry at weight granularity). A unit goes when no kernel
 more: every row that reads it, in every kernel its gates act on, is zero after folding (a
 closed unit gate, closed weight gates or pruned weights on all of its rows), only ever meets
 zeros, or meets a constant that its dense layer's bias absorbs
-(:func:`~sparsejax.structure.slim_trace.unread.units_left`), so removing it is exact. The
+(:func:`~sparsejax.structure.slim_trace.unread.units_left`), so removing it is exact; the
+query and key units of a closed head (a slot of heads, whose gates act on the values' rows
+in the output projection) go with it. The
 rows of an input selection (a placed slot on inputs that are no group of their own: pixels, a
 concatenation other layers read whole) go the same way, row by row (:func:`selected_rows`).
 :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the groups of the
@@ -70,13 +72,16 @@ def slim_traced_model(
         (s, jnp.asarray(values[name])) for name, slices in model.gated if name in values
         for s in slices
     ]
-    scores = {
-        group: np.asarray(model.gates[name].prob_nonzero())
-        for group, name in model.group_slots if name in values
-    }
+    scores = model.group_values({
+        name: np.asarray(model.gates[name].prob_nonzero())
+        for _, name in model.group_slots if name in values
+    })
     example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
+    open_units = model.group_values(values)
     with parameters_gated(model.net, gated):
         keep, replaced, met = units_left(model.net, model.structure, example)
+        for group, _ in model.carried:
+            keep[group] = keep[group] & (open_units[group] > 0)
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=keep, scores=scores,
             round_to=round_to, rows=selected_rows(model, met), replaced=replaced,

@@ -49,12 +49,13 @@ from flax import nnx
 from sparsejax.estimators import binary
 from sparsejax.gates.binary import BinaryGate
 from sparsejax.gates.hard_concrete import HardConcreteGate
-from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_structure
+from sparsejax.structure.trace import Member, TracedStructure, UnitGroup, trace_structure
 from sparsejax.structure.trace.analyze import Apply, call_model
 
 METHODS: tuple[str, ...] = ("l0_hc", "l0_arm")
 GRANULARITIES: tuple[str, ...] = ("unit",)
 COSTS: tuple[str, ...] = ("params", "flops")
+
 
 def evaluation_copy(module: nnx.Module) -> nnx.Module:
     """A copy of ``module`` (sharing its arrays) in NNX evaluation mode; ``module`` keeps its
@@ -167,14 +168,20 @@ class SparsityReport:
         return "-".join(str(g.kept) for g in self.groups)
 
 
+def layer_readers(structure: TracedStructure, group: UnitGroup) -> tuple[Member, ...]:
+    """The members of ``group`` on the input axes of kernels that read its units (not those
+    that produce them)."""
+    producer_axes = {p for g in structure.groups for p in g.producers}
+    kernels = {layer.kernel for layer in structure.layers}
+    return tuple(
+        m for m in group.members if m.path in kernels and (m.path, m.axis) not in producer_axes
+    )
+
+
 def gated_slices(structure: TracedStructure, group: UnitGroup) -> tuple[GatedSlice, ...]:
     """Where the gates of ``group`` act: the input-axis slices of the kernels that read its
     units or, when no kernel reads them, the output slice (and bias) of its first producer."""
-    producer_axes = {p for g in structure.groups for p in g.producers}
-    kernels = {layer.kernel for layer in structure.layers}
-    consumers = [
-        m for m in group.members if m.path in kernels and (m.path, m.axis) not in producer_axes
-    ]
+    consumers = layer_readers(structure, group)
     if not consumers:
         path, axis = group.producers[0]
         bias = next((l.bias for l in structure.layers if l.kernel == path and l.bias), None)

@@ -83,6 +83,7 @@ from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.sparsify import (
     GatedSlice,
     gated_slices,
+    layer_readers,
     parameters_gated,
     scaled_slice,
     variable_at,
@@ -139,6 +140,18 @@ class GatePlacement:
       gates of LeNet-300-100, the 800 flattened inputs of LeNet-5's first dense layer,
       DenseNet's concatenated inputs). ``|g|`` is one row of the layer's kernel (Louizos et al.'s
       group of a dense layer's input neuron).
+    - ``side="output"`` with ``heads=H``: the output units of ``layer`` (a removable group) in
+      the ``H`` heads that a product of two activations splits them into (a flat projection
+      reshaped into heads, ``Q K^T`` or ``A V`` summing within each head), one gate per head.
+      Placements of several layers with the same ``slot`` and ``heads`` make one slot: a
+      head's queries and keys (``layer`` the query projection) and its values (the value
+      projection), closed together. The gates multiply where the head's units are read by a
+      layer (the output projection's rows, so a gate scales the head's output, as in Voita et
+      al. 2019); the query/key units, which only the scores read, go with their head in the
+      counts and when slimming. ``|g|`` is everything one head removes. On a
+      ``(dim, heads, head_dim)`` kernel (``nnx.MultiHeadAttention``) the placement takes the
+      output axis of ``H`` units, whose group is the heads: the query and the value
+      projections name the same group, and the slot gates it once.
 
     Placements give the gated methods their slots; the methods that prune filters and units
     (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
@@ -152,6 +165,12 @@ class GatePlacement:
       norm: the module path of the normaliser (with ``scale`` and ``bias``) whose output the
         gates multiply, for an output that is one member of a larger group; None otherwise.
       readers: the traced layers that read the normaliser's output alone (``norm`` only).
+      heads: the number of heads the output units are split into, one gate each; 0 for one
+        gate per unit.
+      whole_unit: ``|g|`` is everything a unit removes (its producers' kernel slices and
+        biases and every reader's rows, as for the default slots) instead of the placed
+        layer's slice or row: the transformers' FFN units. Only where the placed units are a
+        traced group.
     """
 
     slot: str
@@ -160,6 +179,8 @@ class GatePlacement:
     droprate_init: float = DROPRATE_INIT
     norm: str | None = None
     readers: tuple[str, ...] = ()
+    heads: int = 0
+    whole_unit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +194,8 @@ class _PlacedSlot:
     readers: tuple[str, ...] = ()
     summed: str | None = None
     """For a normaliser's output: its bias, where gates drawn per example scale the sum."""
+    heads: tuple[int, ...] | None = None
+    """For a placement with heads: the head (gate) of each unit of ``group``."""
 
 
 def _covers(member: Member, size: int) -> bool:
@@ -187,11 +210,22 @@ def _place(
 
     Raises:
       ConfigError: for an unknown layer or side, a side of several axes, output units that
-        are not a prunable group, or a normaliser or readers that do not fit.
+        are not a prunable group, a normaliser or readers that do not fit, or heads that are
+        no positive number, not on an output side or not found.
     """
     where = f"gate placement {placement.slot!r}"
     if placement.side not in ("input", "output"):
         raise ConfigError(f"{where}: side must be 'input' or 'output', got {placement.side!r}")
+    if placement.heads:
+        whole = isinstance(placement.heads, int) and not isinstance(placement.heads, bool)
+        if not whole or placement.heads < 1:
+            raise ConfigError(
+                f"{where}: heads must be a positive whole number, got {placement.heads!r}"
+            )
+        if placement.side != "output" or placement.norm is not None:
+            raise ConfigError(
+                f"{where}: heads split a layer's output units; use side='output' without norm"
+            )
     traced = layers.get(placement.layer)
     if traced is None:
         raise ConfigError(
@@ -202,10 +236,13 @@ def _place(
     outputs = {a for g in structure.groups for p, a in g.producers if p == traced.kernel}
     in_axes, out_axes = _layer_axes(placement.layer, shape, traced.kind, outputs)
     axes = out_axes if placement.side == "output" else in_axes
+    if placement.heads and len(axes) > 1:  # a (dim, heads, head_dim) kernel: its heads axis
+        axes = tuple(a for a in axes if shape[a] == placement.heads)[:1] or axes
     if len(axes) != 1:
         raise ConfigError(
             f"{where}: the {placement.side}s of layer {placement.layer!r} span kernel axes "
             f"{list(axes)} of shape {shape}; place gates on a side with one axis"
+            + (" (or give heads the size of one)" if placement.side == "output" else "")
         )
     axis, size = axes[0], shape[axes[0]]
     found = [
@@ -231,11 +268,62 @@ def _place(
                 f"group ({why}); place the gates on the inputs of the layers that read them, "
                 "or on the output of the normaliser that follows it (norm=...)"
             )
+        if placement.heads:
+            return _place_heads(structure, placement, slot, group)
         return _PlacedSlot(slot, group.index, gated_slices(structure, group))
     own_rows = (GatedSlice(traced.kernel, axis, tuple(range(size)), tuple(range(size))),)
     if group is not None and gated_slices(structure, group) == own_rows:
         return _PlacedSlot(slot, group.index, own_rows)
     return _PlacedSlot(slot, None, own_rows)
+
+
+def _unit_cost(
+    structure: TracedStructure, placed: _PlacedSlot, placement: GatePlacement
+) -> _PlacedSlot:
+    """``placed`` with ``|g|`` everything one unit of its group removes when the placement
+    asks for ``whole_unit``.
+
+    Raises:
+      ConfigError: for ``whole_unit`` on units that are no traced group, or with heads (a
+        head's ``|g|`` is already all it removes).
+    """
+    if not placement.whole_unit:
+        return placed
+    if placed.group is None or placed.heads is not None:
+        raise ConfigError(
+            f"gate placement {placement.slot!r}: whole_unit counts a traced group's units; "
+            f"the {placement.side}s of layer {placement.layer!r} here are "
+            + ("heads, which count all they remove already" if placed.heads is not None
+               else "no traced group")
+        )
+    unit = _unit_params(structure, structure.groups[placed.group])
+    return dataclasses.replace(placed, slot=dataclasses.replace(placed.slot, group_params=unit))
+
+
+def _place_heads(
+    structure: TracedStructure, placement: GatePlacement, slot: GateSlot, group: UnitGroup
+) -> _PlacedSlot:
+    """A placement with ``heads`` (:class:`GatePlacement`): the output units of its layer, a
+    removable group, one gate per head of a split that a product of two activations makes."""
+    where = f"gate placement {placement.slot!r}"
+    splits = structure.heads(group.index)
+    if group.size == placement.heads:  # the heads are units already (a heads axis)
+        splits = (np.arange(group.size), *splits)
+    head = next((s for s in splits if s.max() + 1 == placement.heads), None)
+    if head is None:
+        found = sorted({int(s.max()) + 1 for s in splits})
+        what = (f"into {' or '.join(map(str, found))} heads" if found
+                else "into heads: no product of two activations sums over them within heads")
+        raise ConfigError(
+            f"{where}: the outputs of layer {placement.layer!r} ({group.size} units) are not "
+            f"split into {placement.heads} heads; the trace splits them {what}"
+        )
+    slices = tuple(
+        GatedSlice(s.path, s.axis, s.indices, tuple(head[list(s.units)].tolist()))
+        for s in gated_slices(structure, group)
+    )
+    slot = dataclasses.replace(slot, shape=(placement.heads,), gates_bias=False)
+    return _PlacedSlot(slot, group.index, slices, heads=tuple(head.tolist()))
 
 
 def _place_after_norm(
@@ -282,21 +370,41 @@ def _added_sources(placed: Sequence[_PlacedSlot]) -> dict[tuple[str, str], tuple
 def _placed_slots(
     structure: TracedStructure, placements: Sequence[GatePlacement]
 ) -> tuple[_PlacedSlot, ...]:
-    """Every placement resolved, in order; a slot name or a group placed twice is refused."""
+    """Every placement resolved, in order. A group placed twice is refused, and so is a slot
+    name given twice, except to placements with the same ``heads`` and drop rate (one slot
+    of heads over several layers)."""
     layers = {_layer_name(layer.kernel): layer for layer in structure.layers}
-    placed = tuple(_place(structure, layers, p) for p in placements)
-    names = [f"slot name {p.slot.name}" for p in placed]
+    placed: list[_PlacedSlot] = []
+    given: list[GatePlacement] = []
+    for placement in placements:
+        p = _unit_cost(structure, _place(structure, layers, placement), placement)
+        if placement.heads and any((q.slot.name, q.group) == (p.slot.name, p.group)
+                                   for q in placed):
+            continue  # the query and the value projections' heads axis: one group
+        placed.append(p)
+        given.append(placement)
+    names = [p.slot for p in given]
+
+    def shared(name: str) -> bool:
+        kinds = {(p.heads, p.droprate_init) for p in given if p.slot == name}
+        return len(kinds) == 1 and next(iter(kinds))[0] > 0
+
+    problems = sorted({
+        f"slot name {name}" for name in names if names.count(name) > 1 and not shared(name)
+    })
     targets = [
         f"traced group {p.group}" if p.group is not None
         else f"the outputs of {p.summed.removesuffix('.bias')!r}" if p.summed
         else f"the inputs of layer {p.slot.layer!r}"
         for p in placed
     ]
-    for values in (names, targets):
-        twice = sorted({v for v in values if values.count(v) > 1})
-        if twice:
-            raise ConfigError(f"gate placements: {', '.join(twice)} placed twice")
-    return placed
+    problems += sorted({t for t in targets if targets.count(t) > 1})
+    if problems:
+        raise ConfigError(
+            f"gate placements: {', '.join(problems)} placed twice (only placements with the "
+            "same heads and drop rate share a slot name)"
+        )
+    return tuple(placed)
 
 
 def _layer_name(kernel_path: str) -> str:
@@ -375,20 +483,30 @@ def _layer_axes(
     return in_axes, out_axes
 
 
+Heads = Mapping[int, np.ndarray]
+"""Per group gated by heads (:attr:`GatePlacement.heads`), the head (gate) of each unit."""
+
+
 def _placed_sources(
     structure: TracedStructure,
     slots: dict[int, str],
     sizes: tuple[int, ...],
     found: Iterable[tuple[int, int, np.ndarray, np.ndarray]],
+    heads: Heads,
 ) -> UnitSource:
     """The gated ones among ``found`` (``(position, group, indices, units)``: index
     ``indices[k]`` of axis ``position`` of a side with axes of ``sizes`` carries unit
-    ``units[k]`` of ``group``), each placed among the units of the side flattened."""
-    return tuple(
-        (slots[group], _placement(indices, units, sizes, position, structure.groups[group].size))
-        for position, group, indices, units in found
-        if group in slots
-    )
+    ``units[k]`` of ``group``), each placed among the units of the side flattened; a group
+    gated by heads places its units' heads."""
+    sources = []
+    for position, group, indices, units in found:
+        if group not in slots:
+            continue
+        head = heads.get(group)
+        gates, size = (units, structure.groups[group].size) if head is None else (
+            head[units], int(head.max()) + 1)
+        sources.append((slots[group], _placement(indices, gates, sizes, position, size)))
+    return tuple(sources)
 
 
 def _side_sources(
@@ -396,6 +514,7 @@ def _side_sources(
     slots: dict[int, str],
     path: str,
     axes: tuple[int, ...],
+    heads: Heads,
 ) -> UnitSource:
     """The gated groups with members on ``axes`` of parameter ``path``, placed among the
     units of those axes flattened."""
@@ -406,7 +525,7 @@ def _side_sources(
         if (member := group.member(path, axis)) is not None
     )
     sizes = tuple(structure.param_shapes[path][a] for a in axes)
-    return _placed_sources(structure, slots, sizes, found)
+    return _placed_sources(structure, slots, sizes, found, heads)
 
 
 def traced_layers(
@@ -414,9 +533,11 @@ def traced_layers(
     slots: dict[int, str],
     granularity: Granularity,
     added: Mapping[tuple[str, str], tuple[str, ...]] | None = None,
+    heads: Heads | None = None,
 ) -> tuple[Layer, ...]:
     """The :class:`Layer` of every traced layer, in network order; ``slots`` names the gated
-    groups (their units switch layer units off at unit granularity), ``added`` the slots that
+    groups (their units switch layer units off at unit granularity, or their heads' gates
+    do for the groups in ``heads``), ``added`` the slots that
     are no traced group but switch off a layer's ``("inputs" | "outputs", layer name)`` one by
     one (input selections and normalisers' outputs, :class:`GatePlacement`). A dense kernel
     with several input or output axes is one layer of shape ``(inputs, outputs)``, each side
@@ -458,10 +579,11 @@ def traced_layers(
                 int(round(positions)),
                 has_bias=layer.bias is not None,
                 inputs=added_sources.get(("inputs", name), ())
-                + (_side_sources(structure, slots, layer.kernel, in_axes)
+                + (_side_sources(structure, slots, layer.kernel, in_axes, heads or {})
                    if unit and not reads_itself else ()),
                 outputs=added_sources.get(("outputs", name), ())
-                + (_side_sources(structure, slots, layer.kernel, out_axes) if unit else ()),
+                + (_side_sources(structure, slots, layer.kernel, out_axes, heads or {})
+                   if unit else ()),
                 kernel_slot=name if granularity == "weight" else None,
             )
         )
@@ -473,7 +595,7 @@ MAX_PRODUCT_UNITS = 1 << 20
 
 
 def traced_products(
-    structure: TracedStructure, slots: dict[int, str]
+    structure: TracedStructure, slots: dict[int, str], heads: Heads | None = None
 ) -> tuple[Layer, ...]:
     """The products of two activations (attention's ``Q K^T`` and ``A V``) as
     :attr:`~sparsejax.models.base.GatedModel.activation_products`: a product whose MACs are
@@ -498,7 +620,7 @@ def traced_products(
                 "counted by the layer accounting"
             )
         sides = [unit_factors[:1], unit_factors[1:]]
-        sources = [_factor_sources(structure, slots, side) for side in sides]
+        sources = [_factor_sources(structure, slots, side, heads or {}) for side in sides]
         products.append(
             Layer(
                 f"product{index}",
@@ -513,7 +635,7 @@ def traced_products(
 
 
 def _factor_sources(
-    structure: TracedStructure, slots: dict[int, str], factors: list[np.ndarray]
+    structure: TracedStructure, slots: dict[int, str], factors: list[np.ndarray], heads: Heads
 ) -> UnitSource:
     """The gated groups among the unit ids of ``factors``, placed among their combinations
     (C order)."""
@@ -526,7 +648,7 @@ def _factor_sources(
             yield position, group, where, units[where]
 
     every = (item for position, ids in enumerate(factors) for item in found(position, ids))
-    return _placed_sources(structure, slots, tuple(f.size for f in factors), every)
+    return _placed_sources(structure, slots, tuple(f.size for f in factors), every, heads)
 
 
 def _check_counts(
@@ -545,6 +667,66 @@ def _check_counts(
             )
 
 
+def _heads_slots(placed: Sequence[_PlacedSlot]) -> dict[str, list[_PlacedSlot]]:
+    """The placed slots with heads, by name: the placements (one per layer) that share it."""
+    found: dict[str, list[_PlacedSlot]] = {}
+    for p in placed:
+        if p.heads is not None:
+            found.setdefault(p.slot.name, []).append(p)
+    return found
+
+
+def _carried(
+    structure: TracedStructure, placed: Sequence[_PlacedSlot]
+) -> tuple[tuple[int, str], ...]:
+    """``(group, slot name)`` of the groups of a slot with heads that no layer reads (queries
+    and keys, read by the scores) while another group of the slot is read by one (the values,
+    read by the output projection): they go with their heads, and the gates act only where
+    a layer reads the heads' units."""
+    carried = []
+    for name, parts in _heads_slots(placed).items():
+        read = [bool(layer_readers(structure, structure.groups[p.group])) for p in parts]
+        if any(read):
+            carried += [(p.group, name) for p, r in zip(parts, read) if not r]
+    return tuple(carried)
+
+
+def _joined_slots(
+    structure: TracedStructure,
+    placed: Sequence[_PlacedSlot],
+    gated: Sequence[tuple[str, tuple[GatedSlice, ...]]],
+) -> list[GateSlot]:
+    """One gate slot per placed slot name, in order. A slot with heads names the first kernel
+    its gates act on (``gated``), along that axis (the output projection's rows), and removes
+    per gate the params of one head of each of its groups."""
+    slots = {p.slot.name: p.slot for p in reversed(placed)}
+    kernels = {layer.kernel for layer in structure.layers}
+    for name, parts in _heads_slots(placed).items():
+        acting = next(s for s in dict(gated)[name] if s.path in kernels)
+        closed = structure.count({p.group: 0.0 for p in parts}).params
+        slots[name] = dataclasses.replace(
+            slots[name],
+            layer=_layer_name(acting.path),
+            axis=acting.axis,
+            kernel_shape=structure.param_shapes[acting.path],
+            group_params=(structure.count().params - closed) / slots[name].shape[0],
+        )
+    return [slots[name] for name in dict.fromkeys(p.slot.name for p in placed)]
+
+
+def _joined_slices(
+    placed: Sequence[_PlacedSlot], carried: Sequence[tuple[int, str]]
+) -> tuple[tuple[str, tuple[GatedSlice, ...]], ...]:
+    """Per slot name, in order, the slices its gates act on: those of every placement with
+    that name but the carried groups'."""
+    skipped = {group for group, _ in carried}
+    slices: dict[str, tuple[GatedSlice, ...]] = {}
+    for p in placed:
+        kept = () if p.group in skipped else p.slices
+        slices[p.slot.name] = slices.get(p.slot.name, ()) + kept
+    return tuple(slices.items())
+
+
 class TracedModel(GatedModel):
     """A plain NNX module ``net`` (images NHWC -> logits) gated and counted from its trace; see
     the module docstring.
@@ -559,6 +741,11 @@ class TracedModel(GatedModel):
         than one per prunable group.
       selections: ``(slot name, rows)`` of every input selection: the slot's gates act on
         these rows of its layer's kernel alone.
+      unit_heads: ``(group index, head of each unit)`` of every group gated by heads.
+      carried: ``(group index, slot name)`` of the groups of a slot of heads that its gates
+        do not act on (queries and keys); they go with their heads.
+      spanning: the placed slots whose members (:meth:`slot_members`) are every layer slice
+        of their groups: those of heads and of ``whole_unit`` s.
     """
 
     def __init__(
@@ -589,8 +776,10 @@ class TracedModel(GatedModel):
         else:
             placed = ()
             slots = _slot_names(self.structure) if granularity == "unit" else {}
-        layers = traced_layers(self.structure, slots, granularity, _added_sources(placed))
-        self.activation_products = traced_products(self.structure, slots)
+        self.unit_heads = tuple((p.group, p.heads) for p in placed if p.heads is not None)
+        heads = {group: np.asarray(head) for group, head in self.unit_heads}
+        layers = traced_layers(self.structure, slots, granularity, _added_sources(placed), heads)
+        self.activation_products = traced_products(self.structure, slots, heads)
         _check_counts(self.structure, layers, self.activation_products)
         self.layer_params = tuple(
             (layer.name, traced.kernel, traced.bias)
@@ -601,9 +790,12 @@ class TracedModel(GatedModel):
         self.selections = tuple(
             (p.slot.name, p.slices[0]) for p in placed if p.group is None and not p.summed
         )
+        self.carried = _carried(self.structure, placed)
+        self.spanning = tuple(dict.fromkeys(
+            p.slot for p in placements or () if p.heads or p.whole_unit))
         if self.placed:
-            unit_slots = [p.slot for p in placed]
-            self.gated = tuple((p.slot.name, p.slices) for p in placed)
+            self.gated = _joined_slices(placed, self.carried)
+            unit_slots = _joined_slots(self.structure, placed, self.gated)
         else:
             unit_slots = [self._unit_slot(g, name, layers) for g, name in self.group_slots]
             self.gated = self._gated_slices(slots)
@@ -651,7 +843,10 @@ class TracedModel(GatedModel):
     def slot_members(self, slot: GateSlot) -> tuple[SlotMember, ...]:
         """A unit slot's first producer's kernel slice and its bias's, along the axes the trace
         found (a head's bias is a row of a ``(heads, head_dim)`` bias); the kernel at weight
-        granularity."""
+        granularity; for a placed slot of heads or of ``whole_unit`` s, every layer's kernel
+        and bias slice in its groups, each index with its gate."""
+        if slot.name in self.spanning:
+            return self._group_members(slot.name)
         if slot.axis is None or self.placed:
             return super().slot_members(slot)
         group = self.structure.groups[next(g for g, n in self.group_slots if n == slot.name)]
@@ -670,18 +865,51 @@ class TracedModel(GatedModel):
                 members.append(SlotMember(f"{slot.layer}.{name}", member.axis, units))
         return tuple(members)
 
+    def _groups_of(self, name: str) -> list[int]:
+        """The traced groups whose units the gates of slot ``name`` switch off."""
+        return [group for group, slot in self.group_slots if slot == name]
+
+    def _gates_of(self, group: int, units: Sequence[int]) -> tuple[int, ...]:
+        """The gate of each of ``units`` of ``group``: its head's for a group gated by heads,
+        else its own."""
+        heads = dict(self.unit_heads).get(group)
+        return tuple(units) if heads is None else tuple(heads[u] for u in units)
+
+    def _group_members(self, name: str) -> tuple[SlotMember, ...]:
+        layer_of = {kernel: (layer, "kernel") for layer, kernel, _ in self.layer_params}
+        layer_of |= {bias: (layer, "bias") for layer, _, bias in self.layer_params if bias}
+        return tuple(
+            SlotMember(f"{layer_of[m.path][0]}.{layer_of[m.path][1]}", m.axis,
+                       self._gates_of(group, m.units))
+            for group in self._groups_of(name)
+            for m in self.structure.groups[group].members
+            if m.path in layer_of
+            and m.indices == tuple(range(self.structure.param_shapes[m.path][m.axis]))
+        )
+
+    def group_values(self, values: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+        """Per-slot unit values (``values``, by slot name) as per-unit values of the gated
+        traced groups (a head's value for each of its units)."""
+        return {
+            group: np.asarray(values[name])[np.asarray(
+                self._gates_of(group, range(self.structure.groups[group].size)))]
+            for group, name in self.group_slots if name in values
+        }
+
     def scale_units(self, slot: GateSlot, factors: jax.Array) -> None:
         """Multiply every parameter slice the trace ties to unit j of ``slot`` by
         ``factors[j]``, in place: its producers' kernel slices and biases, its normalisers'
         scales and biases and every reader's rows, so that a 0 removes the unit whatever its
         activation makes of zero (sigmoid(0) is not 0) and the readers' rows no longer train.
-        An input selection scales its layer's rows."""
-        group = dict((name, g) for g, name in self.group_slots).get(slot.name)
-        if group is None:
+        An input selection scales its layer's rows; a slot of heads every group's slices,
+        each index by its head's factor."""
+        groups = self._groups_of(slot.name)
+        if not groups:
             slices = dict(self.gated)[slot.name]
         else:
             slices = tuple(
-                GatedSlice(m.path, m.axis, m.indices, m.units)
+                GatedSlice(m.path, m.axis, m.indices, self._gates_of(group, m.units))
+                for group in groups
                 for m in self.structure.groups[group].members
             )
         for s in slices:

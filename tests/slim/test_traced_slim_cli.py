@@ -55,6 +55,37 @@ def pixel_mlp(*, rngs: nnx.Rngs, num_classes: int) -> PixelMLP:
     return PixelMLP(rngs=rngs, num_classes=num_classes)
 
 
+class FlatViT(nnx.Module):
+    """16 patches -> dense embedding -> attention of 4 heads of 4 on flat (16, 16) projections
+    (head-major) -> a GELU MLP, residual both -> mean over tokens -> logits; gated by head and
+    by MLP unit, as its own placements say."""
+
+    gate_placements = (
+        sparsejax.GatePlacement("heads", "q", "output", heads=4),
+        sparsejax.GatePlacement("heads", "v", "output", heads=4),
+        sparsejax.GatePlacement("mlp", "up", "output", whole_unit=True),
+    )
+
+    def __init__(self, *, rngs: nnx.Rngs, num_classes: int):
+        self.embed = nnx.Linear(49, 16, rngs=rngs)
+        self.q, self.k, self.v, self.o = (nnx.Linear(16, 16, rngs=rngs) for _ in range(4))
+        self.up, self.down = nnx.Linear(16, 24, rngs=rngs), nnx.Linear(24, 16, rngs=rngs)
+        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        h = self.embed(x.reshape(b, 4, 7, 4, 7).transpose(0, 1, 3, 2, 4).reshape(b, 16, 49))
+        q, k, v = (layer(h).reshape(b, 16, 4, 4) for layer in (self.q, self.k, self.v))
+        weights = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / 2.0)
+        h = h + self.o(jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, 16, 16))
+        h = h + self.down(jax.nn.gelu(self.up(h)))
+        return self.head(h.mean(axis=1))
+
+
+def flat_vit(*, rngs: nnx.Rngs, num_classes: int) -> FlatViT:
+    return FlatViT(rngs=rngs, num_classes=num_classes)
+
+
 def train_tiny_cnn(
     workdir: Path, factory: str = "tiny_cnn", method: str = "l0_hc", **overrides
 ) -> Path:
@@ -150,10 +181,10 @@ def test_round_to_keeps_multiples_of_eight_with_the_same_logits(run_dir, gates_s
     assert report["max_logit_difference"] <= 1e-5
 
 
-def test_a_vision_transformer_run_loses_heads_and_keeps_its_logits(
-    tmp_path, monkeypatch, capsys
-):
-    run_dir = train_tiny_cnn(tmp_path / "run", "vit")
+def slimmed_with_gates_set(tmp_path, monkeypatch, factory: str):
+    """A run of ``factory`` slimmed by the command with :func:`set_gates`, checked to give the
+    gated logits: the gated model, the slim function, its report and the open gates."""
+    run_dir = train_tiny_cnn(tmp_path / "run", factory)
     restore_changed(monkeypatch, set_gates)
     output = tmp_path / "slim"
     assert cli.main([str(run_dir), "--output", str(output)]) == 0
@@ -162,8 +193,12 @@ def test_a_vision_transformer_run_loses_heads_and_keeps_its_logits(
     model, images = gated_run(run_dir)
     np.testing.assert_allclose(slim(images), eval_logits(model, images), atol=1e-5, rtol=1e-5)
     assert report["max_logit_difference"] <= 1e-5
-
     gates = {name: np.asarray(model.gates[name].test_gate()) > 0 for name in model.gates}
+    return model, slim, report, gates
+
+
+def test_a_vision_transformer_run_loses_heads_and_keeps_its_logits(tmp_path, monkeypatch):
+    model, slim, report, gates = slimmed_with_gates_set(tmp_path, monkeypatch, "vit")
     heads, head_dims = gates["attention.query.axis1"].sum(), gates["attention.query.axis2"].sum()
     assert 0 < heads < 4 and 0 < head_dims < 4
     assert slim.params["attention.query.kernel"].shape == (16, heads, head_dims)
@@ -172,6 +207,22 @@ def test_a_vision_transformer_run_loses_heads_and_keeps_its_logits(
     assert slim.params["up.kernel"].shape == (16, gates["up"].sum())
     kept = model.structure.count(
         {g: gates[name].astype(np.float64) for g, name in model.group_slots if name != "embed"})
+    assert (report["params_after"], report["flops_after"]) == (kept.params, kept.flops)
+
+
+def test_a_run_with_placed_heads_slims_its_closed_heads_away(tmp_path, monkeypatch):
+    """A model's own head placements on flat projections: one gate per head, and a closed
+    head leaves the query, key and value projections and the output projection's rows."""
+    model, slim, report, gates = slimmed_with_gates_set(tmp_path, monkeypatch, "flat_vit")
+    assert [slot.shape for slot in model.gate_slots] == [(4,), (24,)]
+    width = 4 * gates["heads"].sum()
+    assert 0 < width < 16
+    for name in ("q", "k", "v"):
+        assert slim.params[f"{name}.kernel"].shape == (16, width)
+    assert slim.params["o.kernel"].shape == (width, 16)
+    assert slim.params["up.kernel"].shape == (16, gates["mlp"].sum())
+    kept = model.structure.count(model.group_values(
+        {name: gates[name].astype(np.float64) for name in gates}))
     assert (report["params_after"], report["flops_after"]) == (kept.params, kept.flops)
 
 

@@ -26,6 +26,7 @@ from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.models.densenet import DenseNet
+from sparsejax.models.transformer import slot_family
 from sparsejax.slim.surgery import slim_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
@@ -50,11 +51,18 @@ ZOO = {
     "resnet34": (64, 64, 3),
     "resnet50": (64, 64, 3),
     "mobilenet_v2": (64, 64, 3),
+    "vit_tiny": MNIST,
 }
-"""The zoo's convolutional models (ResNet-56/110 are ResNet-20's class), by their input."""
-SMALLER = {"densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs)}
+"""The zoo's convolutional models (ResNet-56/110 are ResNet-20's class) and the ViT, by their
+input."""
+BUILDS = {
+    "densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs),
+    "vit_tiny": lambda **kwargs: build_model("vit_tiny", families=("heads", "ffn"), **kwargs),
+}
 """DenseNet-40's class at depth 16 (4 layers per dense block, the same declarations): the
-concatenations of depth 40 cost a minute of tracing and comparing for nothing more."""
+concatenations of depth 40 cost a minute of tracing and comparing for nothing more. The ViT
+with its head and FFN-unit gates, the families a placement expresses (its hidden dimension,
+sublayer and MLP gates: not yet)."""
 STREAM_MEMBER_GATES = {"resnet20": {"stem"}}
 """Slots that gate one member of a residual stream (the CIFAR ResNets' stem, whose stream is
 zero-padded into the next stage): no traced group, so they are placed on the output of the
@@ -75,7 +83,8 @@ class Bare(nnx.Module):
 
 def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]:
     """One placement per declared slot: its layer, the side its kernel axis is on; for a
-    stream member's slot, its declared BatchNorm and the layers that declare it as inputs."""
+    stream member's slot, its declared BatchNorm and the layers that declare it as inputs;
+    for a transformer's heads, the query and value projections' outputs in as many heads."""
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
 
     def traced_name(layer: str) -> str:
@@ -83,6 +92,12 @@ def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]
 
     result = []
     for slot in zoo.gate_slots:
+        if slot_family(slot.name) == "heads":  # a head's query/key and value units
+            attention = slot.layer.rsplit(".", 1)[0]
+            result += [GatePlacement(slot.name, traced_name(f"{attention}.{projection}"),
+                                     "output", slot.droprate_init, heads=slot.shape[0])
+                       for projection in ("q", "v")]
+            continue
         output_axis = len(slot.kernel_shape) - 1
         side = "output" if slot.axis == output_axis else "input"
         extra = {}
@@ -91,6 +106,8 @@ def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]
             readers = [l.name for l in zoo.layers if any(n == slot.name for n, _ in l.inputs)]
             extra = {"norm": f"zoo.{layer.norm}",
                      "readers": tuple(traced_name(reader) for reader in readers)}
+        if slot_family(slot.name) == "ffn":  # |g|: the unit's params in both projections
+            extra = {"whole_unit": True}
         result.append(GatePlacement(
             slot.name, traced_name(slot.layer), side, slot.droprate_init, **extra))
     return result
@@ -98,7 +115,7 @@ def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]
 
 def placed(name: str) -> tuple[GatedModel, TracedModel]:
     shape = ZOO[name]
-    build = SMALLER.get(name, functools.partial(build_model, name))
+    build = BUILDS.get(name, functools.partial(build_model, name))
     zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
                         placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
@@ -134,7 +151,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
     """At weight granularity a traced zoo model has one gate per kernel entry of every layer,
     as its declarations do, and counts the same params and FLOPs under any gate values."""
     shape = ZOO[name]
-    build = functools.partial(SMALLER.get(name, functools.partial(build_model, name)),
+    build = functools.partial(BUILDS.get(name, functools.partial(build_model, name)),
                               num_classes=10, input_shape=shape)
     declared = build(rngs=nnx.Rngs(params=0), granularity="weight")
     zoo = build(rngs=nnx.Rngs(params=0))
@@ -163,7 +180,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
 
 
 @pytest.mark.parametrize(
-    "name", ["lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10"]
+    "name", ["lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10", "vit_tiny"]
 )
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
@@ -196,12 +213,13 @@ def twins(name: str, build, gate_factory) -> tuple[GatedModel, TracedModel]:
     return declared, model
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "vit_tiny"])
 def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
     """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
     gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    declared, model = twins(name, functools.partial(build_model, name), method.make_gates)
+    declared, model = twins(name, BUILDS.get(name, functools.partial(build_model, name)),
+                            method.make_gates)
     assert list(model.gates) == list(declared.gates)
     for slot, gate in declared.gates.items():
         np.testing.assert_array_equal(model.gates[slot].log_alpha[...], gate.log_alpha[...])
@@ -222,7 +240,7 @@ def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.n
 
 
 @pytest.mark.parametrize("name, method_name", [("lenet5", "l0_hc"), ("lenet5", "dep_l0"),
-                                               ("resnet20", "l0_hc")])
+                                               ("resnet20", "l0_hc"), ("vit_tiny", "l0_hc")])
 def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     """Ten engine steps from the same initial network and gates stay within float rounding:
     LeNet-5 under shared and per-example gates, ResNet-20's class at depth 8 (its stem gate on
@@ -230,8 +248,8 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     config = get_config(method_name)
     config.model = name
     method = create_method(method_name, config, RunInfo(num_train=320, steps_per_epoch=10))
-    build = functools.partial(
-        CifarResNet, depth=8) if name == "resnet20" else functools.partial(build_model, name)
+    build = functools.partial(CifarResNet, depth=8) if name == "resnet20" else BUILDS.get(
+        name, functools.partial(build_model, name))
     declared, model = twins(name, build, method.make_gates)
     images = jax.random.normal(jax.random.key(1), (10, 32, *ZOO[name]))
     labels = jax.random.randint(jax.random.key(2), (10, 32), 0, 10)
@@ -356,7 +374,7 @@ def set_random_gates(*models: GatedModel) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "mlp", "lenet5",
+    "mlp", "lenet5", "vit_tiny",
     pytest.param("densenet40", marks=pytest.mark.slow),
     pytest.param("resnet164", marks=pytest.mark.slow),
 ])
@@ -366,7 +384,7 @@ def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
     ResNet-164's per-layer input gates): every array has the surgery's shape, the params and
     FLOPs are the surgery's, and the logits are the slim zoo model's."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    build = SMALLER.get(name, functools.partial(build_model, name))
+    build = BUILDS.get(name, functools.partial(build_model, name))
     declared, model = twins(name, build, method.make_gates)
     set_random_gates(declared, model)
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, *ZOO[name])))
@@ -431,3 +449,95 @@ def test_placements_that_cannot_hold_say_what_is_wrong():
               GatePlacement("b", "zoo.stem", "output", norm="zoo.stem_bn"))
     with pytest.raises(ConfigError, match="at weight granularity every kernel entry"):
         build(GatePlacement("a", "zoo.blocks.0.conv1", "output"), granularity="weight")
+
+
+def test_head_placements_that_cannot_hold_say_what_is_wrong():
+    zoo = BUILDS["vit_tiny"](rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST)
+
+    def build(*placed_gates):
+        return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST,
+                           num_classes=10, placements=placed_gates)
+
+    q, v, up = "zoo.blocks.0.attn.q", "zoo.blocks.0.attn.v", "zoo.blocks.0.ffn.up"
+    with pytest.raises(ConfigError, match=r"'h': the outputs of layer 'zoo.blocks.0.attn.q' "
+                       r"\(64 units\) are not split into 8 heads; the trace splits them into 4 "
+                       r"heads"):
+        build(GatePlacement("h", q, "output", heads=8))
+    with pytest.raises(ConfigError, match=r"outputs of layer 'zoo.blocks.0.ffn.up' \(128 units\) "
+                       r"are not split into 4 heads; the trace splits them into heads: no "
+                       "product of two activations sums over them within heads"):
+        build(GatePlacement("h", up, "output", heads=4))
+    with pytest.raises(ConfigError, match="heads split a layer's output units; use "
+                       "side='output'"):
+        build(GatePlacement("h", "zoo.blocks.0.attn.o", "input", heads=4))
+    with pytest.raises(ConfigError, match="heads must be a positive whole number, got -1"):
+        build(GatePlacement("h", q, "output", heads=-1))
+    with pytest.raises(ConfigError, match="slot name h placed twice"):
+        build(GatePlacement("h", q, "output", heads=4),
+              GatePlacement("h", v, "output", 0.3, heads=4))
+    with pytest.raises(ConfigError, match="slot name h placed twice"):
+        build(GatePlacement("h", q, "output", heads=4), GatePlacement("h", v, "output"))
+    with pytest.raises(ConfigError, match=r"whole_unit counts a traced group's units; the outputs "
+                       r"of layer 'zoo.blocks.0.attn.q' here are heads"):
+        build(GatePlacement("h", q, "output", heads=4, whole_unit=True))
+    with pytest.raises(ConfigError, match=r"the inputs of layer 'zoo.head' here are no traced "
+                       "group"):
+        build(GatePlacement("h", "zoo.head", "input", whole_unit=True))
+
+
+def test_a_head_closes_its_query_key_and_value_units_and_scales_only_its_output():
+    """One head slot over the query and value projections: a closed head counts its query,
+    key and value columns and output-projection rows as removed; its gate multiplies the
+    output projection's rows alone, so the scores (queries and keys) are not scaled."""
+    zoo = BUILDS["vit_tiny"](rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST)
+    q, v = "zoo.blocks.0.attn.q", "zoo.blocks.0.attn.v"
+    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST, num_classes=10,
+                        placements=[GatePlacement("h", q, "output", heads=4),
+                                    GatePlacement("h", v, "output", heads=4)])
+    (slot,) = model.gate_slots
+    assert (slot.shape, slot.layer, slot.axis) == ((4,), "zoo.blocks.0.attn.o", 0)
+    assert slot.group_params == 3 * (64 * 16 + 16) + 16 * 64  # q, k, v columns; o rows
+    dense = float(count_network(model.layers, {})["params"])
+    closed = float(count_network(model.layers, {"h": np.array([1, 0, 1, 1.0])})["params"])
+    assert dense - closed == slot.group_params
+    (acting,) = dict(model.gated)["h"]
+    assert (acting.path, acting.axis) == ("zoo.blocks.0.attn.o.kernel", 0)
+    assert acting.units == tuple(np.arange(64) % 4)  # column d * 4 + h of head h
+
+
+class FactoredAttention(nnx.Module):
+    """``nnx.MultiHeadAttention``, whose ``(dim, heads, head_dim)`` kernels make the heads a
+    traced group of their own."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.embed = nnx.Linear(49, 16, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=4, in_features=16, qkv_features=16, decode=False, rngs=rngs)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.embed(x.reshape(x.shape[0], 16, 49))
+        return self.head((h + self.attention(h)).mean(axis=1))
+
+
+def test_heads_placed_on_a_factored_attention_are_its_heads_group():
+    """The same placements as on flat projections (query and value, ``heads=4``) pick the
+    kernels' heads axis, whose group the default slots gate too: one slot of 4 gates with the
+    same slices, counts and logits as the default slot of the heads group."""
+    net = FactoredAttention(rngs=nnx.Rngs(0))
+    default = TracedModel(net, rngs=nnx.Rngs(1), input_shape=MNIST, num_classes=10)
+    model = TracedModel(net, rngs=nnx.Rngs(1), input_shape=MNIST, num_classes=10, placements=[
+        GatePlacement("heads", f"attention.{name}", "output", heads=4)
+        for name in ("query", "value")])
+    (slot,) = model.gate_slots
+    twin = "attention.query.axis1"
+    assert (slot.shape, slot.layer, slot.axis) == ((4,), "attention.out", 0)
+    assert dict(model.gated)["heads"] == dict(default.gated)[twin]
+    values = np.array([1.0, 0.0, 0.5, 1.0])
+    placed = count_network(model.layers, {"heads": values}, model.activation_products)
+    found = count_network(default.layers, {twin: values}, default.activation_products)
+    assert {k: float(v) for k, v in placed.items()} == {k: float(v) for k, v in found.items()}
+    x = jax.random.normal(jax.random.key(0), (2, *MNIST))
+    z = jnp.asarray(values, jnp.float32)
+    np.testing.assert_array_equal(model.forward(x, {"heads": z}, train=False),
+                                  default.forward(x, {twin: z}, train=False))

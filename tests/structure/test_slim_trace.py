@@ -374,6 +374,47 @@ def test_attention_loses_a_head_and_head_dims():
     assert slim.params["attention.out.kernel"].shape == (1, 2, 8)
 
 
+class FlatAttention(nnx.Module):
+    """Attention as it is often written by hand: flat ``(dim, heads * head_dim)`` projections
+    reshaped into 2 heads of 4, head-major, so that a head is no traced group of its own."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.q, self.k, self.v, self.o = (nnx.Linear(8, 8, rngs=rngs) for _ in range(4))
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        batch, length, _ = x.shape
+        q, k, v = (layer(x).reshape(batch, length, 2, 4) for layer in (self.q, self.k, self.v))
+        weights = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / 2.0, axis=-1)
+        heads = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, length, 8)
+        return self.out((x + self.o(heads)).mean(axis=1))
+
+
+@pytest.mark.parametrize("closed", [("q",), ("v",), ("q", "v")])
+def test_a_flat_attention_loses_a_whole_head(closed):
+    """Closing every query/key or value column of head 1 removes the head from the projections
+    (the product's head dimension, which no unit labels, gets the removed head back as zeros
+    where the gated network has zero scores), with the same outputs."""
+    model = FlatAttention(nnx.Rngs(0))
+    _randomise(model, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 8))
+    gated = sparsify(model, x)
+    for index, gate in zip(gated.group_indices, gated.gates):
+        layer = gated.structure.groups[index].producers[0][0].split(".")[0]
+        log_alpha = jnp.full(gate.log_alpha[...].shape, 3.0)
+        if layer in closed:
+            log_alpha = log_alpha.at[4:].set(-10.0)
+        gate.log_alpha.set_value(log_alpha)
+    slim = gated.slim(x)
+    assert _relative(slim(x), _reference(gated, x)) < 1e-5
+    widths = {name: 4 if name in closed or (name == "k" and "q" in closed) else 8
+              for name in ("q", "k", "v")}
+    widths["o"] = widths["v"]
+    for name, width in widths.items():
+        axis = 0 if name == "o" else 1
+        assert slim.params[f"{name}.kernel"].shape[axis] == width, name
+
+
 def test_save_and_load_keep_bfloat16_parameters(tmp_path):
     model = nnx.Linear(6, 3, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     x = jnp.arange(12, dtype=jnp.bfloat16).reshape(2, 6)

@@ -325,6 +325,36 @@ def test_heads_tie_query_and_key_features_and_carry_value_features():
     assert qk.prunable and values.prunable
 
 
+class HeadMinorAttention(Attention):
+    """The same attention with each projection's features split ``(head_dim, heads)``: head h
+    owns features d * heads + h (the zoo's layout)."""
+
+    def __call__(self, x):
+        batch, tokens, _ = x.shape
+        split = lambda h: h.reshape(batch, tokens, -1, self.heads)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = jnp.einsum("bqdh,bkdh->bhqk", q, k)
+        mixed = jnp.einsum("bhqk,bkdh->bqdh", jax.nn.softmax(scores, axis=-1), v)
+        return self.head(jnp.mean(self.o(mixed.reshape(batch, tokens, -1)), axis=1))
+
+
+@pytest.mark.parametrize("model, heads", [(Attention, [0, 0, 1, 1]),
+                                          (HeadMinorAttention, [0, 1, 0, 1])])
+def test_the_products_split_a_flat_projection_into_its_heads(model, heads):
+    """The scores' and the mixing's batch dimension over heads splits the query/key and the
+    value groups, in either layout, into the heads each feature belongs to; no other group is
+    split, and a factored kernel's heads, a group of their own, record no split."""
+    s = trace(build(model), (1, 5, 6))
+    for path in ("q.kernel", "v.kernel"):
+        group = group_of(s, path, 1)
+        member = group.member(path, 1)
+        (split,) = s.heads(group.index)
+        assert split[np.asarray(member.units)].tolist() == heads
+    assert s.heads(group_of(s, "o.kernel", 1).index) == ()
+    factored = trace(build(FlaxAttention), (1, 5, 6))
+    assert all(factored.heads(g.index) == () for g in factored.groups)
+
+
 def test_attention_counts_include_the_products_of_activations():
     s = trace(build(Attention), (1, 5, 6))
     tokens, projections = 5, 4 * (6 * 4)

@@ -11,7 +11,9 @@ equation's other operands or its output keep fewer (a constant added to a narrow
 Sub-jaxprs of calls are run inline and scan bodies under ``lax.scan``, each with the frame its
 walk made. Reductions never run over a narrowed dimension: the groups whose units a reduction
 reads are kept whole (see :func:`~sparsejax.structure.slim_trace.widths.physical_keep`), so a
-mean keeps its divisor.
+mean keeps its divisor. A product's batch dimension that no unit labels but whose operands
+hold part of it (heads split from a flat projection, the head removed) gets the missing
+positions back as zeros (see :func:`_dot_general`).
 
 Dropped rows. Besides its units, a variable may keep fewer positions where a kernel's rows are
 left out (:mod:`.rows`): ``positions`` gives them, and every variable holds the positions both
@@ -279,10 +281,11 @@ def _cut(x: jax.Array, kept: list, dim: int, want: np.ndarray, what: str) -> jax
     return x
 
 
-def _pair_operands(ins, ins_kept, pairs, what: str) -> list:
+def _pair_operands(ins, ins_kept, pairs, what: str) -> tuple[list, list[Kept]]:
     """Make paired dimensions (contracted or batch dimensions of a product) hold the same
     positions: the operand that holds more of them (a constant, or an activation whose
-    kernel's rows were dropped) is cut to its partner's."""
+    kernel's rows were dropped) is cut to its partner's. Returns the operands and the
+    positions they hold."""
     lhs, rhs = ins[0], ins[1]
     lk, rk = list(ins_kept[0]), list(ins_kept[1])
     for a, b in pairs:
@@ -294,13 +297,34 @@ def _pair_operands(ins, ins_kept, pairs, what: str) -> list:
             rhs = _cut(rhs, rk, b, lk[a], what)
         else:
             raise SlimmingError(f"{what}: paired dimensions keep different positions")
-    return [lhs, rhs, *ins[2:]]
+    return [lhs, rhs, *ins[2:]], [tuple(lk), tuple(rk), *ins_kept[2:]]
+
+
+def _restored(x: jax.Array, dim: int, held: np.ndarray, size: int) -> jax.Array:
+    """``x``, which holds positions ``held`` of dimension ``dim``, with the other positions of
+    that dimension (``size`` in all) put back as zeros."""
+    shape = list(x.shape)
+    shape[dim] = size
+    index = [slice(None)] * x.ndim
+    index[dim] = jnp.asarray(held)
+    return jnp.zeros(shape, x.dtype).at[tuple(index)].set(x)
 
 
 def _dot_general(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
+    """A product on the paired operands. A batch dimension that the operands hold in part
+    while the result has no units on it (the heads of a flat projection, whose units the
+    product sums over) gets its other positions back as zeros: each is a sum over removed
+    units only, zero where the gates zeroed those units, and otherwise read only by a later
+    product that pairs it with removed units (a closed head's values)."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     pairs = list(zip(lc, rc)) + list(zip(lb, rb))
-    return _rebind(eqn, _pair_operands(ins, ins_kept, pairs, "dot_general"), eqn.params)
+    ins, (lk, _, *_) = _pair_operands(ins, ins_kept, pairs, "dot_general")
+    out = _rebind(eqn, ins, eqn.params)[0]
+    for dim, operand_dim in enumerate(lb):
+        held = lk[operand_dim]
+        if held is not None and outs_kept[0][dim] is None:
+            out = _restored(out, dim, held, eqn.outvars[0].aval.shape[dim])
+    return [out]
 
 
 def _conv(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
@@ -311,7 +335,7 @@ def _conv(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
     groups = eqn.params["feature_group_count"]
     params = eqn.params
     if groups == 1:
-        ins = _pair_operands(ins, ins_kept, [(lhs_feature, rhs_in)], "conv_general_dilated")
+        ins, _ = _pair_operands(ins, ins_kept, [(lhs_feature, rhs_in)], "conv_general_dilated")
     else:
         per_group = eqn.invars[0].aval.shape[lhs_feature] // groups
         params = {**params, "feature_group_count": ins[0].shape[lhs_feature] // per_group}

@@ -4,7 +4,7 @@ and parameter / FLOP counts of the network with any units removed."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -122,6 +122,7 @@ class TracedStructure:
         other_macs: list[tuple[Factor, ...]],
         param_ids: Mapping[str, tuple[np.ndarray | int, ...]],
         batch_size: int,
+        head_splits: Sequence[np.ndarray] = (),
     ):
         roots = table.roots()
         self._unit_group, self._unit_pos, self.groups = _form_groups(table, roots)
@@ -134,6 +135,7 @@ class TracedStructure:
             for path, ids in param_ids.items()
         }
         self.batch_size = batch_size
+        self._head_splits = tuple(head_splits)
 
     @property
     def products(self) -> tuple[tuple[Factor, ...], ...]:
@@ -185,6 +187,26 @@ class TracedStructure:
             values[:-1][chosen] = vector[self._unit_pos[chosen]]
         return values
 
+    def heads(self, group: int) -> tuple[np.ndarray, ...]:
+        """The ways products of two activations split the units of ``group`` into heads (a
+        flat projection reshaped into heads, whose units the product sums over within each
+        head): per way, the head of every unit of the group, ``0 .. heads - 1``; distinct ways
+        in traced order. A split that covers part of the group, or puts a unit in two heads,
+        is none."""
+        size = self.groups[group].size
+        found: list[np.ndarray] = []
+        for split in self._head_splits:
+            if np.any(split == NO_UNIT):
+                continue
+            groups, positions = self.unit_places(split)
+            if np.any(groups != group):
+                continue
+            head = np.full(size, -1, np.int64)
+            head[positions] = np.arange(split.shape[0])[:, None]
+            consistent = np.all(head[positions] == np.arange(split.shape[0])[:, None])
+            if consistent and np.all(head >= 0) and not any(np.array_equal(head, f) for f in found):
+                found.append(head)
+        return tuple(found)
 
     def unit_places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The group of each unit id in ``ids`` (-1 for a unit in no group) and its position

@@ -354,7 +354,9 @@ def _pair(ctx: Context, field: Field, axes: list[int], target: list[int], rhs: V
 def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """A matrix product ties each contracted (and batch) dimension of one operand to its
     partner in the other; fields on free dimensions pass to the output, fields that include a
-    contracted dimension are consumed. The output axis of a parameter operand produces units."""
+    contracted dimension are consumed. The output axis of a parameter operand produces units;
+    a product of two activations records the heads its batch dimensions split fields into
+    (:meth:`~.values.Context.split_heads`)."""
     lhs, rhs = ins
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lc, rc, lb, rb = map(tuple, (lc, rc, lb, rb))
@@ -383,6 +385,8 @@ def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     kernel = rhs if rhs.param is not None else lhs
     if kernel.param is None:
         ctx.other_macs.append(macs)
+        ctx.split_heads(lhs.fields, lb)
+        ctx.split_heads(rhs.fields, rb)
         return [Value(fields)]
     free = rfree if kernel is rhs else lfree
     for field in kernel.fields:

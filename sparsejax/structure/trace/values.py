@@ -51,9 +51,9 @@ class Frame:
 
 
 class Context:
-    """The state of one analysis: the unit table, the layers found, the other products' costs,
-    the equation being read (named by blockers), and the frames of the walks (``root``, the
-    outermost, with the ``stack`` of those in progress)."""
+    """The state of one analysis: the unit table, the layers found, the other products' costs
+    and the heads they split units into, the equation being read (named by blockers), and the
+    frames of the walks (``root``, the outermost, with the ``stack`` of those in progress)."""
 
     def __init__(self) -> None:
         self.units = UnitTable()
@@ -61,6 +61,7 @@ class Context:
         self.stack: list[Frame] = []
         self.layers: list[LayerRecord] = []
         self.other_macs: list[tuple[Factor, ...]] = []
+        self.head_splits: list[np.ndarray] = []
         self.primitive = ""
         self.source = ""
 
@@ -102,6 +103,17 @@ class Context:
             else:
                 out.append(field)
         return tuple(out)
+
+    def split_heads(self, fields: tuple[Field, ...], batch_dims: tuple[int, ...]) -> None:
+        """Record the heads a product of two activations splits units into: a field on some
+        of the product's batch dimensions and on others holds, at each position of the batch
+        dimensions, one head's units (a flat projection reshaped into heads); kept as
+        ``(heads, units per head)`` unit ids."""
+        for field in fields:
+            axes = [k for k, d in enumerate(field.dims) if d in batch_dims]
+            if axes and len(axes) < len(field.dims):
+                ids = np.moveaxis(field.ids, axes, list(range(len(axes))))
+                self.head_splits.append(ids.reshape(int(np.prod(ids.shape[:len(axes)])), -1))
 
     def add_layer(self, record: LayerRecord) -> int:
         self.layers.append(record)
