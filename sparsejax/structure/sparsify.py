@@ -180,13 +180,25 @@ def layer_readers(structure: TracedStructure, group: UnitGroup) -> tuple[Member,
 
 def gated_slices(structure: TracedStructure, group: UnitGroup) -> tuple[GatedSlice, ...]:
     """Where the gates of ``group`` act: the input-axis slices of the kernels that read its
-    units or, when no kernel reads them, the output slice (and bias) of its first producer."""
+    units; for the units that no kernel reads (attention's queries and keys, which only the
+    scores read, alone or beside the values of a fused ``qkv`` projection), the first index
+    of each in its first producer's output slice and bias."""
     consumers = layer_readers(structure, group)
-    if not consumers:
-        path, axis = group.producers[0]
-        bias = next((l.bias for l in structure.layers if l.kernel == path and l.bias), None)
-        consumers = [m for m in group.members if (m.path, m.axis) == (path, axis) or m.path == bias]
-    return tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in consumers)
+    slices = [GatedSlice(m.path, m.axis, m.indices, m.units) for m in consumers]
+    read = {unit for m in consumers for unit in m.units}
+    if len(read) == group.size:
+        return tuple(slices)
+    path, axis = group.producers[0]
+    bias = next((l.bias for l in structure.layers if l.kernel == path and l.bias), None)
+    for m in group.members:
+        if (m.path, m.axis) == (path, axis) or m.path == bias:
+            first: dict[int, int] = {}
+            for index, unit in zip(m.indices, m.units):
+                if unit not in read:
+                    first.setdefault(unit, index)
+            if first:
+                slices.append(GatedSlice(m.path, m.axis, tuple(first.values()), tuple(first)))
+    return tuple(slices)
 
 
 def variable_at(model: nnx.Module, path: str) -> nnx.Variable:

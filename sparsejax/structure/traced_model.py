@@ -151,7 +151,9 @@ class GatePlacement:
       counts and when slimming. ``|g|`` is everything one head removes. On a
       ``(dim, heads, head_dim)`` kernel (``nnx.MultiHeadAttention``) the placement takes the
       output axis of ``H`` units, whose group is the heads: the query and the value
-      projections name the same group, and the slot gates it once.
+      projections name the same group, and the slot gates it once. The output columns may
+      share units (a fused ``qkv`` projection, one group split by both products, placed
+      once; grouped-query attention's queries, whose heads are the key/value groups).
 
     Placements give the gated methods their slots; the methods that prune filters and units
     (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
@@ -198,9 +200,13 @@ class _PlacedSlot:
     """For a placement with heads: the head (gate) of each unit of ``group``."""
 
 
-def _covers(member: Member, size: int) -> bool:
-    """Whether a group member holds every index of an axis of ``size``, index i being unit i."""
-    return member.indices == tuple(range(size)) and member.units == member.indices
+def _covers(member: Member, size: int, group_size: int, heads: int) -> bool:
+    """Whether a group member holds every index of an axis of ``size``, index i being unit i
+    of a group of ``size`` units; for a placement with ``heads``, whatever units they are (a
+    fused ``qkv`` projection's query and key columns share units, as do the query heads of a
+    key/value group)."""
+    whole = member.indices == tuple(range(size))
+    return whole and (heads > 0 or (member.units == member.indices and group_size == size))
 
 
 def _place(
@@ -248,7 +254,7 @@ def _place(
     found = [
         g for g in structure.groups
         if (member := g.member(traced.kernel, axis)) is not None
-        and g.size == size and _covers(member, size)
+        and _covers(member, size, g.size, placement.heads)
     ]
     group = found[0] if len(found) == 1 and found[0].removable else None
     slot = GateSlot(
@@ -312,11 +318,11 @@ def _place_heads(
     head = next((s for s in splits if s.max() + 1 == placement.heads), None)
     if head is None:
         found = sorted({int(s.max()) + 1 for s in splits})
-        what = (f"into {' or '.join(map(str, found))} heads" if found
-                else "into heads: no product of two activations sums over them within heads")
+        what = (f"the trace splits them into {' or '.join(map(str, found))} heads" if found
+                else "no product of two activations splits them into heads")
         raise ConfigError(
             f"{where}: the outputs of layer {placement.layer!r} ({group.size} units) are not "
-            f"split into {placement.heads} heads; the trace splits them {what}"
+            f"split into {placement.heads} heads; {what}"
         )
     slices = tuple(
         GatedSlice(s.path, s.axis, s.indices, tuple(head[list(s.units)].tolist()))

@@ -35,6 +35,7 @@ from sparsejax.structure.traced_model import GatePlacement, TracedModel
 from sparsejax.train.sharding import create_mesh
 from sparsejax.train.state import init_state, merge_model
 from sparsejax.train.step import make_train_step
+from tests.structure.test_trace import FusedAttention, GroupedQueryAttention
 
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
@@ -464,8 +465,8 @@ def test_head_placements_that_cannot_hold_say_what_is_wrong():
                        r"heads"):
         build(GatePlacement("h", q, "output", heads=8))
     with pytest.raises(ConfigError, match=r"outputs of layer 'zoo.blocks.0.ffn.up' \(128 units\) "
-                       r"are not split into 4 heads; the trace splits them into heads: no "
-                       "product of two activations sums over them within heads"):
+                       r"are not split into 4 heads; no product of two activations splits "
+                       "them into heads"):
         build(GatePlacement("h", up, "output", heads=4))
     with pytest.raises(ConfigError, match="heads split a layer's output units; use "
                        "side='output'"):
@@ -541,3 +542,36 @@ def test_heads_placed_on_a_factored_attention_are_its_heads_group():
     z = jnp.asarray(values, jnp.float32)
     np.testing.assert_array_equal(model.forward(x, {"heads": z}, train=False),
                                   default.forward(x, {twin: z}, train=False))
+
+
+class Tokens(nnx.Module):
+    """A test attention of :mod:`test_trace` on 28 x 28 images read as 4 tokens of 196."""
+
+    def __init__(self, attention: type[nnx.Module], *, rngs: nnx.Rngs):
+        self.embed = nnx.Linear(196, 6, rngs=rngs)
+        self.attention = attention(rngs=rngs)
+
+    def __call__(self, x):
+        return self.attention(self.embed(x.reshape(x.shape[0], 4, 196)))
+
+
+@pytest.mark.parametrize("attention, layers, heads, per_head", [
+    (FusedAttention, ("attention.qkv",), 2, 3 * (6 * 2 + 2) + 2 * 6),
+    (GroupedQueryAttention, ("attention.q", "attention.v"), 2,
+     2 * (6 * 2 + 2) + 2 * (6 * 2 + 2) + 4 * 6),
+])
+def test_heads_are_placed_on_a_fused_projection_and_on_grouped_query_attention(
+    attention, layers, heads, per_head
+):
+    """A fused projection's one group, and grouped-query attention's key/value groups (placed
+    on the queries, two columns per unit), take one gate per head: ``|g|`` is the query, key
+    and value columns and output rows of a head (of a key/value group's query heads), and
+    closing one removes that from the count."""
+    net = Tokens(attention, rngs=nnx.Rngs(0))
+    model = TracedModel(net, rngs=nnx.Rngs(1), input_shape=MNIST, num_classes=3, placements=[
+        GatePlacement("heads", layer, "output", heads=heads) for layer in layers])
+    (slot,) = model.gate_slots
+    assert slot.shape == (heads,) and slot.group_params == per_head
+    dense = float(count_network(model.layers, {})["params"])
+    closed = float(count_network(model.layers, {"heads": np.array([0.0, 1.0])})["params"])
+    assert dense - closed == per_head

@@ -355,6 +355,75 @@ def test_the_products_split_a_flat_projection_into_its_heads(model, heads):
     assert all(factored.heads(g.index) == () for g in factored.groups)
 
 
+class GroupedQueryAttention(nnx.Module):
+    """4 query heads sharing 2 key/value heads (grouped-query attention, Ainslie et al. 2023),
+    heads of 2 features: query feature (g, m, d) meets key feature (g, d)."""
+
+    def __init__(self, *, rngs):
+        self.q, self.o = nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 6, rngs=rngs)
+        self.k, self.v = nnx.Linear(6, 4, rngs=rngs), nnx.Linear(6, 4, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        batch, tokens, _ = x.shape
+        q = self.q(x).reshape(batch, tokens, 2, 2, 2)
+        k, v = (layer(x).reshape(batch, tokens, 2, 2) for layer in (self.k, self.v))
+        weights = jax.nn.softmax(jnp.einsum("btgmd,bsgd->bgmts", q, k), axis=-1)
+        mixed = jnp.einsum("bgmts,bsgd->btgmd", weights, v).reshape(batch, tokens, 8)
+        return self.head(jnp.mean(self.o(mixed), axis=1))
+
+
+def test_grouped_query_heads_tie_each_query_head_to_its_shared_key():
+    """Every query head of a group reads the group's key features: query column (g, m, d) is
+    key column (g, d)'s unit, whichever operand the product takes first; the key/value groups
+    are the heads of both groups."""
+    s = trace(build(GroupedQueryAttention), (1, 5, 6))
+    qk = group_of(s, "k.kernel", 1)
+    assert set(qk.producers) == {("q.kernel", 1), ("k.kernel", 1)} and qk.prunable
+    assert qk.size == 4
+    key_units = np.asarray(qk.member("k.kernel", 1).units).reshape(2, 1, 2)
+    query_units = np.asarray(qk.member("q.kernel", 1).units).reshape(2, 2, 2)
+    np.testing.assert_array_equal(query_units, np.broadcast_to(key_units, (2, 2, 2)))
+    values = group_of(s, "v.kernel", 1)
+    assert values.prunable and values.size == 4
+    output_rows = np.asarray(values.member("o.kernel", 0).units).reshape(2, 2, 2)
+    value_units = np.asarray(values.member("v.kernel", 1).units).reshape(2, 1, 2)
+    np.testing.assert_array_equal(output_rows, np.broadcast_to(value_units, (2, 2, 2)))
+    for group, units in ((qk, key_units), (values, value_units)):
+        (split,) = s.heads(group.index)  # key/value column (g, d) is in head g
+        assert split[units.reshape(2, 2)].tolist() == [[0, 0], [1, 1]]
+
+
+class FusedAttention(Attention):
+    """The same attention with one fused ``(6, 3 * 4)`` projection split into queries, keys
+    and values."""
+
+    def __init__(self, *, rngs):
+        self.qkv = nnx.Linear(6, 12, rngs=rngs)
+        self.o = nnx.Linear(4, 6, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, 2)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        return self.head(jnp.mean(self.o(mixed.reshape(batch, tokens, -1)), axis=1))
+
+
+def test_the_heads_of_a_fused_projection_join_its_query_key_and_value_splits():
+    """A fused projection's queries/keys and values are one group; the scores split its
+    query/key units and the mixing its value units, each into 2 heads, and the two join."""
+    s = trace(build(FusedAttention), (1, 5, 6))
+    group = group_of(s, "qkv.kernel", 1)
+    member = group.member("qkv.kernel", 1)
+    assert group.size == 8 and member.indices == tuple(range(12))
+    (split,) = s.heads(group.index)
+    heads_of_columns = split[np.asarray(member.units)].reshape(3, 2, 2)
+    np.testing.assert_array_equal(heads_of_columns, np.broadcast_to([[0, 0], [1, 1]], (3, 2, 2)))
+
+
 def test_attention_counts_include_the_products_of_activations():
     s = trace(build(Attention), (1, 5, 6))
     tokens, projections = 5, 4 * (6 * 4)

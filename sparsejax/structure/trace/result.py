@@ -191,21 +191,30 @@ class TracedStructure:
         """The ways products of two activations split the units of ``group`` into heads (a
         flat projection reshaped into heads, whose units the product sums over within each
         head): per way, the head of every unit of the group, ``0 .. heads - 1``; distinct ways
-        in traced order. A split that covers part of the group, or puts a unit in two heads,
-        is none."""
+        in traced order. Splits into as many heads that each cover part of the group (the
+        queries and keys, and the values, of a fused ``qkv`` projection) join, head h with
+        head h, when together they put every unit in one head. A split that puts a unit in
+        two heads is none."""
         size = self.groups[group].size
         found: list[np.ndarray] = []
+        joined: dict[int, np.ndarray] = {}
         for split in self._head_splits:
             if np.any(split == NO_UNIT):
                 continue
             groups, positions = self.unit_places(split)
             if np.any(groups != group):
                 continue
+            count = split.shape[0]
             head = np.full(size, -1, np.int64)
-            head[positions] = np.arange(split.shape[0])[:, None]
-            consistent = np.all(head[positions] == np.arange(split.shape[0])[:, None])
-            if consistent and np.all(head >= 0) and not any(np.array_equal(head, f) for f in found):
-                found.append(head)
+            head[positions] = np.arange(count)[:, None]
+            if not np.all(head[positions] == np.arange(count)[:, None]):
+                continue
+            part = joined.setdefault(count, np.full(size, -1, np.int64))
+            if np.all((part < 0) | (head < 0) | (part == head)):
+                joined[count] = np.where(head >= 0, head, part)
+            for candidate in (head, joined[count]):
+                if np.all(candidate >= 0) and not any(np.array_equal(candidate, f) for f in found):
+                    found.append(candidate)
         return tuple(found)
 
     def unit_places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -331,15 +331,28 @@ def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]
     return [Value(out_fields, layer=ctx.add_layer(LayerRecord(rhs.param, "conv", macs)))]
 
 
-def _pair(ctx: Context, field: Field, axes: list[int], target: list[int], rhs: Value) -> None:
+def _pair(
+    ctx: Context, field: Field, axes: list[int], target: list[int], rhs: Value, rhs_free: set[int]
+) -> None:
     """Merge the ``axes`` of a left operand's field with the right operand's field on their
     partner dimensions ``target``; along the field's other (free) axes every slice merges with
     it, so features reshaped into heads and contracted with one shared kernel tie feature j of
-    every head to the kernel's row j. Partner dimensions without units tie nothing (a batch of
+    every head to the kernel's row j. The same holds the other way round: a right field on
+    the partner dimensions and on free ones (``rhs_free``: the query heads that share a key in
+    grouped-query attention, when the keys come first) merges slice by slice with a left field
+    whose dimensions are all paired. Partner dimensions without units tie nothing (a batch of
     heads against per-head values, a sum against an activation); partner fields on other
     dimensions block."""
     match = field_on(rhs, tuple(sorted(target)))
     if match is None:
+        wider = next((f for f in rhs.fields if set(target) < set(f.dims)
+                      and set(f.dims) - set(target) <= rhs_free), None)
+        if wider is not None and len(axes) == field.ids.ndim:
+            partners = [wider.dims.index(target[axes.index(k)]) for k in range(field.ids.ndim)]
+            free = [j for j in range(wider.ids.ndim) if j not in partners]
+            for ids in np.transpose(wider.ids, free + partners).reshape(-1, *field.ids.shape):
+                ctx.units.merge(field.ids, ids)
+            return
         overlap = [f for f in rhs.fields if set(f.dims) & set(target)]
         if overlap:
             ctx.block([field, *overlap], "matrix product pairs differently labelled dimensions")
@@ -367,7 +380,7 @@ def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     for field in lhs.fields:
         paired = [k for k, d in enumerate(field.dims) if d in partner]
         if paired:
-            _pair(ctx, field, paired, [partner[field.dims[k]] for k in paired], rhs)
+            _pair(ctx, field, paired, [partner[field.dims[k]] for k in paired], rhs, set(rfree))
     lhs_out = {d: k for k, d in enumerate(lb)} | {d: len(lb) + k for k, d in enumerate(lfree)}
     rhs_out = {d: k for k, d in enumerate(rb)} | {
         d: len(lb) + len(lfree) + k for k, d in enumerate(rfree)
