@@ -22,7 +22,11 @@ from sparsejax.structure.slim_trace.zeros import read_rows
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
 from sparsejax.structure.traced_model import TracedModel
-from tests.structure.test_trace import FusedAttention, GroupedQueryAttention
+from tests.structure.test_trace import (
+    FusedAttention,
+    GroupedQueryAttention,
+    RotaryAttention,
+)
 
 
 class BranchCNN(nnx.Module):
@@ -453,6 +457,22 @@ def test_a_fused_attention_keeps_its_open_queries_and_loses_a_closed_head(closed
     width = 12 - 6 * len(closed_heads)
     assert slim.params["qkv.kernel"].shape == (6, width)
     assert slim.params["o.kernel"].shape == (width // 3, 6)
+
+
+def test_a_rotary_attention_loses_a_whole_head():
+    """Head 1 closed (its query/key units, tied in rotary pairs, and its value units) leaves
+    every projection; the logits stay."""
+    model = RotaryAttention(rngs=nnx.Rngs(0))
+    _randomise(model, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 6))
+    gated = sparsify(model, x)
+    for index, gate in zip(gated.group_indices, gated.gates):
+        heads = (gated.structure.heads(index) or (np.full(gate.log_alpha.shape, -1),))[0]
+        gate.log_alpha.set_value(jnp.where(heads == 1, -10.0, 3.0))
+    slim = gated.slim(x)
+    assert _relative(slim(x), _reference(gated, x)) < 1e-5
+    shapes = {name: slim.params[f"{name}.kernel"].shape for name in ("q", "k", "v", "o")}
+    assert shapes == {"q": (6, 4), "k": (6, 4), "v": (6, 4), "o": (4, 6)}
 
 
 def test_save_and_load_keep_bfloat16_parameters(tmp_path):

@@ -424,6 +424,45 @@ def test_the_heads_of_a_fused_projection_join_its_query_key_and_value_splits():
     np.testing.assert_array_equal(heads_of_columns, np.broadcast_to([[0, 0], [1, 1]], (3, 2, 2)))
 
 
+def rotary(x):
+    """Rotary position embedding (Su et al. 2021, rotate-half pairing) of ``(batch, tokens,
+    heads, features)``: feature i and i + features / 2 of each head turn together."""
+    tokens, features = x.shape[1], x.shape[-1]
+    angle = jnp.arange(tokens)[:, None] * 100.0 ** (-jnp.arange(features // 2) / features)
+    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
+    first, second = x[..., : features // 2], x[..., features // 2:]
+    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+
+
+class RotaryAttention(nnx.Module):
+    """2 heads of 4 features with rotary positions on the queries and keys."""
+
+    def __init__(self, *, rngs):
+        self.q, self.k, self.v = (nnx.Linear(6, 8, rngs=rngs) for _ in range(3))
+        self.o, self.head = nnx.Linear(8, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        batch, tokens, _ = x.shape
+        q, k, v = (layer(x).reshape(batch, tokens, 2, 4) for layer in (self.q, self.k, self.v))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", rotary(q), rotary(k))
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+        return self.head(jnp.mean(self.o(mixed.reshape(batch, tokens, -1)), axis=1))
+
+
+def test_rotary_positions_tie_the_features_they_turn_together():
+    """The two halves of each head's query and key features are rejoined along the features
+    inside the (heads, features) field: feature i and i + 2 of a head become one unit, the
+    heads stay apart, and the group stays prunable."""
+    s = trace(build(RotaryAttention), (1, 5, 6))
+    qk = group_of(s, "q.kernel", 1)
+    assert set(qk.producers) == {("q.kernel", 1), ("k.kernel", 1)} and qk.prunable
+    units = np.asarray(qk.member("q.kernel", 1).units).reshape(2, 2, 2)  # head, half, feature
+    np.testing.assert_array_equal(units[:, 0], units[:, 1])
+    assert len(np.unique(units)) == qk.size == 4
+    (split,) = s.heads(qk.index)
+    assert split[units[:, 0]].tolist() == [[0, 0], [1, 1]]
+
+
 def test_attention_counts_include_the_products_of_activations():
     s = trace(build(Attention), (1, 5, 6))
     tokens, projections = 5, 4 * (6 * 4)

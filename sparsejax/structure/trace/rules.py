@@ -213,13 +213,19 @@ def pad(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
 
 def concatenate(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """Joining along a dimension puts each operand's units at its offset (DenseNet); fields on
-    other dimensions merge as in an elementwise op."""
+    other dimensions merge as in an elementwise op. A field on the joined dimension and
+    others (heads x head features, as rotary position embeddings rejoin the two halves of
+    each head's features) joins the same way when every operand's field there lies on the
+    same dimensions; fields on other sets of dimensions that include it block."""
     axis = eqn.params["dimension"]
+    joined = {field.dims for value in ins for field in value.fields if axis in field.dims}
+    dims = (axis,) if (axis,) in joined else joined.pop() if len(joined) == 1 else None
     parts, others, any_part = [], [], False
     for var, value in zip(eqn.invars, ins):
-        part = np.full(_shape(var)[axis], NO_UNIT, np.int64)
+        shape = _shape(var)
+        part = np.full([shape[d] for d in dims or (axis,)], NO_UNIT, np.int64)
         for field in value.fields:
-            if field.dims == (axis,):
+            if field.dims == dims:
                 part, any_part = field.ids, True
             elif axis in field.dims:
                 ctx.block([field], "concatenation along a dimension inside a multi-dim field")
@@ -228,7 +234,7 @@ def concatenate(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
         parts.append(part)
     fields = list(ctx.merge_fields(others))
     if any_part:
-        fields.append(Field((axis,), np.concatenate(parts)))
+        fields.append(Field(dims, np.concatenate(parts, axis=dims.index(axis))))
     return [Value(tuple(fields))]
 
 
