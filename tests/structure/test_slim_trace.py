@@ -420,32 +420,10 @@ def test_a_flat_attention_loses_a_whole_head(closed):
         assert slim.params[f"{name}.kernel"].shape[axis] == width, name
 
 
-def test_grouped_query_attention_loses_a_key_value_group():
-    """Closing key/value group 1 (its key and value columns) removes its two query heads'
-    columns and output-projection rows with it."""
-    model = GroupedQueryAttention(rngs=nnx.Rngs(0))
-    _randomise(model, jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (2, 5, 6))
-    gated = sparsify(model, x)
-    for index, gate in zip(gated.group_indices, gated.gates):
-        group = gated.structure.groups[index]
-        log_alpha = jnp.full(gate.log_alpha[...].shape, 3.0)
-        for path in ("k.kernel", "v.kernel"):
-            if (member := group.member(path, 1)) is not None:  # columns 2, 3: group 1
-                log_alpha = log_alpha.at[jnp.asarray(member.units[2:])].set(-10.0)
-        gate.log_alpha.set_value(log_alpha)
-    slim = gated.slim(x)
-    assert _relative(slim(x), _reference(gated, x)) < 1e-5
-    shapes = {name: slim.params[f"{name}.kernel"].shape for name in ("q", "k", "v", "o")}
-    assert shapes == {"q": (6, 4), "k": (6, 2), "v": (6, 2), "o": (4, 6)}
-
-
-@pytest.mark.parametrize("closed_heads", [(), (1,)])
-def test_a_fused_attention_keeps_its_open_queries_and_loses_a_closed_head(closed_heads):
-    """One group holds a fused projection's queries/keys (read by the scores alone) and values
-    (read by the output projection): the gates of the queries and keys act on their query
-    columns, so open ones stay; a closed head leaves all three parts of the projection."""
-    model = FusedAttention(rngs=nnx.Rngs(0))
+def _slim_with_heads_closed(model: nnx.Module, closed_heads: tuple[int, ...]):
+    """The slim function of ``model`` (inputs of 6 features) under ``sparsify``'s gates with
+    every unit of ``closed_heads`` (by :meth:`TracedStructure.heads`) closed and the others
+    open, checked to give the gated logits."""
     _randomise(model, jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (2, 5, 6))
     gated = sparsify(model, x)
@@ -454,25 +432,35 @@ def test_a_fused_attention_keeps_its_open_queries_and_loses_a_closed_head(closed
         gate.log_alpha.set_value(jnp.where(np.isin(heads, closed_heads), -10.0, 3.0))
     slim = gated.slim(x)
     assert _relative(slim(x), _reference(gated, x)) < 1e-5
+    return slim
+
+
+def _kernel_shapes(slim, names=("q", "k", "v", "o")) -> dict[str, tuple[int, ...]]:
+    return {name: slim.params[f"{name}.kernel"].shape for name in names}
+
+
+def test_grouped_query_attention_loses_a_key_value_group():
+    """Closing key/value group 1 (its key and value columns) removes its two query heads'
+    columns and output-projection rows with it."""
+    slim = _slim_with_heads_closed(GroupedQueryAttention(rngs=nnx.Rngs(0)), (1,))
+    assert _kernel_shapes(slim) == {"q": (6, 4), "k": (6, 2), "v": (6, 2), "o": (4, 6)}
+
+
+@pytest.mark.parametrize("closed_heads", [(), (1,)])
+def test_a_fused_attention_keeps_its_open_queries_and_loses_a_closed_head(closed_heads):
+    """One group holds a fused projection's queries/keys (read by the scores alone) and values
+    (read by the output projection): the gates of the queries and keys act on their query
+    columns, so open ones stay; a closed head leaves all three parts of the projection."""
+    slim = _slim_with_heads_closed(FusedAttention(rngs=nnx.Rngs(0)), closed_heads)
     width = 12 - 6 * len(closed_heads)
-    assert slim.params["qkv.kernel"].shape == (6, width)
-    assert slim.params["o.kernel"].shape == (width // 3, 6)
+    assert _kernel_shapes(slim, ("qkv", "o")) == {"qkv": (6, width), "o": (width // 3, 6)}
 
 
 def test_a_rotary_attention_loses_a_whole_head():
     """Head 1 closed (its query/key units, tied in rotary pairs, and its value units) leaves
     every projection; the logits stay."""
-    model = RotaryAttention(rngs=nnx.Rngs(0))
-    _randomise(model, jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (2, 5, 6))
-    gated = sparsify(model, x)
-    for index, gate in zip(gated.group_indices, gated.gates):
-        heads = (gated.structure.heads(index) or (np.full(gate.log_alpha.shape, -1),))[0]
-        gate.log_alpha.set_value(jnp.where(heads == 1, -10.0, 3.0))
-    slim = gated.slim(x)
-    assert _relative(slim(x), _reference(gated, x)) < 1e-5
-    shapes = {name: slim.params[f"{name}.kernel"].shape for name in ("q", "k", "v", "o")}
-    assert shapes == {"q": (6, 4), "k": (6, 4), "v": (6, 4), "o": (4, 6)}
+    slim = _slim_with_heads_closed(RotaryAttention(rngs=nnx.Rngs(0)), (1,))
+    assert _kernel_shapes(slim) == {"q": (6, 4), "k": (6, 4), "v": (6, 4), "o": (4, 6)}
 
 
 def test_save_and_load_keep_bfloat16_parameters(tmp_path):
