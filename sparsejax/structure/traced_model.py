@@ -882,6 +882,8 @@ class TracedModel(GatedModel):
         return tuple(units) if heads is None else tuple(heads[u] for u in units)
 
     def _group_members(self, name: str) -> tuple[SlotMember, ...]:
+        """Every layer kernel or bias slice that spans a whole axis in the groups of slot
+        ``name``, each index with its gate."""
         layer_of = {kernel: (layer, "kernel") for layer, kernel, _ in self.layer_params}
         layer_of |= {bias: (layer, "bias") for layer, _, bias in self.layer_params if bias}
         return tuple(
