@@ -12,10 +12,11 @@ equals removing the unit from the network, whatever lies between the producer an
 an activation with ``f(0) != 0`` (sigmoid), a BatchNorm in training mode (which would normalise a
 gate on the producer's kernel away), a residual stream read by many blocks, or a channel flattened
 into a block of features (each feature row gets its channel's gate). This is the input-neuron
-gating of Louizos, Welling & Kingma (2018, sec. 4.1) applied at every consumer. A group that no
-kernel reads (the query/key dimension of attention, contracted between two activations) is gated
-on the output of its first producer instead (kernel output slice and bias), which removes the
-unit from that product. A group whose units a reduction reads (LayerNorm / RMSNorm statistics,
+gating of Louizos, Welling & Kingma (2018, sec. 4.1) applied at every consumer. A unit that no
+kernel reads (the query/key dimension of attention, contracted between two activations, alone or
+in one group with the values of a fused ``qkv`` projection) is gated on the output of its first
+producer instead (its first column of the kernel and the bias), which removes the unit from
+that product. A group whose units a reduction reads (LayerNorm / RMSNorm statistics,
 listed in ``UnitGroup.caveats``: a pre-norm transformer's hidden stream) gets no gate: the
 statistic would still see a closed unit, so its producers' columns could never go and slimming
 keeps the group whole; the report lists it among ``ungated`` with the reduction that reads it.

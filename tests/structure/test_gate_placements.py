@@ -489,7 +489,9 @@ def test_head_placements_that_cannot_hold_say_what_is_wrong():
 def test_a_head_closes_its_query_key_and_value_units_and_scales_only_its_output():
     """One head slot over the query and value projections: a closed head counts its query,
     key and value columns and output-projection rows as removed; its gate multiplies the
-    output projection's rows alone, so the scores (queries and keys) are not scaled."""
+    output projection's rows alone, so the scores (queries and keys) are not scaled. Its
+    members are those slices, each entry with its head, and scaling a head by 0 (GReg,
+    gmp) zeroes every one of them."""
     zoo = BUILDS["vit_tiny"](rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST)
     q, v = "zoo.blocks.0.attn.q", "zoo.blocks.0.attn.v"
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST, num_classes=10,
@@ -504,6 +506,19 @@ def test_a_head_closes_its_query_key_and_value_units_and_scales_only_its_output(
     (acting,) = dict(model.gated)["h"]
     assert (acting.path, acting.axis) == ("zoo.blocks.0.attn.o.kernel", 0)
     assert acting.units == tuple(np.arange(64) % 4)  # column d * 4 + h of head h
+    head_1 = np.arange(64) % 4 == 1
+    members = {m.path: (m.axis, m.units) for m in model.slot_members(slot)}
+    projections = [f"{path}.{name}" for path in (q, "zoo.blocks.0.attn.k", v)
+                   for name in ("kernel", "bias")]
+    assert sorted(members) == sorted([*projections, "zoo.blocks.0.attn.o.kernel"])
+    assert all(np.array_equal(np.asarray(units) == 1, head_1) for _, units in members.values())
+    model.scale_units(slot, jnp.array([1.0, 0.0, 1.0, 1.0]))  # zeroes head 1 everywhere
+    attention = zoo.blocks[0].attn
+    for name in ("q", "k", "v"):
+        kernel = np.asarray(getattr(attention, name).kernel[...])
+        assert not kernel[:, head_1].any() and kernel[:, ~head_1].all(), name
+    output_rows = np.asarray(attention.o.kernel[...])
+    assert not output_rows[head_1].any() and output_rows[~head_1].all()
 
 
 class FactoredAttention(nnx.Module):
