@@ -126,6 +126,20 @@ def reported_errors(*, debug: bool, output: str) -> Iterator[None]:
         raise SystemExit(report_error(error, debug=debug, output=output)) from None
 
 
+@contextlib.contextmanager
+def written_under(directory: str | os.PathLike) -> Iterator[None]:
+    """Run the body, which writes under ``directory``; an environment error raised in it that
+    names no file (a write to an open file that fails for want of space says only ``ENOSPC``, and
+    which file fills the disk first depends on timing) is raised again naming ``directory``."""
+    try:
+        yield
+    except REPORTABLE as error:
+        cause = environment_error(error)
+        if cause is None or cause.filename is not None:
+            raise
+        raise OSError(cause.errno, cause.strerror, os.fspath(directory)) from error
+
+
 def warn(text: str) -> None:
     """A one-line ``warning: TEXT`` on stderr: something went wrong and was recovered from."""
     print(f"warning: {text}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ from sparsejax.errors import (
     error_message,
     report_error,
     reported_errors,
+    written_under,
 )
 
 TENSORSTORE_ENOSPC = ValueError(
@@ -51,6 +52,28 @@ def test_an_environment_error_names_the_path_its_meaning_and_the_fix(number, mea
 def test_tensorstores_os_errors_are_environment_errors():
     message = error_message(TENSORSTORE_ENOSPC, "--workdir")
     assert message.startswith("/runs/a/ocdbt/d/12ab: no space left on device (ENOSPC); ")
+
+
+def test_an_environment_error_without_a_file_is_named_by_the_directory_written_under():
+    with pytest.raises(OSError) as raised, written_under("/runs/a/checkpoints"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    message = error_message(raised.value, "--workdir")
+    assert message.startswith("/runs/a/checkpoints: no space left on device (ENOSPC); ")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "full", "/runs/a/x"),
+        TENSORSTORE_ENOSPC,
+        ValueError("a bug"),
+        KeyError("k"),
+    ],
+)
+def test_written_under_leaves_an_error_that_names_its_file_or_is_a_bug_as_it_is(error):
+    with pytest.raises(type(error)) as raised, written_under("/runs/a/checkpoints"):
+        raise error
+    assert raised.value is error
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from sparsejax.errors import UserError, warn
+from sparsejax.errors import UserError, warn, written_under
 from sparsejax.train.digest import DIGEST_FILE, UNFINISHED, verify_digest, write_digest
 
 CHECKPOINT_DIR = "checkpoints"
@@ -103,17 +103,18 @@ class Checkpointer:
         self.wait_for_digest()
         if jax.process_index() == 0:
             (self.directory / SEALED_MARKER).touch()
-        if step in self._manager.all_steps():
-            self._manager.delete(step)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
-            ),
-            metrics=metrics,
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        with written_under(self.directory):
+            if step in self._manager.all_steps():
+                self._manager.delete(step)
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+                ),
+                metrics=metrics,
+                force=True,
+            )
+            self._manager.wait_until_finished()
         if jax.process_index() == 0:
             self._digest_thread = threading.Thread(
                 target=self._seal, args=(self.step_directory(step),), name="checkpoint-digest"
@@ -122,7 +123,8 @@ class Checkpointer:
 
     def _seal(self, directory: Path) -> None:
         try:
-            write_digest(directory)
+            with written_under(directory):
+                write_digest(directory)
         except BaseException as error:  # re-raised by wait_for_digest in the saving thread
             self._digest_error = error
 

@@ -407,9 +407,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
                         plan.planned_epochs(progress_record[PHASE_STARTS]) * steps_per_epoch
                     )
                     state, progress_record = run.epoch(phase, state, progress_record)
-        finally:
+        except BaseException:
             progress.close()
-            writer.close()
+            writer.abandon()
+            raise
+        progress.close()
+        writer.close()
 
     final_model = evaluated_model(graphdef, state, config.ema_decay)
     report = sparsity_report(final_model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsejax.errors import UserError
+from sparsejax.errors import UserError, written_under
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -61,8 +62,20 @@ class MetricWriter:
             self._tensorboard.add_histogram(name, np.asarray(values).ravel(), step)
 
     def close(self) -> None:
-        self._file.close()
-        self._tensorboard.close()
+        """Flush and close both sinks; an environment error that names no file (a full disk
+        fails the last flush) names the run's directory."""
+        with written_under(self.path.parent):
+            self._file.close()
+            self._tensorboard.close()
+
+    def abandon(self) -> None:
+        """Close both sinks of a run that is ending on an error, dropping an error in closing
+        them: the cause that ended the run (say a full disk, in a checkpoint) fails the last
+        flush too, and that second error must not replace the first in the report."""
+        with contextlib.suppress(OSError, ValueError):
+            self._file.close()
+        with contextlib.suppress(OSError, ValueError):
+            self._tensorboard.close()
 
 
 def drop_records_after(path: Path, step: int) -> None:

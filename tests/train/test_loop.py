@@ -1,8 +1,10 @@
+import errno
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorboardX
 from flax import nnx
 
 from experiments.configs.mnist import get_config
@@ -11,7 +13,7 @@ from sparsejax.models import build_model
 from sparsejax.structure import gate_report
 from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer, CheckpointError
-from sparsejax.train.metrics import read_metrics
+from sparsejax.train.metrics import MetricWriter, read_metrics
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TIMING_KEYS = ("epoch_seconds", "train/steps_per_second", "train/examples_per_second")
@@ -102,6 +104,37 @@ def test_a_damaged_checkpoint_is_an_error_naming_the_directory(tmp_path):
             path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=str(tmp_path / "checkpoints")):
         train_and_evaluate(config_for(epochs=2), tmp_path)
+
+
+def test_a_full_disk_is_reported_by_the_write_that_failed_not_the_metrics_flush_after_it(
+    tmp_path, monkeypatch
+):
+    """A disk that fills at a checkpoint fails the metrics' last flush too, with an error that
+    names no file; the run ends on the checkpoint's error, which names the file."""
+    failed_write = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def checkpoint_fails(*args, **kwargs):
+        raise failed_write
+
+    monkeypatch.setattr(Checkpointer, "save", checkpoint_fails)
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "close", full_disk)
+    with pytest.raises(OSError) as raised:
+        train_and_evaluate(config_for(epochs=1), tmp_path)
+    assert raised.value is failed_write
+
+
+def test_a_metrics_flush_that_fails_for_want_of_space_names_the_run(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer = MetricWriter(tmp_path)
+    monkeypatch.setattr(writer._tensorboard, "close", full_disk)
+    with pytest.raises(OSError) as raised:
+        writer.close()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path)
 
 
 def test_non_finite_loss_stops_the_run_with_the_step(tmp_path):
