@@ -418,8 +418,9 @@ class TransformerModel(GatedModel):
         **block_options,
     ) -> None:
         """``depth`` blocks; ``heads``, ``kv_heads`` and ``ffn_hidden`` are one value for every
-        block or one per block (0 heads / 0 FFN units: no such sublayer)."""
-        out_scale = 1.0 / math.sqrt(2 * depth)
+        block or one per block (0 heads / 0 FFN units: no such sublayer); no blocks at all
+        when ``depth`` is 0 (a slimmed model whose every sublayer gate closed)."""
+        out_scale = 1.0 / math.sqrt(2 * max(depth, 1))
         widths = zip(per_block(heads, depth, "heads"), per_block(kv_heads, depth, "kv_heads"),
                      per_block(ffn_hidden, depth, "ffn_hidden"), strict=True)
         self.blocks = nnx.List([

@@ -11,7 +11,10 @@ closed unit gate, closed weight gates or pruned weights on all of its rows), onl
 zeros, or meets a constant that its dense layer's bias absorbs
 (:func:`~sparsejax.structure.slim_trace.unread.units_left`), so removing it is exact; the
 query and key units of a closed head (a slot of heads, whose gates act on the values' rows
-in the output projection) go with it. The
+in the output projection) go with it, and a closed branch gate takes every group inside its
+branch along (:func:`closed_branch_groups`; what is then left of the branch, empty kernels, a
+zero bias and the normaliser that fed it, is not stored:
+:mod:`~sparsejax.structure.slim_trace.dead`). The
 rows of an input selection (a placed slot on inputs that are no group of their own: pixels, a
 concatenation other layers read whole) go the same way, row by row (:func:`selected_rows`).
 :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the groups of the
@@ -57,6 +60,20 @@ def selected_rows(
     return {s.path: (s.axis, live_rows(model.net, s, met or {})) for _, s in model.selections}
 
 
+def closed_branch_groups(model: TracedModel, values: dict[str, np.ndarray]) -> list[int]:
+    """The traced groups inside the residual branches whose gate is closed in ``values``:
+    those that only the branch's layers before its gated one produce (a closed attention
+    sublayer's queries, keys and values)."""
+    kernels = {layer: kernel for layer, kernel, _ in model.layer_params}
+    found = []
+    for name, layers in model.branches:
+        if name in values and not np.any(values[name]):
+            inner = {kernels[layer] for layer in layers[1:]}
+            found += [g.index for g in model.structure.groups
+                      if all(path in inner for path, _ in g.producers)]
+    return found
+
+
 @nnx.jit
 def _evaluation_logits(model: TracedModel, x: jax.Array) -> jax.Array:
     return model(x, train=False)
@@ -82,6 +99,8 @@ def slim_traced_model(
         keep, replaced, met = units_left(model.net, model.structure, example)
         for group, _ in model.carried:
             keep[group] = keep[group] & (open_units[group] > 0)
+        for group in closed_branch_groups(model, values):
+            keep[group] = np.zeros_like(keep[group])
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=keep, scores=scores,
             round_to=round_to, rows=selected_rows(model, met), replaced=replaced,

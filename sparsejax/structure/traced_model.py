@@ -41,7 +41,9 @@ of a hand-written declaration:
   are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
   their group when only that layer reads it, else an input selection of the layer's rows
   alone, with one row as ``|g|``; with ``norm``, the output of the normaliser after the layer
-  (one member of a residual stream). The zoo's own gates, placed so, give its declared slots,
+  (one member of a residual stream); with ``heads``, its output units by head; with
+  ``branch``, one gate on the layer's whole output that removes a residual branch (a
+  transformer's sublayer). The zoo's own gates, placed so, give its declared slots,
   accounting and logits (``tests/structure/test_gate_placements.py``).
 
 The wrapped module runs in NNX training mode (``model.train()``: BatchNorm on batch
@@ -102,6 +104,9 @@ DROPRATE_INIT = 0.5
 """Initial drop rate of every gate of a traced model (the L0 references' hidden-layer value)."""
 COUNT_TOLERANCE = 1e-6
 """Relative difference allowed between the layer accounting (float32) and the exact trace."""
+WHOLE_SIDE = 0
+"""The tile of a slot in :func:`traced_layers`' ``added`` that is one unit for the whole side
+of a layer (a branch gate)."""
 
 Factory = Callable[..., nnx.Module]
 
@@ -155,6 +160,18 @@ class GatePlacement:
       share units (a fused ``qkv`` projection, one group split by both products, placed
       once; grouped-query attention's queries, whose heads are the key/value groups).
 
+    - ``side="output"`` with ``branch``: one gate for the whole output of ``layer``, the last
+      layer of a residual branch (a transformer's sublayer, gated as in Fan et al. 2020's
+      LayerDrop and CoFi's ``attn`` / ``mlp`` masks: the output projection, with the query,
+      key and value projections as ``branch``; an FFN's down projection, with its up
+      projection). The gate multiplies ``layer``'s output columns and bias, which is
+      multiplying the branch's output; a closed gate removes every kernel and bias of
+      ``layer`` and ``branch`` and the products of two activations that read their outputs,
+      and ``|g|`` is all of those parameters, the slot's members
+      (:meth:`TracedModel.slot_members`). The layers of ``branch`` must feed no layer outside
+      it but ``layer``. The slot names ``layer`` along its input axis, as a slot of heads
+      does.
+
     Placements give the gated methods their slots; the methods that prune filters and units
     (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
     removable group instead.
@@ -173,6 +190,8 @@ class GatePlacement:
         biases and every reader's rows, as for the default slots) instead of the placed
         layer's slice or row: the transformers' FFN units. Only where the placed units are a
         traced group.
+      branch: the traced layers that only feed ``layer``: with it, one residual branch under
+        one gate; empty for unit gates.
     """
 
     slot: str
@@ -183,6 +202,7 @@ class GatePlacement:
     readers: tuple[str, ...] = ()
     heads: int = 0
     whole_unit: bool = False
+    branch: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +218,8 @@ class _PlacedSlot:
     """For a normaliser's output: its bias, where gates drawn per example scale the sum."""
     heads: tuple[int, ...] | None = None
     """For a placement with heads: the head (gate) of each unit of ``group``."""
+    branch: tuple[str, ...] = ()
+    """For a branch gate: the traced layers it switches off, its own layer first."""
 
 
 def _covers(member: Member, size: int, group_size: int, heads: int) -> bool:
@@ -238,6 +260,8 @@ def _place(
             f"{where}: the traced model has no layer {placement.layer!r}; its layers are "
             f"{', '.join(layers)}"
         )
+    if placement.branch:
+        return _place_branch(structure, layers, placement)
     shape = structure.param_shapes[traced.kernel]
     outputs = {a for g in structure.groups for p, a in g.producers if p == traced.kernel}
     in_axes, out_axes = _layer_axes(placement.layer, shape, traced.kind, outputs)
@@ -358,18 +382,101 @@ def _place_after_norm(
     return _PlacedSlot(slot, None, slices, tuple(placement.readers), f"{placement.norm}.bias")
 
 
-def _added_sources(placed: Sequence[_PlacedSlot]) -> dict[tuple[str, str], tuple[str, ...]]:
-    """The layer sides that placed slots without a traced group switch off one by one: an
-    input selection its layer's inputs; a normaliser's output its layer's outputs and its
-    readers' inputs."""
-    added: dict[tuple[str, str], tuple[str, ...]] = {}
+def _place_branch(
+    structure: TracedStructure, layers: dict[str, TracedLayer], placement: GatePlacement
+) -> _PlacedSlot:
+    """A branch gate (:class:`GatePlacement` with ``branch``): one gate on the whole output
+    of its layer, switching off the layers of its branch with it.
+
+    Raises:
+      ConfigError: with another side, heads, a normaliser's output or ``whole_unit``; for a
+        branch entry that is no traced layer, or a branch layer whose outputs a layer outside
+        the branch reads.
+    """
+    where = f"gate placement {placement.slot!r}"
+    if (placement.side != "output" or placement.heads or placement.norm is not None
+            or placement.whole_unit):
+        raise ConfigError(
+            f"{where}: a branch gate is one gate on a layer's whole output; use side='output' "
+            "without heads, norm or whole_unit"
+        )
+    unknown = sorted(set(placement.branch) - set(layers))
+    if unknown:
+        raise ConfigError(f"{where}: the branch layers {unknown} are not traced layers")
+    names = tuple(dict.fromkeys((placement.layer, *placement.branch)))
+    kernels = {layers[name].kernel for name in names}
+    for name in names[1:]:
+        kernel = layers[name].kernel
+        for group in structure.groups:
+            if any(path == kernel for path, _ in group.producers):
+                outside = sorted({_layer_name(m.path) for m in layer_readers(structure, group)
+                                  if m.path not in kernels})
+                if outside:
+                    raise ConfigError(
+                        f"{where}: layer {name!r} of the branch also feeds {outside}; a branch "
+                        f"holds the layers that only feed layer {placement.layer!r}"
+                    )
+    traced = layers[placement.layer]
+    shape = structure.param_shapes[traced.kernel]
+    outputs = {a for g in structure.groups for p, a in g.producers if p == traced.kernel}
+    in_axes, out_axes = _layer_axes(placement.layer, shape, traced.kind, outputs)
+    if len(out_axes) != 1:
+        raise ConfigError(
+            f"{where}: the outputs of layer {placement.layer!r} span kernel axes "
+            f"{list(out_axes)} of shape {shape}; a branch gate needs one output axis"
+        )
+    columns = tuple(range(shape[out_axes[0]]))
+    slices = (GatedSlice(traced.kernel, out_axes[0], columns, (0,) * len(columns)),)
+    if traced.bias is not None:
+        slices += (GatedSlice(traced.bias, 0, columns, (0,) * len(columns)),)
+    removed = sum(
+        math.prod(structure.param_shapes[path])
+        for name in names for path in (layers[name].kernel, layers[name].bias) if path
+    )
+    slot = GateSlot(placement.slot, placement.layer, (1,), in_axes[-1], False,
+                    placement.droprate_init, shape, group_params=removed)
+    return _PlacedSlot(slot, None, slices, branch=names)
+
+
+def _branch_products(
+    structure: TracedStructure, layers: Mapping[str, TracedLayer], branch: Sequence[str]
+) -> tuple[int, ...]:
+    """The products of two activations that read the outputs of the layers ``branch``."""
+    kernels = {layers[name].kernel for name in branch}
+    produced = {g.index for g in structure.groups
+                if any(path in kernels for path, _ in g.producers)}
+    found = []
+    for index, factors in enumerate(structure.products):
+        ids = [np.asarray(f).reshape(-1) for f in factors if not isinstance(f, int)]
+        groups = {int(g) for f in ids for g in structure.unit_places(np.maximum(f, 0))[0]}
+        if groups & produced:
+            found.append(index)
+    return tuple(found)
+
+
+def _added_sources(
+    structure: TracedStructure, placed: Sequence[_PlacedSlot]
+) -> dict[tuple[str, str], UnitSource]:
+    """The layer sides that placed slots without a traced group switch off: an input
+    selection its layer's inputs one by one; a normaliser's output its layer's outputs and
+    its readers' inputs one by one; a branch gate every output of its layers, and of the
+    products of two activations that read them (``("outputs", "product{i}")``)."""
+    layers = {_layer_name(layer.kernel): layer for layer in structure.layers}
+    added: dict[tuple[str, str], UnitSource] = {}
     for p in placed:
         if p.group is not None:
             continue
-        sides = [("inputs", p.slot.layer)] if p.summed is None else [
-            ("outputs", p.slot.layer), *(("inputs", reader) for reader in p.readers)]
-        for side in sides:
-            added[side] = added.get(side, ()) + (p.slot.name,)
+        if p.branch:
+            sides = [(("outputs", name), WHOLE_SIDE) for name in p.branch] + [
+                (("outputs", f"product{i}"), WHOLE_SIDE)
+                for i in _branch_products(structure, layers, p.branch)]
+        elif p.summed is None:
+            sides = [(("inputs", p.slot.layer), 1)]
+        else:
+            sides = [(("outputs", p.slot.layer), 1),
+                     *((("inputs", reader), 1) for reader in p.readers)]
+        for side, tile in sides:
+            added[side] = added.get(side, ()) + ((p.slot.name, tile),)
     return added
 
 
@@ -401,6 +508,7 @@ def _placed_slots(
     targets = [
         f"traced group {p.group}" if p.group is not None
         else f"the outputs of {p.summed.removesuffix('.bias')!r}" if p.summed
+        else f"the branch of layer {p.slot.layer!r}" if p.branch
         else f"the inputs of layer {p.slot.layer!r}"
         for p in placed
     ]
@@ -534,18 +642,24 @@ def _side_sources(
     return _placed_sources(structure, slots, sizes, found, heads)
 
 
+def _whole_sides(sources: UnitSource, size: int) -> UnitSource:
+    """``sources`` with a tile of :data:`WHOLE_SIDE` made the side's ``size``."""
+    return tuple((name, size if tile == WHOLE_SIDE else tile) for name, tile in sources)
+
+
 def traced_layers(
     structure: TracedStructure,
     slots: dict[int, str],
     granularity: Granularity,
-    added: Mapping[tuple[str, str], tuple[str, ...]] | None = None,
+    added: Mapping[tuple[str, str], UnitSource] | None = None,
     heads: Heads | None = None,
 ) -> tuple[Layer, ...]:
     """The :class:`Layer` of every traced layer, in network order; ``slots`` names the gated
     groups (their units switch layer units off at unit granularity, or their heads' gates
-    do for the groups in ``heads``), ``added`` the slots that
-    are no traced group but switch off a layer's ``("inputs" | "outputs", layer name)`` one by
-    one (input selections and normalisers' outputs, :class:`GatePlacement`). A dense kernel
+    do for the groups in ``heads``), ``added`` the slots that are no traced group but switch
+    off a layer's ``("inputs" | "outputs", layer name)``: one unit per index, or with a tile
+    of :data:`WHOLE_SIDE` one unit for the whole side (input selections, normalisers' outputs
+    and branch gates, :class:`GatePlacement`). A dense kernel
     with several input or output axes is one layer of shape ``(inputs, outputs)``, each side
     flattened in C order.
 
@@ -553,9 +667,7 @@ def traced_layers(
       ConfigError: for a layer the geometry cannot describe.
     """
     producer_axes = {p for g in structure.groups for p in g.producers}
-    added_sources = {
-        side: tuple((name, 1) for name in names) for side, names in (added or {}).items()
-    }
+    added = added or {}
     names = [_layer_name(layer.kernel) for layer in structure.layers]
     if len(set(names)) != len(names):
         shared = sorted({n for n in names if names.count(n) > 1})
@@ -577,17 +689,17 @@ def traced_layers(
         unit = granularity == "unit"
         reads_itself = any((layer.kernel, axis) in producer_axes for axis in in_axes)
         window = shape[: in_axes[0]]
+        fan_in, fan_out = (math.prod(shape[a] for a in axes) for axes in (in_axes, out_axes))
         layers.append(
             Layer(
                 name,
-                (*window, math.prod(shape[a] for a in in_axes),
-                 math.prod(shape[a] for a in out_axes)),
+                (*window, fan_in, fan_out),
                 int(round(positions)),
                 has_bias=layer.bias is not None,
-                inputs=added_sources.get(("inputs", name), ())
+                inputs=_whole_sides(added.get(("inputs", name), ()), fan_in)
                 + (_side_sources(structure, slots, layer.kernel, in_axes, heads or {})
                    if unit and not reads_itself else ()),
-                outputs=added_sources.get(("outputs", name), ())
+                outputs=_whole_sides(added.get(("outputs", name), ()), fan_out)
                 + (_side_sources(structure, slots, layer.kernel, out_axes, heads or {})
                    if unit else ()),
                 kernel_slot=name if granularity == "weight" else None,
@@ -601,13 +713,17 @@ MAX_PRODUCT_UNITS = 1 << 20
 
 
 def traced_products(
-    structure: TracedStructure, slots: dict[int, str], heads: Heads | None = None
+    structure: TracedStructure,
+    slots: dict[int, str],
+    heads: Heads | None = None,
+    added: Mapping[tuple[str, str], UnitSource] | None = None,
 ) -> tuple[Layer, ...]:
     """The products of two activations (attention's ``Q K^T`` and ``A V``) as
     :attr:`~sparsejax.models.base.GatedModel.activation_products`: a product whose MACs are
     ``n * prod_f sum(kept units of factor f)`` (``n`` its fixed sizes per example) is a layer
-    of shape ``(units of the first factor, units of the others combined)`` at ``n`` positions,
-    each factor's gated units placed on its side.
+    ``product{i}`` of shape ``(units of the first factor, units of the others combined)`` at
+    ``n`` positions, each factor's gated units placed on its side, and the slots in ``added``
+    (as for :func:`traced_layers`: a branch gate) on its outputs.
 
     Raises:
       ConfigError: for a product the accounting cannot hold (a fraction of a position per
@@ -627,14 +743,16 @@ def traced_products(
             )
         sides = [unit_factors[:1], unit_factors[1:]]
         sources = [_factor_sources(structure, slots, side, heads or {}) for side in sides]
+        name = f"product{index}"
         products.append(
             Layer(
-                f"product{index}",
+                name,
                 (math.prod(f.size for f in sides[0]), combinations),
                 int(round(positions)),
                 has_bias=False,
                 inputs=sources[0],
-                outputs=sources[1],
+                outputs=_whole_sides((added or {}).get(("outputs", name), ()), combinations)
+                + sources[1],
             )
         )
     return tuple(products)
@@ -752,6 +870,8 @@ class TracedModel(GatedModel):
         do not act on (queries and keys); they go with their heads.
       spanning: the placed slots whose members (:meth:`slot_members`) are every layer slice
         of their groups: those of heads and of ``whole_unit`` s.
+      branches: ``(slot name, layers)`` of every branch gate: the traced layers it switches
+        off, the one its gate multiplies first.
     """
 
     def __init__(
@@ -784,8 +904,9 @@ class TracedModel(GatedModel):
             slots = _slot_names(self.structure) if granularity == "unit" else {}
         self.unit_heads = tuple((p.group, p.heads) for p in placed if p.heads is not None)
         heads = {group: np.asarray(head) for group, head in self.unit_heads}
-        layers = traced_layers(self.structure, slots, granularity, _added_sources(placed), heads)
-        self.activation_products = traced_products(self.structure, slots, heads)
+        added = _added_sources(self.structure, placed)
+        layers = traced_layers(self.structure, slots, granularity, added, heads)
+        self.activation_products = traced_products(self.structure, slots, heads, added)
         _check_counts(self.structure, layers, self.activation_products)
         self.layer_params = tuple(
             (layer.name, traced.kernel, traced.bias)
@@ -794,8 +915,10 @@ class TracedModel(GatedModel):
         self.group_slots = tuple(slots.items())
         self.summed = tuple((p.slot.name, p.summed) for p in placed if p.summed)
         self.selections = tuple(
-            (p.slot.name, p.slices[0]) for p in placed if p.group is None and not p.summed
+            (p.slot.name, p.slices[0])
+            for p in placed if p.group is None and not p.summed and not p.branch
         )
+        self.branches = tuple((p.slot.name, p.branch) for p in placed if p.branch)
         self.carried = _carried(self.structure, placed)
         self.spanning = tuple(dict.fromkeys(
             p.slot for p in placements or () if p.heads or p.whole_unit))
@@ -850,9 +973,17 @@ class TracedModel(GatedModel):
         """A unit slot's first producer's kernel slice and its bias's, along the axes the trace
         found (a head's bias is a row of a ``(heads, head_dim)`` bias); the kernel at weight
         granularity; for a placed slot of heads or of ``whole_unit`` s, every layer's kernel
-        and bias slice in its groups, each index with its gate."""
+        and bias slice in its groups, each index with its gate; for a branch gate, every
+        kernel and bias of its layers."""
         if slot.name in self.spanning:
             return self._group_members(slot.name)
+        branch = dict(self.branches).get(slot.name)
+        if branch is not None:
+            return tuple(
+                SlotMember(f"{layer}.{name}", 0, (0,) * self.structure.param_shapes[path][0])
+                for layer, kernel, bias in self.layer_params if layer in branch
+                for name, path in (("kernel", kernel), ("bias", bias)) if path
+            )
         if slot.axis is None or self.placed:
             return super().slot_members(slot)
         group = self.structure.groups[next(g for g, n in self.group_slots if n == slot.name)]
@@ -910,7 +1041,8 @@ class TracedModel(GatedModel):
         scales and biases and every reader's rows, so that a 0 removes the unit whatever its
         activation makes of zero (sigmoid(0) is not 0) and the readers' rows no longer train.
         An input selection scales its layer's rows; a slot of heads every group's slices,
-        each index by its head's factor."""
+        each index by its head's factor; a branch gate its layer's output columns and bias
+        (the branch's output)."""
         groups = self._groups_of(slot.name)
         if not groups:
             slices = dict(self.gated)[slot.name]

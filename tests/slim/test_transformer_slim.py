@@ -170,6 +170,17 @@ def test_a_bias_only_branch_keeps_its_constant():
     assert widths["heads"][0] == 1 and widths["ffn_hidden"][1] == 1
 
 
+@pytest.mark.parametrize("kind", ["vit", "lm_untied"])
+def test_a_transformer_whose_every_sublayer_closed_slims_to_no_blocks(kind):
+    model = build(kind)
+    for name, gate in model.gates.items():
+        closed = name.rsplit(".", 1)[-1] in ("attn", "mlp")
+        gate.value[...] = jnp.full(gate.shape, 0.0 if closed else 1.0)
+    result = slim_model(model)
+    assert len(result.model.blocks) == 0
+    assert_same_logits(model, result.model)
+
+
 def test_slim_transformer_saves_and_loads(tmp_path):
     model = build("lm_tied")
     set_gates(model, "everything", np.random.default_rng(11))

@@ -31,6 +31,7 @@ from sparsejax.slim.surgery import slim_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.blocks import traced_layer_stages, traced_stages
+from sparsejax.structure.slim_trace import load_slim_function
 from sparsejax.structure.traced_model import GatePlacement, TracedModel
 from sparsejax.train.sharding import create_mesh
 from sparsejax.train.state import init_state, merge_model
@@ -58,12 +59,15 @@ ZOO = {
 input."""
 BUILDS = {
     "densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs),
-    "vit_tiny": lambda **kwargs: build_model("vit_tiny", families=("heads", "ffn"), **kwargs),
+    "vit_tiny": lambda **kwargs: build_model(
+        "vit_tiny", families=("heads", "ffn", "attn", "mlp"), **kwargs),
 }
 """DenseNet-40's class at depth 16 (4 layers per dense block, the same declarations): the
 concatenations of depth 40 cost a minute of tracing and comparing for nothing more. The ViT
-with its head and FFN-unit gates, the families a placement expresses (its hidden dimension,
-sublayer and MLP gates: not yet)."""
+with its head, FFN-unit and sublayer gates, the families a placement expresses (its hidden
+dimension, whose norms take their statistics over the open dimensions: not yet)."""
+BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("up",)}
+"""The layers that feed a transformer sublayer's output projection, by sublayer family."""
 STREAM_MEMBER_GATES = {"resnet20": {"stem"}}
 """Slots that gate one member of a residual stream (the CIFAR ResNets' stem, whose stream is
 zero-padded into the next stage): no traced group, so they are placed on the output of the
@@ -109,6 +113,10 @@ def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]
                      "readers": tuple(traced_name(reader) for reader in readers)}
         if slot_family(slot.name) == "ffn":  # |g|: the unit's params in both projections
             extra = {"whole_unit": True}
+        if slot_family(slot.name) in BRANCHES:  # a whole sublayer: the layers feeding its output
+            sublayer = slot.layer.rsplit(".", 1)[0]
+            side, extra = "output", {"branch": tuple(
+                traced_name(f"{sublayer}.{name}") for name in BRANCHES[slot_family(slot.name)])}
         result.append(GatePlacement(
             slot.name, traced_name(slot.layer), side, slot.droprate_init, **extra))
     return result
@@ -484,6 +492,83 @@ def test_head_placements_that_cannot_hold_say_what_is_wrong():
     with pytest.raises(ConfigError, match=r"the inputs of layer 'zoo.head' here are no traced "
                        "group"):
         build(GatePlacement("h", "zoo.head", "input", whole_unit=True))
+
+
+def test_branch_placements_that_cannot_hold_say_what_is_wrong():
+    zoo = BUILDS["vit_tiny"](rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST)
+
+    def build(*placed_gates):
+        return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST,
+                           num_classes=10, placements=placed_gates)
+
+    attn = "zoo.blocks.0.attn"
+    o, qkv = f"{attn}.o", tuple(f"{attn}.{name}" for name in "qkv")
+    for wrong in ({"side": "input"}, {"heads": 4}, {"whole_unit": True},
+                  {"norm": "zoo.blocks.0.attn_norm"}):
+        with pytest.raises(ConfigError, match="'b': a branch gate is one gate on a layer's whole "
+                           "output; use side='output' without heads, norm or whole_unit"):
+            build(GatePlacement("b", o, **{"side": "output", **wrong}, branch=qkv))
+    with pytest.raises(ConfigError, match=r"the branch layers \['zoo.blocks.0.attn.x'\] are not "
+                       "traced layers"):
+        build(GatePlacement("b", o, "output", branch=(*qkv, f"{attn}.x")))
+    with pytest.raises(ConfigError, match=r"layer 'zoo.blocks.0.attn.v' of the branch also feeds "
+                       r"\['zoo.blocks.0.attn.o'\]; a branch holds the layers that only feed "
+                       "layer 'zoo.blocks.0.ffn.down'"):
+        build(GatePlacement("b", "zoo.blocks.0.ffn.down", "output", branch=(f"{attn}.v",)))
+    with pytest.raises(ConfigError, match="the branch of layer 'zoo.blocks.0.attn.o' placed twice"):
+        build(GatePlacement("a", o, "output", branch=qkv),
+              GatePlacement("b", o, "output", branch=qkv))
+
+
+class ResidualMLP(nnx.Module):
+    """Two pre-norm residual MLP blocks, ``h + down(relu(up(norm(h))))``, written plainly."""
+
+    def __init__(self, rngs: nnx.Rngs, dim: int = 12, hidden: int = 20):
+        self.stem = nnx.Linear(28 * 28, dim, rngs=rngs)
+        self.norms = nnx.List([nnx.LayerNorm(dim, rngs=rngs) for _ in range(2)])
+        self.ups = nnx.List([nnx.Linear(dim, hidden, rngs=rngs) for _ in range(2)])
+        self.downs = nnx.List([nnx.Linear(hidden, dim, rngs=rngs) for _ in range(2)])
+        self.head = nnx.Linear(dim, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x.reshape(x.shape[0], -1))
+        for norm, up, down in zip(self.norms, self.ups, self.downs):
+            h = h + down(nnx.relu(up(norm(h))))
+        return self.head(h)
+
+
+def test_a_closed_branch_gate_removes_its_whole_branch_in_the_counts_and_the_slim_network(
+    tmp_path
+):
+    """One gate per residual branch (on its down projection, with its up projection as the
+    branch): |g| and the members are both layers' kernels and biases; closing block 0's gate
+    removes both layers from the counts and, with its normaliser, from the slim network, whose
+    logits are the gated model's, saved and loaded."""
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    model = TracedModel(ResidualMLP(nnx.Rngs(params=0)), rngs=nnx.Rngs(params=1),
+                        input_shape=MNIST, num_classes=10, gate_factory=method.make_gates,
+                        placements=[GatePlacement(f"b{i}", f"downs.{i}", "output",
+                                                  branch=(f"ups.{i}",)) for i in range(2)])
+    branch_params = (12 * 20 + 20) + (20 * 12 + 12)
+    assert [(s.name, s.shape, s.group_size) for s in model.gate_slots] == [
+        ("b0", (1,), branch_params), ("b1", (1,), branch_params)]
+    assert {m.path for m in model.slot_members(model.gate_slots[0])} == {
+        "ups.0.kernel", "ups.0.bias", "downs.0.kernel", "downs.0.bias"}
+    dense = count_network(model.layers, {}, model.activation_products)
+    closed = count_network(model.layers, {"b0": np.zeros(1), "b1": np.ones(1)})
+    half = count_network(model.layers, {"b0": np.full(1, 0.5), "b1": np.ones(1)})
+    assert float(dense["params"] - closed["params"]) == branch_params
+    assert float(dense["params"] - half["params"]) == pytest.approx(branch_params / 2)
+    model.gates["b0"].log_alpha[...] = jnp.full((1,), -10.0)
+    model.gates["b1"].log_alpha[...] = jnp.full((1,), 3.0)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *MNIST)))
+    slim = slim_traced_model(model, x)
+    assert not {path for path in slim.params if path.endswith(".0.kernel")
+                or path.endswith(".0.bias") or path.endswith(".0.scale")}
+    assert slim.report.params_after == pytest.approx(float(closed["params"]))
+    assert slim.report.max_logit_difference < 1e-5
+    slim.save(str(tmp_path / "slim.npz"))
+    np.testing.assert_array_equal(load_slim_function(str(tmp_path / "slim.npz"))(x), slim(x))
 
 
 def test_a_head_closes_its_query_key_and_value_units_and_scales_only_its_output():

@@ -23,6 +23,7 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.structure.accounting import reduction
+from sparsejax.structure.slim_trace.dead import empty_layer_biases, unneeded_parameters
 from sparsejax.structure.slim_trace.interpret import Narrowed, conform, opened
 from sparsejax.structure.slim_trace.rows import RowsError, dropped_positions
 from sparsejax.structure.slim_trace.widths import physical_keep
@@ -268,9 +269,12 @@ def _report(
     params: Mapping[str, jax.Array],
     row_share: Mapping[str, float],
     rows: Mapping[str, tuple[int, np.ndarray]],
+    unstored: int,
 ) -> SlimReport:
     """Widths, status and costs of the slim network (``kept``: units kept per group;
-    ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps)."""
+    ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps;
+    ``unstored``: the kernel and bias entries the units keep that it does not store,
+    :mod:`.dead`)."""
     before = traced.count()
     keep = {g: k.astype(np.float64) for g, k in kept.items()}
     after = traced.count(keep)
@@ -289,13 +293,13 @@ def _report(
         ),
         round_to=round_to,
         params_before=before.params,
-        params_after=after.params - saved_weights,
+        params_after=after.params - saved_weights - unstored,
         flops_before=before.flops,
         flops_after=after.flops - saved_macs,
         stored_params_before=int(sum(v.size for v in floating.values())),
         stored_params_after=int(sum(v.size for v in params.values())),
         rows={path: [int(params[path].shape[axis]), int(np.size(keep))]
-              for path, (axis, keep) in rows.items()},
+              for path, (axis, keep) in rows.items() if path in params},
     )
 
 
@@ -338,6 +342,10 @@ def slim_traced(
     ``replaced`` gives new values for some floating state arrays, by path, after ``gates`` are
     folded: biases that absorbed the constants some rows meet, with those rows zeroed
     (:func:`sparsejax.slim.traced.absorbed_constants`).
+
+    Arrays the output no longer depends on once the units are cut (what is left of a residual
+    branch whose units all went, :mod:`.dead`) are not stored: the slim network runs on zeros
+    of their shapes.
     """
     if round_to < 1:
         raise ConfigError(f"slim_traced: round_to must be a positive integer, got {round_to}")
@@ -397,15 +405,27 @@ def slim_traced(
                 if positions is not None:
                     value = jnp.take(value, jnp.asarray(positions), axis=axis)
             params[path] = value
-    fixed = {p: v for p, v in leaves.items() if p not in params}
+    unneeded = empty_layer_biases(traced, params) | unneeded_parameters(
+        jaxpr, program.frame, narrowed, {v: p for p, v in zip(program.paths, jaxpr.invars)})
+    zeros = {p: jax.ShapeDtypeStruct(params[p].shape, params[p].dtype)
+             for p in unneeded if p in params}
+    layer_params = {path for layer in traced.layers for path in (layer.kernel, layer.bias)}
+    unstored = sum(params[p].size for p in zeros if p in layer_params)
+    params = {p: v for p, v in params.items() if p not in zeros}
+    fixed = {p: v for p, v in leaves.items() if p not in params and p not in zeros}
 
     def slim_apply(params: Mapping[str, jax.Array], x: jax.Array):
-        args = [params[p] if p in params else fixed[p] for p in program.paths]
+        args = [
+            params[p] if p in params
+            else jnp.zeros(zeros[p].shape, zeros[p].dtype) if p in zeros
+            else fixed[p]
+            for p in program.paths
+        ]
         x = conform(x, (None,) * x.ndim, narrowed.kept(program.frame, jaxpr.invars[-1]), "input")
         outs = narrowed.run(jaxpr, consts, program.frame, [*args, x], x.shape[0])
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
     report = _report(traced, kept, moved(keep, True), round_to, floating, params, row_share,
-                     rows or {})
+                     rows or {}, unstored)
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
     return SlimFunction(slim_apply, params, report, input_spec)
