@@ -389,16 +389,16 @@ def _place_branch(
     of its layer, switching off the layers of its branch with it.
 
     Raises:
-      ConfigError: with another side, heads, a normaliser's output or ``whole_unit``; for a
+      ConfigError: with another side, heads, a normaliser, readers or ``whole_unit``; for a
         branch entry that is no traced layer, or a branch layer whose outputs a layer outside
         the branch reads.
     """
     where = f"gate placement {placement.slot!r}"
     if (placement.side != "output" or placement.heads or placement.norm is not None
-            or placement.whole_unit):
+            or placement.readers or placement.whole_unit):
         raise ConfigError(
             f"{where}: a branch gate is one gate on a layer's whole output; use side='output' "
-            "without heads, norm or whole_unit"
+            "without heads, norm, readers or whole_unit"
         )
     unknown = sorted(set(placement.branch) - set(layers))
     if unknown:

@@ -504,9 +504,10 @@ def test_branch_placements_that_cannot_hold_say_what_is_wrong():
     attn = "zoo.blocks.0.attn"
     o, qkv = f"{attn}.o", tuple(f"{attn}.{name}" for name in "qkv")
     for wrong in ({"side": "input"}, {"heads": 4}, {"whole_unit": True},
-                  {"norm": "zoo.blocks.0.attn_norm"}):
+                  {"norm": "zoo.blocks.0.attn_norm"}, {"readers": (f"{attn}.q",)}):
         with pytest.raises(ConfigError, match="'b': a branch gate is one gate on a layer's whole "
-                           "output; use side='output' without heads, norm or whole_unit"):
+                           "output; use side='output' without heads, norm, readers or "
+                           "whole_unit"):
             build(GatePlacement("b", o, **{"side": "output", **wrong}, branch=qkv))
     with pytest.raises(ConfigError, match=r"the branch layers \['zoo.blocks.0.attn.x'\] are not "
                        "traced layers"):
