@@ -89,7 +89,8 @@ class Bare(nnx.Module):
 def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]:
     """One placement per declared slot: its layer, the side its kernel axis is on; for a
     stream member's slot, its declared BatchNorm and the layers that declare it as inputs;
-    for a transformer's heads, the query and value projections' outputs in as many heads."""
+    for a transformer's heads, the query and value projections' outputs in as many heads; for
+    a whole sublayer, the output of its last projection with the ones before it as branch."""
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
 
     def traced_name(layer: str) -> str:
