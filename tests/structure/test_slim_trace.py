@@ -23,6 +23,7 @@ from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
 from sparsejax.structure.traced_model import TracedModel
 from tests.structure.test_trace import (
+    EmbeddedMLP,
     FusedAttention,
     GroupedQueryAttention,
     RotaryAttention,
@@ -674,4 +675,17 @@ def test_a_constant_read_by_a_convolution_or_a_dense_layer_without_bias_stays():
     slim = slim_traced_model(traced, np.asarray(jax.random.normal(jax.random.key(0),
                                                                   (3, 6, 6, 1))))
     assert slim.params["conv1.kernel"].shape == (3, 3, 1, 4)
+    assert slim.report.max_logit_difference < 1e-5
+
+
+def test_an_embedded_stream_loses_its_closed_columns_from_the_table():
+    """Closed stream units go from the embedding table's columns too: the lookup takes what is
+    left of each row."""
+    ids = jax.random.randint(jax.random.key(0), (6, 5), 0, 50)
+    gated = sparsify(EmbeddedMLP(rngs=nnx.Rngs(0)), ids)
+    for gate in gated.gates:
+        gate.log_alpha[...] = gate.log_alpha[...].at[::3].set(-10.0)
+    slim = gated.slim(ids, check=ids)
+    assert slim.params["embed.embedding"].shape == (50, 5)
+    assert slim.params["head.kernel"].shape == (5, 50)
     assert slim.report.max_logit_difference < 1e-5

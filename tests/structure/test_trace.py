@@ -500,6 +500,36 @@ def test_an_unknown_op_blocks_the_groups_it_touches_and_is_named():
     assert_counts(s, None, 6 * 5 + 5 * 4 + 4 * 3, 5 + 4 + 3, 6 * 5 + 5 * 4 + 4 * 3)
 
 
+class EmbeddedMLP(nnx.Module):
+    """Token ids -> an ``nnx.Embed`` lookup (a gather) -> a residual MLP block -> logits per
+    token; ``picked``: the block's hidden features are read at indices (a gather along them)."""
+
+    def __init__(self, *, rngs, picked=False):
+        self.embed = nnx.Embed(50, 8, rngs=rngs)
+        self.up = nnx.Linear(8, 16, rngs=rngs)
+        self.down = nnx.Linear(16, 8, rngs=rngs)
+        self.head = nnx.Linear(8, 50, rngs=rngs)
+        self.picked = picked
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        hidden = nnx.relu(self.up(h))
+        if self.picked:
+            hidden = jnp.take(hidden, jnp.arange(16)[::-1], axis=-1)
+        return self.head(h + self.down(hidden))
+
+
+def test_an_embedding_lookup_puts_the_table_columns_in_the_stream_it_starts():
+    ids = jax.ShapeDtypeStruct((2, 5), jnp.int32)
+    s = trace_structure(build(EmbeddedMLP), ids)
+    stream = group_of(s, "down.kernel", 1)
+    assert stream.removable and slices(stream)[("embed.embedding", 1)] == tuple(range(8))
+    assert s.groups_of("embed.embedding", 0) == ()  # the vocabulary: no producer, no group
+    picked = group_of(trace_structure(build(EmbeddedMLP, picked=True), ids), "up.kernel", 1)
+    assert [(b.primitive, b.reason) for b in picked.blockers] == [
+        ("gather", "positions picked by a gather's indices")]
+
+
 def test_an_unknown_op_on_one_member_blocks_the_whole_residual_stream():
     s = trace(build(ResidualCNN, sorted_branch=True), (1, 6, 6, 3))
     stream = group_of(s, "stem.kernel", 3)

@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from sparsejax.structure.trace.rules import BINARY, UNARY
+from sparsejax.structure.trace.rules import BINARY, UNARY, gather_slices
 from sparsejax.structure.trace.units import NO_UNIT
 from sparsejax.structure.trace.values import UNLABELLED, Frame, Value
 from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
@@ -369,6 +369,14 @@ def _slice(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
     return [x]
 
 
+def _gather(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
+    """Slices that take a narrowed dimension whole take what is left of it."""
+    sizes = list(eqn.params["slice_sizes"])
+    for d in gather_slices(eqn):
+        sizes[d] = ins[0].shape[d]
+    return _rebind(eqn, ins, {**eqn.params, "slice_sizes": tuple(sizes)})
+
+
 _RULES: dict[str, Rule] = {
     "broadcast_in_dim": _broadcast_in_dim,
     "reshape": _reshape,
@@ -378,6 +386,7 @@ _RULES: dict[str, Rule] = {
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "slice": _slice,
+    "gather": _gather,
 }
 """Primitives whose parameters name sizes or pair dimensions of two operands; every other
 primitive is rebound as traced (elementwise ones after their operands are conformed to the

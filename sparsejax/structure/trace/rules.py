@@ -370,6 +370,37 @@ def _pair(
         ctx.units.merge(ids, match.ids)
 
 
+def gather_slices(eqn) -> dict[int, int]:
+    """The operand dimensions that every slice of a ``gather`` takes whole and that no index
+    picks positions of (an embedding table's features, in ``jnp.take(table, ids, axis=0)``),
+    each with the output dimension it becomes."""
+    numbers = eqn.params["dimension_numbers"]
+    shape, sizes = _shape(eqn.invars[0]), eqn.params["slice_sizes"]
+    dropped = {*numbers.collapsed_slice_dims, *getattr(numbers, "operand_batching_dims", ())}
+    sliced = [d for d in range(len(shape)) if d not in dropped]
+    return {
+        d: out for d, out in zip(sliced, numbers.offset_dims)
+        if sizes[d] == shape[d] and d not in numbers.start_index_map
+    }
+
+
+def gather(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
+    """Slices of an array at integer indices (an embedding lookup): a field on dimensions that
+    every slice takes whole moves to the output dimensions they become; a field on a dimension
+    the indices pick positions of, or that slices take in part, is blocked (which of its units
+    are read depends on the indices), and so are any fields of the indices."""
+    whole = gather_slices(eqn)
+    moved, blocked = [], list(ins[1].fields)
+    for field in ins[0].fields:
+        placed = relabel(field, whole)
+        if placed is None:
+            blocked.append(field)
+        else:
+            moved.append(placed)
+    ctx.block(blocked, "positions picked by a gather's indices")
+    return [Value(tuple(moved))]
+
+
 def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """A matrix product ties each contracted (and batch) dimension of one operand to its
     partner in the other; fields on free dimensions pass to the output, fields that include a
@@ -450,5 +481,6 @@ RULES: dict[str, Rule] = {
     "split": split,
     "conv_general_dilated": conv_general_dilated,
     "dot_general": dot_general,
+    "gather": gather,
 }
 """The primitives the analysis understands; call-like primitives are walked into instead."""
