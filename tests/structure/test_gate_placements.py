@@ -646,6 +646,31 @@ def test_heads_placed_on_a_factored_attention_are_its_heads_group():
                                   default.forward(x, {twin: z}, train=False))
 
 
+def test_a_branch_gate_on_a_factored_attention_removes_the_whole_sublayer():
+    """``nnx.MultiHeadAttention``'s output projection, ``(heads, head_dim, dim)``, with its
+    query, key and value projections as branch: |g| is every kernel and bias of the four;
+    closed, the counts lose them and the attention products, and the slim network stores none
+    of them, with the gated logits."""
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    projections = tuple(f"attention.{name}" for name in ("query", "key", "value"))
+    model = TracedModel(FactoredAttention(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), input_shape=MNIST,
+                        num_classes=10, gate_factory=method.make_gates, placements=[
+                            GatePlacement("attn", "attention.out", "output", branch=projections)])
+    sublayer = 4 * (16 * 16 + 16)
+    assert [(s.name, s.shape, s.group_size) for s in model.gate_slots] == [
+        ("attn", (1,), sublayer)]
+    dense = count_network(model.layers, {}, model.activation_products)
+    closed = count_network(model.layers, {"attn": np.zeros(1)}, model.activation_products)
+    assert float(dense["params"] - closed["params"]) == sublayer
+    assert float(closed["flops"]) == 16 * 49 * 16 + 16 * 10  # the embedding and the head
+    model.gates["attn"].log_alpha[...] = jnp.full((1,), -10.0)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *MNIST)))
+    slim = slim_traced_model(model, x)
+    assert sorted(slim.params) == ["embed.bias", "embed.kernel", "head.bias", "head.kernel"]
+    assert slim.report.params_after == pytest.approx(float(closed["params"]))
+    assert slim.report.max_logit_difference < 1e-5
+
+
 class Tokens(nnx.Module):
     """A test attention of :mod:`test_trace` on 28 x 28 images read as 4 tokens of 196."""
 
