@@ -55,8 +55,9 @@ _MODEL = flags.DEFINE_string(
     "model",
     None,
     f"Model: one of {', '.join(sorted(MODELS))}, or MODULE:FACTORY for a factory "
-    "FACTORY(*, rngs, num_classes) of a plain NNX model (NHWC images -> logits) in an importable "
-    "module, gated and counted from its traced structure.",
+    "FACTORY(*, rngs, num_classes) of a plain NNX model (NHWC images -> logits; for "
+    "experiments.lm, (batch, T) int32 token ids -> (batch, T, vocabulary) logits) in an "
+    "importable module, gated and counted from its traced structure.",
 )
 _DATASET = flags.DEFINE_enum("dataset", None, list(SOURCES), "Dataset.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs.", lower_bound=1)

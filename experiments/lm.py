@@ -3,6 +3,10 @@
     python -m experiments.lm --method=l0_hc --model=lm_tiny --dataset=python_docs \
         --workdir=runs/lm_l0_hc
 
+``--model`` is ``lm_tiny`` or ``MODULE:FACTORY``, a plain NNX module of the user's that maps
+``(batch, T)`` int32 token ids to ``(batch, T, vocabulary)`` logits, traced and gated like the
+image command lines' (``examples/traced_lm.py``).
+
 Datasets: ``python_docs`` (the ``pydoc_data.topics`` documentation) and ``python_sources`` (the
 standard library's ``.py`` files; ``--data_dir`` another library directory), split by document
 (:mod:`sparsejax.data.text`). Every hyperparameter is a ``--config.NAME=VALUE`` override of
@@ -35,13 +39,14 @@ LM_LAMBDA = 1e-3
 
 def resolve(config: ml_collections.ConfigDict) -> None:
     """Refuses a dataset that is not text; an unset ``lambdas`` of an L0-family method becomes
-    :data:`LM_LAMBDA`."""
+    :data:`LM_LAMBDA`, unless a budget (``target_flops`` / ``target_params``) replaces it."""
     if config.dataset not in TEXT_DATASETS:
         raise ConfigError(
             f"--dataset={config.dataset}: experiments.lm trains on text; choose one of "
             f"{', '.join(TEXT_DATASETS)}"
         )
-    if "lambdas" in config and config.get("lambdas") is None:
+    targeted = any(config.get(f"target_{kind}") is not None for kind in ("flops", "params"))
+    if "lambdas" in config and config.get("lambdas") is None and not targeted:
         config.lambdas = LM_LAMBDA
 
 

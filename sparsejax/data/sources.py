@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sparsejax.data import imagenet
-from sparsejax.data.arrays import LABEL_DTYPE, ArrayDataset
+from sparsejax.data.arrays import IMAGE_DTYPE, LABEL_DTYPE, ArrayDataset
 from sparsejax.data.augment import channel_statistics, crop_flip, normalize
 from sparsejax.data.errors import DatasetNotFoundError
 from sparsejax.data.load import DATASETS, check_data_dir, load_dataset
@@ -62,7 +62,9 @@ class BatchSource(Protocol):
     name: str
     source: str
     num_classes: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
+    input_dtype: np.dtype
+    """What the model reads: float32 images, or int32 token ids for a text dataset."""
     num_train: int
     num_test: int
 
@@ -88,7 +90,7 @@ class ArraySource:
         self.data, self.augment = data, augment
         self.statistics = channel_statistics(data.train_images) if normalize_channels else None
         self.name, self.source, self.num_classes = data.name, data.source, data.num_classes
-        self.image_shape = data.image_shape
+        self.image_shape, self.input_dtype = data.image_shape, IMAGE_DTYPE
         self.num_train, self.num_test = data.num_train, data.num_test
         self._shared: SharedArrays | None = None
 
@@ -138,6 +140,7 @@ class ImageNetSource:
     source: str
     image_size: int = imagenet.IMAGE_SIZE
     name: str = IMAGENET
+    input_dtype: np.dtype = IMAGE_DTYPE
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

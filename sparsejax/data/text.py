@@ -256,7 +256,8 @@ class TokenSource:
     """A :class:`~sparsejax.data.sources.BatchSource` of a :class:`TextDataset`: example i is
     sequence i of length ``seq_len`` (inputs, next-byte targets), so that the engine's image
     batches become ``(batch, seq_len)`` token batches; ``num_classes`` is the vocabulary and
-    ``image_shape`` is ``(seq_len,)``, which the engine passes to the model as ``input_shape``.
+    ``image_shape`` is ``(seq_len,)``, which the engine passes to the model as ``input_shape``,
+    and ``input_dtype`` int32.
     ``num_train`` / ``num_test`` keep the first sequences of a split only."""
 
     def __init__(
@@ -269,7 +270,7 @@ class TokenSource:
     ):
         self.data, self.seq_len = data, seq_len
         self.name, self.source, self.num_classes = data.name, data.source, data.vocab_size
-        self.image_shape = (seq_len,)
+        self.image_shape, self.input_dtype = (seq_len,), TOKEN_DTYPE
         train, test = data.num_sequences("train", seq_len), data.num_sequences("test", seq_len)
         self.num_train = min(num_train or train, train)
         self.num_test = min(num_test or test, test)

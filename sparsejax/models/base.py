@@ -22,6 +22,8 @@ from flax import nnx
 from sparsejax.gates.apply import gate_units
 from sparsejax.gates.base import Gate
 
+Array = np.ndarray | jax.Array
+
 Granularity = Literal["unit", "weight"]
 GRANULARITIES: tuple[str, ...] = ("unit", "weight")
 
@@ -143,6 +145,9 @@ class Layer:
       input_selection: whether the forward pass reads this layer's input through
         :meth:`GatedModel.select_inputs` (before any ``input_norm``), so that slimming can drop
         input units that this layer ignores while other readers still need them.
+      kernel_axes: the order in which the stored kernel's axes give ``kernel_shape`` (each side
+        then flattened): ``(1, 0)`` for a kernel stored ``(out, in)`` and applied transposed (a
+        tied embedding as the output head); None for a kernel stored in this order.
     """
 
     name: str
@@ -157,6 +162,14 @@ class Layer:
     norm: str | None = None
     input_norm: str | None = None
     input_selection: bool = False
+    kernel_axes: tuple[int, ...] | None = None
+
+    def geometry(self, kernel: Array) -> Array:
+        """The stored ``kernel`` (or any NumPy or JAX array of its shape) in this layer's
+        geometry ``kernel_shape``."""
+        if self.kernel_axes is not None:
+            kernel = kernel.transpose(self.kernel_axes)
+        return kernel.reshape(self.kernel_shape)
 
     @property
     def in_units(self) -> int:

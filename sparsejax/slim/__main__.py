@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for path, (kept, size) in report.rows.items():
             print(f"rows of {path} kept (input selection): {kept}/{size}")
         examples = min(CHECK_EXAMPLES, data.num_test)
-        print(f"max logit difference to the gated model on {examples} test images: "
+        print(f"max logit difference to the gated model on {examples} test examples: "
               f"{report.max_logit_difference:.1e}")
     return 0
 

@@ -40,7 +40,8 @@ from sparsejax.structure.sparsify import parameters_gated
 from sparsejax.structure.traced_model import TracedModel
 
 CHECK_EXAMPLES = 256
-"""Test images the slim network is compared on with the gated model."""
+"""Test examples (images or token sequences) the slim network is compared on with the gated
+model."""
 
 
 def check_images(data: BatchSource, examples: int = CHECK_EXAMPLES) -> np.ndarray:

@@ -66,7 +66,7 @@ def count_layer(layer: Layer, values: Mapping[str, ArrayLike]) -> LayerCount:
     inputs = _unit_vector(layer.inputs, values, layer.in_units)
     outputs = _unit_vector(layer.outputs, values, layer.out_units)
     if layer.kernel_slot is not None and layer.kernel_slot in values:
-        kernel = jnp.asarray(values[layer.kernel_slot], jnp.float32).reshape(layer.kernel_shape)
+        kernel = layer.geometry(jnp.asarray(values[layer.kernel_slot], jnp.float32))
         weights = jnp.sum(kernel * _kernel_inputs(inputs, layer) * outputs)
     else:
         per_group_in = jnp.sum(inputs.reshape(layer.groups, -1), axis=1)

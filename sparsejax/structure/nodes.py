@@ -192,9 +192,10 @@ def alive_units(
 
 def layer_kernels(model: GatedModel) -> dict[str, np.ndarray]:
     """Every layer's kernel by layer name, in the layer's geometry ``kernel_shape`` (a traced
-    kernel with several input or output axes flattened to ``(in, out)``)."""
+    kernel with several input or output axes flattened to ``(in, out)``, one stored ``(out,
+    in)`` transposed)."""
     return {
-        l.name: np.asarray(model.layer_module(l.name).kernel[...]).reshape(l.kernel_shape)
+        l.name: l.geometry(np.asarray(model.layer_module(l.name).kernel[...]))
         for l in model.layers
     }
 

@@ -46,11 +46,17 @@ of a hand-written declaration:
   transformer's sublayer). The zoo's own gates, placed so, give its declared slots,
   accounting and logits (``tests/structure/test_gate_placements.py``).
 
+- **Lookups and tied heads**: an embedding table whose rows are looked up is a layer
+  ``(vocabulary, features)`` of no MACs (its params count; its features are units of the stream
+  it starts); a table that is also read as a matrix product, transposed (a head tied to the
+  embedding, ``nnx.Embed.attend``), is that product's layer, ``(features, vocabulary)`` with
+  :attr:`~sparsejax.models.base.Layer.kernel_axes` ``(1, 0)``, counted once.
+
 The wrapped module runs in NNX training mode (``model.train()``: BatchNorm on batch
 statistics) when the engine trains and in evaluation mode (``model.eval()``) otherwise. What the
-trace cannot map onto the layer geometry (a kernel whose outputs are not its last axes, a kernel
-read by several products, parameters read outside a layer) is refused with a
-:class:`~sparsejax.errors.ConfigError` naming the layer.
+trace cannot map onto the layer geometry (a kernel whose outputs are neither its last axes nor,
+for a matrix, its first, a kernel read by several products, parameters read outside a layer) is
+refused with a :class:`~sparsejax.errors.ConfigError` naming the layer.
 """
 
 from __future__ import annotations
@@ -575,14 +581,18 @@ def _layer_axes(
     """The input and output axes of a traced kernel: a convolution's second to last and last
     (the others are its window); a dense product's output axes are those producing units
     (several for a projection into heads, ``(in, heads, head_dim)``), all before them its
-    inputs (several for a projection out of heads, ``(heads, head_dim, out)``).
+    inputs (several for a projection out of heads, ``(heads, head_dim, out)``); a matrix
+    stored ``(out, in)`` and applied transposed (a tied embedding as the output head) has its
+    output axis first.
 
     Raises:
-      ConfigError: for a kernel not laid out (..., inputs, outputs).
+      ConfigError: for a kernel not laid out (..., inputs, outputs) or (out, in).
     """
     last = len(shape) - 1
     if kind == "conv":
         in_axes, out_axes = (last - 1,), (last,)
+    elif outputs == {0} and last == 1:
+        in_axes, out_axes = (1,), (0,)
     elif outputs:
         in_axes, out_axes = tuple(range(min(outputs))), tuple(range(min(outputs), last + 1))
     else:
@@ -592,7 +602,8 @@ def _layer_axes(
         raise ConfigError(
             f"traced model: layer {name!r} has a kernel of shape {shape} whose outputs are on "
             f"axes {sorted(outputs)}; the accounting needs kernels laid out (..., inputs, "
-            "outputs) like nnx.Linear, nnx.LinearGeneral and nnx.Conv"
+            "outputs) like nnx.Linear, nnx.LinearGeneral and nnx.Conv, or matrices (outputs, "
+            "inputs)"
         )
     return in_axes, out_axes
 
@@ -688,8 +699,9 @@ def traced_layers(
             )
         unit = granularity == "unit"
         reads_itself = any((layer.kernel, axis) in producer_axes for axis in in_axes)
-        window = shape[: in_axes[0]]
+        window = shape[: min(in_axes + out_axes)]
         fan_in, fan_out = (math.prod(shape[a] for a in axes) for axes in (in_axes, out_axes))
+        order = (*range(len(window)), *in_axes, *out_axes)
         layers.append(
             Layer(
                 name,
@@ -703,6 +715,7 @@ def traced_layers(
                 + (_side_sources(structure, slots, layer.kernel, out_axes, heads or {})
                    if unit else ()),
                 kernel_slot=name if granularity == "weight" else None,
+                kernel_axes=None if order == tuple(range(len(shape))) else order,
             )
         )
     return tuple(layers)
@@ -852,14 +865,15 @@ def _joined_slices(
 
 
 class TracedModel(GatedModel):
-    """A plain NNX module ``net`` (images NHWC -> logits) gated and counted from its trace; see
-    the module docstring.
+    """A plain NNX module ``net`` (images NHWC -> logits, or with an integer ``input_dtype``
+    token ids ``(batch, T)`` -> logits ``(batch, T, num_classes)``) gated and counted from its
+    trace; see the module docstring.
 
     Attributes:
       net: the wrapped module; its parameters are trained as they are (gates scale them only
         while the forward pass runs).
       structure: the :class:`~sparsejax.structure.trace.TracedStructure` of ``net`` in
-        evaluation mode on one image of ``input_shape``.
+        evaluation mode on one example of ``input_shape`` and ``input_dtype``.
       group_slots: ``(group index, slot name)`` of every gated group (unit granularity).
       placed: whether the slots come from :class:`GatePlacement` s (``placements``) rather
         than one per prunable group.
@@ -885,6 +899,7 @@ class TracedModel(GatedModel):
         granularity: Granularity = "unit",
         name: str = "traced model",
         placements: Sequence[GatePlacement] | None = None,
+        input_dtype: jnp.dtype = jnp.float32,
     ):
         check_granularity(granularity)
         if placements is not None and granularity != "unit":
@@ -894,7 +909,7 @@ class TracedModel(GatedModel):
             )
         self.granularity = granularity
         self.net = net
-        self.structure = _trace(net, input_shape, num_classes, name)
+        self.structure = _trace(net, input_shape, jnp.dtype(input_dtype), num_classes, name)
         self.placed = placements is not None
         if self.placed:
             placed = _placed_slots(self.structure, placements)
@@ -1121,10 +1136,16 @@ class TracedModel(GatedModel):
 
 
 def _trace(
-    net: nnx.Module, input_shape: tuple[int, ...], num_classes: int, name: str
+    net: nnx.Module,
+    input_shape: tuple[int, ...],
+    input_dtype: jnp.dtype,
+    num_classes: int,
+    name: str,
 ) -> TracedStructure:
     """The structure of ``net`` in evaluation mode, after checking that it maps a batch of
-    images of ``input_shape`` to ``(batch, num_classes)`` logits."""
+    inputs of ``input_shape`` to logits: ``(batch, num_classes)`` for images (floating-point
+    inputs), ``(batch, T, num_classes)`` for token sequences (integer inputs of shape ``(T,)``:
+    a prediction per token)."""
     if not isinstance(net, nnx.Module):
         raise ConfigError(
             f"{name} returned an object of type {type(net).__name__}, not a Flax NNX module"
@@ -1136,23 +1157,28 @@ def _trace(
             "dropout"
         )
     net.eval()
-    images = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    tokens = jnp.issubdtype(input_dtype, jnp.integer)
+    kind = "token sequences" if tokens else "images"
+    inputs = jax.ShapeDtypeStruct((1, *input_shape), input_dtype)
+    shown = ", ".join(map(str, input_shape))
     graphdef, state = nnx.split(net)
     try:
-        logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
-    except Exception as error:  # the user's model failing on images is the user's to fix
+        logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, inputs)
+    except Exception as error:  # the user's model failing on its inputs is the user's to fix
         message = " ".join(str(error).split())
         raise ConfigError(
-            f"{name} fails on images of shape (batch, {', '.join(map(str, input_shape))}): "
+            f"{name} fails on {kind} of shape (batch, {shown}) and dtype {input_dtype.name}: "
             f"{type(error).__name__}: {message[:300]}"
         ) from error
+    expected = (1, *input_shape, num_classes) if tokens else (1, num_classes)
     shape = getattr(logits, "shape", None)
-    if shape != (1, num_classes):
+    if shape != expected:
+        wanted = ", ".join(map(str, ("batch", *expected[1:])))
         raise ConfigError(
-            f"{name} maps images of shape (1, {', '.join(map(str, input_shape))}) to an output "
-            f"of shape {shape}, not logits of shape (batch, {num_classes})"
+            f"{name} maps {kind} of shape (1, {shown}) to an output of shape {shape}, not "
+            f"logits of shape ({wanted})"
         )
-    return trace_structure(net, images, apply=lambda model, x: model(x))
+    return trace_structure(net, inputs, apply=lambda model, x: model(x))
 
 
 def load_factory(spec: str) -> Factory:
@@ -1189,6 +1215,7 @@ def build_traced_model(
     gate_factory: GateFactory | None = None,
     granularity: Granularity = "unit",
     use_placements: bool = True,
+    input_dtype: jnp.dtype = jnp.float32,
 ) -> TracedModel:
     """The :class:`TracedModel` of the plain module ``FACTORY(rngs=..., num_classes=...)`` for
     ``spec = "MODULE:FACTORY"`` (:func:`load_factory`). The factory's ``nnx.Rngs`` has a
@@ -1206,6 +1233,7 @@ def build_traced_model(
         gate_factory=gate_factory,
         granularity=granularity,
         name=f"--model={spec}",
+        input_dtype=input_dtype,
         placements=(
             declared_placements(net, spec) if granularity == "unit" and use_placements else None
         ),

@@ -175,6 +175,7 @@ def build(
     options = method.model_options()
     if is_model_spec(config.model):
         options["use_placements"] = method.uses_gate_placements
+        options["input_dtype"] = data.input_dtype
     model = build_any_model(
         config.model,
         rngs=nnx.Rngs(params=config.seed),

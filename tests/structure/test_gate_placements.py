@@ -54,20 +54,29 @@ ZOO = {
     "resnet50": (64, 64, 3),
     "mobilenet_v2": (64, 64, 3),
     "vit_tiny": MNIST,
+    "lm_tiny": (16,),
 }
-"""The zoo's convolutional models (ResNet-56/110 are ResNet-20's class) and the ViT, by their
-input."""
+"""The zoo's convolutional models (ResNet-56/110 are ResNet-20's class), the ViT and the LM (on
+sequences of 16 token ids of a vocabulary of 10), by their input."""
+TOKENS = {"lm_tiny"}
+"""The models that read token ids."""
 BUILDS = {
     "densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs),
     "vit_tiny": lambda **kwargs: build_model(
         "vit_tiny", families=("heads", "ffn", "attn", "mlp"), **kwargs),
+    "lm_tiny": lambda **kwargs: build_model(
+        "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp"), **kwargs),
 }
 """DenseNet-40's class at depth 16 (4 layers per dense block, the same declarations): the
 concatenations of depth 40 cost a minute of tracing and comparing for nothing more. The ViT
 with its head, FFN-unit and sublayer gates, the families a placement expresses (its hidden
-dimension, whose norms take their statistics over the open dimensions: not yet)."""
-BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("up",)}
-"""The layers that feed a transformer sublayer's output projection, by sublayer family."""
+dimension, whose norms take their statistics over the open dimensions: not yet). The LM with its
+key/value group, FFN-unit and sublayer gates (not yet: a query head of a key/value group, which
+shares its keys and values with the group's other query heads, so that its units are no
+traced group's; the hidden dimension)."""
+BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
+"""The layers that feed a transformer sublayer's output projection, by sublayer family (the
+ViT's MLP has no ``gate``: a model's branch is those it has)."""
 STREAM_MEMBER_GATES = {"resnet20": {"stem"}}
 """Slots that gate one member of a residual stream (the CIFAR ResNets' stem, whose stream is
 zero-padded into the next stage): no traced group, so they are placed on the output of the
@@ -89,20 +98,23 @@ class Bare(nnx.Module):
 def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]:
     """One placement per declared slot: its layer, the side its kernel axis is on; for a
     stream member's slot, its declared BatchNorm and the layers that declare it as inputs;
-    for a transformer's heads, the query and value projections' outputs in as many heads; for
-    a whole sublayer, the output of its last projection with the ones before it as branch."""
+    for a transformer's heads, the query and value projections' outputs in as many heads (for
+    its key/value groups, the key and value projections'); for a whole sublayer, the output
+    of its last projection with the ones before it as branch."""
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
+    layers = {layer.name for layer in zoo.layers}
 
     def traced_name(layer: str) -> str:
         return "zoo." + where[id(zoo.layer_module(layer))]
 
     result = []
     for slot in zoo.gate_slots:
-        if slot_family(slot.name) == "heads":  # a head's query/key and value units
+        by_heads = {"heads": ("q", "v"), "kv_groups": ("k", "v")}.get(slot_family(slot.name))
+        if by_heads:  # a head's (a key/value group's) query/key and value units
             attention = slot.layer.rsplit(".", 1)[0]
             result += [GatePlacement(slot.name, traced_name(f"{attention}.{projection}"),
                                      "output", slot.droprate_init, heads=slot.shape[0])
-                       for projection in ("q", "v")]
+                       for projection in by_heads]
             continue
         output_axis = len(slot.kernel_shape) - 1
         side = "output" if slot.axis == output_axis else "input"
@@ -117,10 +129,23 @@ def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]
         if slot_family(slot.name) in BRANCHES:  # a whole sublayer: the layers feeding its output
             sublayer = slot.layer.rsplit(".", 1)[0]
             side, extra = "output", {"branch": tuple(
-                traced_name(f"{sublayer}.{name}") for name in BRANCHES[slot_family(slot.name)])}
+                traced_name(f"{sublayer}.{name}") for name in BRANCHES[slot_family(slot.name)]
+                if f"{sublayer}.{name}" in layers)}
         result.append(GatePlacement(
             slot.name, traced_name(slot.layer), side, slot.droprate_init, **extra))
     return result
+
+
+def input_dtype(name: str) -> jnp.dtype:
+    return jnp.int32 if name in TOKENS else jnp.float32
+
+
+def examples(name: str, key: jax.Array, *batch: int) -> jax.Array:
+    """Inputs of model ``name`` of batch shape ``batch``: normal images, or token ids."""
+    shape = (*batch, *ZOO[name])
+    if name in TOKENS:
+        return jax.random.randint(key, shape, 0, 10)
+    return jax.random.normal(key, shape)
 
 
 def placed(name: str) -> tuple[GatedModel, TracedModel]:
@@ -128,6 +153,7 @@ def placed(name: str) -> tuple[GatedModel, TracedModel]:
     build = BUILDS.get(name, functools.partial(build_model, name))
     zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
+                        input_dtype=input_dtype(name),
                         placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
     return zoo, model
 
@@ -166,7 +192,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
     declared = build(rngs=nnx.Rngs(params=0), granularity="weight")
     zoo = build(rngs=nnx.Rngs(params=0))
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
-                        granularity="weight")
+                        input_dtype=input_dtype(name), granularity="weight")
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
     traced_name = {s.name: "zoo." + where[id(zoo.layer_module(s.layer))]
                    for s in declared.gate_slots}
@@ -189,15 +215,13 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
             assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
 
 
-@pytest.mark.parametrize(
-    "name", ["lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10", "vit_tiny"]
-)
+@pytest.mark.parametrize("name", [
+    "lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10", "vit_tiny", "lm_tiny"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
     zoo, model = placed(name)
-    shape = ZOO[name]
-    x = jax.random.normal(jax.random.key(0), (3, *shape))
+    x = examples(name, jax.random.key(0), 3)
     rng = np.random.default_rng(1)
     batch = (3,) if per_example else ()
     z = {s.name: jnp.asarray(rng.random((*batch, *s.shape)), jnp.float32)
@@ -218,12 +242,12 @@ def twins(name: str, build, gate_factory) -> tuple[GatedModel, TracedModel]:
     rngs = nnx.Rngs(params=0)
     zoo = build(rngs=rngs)
     model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
-                        gate_factory=gate_factory,
+                        input_dtype=input_dtype(name), gate_factory=gate_factory,
                         placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
     return declared, model
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet20", "vit_tiny"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "vit_tiny", "lm_tiny"])
 def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
     """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
     gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
@@ -250,7 +274,8 @@ def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.n
 
 
 @pytest.mark.parametrize("name, method_name", [("lenet5", "l0_hc"), ("lenet5", "dep_l0"),
-                                               ("resnet20", "l0_hc"), ("vit_tiny", "l0_hc")])
+                                               ("resnet20", "l0_hc"), ("vit_tiny", "l0_hc"),
+                                               ("lm_tiny", "l0_hc")])
 def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     """Ten engine steps from the same initial network and gates stay within float rounding:
     LeNet-5 under shared and per-example gates, ResNet-20's class at depth 8 (its stem gate on
@@ -261,8 +286,9 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     build = functools.partial(CifarResNet, depth=8) if name == "resnet20" else BUILDS.get(
         name, functools.partial(build_model, name))
     declared, model = twins(name, build, method.make_gates)
-    images = jax.random.normal(jax.random.key(1), (10, 32, *ZOO[name]))
-    labels = jax.random.randint(jax.random.key(2), (10, 32), 0, 10)
+    images = examples(name, jax.random.key(1), 10, 32)
+    per_token = ZOO[name] if name in TOKENS else ()  # an LM predicts every next token
+    labels = jax.random.randint(jax.random.key(2), (10, 32, *per_token), 0, 10)
     losses, logits = trained(declared, method, images, labels)
     placed_losses, placed_logits = trained(model, method, images, labels)
     np.testing.assert_allclose(placed_losses, losses, rtol=1e-5)
@@ -384,7 +410,7 @@ def set_random_gates(*models: GatedModel) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "mlp", "lenet5", "vit_tiny",
+    "mlp", "lenet5", "vit_tiny", "lm_tiny",
     pytest.param("densenet40", marks=pytest.mark.slow),
     pytest.param("resnet164", marks=pytest.mark.slow),
 ])
@@ -397,11 +423,11 @@ def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
     build = BUILDS.get(name, functools.partial(build_model, name))
     declared, model = twins(name, build, method.make_gates)
     set_random_gates(declared, model)
-    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *ZOO[name])))
+    x = np.asarray(examples(name, jax.random.key(0), 4))
     surgery = slim_model(declared)
     slim = slim_traced_model(model, x)
     shapes = {".".join(map(str, path)): tuple(v.shape)
-              for path, v in nnx.state(surgery.model).flat_state()}
+              for path, v in nnx.to_flat_state(nnx.state(surgery.model))}
     assert {path.removeprefix("zoo."): tuple(v.shape) for path, v in slim.params.items()} == shapes
     assert slim.report.params_after == surgery.report.params_after
     assert slim.report.flops_after == pytest.approx(surgery.report.flops_after, rel=1e-6)

@@ -447,6 +447,14 @@ def test_grouped_query_attention_loses_a_key_value_group():
     assert _kernel_shapes(slim) == {"q": (6, 4), "k": (6, 2), "v": (6, 2), "o": (4, 6)}
 
 
+def test_grouped_query_attention_loses_every_key_value_group():
+    """With both groups closed every query, key and value column goes (the query heads of a
+    group share its units: their axis is no unit's to narrow), and what is left is constant,
+    folded into the head's bias, with the gated logits."""
+    slim = _slim_with_heads_closed(GroupedQueryAttention(rngs=nnx.Rngs(0)), (0, 1))
+    assert set(slim.params) == {"head.bias"}
+
+
 @pytest.mark.parametrize("closed_heads", [(), (1,)])
 def test_a_fused_attention_keeps_its_open_queries_and_loses_a_closed_head(closed_heads):
     """One group holds a fused projection's queries/keys (read by the scores alone) and values

@@ -29,7 +29,7 @@ from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models import build_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
-from sparsejax.structure.nodes import node_report
+from sparsejax.structure.nodes import layer_kernels, node_report
 from sparsejax.structure.slim_trace.unread import read_units
 from sparsejax.structure.sparsify import GatedSlice
 from sparsejax.structure.traced_model import (
@@ -879,20 +879,45 @@ def test_a_spec_loads_the_factory_and_names_what_is_wrong(tmp_path, monkeypatch)
                         input_shape=MNIST_SHAPE)
 
 
-class TransposedKernel(nnx.Module):
-    """A dense layer stored (out, in), as PyTorch stores it, applied as x @ W.T."""
+class TransposedKernels(nnx.Module):
+    """Dense layers stored (out, in), as PyTorch stores them, applied as x @ W.T; with
+    ``split``, the first stored (2, hidden / 2, in): outputs first on two axes."""
 
-    def __init__(self, *, rngs, num_classes):
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (num_classes, 784)))
+    def __init__(self, *, rngs, num_classes, hidden=12, split=False):
+        shape = (2, hidden // 2, 784) if split else (hidden, 784)
+        self.w1 = nnx.Param(jax.random.normal(rngs.params(), shape) / 28)
+        self.w2 = nnx.Param(jax.random.normal(rngs.params(), (num_classes, hidden)))
 
     def __call__(self, x):
-        return x.reshape(x.shape[0], -1) @ self.weight[...].T
+        flat = x.reshape(x.shape[0], -1)
+        h = jnp.einsum("bi,...i->b...", flat, self.w1[...]).reshape(x.shape[0], -1)
+        return nnx.relu(h) @ self.w2[...].T
 
 
-def test_a_kernel_stored_outputs_first_is_refused_with_its_layout():
-    net = TransposedKernel(rngs=nnx.Rngs(params=0), num_classes=10)
-    with pytest.raises(ConfigError, match=r"layer 'weight' has a kernel of shape \(10, 784\) whose "
-                       r"outputs are on axes \[0\]; .* laid out \(\.\.\., inputs, outputs\)"):
+def test_matrices_stored_outputs_first_are_layers_read_transposed():
+    """Closing 4 of the 12 hidden units removes their rows of ``w1`` (stored first) and
+    columns of ``w2`` in the counts, the dead-unit kernels and the logits."""
+    net = TransposedKernels(rngs=nnx.Rngs(params=0), num_classes=10)
+    model = TracedModel(net, rngs=nnx.Rngs(params=1), input_shape=MNIST_SHAPE, num_classes=10)
+    assert [(l.name, l.kernel_shape, l.kernel_axes) for l in model.layers] == [
+        ("w1", (784, 12), (1, 0)), ("w2", (12, 10), (1, 0))]
+    keep = np.ones(12, np.float32)
+    keep[[0, 3, 5, 11]] = 0.0
+    counts = count_network(model.layers, {"w1": keep})
+    assert float(counts["params"]) == 784 * 8 + 8 * 10
+    np.testing.assert_array_equal(layer_kernels(model)["w1"], np.asarray(net.w1[...]).T)
+    x = jax.random.normal(jax.random.key(0), (3, *MNIST_SHAPE))
+    kept = np.flatnonzero(keep)
+    narrow = TransposedKernels(rngs=nnx.Rngs(params=0), num_classes=10, hidden=8)
+    narrow.w1[...], narrow.w2[...] = net.w1[...][kept], net.w2[...][:, kept]
+    np.testing.assert_allclose(model.forward(x, {"w1": jnp.asarray(keep)}, train=False),
+                               narrow(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_stored_outputs_first_on_several_axes_is_refused_with_its_layout():
+    net = TransposedKernels(rngs=nnx.Rngs(params=0), num_classes=10, split=True)
+    with pytest.raises(ConfigError, match=r"layer 'w1' has a kernel of shape \(2, 6, 784\) whose "
+                       r"outputs are on axes \[0, 1\]; .* laid out \(\.\.\., inputs, outputs\)"):
         TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE, num_classes=10)
 
 

@@ -381,13 +381,14 @@ def slim_traced(
     leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(nnx.state(evaluated))))
     floating = {p: v for p, v in leaves.items() if jnp.issubdtype(v.dtype, jnp.floating)}
     jaxpr, consts = opened(program.jaxpr)
-    chosen, row_share = _rows(Narrowed(unit_values, batch), program.frame,
+    roots = traced.unit_roots()
+    chosen, row_share = _rows(Narrowed(unit_values, roots, batch), program.frame,
                               dict(zip(program.paths, jaxpr.invars)), floating, rows or {})
     try:
         positions = dropped_positions(jaxpr, program.frame, chosen)
     except RowsError as error:
         raise ConfigError(f"slim_traced: {error}") from None
-    narrowed = Narrowed(unit_values, batch, positions)
+    narrowed = Narrowed(unit_values, roots, batch, positions)
     folded = dict(floating)
     _fold(folded, given, gates or {})
     for path, value in (replaced or {}).items():

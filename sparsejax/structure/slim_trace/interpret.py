@@ -54,18 +54,30 @@ class SlimmingError(RuntimeError):
     """The traced program cannot be run with the chosen units removed (an internal limit)."""
 
 
-def kept_positions(value: Value, shape: tuple[int, ...], unit_values: np.ndarray) -> Kept:
+def kept_positions(
+    value: Value, shape: tuple[int, ...], unit_values: np.ndarray, unit_roots: np.ndarray
+) -> Kept:
     """The kept positions of each dimension of a variable with ``value``'s fields, when unit
-    ``u`` is kept iff ``unit_values[u] > 0`` (``unit_values[-1]`` is 1: no unit)."""
+    ``u`` is kept iff ``unit_values[u] > 0`` (``unit_values[-1]`` is 1: no unit). A dimension
+    along which a field holds the same units (merged: ``unit_roots``) at every position keeps
+    all of them: the query heads of a key/value group, which share its key's units."""
     kept: list[np.ndarray | None] = [None] * len(shape)
     for field in value.fields:
-        mask = unit_values[np.where(field.ids == NO_UNIT, -1, field.ids)] > 0
+        ids = np.where(field.ids == NO_UNIT, -1, field.ids)
+        mask = unit_values[ids] > 0
         for k, dim in enumerate(field.dims):
+            if ids.shape[k] > 1 and _constant_along(unit_roots[ids], k):
+                continue
             others = tuple(j for j in range(mask.ndim) if j != k)
             projection = mask.any(axis=others) if others else mask
             if not projection.all():
                 kept[dim] = np.flatnonzero(projection)
     return tuple(kept)
+
+
+def _constant_along(values: np.ndarray, axis: int) -> bool:
+    """Whether ``values`` is the same at every position of ``axis``."""
+    return bool(np.all(values == np.take(values, [0], axis=axis)))
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -114,10 +126,11 @@ class Narrowed:
     def __init__(
         self,
         unit_values: np.ndarray,
+        unit_roots: np.ndarray,
         traced_batch: int,
         positions: Mapping[tuple[int, object], Mapping[int, np.ndarray]] | None = None,
     ):
-        self.unit_values = unit_values
+        self.unit_values, self.unit_roots = unit_values, unit_roots
         self.traced_batch = traced_batch
         self.positions = dict(positions or {})
 
@@ -127,7 +140,8 @@ class Narrowed:
         shape = tuple(getattr(var.aval, "shape", ()))
         if isinstance(var, core.Literal):
             return (None,) * len(shape)
-        kept = list(kept_positions(frame.env.get(var, UNLABELLED), shape, self.unit_values))
+        kept = list(kept_positions(
+            frame.env.get(var, UNLABELLED), shape, self.unit_values, self.unit_roots))
         for dim, chosen in self.positions.get((id(frame), var), {}).items():
             kept[dim] = chosen if kept[dim] is None else np.intersect1d(kept[dim], chosen)
         return tuple(kept)

@@ -125,6 +125,7 @@ class TracedStructure:
         head_splits: Sequence[np.ndarray] = (),
     ):
         roots = table.roots()
+        self._roots = np.append(roots, NO_UNIT)
         self._unit_group, self._unit_pos, self.groups = _form_groups(table, roots)
         self.layers = tuple(TracedLayer(l.kernel, l.kind, l.bias) for l in layers)
         self._layer_macs = [l.macs for l in layers]
@@ -186,6 +187,11 @@ class TracedStructure:
             chosen = self._unit_group == group
             values[:-1][chosen] = vector[self._unit_pos[chosen]]
         return values
+
+    def unit_roots(self) -> np.ndarray:
+        """The class of every unit (indexed by unit id; merged units share one), and a last
+        entry -1 for positions of no unit (id -1)."""
+        return self._roots
 
     def heads(self, group: int) -> tuple[np.ndarray, ...]:
         """The ways products of two activations split the units of ``group`` into heads (a

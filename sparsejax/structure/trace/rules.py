@@ -388,7 +388,9 @@ def gather(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """Slices of an array at integer indices (an embedding lookup): a field on dimensions that
     every slice takes whole moves to the output dimensions they become; a field on a dimension
     the indices pick positions of, or that slices take in part, is blocked (which of its units
-    are read depends on the indices), and so are any fields of the indices."""
+    are read depends on the indices), and so are any fields of the indices. A gather from a
+    parameter that picks rows and takes the features after them whole (an embedding table)
+    is a lookup layer that produces the units it moves."""
     whole = gather_slices(eqn)
     moved, blocked = [], list(ins[1].fields)
     for field in ins[0].fields:
@@ -398,6 +400,10 @@ def gather(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
         else:
             moved.append(placed)
     ctx.block(blocked, "positions picked by a gather's indices")
+    picked = eqn.params["dimension_numbers"].start_index_map
+    features = [f for f in ins[0].fields if set(f.dims) <= set(whole)]
+    if ins[0].param is not None and features and min(whole) > max(picked, default=-1):
+        ctx.add_lookup(ins[0].param, np.concatenate([np.ravel(f.ids) for f in features]))
     return [Value(tuple(moved))]
 
 

@@ -153,6 +153,12 @@ class UnitTable:
                 self._producer_set.add(seed)
                 self.producers.append(seed)
 
+    def unmark_producers(self, ids: np.ndarray) -> None:
+        """The seeds of ``ids`` produce nothing after all (:meth:`mark_producers` undone)."""
+        seeds = {self.seed_of[unit] for unit in np.ravel(ids).tolist() if unit != NO_UNIT}
+        self._producer_set -= seeds
+        self.producers = [seed for seed in self.producers if seed not in seeds]
+
     def roots(self) -> np.ndarray:
         """The class (root unit) of every unit."""
         return np.array([self.find(unit) for unit in range(len(self.parent))], dtype=np.int64)

@@ -29,7 +29,9 @@ Factor = int | np.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class LayerRecord:
-    """A convolution or matrix product that reads a parameter as its kernel.
+    """A convolution or matrix product that reads a parameter as its kernel (``kind`` "conv" or
+    "dense"), or a lookup of a parameter table's rows (``kind`` "lookup": an embedding, a
+    product with one-hot rows that costs no multiply-accumulates).
 
     ``macs`` are the factors whose product is its multiply-accumulates over the traced batch;
     ``bias`` the parameter added to its output, if any."""
@@ -60,6 +62,7 @@ class Context:
         self.root: Frame | None = None
         self.stack: list[Frame] = []
         self.layers: list[LayerRecord] = []
+        self.lookup_units: dict[int, np.ndarray] = {}
         self.other_macs: list[tuple[Factor, ...]] = []
         self.head_splits: list[np.ndarray] = []
         self.primitive = ""
@@ -118,6 +121,27 @@ class Context:
     def add_layer(self, record: LayerRecord) -> int:
         self.layers.append(record)
         return len(self.layers) - 1
+
+    def add_lookup(self, table: str, ids: np.ndarray) -> None:
+        """A lookup of the rows of parameter ``table`` whose units ``ids`` (the features every
+        row holds) it produces."""
+        self.units.mark_producers(ids)
+        self.lookup_units[self.add_layer(LayerRecord(table, "lookup", (0,)))] = ids
+
+    def products_only(self) -> list[LayerRecord]:
+        """The layers, without the lookups of a table that a product also reads (a tied
+        embedding: the output head's kernel, counted there) or that another lookup read
+        first; their units produce nothing."""
+        kernels = {layer.kernel for layer in self.layers if layer.kind != "lookup"}
+        kept: list[LayerRecord] = []
+        for index, layer in enumerate(self.layers):
+            if layer.kind == "lookup" and (
+                layer.kernel in kernels or any(k.kernel == layer.kernel for k in kept)
+            ):
+                self.units.unmark_producers(self.lookup_units[index])
+            else:
+                kept.append(layer)
+        return kept
 
 
 def field_on(value: Value, dims: tuple[int, ...]) -> Field | None:
