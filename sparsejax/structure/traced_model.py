@@ -268,9 +268,7 @@ def _place(
         )
     if placement.branch:
         return _place_branch(structure, layers, placement)
-    shape = structure.param_shapes[traced.kernel]
-    outputs = {a for g in structure.groups for p, a in g.producers if p == traced.kernel}
-    in_axes, out_axes = _layer_axes(placement.layer, shape, traced.kind, outputs)
+    shape, in_axes, out_axes = _kernel_axes(structure, placement.layer, traced)
     axes = out_axes if placement.side == "output" else in_axes
     if placement.heads and len(axes) > 1:  # a (dim, heads, head_dim) kernel: its heads axis
         axes = tuple(a for a in axes if shape[a] == placement.heads)[:1] or axes
@@ -423,9 +421,7 @@ def _place_branch(
                         f"holds the layers that only feed layer {placement.layer!r}"
                     )
     traced = layers[placement.layer]
-    shape = structure.param_shapes[traced.kernel]
-    outputs = {a for g in structure.groups for p, a in g.producers if p == traced.kernel}
-    in_axes, out_axes = _layer_axes(placement.layer, shape, traced.kind, outputs)
+    shape, in_axes, out_axes = _kernel_axes(structure, placement.layer, traced)
     if len(out_axes) != 1:
         raise ConfigError(
             f"{where}: the outputs of layer {placement.layer!r} span kernel axes "
@@ -529,9 +525,11 @@ def _placed_slots(
 
 def _layer_name(kernel_path: str) -> str:
     """The name of the layer whose kernel is the parameter ``kernel_path``: its module,
-    ``"blocks.0.conv"`` for ``"blocks.0.conv.kernel"``, or the parameter's own path when it is
-    not called ``kernel`` (a module holding several weights)."""
-    return kernel_path.removesuffix(".kernel")
+    ``"blocks.0.conv"`` for ``"blocks.0.conv.kernel"`` (``"tokens"`` for an ``nnx.Embed``'s
+    ``"tokens.embedding"``), or the parameter's own path when it is called otherwise (a module
+    holding several weights)."""
+    module, _, name = kernel_path.rpartition(".")
+    return module if module and name in ("kernel", "embedding") else kernel_path
 
 
 def _placement(
@@ -606,6 +604,16 @@ def _layer_axes(
             "inputs)"
         )
     return in_axes, out_axes
+
+
+def _kernel_axes(
+    structure: TracedStructure, name: str, layer: TracedLayer
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The shape of traced layer ``name``'s kernel and its input and output axes
+    (:func:`_layer_axes`)."""
+    shape = structure.param_shapes[layer.kernel]
+    outputs = {axis for g in structure.groups for path, axis in g.producers if path == layer.kernel}
+    return (shape, *_layer_axes(name, shape, layer.kind, outputs))
 
 
 Heads = Mapping[int, np.ndarray]
@@ -688,9 +696,7 @@ def traced_layers(
         )
     layers = []
     for name, layer, count in zip(names, structure.layers, structure.layer_counts()):
-        shape = structure.param_shapes[layer.kernel]
-        outputs = {axis for path, axis in producer_axes if path == layer.kernel}
-        in_axes, out_axes = _layer_axes(name, shape, layer.kind, outputs)
+        shape, in_axes, out_axes = _kernel_axes(structure, name, layer)
         positions = count.macs / count.weights
         if positions != round(positions):
             raise ConfigError(

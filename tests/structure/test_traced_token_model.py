@@ -71,10 +71,10 @@ def test_a_token_model_counts_its_lookup_and_a_tied_head_once(tied):
     assert float(dense["params"]) == VOCAB * DIM + block + (0 if tied else DIM * VOCAB)
     assert float(dense["flops"]) == T * (4 * DIM * DIM + 2 * DIM * MLP + DIM * VOCAB) + attention
     layers = {layer.name: layer for layer in model.layers}
-    assert layers["embed.embedding"].out_positions == (T if tied else 0)
-    assert layers["embed.embedding"].kernel_shape == ((DIM, VOCAB) if tied else (VOCAB, DIM))
+    assert layers["embed"].out_positions == (T if tied else 0)
+    assert layers["embed"].kernel_shape == ((DIM, VOCAB) if tied else (VOCAB, DIM))
     table = np.asarray(model.net.embed.embedding[...])
-    np.testing.assert_array_equal(layer_kernels(model)["embed.embedding"],
+    np.testing.assert_array_equal(layer_kernels(model)["embed"],
                                   table.T if tied else table)
 
 
@@ -102,7 +102,7 @@ def test_weight_gates_of_a_tied_head_are_counted_in_the_head_s_geometry():
     mask = np.ones((VOCAB, DIM), np.float32)
     mask[3] = 0.0
     dense = count_network(model.layers, {}, model.activation_products)
-    masked = count_network(model.layers, {"embed.embedding": mask}, model.activation_products)
+    masked = count_network(model.layers, {"embed": mask}, model.activation_products)
     assert float(dense["params"] - masked["params"]) == DIM
     assert float(dense["flops"] - masked["flops"]) == DIM * T
 
@@ -117,6 +117,32 @@ def test_the_trace_finds_an_untied_lookup_as_the_producer_of_the_stream_it_start
     tied = trace_structure(TokenLM(nnx.Rngs(0), tied=True), ids)
     assert [layer.kind for layer in tied.layers if layer.kernel == "embed.embedding"] == ["dense"]
     assert ("embed.embedding", 1) not in {p for g in tied.groups for p in g.producers}
+
+
+class TwoLookups(nnx.Module):
+    """One table looked up at the tokens and at the tokens reversed, summed."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
+        self.mix = nnx.Linear(DIM, 12, rngs=rngs)
+        self.head = nnx.Linear(12, VOCAB, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids) + self.embed(ids[:, ::-1])
+        return self.head(nnx.relu(self.mix(h)))
+
+
+def test_a_table_looked_up_twice_is_one_layer_that_produces_its_group():
+    """Its features, summed with themselves, are one removable group of the embedding (no
+    residual stream: the lookups are its only producer), gated on ``mix``'s rows."""
+    model = TracedModel(TwoLookups(nnx.Rngs(0)), rngs=nnx.Rngs(params=1), input_shape=(T,),
+                        input_dtype=jnp.int32, num_classes=VOCAB)
+    assert [(l.name, l.kernel_shape) for l in model.layers] == [
+        ("embed", (VOCAB, DIM)), ("mix", (DIM, 12)), ("head", (12, VOCAB))]
+    assert [(s.name, s.shape) for s in model.gate_slots] == [
+        ("embed", (DIM,)), ("mix", (12,))]
+    closed = count_network(model.layers, {"embed": np.zeros(DIM), "mix": np.ones(12)})
+    assert float(closed["params"]) == 12 + 12 * VOCAB + VOCAB
 
 
 def test_a_token_model_without_logits_per_token_says_what_it_returns():

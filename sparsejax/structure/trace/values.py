@@ -130,16 +130,14 @@ class Context:
 
     def products_only(self) -> list[LayerRecord]:
         """The layers, without the lookups of a table that a product also reads (a tied
-        embedding: the output head's kernel, counted there) or that another lookup read
-        first; their units produce nothing."""
+        embedding: the output head's kernel, counted there; the lookup's units produce
+        nothing) and without a table's lookups after its first (one layer per table)."""
         kernels = {layer.kernel for layer in self.layers if layer.kind != "lookup"}
         kept: list[LayerRecord] = []
         for index, layer in enumerate(self.layers):
-            if layer.kind == "lookup" and (
-                layer.kernel in kernels or any(k.kernel == layer.kernel for k in kept)
-            ):
+            if layer.kind == "lookup" and layer.kernel in kernels:
                 self.units.unmark_producers(self.lookup_units[index])
-            else:
+            elif layer.kind != "lookup" or all(k.kernel != layer.kernel for k in kept):
                 kept.append(layer)
         return kept
 
