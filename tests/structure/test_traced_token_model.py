@@ -95,9 +95,9 @@ def test_closed_heads_and_units_of_a_token_model_leave_a_slim_network_with_its_l
     assert slim(ids).shape == (4, T, VOCAB)
 
 
-def test_weight_gates_of_a_tied_head_are_counted_in_the_head_s_geometry():
+def test_weight_gates_of_a_tied_table_count_its_entries_once_at_every_position():
     """One weight gate per table entry; closing the entries of one vocabulary row removes that
-    row's lookup and its head column: d weights at T positions."""
+    row's lookup and its head column, counted once: d weights at T positions."""
     model = traced(tied=True, granularity="weight")
     mask = np.ones((VOCAB, DIM), np.float32)
     mask[3] = 0.0

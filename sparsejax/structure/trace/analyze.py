@@ -123,7 +123,7 @@ def trace_program(
         for field in out.fields:
             ctx.units.block(field.ids, OUTPUT_BLOCKER)
     structure = TracedStructure(
-        ctx.units, ctx.products_only(), ctx.other_macs, param_ids, example_input.shape[0],
+        ctx.units, ctx.counted_layers(), ctx.other_macs, param_ids, example_input.shape[0],
         ctx.head_splits,
     )
     paths = tuple(dotted_path(path) for path, _ in keyed)

@@ -401,9 +401,8 @@ def gather(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
             moved.append(placed)
     ctx.block(blocked, "positions picked by a gather's indices")
     picked = eqn.params["dimension_numbers"].start_index_map
-    features = [f for f in ins[0].fields if set(f.dims) <= set(whole)]
-    if ins[0].param is not None and features and min(whole) > max(picked, default=-1):
-        ctx.add_lookup(ins[0].param, np.concatenate([np.ravel(f.ids) for f in features]))
+    if ins[0].param is not None and moved and min(whole) > max(picked, default=-1):
+        ctx.add_lookup(ins[0].param, np.concatenate([np.ravel(f.ids) for f in moved]))
     return [Value(tuple(moved))]
 
 

@@ -128,7 +128,7 @@ class Context:
         self.units.mark_producers(ids)
         self.lookup_units[self.add_layer(LayerRecord(table, "lookup", (0,)))] = ids
 
-    def products_only(self) -> list[LayerRecord]:
+    def counted_layers(self) -> list[LayerRecord]:
         """The layers, without the lookups of a table that a product also reads (a tied
         embedding: the output head's kernel, counted there; the lookup's units produce
         nothing) and without a table's lookups after its first (one layer per table)."""
