@@ -3,8 +3,6 @@
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -21,16 +19,13 @@ from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.traced_model import TracedModel, build_traced_model
 from sparsejax.train import train_and_evaluate
+from tests.commands import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, pythonpath, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.mnist", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=600,
-        env={"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
+    return run_module("experiments.mnist", *args, cwd=cwd, pythonpath=pythonpath)
 
 
 def test_the_custom_method_runs_through_the_cli_from_a_copy_outside_the_repository(tmp_path):

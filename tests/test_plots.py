@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -22,6 +19,7 @@ from sparsejax.plots import (
     read_records,
     read_run_info,
 )
+from tests.commands import run_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 5_000
@@ -41,8 +39,6 @@ SUMMARY = {
     "method": "l0_arm",
     "model": "lenet5",
 }
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_record(step, err):
@@ -252,11 +248,7 @@ def test_the_cli_reports_a_missing_or_damaged_metrics_file_in_one_line(tmp_path,
     if metrics is not None:
         run_dir.mkdir()
         (run_dir / "metrics.jsonl").write_bytes(metrics)
-    result = subprocess.run(
-        [sys.executable, "-m", "sparsejax.plots", str(run_dir)],
-        capture_output=True, text=True, timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
+    result = run_module("sparsejax.plots", str(run_dir), timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith(f"error: {run_dir / 'metrics.jsonl'}")

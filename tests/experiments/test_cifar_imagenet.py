@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +17,7 @@ from sparsejax.methods.optim import learning_rates
 from sparsejax.models import build_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.config import resolve_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.commands import run_module
 
 
 def cifar_config(**overrides):
@@ -194,16 +190,8 @@ def test_cifar_under_mock_tfds_data(tmp_path):
     assert summary["steps_per_epoch"] == 2 and summary["test_error"] is not None
 
 
-def run_cli(module, *args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
-
-
 def test_cifar_cli_on_synthetic_data(tmp_path):
-    result = run_cli(
+    result = run_module(
         "experiments.cifar", "--method=l0_arm", "--model=resnet20", "--dataset=synthetic",
         "--epochs=1", "--steps_per_epoch=2", "--batch_size=16", f"--workdir={tmp_path}",
         "--config.num_train=64", "--config.num_test=16", "--config.eval_batch_size=16",
@@ -224,7 +212,7 @@ def test_cifar_cli_on_synthetic_data(tmp_path):
 )
 def test_greg_networks_cli_on_synthetic_data(tmp_path, module, model, method, batch):
     """Two steps of GReg's regularisation on each of its networks, recipe filled in."""
-    result = run_cli(
+    result = run_module(
         module, f"--method={method}", f"--model={model}", "--dataset=synthetic",
         "--steps_per_epoch=2", f"--batch_size={batch}", f"--workdir={tmp_path}",
         f"--config.num_train={2 * batch}", f"--config.num_test={batch}",
@@ -246,7 +234,7 @@ def test_greg_networks_cli_on_synthetic_data(tmp_path, module, model, method, ba
 
 
 def test_imagenet_cli_without_data_says_how_to_prepare_it(tmp_path):
-    result = run_cli(
+    result = run_module(
         "experiments.imagenet", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'run'}",
         cwd=tmp_path,
     )

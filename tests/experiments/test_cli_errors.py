@@ -5,12 +5,12 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sparsejax.data.cifar import CIFAR_FILES
+from tests.commands import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -21,11 +21,7 @@ TINY = [
 
 
 def run_cli(*args, module="experiments.mnist", cwd=ROOT, **env):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", **env},
-    )
+    return run_module(module, *args, cwd=cwd, timeout=300, **env)
 
 
 def error_line(result, *facts):

@@ -4,19 +4,11 @@ a plain NNX model of the user's (``--model=MODULE:FACTORY``)."""
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.commands import run_module
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_module(module, *args, cwd, pythonpath=str(ROOT)):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-        env={"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
 
 
 def run_lm(*args, cwd, pythonpath=str(ROOT)):

@@ -3,8 +3,6 @@ recipes they resolve to, the per-model defaults the methods take, the command-li
 their fields, and CLI runs on synthetic data."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from sparsejax.methods import METHODS, RunInfo, create_method
 from sparsejax.methods.bounded_lp import BOUNDED_FIELDS, BOUNDED_LAMBDAS, L1_LAMBDAS
 from sparsejax.methods.stochastic import DEFAULT_TEMPERATURE, FIELDS
 from sparsejax.train.config import SHARED_FIELDS
+from tests.commands import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "experiments" / "configs"
@@ -153,14 +152,6 @@ def test_proximal_gates_on_mnist_take_the_recipes_gate_rate_unless_set(method):
     assert resolved(mnist, "l0_hc").gate_learning_rate is None
 
 
-def run_cli(module, *args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-        timeout=600,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
-
-
 @pytest.mark.parametrize(
     "method,model,like",
     [
@@ -174,7 +165,7 @@ def test_cifar_cli_runs_the_regularisation_methods(tmp_path, method, model, like
         ["--config.final_sparsity=0.5", "--config.prune_end_epoch=1"] if method == "stochastic"
         else []
     )
-    result = run_cli(
+    result = run_module(
         "experiments.cifar", f"--method={method}", f"--model={model}", "--dataset=synthetic",
         "--epochs=1", "--steps_per_epoch=2", "--batch_size=8", f"--workdir={tmp_path}",
         "--config.num_train=16", "--config.num_test=8", "--config.eval_batch_size=8",

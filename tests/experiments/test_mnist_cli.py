@@ -1,17 +1,10 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.commands import run_module
 
 
 def run_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.mnist", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
+    return run_module("experiments.mnist", *args, cwd=cwd, timeout=300)
 
 
 def test_cli_trains_and_writes_the_summary(tmp_path):

@@ -1,9 +1,6 @@
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,13 +24,12 @@ from sparsejax.slim.store import (
     save_slim,
 )
 from sparsejax.train import train_and_evaluate
+from tests.commands import run_module
 from tests.slim.test_surgery import (
     close_random_gates,
     randomize_batch_norms,
     scale_gates,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +121,7 @@ def test_a_pruned_slim_model_round_trips_through_disk(run_dir, tmp_path):
 
 
 def test_slim_cli_says_when_a_directory_is_not_a_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "sparsejax.slim", str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
+    result = run_module("sparsejax.slim", str(tmp_path), cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     assert "is not a run directory" in result.stderr and "Traceback" not in result.stderr
 
@@ -166,11 +158,7 @@ def test_slim_cli_reports_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):
     for path in damaged.glob("checkpoints/*/state/**/*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[:10])
-    result = subprocess.run(
-        [sys.executable, "-m", "sparsejax.slim", str(damaged)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-    )
+    result = run_module("sparsejax.slim", str(damaged), cwd=tmp_path, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: no usable checkpoint")

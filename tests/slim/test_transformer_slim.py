@@ -1,9 +1,6 @@
 """Slimming ``vit_tiny`` / ``lm_tiny``: the slim model has the gated one's eval logits, the
 widths its gates leave and the parameters the report counts; it saves and loads."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +17,7 @@ from sparsejax.slim.__main__ import main as slim_main
 from sparsejax.slim.runs import restore_run
 from sparsejax.slim.store import ModelSpec, load_slim, save_slim
 from sparsejax.structure import gate_report
+from tests.commands import run_module
 
 DEPTH = 3
 LM_SHAPE = dict(dim=16, depth=DEPTH, heads=6, kv_heads=2, head_dim=4, ffn_hidden=24,
@@ -204,14 +202,11 @@ def test_the_input_model_is_unchanged():
 
 
 def test_slim_command_line_on_an_lm_run(tmp_path):
-    root = Path(__file__).resolve().parents[2]
     run = tmp_path / "run"
-    trained = subprocess.run(
-        [sys.executable, "-m", "experiments.lm", "--method=l0_hc", "--model=lm_tiny",
-         "--dataset=python_docs", "--epochs=1", "--steps_per_epoch=2", "--batch_size=4",
-         "--config.num_test=8", "--config.eval_batch_size=8", f"--workdir={run}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    trained = run_module(
+        "experiments.lm", "--method=l0_hc", "--model=lm_tiny", "--dataset=python_docs",
+        "--epochs=1", "--steps_per_epoch=2", "--batch_size=4", "--config.num_test=8",
+        "--config.eval_batch_size=8", f"--workdir={run}", cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr
     assert slim_main([str(run)]) == 0

@@ -63,14 +63,15 @@ TOKENS = {"lm_tiny"}
 BUILDS = {
     "densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs),
     "vit_tiny": lambda **kwargs: build_model(
-        "vit_tiny", families=("heads", "ffn", "attn", "mlp"), **kwargs),
+        "vit_tiny", families=("heads", "ffn", "attn", "mlp"), depth=2, **kwargs),
     "lm_tiny": lambda **kwargs: build_model(
         "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp"), dim=64, depth=2, head_dim=16,
         ffn_hidden=96, **kwargs),
 }
 """DenseNet-40's class at depth 16 (4 layers per dense block, the same declarations): the
-concatenations of depth 40 cost a minute of tracing and comparing for nothing more. The ViT
-with its head, FFN-unit and sublayer gates, the families a placement expresses (its hidden
+concatenations of depth 40 cost a minute of tracing and comparing for nothing more. The ViT's
+class at 2 blocks (of 4, each block the same declarations) with its head, FFN-unit and sublayer
+gates, the families a placement expresses (its hidden
 dimension, whose norms take their statistics over the open dimensions: not yet). The LM's class
 at 2 blocks of half the width (4 query heads in 2 key/value groups, as in ``lm_tiny``) with its
 key/value group, FFN-unit and sublayer gates (not yet: a query head of a key/value group, which

@@ -1,6 +1,5 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +8,9 @@ from sparsejax.data import ArrayDataset, load_dataset
 from sparsejax.data.sources import ArraySource
 from sparsejax.train.input import Input, usable_cpus
 from sparsejax.train.sharding import create_mesh
+from tests.commands import command_env
 
 BATCH, STEPS = 16, 4
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +105,6 @@ def test_worker_processes_import_no_tensorboard():
     )
     result = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=command_env(),
     )
     assert result.stdout.strip() == "[]", result.stderr

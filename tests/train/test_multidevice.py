@@ -18,7 +18,8 @@ def run_script(*args, devices=1, check=True):
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                     f"--xla_force_host_platform_device_count={devices}",
     }
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, args)],
