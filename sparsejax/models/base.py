@@ -231,13 +231,14 @@ def weight_slots(
     droprate_init: float,
     kernel_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[GateSlot, ...]:
-    """One weight-granularity slot per layer kernel, named after the layer, shaped like the
-    kernel: ``kernel_shapes[name]`` where given (a kernel whose layer geometry flattens several
-    input or output axes into one), else the layer's ``kernel_shape``."""
+    """One weight-granularity slot per layer kernel that takes weight gates (its
+    ``kernel_slot``), named after the layer, shaped like the kernel: ``kernel_shapes[name]``
+    where given (a kernel whose layer geometry flattens several input or output axes into
+    one), else the layer's ``kernel_shape``."""
     shapes = {l.name: l.kernel_shape for l in layers} | dict(kernel_shapes or {})
     return tuple(
         GateSlot(l.name, l.name, shapes[l.name], None, False, droprate_init, shapes[l.name])
-        for l in layers
+        for l in layers if l.kernel_slot is not None
     )
 
 

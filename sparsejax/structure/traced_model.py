@@ -720,7 +720,8 @@ def traced_layers(
                 outputs=_whole_sides(added.get(("outputs", name), ()), fan_out)
                 + (_side_sources(structure, slots, layer.kernel, out_axes, heads or {})
                    if unit else ()),
-                kernel_slot=name if granularity == "weight" else None,
+                kernel_slot=name if granularity == "weight" and not layer.reparametrised
+                else None,
                 kernel_axes=None if order == tuple(range(len(shape))) else order,
             )
         )
@@ -1081,11 +1082,11 @@ class TracedModel(GatedModel):
         self, slots: dict[int, str]
     ) -> tuple[tuple[str, tuple[GatedSlice, ...]], ...]:
         """Where each slot's gates act: the consumers' rows (unit granularity), the kernel
-        (weight granularity)."""
+        (weight granularity; none for a kernel computed from its parameter)."""
         if self.granularity == "weight":
             return tuple(
                 (_layer_name(layer.kernel), (GatedSlice(layer.kernel, None),))
-                for layer in self.structure.layers
+                for layer in self.structure.layers if not layer.reparametrised
             )
         return tuple(
             (name, gated_slices(self.structure, self.structure.groups[group]))

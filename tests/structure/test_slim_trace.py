@@ -22,10 +22,12 @@ from sparsejax.structure.slim_trace.zeros import read_rows
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
 from sparsejax.structure.traced_model import TracedModel
+from tests.commands import command_env
 from tests.structure.test_trace import (
     EmbeddedMLP,
     FusedAttention,
     GroupedQueryAttention,
+    Reparametrised,
     RotaryAttention,
 )
 
@@ -307,8 +309,7 @@ def test_save_and_load_without_the_model_classes(tmp_path):
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", script, str(tmp_path), *sorted(MODELS)], check=True,
-                   cwd=root, env={"PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
-                                  "PATH": "/usr/bin:/bin"})
+                   cwd=root, env=command_env(str(root)))
     for name in sorted(MODELS):
         loaded = np.load(tmp_path / f"{name}_out.npy")
         np.testing.assert_allclose(loaded, outputs[name], rtol=1e-5, atol=1e-6)
@@ -696,4 +697,58 @@ def test_an_embedded_stream_loses_its_closed_columns_from_the_table():
     slim = gated.slim(ids, check=ids)
     assert slim.params["embed.embedding"].shape == (50, 5)
     assert slim.params["head.kernel"].shape == (5, 50)
+    assert slim.report.max_logit_difference < 1e-5
+
+
+class TwoOutputs(nnx.Module):
+    """An MLP that returns its logits and its first hidden layer's features (an auxiliary
+    output): the features reach the output, so only the second hidden layer is prunable."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.first = nnx.Linear(6, 8, rngs=rngs)
+        self.second = nnx.Linear(8, 5, rngs=rngs)
+        self.head = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+        features = nnx.relu(self.first(x))
+        return self.head(nnx.relu(self.second(features))), features
+
+
+def test_a_model_with_several_outputs_slims_and_checks_every_one(tmp_path):
+    """The check takes the largest difference over all outputs; saving and loading keep
+    them as the model returns them."""
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    gated = sparsify(TwoOutputs(rngs=nnx.Rngs(0)), x)
+    assert [g.size for g in gated.report().groups] == [5]
+    gated.gates[0].log_alpha[...] = gated.gates[0].log_alpha[...].at[1].set(-10.0)
+    slim = gated.slim(x, check=x)
+    assert slim.params["second.kernel"].shape == (8, 4)
+    gated.eval()
+    outputs, expected = slim(x), gated(x)
+    assert [o.shape for o in outputs] == [(4, 3), (4, 8)]
+    largest = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(outputs, expected))
+    assert slim.report.max_logit_difference == largest < 1e-5
+    shifted = (expected[0], expected[1] + 0.5)  # a difference in the second output alone
+    assert slim.check(shifted, x) == pytest.approx(0.5, abs=1e-5)
+    slim.save(str(tmp_path / "two.npz"))
+    loaded = load_slim_function(str(tmp_path / "two.npz"))(x)
+    for got, want in zip(loaded, outputs):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_computed_from_their_parameters_take_no_gates_and_slim_unchanged():
+    """sparsify reports the standardised and normalised layers' units as kept, with why; at
+    weight granularity only the plain kernels take gates (a gate on the parameter of a
+    standardised kernel would not zero its entry); slimming keeps the arrays and the outputs."""
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 1))
+    gated = sparsify(Reparametrised(rngs=nnx.Rngs(0)), x)
+    report = gated.report()
+    assert len(gated.gates) == 0 and report.total_params == 237 + 14
+    kept = {u.producers[0][0] for u in report.ungated if "computed from" in u.reason}
+    assert kept == {"c1.kernel", "c2.kernel", "fc.kernel"}
+    weights = TracedModel(Reparametrised(rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1),
+                          input_shape=(6, 6, 1), num_classes=2, granularity="weight")
+    assert [slot.name for slot in weights.gate_slots] == ["c1", "head"]
+    slim = slim_traced_model(weights, np.asarray(x))
+    assert slim.params["c2.kernel"].shape == (3, 3, 4, 5)
     assert slim.report.max_logit_difference < 1e-5

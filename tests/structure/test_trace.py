@@ -475,6 +475,69 @@ def test_attention_counts_include_the_products_of_activations():
                   projections * tokens + mixing * 3 // 4 + mixing + 6 * 3)
 
 
+class StandardisedConv(nnx.Module):
+    """A 3x3 convolution whose kernel is standardised per output channel before each use
+    (weight standardisation, Qiao et al. 2019)."""
+
+    def __init__(self, features_in, features_out, *, rngs):
+        shape = (3, 3, features_in, features_out)
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
+        self.bias = nnx.Param(jnp.zeros((features_out,)))
+
+    def __call__(self, x):
+        w = self.kernel[...]
+        w = (w - w.mean(axis=(0, 1, 2))) / (w.std(axis=(0, 1, 2)) + 1e-5)
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + self.bias[...]
+
+
+class NormalisedDense(nnx.Module):
+    """A dense layer whose kernel is ``scale * v / |v|`` per output (weight normalisation,
+    Salimans & Kingma 2016)."""
+
+    def __init__(self, features_in, features_out, *, rngs):
+        shape = (features_in, features_out)
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
+        self.scale = nnx.Param(jnp.full((features_out,), 2.0))
+        self.bias = nnx.Param(jnp.zeros((features_out,)))
+
+    def __call__(self, x):
+        v = self.kernel[...]
+        return x @ (self.scale[...] * v / jnp.linalg.norm(v, axis=0)) + self.bias[...]
+
+
+class Reparametrised(nnx.Module):
+    """conv (1 -> 4) - ReLU - standardised conv (4 -> 5) - ReLU - mean over positions -
+    normalised dense (5 -> 3) - ReLU - head (3 -> 2)."""
+
+    def __init__(self, *, rngs):
+        self.c1 = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.c2 = StandardisedConv(4, 5, rngs=rngs)
+        self.fc = NormalisedDense(5, 3, rngs=rngs)
+        self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.c2(nnx.relu(self.c1(x)))).mean(axis=(1, 2))
+        return self.head(nnx.relu(self.fc(h)))
+
+
+def test_a_kernel_computed_from_its_parameter_is_its_layer_with_its_units_kept_whole():
+    """The standardised and the normalised kernels are layers of their parameters, counted as
+    such (the normalisation's scale apart, as a normaliser's), and their units are kept: a
+    gate scales a parameter, and the standardisation would undo it."""
+    s = trace(build(Reparametrised), (2, 6, 6, 1))
+    assert [(l.kernel, l.bias, l.reparametrised) for l in s.layers] == [
+        ("c1.kernel", "c1.bias", False), ("c2.kernel", "c2.bias", True),
+        ("fc.kernel", "fc.bias", True), ("head.kernel", "head.bias", False)]
+    assert_counts(s, None, 9 * 4 + 9 * 4 * 5 + 5 * 3 + 3 * 2, 4 + 5 + 3 + 2,
+                  36 * 9 * 4 + 36 * 9 * 4 * 5 + 5 * 3 + 3 * 2)
+    assert s.count().other_params == 3
+    for path, axis in (("c1.kernel", 3), ("c2.kernel", 3), ("fc.kernel", 1)):
+        group = group_of(s, path, axis)
+        assert group.producers == ((path, axis),) and not group.prunable
+        assert "computed from its parameter" in group.blockers[0].reason
+
+
 class SortedMLP(nnx.Module):
     """6-5-4-3 with the hidden features of fc1 sorted, an op the analysis has no rule for."""
 

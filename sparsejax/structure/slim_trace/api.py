@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,10 +113,11 @@ class SlimFunction:
         """``apply(params, x)``, compiled (once per input shape)."""
         return self._jitted(self.params, x)
 
-    def check(self, reference: jax.Array, x: jax.Array) -> float:
-        """Record and return max |slim(x) - reference| (``reference``: the gated model's
-        evaluation outputs on ``x``)."""
-        difference = float(jnp.max(jnp.abs(self(x) - reference)))
+    def check(self, reference: Any, x: jax.Array) -> float:
+        """Record and return max |slim(x) - reference| over every output array (``reference``:
+        the gated model's evaluation outputs on ``x``, an array or a pytree of them)."""
+        differences = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), self(x), reference)
+        difference = float(max(jax.tree.leaves(differences)))
         self.report = dataclasses.replace(self.report, max_logit_difference=difference)
         return difference
 

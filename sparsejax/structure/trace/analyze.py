@@ -115,9 +115,10 @@ def trace_program(
         fields = tuple(
             make_field((axis,), i) for axis, i in enumerate(ids) if not isinstance(i, int)
         )
-        inputs.append(Value(fields, param=name))
+        inputs.append(Value(fields, param=name, sources=frozenset({name})))
         if is_param[name]:
             param_ids[name] = tuple(ids)
+    ctx.param_ids = param_ids
     outs = walk(ctx, closed.jaxpr, [*inputs, UNLABELLED])
     for out in outs:
         for field in out.fields:

@@ -70,12 +70,14 @@ class UnitGroup:
 
 @dataclasses.dataclass(frozen=True)
 class TracedLayer:
-    """A convolution or dense product that reads the parameter ``kernel``; ``bias`` is the
+    """A convolution or dense product that reads the parameter ``kernel`` (or, when
+    ``reparametrised``, a kernel computed from it, whose units are kept whole); ``bias`` is the
     parameter added to its output, if any."""
 
     kernel: str
     kind: str
     bias: str | None
+    reparametrised: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,9 @@ class TracedStructure:
         roots = table.roots()
         self._roots = np.append(roots, NO_UNIT)
         self._unit_group, self._unit_pos, self.groups = _form_groups(table, roots)
-        self.layers = tuple(TracedLayer(l.kernel, l.kind, l.bias) for l in layers)
+        self.layers = tuple(
+            TracedLayer(l.kernel, l.kind, l.bias, l.reparametrised) for l in layers
+        )
         self._layer_macs = [l.macs for l in layers]
         self._other_macs = list(other_macs)
         self._param_ids = dict(param_ids)

@@ -293,6 +293,23 @@ def reduce_window(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     return [Value(tuple(fields))] * len(eqn.outvars)
 
 
+REPARAMETRISED = (
+    "kernel computed from its parameter (a reparametrised weight: weight standardisation or "
+    "normalisation); a gate scales the parameter, which the computation would undo"
+)
+
+
+def reparametrised_kernel(ctx: Context, value: Value, shape: tuple[int, ...]) -> str | None:
+    """The parameter that an operand of a product is computed from when it is a kernel computed
+    from parameters alone (``w = (v - mean v) / std v``, ``w = g v / |v|``): the one of
+    ``value``'s sources of the operand's ``shape``; None for an operand that depends on the
+    model's input, or that no single parameter of its shape makes."""
+    if value.param is not None or not value.sources:
+        return None
+    matches = [p for p in sorted(value.sources) if ctx.param_shape(p) == shape]
+    return matches[0] if len(matches) == 1 else None
+
+
 def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     """A convolution ties the input's channels to the kernel's input axis and gives the output
     channels the kernel's output axis; a depthwise convolution (one input channel per group)
@@ -329,12 +346,18 @@ def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]
         rhs_shape[rhs_spec[1]] if in_factor is None else in_factor.ids,
         rhs_shape[rhs_spec[0]] if kernel_out is None else kernel_out.ids,
     )
-    if rhs.param is None:
+    computed_from = reparametrised_kernel(ctx, rhs, rhs_shape)
+    if rhs.param is None and computed_from is None:
         ctx.other_macs.append(macs)
         return [Value(out_fields)]
-    if kernel_out is not None:
+    if computed_from is not None:
+        ctx.block(rhs.fields, REPARAMETRISED)
+        ctx.mark_param_producers(computed_from, (rhs_spec[0],))
+    elif kernel_out is not None:
         ctx.units.mark_producers(kernel_out.ids)
-    return [Value(out_fields, layer=ctx.add_layer(LayerRecord(rhs.param, "conv", macs)))]
+    record = LayerRecord(rhs.param or computed_from, "conv", macs,
+                         reparametrised=computed_from is not None)
+    return [Value(out_fields, layer=ctx.add_layer(record))]
 
 
 def _pair(
@@ -438,16 +461,29 @@ def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
             rhs_dims += right
     macs = tuple(factors(lhs, lhs_dims, lhs_shape) + factors(rhs, rhs_dims, rhs_shape))
     kernel = rhs if rhs.param is not None else lhs
+    computed_from = None
     if kernel.param is None:
+        kernel, computed_from = next(
+            ((v, p) for v, shape in ((rhs, rhs_shape), (lhs, lhs_shape))
+             if (p := reparametrised_kernel(ctx, v, shape)) is not None),
+            (lhs, None),
+        )
+    if kernel.param is None and computed_from is None:
         ctx.other_macs.append(macs)
         ctx.split_heads(lhs.fields, lb)
         ctx.split_heads(rhs.fields, rb)
         return [Value(fields)]
     free = rfree if kernel is rhs else lfree
-    for field in kernel.fields:
-        if set(field.dims) <= set(free):
-            ctx.units.mark_producers(field.ids)
-    return [Value(fields, layer=ctx.add_layer(LayerRecord(kernel.param, "dense", macs)))]
+    if computed_from is not None:
+        ctx.block(kernel.fields, REPARAMETRISED)
+        ctx.mark_param_producers(computed_from, free)
+    else:
+        for field in kernel.fields:
+            if set(field.dims) <= set(free):
+                ctx.units.mark_producers(field.ids)
+    record = LayerRecord(kernel.param or computed_from, "dense", macs,
+                         reparametrised=computed_from is not None)
+    return [Value(fields, layer=ctx.add_layer(record))]
 
 
 UNARY = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -13,15 +14,20 @@ from sparsejax.structure.trace.units import NO_UNIT, Blocker, Field, Seed, UnitT
 class Value:
     """The fields of a variable; ``param``: the parameter it is (up to casts, reshapes and
     broadcasts), else None; ``layer``: the index of the layer whose output it is, else None;
-    ``constant``: dimensions along which it is known to be constant (a broadcast)."""
+    ``constant``: dimensions along which it is known to be constant (a broadcast);
+    ``sources``: when it depends on no model input and on no product, the parameters it is
+    computed from (none for a constant), else None."""
 
     fields: tuple[Field, ...] = ()
     param: str | None = None
     layer: int | None = None
     constant: frozenset[int] = frozenset()
+    sources: frozenset[str] | None = None
 
 
 UNLABELLED = Value()
+CONSTANT = Value(sources=frozenset())
+"""A literal or a constant of the program: no units, no input."""
 
 Factor = int | np.ndarray
 """A factor of a cost: a fixed size, or unit ids whose kept values are summed (-1 counts 1)."""
@@ -34,12 +40,15 @@ class LayerRecord:
     product with one-hot rows that costs no multiply-accumulates).
 
     ``macs`` are the factors whose product is its multiply-accumulates over the traced batch;
-    ``bias`` the parameter added to its output, if any."""
+    ``bias`` the parameter added to its output, if any; ``reparametrised`` whether the product
+    reads a kernel computed from ``kernel`` (weight standardisation or normalisation) rather
+    than the parameter itself."""
 
     kernel: str
     kind: str
     macs: tuple[Factor, ...]
     bias: str | None = None
+    reparametrised: bool = False
 
 
 @dataclasses.dataclass
@@ -54,8 +63,9 @@ class Frame:
 
 class Context:
     """The state of one analysis: the unit table, the layers found, the other products' costs
-    and the heads they split units into, the equation being read (named by blockers), and the
-    frames of the walks (``root``, the outermost, with the ``stack`` of those in progress)."""
+    and the heads they split units into, the unit ids of the model's parameters (per axis; a
+    size for an axis of one), the equation being read (named by blockers), and the frames of the
+    walks (``root``, the outermost, with the ``stack`` of those in progress)."""
 
     def __init__(self) -> None:
         self.units = UnitTable()
@@ -65,6 +75,7 @@ class Context:
         self.lookup_units: dict[int, np.ndarray] = {}
         self.other_macs: list[tuple[Factor, ...]] = []
         self.head_splits: list[np.ndarray] = []
+        self.param_ids: dict[str, tuple[np.ndarray | int, ...]] = {}
         self.primitive = ""
         self.source = ""
 
@@ -117,6 +128,18 @@ class Context:
             if axes and len(axes) < len(field.dims):
                 ids = np.moveaxis(field.ids, axes, list(range(len(axes))))
                 self.head_splits.append(ids.reshape(int(np.prod(ids.shape[:len(axes)])), -1))
+
+    def param_shape(self, path: str) -> tuple[int, ...] | None:
+        """The shape of the model's parameter ``path`` (None if it is no parameter)."""
+        ids = self.param_ids.get(path)
+        return None if ids is None else tuple(i if isinstance(i, int) else i.size for i in ids)
+
+    def mark_param_producers(self, path: str, axes: Sequence[int]) -> None:
+        """The units of the model's parameter ``path`` along ``axes`` produce features."""
+        for axis in axes:
+            ids = self.param_ids[path][axis]
+            if not isinstance(ids, int):
+                self.units.mark_producers(ids)
 
     def add_layer(self, record: LayerRecord) -> int:
         self.layers.append(record)

@@ -16,7 +16,7 @@ jaxpr's ``.jaxpr`` is itself)."""
 
 from sparsejax.structure.trace.rules import RULES
 from sparsejax.structure.trace.units import Field
-from sparsejax.structure.trace.values import UNLABELLED, Context, Frame, Value
+from sparsejax.structure.trace.values import CONSTANT, UNLABELLED, Context, Frame, Value
 
 CALL_PRIMITIVES = frozenset({
     "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
@@ -122,11 +122,25 @@ def _scan(ctx: Context, eqn, ins: Sequence[Value], source: str) -> list[Value]:
     return final + [_shift(ctx, value, 1) for value in outs[carries:]]
 
 
+PRODUCTS = ("dot_general", "conv_general_dilated")
+"""Primitives whose outputs are never a parameter's kernel computed from it: a kernel made
+by multiplying parameters (``A @ B``, a learned query projected) is no reparametrised one."""
+
+
+def _with_sources(ins: Sequence[Value], outs: Sequence[Value]) -> list[Value]:
+    """``outs`` computed from the parameters of ``ins`` alone (:attr:`Value.sources`) when no
+    input of the equation depends on a model input."""
+    if any(value.sources is None for value in ins):
+        return list(outs)
+    sources = frozenset().union(*(value.sources for value in ins))
+    return [dataclasses.replace(out, sources=sources) for out in outs]
+
+
 def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> list[Value]:
     """The values of ``jaxpr``'s outputs given those of its inputs (constants are unlabelled).
     ``caller``: where the call-like equation that holds ``jaxpr`` was made, the source named for
     its equations when theirs lies inside a library (``jnp.sort``'s jit)."""
-    env: dict = {var: UNLABELLED for var in jaxpr.constvars}
+    env: dict = {var: CONSTANT for var in jaxpr.constvars}
     env.update(zip(jaxpr.invars, ins))
     frame = Frame(env)
     if ctx.stack:
@@ -136,7 +150,7 @@ def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> 
     ctx.stack.append(frame)
 
     def read(var) -> Value:
-        return UNLABELLED if isinstance(var, core.Literal) else env.get(var, UNLABELLED)
+        return CONSTANT if isinstance(var, core.Literal) else env.get(var, UNLABELLED)
 
     for eqn in jaxpr.eqns:
         values = [read(var) for var in eqn.invars]
@@ -149,6 +163,8 @@ def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> 
         else:
             ctx.primitive, ctx.source = eqn.primitive.name, source
             outs = RULES.get(eqn.primitive.name, _unknown)(ctx, eqn, values)
+            if eqn.primitive.name not in PRODUCTS:
+                outs = _with_sources(values, outs)
         env.update(zip(eqn.outvars, outs))
     ctx.stack.pop()
     return [read(var) for var in jaxpr.outvars]
