@@ -641,6 +641,38 @@ def test_a_scan_over_stacked_layers_is_one_stream_of_its_carry():
                   6 * 3 + 3 * 3 * 3 + 3 * 2)
 
 
+class LSTMClassifier(nnx.Module):
+    """An LSTM (3 inputs, 4 hidden units) over a sequence, its last state into a head (4 -> 2).
+    Its state starts at zero and takes its units in the first step."""
+
+    def __init__(self, *, rngs):
+        self.rnn = nnx.RNN(nnx.LSTMCell(3, 4, rngs=rngs))
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.rnn(x)[:, -1])
+
+
+def test_a_recurrent_state_is_one_group_with_the_rows_that_read_it_back():
+    """The hidden units are the columns of the eight kernels of the gates and the rows of the
+    four that read the state back at the next step: a closed unit leaves every one of them."""
+    s = trace(build(LSTMClassifier), (2, 5, 3))
+    hidden = group_of(s, "rnn.cell.hi.kernel", 1)
+    assert hidden.prunable and hidden.size == 4
+    cell = "rnn.cell"
+    inputs = [f"{cell}.{name}.kernel" for name in ("ii", "if_", "ig", "io")]
+    recurrent = [f"{cell}.{name}" for name in ("hi", "hf", "hg", "ho")]
+    assert slices(hidden) == full(
+        *((path, 1, 4) for path in inputs), *((f"{path}.kernel", 1, 4) for path in recurrent),
+        *((f"{path}.kernel", 0, 4) for path in recurrent),
+        *((f"{path}.bias", 0, 4) for path in recurrent), ("head.kernel", 0, 4))
+    steps = 5
+    assert_counts(s, None, 4 * 3 * 4 + 4 * 4 * 4 + 4 * 2, 4 * 4 + 2,
+                  steps * (4 * 3 * 4 + 4 * 4 * 4) + 4 * 2)
+    assert_counts(s, {hidden.index: keep_all_but(hidden, [1])}, 4 * 3 * 3 + 4 * 3 * 3 + 3 * 2,
+                  4 * 3 + 2, steps * (4 * 3 * 3 + 4 * 3 * 3) + 3 * 2)
+
+
 class TiedAutoencoder(nnx.Module):
     """x @ W, then the hidden features back through W transposed: one parameter read twice."""
 

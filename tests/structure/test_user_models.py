@@ -3,10 +3,11 @@ the groups a reader of the model would name, every third gate closed slims to th
 outputs, and the slim report's params are the slim arrays' kernels and biases.
 
 Each model names the gated groups it should get (their sizes, in the order their producers run)
-and, where a group stays whole, why: a reduction over its units (GroupNorm, LayerNorm), a scan
-that carries it (an LSTM), or an op without a rule (``cumsum``)."""
+and, where a group stays whole, why: a reduction over its units (GroupNorm, LayerNorm) or an
+op without a rule (``cumsum``)."""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -266,12 +267,13 @@ class Rematerialised(nnx.Module):
         return self.head(recomputed(self.fc, pooled(nnx.relu(self.c1(x)))))
 
 
-class LSTMClassifier(nnx.Module):
-    """An LSTM over the image's rows, its last state into the head."""
+class RecurrentClassifier(nnx.Module):
+    """A recurrent layer over the image's rows (``nnx.RNN`` of an LSTM cell, or of a GRU cell
+    with its three gates' kernels fused), its last state into the head."""
 
-    def __init__(self, rngs):
-        self.rnn = nnx.RNN(nnx.LSTMCell(28, 32, rngs=rngs))
-        self.head = nnx.Linear(32, 10, rngs=rngs)
+    def __init__(self, rngs, cell=nnx.LSTMCell, hidden=32):
+        self.rnn = nnx.RNN(cell(28, hidden, rngs=rngs))
+        self.head = nnx.Linear(hidden, 10, rngs=rngs)
 
     def __call__(self, x):
         return self.head(self.rnn(x[..., 0])[:, -1])
@@ -316,7 +318,8 @@ MODELS = {
     "conv3d": UserModel(Conv3D, (8,), input_shape=(8, 8, 8, 1)),
     "sequential": UserModel(SequentialNet, (8, 16)),
     "remat": UserModel(Rematerialised, (8, 16)),
-    "lstm": UserModel(LSTMClassifier, (), ("scan carry gains units",)),
+    "lstm": UserModel(RecurrentClassifier, (32,)),
+    "gru": UserModel(functools.partial(RecurrentClassifier, cell=nnx.GRUCell, hidden=24), (24,)),
     "cumsum": UserModel(CumulativeSum, (), ("no rule for this primitive",)),
 }
 

@@ -185,7 +185,7 @@ class Narrowed:
                 ]
                 outs = self.run(sub, sub_consts, child, ins, batch)
             elif eqn.primitive.name == "scan":
-                outs = self._scan(eqn, ins, next(children), batch)
+                outs = self._scan(eqn, ins, ins_kept, next(children), batch)
             else:
                 outs = self._bind(eqn, ins, ins_kept, outs_kept, batch)
             for var, out, kept in zip(eqn.outvars, outs, outs_kept):
@@ -202,10 +202,15 @@ class Narrowed:
             f"{eqn.primitive.name}: result of shape {tuple(out.shape)}, expected {expected}"
         )
 
-    def _scan(self, eqn, ins: list, child: Frame, batch) -> list:
+    def _scan(self, eqn, ins: list, ins_kept: list[Kept], child: Frame, batch) -> list:
+        """``lax.scan`` of the body run narrowed; each initial carry reduced to the positions
+        the body starts with (a recurrent state's kept units, zero at the start)."""
         params = eqn.params
         body, body_consts = opened(params["jaxpr"])
         consts, carries = params["num_consts"], params["num_carry"]
+        ins = list(ins)
+        for k in range(consts, consts + carries):
+            ins[k] = conform(ins[k], ins_kept[k], self.kept(child, body.invars[k]), "scan")
 
         def step(carry, xs):
             outs = self.run(body, body_consts, child, [*ins[:consts], *carry, *xs], batch)

@@ -97,6 +97,12 @@ class UnitTable:
         self.caveats: list[tuple[np.ndarray, Blocker]] = []
         self.joined: list[np.ndarray] = []
 
+    def copy(self) -> UnitTable:
+        """An independent copy (the arrays it records are never changed in place)."""
+        table = UnitTable.__new__(UnitTable)
+        table.__dict__ = {name: value.copy() for name, value in self.__dict__.items()}
+        return table
+
     def new_units(self, seed: Seed) -> np.ndarray:
         """``seed.size`` fresh units, one per index of the seed's dimension."""
         start = len(self.parent)

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+import numpy as np
 from jax.extend import core
 
 Jaxpr = core.Jaxpr
@@ -15,7 +16,7 @@ JAXPR_TYPES = tuple({core.Jaxpr, getattr(core, "ClosedJaxpr", core.Jaxpr)})
 jaxpr's ``.jaxpr`` is itself)."""
 
 from sparsejax.structure.trace.rules import RULES
-from sparsejax.structure.trace.units import Field
+from sparsejax.structure.trace.units import Field, UnitTable
 from sparsejax.structure.trace.values import CONSTANT, UNLABELLED, Context, Frame, Value
 
 CALL_PRIMITIVES = frozenset({
@@ -95,26 +96,72 @@ def _shift(ctx: Context, value: Value, offset: int) -> Value:
     return Value(tuple(fields), param=value.param if offset < 0 else None)
 
 
+@dataclasses.dataclass
+class _Saved:
+    """What a walk adds to the context, saved so that it can be undone (:func:`_scan`)."""
+
+    units: UnitTable
+    layers: int
+    other_macs: int
+    head_splits: int
+    children: int
+
+    @classmethod
+    def take(cls, ctx: Context) -> _Saved:
+        """The context as it is now, within a walk."""
+        return cls(ctx.units.copy(), len(ctx.layers), len(ctx.other_macs), len(ctx.head_splits),
+                   len(ctx.stack[-1].children))
+
+    def restore(self, ctx: Context) -> None:
+        """Undo what was added since (once: the saved table becomes the context's)."""
+        ctx.units = self.units
+        del ctx.layers[self.layers:], ctx.other_macs[self.other_macs:]
+        del ctx.head_splits[self.head_splits:], ctx.stack[-1].children[self.children:]
+        for index in [k for k in ctx.lookup_units if k >= self.layers]:
+            del ctx.lookup_units[index]
+
+    def knows(self, fields: Sequence[Field]) -> bool:
+        """Whether every unit of ``fields`` existed when this was taken."""
+        known = len(self.units.parent)
+        return all(bool(np.all(field.ids < known)) for field in fields)
+
+
+def _gained(start: Value, end: Value) -> list[Field]:
+    """The fields a carry ends an iteration with on dimensions where it started with none."""
+    known = {dim for field in start.fields for dim in field.dims}
+    return [field for field in end.fields if not set(field.dims) & known]
+
+
 def _scan(ctx: Context, eqn, ins: Sequence[Value], source: str) -> list[Value]:
     """A scan runs its body on the same parameter slices in every iteration (a stack of
     layers: one unit is index j of every layer). The body is walked once, its costs counted
     ``length`` times, and each carry's units at the end of an iteration are merged with those at
-    its start; a carry that gains units inside the body (which the next iteration would see) is
-    blocked rather than walked again."""
+    its start. A carry that gains units inside the body (a recurrent state, zero at the start:
+    an LSTM's hidden units), which the next iteration reads, has the walk undone and the body
+    walked again with those units at its start, so that what reads them (the recurrent
+    kernels' rows) takes them too; a carry that still gains units, or gains units made inside
+    the walk, is blocked."""
     params = eqn.params
     body = getattr(params["jaxpr"], "jaxpr", params["jaxpr"])
     consts, carries = params["num_consts"], params["num_carry"]
     ctx.primitive, ctx.source = eqn.primitive.name, source
     xs = [_shift(ctx, value, -1) for value in ins[consts + carries:]]
-    layers, others = len(ctx.layers), len(ctx.other_macs)
-    outs = walk(ctx, body, [*ins[:consts + carries], *xs], source)
+    starts = list(ins[consts:consts + carries])
+    saved = _Saved.take(ctx)
+    outs = walk(ctx, body, [*ins[:consts], *starts, *xs], source)
+    gained = [_gained(start, end) for start, end in zip(starts, outs[:carries])]
+    if any(gained) and saved.knows([f for fields in gained for f in fields]):
+        saved.restore(ctx)
+        starts = [Value(start.fields + tuple(g)) for start, g in zip(starts, gained)]
+        outs = walk(ctx, body, [*ins[:consts], *starts, *xs], source)
     ctx.primitive, ctx.source = eqn.primitive.name, source
     length = params["length"]
-    for k in range(layers, len(ctx.layers)):
+    for k in range(saved.layers, len(ctx.layers)):
         ctx.layers[k] = dataclasses.replace(ctx.layers[k], macs=(length, *ctx.layers[k].macs))
-    ctx.other_macs[others:] = [(length, *macs) for macs in ctx.other_macs[others:]]
+    ctx.other_macs[saved.other_macs:] = [
+        (length, *macs) for macs in ctx.other_macs[saved.other_macs:]]
     final = []
-    for start, end in zip(ins[consts:consts + carries], outs[:carries]):
+    for start, end in zip(starts, outs[:carries]):
         merged = ctx.merge_fields([*start.fields, *end.fields])
         known = {field.dims for field in start.fields}
         ctx.block([f for f in merged if f.dims not in known], "scan carry gains units")
