@@ -4,11 +4,14 @@ outputs, and the slim report's params are the slim arrays' kernels and biases.
 
 Each model names the gated groups it should get (their sizes, in the order their producers run)
 and, where a group stays whole, why: a reduction over its units (GroupNorm, LayerNorm) or an
-op without a rule (``cumsum``)."""
+op without a rule (``cumsum``). An LSTM also trains through the engine (``--model``) and slims
+from its run."""
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +19,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.configs.mnist import get_config
+from sparsejax.slim.__main__ import main as slim_main
 from sparsejax.structure.sparsify import sparsify
+from sparsejax.train import train_and_evaluate
 
 IMAGES = (28, 28, 1)
 
@@ -341,3 +347,36 @@ def test_a_user_model_gates_what_it_should_and_slims_to_its_outputs(name):
     assert slim.report.params_after == stored
     if case.gated:
         assert slim.report.params_after < slim.report.params_before
+
+
+class EngineLSTM(nnx.Module):
+    """An LSTM as the engine takes it: ``nnx.RNN`` without a random stream of its own (the
+    engine keeps none), started from a zero state."""
+
+    def __init__(self, *, rngs, num_classes, hidden=16):
+        self.hidden = hidden
+        self.rnn = nnx.RNN(nnx.LSTMCell(28, hidden, rngs=rngs), rngs=False)
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        return self.head(self.rnn(x[..., 0], initial_carry=(zeros, zeros))[:, -1])
+
+
+def engine_lstm(*, rngs, num_classes):
+    return EngineLSTM(rngs=rngs, num_classes=num_classes)
+
+
+def test_an_lstm_trains_under_the_engine_and_slims_from_its_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = get_config("l0_hc")
+    config.update({
+        "model": f"{Path(__file__).stem}:engine_lstm", "dataset": "synthetic",
+        "num_train": 128, "num_test": 64, "batch_size": 32, "eval_batch_size": 64, "epochs": 1,
+        "steps_per_epoch": 3, "log_every": 3,
+    })
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["dense_units"] == [16] and np.isfinite(summary["test_error"])
+    assert slim_main([str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "slim" / "slim_report.json").read_text())
+    assert report["max_logit_difference"] < 1e-5
