@@ -306,8 +306,18 @@ def reparametrised_kernel(ctx: Context, value: Value, shape: tuple[int, ...]) ->
     model's input, or that no single parameter of its shape makes."""
     if value.param is not None or not value.sources:
         return None
-    matches = [p for p in sorted(value.sources) if ctx.param_shape(p) == shape]
+    matches = [p for p in value.sources if ctx.param_shape(p) == shape]
     return matches[0] if len(matches) == 1 else None
+
+
+def _reparametrised_layer(
+    ctx: Context, fields: Sequence[Field], path: str, outputs: Sequence[int]
+) -> None:
+    """A product reads a kernel computed from parameter ``path``: the kernel's units (its
+    ``fields``) are kept whole, and the parameter's ``outputs`` axes produce the layer's units
+    (named after the parameter, not after a gain the kernel was scaled by)."""
+    ctx.block(fields, REPARAMETRISED)
+    ctx.mark_param_producers(path, outputs)
 
 
 def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
@@ -351,8 +361,7 @@ def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]
         ctx.other_macs.append(macs)
         return [Value(out_fields)]
     if computed_from is not None:
-        ctx.block(rhs.fields, REPARAMETRISED)
-        ctx.mark_param_producers(computed_from, (rhs_spec[0],))
+        _reparametrised_layer(ctx, rhs.fields, computed_from, (rhs_spec[0],))
     elif kernel_out is not None:
         ctx.units.mark_producers(kernel_out.ids)
     record = LayerRecord(rhs.param or computed_from, "conv", macs,
@@ -463,11 +472,11 @@ def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
     kernel = rhs if rhs.param is not None else lhs
     computed_from = None
     if kernel.param is None:
-        kernel, computed_from = next(
-            ((v, p) for v, shape in ((rhs, rhs_shape), (lhs, lhs_shape))
-             if (p := reparametrised_kernel(ctx, v, shape)) is not None),
-            (lhs, None),
-        )
+        for operand, shape in ((rhs, rhs_shape), (lhs, lhs_shape)):
+            computed_from = reparametrised_kernel(ctx, operand, shape)
+            if computed_from is not None:
+                kernel = operand
+                break
     if kernel.param is None and computed_from is None:
         ctx.other_macs.append(macs)
         ctx.split_heads(lhs.fields, lb)
@@ -475,8 +484,7 @@ def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
         return [Value(fields)]
     free = rfree if kernel is rhs else lfree
     if computed_from is not None:
-        ctx.block(kernel.fields, REPARAMETRISED)
-        ctx.mark_param_producers(computed_from, free)
+        _reparametrised_layer(ctx, kernel.fields, computed_from, free)
     else:
         for field in kernel.fields:
             if set(field.dims) <= set(free):
