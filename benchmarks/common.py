@@ -17,7 +17,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE, ImageSpec
 from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models.batch_chunks import fixed_chunks
+from sparsejax.models.batch_chunks import column_gradients, fixed_chunks
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.config import resolve_config
@@ -37,6 +37,9 @@ gradient and weight gradient, 2 FLOPs per multiply-accumulate each."""
 CONV_CHUNKS_OVERRIDE = "conv_chunks"
 """The method-spec field (``dense@conv_chunks=1``) that sets the batch slices of the step's
 convolutions instead of a config field."""
+CONV_COLUMNS_OVERRIDE = "conv_columns"
+"""The method-spec field (``dense@conv_columns=0``) that turns the column input gradients of the
+sliced convolutions off (0) or on (1) instead of a config field."""
 
 
 def dataset_like(model_name: str) -> str:
@@ -121,14 +124,20 @@ def make_steps(
     """A function that runs ``steps`` training steps of method ``name`` (compiled, on the
     batches of :func:`build_step`) and waits for the last.
 
-    The override ``conv_chunks=N`` is not a config field: the step is compiled with its
-    convolutions on ``N`` slices of the batch (:func:`sparsejax.models.batch_chunks.fixed_chunks`),
-    so that one run can time a step with and without the splitting."""
+    The overrides ``conv_chunks=N`` and ``conv_columns=0|1`` are not config fields: the step is
+    compiled with its convolutions on ``N`` slices of the batch
+    (:func:`sparsejax.models.batch_chunks.fixed_chunks`), and with the sliced convolutions'
+    input gradients by columns or XLA's (:func:`~sparsejax.models.batch_chunks.column_gradients`),
+    so that one run can time a step with and without each."""
     overrides = dict(overrides or {})
     chunks = overrides.pop(CONV_CHUNKS_OVERRIDE, None)
-    slicing = contextlib.nullcontext() if chunks is None else fixed_chunks(int(chunks))
+    columns = overrides.pop(CONV_COLUMNS_OVERRIDE, None)
     train_step, state, batches = build_step(name, model_name, batch_size, steps, like, overrides)
-    with slicing:
+    with contextlib.ExitStack() as settings:
+        if chunks is not None:
+            settings.enter_context(fixed_chunks(int(chunks)))
+        if columns is not None:
+            settings.enter_context(column_gradients(bool(columns)))
         state, metrics = train_step(state, *batches[0])
     jax.block_until_ready(metrics)
 

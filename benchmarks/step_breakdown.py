@@ -105,7 +105,7 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str, str]]:
 
     def contents(rest: str, opcode: str, seen: frozenset = frozenset()) -> tuple[set, set]:
         found, op_names = {opcode}, set(re.findall(r'op_name="([^"]*)"', rest))
-        if "threefry" in rest:
+        if "threefry" in rest and opcode != "constant":  # XLA shares constants across ops
             found.add("threefry")
         for called in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", rest):
             if called not in seen:

@@ -50,7 +50,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 100, "Batch size.")
 _METHODS = flags.DEFINE_list(
     "methods", ["dense", "l0_hc", "l0_arm", "l0_ar"],
     "Methods to time; NAME@FIELD=VALUE overrides a config field of that run (conv_chunks=N: "
-    "the convolutions on N slices of the batch, 1 for the whole batch).",
+    "the convolutions on N slices of the batch, 1 for the whole batch; conv_columns=0: XLA's "
+    "input gradients for the sliced convolutions instead of columns).",
 )
 _STEPS = flags.DEFINE_integer("steps", 50, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed chunks per method (median reported).")

@@ -57,7 +57,8 @@ def define_flags() -> None:
         "methods",
         ["dense", "l0_hc", "l0_arm"],
         "sparsejax methods, each NAME or NAME@FIELD=VALUE (e.g. dense@conv_chunks=1: the "
-        "convolutions on the whole batch).",
+        "convolutions on the whole batch; dense@conv_columns=0: XLA's input gradients for the "
+        "sliced convolutions).",
     )
     flags.DEFINE_integer("batch_size", 100, "Batch size.")
     flags.DEFINE_integer("steps", 20, "Steps per timed chunk.")

@@ -19,6 +19,15 @@ Each slice is one more convolution in the compiled program, so compilation takes
 ResNet-56 steps compiled and timed took 80 s on the whole batch, 127 s on 8 slices and 249 s
 on 16.
 
+A sliced stride-1 convolution whose output has fewer positions than its input (LeNet-5's
+unpadded 5x5 convolutions) takes its input gradient by columns over the whole batch
+(:func:`~sparsejax.models.column_gradient.sliced_convolution`): one matmul of the forward pass's
+size and shifted sums, in place of XLA's convolution over every input position, which does
+``(input positions / output positions)`` times the forward pass's multiply-adds (2.25x for
+LeNet-5's conv2) on one core. A SAME convolution's input gradient does no more work than its
+forward pass, and XLA's is then faster: on ResNet-56 (3x3 SAME convolutions) columns made the
+step 1.4-1.7x slower. :func:`column_gradients` turns the columns off for a comparison.
+
 The number of slices comes from :func:`batch_chunks`: ``SPARSEJAX_CONV_CHUNKS=N`` sets it
 (``1`` turns the splitting off); by default, on a CPU backend with one device, slices of about
 :data:`CHUNK_EXAMPLES` examples, at most :data:`MAX_CHUNKS` of them. On GPUs and TPUs, and when
@@ -32,12 +41,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from sparsejax.errors import ConfigError
+from sparsejax.models.column_gradient import DIMENSIONS, explicit_padding, sliced_convolution
 
 CHUNKS_VARIABLE = "SPARSEJAX_CONV_CHUNKS"
 CHUNK_EXAMPLES = 10
@@ -46,6 +56,14 @@ MAX_CHUNKS = 16
 """The most slices the automatic policy makes, which bounds the growth of compilation time."""
 
 
+COLUMN_OPTIONS = frozenset(
+    {"window_strides", "padding", "dimension_numbers", "feature_group_count"}
+)
+"""The convolution options under which a sliced convolution can take column input gradients."""
+
+_COLUMN_GRADIENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "column_gradients", default=True
+)
 _FIXED_CHUNKS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "fixed_conv_chunks", default=None
 )
@@ -102,14 +120,65 @@ def batch_chunks(
     return max(1, min(MAX_CHUNKS, batch // CHUNK_EXAMPLES))
 
 
-def convolve(x: jax.Array, kernel: jax.Array, **conv_options) -> jax.Array:
-    """``jax.lax.conv_general_dilated(x, kernel, **conv_options)`` for a batch-first ``x``, run
-    on :func:`batch_chunks` slices of the batch (sizes differing by at most one) and
-    concatenated."""
+@contextlib.contextmanager
+def column_gradients(enabled: bool) -> Iterator[None]:
+    """Within this context the sliced stride-1 convolutions traced take their input gradient by
+    columns (:mod:`sparsejax.models.column_gradient`, the default) or, with ``enabled=False``,
+    XLA's own, so that one run can time a step with both."""
+    token = _COLUMN_GRADIENTS.set(enabled)
+    try:
+        yield
+    finally:
+        _COLUMN_GRADIENTS.reset(token)
+
+
+def _takes_column_gradient(
+    conv_options: Mapping[str, object], input_hw: tuple[int, int], kernel_hw: tuple[int, int]
+) -> bool:
+    """Whether a convolution takes its input gradient by columns: one that
+    :func:`sliced_convolution` computes (stride 1, NHWC / HWIO, no feature groups, dilation or
+    other options) and whose input has more positions than its output, so that XLA's input
+    gradient, a convolution over the input's positions, does more multiply-adds than the
+    forward pass (a SAME convolution's does as many, and XLA's is then the faster)."""
+    if not (
+        _COLUMN_GRADIENTS.get()
+        and set(conv_options) <= COLUMN_OPTIONS
+        and tuple(conv_options.get("window_strides", (1, 1))) == (1, 1)
+        and conv_options.get("feature_group_count", 1) == 1
+        and tuple(conv_options.get("dimension_numbers", ())) == DIMENSIONS
+    ):
+        return False
+    (top, bottom), (left, right) = explicit_padding(
+        conv_options.get("padding", "VALID"), input_hw, kernel_hw
+    )
+    out_h = input_hw[0] + top + bottom - kernel_hw[0] + 1
+    out_w = input_hw[1] + left + right - kernel_hw[1] + 1
+    return input_hw[0] * input_hw[1] > out_h * out_w
+
+
+def convolve(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    then: Callable[[jax.Array], jax.Array] | None = None,
+    **conv_options,
+) -> jax.Array:
+    """``then(jax.lax.conv_general_dilated(x, kernel, **conv_options))`` for a batch-first
+    ``x``, run on :func:`batch_chunks` slices of the batch (sizes differing by at most one) and
+    concatenated. Without ``then``, a stride-1 NHWC convolution whose output has fewer positions
+    than its input takes its input gradient by columns
+    (:func:`~sparsejax.models.column_gradient.sliced_convolution`). ``then``, a function of
+    each example alone (bias, activation, pooling), runs on every slice before the
+    concatenation, which then copies its smaller output; the slices take XLA's gradients, which
+    loses nothing for a first layer, whose input gradient is never computed."""
     chunks = batch_chunks(x.shape[0])
+    finish = (lambda y: y) if then is None else then
     if chunks == 1:
-        return jax.lax.conv_general_dilated(x, kernel, **conv_options)
+        return finish(jax.lax.conv_general_dilated(x, kernel, **conv_options))
+    if then is None and _takes_column_gradient(conv_options, x.shape[1:3], kernel.shape[:2]):
+        return sliced_convolution(x, kernel, conv_options.get("padding", "VALID"), chunks)
     pieces = jnp.array_split(x, chunks, axis=0)
     return jnp.concatenate(
-        [jax.lax.conv_general_dilated(piece, kernel, **conv_options) for piece in pieces], axis=0
+        [finish(jax.lax.conv_general_dilated(piece, kernel, **conv_options)) for piece in pieces],
+        axis=0,
     )

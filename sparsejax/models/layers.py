@@ -30,6 +30,8 @@ step's extra cost over the dense step. Per-example output gates multiply the out
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -100,9 +102,13 @@ class Dense(nnx.Module):
 
 
 class Conv(nnx.Module):
-    """y = (conv(x, W * z_w) + b) * z_out: 2-D convolution, NHWC input, HWIO kernel, with
-    optional weight gates z_w shaped like W and output-channel gates z_out (``(out,)`` or
-    ``(batch, out)``).
+    """y = (conv(x * z_in, W * z_w) + b) * z_out: 2-D convolution, NHWC input, HWIO kernel, with
+    optional weight gates z_w shaped like W, output-channel gates z_out (``(out,)`` or
+    ``(batch, out)``) and batch-shared input-channel gates z_in (``(in,)``, without feature
+    groups), folded into the kernel's input rows: conv(x * z_in, W) = conv(x, z_in[:, None] W).
+    ``then`` (an activation and pooling, per example) is applied to y; on CPU batch slices it
+    runs on each slice before they are concatenated
+    (:func:`~sparsejax.models.batch_chunks.convolve`).
 
     ``groups`` splits the channels into feature groups; the kernel is then
     ``(k, k, in / groups, out)`` and ``groups == in == out`` is a depthwise convolution.
@@ -142,17 +148,31 @@ class Conv(nnx.Module):
         x: jax.Array,
         kernel_gate: jax.Array | None = None,
         output_gate: jax.Array | None = None,
+        input_gate: jax.Array | None = None,
+        *,
+        then: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         kernel = _gated(self.kernel[...], kernel_gate)
         bias = None if self.bias is None else self.bias[...]
+        if input_gate is not None:
+            if input_gate.shape != (self.in_features,) or self.groups != 1:
+                raise ValueError(
+                    f"input gates of a convolution must be batch-shared, of shape "
+                    f"({self.in_features},), on a convolution without feature groups; got shape "
+                    f"{input_gate.shape} with groups={self.groups}"
+                )
+            kernel = kernel * input_gate[:, None]
         kernel, bias, folded = _fold_output_gate(kernel, bias, output_gate)
-        y = convolve(
-            x,
-            kernel,
+        options = dict(
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
-        return _add_bias_and_gate(y, bias, output_gate, folded)
+        if then is not None and (output_gate is None or folded):
+            return convolve(
+                x, kernel, then=lambda y: then(y if bias is None else y + bias), **options
+            )
+        y = _add_bias_and_gate(convolve(x, kernel, **options), bias, output_gate, folded)
+        return y if then is None else then(y)
 

@@ -100,7 +100,17 @@ class MLP(GatedModel):
 
 class LeNet5(GatedModel):
     """LeNet-5-Caffe: conv5x5(20) - pool - conv5x5(50) - pool - dense 800-500-classes;
-    ``conv_fan`` is the fan of the convolutions' He-normal initialisation (fan_in | fan_out)."""
+    ``conv_fan`` is the fan of the convolutions' He-normal initialisation (fan_in | fan_out).
+
+    Batch-shared gates z >= 0 on conv1's channels multiply conv2's input rows: for z >= 0,
+    max_pool(relu(z y)) = z max_pool(relu(y)) exactly (in floats too: rounding z y is
+    monotone in y), and conv2 is linear in its input, so conv2(z p, W) = conv2(p, z[:, None] W).
+    The network up to conv2 is then the same for every gate sample: L0-ARM's antithetic pass
+    reuses it (XLA computes it once), and the kernel multiply is as cheap as on conv1's outputs.
+    Every gate of the package is nonnegative. Gates drawn per example multiply conv1's outputs.
+    conv1's ReLU and pooling run on each CPU batch slice of it before the slices are joined
+    (``Conv(then=...)``), so only the pooled quarter of its output is copied.
+    """
 
     def __init__(
         self,
@@ -152,9 +162,16 @@ class LeNet5(GatedModel):
                       gate_factory=gate_factory, rngs=rngs)
 
     def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
-        h = self.conv1(x, self.kernel_gate(z, "conv1"), self.output_gate(z, "conv1"))
-        h = max_pool(nnx.relu(h))
-        h = self.conv2(h, self.kernel_gate(z, "conv2"), self.output_gate(z, "conv2"))
+        first = self.output_gate(z, "conv1")
+        shared = first is not None and first.ndim == 1
+        h = self.conv1(
+            x, self.kernel_gate(z, "conv1"), None if shared else first,
+            then=lambda y: max_pool(nnx.relu(y)),
+        )
+        h = self.conv2(
+            h, self.kernel_gate(z, "conv2"), self.output_gate(z, "conv2"),
+            first if shared else None,
+        )
         h = max_pool(nnx.relu(h))
         h = self.select_inputs(h.reshape(h.shape[0], -1), "fc1")
         h = nnx.relu(self.fc1(h, self.kernel_gate(z, "fc1"), self.input_gate(z, "fc1")))

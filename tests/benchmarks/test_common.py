@@ -27,6 +27,23 @@ def test_a_conv_chunks_override_compiles_the_step_on_that_many_slices(monkeypatc
     assert seen and set(seen) == {1}
 
 
+def test_a_conv_columns_override_compiles_the_step_with_or_without_column_gradients(
+    monkeypatch,
+):
+    seen = []
+    chosen = batch_chunks.sliced_convolution
+
+    def recording(*args):
+        seen.append(args[-1])
+        return chosen(*args)
+
+    monkeypatch.setattr(batch_chunks, "sliced_convolution", recording)
+    make_steps("l0_hc", "lenet5", 6, 1, "fashion_mnist", {"conv_chunks": 3, "conv_columns": 0})()
+    assert not seen
+    make_steps("l0_hc", "lenet5", 6, 1, "fashion_mnist", {"conv_chunks": 3, "conv_columns": 1})()
+    assert seen == [3]  # conv2; conv1 pools on its slices (`Conv(then=...)`)
+
+
 def test_a_plain_nnx_model_is_timed_and_counted_from_its_trace(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "examples"))
     assert step_flops("traced_model:small_vit", 2, "fashion_mnist") == 6 * 2 * (

@@ -34,3 +34,29 @@ def test_trace_sums_the_ops_of_a_jitted_call(tmp_path):
     totals, idle = trace_ops(lambda: dot(a).block_until_ready(), str(tmp_path))
     assert totals and all(seconds > 0 for seconds in totals.values())
     assert idle >= 0
+
+
+HLO_WITH_A_SHARED_CONSTANT = """HloModule step
+%fused_add (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %c = s32[] constant(0), metadata={op_name="jit(step)/jit(_threefry_fold_in)/step_key"}
+  ROOT %add = f32[4]{0} add(%p, %p), metadata={op_name="jit(step)/add"}
+}
+%fused_bits (q: u32[4]) -> u32[4] {
+  %q = u32[4]{0} parameter(0)
+  ROOT %x = u32[4]{0} xor(%q, %q), metadata={op_name="jit(step)/threefry2x32/xor"}
+}
+ENTRY %main (params.1: f32[4], bits: u32[4]) -> f32[4] {
+  %params.1 = f32[4]{0} parameter(0)
+  %bits = u32[4]{0} parameter(1)
+  %add_fusion = f32[4]{0} fusion(%params.1), kind=kLoop, calls=%fused_add
+  %xor_fusion = u32[4]{0} fusion(%bits), kind=kLoop, calls=%fused_bits
+  ROOT %out = f32[4]{0} add(%add_fusion, %add_fusion)
+}
+"""
+
+
+def test_a_constant_that_xla_shares_with_random_bits_does_not_make_an_op_random_bits():
+    labels = parse_hlo(HLO_WITH_A_SHARED_CONSTANT)
+    assert labels["add_fusion"][0] == "elementwise"
+    assert labels["xor_fusion"][0] == "random bits"
