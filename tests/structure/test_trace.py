@@ -538,6 +538,37 @@ def test_a_kernel_computed_from_its_parameter_is_its_layer_with_its_units_kept_w
         assert "computed from its parameter" in group.blockers[0].reason
 
 
+class ScannedStandardised(nnx.Module):
+    """fc_in (6 -> 4), three stacked 4 x 4 kernels, each standardised over its rows inside the
+    scan that applies them, fc_out (4 -> 2)."""
+
+    def __init__(self, *, rngs):
+        self.fc_in = nnx.Linear(6, 4, rngs=rngs)
+        self.stack = nnx.Param(jnp.zeros((3, 4, 4)))
+        self.fc_out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        def step(h, v):
+            return nnx.relu(h @ ((v - v.mean(axis=0)) / (v.std(axis=0) + 1e-5))), None
+
+        h, _ = jax.lax.scan(step, self.fc_in(x), self.stack[...])
+        return self.fc_out(h)
+
+
+def test_a_kernel_computed_inside_a_scan_from_its_stacked_parameter_is_its_layer():
+    """Each iteration's standardised kernel is computed from its slice of the stack: the stack
+    is a layer (counted as one, its layer axis apart), and the stream it reads and writes is kept
+    whole, as for a kernel standardised outside a scan."""
+    s = trace(build(ScannedStandardised), (2, 6))
+    assert [(l.kernel, l.reparametrised) for l in s.layers] == [
+        ("fc_in.kernel", False), ("stack", True), ("fc_out.kernel", False)]
+    assert_counts(s, None, 6 * 4 + 3 * 4 * 4 + 4 * 2, 4 + 2, 6 * 4 + 3 * 4 * 4 + 4 * 2)
+    assert s.count().other_params == 0
+    stream = group_of(s, "fc_in.kernel", 1)
+    assert stream.producers == (("fc_in.kernel", 1), ("stack", 2)) and not stream.prunable
+    assert "computed from its parameter" in stream.blockers[0].reason
+
+
 class SortedMLP(nnx.Module):
     """6-5-4-3 with the hidden features of fc1 sorted, an op the analysis has no rule for."""
 

@@ -293,6 +293,24 @@ class CumulativeSum(nnx.Module):
         return self.head(jnp.cumsum(nnx.relu(self.fc(x.reshape(x.shape[0], -1))), axis=-1))
 
 
+class ScannedStandardised(nnx.Module):
+    """A stem, three residual blocks whose stacked 32 x 32 kernels are standardised over their
+    rows inside the scan that applies them, a hidden layer and a head."""
+
+    def __init__(self, rngs):
+        self.stem = nnx.Linear(784, 32, rngs=rngs)
+        self.stack = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (3, 32, 32)))
+        self.hidden, self.head = nnx.Linear(32, 16, rngs=rngs), nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        def block(h, v):
+            return h + nnx.relu(h @ ((v - v.mean(axis=0)) / (v.std(axis=0) + 1e-5))) / 8, None
+
+        h, _ = jax.lax.scan(block, nnx.relu(self.stem(x.reshape(x.shape[0], -1))),
+                            self.stack[...])
+        return self.head(nnx.relu(self.hidden(h)))
+
+
 @dataclasses.dataclass(frozen=True)
 class UserModel:
     """A model, its input shape, the sizes of the groups it should gate and the reasons the
@@ -327,6 +345,8 @@ MODELS = {
     "lstm": UserModel(RecurrentClassifier, (32,)),
     "gru": UserModel(functools.partial(RecurrentClassifier, cell=nnx.GRUCell, hidden=24), (24,)),
     "cumsum": UserModel(CumulativeSum, (), ("no rule for this primitive",)),
+    "scanned_standardised": UserModel(
+        ScannedStandardised, (16,), ("kernel computed from its parameter",)),
 }
 
 

@@ -299,25 +299,36 @@ REPARAMETRISED = (
 )
 
 
-def reparametrised_kernel(ctx: Context, value: Value, shape: tuple[int, ...]) -> str | None:
+def reparametrised_kernel(
+    ctx: Context, value: Value, shape: tuple[int, ...]
+) -> tuple[str, int] | None:
     """The parameter that an operand of a product is computed from when it is a kernel computed
-    from parameters alone (``w = (v - mean v) / std v``, ``w = g v / |v|``): the one of
-    ``value``'s sources of the operand's ``shape``; None for an operand that depends on the
-    model's input, or that no single parameter of its shape makes."""
+    from parameters alone (``w = (v - mean v) / std v``, ``w = g v / |v|``), and the number of
+    leading axes the parameter has beyond the kernel's: the one of ``value``'s sources whose
+    trailing axes are the operand's ``shape`` (all of them, or those after the layer axes of a
+    stack that a scan slices); None for an operand that depends on the model's input, or that
+    no single parameter of its shape makes."""
     if value.param is not None or not value.sources:
         return None
-    matches = [p for p in value.sources if ctx.param_shape(p) == shape]
+    matches = []
+    for path in value.sources:
+        param_shape = ctx.param_shape(path) or ()
+        stacked = len(param_shape) - len(shape)
+        if stacked >= 0 and param_shape[stacked:] == shape:
+            matches.append((path, stacked))
     return matches[0] if len(matches) == 1 else None
 
 
 def _reparametrised_layer(
-    ctx: Context, fields: Sequence[Field], path: str, outputs: Sequence[int]
+    ctx: Context, fields: Sequence[Field], kernel: tuple[str, int], outputs: Sequence[int]
 ) -> None:
-    """A product reads a kernel computed from parameter ``path``: the kernel's units (its
-    ``fields``) are kept whole, and the parameter's ``outputs`` axes produce the layer's units
-    (named after the parameter, not after a gain the kernel was scaled by)."""
+    """A product reads a kernel computed from parameter ``kernel = (path, stacked)``: the
+    kernel's units (its ``fields``) are kept whole, and the parameter's axes ``outputs`` (of the
+    kernel, after the ``stacked`` layer axes) produce the layer's units (named after the
+    parameter, not after a gain the kernel was scaled by)."""
+    path, stacked = kernel
     ctx.block(fields, REPARAMETRISED)
-    ctx.mark_param_producers(path, outputs)
+    ctx.mark_param_producers(path, [stacked + axis for axis in outputs])
 
 
 def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
@@ -364,7 +375,7 @@ def conv_general_dilated(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]
         _reparametrised_layer(ctx, rhs.fields, computed_from, (rhs_spec[0],))
     elif kernel_out is not None:
         ctx.units.mark_producers(kernel_out.ids)
-    record = LayerRecord(rhs.param or computed_from, "conv", macs,
+    record = LayerRecord(rhs.param or computed_from[0], "conv", macs,
                          reparametrised=computed_from is not None)
     return [Value(out_fields, layer=ctx.add_layer(record))]
 
@@ -489,7 +500,7 @@ def dot_general(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
         for field in kernel.fields:
             if set(field.dims) <= set(free):
                 ctx.units.mark_producers(field.ids)
-    record = LayerRecord(kernel.param or computed_from, "dense", macs,
+    record = LayerRecord(kernel.param or computed_from[0], "dense", macs,
                          reparametrised=computed_from is not None)
     return [Value(fields, layer=ctx.add_layer(record))]
 

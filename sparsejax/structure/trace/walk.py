@@ -86,14 +86,17 @@ def _unknown(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
 
 def _shift(ctx: Context, value: Value, offset: int) -> Value:
     """``value`` with its dimensions renumbered by ``offset``: -1 takes one iteration's slice of
-    a scanned input (a field on the scanned dimension is blocked), +1 stacks an output."""
+    a scanned input (a field on the scanned dimension is blocked; a slice of a parameter is still
+    that parameter, and computed from the same ones), +1 stacks an output."""
     fields = []
     for field in value.fields:
         if offset < 0 and 0 in field.dims:
             ctx.block([field], "scan over a unit dimension")
         else:
             fields.append(Field(tuple(d + offset for d in field.dims), field.ids))
-    return Value(tuple(fields), param=value.param if offset < 0 else None)
+    if offset > 0:
+        return Value(tuple(fields))
+    return Value(tuple(fields), param=value.param, sources=value.sources)
 
 
 @dataclasses.dataclass
