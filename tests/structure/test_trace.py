@@ -569,6 +569,25 @@ def test_a_kernel_computed_inside_a_scan_from_its_stacked_parameter_is_its_layer
     assert "computed from its parameter" in stream.blockers[0].reason
 
 
+class ScaledByAStack(nnx.Module):
+    """fc (6 -> 4), a 4 x 3 kernel scaled entrywise by the mean of a (2, 4, 3) stack, a head."""
+
+    def __init__(self, *, rngs):
+        self.fc = nnx.Linear(6, 4, rngs=rngs)
+        self.q = nnx.Param(jnp.zeros((4, 3)))
+        self.stack = nnx.Param(jnp.zeros((2, 4, 3)))
+        self.head = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.fc(x) @ (self.q[...] * self.stack[...].mean(axis=0))))
+
+
+def test_a_kernel_computed_from_a_parameter_of_its_shape_and_a_stack_is_the_parameters():
+    s = trace(build(ScaledByAStack), (2, 6))
+    assert [(l.kernel, l.reparametrised) for l in s.layers] == [
+        ("fc.kernel", False), ("q", True), ("head.kernel", False)]
+
+
 class SortedMLP(nnx.Module):
     """6-5-4-3 with the hidden features of fc1 sorted, an op the analysis has no rule for."""
 

@@ -304,10 +304,10 @@ def reparametrised_kernel(
 ) -> tuple[str, int] | None:
     """The parameter that an operand of a product is computed from when it is a kernel computed
     from parameters alone (``w = (v - mean v) / std v``, ``w = g v / |v|``), and the number of
-    leading axes the parameter has beyond the kernel's: the one of ``value``'s sources whose
-    trailing axes are the operand's ``shape`` (all of them, or those after the layer axes of a
-    stack that a scan slices); None for an operand that depends on the model's input, or that
-    no single parameter of its shape makes."""
+    leading axes the parameter has beyond the kernel's: the one of ``value``'s sources of the
+    operand's ``shape``, else the one whose trailing axes are that shape (after the layer axes
+    of a stack that a scan slices); None for an operand that depends on the model's input, or
+    that no single parameter of its shape makes."""
     if value.param is not None or not value.sources:
         return None
     matches = []
@@ -316,7 +316,8 @@ def reparametrised_kernel(
         stacked = len(param_shape) - len(shape)
         if stacked >= 0 and param_shape[stacked:] == shape:
             matches.append((path, stacked))
-    return matches[0] if len(matches) == 1 else None
+    candidates = [match for match in matches if match[1] == 0] or matches
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _reparametrised_layer(
