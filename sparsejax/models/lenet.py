@@ -105,8 +105,9 @@ class LeNet5(GatedModel):
     Batch-shared gates z >= 0 on conv1's channels multiply conv2's input rows: for z >= 0,
     max_pool(relu(z y)) = z max_pool(relu(y)) exactly (in floats too: rounding z y is
     monotone in y), and conv2 is linear in its input, so conv2(z p, W) = conv2(p, z[:, None] W).
-    The network up to conv2 is then the same for every gate sample: L0-ARM's antithetic pass
-    reuses it (XLA computes it once), and the kernel multiply is as cheap as on conv1's outputs.
+    The network up to conv2 is then the same for every gate sample, and the kernel multiply is
+    as cheap as on conv1's outputs; L0-ARM's step became faster with it (XLA still compiles
+    conv1 once per forward pass: the two passes' copies are not merged).
     Every gate of the package is nonnegative. Gates drawn per example multiply conv1's outputs.
     conv1's ReLU and pooling run on each CPU batch slice of it before the slices are joined
     (``Conv(then=...)``), so only the pooled quarter of its output is copied.
