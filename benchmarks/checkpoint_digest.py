@@ -27,7 +27,7 @@ from benchmarks.common import dataset_like
 from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.digest import verify_digest, write_digest
 from sparsejax.train.sharding import create_mesh, replicate
@@ -47,7 +47,7 @@ def train_state(model_name: str):
     config.method, config.model = _METHOD.value, model_name
     spec = SYNTHETIC_LIKE[dataset_like(model_name)]
     method = create_method(_METHOD.value, config, RunInfo(num_train=60000, steps_per_epoch=100))
-    model = build_model(
+    model = build_zoo_model(
         model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
         input_shape=spec.image_shape, num_classes=spec.num_classes,
     )

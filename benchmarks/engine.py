@@ -27,7 +27,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.data import load_dataset
 from sparsejax.data.sources import ArraySource
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.input import Input
 from sparsejax.train.sharding import create_mesh, replicate
@@ -51,7 +51,7 @@ def measure() -> dict:
     data = load_dataset("synthetic", num_train=_STEPS.value * _BATCH.value, num_test=_BATCH.value)
     run = RunInfo(num_train=EPOCH_EXAMPLES, steps_per_epoch=100)
     method = create_method(_METHOD.value, config, run)
-    model = build_model(_MODEL.value, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    model = build_zoo_model(_MODEL.value, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
     method_state = method.init(model)
     mesh = create_mesh()
     tx = method.optimizer()

@@ -13,7 +13,7 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.sharding import create_mesh, leaf_sharding
 from sparsejax.train.state import init_state
 
@@ -42,7 +42,7 @@ def main() -> None:
     sizes = [f for f in (1, 2, 4, 8) if jax.device_count() % f == 0]
     print("| model | params+opt (MB, replicated) | " + " | ".join(f"fsdp={f}" for f in sizes[1:]))
     for name, options in MODELS.items():
-        model = build_model(name, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **options)
+        model = build_zoo_model(name, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **options)
         _, state = init_state(model, method.init(model), method.optimizer(), jax.random.key(0))
         tree = (state.params, state.opt_state)
         row = [per_device_bytes(tree, create_mesh(f)) / 2**20 for f in sizes]

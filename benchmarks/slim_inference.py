@@ -30,9 +30,9 @@ from flax import nnx
 from benchmarks.common import dataset_like, forward
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
 from sparsejax.methods.greg.accounting import greg_pruned_count
-from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.slim import slim_model
+from sparsejax.structure.traced_model import build_zoo_model
 
 _MODEL = flags.DEFINE_string("model", "resnet56", "A residual model with block{i}.conv1 layers.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")
@@ -79,8 +79,8 @@ def time_chunk(run: Callable[[jax.Array], jax.Array], batches: jax.Array) -> flo
 def main(argv: list[str]) -> None:
     del argv
     spec = SYNTHETIC_LIKE[dataset_like(_MODEL.value)]
-    model = build_model(_MODEL.value, rngs=nnx.Rngs(0), input_shape=spec.image_shape,
-                        num_classes=spec.num_classes)
+    model = build_zoo_model(_MODEL.value, rngs=nnx.Rngs(0), input_shape=spec.image_shape,
+                            num_classes=spec.num_classes)
     prune_first_convs(model, [float(r) for r in _STAGE_PR.value])
     slims = {
         "slim": slim_model(model),

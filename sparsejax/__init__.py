@@ -4,7 +4,7 @@
 :mod:`sparsejax.structure.sparsify`); ``sparsejax.slim_traced`` slims any traced model and
 ``sparsejax.load_slim_function`` loads the saved result (:mod:`sparsejax.structure.slim_trace`);
 ``sparsejax.GatePlacement`` places a model's gates where its paper does
-(:mod:`sparsejax.structure.traced_model`).
+(:mod:`sparsejax.models.placement`, resolved by :mod:`sparsejax.structure.traced_model`).
 They are loaded on first use (PEP 562), so that ``from sparsejax import estimators`` still imports
 only JAX: the one place where the package root refers to a higher layer, for the sake of the
 public names.
@@ -17,7 +17,7 @@ _LAZY = {
     "slim_traced": "sparsejax.structure.slim_trace",
     "load_slim_function": "sparsejax.structure.slim_trace",
     "SlimFunction": "sparsejax.structure.slim_trace",
-    "GatePlacement": "sparsejax.structure.traced_model",
+    "GatePlacement": "sparsejax.models.placement",
 }
 
 

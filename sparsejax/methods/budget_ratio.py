@@ -22,9 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 
+import jax
+import numpy as np
+
 from sparsejax.errors import ConfigError
 from sparsejax.methods.budget import Target
-from sparsejax.models.base import Layer
+from sparsejax.models.base import GateSlot, Layer, slot_size
+from sparsejax.structure.accounting import count_network
 
 PrunedCount = Callable[[float, int], int]
 """How many of ``n`` units (or weights) a method prunes at ratio ``r``."""
@@ -47,8 +51,17 @@ def kept_fraction(
 ) -> float:
     """The ``kind`` (flops | params) left when every layer in ``ratios`` loses that fraction of
     its output units (``structure="unit"``) or kernel weights (``"weight"``), as a fraction of
-    the dense network's."""
+    the dense network's. Layers that declare what they read (``Layer.reads``, the zoo's hand
+    declarations) pass their kept output units on to their readers; traced layers, which
+    declare no reads, through the gate slots of their outputs (:func:`_slot_fraction`)."""
     layers = tuple(layers)
+    if structure == "unit" and not any(layer.reads for layer in layers):
+        units = {
+            slot: (ratios[layer.name], slot_size(placement, layer.out_units))
+            for layer in layers if ratios.get(layer.name, 0.0) > 0
+            for slot, placement in layer.outputs
+        }
+        return _slot_fraction(layers, units, kind, count)
     out_keep = {}
     for layer in layers:
         ratio = ratios.get(layer.name, 0.0)
@@ -75,6 +88,27 @@ def kept_fraction(
         else:
             kept += kept_weights + kept_biases
             dense += weights + biases
+    return kept / dense
+
+
+def _slot_fraction(
+    layers: tuple[Layer, ...],
+    pruned: Mapping[str, tuple[float, int]],
+    kind: str,
+    count: PrunedCount,
+) -> float:
+    """The ``kind`` left, as a fraction of the dense network's, when every gate slot in
+    ``pruned`` (``{slot: (ratio, units)}``) loses ``count(ratio, units)`` of its units: each of
+    its units kept at the fraction ``(n - count(r, n)) / n``, counted by
+    :func:`~sparsejax.structure.accounting.count_network` over every layer side that holds the
+    slot (a flattened map's tiles, a concatenation's indices, the readers' inputs)."""
+    values = {
+        slot: np.full(units, (units - count(ratio, units)) / units, np.float32)
+        for slot, (ratio, units) in pruned.items()
+    }
+    with jax.ensure_compile_time_eval():  # a pure function of the layers, also inside a trace
+        kept = float(count_network(layers, values)[kind])
+        dense = float(count_network(layers, {})[kind])
     return kept / dense
 
 
@@ -116,6 +150,26 @@ def layers_ratio(
     return uniform_ratio(
         lambda r: kept_fraction(
             layers, dict.fromkeys(pruned, r), structure=structure, kind=target.kind, count=count
+        ),
+        target,
+        what,
+    )
+
+
+def slots_ratio(
+    layers: Iterable[Layer],
+    slots: Iterable[GateSlot],
+    target: Target,
+    *,
+    count: PrunedCount = rounded_count,
+    what: str = "the method",
+) -> float:
+    """The uniform ratio over the unit gate slots ``slots`` (a traced model's groups, pruned
+    by slot) that meets ``target``."""
+    layers, slots = tuple(layers), tuple(slots)
+    return uniform_ratio(
+        lambda r: _slot_fraction(
+            layers, {slot.name: (r, slot.shape[0]) for slot in slots}, target.kind, count
         ),
         target,
         what,

@@ -44,7 +44,7 @@ import ml_collections
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.budget import TARGET_FIELDS, requested_target
-from sparsejax.methods.budget_ratio import layers_ratio
+from sparsejax.methods.budget_ratio import layers_ratio, slots_ratio
 from sparsejax.methods.fields import Field
 from sparsejax.methods.masking import check_unit_zeroing, unit_variables
 from sparsejax.methods.penalties import gated_l2
@@ -220,27 +220,23 @@ class GradualMagnitudePruning(Method):
 
     def final_sparsity(self, model: GatedModel) -> float:
         """s_f: ``final_sparsity``, or under a target (``target_flops`` / ``target_params``)
-        the ratio that, pruned from every pruned layer alike (``gmp_scope="layer"``), meets it
-        (:mod:`sparsejax.methods.budget_ratio`)."""
+        the ratio that, pruned from every pruned layer (or a traced model's gate slot) alike
+        (``gmp_scope="layer"``), meets it (:mod:`sparsejax.methods.budget_ratio`)."""
         target = requested_target(self.config)
         if target is None:
             return float(self.config.final_sparsity)
-        if self.by_slots(model):
-            raise ConfigError(
-                "gmp_structure=unit takes no target_flops / target_params on a traced model; "
-                "give final_sparsity, the fraction of every gate slot's units to prune"
-            )
         if self.config.gmp_scope != "layer":
             raise ConfigError(
                 "a target chooses one ratio for every layer: use it with gmp_scope=layer"
             )
-        ratio = layers_ratio(
-            model.layers,
-            self.pruned_layers(model),
-            target,
-            structure=self.config.gmp_structure,
-            what=f"gmp ({self.config.gmp_structure} structure)",
-        )
+        what = f"gmp ({self.config.gmp_structure} structure)"
+        if self.by_slots(model):
+            slots = {slot.name: slot for slot in model.gate_slots}
+            pruned = [slots[name] for name in self.pruned_layers(model)]
+            ratio = slots_ratio(model.layers, pruned, target, what=what)
+        else:
+            ratio = layers_ratio(model.layers, self.pruned_layers(model), target,
+                                 structure=self.config.gmp_structure, what=what)
         if ratio < self.config.initial_sparsity:
             raise ConfigError(
                 f"target_{target.kind}={target.fraction} needs a final sparsity of {ratio:.3f}, "

@@ -2,7 +2,9 @@
 
 Gate placement follows Louizos et al. (2018) and Li & Ji (2019):
 - MLP: gates on the inputs of each of the three dense layers (784, 300 and 100 gates); initial
-  drop rate 0.2 on the pixels and 0.5 elsewhere.
+  drop rate 0.2 on the pixels and 0.5 elsewhere. The MLP is a plain NNX module with these
+  placements (:mod:`sparsejax.models.placement`); its slots, counts and slimming come from its
+  trace (:class:`~sparsejax.structure.traced_model.TracedModel`).
 - LeNet-5-Caffe: gates on the output channels of both convolutions (20, 50) and on the inputs of
   both dense layers (800, 500); initial drop rate 0.5. The architecture string "a-b-c-d" counts
   the active gates of these four slots.
@@ -13,13 +15,12 @@ the fan-in, N(0, 2 / fan_in), biases zero; LeNet-5's convolutions take ``conv_fa
 (N(0, 2 / (25 * out))) for L0-ARM, whose code initialises them so
 (:meth:`sparsejax.methods.base.Method.model_options`).
 
-``reads`` (the producer of each layer's input): every layer reads the one before it, the first
-reads the image. A dense layer that reads a feature map reads it flattened (NHWC order, channel
-fastest), so its inputs are the producer's channels times the map's positions: the MLP's fc1 reads
-the C = 1 channel of the image at H * W = 784 positions, LeNet-5's fc1 the 50 channels of conv2 at
-the 4 * 4 positions left after pooling (800 = 50 * 16, the tile count of ``conv2`` in its inputs).
-The dense layers read their input through an input selection, so that a slimmed model drops the
-pixels (MLP) or flattened positions (LeNet-5's fc1) whose own input gates are closed.
+LeNet-5's ``reads`` (the producer of each layer's input): every layer reads the one before it,
+the first reads the image. fc1 reads conv2's map flattened (NHWC order, channel fastest): its
+inputs are the 50 channels of conv2 at the 4 * 4 positions left after pooling (800 = 50 * 16, the
+tile count of ``conv2`` in its inputs). The dense layers read their input through an input
+selection, so that a slimmed model drops the flattened positions whose own input gates are
+closed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sparsejax.models.base import (
     check_granularity,
 )
 from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.placement import GatePlacement
 from sparsejax.models.pooling import max_pool
 
 MNIST_SHAPE = (28, 28, 1)
@@ -46,8 +48,10 @@ PIXEL_DROPRATE = 0.2
 HIDDEN_DROPRATE = 0.5
 
 
-class MLP(GatedModel):
-    """LeNet-300-100: dense 784-300-100-classes with ReLU."""
+class MLP(nnx.Module):
+    """LeNet-300-100: dense 784-300-100-classes with ReLU, a plain NNX module whose
+    ``gate_placements`` put one gate on every input of each dense layer (the pixels at drop
+    rate 0.2, the hidden units at 0.5); ``|g|`` of a gate is its row of the layer's kernel."""
 
     def __init__(
         self,
@@ -56,46 +60,22 @@ class MLP(GatedModel):
         num_classes: int = 10,
         input_shape: tuple[int, ...] = MNIST_SHAPE,
         hidden: tuple[int, ...] = (300, 100),
-        gate_factory: GateFactory | None = None,
-        granularity: Granularity = "unit",
     ):
-        check_granularity(granularity)
-        self.granularity = granularity
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
         widths = (math.prod(input_shape), *hidden, num_classes)
-        names = tuple(f"fc{i + 1}" for i in range(len(widths) - 1))
-        for name, (a, b) in zip(names, zip(widths[:-1], widths[1:])):
+        self.names = tuple(f"fc{i + 1}" for i in range(len(widths) - 1))
+        for name, (a, b) in zip(self.names, zip(widths[:-1], widths[1:])):
             setattr(self, name, Dense(a, b, rngs=rngs))
-        layers = [
-            Layer(
-                name,
-                (widths[i], widths[i + 1]),
-                inputs=self._unit_sources((name, 1)),
-                outputs=self._unit_sources((names[i + 1], 1)) if i + 1 < len(names) else (),
-                kernel_slot=self._kernel_slot(name),
-                reads=(names[i - 1] if i else MODEL_INPUT,),
-                input_selection=True,
-            )
-            for i, name in enumerate(names)
-        ]
-        unit_slots = [
-            GateSlot(name, name, (widths[i],), 0, False,
-                     PIXEL_DROPRATE if i == 0 else HIDDEN_DROPRATE, layer.kernel_shape)
-            for i, (name, layer) in enumerate(zip(names, layers))
-        ]
-        self._declare(layers, unit_slots, droprate_init=HIDDEN_DROPRATE,
-                      gate_factory=gate_factory, rngs=rngs)
+        self.gate_placements = tuple(
+            GatePlacement(name, name, "input", PIXEL_DROPRATE if i == 0 else HIDDEN_DROPRATE)
+            for i, name in enumerate(self.names)
+        )
 
-    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
         h = x.reshape(x.shape[0], -1)
-        for i, layer in enumerate(self.layers):
-            h = self.layer_module(layer.name)(
-                self.select_inputs(h, layer.name),
-                self.kernel_gate(z, layer.name),
-                self.input_gate(z, layer.name),
-            )
-            if i + 1 < len(self.layers):
-                h = nnx.relu(h)
-        return h
+        for name in self.names[:-1]:
+            h = nnx.relu(getattr(self, name)(h))
+        return getattr(self, self.names[-1])(h)
 
 
 class LeNet5(GatedModel):

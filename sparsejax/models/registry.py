@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from flax import nnx
+
 from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import resnet20, resnet56, resnet110
 from sparsejax.models.densenet import densenet40
@@ -16,7 +18,7 @@ from sparsejax.models.vgg import VGG16, VGG19
 from sparsejax.models.vit import vit_tiny
 from sparsejax.models.wide_resnet import wrn28_10
 
-MODELS: dict[str, Callable[..., GatedModel]] = {
+MODELS: dict[str, Callable[..., GatedModel | nnx.Module]] = {
     "mlp": MLP,
     "lenet5": LeNet5,
     "resnet20": resnet20,
@@ -36,8 +38,17 @@ MODELS: dict[str, Callable[..., GatedModel]] = {
 }
 
 
-def build_model(name: str, **kwargs) -> GatedModel:
-    """Build the model registered as ``name``; kwargs go to its constructor."""
+PLAIN = frozenset({"mlp"})
+"""The zoo models written as plain NNX modules with their ``gate_placements``
+(:mod:`sparsejax.models.placement`), gated from their trace
+(:func:`sparsejax.structure.traced_model.build_zoo_model`). Each has the attributes
+``input_shape`` and ``num_classes``. The others still declare their slots and layers by hand."""
+
+
+def build_model(name: str, **kwargs) -> GatedModel | nnx.Module:
+    """Build the model registered as ``name``; kwargs go to its constructor. A model in
+    :data:`PLAIN` is its plain network: gate it with
+    :func:`sparsejax.structure.traced_model.build_zoo_model`."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
     return MODELS[name](**kwargs)

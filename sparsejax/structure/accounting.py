@@ -54,6 +54,12 @@ def _unit_vector(sources: UnitSource, values: Mapping[str, ArrayLike], size: int
     return vector
 
 
+def kept_units(sources: UnitSource, values: Mapping[str, ArrayLike], size: int) -> float:
+    """How many of a layer side's ``size`` units the per-slot unit ``values`` keep (their sum
+    for fractional values): a unit is kept when each of its ``sources`` keeps it."""
+    return float(jnp.sum(_unit_vector(sources, values, size)))
+
+
 def _kernel_inputs(inputs: jnp.ndarray, layer: Layer) -> jnp.ndarray:
     """The input-unit value of every kernel entry, ``(in / groups, out)``: output o of a grouped
     convolution reads the inputs of its own group."""

@@ -65,7 +65,6 @@ import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +84,8 @@ from sparsejax.models.base import (
     UnitSource,
     check_granularity,
 )
-from sparsejax.models.registry import MODELS, build_model
+from sparsejax.models.placement import DROPRATE_INIT, GatePlacement
+from sparsejax.models.registry import MODELS, PLAIN, build_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.sparsify import (
@@ -106,8 +106,6 @@ from sparsejax.structure.trace import (
 )
 from sparsejax.user_code import import_named
 
-DROPRATE_INIT = 0.5
-"""Initial drop rate of every gate of a traced model (the L0 references' hidden-layer value)."""
 COUNT_TOLERANCE = 1e-6
 """Relative difference allowed between the layer accounting (float32) and the exact trace."""
 WHOLE_SIDE = 0
@@ -124,91 +122,6 @@ class LayerParameters:
 
     kernel: nnx.Variable
     bias: nnx.Variable | None
-
-
-Side = Literal["input", "output"]
-
-
-@dataclasses.dataclass(frozen=True)
-class GatePlacement:
-    """One unit-gate slot of a :class:`TracedModel` placed by hand, for a model whose paper
-    gates other units than the default (every removable traced group):
-
-    - ``side="output"``: the output units of ``layer``, which must be one removable traced
-      group (a layer's outputs, a depthwise convolution's channels; not one whose units a
-      normaliser's statistics read). The gates act as the group's
-      default gates do, on its readers; ``|g|`` is the layer's kernel slice and bias, the group
-      of Louizos et al. (2018) for a convolution's output channel.
-    - ``side="output"`` with ``norm``: the output of the normaliser ``norm`` that follows
-      ``layer``, alone: one member of a residual stream, whose group is not prunable (the stem
-      of the CIFAR ResNets, Dep-L0's placement). The gates multiply the normaliser's scale and
-      bias, which is multiplying its output, and the layers in ``readers``, which read that
-      output before it joins the stream, lose the closed units' inputs in the accounting.
-      ``|g|`` is the layer's kernel slice and bias.
-    - ``side="input"``: one gate per input unit of ``layer``. When those units are a removable
-      group that only ``layer`` reads, they are that group (its producers' outputs are switched
-      off with it); otherwise an *input selection* that gates the layer's rows alone (the pixel
-      gates of LeNet-300-100, the 800 flattened inputs of LeNet-5's first dense layer,
-      DenseNet's concatenated inputs). ``|g|`` is one row of the layer's kernel (Louizos et al.'s
-      group of a dense layer's input neuron).
-    - ``side="output"`` with ``heads=H``: the output units of ``layer`` (a removable group) in
-      the ``H`` heads that a product of two activations splits them into (a flat projection
-      reshaped into heads, ``Q K^T`` or ``A V`` summing within each head), one gate per head.
-      Placements of several layers with the same ``slot`` and ``heads`` make one slot: a
-      head's queries and keys (``layer`` the query projection) and its values (the value
-      projection), closed together. The gates multiply where the head's units are read by a
-      layer (the output projection's rows, so a gate scales the head's output, as in Voita et
-      al. 2019); the query/key units, which only the scores read, go with their head in the
-      counts and when slimming. ``|g|`` is everything one head removes. On a
-      ``(dim, heads, head_dim)`` kernel (``nnx.MultiHeadAttention``) the placement takes the
-      output axis of ``H`` units, whose group is the heads: the query and the value
-      projections name the same group, and the slot gates it once. The output columns may
-      share units (a fused ``qkv`` projection, one group split by both products, placed
-      once; grouped-query attention's queries, whose heads are the key/value groups).
-
-    - ``side="output"`` with ``branch``: one gate for the whole output of ``layer``, the last
-      layer of a residual branch (a transformer's sublayer, gated as in Fan et al. 2020's
-      LayerDrop and CoFi's ``attn`` / ``mlp`` masks: the output projection, with the query,
-      key and value projections as ``branch``; an FFN's down projection, with its up
-      projection). The gate multiplies ``layer``'s output columns and bias, which is
-      multiplying the branch's output; a closed gate removes every kernel and bias of
-      ``layer`` and ``branch`` and the products of two activations that read their outputs,
-      and ``|g|`` is all of those parameters, the slot's members
-      (:meth:`TracedModel.slot_members`). The layers of ``branch`` must feed no layer outside
-      it but ``layer``. The slot names ``layer`` along its input axis, as a slot of heads
-      does.
-
-    Placements give the gated methods their slots; the methods that prune filters and units
-    (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
-    removable group instead.
-
-    Attributes:
-      slot: the slot's name (in the gates, the config's per-slot lambdas and the reports).
-      layer: the traced layer, named after the module holding its kernel (``"blocks.0.conv1"``).
-      side: ``"input"`` or ``"output"``.
-      droprate_init: the initial drop rate of the slot's gates.
-      norm: the module path of the normaliser (with ``scale`` and ``bias``) whose output the
-        gates multiply, for an output that is one member of a larger group; None otherwise.
-      readers: the traced layers that read the normaliser's output alone (``norm`` only).
-      heads: the number of heads the output units are split into, one gate each; 0 for one
-        gate per unit.
-      whole_unit: ``|g|`` is everything a unit removes (its producers' kernel slices and
-        biases and every reader's rows, as for the default slots) instead of the placed
-        layer's slice or row: the transformers' FFN units. Only where the placed units are a
-        traced group.
-      branch: the traced layers that only feed ``layer``: with it, one residual branch under
-        one gate; empty for unit gates.
-    """
-
-    slot: str
-    layer: str
-    side: Side
-    droprate_init: float = DROPRATE_INIT
-    norm: str | None = None
-    readers: tuple[str, ...] = ()
-    heads: int = 0
-    whole_unit: bool = False
-    branch: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -798,9 +711,11 @@ def _factor_sources(
 def _check_counts(
     structure: TracedStructure, layers: tuple[Layer, ...], products: tuple[Layer, ...]
 ) -> None:
-    """The layer accounting of the dense network must give the trace's params and FLOPs."""
+    """The layer accounting of the dense network must give the trace's params and FLOPs
+    (computed from the geometry alone, also while the model is built on shapes only)."""
     traced = structure.count()
-    declared = count_network(layers, {}, products)
+    with jax.ensure_compile_time_eval():
+        declared = count_network(layers, {}, products)
     for what, exact in (("params", traced.params), ("flops", traced.flops)):
         value = float(declared[what])
         if abs(value - exact) > COUNT_TOLERANCE * max(exact, 1.0):
@@ -1232,6 +1147,58 @@ def build_traced_model(
     key = rngs.params()
     net_rngs = nnx.Rngs(params=jax.random.fold_in(key, 0), dropout=jax.random.fold_in(key, 1))
     net = load_factory(spec)(rngs=net_rngs, num_classes=num_classes)
+    return _gated_net(
+        net, f"--model={spec}", rngs=rngs, input_shape=input_shape, num_classes=num_classes,
+        gate_factory=gate_factory, granularity=granularity, use_placements=use_placements,
+        input_dtype=input_dtype,
+    )
+
+
+def build_zoo_model(
+    name: str,
+    *,
+    rngs: nnx.Rngs,
+    gate_factory: GateFactory | None = None,
+    granularity: Granularity = "unit",
+    use_placements: bool = True,
+    input_dtype: jnp.dtype = jnp.float32,
+    **options,
+) -> GatedModel:
+    """The zoo model registered as ``name`` (:data:`~sparsejax.models.MODELS`); ``options``
+    go to its constructor. A model written as a plain NNX module
+    (:data:`~sparsejax.models.registry.PLAIN`) becomes the :class:`TracedModel` of that module,
+    its gates drawn from ``rngs`` after its parameters and placed by its own
+    ``gate_placements`` when ``use_placements`` (at unit granularity); a model that still
+    declares its slots by hand is built as it is (``use_placements`` and ``input_dtype`` are
+    for traced models only).
+
+    Raises:
+      ValueError: for a name the zoo does not have.
+    """
+    if name not in PLAIN:
+        return build_model(name, rngs=rngs, gate_factory=gate_factory, granularity=granularity,
+                           **options)
+    net = build_model(name, rngs=rngs, **options)
+    return _gated_net(
+        net, name, rngs=rngs, input_shape=net.input_shape, num_classes=net.num_classes,
+        gate_factory=gate_factory, granularity=granularity, use_placements=use_placements,
+        input_dtype=input_dtype,
+    )
+
+
+def _gated_net(
+    net: nnx.Module,
+    name: str,
+    *,
+    rngs: nnx.Rngs,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    gate_factory: GateFactory | None,
+    granularity: Granularity,
+    use_placements: bool,
+    input_dtype: jnp.dtype,
+) -> TracedModel:
+    """The :class:`TracedModel` of ``net``, with its own placements where asked for."""
     return TracedModel(
         net,
         rngs=rngs,
@@ -1239,15 +1206,15 @@ def build_traced_model(
         num_classes=num_classes,
         gate_factory=gate_factory,
         granularity=granularity,
-        name=f"--model={spec}",
+        name=name,
         input_dtype=input_dtype,
         placements=(
-            declared_placements(net, spec) if granularity == "unit" and use_placements else None
+            declared_placements(net, name) if granularity == "unit" and use_placements else None
         ),
     )
 
 
-def declared_placements(net: nnx.Module, spec: str) -> tuple[GatePlacement, ...] | None:
+def declared_placements(net: nnx.Module, name: str) -> tuple[GatePlacement, ...] | None:
     """The module's own ``gate_placements`` attribute (a sequence of :class:`GatePlacement`:
     where its paper puts the gates), or None to gate every prunable group.
 
@@ -1261,7 +1228,7 @@ def declared_placements(net: nnx.Module, spec: str) -> tuple[GatePlacement, ...]
         isinstance(p, GatePlacement) for p in placements
     ):
         raise ConfigError(
-            f"--model={spec}: gate_placements must be a tuple of "
+            f"{name}: gate_placements must be a tuple of "
             f"sparsejax.GatePlacement(slot, layer, side), got {placements!r:.200}"
         )
     return tuple(placements)
@@ -1285,12 +1252,12 @@ def check_model_name(name: str) -> None:
 
 
 def build_any_model(name: str, **kwargs) -> GatedModel:
-    """A zoo model (:func:`~sparsejax.models.build_model`) or, for ``MODULE:FACTORY``, the
+    """A zoo model (:func:`build_zoo_model`) or, for ``MODULE:FACTORY``, the
     :class:`TracedModel` of the factory's module (:func:`build_traced_model`)."""
     check_model_name(name)
     if is_model_spec(name):
         return build_traced_model(name, **kwargs)
-    return build_model(name, **kwargs)
+    return build_zoo_model(name, **kwargs)
 
 
 __all__ = [
@@ -1298,6 +1265,7 @@ __all__ = [
     "LayerParameters",
     "TracedModel",
     "build_any_model",
+    "build_zoo_model",
     "build_traced_model",
     "check_model_name",
     "declared_placements",

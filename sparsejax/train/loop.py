@@ -30,7 +30,7 @@ from sparsejax.methods.base import Method, MethodState, RunInfo
 from sparsejax.methods.budget import requested_target, target_report
 from sparsejax.models.base import GatedModel
 from sparsejax.structure.report import GateReport, sparsity_report
-from sparsejax.structure.traced_model import build_any_model, is_model_spec
+from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
 from sparsejax.train.input import DEFAULT_THREADS, Input
@@ -172,10 +172,8 @@ def build(
     method_cls, config = resolve_config(config)
     run = RunInfo(data.num_train, steps_per_epoch_of(config, data), config.get("epochs"))
     method = method_cls(config, run)
-    options = method.model_options()
-    if is_model_spec(config.model):
-        options["use_placements"] = method.uses_gate_placements
-        options["input_dtype"] = data.input_dtype
+    options = method.model_options() | {
+        "use_placements": method.uses_gate_placements, "input_dtype": data.input_dtype}
     model = build_any_model(
         config.model,
         rngs=nnx.Rngs(params=config.seed),

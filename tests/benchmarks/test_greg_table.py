@@ -40,10 +40,10 @@ def test_errors_around_pruning_are_those_of_the_runs_networks(tmp_path):
     for i, name in enumerate(("fc1", "fc2")):
         pruned = np.asarray(after.method_state["layers"][i]["selected"])
         assert pruned.sum() == {"fc1": 150, "fc2": 50}[name]
-        layer = getattr(after.model, name)
+        layer = after.model.layer_module(name)
         assert np.all(np.asarray(layer.kernel[...])[:, pruned] == 0.0)
         assert np.all(np.asarray(layer.bias[...])[pruned] == 0.0)
-        unpruned = np.abs(np.asarray(getattr(before.model, name).kernel[...])[:, pruned])
+        unpruned = np.abs(np.asarray(before.model.layer_module(name).kernel[...])[:, pruned])
         largest = max(largest, float(unpruned.max()))
     assert row["pruned_max"] == largest > 0.0
     cached = json.loads((tmp_path / "greg1" / AROUND_PRUNING_FILE).read_text())

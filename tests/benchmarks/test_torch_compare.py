@@ -7,12 +7,12 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import make_steps, seconds_per_step  # noqa: E402
 from benchmarks.torch_compare import TORCH_MODELS, torch_steps  # noqa: E402
-from sparsejax.models import build_model  # noqa: E402
+from sparsejax.structure.traced_model import build_zoo_model  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_MODELS))
 def test_torch_networks_have_the_shapes_of_sparsejax_models(name):
-    params = nnx.state(build_model(name, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.state(build_zoo_model(name, rngs=nnx.Rngs(0)), nnx.Param)
     ours = sorted(x.size for x in jax.tree.leaves(params))
     theirs = sorted(p.numel() for p in TORCH_MODELS[name]().parameters())
     assert ours == theirs

@@ -14,7 +14,7 @@ from sparsejax.methods.dep_l0 import generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.greg import FIELDS as GREG_FIELDS
 from sparsejax.methods.optim import learning_rates
-from sparsejax.models import build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.config import resolve_config
 from tests.commands import run_module
@@ -66,8 +66,8 @@ def test_dep_l0_decays_in_the_optimizer_only(module, model, weight_decay, method
     small.update(model="resnet20", l2=resolved.l2)
     dep = resolved_cls(small, RunInfo(num_train=128, steps_per_epoch=1, epochs=2))
     assert dep.l2 == 0.0
-    net = build_model("resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
-                      gate_factory=dep.make_gates)
+    net = build_zoo_model("resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
+                          gate_factory=dep.make_gates)
     keep = dep.keep_probabilities(net, generator_of(net)())
     want = dep_l0_penalty(net.layers, net.gate_slots, keep, dep.penalty_lambda)
     assert float(dep.penalty(net, {})) == float(want)

@@ -16,7 +16,8 @@ from sparsejax.gates.generator import (
 )
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.dep_l0 import generator_of
-from sparsejax.models import LeNet5, build_model
+from sparsejax.models import LeNet5
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.state import merge_model, split_model
 
 WIDTHS = {"a": 3, "b": 2, "c": 4}
@@ -105,7 +106,7 @@ def test_generator_makes_one_logit_per_unit_of_every_declared_slot(model_name, d
     method = create_method("dep_l0", config, RunInfo(num_train=100))
 
     def build():
-        model = build_model(
+        model = build_zoo_model(
             model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **MODEL_INPUTS[model_name]
         )
         return model, generator_of(model)()
@@ -131,8 +132,8 @@ def test_generator_sizes_match_the_reference(model_name, dependency, count):
     method = create_method("dep_l0", config, RunInfo(num_train=100))
 
     def build():
-        model = build_model(model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
-                            input_shape=(32, 32, 3))
+        model = build_zoo_model(model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
+                                input_shape=(32, 32, 3))
         return model
 
     generator = generator_of(nnx.eval_shape(build))

@@ -10,8 +10,8 @@ from sparsejax.estimators.bounded_lp import bounded_norm, prox_bounded_l1
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.bounded_lp import BOUNDED_LAMBDAS, L1_LAMBDAS
-from sparsejax.models import MLP, build_model
 from sparsejax.structure import gate_report
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.state import merge_model, split_model
 from sparsejax.train.step import apply_after_update
@@ -20,7 +20,7 @@ from tests.methods.test_methods import method_config
 
 def setup(name, model="lenet5", **overrides):
     method = create_method(name, method_config(name, model, **overrides), RunInfo(1000))
-    net = build_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    net = build_zoo_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
     method.init(net)
     return method, net
 
@@ -30,8 +30,8 @@ def tiny(name, run=RunInfo(num_train=256), **overrides):
     config = method_config(name, "mlp", optimizer="sgd", learning_rate=0.5, l2=0.0)
     config.update(overrides)
     method = create_method(name, config, run)
-    net = MLP(
-        rngs=nnx.Rngs(0), input_shape=(4, 1, 1), hidden=(3,), num_classes=2,
+    net = build_zoo_model(
+        "mlp", rngs=nnx.Rngs(0), input_shape=(4, 1, 1), hidden=(3,), num_classes=2,
         gate_factory=method.make_gates,
     )
     x = jax.random.normal(jax.random.key(0), (256, 4, 1, 1))

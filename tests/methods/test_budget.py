@@ -25,9 +25,9 @@ from sparsejax.methods.budget import (
 )
 from sparsejax.methods.budget_ratio import kept_fraction, layers_ratio
 from sparsejax.methods.dep_l0 import budget_logits, generator_of
-from sparsejax.models import build_model
 from sparsejax.plots import BUDGET_FIGURE, plot_run
 from sparsejax.structure.accounting import count_network
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.config import resolve_config
@@ -54,7 +54,7 @@ def method_for(name, model="mlp", granularity="unit", **overrides):
     config.update(model=model, **overrides)
     _, config = resolve_config(config)
     method = create_method(name, config, RunInfo(num_train=1000, steps_per_epoch=10, epochs=4))
-    built = build_model(
+    built = build_zoo_model(
         model, rngs=nnx.Rngs(params=0), gate_factory=method.make_gates, granularity=granularity,
         **method.model_options(),
     )
@@ -313,6 +313,15 @@ def test_a_ratio_method_meets_its_target(tmp_path, method):
     assert -0.03 < summary["achieved_fraction"] - 0.3 < TOLERANCE
 
 
+@needs_fashion_mnist
+def test_gmp_by_units_meets_its_target_on_a_traced_model(tmp_path):
+    """The MLP is traced: gmp prunes its groups' units, each counted with its readers' rows."""
+    config = fashion_config("gmp", target_flops=0.3, gmp_structure="unit", prune_end_epoch=2.0)
+    summary = train_and_evaluate(config, tmp_path)
+    assert summary["target"] == 0.3
+    assert -0.03 < summary["achieved_fraction"] - 0.3 < TOLERANCE
+
+
 @pytest.mark.parametrize("method", ["l0_hc", "l1"])
 def test_a_run_preempted_mid_warmup_resumes_exactly(tmp_path, method, monkeypatch):
     # 8 updates an epoch, the target reached after 24: stopped at update 11
@@ -332,7 +341,7 @@ def test_a_run_preempted_mid_warmup_resumes_exactly(tmp_path, method, monkeypatc
 def _transformer(kind, method):
     """lm_tiny or vit_tiny at the tiny sizes of tests/models/test_transformer.py."""
     name, sizes = ("lm_tiny", TINY_LM) if kind == "lm" else ("vit_tiny", TINY_VIT)
-    return build_model(name, rngs=nnx.Rngs(params=0), gate_factory=method.make_gates, **sizes)
+    return build_zoo_model(name, rngs=nnx.Rngs(params=0), gate_factory=method.make_gates, **sizes)
 
 
 @pytest.mark.parametrize("kind", ["lm", "vit"])

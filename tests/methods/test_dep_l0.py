@@ -14,9 +14,10 @@ from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.dep_l0 import DEFAULT_LAMBDAS, generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.penalties import gated_l2
-from sparsejax.models import MLP, VGG16, LeNet5, build_model
+from sparsejax.models import VGG16, LeNet5
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.structure import gate_report
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.state import merge_model, split_model
 from tests.methods.test_methods import method_config
@@ -56,11 +57,11 @@ def test_registry_defaults_and_config_errors():
         method_for("dep_l0", penalty_form="quadratic")
     method = method_for("dep_l0")
     with pytest.raises(ValueError, match="granularity='unit'"):
-        build_model(
+        build_zoo_model(
             "lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gates, granularity="weight"
         )
     with pytest.raises(ValueError, match="gate_factory=method.make_gates"):
-        generator_of(build_model("lenet5", rngs=nnx.Rngs(0)))
+        generator_of(build_zoo_model("lenet5", rngs=nnx.Rngs(0)))
 
 
 def test_penalty_of_lenet5_by_hand():
@@ -82,9 +83,9 @@ def test_penalty_of_lenet5_by_hand():
 def tiny_mlp_of_ones(name, **overrides):
     """MLP 3-2-4 with every kernel and bias entry 1 (fc1 rows: |w|^2 = 2, fc2 rows: 4)."""
     method = method_for(name, model="mlp", lamba=LAMBDA, **overrides)
-    model = MLP(rngs=nnx.Rngs(0), input_shape=(3, 1, 1), hidden=(2,), num_classes=4,
-                gate_factory=method.make_gates)
-    for layer in (model.fc1, model.fc2):
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), input_shape=(3, 1, 1), hidden=(2,),
+                            num_classes=4, gate_factory=method.make_gates)
+    for layer in (model.net.fc1, model.net.fc2):
         layer.kernel[...] = jnp.ones_like(layer.kernel[...])
         layer.bias[...] = jnp.ones_like(layer.bias[...])
     return method, model
@@ -120,8 +121,8 @@ def test_loss_changes_with_l2_by_the_gated_l2(name):
 
 def test_mlp_penalty_is_expected_l0_weighted_by_group_size():
     method = method_for("dep_l0", model="mlp", lamba=LAMBDA)
-    model = MLP(rngs=nnx.Rngs(0), input_shape=(3, 1, 1), hidden=(2,), num_classes=4,
-                gate_factory=method.make_gates)
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), input_shape=(3, 1, 1), hidden=(2,),
+                            num_classes=4, gate_factory=method.make_gates)
     q = {"fc1": jnp.array([0.5, 0.5, 1.0]), "fc2": jnp.array([0.25, 0.75])}
     got = dep_l0_penalty(model.layers, model.gate_slots, q, LAMBDA)
     assert float(got) == pytest.approx(LAMBDA * (2 * 2.0 + 4 * 1.0), rel=1e-6)
@@ -129,8 +130,8 @@ def test_mlp_penalty_is_expected_l0_weighted_by_group_size():
 
 def resnet20_halves():
     method = method_for("dep_l0", model="resnet20")
-    model = nnx.eval_shape(lambda: build_model("resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
-                                               gate_factory=method.make_gates))
+    model = nnx.eval_shape(lambda: build_zoo_model(
+        "resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3), gate_factory=method.make_gates))
     return model, {s.name: jnp.full(s.shape, 0.5) for s in model.gate_slots}
 
 
@@ -212,8 +213,8 @@ def test_each_group_is_trained_by_its_own_optimizer(name):
 
 def tiny_mlp(per_example):
     method = method_for("dep_l0_arm", model="mlp", lamba=0.0, per_example_gates=per_example)
-    model = MLP(rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,), num_classes=2,
-                gate_factory=method.make_gates)
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,),
+                            num_classes=2, gate_factory=method.make_gates)
     for layer, bias in zip(generator_of(model).layers, ([0.3, -0.2], [0.1, 0.4])):
         layer.kernel[...] = 0.1 * layer.kernel[...]
         layer.bias[...] = jnp.array(bias)

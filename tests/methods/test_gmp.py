@@ -9,7 +9,7 @@ from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.metrics import read_metrics
 from sparsejax.train.state import merge_model, split_model
@@ -23,7 +23,7 @@ def gmp(model="lenet5", run=RunInfo(num_train=1000, steps_per_epoch=10, epochs=3
     method = create_method("gmp", config, run)
     cifar = model not in ("mlp", "lenet5")
     kwargs = {"num_classes": 10, "input_shape": (32, 32, 3)} if cifar else {}
-    net = build_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **kwargs)
+    net = build_zoo_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **kwargs)
     return method, net, method.init(net)
 
 
@@ -155,7 +155,7 @@ def test_global_scope_uses_one_threshold():
 def test_global_scope_never_empties_a_layer():
     method, net, state = gmp("mlp", gmp_scope="global", final_sparsity=0.99,
                              prune_start_epoch=0.0, prune_end_epoch=0.0)
-    net.fc3.kernel[...] = net.fc3.kernel[...] * 1e-3  # the smallest weights by far
+    net.net.fc3.kernel[...] = net.net.fc3.kernel[...] * 1e-3  # the smallest weights by far
     stepper = Stepper(method, net)
     got = masks(stepper(state, 0))
     assert all(m.sum() >= 1 for m in got.values())

@@ -32,10 +32,10 @@ from sparsejax.methods.greg.schedule import (
     regularise,
     smallest,
 )
-from sparsejax.models import build_model
 from sparsejax.models.base import GateSlot
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import slim_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.config import resolve_config
@@ -201,7 +201,8 @@ def greg_config(**overrides):
 
 def prepared(config, **model_kwargs):
     method = create_method(config.method, config, RunInfo(num_train=512))
-    model = build_model(config.model, rngs=nnx.Rngs(params=0), **model_kwargs)
+    model = build_zoo_model(config.model, rngs=nnx.Rngs(params=0),
+                            use_placements=method.uses_gate_placements, **model_kwargs)
     return method, model, method.init(model)
 
 
@@ -224,12 +225,12 @@ def test_added_gradient_equals_lambda_times_w():
             step_state = method.before_update(merged, {**state, **phase}, jnp.int32(5))
             return method.objective(merged, step_state, images, labels, jax.random.key(1))[0]
 
-        return jax.jit(jax.grad(loss))(params)["net"]
+        return jax.jit(jax.grad(loss))(params)["net"]["net"]
 
     difference = jax.tree.map(lambda a, b: a - b, gradient(True), gradient(False))
     lambdas = {"fc1": state["layers"][0]["penalty"], "fc2": state["layers"][1]["penalty"]}
     for name in ("fc1", "fc2", "fc3"):
-        kernel = getattr(model, name).kernel[...]
+        kernel = model.layer_module(name).kernel[...]
         expected = lambdas[name] * kernel if name in lambdas else jnp.zeros_like(kernel)
         np.testing.assert_allclose(difference[name]["kernel"][...], expected, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(difference[name]["bias"][...], 0.0)
@@ -237,7 +238,7 @@ def test_added_gradient_equals_lambda_times_w():
 
 def abstract_model(name):
     """The model's declarations without computing its initial weights."""
-    return nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(params=0)))
 
 
 def test_resnet56_filter_rules_prune_only_the_first_conv_of_each_block():
@@ -260,7 +261,7 @@ def test_resnet56_filter_rules_prune_only_the_first_conv_of_each_block():
 def test_projection_shortcuts_take_their_stage_ratio_and_start_the_stages(
     name, shape, blocks_per_stage
 ):
-    model = nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), input_shape=shape))
+    model = nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(0), input_shape=shape))
     stage_ratios = [0.1 * (index + 1) for index in range(len(blocks_per_stage))]
     weight = layer_ratios(model.layers, (0.0, *stage_ratios, 0.0), "weight")
     first_blocks = np.cumsum((1, *blocks_per_stage[:-1]))
@@ -366,7 +367,7 @@ def assert_masked_weights_are_zero(workdir, names, ratio):
     layers = saved["method_state"]["layers"]
     for i, name in enumerate(names):
         mask = np.asarray(layers[i]["mask"])
-        kernel = np.asarray(saved["params"]["net"][name]["kernel"]["value"])
+        kernel = np.asarray(saved["params"]["net"]["net"][name]["kernel"]["value"])
         assert np.all(kernel[mask == 0] == 0.0), name
         assert np.sum(mask == 0) == greg_pruned_count(ratio, mask.size), name
 
@@ -378,8 +379,8 @@ def test_unstructured_mask_holds_through_fine_tuning_and_resume(tmp_path, monkey
     assert whole["greg/prune_step"] is not None and whole["greg/prune_step"] < 12
     assert whole["greg/sparsity"] > 50.0
     assert_masked_weights_are_zero(tmp_path / "whole", ["fc1", "fc2", "fc3"], 0.6)
-    kernels = [latest_checkpoint(tmp_path / "whole")["params"]["net"][name]["kernel"]["value"]
-               for name in ("fc1", "fc2", "fc3")]
+    network = latest_checkpoint(tmp_path / "whole")["params"]["net"]["net"]
+    kernels = [network[name]["kernel"]["value"] for name in ("fc1", "fc2", "fc3")]
     zero_percent = 100 * sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
     assert zero_percent == pytest.approx(60.0, abs=0.01)
     assert whole["pruning_rate"] >= zero_percent  # the summary sees the pruned weights
@@ -414,7 +415,7 @@ def test_greg2_pipeline_with_pretraining_resumes_like_an_uninterrupted_run(tmp_p
     for key in ("test_error", "greg/prune_step", "greg/widths", "greg/max_penalty"):
         assert resumed[key] == whole[key], key
     assert whole["greg/widths"] == {"fc1": 150, "fc2": 50}
-    assert whole["active_units"][1:] == [150, 50]  # the summary sees the removed neurons
+    assert whole["active_units"] == [150, 50]  # the summary sees the removed neurons
 
 
 def test_pretrained_run_provides_the_weights(tmp_path):
@@ -428,13 +429,13 @@ def test_pretrained_run_provides_the_weights(tmp_path):
     assert method.pretrained_run() == str(tmp_path / "dense")
     assert GReg1(greg_config(), RunInfo(10)).pretrained_run() is None
     _, unloaded, _ = prepared(config)  # the engine loads the run, not the method
-    saved_fc1 = saved["params"]["net"]["fc1"]["kernel"]["value"]
-    assert not np.array_equal(unloaded.fc1.kernel[...], saved_fc1)
+    saved_fc1 = saved["params"]["net"]["net"]["fc1"]["kernel"]["value"]
+    assert not np.array_equal(unloaded.net.fc1.kernel[...], saved_fc1)
     for name in ("fc1", "fc3"):
         for kind in ("kernel", "bias"):
             np.testing.assert_array_equal(
-                getattr(getattr(model, name), kind)[...],
-                saved["params"]["net"][name][kind]["value"],
+                getattr(model.layer_module(name), kind)[...],
+                saved["params"]["net"]["net"][name][kind]["value"],
             )
     with pytest.raises(ValueError, match="does not fit this model"):
         load_network_weights(abstract_model("lenet5"), tmp_path / "dense")
@@ -461,7 +462,7 @@ def test_a_pretrained_run_whose_checkpoint_fails_verification_is_not_used(tmp_pa
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="greg_granularity"):
         GReg2(greg_config(greg_granularity="channel"), RunInfo(10))
-    with pytest.raises(ValueError, match="prunes no layer"):
+    with pytest.raises(ValueError, match="prunes no gate slot of the model; give some of fc1"):
         prepared(greg_config(stage_pr=0.0))
 
 
@@ -471,7 +472,7 @@ def test_pretrained_run_provides_the_batchnorm_statistics(tmp_path):
                  epochs=1, batch_size=16, num_train=64, num_test=16, eval_batch_size=16)
     train_and_evaluate(dense, tmp_path / "dense")
     saved = latest_checkpoint(tmp_path / "dense")["model_state"]
-    model = build_model("resnet20", rngs=nnx.Rngs(params=1), input_shape=(32, 32, 3))
+    model = build_zoo_model("resnet20", rngs=nnx.Rngs(params=1), input_shape=(32, 32, 3))
     load_network_weights(model, tmp_path / "dense")
     for path in ("stem_bn", "blocks.0.bn1", "blocks.8.bn2"):
         norm, stored = model.module_at(path), saved

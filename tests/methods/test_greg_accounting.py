@@ -9,14 +9,14 @@ from sparsejax.methods.greg.accounting import (
     greg_pruned_count,
     greg_resnet_widths,
 )
-from sparsejax.models import build_model
 from sparsejax.models.base import Layer
+from sparsejax.structure.traced_model import build_zoo_model
 
 PAPER_STAGE_PR = (0.0, 0.75, 0.75, 0.32, 0.0)
 
 
 def abstract_model(name):
-    return nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(params=0)))
 
 
 def test_resnet56_at_the_paper_ratios_is_the_2_55x_network():

@@ -10,7 +10,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN
 from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
-from sparsejax.models import MLP, build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.config import resolve_config
 from sparsejax.train.state import merge_model, split_model
 
@@ -26,7 +26,7 @@ def method_config(method_name, model="lenet5", **overrides):
 def setup(method_name, model="lenet5", **overrides):
     config = method_config(method_name, model, **overrides)
     method = create_method(method_name, config, RunInfo(num_train=60000))
-    net = build_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    net = build_zoo_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates)
     method.init(net)
     return method, net
 
@@ -51,7 +51,7 @@ def test_lambdas_default_to_the_papers_and_must_fit_the_slots():
 def test_wide_resnet_lambdas_default_to_the_papers(name):
     method = create_method(name, method_config(name, "wrn28_10"), RunInfo(num_train=50000))
     net = nnx.eval_shape(
-        lambda: build_model(
+        lambda: build_zoo_model(
             "wrn28_10", rngs=nnx.Rngs(0), gate_factory=method.make_gates, input_shape=(32, 32, 3)
         )
     )
@@ -98,8 +98,8 @@ def tiny_arm(per_example, estimator):
         estimator, "mlp", lambdas=(0.0,), l2=0.0, per_example_gates=per_example
     )
     method = create_method(estimator, config, RunInfo(num_train=100))
-    net = MLP(
-        rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,), num_classes=2,
+    net = build_zoo_model(
+        "mlp", rngs=nnx.Rngs(0), input_shape=(2, 1, 1), hidden=(2,), num_classes=2,
         gate_factory=method.make_gates,
     )
     return method, net
@@ -149,7 +149,7 @@ def test_batchnorm_statistics_are_updated_once_per_step(name):
     """With every gate open, the objective must move BatchNorm statistics exactly as one
     training forward pass does (ARM's antithetic pass must not add a second update)."""
     method = create_method(name, method_config(name, "resnet20"), RunInfo(num_train=100))
-    net = build_model(
+    net = build_zoo_model(
         "resnet20", rngs=nnx.Rngs(0), input_shape=(8, 8, 3), gate_factory=method.make_gates
     )
     for gate in net.gates.values():

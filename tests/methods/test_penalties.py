@@ -4,7 +4,8 @@ import pytest
 from flax import nnx
 
 from sparsejax.methods.penalties import expected_l0, gated_l2
-from sparsejax.models import MLP, LeNet5
+from sparsejax.models import LeNet5
+from sparsejax.structure.traced_model import build_zoo_model
 
 
 def test_expected_l0_weights_each_slot_by_group_size_over_n():
@@ -19,13 +20,14 @@ def test_expected_l0_weights_each_slot_by_group_size_over_n():
 
 
 def test_gated_l2_weights_groups_by_keep_probability():
-    model = MLP(rngs=nnx.Rngs(0), hidden=(3, 2), input_shape=(2, 2, 1), num_classes=2)
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), hidden=(3, 2), input_shape=(2, 2, 1),
+                            num_classes=2)
     probs = {"fc1": jnp.array([1.0, 0.5, 0.0, 0.25])}
     value = gated_l2(model, probs, 0.1)
-    w1, b1 = np.asarray(model.fc1.kernel[...]), np.asarray(model.fc1.bias[...])
+    w1, b1 = np.asarray(model.net.fc1.kernel[...]), np.asarray(model.net.fc1.bias[...])
     rest = sum(
         np.sum(np.square(np.asarray(p[...])))
-        for layer in (model.fc2, model.fc3)
+        for layer in (model.net.fc2, model.net.fc3)
         for p in (layer.kernel, layer.bias)
     )
     hand = 0.05 * (np.sum(np.asarray(probs["fc1"]) * np.sum(w1**2, axis=1)) + np.sum(b1**2) + rest)

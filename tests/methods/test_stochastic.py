@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,11 @@ from sparsejax.methods.prune_sampling import (
     sample_zeroed,
     zeroing_weights,
 )
-from sparsejax.models import MLP, LeNet5, build_model
+from sparsejax.models import LeNet5
 from sparsejax.models.base import ChannelCoupling, Layer
-from sparsejax.slim import slim_model
-from sparsejax.structure.accounting import count_network
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.nodes import alive_units, node_report
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.loop import build, load_data
@@ -105,7 +107,8 @@ def tiny_stochastic(**overrides):
     )
     config.update(overrides)
     method = create_method("stochastic", config, RunInfo(100, steps_per_epoch=10, epochs=4))
-    net = MLP(rngs=nnx.Rngs(0), input_shape=(8, 8, 1), hidden=(40,), num_classes=10)
+    net = build_zoo_model("mlp", rngs=nnx.Rngs(0), input_shape=(8, 8, 1), hidden=(40,),
+                          num_classes=10)
     return method, net
 
 
@@ -137,10 +140,10 @@ def test_masked_weights_stay_zero_after_updates_unless_regrowth_is_allowed():
                                         prune_end_epoch=0.0, final_sparsity=0.5)
         state = method.after_update(model, method.init(model), jnp.int32(0), jax.random.key(0))
         pruned = ~masks_of(state)["fc1"]
-        for variable in (model.fc1.kernel, model.fc2.kernel):
+        for variable in (model.net.fc1.kernel, model.net.fc2.kernel):
             variable[...] = variable[...] + 0.01
         state = method.after_update(model, state, jnp.int32(1), jax.random.key(1))
-        kernel = np.asarray(model.fc1.kernel[...])
+        kernel = np.asarray(model.net.fc1.kernel[...])
         if regrowth:
             kept = masks_of(state)["fc1"]
             revived = pruned & kept
@@ -154,22 +157,22 @@ def test_masked_weights_stay_zero_after_updates_unless_regrowth_is_allowed():
 
 def test_penalty_is_l1_plus_l2_with_zero_subgradient_at_pruned_weights():
     method, net = tiny_stochastic(l1=0.01, l2=0.1)
-    net.fc1.kernel[...] = net.fc1.kernel[...].at[0, :].set(0.0)
-    kernels = [np.asarray(net.fc1.kernel[...]), np.asarray(net.fc2.kernel[...])]
-    biases = [np.asarray(net.fc1.bias[...]), np.asarray(net.fc2.bias[...])]
+    net.net.fc1.kernel[...] = net.net.fc1.kernel[...].at[0, :].set(0.0)
+    kernels = [np.asarray(net.net.fc1.kernel[...]), np.asarray(net.net.fc2.kernel[...])]
+    biases = [np.asarray(net.net.fc1.bias[...]), np.asarray(net.net.fc2.bias[...])]
     expected = 0.01 * sum(np.abs(k).sum() for k in kernels) + 0.05 * sum(
         (a**2).sum() for a in kernels + biases
     )
     assert float(method.penalty(net, {})) == pytest.approx(expected, rel=1e-5)
     graphdef, params, rest = split_model(net)
     grads = jax.grad(lambda p: method.penalty(merge_model(graphdef, p, rest), {}))(params)
-    assert np.all(np.asarray(grads["net"]["fc1"]["kernel"][...])[0] == 0.0)
+    assert np.all(np.asarray(grads["net"]["net"]["fc1"]["kernel"][...])[0] == 0.0)
 
 
 def test_weight_granularity_and_bad_targets_are_refused():
     method = create_method("stochastic", method_config("stochastic", "mlp"), RunInfo(100))
     with pytest.raises(ValueError, match="granularity='unit'"):
-        method.init(build_model("mlp", rngs=nnx.Rngs(0), granularity="weight"))
+        method.init(build_zoo_model("mlp", rngs=nnx.Rngs(0), granularity="weight"))
     refused = (((0.5, 0.5, 0.5), "2 layers"), (1.0, r"must lie in \[initial_sparsity"))
     for target, message in refused:
         method, net = tiny_stochastic(final_sparsity=target)
@@ -207,10 +210,11 @@ def test_dead_nodes_by_missing_inputs_missing_outputs_and_cascade():
 
 
 def test_node_report_counts_the_node_pruned_network():
-    net = MLP(rngs=nnx.Rngs(0), input_shape=(4, 1, 1), hidden=(3, 3), num_classes=2)
-    net.fc1.kernel[...] = net.fc1.kernel[...].at[:, 0].set(0.0).at[3, :].set(0.0)
-    net.fc2.kernel[...] = net.fc2.kernel[...].at[1, :].set(0.0).at[2, 0].set(0.0)
-    net.fc3.kernel[...] = net.fc3.kernel[...].at[2, 0].set(0.0)
+    net = build_zoo_model("mlp", rngs=nnx.Rngs(0), input_shape=(4, 1, 1), hidden=(3, 3),
+                          num_classes=2)
+    net.net.fc1.kernel[...] = net.net.fc1.kernel[...].at[:, 0].set(0.0).at[3, :].set(0.0)
+    net.net.fc2.kernel[...] = net.net.fc2.kernel[...].at[1, :].set(0.0).at[2, 0].set(0.0)
+    net.net.fc3.kernel[...] = net.net.fc3.kernel[...].at[2, 0].set(0.0)
     report = node_report(net)
     assert report.alive_units == {"fc1": 3, "fc2": 1, "fc3": 2}
     assert report.nodes == 6 and report.nodes_removed == 3
@@ -219,7 +223,7 @@ def test_node_report_counts_the_node_pruned_network():
     assert report.nonzero_weights == 3 + 2 + 3
     assert report.weight_sparsity == pytest.approx(100.0 / 9)
     assert report.summary()["nodes/architecture"] == "3-1-2"
-    net.fc1.kernel[...] = net.fc1.kernel[...].at[1, 2].set(0.0)
+    net.net.fc1.kernel[...] = net.net.fc1.kernel[...].at[1, 2].set(0.0)
     assert node_report(net).alive_units["fc1"] == 2  # input 1 now reaches dead nodes only
 
 
@@ -297,7 +301,8 @@ def test_removing_the_dead_nodes_preserves_the_logits():
     unit 3, which has no output; hidden2 unit 2 is fed only by hidden1 unit 0; input 5 is
     unread. The slim network without the dead nodes, their constant outputs folded into the
     consumers' biases, has the node report's size and computes the same logits."""
-    net = MLP(rngs=nnx.Rngs(0), input_shape=(6, 1, 1), hidden=(5, 4), num_classes=3)
+    net = build_zoo_model("mlp", rngs=nnx.Rngs(0), input_shape=(6, 1, 1), hidden=(5, 4),
+                          num_classes=3)
     rng = np.random.default_rng(3)
     w1, w2, w3 = (rng.normal(size=s).astype(np.float32) for s in [(6, 5), (5, 4), (4, 3)])
     w1[:, 0] = 0.0
@@ -308,7 +313,7 @@ def test_removing_the_dead_nodes_preserves_the_logits():
     w3[3, :] = 0.0
     kernels = [w1, w2, w3]
     biases = [rng.uniform(0.2, 1.0, size=n).astype(np.float32) for n in (5, 4, 3)]
-    for layer, w, b in zip((net.fc1, net.fc2, net.fc3), kernels, biases):
+    for layer, w, b in zip((net.net.fc1, net.net.fc2, net.net.fc3), kernels, biases):
         layer.kernel[...] = jnp.asarray(w)
         layer.bias[...] = jnp.asarray(b)
     report = node_report(net)
@@ -323,8 +328,9 @@ def test_removing_the_dead_nodes_preserves_the_logits():
     logits = np.asarray(net(jnp.asarray(x).reshape(64, 6, 1, 1), train=False))
     np.testing.assert_allclose(activations[-1], logits, rtol=1e-5, atol=1e-5)
 
-    slim = slim_model(net)
-    assert slim.report.widths == {"fc1": (5, 2), "fc2": (2, 2), "fc3": (2, 3)}
-    assert float(count_network(slim.model.layers, {})["weights"]) == report.kept_weights
-    slim_logits = np.asarray(slim.model(jnp.asarray(x).reshape(64, 6, 1, 1), train=False))
-    np.testing.assert_allclose(slim_logits, logits, rtol=1e-5, atol=1e-5)
+    slim = slim_traced_model(net, x.reshape(64, 6, 1, 1))
+    kernels = {path: tuple(v.shape) for path, v in slim.params.items() if path.endswith("kernel")}
+    assert kernels == {"fc1.kernel": (5, 2), "fc2.kernel": (2, 2), "fc3.kernel": (2, 3)}
+    assert sum(math.prod(shape) for shape in kernels.values()) == report.kept_weights
+    np.testing.assert_allclose(np.asarray(slim(x.reshape(64, 6, 1, 1))), logits, rtol=1e-5,
+                               atol=1e-5)

@@ -6,7 +6,6 @@ import pytest
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.models import build_model
 from sparsejax.models.batch_chunks import (
     CHUNK_EXAMPLES,
     CHUNKS_VARIABLE,
@@ -16,6 +15,7 @@ from sparsejax.models.batch_chunks import (
     whole_batch,
 )
 from sparsejax.structure.trace.analyze import trace_structure
+from sparsejax.structure.traced_model import build_zoo_model
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_a_split_convolution_and_its_gradients_equal_the_whole_batch_ones(
 
 
 def _lenet5_loss_and_grads(x, labels):
-    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
@@ -112,7 +112,7 @@ def _convolutions_per_layer(model, x) -> int:
 def test_a_zoo_model_trains_the_same_on_slices(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (40, 28, 28, 1))
     labels = jax.random.randint(jax.random.key(1), (40,), 0, 10)
-    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
     monkeypatch.delenv(CHUNKS_VARIABLE, raising=False)
     assert _convolutions_per_layer(model, x) == 40 // CHUNK_EXAMPLES  # one CPU device here
     monkeypatch.setenv(CHUNKS_VARIABLE, "3")
@@ -127,7 +127,7 @@ def test_a_zoo_model_trains_the_same_on_slices(monkeypatch):
 
 
 def test_the_tracer_sees_one_convolution_per_layer(monkeypatch):
-    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
     x = jnp.zeros((40, 28, 28, 1))
 
     def trace():

@@ -5,10 +5,11 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.models import MODELS, VGG16, CifarResNet, build_model, resnet20
+from sparsejax.models import MODELS, VGG16, CifarResNet, resnet20
 from sparsejax.models.base import each_slot
 from sparsejax.models.vgg import VGG16_CONFIG
 from sparsejax.structure import count_layer, count_network
+from sparsejax.structure.traced_model import build_zoo_model
 
 BATCH = (2, 32, 32, 3)
 
@@ -73,7 +74,7 @@ def vgg16():
 
 @pytest.mark.parametrize("depth, total", [(20, 269_722), (56, 853_018), (110, 1_727_962)])
 def test_resnet_dense_parameter_counts(depth, total):
-    model = build_model(f"resnet{depth}", rngs=nnx.Rngs(0))
+    model = build_zoo_model(f"resnet{depth}", rngs=nnx.Rngs(0))
     weights, bn, _ = resnet_formula((depth - 2) // 6)
     assert weights + bn + 10 == total  # + the dense bias; option-A shortcuts have no parameters
     assert n_params(model) == total
@@ -87,7 +88,7 @@ def test_vgg16_dense_parameter_count(vgg16):
 
 @pytest.mark.parametrize("depth, macs", [(20, 40_551_040), (56, 125_485_696), (110, 252_887_680)])
 def test_resnet_dense_accounting(depth, macs):
-    model = build_model(f"resnet{depth}", rngs=nnx.Rngs(0))
+    model = build_zoo_model(f"resnet{depth}", rngs=nnx.Rngs(0))
     weights, _, formula_macs = resnet_formula((depth - 2) // 6)
     assert formula_macs == macs
     counts = count_network(model.layers, {})
@@ -209,7 +210,8 @@ def test_resnet20_forward_backward_and_batchnorm_statistics(gated):
 
 
 def test_vgg16_forward_and_batchnorm_statistics():
-    check_train_and_eval_forward(build_model("vgg16", rngs=nnx.Rngs(0), gate_factory=hc_factory))
+    check_train_and_eval_forward(build_zoo_model("vgg16", rngs=nnx.Rngs(0),
+                                                 gate_factory=hc_factory))
 
 
 def test_vgg16_backward_at_narrow_width():
@@ -324,7 +326,7 @@ def test_vgg16_half_closed_conv_slots(vgg16):
 
 def test_registry_and_bad_arguments():
     assert {"resnet20", "resnet56", "resnet110", "vgg16"} <= set(MODELS)
-    model = build_model("resnet20", rngs=nnx.Rngs(0))
+    model = build_zoo_model("resnet20", rngs=nnx.Rngs(0))
     assert isinstance(model, CifarResNet) and model.depth == 20
     with pytest.raises(ValueError, match="6n \\+ 2"):
         CifarResNet(depth=21, rngs=nnx.Rngs(0))

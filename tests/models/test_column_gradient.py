@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.models import build_model
 from sparsejax.models.batch_chunks import CHUNKS_VARIABLE, column_gradients, convolve
 from sparsejax.models.column_gradient import (
     column_input_gradient,
@@ -12,6 +11,7 @@ from sparsejax.models.column_gradient import (
     sliced_convolution,
 )
 from sparsejax.models.layers import Conv
+from sparsejax.structure.traced_model import build_zoo_model
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 CASES = [
@@ -105,7 +105,7 @@ def test_a_convolutions_input_gates_are_its_inputs_gated():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_lenet5s_first_gates_on_the_second_convolutions_rows_are_gates_on_its_outputs(train):
-    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     z = {slot.name: jax.random.uniform(jax.random.key(i), slot.shape)
          for i, slot in enumerate(model.gate_slots)}

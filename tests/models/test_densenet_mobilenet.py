@@ -9,13 +9,11 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import (
-    MLP,
     MODELS,
     VGG16,
     DenseNet,
     LeNet5,
     MobileNetV2,
-    build_model,
     densenet40,
     mobilenet_v2,
     mobilenet_v2_cifar,
@@ -23,6 +21,7 @@ from sparsejax.models import (
 from sparsejax.models.base import MODEL_INPUT, Layer, each_slot
 from sparsejax.models.mobilenet_v2 import CIFAR_TABLE, IMAGENET_TABLE, make_divisible
 from sparsejax.structure import count_layer, count_network
+from sparsejax.structure.traced_model import build_zoo_model
 
 CLASSES = 10
 SIDE = 8
@@ -358,7 +357,6 @@ def test_reads_widths_are_consistent(granularity):
     check_reads_widths(build(MobileNetV2, variant="cifar", input_shape=(32, 32, 3)), (32, 32, 3))
     vgg = build(VGG16)
     check_reads_widths(vgg, (32, 32, 3), {"fc": 1})  # 32 / 2^5 = 1 position
-    check_reads_widths(build(MLP), (28, 28, 1))
     lenet = build(LeNet5)
     check_reads_widths(lenet, (28, 28, 1), {"fc1": 16})  # ((28 - 4) / 2 - 4) / 2 = 4 a side
     assert {l.name: l.reads for l in lenet.layers} == {
@@ -541,11 +539,11 @@ def test_weight_granularity_gates_every_kernel(build, layer):
 
 def test_registry_and_bad_arguments():
     assert {"densenet40", "mobilenet_v2", "mobilenet_v2_cifar"} <= set(MODELS)
-    model = nnx.eval_shape(lambda: build_model("mobilenet_v2_cifar", rngs=nnx.Rngs(0),
-                                               num_classes=100, input_shape=(32, 32, 3)))
+    model = nnx.eval_shape(lambda: build_zoo_model("mobilenet_v2_cifar", rngs=nnx.Rngs(0),
+                                                   num_classes=100, input_shape=(32, 32, 3)))
     assert isinstance(model, MobileNetV2) and model.variant == "cifar"
     assert model.layers[-1].kernel_shape == (1280, 100)
-    model = nnx.eval_shape(lambda: build_model("densenet40", rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_zoo_model("densenet40", rngs=nnx.Rngs(0)))
     assert isinstance(model, DenseNet) and model.depth == 40 and model.layers_per_block == 12
     with pytest.raises(ValueError, match="3m \\+ 4"):
         DenseNet(depth=41, rngs=nnx.Rngs(0))

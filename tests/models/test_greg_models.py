@@ -26,10 +26,11 @@ from sparsejax.methods.greg.accounting import (
     greg_pruned_count,
 )
 from sparsejax.methods.greg.rules import layer_ratios
-from sparsejax.models import MODELS, VGG19, ImageNetResNet, build_model, each_slot
+from sparsejax.models import MODELS, VGG19, ImageNetResNet, each_slot
 from sparsejax.models.vgg import VGG19_CONFIG
 from sparsejax.slim import slim_model
 from sparsejax.structure import count_network
+from sparsejax.structure.traced_model import build_zoo_model
 from tests.slim.test_surgery import randomize_batch_norms
 
 CIFAR100 = 100
@@ -41,7 +42,7 @@ layer1.0, layer2.0, layer2.3, layer3.0 and layer3.5 in our block numbering."""
 
 
 def abstract(name, **kwargs):
-    return nnx.eval_shape(lambda: build_model(name, rngs=nnx.Rngs(0), **kwargs))
+    return nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(0), **kwargs))
 
 
 def n_params(model):

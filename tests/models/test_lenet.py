@@ -6,8 +6,12 @@ from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import MLP, LeNet5, build_model
+from sparsejax.models import MLP, LeNet5
 from sparsejax.models.base import each_slot
+from sparsejax.slim.traced import slim_traced_model
+from sparsejax.structure.accounting import count_network
+from sparsejax.structure.nodes import node_report
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.loop import build, load_data
 from tests.methods.test_methods import method_config
 
@@ -28,16 +32,16 @@ def test_dense_parameter_counts_match_the_published_architectures():
     )
 
 
-@pytest.mark.parametrize("cls", [MLP, LeNet5])
+@pytest.mark.parametrize("name", ["mlp", "lenet5"])
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_shapes(cls, train):
-    model = cls(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+def test_forward_shapes(name, train):
+    model = build_zoo_model(name, rngs=nnx.Rngs(0), gate_factory=hc_factory)
     logits = model(jnp.ones((3, 28, 28, 1)), train=train, rngs=nnx.Rngs(gates=0))
     assert logits.shape == (3, 10)
 
 
 def test_gate_slots_follow_the_papers():
-    mlp = MLP(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    mlp = build_zoo_model("mlp", rngs=nnx.Rngs(0), gate_factory=hc_factory)
     assert [(s.name, s.shape, s.group_size, s.droprate_init) for s in mlp.gate_slots] == [
         ("fc1", (784,), 300, 0.2),
         ("fc2", (300,), 100, 0.5),
@@ -63,16 +67,16 @@ def test_closed_conv1_gates_make_the_output_independent_of_the_input():
 
 
 def test_explicit_gates_equal_a_model_with_gates_folded_into_the_weights():
-    model = MLP(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), gate_factory=hc_factory)
     z = {
         name: jax.random.bernoulli(jax.random.key(i), 0.6, slot.shape).astype(jnp.float32)
         for i, (name, slot) in enumerate((s.name, s) for s in model.gate_slots)
     }
     x = jax.random.normal(jax.random.key(9), (4, 28, 28, 1))
     gated = model(x, train=True, gates=z)
-    dense = MLP(rngs=nnx.Rngs(0))
+    dense = build_zoo_model("mlp", rngs=nnx.Rngs(0))
     for name in z:
-        layer = getattr(dense, name)
+        layer = getattr(dense.net, name)
         layer.kernel[...] = layer.kernel[...] * z[name][:, None]
     np.testing.assert_allclose(gated, dense(x, train=False), rtol=1e-5, atol=1e-5)
 
@@ -92,7 +96,7 @@ def test_weight_granularity_gates_every_kernel_entry():
 
 
 def test_per_example_gates_act_per_example():
-    model = MLP(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), gate_factory=hc_factory)
     x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
     z = {"fc1": jnp.stack([jnp.ones(784), jnp.zeros(784)])}
     out = model(x, train=True, rngs=nnx.Rngs(gates=0), gates=z)
@@ -103,9 +107,9 @@ def test_per_example_gates_act_per_example():
 
 def test_unknown_model_and_granularity_are_clear_errors():
     with pytest.raises(ValueError, match="valid models: .*lenet5, .*mlp, mobilenet_v2"):
-        build_model("vgg99", rngs=nnx.Rngs(0))
+        build_zoo_model("vgg99", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="granularity"):
-        MLP(rngs=nnx.Rngs(0), granularity="block")
+        build_zoo_model("mlp", rngs=nnx.Rngs(0), granularity="block")
 
 
 def assert_std(values, std, what):
@@ -139,7 +143,7 @@ def test_gate_parameters_start_at_the_reference_drop_rates():
     (0.01 / 7)^2); r = 0.2 on the MLP's pixels, 0.5 elsewhere."""
     for name, attr, k in (("l0_hc", "log_alpha", 1.0), ("l0_arm", "phi", 7.0)):
         method = create_method(name, method_config(name, "mlp"), RunInfo(num_train=60000))
-        mlp = MLP(rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+        mlp = build_zoo_model("mlp", rngs=nnx.Rngs(0), gate_factory=method.make_gates)
         for slot, rate in (("fc1", 0.2), ("fc2", 0.5), ("fc3", 0.5)):
             values = np.asarray(getattr(mlp.gates[slot], attr)[...]) * k
             mean = np.log(1 - rate) - np.log(rate)
@@ -157,3 +161,45 @@ def test_the_engine_builds_lenet5_with_the_methods_initialisation(name, conv_std
     assert_std(model.conv2.kernel[...], conv_std, name)
     mlp = create_method(name, method_config(name, "mlp"), RunInfo(num_train=60000))
     assert mlp.model_options() == {}
+
+
+def test_the_mlp_slims_from_its_trace_to_its_open_pixels_and_neurons():
+    """Closed gates remove their pixel rows of fc1 and their neurons' columns, bias and reader
+    rows; the slim network has the gated model's count and test-time logits."""
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    rng = np.random.default_rng(4)
+    keep = {}
+    for slot in model.gate_slots:
+        keep[slot.name] = rng.random(slot.shape) < 0.6
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep[slot.name], 5.0, -5.0)
+    images = np.asarray(jax.random.normal(jax.random.key(2), (8, 28, 28, 1)))
+    slim = slim_traced_model(model, images)
+    pixels, hidden1, hidden2 = (int(keep[name].sum()) for name in ("fc1", "fc2", "fc3"))
+    assert {path: tuple(v.shape) for path, v in slim.params.items()} == {
+        "fc1.kernel": (pixels, hidden1), "fc1.bias": (hidden1,),
+        "fc2.kernel": (hidden1, hidden2), "fc2.bias": (hidden2,),
+        "fc3.kernel": (hidden2, 10), "fc3.bias": (10,),
+    }
+    counted = count_network(model.layers, {k: v.astype(np.float32) for k, v in keep.items()})
+    assert slim.report.params_after == float(counted["params"])
+    gated = model(jnp.asarray(images), train=False)
+    np.testing.assert_allclose(np.asarray(slim(images)), np.asarray(gated), rtol=1e-5, atol=1e-5)
+
+
+def test_dead_mlp_neurons_leave_the_slim_network_with_their_constants_in_the_next_bias():
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        module = model.layer_module(layer.name)
+        kernel = np.asarray(module.kernel[...]) * (rng.random(layer.kernel_shape) > 0.9)
+        module.kernel[...] = jnp.asarray(kernel)
+        module.bias[...] = jnp.asarray(rng.normal(0, 0.5, layer.out_units), jnp.float32)
+    fc1 = model.layer_module("fc1")
+    fc1.kernel[...] = fc1.kernel[...].at[:, :40].set(0.0)  # 40 neurons without inputs
+    images = np.asarray(jax.random.normal(jax.random.key(3), (8, 28, 28, 1)))
+    slim = slim_traced_model(model, images)
+    assert slim.params["fc1.kernel"].shape[1] <= 300 - 40
+    kernels = sum(v.size for path, v in slim.params.items() if path.endswith("kernel"))
+    assert kernels == node_report(model).kept_weights
+    gated = model(jnp.asarray(images), train=False)
+    np.testing.assert_allclose(np.asarray(slim(images)), np.asarray(gated), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,6 @@ from sparsejax.models import (
     ImageNetResNet,
     PreActResNet,
     WideResNet,
-    build_model,
     resnet20,
     resnet34,
     resnet50,
@@ -21,6 +20,7 @@ from sparsejax.models import (
 )
 from sparsejax.models.base import MODEL_INPUT, GatedModel, each_slot
 from sparsejax.structure import count_layer
+from sparsejax.structure.traced_model import build_zoo_model
 
 CLASSES = 10
 BATCH = (2, 32, 32, 3)
@@ -582,7 +582,7 @@ def test_registry_and_bad_arguments():
     assert MODELS["resnet164"] is resnet164
     assert MODELS["resnet50"] is resnet50
     assert MODELS["resnet34"] is resnet34
-    model = abstract(lambda **kw: build_model("resnet50", **kw), num_classes=7,
+    model = abstract(lambda **kw: build_zoo_model("resnet50", **kw), num_classes=7,
                      input_shape=(64, 64, 3))
     assert model.layers[-1].kernel_shape == (2048, 7)
     assert model.layers[0].out_positions == 32 * 32

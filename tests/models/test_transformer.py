@@ -13,12 +13,13 @@ from flax import nnx
 from sparsejax.data import text
 from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import HardConcreteGate
-from sparsejax.models import build_model, each_slot
+from sparsejax.models import each_slot
 from sparsejax.models.lm import DecoderLM
 from sparsejax.models.transformer import FAMILIES, family_slots, lambdas_by_family, rope
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import gate_report, weight_report
+from sparsejax.structure.traced_model import build_zoo_model
 
 VOCAB, CONTEXT = 32, 8
 # Every width differs from the others, so an axis's size says which units it indexes.
@@ -74,11 +75,11 @@ def test_shapes():
     assert logits(vit(), images()).shape == (2, 5)
     # the registered models at their default sizes, evaluated abstractly
     for shape, pooling in (((28, 28, 1), "cls"), ((32, 32, 3), "mean")):
-        out = nnx.eval_shape(lambda: build_model(
+        out = nnx.eval_shape(lambda: build_zoo_model(
             "vit_tiny", rngs=nnx.Rngs(0), input_shape=shape, pooling=pooling
         )(jnp.zeros((2, *shape)), train=False))
         assert out.shape == (2, 10)
-    out = nnx.eval_shape(lambda: build_model("lm_tiny", rngs=nnx.Rngs(0))(
+    out = nnx.eval_shape(lambda: build_zoo_model("lm_tiny", rngs=nnx.Rngs(0))(
         jnp.zeros((1, 128), jnp.int32), train=False))
     assert out.shape == (1, 128, 256)
 

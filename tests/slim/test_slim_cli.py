@@ -9,7 +9,6 @@ from flax import nnx
 
 from experiments.configs import mnist
 from sparsejax.errors import ConfigError
-from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.models.vit import ViT
 from sparsejax.slim import __main__ as cli
@@ -23,6 +22,7 @@ from sparsejax.slim.store import (
     load_slim,
     save_slim,
 )
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from tests.commands import run_module
 from tests.slim.test_surgery import (
@@ -137,8 +137,8 @@ def test_slim_models_with_streams_and_batchnorm_round_trip_through_disk(
     name, width_multiple, tmp_path
 ):
     spec = ModelSpec(name, 10, (32, 32, 3), "unit")
-    model = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=(32, 32, 3),
-                        gate_factory=scale_gates)
+    model = build_zoo_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=(32, 32, 3),
+                            gate_factory=scale_gates)
     randomize_batch_norms(model, np.random.default_rng(1))
     close_random_gates(model, np.random.default_rng(2), open_slots=("stem",))
     result = slim_model(model, width_multiple=width_multiple)

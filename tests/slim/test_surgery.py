@@ -9,7 +9,6 @@ from flax import nnx
 
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.models import (
-    MLP,
     VGG16,
     VGG19,
     CifarResNet,
@@ -19,12 +18,11 @@ from sparsejax.models import (
     MobileNetV2,
     PreActResNet,
     WideResNet,
-    build_model,
 )
 from sparsejax.models.base import GatedModel, each_slot
 from sparsejax.slim import slim_model
 from sparsejax.structure import count_network, gate_report
-from sparsejax.structure.nodes import node_report
+from sparsejax.structure.traced_model import build_zoo_model
 
 count = jax.jit(count_network, static_argnums=0)
 """The accounting, compiled once per network rather than once per layer shape."""
@@ -42,7 +40,6 @@ def scale_gates(slot, rngs):
 
 
 ARCHITECTURES = {
-    "mlp": (functools.partial(MLP), MNIST),
     "lenet5": (functools.partial(LeNet5), MNIST),
     "vgg16": (functools.partial(VGG16, config=(16, 16, "M", 32, 32, "M", 32, "M", 64, "M",
                                                64, "M")), CIFAR),
@@ -165,7 +162,7 @@ def test_slim_logits_equal_gated_logits_and_sizes_equal_the_accounting(name):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg16", "mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["vgg16", "mobilenet_v2", "resnet50"])
 def test_slim_architecture_string_is_the_gated_one(name):
     model, _ = build(name, scale_gates)
     close_random_gates(model, np.random.default_rng(3))
@@ -243,23 +240,6 @@ def test_an_explicit_keep_mask_removes_units():
     assert_same_logits(zeroed, result.model, shape)
 
 
-def test_dead_mlp_neurons_are_absorbed_into_the_next_bias():
-    model, shape = build("mlp")
-    rng = np.random.default_rng(5)
-    for layer in model.layers:
-        module = model.layer_module(layer.name)
-        kernel = np.asarray(module.kernel[...]) * (rng.random(layer.kernel_shape) > 0.9)
-        module.kernel[...] = jnp.asarray(kernel)
-        module.bias[...] = jnp.asarray(rng.normal(0, 0.5, layer.out_units), jnp.float32)
-    fc1 = model.layer_module("fc1")
-    fc1.kernel[...] = fc1.kernel[...].at[:, :40].set(0.0)  # 40 neurons without inputs
-    result = slim_model(model)
-    assert_same_logits(model, result.model, shape)
-    assert "fc2" in result.plan.absorbed and len(result.plan.absorbed["fc2"]) >= 40
-    kept = count(result.model.layers, {})
-    assert float(kept["weights"]) == pytest.approx(node_report(model).kept_weights)
-
-
 def test_hard_concrete_test_gates_fold_into_batch_norm():
     from sparsejax.gates import HardConcreteGate
 
@@ -307,8 +287,8 @@ def test_a_gate_generator_goes_with_the_gates():
     from sparsejax.methods import RunInfo, create_method
     from tests.methods.test_methods import method_config
 
-    method = create_method("dep_l0", method_config("dep_l0", "mlp"), RunInfo(num_train=100))
-    model = build_model("mlp", rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    method = create_method("dep_l0", method_config("dep_l0", "lenet5"), RunInfo(num_train=100))
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gates)
     assert any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(model))
     slim = slim_model(model).model
     assert not any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(slim))

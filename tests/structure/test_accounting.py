@@ -4,7 +4,7 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.models import MLP, LeNet5
+from sparsejax.models import LeNet5
 from sparsejax.models.base import each_slot
 from sparsejax.slim import slim_model
 from sparsejax.structure import (
@@ -14,6 +14,7 @@ from sparsejax.structure import (
     sparsity_report,
     weight_report,
 )
+from sparsejax.structure.traced_model import build_zoo_model
 
 
 def lenet():
@@ -52,7 +53,7 @@ def test_a_closed_conv2_channel_removes_its_flattened_fc1_inputs():
 
 
 def test_mlp_pruning_rate_matches_the_l0_arm_formula():
-    model = MLP(rngs=nnx.Rngs(0))
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(0))
     masks = random_masks(model, np.random.default_rng(1), p=0.3)
     a, b, c = (int(masks[n].sum()) for n in ("fc1", "fc2", "fc3"))
     expected = 100 * (1 - (a * b + b * c + c * 10) / 266_200)

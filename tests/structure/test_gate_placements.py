@@ -22,7 +22,6 @@ from sparsejax.methods import create_method
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
-from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.models.densenet import DenseNet
@@ -32,7 +31,7 @@ from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.blocks import traced_layer_stages, traced_stages
 from sparsejax.structure.slim_trace import load_slim_function
-from sparsejax.structure.traced_model import GatePlacement, TracedModel
+from sparsejax.structure.traced_model import GatePlacement, TracedModel, build_zoo_model
 from sparsejax.train.sharding import create_mesh
 from sparsejax.train.state import init_state, merge_model
 from sparsejax.train.step import make_train_step
@@ -41,7 +40,6 @@ from tests.structure.test_trace import FusedAttention, GroupedQueryAttention
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
 ZOO = {
-    "mlp": MNIST,
     "lenet5": MNIST,
     "resnet20": CIFAR,
     "vgg16": CIFAR,
@@ -56,15 +54,16 @@ ZOO = {
     "vit_tiny": MNIST,
     "lm_tiny": (16,),
 }
-"""The zoo's convolutional models (ResNet-56/110 are ResNet-20's class), the ViT and the LM (on
+"""The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP is a
+plain module, its own trace), the ViT and the LM (on
 sequences of 16 token ids of a vocabulary of 10), by their input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
     "densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs),
-    "vit_tiny": lambda **kwargs: build_model(
+    "vit_tiny": lambda **kwargs: build_zoo_model(
         "vit_tiny", families=("heads", "ffn", "attn", "mlp"), depth=2, **kwargs),
-    "lm_tiny": lambda **kwargs: build_model(
+    "lm_tiny": lambda **kwargs: build_zoo_model(
         "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp"), dim=64, depth=2, head_dim=16,
         ffn_hidden=96, **kwargs),
 }
@@ -153,7 +152,7 @@ def examples(name: str, key: jax.Array, *batch: int) -> jax.Array:
 
 def placed(name: str) -> tuple[GatedModel, TracedModel]:
     shape = ZOO[name]
-    build = BUILDS.get(name, functools.partial(build_model, name))
+    build = BUILDS.get(name, functools.partial(build_zoo_model, name))
     zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
                         input_dtype=input_dtype(name),
@@ -190,7 +189,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
     """At weight granularity a traced zoo model has one gate per kernel entry of every layer,
     as its declarations do, and counts the same params and FLOPs under any gate values."""
     shape = ZOO[name]
-    build = functools.partial(BUILDS.get(name, functools.partial(build_model, name)),
+    build = functools.partial(BUILDS.get(name, functools.partial(build_zoo_model, name)),
                               num_classes=10, input_shape=shape)
     declared = build(rngs=nnx.Rngs(params=0), granularity="weight")
     zoo = build(rngs=nnx.Rngs(params=0))
@@ -219,7 +218,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
 
 
 @pytest.mark.parametrize("name", [
-    "lenet5", "mlp", "resnet20", "resnet164", "densenet40", "wrn28_10", "vit_tiny", "lm_tiny"])
+    "lenet5", "resnet20", "resnet164", "densenet40", "wrn28_10", "vit_tiny", "lm_tiny"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
@@ -255,7 +254,7 @@ def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
     """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
     gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    declared, model = twins(name, BUILDS.get(name, functools.partial(build_model, name)),
+    declared, model = twins(name, BUILDS.get(name, functools.partial(build_zoo_model, name)),
                             method.make_gates)
     assert list(model.gates) == list(declared.gates)
     for slot, gate in declared.gates.items():
@@ -287,7 +286,7 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     config.model = name
     method = create_method(method_name, config, RunInfo(num_train=320, steps_per_epoch=10))
     build = functools.partial(CifarResNet, depth=8) if name == "resnet20" else BUILDS.get(
-        name, functools.partial(build_model, name))
+        name, functools.partial(build_zoo_model, name))
     declared, model = twins(name, build, method.make_gates)
     images = examples(name, jax.random.key(1), 10, 32)
     per_token = ZOO[name] if name in TOKENS else ()  # an LM predicts every next token
@@ -300,7 +299,7 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
 
 
 @pytest.mark.parametrize("name, stage_pr", [
-    ("mlp", 0.5), ("mlp", (0.3, 0.6, 0.0)), ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
+    ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
     ("vgg16", "[1-12:0.5]"), ("vgg19", 0.25),
     ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
     ("resnet20", 0.4), ("resnet34", 0.3),
@@ -326,7 +325,7 @@ def test_greg_layer_rules_prune_the_declared_filters_of_a_traced_zoo_model(name,
 def traced_zoo(name: str) -> tuple[GatedModel, TracedModel]:
     """A zoo model and the same network traced as a plain module, without placements."""
     shape = ZOO[name]
-    zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
+    zoo = build_zoo_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     return zoo, TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape,
                             num_classes=10)
 
@@ -388,7 +387,7 @@ def test_gmp_by_units_prunes_the_declared_layers_of_a_traced_zoo_model(name):
 
 def test_a_stage_list_that_does_not_fit_a_traced_residual_network_says_why():
     def traced(name):
-        zoo = build_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=ZOO[name])
+        zoo = build_zoo_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=ZOO[name])
         return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=ZOO[name],
                            num_classes=10)
 
@@ -413,17 +412,17 @@ def set_random_gates(*models: GatedModel) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    "mlp", "lenet5", "vit_tiny", "lm_tiny",
+    "lenet5", "vit_tiny", "lm_tiny",
     pytest.param("densenet40", marks=pytest.mark.slow),
     pytest.param("resnet164", marks=pytest.mark.slow),
 ])
 def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
     """Slimming from the trace removes what the zoo's surgery removes, the closed rows of input
-    selections included (the MLP's pixels, LeNet-5's flattened inputs, DenseNet's and
+    selections included (LeNet-5's flattened inputs, DenseNet's and
     ResNet-164's per-layer input gates): every array has the surgery's shape, the params and
     FLOPs are the surgery's, and the logits are the slim zoo model's."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    build = BUILDS.get(name, functools.partial(build_model, name))
+    build = BUILDS.get(name, functools.partial(build_zoo_model, name))
     declared, model = twins(name, build, method.make_gates)
     set_random_gates(declared, model)
     x = np.asarray(examples(name, jax.random.key(0), 4))
@@ -450,7 +449,7 @@ def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():
 
 
 def test_placements_that_cannot_hold_say_what_is_wrong():
-    zoo = build_model("resnet20", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=CIFAR)
+    zoo = build_zoo_model("resnet20", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=CIFAR)
 
     def build(*placed_gates, granularity="unit"):
         return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=CIFAR,

@@ -15,13 +15,12 @@ import pytest
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.models import build_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.slim_trace import load_slim_function, slim_traced
 from sparsejax.structure.slim_trace.zeros import read_rows
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
-from sparsejax.structure.traced_model import TracedModel
+from sparsejax.structure.traced_model import TracedModel, build_zoo_model
 from tests.commands import command_env
 from tests.structure.test_trace import (
     EmbeddedMLP,
@@ -318,8 +317,8 @@ def test_save_and_load_without_the_model_classes(tmp_path):
 
 
 def test_lenet5_from_the_zoo():
-    model = build_model("lenet5", rngs=nnx.Rngs(0), num_classes=10, input_shape=(28, 28, 1),
-                        granularity="unit")
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10, input_shape=(28, 28, 1),
+                            granularity="unit")
     x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
 
     def apply(m, x):

@@ -1,4 +1,5 @@
-"""The traced structure of every zoo model against its hand declarations (unit granularity).
+"""The traced structure of every zoo model that declares its slots by hand against those
+declarations (unit granularity; the zoo's plain models have none: they are their trace).
 
 What is compared, per model: the layers (kernel, bias) and the dense params / FLOPs; which layers'
 outputs form one group (residual streams, depthwise convolutions) and whether it is prunable;
@@ -18,13 +19,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.models import MODELS, build_model
+from sparsejax.models import MODELS
 from sparsejax.models.base import MODEL_INPUT, GatedModel, GateSlot
+from sparsejax.models.registry import PLAIN
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.trace import TracedStructure, trace_structure
+from sparsejax.structure.traced_model import build_zoo_model
 
 INPUT_SHAPES = {
-    "mlp": (28, 28, 1),
     "lenet5": (28, 28, 1),
     "resnet34": (64, 64, 3),
     "resnet50": (64, 64, 3),
@@ -33,13 +35,12 @@ INPUT_SHAPES = {
 CIFAR = (32, 32, 3)
 
 INPUT_SELECTIONS = {
-    "mlp": lambda slot: slot == "fc1",
     "lenet5": lambda slot: slot == "fc1",
     "resnet164": lambda slot: slot.endswith("conv1_in") or slot == "fc_in",
     "densenet40": lambda slot: True,
 }
 """Slots that gate the inputs of one consumer only (an input selection, slimmed by gathering):
-the image pixels (MLP), conv2's channels flattened at 16 positions (LeNet-5's 800 fc1 inputs,
+conv2's channels flattened at 16 positions (LeNet-5's 800 fc1 inputs,
 50 traced units), a stream read by one block after its own BatchNorm (ResNet-164's conv1_in,
 fc_in), the concatenated features read by one dense layer (DenseNet). The traced groups are the
 producers' channels, which other consumers keep reading."""
@@ -53,8 +54,8 @@ the stem's output, but the stream it starts is zero-padded into the next stage (
 def traced(name: str) -> tuple[GatedModel, TracedStructure, dict[str, str]]:
     shape = INPUT_SHAPES.get(name, CIFAR)
     model = nnx.eval_shape(
-        lambda: build_model(name, rngs=nnx.Rngs(0), num_classes=10, input_shape=shape,
-                            granularity="unit")
+        lambda: build_zoo_model(name, rngs=nnx.Rngs(0), num_classes=10, input_shape=shape,
+                                granularity="unit")
     )
     structure = trace_structure(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32),
                                 apply=lambda m, x: m(x, train=False))
@@ -102,7 +103,7 @@ hidden-dimension gates change the norms' statistics (``tests/structure/test_gate
 compares ``vit_tiny``'s other families)."""
 
 
-@pytest.fixture(scope="module", params=sorted(set(MODELS) - set(TRANSFORMERS)))
+@pytest.fixture(scope="module", params=sorted(set(MODELS) - set(TRANSFORMERS) - PLAIN))
 def zoo(request):
     return request.param, *traced(request.param)
 

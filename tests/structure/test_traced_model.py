@@ -26,7 +26,6 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
-from sparsejax.models import build_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import layer_kernels, node_report
@@ -36,6 +35,7 @@ from sparsejax.structure.traced_model import (
     GatePlacement,
     TracedModel,
     build_any_model,
+    build_zoo_model,
     load_factory,
 )
 from sparsejax.train import train_and_evaluate
@@ -578,7 +578,7 @@ class Plain(nnx.Module):
 def test_a_zoo_model_traced_as_a_plain_module_counts_and_gates_like_its_declarations(
     zoo_name, shape, matched, declared_only
 ):
-    zoo = build_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
+    zoo = build_zoo_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=shape, num_classes=10)
     traced_slots = {slot.name.removeprefix("zoo."): slot for slot in model.gate_slots}
     declared = {slot.name: slot for slot in zoo.gate_slots}
@@ -605,8 +605,8 @@ def test_a_zoo_model_traced_at_weight_granularity_has_its_declared_weight_slots(
     """One weight gate per kernel entry, on the same kernels as the declarations (matched by
     the kernel variable), and the same kept params and FLOPs under random weight masks. The
     convolutional and dense classes: ``test_gate_placements.py``."""
-    zoo = build_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape,
-                      granularity="weight")
+    zoo = build_zoo_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape,
+                          granularity="weight")
     model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=shape, num_classes=10,
                         granularity="weight")
     kernel_of = {id(zoo.layer_module(slot.layer).kernel): slot for slot in zoo.gate_slots}
@@ -632,7 +632,8 @@ def test_the_zoo_vit_traced_as_a_plain_module_counts_heads_like_its_declarations
     16 query/key and 16 value columns closed in the trace, and both count the same params and
     FLOPs, attention products included. The hidden stream, whose units the norms' statistics
     read, gets no gate in the trace (the zoo's masked norms are declared, not traced)."""
-    zoo = build_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST_SHAPE)
+    zoo = build_zoo_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
+                          input_shape=MNIST_SHAPE)
     model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE,
                         num_classes=10)
     blocks = range(4)
@@ -748,11 +749,6 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     [
         ("branch_cnn", "gmp", {"gmp_structure": "unit", "granularity": "weight"},
          "does not declare"),
-        ("branch_cnn", "gmp", {"gmp_structure": "unit", "target_flops": 0.5},
-         "no target_flops / target_params on a traced model; give final_sparsity"),
-        ("branch_cnn", "greg1", {"greg_granularity": "filter", "target_flops": 0.5,
-                                  "epochs": None},
-         "no target_flops / target_params on a traced model; give stage_pr as one ratio"),
         ("branch_cnn", "greg1", {"greg_granularity": "filter", "stage_pr": "stem:0.5,nope:0.5",
                                   "epochs": None},
          r"names the gate slots \['nope'\], which the model does not have \(valid: stem, "),

@@ -12,7 +12,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.data import load_dataset
 from sparsejax.data.sources import ArraySource
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.input import Input
 from sparsejax.train.sharding import create_mesh, place_state
@@ -35,7 +35,7 @@ def steps(method_name: str, count: int, per_example: bool, **overrides) -> dict:
     data = load_dataset("synthetic", num_train=512, num_test=128)
     run = RunInfo(num_train=data.num_train, steps_per_epoch=100)
     method = create_method(method_name, config, run)
-    model = build_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=method.make_gates)
     method_state = method.init(model)
     mesh = create_mesh(config.fsdp)
     tx = method.optimizer()

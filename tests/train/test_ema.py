@@ -126,5 +126,5 @@ def test_slimming_restores_the_averaged_network(ema_run):
     for part in ("net", "gates"):  # both trees flatten in sorted key order
         expected = [e / correction for e in jax.tree.leaves(saved["ema_params"][part])]
         assert_trees_close(jax.tree.leaves(restored[part].to_pure_dict()), expected)
-    raw_kernel = saved["params"]["net"]["fc1"]["kernel"]["value"]
-    assert not np.allclose(np.asarray(restored["net"]["fc1"]["kernel"][...]), raw_kernel)
+    raw_kernel = saved["params"]["net"]["net"]["fc1"]["kernel"]["value"]
+    assert not np.allclose(np.asarray(restored["net"]["net"]["fc1"]["kernel"][...]), raw_kernel)

@@ -9,8 +9,8 @@ from flax import nnx
 
 from experiments.configs.mnist import get_config
 from sparsejax.methods import RunInfo, create_method
-from sparsejax.models import build_model
 from sparsejax.structure import gate_report
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import NonFiniteLossError, Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer, CheckpointError
 from sparsejax.train.metrics import MetricWriter, read_metrics
@@ -31,7 +31,7 @@ def config_for(**overrides):
 
 def initial_report(config, num_train):
     method = create_method(config.method, config, RunInfo(num_train=num_train))
-    model = build_model(
+    model = build_zoo_model(
         config.model, rngs=nnx.Rngs(params=config.seed), gate_factory=method.make_gates
     )
     return gate_report(model)

@@ -20,11 +20,12 @@ def tiny_config(**overrides):
 
 def saved_kernels(workdir, step):
     state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-    return {name: state["params"]["net"][name]["kernel"]["value"] for name in ("fc1", "fc2", "fc3")}
+    network = state["params"]["net"]["net"]
+    return {name: network[name]["kernel"]["value"] for name in ("fc1", "fc2", "fc3")}
 
 
 def assert_kernels_are(snapshot, saved):
-    replayed = split_model(snapshot.model)[1]["net"]
+    replayed = split_model(snapshot.model)[1]["net"]["net"]
     for name, kernel in saved.items():
         np.testing.assert_array_equal(replayed[name]["kernel"][...], kernel)
 

@@ -55,15 +55,17 @@ from flax import nnx
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
 from sparsejax.methods.budget import TARGET_FIELDS, requested_target
+from sparsejax.methods.budget_ratio import slots_ratio
 from sparsejax.methods.dense import Dense
 from sparsejax.methods.fields import Field
 from sparsejax.methods.greg.accounting import greg_pruned_count
-from sparsejax.methods.greg.budget import budget_stage_pr
+from sparsejax.methods.greg.budget import PROBE_RATIO, budget_stage_pr
 from sparsejax.methods.greg.report import (
     greg_progress,
     kept_channels,
     pruned_size,
     slot_pruned_size,
+    traced_pruned_size,
 )
 from sparsejax.methods.greg.rules import (
     GROUP_GRANULARITIES,
@@ -298,19 +300,20 @@ class GReg(Method):
         slots = self.unit_slots(model)
         if slots is not None:
             traced = isinstance(model, TracedModel)
-            if requested_target(self.config) is not None:
+            if not traced and requested_target(self.config) is not None:
                 raise ConfigError(
-                    "GReg takes no target_flops / target_params on a "
-                    + ("traced model; give stage_pr as one ratio or one per gate slot, e.g. "
-                       "{'conv1': 0.5}" if traced else
-                       "transformer; give the ratios per family in stage_pr, e.g. "
-                       "{'heads': 0.5, 'ffn': 0.5}")
+                    "GReg takes no target_flops / target_params on a transformer; give the "
+                    "ratios per family in stage_pr, e.g. {'heads': 0.5, 'ffn': 0.5}"
                 )
             ratios = (
-                traced_slot_ratios(tuple(slots.values()), self.config.stage_pr,
-                                   [layer.name for layer in model.layers], traced_stages(model))
-                if traced else slot_ratios(tuple(slots.values()), self.config.stage_pr)
+                self._traced_ratios(model, slots) if traced
+                else slot_ratios(tuple(slots.values()), self.config.stage_pr)
             )
+            if not ratios:
+                raise ConfigError(
+                    f"stage_pr={self.config.stage_pr!r} prunes no gate slot of the model; give "
+                    f"some of {', '.join(slots)} a ratio in (0, 1)"
+                )
             return tuple(
                 PrunedLayer(name, ratio, greg_pruned_count(ratio, slots[name].shape[0]),
                             slots[name].shape)
@@ -339,6 +342,21 @@ class GReg(Method):
             pruned.append(PrunedLayer(name, ratio, count, tuple(shape)))
         return tuple(pruned)
 
+    def _traced_ratios(self, model: TracedModel, slots: dict[str, GateSlot]) -> dict[str, float]:
+        """``{slot: ratio}`` of a traced model: ``stage_pr`` read by the zoo's rules
+        (:func:`~sparsejax.methods.greg.rules.traced_slot_ratios`), or under a target the one
+        ratio, over the slots that ``stage_pr`` as a single float prunes, that meets it."""
+        layers = [layer.name for layer in model.layers]
+        if requested_target(self.config) is None:
+            return traced_slot_ratios(tuple(slots.values()), self.config.stage_pr, layers,
+                                      traced_stages(model))
+        pruned = traced_slot_ratios(tuple(slots.values()), PROBE_RATIO, layers,
+                                    traced_stages(model))
+        ratio = slots_ratio(model.layers, [slots[name] for name in pruned],
+                            requested_target(self.config), count=greg_pruned_count,
+                            what="GReg (filter granularity)")
+        return dict.fromkeys(pruned, ratio)
+
     def init(self, model: GatedModel) -> MethodState:
         return initial_state(self.pruned_layers(model))
 
@@ -346,11 +364,17 @@ class GReg(Method):
         return self.config.pretrained
 
     def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
-        """:func:`~.report.greg_progress` and :func:`~.report.pruned_size` under
-        ``greg/`` keys."""
+        """:func:`~.report.greg_progress` and the pruned size under ``greg/`` keys: GReg's
+        counter (:func:`~.report.pruned_size`; a traced network without products of two
+        activations, :func:`~.report.traced_pruned_size`), or for a transformer or a traced
+        attention model the accounting's params and FLOPs (:func:`~.report.slot_pruned_size`)."""
         names = [layer.name for layer in self.pruned_layers(model)]
-        size = (pruned_size(model.layers, state, names, self.granularity)
-                if self.unit_slots(model) is None else slot_pruned_size(model, state, names))
+        if self.unit_slots(model) is None:
+            size = pruned_size(model.layers, state, names, self.granularity)
+        elif isinstance(model, TracedModel) and not model.activation_products:
+            size = traced_pruned_size(model.layers, state, names)
+        else:
+            size = slot_pruned_size(model, state, names)
         facts = {**greg_progress(state, names), **size}
         return {f"greg/{key}": value for key, value in facts.items()}
 

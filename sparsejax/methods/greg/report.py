@@ -13,7 +13,7 @@ from sparsejax.methods.base import MethodState
 from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs
 from sparsejax.methods.greg.schedule import FINETUNE, NOT_YET, REGULARISE, STABILISE
 from sparsejax.models.base import GatedModel, Layer
-from sparsejax.structure.accounting import count_network
+from sparsejax.structure.accounting import count_network, kept_units
 from sparsejax.structure.report import weight_report
 
 PHASE_NAMES = {REGULARISE: "regularise", STABILISE: "stabilise", FINETUNE: "finetune"}
@@ -64,20 +64,51 @@ def pruned_size(
     }
     if granularity == "filter":
         kept_out = {name: int(np.sum(mask > 0)) for name, mask in masks.items()}
-        pruned = greg_count(layers, kept_out, greg_kept_inputs(layers, kept_out))
-        return {
-            "dense_weights": dense.weights,
-            "weights": pruned.weights,
-            "dense_flops": dense.flops,
-            "flops": pruned.flops,
-            "speedup": dense.flops / pruned.flops,
-            "widths": kept_out,
-        }
+        return _filter_size(layers, kept_out, greg_kept_inputs(layers, kept_out), kept_out)
     removed = sum(int(np.sum(mask == 0)) for mask in masks.values())
     return {
         "dense_weights": dense.weights,
         "weights": dense.weights - removed,
         "sparsity": 100.0 * removed / dense.weights,
+    }
+
+
+def traced_pruned_size(
+    layers: tuple[Layer, ...], state: MethodState, slot_names: Sequence[str]
+) -> dict[str, Any]:
+    """:func:`pruned_size` of a traced network pruned by gate slot units: every layer's kept
+    input and output units are those its sides' slots keep under the masks
+    (:func:`~sparsejax.structure.accounting.kept_units`: a flattened map's tiles, a
+    concatenation's indices), counted by GReg's counter; ``widths`` per pruned slot."""
+    masks = {
+        name: (np.asarray(layer["mask"]) > 0).astype(np.float32)
+        for name, layer in zip(slot_names, state["layers"])
+    }
+    kept_out = {layer.name: round(kept_units(layer.outputs, masks, layer.out_units))
+                for layer in layers}
+    kept_in = {layer.name: round(kept_units(layer.inputs, masks, layer.in_units))
+               for layer in layers}
+    widths = {name: int(mask.sum()) for name, mask in masks.items()}
+    return _filter_size(layers, kept_out, kept_in, widths)
+
+
+def _filter_size(
+    layers: tuple[Layer, ...],
+    kept_out: dict[str, int],
+    kept_in: dict[str, int],
+    widths: dict[str, int],
+) -> dict[str, Any]:
+    """GReg's counter of the dense network and of the one that keeps ``kept_out`` output and
+    ``kept_in`` input units per layer, its ``speedup`` and the kept ``widths``."""
+    dense = greg_count(layers)
+    pruned = greg_count(layers, kept_out, kept_in)
+    return {
+        "dense_weights": dense.weights,
+        "weights": pruned.weights,
+        "dense_flops": dense.flops,
+        "flops": pruned.flops,
+        "speedup": dense.flops / pruned.flops,
+        "widths": widths,
     }
 
 

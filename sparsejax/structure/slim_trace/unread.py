@@ -17,15 +17,26 @@ from flax import nnx
 
 from sparsejax.structure.slim_trace.zeros import RowReads, Rows, read_rows
 from sparsejax.structure.sparsify import GatedSlice, gated_slices, variable_at
-from sparsejax.structure.trace import TracedStructure
+from sparsejax.structure.trace import TracedStructure, UnitGroup
 from sparsejax.structure.trace.analyze import Apply, call_model
 
+Dropped = dict[tuple[str, int], np.ndarray]
+"""Indices of a parameter's axis (by ``(path, axis)``) that hold units slimming removes."""
 
-def live_rows(net: nnx.Module, s: GatedSlice, met: Rows) -> np.ndarray:
+
+def live_rows(
+    net: nnx.Module, s: GatedSlice, met: Rows, dropped: Dropped | None = None
+) -> np.ndarray:
     """True for each index of axis ``s.axis`` of the parameter ``s.path`` of ``net``
-    whose row holds a nonzero entry and, where ``met`` (:func:`.zeros.read_rows`) knows the
-    row, meets a nonzero value."""
-    value = np.moveaxis(np.asarray(variable_at(net, s.path)[...]), s.axis, 0)
+    whose row holds a nonzero entry outside the ``dropped`` indices of its other axes and,
+    where ``met`` (:func:`.zeros.read_rows`) knows the row, meets a nonzero value."""
+    value = np.asarray(variable_at(net, s.path)[...])
+    for (path, axis), indices in (dropped or {}).items():
+        if path == s.path and axis != s.axis and indices.size:
+            value = np.moveaxis(value, axis, 0).copy()
+            value[indices] = 0
+            value = np.moveaxis(value, 0, axis)
+    value = np.moveaxis(value, s.axis, 0)
     nonzero = np.any(value.reshape(value.shape[0], -1) != 0, axis=1)
     return nonzero & met.get((s.path, s.axis), True)
 
@@ -65,17 +76,33 @@ def read_units(
     slice its gates act on (:func:`~sparsejax.structure.sparsify.gated_slices`: the rows of the
     kernels that read it) still reads, in ``net``'s current parameters: a row with a nonzero
     entry that meets a nonzero value (``met``: :func:`.zeros.read_rows`; rows it does not know
-    count as meeting one)."""
-    read = {}
-    for group in structure.groups:
-        if not group.removable:
-            continue
-        units = np.zeros(group.size, bool)
-        for s in gated_slices(structure, group):
-            live = live_rows(net, s, met or {})[np.asarray(s.indices)]
-            units[np.asarray(s.units)[live]] = True
-        read[group.index] = units
-    return read
+    count as meeting one). An entry in the column of a unit that goes does not count, so the
+    test repeats until nothing more goes: a unit whose only readers feed units that went
+    (a dead chain, as node pruning finds) goes too."""
+    removable = [group for group in structure.groups if group.removable]
+    read = {group.index: np.ones(group.size, bool) for group in removable}
+    while True:
+        dropped = _dropped_indices(removable, read)
+        found = {}
+        for group in removable:
+            units = np.zeros(group.size, bool)
+            for s in gated_slices(structure, group):
+                live = live_rows(net, s, met or {}, dropped)[np.asarray(s.indices)]
+                units[np.asarray(s.units)[live]] = True
+            found[group.index] = units & read[group.index]
+        if all(np.array_equal(found[g], read[g]) for g in read):
+            return found
+        read = found
+
+
+def _dropped_indices(groups: list[UnitGroup], read: dict[int, np.ndarray]) -> Dropped:
+    """The indices, per parameter axis, that hold a unit of ``groups`` not in ``read``."""
+    dropped: dict[tuple[str, int], list[int]] = {}
+    for group in groups:
+        for m in group.members:
+            gone = [i for i, u in zip(m.indices, m.units) if not read[group.index][u]]
+            dropped.setdefault((m.path, m.axis), []).extend(gone)
+    return {key: np.asarray(indices, np.int64) for key, indices in dropped.items()}
 
 
 def units_left(

@@ -1,0 +1,105 @@
+"""Where a paper puts a model's gates, written beside the model: :class:`GatePlacement`.
+
+A plain NNX model says where its unit gates go with a ``gate_placements`` attribute, a tuple of
+placements naming its own layers (the zoo's models, and a user's under ``--model``);
+:class:`~sparsejax.structure.traced_model.TracedModel` resolves them against the model's traced
+structure. This module holds only the description, so that a model can carry it without
+depending on the tracer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+DROPRATE_INIT = 0.5
+"""Initial drop rate of every gate of a traced model (the L0 references' hidden-layer value)."""
+
+
+Side = Literal["input", "output"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GatePlacement:
+    """One unit-gate slot of a
+    :class:`~sparsejax.structure.traced_model.TracedModel` placed by hand, for a model whose paper
+    gates other units than the default (every removable traced group):
+
+    - ``side="output"``: the output units of ``layer``, which must be one removable traced
+      group (a layer's outputs, a depthwise convolution's channels; not one whose units a
+      normaliser's statistics read). The gates act as the group's
+      default gates do, on its readers; ``|g|`` is the layer's kernel slice and bias, the group
+      of Louizos et al. (2018) for a convolution's output channel.
+    - ``side="output"`` with ``norm``: the output of the normaliser ``norm`` that follows
+      ``layer``, alone: one member of a residual stream, whose group is not prunable (the stem
+      of the CIFAR ResNets, Dep-L0's placement). The gates multiply the normaliser's scale and
+      bias, which is multiplying its output, and the layers in ``readers``, which read that
+      output before it joins the stream, lose the closed units' inputs in the accounting.
+      ``|g|`` is the layer's kernel slice and bias.
+    - ``side="input"``: one gate per input unit of ``layer``. When those units are a removable
+      group that only ``layer`` reads, they are that group (its producers' outputs are switched
+      off with it); otherwise an *input selection* that gates the layer's rows alone (the pixel
+      gates of LeNet-300-100, the 800 flattened inputs of LeNet-5's first dense layer,
+      DenseNet's concatenated inputs). ``|g|`` is one row of the layer's kernel (Louizos et al.'s
+      group of a dense layer's input neuron).
+    - ``side="output"`` with ``heads=H``: the output units of ``layer`` (a removable group) in
+      the ``H`` heads that a product of two activations splits them into (a flat projection
+      reshaped into heads, ``Q K^T`` or ``A V`` summing within each head), one gate per head.
+      Placements of several layers with the same ``slot`` and ``heads`` make one slot: a
+      head's queries and keys (``layer`` the query projection) and its values (the value
+      projection), closed together. The gates multiply where the head's units are read by a
+      layer (the output projection's rows, so a gate scales the head's output, as in Voita et
+      al. 2019); the query/key units, which only the scores read, go with their head in the
+      counts and when slimming. ``|g|`` is everything one head removes. On a
+      ``(dim, heads, head_dim)`` kernel (``nnx.MultiHeadAttention``) the placement takes the
+      output axis of ``H`` units, whose group is the heads: the query and the value
+      projections name the same group, and the slot gates it once. The output columns may
+      share units (a fused ``qkv`` projection, one group split by both products, placed
+      once; grouped-query attention's queries, whose heads are the key/value groups).
+
+    - ``side="output"`` with ``branch``: one gate for the whole output of ``layer``, the last
+      layer of a residual branch (a transformer's sublayer, gated as in Fan et al. 2020's
+      LayerDrop and CoFi's ``attn`` / ``mlp`` masks: the output projection, with the query,
+      key and value projections as ``branch``; an FFN's down projection, with its up
+      projection). The gate multiplies ``layer``'s output columns and bias, which is
+      multiplying the branch's output; a closed gate removes every kernel and bias of
+      ``layer`` and ``branch`` and the products of two activations that read their outputs,
+      and ``|g|`` is all of those parameters, the slot's members
+      (:meth:`~sparsejax.structure.traced_model.TracedModel.slot_members`). The layers of
+      ``branch`` must feed no layer outside
+      it but ``layer``. The slot names ``layer`` along its input axis, as a slot of heads
+      does.
+
+    Placements give the gated methods their slots; the methods that prune filters and units
+    (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
+    removable group instead.
+
+    Attributes:
+      slot: the slot's name (in the gates, the config's per-slot lambdas and the reports).
+      layer: the traced layer, named after the module holding its kernel (``"blocks.0.conv1"``).
+      side: ``"input"`` or ``"output"``.
+      droprate_init: the initial drop rate of the slot's gates.
+      norm: the module path of the normaliser (with ``scale`` and ``bias``) whose output the
+        gates multiply, for an output that is one member of a larger group; None otherwise.
+      readers: the traced layers that read the normaliser's output alone (``norm`` only).
+      heads: the number of heads the output units are split into, one gate each; 0 for one
+        gate per unit.
+      whole_unit: ``|g|`` is everything a unit removes (its producers' kernel slices and
+        biases and every reader's rows, as for the default slots) instead of the placed
+        layer's slice or row: the transformers' FFN units. Only where the placed units are a
+        traced group.
+      branch: the traced layers that only feed ``layer``: with it, one residual branch under
+        one gate; empty for unit gates.
+    """
+
+    slot: str
+    layer: str
+    side: Side
+    droprate_init: float = DROPRATE_INIT
+    norm: str | None = None
+    readers: tuple[str, ...] = ()
+    heads: int = 0
+    whole_unit: bool = False
+    branch: tuple[str, ...] = ()
+
+
