@@ -13,17 +13,17 @@ layouts of the papers.
   512 -> classes. For CIFAR-100: 20,070,180 kernel weights and dense biases (GReg's "20.07M"),
   20,081,188 parameters with BatchNorm, and 398M multiply-accumulates on a 32x32 image.
 
-Gates: one channel gate per convolution (slot ``"conv{l}"``), multiplied in after the BatchNorm
-and before the ReLU. A closed channel removes its kernel slice and, where the convolution has
-one, its bias (``gates_bias``: the bias is redundant before BatchNorm but kept as in the Dep-L0
-reference, and a closed gate makes it useless), so a gate's group is 9 * C_in (+ 1) parameters.
-Accounting: convolution l reads the channels of slot l-1 (the first reads the image), writes
-those of slot l; the dense layer reads the channels of the last slot, each tiled over the
-positions of the last map when it is flattened (one for CIFAR VGG-16), once when it is averaged.
-With ``granularity="weight"`` every kernel, the dense one included, gets weight gates.
-``reads``: convolution l reads convolution l-1 (the first reads the image), the dense layer reads
-the last convolution (in = channels * flattened positions). ``norm``: convolution l is
-normalised by ``bn{l}``.
+Gates: the VGGs are plain NNX modules, gated from their trace
+(:class:`~sparsejax.structure.traced_model.TracedModel`); their ``gate_placements`` put one
+channel gate on the output of every convolution (slot ``"conv{l}"``, the Dep-L0 placement,
+initial drop rate 0.5). The gates act on the channels' readers: since a gate z >= 0 commutes
+with ReLU and max pooling, this is multiplying after the BatchNorm and before the ReLU, as the
+reference does. A gate's group ``|g|`` is the channel's kernel slice and, where the convolution
+has one, its bias: 9 * C_in (+ 1) parameters (the bias is redundant before BatchNorm but kept as
+in the Dep-L0 reference); slimming a closed channel also removes its BatchNorm entries and the
+next layer's rows that read it. The dense layer reads the last map flattened (each channel tiled
+over the positions of the last map: one for CIFAR VGG-16) or averaged. With
+``granularity="weight"`` every kernel, the dense one included, gets weight gates.
 """
 
 from __future__ import annotations
@@ -34,18 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.models.base import (
-    MODEL_INPUT,
-    GatedModel,
-    GateFactory,
-    GateSlot,
-    Granularity,
-    Layer,
-    apply_unit_gate,
-    check_granularity,
-)
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, batch_norm
 from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.placement import GatePlacement
 from sparsejax.models.pooling import max_pool
 
 VGG16_CONFIG: tuple[int | str, ...] = (
@@ -65,11 +56,12 @@ Head = Literal["flatten", "average"]
 HEADS: tuple[str, ...] = ("flatten", "average")
 
 
-class VGG(GatedModel):
+class VGG(nnx.Module):
     """A VGG-BN for small images: 3x3 convolutions ("M": 2x2 max pooling) given by ``config``,
-    each followed by BatchNorm, its channel gate and ReLU, then one dense layer on the last map,
-    flattened (``head="flatten"``) or averaged over its positions (``"average"``); see the module
-    docstring for the gates."""
+    each followed by BatchNorm and ReLU, then one dense layer on the last map, flattened
+    (``head="flatten"``) or averaged over its positions (``"average"``). A plain NNX module
+    (BatchNorm's mode from ``train()`` / ``eval()``) whose ``gate_placements`` gate every
+    convolution's output channels (module docstring)."""
 
     def __init__(
         self,
@@ -80,13 +72,10 @@ class VGG(GatedModel):
         input_shape: tuple[int, ...] = CIFAR_SHAPE,
         conv_bias: bool = True,
         head: Head = "flatten",
-        gate_factory: GateFactory | None = None,
-        granularity: Granularity = "unit",
     ):
-        check_granularity(granularity)
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        self.granularity = granularity
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.config = tuple(config)
         self.head = head
         height, width, channels = input_shape
@@ -96,58 +85,32 @@ class VGG(GatedModel):
                 f"VGG with {pools} poolings needs images of at least {2 ** pools} pixels a side, "
                 f"got {height}x{width}"
             )
+        widths = [c for c in self.config if c != "M"]
+        self.num_convs = len(widths)
+        for index, out in enumerate(widths, start=1):
+            setattr(self, f"conv{index}", Conv(channels, out, 3, padding="SAME",
+                                               use_bias=conv_bias, rngs=rngs))
+            setattr(self, f"bn{index}", batch_norm(out, rngs))
+            channels = out
+        positions = (height >> pools) * (width >> pools) if head == "flatten" else 1
+        self.fc = Dense(positions * channels, num_classes, rngs=rngs)
+        self.gate_placements = tuple(
+            GatePlacement(f"conv{index}", f"conv{index}", "output", DROPRATE)
+            for index in range(1, self.num_convs + 1)
+        )
 
-        layers, unit_slots = [], []
-        previous: str | None = None
-        for item in self.config:
-            if item == "M":
-                height, width = height // 2, width // 2
-                continue
-            name = f"conv{len(layers) + 1}"
-            setattr(self, name, Conv(channels, item, 3, padding="SAME", use_bias=conv_bias,
-                                     rngs=rngs))
-            setattr(self, f"bn{len(layers) + 1}", batch_norm(item, rngs))
-            layer = Layer(
-                name, (3, 3, channels, item), height * width, has_bias=conv_bias,
-                inputs=self._unit_sources((previous, 1)) if previous else (),
-                outputs=self._unit_sources((name, 1)),
-                kernel_slot=self._kernel_slot(name),
-                reads=(previous or MODEL_INPUT,),
-                norm=f"bn{len(layers) + 1}",
-            )
-            layers.append(layer)
-            unit_slots.append(
-                GateSlot(name, name, (item,), 3, conv_bias, DROPRATE, layer.kernel_shape)
-            )
-            previous, channels = name, item
-        self.num_convs = len(layers)
-        positions = height * width if head == "flatten" else 1
-        flat = positions * channels
-        self.fc = Dense(flat, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (flat, num_classes),
-                            inputs=self._unit_sources((previous, positions)),
-                            kernel_slot=self._kernel_slot("fc"), reads=(previous,)))
-        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
-                      rngs=rngs)
-
-    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
-        unit = self.granularity == "unit"
+    def __call__(self, x: jax.Array) -> jax.Array:
         h, index = x, 0
         for item in self.config:
             if item == "M":
                 h = max_pool(h)
                 continue
             index += 1
-            name = f"conv{index}"
-            h = getattr(self, name)(h, self.kernel_gate(z, name))
-            h = getattr(self, f"bn{index}")(h, use_running_average=not train)
-            if unit:
-                h = apply_unit_gate(h, z, name)
-            h = nnx.relu(h)
+            h = getattr(self, f"conv{index}")(h)
+            h = nnx.relu(getattr(self, f"bn{index}")(h))
         if self.head == "average":
             h = jnp.mean(h, axis=(1, 2))
-        h = h.reshape(h.shape[0], -1)
-        return self.fc(h, self.kernel_gate(z, "fc"))
+        return self.fc(h.reshape(h.shape[0], -1))
 
 
 class VGG16(VGG):

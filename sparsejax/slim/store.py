@@ -83,7 +83,7 @@ def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Pat
     directory = _output_directory(directory, SLIM_CHECKPOINT_DIR)
     checkpoint = directory / SLIM_CHECKPOINT_DIR
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(checkpoint, nnx.state(result.model))
+        checkpointer.save(checkpoint, _without_empty(nnx.state(result.model)))
     config = {"spec": dataclasses.asdict(spec), "plan": json.loads(result.plan.to_json())}
     if result.architecture is not None:
         config["architecture"] = result.architecture
@@ -124,8 +124,18 @@ def load_slim(directory: str | Path) -> GatedModel:
         strip_to_network(model)
     else:
         model = rebuild(spec.build(), SlimPlan.from_json(json.dumps(config["plan"])))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model))
+    state = nnx.state(model)
+    abstract = _without_empty(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory / SLIM_CHECKPOINT_DIR, abstract)
-    nnx.update(model, restored)
+    nnx.update(model, jax.tree.map(
+        lambda empty, value: empty if value is None else value, state, restored,
+        is_leaf=lambda leaf: leaf is None,
+    ))
     return model
+
+
+def _without_empty(state: nnx.State) -> nnx.State:
+    """``state`` with its arrays of no entries (a layer slimmed to no units) as None: Orbax
+    stores no zero-size array, and the slim model rebuilds them from its plan."""
+    return jax.tree.map(lambda leaf: leaf if leaf.size else None, state)

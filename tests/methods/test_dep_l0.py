@@ -14,7 +14,7 @@ from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.dep_l0 import DEFAULT_LAMBDAS, generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.penalties import gated_l2
-from sparsejax.models import VGG16, LeNet5
+from sparsejax.models import LeNet5
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.structure import gate_report
 from sparsejax.structure.traced_model import build_zoo_model
@@ -158,8 +158,8 @@ def test_resnet_penalty_forms_by_hand():
 
 def test_vgg_layers_form_is_the_reference_chain():
     method = method_for("dep_l0", model="vgg16")
-    model = VGG16(rngs=nnx.Rngs(0), input_shape=(8, 8, 3), config=(4, "M", 6, 5, "M"),
-                  gate_factory=method.make_gates)
+    model = build_zoo_model("vgg16", rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
+                            config=(4, "M", 6, 5, "M"), gate_factory=method.make_gates)
     q = {"conv1": jnp.array([0.5, 1.0, 0.5, 0.0]), "conv2": jnp.full(6, 0.5),
          "conv3": jnp.array([0.2, 0.2, 0.2, 0.2, 0.2])}
     want = LAMBDA * (9 * 3 * 2.0 + 9 * 2.0 * 3.0 + 9 * 3.0 * 1.0)

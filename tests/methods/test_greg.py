@@ -309,6 +309,29 @@ def test_traced_slot_rules_take_one_ratio_one_per_named_slot_or_one_per_layer_in
         traced_slot_ratios(slots, {"head": 1.0})
 
 
+def test_traced_mlp_report_counts_the_kept_units_on_both_sides_of_each_layer():
+    method, model, state = prepared(greg_config(model="mlp"))
+    hidden = [layer.group_shape[0] for layer in method.pruned_layers(model)]
+    assert hidden == [300, 100]  # the pixels and the classes are never pruned
+    rng = np.random.default_rng(0)
+    for layer, width in zip(state["layers"], hidden):
+        kept = rng.permutation(width) < width // 2
+        layer["mask"] = jnp.asarray(kept, jnp.float32)
+    size = method.report(model, state)
+    widths = [784, *hidden, 10]
+    kept_widths = [784, *(w // 2 for w in hidden), 10]
+
+    def weights(ws):
+        return sum(a * b for a, b in zip(ws, ws[1:]))
+
+    assert size["greg/dense_weights"] == weights(widths) == 266_200
+    assert size["greg/weights"] == weights(kept_widths) == 125_600
+    assert size["greg/dense_flops"] == 2 * weights(widths)
+    assert size["greg/flops"] == 2 * weights(kept_widths)
+    assert size["greg/speedup"] == pytest.approx(266_200 / 125_600)
+    assert list(size["greg/widths"].values()) == [150, 50]
+
+
 def test_pruned_filters_output_exactly_zero_like_removed_channels():
     config = greg_config(model="resnet20", stage_pr=(0, 0.5, 0.5, 0.5, 0))
     method = create_method(config.method, config, RunInfo(num_train=512))

@@ -8,8 +8,10 @@ from sparsejax.gates import HardConcreteGate
 from sparsejax.models import MODELS, VGG16, CifarResNet, resnet20
 from sparsejax.models.base import each_slot
 from sparsejax.models.vgg import VGG16_CONFIG
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_layer, count_network
 from sparsejax.structure.traced_model import build_zoo_model
+from tests.slim.test_surgery import randomize_batch_norms
 
 BATCH = (2, 32, 32, 3)
 
@@ -65,8 +67,8 @@ NARROW_VGG16 = tuple(c if c == "M" else 8 for c in VGG16_CONFIG)
 
 @pytest.fixture(scope="module")
 def vgg16():
-    """A dense VGG-16, only read (counting, declarations)."""
-    return VGG16(rngs=nnx.Rngs(0))
+    """A dense VGG-16 on its trace, only read (counting, slots)."""
+    return build_zoo_model("vgg16", rngs=nnx.Rngs(0))
 
 
 # ----------------------------------------------------------------------------- dense counts
@@ -153,6 +155,7 @@ def test_resnet_layers_declare_their_geometry_and_gated_units():
 
 
 def test_vgg16_layers_chain_the_conv_slots(vgg16):
+    assert all(s.layer == s.name for s in vgg16.gate_slots)
     layers = vgg16.layers
     assert layers[0].inputs == () and layers[0].outputs == (("conv1", 1),)
     assert all(l.inputs == ((f"conv{i}", 1),) for i, l in enumerate(layers[1:13], start=1))
@@ -215,7 +218,8 @@ def test_vgg16_forward_and_batchnorm_statistics():
 
 
 def test_vgg16_backward_at_narrow_width():
-    check_gradients(VGG16(rngs=nnx.Rngs(0), config=NARROW_VGG16, gate_factory=hc_factory))
+    check_gradients(build_zoo_model("vgg16", rngs=nnx.Rngs(0), config=NARROW_VGG16,
+                                    gate_factory=hc_factory))
 
 
 # ----------------------------------------------------------------------------- gate semantics
@@ -319,6 +323,31 @@ def test_vgg16_half_closed_conv_slots(vgg16):
     removed = 9 * 512 * 256 + 256 * 10
     assert float(counts["weights"]) == dense["weights"] - removed
     assert float(counts["flops"]) == dense["flops"] - 9 * 512 * 256 * 4 - 256 * 10
+
+
+def test_vgg16_slims_from_its_trace_to_its_open_channels():
+    """Closed channel gates remove their filters, biases and BatchNorm entries and the next
+    layer's rows; the slim network has the gated model's count and test-time logits."""
+    model = build_zoo_model("vgg16", rngs=nnx.Rngs(0), config=NARROW_VGG16,
+                            gate_factory=hc_factory)
+    randomize_batch_norms(model, np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    kept = {}
+    for slot in model.gate_slots:
+        keep = rng.random(slot.shape) < 0.6
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
+        kept[slot.name] = int(keep.sum())
+    x = np.asarray(images(3))
+    slim = slim_traced_model(model, x)
+    widths = [3, *kept.values()]
+    assert {name: tuple(slim.params[f"{name}.kernel"].shape) for name in kept} == {
+        name: (3, 3, c_in, c_out) for name, c_in, c_out in zip(kept, widths, widths[1:])
+    }
+    assert tuple(slim.params["fc.kernel"].shape) == (widths[-1], 10)
+    masks = {name: (np.arange(8) < width).astype(np.float32) for name, width in kept.items()}
+    assert slim.report.flops_after == float(count_network(model.layers, masks)["flops"])
+    gated = model(jnp.asarray(x), train=False)
+    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(gated), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- construction

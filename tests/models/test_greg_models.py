@@ -19,16 +19,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments.configs.mnist import get_config
 from sparsejax.gates import HardConcreteGate
+from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.greg.accounting import (
     greg_count,
     greg_kept_inputs,
     greg_pruned_count,
 )
 from sparsejax.methods.greg.rules import layer_ratios
-from sparsejax.models import MODELS, VGG19, ImageNetResNet, each_slot
+from sparsejax.models import MODELS, ImageNetResNet, each_slot
 from sparsejax.models.vgg import VGG19_CONFIG
 from sparsejax.slim import slim_model
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_network
 from sparsejax.structure.traced_model import build_zoo_model
 from tests.slim.test_surgery import randomize_batch_norms
@@ -116,16 +119,16 @@ def test_vgg19_layers_and_gate_slots(vgg19):
     assert [l.out_positions for l in layers[:16]] == positions
     fc = layers[-1]  # reads the average of the 2x2 map (flattened, it would read 4 * 512)
     assert fc.kernel_shape == (512, CIFAR100) and fc.inputs == (("conv16", 1),)
-    assert fc.reads == ("conv16",) and [l.norm for l in layers[:2]] == ["bn1", "bn2"]
 
 
 def test_vgg19_forward_and_gradients():
-    model = VGG19(rngs=nnx.Rngs(0), num_classes=CIFAR100, gate_factory=hc_factory)
+    model = build_zoo_model("vgg19", rngs=nnx.Rngs(0), num_classes=CIFAR100,
+                            gate_factory=hc_factory)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     assert model(x, train=True, rngs=nnx.Rngs(gates=0)).shape == (2, CIFAR100)
     assert model(x, train=False).shape == (2, CIFAR100)
-    narrow = VGG19(rngs=nnx.Rngs(0), config=tuple(c if c == "M" else 4 for c in VGG19_CONFIG),
-                   gate_factory=hc_factory)
+    narrow = build_zoo_model("vgg19", rngs=nnx.Rngs(0), gate_factory=hc_factory,
+                             config=tuple(c if c == "M" else 4 for c in VGG19_CONFIG))
 
     def loss(m):
         return jnp.sum(m(x, train=True, rngs=nnx.Rngs(gates=1)) ** 2)
@@ -135,14 +138,65 @@ def test_vgg19_forward_and_gradients():
                for s in narrow.gates)
 
 
+def greg_on_vgg19(stage_pr, granularity="filter"):
+    config = get_config("greg1")
+    config.update(model="vgg19", stage_pr=stage_pr, pretrain_epochs=0,
+                  greg_granularity=granularity)
+    return create_method("greg1", config, RunInfo(num_train=100))
+
+
 def test_greg_vgg19_stage_pr_is_the_8_89x_network(vgg19):
-    ratios = layer_ratios(vgg19.layers, VGG19_STAGE_PR, "filter")
-    assert ratios == {f"conv{l}": 0.7 for l in range(2, 17)}  # first conv and fc kept whole
-    kept = greg_widths(vgg19.layers, ratios)
-    assert list(kept.values()) == [19, 38, 38, 76, 76, 76, 76] + [153] * 8
-    dense, pruned = greg_pruned(vgg19.layers, ratios)
-    assert round(pruned.weights / 1e6, 2) == 1.81
-    assert round(dense.flops / pruned.flops, 2) == 8.89
+    """GReg's ratios, widths and counter on VGG-19 traced as a plain module, through the
+    method: the pruned layers, their masks and its report."""
+    method = greg_on_vgg19(VGG19_STAGE_PR)
+    pruned = method.pruned_layers(vgg19)
+    assert {p.name: p.ratio for p in pruned} == {f"conv{l}": 0.7 for l in range(2, 17)}
+    kept = [p.group_shape[0] - p.count for p in pruned]  # first conv and fc kept whole
+    assert kept == [19, 38, 38, 76, 76, 76, 76] + [153] * 8
+    state = method.init(vgg19)
+    for layer, layer_state in zip(pruned, state["layers"]):
+        layer_state["mask"] = (jnp.arange(layer.group_shape[0]) >= layer.count).astype(
+            jnp.float32)
+    size = method.report(vgg19, state)
+    assert size["greg/dense_weights"] == greg_count(vgg19.layers).weights
+    assert round(size["greg/weights"] / 1e6, 2) == 1.81
+    assert round(size["greg/speedup"], 2) == 8.89
+    assert list(size["greg/widths"].values()) == kept
+
+
+def test_greg_weight_granularity_prunes_the_kernels_of_the_layer_indices(vgg19):
+    method = greg_on_vgg19(VGG19_STAGE_PR, "weight")
+    kernels = {layer.name: layer.kernel_shape for layer in vgg19.layers}
+    assert {p.name: (p.ratio, p.count, p.group_shape) for p in method.pruned_layers(vgg19)} == {
+        f"conv{l}": (0.7, greg_pruned_count(0.7, math.prod(kernels[f"conv{l}"])),
+                     kernels[f"conv{l}"])
+        for l in range(2, 17)
+    }
+
+
+def test_greg_pruned_vgg19_slims_from_its_trace_to_the_same_logits():
+    """Masking the filters GReg's rules choose (as its pruning does: every member of the unit,
+    BatchNorm entries included) and slimming from the trace gives the GReg-counted widths and
+    the same eval logits."""
+    model = build_zoo_model("vgg19", rngs=nnx.Rngs(0), use_placements=False,
+                            config=(8, 8, "M", 8, "M", 16, "M", 16, "M", 16))
+    rng = np.random.default_rng(0)
+    randomize_batch_norms(model, rng)
+    method = greg_on_vgg19("[1-4:0.5]")
+    slots = {slot.name: slot for slot in model.gate_slots}
+    kept = {}
+    for layer in method.pruned_layers(model):
+        width = layer.group_shape[0]
+        mask = np.ones(width, np.float32)
+        mask[rng.choice(width, layer.count, replace=False)] = 0.0
+        model.scale_units(slots[layer.name], jnp.asarray(mask))
+        kept[layer.name] = width - layer.count
+    assert kept == {"conv2": 4, "conv3": 4, "conv4": 8, "conv5": 8}
+    images = np.asarray(jax.random.normal(jax.random.key(7), (4, 32, 32, 3)))
+    slim = slim_traced_model(model, images)
+    assert {name: slim.params[f"{name}.kernel"].shape[-1] for name in kept} == kept
+    assert slim.report.max_logit_difference < 1e-4
+    assert slim.report.flops_after < slim.report.flops_before
 
 
 # ----------------------------------------------------------------------------- ResNet-34
@@ -207,22 +261,12 @@ def zero_filters(model, layer_name, channels):
     norm.bias[...] = norm.bias[...].at[index].set(0.0)
 
 
-@pytest.mark.parametrize(
-    "model, stage_pr, shape",
-    [
-        (lambda: VGG19(rngs=nnx.Rngs(0), config=(8, 8, "M", 8, "M", 16, "M", 16, "M", 16)),
-         "[1-4:0.5]", (32, 32, 3)),
-        (lambda: ImageNetResNet(rngs=nnx.Rngs(0), blocks_per_stage=(3, 4, 6, 3),
-                                widths=(8, 8, 16, 16), block="basic", num_classes=10,
-                                input_shape=(32, 32, 3)),
-         RESNET34_STAGE_PR, (32, 32, 3)),
-    ],
-    ids=["vgg19", "resnet34"],
-)
-def test_greg_pruned_network_slims_to_the_same_logits(model, stage_pr, shape):
+def test_greg_pruned_resnet34_slims_to_the_same_logits():
     """Zeroing the filters GReg's rules choose and slimming gives the GReg-counted widths and the
     same eval logits."""
-    model = model()
+    model = ImageNetResNet(rngs=nnx.Rngs(0), blocks_per_stage=(3, 4, 6, 3), widths=(8, 8, 16, 16),
+                           block="basic", num_classes=10, input_shape=(32, 32, 3))
+    stage_pr, shape = RESNET34_STAGE_PR, (32, 32, 3)
     rng = np.random.default_rng(0)
     randomize_batch_norms(model, rng)
     ratios = layer_ratios(model.layers, stage_pr, "filter")

@@ -3,6 +3,7 @@ import shutil
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -105,19 +106,33 @@ def test_round_to_does_not_apply_to_a_transformer(tmp_path):
     assert not (tmp_path / "slim").exists()
 
 
-def test_a_pruned_slim_model_round_trips_through_disk(run_dir, tmp_path):
-
-    gated, spec, _ = restore_run(run_dir)
-    close_half_the_conv2_gates(gated)
-    result = slim_model(gated)
-    assert result.model.layers[1].out_units == 25
-    save_slim(tmp_path / "slim", spec, result)
-    restored = load_slim(tmp_path / "slim")
+def assert_round_trips(gated, spec, result, directory):
+    """The slim model saved and loaded has the slim layers and the gated model's logits."""
+    save_slim(directory, spec, result)
+    restored = load_slim(directory)
     x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
     np.testing.assert_allclose(
         eval_logits(restored, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4
     )
     assert restored.layers == result.model.layers
+
+
+def test_a_pruned_slim_model_round_trips_through_disk(run_dir, tmp_path):
+    gated, spec, _ = restore_run(run_dir)
+    close_half_the_conv2_gates(gated)
+    result = slim_model(gated)
+    assert result.model.layers[1].out_units == 25
+    assert_round_trips(gated, spec, result, tmp_path / "slim")
+
+
+def test_a_slim_model_with_a_layer_of_no_units_round_trips_through_disk(run_dir, tmp_path):
+    """Every conv2 gate closed: conv1, conv2 and fc1 keep no units (fc1's constant output goes
+    into fc2's bias), and their empty arrays, which Orbax cannot store, come back empty."""
+    gated, spec, _ = restore_run(run_dir)
+    gated.gates["conv2"].log_alpha[...] = jnp.full(gated.gates["conv2"].shape, -20.0)
+    result = slim_model(gated)
+    assert [layer.out_units for layer in result.model.layers] == [0, 0, 0, 10]
+    assert_round_trips(gated, spec, result, tmp_path / "slim")
 
 
 def test_slim_cli_says_when_a_directory_is_not_a_run(tmp_path):

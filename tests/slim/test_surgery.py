@@ -9,8 +9,6 @@ from flax import nnx
 
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.models import (
-    VGG16,
-    VGG19,
     CifarResNet,
     DenseNet,
     ImageNetResNet,
@@ -41,10 +39,6 @@ def scale_gates(slot, rngs):
 
 ARCHITECTURES = {
     "lenet5": (functools.partial(LeNet5), MNIST),
-    "vgg16": (functools.partial(VGG16, config=(16, 16, "M", 32, 32, "M", 32, "M", 64, "M",
-                                               64, "M")), CIFAR),
-    "vgg19": (functools.partial(VGG19, config=(16, 16, "M", 32, "M", 32, "M", 64, "M", 64, 64)),
-              CIFAR),
     "resnet20": (functools.partial(CifarResNet, depth=20), CIFAR),
     "wrn": (functools.partial(WideResNet, depth=16, widen_factor=2, stem_width=8,
                               base_widths=(8, 16, 16)), CIFAR),
@@ -162,7 +156,7 @@ def test_slim_logits_equal_gated_logits_and_sizes_equal_the_accounting(name):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
 
 
-@pytest.mark.parametrize("name", ["vgg16", "mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["wrn", "mobilenet_v2", "resnet50"])
 def test_slim_architecture_string_is_the_gated_one(name):
     model, _ = build(name, scale_gates)
     close_random_gates(model, np.random.default_rng(3))
@@ -215,7 +209,7 @@ def test_fixed_option_a_streams_are_never_slimmed():
 
 
 def test_greg_style_zeroed_filters_slim_without_gates():
-    model, shape = build("vgg16")
+    model, shape = build("lenet5")
     rng = np.random.default_rng(4)
     removed = {}
     for layer in model.layers[:-1]:
@@ -229,12 +223,12 @@ def test_greg_style_zeroed_filters_slim_without_gates():
 
 
 def test_an_explicit_keep_mask_removes_units():
-    model, shape = build("vgg16")
-    keep = np.ones(16, bool)
+    model, shape = build("lenet5")
+    keep = np.ones(20, bool)
     keep[:4] = False
     result = slim_model(model, keep={"conv1": keep})
-    assert result.plan.kept_outputs["conv1"] == tuple(range(4, 16))
-    assert result.model.layers[1].kernel_shape[2] == 12
+    assert result.plan.kept_outputs["conv1"] == tuple(range(4, 20))
+    assert result.model.layers[1].kernel_shape[2] == 16
     zeroed = nnx.clone(model)  # the slim network computes the network with those filters zeroed
     zero_filters(zeroed, "conv1", range(4))
     assert_same_logits(zeroed, result.model, shape)

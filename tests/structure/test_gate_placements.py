@@ -42,8 +42,6 @@ CIFAR = (32, 32, 3)
 ZOO = {
     "lenet5": MNIST,
     "resnet20": CIFAR,
-    "vgg16": CIFAR,
-    "vgg19": CIFAR,
     "wrn28_10": CIFAR,
     "resnet164": CIFAR,
     "densenet40": CIFAR,
@@ -54,8 +52,8 @@ ZOO = {
     "vit_tiny": MNIST,
     "lm_tiny": (16,),
 }
-"""The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP is a
-plain module, its own trace), the ViT and the LM (on
+"""The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP and the
+VGGs are plain modules, their own trace), the ViT and the LM (on
 sequences of 16 token ids of a vocabulary of 10), by their input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
@@ -300,7 +298,6 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
 
 @pytest.mark.parametrize("name, stage_pr", [
     ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
-    ("vgg16", "[1-12:0.5]"), ("vgg19", 0.25),
     ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
     ("resnet20", 0.4), ("resnet34", 0.3),
     ("wrn28_10", (0, 0.2, 0.4, 0.6, 0)), ("resnet34", (0, 0.1, 0.2, 0.3, 0.4, 0)),
@@ -337,7 +334,7 @@ def traced_layer(zoo: GatedModel, layer: str) -> str:
 
 
 @pytest.mark.parametrize("name, stage_pr", [
-    ("lenet5", (0.1, 0.2, 0.3, 0.4)), ("vgg16", "[1-12:0.5]"), ("resnet20", 0.5),
+    ("lenet5", (0.1, 0.2, 0.3, 0.4)), ("resnet20", 0.5),
     ("resnet20", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet20", "[0, 0.3, 0.4, 0.5, 0.2]"),
     ("wrn28_10", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet34", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
     ("resnet50", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
@@ -368,7 +365,7 @@ def test_a_stage_list_of_the_wrong_length_for_a_traced_residual_network_says_why
         layer_ratios(model.layers, [0.1, 0.2, 0.3, 0.4], "weight", stages)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "vgg16", "resnet20", "resnet50"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "resnet50"])
 def test_gmp_by_units_prunes_the_declared_layers_of_a_traced_zoo_model(name):
     """``gmp_structure="unit"`` prunes, on the traced model, the groups of the layers it prunes
     on the declared one: every layer but the classifier and the members of residual streams

@@ -347,11 +347,10 @@ class GReg(Method):
         (:func:`~sparsejax.methods.greg.rules.traced_slot_ratios`), or under a target the one
         ratio, over the slots that ``stage_pr`` as a single float prunes, that meets it."""
         layers = [layer.name for layer in model.layers]
+        stages = traced_stages(model)
         if requested_target(self.config) is None:
-            return traced_slot_ratios(tuple(slots.values()), self.config.stage_pr, layers,
-                                      traced_stages(model))
-        pruned = traced_slot_ratios(tuple(slots.values()), PROBE_RATIO, layers,
-                                    traced_stages(model))
+            return traced_slot_ratios(tuple(slots.values()), self.config.stage_pr, layers, stages)
+        pruned = traced_slot_ratios(tuple(slots.values()), PROBE_RATIO, layers, stages)
         ratio = slots_ratio(model.layers, [slots[name] for name in pruned],
                             requested_target(self.config), count=greg_pruned_count,
                             what="GReg (filter granularity)")
