@@ -789,7 +789,8 @@ def _joined_slices(
 class TracedModel(GatedModel):
     """A plain NNX module ``net`` (images NHWC -> logits, or with an integer ``input_dtype``
     token ids ``(batch, T)`` -> logits ``(batch, T, num_classes)``) gated and counted from its
-    trace; see the module docstring.
+    trace; see the module docstring. ``droprate_init`` is the initial drop rate of the gates
+    that no placement sets (weight gates, the slots of every removable group).
 
     Attributes:
       net: the wrapped module; its parameters are trained as they are (gates scale them only
@@ -822,6 +823,7 @@ class TracedModel(GatedModel):
         name: str = "traced model",
         placements: Sequence[GatePlacement] | None = None,
         input_dtype: jnp.dtype = jnp.float32,
+        droprate_init: float = DROPRATE_INIT,
     ):
         check_granularity(granularity)
         if placements is not None and granularity != "unit":
@@ -830,6 +832,7 @@ class TracedModel(GatedModel):
                 "gets its own gate, so leave placements out"
             )
         self.granularity = granularity
+        self.droprate_init = droprate_init
         self.net = net
         self.structure = _trace(net, input_shape, jnp.dtype(input_dtype), num_classes, name)
         self.placed = placements is not None
@@ -868,7 +871,7 @@ class TracedModel(GatedModel):
         self._declare(
             list(layers),
             unit_slots,
-            droprate_init=DROPRATE_INIT,
+            droprate_init=droprate_init,
             gate_factory=gate_factory,
             rngs=rngs,
             couplings=self._couplings(),
@@ -901,7 +904,7 @@ class TracedModel(GatedModel):
             (traced.size,),
             axis,
             producer.has_bias,
-            DROPRATE_INIT,
+            self.droprate_init,
             self.structure.param_shapes[path],
             group_params=_unit_params(self.structure, traced),
         )
@@ -1178,7 +1181,27 @@ def build_zoo_model(
     if name not in PLAIN:
         return build_model(name, rngs=rngs, gate_factory=gate_factory, granularity=granularity,
                            **options)
-    net = build_model(name, rngs=rngs, **options)
+    return gate_zoo_network(
+        build_model(name, rngs=rngs, **options), name, rngs=rngs, gate_factory=gate_factory,
+        granularity=granularity, use_placements=use_placements, input_dtype=input_dtype,
+    )
+
+
+def gate_zoo_network(
+    net: nnx.Module,
+    name: str,
+    *,
+    rngs: nnx.Rngs,
+    gate_factory: GateFactory | None = None,
+    granularity: Granularity = "unit",
+    use_placements: bool = True,
+    input_dtype: jnp.dtype = jnp.float32,
+) -> TracedModel:
+    """The :class:`TracedModel` of ``net``, a plain zoo network (a class of
+    :data:`~sparsejax.models.registry.PLAIN`'s models, at any size: ``WideResNet(depth=10,
+    ...)``), gated as :func:`build_zoo_model` gates the registered ones: its gates drawn from
+    ``rngs`` and placed by its ``gate_placements`` when ``use_placements`` (at unit
+    granularity); ``name`` names it in errors."""
     return _gated_net(
         net, name, rngs=rngs, input_shape=net.input_shape, num_classes=net.num_classes,
         gate_factory=gate_factory, granularity=granularity, use_placements=use_placements,
@@ -1198,7 +1221,9 @@ def _gated_net(
     use_placements: bool,
     input_dtype: jnp.dtype,
 ) -> TracedModel:
-    """The :class:`TracedModel` of ``net``, with its own placements where asked for."""
+    """The :class:`TracedModel` of ``net``, with its own placements where asked for and, for
+    the gates no placement sets (weight gates, one slot per group), the initial drop rate of
+    its ``droprate_init`` attribute where it has one (WRN's 0.3)."""
     return TracedModel(
         net,
         rngs=rngs,
@@ -1211,6 +1236,7 @@ def _gated_net(
         placements=(
             declared_placements(net, name) if granularity == "unit" and use_placements else None
         ),
+        droprate_init=getattr(net, "droprate_init", DROPRATE_INIT),
     )
 
 

@@ -15,7 +15,6 @@ from sparsejax.models import (
     LeNet5,
     MobileNetV2,
     PreActResNet,
-    WideResNet,
 )
 from sparsejax.models.base import GatedModel, each_slot
 from sparsejax.slim import slim_model
@@ -40,8 +39,6 @@ def scale_gates(slot, rngs):
 ARCHITECTURES = {
     "lenet5": (functools.partial(LeNet5), MNIST),
     "resnet20": (functools.partial(CifarResNet, depth=20), CIFAR),
-    "wrn": (functools.partial(WideResNet, depth=16, widen_factor=2, stem_width=8,
-                              base_widths=(8, 16, 16)), CIFAR),
     "resnet50": (functools.partial(ImageNetResNet, blocks_per_stage=(3, 4, 6, 3),
                                    widths=(8, 8, 16, 16)), CIFAR),
     "resnet34": (functools.partial(ImageNetResNet, blocks_per_stage=(3, 4, 6, 3),
@@ -156,7 +153,7 @@ def test_slim_logits_equal_gated_logits_and_sizes_equal_the_accounting(name):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
 
 
-@pytest.mark.parametrize("name", ["wrn", "mobilenet_v2", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet34", "mobilenet_v2", "resnet50"])
 def test_slim_architecture_string_is_the_gated_one(name):
     model, _ = build(name, scale_gates)
     close_random_gates(model, np.random.default_rng(3))

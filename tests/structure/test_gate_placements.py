@@ -42,7 +42,6 @@ CIFAR = (32, 32, 3)
 ZOO = {
     "lenet5": MNIST,
     "resnet20": CIFAR,
-    "wrn28_10": CIFAR,
     "resnet164": CIFAR,
     "densenet40": CIFAR,
     "mobilenet_v2_cifar": CIFAR,
@@ -52,8 +51,8 @@ ZOO = {
     "vit_tiny": MNIST,
     "lm_tiny": (16,),
 }
-"""The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP and the
-VGGs are plain modules, their own trace), the ViT and the LM (on
+"""The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP, the
+VGGs and WRN are plain modules, their own trace), the ViT and the LM (on
 sequences of 16 token ids of a vocabulary of 10), by their input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
@@ -216,7 +215,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
 
 
 @pytest.mark.parametrize("name", [
-    "lenet5", "resnet20", "resnet164", "densenet40", "wrn28_10", "vit_tiny", "lm_tiny"])
+    "lenet5", "resnet20", "resnet164", "densenet40", "vit_tiny", "lm_tiny"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
@@ -300,7 +299,7 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     ("lenet5", "[1-2:0.7]"), ("lenet5", {0: 0.5}),
     ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
     ("resnet20", 0.4), ("resnet34", 0.3),
-    ("wrn28_10", (0, 0.2, 0.4, 0.6, 0)), ("resnet34", (0, 0.1, 0.2, 0.3, 0.4, 0)),
+    ("resnet34", (0, 0.1, 0.2, 0.3, 0.4, 0)),
     ("resnet50", (0, 0.1, 0.2, 0.3, 0.4, 0)),
 ])
 def test_greg_layer_rules_prune_the_declared_filters_of_a_traced_zoo_model(name, stage_pr):
@@ -336,7 +335,7 @@ def traced_layer(zoo: GatedModel, layer: str) -> str:
 @pytest.mark.parametrize("name, stage_pr", [
     ("lenet5", (0.1, 0.2, 0.3, 0.4)), ("resnet20", 0.5),
     ("resnet20", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet20", "[0, 0.3, 0.4, 0.5, 0.2]"),
-    ("wrn28_10", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet34", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
+    ("resnet34", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
     ("resnet50", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
     pytest.param("resnet164", (0.1, 0.2, 0.3, 0.4, 0.5), marks=pytest.mark.slow),
 ])
