@@ -52,8 +52,10 @@ def trace_once(name: str, shape: tuple[int, ...]) -> tuple[float, TracedStructur
     )
     dtype = jnp.int32 if dataset_like(name) in TEXT_DATASETS else jnp.float32
     example = jax.ShapeDtypeStruct((1, *shape), dtype)
-    started = time.perf_counter()
+    if name in PLAIN:
+        model.eval()  # BatchNorm on its running statistics, as a declared model's train=False
     apply = (lambda m, x: m(x)) if name in PLAIN else (lambda m, x: m(x, train=False))
+    started = time.perf_counter()
     structure = trace_structure(model, example, apply=apply)
     return time.perf_counter() - started, structure
 
