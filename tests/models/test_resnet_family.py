@@ -202,6 +202,14 @@ def test_wrn28_10_gate_slots(full_models):
     assert all(s.axis == 3 and not s.gates_bias and s.droprate_init == 0.3 for s in slots)
 
 
+def test_wrn_weight_gates_take_its_drop_rate():
+    """The weight gates, which no placement sets, start at WRN's ``droprate_init`` 0.3 (the
+    L0-HC script's), not a traced model's default 0.5."""
+    model = abstract(NARROW["wrn_10_1"], granularity="weight")
+    assert len(model.gate_slots) == 2 * 3 + 2 + 2  # conv1, conv2 per block, 2 shortcuts, stem, fc
+    assert {slot.droprate_init for slot in model.gate_slots} == {0.3}
+
+
 def test_resnet50_gate_slots(full_models):
     slots = full_models["resnet50"].gate_slots
     assert len(slots) == 33
