@@ -82,8 +82,12 @@ class GatedSlice:
 def slice_factors(s: GatedSlice, z: jax.Array, size: int) -> jax.Array:
     """Factors of the ``size`` entries along the axis of ``s``: ``z[..., units[k]]`` at index
     ``indices[k]``, 1 elsewhere; leading dimensions of ``z`` (examples) are kept."""
+    indices, units = np.asarray(s.indices), np.asarray(s.units)
+    if z.shape[-1] == size and np.array_equal(indices, np.arange(size)) and np.array_equal(
+            units, indices):
+        return z
     factors = jnp.ones((*z.shape[:-1], size), z.dtype)
-    return factors.at[..., np.asarray(s.indices)].set(z[..., np.asarray(s.units)])
+    return factors.at[..., indices].set(z[..., units])
 
 
 def scaled_slice(value: jax.Array, s: GatedSlice, z: jax.Array) -> jax.Array:

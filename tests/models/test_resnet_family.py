@@ -140,7 +140,7 @@ def full_models():
     """The full-size models, as shapes only."""
     return {
         "wrn28_10": abstract(lambda **kw: build_zoo_model("wrn28_10", **kw)),
-        "resnet164": abstract(resnet164),
+        "resnet164": abstract(lambda **kw: build_zoo_model("resnet164", **kw)),
         "resnet34": abstract(resnet34),
         "resnet50": abstract(resnet50),
     }
@@ -245,9 +245,9 @@ def test_resnet164_gate_slots(full_models):
     assert len(slots) == 3 * 54 + 1
     block1 = [(s.name, s.layer, s.shape, s.axis, s.group_size) for s in slots[:3]]
     assert block1 == [
-        ("block1.conv1_in", "block1.conv1", (16,), 2, 16),
-        ("block1.conv2_in", "block1.conv2", (16,), 2, 9 * 16),
-        ("block1.conv3_in", "block1.conv3", (16,), 2, 64),
+        ("block1.conv1_in", "blocks.0.conv1", (16,), 2, 16),
+        ("block1.conv2_in", "blocks.0.conv2", (16,), 2, 9 * 16),
+        ("block1.conv3_in", "blocks.0.conv3", (16,), 2, 64),
     ]
     by_name = {s.name: s for s in slots}
     assert by_name["block2.conv1_in"].shape == (64,)
@@ -308,9 +308,12 @@ def check_channel_flow(model: GatedModel, input_channels: int) -> None:
 NARROW = {
     # narrow widths shared across the models keep the number of distinct shapes (and compilations)
     # small. Stage 1 keeps the stem's width: the stem joins stage 1's stream.
-    "wrn_10_1": lambda **kw: traced_wrn_10_1(**kw),
+    "wrn_10_1": lambda **kw: traced_network(
+        lambda rngs: WideResNet(depth=10, widen_factor=1, stem_width=4, base_widths=(4, 4, 4),
+                                rngs=rngs), "wrn28_10", **kw),
     # two blocks a stage: projections (on a width change or a stride) and identity shortcuts
-    "preact_20": lambda **kw: PreActResNet(depth=20, widths=(4, 4, 4), **kw),
+    "preact_20": lambda **kw: traced_network(
+        lambda rngs: PreActResNet(depth=20, widths=(4, 4, 4), rngs=rngs), "resnet164", **kw),
     "bottleneck_2_1": lambda **kw: ImageNetResNet(
         blocks_per_stage=(2, 1), widths=(4, 4), input_shape=BATCH[1:], num_classes=CLASSES, **kw
     ),
@@ -328,15 +331,15 @@ def fast_key(seed):
     return jax.random.key(seed, impl="rbg")
 
 
-TRACED = {"wrn_10_1"}
-"""The narrow models that are plain modules gated from their trace: no hand declarations of
-reads and streams to check."""
+TRACED = {"wrn_10_1", "preact_20", "wrn28_10", "resnet164"}
+"""The models that are plain modules gated from their trace: no hand declarations of reads and
+streams to check."""
 
 
-def traced_wrn_10_1(*, rngs, **kwargs):
-    """WRN-10-1 at width 4 gated from its trace, as the engine gates ``wrn28_10``."""
-    net = WideResNet(depth=10, widen_factor=1, stem_width=4, base_widths=(4, 4, 4), rngs=rngs)
-    return gate_zoo_network(net, "wrn28_10", rngs=rngs, **kwargs)
+def traced_network(build_net, name, *, rngs, **kwargs):
+    """The plain network ``build_net(rngs)`` gated from its trace, as the engine gates the zoo
+    model ``name``."""
+    return gate_zoo_network(build_net(rngs), name, rngs=rngs, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +357,7 @@ def narrow():
     return copy
 
 
-@pytest.mark.parametrize("name", sorted(set(FULL_SIZE) - {"wrn28_10"}))
+@pytest.mark.parametrize("name", sorted(set(FULL_SIZE) - TRACED))
 def test_full_size_channel_flow(full_models, name):
     check_channel_flow(full_models[name], 3)
 
@@ -565,10 +568,10 @@ def test_closed_gate_removes_exactly_the_declared_weights(narrow, name):
     "name, slot, norm_of",
     [
         ("wrn_10_1", "block2.conv1", lambda m: m.net.blocks[1].bn2),
-        ("preact_20", "block1.conv1_in", lambda m: m.blocks[0].bn1),
-        ("preact_20", "block4.conv2_in", lambda m: m.blocks[3].bn2),
-        ("preact_20", "block5.conv3_in", lambda m: m.blocks[4].bn3),
-        ("preact_20", "fc_in", lambda m: m.final_bn),
+        ("preact_20", "block1.conv1_in", lambda m: m.net.blocks[0].bn1),
+        ("preact_20", "block4.conv2_in", lambda m: m.net.blocks[3].bn2),
+        ("preact_20", "block5.conv3_in", lambda m: m.net.blocks[4].bn3),
+        ("preact_20", "fc_in", lambda m: m.net.final_bn),
         ("bottleneck_2_1", "stem", lambda m: m.stem_bn),
         ("bottleneck_2_1", "block3.conv1", lambda m: m.blocks[2].bn1),
         ("bottleneck_2_1", "block3.conv2", lambda m: m.blocks[2].bn2),
@@ -619,6 +622,32 @@ def test_a_gated_wrn_slims_from_its_trace_to_its_open_channels(narrow):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_gated_preact_resnet_slims_from_its_trace_to_its_open_inputs(narrow):
+    """Closed gates after a block's BN1 and the final BN drop conv1's and fc's rows only (the
+    stream stays whole for the shortcuts and the other blocks); those after BN2 and BN3 drop
+    conv1's and conv2's output channels. The slim network has the gated model's FLOPs and
+    test-time logits."""
+    model = narrow("preact_20")
+    randomize_batch_norms(model, np.random.default_rng(1))
+    rng = np.random.default_rng(3)
+    open_units = {}
+    for slot in model.gate_slots:
+        keep = rng.random(slot.shape) >= 0.3
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
+        open_units[slot.name] = keep.astype(np.float32)
+    x = np.asarray(images(1))
+    slim = slim_traced_model(model, x)
+    first = slim.params["blocks.0.conv1.kernel"].shape
+    assert first[2:] == (int(open_units["block1.conv1_in"].sum()),
+                         int(open_units["block1.conv2_in"].sum()))
+    assert slim.params["fc.kernel"].shape[0] == int(open_units["fc_in"].sum())
+    assert slim.params["blocks.0.shortcut.kernel"].shape[2] == 4  # the stem, whole
+    counted = exact_counts(model.layers, open_units)
+    assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
+    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- construction
 
 
@@ -640,4 +669,4 @@ def test_registry_and_bad_arguments():
     with pytest.raises(ValueError, match="block must be one of"):
         ImageNetResNet(block="preact", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="granularity"):
-        traced_wrn_10_1(rngs=nnx.Rngs(0), granularity="channel")
+        NARROW["wrn_10_1"](rngs=nnx.Rngs(0), granularity="channel")

@@ -14,7 +14,6 @@ from sparsejax.models import (
     ImageNetResNet,
     LeNet5,
     MobileNetV2,
-    PreActResNet,
 )
 from sparsejax.models.base import GatedModel, each_slot
 from sparsejax.slim import slim_model
@@ -48,7 +47,6 @@ ARCHITECTURES = {
     "mobilenet_v2_cifar": (functools.partial(MobileNetV2, variant="cifar", table=SMALL_TABLE,
                                              head_features=64), CIFAR),
     "densenet40": (functools.partial(DenseNet, depth=10, growth_rate=4), (16, 16, 3)),
-    "resnet164": (functools.partial(PreActResNet, depth=20, widths=(8, 8, 16)), CIFAR),
 }
 
 

@@ -42,7 +42,6 @@ CIFAR = (32, 32, 3)
 ZOO = {
     "lenet5": MNIST,
     "resnet20": CIFAR,
-    "resnet164": CIFAR,
     "densenet40": CIFAR,
     "mobilenet_v2_cifar": CIFAR,
     "resnet34": (64, 64, 3),
@@ -52,7 +51,7 @@ ZOO = {
     "lm_tiny": (16,),
 }
 """The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP, the
-VGGs and WRN are plain modules, their own trace), the ViT and the LM (on
+VGGs, WRN and ResNet-164 are plain modules, their own trace), the ViT and the LM (on
 sequences of 16 token ids of a vocabulary of 10), by their input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
@@ -215,7 +214,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
 
 
 @pytest.mark.parametrize("name", [
-    "lenet5", "resnet20", "resnet164", "densenet40", "vit_tiny", "lm_tiny"])
+    "lenet5", "resnet20", "densenet40", "vit_tiny", "lm_tiny"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
@@ -337,7 +336,6 @@ def traced_layer(zoo: GatedModel, layer: str) -> str:
     ("resnet20", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet20", "[0, 0.3, 0.4, 0.5, 0.2]"),
     ("resnet34", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
     ("resnet50", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
-    pytest.param("resnet164", (0.1, 0.2, 0.3, 0.4, 0.5), marks=pytest.mark.slow),
 ])
 def test_greg_weight_rules_prune_the_declared_kernels_of_a_traced_zoo_model(name, stage_pr):
     """With ``greg_granularity="weight"`` GReg prunes the same kernels at the same ratios and
@@ -410,12 +408,11 @@ def set_random_gates(*models: GatedModel) -> None:
 @pytest.mark.parametrize("name", [
     "lenet5", "vit_tiny", "lm_tiny",
     pytest.param("densenet40", marks=pytest.mark.slow),
-    pytest.param("resnet164", marks=pytest.mark.slow),
 ])
 def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
     """Slimming from the trace removes what the zoo's surgery removes, the closed rows of input
-    selections included (LeNet-5's flattened inputs, DenseNet's and
-    ResNet-164's per-layer input gates): every array has the surgery's shape, the params and
+    selections included (LeNet-5's flattened inputs, DenseNet's per-layer input gates): every
+    array has the surgery's shape, the params and
     FLOPs are the surgery's, and the logits are the slim zoo model's."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
     build = BUILDS.get(name, functools.partial(build_zoo_model, name))

@@ -36,14 +36,12 @@ CIFAR = (32, 32, 3)
 
 INPUT_SELECTIONS = {
     "lenet5": lambda slot: slot == "fc1",
-    "resnet164": lambda slot: slot.endswith("conv1_in") or slot == "fc_in",
     "densenet40": lambda slot: True,
 }
 """Slots that gate the inputs of one consumer only (an input selection, slimmed by gathering):
-conv2's channels flattened at 16 positions (LeNet-5's 800 fc1 inputs,
-50 traced units), a stream read by one block after its own BatchNorm (ResNet-164's conv1_in,
-fc_in), the concatenated features read by one dense layer (DenseNet). The traced groups are the
-producers' channels, which other consumers keep reading."""
+conv2's channels flattened at 16 positions (LeNet-5's 800 fc1 inputs, 50 traced units), the
+concatenated features read by one dense layer (DenseNet). The traced groups are the producers'
+channels, which other consumers keep reading."""
 
 STREAM_GATES = {name: {"stem"} for name in ("resnet20", "resnet56", "resnet110")}
 """Slots on a member of a residual stream that the trace finds unprunable: the CIFAR ResNets gate

@@ -30,7 +30,7 @@ from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import layer_kernels, node_report
 from sparsejax.structure.slim_trace.unread import read_units
-from sparsejax.structure.sparsify import GatedSlice
+from sparsejax.structure.sparsify import GatedSlice, slice_factors
 from sparsejax.structure.traced_model import (
     GatePlacement,
     TracedModel,
@@ -551,6 +551,24 @@ def test_a_gate_drawn_per_example_that_cannot_be_placed_is_refused_not_dropped()
     rows = GatedSlice("stack", 1, tuple(range(6)), tuple(range(6)))
     with pytest.raises(ConfigError, match=r"\['stack'\] were not met where they act"):
         run_with_example_gates(net, jnp.ones((4, 6)), [(rows, jnp.ones((4, 6)))])
+
+
+@pytest.mark.parametrize(
+    "indices, units",
+    [
+        (range(5), range(5)),  # the whole axis in order: the gates are their own factors
+        (range(5), (4, 3, 2, 1, 0)),  # the whole axis, its gates reversed
+        ((0, 2, 4), (0, 1, 2)),  # an input selection: the other entries keep factor 1
+        ((1, 2, 3, 4), (0, 1, 2, 3)),
+    ],
+)
+def test_gate_factors_put_each_gate_at_its_index_and_one_elsewhere(indices, units):
+    z = jax.random.uniform(jax.random.key(0), (3, len(tuple(units))))  # gates per example
+    factors = slice_factors(GatedSlice("w", 0, tuple(indices), tuple(units)), z, 5)
+    expected = np.ones((3, 5), np.float32)
+    for index, unit in zip(indices, units):
+        expected[:, index] = z[:, unit]
+    np.testing.assert_array_equal(np.asarray(factors), expected)
 
 
 # ---------------------------------------------------------------- the zoo through the adapter
