@@ -37,11 +37,11 @@ class GatePlacement:
       output before it joins the stream, lose the closed units' inputs in the accounting.
       ``|g|`` is the layer's kernel slice and bias.
     - ``side="input"``: one gate per input unit of ``layer``. When those units are a removable
-      group that only ``layer`` reads, they are that group (its producers' outputs are switched
-      off with it); otherwise an *input selection* that gates the layer's rows alone (the pixel
-      gates of LeNet-300-100, the 800 flattened inputs of LeNet-5's first dense layer,
-      DenseNet's concatenated inputs). ``|g|`` is one row of the layer's kernel (Louizos et al.'s
-      group of a dense layer's input neuron).
+      group that only ``layer`` reads and no output placement gates, they are that group (its
+      producers' outputs are switched off with it); otherwise an *input selection* that gates
+      the layer's rows alone (the pixel gates of LeNet-300-100, the 800 flattened inputs of
+      LeNet-5's first dense layer, DenseNet's concatenated inputs). ``|g|`` is one row of the
+      layer's kernel (Louizos et al.'s group of a dense layer's input neuron).
     - ``side="output"`` with ``heads=H``: the output units of ``layer`` (a removable group) in
       the ``H`` heads that a product of two activations splits them into (a flat projection
       reshaped into heads, ``Q K^T`` or ``A V`` summing within each head), one gate per head.

@@ -5,14 +5,17 @@
 Rebuilds the run's model from RUN_DIR/config.json, restores its newest checkpoint, removes the
 pruned units and writes to OUT (default RUN_DIR/slim) the slim network and ``slim_report.json``
 (widths, params and FLOPs before and after, ``round_to``); prints the same numbers as a table.
-A zoo model (:func:`sparsejax.slim.slim_model`) is written as an Orbax checkpoint of the slim
-model and ``slim_config.json`` (what :func:`sparsejax.slim.store.load_slim` needs to rebuild
-it). A ``--model=MODULE:FACTORY`` run is slimmed from its trace (:mod:`sparsejax.slim.traced`)
-into ``slim_function.npz``, which :func:`sparsejax.load_slim_function` loads without the model's
-class; its report also holds ``max_logit_difference`` to the gated model on the run's first test
-images. ``--round_to K`` keeps every slimmed width at a multiple of K (or the full width). A run
-that is not one, a damaged checkpoint or a full disk is reported as one ``error:`` line (exit
-status 1); ``--debug`` shows the traceback.
+A zoo model that declares its layers by hand (:func:`sparsejax.slim.slim_model`) is written as
+an Orbax checkpoint of the slim model and ``slim_config.json`` (what
+:func:`sparsejax.slim.store.load_slim` needs to rebuild it). A model gated from its trace (a
+``--model=MODULE:FACTORY`` run, or a zoo model written as a plain module:
+:data:`~sparsejax.models.registry.PLAIN`) is slimmed from its trace
+(:mod:`sparsejax.slim.traced`) into ``slim_function.npz``, which
+:func:`sparsejax.load_slim_function` loads without the model's class; its report also holds
+``max_logit_difference`` to the gated model on the run's first test images. ``--round_to K``
+keeps every slimmed width at a multiple of K (or the full width). A run that is not one, a
+damaged checkpoint or a full disk is reported as one ``error:`` line (exit status 1);
+``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ def parse_round_to(text: str) -> int:
 def slim_and_save(
     model: GatedModel, spec: ModelSpec, data: BatchSource, output: Path, round_to: int
 ) -> SlimReport | TracedSlimReport:
-    """Slim ``model`` (a zoo model, or the traced model of a ``MODULE:FACTORY`` run, checked on
-    test images of ``data``), write it under ``output`` and return its report."""
+    """Slim ``model`` (a declared zoo model, or a traced model checked on test images of
+    ``data``), write it under ``output`` and return its report."""
     if isinstance(model, TracedModel):
         slim = slim_traced_model(model, check_images(data), round_to=round_to)
         save_slim_function(output, slim)

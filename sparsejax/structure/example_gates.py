@@ -21,8 +21,10 @@ added (or, for a normaliser's bias whose output the gates scale, the sum is). Pa
 followed through casts, copies, broadcasts and reshapes that only add or drop size-1 dimensions;
 plain calls (``jit``, ``remat``) are evaluated inline, other calls (custom derivatives, such as
 ``relu``'s) are bound as they are. The module's state that is not a parameter (BatchNorm
-statistics) is updated as ``module(x)`` would update it. Convolutions run on the whole batch
-(:func:`~sparsejax.models.batch_chunks.whole_batch`), so that every one sees the examples.
+statistics) is updated as ``module(x)`` would update it. The jaxpr is traced with its
+convolutions on the whole batch (:func:`~sparsejax.models.batch_chunks.whole_batch`), so that
+every one sees the examples, and a plain one is then run, gates applied, on slices of the batch
+as the model's own layers run on a CPU (:func:`~sparsejax.models.batch_chunks.convolve`).
 
 Gates that cannot be placed this way are refused with a
 :class:`~sparsejax.errors.ConfigError`: a grouped convolution's gated axis, an activation whose
@@ -41,7 +43,8 @@ from flax import nnx
 from jax.extend import core
 
 from sparsejax.errors import ConfigError
-from sparsejax.models.batch_chunks import whole_batch
+from sparsejax.models.batch_chunks import convolve, whole_batch
+from sparsejax.models.column_gradient import DIMENSIONS
 from sparsejax.structure.slim_trace.interpret import opened
 from sparsejax.structure.sparsify import GatedSlice, slice_factors
 from sparsejax.structure.trace.analyze import dotted_path
@@ -216,11 +219,35 @@ class _Evaluation:
                 scaled = _scaled(x, slice_factors(s, z, x.shape[dim]), examples, dim)
                 ins[operand if is_bias else 1 - operand] = scaled
             self.applied.add(path)
-        out = _bind(eqn, ins)
+        out = _split_convolution(eqn, ins) if name == "conv_general_dilated" else None
+        out = _bind(eqn, ins) if out is None else out
         outs = list(out) if eqn.primitive.multiple_results else [out]
         for s, z, dim, examples in outputs:
             outs[0] = _scaled(outs[0], slice_factors(s, z, outs[0].shape[dim]), examples, dim)
         return outs
+
+
+def _split_convolution(eqn, ins: Sequence) -> jax.Array | None:
+    """A plain NHWC / HWIO convolution (no dilation, batch groups or precision options) run as
+    the model's layers run it, on slices of the batch on a CPU
+    (:func:`~sparsejax.models.batch_chunks.convolve`); None for any other."""
+    params = eqn.params
+    x, kernel = ins
+    plain = (
+        all(d == 1 for d in (*params["lhs_dilation"], *params["rhs_dilation"]))
+        and params["batch_group_count"] == 1
+        and params.get("precision") is None
+        and params.get("preferred_element_type") is None
+        and params["dimension_numbers"]
+        == jax.lax.conv_dimension_numbers(x.shape, kernel.shape, DIMENSIONS)
+    )
+    if not plain:
+        return None
+    return convolve(
+        x, kernel, window_strides=tuple(params["window_strides"]),
+        padding=tuple(tuple(pair) for pair in params["padding"]), dimension_numbers=DIMENSIONS,
+        feature_group_count=params["feature_group_count"],
+    )
 
 
 def _bind(eqn, ins: Sequence) -> object:

@@ -398,14 +398,21 @@ def _added_sources(
 def _placed_slots(
     structure: TracedStructure, placements: Sequence[GatePlacement]
 ) -> tuple[_PlacedSlot, ...]:
-    """Every placement resolved, in order. A group placed twice is refused, and so is a slot
-    name given twice, except to placements with the same ``heads`` and drop rate (one slot
-    of heads over several layers)."""
+    """Every placement resolved, in order. The input units of a layer that are a group which
+    an output placement gates too are an input selection of the layer's rows (two gates in
+    series: LeNet-5's conv2 channels and fc1's inputs on an image small enough to leave one
+    position). A group placed twice otherwise is refused, and so is a slot name given twice,
+    except to placements with the same ``heads`` and drop rate (one slot of heads over several
+    layers)."""
     layers = {_layer_name(layer.kernel): layer for layer in structure.layers}
+    resolved = [(placement, _place(structure, layers, placement)) for placement in placements]
+    output_groups = {p.group for placement, p in resolved if placement.side == "output"}
     placed: list[_PlacedSlot] = []
     given: list[GatePlacement] = []
-    for placement in placements:
-        p = _unit_cost(structure, _place(structure, layers, placement), placement)
+    for placement, p in resolved:
+        if placement.side == "input" and p.group in output_groups:
+            p = dataclasses.replace(p, group=None)
+        p = _unit_cost(structure, p, placement)
         if placement.heads and any((q.slot.name, q.group) == (p.slot.name, p.group)
                                    for q in placed):
             continue  # the query and the value projections' heads axis: one group

@@ -16,7 +16,6 @@ from sparsejax.gates.generator import (
 )
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.dep_l0 import generator_of
-from sparsejax.models import LeNet5
 from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train.state import merge_model, split_model
 
@@ -143,8 +142,8 @@ def test_generator_sizes_match_the_reference(model_name, dependency, count):
 def tiny_lenet(method_name):
     config = get_config(method_name)
     method = create_method(method_name, config, RunInfo(num_train=100))
-    model = LeNet5(rngs=nnx.Rngs(0), input_shape=(16, 16, 1), channels=(2, 3), hidden=4,
-                   num_classes=3, gate_factory=method.make_gates)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), input_shape=(16, 16, 1), channels=(2, 3),
+                            hidden=4, num_classes=3, gate_factory=method.make_gates)
     return method, model
 
 

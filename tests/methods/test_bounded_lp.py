@@ -144,22 +144,22 @@ def test_gate_penalty_enters_the_gradient_only_when_it_has_no_prox():
 
 def test_filter_penalty_is_the_bounded_norm_of_the_gated_groups():
     method, net = setup("bounded_lp", filter_lambda=0.2, filter_sigma=3.0, gate_lambda=0.0, l2=0.0)
-    conv2 = net.conv2
+    conv2 = net.net.conv2
     conv2.kernel[...] = conv2.kernel[...].at[..., 7].set(0.0)
     conv2.bias[...] = conv2.bias[...].at[3].set(1.5)
     norms = {
-        "conv1": np.sqrt(np.sum(np.asarray(net.conv1.kernel[...]) ** 2, axis=(0, 1, 2))
-                         + np.asarray(net.conv1.bias[...]) ** 2),
+        "conv1": np.sqrt(np.sum(np.asarray(net.net.conv1.kernel[...]) ** 2, axis=(0, 1, 2))
+                         + np.asarray(net.net.conv1.bias[...]) ** 2),
         "conv2": np.sqrt(np.sum(np.asarray(conv2.kernel[...]) ** 2, axis=(0, 1, 2))
                          + np.asarray(conv2.bias[...]) ** 2),
-        "fc1": np.linalg.norm(np.asarray(net.fc1.kernel[...]), axis=1),
-        "fc2": np.linalg.norm(np.asarray(net.fc2.kernel[...]), axis=1),
+        "fc1": np.linalg.norm(np.asarray(net.net.fc1.kernel[...]), axis=1),
+        "fc2": np.linalg.norm(np.asarray(net.net.fc2.kernel[...]), axis=1),
     }
     expected = 0.2 * sum(np.sum(1 - np.exp(-n / 3.0)) for n in norms.values())
     assert float(method.penalty(net, {})) == pytest.approx(expected, rel=1e-5)
     graphdef, params, rest = split_model(net)
     grads = jax.grad(lambda p: method.penalty(merge_model(graphdef, p, rest), {}))(params)
-    kernel_grad = np.asarray(grads["net"]["conv2"]["kernel"][...])
+    kernel_grad = np.asarray(grads["net"]["net"]["conv2"]["kernel"][...])
     assert np.all(np.isfinite(kernel_grad))
     assert np.all(kernel_grad[..., 7] == 0.0) and np.any(kernel_grad[..., 6] != 0.0)
 

@@ -14,7 +14,6 @@ from sparsejax.methods import METHODS, RunInfo, create_method, cross_entropy
 from sparsejax.methods.dep_l0 import DEFAULT_LAMBDAS, generator_of
 from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.penalties import gated_l2
-from sparsejax.models import LeNet5
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.structure import gate_report
 from sparsejax.structure.traced_model import build_zoo_model
@@ -33,8 +32,8 @@ def method_for(name, model="lenet5", run=RunInfo(num_train=1000, steps_per_epoch
 def tiny_lenet(name="dep_l0", **overrides):
     """LeNet-5 on 16x16 images: conv 1->2, conv 2->3 (one 1x1 position left), dense 3-4-3."""
     method = method_for(name, **overrides)
-    model = LeNet5(rngs=nnx.Rngs(0), input_shape=(16, 16, 1), channels=(2, 3), hidden=4,
-                   num_classes=3, gate_factory=method.make_gates)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), input_shape=(16, 16, 1), channels=(2, 3),
+                            hidden=4, num_classes=3, gate_factory=method.make_gates)
     return method, model
 
 

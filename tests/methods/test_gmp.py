@@ -18,12 +18,14 @@ from tests.train.test_loop import config_for
 
 
 def gmp(model="lenet5", run=RunInfo(num_train=1000, steps_per_epoch=10, epochs=3), **overrides):
-    """The gmp method and a freshly built ``model`` and the method's initial state."""
+    """The gmp method and a freshly built ``model`` (gated as the engine gates it for gmp) and
+    the method's initial state."""
     config = method_config("gmp", model, **overrides)
     method = create_method("gmp", config, run)
     cifar = model not in ("mlp", "lenet5")
     kwargs = {"num_classes": 10, "input_shape": (32, 32, 3)} if cifar else {}
-    net = build_zoo_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates, **kwargs)
+    net = build_zoo_model(model, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
+                          use_placements=method.uses_gate_placements, **kwargs)
     return method, net, method.init(net)
 
 
@@ -212,7 +214,7 @@ def test_unit_structure_on_lenet5_zeroes_kernel_columns_and_biases_but_never_the
         assert np.all(np.asarray(module.kernel[...])[..., ~mask] == 0)
         assert np.all(np.asarray(module.bias[...])[~mask] == 0)
         assert np.all(np.asarray(module.bias[...])[mask] != 0)
-    assert np.all(np.asarray(model.fc2.bias[...]) != 0)
+    assert np.all(np.asarray(model.layer_module("fc2").bias[...]) != 0)
     assert [mask.sum() for mask in masks(state).values()] == [6, 15, 150]
 
 

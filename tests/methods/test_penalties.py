@@ -4,12 +4,11 @@ import pytest
 from flax import nnx
 
 from sparsejax.methods.penalties import expected_l0, gated_l2
-from sparsejax.models import LeNet5
 from sparsejax.structure.traced_model import build_zoo_model
 
 
 def test_expected_l0_weights_each_slot_by_group_size_over_n():
-    model = LeNet5(rngs=nnx.Rngs(0))
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0))
     probs = {s.name: jnp.full(s.shape, 0.5) for s in model.gate_slots}
     lambdas = {"conv1": 10.0, "conv2": 0.5, "fc1": 0.1, "fc2": 10.0}
     value = expected_l0(model.gate_slots, probs, lambdas, 60000)
@@ -36,10 +35,10 @@ def test_gated_l2_weights_groups_by_keep_probability():
 
 
 def test_conv_gates_also_weight_their_bias():
-    model = LeNet5(rngs=nnx.Rngs(0))
-    model.conv1.bias[...] = jnp.ones(20)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0))
+    model.net.conv1.bias[...] = jnp.ones(20)
     closed = {"conv1": jnp.zeros(20)}
     open_ = {"conv1": jnp.ones(20)}
-    conv1_kernel = float(jnp.sum(model.conv1.kernel[...] ** 2))
+    conv1_kernel = float(jnp.sum(model.net.conv1.kernel[...] ** 2))
     diff = float(gated_l2(model, open_, 2.0) - gated_l2(model, closed, 2.0))
     assert diff == pytest.approx(conv1_kernel + 20.0, rel=1e-5)

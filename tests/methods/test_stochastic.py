@@ -13,7 +13,6 @@ from sparsejax.methods.prune_sampling import (
     sample_zeroed,
     zeroing_weights,
 )
-from sparsejax.models import LeNet5
 from sparsejax.models.base import ChannelCoupling, Layer
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.nodes import alive_units, node_report
@@ -228,10 +227,10 @@ def test_node_report_counts_the_node_pruned_network():
 
 
 def test_dead_filters_of_lenet5_through_the_flattened_dense_layer():
-    net = LeNet5(rngs=nnx.Rngs(0))
-    net.conv1.kernel[...] = net.conv1.kernel[...].at[..., 2].set(0.0)
+    net = build_zoo_model("lenet5", rngs=nnx.Rngs(0))
+    net.net.conv1.kernel[...] = net.net.conv1.kernel[...].at[..., 2].set(0.0)
     rows = np.arange(800) % 50 == 5
-    net.fc1.kernel[...] = net.fc1.kernel[...].at[rows, :].set(0.0)
+    net.net.fc1.kernel[...] = net.net.fc1.kernel[...].at[rows, :].set(0.0)
     report = node_report(net)
     assert report.alive_units["conv1"] == 19
     assert report.alive_units["conv2"] == 49

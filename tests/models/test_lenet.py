@@ -47,7 +47,7 @@ def test_gate_slots_follow_the_papers():
         ("fc2", (300,), 100, 0.5),
         ("fc3", (100,), 10, 0.5),
     ]
-    lenet = LeNet5(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    lenet = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=hc_factory)
     assert [(s.name, s.shape, s.group_size) for s in lenet.gate_slots] == [
         ("conv1", (20,), 26),
         ("conv2", (50,), 501),
@@ -55,11 +55,31 @@ def test_gate_slots_follow_the_papers():
         ("fc2", (500,), 10),
     ]
     assert set(lenet.gates) == {"conv1", "conv2", "fc1", "fc2"}
-    assert len(LeNet5(rngs=nnx.Rngs(0)).gates) == 0
+    assert len(build_zoo_model("lenet5", rngs=nnx.Rngs(0)).gates) == 0
+
+
+def test_fc1_gates_select_rows_even_where_they_meet_conv2_channels_one_to_one():
+    """On 16x16 images conv2 leaves one position, so fc1's inputs are conv2's channels: its
+    gates stay an input selection in series with conv2's, as on 28x28 images. A closed fc1
+    gate removes its row; a closed conv2 gate its filter, bias and that row."""
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), input_shape=(16, 16, 1),
+                            channels=(2, 3), hidden=4, num_classes=3)
+    slots = {s.name: s for s in model.gate_slots}
+    assert [(s.name, s.shape, s.group_size) for s in model.gate_slots] == [
+        ("conv1", (2,), 26), ("conv2", (3,), 51), ("fc1", (3,), 4), ("fc2", (4,), 3)]
+
+    def params(closed_slot):
+        masks = {name: np.ones(slot.shape, np.float32) for name, slot in slots.items()}
+        if closed_slot:
+            masks[closed_slot][0] = 0.0
+        return float(count_network(model.layers, masks)["params"])
+
+    assert params("fc1") == params(None) - 4
+    assert params("conv2") == params(None) - (5 * 5 * 2 + 1) - 4
 
 
 def test_closed_conv1_gates_make_the_output_independent_of_the_input():
-    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=hc_factory)
     zeros = {"conv1": jnp.zeros(20)}
     x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
     out = model(x, train=True, rngs=nnx.Rngs(gates=0), gates=zeros)
@@ -82,7 +102,8 @@ def test_explicit_gates_equal_a_model_with_gates_folded_into_the_weights():
 
 
 def test_weight_granularity_gates_every_kernel_entry():
-    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=hc_factory, granularity="weight")
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=hc_factory,
+                             granularity="weight")
     assert {n: tuple(g.shape) for n, g in model.gates.items()} == {
         "conv1": (5, 5, 1, 20),
         "conv2": (5, 5, 20, 50),
@@ -92,7 +113,8 @@ def test_weight_granularity_gates_every_kernel_entry():
     x = jnp.ones((2, 28, 28, 1))
     closed = {name: jnp.zeros(g.shape) for name, g in model.gates.items()}
     out = model(x, train=True, gates=closed)
-    np.testing.assert_allclose(out, jnp.broadcast_to(model.fc2.bias[...], out.shape), atol=1e-6)
+    np.testing.assert_allclose(out, jnp.broadcast_to(model.net.fc2.bias[...], out.shape),
+                               atol=1e-6)
 
 
 def test_per_example_gates_act_per_example():
@@ -158,7 +180,7 @@ def test_gate_parameters_start_at_the_reference_drop_rates():
 def test_the_engine_builds_lenet5_with_the_methods_initialisation(name, conv_std):
     config = method_config(name, "lenet5", dataset="synthetic", num_train=100, num_test=100)
     _, model, _ = build(config, load_data(config))
-    assert_std(model.conv2.kernel[...], conv_std, name)
+    assert_std(model.net.conv2.kernel[...], conv_std, name)
     mlp = create_method(name, method_config(name, "mlp"), RunInfo(num_train=60000))
     assert mlp.model_options() == {}
 
@@ -179,6 +201,32 @@ def test_the_mlp_slims_from_its_trace_to_its_open_pixels_and_neurons():
         "fc1.kernel": (pixels, hidden1), "fc1.bias": (hidden1,),
         "fc2.kernel": (hidden1, hidden2), "fc2.bias": (hidden2,),
         "fc3.kernel": (hidden2, 10), "fc3.bias": (10,),
+    }
+    counted = count_network(model.layers, {k: v.astype(np.float32) for k, v in keep.items()})
+    assert slim.report.params_after == float(counted["params"])
+    gated = model(jnp.asarray(images), train=False)
+    np.testing.assert_allclose(np.asarray(slim(images)), np.asarray(gated), rtol=1e-5, atol=1e-5)
+
+
+def test_lenet5_slims_from_its_trace_to_its_open_channels_and_inputs():
+    """Closed conv gates remove their filters and the next layer's rows (a closed conv2 channel
+    its 16 flattened rows of fc1); closed fc1 gates select fc1's rows alone, closed fc2 gates
+    remove fc1's neurons; the slim network has the gated model's count and test-time logits."""
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    rng = np.random.default_rng(4)
+    keep = {}
+    for slot in model.gate_slots:
+        keep[slot.name] = rng.random(slot.shape) < 0.6
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep[slot.name], 5.0, -5.0)
+    images = np.asarray(jax.random.normal(jax.random.key(2), (8, 28, 28, 1)))
+    slim = slim_traced_model(model, images)
+    c1, c2, hidden = (int(keep[name].sum()) for name in ("conv1", "conv2", "fc2"))
+    rows = int((keep["fc1"] & np.tile(keep["conv2"], 16)).sum())  # channel fastest
+    assert {path: tuple(v.shape) for path, v in slim.params.items()} == {
+        "conv1.kernel": (5, 5, 1, c1), "conv1.bias": (c1,),
+        "conv2.kernel": (5, 5, c1, c2), "conv2.bias": (c2,),
+        "fc1.kernel": (rows, hidden), "fc1.bias": (hidden,),
+        "fc2.kernel": (hidden, 10), "fc2.bias": (10,),
     }
     counted = count_network(model.layers, {k: v.astype(np.float32) for k, v in keep.items()})
     assert slim.report.params_after == float(counted["params"])

@@ -18,11 +18,13 @@ from sparsejax.slim.__main__ import main
 from sparsejax.slim.runs import NotARunError, restore_model, restore_run
 from sparsejax.slim.store import (
     SLIM_CONFIG_FILE,
+    SLIM_FUNCTION_FILE,
     SLIM_REPORT_FILE,
     ModelSpec,
     load_slim,
     save_slim,
 )
+from sparsejax.structure.slim_trace import load_slim_function
 from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from tests.commands import run_module
@@ -68,19 +70,21 @@ def close_half_the_conv2_gates(model):
     gate.log_alpha[...] = gate.log_alpha[...].at[::2].set(-20.0)
 
 
-def test_slim_cli_writes_a_slim_checkpoint_that_restores_to_the_same_logits(run_dir, capsys):
+def test_slim_cli_slims_a_lenet5_run_from_its_trace_to_the_gated_logits(run_dir, capsys):
+    """LeNet-5 is a plain module gated from its trace: its run is slimmed into a slim function
+    with the gated model's logits on the run's test images, which its report holds."""
     output = run_dir / "slim"
     assert main([str(run_dir), "--output", str(output)]) == 0
     table = capsys.readouterr().out
-    assert "| params |" in table and "| FLOPs (MACs) |" in table
+    assert "| params |" in table and "max logit difference to the gated model" in table
     report = json.loads((output / SLIM_REPORT_FILE).read_text())
-    assert json.loads((output / SLIM_CONFIG_FILE).read_text())["spec"]["model"] == "lenet5"
+    assert not (output / SLIM_CONFIG_FILE).exists()
     gated, _, _ = restore_run(run_dir)
-    expected = json.loads(json.dumps(slim_model(gated).report.to_dict()))  # the newest checkpoint's
-    assert report == expected
-    slim = load_slim(output)
-    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-    np.testing.assert_allclose(eval_logits(slim, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4)
+    slim = load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 28, 28, 1)))
+    np.testing.assert_allclose(slim(x), eval_logits(gated, x), atol=1e-4, rtol=1e-4)
+    assert report["max_logit_difference"] <= 1e-5
+    assert report["params_before"] == 431_080 >= report["params_after"]
 
 
 def test_round_to_rounds_the_widths_of_a_zoo_run(run_dir, tmp_path, monkeypatch):
@@ -88,13 +92,16 @@ def test_round_to_rounds_the_widths_of_a_zoo_run(run_dir, tmp_path, monkeypatch)
     output = tmp_path / "slim"
     assert main([str(run_dir), "--output", str(output), "--round_to", "8"]) == 0
     report = json.loads((output / SLIM_REPORT_FILE).read_text())
-    assert report["round_to"] == 8 and report["widths"]["conv2"][1] == 32  # 25 open, of 50
+    assert report["round_to"] == 8
+    (conv2,) = [g for g in report["groups"] if g["producers"] == ["conv2.kernel:3"]]
+    assert (conv2["open"], conv2["width"]) == (25, 32)  # 25 open of 50, rounded up to 32
+    for group in report["groups"]:
+        assert group["width"] % 8 == 0 or group["width"] == group["size"]
     gated, _, _ = restore_run(run_dir)
     close_half_the_conv2_gates(gated)
-    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-    np.testing.assert_allclose(
-        eval_logits(load_slim(output), x), eval_logits(gated, x), atol=1e-4, rtol=1e-4
-    )
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, 28, 28, 1)))
+    slim = load_slim_function(str(output / SLIM_FUNCTION_FILE))
+    np.testing.assert_allclose(slim(x), eval_logits(gated, x), atol=1e-4, rtol=1e-4)
 
 
 def test_round_to_does_not_apply_to_a_transformer(tmp_path):
@@ -110,29 +117,40 @@ def assert_round_trips(gated, spec, result, directory):
     """The slim model saved and loaded has the slim layers and the gated model's logits."""
     save_slim(directory, spec, result)
     restored = load_slim(directory)
-    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    x = jax.random.normal(jax.random.key(1), (4, *spec.input_shape))
     np.testing.assert_allclose(
         eval_logits(restored, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4
     )
     assert restored.layers == result.model.layers
 
 
-def test_a_pruned_slim_model_round_trips_through_disk(run_dir, tmp_path):
-    gated, spec, _ = restore_run(run_dir)
-    close_half_the_conv2_gates(gated)
-    result = slim_model(gated)
-    assert result.model.layers[1].out_units == 25
-    assert_round_trips(gated, spec, result, tmp_path / "slim")
+RESNET20 = ModelSpec("resnet20", 10, (32, 32, 3), "unit")
 
 
-def test_a_slim_model_with_a_layer_of_no_units_round_trips_through_disk(run_dir, tmp_path):
-    """Every conv2 gate closed: conv1, conv2 and fc1 keep no units (fc1's constant output goes
-    into fc2's bias), and their empty arrays, which Orbax cannot store, come back empty."""
-    gated, spec, _ = restore_run(run_dir)
-    gated.gates["conv2"].log_alpha[...] = jnp.full(gated.gates["conv2"].shape, -20.0)
+def resnet20_with_gates():
+    model = build_zoo_model("resnet20", rngs=nnx.Rngs(params=0), num_classes=10,
+                            input_shape=RESNET20.input_shape, gate_factory=scale_gates)
+    randomize_batch_norms(model, np.random.default_rng(1))
+    return model
+
+
+def test_a_pruned_slim_model_round_trips_through_disk(tmp_path):
+    gated = resnet20_with_gates()
+    gated.gates["block1.conv1"].value[...] = jnp.arange(16) % 2.0  # half the channels closed
     result = slim_model(gated)
-    assert [layer.out_units for layer in result.model.layers] == [0, 0, 0, 10]
-    assert_round_trips(gated, spec, result, tmp_path / "slim")
+    assert {l.name: l.out_units for l in result.model.layers}["block1.conv1"] == 8
+    assert_round_trips(gated, RESNET20, result, tmp_path / "slim")
+
+
+def test_a_slim_model_with_a_layer_of_no_units_round_trips_through_disk(tmp_path):
+    """Every gate of a block's conv1 closed: conv1 keeps no units, conv2 no input rows, and
+    their empty arrays, which Orbax cannot store, come back empty."""
+    gated = resnet20_with_gates()
+    gated.gates["block2.conv1"].value[...] = jnp.zeros(16)
+    result = slim_model(gated)
+    layers = {l.name: l for l in result.model.layers}
+    assert layers["block2.conv1"].out_units == 0 and layers["block2.conv2"].in_units == 0
+    assert_round_trips(gated, RESNET20, result, tmp_path / "slim")
 
 
 def test_slim_cli_says_when_a_directory_is_not_a_run(tmp_path):

@@ -12,19 +12,16 @@ from sparsejax.models import (
     CifarResNet,
     DenseNet,
     ImageNetResNet,
-    LeNet5,
     MobileNetV2,
 )
 from sparsejax.models.base import GatedModel, each_slot
 from sparsejax.slim import slim_model
 from sparsejax.structure import count_network, gate_report
-from sparsejax.structure.traced_model import build_zoo_model
 
 count = jax.jit(count_network, static_argnums=0)
 """The accounting, compiled once per network rather than once per layer shape."""
 
 CIFAR = (32, 32, 3)
-MNIST = (28, 28, 1)
 SMALL_TABLE = ((1, 8, 1, 1), (2, 8, 2, 2), (2, 16, 3, 2), (2, 24, 1, 1))
 """A MobileNetV2 stage table with the real one's shapes (t = 1 first block, strided stages,
 streams of 2 and 3 blocks) at a fraction of its size."""
@@ -36,7 +33,6 @@ def scale_gates(slot, rngs):
 
 
 ARCHITECTURES = {
-    "lenet5": (functools.partial(LeNet5), MNIST),
     "resnet20": (functools.partial(CifarResNet, depth=20), CIFAR),
     "resnet50": (functools.partial(ImageNetResNet, blocks_per_stage=(3, 4, 6, 3),
                                    widths=(8, 8, 16, 16)), CIFAR),
@@ -204,28 +200,31 @@ def test_fixed_option_a_streams_are_never_slimmed():
 
 
 def test_greg_style_zeroed_filters_slim_without_gates():
-    model, shape = build("lenet5")
+    model, shape = build("resnet20")
     rng = np.random.default_rng(4)
     removed = {}
-    for layer in model.layers[:-1]:
-        channels = rng.choice(layer.out_units, layer.out_units // 2, replace=False)
-        zero_filters(model, layer.name, channels)
-        removed[layer.name] = len(channels)
+    for layer in model.layers:
+        if layer.name.endswith(".conv1"):  # the blocks' inner channels; the streams stay
+            channels = rng.choice(layer.out_units, layer.out_units // 2, replace=False)
+            zero_filters(model, layer.name, channels)
+            removed[layer.name] = len(channels)
     result = slim_model(model)
     assert_same_logits(model, result.model, shape)
-    for layer in model.layers[:-1]:
-        assert len(result.plan.kept_outputs[layer.name]) == layer.out_units - removed[layer.name]
+    for layer in model.layers:
+        kept = len(result.plan.kept_outputs[layer.name])
+        assert kept == layer.out_units - removed.get(layer.name, 0), layer.name
 
 
 def test_an_explicit_keep_mask_removes_units():
-    model, shape = build("lenet5")
-    keep = np.ones(20, bool)
+    model, shape = build("resnet20")
+    keep = np.ones(16, bool)
     keep[:4] = False
-    result = slim_model(model, keep={"conv1": keep})
-    assert result.plan.kept_outputs["conv1"] == tuple(range(4, 20))
-    assert result.model.layers[1].kernel_shape[2] == 16
+    result = slim_model(model, keep={"block1.conv1": keep})
+    assert result.plan.kept_outputs["block1.conv1"] == tuple(range(4, 16))
+    reader = next(l for l in result.model.layers if l.name == "block1.conv2")
+    assert reader.kernel_shape[2] == 12
     zeroed = nnx.clone(model)  # the slim network computes the network with those filters zeroed
-    zero_filters(zeroed, "conv1", range(4))
+    zero_filters(zeroed, "block1.conv1", range(4))
     assert_same_logits(zeroed, result.model, shape)
 
 
@@ -276,9 +275,9 @@ def test_a_gate_generator_goes_with_the_gates():
     from sparsejax.methods import RunInfo, create_method
     from tests.methods.test_methods import method_config
 
-    method = create_method("dep_l0", method_config("dep_l0", "lenet5"), RunInfo(num_train=100))
-    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=method.make_gates)
+    method = create_method("dep_l0", method_config("dep_l0", "resnet20"), RunInfo(num_train=100))
+    model, shape = build("resnet20", method.make_gates)
     assert any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(model))
     slim = slim_model(model).model
     assert not any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(slim))
-    assert_same_logits(model, slim, MNIST)
+    assert_same_logits(model, slim, shape)

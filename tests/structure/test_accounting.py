@@ -4,9 +4,8 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.models import LeNet5
 from sparsejax.models.base import each_slot
-from sparsejax.slim import slim_model
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import (
     count_network,
     gate_report,
@@ -18,7 +17,7 @@ from sparsejax.structure.traced_model import build_zoo_model
 
 
 def lenet():
-    return LeNet5(rngs=nnx.Rngs(0))
+    return build_zoo_model("lenet5", rngs=nnx.Rngs(0))
 
 
 def test_dense_lenet5_macs_and_params():
@@ -78,7 +77,7 @@ def test_expected_counts_equal_the_monte_carlo_mean_of_mask_counts():
 
 
 def test_weight_granularity_counts_the_open_kernel_entries():
-    model = LeNet5(rngs=nnx.Rngs(0), granularity="weight")
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), granularity="weight")
     rng = np.random.default_rng(3)
     masks = {l.name: (rng.random(l.kernel_shape) < 0.2).astype(np.float32) for l in model.layers}
     counts = count_network(model.layers, masks)
@@ -91,7 +90,7 @@ def test_gate_report_of_a_gated_model():
     def factory(slot, rngs):
         return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=0.5)
 
-    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=factory)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=factory)
     model.gates["conv1"].log_alpha[...] = jax.numpy.where(
         jax.numpy.arange(20) < 5, -5.0, 3.0
     )
@@ -101,7 +100,7 @@ def test_gate_report_of_a_gated_model():
     assert report.dense_params == 431_080
     assert report.params < report.dense_params
     assert 0 < report.expected_l0 < report.dense_params
-    dense_report = gate_report(LeNet5(rngs=nnx.Rngs(0)))
+    dense_report = gate_report(build_zoo_model("lenet5", rngs=nnx.Rngs(0)))
     assert dense_report.architecture == "20-50-800-500" and dense_report.pruning_rate == 0.0
 
 
@@ -113,7 +112,8 @@ def test_weight_report_of_an_ungated_network_is_the_slim_network_less_its_zero_w
     fc1 = model.layer_module("fc1")
     zeroed = np.random.default_rng(0).random(fc1.kernel.shape) < 0.3  # unstructured, in fc1
     fc1.kernel[...] = np.where(zeroed, 0.0, np.asarray(fc1.kernel[...]))
-    slim = slim_model(model).report
+    images = np.asarray(jax.random.normal(jax.random.key(0), (4, 28, 28, 1)))
+    slim = slim_traced_model(model, images).report
 
     report = weight_report(model)
     assert report.active_units == {"conv1": 18, "conv2": 50, "fc1": 800, "fc2": 500}
@@ -131,7 +131,7 @@ def test_sparsity_report_reads_the_gates_of_a_gated_network():
     def factory(slot, rngs):
         return HardConcreteGate(slot.shape, rngs=rngs, droprate_init=0.5)
 
-    model = LeNet5(rngs=nnx.Rngs(0), gate_factory=factory)
+    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=factory)
     model.gates["fc1"].log_alpha[...] = jax.numpy.where(jax.numpy.arange(800) < 100, -5.0, 3.0)
     model.layer_module("fc2").kernel[...] = 0.0  # zero weights do not count where gates decide
     report = sparsity_report(model)

@@ -15,12 +15,13 @@ import pytest
 from flax import nnx
 
 from sparsejax.errors import ConfigError
+from sparsejax.models import LeNet5
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.slim_trace import load_slim_function, slim_traced
 from sparsejax.structure.slim_trace.zeros import read_rows
 from sparsejax.structure.sparsify import sparsify
 from sparsejax.structure.trace import trace_structure
-from sparsejax.structure.traced_model import TracedModel, build_zoo_model
+from sparsejax.structure.traced_model import TracedModel
 from tests.commands import command_env
 from tests.structure.test_trace import (
     EmbeddedMLP,
@@ -317,21 +318,16 @@ def test_save_and_load_without_the_model_classes(tmp_path):
 
 
 def test_lenet5_from_the_zoo():
-    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10, input_shape=(28, 28, 1),
-                            granularity="unit")
+    model = LeNet5(rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
-
-    def apply(m, x):
-        return m(x, train=False)
-
-    gated = sparsify(model, x, apply=apply, rngs=0)
+    gated = sparsify(model, x, rngs=0)
     key = jax.random.key(1)
     for gate in gated.gates:
         key, sub = jax.random.split(key)
         gate.log_alpha.set_value(jax.random.uniform(sub, gate.log_alpha[...].shape, minval=-3,
                                                     maxval=3))
-    slim = gated.slim(x, check=x, apply=apply)
-    assert _relative(slim(x), _reference(gated, x, apply)) < 1e-5
+    slim = gated.slim(x, check=x)
+    assert _relative(slim(x), _reference(gated, x)) < 1e-5
     widths = {g.producers: g.width for g in slim.report.groups}
     opened = _open(gated)
     conv2 = gated.structure.groups_of("conv2.kernel", 3)[0]

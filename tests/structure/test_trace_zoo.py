@@ -27,7 +27,6 @@ from sparsejax.structure.trace import TracedStructure, trace_structure
 from sparsejax.structure.traced_model import build_zoo_model
 
 INPUT_SHAPES = {
-    "lenet5": (28, 28, 1),
     "resnet34": (64, 64, 3),
     "resnet50": (64, 64, 3),
     "mobilenet_v2": (64, 64, 3),
@@ -35,13 +34,11 @@ INPUT_SHAPES = {
 CIFAR = (32, 32, 3)
 
 INPUT_SELECTIONS = {
-    "lenet5": lambda slot: slot == "fc1",
     "densenet40": lambda slot: True,
 }
 """Slots that gate the inputs of one consumer only (an input selection, slimmed by gathering):
-conv2's channels flattened at 16 positions (LeNet-5's 800 fc1 inputs, 50 traced units), the
-concatenated features read by one dense layer (DenseNet). The traced groups are the producers'
-channels, which other consumers keep reading."""
+the concatenated features read by one dense layer (DenseNet). The traced groups are the
+producers' channels, which other consumers keep reading."""
 
 STREAM_GATES = {name: {"stem"} for name in ("resnet20", "resnet56", "resnet110")}
 """Slots on a member of a residual stream that the trace finds unprunable: the CIFAR ResNets gate

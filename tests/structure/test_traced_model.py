@@ -26,6 +26,7 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
+from sparsejax.models.batch_chunks import fixed_chunks
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import layer_kernels, node_report
@@ -513,6 +514,33 @@ def test_gates_drawn_per_example_gate_each_example_as_a_batch_of_its_own(name):
 
 
 @pytest.mark.parametrize("name", ["branch_cnn", "depthwise_separable"])
+def test_gates_drawn_per_example_run_the_convolutions_on_slices_of_the_batch(name):
+    """On a CPU a model's convolutions run on slices of the batch; with gates drawn per example
+    they still do (three times as many convolutions for three slices), with the logits and
+    gradients of the whole batch to float rounding."""
+    model = traced(CASES[name], gate_factory=L0HardConcrete(
+        get_config().lock(), RunInfo(100)).make_gates)
+    randomized(model.net, seed=3)
+    x = jax.random.normal(jax.random.key(2), (6, *MNIST_SHAPE))
+    gates = drawn_gates(model, 6, seed=4)
+
+    def loss(model, gates, x):
+        return jnp.sum(model(x, train=False, gates=gates) ** 2)
+
+    runs = {}
+    for chunks in (1, 3):
+        with fixed_chunks(chunks):
+            step = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1, 2)))
+            convolutions = step.lower(model, gates, x).as_text().count("convolution(")
+            runs[chunks] = convolutions, *step(model, gates, x)
+    (whole, whole_loss, whole_grads), (sliced, sliced_loss, sliced_grads) = runs[1], runs[3]
+    assert sliced == 3 * whole > 0
+    np.testing.assert_allclose(sliced_loss, whole_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sliced_grads), jax.tree.leaves(whole_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["branch_cnn", "depthwise_separable"])
 def test_the_same_gate_for_every_example_trains_batch_norm_as_a_shared_gate(name):
     """Train mode: per-example gates equal across the batch give the logits and the BatchNorm
     statistics of the same gates shared (parameters scaled instead of activations)."""
@@ -588,7 +616,6 @@ class Plain(nnx.Module):
 @pytest.mark.parametrize(
     "zoo_name, shape, matched, declared_only",
     [
-        ("lenet5", MNIST_SHAPE, {"conv1": "conv1", "conv2": "conv2", "fc1": "fc2"}, {"fc1"}),
         ("resnet20", (32, 32, 3),
          {f"blocks.{i}.conv1": f"block{i + 1}.conv1" for i in range(9)}, {"stem"}),
     ],
