@@ -38,7 +38,9 @@ MODELS: dict[str, Callable[..., GatedModel | nnx.Module]] = {
 }
 
 
-PLAIN = frozenset({"mlp", "lenet5", "vgg16", "vgg19", "wrn28_10", "resnet164"})
+PLAIN = frozenset({
+    "mlp", "lenet5", "vgg16", "vgg19", "wrn28_10", "resnet164", "resnet34", "resnet50",
+})
 """The zoo models written as plain NNX modules with their ``gate_placements``
 (:mod:`sparsejax.models.placement`), gated from their trace
 (:func:`sparsejax.structure.traced_model.build_zoo_model`). Each has the attributes

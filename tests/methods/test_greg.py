@@ -36,7 +36,7 @@ from sparsejax.models.base import GateSlot
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.slim import slim_model
 from sparsejax.structure.blocks import traced_layer_stages
-from sparsejax.structure.traced_model import TracedModel, build_zoo_model
+from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.config import resolve_config
@@ -262,16 +262,15 @@ def test_resnet56_filter_rules_prune_only_the_first_conv_of_each_block():
 def test_projection_shortcuts_take_their_stage_ratio_and_start_the_stages(
     name, shape, blocks_per_stage
 ):
-    """On a declared model (``block{i}.conv1``) and on one traced as a plain module, whose
-    layers are named by module path (``blocks.{i - 1}.conv1``) and staged by its trace."""
+    """On ResNet-50 and WRN, whose layers are named by module path (``blocks.{i - 1}.conv1``)
+    and staged by their trace."""
     model = nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(0), input_shape=shape))
-    traced = isinstance(model, TracedModel)
     stage_ratios = [0.1 * (index + 1) for index in range(len(blocks_per_stage))]
     weight = layer_ratios(model.layers, (0.0, *stage_ratios, 0.0), "weight",
-                          traced_layer_stages(model) if traced else None)
+                          traced_layer_stages(model))
 
     def layer(block, conv):
-        return f"blocks.{block - 1}.{conv}" if traced else f"block{block}.{conv}"
+        return f"blocks.{block - 1}.{conv}"
 
     first_blocks = np.cumsum((1, *blocks_per_stage[:-1]))
     for stage, (first, count) in enumerate(zip(first_blocks, blocks_per_stage)):

@@ -24,16 +24,13 @@ from sparsejax.gates import HardConcreteGate
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.greg.accounting import (
     greg_count,
-    greg_kept_inputs,
     greg_pruned_count,
 )
-from sparsejax.methods.greg.rules import layer_ratios
 from sparsejax.models import MODELS, ImageNetResNet, each_slot
 from sparsejax.models.vgg import VGG19_CONFIG
-from sparsejax.slim import slim_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_network
-from sparsejax.structure.traced_model import build_zoo_model
+from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
 from tests.slim.test_surgery import randomize_batch_norms
 
 CIFAR100 = 100
@@ -70,21 +67,6 @@ def vgg19_formula(classes, side=32):
         macs += 9 * c_in * item * side * side
         bn, c_in = bn + 2 * item, item
     return weights + 512 * classes, bn, macs + 512 * classes
-
-
-def greg_widths(layers, ratios):
-    """Kept output units of the layers GReg prunes at ``ratios``."""
-    by_name = {layer.name: layer for layer in layers}
-    return {
-        name: by_name[name].out_units - greg_pruned_count(ratio, by_name[name].out_units)
-        for name, ratio in ratios.items()
-    }
-
-
-def greg_pruned(layers, ratios):
-    """(dense, pruned) GReg counts of the network pruned at ``ratios``."""
-    kept_out = greg_widths(layers, ratios)
-    return greg_count(layers), greg_count(layers, kept_out, greg_kept_inputs(layers, kept_out))
 
 
 # ----------------------------------------------------------------------------- VGG-19
@@ -138,17 +120,16 @@ def test_vgg19_forward_and_gradients():
                for s in narrow.gates)
 
 
-def greg_on_vgg19(stage_pr, granularity="filter"):
+def greg_on(model, stage_pr, granularity="filter"):
     config = get_config("greg1")
-    config.update(model="vgg19", stage_pr=stage_pr, pretrain_epochs=0,
-                  greg_granularity=granularity)
+    config.update(model=model, stage_pr=stage_pr, pretrain_epochs=0, greg_granularity=granularity)
     return create_method("greg1", config, RunInfo(num_train=100))
 
 
 def test_greg_vgg19_stage_pr_is_the_8_89x_network(vgg19):
     """GReg's ratios, widths and counter on VGG-19 traced as a plain module, through the
     method: the pruned layers, their masks and its report."""
-    method = greg_on_vgg19(VGG19_STAGE_PR)
+    method = greg_on("vgg19", VGG19_STAGE_PR)
     pruned = method.pruned_layers(vgg19)
     assert {p.name: p.ratio for p in pruned} == {f"conv{l}": 0.7 for l in range(2, 17)}
     kept = [p.group_shape[0] - p.count for p in pruned]  # first conv and fc kept whole
@@ -165,7 +146,7 @@ def test_greg_vgg19_stage_pr_is_the_8_89x_network(vgg19):
 
 
 def test_greg_weight_granularity_prunes_the_kernels_of_the_layer_indices(vgg19):
-    method = greg_on_vgg19(VGG19_STAGE_PR, "weight")
+    method = greg_on("vgg19", VGG19_STAGE_PR, "weight")
     kernels = {layer.name: layer.kernel_shape for layer in vgg19.layers}
     assert {p.name: (p.ratio, p.count, p.group_shape) for p in method.pruned_layers(vgg19)} == {
         f"conv{l}": (0.7, greg_pruned_count(0.7, math.prod(kernels[f"conv{l}"])),
@@ -182,7 +163,7 @@ def test_greg_pruned_vgg19_slims_from_its_trace_to_the_same_logits():
                             config=(8, 8, "M", 8, "M", 16, "M", 16, "M", 16))
     rng = np.random.default_rng(0)
     randomize_batch_norms(model, rng)
-    method = greg_on_vgg19("[1-4:0.5]")
+    method = greg_on("vgg19", "[1-4:0.5]")
     slots = {slot.name: slot for slot in model.gate_slots}
     kept = {}
     for layer in method.pruned_layers(model):
@@ -204,7 +185,8 @@ def test_greg_pruned_vgg19_slims_from_its_trace_to_the_same_logits():
 
 @pytest.fixture(scope="module")
 def resnet34():
-    return abstract("resnet34")
+    """ResNet-34 traced as the engine traces it for GReg: every prunable group a slot."""
+    return abstract("resnet34", use_placements=False)
 
 
 def test_resnet34_is_registered_with_torchvisions_counts(resnet34):
@@ -216,72 +198,82 @@ def test_resnet34_is_registered_with_torchvisions_counts(resnet34):
 
 
 def test_greg_resnet34_prunes_conv1_of_each_basic_block_by_stage(resnet34):
-    ratios = layer_ratios(resnet34.layers, RESNET34_STAGE_PR, "filter")
     stage_of_block = [0] * 3 + [1] * 4 + [2] * 6 + [3] * 3  # the 3-4-6-3 stages, not 4-4-4-4
-    expected = {
-        f"block{i}.conv1": RESNET34_STAGE_PR[1 + stage]
-        for i, stage in enumerate(stage_of_block, start=1)
-        if RESNET34_STAGE_PR[1 + stage]
+    pruned = greg_on("resnet34", RESNET34_STAGE_PR).pruned_layers(resnet34)
+    assert {p.name: p.ratio for p in pruned} == {
+        f"blocks.{i}.conv1": RESNET34_STAGE_PR[1 + stage]
+        for i, stage in enumerate(stage_of_block) if RESNET34_STAGE_PR[1 + stage]
     }
-    assert ratios == expected
-    assert not any(name.endswith((".conv2", ".shortcut")) or name in ("stem", "fc")
-                   for name in ratios)
+
+
+def test_greg_resnet50_prunes_both_inner_convolutions_of_a_bottleneck_by_its_stage():
+    """The stage list over the traced ResNet-50: a bottleneck's conv1 and conv2 (its stride on
+    conv2, so a stage's first conv1 still works at the previous stage's resolution) take their
+    block's stage; conv3, the shortcuts, the stem and fc are not pruned by filters."""
+    model = abstract("resnet50", use_placements=False)
+    stage_pr = (0.0, 0.1, 0.2, 0.3, 0.4, 0.0)
+    stage_of_block = [0] * 3 + [1] * 4 + [2] * 6 + [3] * 3
+    pruned = greg_on("resnet50", stage_pr).pruned_layers(model)
+    assert {p.name: p.ratio for p in pruned} == {
+        f"blocks.{i}.conv{j}": stage_pr[1 + stage]
+        for i, stage in enumerate(stage_of_block) for j in (1, 2)
+    }
+
+
+def greg_speedup(model, method, skipped_blocks=()):
+    """GReg's FLOPs speedup (its counter, through the method's report) of ``model`` with the
+    filters its rules choose masked, except in the blocks ``skipped_blocks``; and the kept
+    widths."""
+    state = method.init(model)
+    for layer, layer_state in zip(method.pruned_layers(model), state["layers"]):
+        skipped = f"block{int(layer.name.split('.')[1]) + 1}" in skipped_blocks
+        count = 0 if skipped else layer.count
+        layer_state["mask"] = (jnp.arange(layer.group_shape[0]) >= count).astype(jnp.float32)
+    report = method.report(model, state)
+    return report["greg/speedup"], report["greg/widths"]
 
 
 def test_greg_resnet34_with_the_reference_skips_is_the_1_32x_network(resnet34):
-    ratios = layer_ratios(resnet34.layers, RESNET34_STAGE_PR, "filter")
-    skipped = {n: r for n, r in ratios.items() if n.split(".")[0] not in RESNET34_SKIPS}
-    dense, pruned = greg_pruned(resnet34.layers, skipped)
-    assert round(dense.flops / pruned.flops, 2) == 1.32
-    kept = greg_widths(resnet34.layers, skipped)
-    assert kept["block2.conv1"] == 32 and kept["block5.conv1"] == 51
-    assert greg_kept_inputs(resnet34.layers, kept)["block5.conv2"] == 51
-    dense, pruned = greg_pruned(resnet34.layers, ratios)  # without skips (not supported)
-    assert round(dense.flops / pruned.flops, 2) == 1.62
+    method = greg_on("resnet34", RESNET34_STAGE_PR)
+    speedup, widths = greg_speedup(resnet34, method, RESNET34_SKIPS)
+    assert round(speedup, 2) == 1.32
+    assert widths["blocks.1.conv1"] == 32 and widths["blocks.4.conv1"] == 51
+    assert widths["blocks.3.conv1"] == 128  # block 4 (layer2.0) skipped
+    speedup, _ = greg_speedup(resnet34, method)  # without skips (not supported)
+    assert round(speedup, 2) == 1.62
 
 
 def test_greg_resnet34_weight_granularity_prunes_shortcuts_at_their_stage(resnet34):
-    ratios = layer_ratios(resnet34.layers, (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), "weight")
+    method = greg_on("resnet34", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), "weight")
+    ratios = {p.name: p.ratio for p in method.pruned_layers(resnet34)}
     assert "stem" not in ratios and ratios["fc"] == 0.5
-    assert [ratios[f"block{i}.shortcut"] for i in (4, 8, 14)] == [0.2, 0.3, 0.4]
-    assert ratios["block3.conv2"] == 0.1 and ratios["block16.conv2"] == 0.4
+    assert [ratios[f"blocks.{i}.shortcut"] for i in (3, 7, 13)] == [0.2, 0.3, 0.4]
+    assert ratios["blocks.2.conv2"] == 0.1 and ratios["blocks.15.conv2"] == 0.4
 
 
 # ----------------------------------------------------------------------------- slimming
 
 
-def zero_filters(model, layer_name, channels):
-    """GReg filter pruning: the kernel slice and the following BatchNorm's scale and bias."""
-    layer = next(layer for layer in model.layers if layer.name == layer_name)
-    module = model.layer_module(layer_name)
-    index = np.asarray(channels)
-    module.kernel[...] = module.kernel[...].at[..., index].set(0.0)
-    norm = model.module_at(layer.norm)
-    norm.scale[...] = norm.scale[...].at[index].set(0.0)
-    norm.bias[...] = norm.bias[...].at[index].set(0.0)
-
-
-def test_greg_pruned_resnet34_slims_to_the_same_logits():
-    """Zeroing the filters GReg's rules choose and slimming gives the GReg-counted widths and the
-    same eval logits."""
-    model = ImageNetResNet(rngs=nnx.Rngs(0), blocks_per_stage=(3, 4, 6, 3), widths=(8, 8, 16, 16),
-                           block="basic", num_classes=10, input_shape=(32, 32, 3))
-    stage_pr, shape = RESNET34_STAGE_PR, (32, 32, 3)
+def test_greg_pruned_resnet34_slims_from_its_trace_to_the_same_logits():
+    """Masking the filters GReg's rules choose on a narrow ResNet-34 (every member of the unit,
+    BatchNorm entries included, as its pruning does) and slimming from the trace gives the
+    GReg-counted widths and the same eval logits."""
+    net = ImageNetResNet(rngs=nnx.Rngs(0), blocks_per_stage=(3, 4, 6, 3), widths=(8, 8, 16, 16),
+                         block="basic", num_classes=10, input_shape=(32, 32, 3))
+    model = gate_zoo_network(net, "resnet34", rngs=nnx.Rngs(1), use_placements=False)
     rng = np.random.default_rng(0)
     randomize_batch_norms(model, rng)
-    ratios = layer_ratios(model.layers, stage_pr, "filter")
-    kept = greg_widths(model.layers, ratios)
-    for name, width in kept.items():
-        out_units = next(l.out_units for l in model.layers if l.name == name)
-        zero_filters(model, name, rng.choice(out_units, out_units - width, replace=False))
-    result = slim_model(model)
-    x = jax.random.normal(jax.random.key(7), (2, *shape))
-    expected = model(x, train=False)
-    np.testing.assert_allclose(result.model(x, train=False), expected,
-                               atol=1e-4 * max(float(jnp.max(jnp.abs(expected))), 1.0))
-    slim_layers = {l.name: l for l in result.model.layers}
-    assert {name: slim_layers[name].out_units for name in kept} == kept
-    slim_kept_in = {name: slim_layers[name].in_units
-                    for name in greg_kept_inputs(model.layers, kept)}
-    assert slim_kept_in == greg_kept_inputs(model.layers, kept)
-    assert result.report.flops_after < result.report.flops_before
+    slots = {slot.name: slot for slot in model.gate_slots}
+    kept = {}
+    for layer in greg_on("resnet34", RESNET34_STAGE_PR).pruned_layers(model):
+        width = layer.group_shape[0]
+        mask = np.ones(width, np.float32)
+        mask[rng.choice(width, layer.count, replace=False)] = 0.0
+        model.scale_units(slots[layer.name], jnp.asarray(mask))
+        kept[layer.name] = width - layer.count
+    assert sorted(set(kept.values())) == [3, 4, 9]  # of 8 at 0.6 and 0.5, of 16 at 0.4
+    images = np.asarray(jax.random.normal(jax.random.key(7), (4, 32, 32, 3)))
+    slim = slim_traced_model(model, images)
+    assert {name: slim.params[f"{name}.kernel"].shape[-1] for name in kept} == kept
+    assert slim.report.max_logit_difference < 1e-4
+    assert slim.report.flops_after < slim.report.flops_before

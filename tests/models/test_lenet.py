@@ -185,10 +185,11 @@ def test_the_engine_builds_lenet5_with_the_methods_initialisation(name, conv_std
     assert mlp.model_options() == {}
 
 
-def test_the_mlp_slims_from_its_trace_to_its_open_pixels_and_neurons():
-    """Closed gates remove their pixel rows of fc1 and their neurons' columns, bias and reader
-    rows; the slim network has the gated model's count and test-time logits."""
-    model = build_zoo_model("mlp", rngs=nnx.Rngs(0), gate_factory=hc_factory)
+def slimmed_with_random_gates(name):
+    """Zoo model ``name`` with about 40% of each slot's gates closed, slimmed from its trace;
+    checked to have the gated model's count and test-time logits. Returns the slim network and
+    the open gates."""
+    model = build_zoo_model(name, rngs=nnx.Rngs(0), gate_factory=hc_factory)
     rng = np.random.default_rng(4)
     keep = {}
     for slot in model.gate_slots:
@@ -196,30 +197,30 @@ def test_the_mlp_slims_from_its_trace_to_its_open_pixels_and_neurons():
         model.gates[slot.name].log_alpha[...] = jnp.where(keep[slot.name], 5.0, -5.0)
     images = np.asarray(jax.random.normal(jax.random.key(2), (8, 28, 28, 1)))
     slim = slim_traced_model(model, images)
+    counted = count_network(model.layers, {k: v.astype(np.float32) for k, v in keep.items()})
+    assert slim.report.params_after == float(counted["params"])
+    gated = model(jnp.asarray(images), train=False)
+    np.testing.assert_allclose(np.asarray(slim(images)), np.asarray(gated), rtol=1e-5, atol=1e-5)
+    return slim, keep
+
+
+def test_the_mlp_slims_from_its_trace_to_its_open_pixels_and_neurons():
+    """Closed gates remove their pixel rows of fc1 and their neurons' columns, bias and reader
+    rows."""
+    slim, keep = slimmed_with_random_gates("mlp")
     pixels, hidden1, hidden2 = (int(keep[name].sum()) for name in ("fc1", "fc2", "fc3"))
     assert {path: tuple(v.shape) for path, v in slim.params.items()} == {
         "fc1.kernel": (pixels, hidden1), "fc1.bias": (hidden1,),
         "fc2.kernel": (hidden1, hidden2), "fc2.bias": (hidden2,),
         "fc3.kernel": (hidden2, 10), "fc3.bias": (10,),
     }
-    counted = count_network(model.layers, {k: v.astype(np.float32) for k, v in keep.items()})
-    assert slim.report.params_after == float(counted["params"])
-    gated = model(jnp.asarray(images), train=False)
-    np.testing.assert_allclose(np.asarray(slim(images)), np.asarray(gated), rtol=1e-5, atol=1e-5)
 
 
 def test_lenet5_slims_from_its_trace_to_its_open_channels_and_inputs():
     """Closed conv gates remove their filters and the next layer's rows (a closed conv2 channel
     its 16 flattened rows of fc1); closed fc1 gates select fc1's rows alone, closed fc2 gates
-    remove fc1's neurons; the slim network has the gated model's count and test-time logits."""
-    model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), gate_factory=hc_factory)
-    rng = np.random.default_rng(4)
-    keep = {}
-    for slot in model.gate_slots:
-        keep[slot.name] = rng.random(slot.shape) < 0.6
-        model.gates[slot.name].log_alpha[...] = jnp.where(keep[slot.name], 5.0, -5.0)
-    images = np.asarray(jax.random.normal(jax.random.key(2), (8, 28, 28, 1)))
-    slim = slim_traced_model(model, images)
+    remove fc1's neurons."""
+    slim, keep = slimmed_with_random_gates("lenet5")
     c1, c2, hidden = (int(keep[name].sum()) for name in ("conv1", "conv2", "fc2"))
     rows = int((keep["fc1"] & np.tile(keep["conv2"], 16)).sum())  # channel fastest
     assert {path: tuple(v.shape) for path, v in slim.params.items()} == {
@@ -228,10 +229,6 @@ def test_lenet5_slims_from_its_trace_to_its_open_channels_and_inputs():
         "fc1.kernel": (rows, hidden), "fc1.bias": (hidden,),
         "fc2.kernel": (hidden, 10), "fc2.bias": (10,),
     }
-    counted = count_network(model.layers, {k: v.astype(np.float32) for k, v in keep.items()})
-    assert slim.report.params_after == float(counted["params"])
-    gated = model(jnp.asarray(images), train=False)
-    np.testing.assert_allclose(np.asarray(slim(images)), np.asarray(gated), rtol=1e-5, atol=1e-5)
 
 
 def test_dead_mlp_neurons_leave_the_slim_network_with_their_constants_in_the_next_bias():

@@ -141,8 +141,8 @@ def full_models():
     return {
         "wrn28_10": abstract(lambda **kw: build_zoo_model("wrn28_10", **kw)),
         "resnet164": abstract(lambda **kw: build_zoo_model("resnet164", **kw)),
-        "resnet34": abstract(resnet34),
-        "resnet50": abstract(resnet50),
+        "resnet34": abstract(lambda **kw: build_zoo_model("resnet34", **kw)),
+        "resnet50": abstract(lambda **kw: build_zoo_model("resnet50", **kw)),
     }
 
 
@@ -215,29 +215,27 @@ def test_resnet50_gate_slots(full_models):
     assert len(slots) == 33
     assert [s.shape[0] for s in slots] == [64] * 7 + [128] * 8 + [256] * 12 + [512] * 6
     assert slots[0].name == "stem" and slots[0].group_size == 7 * 7 * 3
-    names = [f"block{i}.conv{j}" for i in range(1, 17) for j in (1, 2)]
-    assert [s.name for s in slots[1:]] == names
+    assert [(s.name, s.layer) for s in slots[1:]] == [
+        (f"block{i}.conv{j}", f"blocks.{i - 1}.conv{j}") for i in range(1, 17) for j in (1, 2)]
     groups = {s.name: s.group_size for s in slots}
     assert groups["block1.conv1"] == 64 and groups["block4.conv1"] == 256  # 1x1 over the input
     assert groups["block4.conv2"] == 9 * 128
-    assert all(s.axis == 3 and s.layer == s.name for s in slots)
+    assert all(s.axis == 3 and not s.gates_bias and s.droprate_init == 0.5 for s in slots)
 
 
 def test_resnet34_gate_slots(full_models):
     """A basic block gates conv1 only; the stem writes into stage 1's stream, so it is not
     gated."""
     slots = full_models["resnet34"].gate_slots
-    assert [s.name for s in slots] == [f"block{i}.conv1" for i in range(1, 17)]
+    assert [(s.name, s.layer) for s in slots] == [
+        (f"block{i}.conv1", f"blocks.{i - 1}.conv1") for i in range(1, 17)]
     assert [s.shape[0] for s in slots] == [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3
     groups = {s.name: s.group_size for s in slots}
     assert groups["block1.conv1"] == 9 * 64 and groups["block4.conv1"] == 9 * 64
     assert groups["block5.conv1"] == 9 * 128
-    assert all(s.axis == 3 and s.layer == s.name and not s.gates_bias for s in slots)
+    assert all(s.axis == 3 and not s.gates_bias for s in slots)
     layers = {l.name: l for l in full_models["resnet34"].layers}
-    assert layers["block1.conv1"].inputs == () and layers["stem"].outputs == ()
-    assert layers["block4.conv1"].out_positions == 28 * 28  # the stride is on conv1
-    assert layers["block4.conv2"].inputs == (("block4.conv1", 1),)
-    assert layers["block4.conv2"].outputs == ()
+    assert layers["blocks.3.conv1"].out_positions == 28 * 28  # the stride is on conv1
 
 
 def test_resnet164_gate_slots(full_models):
@@ -314,14 +312,14 @@ NARROW = {
     # two blocks a stage: projections (on a width change or a stride) and identity shortcuts
     "preact_20": lambda **kw: traced_network(
         lambda rngs: PreActResNet(depth=20, widths=(4, 4, 4), rngs=rngs), "resnet164", **kw),
-    "bottleneck_2_1": lambda **kw: ImageNetResNet(
-        blocks_per_stage=(2, 1), widths=(4, 4), input_shape=BATCH[1:], num_classes=CLASSES, **kw
-    ),
+    "bottleneck_2_1": lambda **kw: traced_network(
+        lambda rngs: ImageNetResNet(blocks_per_stage=(2, 1), widths=(4, 4), input_shape=BATCH[1:],
+                                    num_classes=CLASSES, rngs=rngs), "resnet50", **kw),
     # basic blocks: an identity first stage that the stem joins, then a projection
-    "basic_2_1": lambda **kw: ImageNetResNet(
-        blocks_per_stage=(2, 1), widths=(4, 8), block="basic", input_shape=BATCH[1:],
-        num_classes=CLASSES, **kw
-    ),
+    "basic_2_1": lambda **kw: traced_network(
+        lambda rngs: ImageNetResNet(blocks_per_stage=(2, 1), widths=(4, 8), block="basic",
+                                    input_shape=BATCH[1:], num_classes=CLASSES, rngs=rngs),
+        "resnet34", **kw),
 }
 
 
@@ -331,7 +329,8 @@ def fast_key(seed):
     return jax.random.key(seed, impl="rbg")
 
 
-TRACED = {"wrn_10_1", "preact_20", "wrn28_10", "resnet164"}
+TRACED = {"wrn_10_1", "preact_20", "bottleneck_2_1", "basic_2_1", "wrn28_10", "resnet164",
+          "resnet34", "resnet50"}
 """The models that are plain modules gated from their trace: no hand declarations of reads and
 streams to check."""
 
@@ -390,23 +389,16 @@ def test_stream_membership_of_the_stem():
         {"blocks.1.shortcut", "blocks.1.conv2"},
         {"blocks.2.shortcut", "blocks.2.conv2"},
     ]
-    resnet = abstract(NARROW["bottleneck_2_1"])
-    assert [(c.name, c.layers) for c in resnet.channel_couplings] == [
-        ("stage1", ("block1.shortcut", "block1.conv3", "block2.conv3")),
-        ("stage2", ("block3.shortcut", "block3.conv3")),
+    resnet = abstract(NARROW["bottleneck_2_1"])  # the stem is no member: block 1 projects it
+    assert [set(c.layers) for c in resnet.channel_couplings] == [
+        {"blocks.0.shortcut", "blocks.0.conv3", "blocks.1.conv3"},
+        {"blocks.2.shortcut", "blocks.2.conv3"},
     ]
-    reads = {l.name: l.reads for l in resnet.layers}
-    assert reads["block1.conv1"] == reads["block1.shortcut"] == ("stem",)
-    assert reads["block2.conv1"] == ("stage1",) and reads["block3.shortcut"] == ("stage1",)
-    assert not any(c.fixed or c.shortcut_from for c in resnet.channel_couplings)
     basic = abstract(NARROW["basic_2_1"])
-    assert [(c.name, c.layers) for c in basic.channel_couplings] == [
-        ("stage1", ("stem", "block1.conv2", "block2.conv2")),
-        ("stage2", ("block3.shortcut", "block3.conv2")),
+    assert [set(c.layers) for c in basic.channel_couplings] == [
+        {"stem", "blocks.0.conv2", "blocks.1.conv2"},
+        {"blocks.2.shortcut", "blocks.2.conv2"},
     ]
-    reads = {l.name: l.reads for l in basic.layers}
-    assert reads["block1.conv1"] == reads["block3.shortcut"] == ("stage1",)
-    assert reads["fc"] == ("stage2",)
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -572,10 +564,10 @@ def test_closed_gate_removes_exactly_the_declared_weights(narrow, name):
         ("preact_20", "block4.conv2_in", lambda m: m.net.blocks[3].bn2),
         ("preact_20", "block5.conv3_in", lambda m: m.net.blocks[4].bn3),
         ("preact_20", "fc_in", lambda m: m.net.final_bn),
-        ("bottleneck_2_1", "stem", lambda m: m.stem_bn),
-        ("bottleneck_2_1", "block3.conv1", lambda m: m.blocks[2].bn1),
-        ("bottleneck_2_1", "block3.conv2", lambda m: m.blocks[2].bn2),
-        ("basic_2_1", "block3.conv1", lambda m: m.blocks[2].bn1),
+        ("bottleneck_2_1", "stem", lambda m: m.net.stem_bn),
+        ("bottleneck_2_1", "block3.conv1", lambda m: m.net.blocks[2].bn1),
+        ("bottleneck_2_1", "block3.conv2", lambda m: m.net.blocks[2].bn2),
+        ("basic_2_1", "block3.conv1", lambda m: m.net.blocks[2].bn1),
     ],
 )
 def test_gates_multiply_the_batchnorm_output(narrow, name, slot, norm_of):
@@ -618,6 +610,59 @@ def test_a_gated_wrn_slims_from_its_trace_to_its_open_channels(narrow):
     }
     counted = exact_counts(model.layers, open_units)
     assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
+    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_gated_bottleneck_resnet_slims_from_its_trace_to_its_open_channels(narrow):
+    """One channel closed in every slot: the stem's goes from the stem, its BatchNorm and both
+    readers of block 1 (conv1 and the shortcut), a block's conv1 / conv2 channel from the
+    convolution and the next one's rows; the streams stay whole. The slim network has the
+    gated model's FLOPs and test-time logits."""
+    model = narrow("bottleneck_2_1")
+    randomize_batch_norms(model, np.random.default_rng(1))
+    open_units = {}
+    for slot in model.gate_slots:
+        keep = np.arange(slot.shape[0]) != 1
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
+        open_units[slot.name] = keep.astype(np.float32)
+    x = np.asarray(images(1))
+    slim = slim_traced_model(model, x)
+    block = {"conv1": (1, 1, 16, 3), "conv2": (3, 3, 3, 3), "conv3": (1, 1, 3, 16)}
+    assert {name: tuple(v.shape) for name, v in slim.params.items()
+            if name.endswith("kernel")} == {
+        "stem.kernel": (7, 7, 3, 3), "fc.kernel": (16, CLASSES),
+        "blocks.0.conv1.kernel": (1, 1, 3, 3), "blocks.0.shortcut.kernel": (1, 1, 3, 16),
+        "blocks.2.shortcut.kernel": (1, 1, 16, 16),
+        **{f"blocks.{i}.{conv}.kernel": shape for i in range(3) for conv, shape in block.items()
+           if (i, conv) != (0, "conv1")},
+    }
+    counted = exact_counts(model.layers, open_units)
+    assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
+    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_zeroed_stream_channels_go_only_where_every_member_is_zero(narrow):
+    """GReg-style zeroed filters (kernel column and BatchNorm scale and bias) on a residual
+    stream: channels zeroed in both of stage 2's members (the shortcut and conv3) leave the slim
+    network, channels zeroed in one member only stay; the logits are the gated model's."""
+    model = narrow("bottleneck_2_1")
+    randomize_batch_norms(model, np.random.default_rng(1))
+    for gate in model.gates.values():
+        gate.log_alpha[...] = jnp.full(gate.shape, 5.0)
+    block = model.net.blocks[2]
+    for conv, norm, channels in ((block.shortcut, block.shortcut_bn, [0, 3, 5]),
+                                 (block.conv3, block.bn3, [0, 1, 2, 3, 5])):
+        conv.kernel[...] = conv.kernel[...].at[..., np.array(channels)].set(0.0)
+        norm.scale[...] = norm.scale[...].at[np.array(channels)].set(0.0)
+        norm.bias[...] = norm.bias[...].at[np.array(channels)].set(0.0)
+    x = np.asarray(images(1))
+    slim = slim_traced_model(model, x)
+    assert slim.params["blocks.2.conv3.kernel"].shape[-1] == 13
+    assert slim.params["blocks.2.shortcut.kernel"].shape[-1] == 13
+    assert slim.params["fc.kernel"].shape[0] == 13
+    assert slim.params["blocks.1.conv3.kernel"].shape[-1] == 16  # stage 1 untouched
     np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
                                rtol=1e-5, atol=1e-5)
 

@@ -43,15 +43,13 @@ ZOO = {
     "resnet20": CIFAR,
     "densenet40": CIFAR,
     "mobilenet_v2_cifar": CIFAR,
-    "resnet34": (64, 64, 3),
-    "resnet50": (64, 64, 3),
     "mobilenet_v2": (64, 64, 3),
     "vit_tiny": MNIST,
     "lm_tiny": (16,),
 }
 """The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP,
-LeNet-5, the VGGs, WRN and ResNet-164 are plain modules, their own trace), the ViT and the LM
-(on sequences of 16 token ids of a vocabulary of 10), by their input."""
+LeNet-5, the VGGs, WRN, ResNet-164 and the ImageNet ResNets are plain modules, their own trace),
+the ViT and the LM (on sequences of 16 token ids of a vocabulary of 10), by their input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
@@ -293,9 +291,7 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
 
 @pytest.mark.parametrize("name, stage_pr", [
     ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
-    ("resnet20", 0.4), ("resnet34", 0.3),
-    ("resnet34", (0, 0.1, 0.2, 0.3, 0.4, 0)),
-    ("resnet50", (0, 0.1, 0.2, 0.3, 0.4, 0)),
+    ("resnet20", 0.4),
 ])
 def test_greg_layer_rules_prune_the_declared_filters_of_a_traced_zoo_model(name, stage_pr):
     """The zoo's rules, one ratio per layer index for a single-branch network and the stage
@@ -330,8 +326,6 @@ def traced_layer(zoo: GatedModel, layer: str) -> str:
 @pytest.mark.parametrize("name, stage_pr", [
     ("resnet20", 0.5),
     ("resnet20", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet20", "[0, 0.3, 0.4, 0.5, 0.2]"),
-    ("resnet34", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
-    ("resnet50", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)),
 ])
 def test_greg_weight_rules_prune_the_declared_kernels_of_a_traced_zoo_model(name, stage_pr):
     """With ``greg_granularity="weight"`` GReg prunes the same kernels at the same ratios and
@@ -358,11 +352,11 @@ def test_a_stage_list_of_the_wrong_length_for_a_traced_residual_network_says_why
         layer_ratios(model.layers, [0.1, 0.2, 0.3, 0.4], "weight", stages)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet20"])
 def test_gmp_by_units_prunes_the_declared_layers_of_a_traced_zoo_model(name):
     """``gmp_structure="unit"`` prunes, on the traced model, the groups of the layers it prunes
-    on the declared one: every layer but the classifier and the members of residual streams
-    (ResNet-50's stem included, as it is no member), each with all its units."""
+    on the declared one: every layer but the classifier and the members of residual streams,
+    each with all its units."""
     zoo, model = traced_zoo(name)
     config = get_config("gmp")
     config.model, config.gmp_structure = name, "unit"

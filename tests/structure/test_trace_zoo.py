@@ -27,8 +27,6 @@ from sparsejax.structure.trace import TracedStructure, trace_structure
 from sparsejax.structure.traced_model import build_zoo_model
 
 INPUT_SHAPES = {
-    "resnet34": (64, 64, 3),
-    "resnet50": (64, 64, 3),
     "mobilenet_v2": (64, 64, 3),
 }
 CIFAR = (32, 32, 3)
