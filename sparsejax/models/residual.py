@@ -36,12 +36,11 @@ def projection(in_features: int, out_features: int, stride: int, rngs: nnx.Rngs)
 @dataclasses.dataclass(frozen=True)
 class BlockSite:
     """Where a block sits: its index through the network and stage (both from 0), its stride and
-    the spatial positions (H * W) of its input and output maps."""
+    the spatial positions (H * W) of its output map."""
 
     index: int
     stage: int
     stride: int
-    positions_in: int
     positions: int
 
     @property
@@ -67,9 +66,8 @@ def block_sites(blocks_per_stage: Sequence[int], height: int, width: int) -> Ite
     for stage, count in enumerate(blocks_per_stage):
         for position in range(count):
             stride = 2 if stage > 0 and position == 0 else 1
-            positions_in = height * width
             height, width = strided(height, stride), strided(width, stride)
-            yield BlockSite(index, stage, stride, positions_in, height * width)
+            yield BlockSite(index, stage, stride, height * width)
             index += 1
 
 
@@ -91,16 +89,14 @@ class ResidualStreams:
     """The channel couplings of a residual network, recorded block by block in network order.
 
     The first stream starts at ``source`` (the stem), which is its only producer until a block adds
-    into it through an identity shortcut (:meth:`add`). A block whose shortcut changes the width
-    ends the stream and starts the next one: a projection shortcut (:meth:`project`) is a 1x1
-    convolution that writes into the new stream next to the block's last convolution; a
-    zero-padding shortcut (:meth:`pad`, CIFAR ResNet option A) copies the old stream into the new
-    one at a channel offset, which ties both widths (both streams are ``fixed``). A stream is named
-    after the stage of the first block that writes into it; a stem no block adds into is a plain
-    layer, not a coupling.
+    into it through an identity shortcut (:meth:`add`). A block whose zero-padding shortcut
+    (:meth:`pad`, CIFAR ResNet option A) changes the width ends the stream and starts the next
+    one: the shortcut copies the old stream into the new one at a channel offset, which ties both
+    widths (both streams are ``fixed``). A stream is named after the stage of the first block that
+    writes into it.
 
-    Each of the three methods returns what the block's layers that read its input (its first
-    convolution, its projection shortcut) name in their ``reads``.
+    Both methods return what the block's first convolution, which reads its input, names in its
+    ``reads``.
     """
 
     def __init__(self, source: str):
@@ -123,21 +119,6 @@ class ResidualStreams:
         if self._name is None:
             self._name = stream
         return self._name
-
-    def project(self, shortcut: str, layer: str, stream: str) -> str:
-        """A projection ``shortcut`` and the block's last ``layer`` start the stream ``stream``;
-        the block reads the previous one."""
-        previous = self.current
-        self._start((shortcut, layer), stream, shortcut_from=None, fixed=False)
-        return previous
-
-    def join(self, site: BlockSite, layer: str, *, projects: bool) -> str:
-        """The block at ``site`` writes its last ``layer`` into the stream: through an identity
-        shortcut (:meth:`add`), or next to its projection shortcut ``"{site.name}.shortcut"``,
-        starting its stage's stream (:meth:`project`)."""
-        if projects:
-            return self.project(f"{site.name}.shortcut", layer, site.stream)
-        return self.add(layer, site.stream)
 
     def pad(self, layer: str, stream: str) -> str:
         """The block's last ``layer`` and the zero-padded current stream start ``stream``; the

@@ -329,12 +329,6 @@ def fast_key(seed):
     return jax.random.key(seed, impl="rbg")
 
 
-TRACED = {"wrn_10_1", "preact_20", "bottleneck_2_1", "basic_2_1", "wrn28_10", "resnet164",
-          "resnet34", "resnet50"}
-"""The models that are plain modules gated from their trace: no hand declarations of reads and
-streams to check."""
-
-
 def traced_network(build_net, name, *, rngs, **kwargs):
     """The plain network ``build_net(rngs)`` gated from its trace, as the engine gates the zoo
     model ``name``."""
@@ -354,17 +348,6 @@ def narrow():
         return nnx.clone(built[name, granularity])
 
     return copy
-
-
-@pytest.mark.parametrize("name", sorted(set(FULL_SIZE) - TRACED))
-def test_full_size_channel_flow(full_models, name):
-    check_channel_flow(full_models[name], 3)
-
-
-@pytest.mark.parametrize("name", sorted(set(NARROW) - TRACED))
-@pytest.mark.parametrize("granularity", ["unit", "weight"])
-def test_narrow_channel_flow(name, granularity):
-    check_channel_flow(abstract(NARROW[name], granularity=granularity), 3)
 
 
 def test_cifar_resnet_channel_flow():
