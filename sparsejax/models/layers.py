@@ -102,12 +102,10 @@ class Dense(nnx.Module):
 
 
 class Conv(nnx.Module):
-    """y = (conv(x * z_in, W * z_w) + b) * z_out: 2-D convolution, NHWC input, HWIO kernel, with
-    optional weight gates z_w shaped like W, output-channel gates z_out (``(out,)`` or
-    ``(batch, out)``) and batch-shared input-channel gates z_in (``(in,)``, without feature
-    groups), folded into the kernel's input rows: conv(x * z_in, W) = conv(x, z_in[:, None] W).
-    ``then`` (an activation and pooling, per example) is applied to y; on CPU batch slices it
-    runs on each slice before they are concatenated
+    """y = (conv(x, W * z_w) + b) * z_out: 2-D convolution, NHWC input, HWIO kernel, with
+    optional weight gates z_w shaped like W and output-channel gates z_out (``(out,)`` or
+    ``(batch, out)``). ``then`` (an activation and pooling, per example) is applied to y; on
+    CPU batch slices it runs on each slice before they are concatenated
     (:func:`~sparsejax.models.batch_chunks.convolve`).
 
     ``groups`` splits the channels into feature groups; the kernel is then
@@ -148,20 +146,11 @@ class Conv(nnx.Module):
         x: jax.Array,
         kernel_gate: jax.Array | None = None,
         output_gate: jax.Array | None = None,
-        input_gate: jax.Array | None = None,
         *,
         then: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         kernel = _gated(self.kernel[...], kernel_gate)
         bias = None if self.bias is None else self.bias[...]
-        if input_gate is not None:
-            if input_gate.shape != (self.in_features,) or self.groups != 1:
-                raise ValueError(
-                    f"input gates of a convolution must be batch-shared, of shape "
-                    f"({self.in_features},), on a convolution without feature groups; got shape "
-                    f"{input_gate.shape} with groups={self.groups}"
-                )
-            kernel = kernel * input_gate[:, None]
         kernel, bias, folded = _fold_output_gate(kernel, bias, output_gate)
         options = dict(
             window_strides=(self.stride, self.stride),

@@ -94,15 +94,6 @@ def test_only_sliced_stride_one_convolutions_that_shrink_take_column_gradients(
     assert not _has_custom_vjp(options, x, kernel)
 
 
-def test_a_convolutions_input_gates_are_its_inputs_gated():
-    conv = Conv(4, 3, 3, rngs=nnx.Rngs(0), padding="SAME")
-    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
-    z = jnp.array([1.0, 0.0, 0.5, 0.25])
-    np.testing.assert_allclose(conv(x, input_gate=z), conv(x * z), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match=r"batch-shared, of shape \(4,\)"):
-        conv(x, input_gate=jnp.ones((2, 4)))
-
-
 @pytest.mark.parametrize("train", [False, True])
 def test_lenet5s_first_gates_on_the_second_convolutions_rows_are_gates_on_its_outputs(train):
     model = build_zoo_model("lenet5", rngs=nnx.Rngs(0), num_classes=10)

@@ -132,6 +132,8 @@ def test_unknown_model_and_granularity_are_clear_errors():
         build_zoo_model("vgg99", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="granularity"):
         build_zoo_model("mlp", rngs=nnx.Rngs(0), granularity="block")
+    with pytest.raises(ValueError, match="at least 16x16 pixels, got 15x28"):
+        LeNet5(rngs=nnx.Rngs(0), input_shape=(15, 28, 1))
 
 
 def assert_std(values, std, what):
