@@ -10,31 +10,20 @@ pad one pixel on each side (so a stride-2 convolution samples the same pixels as
 reference). ResNet-20/56/110 are n = 3/9/18: 0.27M/0.85M/1.73M parameters and 41M/125M/253M
 multiply-accumulates on a 32x32 image.
 
-Gate placement follows Dep-L0 (Li & Ji 2021): channel gates on the output of the stem (slot
-``"stem"``) and on the output of every block's first convolution (slot ``"block{i}.conv1"``,
-blocks numbered 1..3n through the network). Each gate multiplies its channel *after* the
-BatchNorm, where no normalisation can undo it, and before the ReLU (a nonnegative per-channel
-gate commutes with it). The second convolution of a block and the residual stream are never
-gated, so the blocks keep their shapes and the shortcuts stay parameter-free.
-
-Which slots switch off the units of a layer (for :mod:`sparsejax.structure.accounting`):
-- ``stem``: outputs = stem slot.
-- ``block{i}.conv1``: outputs = its own slot; inputs = the stem slot for block 1, whose input is
-  the gated stem activation, and nothing for every later block: from block 1 on, the residual
-  stream is the shortcut plus BN2 of conv2, whose bias keeps a channel alive even when the gate
-  upstream closes it.
-- ``block{i}.conv2``: inputs = the block's conv1 slot; outputs = none (residual stream).
-- ``fc``: no gated units.
-With ``granularity="weight"`` every kernel (stem, all conv1/conv2, fc) gets its own weight gates
-instead, and no unit is gated.
-
-Channel flow (for slimming): one coupling per residual stream, ``"stage{s}"``: the stem and the
-conv2 of every stage-1 block write into ``stage1``, the conv2 of the blocks of stage s into
-``stage{s}``. A zero-padded shortcut copies ``stage{s-1}`` into ``stage{s}`` at a channel offset
-(``shortcut_from``), which ties the widths of both, so every stream that is padded into the next
-or receives a padded one is ``fixed``. Every conv1 reads the block's input stream, conv2 reads its
-block's conv1, and fc reads the last stream. ``norm``: the stem's BatchNorm is ``stem_bn``, a
-block's convolutions are normalised by its ``bn1`` / ``bn2``.
+Gates: the ResNets are plain NNX modules gated from their trace
+(:class:`~sparsejax.structure.traced_model.TracedModel`). Their ``gate_placements`` are Dep-L0's
+(Li & Ji 2021): channel gates on the output of every block's first convolution (slot
+``"block{i}.conv1"``, blocks numbered 1..3n through the network) and on the output of the stem
+(slot ``"stem"``). A block's gates act on their channels' reader, the block's conv2 (its kernel
+rows): as a gate z >= 0 commutes with the ReLU between them, this is the reference's gate after
+BN1. The stem's output is one member of the first stage's residual stream, which the trace does
+not let a gate remove (block 1 adds into it through an identity shortcut, and the stream is
+zero-padded into stage 2): its gates multiply the stem's BatchNorm (scale and bias, so its output,
+as in the reference), and block 1's conv1, which reads that output, loses the closed channels'
+inputs in the counts. The second convolution of a block and the residual streams are never
+gated, so the blocks keep their shapes and the shortcuts stay parameter-free. Initial drop rate
+0.5. With ``granularity="weight"`` every kernel (stem, convolutions, fc) gets its own weight
+gates instead, and no unit is gated.
 """
 
 from __future__ import annotations
@@ -43,18 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.gates.apply import gate_units
-from sparsejax.models.base import (
-    MODEL_INPUT,
-    GateFactory,
-    GateSlot,
-    Granularity,
-    Layer,
-    apply_unit_gate,
-    check_granularity,
-)
 from sparsejax.models.layers import Conv, Dense
-from sparsejax.models.residual import BlockNetwork, ResidualStreams, block_sites
+from sparsejax.models.placement import GatePlacement
+from sparsejax.models.residual import block_sites
 
 CIFAR_SHAPE = (32, 32, 3)
 WIDTHS = (16, 32, 64)
@@ -72,7 +52,7 @@ def batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 class BasicBlock(nnx.Module):
-    """conv3x3(s) - BN - [gate] - ReLU - conv3x3 - BN, plus the option-A shortcut, then ReLU."""
+    """conv3x3(s) - BN - ReLU - conv3x3 - BN, plus the option-A shortcut, then ReLU."""
 
     def __init__(self, in_features: int, out_features: int, stride: int, *, rngs: nnx.Rngs):
         self.conv1 = Conv(in_features, out_features, 3, stride=stride, padding=PAD_ONE,
@@ -92,23 +72,14 @@ class BasicBlock(nnx.Module):
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), self.channel_pad))
         return x
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        unit_gate: jax.Array | None = None,
-        kernel_gates: tuple[jax.Array | None, jax.Array | None] = (None, None),
-    ) -> jax.Array:
-        h = self.bn1(self.conv1(x, kernel_gates[0]), use_running_average=not train)
-        if unit_gate is not None:
-            h = gate_units(h, unit_gate)
-        h = self.bn2(self.conv2(nnx.relu(h), kernel_gates[1]), use_running_average=not train)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
         return nnx.relu(h + self.shortcut(x))
 
 
-class CifarResNet(BlockNetwork):
-    """ResNet-(6n+2) for CIFAR with option-A shortcuts; see the module docstring for the gates."""
+class CifarResNet(nnx.Module):
+    """ResNet-(6n+2) for CIFAR with option-A shortcuts, a plain NNX module whose
+    ``gate_placements`` are Dep-L0's (module docstring)."""
 
     def __init__(
         self,
@@ -118,88 +89,34 @@ class CifarResNet(BlockNetwork):
         num_classes: int = 10,
         input_shape: tuple[int, ...] = CIFAR_SHAPE,
         widths: tuple[int, int, int] = WIDTHS,
-        gate_factory: GateFactory | None = None,
-        granularity: Granularity = "unit",
     ):
-        check_granularity(granularity)
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has depth 6n + 2 with n >= 1, got {depth}")
-        self.granularity = granularity
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.depth = depth
         blocks_per_stage = (depth - 2) // 6
-        height, width, in_channels = input_shape
-
+        in_channels = input_shape[-1]
         stem_width = widths[0]
         self.stem = Conv(in_channels, stem_width, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         self.stem_bn = batch_norm(stem_width, rngs)
-        layers = [
-            Layer("stem", (3, 3, in_channels, stem_width), height * width, has_bias=False,
-                  outputs=self._unit_sources(("stem", 1)), kernel_slot=self._kernel_slot("stem"),
-                  reads=(MODEL_INPUT,), norm="stem_bn"),
-        ]
-        unit_slots = [
-            GateSlot("stem", "stem", (stem_width,), 3, False, DROPRATE, layers[0].kernel_shape),
-        ]
-        streams = ResidualStreams("stem")
+        placements = [GatePlacement("stem", "stem", "output", DROPRATE, norm="stem_bn",
+                                    readers=("blocks.0.conv1",))]
         blocks = []
         channels = stem_width
-        for site in block_sites((blocks_per_stage,) * len(widths), height, width):
-            stage_width = widths[site.stage]
-            name, block_path = site.name, site.path
-            block = BasicBlock(channels, stage_width, site.stride, rngs=rngs)
-            blocks.append(block)
-            if block.channel_pad == (0, 0):
-                stream_in = streams.add(f"{name}.conv2", site.stream)
-            else:
-                stream_in = streams.pad(f"{name}.conv2", site.stream)
-            conv1 = Layer(
-                f"{name}.conv1", (3, 3, channels, stage_width), site.positions,
-                has_bias=False,
-                inputs=self._unit_sources(("stem", 1)) if site.index == 0 else (),
-                outputs=self._unit_sources((f"{name}.conv1", 1)),
-                kernel_slot=self._kernel_slot(f"{name}.conv1"),
-                reads=(stream_in,),
-                norm=f"{block_path}.bn1",
-            )
-            conv2 = Layer(
-                f"{name}.conv2", (3, 3, stage_width, stage_width), site.positions,
-                has_bias=False,
-                inputs=self._unit_sources((f"{name}.conv1", 1)),
-                kernel_slot=self._kernel_slot(f"{name}.conv2"),
-                reads=(conv1.name,),
-                norm=f"{block_path}.bn2",
-            )
-            layers += [conv1, conv2]
-            unit_slots.append(GateSlot(conv1.name, conv1.name, (stage_width,), 3, False,
-                                       DROPRATE, conv1.kernel_shape))
-            channels = stage_width
+        for site in block_sites((blocks_per_stage,) * len(widths)):
+            blocks.append(BasicBlock(channels, widths[site.stage], site.stride, rngs=rngs))
+            placements.append(GatePlacement(f"{site.name}.conv1", f"{site.path}.conv1", "output",
+                                            DROPRATE))
+            channels = widths[site.stage]
         self.blocks = nnx.List(blocks)
         self.fc = Dense(channels, num_classes, rngs=rngs)
-        layers.append(Layer("fc", (channels, num_classes), kernel_slot=self._kernel_slot("fc"),
-                            reads=(streams.current,)))
-        self._declare(layers, unit_slots, droprate_init=DROPRATE, gate_factory=gate_factory,
-                      rngs=rngs, couplings=streams.couplings())
+        self.gate_placements = tuple(placements)
 
-
-    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
-        unit = self.granularity == "unit"
-        h = self.stem_bn(self.stem(x, self.kernel_gate(z, "stem")), use_running_average=not train)
-        if unit:
-            h = apply_unit_gate(h, z, "stem")
-        h = nnx.relu(h)
-        for i, block in enumerate(self.blocks, start=1):
-            name = f"block{i}"
-            h = block(
-                h,
-                train=train,
-                unit_gate=z.get(f"{name}.conv1") if unit else None,
-                kernel_gates=(
-                    self.kernel_gate(z, f"{name}.conv1"),
-                    self.kernel_gate(z, f"{name}.conv2"),
-                ),
-            )
-        h = jnp.mean(h, axis=(1, 2))
-        return self.fc(h, self.kernel_gate(z, "fc"))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nnx.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            h = block(h)
+        return self.fc(jnp.mean(h, axis=(1, 2)))
 
 
 def resnet20(**kwargs) -> CifarResNet:

@@ -41,7 +41,7 @@ from flax import nnx
 from sparsejax.models.cifar_resnet import PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
 from sparsejax.models.placement import GatePlacement
-from sparsejax.models.residual import block_sites, projection, strided
+from sparsejax.models.residual import block_sites, projection
 
 IMAGENET_SHAPE = (224, 224, 3)
 RESNET34_BLOCKS = (3, 4, 6, 3)
@@ -141,7 +141,7 @@ class ImageNetResNet(nnx.Module):
             raise ValueError(f"block must be one of {tuple(BLOCK_KINDS)}, got {block!r}")
         kind = BLOCK_KINDS[block]
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
-        height, width, in_channels = input_shape
+        in_channels = input_shape[-1]
         stem_width = widths[0]
         self.stem = Conv(in_channels, stem_width, STEM_KERNEL, stride=2, padding=STEM_PAD,
                          use_bias=False, rngs=rngs)
@@ -149,10 +149,9 @@ class ImageNetResNet(nnx.Module):
         placements = []
         if kind.expansion * widths[0] != stem_width:  # else block 1 adds into the stem's output
             placements.append(GatePlacement("stem", "stem", "output", DROPRATE))
-        height, width = strided(strided(height, 2), 2), strided(strided(width, 2), 2)
         blocks = []
         channels = stem_width
-        for site in block_sites(blocks_per_stage, height, width):
+        for site in block_sites(blocks_per_stage):
             blocks.append(ResidualBlock(kind, channels, widths[site.stage], site.stride,
                                         rngs=rngs))
             placements += [GatePlacement(f"{site.name}.{conv}", f"{site.path}.{conv}", "output",

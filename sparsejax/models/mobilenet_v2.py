@@ -69,6 +69,7 @@ from sparsejax.models.base import (
 )
 from sparsejax.models.cifar_resnet import CIFAR_SHAPE, PAD_ONE, batch_norm
 from sparsejax.models.layers import Conv, Dense
+from sparsejax.models.residual import strided
 
 StageTable = tuple[tuple[int, int, int, int], ...]
 """Inverted-residual stages as (expansion t, output width c, blocks n, first stride s)."""
@@ -101,11 +102,6 @@ def make_divisible(value: float, divisor: int = CHANNEL_DIVISOR) -> int:
     step if rounding lost more than 10% (the rule of the reference implementations)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def _strided(size: int, stride: int) -> int:
-    """Output size of a 3x3 convolution padded by one pixel."""
-    return (size - 1) // stride + 1
 
 
 def _weight_gated(layer: Layer) -> Layer:
@@ -226,7 +222,7 @@ class MobileNetV2(GatedModel):
         self.stem = Conv(in_channels, channels, 3, stride=stem_stride, padding=PAD_ONE,
                          use_bias=False, rngs=rngs)
         self.stem_bn = batch_norm(channels, rngs)
-        height, width = _strided(height, stem_stride), _strided(width, stem_stride)
+        height, width = strided(height, stem_stride), strided(width, stem_stride)
         layers: dict[str, Layer] = {
             "stem": Layer("stem", (3, 3, in_channels, channels), height * width, has_bias=False,
                           reads=(MODEL_INPUT,), norm="stem_bn"),
@@ -244,7 +240,7 @@ class MobileNetV2(GatedModel):
                 name = f"block{len(blocks) + 1}"
                 block = InvertedResidual(channels, out_channels, stride, expansion, rngs=rngs)
                 blocks.append(block)
-                positions = (height * width, _strided(height, stride) * _strided(width, stride))
+                positions = (height * width, strided(height, stride) * strided(width, stride))
                 for layer in _block_layers(name, channels, expansion, out_channels, positions,
                                            source):
                     layers[layer.name] = layer
@@ -254,7 +250,7 @@ class MobileNetV2(GatedModel):
                 depthwise = layers[f"{name}.depthwise"]
                 unit_slots.append(GateSlot(name, depthwise.name, (depthwise.out_units,), 3,
                                            False, DROPRATE, depthwise.kernel_shape))
-                height, width = _strided(height, stride), _strided(width, stride)
+                height, width = strided(height, stride), strided(width, stride)
                 projections.append(f"{name}.project")
                 channels = out_channels
                 source = stream or f"{name}.project"

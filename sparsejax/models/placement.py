@@ -34,7 +34,9 @@ class GatePlacement:
       ``layer``, alone: one member of a residual stream, whose group is not prunable (the stem
       of the CIFAR ResNets, Dep-L0's placement). The gates multiply the normaliser's scale and
       bias, which is multiplying its output, and the layers in ``readers``, which read that
-      output before it joins the stream, lose the closed units' inputs in the accounting.
+      output before it joins the stream (on one kernel axis), lose the closed units' inputs in
+      the accounting and their rows in the slim network; the stream keeps its width, and the
+      layer its closed units' outputs in the slim network, which its counts take out.
       ``|g|`` is the layer's kernel slice and bias.
     - ``side="input"``: one gate per input unit of ``layer``. When those units are a removable
       group that only ``layer`` reads and no output placement gates, they are that group (its

@@ -89,11 +89,11 @@ class PreActResNet(nnx.Module):
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.depth = depth
         blocks_per_stage = (depth - 2) // 9
-        height, width, in_channels = input_shape
+        in_channels = input_shape[-1]
         channels = widths[0]
         self.stem = Conv(in_channels, channels, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         blocks, placements = [], []
-        for site in block_sites((blocks_per_stage,) * len(widths), height, width):
+        for site in block_sites((blocks_per_stage,) * len(widths)):
             blocks.append(PreActBottleneck(channels, widths[site.stage], site.stride, rngs=rngs))
             placements += [
                 GatePlacement(f"{site.name}.{conv}_in", f"{site.path}.{conv}", "input", DROPRATE)

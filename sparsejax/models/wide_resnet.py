@@ -88,11 +88,11 @@ class WideResNet(nnx.Module):
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.depth, self.widen_factor = depth, widen_factor
         blocks_per_stage = (depth - 4) // 6
-        height, width, in_channels = input_shape
+        in_channels = input_shape[-1]
         self.stem = Conv(in_channels, stem_width, 3, padding=PAD_ONE, use_bias=False, rngs=rngs)
         blocks, placements = [], []
         channels = stem_width
-        for site in block_sites((blocks_per_stage,) * len(base_widths), height, width):
+        for site in block_sites((blocks_per_stage,) * len(base_widths)):
             stage_width = base_widths[site.stage] * widen_factor
             blocks.append(PreActBasicBlock(channels, stage_width, site.stride, rngs=rngs))
             placements.append(GatePlacement(f"{site.name}.conv1", f"{site.path}.conv1", "output",

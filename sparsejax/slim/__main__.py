@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         widths = "-".join(f"{g.width}/{g.size}" for g in report.groups)
         print(f"widths per traced group (kept/size): {widths}")
         for path, (kept, size) in report.rows.items():
-            print(f"rows of {path} kept (input selection): {kept}/{size}")
+            print(f"rows of {path} kept: {kept}/{size}")
         examples = min(CHECK_EXAMPLES, data.num_test)
         print(f"max logit difference to the gated model on {examples} test examples: "
               f"{report.max_logit_difference:.1e}")

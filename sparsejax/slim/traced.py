@@ -16,7 +16,9 @@ branch along (:func:`closed_branch_groups`; what is then left of the branch, emp
 zero bias and the normaliser that fed it, is not stored:
 :mod:`~sparsejax.structure.slim_trace.dead`). The
 rows of an input selection (a placed slot on inputs that are no group of their own: pixels, a
-concatenation other layers read whole) go the same way, row by row (:func:`selected_rows`).
+concatenation other layers read whole) go the same way, row by row, as do the rows that read a
+normaliser's output whose gates closed (a placement with ``norm``: the stem of the CIFAR
+ResNets, one member of a residual stream that stays whole) (:func:`selected_rows`).
 :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the groups of the
 model's own trace; ``round_to=K`` keeps back the removed units with the highest P(gate != 0)
 until every slimmed group has a multiple of K units. The largest logit difference
@@ -55,10 +57,12 @@ def selected_rows(
     model: TracedModel, met: Rows | None = None
 ) -> dict[str, tuple[int, np.ndarray]]:
     """Per input selection of ``model`` (:class:`~sparsejax.structure.traced_model.GatePlacement`
-    on inputs that are no group of their own), its kernel's axis and True for each row that is
-    still read (as in :func:`~sparsejax.structure.slim_trace.unread.read_units`): the rows the
-    slim network keeps."""
-    return {s.path: (s.axis, live_rows(model.net, s, met or {})) for _, s in model.selections}
+    on inputs that are no group of their own) and per reader of a normaliser's gated output (a
+    placement with ``norm``), its kernel's axis and True for each row that is still read (as
+    in :func:`~sparsejax.structure.slim_trace.unread.read_units`): the rows the slim network
+    keeps."""
+    return {s.path: (s.axis, live_rows(model.net, s, met or {}))
+            for _, s in (*model.selections, *model.reader_rows)}
 
 
 def closed_branch_groups(model: TracedModel, values: dict[str, np.ndarray]) -> list[int]:

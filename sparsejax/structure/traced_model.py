@@ -133,6 +133,8 @@ class _PlacedSlot:
     group: int | None
     slices: tuple[GatedSlice, ...]
     readers: tuple[str, ...] = ()
+    reader_rows: tuple[GatedSlice, ...] = ()
+    """For a normaliser's output: its readers' kernel rows that read it, one per unit."""
     summed: str | None = None
     """For a normaliser's output: its bias, where gates drawn per example scale the sum."""
     heads: tuple[int, ...] | None = None
@@ -295,8 +297,18 @@ def _place_after_norm(
     if unknown:
         raise ConfigError(f"{where}: the readers {unknown} are not traced layers")
     units = tuple(range(size))
+    reader_rows = []
+    for reader in placement.readers:
+        shape, in_axes, _ = _kernel_axes(structure, reader, layers[reader])
+        if [shape[axis] for axis in in_axes] != [size]:
+            raise ConfigError(
+                f"{where}: reader {reader!r} must read the {size} outputs of {placement.norm!r} "
+                f"on one kernel axis; its kernel of shape {shape} has input axes {list(in_axes)}"
+            )
+        reader_rows.append(GatedSlice(layers[reader].kernel, in_axes[0], units, units))
     slices = tuple(GatedSlice(path, 0, units, units) for path in params)
-    return _PlacedSlot(slot, None, slices, tuple(placement.readers), f"{placement.norm}.bias")
+    return _PlacedSlot(slot, None, slices, tuple(placement.readers), tuple(reader_rows),
+                       f"{placement.norm}.bias")
 
 
 def _place_branch(
@@ -809,6 +821,9 @@ class TracedModel(GatedModel):
         than one per prunable group.
       selections: ``(slot name, rows)`` of every input selection: the slot's gates act on
         these rows of its layer's kernel alone.
+      reader_rows: ``(slot name, rows)`` of every reader of a normaliser's gated output: the
+        rows of its kernel that read the output, which a closed gate leaves only zeros to
+        meet (the rows slimming drops).
       unit_heads: ``(group index, head of each unit)`` of every group gated by heads.
       carried: ``(group index, slot name)`` of the groups of a slot of heads that its gates
         do not act on (queries and keys); they go with their heads.
@@ -865,6 +880,7 @@ class TracedModel(GatedModel):
             (p.slot.name, p.slices[0])
             for p in placed if p.group is None and not p.summed and not p.branch
         )
+        self.reader_rows = tuple((p.slot.name, rows) for p in placed for rows in p.reader_rows)
         self.branches = tuple((p.slot.name, p.branch) for p in placed if p.branch)
         self.carried = _carried(self.structure, placed)
         self.spanning = tuple(dict.fromkeys(

@@ -16,7 +16,7 @@ from sparsejax.methods.dep_penalty import dep_l0_penalty
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.structure import gate_report
-from sparsejax.structure.traced_model import build_zoo_model
+from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
 from sparsejax.train import train_and_evaluate
 from sparsejax.train.state import merge_model, split_model
 from tests.methods.test_methods import method_config
@@ -139,7 +139,7 @@ def test_resnet_penalty_forms_by_hand():
     model, q = resnet20_halves()
     inputs = [16, 16, 16, 16, 32, 32, 32, 64, 64]  # each block's conv1 input width
     widths = [16, 16, 16, 32, 32, 32, 64, 64, 64]
-    # Layer declarations: the stem reads the image, block 1's conv1 reads the gated stem, later
+    # The traced layers: the stem reads the image, block 1's conv1 reads the gated stem, later
     # conv1s read the ungated residual stream; every conv2 reads its conv1's gated channels.
     layers = 9 * 3 * 8 + 9 * 8 * 8 + 9 * 8 * 16
     for c_in, width in list(zip(inputs, widths))[1:]:
@@ -308,8 +308,9 @@ def test_arm_objective_updates_batchnorm_statistics_once():
     """The antithetic pass must not move BatchNorm statistics: after the objective they equal
     those of one training pass on the main gates the estimator drew."""
     method = method_for("dep_l0_arm", model="resnet8")
-    net = CifarResNet(depth=8, rngs=nnx.Rngs(0), input_shape=(8, 8, 3),
-                      gate_factory=method.make_gates)
+    rngs = nnx.Rngs(0)
+    net = gate_zoo_network(CifarResNet(depth=8, rngs=rngs, input_shape=(8, 8, 3)), "resnet20",
+                           rngs=rngs, gate_factory=method.make_gates)
     graphdef, params, rest = split_model(net)
     x, y = batch(4, (8, 8, 3), 10)
     key = jax.random.key(1)

@@ -34,9 +34,9 @@ from sparsejax.methods.greg.schedule import (
 )
 from sparsejax.models.base import GateSlot
 from sparsejax.models.cifar_resnet import CifarResNet
-from sparsejax.slim import slim_model
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.blocks import traced_layer_stages
-from sparsejax.structure.traced_model import build_zoo_model
+from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
 from sparsejax.train import Preempted, train_and_evaluate
 from sparsejax.train.checkpoint import Checkpointer
 from sparsejax.train.config import resolve_config
@@ -242,19 +242,6 @@ def abstract_model(name):
     return nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(params=0)))
 
 
-def test_resnet56_filter_rules_prune_only_the_first_conv_of_each_block():
-    model = abstract_model("resnet56")
-    ratios = layer_ratios(model.layers, (0, 0.75, 0.75, 0.32, 0), "filter")
-    assert list(ratios) == [f"block{i}.conv1" for i in range(1, 28)]
-    assert [ratios[f"block{i}.conv1"] for i in (1, 9, 10, 18, 19, 27)] == [0.75] * 4 + [0.32] * 2
-    assert list(layer_ratios(model.layers, 0.5, "filter")) == list(ratios)
-    weight = layer_ratios(model.layers, (0.1, 0.2, 0.3, 0.4, 0.5), "weight")
-    assert len(weight) == 56 and weight["stem"] == 0.1 and weight["fc"] == 0.5
-    assert weight["block10.conv2"] == 0.3
-    with pytest.raises(ValueError, match="stem and fc ratios must be 0"):
-        layer_ratios(model.layers, (0.5, 0.75, 0.75, 0.32, 0), "filter")
-
-
 @pytest.mark.parametrize(
     "name,shape,blocks_per_stage",
     [("resnet50", (224, 224, 3), (3, 4, 6, 3)), ("wrn28_10", (32, 32, 3), (4, 4, 4))],
@@ -343,7 +330,10 @@ def test_traced_mlp_report_counts_the_kept_units_on_both_sides_of_each_layer():
 def test_pruned_filters_output_exactly_zero_like_removed_channels():
     config = greg_config(model="resnet20", stage_pr=(0, 0.5, 0.5, 0.5, 0))
     method = create_method(config.method, config, RunInfo(num_train=512))
-    pruned = CifarResNet(depth=8, widths=(4, 4, 4), input_shape=(8, 8, 3), rngs=nnx.Rngs(0))
+    rngs = nnx.Rngs(0)
+    pruned = gate_zoo_network(
+        CifarResNet(depth=8, widths=(4, 4, 4), input_shape=(8, 8, 3), rngs=rngs), "resnet20",
+        rngs=rngs, use_placements=False)
     state = method.init(pruned)
     for layer, layer_state in zip(method.pruned_layers(pruned), state["layers"]):
         # prune now: S = the first half of the filters
@@ -356,23 +346,21 @@ def test_pruned_filters_output_exactly_zero_like_removed_channels():
     assert greg_progress(state, names)["prune_step"] == config.greg_stabilise_steps
     kept = method.kept_channels(pruned, state)
     assert {name: list(channels) for name, channels in kept.items()} == {
-        f"block{i}.conv1": [2, 3] for i in (1, 2, 3)
+        f"blocks.{i}.conv1": [2, 3] for i in range(3)
     }
     assert kept_channels(state, names, "filter").keys() == kept.keys()
     sizes = pruned_size(pruned.layers, state, names, "filter")
-    assert sizes["widths"] == {f"block{i}.conv1": 2 for i in (1, 2, 3)}
+    assert sizes["widths"] == {f"blocks.{i}.conv1": 2 for i in range(3)}
 
     images = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
     nnx.jit(lambda m: m(images, train=True))(pruned)  # BatchNorm statistics of the pruned net
     evaluate = nnx.jit(lambda m: m(images, train=False))
     before = evaluate(pruned)
-    slimmed = slim_model(pruned)  # slimming removes exactly the channels GReg pruned
-    for name, channels in kept.items():
-        assert slimmed.plan.kept_outputs[name] == tuple(int(c) for c in channels)
-    np.testing.assert_allclose(
-        nnx.jit(lambda m: m(images, train=False))(slimmed.model), before, rtol=1e-5, atol=1e-5
-    )
-    for block in pruned.blocks:  # the weights reading a removed channel no longer matter
+    slim = slim_traced_model(pruned, np.asarray(images))  # removes exactly the pruned channels
+    for name in kept:
+        assert slim.params[f"{name}.kernel"].shape[-1] == 2
+    np.testing.assert_allclose(slim(np.asarray(images)), before, rtol=1e-5, atol=1e-5)
+    for block in pruned.net.blocks:  # the weights reading a removed channel no longer matter
         block.conv2.kernel[...] = block.conv2.kernel[...].at[:, :, :2, :].set(123.0)
     np.testing.assert_array_equal(evaluate(pruned), before)
 
@@ -506,7 +494,7 @@ def test_pretrained_run_provides_the_batchnorm_statistics(tmp_path):
     model = build_zoo_model("resnet20", rngs=nnx.Rngs(params=1), input_shape=(32, 32, 3))
     load_network_weights(model, tmp_path / "dense")
     for path in ("stem_bn", "blocks.0.bn1", "blocks.8.bn2"):
-        norm, stored = model.module_at(path), saved
+        norm, stored = model.module_at(f"net.{path}"), saved["net"]
         for part in path.split("."):
             stored = stored[part]
         assert not np.allclose(stored["mean"]["value"], 0.0)  # trained statistics, not the init

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.models import MODELS, VGG16, CifarResNet, resnet20
+from sparsejax.models import MODELS, VGG16, CifarResNet
 from sparsejax.models.base import each_slot
 from sparsejax.models.vgg import VGG16_CONFIG
 from sparsejax.slim.traced import slim_traced_model
@@ -111,8 +111,13 @@ def test_vgg16_dense_accounting(vgg16):
 # ----------------------------------------------------------------------------- declarations
 
 
+def resnet20(**kwargs):
+    """ResNet-20 on its trace."""
+    return build_zoo_model("resnet20", rngs=nnx.Rngs(0), **kwargs)
+
+
 def test_resnet20_gate_slots():
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = resnet20(gate_factory=hc_factory)
     expected = [("stem", (16,), 27)]
     expected += [(f"block{i}.conv1", (16,), 144) for i in (1, 2, 3)]
     expected += [("block4.conv1", (32,), 144)]  # the first block of a stage reads half as many
@@ -120,9 +125,10 @@ def test_resnet20_gate_slots():
     expected += [("block7.conv1", (64,), 288)]
     expected += [(f"block{i}.conv1", (64,), 576) for i in (8, 9)]
     assert [(s.name, s.shape, s.group_size) for s in model.gate_slots] == expected
-    assert all(s.axis == 3 and not s.gates_bias and s.layer == s.name for s in model.gate_slots)
+    assert [s.layer for s in model.gate_slots] == ["stem", *(f"blocks.{i}.conv1" for i in range(9))]
+    assert all(s.axis == 3 and not s.gates_bias for s in model.gate_slots)
     assert list(model.gates) == [name for name, _, _ in expected]
-    assert len(resnet20(rngs=nnx.Rngs(0)).gates) == 0
+    assert len(resnet20().gates) == 0
 
 
 def test_vgg16_gate_slots(vgg16):
@@ -134,19 +140,21 @@ def test_vgg16_gate_slots(vgg16):
     assert all(s.axis == 3 and s.gates_bias for s in vgg16.gate_slots)
 
 
-def test_resnet_layers_declare_their_geometry_and_gated_units():
-    model = resnet20(rngs=nnx.Rngs(0))
+def test_resnet_layers_have_their_geometry_and_gated_units_from_the_trace():
+    """The stem's gates reach block 1's conv1 only (from block 1 on the stream carries the
+    BatchNorm's bias past a closed gate); a block's gates its conv1 and conv2."""
+    model = resnet20()
     layers = {l.name: l for l in model.layers}
     assert [l.name for l in model.layers] == [
-        "stem", *(f"block{i}.conv{j}" for i in range(1, 10) for j in (1, 2)), "fc"
+        "stem", *(f"blocks.{i}.conv{j}" for i in range(9) for j in (1, 2)), "fc"
     ]
     assert layers["stem"].outputs == (("stem", 1),) and layers["stem"].out_positions == 1024
-    assert layers["block1.conv1"].inputs == (("stem", 1),)
-    assert layers["block2.conv1"].inputs == ()
-    assert layers["block4.conv1"].out_positions == 256
-    assert layers["block7.conv2"].out_positions == 64
-    assert layers["block4.conv2"].inputs == (("block4.conv1", 1),)
-    assert layers["block4.conv2"].outputs == ()
+    assert layers["blocks.0.conv1"].inputs == (("stem", 1),)
+    assert layers["blocks.1.conv1"].inputs == ()
+    assert layers["blocks.3.conv1"].out_positions == 256
+    assert layers["blocks.6.conv2"].out_positions == 64
+    assert layers["blocks.3.conv2"].inputs == (("block4.conv1", 1),)
+    assert layers["blocks.3.conv2"].outputs == ()
     assert layers["fc"].inputs == () and layers["fc"].outputs == ()
     for layer in model.layers:
         module = model.layer_module(layer.name)
@@ -206,7 +214,7 @@ def check_gradients(model):
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_resnet20_forward_backward_and_batchnorm_statistics(gated):
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory if gated else None)
+    model = resnet20(gate_factory=hc_factory if gated else None)
     assert len(model.gates) == (10 if gated else 0)
     check_train_and_eval_forward(model)
     check_gradients(model)
@@ -226,7 +234,7 @@ def test_vgg16_backward_at_narrow_width():
 
 
 def test_closed_stem_gates_make_the_output_independent_of_the_input():
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = resnet20(gate_factory=hc_factory)
     model(images(), train=True, rngs=nnx.Rngs(gates=0))  # nontrivial running statistics
     closed = {"stem": jnp.zeros(16)}
     a = model(images(1), train=False, gates=closed)
@@ -236,23 +244,24 @@ def test_closed_stem_gates_make_the_output_independent_of_the_input():
 
 
 def test_stem_gates_act_after_the_batchnorm():
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = resnet20(gate_factory=hc_factory)
     model(images(), train=True, rngs=nnx.Rngs(gates=0))
     z = jax.random.uniform(jax.random.key(3), (16,))
     gated = model(images(1), train=False, gates={"stem": z})
-    model.stem_bn.scale[...] = model.stem_bn.scale[...] * z
-    model.stem_bn.bias[...] = model.stem_bn.bias[...] * z
+    norm = model.net.stem_bn
+    norm.scale[...] = norm.scale[...] * z
+    norm.bias[...] = norm.bias[...] * z
     folded = model(images(1), train=False, gates={"stem": jnp.ones(16)})
     np.testing.assert_allclose(folded, gated, rtol=1e-5, atol=1e-5)
 
 
 def test_closed_block1_conv1_cuts_both_convolutions_of_the_block():
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = resnet20(gate_factory=hc_factory)
     model(images(), train=True, rngs=nnx.Rngs(gates=0))
     x = images(1)
     closed = {"block1.conv1": jnp.zeros(16)}
     out_closed, out_open = model(x, train=False, gates=closed), model(x, train=False)
-    block = model.blocks[0]
+    block = model.net.blocks[0]
     block.conv1.kernel[...] = 2.0 * block.conv1.kernel[...] + 1.0
     block.conv2.kernel[...] = -3.0 * block.conv2.kernel[...]
     out = model(x, train=False, gates=closed)
@@ -261,7 +270,7 @@ def test_closed_block1_conv1_cuts_both_convolutions_of_the_block():
 
 
 def test_per_example_stem_gates_act_per_example():
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory)
+    model = resnet20(gate_factory=hc_factory)
     z = {"stem": jnp.stack([jnp.ones(16), jnp.zeros(16)])}
     a = model(images(1), train=False, gates=z)
     b = model(images(2), train=False, gates=z)
@@ -270,14 +279,14 @@ def test_per_example_stem_gates_act_per_example():
 
 
 def test_weight_granularity_gates_every_kernel():
-    model = resnet20(rngs=nnx.Rngs(0), gate_factory=hc_factory, granularity="weight")
+    model = resnet20(gate_factory=hc_factory, granularity="weight")
     assert {n: tuple(g.shape) for n, g in model.gates.items()} == {
         l.name: l.kernel_shape for l in model.layers
     }
     assert all(l.inputs == () and l.outputs == () and l.kernel_slot == l.name for l in model.layers)
     closed = {name: jnp.zeros(g.shape) for name, g in model.gates.items()}
     out = model(images(), train=False, gates=closed)
-    np.testing.assert_allclose(out, jnp.broadcast_to(model.fc.bias[...], out.shape), atol=1e-6)
+    np.testing.assert_allclose(out, jnp.broadcast_to(model.net.fc.bias[...], out.shape), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- pruned accounting
@@ -288,14 +297,14 @@ def half(n):
 
 
 def test_half_closed_conv1_slot_halves_its_block_in_the_counts():
-    model = resnet20(rngs=nnx.Rngs(0))
+    model = resnet20()
     layers = {l.name: l for l in model.layers}
     dense = count_network(model.layers, {})
     masks = {"block4.conv1": half(32)}  # stride-2 block: 16 -> 32 channels, 16x16 outputs
-    assert float(count_layer(layers["block4.conv1"], masks).weights) == 9 * 16 * 16
-    assert float(count_layer(layers["block4.conv1"], masks).macs) == 9 * 16 * 16 * 256
-    assert float(count_layer(layers["block4.conv2"], masks).weights) == 9 * 16 * 32
-    assert float(count_layer(layers["block4.conv2"], masks).macs) == 9 * 16 * 32 * 256
+    assert float(count_layer(layers["blocks.3.conv1"], masks).weights) == 9 * 16 * 16
+    assert float(count_layer(layers["blocks.3.conv1"], masks).macs) == 9 * 16 * 16 * 256
+    assert float(count_layer(layers["blocks.3.conv2"], masks).weights) == 9 * 16 * 32
+    assert float(count_layer(layers["blocks.3.conv2"], masks).macs) == 9 * 16 * 32 * 256
     counts = count_network(model.layers, masks)
     removed = 9 * 16 * 16 + 9 * 16 * 32
     assert float(counts["weights"]) == dense["weights"] - removed
@@ -303,7 +312,7 @@ def test_half_closed_conv1_slot_halves_its_block_in_the_counts():
 
 
 def test_half_closed_stem_reaches_only_the_first_block():
-    model = resnet20(rngs=nnx.Rngs(0))
+    model = resnet20()
     dense = count_network(model.layers, {})
     counts = count_network(model.layers, {"stem": half(16)})
     removed_weights = 9 * 3 * 8 + 9 * 8 * 16
@@ -355,8 +364,8 @@ def test_vgg16_slims_from_its_trace_to_its_open_channels():
 
 def test_registry_and_bad_arguments():
     assert {"resnet20", "resnet56", "resnet110", "vgg16"} <= set(MODELS)
-    model = build_zoo_model("resnet20", rngs=nnx.Rngs(0))
-    assert isinstance(model, CifarResNet) and model.depth == 20
+    model = resnet20()
+    assert isinstance(model.net, CifarResNet) and model.net.depth == 20
     with pytest.raises(ValueError, match="6n \\+ 2"):
         CifarResNet(depth=21, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="at least 32 pixels"):

@@ -1,6 +1,6 @@
-"""GReg's two networks (Wang, Qin, Zhang & Fu, ICLR 2021): VGG-19 on CIFAR-100 and ResNet-34 on
-ImageNet. Their sizes against the published counts, GReg's layer rules and FLOPs counter on them,
-and the slimming of a GReg-pruned network.
+"""GReg's networks (Wang, Qin, Zhang & Fu, ICLR 2021): VGG-19 on CIFAR-100, ResNet-56 on
+CIFAR-10 and ResNet-34 on ImageNet. Their sizes against the published counts, GReg's layer
+rules and FLOPs counter on them, and the slimming of a GReg-pruned network.
 
 Sources of the numbers: VGG-19 is the GReg code's ``model/vgg.py`` (EigenDamage's, bias-free
 convolutions, global average pooling, one dense layer); its counter (``utils.get_n_flops_``, run
@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from experiments.configs.mnist import get_config
+from sparsejax.errors import ConfigError
 from sparsejax.gates import HardConcreteGate
 from sparsejax.methods import RunInfo, create_method
 from sparsejax.methods.greg.accounting import (
@@ -249,6 +250,54 @@ def test_greg_resnet34_weight_granularity_prunes_shortcuts_at_their_stage(resnet
     assert "stem" not in ratios and ratios["fc"] == 0.5
     assert [ratios[f"blocks.{i}.shortcut"] for i in (3, 7, 13)] == [0.2, 0.3, 0.4]
     assert ratios["blocks.2.conv2"] == 0.1 and ratios["blocks.15.conv2"] == 0.4
+
+
+# ----------------------------------------------------------------------------- ResNet-56
+
+
+RESNET56_STAGE_PR = (0.0, 0.75, 0.75, 0.32, 0.0)
+"""GReg's ResNet-56 setting on CIFAR-10, the paper's 2.55x network."""
+
+
+@pytest.fixture(scope="module")
+def resnet56():
+    """ResNet-56 traced as the engine traces it for GReg: every prunable group a slot."""
+    return abstract("resnet56", use_placements=False)
+
+
+def test_greg_resnet56_prunes_conv1_of_each_block_by_stage(resnet56):
+    """Filters: each block's conv1 at its stage's ratio (one ratio: the same layers), never the
+    stem, a stream or fc; weights: every kernel, the stem at the first ratio and fc at the
+    last."""
+    ratios = {p.name: p.ratio
+              for p in greg_on("resnet56", RESNET56_STAGE_PR).pruned_layers(resnet56)}
+    assert ratios == {f"blocks.{i}.conv1": RESNET56_STAGE_PR[1 + i // 9] for i in range(27)}
+    assert [p.name for p in greg_on("resnet56", 0.5).pruned_layers(resnet56)] == list(ratios)
+    method = greg_on("resnet56", (0.1, 0.2, 0.3, 0.4, 0.5), "weight")
+    weight = {p.name: p.ratio for p in method.pruned_layers(resnet56)}
+    assert len(weight) == 56 and weight["stem"] == 0.1 and weight["fc"] == 0.5
+    assert weight["blocks.9.conv2"] == 0.3
+    with pytest.raises(ConfigError, match="the stem and fc ratios must be 0"):
+        greg_on("resnet56", (0.5, 0.75, 0.75, 0.32, 0.0)).pruned_layers(resnet56)
+
+
+def test_greg_resnet56_at_the_paper_ratios_is_the_2_55x_network(resnet56):
+    """The reference's counter (``utils.get_n_flops_``) on its ResNet-56 pruned by
+    ``[0,0.75,0.75,0.32,0]``: 0.2510G -> 0.0982G FLOPs and 0.849M -> 0.485M weights (conv and
+    linear kernels; the model's 853,018 parameters also hold biases and BatchNorm), 2.55x."""
+    method = greg_on("resnet56", RESNET56_STAGE_PR)
+    state = method.init(resnet56)
+    for layer, layer_state in zip(method.pruned_layers(resnet56), state["layers"]):
+        layer_state["mask"] = (jnp.arange(layer.group_shape[0]) >= layer.count).astype(
+            jnp.float32)
+    report = method.report(resnet56, state)
+    assert [report["greg/widths"][f"blocks.{i}.conv1"] for i in (0, 8, 9, 17, 18, 26)] == [
+        4, 4, 8, 8, 43, 43]
+    assert round(report["greg/dense_flops"] / 1e9, 4) == 0.2510
+    assert round(report["greg/flops"] / 1e9, 4) == 0.0982
+    assert round(report["greg/dense_weights"] / 1e6, 3) == 0.849
+    assert round(report["greg/weights"] / 1e6, 3) == 0.485
+    assert round(report["greg/speedup"], 2) == 2.55
 
 
 # ----------------------------------------------------------------------------- slimming

@@ -9,16 +9,16 @@ from flax import nnx
 from sparsejax.gates import HardConcreteGate
 from sparsejax.models import (
     MODELS,
+    CifarResNet,
     ImageNetResNet,
     PreActResNet,
     WideResNet,
-    resnet20,
     resnet34,
     resnet50,
     resnet164,
     wrn28_10,
 )
-from sparsejax.models.base import MODEL_INPUT, GatedModel, each_slot
+from sparsejax.models.base import each_slot
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_layer
 from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
@@ -258,51 +258,6 @@ def test_resnet164_gate_slots(full_models):
 # ----------------------------------------------------------------------------- channel flow
 
 
-def check_channel_flow(model: GatedModel, input_channels: int) -> None:
-    """The declared channel flow is complete and consistent, for any model.
-
-    - names of layers, couplings and the model input are distinct;
-    - every coupling has members, all existing layers of one output width, each layer in at most
-      one coupling, and a ``shortcut_from`` that names a producer;
-    - every layer declares what it reads; each name is a producer declared before the layer
-      (for a coupling: at least one member before it); a coupling's member is read only through
-      its coupling; the widths of what a layer reads sum to its input width;
-    - every producer is read by some layer, except the last layer (the logits).
-    """
-    layers = {layer.name: layer for layer in model.layers}
-    position = {name: i for i, name in enumerate(layers)}
-    couplings = {c.name: c for c in model.channel_couplings}
-    assert len(layers) == len(model.layers) and len(couplings) == len(model.channel_couplings)
-    assert not layers.keys() & couplings.keys()
-    assert MODEL_INPUT not in layers and MODEL_INPUT not in couplings
-    width = {MODEL_INPUT: input_channels} | {n: l.out_units for n, l in layers.items()}
-    member_of = {}
-    for coupling in couplings.values():
-        assert coupling.layers and all(m in layers for m in coupling.layers), coupling
-        widths = {layers[m].out_units for m in coupling.layers}
-        assert len(widths) == 1, f"coupling {coupling.name} joins widths {sorted(widths)}"
-        width[coupling.name] = widths.pop()
-        for member in coupling.layers:
-            assert member not in member_of, f"{member} writes into two streams"
-            member_of[member] = coupling.name
-    for coupling in couplings.values():
-        assert coupling.shortcut_from is None or coupling.shortcut_from in width
-    read = set()
-    for layer in model.layers:
-        assert layer.reads, f"layer {layer.name} declares no reads"
-        for source in layer.reads:
-            assert source in width, f"{layer.name} reads unknown {source!r}"
-            assert source not in member_of, f"{layer.name} reads {source} outside its stream"
-            if source in layers:
-                assert position[source] < position[layer.name]
-            elif source in couplings:
-                assert min(position[m] for m in couplings[source].layers) < position[layer.name]
-        assert sum(width[s] for s in layer.reads) == layer.in_units, layer.name
-        read.update(layer.reads)
-    producers = {member_of.get(name, name) for name in list(layers)[:-1]}
-    assert producers <= read, f"never read: {sorted(producers - read)}"
-
-
 NARROW = {
     # narrow widths shared across the models keep the number of distinct shapes (and compilations)
     # small. Stage 1 keeps the stem's width: the stem joins stage 1's stream.
@@ -315,6 +270,10 @@ NARROW = {
     "bottleneck_2_1": lambda **kw: traced_network(
         lambda rngs: ImageNetResNet(blocks_per_stage=(2, 1), widths=(4, 4), input_shape=BATCH[1:],
                                     num_classes=CLASSES, rngs=rngs), "resnet50", **kw),
+    # option A: an identity block, a stride-2 block zero-padding its stream to twice the width,
+    # a stride-2 block that only subsamples it
+    "cifar_8": lambda **kw: traced_network(
+        lambda rngs: CifarResNet(depth=8, widths=(4, 8, 8), rngs=rngs), "resnet20", **kw),
     # basic blocks: an identity first stage that the stem joins, then a projection
     "basic_2_1": lambda **kw: traced_network(
         lambda rngs: ImageNetResNet(blocks_per_stage=(2, 1), widths=(4, 8), block="basic",
@@ -350,21 +309,6 @@ def narrow():
     return copy
 
 
-def test_cifar_resnet_channel_flow():
-    model = abstract(resnet20)
-    check_channel_flow(model, 3)
-    stages = [
-        ("stage1", ("stem", "block1.conv2", "block2.conv2", "block3.conv2"), None),
-        ("stage2", ("block4.conv2", "block5.conv2", "block6.conv2"), "stage1"),
-        ("stage3", ("block7.conv2", "block8.conv2", "block9.conv2"), "stage2"),
-    ]
-    assert [(c.name, c.layers, c.shortcut_from) for c in model.channel_couplings] == stages
-    assert all(c.fixed for c in model.channel_couplings)  # option-A padding ties the widths
-    reads = {l.name: l.reads for l in model.layers}
-    assert reads["block1.conv1"] == ("stage1",) and reads["block4.conv1"] == ("stage1",)
-    assert reads["block5.conv1"] == ("stage2",) and reads["fc"] == ("stage3",)
-
-
 def test_stream_membership_of_the_stem():
     wrn = abstract(NARROW["wrn_10_1"])  # its trace finds the streams the declarations gave
     assert [set(c.layers) for c in wrn.channel_couplings] == [
@@ -381,6 +325,10 @@ def test_stream_membership_of_the_stem():
     assert [set(c.layers) for c in basic.channel_couplings] == [
         {"stem", "blocks.0.conv2", "blocks.1.conv2"},
         {"blocks.2.shortcut", "blocks.2.conv2"},
+    ]
+    cifar = abstract(NARROW["cifar_8"])  # option A: stage 1's stream is padded into stage 2's
+    assert [set(c.layers) for c in cifar.channel_couplings] == [
+        {"stem", "blocks.0.conv2"}, {"blocks.1.conv2", "blocks.2.conv2"},
     ]
 
 
@@ -551,6 +499,8 @@ def test_closed_gate_removes_exactly_the_declared_weights(narrow, name):
         ("bottleneck_2_1", "block3.conv1", lambda m: m.net.blocks[2].bn1),
         ("bottleneck_2_1", "block3.conv2", lambda m: m.net.blocks[2].bn2),
         ("basic_2_1", "block3.conv1", lambda m: m.net.blocks[2].bn1),
+        ("cifar_8", "stem", lambda m: m.net.stem_bn),
+        ("cifar_8", "block2.conv1", lambda m: m.net.blocks[1].bn1),
     ],
 )
 def test_gates_multiply_the_batchnorm_output(narrow, name, slot, norm_of):
@@ -572,17 +522,33 @@ def test_gates_multiply_the_batchnorm_output(narrow, name, slot, norm_of):
     assert not np.allclose(halved, train_logits(model, x, all_open(model)), atol=1e-4)
 
 
+def gates_set(model, keep_of):
+    """Random BatchNorms, and each slot's test-time gates open on ``keep_of(slot)`` (booleans)
+    and closed elsewhere; returns the open units per slot as 0/1 masks."""
+    randomize_batch_norms(model, np.random.default_rng(1))
+    open_units = {}
+    for slot in model.gate_slots:
+        keep = keep_of(slot)
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
+        open_units[slot.name] = keep.astype(np.float32)
+    return open_units
+
+
+def kernel_shapes(slim):
+    return {name: tuple(v.shape) for name, v in slim.params.items() if name.endswith("kernel")}
+
+
+def assert_slim_logits(slim, model, x):
+    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_a_gated_wrn_slims_from_its_trace_to_its_open_channels(narrow):
     """Closed conv1 gates remove their channels from conv1, BN2 and conv2 (the residual
     streams stay whole); the slim network has the gated model's FLOPs and test-time logits."""
     model = narrow("wrn_10_1")
-    randomize_batch_norms(model, np.random.default_rng(1))
-    rng = np.random.default_rng(2)
-    open_units = {}
-    for slot in model.gate_slots:
-        keep = np.arange(slot.shape[0]) != rng.integers(slot.shape[0])  # one channel closed
-        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
-        open_units[slot.name] = keep.astype(np.float32)
+    rng = np.random.default_rng(2)  # one channel closed per slot
+    open_units = gates_set(model, lambda s: np.arange(s.shape[0]) != rng.integers(s.shape[0]))
     x = np.asarray(images(1))
     slim = slim_traced_model(model, x)
     assert {name: tuple(v.shape) for name, v in slim.params.items() if name.endswith("kernel")
@@ -593,8 +559,7 @@ def test_a_gated_wrn_slims_from_its_trace_to_its_open_channels(narrow):
     }
     counted = exact_counts(model.layers, open_units)
     assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
-    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
-                               rtol=1e-5, atol=1e-5)
+    assert_slim_logits(slim, model, x)
 
 
 def test_a_gated_bottleneck_resnet_slims_from_its_trace_to_its_open_channels(narrow):
@@ -603,17 +568,11 @@ def test_a_gated_bottleneck_resnet_slims_from_its_trace_to_its_open_channels(nar
     convolution and the next one's rows; the streams stay whole. The slim network has the
     gated model's FLOPs and test-time logits."""
     model = narrow("bottleneck_2_1")
-    randomize_batch_norms(model, np.random.default_rng(1))
-    open_units = {}
-    for slot in model.gate_slots:
-        keep = np.arange(slot.shape[0]) != 1
-        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
-        open_units[slot.name] = keep.astype(np.float32)
+    open_units = gates_set(model, lambda s: np.arange(s.shape[0]) != 1)
     x = np.asarray(images(1))
     slim = slim_traced_model(model, x)
     block = {"conv1": (1, 1, 16, 3), "conv2": (3, 3, 3, 3), "conv3": (1, 1, 3, 16)}
-    assert {name: tuple(v.shape) for name, v in slim.params.items()
-            if name.endswith("kernel")} == {
+    assert kernel_shapes(slim) == {
         "stem.kernel": (7, 7, 3, 3), "fc.kernel": (16, CLASSES),
         "blocks.0.conv1.kernel": (1, 1, 3, 3), "blocks.0.shortcut.kernel": (1, 1, 3, 16),
         "blocks.2.shortcut.kernel": (1, 1, 16, 16),
@@ -622,8 +581,64 @@ def test_a_gated_bottleneck_resnet_slims_from_its_trace_to_its_open_channels(nar
     }
     counted = exact_counts(model.layers, open_units)
     assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
-    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
-                               rtol=1e-5, atol=1e-5)
+    assert_slim_logits(slim, model, x)
+
+
+def cifar_8_kernels(block1_rows, inner):
+    """The kernel shapes of the narrow CIFAR ResNet slimmed with its streams (4, 8, 8 channels)
+    whole, ``block1_rows`` of the stem's channels read by block 1's conv1 and ``inner`` conv1
+    channels left in each block."""
+    streams, inputs = (4, 8, 8), (block1_rows, 4, 8)
+    return {"stem.kernel": (3, 3, 3, 4), "fc.kernel": (8, CLASSES)} | {
+        f"blocks.{i}.{conv}.kernel": shape for i in range(3) for conv, shape in (
+            ("conv1", (3, 3, inputs[i], inner[i])), ("conv2", (3, 3, inner[i], streams[i])))
+    }
+
+
+def test_a_gated_cifar_resnet_slims_from_its_trace_to_its_open_channels(narrow):
+    """One channel closed in every slot: a block's conv1 channel goes from conv1, BN1 and
+    conv2's rows; the stem's, one member of a stream that option A pads into the next, leaves
+    the stem and its BatchNorm whole (the stream keeps its width) and goes from the rows of
+    block 1's conv1, its only reader. The slim network has the gated model's test-time logits
+    and its FLOPs but for the stem's closed channels, which the counts take out and the stream
+    keeps (their BatchNorm outputs zero)."""
+    model = narrow("cifar_8")
+    open_units = gates_set(model, lambda s: np.arange(s.shape[0]) != 1)
+    x = np.asarray(images(1))
+    slim = slim_traced_model(model, x)
+    assert kernel_shapes(slim) == cifar_8_kernels(block1_rows=3, inner=(3, 7, 7))
+    counted = exact_counts(model.layers, open_units)
+    stem_column = 3 * 3 * 3 * 32 * 32  # the MACs of one stem channel on 32 x 32 pixels
+    assert slim.report.flops_after == pytest.approx(float(counted["flops"]) + stem_column)
+    assert_slim_logits(slim, model, x)
+
+
+def zero_channels(conv, norm, channels):
+    """GReg's pruned filters: the kernel columns of ``channels`` and their BatchNorm's scale and
+    bias zero, so that the channels output exactly zero."""
+    channels = np.asarray(channels)
+    conv.kernel[...] = conv.kernel[...].at[..., channels].set(0.0)
+    norm.scale[...] = norm.scale[...].at[channels].set(0.0)
+    norm.bias[...] = norm.bias[...].at[channels].set(0.0)
+
+
+def test_zeroed_filters_of_a_cifar_resnet_slim_without_gates():
+    """GReg-style zeroed conv1 filters in every block leave the slim network (conv1's columns,
+    BN1's entries, conv2's rows) with no gates at all; channel 0 zeroed in every member of
+    every stream stays, since option A pads each stream into the next (fixed widths), and
+    leaves only the rows of block 1's conv1 that read the zeroed stem. The slim network
+    computes the zeroed one."""
+    model = NARROW["cifar_8"](rngs=nnx.Rngs(fast_key(0)))
+    randomize_batch_norms(model, np.random.default_rng(1))
+    net = model.net
+    zero_channels(net.stem, net.stem_bn, [0])
+    for block, inner in zip(net.blocks, ([1, 2], [0, 3, 5], [6])):
+        zero_channels(block.conv1, block.bn1, inner)
+        zero_channels(block.conv2, block.bn2, [0])
+    x = np.asarray(images(1))
+    slim = slim_traced_model(model, x)
+    assert kernel_shapes(slim) == cifar_8_kernels(block1_rows=3, inner=(2, 5, 7))
+    assert_slim_logits(slim, model, x)
 
 
 def test_zeroed_stream_channels_go_only_where_every_member_is_zero(narrow):
@@ -635,19 +650,15 @@ def test_zeroed_stream_channels_go_only_where_every_member_is_zero(narrow):
     for gate in model.gates.values():
         gate.log_alpha[...] = jnp.full(gate.shape, 5.0)
     block = model.net.blocks[2]
-    for conv, norm, channels in ((block.shortcut, block.shortcut_bn, [0, 3, 5]),
-                                 (block.conv3, block.bn3, [0, 1, 2, 3, 5])):
-        conv.kernel[...] = conv.kernel[...].at[..., np.array(channels)].set(0.0)
-        norm.scale[...] = norm.scale[...].at[np.array(channels)].set(0.0)
-        norm.bias[...] = norm.bias[...].at[np.array(channels)].set(0.0)
+    zero_channels(block.shortcut, block.shortcut_bn, [0, 3, 5])
+    zero_channels(block.conv3, block.bn3, [0, 1, 2, 3, 5])
     x = np.asarray(images(1))
     slim = slim_traced_model(model, x)
     assert slim.params["blocks.2.conv3.kernel"].shape[-1] == 13
     assert slim.params["blocks.2.shortcut.kernel"].shape[-1] == 13
     assert slim.params["fc.kernel"].shape[0] == 13
     assert slim.params["blocks.1.conv3.kernel"].shape[-1] == 16  # stage 1 untouched
-    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
-                               rtol=1e-5, atol=1e-5)
+    assert_slim_logits(slim, model, x)
 
 
 def test_a_gated_preact_resnet_slims_from_its_trace_to_its_open_inputs(narrow):
@@ -656,13 +667,8 @@ def test_a_gated_preact_resnet_slims_from_its_trace_to_its_open_inputs(narrow):
     conv1's and conv2's output channels. The slim network has the gated model's FLOPs and
     test-time logits."""
     model = narrow("preact_20")
-    randomize_batch_norms(model, np.random.default_rng(1))
     rng = np.random.default_rng(3)
-    open_units = {}
-    for slot in model.gate_slots:
-        keep = rng.random(slot.shape) >= 0.3
-        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
-        open_units[slot.name] = keep.astype(np.float32)
+    open_units = gates_set(model, lambda s: rng.random(s.shape) >= 0.3)
     x = np.asarray(images(1))
     slim = slim_traced_model(model, x)
     first = slim.params["blocks.0.conv1.kernel"].shape
@@ -672,8 +678,7 @@ def test_a_gated_preact_resnet_slims_from_its_trace_to_its_open_inputs(narrow):
     assert slim.params["blocks.0.shortcut.kernel"].shape[2] == 4  # the stem, whole
     counted = exact_counts(model.layers, open_units)
     assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
-    np.testing.assert_allclose(np.asarray(slim(x)), np.asarray(eval_logits(model, x, None)),
-                               rtol=1e-5, atol=1e-5)
+    assert_slim_logits(slim, model, x)
 
 
 # ----------------------------------------------------------------------------- construction
@@ -684,6 +689,8 @@ def test_registry_and_bad_arguments():
     assert MODELS["resnet164"] is resnet164
     assert MODELS["resnet50"] is resnet50
     assert MODELS["resnet34"] is resnet34
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        CifarResNet(depth=21, rngs=nnx.Rngs(0))
     model = abstract(lambda **kw: build_zoo_model("resnet50", **kw), num_classes=7,
                      input_shape=(64, 64, 3))
     assert model.layers[-1].kernel_shape == (2048, 7)

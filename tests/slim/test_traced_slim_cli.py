@@ -368,7 +368,7 @@ def test_a_run_with_placed_pixel_gates_slims_its_closed_pixels_away(
     restore_changed(monkeypatch, close_the_first_100_pixels)
     output = tmp_path / "slim"
     assert cli.main([str(run), "--output", str(output)]) == 0
-    assert "rows of fc1.kernel kept (input selection): 684/784" in capsys.readouterr().out
+    assert "rows of fc1.kernel kept: 684/784" in capsys.readouterr().out
     slim = sparsejax.load_slim_function(str(output / SLIM_FUNCTION_FILE))
     assert slim.params["fc1.kernel"].shape == (684, 30)
     assert slim.report.rows == {"fc1.kernel": [684, 784]}

@@ -9,6 +9,8 @@ and the same logits with the same gates, shared or drawn per example.
 from __future__ import annotations
 
 import functools
+import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +22,12 @@ from experiments.configs.mnist import get_config
 from sparsejax.errors import ConfigError
 from sparsejax.methods import create_method
 from sparsejax.methods.base import RunInfo
+from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models.base import GatedModel
-from sparsejax.models.cifar_resnet import CifarResNet
 from sparsejax.models.densenet import DenseNet
+from sparsejax.models.registry import build_model
 from sparsejax.models.transformer import slot_family
 from sparsejax.slim.surgery import slim_model
 from sparsejax.slim.traced import slim_traced_model
@@ -40,16 +43,15 @@ from tests.structure.test_trace import FusedAttention, GroupedQueryAttention
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
 ZOO = {
-    "resnet20": CIFAR,
     "densenet40": CIFAR,
     "mobilenet_v2_cifar": CIFAR,
     "mobilenet_v2": (64, 64, 3),
     "vit_tiny": MNIST,
     "lm_tiny": (16,),
 }
-"""The zoo's declared convolutional models (ResNet-56/110 are ResNet-20's class; the MLP,
-LeNet-5, the VGGs, WRN, ResNet-164 and the ImageNet ResNets are plain modules, their own trace),
-the ViT and the LM (on sequences of 16 token ids of a vocabulary of 10), by their input."""
+"""The zoo's declared convolutional models (the MLP, LeNet-5, the ResNets, the VGGs and WRN are
+plain modules, their own trace), the ViT and the LM (on sequences of 16 token ids of a
+vocabulary of 10), by their input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
@@ -72,12 +74,6 @@ traced group's; the hidden dimension)."""
 BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 """The layers that feed a transformer sublayer's output projection, by sublayer family (the
 ViT's MLP has no ``gate``: a model's branch is those it has)."""
-STREAM_MEMBER_GATES = {"resnet20": {"stem"}}
-"""Slots that gate one member of a residual stream (the CIFAR ResNets' stem, whose stream is
-zero-padded into the next stage): no traced group, so they are placed on the output of the
-member's BatchNorm, with the layers that read it alone."""
-
-
 class Bare(nnx.Module):
     """A zoo model without its gates: ``model.forward(x, {})``, its mode from NNX's train() /
     eval()."""
@@ -90,10 +86,9 @@ class Bare(nnx.Module):
         return self.zoo.forward(x, {}, train=not self.deterministic)
 
 
-def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]:
+def placements(zoo: GatedModel) -> list[GatePlacement]:
     """One placement per declared slot: its layer, the side its kernel axis is on; for a
-    stream member's slot, its declared BatchNorm and the layers that declare it as inputs;
-    for a transformer's heads, the query and value projections' outputs in as many heads (for
+    transformer's heads, the query and value projections' outputs in as many heads (for
     its key/value groups, the key and value projections'); for a whole sublayer, the output
     of its last projection with the ones before it as branch."""
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
@@ -114,11 +109,6 @@ def placements(zoo: GatedModel, stream_members: set[str]) -> list[GatePlacement]
         output_axis = len(slot.kernel_shape) - 1
         side = "output" if slot.axis == output_axis else "input"
         extra = {}
-        if slot.name in stream_members:
-            layer = next(layer for layer in zoo.layers if layer.name == slot.layer)
-            readers = [l.name for l in zoo.layers if any(n == slot.name for n, _ in l.inputs)]
-            extra = {"norm": f"zoo.{layer.norm}",
-                     "readers": tuple(traced_name(reader) for reader in readers)}
         if slot_family(slot.name) == "ffn":  # |g|: the unit's params in both projections
             extra = {"whole_unit": True}
         if slot_family(slot.name) in BRANCHES:  # a whole sublayer: the layers feeding its output
@@ -149,7 +139,7 @@ def placed(name: str) -> tuple[GatedModel, TracedModel]:
     zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
     model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
                         input_dtype=input_dtype(name),
-                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+                        placements=placements(zoo))
     return zoo, model
 
 
@@ -210,7 +200,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
             assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "densenet40", "vit_tiny", "lm_tiny"])
+@pytest.mark.parametrize("name", ["densenet40", "vit_tiny", "lm_tiny"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
@@ -237,11 +227,11 @@ def twins(name: str, build, gate_factory) -> tuple[GatedModel, TracedModel]:
     zoo = build(rngs=rngs)
     model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
                         input_dtype=input_dtype(name), gate_factory=gate_factory,
-                        placements=placements(zoo, STREAM_MEMBER_GATES.get(name, set())))
+                        placements=placements(zoo))
     return declared, model
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vit_tiny", "lm_tiny"])
+@pytest.mark.parametrize("name", ["vit_tiny", "lm_tiny"])
 def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
     """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
     gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
@@ -267,17 +257,13 @@ def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.n
     return np.array(losses), np.asarray(model(images[0], train=False))
 
 
-@pytest.mark.parametrize("name, method_name", [("resnet20", "l0_hc"), ("vit_tiny", "l0_hc"),
-                                               ("lm_tiny", "l0_hc")])
+@pytest.mark.parametrize("name, method_name", [("vit_tiny", "l0_hc"), ("lm_tiny", "l0_hc")])
 def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
-    """Ten engine steps from the same initial network and gates stay within float rounding:
-    ResNet-20's class at depth 8 (its stem gate on the BatchNorm's output included) under
-    BatchNorm on batch statistics."""
+    """Ten engine steps from the same initial network and gates stay within float rounding."""
     config = get_config(method_name)
     config.model = name
     method = create_method(method_name, config, RunInfo(num_train=320, steps_per_epoch=10))
-    build = functools.partial(CifarResNet, depth=8) if name == "resnet20" else BUILDS.get(
-        name, functools.partial(build_zoo_model, name))
+    build = BUILDS.get(name, functools.partial(build_zoo_model, name))
     declared, model = twins(name, build, method.make_gates)
     images = examples(name, jax.random.key(1), 10, 32)
     per_token = ZOO[name] if name in TOKENS else ()  # an LM predicts every next token
@@ -289,94 +275,82 @@ def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     assert np.abs(np.diff(losses)).max() > 1e-3  # the steps did train
 
 
-@pytest.mark.parametrize("name, stage_pr", [
-    ("resnet20", (0, 0.5, 0.6, 0.7, 0)), ("resnet20", "[0, 0.3, 0.3, 0.3, 0]"),
-    ("resnet20", 0.4),
+def resnet20_groups() -> TracedModel:
+    """ResNet-20 on its trace with one slot per removable group, as GReg and gmp take it."""
+    return build_zoo_model("resnet20", rngs=nnx.Rngs(params=0), use_placements=False)
+
+
+RESNET20_WIDTHS = (16, 32, 64)
+"""The width of each stage of ResNet-20, whose blocks 3s .. 3s + 2 make stage s."""
+
+
+@pytest.mark.parametrize("stage_pr, ratios", [
+    ((0, 0.5, 0.6, 0.7, 0), (0.5, 0.6, 0.7)), ("[0, 0.3, 0.3, 0.3, 0]", (0.3,) * 3),
+    (0.4, (0.4,) * 3),
 ])
-def test_greg_layer_rules_prune_the_declared_filters_of_a_traced_zoo_model(name, stage_pr):
-    """The zoo's rules, one ratio per layer index for a single-branch network and the stage
-    list ``[stem, stage 1, ..., stage k, fc]`` over the convolutions inside the blocks of a
-    residual one (one ratio: all of those, never the stem or a stream), pick the same layers'
-    output filters on the model traced as a plain module, at the same ratios and widths."""
-    zoo, model = traced_zoo(name)
-    declared = layer_ratios(zoo.layers, stage_pr, "filter")
+def test_greg_layer_rules_prune_the_first_convolution_of_each_block_of_a_traced_resnet(
+    stage_pr, ratios
+):
+    """The stage list ``[stem, stage 1, ..., stage k, fc]`` (or one ratio for all) applies to
+    the convolutions inside the blocks of a residual network, never the stem or a stream: on
+    ResNet-20, each block's conv1 at its stage's ratio."""
+    model = resnet20_groups()
     traced = traced_slot_ratios(model.gate_slots, stage_pr, [l.name for l in model.layers],
                                 traced_stages(model))
     slots = {slot.name: slot for slot in model.gate_slots}
-    widths = {layer.name: layer.out_units for layer in zoo.layers}
     assert {slots[n].layer: (r, slots[n].shape[0]) for n, r in traced.items()} == {
-        traced_layer(zoo, layer): (r, widths[layer]) for layer, r in declared.items()
+        f"blocks.{i}.conv1": (ratios[i // 3], RESNET20_WIDTHS[i // 3]) for i in range(9)
     }
 
 
-def traced_zoo(name: str) -> tuple[GatedModel, TracedModel]:
-    """A zoo model and the same network traced as a plain module, without placements."""
-    shape = ZOO[name]
-    zoo = build_zoo_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
-    return zoo, TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape,
-                            num_classes=10)
-
-
-def traced_layer(zoo: GatedModel, layer: str) -> str:
-    """The traced name of the zoo's declared ``layer`` in :class:`Bare`."""
-    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
-    return "zoo." + where[id(zoo.layer_module(layer))]
-
-
-@pytest.mark.parametrize("name, stage_pr", [
-    ("resnet20", 0.5),
-    ("resnet20", (0.1, 0.2, 0.3, 0.4, 0.5)), ("resnet20", "[0, 0.3, 0.4, 0.5, 0.2]"),
+@pytest.mark.parametrize("stage_pr", [
+    0.5, (0.1, 0.2, 0.3, 0.4, 0.5), "[0, 0.3, 0.4, 0.5, 0.2]",
 ])
-def test_greg_weight_rules_prune_the_declared_kernels_of_a_traced_zoo_model(name, stage_pr):
-    """With ``greg_granularity="weight"`` GReg prunes the same kernels at the same ratios and
-    counts on the traced model as on the declared one: one ratio per layer index on a
-    single-branch network, and on a residual one the stage list, each kernel of a block
-    (shortcut included) at the block's stage, the stem at the first entry, fc at the last."""
-    zoo, model = traced_zoo(name)
+def test_greg_weight_rules_prune_every_kernel_of_a_traced_resnet_at_its_stage(stage_pr):
+    """With ``greg_granularity="weight"`` GReg prunes, on a residual network, each kernel of a
+    block at the block's stage ratio, the stem at the first entry of the stage list, fc at the
+    last (a kernel at ratio 0 is not pruned); one ratio prunes every kernel at it."""
+    model = resnet20_groups()
     config = get_config("greg1")
-    config.model, config.greg_granularity, config.stage_pr = name, "weight", stage_pr
+    config.model, config.greg_granularity, config.stage_pr = "resnet20", "weight", stage_pr
     config.pretrain_epochs = 0
     method = create_method("greg1", config, RunInfo(num_train=100))
-
-    def pruned(network, rename):
-        return {rename(p.name): (p.ratio, p.count, p.group_shape)
-                for p in method.pruned_layers(network)}
-
-    assert pruned(model, str) == pruned(zoo, functools.partial(traced_layer, zoo))
+    ratios = [stage_pr] * 5 if isinstance(stage_pr, float) else list(
+        json.loads(stage_pr) if isinstance(stage_pr, str) else stage_pr)
+    expected = {}
+    for layer in model.layers:
+        block = layer.name.split(".")[1] if layer.name.startswith("blocks.") else None
+        ratio = {"stem": ratios[0], "fc": ratios[-1]}.get(layer.name) if block is None \
+            else ratios[1 + int(block) // 3]
+        if ratio:  # a layer at ratio 0 is not pruned
+            expected[layer.name] = (
+                ratio, greg_pruned_count(ratio, math.prod(layer.kernel_shape)), layer.kernel_shape)
+    assert {p.name: (p.ratio, p.count, p.group_shape)
+            for p in method.pruned_layers(model)} == expected
 
 
 def test_a_stage_list_of_the_wrong_length_for_a_traced_residual_network_says_why():
-    _, model = traced_zoo("resnet20")
-    stages = traced_layer_stages(model)
+    stages = traced_layer_stages(model := resnet20_groups())
     with pytest.raises(ConfigError, match=r"whose blocks have 3 stages \(by output resolution"):
         layer_ratios(model.layers, [0.1, 0.2, 0.3, 0.4], "weight", stages)
 
 
-@pytest.mark.parametrize("name", ["resnet20"])
-def test_gmp_by_units_prunes_the_declared_layers_of_a_traced_zoo_model(name):
-    """``gmp_structure="unit"`` prunes, on the traced model, the groups of the layers it prunes
-    on the declared one: every layer but the classifier and the members of residual streams,
-    each with all its units."""
-    zoo, model = traced_zoo(name)
+def test_gmp_by_units_prunes_every_group_of_a_traced_resnet_outside_its_streams():
+    """``gmp_structure="unit"`` prunes every layer's output units but the classifier's and the
+    members of residual streams, each with all its units: ResNet-20's conv1 channels."""
+    model = resnet20_groups()
     config = get_config("gmp")
-    config.model, config.gmp_structure = name, "unit"
+    config.model, config.gmp_structure = "resnet20", "unit"
     method = create_method("gmp", config, RunInfo(num_train=100))
     slots = {slot.name: slot for slot in model.gate_slots}
-    widths = {layer.name: layer.out_units for layer in zoo.layers}
-    traced = {slots[n].layer: slots[n].shape[0] for n in method.pruned_layers(model)}
-    assert traced == {
-        traced_layer(zoo, layer): widths[layer] for layer in method.pruned_layers(zoo)
+    assert {slots[n].layer: slots[n].shape[0] for n in method.pruned_layers(model)} == {
+        f"blocks.{i}.conv1": RESNET20_WIDTHS[i // 3] for i in range(9)
     }
 
 
 def test_a_stage_list_that_does_not_fit_a_traced_residual_network_says_why():
-    def traced(name):
-        zoo = build_zoo_model(name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=ZOO[name])
-        return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=ZOO[name],
-                           num_classes=10)
-
     assert traced_stages(build_zoo_model("lenet5", rngs=nnx.Rngs(params=0))) is None
-    model = traced("resnet20")
+    model = resnet20_groups()
     layers, stages = [layer.name for layer in model.layers], traced_stages(model)
     with pytest.raises(ConfigError, match=r"whose blocks have 3 stages \(by output resolution"):
         traced_slot_ratios(model.gate_slots, (0, 0.5, 0.5, 0), layers, stages)
@@ -431,44 +405,47 @@ def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():
 
 
 def test_placements_that_cannot_hold_say_what_is_wrong():
-    zoo = build_zoo_model("resnet20", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=CIFAR)
+    net = build_model("resnet20", rngs=nnx.Rngs(params=0))
 
     def build(*placed_gates, granularity="unit"):
-        return TracedModel(Bare(zoo), rngs=nnx.Rngs(params=0), input_shape=CIFAR,
+        return TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=CIFAR,
                            num_classes=10, placements=placed_gates, granularity=granularity)
 
-    with pytest.raises(ConfigError, match=r"'stem': the outputs of layer 'zoo.stem' are not a "
+    with pytest.raises(ConfigError, match=r"'stem': the outputs of layer 'stem' are not a "
                        r"removable unit group \(padding along a unit dimension \(pad at "
                        r".+\)\); place the gates on the inputs"):
-        build(GatePlacement("stem", "zoo.stem", "output"))
-    with pytest.raises(ConfigError, match=r"no layer 'zoo.nowhere'; its layers are zoo.stem, "):
-        build(GatePlacement("a", "zoo.nowhere", "output"))
+        build(GatePlacement("stem", "stem", "output"))
+    with pytest.raises(ConfigError, match=r"no layer 'nowhere'; its layers are stem, "):
+        build(GatePlacement("a", "nowhere", "output"))
     with pytest.raises(ConfigError, match="side must be 'input' or 'output', got 'outputs'"):
-        build(GatePlacement("a", "zoo.stem", "outputs"))
+        build(GatePlacement("a", "stem", "outputs"))
     with pytest.raises(ConfigError, match="slot name a placed twice"):
-        build(GatePlacement("a", "zoo.blocks.0.conv1", "output"),
-              GatePlacement("a", "zoo.blocks.1.conv1", "output"))
+        build(GatePlacement("a", "blocks.0.conv1", "output"),
+              GatePlacement("a", "blocks.1.conv1", "output"))
     with pytest.raises(ConfigError, match=r"traced group \d+ placed twice"):
-        build(GatePlacement("a", "zoo.blocks.0.conv1", "output"),
-              GatePlacement("b", "zoo.blocks.0.conv1", "output"))
-    with pytest.raises(ConfigError, match="the inputs of layer 'zoo.fc' placed twice"):
-        build(GatePlacement("a", "zoo.fc", "input"), GatePlacement("b", "zoo.fc", "input"))
-    with pytest.raises(ConfigError, match=r"norm 'zoo.blocks.3.bn1' must have a scale and a "
-                       r"bias of shape \(16,\), the outputs of layer 'zoo.stem'; it has "
+        build(GatePlacement("a", "blocks.0.conv1", "output"),
+              GatePlacement("b", "blocks.0.conv1", "output"))
+    with pytest.raises(ConfigError, match="the inputs of layer 'fc' placed twice"):
+        build(GatePlacement("a", "fc", "input"), GatePlacement("b", "fc", "input"))
+    with pytest.raises(ConfigError, match=r"norm 'blocks.3.bn1' must have a scale and a "
+                       r"bias of shape \(16,\), the outputs of layer 'stem'; it has "
                        r"\{'scale': \(32,\), 'bias': \(32,\)\}"):
-        build(GatePlacement("a", "zoo.stem", "output", norm="zoo.blocks.3.bn1"))
-    with pytest.raises(ConfigError, match=r"the readers \['zoo.nowhere'\] are not traced layers"):
-        build(GatePlacement("a", "zoo.stem", "output", norm="zoo.stem_bn",
-                            readers=("zoo.nowhere",)))
+        build(GatePlacement("a", "stem", "output", norm="blocks.3.bn1"))
+    with pytest.raises(ConfigError, match=r"the readers \['nowhere'\] are not traced layers"):
+        build(GatePlacement("a", "stem", "output", norm="stem_bn",
+                            readers=("nowhere",)))
+    with pytest.raises(ConfigError, match=r"reader 'fc' must read the 16 outputs of 'stem_bn' "
+                       r"on one kernel axis; its kernel of shape \(64, 10\) has input axes \[0\]"):
+        build(GatePlacement("a", "stem", "output", norm="stem_bn", readers=("fc",)))
     with pytest.raises(ConfigError, match="readers are for a normaliser's output; give norm"):
-        build(GatePlacement("a", "zoo.stem", "output", readers=("zoo.blocks.0.conv1",)))
+        build(GatePlacement("a", "stem", "output", readers=("blocks.0.conv1",)))
     with pytest.raises(ConfigError, match="norm gates a layer's output; use side='output'"):
-        build(GatePlacement("a", "zoo.stem", "input", norm="zoo.stem_bn"))
-    with pytest.raises(ConfigError, match="the outputs of 'zoo.stem_bn' placed twice"):
-        build(GatePlacement("a", "zoo.stem", "output", norm="zoo.stem_bn"),
-              GatePlacement("b", "zoo.stem", "output", norm="zoo.stem_bn"))
+        build(GatePlacement("a", "stem", "input", norm="stem_bn"))
+    with pytest.raises(ConfigError, match="the outputs of 'stem_bn' placed twice"):
+        build(GatePlacement("a", "stem", "output", norm="stem_bn"),
+              GatePlacement("b", "stem", "output", norm="stem_bn"))
     with pytest.raises(ConfigError, match="at weight granularity every kernel entry"):
-        build(GatePlacement("a", "zoo.blocks.0.conv1", "output"), granularity="weight")
+        build(GatePlacement("a", "blocks.0.conv1", "output"), granularity="weight")
 
 
 def test_head_placements_that_cannot_hold_say_what_is_wrong():

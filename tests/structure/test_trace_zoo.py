@@ -6,8 +6,8 @@ outputs form one group (residual streams, depthwise convolutions) and whether it
 which groups each layer reads, at which offsets of its input axis (concatenations, flattening);
 and for every gate slot, that it is a traced unit group with the same units, producers and
 consumers, whose removal costs the same as :mod:`sparsejax.structure.accounting` says. Slots
-that are not unit groups by design are listed in ``INPUT_SELECTIONS`` and ``STREAM_GATES`` with
-the reason, and checked to be exactly that.
+that are not unit groups by design are listed in ``INPUT_SELECTIONS`` with the reason, and
+checked to be exactly that.
 """
 
 import functools
@@ -37,11 +37,6 @@ INPUT_SELECTIONS = {
 """Slots that gate the inputs of one consumer only (an input selection, slimmed by gathering):
 the concatenated features read by one dense layer (DenseNet). The traced groups are the
 producers' channels, which other consumers keep reading."""
-
-STREAM_GATES = {name: {"stem"} for name in ("resnet20", "resnet56", "resnet110")}
-"""Slots on a member of a residual stream that the trace finds unprunable: the CIFAR ResNets gate
-the stem's output, but the stream it starts is zero-padded into the next stage (fixed width)."""
-
 
 @functools.cache
 def traced(name: str) -> tuple[GatedModel, TracedStructure, dict[str, str]]:
@@ -187,9 +182,6 @@ def test_gate_slots_are_traced_unit_groups(zoo):
             continue
         (index,) = indices
         group = structure.groups[index]
-        if slot.name in STREAM_GATES.get(name, ()):
-            assert not group.prunable and len(group.producers) > 1
-            continue
         assert group.prunable and group.size == slot.shape[0], slot.name
         consumers = {layer_of[m.path] for m in group.members
                      if m.path in layer_of and m.axis == len(structure.param_shapes[m.path]) - 2}
@@ -208,11 +200,11 @@ def test_gate_slots_are_traced_unit_groups(zoo):
     assert close(declared["flops"], counts.flops)
 
 
-def test_every_model_has_its_expected_selections_and_stream_gates():
-    assert set(INPUT_SELECTIONS) | set(STREAM_GATES) <= set(MODELS)
+def test_every_model_has_its_expected_selections():
+    assert set(INPUT_SELECTIONS) <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "densenet40", "mobilenet_v2_cifar"])
+@pytest.mark.parametrize("name", ["densenet40", "mobilenet_v2_cifar"])
 def test_train_mode_finds_the_same_groups(name):
     """BatchNorm on batch statistics (train mode) reduces over the batch and positions only."""
     model, structure, _ = traced(name)

@@ -613,38 +613,6 @@ class Plain(nnx.Module):
         return self.zoo(x, train=not self.deterministic)
 
 
-@pytest.mark.parametrize(
-    "zoo_name, shape, matched, declared_only",
-    [
-        ("resnet20", (32, 32, 3),
-         {f"blocks.{i}.conv1": f"block{i + 1}.conv1" for i in range(9)}, {"stem"}),
-    ],
-)
-def test_a_zoo_model_traced_as_a_plain_module_counts_and_gates_like_its_declarations(
-    zoo_name, shape, matched, declared_only
-):
-    zoo = build_zoo_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
-    model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=shape, num_classes=10)
-    traced_slots = {slot.name.removeprefix("zoo."): slot for slot in model.gate_slots}
-    declared = {slot.name: slot for slot in zoo.gate_slots}
-    assert set(traced_slots) == set(matched)
-    assert set(declared) == set(matched.values()) | declared_only
-    for name, slot in traced_slots.items():
-        assert slot.shape == declared[matched[name]].shape
-    for what in ("params", "flops"):
-        assert float(count_network(model.layers, {})[what]) == float(
-            count_network(zoo.layers, {})[what])
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        masks = {name: (rng.random(slot.shape) < 0.6).astype(np.float32)
-                 for name, slot in traced_slots.items()}
-        traced_masks = {traced_slots[n].name: m for n, m in masks.items()}
-        traced_counts = count_network(model.layers, traced_masks)
-        zoo_counts = count_network(zoo.layers, {matched[n]: m for n, m in masks.items()})
-        for what in ("params", "flops"):
-            assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
-
-
 @pytest.mark.parametrize("zoo_name, shape", [("vit_tiny", MNIST_SHAPE)])
 def test_a_zoo_model_traced_at_weight_granularity_has_its_declared_weight_slots(zoo_name, shape):
     """One weight gate per kernel entry, on the same kernels as the declarations (matched by

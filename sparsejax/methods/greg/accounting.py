@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from sparsejax.models.base import Layer
 
@@ -96,37 +96,3 @@ def greg_kept_inputs(layers: tuple[Layer, ...], kept_out: Mapping[str, int]) -> 
             )
         kept_in[layer.name] = kept_out[producer.name] * positions
     return kept_in
-
-
-def greg_resnet_widths(
-    layers: tuple[Layer, ...], stage_pr: Sequence[float]
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Kept widths of a CIFAR ResNet pruned with GReg's stage ratios.
-
-    ``stage_pr`` is ``[stem, stage 1, ..., stage k, fc]``; in filter mode GReg prunes only the
-    first convolution of each residual block (``block{i}.conv1``, blocks numbered through the
-    network, ``len(blocks) / k`` per stage), which removes the matching input channels of the
-    layer reading it (the block's second convolution); the stem, the second convolutions and
-    the classifier keep their width. Returns ``(kept_out, kept_in)`` for :func:`greg_count`.
-    """
-    first_convs = [
-        layer for layer in layers if layer.name.startswith("block") and layer.name.endswith(".conv1")
-    ]
-    stages = len(stage_pr) - 2
-    if stages < 1 or not first_convs or len(first_convs) % stages:
-        raise ValueError(
-            f"stage_pr {list(stage_pr)} must be [stem, one ratio per stage, fc] for a ResNet with "
-            f"{len(first_convs)} blocks"
-        )
-    if stage_pr[0] or stage_pr[-1]:
-        raise ValueError(
-            f"stage_pr {list(stage_pr)}: the stem and fc ratios must be 0 (the stem sets the "
-            "residual width and fc the classes, which filter pruning keeps)"
-        )
-    blocks_per_stage = len(first_convs) // stages
-    kept_out = {
-        conv1.name: conv1.out_units
-        - greg_pruned_count(stage_pr[1 + index // blocks_per_stage], conv1.out_units)
-        for index, conv1 in enumerate(first_convs)
-    }
-    return kept_out, greg_kept_inputs(layers, kept_out)

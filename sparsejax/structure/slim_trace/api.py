@@ -56,7 +56,8 @@ class SlimReport:
     example from the traced counts, before and after; ``stored_params_before`` /
     ``stored_params_after`` the floats in all state arrays (normalisers and statistics
     included); ``rows`` per kernel whose rows were dropped (``rows`` of :func:`slim_traced`:
-    an input selection), ``[kept, size]`` along that axis, by its rows and its units;
+    an input selection, a reader of a gated normaliser's output), ``[kept, size]`` along that
+    axis, by its rows and its units;
     ``max_logit_difference`` the largest absolute output difference to the gated model on a
     check batch, once measured."""
 
