@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.gates.apply import gate_units
 from sparsejax.gates.base import Gate
 
 Array = np.ndarray | jax.Array
@@ -400,11 +399,6 @@ class GatedModel(nnx.Module):
         """The unit gates of ``slot`` for a conv layer's output channels (unit granularity),
         else None."""
         return self.input_gate(values, slot)
-
-
-def apply_unit_gate(x: jax.Array, values: dict[str, jax.Array], slot: str) -> jax.Array:
-    """Multiply the unit gates of ``slot`` into x if that slot is gated."""
-    return gate_units(x, values[slot]) if slot in values else x
 
 
 def check_granularity(granularity: str) -> None:

@@ -30,14 +30,18 @@ class GatePlacement:
       normaliser's statistics read). The gates act as the group's
       default gates do, on its readers; ``|g|`` is the layer's kernel slice and bias, the group
       of Louizos et al. (2018) for a convolution's output channel.
-    - ``side="output"`` with ``norm``: the output of the normaliser ``norm`` that follows
-      ``layer``, alone: one member of a residual stream, whose group is not prunable (the stem
-      of the CIFAR ResNets, Dep-L0's placement). The gates multiply the normaliser's scale and
-      bias, which is multiplying its output, and the layers in ``readers``, which read that
-      output before it joins the stream (on one kernel axis), lose the closed units' inputs in
-      the accounting and their rows in the slim network; the stream keeps its width, and the
-      layer its closed units' outputs in the slim network, which its counts take out.
-      ``|g|`` is the layer's kernel slice and bias.
+    - ``side="output"`` with ``norm``, on a removable group: the group, its gates multiplying
+      the output of the normaliser ``norm`` that follows ``layer`` (its scale and bias) rather
+      than the group's readers, for an activation after it that a gate does not commute with
+      (ReLU6: MobileNetV2's hidden channels). ``|g|`` is the layer's kernel slice and bias.
+    - ``side="output"`` with ``norm``, on outputs that are no removable group: the output of
+      the normaliser ``norm`` that follows ``layer``, alone: one member of a residual stream,
+      whose group is not prunable (the stem of the CIFAR ResNets, Dep-L0's placement). The
+      gates multiply the normaliser's scale and bias, which is multiplying its output, and the
+      layers in ``readers``, which read that output before it joins the stream (on one kernel
+      axis), lose the closed units' inputs in the accounting and their rows in the slim
+      network; the stream keeps its width, and the layer its closed units' outputs in the slim
+      network, which its counts take out. ``|g|`` is the layer's kernel slice and bias.
     - ``side="input"``: one gate per input unit of ``layer``. When those units are a removable
       group that only ``layer`` reads and no output placement gates, they are that group (its
       producers' outputs are switched off with it); otherwise an *input selection* that gates
@@ -82,8 +86,10 @@ class GatePlacement:
       side: ``"input"`` or ``"output"``.
       droprate_init: the initial drop rate of the slot's gates.
       norm: the module path of the normaliser (with ``scale`` and ``bias``) whose output the
-        gates multiply, for an output that is one member of a larger group; None otherwise.
-      readers: the traced layers that read the normaliser's output alone (``norm`` only).
+        gates multiply, for an output that is one member of a larger group or a group read
+        through an activation that its gates do not commute with; None otherwise.
+      readers: the traced layers that read the normaliser's output alone (``norm`` on an
+        output that is no removable group only).
       heads: the number of heads the output units are split into, one gate each; 0 for one
         gate per unit.
       whole_unit: ``|g|`` is everything a unit removes (its producers' kernel slices and

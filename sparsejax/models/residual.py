@@ -1,5 +1,5 @@
-"""Bookkeeping shared by the residual networks: output sizes, projection shortcuts and where
-each block sits."""
+"""Bookkeeping shared by the residual networks: projection shortcuts and where each block
+sits."""
 
 from __future__ import annotations
 
@@ -9,12 +9,6 @@ from collections.abc import Iterator, Sequence
 from flax import nnx
 
 from sparsejax.models.layers import Conv
-
-
-def strided(size: int, stride: int) -> int:
-    """Output size (size - 1) // stride + 1 of a k x k convolution or pooling with stride s and
-    padding (k - 1) / 2 on each side (odd k), a 1x1 convolution with no padding included."""
-    return (size - 1) // stride + 1
 
 
 def projection(in_features: int, out_features: int, stride: int, rngs: nnx.Rngs) -> Conv | None:

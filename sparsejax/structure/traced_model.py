@@ -205,7 +205,7 @@ def _place(
         placement.side == "output" and traced.bias is not None, placement.droprate_init, shape,
     )
     if placement.norm is not None:
-        return _place_after_norm(structure, layers, placement, slot)
+        return _place_after_norm(structure, layers, placement, slot, group)
     if placement.readers:
         raise ConfigError(f"{where}: readers are for a normaliser's output; give norm too")
     if placement.side == "output":
@@ -280,8 +280,11 @@ def _place_after_norm(
     layers: dict[str, TracedLayer],
     placement: GatePlacement,
     slot: GateSlot,
+    group: UnitGroup | None,
 ) -> _PlacedSlot:
-    """A placement on a normaliser's output (:class:`GatePlacement` with ``norm``)."""
+    """A placement on a normaliser's output (:class:`GatePlacement` with ``norm``): the slot
+    of ``group``, the layer's outputs when they are a removable group, or else of that output
+    alone, with its readers."""
     where = f"gate placement {placement.slot!r}"
     if placement.side != "output":
         raise ConfigError(f"{where}: norm gates a layer's output; use side='output'")
@@ -293,10 +296,18 @@ def _place_after_norm(
             f"{where}: norm {placement.norm!r} must have a scale and a bias of shape ({size},), "
             f"the outputs of layer {placement.layer!r}; it has {shapes}"
         )
+    units = tuple(range(size))
+    slices = tuple(GatedSlice(path, 0, units, units) for path in params)
+    if group is not None:
+        if placement.readers:
+            raise ConfigError(
+                f"{where}: the outputs of layer {placement.layer!r} are a removable group, "
+                "which its gates remove with every reader; leave readers out"
+            )
+        return _PlacedSlot(slot, group.index, slices, summed=f"{placement.norm}.bias")
     unknown = sorted(set(placement.readers) - set(layers))
     if unknown:
         raise ConfigError(f"{where}: the readers {unknown} are not traced layers")
-    units = tuple(range(size))
     reader_rows = []
     for reader in placement.readers:
         shape, in_axes, _ = _kernel_axes(structure, reader, layers[reader])
@@ -306,7 +317,6 @@ def _place_after_norm(
                 f"on one kernel axis; its kernel of shape {shape} has input axes {list(in_axes)}"
             )
         reader_rows.append(GatedSlice(layers[reader].kernel, in_axes[0], units, units))
-    slices = tuple(GatedSlice(path, 0, units, units) for path in params)
     return _PlacedSlot(slot, None, slices, tuple(placement.readers), tuple(reader_rows),
                        f"{placement.norm}.bias")
 

@@ -8,18 +8,12 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.models import (
-    MODELS,
-    DenseNet,
-    MobileNetV2,
-    densenet40,
-    mobilenet_v2,
-    mobilenet_v2_cifar,
-)
+from sparsejax.models import MODELS, DenseNet, MobileNetV2, densenet40
 from sparsejax.models.base import MODEL_INPUT, Layer, each_slot
 from sparsejax.models.mobilenet_v2 import CIFAR_TABLE, IMAGENET_TABLE, make_divisible
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_layer, count_network
-from sparsejax.structure.traced_model import build_zoo_model
+from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
 
 CLASSES = 10
 SIDE = 8
@@ -52,9 +46,14 @@ def densenet40_shape():
     return abstract(densenet40)
 
 
+def zoo(name):
+    """The zoo model ``name`` gated as the engine gates it; kwargs for its constructor."""
+    return functools.partial(build_zoo_model, name)
+
+
 @pytest.fixture(scope="module")
 def mobilenet_v2_shape():
-    return abstract(mobilenet_v2)
+    return abstract(zoo("mobilenet_v2"))
 
 
 def cheap_key(seed):
@@ -75,9 +74,12 @@ def narrow_densenet(**kwargs):
 
 
 def narrow_mobilenet(variant="cifar", **kwargs):
-    return MobileNetV2(variant=variant, table=NARROW_TABLE, head_features=12,
-                       num_classes=CLASSES, input_shape=(SIDE, SIDE, 3), rngs=cheap_rngs(),
-                       gate_factory=hc_factory, **kwargs)
+    """A short MobileNetV2 on its trace (:data:`NARROW_TABLE`, a head of 12 channels)."""
+    rngs = cheap_rngs()
+    net = MobileNetV2(variant=variant, table=NARROW_TABLE, head_features=12,
+                      num_classes=CLASSES, input_shape=(SIDE, SIDE, 3), rngs=rngs)
+    name = {"imagenet": "mobilenet_v2", "cifar": "mobilenet_v2_cifar"}[variant]
+    return gate_zoo_network(net, name, rngs=rngs, gate_factory=hc_factory, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +162,15 @@ def test_mobilenet_v2_imagenet_dense_counts(mobilenet_v2_shape):
 
 
 def test_mobilenet_v2_cifar_dense_counts_and_strides():
-    model = abstract(mobilenet_v2_cifar)
+    model = abstract(zoo("mobilenet_v2_cifar"))
     weights, bn, macs = mobilenet_formula(CIFAR_TABLE, 1, CLASSES, 32)
     assert n_params(model) == weights + bn + CLASSES == 2_236_682
     assert float(network_counts(model.layers)["flops"]) == pytest.approx(macs, rel=1e-7)
     layers = {l.name: l for l in model.layers}
     # 32x32 maps up to stage 2 (stem and stage-2 strides changed to 1), then 16, 8, 8, 4, 4
     assert layers["stem"].out_positions == 32 * 32
-    assert layers["block3.project"].out_positions == 32 * 32
-    assert [layers[f"block{i}.depthwise"].out_positions for i in (4, 8, 12, 15, 17)] == [
+    assert layers["blocks.2.project"].out_positions == 32 * 32
+    assert [layers[f"blocks.{i}.depthwise"].out_positions for i in (3, 7, 11, 14, 16)] == [
         16 * 16, 8 * 8, 8 * 8, 4 * 4, 4 * 4
     ]
     assert layers["head"].out_positions == 16
@@ -280,36 +282,35 @@ def test_densenet_gate_slots_and_reads(densenet40_shape):
         assert model.layer_module(layer.name).kernel.shape == layer.kernel_shape
 
 
-def test_mobilenet_v2_gate_slots_couplings_and_declarations(mobilenet_v2_shape):
+def test_mobilenet_v2_gate_slots_streams_and_layers_from_its_trace(mobilenet_v2_shape):
+    """A slot per block's hidden channels and the head; the projections of a stage of several
+    blocks are one residual stream; a hidden channel switches off the expansion's output, the
+    depthwise filter (counted once) and the projection's input, and in block 1 (t = 1) the
+    stem's output."""
     model = mobilenet_v2_shape
     slots = model.gate_slots
     assert [s.name for s in slots] == [f"block{i}" for i in range(1, 18)] + ["head"]
     assert [s.shape[0] for s in slots[:4]] == [32, 96, 144, 144]
     assert slots[-1].shape == (1280,) and slots[-1].layer == "head"
-    assert [c.name for c in model.channel_couplings] == [f"stage{k}" for k in range(2, 7)]
-    assert [len(c.layers) for c in model.channel_couplings] == [2, 3, 4, 3, 3]
-    assert model.channel_couplings[1].layers == tuple(f"block{i}.project" for i in (4, 5, 6))
-    summed = {name for c in model.channel_couplings for name in c.layers[1:]}
-    for i, block in enumerate(model.blocks, start=1):  # the summed projections are the coupled
-        assert block.residual == (f"block{i}.project" in summed)  # ones after the first
+    stages = ((1, 2), (3, 4, 5), (6, 7, 8, 9), (10, 11, 12), (13, 14, 15))
+    streams = [set(c.layers) for c in model.channel_couplings
+               if any(layer.endswith(".project") for layer in c.layers)]
+    assert streams == [{f"blocks.{i}.project" for i in stage} for stage in stages]
+    summed = {i for stage in stages for i in stage[1:]}
+    for i, block in enumerate(model.net.blocks):  # the summed projections are the coupled
+        assert block.residual == (i in summed)  # ones after the first
     layers = {l.name: l for l in model.layers}
-    assert "block1.expand" not in layers  # t = 1
+    assert "blocks.0.expand" not in layers  # t = 1
     assert layers["stem"].outputs == (("block1", 1),)  # block 1 is the stem's only reader
-    assert layers["block3.expand"].outputs == (("block3", 1),)
-    assert layers["block3.depthwise"].outputs == (("block3", 1),)
-    assert layers["block3.depthwise"].inputs == ()
-    assert layers["block3.depthwise"].groups == 144
-    assert layers["block3.project"].inputs == (("block3", 1),)
-    assert layers["block3.project"].outputs == ()
-    assert layers["block3.expand"].reads == ("stage2",)
-    assert layers["block4.expand"].reads == ("stage2",)
-    assert layers["block17.expand"].reads == ("stage6",)
-    assert layers["head"].reads == ("block17.project",)
-    assert layers["fc"].inputs == (("head", 1),) and layers["fc"].reads == ("head",)
+    assert layers["blocks.2.expand"].outputs == (("block3", 1),)
+    assert layers["blocks.2.depthwise"].outputs == (("block3", 1),)
+    assert layers["blocks.2.depthwise"].inputs == ()
+    assert model.net.blocks[2].depthwise.groups == 144
+    assert layers["blocks.2.project"].inputs == (("block3", 1),)
+    assert layers["blocks.2.project"].outputs == ()
+    assert layers["fc"].inputs == (("head", 1),)
     for layer in model.layers:
-        module = model.layer_module(layer.name)
-        assert module.kernel.shape == layer.kernel_shape
-        assert getattr(module, "groups", 1) == layer.groups
+        assert model.layer_module(layer.name).kernel.shape == layer.kernel_shape
 
 
 def producer_widths(model, input_channels):
@@ -351,8 +352,6 @@ def test_reads_widths_are_consistent(granularity):
         return nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), granularity=granularity, **kwargs))
 
     check_reads_widths(build(DenseNet), (32, 32, 3))
-    check_reads_widths(build(MobileNetV2), (224, 224, 3))
-    check_reads_widths(build(MobileNetV2, variant="cifar", input_shape=(32, 32, 3)), (32, 32, 3))
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -410,7 +409,7 @@ def test_mobilenet_v2_forward_backward(mobilenet_unit):
 
 
 @pytest.mark.parametrize("build, side, classes", [
-    (densenet40, 32, 10), (mobilenet_v2, 224, 1000), (mobilenet_v2_cifar, 32, 10),
+    (densenet40, 32, 10), (zoo("mobilenet_v2"), 224, 1000), (zoo("mobilenet_v2_cifar"), 32, 10),
 ])
 def test_full_size_models_trace_to_logits(build, side, classes):
     graphdef, state = nnx.split(abstract(build))
@@ -492,6 +491,54 @@ def test_closed_mobilenet_v2_gates_remove_what_they_declare(mobilenet_unit, slot
     check_closed_slot(nnx.clone(mobilenet_unit), slot, seed=2)
 
 
+@pytest.mark.parametrize("slot, norm_of", [
+    ("block2", lambda net: net.blocks[1].depthwise_bn), ("head", lambda net: net.head_bn),
+])
+def test_mobilenet_v2_gates_multiply_the_batchnorm_output_before_the_relu6(
+    mobilenet_unit, slot, norm_of
+):
+    """A gate z equals scaling its BatchNorm's scale and bias by z, before the ReLU6: with the
+    BatchNorm's outputs above 6 (where ReLU6 clips), a gate after the ReLU6 would differ."""
+    model = nnx.clone(mobilenet_unit)
+    randomize_batch_norms(model, 5)
+    norm = norm_of(model.net)
+    norm.bias[...] = norm.bias[...] + 8.0  # outputs past the clip
+    x = images(5)
+    z = jax.random.uniform(jax.random.key(6), norm.bias.shape, minval=0.2, maxval=0.8)
+    gated = eval_logits(model, x, {**open_gates(model), slot: z})
+    norm.scale[...], norm.bias[...] = norm.scale[...] * z, norm.bias[...] * z
+    np.testing.assert_allclose(eval_logits(model, x, open_gates(model)), gated,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_gated_mobilenet_v2_slims_from_its_trace_to_its_open_channels(mobilenet_unit):
+    """One channel closed in every slot: a hidden channel leaves the expansion (block 1: the
+    stem), the depthwise convolution and the projection's rows, a head channel the head and the
+    classifier's rows; the slim network has the gated model's test-time logits and counts."""
+    model = nnx.clone(mobilenet_unit)
+    randomize_batch_norms(model, 7)
+    open_units = {}
+    for slot in model.gate_slots:
+        keep = np.arange(slot.shape[0]) != 1
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
+        open_units[slot.name] = keep.astype(np.float32)
+    x = np.asarray(images(7))
+    slim = slim_traced_model(model, x)
+    assert {name: tuple(v.shape) for name, v in slim.params.items()
+            if name.endswith("kernel")} == {
+        "stem.kernel": (3, 3, 3, 31), "blocks.0.depthwise.kernel": (3, 3, 1, 31),
+        "blocks.0.project.kernel": (1, 1, 31, 8),
+        "blocks.1.expand.kernel": (1, 1, 8, 15), "blocks.1.depthwise.kernel": (3, 3, 1, 15),
+        "blocks.1.project.kernel": (1, 1, 15, 8),
+        "blocks.2.expand.kernel": (1, 1, 8, 15), "blocks.2.depthwise.kernel": (3, 3, 1, 15),
+        "blocks.2.project.kernel": (1, 1, 15, 8),
+        "head.kernel": (1, 1, 8, 11), "fc.kernel": (11, CLASSES),
+    }
+    counted = network_counts(model.layers, open_units)
+    assert slim.report.flops_after == pytest.approx(float(counted["flops"]))
+    assert slim.report.max_logit_difference < 1e-5
+
+
 @nnx.jit
 def train_logits(model, x):
     return model(x, train=True, rngs=nnx.Rngs(gates=cheap_key(0)))
@@ -499,7 +546,7 @@ def train_logits(model, x):
 
 @pytest.mark.parametrize("build, layer", [
     (narrow_densenet, "trans1"),
-    (functools.partial(narrow_mobilenet, "imagenet"), "block2.depthwise"),
+    (functools.partial(narrow_mobilenet, "imagenet"), "blocks.1.depthwise"),
 ])
 def test_weight_granularity_gates_every_kernel(build, layer):
     """One weight gate per kernel entry: the model runs in both modes, and a 0/1 draw of one
@@ -529,7 +576,7 @@ def test_registry_and_bad_arguments():
     assert {"densenet40", "mobilenet_v2", "mobilenet_v2_cifar"} <= set(MODELS)
     model = nnx.eval_shape(lambda: build_zoo_model("mobilenet_v2_cifar", rngs=nnx.Rngs(0),
                                                    num_classes=100, input_shape=(32, 32, 3)))
-    assert isinstance(model, MobileNetV2) and model.variant == "cifar"
+    assert isinstance(model.net, MobileNetV2) and model.net.variant == "cifar"
     assert model.layers[-1].kernel_shape == (1280, 100)
     model = nnx.eval_shape(lambda: build_zoo_model("densenet40", rngs=nnx.Rngs(0)))
     assert isinstance(model, DenseNet) and model.depth == 40 and model.layers_per_block == 12
