@@ -391,14 +391,6 @@ class GatedModel(nnx.Module):
         """The weight gates of ``layer``'s kernel (weight granularity only), else None."""
         return values.get(layer) if self.granularity == "weight" else None
 
-    def input_gate(self, values: dict[str, jax.Array], slot: str) -> jax.Array | None:
-        """The unit gates of ``slot`` for a dense layer's inputs (unit granularity), else None."""
-        return values.get(slot) if self.granularity == "unit" else None
-
-    def output_gate(self, values: dict[str, jax.Array], slot: str) -> jax.Array | None:
-        """The unit gates of ``slot`` for a conv layer's output channels (unit granularity),
-        else None."""
-        return self.input_gate(values, slot)
 
 
 def check_granularity(granularity: str) -> None:

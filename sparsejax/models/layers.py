@@ -102,10 +102,9 @@ class Dense(nnx.Module):
 
 
 class Conv(nnx.Module):
-    """y = (conv(x, W * z_w) + b) * z_out: 2-D convolution, NHWC input, HWIO kernel, with
-    optional weight gates z_w shaped like W and output-channel gates z_out (``(out,)`` or
-    ``(batch, out)``). ``then`` (an activation and pooling, per example) is applied to y; on
-    CPU batch slices it runs on each slice before they are concatenated
+    """y = conv(x, W * z_w) + b: 2-D convolution, NHWC input, HWIO kernel, with optional weight
+    gates z_w shaped like W. ``then`` (an activation and pooling, per example) is applied to y;
+    on CPU batch slices it runs on each slice before they are concatenated
     (:func:`~sparsejax.models.batch_chunks.convolve`).
 
     ``groups`` splits the channels into feature groups; the kernel is then
@@ -145,23 +144,21 @@ class Conv(nnx.Module):
         self,
         x: jax.Array,
         kernel_gate: jax.Array | None = None,
-        output_gate: jax.Array | None = None,
         *,
         then: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         kernel = _gated(self.kernel[...], kernel_gate)
         bias = None if self.bias is None else self.bias[...]
-        kernel, bias, folded = _fold_output_gate(kernel, bias, output_gate)
         options = dict(
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
-        if then is not None and (output_gate is None or folded):
+        if then is not None:
             return convolve(
                 x, kernel, then=lambda y: then(y if bias is None else y + bias), **options
             )
-        y = _add_bias_and_gate(convolve(x, kernel, **options), bias, output_gate, folded)
-        return y if then is None else then(y)
+        y = convolve(x, kernel, **options)
+        return y if bias is None else y + bias
 

@@ -29,9 +29,9 @@ depthwise (head) BatchNorm, before the ReLU6 (``norm=``: its scale and bias): Re
 commute with a gate in (0, 1) as ReLU does, so gating the channels' readers after it would be
 another network. ``|g|`` is the depthwise filter (9 weights) and the head's kernel column. The
 residual streams (the projections of a stage of n > 1 blocks) are never gated, so the shortcuts
-stay identities. Initial drop rate 0.5. The classifier has no dropout (the reference implementations put
-dropout 0.2 before it). With ``granularity="weight"`` every kernel gets its own weight gates
-instead and no unit is gated.
+stay identities. Initial drop rate 0.5. The classifier has no dropout (the reference
+implementations put dropout 0.2 before it). With ``granularity="weight"`` every kernel gets its
+own weight gates instead and no unit is gated.
 """
 
 from __future__ import annotations

@@ -4,25 +4,25 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
-from sparsejax.models.layers import Conv
+from sparsejax.models.layers import Dense
 
 
 def test_folded_output_gates_compute_the_gated_output_and_its_gradients():
-    conv = Conv(3, 4, 3, rngs=nnx.Rngs(0))
-    conv.bias[...] = jax.random.normal(jax.random.key(2), (4,))
-    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    dense = Dense(3, 4, rngs=nnx.Rngs(0))
+    dense.bias[...] = jax.random.normal(jax.random.key(2), (4,))
+    x = jax.random.normal(jax.random.key(1), (2, 3))
     z = jnp.array([0.0, 0.3, 1.0, 0.7])
 
-    graphdef, params = nnx.split(conv)
+    graphdef, params = nnx.split(dense)
 
     def loss(params, z, folded):
         model = nnx.merge(graphdef, params)
         y = model(x, output_gate=z) if folded else gate_units(model(x), z)
         return jnp.sum(jnp.sin(y))
 
-    out = conv(x, output_gate=z)
+    out = dense(x, output_gate=z)
     assert np.all(out[..., 0] == 0.0)
-    np.testing.assert_allclose(out, gate_units(conv(x), z), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, gate_units(dense(x), z), rtol=1e-5, atol=1e-6)
     got = jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(params, z, True))
     want = jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(params, z, False))
     for a, b in zip(got, want):
@@ -30,7 +30,7 @@ def test_folded_output_gates_compute_the_gated_output_and_its_gradients():
 
 
 def test_per_example_output_gates_multiply_the_outputs():
-    conv = Conv(3, 4, 3, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    dense = Dense(3, 4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3))
     z = jax.random.uniform(jax.random.key(3), (2, 4))
-    np.testing.assert_array_equal(conv(x, output_gate=z), gate_units(conv(x), z))
+    np.testing.assert_array_equal(dense(x, output_gate=z), gate_units(dense(x), z))

@@ -38,12 +38,11 @@ producers' channels, which other consumers keep reading."""
 
 @functools.cache
 def traced(name: str) -> tuple[GatedModel, TracedStructure, dict[str, str]]:
-    shape = CIFAR
     model = nnx.eval_shape(
-        lambda: build_zoo_model(name, rngs=nnx.Rngs(0), num_classes=10, input_shape=shape,
+        lambda: build_zoo_model(name, rngs=nnx.Rngs(0), num_classes=10, input_shape=CIFAR,
                                 granularity="unit")
     )
-    structure = trace_structure(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+    structure = trace_structure(model, jax.ShapeDtypeStruct((1, *CIFAR), jnp.float32),
                                 apply=lambda m, x: m(x, train=False))
     where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(model)}
     kernels = {l.name: where[id(model.layer_module(l.name))] + ".kernel" for l in model.layers}
