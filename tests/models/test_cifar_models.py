@@ -11,7 +11,7 @@ from sparsejax.models.vgg import VGG16_CONFIG
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_layer, count_network
 from sparsejax.structure.traced_model import build_zoo_model
-from tests.slim.test_surgery import randomize_batch_norms
+from tests.gated import randomize_batch_norms
 
 BATCH = (2, 32, 32, 3)
 

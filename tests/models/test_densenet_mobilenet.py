@@ -1,5 +1,4 @@
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +7,17 @@ import pytest
 from flax import nnx
 
 from sparsejax.gates import HardConcreteGate
-from sparsejax.models import MODELS, DenseNet, MobileNetV2, densenet40
-from sparsejax.models.base import MODEL_INPUT, Layer, each_slot
+from sparsejax.gates.generator import GateGenerator
+from sparsejax.methods import RunInfo, create_method
+from sparsejax.models import MODELS, DenseNet, MobileNetV2
+from sparsejax.models.base import Layer, each_slot
 from sparsejax.models.mobilenet_v2 import CIFAR_TABLE, IMAGENET_TABLE, make_divisible
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_layer, count_network
+from sparsejax.structure.trace import trace_structure
 from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
+from tests.gated import randomize_batch_norms
+from tests.methods.test_methods import method_config
 
 CLASSES = 10
 SIDE = 8
@@ -41,14 +45,14 @@ def abstract(build):
     return nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
 
 
-@pytest.fixture(scope="module")
-def densenet40_shape():
-    return abstract(densenet40)
-
-
 def zoo(name):
     """The zoo model ``name`` gated as the engine gates it; kwargs for its constructor."""
     return functools.partial(build_zoo_model, name)
+
+
+@pytest.fixture(scope="module")
+def densenet40_shape():
+    return abstract(zoo("densenet40"))
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +71,12 @@ def cheap_rngs():
     return nnx.Rngs(cheap_key(0))
 
 
-def narrow_densenet(**kwargs):
-    """DenseNet-7 (one layer a block), growth rate 4, on 8x8 images."""
-    return DenseNet(depth=7, growth_rate=4, initial_features=4, input_shape=(SIDE, SIDE, 3),
-                    rngs=cheap_rngs(), gate_factory=hc_factory, **kwargs)
+def narrow_densenet(depth=7, **kwargs):
+    """DenseNet-7 (one layer a block), growth rate 4, on 8x8 images, on its trace."""
+    rngs = cheap_rngs()
+    net = DenseNet(depth=depth, growth_rate=4, initial_features=4, input_shape=(SIDE, SIDE, 3),
+                   num_classes=CLASSES, rngs=rngs)
+    return gate_zoo_network(net, "densenet40", rngs=rngs, gate_factory=hc_factory, **kwargs)
 
 
 def narrow_mobilenet(variant="cifar", **kwargs):
@@ -140,7 +146,7 @@ def test_densenet40_dense_counts(densenet40_shape):
     weights, bn, macs = densenet_formula(12, 12, 24)
     assert weights + bn + CLASSES == 1_059_298  # + the classifier's bias
     assert n_params(model) == 1_059_298
-    huang = abstract(functools.partial(densenet40, initial_features=16))
+    huang = abstract(functools.partial(zoo("densenet40"), initial_features=16))
     assert n_params(huang) == sum(densenet_formula(12, 12, 16)[:2]) + CLASSES == 1_019_722
     counts = network_counts(model.layers)
     assert float(counts["weights"]) == weights
@@ -259,27 +265,63 @@ def test_densenet_gates_remove_one_consumers_input_columns(densenet40_shape):
 # ----------------------------------------------------------------------------- declarations
 
 
-def test_densenet_gate_slots_and_reads(densenet40_shape):
+def test_densenet_gate_slots_select_each_consumers_inputs(densenet40_shape):
+    """One slot per consumer (dense layer, transition, classifier) over its input rows, an input
+    selection: no layer's outputs are gated, so a feature lives on while any consumer reads it."""
     model = densenet40_shape
     slots = {s.name: s for s in model.gate_slots}
     assert len(slots) == 3 * 12 + 2 + 1
-    assert [(n, slots[n].shape, slots[n].axis, slots[n].group_size)
+    assert [(n, slots[n].layer, slots[n].shape, slots[n].axis, slots[n].group_size)
             for n in ("block1.layer1", "block1.layer12", "trans1", "block2.layer1", "fc")] == [
-        ("block1.layer1", (24,), 2, 108),
-        ("block1.layer12", (156,), 2, 108),
-        ("trans1", (168,), 2, 168),
-        ("block2.layer1", (168,), 2, 108),
-        ("fc", (456,), 0, 10),
+        ("block1.layer1", "blocks.0.0.conv", (24,), 2, 108),
+        ("block1.layer12", "blocks.0.11.conv", (156,), 2, 108),
+        ("trans1", "transitions.0.conv", (168,), 2, 168),
+        ("block2.layer1", "blocks.1.0.conv", (168,), 2, 108),
+        ("fc", "fc", (456,), 0, 10),
     ]
     layers = {l.name: l for l in model.layers}
-    assert layers["stem"].reads == (MODEL_INPUT,) and layers["stem"].inputs == ()
-    assert layers["block2.layer3"].reads == ("trans1", "block2.layer1", "block2.layer2")
-    assert layers["fc"].reads == ("trans2", *(f"block3.layer{j}" for j in range(1, 13)))
-    assert all(l.inputs == ((l.name, 1),) and l.outputs == () for l in model.layers[1:])
-    assert [layers[n].out_positions for n in ("block1.layer1", "trans1", "block2.layer1",
-                                                "block3.layer12")] == [1024, 1024, 256, 64]
+    assert layers["stem"].inputs == ()
+    by_layer = {s.layer: s.name for s in model.gate_slots}
+    assert all(l.inputs == ((by_layer[l.name], 1),) and l.outputs == ()
+               for l in model.layers[1:])
+    assert [layers[n].out_positions for n in ("blocks.0.0.conv", "transitions.0.conv",
+                                                "blocks.1.0.conv", "blocks.2.11.conv")] == [
+        1024, 1024, 256, 64]
     for layer in model.layers:
         assert model.layer_module(layer.name).kernel.shape == layer.kernel_shape
+
+
+def test_densenet_consumers_read_the_concatenated_features_in_order():
+    """Dense layer j of a block reads the block input (the stem or the transition before) and
+    then the new channels of the block's layers 1..j-1, each at its offset of the kernel rows."""
+    model = narrow_densenet(depth=10)  # two layers a block
+    structure = model.structure
+    kernel = {l.name: f"{l.name}.kernel" for l in model.layers}
+
+    def rows_read(reader, producer):
+        in_axis = len(structure.param_shapes[kernel[reader]]) - 2
+        (index,) = structure.groups_of(kernel[producer], len(
+            structure.param_shapes[kernel[producer]]) - 1)
+        return structure.groups[index].member(kernel[reader], in_axis).indices
+
+    assert rows_read("blocks.0.1.conv", "stem") == (0, 1, 2, 3)
+    assert rows_read("blocks.0.1.conv", "blocks.0.0.conv") == (4, 5, 6, 7)
+    assert rows_read("transitions.0.conv", "blocks.0.1.conv") == (8, 9, 10, 11)
+    assert rows_read("blocks.1.1.conv", "transitions.0.conv") == tuple(range(12))
+    assert rows_read("blocks.1.1.conv", "blocks.1.0.conv") == (12, 13, 14, 15)
+    assert rows_read("fc", "blocks.2.1.conv") == tuple(range(24, 28))
+
+
+def test_densenet_train_mode_finds_the_same_groups():
+    """BatchNorm on batch statistics (train mode) reduces over the batch and positions only."""
+    net = narrow_densenet().net
+    shape = jax.ShapeDtypeStruct((2, SIDE, SIDE, 3), jnp.float32)
+    summaries = []
+    for mode in (net.eval, net.train):
+        mode()
+        groups = trace_structure(net, shape).groups
+        summaries.append([(g.size, g.producers, g.members, g.prunable) for g in groups])
+    assert summaries[0] == summaries[1]
 
 
 def test_mobilenet_v2_gate_slots_streams_and_layers_from_its_trace(mobilenet_v2_shape):
@@ -311,47 +353,6 @@ def test_mobilenet_v2_gate_slots_streams_and_layers_from_its_trace(mobilenet_v2_
     assert layers["fc"].inputs == (("head", 1),)
     for layer in model.layers:
         assert model.layer_module(layer.name).kernel.shape == layer.kernel_shape
-
-
-def producer_widths(model, input_channels):
-    widths = {MODEL_INPUT: input_channels}
-    widths.update({l.name: l.out_units for l in model.layers})
-    for coupling in model.channel_couplings:
-        members = {widths[m] for m in coupling.layers}
-        assert len(members) == 1, f"{coupling.name} sums layers of widths {members}"
-        widths[coupling.name] = members.pop()
-    return widths
-
-
-def check_reads_widths(model, input_shape, flattened_positions=None):
-    """For every layer: its producers come earlier, and their widths, times the positions of a
-    flattened map, sum to the layer's input units. A dense layer reading the image flattens its
-    H * W positions; one reading a feature map flattens ``flattened_positions[layer]`` (from the
-    geometry), which must equal the producer slot's tile count in ``inputs`` where declared."""
-    flattened_positions = flattened_positions or {}
-    widths = producer_widths(model, input_shape[-1])
-    seen = {MODEL_INPUT, *(c.name for c in model.channel_couplings)}
-    for layer in model.layers:
-        assert layer.reads, f"{layer.name} declares no reads"
-        assert set(layer.reads) <= seen, f"{layer.name} reads {layer.reads} before they exist"
-        tiles = dict(layer.inputs)
-        total = 0
-        for producer in layer.reads:
-            positions = flattened_positions.get(layer.name, 1)
-            if producer == MODEL_INPUT and len(layer.kernel_shape) == 2:
-                positions = math.prod(input_shape[:-1])
-            assert tiles.get(producer, positions) == positions
-            total += widths[producer] * positions
-        assert total == layer.in_units, f"{layer.name}: reads {total} units, has {layer.in_units}"
-        seen.add(layer.name)
-
-
-@pytest.mark.parametrize("granularity", ["unit", "weight"])
-def test_reads_widths_are_consistent(granularity):
-    def build(cls, **kwargs):
-        return nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), granularity=granularity, **kwargs))
-
-    check_reads_widths(build(DenseNet), (32, 32, 3))
 
 
 # ----------------------------------------------------------------------------- forward / backward
@@ -409,7 +410,7 @@ def test_mobilenet_v2_forward_backward(mobilenet_unit):
 
 
 @pytest.mark.parametrize("build, side, classes", [
-    (densenet40, 32, 10), (zoo("mobilenet_v2"), 224, 1000), (zoo("mobilenet_v2_cifar"), 32, 10),
+    (zoo("densenet40"), 32, 10), (zoo("mobilenet_v2"), 224, 1000), (zoo("mobilenet_v2_cifar"), 32, 10),
 ])
 def test_full_size_models_trace_to_logits(build, side, classes):
     graphdef, state = nnx.split(abstract(build))
@@ -419,18 +420,6 @@ def test_full_size_models_trace_to_logits(build, side, classes):
 
 
 # ----------------------------------------------------------------------------- gate semantics
-
-
-def randomize_batch_norms(model, seed):
-    """Nonzero running statistics and affine parameters, as after some training."""
-    rng = np.random.default_rng(seed)
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.BatchNorm):
-            shape = module.mean.shape
-            module.mean[...] = rng.normal(size=shape)
-            module.var[...] = rng.uniform(0.5, 2.0, shape)
-            module.scale[...] = rng.uniform(0.5, 1.5, shape)
-            module.bias[...] = rng.normal(size=shape)
 
 
 def open_gates(model):
@@ -465,7 +454,7 @@ def zero_declared_weights(model, slot, mask):
 def check_closed_slot(model, slot, seed):
     """With half of ``slot`` closed, the weights the declarations remove do not matter; with the
     slot open they do; and the accounting removes exactly those weights."""
-    randomize_batch_norms(model, seed)
+    randomize_batch_norms(model, np.random.default_rng(seed))
     x = images(seed)
     size = {s.name: s.shape[0] for s in model.gate_slots}[slot]
     mask = np.random.default_rng(seed).permutation(np.arange(size) % 2).astype(np.float32)
@@ -500,7 +489,7 @@ def test_mobilenet_v2_gates_multiply_the_batchnorm_output_before_the_relu6(
     """A gate z equals scaling its BatchNorm's scale and bias by z, before the ReLU6: with the
     BatchNorm's outputs above 6 (where ReLU6 clips), a gate after the ReLU6 would differ."""
     model = nnx.clone(mobilenet_unit)
-    randomize_batch_norms(model, 5)
+    randomize_batch_norms(model, np.random.default_rng(5))
     norm = norm_of(model.net)
     norm.bias[...] = norm.bias[...] + 8.0  # outputs past the clip
     x = images(5)
@@ -516,7 +505,7 @@ def test_a_gated_mobilenet_v2_slims_from_its_trace_to_its_open_channels(mobilene
     stem), the depthwise convolution and the projection's rows, a head channel the head and the
     classifier's rows; the slim network has the gated model's test-time logits and counts."""
     model = nnx.clone(mobilenet_unit)
-    randomize_batch_norms(model, 7)
+    randomize_batch_norms(model, np.random.default_rng(7))
     open_units = {}
     for slot in model.gate_slots:
         keep = np.arange(slot.shape[0]) != 1
@@ -539,13 +528,54 @@ def test_a_gated_mobilenet_v2_slims_from_its_trace_to_its_open_channels(mobilene
     assert slim.report.max_logit_difference < 1e-5
 
 
+def test_a_gated_densenet_slims_from_its_trace_to_each_consumers_open_inputs(densenet_unit):
+    """Closed input gates leave their consumer's kernel rows and its own BatchNorm's entries;
+    a feature every consumer closed leaves its producer too (the stem's channel 0, block 1's
+    new channel 1, which only trans1 reads); the slim network has the gated model's test-time
+    logits and fewer parameters and FLOPs."""
+    model = nnx.clone(densenet_unit)
+    randomize_batch_norms(model, np.random.default_rng(8))
+    closed = {"block1.layer1": (0, 1), "trans1": (0, 5), "block2.layer1": (2,), "fc": (3, 4, 7)}
+    for slot in model.gate_slots:
+        keep = ~np.isin(np.arange(slot.shape[0]), closed.get(slot.name, ()))
+        model.gates[slot.name].log_alpha[...] = jnp.where(keep, 5.0, -5.0)
+    x = np.asarray(images(8))
+    slim = slim_traced_model(model, x)
+    shapes = {name: tuple(v.shape) for name, v in slim.params.items()}
+    assert shapes["stem.kernel"] == (3, 3, 3, 3)  # channel 0: closed by its two consumers
+    assert shapes["blocks.0.0.conv.kernel"] == (3, 3, 2, 3)
+    assert shapes["blocks.0.0.bn.scale"] == (2,)
+    assert shapes["transitions.0.conv.kernel"] == (1, 1, 6, 8)
+    assert shapes["transitions.0.bn.scale"] == shapes["transitions.0.bn.mean"] == (6,)
+    assert shapes["blocks.1.0.conv.kernel"] == (3, 3, 7, 4)
+    assert shapes["fc.kernel"] == (13, CLASSES) and shapes["final_bn.bias"] == (13,)
+    assert slim.report.params_after < slim.report.params_before
+    assert slim.report.flops_after < slim.report.flops_before
+    assert slim.report.max_logit_difference < 1e-5
+
+
+def test_a_dep_l0_densenet_slims_without_its_gate_generator():
+    """Dep-L0's gates come from a generator: the slim network holds its test-time gates folded
+    into the weights, no generator, and has the gated logits."""
+    method = create_method("dep_l0", method_config("dep_l0", "densenet40"), RunInfo(100))
+    rngs = cheap_rngs()
+    net = DenseNet(depth=7, growth_rate=4, initial_features=4, input_shape=(SIDE, SIDE, 3),
+                   num_classes=CLASSES, rngs=rngs)
+    model = gate_zoo_network(net, "densenet40", rngs=rngs, gate_factory=method.make_gates)
+    assert any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(model))
+    randomize_batch_norms(model, np.random.default_rng(9))
+    slim = slim_traced_model(model, np.asarray(images(9)))
+    assert not any("generator" in name for name in slim.params)
+    assert slim.report.max_logit_difference < 1e-5
+
+
 @nnx.jit
 def train_logits(model, x):
     return model(x, train=True, rngs=nnx.Rngs(gates=cheap_key(0)))
 
 
 @pytest.mark.parametrize("build, layer", [
-    (narrow_densenet, "trans1"),
+    (narrow_densenet, "transitions.0.conv"),
     (functools.partial(narrow_mobilenet, "imagenet"), "blocks.1.depthwise"),
 ])
 def test_weight_granularity_gates_every_kernel(build, layer):
@@ -560,7 +590,7 @@ def test_weight_granularity_gates_every_kernel(build, layer):
     x = images(3)
     logits = train_logits(model, x)
     assert logits.shape == (2, CLASSES) and bool(jnp.all(jnp.isfinite(logits)))
-    randomize_batch_norms(model, 3)
+    randomize_batch_norms(model, np.random.default_rng(3))
     z = jax.random.bernoulli(jax.random.key(4), 0.5, model.gates[layer].shape).astype(jnp.float32)
     opened = {name: jnp.ones(g.shape) for name, g in model.gates.items()}
     gated = eval_logits(model, x, {**opened, layer: z})
@@ -579,7 +609,8 @@ def test_registry_and_bad_arguments():
     assert isinstance(model.net, MobileNetV2) and model.net.variant == "cifar"
     assert model.layers[-1].kernel_shape == (1280, 100)
     model = nnx.eval_shape(lambda: build_zoo_model("densenet40", rngs=nnx.Rngs(0)))
-    assert isinstance(model, DenseNet) and model.depth == 40 and model.layers_per_block == 12
+    assert isinstance(model.net, DenseNet)
+    assert model.net.depth == 40 and model.net.layers_per_block == 12
     with pytest.raises(ValueError, match="3m \\+ 4"):
         DenseNet(depth=41, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="at least 4 pixels"):

@@ -32,7 +32,7 @@ from sparsejax.models.vgg import VGG19_CONFIG
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_network
 from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
-from tests.slim.test_surgery import randomize_batch_norms
+from tests.gated import randomize_batch_norms
 
 CIFAR100 = 100
 VGG19_STAGE_PR = "[1-15:0.7]"

@@ -22,7 +22,7 @@ from sparsejax.models.base import each_slot
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import count_layer
 from sparsejax.structure.traced_model import build_zoo_model, gate_zoo_network
-from tests.slim.test_surgery import randomize_batch_norms
+from tests.gated import randomize_batch_norms
 
 CLASSES = 10
 BATCH = (2, 32, 32, 3)

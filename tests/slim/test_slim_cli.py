@@ -13,7 +13,6 @@ from sparsejax.errors import ConfigError
 from sparsejax.models.base import GatedModel
 from sparsejax.models.vit import ViT
 from sparsejax.slim import __main__ as cli
-from sparsejax.slim import slim_model
 from sparsejax.slim.__main__ import main
 from sparsejax.slim.runs import NotARunError, restore_model, restore_run
 from sparsejax.slim.store import (
@@ -29,11 +28,7 @@ from sparsejax.structure.slim_trace import load_slim_function
 from sparsejax.structure.traced_model import build_zoo_model
 from sparsejax.train import train_and_evaluate
 from tests.commands import run_module
-from tests.slim.test_surgery import (
-    close_random_gates,
-    randomize_batch_norms,
-    scale_gates,
-)
+from tests.gated import randomize_batch_norms, scale_gates
 
 
 @pytest.fixture(scope="module")
@@ -125,25 +120,6 @@ def assert_round_trips(gated, spec, result, directory):
     assert restored.layers == result.model.layers
 
 
-DENSENET = ModelSpec("densenet40", 10, (8, 8, 3), "unit")
-
-
-def densenet_with_gates():
-    model = build_zoo_model(DENSENET.model, rngs=nnx.Rngs(params=0), num_classes=10,
-                            input_shape=DENSENET.input_shape, gate_factory=scale_gates)
-    randomize_batch_norms(model, np.random.default_rng(1))
-    return model
-
-
-def test_a_pruned_slim_model_round_trips_through_disk(tmp_path):
-    gated = densenet_with_gates()
-    width = gated.gates["trans1"].shape[0]
-    gated.gates["trans1"].value[...] = jnp.arange(width) % 2.0  # half its inputs closed
-    result = slim_model(gated)
-    assert {l.name: l.in_units for l in result.model.layers}["trans1"] == width // 2
-    assert_round_trips(gated, DENSENET, result, tmp_path / "slim")
-
-
 def test_a_traced_slim_network_with_a_layer_of_no_units_round_trips_through_disk(tmp_path):
     """Every gate of a ResNet-20 block's conv1 closed: conv1 keeps no units and conv2 no input
     rows, so neither is stored; the slim network saved and loaded without the model's class
@@ -169,20 +145,6 @@ def test_a_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main([str(tmp_path)]) == 1
     assert "has no checkpoint" in capsys.readouterr().err
-
-
-def test_a_slim_model_with_batchnorm_round_trips_through_disk(tmp_path):
-    model = densenet_with_gates()
-    close_random_gates(model, np.random.default_rng(2))
-    result = slim_model(model, width_multiple=4)
-    assert result.report.params_after < result.report.params_before
-    save_slim(tmp_path / "slim", DENSENET, result)
-    restored = load_slim(tmp_path / "slim")
-    assert restored.layers == result.model.layers
-    x = jax.random.normal(jax.random.key(2), (2, *DENSENET.input_shape))
-    np.testing.assert_allclose(
-        eval_logits(restored, x), eval_logits(model, x), atol=1e-4, rtol=1e-4
-    )
 
 
 def test_slim_cli_reports_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):

@@ -26,7 +26,6 @@ from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models.base import GatedModel
-from sparsejax.models.densenet import DenseNet
 from sparsejax.models.registry import build_model
 from sparsejax.models.transformer import slot_family
 from sparsejax.slim.surgery import slim_model
@@ -43,25 +42,22 @@ from tests.structure.test_trace import FusedAttention, GroupedQueryAttention
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
 ZOO = {
-    "densenet40": CIFAR,
     "vit_tiny": MNIST,
     "lm_tiny": (16,),
 }
-"""The zoo's declared convolutional model (the MLP, LeNet-5, the ResNets, the VGGs, WRN and
-MobileNetV2 are plain modules, their own trace), the ViT and the LM (on sequences of 16 token
-ids of a vocabulary of 10), by their input."""
+"""The zoo's declared models (the convolutional ones and the MLP are plain modules, their own
+trace), the ViT and the LM (on sequences of 16 token ids of a vocabulary of 10), by their
+input."""
 TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
-    "densenet40": lambda **kwargs: DenseNet(depth=16, **kwargs),
     "vit_tiny": lambda **kwargs: build_zoo_model(
         "vit_tiny", families=("heads", "ffn", "attn", "mlp"), depth=2, **kwargs),
     "lm_tiny": lambda **kwargs: build_zoo_model(
         "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp"), dim=64, depth=2, head_dim=16,
         ffn_hidden=96, **kwargs),
 }
-"""DenseNet-40's class at depth 16 (4 layers per dense block, the same declarations): the
-concatenations of depth 40 cost a minute of tracing and comparing for nothing more. The ViT's
+"""The ViT's
 class at 2 blocks (of 4, each block the same declarations) with its head, FFN-unit and sublayer
 gates, the families a placement expresses (its hidden
 dimension, whose norms take their statistics over the open dimensions: not yet). The LM's class
@@ -195,7 +191,7 @@ def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(na
             assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
 
 
-@pytest.mark.parametrize("name", ["densenet40", "vit_tiny", "lm_tiny"])
+@pytest.mark.parametrize("name", ["vit_tiny", "lm_tiny"])
 @pytest.mark.parametrize("per_example", [False, True])
 def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
     """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
@@ -364,14 +360,11 @@ def set_random_gates(*models: GatedModel) -> None:
             model.gates[slot].log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
 
 
-@pytest.mark.parametrize("name", [
-    "vit_tiny", "lm_tiny", pytest.param("densenet40", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("name", ["vit_tiny", "lm_tiny"])
 def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
-    """Slimming from the trace removes what the zoo's surgery removes, the closed rows of input
-    selections included (DenseNet's per-layer input gates): every
-    array has the surgery's shape, the params and
-    FLOPs are the surgery's, and the logits are the slim zoo model's."""
+    """Slimming from the trace removes what the zoo's surgery removes: every array has the
+    surgery's shape, the params and FLOPs are the surgery's, and the logits are the slim zoo
+    model's."""
     method = L0HardConcrete(get_config().lock(), RunInfo(100))
     build = BUILDS.get(name, functools.partial(build_zoo_model, name))
     declared, model = twins(name, build, method.make_gates)
