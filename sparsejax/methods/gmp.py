@@ -17,17 +17,15 @@ so that no layer is cut off whole. ``gmp_structure``:
 - ``"unit"``: whole output units (conv filters, dense neurons) ranked by the L1 norm of their
   kernel slice (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), divided by the slice's
   size so that units of layers with different fan-in compare under one global threshold (the
-  ranking inside a layer is the L1 ranking); their bias and following BatchNorm (scale and bias)
-  are zeroed with them, and so is the input BatchNorm channel of a pre-activation layer that
-  reads the unit's layer alone, so the unit's output is exactly zero and slimming removes it. Not
-  pruned by units: the classifier (its outputs are the classes), members of a residual stream (a
-  stream channel is removed only from all members at once) and layers read by a depthwise
-  convolution or, with other producers, through an input BatchNorm (DenseNet): there a zeroed
-  unit becomes a constant, not a removable zero. On a traced model (``--model=MODULE:FACTORY``)
-  the units are those of its gate slots, the prunable groups of its trace outside the residual
-  streams (:func:`~sparsejax.structure.blocks.outside_streams`, as in the zoo), scored by their
-  first producer's filter and removed with every slice the trace ties to them
-  (producers, normalisers, readers' rows); a target is refused there (give ``final_sparsity``).
+  ranking inside a layer is the L1 ranking). On a traced model (every convolutional zoo model,
+  ``--model=MODULE:FACTORY``) the units are those of its gate slots, the prunable groups of its
+  trace outside the residual streams (:func:`~sparsejax.structure.blocks.outside_streams`),
+  scored by their first producer's filter and removed with every slice the trace ties to them
+  (producers, normalisers, readers' rows), so that slimming removes them; a target is refused
+  there (give ``final_sparsity``). On a declared model (the transformers) a unit's kernel column
+  and bias are zeroed; the classifier (its outputs are the classes) and the members of a
+  residual stream (a stream channel is removed only from all members at once) are not pruned by
+  units.
 
 Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 """
@@ -155,30 +153,7 @@ class GradualMagnitudePruning(Method):
         if self.by_slots(model):
             return tuple(outside_streams(model))
         in_streams = {name for coupling in model.channel_couplings for name in coupling.layers}
-        # A depthwise reader turns a zero channel into a constant; so does an input BatchNorm,
-        # unless the reader reads this layer alone and its BatchNorm channel is zeroed too.
-        constant_readers = {
-            producer
-            for reader in model.layers
-            if reader.groups > 1 or (reader.input_norm is not None and len(reader.reads) > 1)
-            for producer in reader.reads
-        }
-        return tuple(
-            layer.name
-            for layer in model.layers[:-1]
-            if layer.name not in in_streams and layer.name not in constant_readers
-        )
-
-    def unit_variables(self, model: GatedModel, name: str) -> list:
-        """The parameters zeroed with a pruned unit of layer ``name``: its kernel column, bias
-        and output BatchNorm (:func:`~sparsejax.methods.masking.unit_variables`), and the input
-        BatchNorm channel of every layer that reads ``name`` alone through one."""
-        variables = unit_variables(model, name)
-        for reader in model.layers:
-            if reader.reads == (name,) and reader.input_norm is not None:
-                norm = model.module_at(reader.input_norm)
-                variables += [norm.scale, norm.bias]
-        return variables
+        return tuple(layer.name for layer in model.layers[:-1] if layer.name not in in_streams)
 
     def init(self, model: GatedModel) -> MethodState:
         """``{"masks": {layer: all-True mask}}``: shaped like the kernel (weights) or its units."""
@@ -189,8 +164,7 @@ class GradualMagnitudePruning(Method):
         if not layers:
             raise ConfigError(
                 f"{type(model).__name__} has no layer that gmp can prune by units (outside "
-                "residual streams, not read by a depthwise convolution or through a BatchNorm "
-                "over concatenated producers); use --config.gmp_structure=weight"
+                "residual streams, not the classifier); use --config.gmp_structure=weight"
             )
         self.final_sparsity(model)
         shapes = {
@@ -319,7 +293,7 @@ class GradualMagnitudePruning(Method):
                 model.scale_units(_slot(model, name), mask.astype(jnp.float32))
                 continue
             variables = (
-                self.unit_variables(model, name)
+                unit_variables(model, name)
                 if self.config.gmp_structure == "unit"
                 else [model.layer_module(name).kernel]
             )

@@ -17,24 +17,20 @@ def check_unit_zeroing(model: GatedModel, what: str) -> None:
     constant (a BatchNorm's bias, sigmoid(0))."""
     if isinstance(model, TracedModel):
         raise ConfigError(
-            f"{what} removes a unit by zeroing its layer's kernel slice, bias and declared "
-            "BatchNorm, which a traced model (--model=MODULE:FACTORY) does not declare; at unit "
-            "granularity (the default) gmp and GReg prune a traced model's units by its gate "
-            "slots instead"
+            f"{what} removes a unit by zeroing its layer's kernel slice and bias; in a traced "
+            "model (the convolutional zoo, --model=MODULE:FACTORY) a normaliser or activation "
+            "after the layer can still pass a constant on. At unit granularity (the default) "
+            "gmp and GReg prune a traced model's units by its gate slots instead"
         )
 
 
 def unit_variables(model: GatedModel, name: str) -> list[nnx.Variable]:
     """The parameters of layer ``name`` indexed by its output units on their last axis: its
-    kernel, its bias and the scale and bias of the BatchNorm that normalises its output, so
-    that zeroing unit j in all of them makes the unit output exactly zero, as if removed."""
+    kernel and its bias, so that zeroing unit j in both makes the unit output exactly zero, as
+    if removed (the declared transformers have no normaliser after a layer)."""
     check_unit_zeroing(model, "pruning units")
     module = model.layer_module(name)
     variables = [module.kernel]
     if getattr(module, "bias", None) is not None:
         variables.append(module.bias)
-    layer = next(layer for layer in model.layers if layer.name == name)
-    if layer.norm is not None:
-        norm = model.module_at(layer.norm)
-        variables += [norm.scale, norm.bias]
     return variables

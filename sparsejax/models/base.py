@@ -136,14 +136,7 @@ class Layer:
         a depthwise convolution has ``groups == in == out``).
       reads: the producers whose output channels, concatenated in this order, form this layer's
         input: layer names, :class:`ChannelCoupling` names (a residual stream) or
-        :data:`MODEL_INPUT`. Empty when not declared. Used to slice consumers when slimming.
-      norm: attribute path (:meth:`GatedModel.module_at`) of the BatchNorm that normalises this
-        layer's output, or None. A gate on the output units multiplies that BatchNorm's output.
-      input_norm: attribute path of the BatchNorm that normalises this layer's input (a
-        pre-activation network), or None. A gate on the input units multiplies its output.
-      input_selection: whether the forward pass reads this layer's input through
-        :meth:`GatedModel.select_inputs` (before any ``input_norm``), so that slimming can drop
-        input units that this layer ignores while other readers still need them.
+        :data:`MODEL_INPUT`. Empty when not declared.
       kernel_axes: the order in which the stored kernel's axes give ``kernel_shape`` (each side
         then flattened): ``(1, 0)`` for a kernel stored ``(out, in)`` and applied transposed (a
         tied embedding as the output head); None for a kernel stored in this order.
@@ -158,9 +151,6 @@ class Layer:
     kernel_slot: str | None = None
     groups: int = 1
     reads: tuple[str, ...] = ()
-    norm: str | None = None
-    input_norm: str | None = None
-    input_selection: bool = False
     kernel_axes: tuple[int, ...] | None = None
 
     def geometry(self, kernel: Array) -> Array:
@@ -252,8 +242,6 @@ class GatedModel(nnx.Module):
     gate_slots: tuple[GateSlot, ...]
     granularity: Granularity
     channel_couplings: tuple[ChannelCoupling, ...] = ()
-    input_selections: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    """(layer name, indices of the input units it reads): set on slimmed models only."""
     activation_products: tuple[Layer, ...] = ()
     """Products of two activations (attention's ``Q K^T`` and ``A V``), declared as layers whose
     "kernel" is the other activation: they cost MACs but hold no parameters, have no module and
@@ -379,13 +367,6 @@ class GatedModel(nnx.Module):
         for part in path.split("."):
             module = module[int(part)] if part.isdigit() else getattr(module, part)
         return module
-
-    def select_inputs(self, x: jax.Array, layer: str) -> jax.Array:
-        """The input units (last axis) that ``layer`` reads in a slimmed model; x otherwise."""
-        for name, index in self.input_selections:
-            if name == layer:
-                return x[..., jnp.asarray(index, jnp.int32)]
-        return x
 
     def kernel_gate(self, values: dict[str, jax.Array], layer: str) -> jax.Array | None:
         """The weight gates of ``layer``'s kernel (weight granularity only), else None."""

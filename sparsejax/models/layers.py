@@ -1,4 +1,4 @@
-"""Dense and convolution layers whose kernel can be multiplied by weight-level gates.
+"""Dense and convolution layers; a dense layer's kernel can be multiplied by weight-level gates.
 
 Kernels use the Flax layouts: dense ``(in, out)``, convolution ``HWIO`` on ``NHWC`` inputs.
 Initialisation is He-normal for kernels, N(0, 2 / fan) with fan = fan-in (in, or k*k*in) unless a
@@ -16,16 +16,13 @@ the LeNet-300-100 step). Per-example input gates multiply the inputs.
 A dense layer's output gates (the transformers' sublayer and hidden-dimension gates on a residual
 branch) multiply its output including the bias. Batch-shared ones are folded into the kernel's
 output columns and the bias, y = x @ (W * z) + b * z, as a convolution's are, for the same
-reasons.
+reasons: this saves the elementwise pass over the activations in the forward pass and the
+multiply and the reduction over them in the backward pass (the gradient for z is then
+sum_i W * dW' + b * db', from the kernel and bias gradients the backward pass computes anyway).
 
-A convolution takes gates on its output channels, which multiply the output including its bias.
-Batch-shared output gates are folded into the kernel's output columns and the bias,
-y = conv(x, W * z) + b * z (the same function; a closed channel is still exactly zero): this
-saves the elementwise pass over the activations in the forward pass and the multiply and the
-reduction over them in the backward pass (the gradient for z is then
-sum_{h,w,c} W * dW' + b * db', from the kernel and bias gradients the backward pass computes
-anyway). On LeNet-5 the pass over conv1's 100 x 24 x 24 x 20 outputs was most of the l0_hc
-step's extra cost over the dense step. Per-example output gates multiply the outputs.
+The convolution takes no gates: the zoo's convolutional models are plain modules gated from
+their trace (:class:`~sparsejax.structure.traced_model.TracedModel`), which multiplies the gate
+values into the parameters they gate.
 """
 
 from __future__ import annotations
@@ -102,10 +99,9 @@ class Dense(nnx.Module):
 
 
 class Conv(nnx.Module):
-    """y = conv(x, W * z_w) + b: 2-D convolution, NHWC input, HWIO kernel, with optional weight
-    gates z_w shaped like W. ``then`` (an activation and pooling, per example) is applied to y;
-    on CPU batch slices it runs on each slice before they are concatenated
-    (:func:`~sparsejax.models.batch_chunks.convolve`).
+    """y = conv(x, W) + b: 2-D convolution, NHWC input, HWIO kernel. ``then`` (an activation
+    and pooling, per example) is applied to y; on CPU batch slices it runs on each slice before
+    they are concatenated (:func:`~sparsejax.models.batch_chunks.convolve`).
 
     ``groups`` splits the channels into feature groups; the kernel is then
     ``(k, k, in / groups, out)`` and ``groups == in == out`` is a depthwise convolution.
@@ -141,13 +137,9 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
     def __call__(
-        self,
-        x: jax.Array,
-        kernel_gate: jax.Array | None = None,
-        *,
-        then: Callable[[jax.Array], jax.Array] | None = None,
+        self, x: jax.Array, *, then: Callable[[jax.Array], jax.Array] | None = None
     ) -> jax.Array:
-        kernel = _gated(self.kernel[...], kernel_gate)
+        kernel = self.kernel[...]
         bias = None if self.bias is None else self.bias[...]
         options = dict(
             window_strides=(self.stride, self.stride),

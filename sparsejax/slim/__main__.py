@@ -5,11 +5,10 @@
 Rebuilds the run's model from RUN_DIR/config.json, restores its newest checkpoint, removes the
 pruned units and writes to OUT (default RUN_DIR/slim) the slim network and ``slim_report.json``
 (widths, params and FLOPs before and after, ``round_to``); prints the same numbers as a table.
-A zoo model that declares its layers by hand (:func:`sparsejax.slim.slim_model`) is written as
-an Orbax checkpoint of the slim model and ``slim_config.json`` (what
-:func:`sparsejax.slim.store.load_slim` needs to rebuild it). A model gated from its trace (a
-``--model=MODULE:FACTORY`` run, or a zoo model written as a plain module:
-:data:`~sparsejax.models.registry.PLAIN`) is slimmed from its trace
+A declared transformer (:func:`sparsejax.slim.slim_model`) is written as an Orbax checkpoint of
+the slim model and ``slim_config.json`` (what :func:`sparsejax.slim.store.load_slim` needs to
+rebuild it). A model gated from its trace (a ``--model=MODULE:FACTORY`` run, or a zoo model
+written as a plain module: :data:`~sparsejax.models.registry.PLAIN`) is slimmed from its trace
 (:mod:`sparsejax.slim.traced`) into ``slim_function.npz``, which
 :func:`sparsejax.load_slim_function` loads without the model's class; its report also holds
 ``max_logit_difference`` to the gated model on the run's first test images. ``--round_to K``
@@ -32,7 +31,6 @@ from sparsejax.errors import (
     report_error,
 )
 from sparsejax.models.base import GatedModel
-from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.result import SlimReport
 from sparsejax.slim.runs import restore_model, run_config
 from sparsejax.slim.store import ModelSpec, save_slim, save_slim_function
@@ -62,18 +60,18 @@ def parse_round_to(text: str) -> int:
 def slim_and_save(
     model: GatedModel, spec: ModelSpec, data: BatchSource, output: Path, round_to: int
 ) -> SlimReport | TracedSlimReport:
-    """Slim ``model`` (a declared zoo model, or a traced model checked on test images of
+    """Slim ``model`` (a declared transformer, or a traced model checked on test images of
     ``data``), write it under ``output`` and return its report."""
     if isinstance(model, TracedModel):
         slim = slim_traced_model(model, check_images(data), round_to=round_to)
         save_slim_function(output, slim)
         return slim.report
-    if isinstance(model, TransformerModel) and round_to != 1:
+    if round_to != 1:
         raise ConfigError(
             f"--round_to does not apply to {spec.model}: a transformer is slimmed block by block "
             "to the heads, groups and units its gates keep; omit --round_to"
         )
-    result = slim_model(model, width_multiple=round_to)
+    result = slim_model(model)
     save_slim(output, spec, result)
     return result.report
 

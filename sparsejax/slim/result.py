@@ -1,8 +1,10 @@
-"""What slimming returns: the slim model, the plan that cut it and a report of its size."""
+"""What slimming a declared transformer returns: the slim model, the units it kept and a
+report of its size."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -10,7 +12,6 @@ from flax import nnx
 
 from sparsejax.gates.base import GateParam
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.plan import SlimPlan
 from sparsejax.structure.accounting import count_network, reduction
 
 count_network_once = jax.jit(count_network, static_argnums=(0, 2))
@@ -22,9 +23,10 @@ class SlimReport:
     """Size of the network before and after slimming.
 
     ``params`` and ``flops`` follow the accounting convention (kernel weights and biases; MACs);
-    ``stored_params`` count every stored parameter array entry (BatchNorm scale and bias
+    ``stored_params`` count every stored parameter array entry (norm scales and biases
     included, gate parameters excluded). ``widths``: per layer, its (input units, output units)
-    after slimming; ``round_to``: the multiple the slimmed widths were rounded up to.
+    after slimming; ``round_to``: the multiple the slimmed widths were rounded up to (1: a
+    transformer is cut to exactly the widths its gates keep).
     """
 
     params_before: float
@@ -46,17 +48,30 @@ class SlimReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class SlimResult:
-    """The slim model, the plan that made it (enough to rebuild it) and its report.
+class SlimPlan:
+    """Kept units per layer, as indices of the original network's units.
 
-    ``architecture``: for a model rebuilt from its constructor arguments rather than by cutting
-    the dense model with the plan (transformers: per-block widths), those arguments.
+    Attributes:
+      kept_outputs: per layer, its kept output units.
+      kept_inputs: per layer, its kept input units (kernel rows).
     """
+
+    kept_outputs: dict[str, tuple[int, ...]]
+    kept_inputs: dict[str, tuple[int, ...]]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimResult:
+    """The slim model, the units it kept, its report and ``architecture``: the constructor
+    arguments that build the slim model (a transformer's per-block widths)."""
 
     model: GatedModel
     plan: SlimPlan
     report: SlimReport
-    architecture: dict | None = None
+    architecture: dict
 
 
 def stored_params(model: nnx.Module) -> int:
@@ -65,9 +80,9 @@ def stored_params(model: nnx.Module) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(state)))
 
 
-def slim_report(model: GatedModel, slim: GatedModel, *, round_to: int = 1) -> SlimReport:
+def slim_report(model: GatedModel, slim: GatedModel) -> SlimReport:
     """Params and FLOPs of ``model`` and of its slim network (attention products included),
-    the arrays each stores and the slim layers' widths (rounded to multiples of ``round_to``)."""
+    the arrays each stores and the slim layers' widths."""
     before = count_network_once(model.layers, {}, tuple(model.activation_products))
     after = count_network_once(slim.layers, {}, tuple(slim.activation_products))
     return SlimReport(
@@ -78,5 +93,4 @@ def slim_report(model: GatedModel, slim: GatedModel, *, round_to: int = 1) -> Sl
         stored_params_before=stored_params(model),
         stored_params_after=stored_params(slim),
         widths={layer.name: (layer.in_units, layer.out_units) for layer in slim.layers},
-        round_to=round_to,
     )

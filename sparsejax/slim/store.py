@@ -1,17 +1,16 @@
 """Saving a slim model and rebuilding it from disk.
 
-A zoo model's slim directory holds ``slim_config.json`` (the model name and constructor
-arguments, and the :class:`~sparsejax.slim.plan.SlimPlan` that cut it), ``slim_report.json`` and
+A slim transformer's directory holds ``slim_config.json`` (the model name and constructor
+arguments, ``architecture``: the slim model's own constructor arguments, its per-block widths,
+and the :class:`~sparsejax.slim.result.SlimPlan` of the units it kept), ``slim_report.json`` and
 an Orbax checkpoint of the slim model's state (``checkpoint/``). :func:`load_slim` builds the
-model from its name and arguments without gates, cuts it with the plan
-(:func:`~sparsejax.slim.surgery.rebuild`) and restores the arrays. A transformer's config also
-holds ``architecture``, the slim model's own constructor arguments (per-block widths): it is
-built from them directly.
+model from its name and architecture without gates and restores the arrays.
 
-A model given as ``MODULE:FACTORY`` slims into a pure function with its parameters
-(:class:`~sparsejax.structure.slim_trace.SlimFunction`): its directory holds ``slim_function.npz``
-(:func:`save_slim_function`), which :func:`sparsejax.load_slim_function` loads without the
-model's class, and ``slim_report.json``.
+A model gated from its trace (every convolutional zoo model, ``MODULE:FACTORY``) slims into a
+pure function with its parameters (:class:`~sparsejax.structure.slim_trace.SlimFunction`): its
+directory holds ``slim_function.npz`` (:func:`save_slim_function`), which
+:func:`sparsejax.load_slim_function` loads without the model's class, and
+``slim_report.json``.
 """
 
 from __future__ import annotations
@@ -27,9 +26,8 @@ from flax import nnx
 from sparsejax.errors import UserError
 from sparsejax.models import build_model
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.result import SlimReport
-from sparsejax.slim.surgery import SlimResult, rebuild, strip_to_network
+from sparsejax.slim.result import SlimReport, SlimResult
+from sparsejax.slim.surgery import strip_to_network
 from sparsejax.structure.slim_trace import SlimFunction
 from sparsejax.structure.slim_trace import SlimReport as TracedSlimReport
 
@@ -84,9 +82,8 @@ def save_slim(directory: str | Path, spec: ModelSpec, result: SlimResult) -> Pat
     checkpoint = directory / SLIM_CHECKPOINT_DIR
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(checkpoint, _without_empty(nnx.state(result.model)))
-    config = {"spec": dataclasses.asdict(spec), "plan": json.loads(result.plan.to_json())}
-    if result.architecture is not None:
-        config["architecture"] = result.architecture
+    config = {"spec": dataclasses.asdict(spec), "plan": json.loads(result.plan.to_json()),
+              "architecture": result.architecture}
     (directory / SLIM_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     write_report(directory, result.report)
     return checkpoint
@@ -117,13 +114,15 @@ def load_slim(directory: str | Path) -> GatedModel:
             "`python -m sparsejax.slim RUN_DIR`"
         )
     config = json.loads(config_path.read_text())
+    if "architecture" not in config:
+        raise FileNotFoundError(
+            f"{config_path} holds no architecture: it was written for a model that is now "
+            "slimmed from its trace; slim the run again with `python -m sparsejax.slim RUN_DIR`"
+        )
     spec = config["spec"]
     spec = ModelSpec(**{**spec, "input_shape": tuple(spec["input_shape"])})
-    if "architecture" in config:
-        model = spec.build(config["architecture"])
-        strip_to_network(model)
-    else:
-        model = rebuild(spec.build(), SlimPlan.from_json(json.dumps(config["plan"])))
+    model = spec.build(config["architecture"])
+    strip_to_network(model)
     state = nnx.state(model)
     abstract = _without_empty(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     with ocp.StandardCheckpointer() as checkpointer:

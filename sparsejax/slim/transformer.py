@@ -1,8 +1,7 @@
 """Slimming a gated transformer (``vit_tiny``, ``lm_tiny``) into a smaller one of the same class.
 
-The declaration-driven plan (:mod:`sparsejax.slim.plan`) reads one kernel axis per slot; a head
-spans q, k, v and o, and the hidden dimension is a stream through every block, so transformers
-are cut here, by their own structure. The test-time gates are folded into the weights, exactly
+A head spans q, k, v and o, and the hidden dimension is a stream through every block, so a
+transformer is cut by its own structure. The test-time gates are folded into the weights, exactly
 for any gate value:
 
 - ``hidden`` z_d multiplies everything written to the stream: the embedding (LM: the table's rows;
@@ -40,11 +39,7 @@ from flax import nnx
 
 from sparsejax.models.transformer import TransformerModel
 from sparsejax.slim.folding import test_gate_values
-from sparsejax.slim.plan import SlimPlan
-from sparsejax.slim.result import (
-    SlimResult,
-    slim_report,
-)
+from sparsejax.slim.result import SlimPlan, SlimResult, slim_report
 
 
 @dataclasses.dataclass
@@ -241,8 +236,6 @@ def slim_transformer(model: TransformerModel) -> SlimResult:
     plan = SlimPlan(
         kept_outputs={name: _indices(c) for name, c in cut.columns.items()},
         kept_inputs={name: _indices(r) for name, r in cut.rows.items()},
-        selections={},
-        absorbed={},
     )
     report = slim_report(model, slim)
     return SlimResult(slim, plan, report, architecture)

@@ -20,8 +20,6 @@ from sparsejax.slim.store import (
     SLIM_FUNCTION_FILE,
     SLIM_REPORT_FILE,
     ModelSpec,
-    load_slim,
-    save_slim,
 )
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.slim_trace import load_slim_function
@@ -107,17 +105,6 @@ def test_round_to_does_not_apply_to_a_transformer(tmp_path):
     with pytest.raises(ConfigError, match="--round_to does not apply to vit_tiny"):
         cli.slim_and_save(vit, spec, None, tmp_path / "slim", 8)
     assert not (tmp_path / "slim").exists()
-
-
-def assert_round_trips(gated, spec, result, directory):
-    """The slim model saved and loaded has the slim layers and the gated model's logits."""
-    save_slim(directory, spec, result)
-    restored = load_slim(directory)
-    x = jax.random.normal(jax.random.key(1), (4, *spec.input_shape))
-    np.testing.assert_allclose(
-        eval_logits(restored, x), eval_logits(gated, x), atol=1e-4, rtol=1e-4
-    )
-    assert restored.layers == result.model.layers
 
 
 def test_a_traced_slim_network_with_a_layer_of_no_units_round_trips_through_disk(tmp_path):

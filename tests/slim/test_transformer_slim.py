@@ -1,6 +1,7 @@
 """Slimming ``vit_tiny`` / ``lm_tiny``: the slim model has the gated one's eval logits, the
 widths its gates leave and the parameters the report counts; it saves and loads."""
 
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsejax.errors import ConfigError
 from sparsejax.gates.scale import ScaleGate
 from sparsejax.models.base import each_slot
 from sparsejax.models.lm import DecoderLM
@@ -15,8 +17,9 @@ from sparsejax.models.vit import ViT
 from sparsejax.slim import slim_model
 from sparsejax.slim.__main__ import main as slim_main
 from sparsejax.slim.runs import restore_run
-from sparsejax.slim.store import ModelSpec, load_slim, save_slim
+from sparsejax.slim.store import SLIM_CONFIG_FILE, ModelSpec, load_slim, save_slim
 from sparsejax.structure import gate_report
+from sparsejax.structure.traced_model import build_zoo_model
 from tests.commands import run_module
 
 DEPTH = 3
@@ -190,6 +193,28 @@ def test_slim_transformer_saves_and_loads(tmp_path):
     x = inputs(model)
     np.testing.assert_array_equal(np.asarray(logits(loaded, x)),
                                   np.asarray(logits(result.model, x)))
+
+
+def test_a_slim_config_without_architecture_is_refused_with_what_to_do(tmp_path):
+    """A slim directory of a model that is now slimmed from its trace (its config holds a plan
+    and no architecture) is no transformer's: load_slim says to slim the run again."""
+    model = build("lm_tied")
+    result = slim_model(model)
+    directory = tmp_path / "slim"
+    save_slim(directory, ModelSpec("lm_tiny", 256, LM_SHAPE["input_shape"], "unit"), result)
+    config = json.loads((directory / SLIM_CONFIG_FILE).read_text())
+    assert config["architecture"]["depth"] == result.architecture["depth"] == DEPTH
+    del config["architecture"]
+    (directory / SLIM_CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="holds no architecture.+slim the run again"):
+        load_slim(directory)
+
+
+def test_slim_model_points_a_traced_model_to_its_trace():
+    model = build_zoo_model("mlp", rngs=nnx.Rngs(params=0), gate_factory=scale_gates)
+    with pytest.raises(ConfigError, match=r"a TracedModel is slimmed from its trace: "
+                       r"sparsejax\.slim\.traced\.slim_traced_model\(model, images\)"):
+        slim_model(model)
 
 
 def test_the_input_model_is_unchanged():

@@ -761,7 +761,7 @@ def test_other_methods_train_the_branch_cnn_and_the_vit(
     "name, method, overrides, message",
     [
         ("branch_cnn", "gmp", {"gmp_structure": "unit", "granularity": "weight"},
-         "does not declare"),
+         "can still pass a constant on"),
         ("branch_cnn", "greg1", {"greg_granularity": "filter", "stage_pr": "stem:0.5,nope:0.5",
                                   "epochs": None},
          r"names the gate slots \['nope'\], which the model does not have \(valid: stem, "),

@@ -20,13 +20,12 @@ The run's length is the sum of the phases (:attr:`GReg.plans_length`: ``epochs``
 Loss: mean cross-entropy + (l2/2)||theta||^2 + sum_l sum_j (lambda_{l,j}/2)||W_{l,j}||^2 with
 lambda held constant (``stop_gradient``), so the optimizer sees the data gradient plus
 lambda (.) W (the reference adds this to the gradient before SGD). Structured pruning
-(``greg_granularity="filter"``) zeroes a pruned filter's kernel slice, its bias, and the scale
-and bias of the BatchNorm that follows it, so the channel outputs exactly zero as if removed;
-``"weight"`` prunes single weights of every kernel. On a transformer, filter granularity prunes
-the units of its gate slots (heads, KV groups, FFN units, hidden dimensions; :func:`.rules.
-slot_ratios`): a unit's group is every kernel entry it spans
-(:meth:`~sparsejax.models.base.GatedModel.slot_members`: a head's query / key / value columns
-and output rows), its score the mean |w| over them, its penalty lambda_j/2 ||group||^2, and
+(``greg_granularity="filter"``) zeroes a pruned filter's kernel slice and its bias, so the
+channel outputs exactly zero as if removed; ``"weight"`` prunes single weights of every kernel.
+On a transformer, filter granularity prunes the units of its gate slots (heads, KV groups,
+FFN units, hidden dimensions; :func:`.rules.slot_ratios`): a unit's group is every kernel entry
+it spans (:meth:`~sparsejax.models.base.GatedModel.slot_members`: a head's query / key / value
+columns and output rows), its score the mean |w| over them, its penalty lambda_j/2 ||group||^2, and
 pruning zeroes every member (biases and norm entries too). On a traced model
 (``--model=MODULE:FACTORY``), filter granularity prunes the units of its gate slots, the
 prunable groups of its trace (:func:`.rules.traced_slot_ratios`): a unit's score and penalty

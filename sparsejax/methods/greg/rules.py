@@ -1,21 +1,10 @@
 """Which layers GReg prunes and at which ratio (Wang et al., ICLR 2021, code ``meta_pruner.py``).
 
-Two model families, told apart by their layer names:
-
-- **Residual networks** (layers ``block{i}.conv{j}``): the ratios are a *stage list*
-  ``[stem, stage 1, ..., stage k, fc]``; blocks are numbered through the network. A stage starts
-  at the first block and at each block with a projection shortcut (``block{i}.shortcut``) when
-  that makes k stages (ResNet-34's and ResNet-50's 3-4-6-3 blocks, WRN), else the blocks split
-  evenly, ``blocks / k`` per stage (the CIFAR ResNets' shortcuts have no weights). With filter
-  granularity only the convolutions of a block before its last one are pruned (``conv1`` of a
-  basic block), so the residual stream keeps its width; the stem, the last convolution of every
-  block and the classifier never are. With weight granularity every kernel is pruned at its
-  stage's ratio, a block's shortcut included, as the reference does (stem: the first entry,
-  classifier: the last).
-- **Single-branch networks** (MLP, LeNet-5, VGG): one ratio per layer index ``0..L-1``, given as
-  a sequence, a mapping ``{index or "a-b": ratio}`` or the reference's string ``"[1-15:0.7]"``
-  (unlisted layers: 0). With filter granularity the classifier's outputs (the classes) are never
-  pruned.
+**Layers** (a declared model's, or a traced model's at weight granularity): one ratio per
+layer index ``0..L-1``, given as a sequence, a mapping ``{index or "a-b": ratio}`` or the
+reference's string ``"[1-15:0.7]"`` (unlisted layers: 0). With filter granularity the
+classifier's outputs (the classes) are never pruned. On a traced network of residual blocks a
+sequence is a *stage list* instead (below).
 
 A single float applies to every layer the granularity allows. Layers at ratio 0 are not
 prunable.
@@ -26,19 +15,20 @@ dimension is the group of every parameter entry it spans. ``stage_pr`` is a floa
 ``heads`` and ``ffn`` families of every block (:data:`DEFAULT_SLOT_FAMILIES`) or one ratio per
 family, ``{"heads": 0.5, "hidden": 0.25}`` or ``"heads:0.5,hidden:0.25"``.
 
-**Traced models** (``--model=MODULE:FACTORY``) with filter granularity prune the units of their
-gate slots, the prunable groups the trace found (:func:`traced_slot_ratios`): ``stage_pr`` is one
-float for every slot (on a network of residual blocks, every slot inside a block, as for the
-zoo's), one ratio per slot, ``{"conv1": 0.5}`` or ``"conv1:0.5,mix:0.25"`` (unlisted slots: 0),
-or, as for a single-branch zoo model, one ratio per layer index of the traced layers in network
-order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each pruning the group of its layer's
-outputs. On a network of residual blocks a sequence is the zoo's stage list ``[stem, stage 1,
-..., stage k, fc]`` instead: the slots inside its blocks (no stream, read by at most one layer)
-at their stage's ratio, a stage being an output resolution
-(:func:`~sparsejax.structure.blocks.traced_stages`). With weight granularity the
-traced layers take the rules of the zoo's layers: one ratio per layer index, or, on a network of
-residual blocks, a sequence as the stage list, every kernel at the stage of the stream it writes
-to (:func:`~sparsejax.structure.blocks.traced_layer_stages`).
+**Traced models** (the convolutional zoo, ``--model=MODULE:FACTORY``) with filter granularity
+prune the units of their gate slots, the prunable groups the trace found
+(:func:`traced_slot_ratios`): ``stage_pr`` is one float for every slot (on a network of residual
+blocks, every slot inside a block), one ratio per slot, ``{"conv1": 0.5}`` or
+``"conv1:0.5,mix:0.25"`` (unlisted slots: 0), or one ratio per layer index of the traced layers
+in network order (``"[1-15:0.7]"``, a sequence or ``{index: ratio}``), each pruning the group of
+its layer's outputs. On a network of residual blocks a sequence is the stage list ``[stem,
+stage 1, ..., stage k, fc]`` instead (GReg's for the ResNets): the slots inside its blocks (no
+stream, read by at most one layer) at their stage's ratio, a stage being an output resolution
+(:func:`~sparsejax.structure.blocks.traced_stages`). With weight granularity the traced layers
+take the rules of the layers above: one ratio per layer index, or, on a network of residual
+blocks, a sequence as the stage list, every kernel at the stage of the stream it writes to
+(:func:`~sparsejax.structure.blocks.traced_layer_stages`), the stem at the first entry and the
+classifier at the last.
 """
 
 from __future__ import annotations
@@ -58,18 +48,10 @@ GROUP_GRANULARITIES: tuple[str, ...] = ("filter", "weight")
 RatioSpec = float | Sequence[float] | Mapping[int | str, float] | str
 """A float, a per-layer (or per-stage) sequence, an index mapping or the reference's string."""
 
-_BLOCK_LAYER = re.compile(r"^block(\d+)\.conv(\d+)$")
-_BLOCK_MEMBER = re.compile(r"^block(\d+)\.")
-_SHORTCUT = re.compile(r"^block(\d+)\.shortcut$")
 DEFAULT_SLOT_FAMILIES: tuple[str, ...] = ("heads", "ffn")
 """The transformer families a single ``stage_pr`` float prunes: attention heads (Voita et al.
 2019) and FFN units, the two that leave the residual stream and the block count unchanged."""
 _DICT_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*:\s*([0-9.eE+-]+)\s*$")
-
-
-def is_residual(layers: Sequence[Layer]) -> bool:
-    """Whether the layers are those of a residual network (``block{i}.conv{j}`` names)."""
-    return any(_BLOCK_LAYER.match(layer.name) for layer in layers)
 
 
 def _parse_string(spec: str) -> float | list[float] | dict[int, float]:
@@ -114,59 +96,6 @@ def _check_ratio(name: str, ratio: float) -> float:
             "[0, 1) (the fraction of the layer's groups to remove)"
         )
     return ratio
-
-
-def _residual_ratios(
-    layers: Sequence[Layer], spec: float | list[float], granularity: GroupGranularity
-) -> dict[str, float]:
-    blocks: dict[int, list[Layer]] = {}
-    for layer in layers:
-        match = _BLOCK_LAYER.match(layer.name)
-        if match:
-            blocks.setdefault(int(match.group(1)), []).append(layer)
-    if granularity == "filter":
-        prunable = [convs[i] for convs in blocks.values() for i in range(len(convs) - 1)]
-    else:
-        prunable = list(layers)
-    if isinstance(spec, float):
-        return {layer.name: spec for layer in prunable}
-    stages = len(spec) - 2
-    starts = _stage_starts(layers, sorted(blocks))
-    if stages < 1 or (len(blocks) % stages and len(starts) != stages):
-        raise ConfigError(
-            f"stage_pr {spec} must be [stem, one ratio per stage, fc] for a ResNet with "
-            f"{len(blocks)} blocks"
-        )
-    if granularity == "filter" and (spec[0] or spec[-1]):
-        raise ConfigError(
-            f"stage_pr {spec}: the stem and fc ratios must be 0 with filter granularity (the "
-            "stem sets the residual width, fc the classes)"
-        )
-    stage_of = _block_stages(starts, sorted(blocks), stages)
-    ratios = {}
-    for layer in prunable:
-        match = _BLOCK_MEMBER.match(layer.name)
-        if match:
-            ratios[layer.name] = spec[1 + stage_of[int(match.group(1))]]
-        else:
-            ratios[layer.name] = spec[-1] if layer is layers[-1] else spec[0]
-    return ratios
-
-
-def _stage_starts(layers: Sequence[Layer], blocks: list[int]) -> list[int]:
-    """The first block and every block with a projection shortcut."""
-    shortcuts = {int(m.group(1)) for layer in layers if (m := _SHORTCUT.match(layer.name))}
-    return sorted(shortcuts | set(blocks[:1]))
-
-
-def _block_stages(starts: list[int], blocks: list[int], stages: int) -> dict[int, int]:
-    """The stage (0-based) of every block: a new one at the first block and at each block with
-    a projection shortcut when there are ``stages`` of these, else ``len(blocks) / stages``
-    blocks per stage."""
-    if len(starts) == stages:
-        return {block: sum(block >= start for start in starts) - 1 for block in blocks}
-    per_stage = len(blocks) // stages
-    return {block: index // per_stage for index, block in enumerate(blocks)}
 
 
 def _single_branch_ratios(
@@ -235,13 +164,6 @@ def layer_ratios(
         spec = [float(v) for v in spec]
     if stages is not None and isinstance(spec, list):
         ratios = _stage_list_ratios(spec, stages)
-    elif is_residual(layers):
-        if isinstance(spec, dict):
-            raise ConfigError(
-                "a residual network takes stage ratios [stem, stage 1, ..., fc] or one float, "
-                f"not a per-layer mapping ({spec})"
-            )
-        ratios = _residual_ratios(layers, spec, granularity)
     else:
         ratios = _single_branch_ratios(layers, spec, granularity)
     checked = {name: _check_ratio(name, r) for name, r in ratios.items()}
