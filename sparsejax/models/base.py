@@ -187,15 +187,11 @@ class ChannelCoupling:
     Attributes:
       name: how :attr:`Layer.reads` refers to the stream.
       layers: the member layers (their outputs, after any BatchNorm, are summed).
-      shortcut_from: the stream (or layer) whose value enters this stream through a
-        parameter-free shortcut, or None; a zero-padding shortcut (CIFAR ResNet option A) ties the
-        two streams' channels by an offset, so neither can be slimmed.
       fixed: True when the stream's width cannot change (e.g. option-A padding).
     """
 
     name: str
     layers: tuple[str, ...]
-    shortcut_from: str | None = None
     fixed: bool = False
 
 

@@ -13,8 +13,8 @@ Biases do not keep a node alive (a zero-input node with a bias is still a consta
 applied until nothing changes, since a removed node can leave its neighbours without inputs or
 outputs. Inputs the layer declarations do not gate (the image, a residual stream) are always live.
 The second rule needs every reader of a node to be a declared consumer of its slot: it is not
-applied to slots written by a member of a :class:`ChannelCoupling` (a residual stream), by the
-source of a stream's shortcut, or by a layer that an undeclared consumer ``reads``.
+applied to slots written by a member of a :class:`ChannelCoupling` (a residual stream) or by a
+layer that an undeclared consumer ``reads``.
 """
 
 from __future__ import annotations
@@ -143,9 +143,7 @@ def _readers_declared(
 ) -> bool:
     """Whether the slot's declared consumers are the only readers of its producers' outputs."""
     producers = {l.name for l in layers if any(s == slot for s, _ in l.outputs)}
-    in_streams = {name for c in couplings for name in c.layers} | {
-        c.shortcut_from for c in couplings if c.shortcut_from
-    }
+    in_streams = {name for c in couplings for name in c.layers}
     if producers & in_streams:
         return False
     undeclared = [
