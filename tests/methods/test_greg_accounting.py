@@ -3,11 +3,7 @@ import math
 import pytest
 from flax import nnx
 
-from sparsejax.methods.greg.accounting import (
-    greg_count,
-    greg_kept_inputs,
-    greg_pruned_count,
-)
+from sparsejax.methods.greg.accounting import greg_count, greg_pruned_count
 from sparsejax.models.base import Layer
 from sparsejax.structure.traced_model import build_zoo_model
 
@@ -27,7 +23,7 @@ def test_counts_match_a_hand_count_with_groups_and_a_flattened_input():
     # The reference divides a grouped convolution's FLOPs by the groups once more.
     assert dense.flops == 144 * 25 / 2 + 72 * 9 / 8 + 720
     assert greg_count(layers).flops == 2 * dense.flops
-    kept = greg_count(layers, {"fc": 4}, greg_kept_inputs(layers, {"depthwise": 5}))
+    kept = greg_count(layers, {"fc": 4}, {"fc": 5 * 9})
     assert kept.weights == 144 + 72 + 5 * 9 * 4
 
 

@@ -71,28 +71,3 @@ def greg_pruned_count(ratio: float, units: int) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"a pruning ratio must lie in [0, 1), got {ratio}")
     return min(math.ceil(ratio * units), units - 1) if ratio > 0 else 0
-
-
-def greg_kept_inputs(layers: tuple[Layer, ...], kept_out: Mapping[str, int]) -> dict[str, int]:
-    """Kept input units of the layers that read a layer in ``kept_out`` (by :attr:`Layer.reads`):
-    its kept channels times the input units per channel (the positions of a flattened map)."""
-    by_name = {layer.name: layer for layer in layers}
-    kept_in = {}
-    for layer in layers:
-        producers = [name for name in layer.reads if name in kept_out]
-        if not producers:
-            continue
-        if len(layer.reads) != 1:
-            raise ValueError(
-                f"layer {layer.name!r} reads {layer.reads}; only a layer reading one pruned "
-                "producer can be counted"
-            )
-        producer = by_name[producers[0]]
-        positions, remainder = divmod(layer.in_units, producer.out_units)
-        if remainder:
-            raise ValueError(
-                f"layer {layer.name!r} has {layer.in_units} inputs, not a multiple of the "
-                f"{producer.out_units} channels of {producer.name!r} it reads"
-            )
-        kept_in[layer.name] = kept_out[producer.name] * positions
-    return kept_in

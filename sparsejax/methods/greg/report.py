@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax.methods.base import MethodState
-from sparsejax.methods.greg.accounting import greg_count, greg_kept_inputs
+from sparsejax.methods.greg.accounting import greg_count
 from sparsejax.methods.greg.schedule import FINETUNE, NOT_YET, REGULARISE, STABILISE
 from sparsejax.models.base import GatedModel, Layer
 from sparsejax.structure.accounting import count_network, kept_units
@@ -56,15 +56,16 @@ def pruned_size(
 ) -> dict[str, Any]:
     """Kernel weights and FLOPs under GReg's counter (:func:`.accounting.greg_count`)
     of the dense and of the masked network. Filters: the network with the masked channels
-    removed, its ``speedup`` and kept ``widths`` per pruned layer; weights: the kept weights
-    (unstructured sparsity saves no counted FLOPs)."""
+    removed from their layers (their readers keep their rows in the count: a declared
+    transformer declares no reads between its layers), its ``speedup`` and kept ``widths`` per
+    pruned layer; weights: the kept weights (unstructured sparsity saves no counted FLOPs)."""
     dense = greg_count(layers)
     masks = {
         name: np.asarray(layer["mask"]) for name, layer in zip(layer_names, state["layers"])
     }
     if granularity == "filter":
         kept_out = {name: int(np.sum(mask > 0)) for name, mask in masks.items()}
-        return _filter_size(layers, kept_out, greg_kept_inputs(layers, kept_out), kept_out)
+        return _filter_size(layers, kept_out, {}, kept_out)
     removed = sum(int(np.sum(mask == 0)) for mask in masks.values())
     return {
         "dense_weights": dense.weights,
