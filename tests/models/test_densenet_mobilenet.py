@@ -71,12 +71,12 @@ def cheap_rngs():
     return nnx.Rngs(cheap_key(0))
 
 
-def narrow_densenet(depth=7, **kwargs):
+def narrow_densenet(depth=7, gate_factory=hc_factory, **kwargs):
     """DenseNet-7 (one layer a block), growth rate 4, on 8x8 images, on its trace."""
     rngs = cheap_rngs()
     net = DenseNet(depth=depth, growth_rate=4, initial_features=4, input_shape=(SIDE, SIDE, 3),
                    num_classes=CLASSES, rngs=rngs)
-    return gate_zoo_network(net, "densenet40", rngs=rngs, gate_factory=hc_factory, **kwargs)
+    return gate_zoo_network(net, "densenet40", rngs=rngs, gate_factory=gate_factory, **kwargs)
 
 
 def narrow_mobilenet(variant="cifar", **kwargs):
@@ -558,10 +558,7 @@ def test_a_dep_l0_densenet_slims_without_its_gate_generator():
     """Dep-L0's gates come from a generator: the slim network holds its test-time gates folded
     into the weights, no generator, and has the gated logits."""
     method = create_method("dep_l0", method_config("dep_l0", "densenet40"), RunInfo(100))
-    rngs = cheap_rngs()
-    net = DenseNet(depth=7, growth_rate=4, initial_features=4, input_shape=(SIDE, SIDE, 3),
-                   num_classes=CLASSES, rngs=rngs)
-    model = gate_zoo_network(net, "densenet40", rngs=rngs, gate_factory=method.make_gates)
+    model = narrow_densenet(gate_factory=method.make_gates)
     assert any(isinstance(node, GateGenerator) for _, node in nnx.iter_graph(model))
     randomize_batch_norms(model, np.random.default_rng(9))
     slim = slim_traced_model(model, np.asarray(images(9)))
