@@ -5,13 +5,13 @@
 The masked network is the dense zoo model, gated from its trace with one slot per removable
 group, whose pruned filters are zero: the filters GReg's rules pick at ``--stage_pr`` = [stem,
 stage 1, ..., fc] (the GReg ResNet-56 setting [0, 0.75, 0.75, 0.32, 0] by default: the first
-convolution of every residual block), the lowest-L1 ones, zeroed with every member of their unit
-(kernel slice, BatchNorm entries, the next layer's rows). Both networks' eval-mode forward
-passes are jitted, compiled, then timed alternately over ``--repeats`` chunks of ``--steps``
-batches already on the device, so that both ratios come from the same run; the table gives the
-median examples per second, the wall-clock speedup, the FLOPs reduction (the slim report's,
-from the trace) and their quotient (the target is >= 0.7 on CPU), for the exactly slimmed
-network and for one whose widths are rounded up to ``--width_multiple``.
+convolution of every residual block), the lowest by GReg's score (mean |w|), zeroed with every
+member of their unit (kernel slice, BatchNorm entries, the next layer's rows). Both networks'
+eval-mode forward passes are jitted, compiled, then timed alternately over ``--repeats`` chunks
+of ``--steps`` batches already on the device, so that both ratios come from the same run; the
+table gives the median examples per second, the wall-clock speedup, the FLOPs reduction (the
+slim report's, from the trace) and their quotient (the target is >= 0.7 on CPU), for the
+exactly slimmed network and for one whose widths are rounded up to ``--width_multiple``.
 :mod:`benchmarks.narrow_conv` times the slimmed convolutions one by one (on XLA's CPU backend
 the narrowed 16-channel convolutions of stage 1 can be slower than the full-width ones).
 """
@@ -32,6 +32,8 @@ from benchmarks.common import dataset_like, forward
 from experiments.configs.cifar import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE
 from sparsejax.methods import RunInfo, create_method
+from sparsejax.methods.greg.schedule import smallest
+from sparsejax.methods.slot_groups import unit_mean_magnitudes
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.traced_model import TracedModel, build_zoo_model
 
@@ -47,19 +49,16 @@ _WIDTH_MULTIPLE = flags.DEFINE_integer(
 
 
 def prune_lowest_filters(model: TracedModel, name: str, stage_pr: tuple[float, ...]) -> None:
-    """Zero, in place, the lowest-L1 filters of every layer GReg's filter rules prune on zoo
-    model ``name`` at ``stage_pr``, with every member of their units."""
+    """Zero, in place, the filters GReg prunes on zoo model ``name`` at ``stage_pr`` (its rules
+    pick the units, the lowest by its score go), with every member of their units."""
     config = get_config("greg1")
     config.update(model=name, stage_pr=stage_pr, pretrain_epochs=0)
     method = create_method("greg1", config, RunInfo(num_train=1))
     slots = {slot.name: slot for slot in model.gate_slots}
     for layer in method.pruned_layers(model):
         slot = slots[layer.name]
-        kernel = np.asarray(model.layer_module(slot.layer).kernel[...])
-        norms = np.abs(np.moveaxis(kernel, slot.axis, -1)).reshape(-1, kernel.shape[slot.axis])
-        keep = np.ones(kernel.shape[slot.axis], np.float32)
-        keep[np.argsort(norms.sum(axis=0))[:layer.count]] = 0.0
-        model.scale_units(slot, jnp.asarray(keep))
+        pruned = smallest(unit_mean_magnitudes(model, slot), layer.count)
+        model.scale_units(slot, (~pruned).astype(jnp.float32))
 
 
 def time_chunk(run: Callable[[jax.Array], jax.Array], batches: jax.Array) -> float:

@@ -5,17 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.gates.scale import ScaleGate
-from sparsejax.models.base import each_slot
 from sparsejax.models.lm import DecoderLM, generate
 from sparsejax.slim import slim_model
+from tests.gated import scale_gates
 
 PROMPT = b"def f(x):"
-
-
-@each_slot
-def scale_gates(slot, rngs):
-    return ScaleGate(slot.shape)
 
 
 def small_lm(gate_factory=None) -> DecoderLM:

@@ -10,8 +10,6 @@ import pytest
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.gates.scale import ScaleGate
-from sparsejax.models.base import each_slot
 from sparsejax.models.lm import DecoderLM
 from sparsejax.models.vit import ViT
 from sparsejax.slim import slim_model
@@ -21,17 +19,13 @@ from sparsejax.slim.store import SLIM_CONFIG_FILE, ModelSpec, load_slim, save_sl
 from sparsejax.structure import gate_report
 from sparsejax.structure.traced_model import build_zoo_model
 from tests.commands import run_module
+from tests.gated import scale_gates
 
 DEPTH = 3
 LM_SHAPE = dict(dim=16, depth=DEPTH, heads=6, kv_heads=2, head_dim=4, ffn_hidden=24,
                 input_shape=(8,))
 VIT_SHAPE = dict(dim=16, depth=DEPTH, heads=4, head_dim=4, mlp_hidden=24, input_shape=(8, 8, 1))
 PATTERNS = ("heads", "kv_groups", "ffn", "hidden", "sublayers", "everything")
-
-
-@each_slot
-def scale_gates(slot, rngs):
-    return ScaleGate(slot.shape)
 
 
 def build(kind: str, granularity: str = "unit"):
