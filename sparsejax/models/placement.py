@@ -76,6 +76,18 @@ class GatePlacement:
       it but ``layer``. The slot names ``layer`` along its input axis, as a slot of heads
       does.
 
+    - ``side="output"`` with ``stream``: the units of a residual stream that normalisers read
+      (the hidden dimension of a pre-norm transformer, CoFi's hidden mask, Xia et al. 2022):
+      ``layer`` is one of the stream's producers and ``stream`` names the normalisers (module
+      paths) whose statistics read it. The gates multiply every write into the stream (its
+      producers' output columns and biases, parameters added into it such as position
+      embeddings), so a closed unit is exactly 0 in the stream; each reduction over the
+      stream's units (a normaliser's mean or mean square) is taken over the open units only,
+      sum(x * m) * d / n for the open mask m (z != 0) of n units, and the kernels that read
+      the stream lose the closed units' rows (multiplied by m). A closed unit is then the
+      network without it: ``|g|`` is everything one unit removes, and the slim network keeps
+      exactly the open units (no ``round_to``), its reductions divided by the kept width.
+
     Placements give the gated methods their slots; the methods that prune filters and units
     (GReg, gmp: :attr:`~sparsejax.methods.base.Method.uses_gate_placements`) take every
     removable group instead.
@@ -98,6 +110,9 @@ class GatePlacement:
         traced group.
       branch: the traced layers that only feed ``layer``: with it, one residual branch under
         one gate; empty for unit gates.
+      stream: the normalisers (module paths) whose statistics read the units of a residual
+        stream that ``layer`` writes: its hidden dimension under one gate per unit; empty
+        otherwise.
     """
 
     slot: str
@@ -109,5 +124,6 @@ class GatePlacement:
     heads: int = 0
     whole_unit: bool = False
     branch: tuple[str, ...] = ()
+    stream: tuple[str, ...] = ()
 
 

@@ -18,7 +18,11 @@ zero bias and the normaliser that fed it, is not stored:
 rows of an input selection (a placed slot on inputs that are no group of their own: pixels, a
 concatenation other layers read whole) go the same way, row by row, as do the rows that read a
 normaliser's output whose gates closed (a placement with ``norm``: the stem of the CIFAR
-ResNets, one member of a residual stream that stays whole) (:func:`selected_rows`).
+ResNets, one member of a residual stream that stays whole) (:func:`selected_rows`). A stream
+placed with the normalisers that read it (a transformer's hidden dimension) keeps exactly its
+open units: the constants its readers meet are found on the gated forward pass, whose sums
+over the stream run over its open units, and the slim network scales those sums to the full
+width.
 :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the groups of the
 model's own trace; ``round_to=K`` keeps back the removed units with the highest P(gate != 0)
 until every slimmed group has a multiple of K units. The largest logit difference
@@ -35,11 +39,12 @@ from flax import nnx
 
 from sparsejax.data.sources import BatchSource
 from sparsejax.slim.folding import test_gate_values
+from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.slim_trace import SlimFunction, slim_traced
 from sparsejax.structure.slim_trace.unread import live_rows, units_left
 from sparsejax.structure.slim_trace.zeros import Rows
 from sparsejax.structure.sparsify import parameters_gated
-from sparsejax.structure.traced_model import TracedModel
+from sparsejax.structure.traced_model import TracedModel, open_mask
 
 CHECK_EXAMPLES = 256
 """Test examples (images or token sequences) the slim network is compared on with the gated
@@ -94,21 +99,35 @@ def slim_traced_model(
         (s, jnp.asarray(values[name])) for name, slices in model.gated if name in values
         for s in slices
     ]
+    gated += [(s, open_mask(jnp.asarray(values[name])))
+              for name, _, _, rows in model.streams if name in values for s in rows]
     scores = model.group_values({
         name: np.asarray(model.gates[name].prob_nonzero())
         for _, name in model.group_slots if name in values
     })
     example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
     open_units = model.group_values(values)
+    streams = [(producer, open_mask(jnp.asarray(values[name])))
+               for name, _, producer, _ in model.streams if name in values]
+
+    def forward(net: nnx.Module, x: jax.Array) -> jax.Array:
+        """The gated model's forward pass on its folded parameters: its streams' sums over
+        their open units."""
+        return run_with_example_gates(net, x, [], streams=streams) if streams else net(x)
+
     with parameters_gated(model.net, gated):
-        keep, replaced, met = units_left(model.net, model.structure, example)
+        keep, replaced, met = units_left(model.net, model.structure, example, forward)
         for group, _ in model.carried:
             keep[group] = keep[group] & (open_units[group] > 0)
         for group in closed_branch_groups(model, values):
             keep[group] = np.zeros_like(keep[group])
+        stream_groups = [group for name, group, _, _ in model.streams if name in values]
+        for group in stream_groups:
+            keep[group] = open_units[group] > 0
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=keep, scores=scores,
             round_to=round_to, rows=selected_rows(model, met), replaced=replaced,
+            streams=stream_groups,
         )
     slim.check(_evaluation_logits(model, check), check)
     return slim

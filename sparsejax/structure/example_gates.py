@@ -1,4 +1,5 @@
-"""Gates drawn per example on a plain NNX module (Dep-L0 on a traced model).
+"""Gates drawn per example on a plain NNX module (Dep-L0 on a traced model), and sums over a
+stream's open units.
 
 A gate shared by the batch acts on its unit's consumers by scaling their kernel rows
 (:func:`~sparsejax.structure.sparsify.parameters_gated`). A gate drawn per example cannot scale
@@ -26,6 +27,14 @@ convolutions on the whole batch (:func:`~sparsejax.models.batch_chunks.whole_bat
 every one sees the examples, and a plain one is then run, gates applied, on slices of the batch
 as the model's own layers run on a CPU (:func:`~sparsejax.models.batch_chunks.convolve`).
 
+Streams. A residual stream gated with the normalisers that read it (a transformer's hidden
+dimension) needs its normalisers' statistics over its open units: the same evaluation, given
+the stream's open mask (shared or per example), walks the jaxpr with the structure analysis
+and takes every ``reduce_sum`` over the stream's units as ``sum(x * m) * d / n`` (the mean
+that follows divides by ``d``), whatever module computes it (:class:`_Streams`). A parameter
+concatenated to activations (a class token written into the stream) is gated per example
+where it is concatenated.
+
 Gates that cannot be placed this way are refused with a
 :class:`~sparsejax.errors.ConfigError`: a grouped convolution's gated axis, an activation whose
 first dimension is not the examples, a gated parameter reshaped before use, or one the
@@ -39,6 +48,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.extend import core
 
@@ -47,8 +57,10 @@ from sparsejax.models.batch_chunks import convolve, whole_batch
 from sparsejax.models.column_gradient import DIMENSIONS
 from sparsejax.structure.slim_trace.interpret import opened
 from sparsejax.structure.sparsify import GatedSlice, slice_factors
-from sparsejax.structure.trace.analyze import dotted_path
-from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS
+from sparsejax.structure.trace.analyze import dotted_path, walk_state_function
+from sparsejax.structure.trace.units import NO_UNIT, UnitTable
+from sparsejax.structure.trace.values import Frame
+from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
 
 INLINED_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2",
                            "checkpoint"})
@@ -60,6 +72,10 @@ PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
 SHARED_GATES = "use batch-shared gates (set config.per_example_gates=False where the method has it)"
 """How to get around a gate that cannot be drawn per example."""
 
+
+Stream = tuple[tuple[str, int], jax.Array]
+"""A residual stream whose sums run over its open units: the ``(kernel path, axis)`` of its
+first producer, and its open mask, ``(units,)`` or per example ``(batch, units)``."""
 
 Tracked = tuple[str, tuple[int | None, ...]]
 """A variable that is a gated parameter: its path, and the variable's dimension that holds each
@@ -136,6 +152,94 @@ def _product_dimension(eqn, kernel_operand: int, axis: int) -> tuple[str, int, i
     return "output", position[(kernel_operand, axis)], position[(other, 0)]
 
 
+class _Streams:
+    """The streams of one evaluation, found on the walk of its jaxpr: a sum over a stream's
+    units is a mean over its open units (CoFi's LayerNorm over the kept hidden dimensions, Xia
+    et al. 2022): ``sum(x * m) * d / n`` along each such dimension, for the open mask ``m`` of
+    ``n`` of its ``d`` units, so that a normaliser's mean and mean square are those of the
+    network without the closed units."""
+
+    def __init__(self, units: UnitTable, streams: Sequence[Stream]):
+        self.units = units
+        self.masks = []
+        seeds = {(seed.path, seed.axis): ids for seed, ids in zip(units.seeds, units.seed_ids)}
+        for producer, mask in streams:
+            if producer not in seeds:
+                raise ConfigError(f"stream gates: the forward pass reads no {producer[0]}")
+            where = {units.find(int(u)): k for k, u in enumerate(seeds[producer].tolist())}
+            self.masks.append((where, mask))
+
+    def _placed(self, ids: np.ndarray) -> tuple[np.ndarray, jax.Array] | None:
+        """The stream unit at each position of a dimension of unit ``ids`` and its stream's
+        mask, when they are one stream's units; None when none is."""
+        roots = [self.units.find(int(u)) if u != NO_UNIT else NO_UNIT for u in ids.tolist()]
+        for where, mask in self.masks:
+            found = [where.get(root) for root in roots]
+            if all(k is not None for k in found):
+                return np.asarray(found), mask
+            if any(k is not None for k in found):
+                raise ConfigError("stream gates: a sum runs over a stream's units and others; "
+                                  "only sums over the stream alone can skip its closed units")
+        return None
+
+    def _stream_dims(self, eqn, frame: Frame) -> list[tuple[int, np.ndarray, jax.Array]]:
+        """``(dimension, stream unit per position, mask)`` of each reduced dimension of
+        ``eqn``'s operand that holds a stream."""
+        value = frame.env.get(eqn.invars[0])
+        found = []
+        for field in () if value is None else value.fields:
+            reduced = set(field.dims) & set(eqn.params["axes"])
+            if not reduced:
+                continue
+            placed = self._placed(np.ravel(field.ids))
+            if placed is None:
+                continue
+            if len(field.dims) > 1:
+                raise ConfigError("stream gates: a sum runs over a stream's units joined with "
+                                  "another dimension; sum over the stream's units alone")
+            found.append((field.dims[0], *placed))
+        return found
+
+    def reduce(self, eqn, x: jax.Array, frame: Frame) -> jax.Array | None:
+        """The sum of ``eqn`` (a ``reduce_sum``) over the open units of the streams it reduces,
+        scaled to their full width; None when it reduces no stream."""
+        found = self._stream_dims(eqn, frame)
+        if not found:
+            return None
+        axes = tuple(eqn.params["axes"])
+        scale = 1.0
+        for dim, order, mask in found:
+            factors = mask[..., order]
+            if factors.ndim == 2:
+                x = _scaled(x, factors, 0, dim)
+                count = jnp.sum(factors, axis=-1)
+                count = count.reshape(-1, *([1] * (x.ndim - len(axes) - 1)))
+            else:
+                shape = [1] * x.ndim
+                shape[dim] = -1
+                x = x * factors.reshape(shape).astype(x.dtype)
+                count = jnp.sum(factors)
+            scale = scale * len(order) / jnp.maximum(count, 1)
+        return (jnp.sum(x, axis=axes) * scale).astype(x.dtype)
+
+    def refuse_inside(self, eqn, frame: Frame) -> None:
+        """Refuse a stream sum inside a call that is run as it is (a custom derivative rule),
+        where it cannot be rewritten."""
+        sub = sub_jaxpr(eqn) if eqn.primitive.name != "scan" else eqn.params["jaxpr"].jaxpr
+        children = iter(frame.children)
+        for inner in sub.eqns:
+            walked = sub_jaxpr(inner) is not None or inner.primitive.name == "scan"
+            child = next(children) if walked else None
+            if child is not None:
+                self.refuse_inside(inner, child)
+            elif inner.primitive.name == "reduce_sum" and self._stream_dims(inner, frame):
+                raise ConfigError(
+                    f"stream gates: a sum over a stream's units inside {eqn.primitive.name} "
+                    "(a function with its own derivative rule, or a loop) cannot skip its "
+                    "closed units; compute the normaliser's statistics outside it"
+                )
+
+
 class _Evaluation:
     """One evaluation of a jaxpr with the per-example gates of ``gated`` (parameter path ->
     its slices and their ``(batch, units)`` gate values); ``biases`` are the gated paths that
@@ -147,17 +251,23 @@ class _Evaluation:
         gated: Mapping[str, Sequence[tuple[GatedSlice, jax.Array]]],
         biases: set[str],
         sums: set[str],
+        streams: _Streams | None = None,
     ):
         self.gated = gated
         self.biases = biases
         self.sums = sums
+        self.streams = streams
         self.applied: set[str] = set()
 
-    def run(self, jaxpr, consts: Sequence, args: Sequence, tracked: dict) -> list:
+    def run(
+        self, jaxpr, consts: Sequence, args: Sequence, tracked: dict, frame: Frame | None = None
+    ) -> list:
         """The outputs of ``jaxpr`` on ``args``; ``tracked`` maps its variables that are gated
-        parameters to where their axes are (:data:`Tracked`)."""
+        parameters to where their axes are (:data:`Tracked`); ``frame`` is the walk of this
+        call of ``jaxpr`` (the fields of its variables), where streams are given."""
         env: dict = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
+        children = iter(frame.children) if frame is not None else None
 
         def read(var):
             return var.val if isinstance(var, core.Literal) else env[var]
@@ -168,13 +278,17 @@ class _Evaluation:
         for eqn in jaxpr.eqns:
             ins = [read(var) for var in eqn.invars]
             operands = [tracking(var) for var in eqn.invars]
+            walked = sub_jaxpr(eqn) is not None or eqn.primitive.name == "scan"
+            child = next(children) if children is not None and walked else None
             called = _inlined(eqn)
             if called is not None:
                 sub, sub_consts = called
                 inner = {s: t for s, t in zip(sub.invars, operands) if t is not None}
-                outs = self.run(sub, sub_consts, ins, inner)
+                outs = self.run(sub, sub_consts, ins, inner, child)
             else:
-                outs = self._evaluate(eqn, ins, operands)
+                if child is not None:
+                    self.streams.refuse_inside(eqn, child)
+                outs = self._evaluate(eqn, ins, operands, frame)
                 if operands and operands[0] is not None:
                     dims = _followed(eqn, operands[0][1])
                     if dims is not None:
@@ -182,17 +296,24 @@ class _Evaluation:
             env.update(zip(eqn.outvars, outs))
         return [read(var) for var in jaxpr.outvars]
 
-    def _evaluate(self, eqn, ins: list, operands: list[Tracked | None]) -> list:
+    def _evaluate(
+        self, eqn, ins: list, operands: list[Tracked | None], frame: Frame | None
+    ) -> list:
         """The outputs of ``eqn``, with the gates of a gated kernel on what it reads or on the
-        product's output, and those of a gated bias on the bias where it is added."""
+        product's output, those of a gated bias on the bias where it is added (or
+        concatenated), and a sum over a stream's units taken over its open units."""
         name = eqn.primitive.name
+        if name == "reduce_sum" and frame is not None:
+            reduced = self.streams.reduce(eqn, ins[0], frame)
+            if reduced is not None:
+                return [reduced]
         outputs = []
-        for operand, tracked in enumerate(operands[:2]):
+        for operand, tracked in enumerate(operands if name == "concatenate" else operands[:2]):
             if tracked is None or tracked[0] not in self.gated:
                 continue
             path, dims = tracked
             is_bias = path in self.biases or path in self.sums
-            if name not in (("add", "add_any") if is_bias else PRODUCTS):
+            if name not in (("add", "add_any", "concatenate") if is_bias else PRODUCTS):
                 continue
             for s, z in self.gated[path]:
                 dim = dims[s.axis]
@@ -274,12 +395,15 @@ def run_with_example_gates(
     gated: Sequence[tuple[GatedSlice, jax.Array]],
     biases: set[str] = frozenset(),
     sums: set[str] = frozenset(),
+    streams: Sequence[Stream] = (),
 ) -> jax.Array:
     """``module(x)`` with every slice of ``gated`` (gate values of shape ``(batch, units)``)
     applied to each example (module docstring), and the module's non-parameter state updated;
     ``biases`` are the paths of the gated parameters that are biases (added to a product's
-    output) rather than kernels, ``sums`` those of gated biases whose whole sum the gates scale
-    (a normaliser's bias: its output gated).
+    output, or concatenated to an activation: a class token) rather than kernels, ``sums``
+    those of gated biases whose whole sum the gates scale (a normaliser's bias: its output
+    gated). Every sum over the units of one of ``streams`` runs over its open units
+    (:class:`_Streams`).
 
     Raises:
       ConfigError: for a gate that cannot be applied per example (module docstring).
@@ -305,8 +429,14 @@ def run_with_example_gates(
     for var, (path, leaf) in zip(jaxpr.invars, param_keyed):
         if dotted_path(path) in by_path:
             tracked[var] = (dotted_path(path), tuple(range(jnp.ndim(leaf))))
-    evaluation = _Evaluation(by_path, set(biases), set(sums))
-    outs = evaluation.run(jaxpr, consts, [*param_leaves, *rest_leaves, x], tracked)
+    frame, walked = None, None
+    if streams:
+        named = [(dotted_path(path), leaf) for path, leaf in param_keyed]
+        named += [(f"state{k}", leaf) for k, leaf in enumerate(rest_leaves)]
+        ctx, _ = walk_state_function(jaxpr, named, {})
+        frame, walked = ctx.root, _Streams(ctx.units, streams)
+    evaluation = _Evaluation(by_path, set(biases), set(sums), walked)
+    outs = evaluation.run(jaxpr, consts, [*param_leaves, *rest_leaves, x], tracked, frame)
     missed = sorted(set(by_path) - evaluation.applied)
     if missed:
         raise ConfigError(

@@ -43,7 +43,10 @@ of a hand-written declaration:
   alone, with one row as ``|g|``; with ``norm``, the output of the normaliser after the layer
   (one member of a residual stream); with ``heads``, its output units by head; with
   ``branch``, one gate on the layer's whole output that removes a residual branch (a
-  transformer's sublayer). The zoo's own gates, placed so, give its declared slots,
+  transformer's sublayer); with ``stream``, the units of a residual stream that normalisers
+  read (a transformer's hidden dimension): its gates multiply every write into it, its open
+  mask the rows that read it, and the forward pass takes the normalisers' sums over its open
+  units (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). The zoo's own gates, placed so, give its declared slots,
   accounting and logits (``tests/structure/test_gate_placements.py``).
 
 - **Lookups and tied heads**: an embedding table whose rows are looked up is a layer
@@ -141,6 +144,10 @@ class _PlacedSlot:
     """For a placement with heads: the head (gate) of each unit of ``group``."""
     branch: tuple[str, ...] = ()
     """For a branch gate: the traced layers it switches off, its own layer first."""
+    stream: bool = False
+    """Whether ``group`` is a stream whose reductions are taken over its open units."""
+    masked: tuple[GatedSlice, ...] = ()
+    """For a stream: the rows of the kernels that read it, which its open mask multiplies."""
 
 
 def _covers(member: Member, size: int, group_size: int, heads: int) -> bool:
@@ -204,6 +211,8 @@ def _place(
         placement.slot, placement.layer, (size,), axis,
         placement.side == "output" and traced.bias is not None, placement.droprate_init, shape,
     )
+    if placement.stream:
+        return _place_stream(structure, placement, slot, found)
     if placement.norm is not None:
         return _place_after_norm(structure, layers, placement, slot, group)
     if placement.readers:
@@ -319,6 +328,55 @@ def _place_after_norm(
         reader_rows.append(GatedSlice(layers[reader].kernel, in_axes[0], units, units))
     return _PlacedSlot(slot, None, slices, tuple(placement.readers), tuple(reader_rows),
                        f"{placement.norm}.bias")
+
+
+def _place_stream(
+    structure: TracedStructure,
+    placement: GatePlacement,
+    slot: GateSlot,
+    found: Sequence[UnitGroup],
+) -> _PlacedSlot:
+    """A placement on a residual stream that normalisers read (:class:`GatePlacement` with
+    ``stream``): the stream's group, its gates on every write into it, its open mask on the
+    rows that read it; ``|g|`` is everything one unit removes.
+
+    Raises:
+      ConfigError: for outputs that are no one prunable group, with heads or norm, a named
+        normaliser with no parameter in the stream, or a reduction over the stream that is no
+        sum (a max cannot be taken over the open units by rescaling).
+    """
+    where = f"gate placement {placement.slot!r}"
+    if placement.heads or placement.norm is not None or placement.whole_unit:
+        raise ConfigError(f"{where}: a stream takes one gate per unit; leave out heads, norm "
+                          "and whole_unit")
+    if placement.side != "output":
+        raise ConfigError(f"{where}: a stream is gated on its producer's outputs; use "
+                          "side='output'")
+    if len(found) != 1 or not found[0].prunable:
+        why = (found[0].obstacle.describe() if len(found) == 1
+               else f"{len(found)} traced groups hold them")
+        raise ConfigError(f"{where}: the outputs of layer {placement.layer!r} are no prunable "
+                          f"stream ({why})")
+    group = found[0]
+    others = sorted({c.primitive for c in group.caveats} - {"reduce_sum"})
+    if others:
+        raise ConfigError(f"{where}: the stream is reduced by {', '.join(others)}; only sums "
+                          "(means) over its units can be taken over the open units")
+    norms = tuple(f"{norm}." for norm in placement.stream)
+    absent = [norm for norm, prefix in zip(placement.stream, norms)
+              if not any(m.path.startswith(prefix) for m in group.members)]
+    if absent:
+        raise ConfigError(f"{where}: {absent} have no parameter on the stream of layer "
+                          f"{placement.layer!r}; name the normalisers that read it")
+    readers = layer_readers(structure, group)
+    read = {(m.path, m.axis) for m in readers}
+    writes = tuple(
+        GatedSlice(m.path, m.axis, m.indices, m.units) for m in group.members
+        if (m.path, m.axis) not in read and not m.path.startswith(norms)
+    )
+    masked = tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in readers)
+    slot = dataclasses.replace(slot, gates_bias=False, group_params=_unit_params(structure, group))
+    return _PlacedSlot(slot, group.index, writes, stream=True, masked=masked)
 
 
 def _place_branch(
@@ -463,6 +521,12 @@ def _placed_slots(
             "same heads and drop rate share a slot name)"
         )
     return tuple(placed)
+
+
+def open_mask(z: jax.Array) -> jax.Array:
+    """1 where a gate is open (nonzero), 0 where it is closed: what a stream's readers' rows
+    are multiplied by."""
+    return (z != 0).astype(z.dtype)
 
 
 def _layer_name(kernel_path: str) -> str:
@@ -838,9 +902,12 @@ class TracedModel(GatedModel):
       carried: ``(group index, slot name)`` of the groups of a slot of heads that its gates
         do not act on (queries and keys); they go with their heads.
       spanning: the placed slots whose members (:meth:`slot_members`) are every layer slice
-        of their groups: those of heads and of ``whole_unit`` s.
+        of their groups: those of heads, of ``whole_unit`` s and of streams.
       branches: ``(slot name, layers)`` of every branch gate: the traced layers it switches
         off, the one its gate multiplies first.
+      streams: ``(slot name, group index, first producer, reader rows)`` of every stream
+        placement: the ``(kernel path, axis)`` that names its group in any trace, and the rows
+        of the kernels that read it, which the open mask (z != 0) multiplies.
     """
 
     def __init__(
@@ -892,9 +959,13 @@ class TracedModel(GatedModel):
         )
         self.reader_rows = tuple((p.slot.name, rows) for p in placed for rows in p.reader_rows)
         self.branches = tuple((p.slot.name, p.branch) for p in placed if p.branch)
+        self.streams = tuple(
+            (p.slot.name, p.group, self.structure.groups[p.group].producers[0], p.masked)
+            for p in placed if p.stream
+        )
         self.carried = _carried(self.structure, placed)
         self.spanning = tuple(dict.fromkeys(
-            p.slot for p in placements or () if p.heads or p.whole_unit))
+            p.slot for p in placements or () if p.heads or p.whole_unit or p.stream))
         if self.placed:
             self.gated = _joined_slices(placed, self.carried)
             unit_slots = _joined_slots(self.structure, placed, self.gated)
@@ -1063,7 +1134,9 @@ class TracedModel(GatedModel):
         ``z`` multiplied into the parameters they gate, or, for unit gates drawn per example
         (``(batch, units)``, Dep-L0), into each example's inputs of those parameters or, for
         a normaliser's output, into the example's sum with the normaliser's bias
-        (:func:`~sparsejax.structure.example_gates.run_with_example_gates`)."""
+        (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). A stream's
+        open mask multiplies the rows that read it, and its reductions run over its open units
+        (the jaxpr evaluated with them rewritten, in the same function)."""
         if train:
             self.net.train()
         else:
@@ -1076,11 +1149,20 @@ class TracedModel(GatedModel):
                 if drawn and name in summed:  # the normaliser's output: scaled where it is summed
                     slices = tuple(s for s in slices if s.path == summed[name])
                 (per_example if drawn else shared).extend((s, z[name]) for s in slices)
+        streams = []
+        for name, _, producer, rows in self.streams:
+            if name in z:
+                mask = open_mask(z[name])
+                streams.append((producer, mask))
+                (per_example if mask.ndim == 2 else shared).extend((s, mask) for s in rows)
         with parameters_gated(self.net, shared):
-            if per_example:
+            if per_example or streams:
+                writes = {s.path for name, *_ in self.streams for s in dict(self.gated)[name]}
                 biases = {layer.bias for layer in self.structure.layers if layer.bias}
+                kernels = {layer.kernel for layer in self.structure.layers}
                 return run_with_example_gates(
-                    self.net, x, per_example, biases, sums=set(summed.values())
+                    self.net, x, per_example, biases | (writes - kernels),
+                    sums=set(summed.values()), streams=streams,
                 )
             return self.net(x)
 

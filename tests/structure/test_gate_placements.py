@@ -27,7 +27,7 @@ from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models.base import GatedModel
 from sparsejax.models.registry import build_model
-from sparsejax.models.transformer import slot_family
+from sparsejax.models.transformer import HIDDEN, Norm, slot_family
 from sparsejax.slim.surgery import slim_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
@@ -52,15 +52,15 @@ TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
     "vit_tiny": lambda **kwargs: build_zoo_model(
-        "vit_tiny", families=("heads", "ffn", "attn", "mlp"), depth=2, **kwargs),
+        "vit_tiny", families=("heads", "ffn", "attn", "mlp", "hidden"), depth=2, **kwargs),
     "lm_tiny": lambda **kwargs: build_zoo_model(
         "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp"), dim=64, depth=2, head_dim=16,
         ffn_hidden=96, **kwargs),
 }
 """The ViT's
-class at 2 blocks (of 4, each block the same declarations) with its head, FFN-unit and sublayer
-gates, the families a placement expresses (its hidden
-dimension, whose norms take their statistics over the open dimensions: not yet). The LM's class
+class at 2 blocks (of 4, each block the same declarations) with all its families: head, FFN-unit,
+sublayer and hidden-dimension gates (a stream, whose norms take their statistics over the open
+dimensions). The LM's class
 at 2 blocks of half the width (4 query heads in 2 key/value groups, as in ``lm_tiny``) with its
 key/value group, FFN-unit and sublayer gates (not yet: a query head of a key/value group, which
 shares its keys and values with the group's other query heads, so that its units are no
@@ -91,8 +91,14 @@ def placements(zoo: GatedModel) -> list[GatePlacement]:
     def traced_name(layer: str) -> str:
         return "zoo." + where[id(zoo.layer_module(layer))]
 
+    norms = tuple("zoo." + ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)
+                  if isinstance(node, Norm))
     result = []
     for slot in zoo.gate_slots:
+        if slot_family(slot.name) == HIDDEN:  # the stream and the norms that read it
+            result.append(GatePlacement(slot.name, traced_name(slot.layer), "output",
+                                        slot.droprate_init, stream=norms))
+            continue
         by_heads = {"heads": ("q", "v"), "kv_groups": ("k", "v")}.get(slot_family(slot.name))
         if by_heads:  # a head's (a key/value group's) query/key and value units
             attention = slot.layer.rsplit(".", 1)[0]

@@ -273,11 +273,12 @@ def _report(
     row_share: Mapping[str, float],
     rows: Mapping[str, tuple[int, np.ndarray]],
     unstored: int,
+    streams: set[int],
 ) -> SlimReport:
     """Widths, status and costs of the slim network (``kept``: units kept per group;
     ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps;
     ``unstored``: the kernel and bias entries the units keep that it does not store,
-    :mod:`.dead`)."""
+    :mod:`.dead`; ``streams``: the groups slimmed as streams although reductions read them)."""
     before = traced.count()
     keep = {g: k.astype(np.float64) for g, k in kept.items()}
     after = traced.count(keep)
@@ -290,7 +291,7 @@ def _report(
                 g.size,
                 int(open_masks.get(g.index, np.ones(g.size, bool)).sum()),
                 int(kept[g.index].sum()),
-                _status(g),
+                "slimmed" if g.index in streams else _status(g),
             )
             for g in traced.groups
         ),
@@ -318,6 +319,7 @@ def slim_traced(
     rows: Mapping[str, tuple[int, np.ndarray]] | None = None,
     replaced: Mapping[str, np.ndarray | jax.Array] | None = None,
     apply: Apply = call_model,
+    streams: Sequence[int] = (),
 ) -> SlimFunction:
     """The slim evaluation network of ``model`` with the units of closed gates removed.
 
@@ -345,6 +347,10 @@ def slim_traced(
     ``replaced`` gives new values for some floating state arrays, by path, after ``gates`` are
     folded: biases that absorbed the constants some rows meet, with those rows zeroed
     (:func:`sparsejax.slim.traced.absorbed_constants`).
+
+    ``streams`` are groups of ``structure`` whose sums the model takes over their open units (a
+    stream placed with its normalisers): they keep exactly the units ``keep`` keeps, and the
+    slim network scales their sums to the full width (:mod:`.interpret`).
 
     Arrays the output no longer depends on once the units are cut (what is left of a residual
     branch whose units all went, :mod:`.dead`) are not stored: the slim network runs on zeros
@@ -378,7 +384,8 @@ def slim_traced(
         return out
 
     kept = physical_keep(
-        traced, program.frame, moved(keep, True), round_to=round_to, scores=moved(scores, 0.0)
+        traced, program.frame, moved(keep, True), round_to=round_to, scores=moved(scores, 0.0),
+        streams=[matched[group][0] for group in streams],
     )
     unit_values = traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()})
     leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(nnx.state(evaluated))))
@@ -430,6 +437,6 @@ def slim_traced(
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
     report = _report(traced, kept, moved(keep, True), round_to, floating, params, row_share,
-                     rows or {}, unstored)
+                     rows or {}, unstored, {matched[group][0] for group in streams})
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
     return SlimFunction(slim_apply, params, report, input_spec)

@@ -9,9 +9,12 @@ rewritten (``broadcast_in_dim`` and ``reshape`` shapes, ``split`` sizes, ``iota`
 group count of a depthwise convolution) and slicing an operand that has all positions where the
 equation's other operands or its output keep fewer (a constant added to a narrowed activation).
 Sub-jaxprs of calls are run inline and scan bodies under ``lax.scan``, each with the frame its
-walk made. Reductions never run over a narrowed dimension: the groups whose units a reduction
-reads are kept whole (see :func:`~sparsejax.structure.slim_trace.widths.physical_keep`), so a
-mean keeps its divisor. A product's batch dimension that no unit labels but whose operands
+walk made. Reductions run over a narrowed dimension only for a stream placed with its
+normalisers (:class:`~sparsejax.models.placement.GatePlacement` with ``stream``): the other
+groups whose units a reduction reads are kept whole (see
+:func:`~sparsejax.structure.slim_trace.widths.physical_keep`), so a mean keeps its divisor;
+a stream's sums are scaled by ``d / n``, ``n`` of its ``d`` units kept, as the gated model
+takes them over its open units. A product's batch dimension that no unit labels but whose operands
 hold part of it (heads split from a flat projection, the head removed) gets the missing
 positions back as zeros (see :func:`_dot_general`).
 
@@ -396,7 +399,33 @@ def _gather(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
     return _rebind(eqn, ins, {**eqn.params, "slice_sizes": tuple(sizes)})
 
 
+def _reduce_sum(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
+    """A sum over dimensions that lost units is a sum over a stream's open units
+    (:func:`~sparsejax.structure.slim_trace.widths.physical_keep` narrows no other reduced
+    group), which the gated model scales to the full width: ``sum * d / n`` for the ``n`` of
+    ``d`` units kept."""
+    (out,) = _rebind(eqn, ins, eqn.params)
+    shape = eqn.invars[0].aval.shape
+    scale = 1.0
+    for axis in eqn.params["axes"]:
+        kept = ins_kept[0][axis]
+        if kept is not None:
+            scale *= shape[axis] / max(len(kept), 1)
+    return [out if scale == 1.0 else (out * scale).astype(out.dtype)]
+
+
+def _narrowed_reduction(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
+    """A reduction other than a sum runs over whole dimensions only."""
+    if any(ins_kept[0][axis] is not None for axis in eqn.params["axes"]):
+        raise SlimmingError(f"{eqn.primitive.name} over a dimension that lost units")
+    return _rebind(eqn, ins, eqn.params)
+
+
 _RULES: dict[str, Rule] = {
+    "reduce_sum": _reduce_sum,
+    "reduce_max": _narrowed_reduction,
+    "reduce_min": _narrowed_reduction,
+    "reduce_prod": _narrowed_reduction,
     "broadcast_in_dim": _broadcast_in_dim,
     "reshape": _reshape,
     "iota": _iota,

@@ -7,7 +7,10 @@ the network's outputs:
 - groups with caveats (a reduction reads their units: LayerNorm / RMSNorm statistics, a mean or
   max over features) keep every unit, since the gated model's statistic still sees the units
   whose gates are closed; their gates are folded into the consumers instead (so a closed unit's
-  contribution is zero, exactly as in the gated model);
+  contribution is zero, exactly as in the gated model). A *stream* (a residual stream placed
+  with the normalisers that read it) is the exception: its gated model takes its sums over the
+  open units, so it keeps exactly those (``round_to`` adds none: a unit added back would change
+  the count its sums are scaled by);
 - an array dimension labelled jointly with another (features split into heads x head_dim) can
   only lose whole rows and columns: a closed unit inside the rectangle of kept positions is kept
   (with its gate, 0, folded into its consumers);
@@ -20,7 +23,7 @@ the slim network computes what the gated one does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -101,13 +104,15 @@ def physical_keep(
     *,
     round_to: int = 1,
     scores: Mapping[int, np.ndarray] | None = None,
+    streams: Sequence[int] = (),
 ) -> dict[int, np.ndarray]:
     """Per group of ``structure``, the units the slim network keeps (boolean), given the units
     whose gates are open (``open_units``: group index -> boolean per unit; groups not given
-    keep all); ``frame`` is the walk that made ``structure``. See the module docstring."""
+    keep all); ``frame`` is the walk that made ``structure``. ``streams`` are groups that keep
+    exactly their open units although reductions read them (see the module docstring)."""
     removable = slimmable(structure)
     keep = {g.index: np.ones(g.size, bool) for g in structure.groups}
-    for group in removable:
+    for group in (*removable, *streams):
         if group in open_units:
             keep[group] = np.asarray(open_units[group], bool).copy()
     fields = list(_joint_fields(frame))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,33 @@ def forward_jaxpr(
     return closed, keyed, out_shape
 
 
+def walk_state_function(
+    jaxpr, named: Sequence[tuple[str, jax.Array]], is_param: Mapping[str, bool]
+) -> tuple[Context, list[Value]]:
+    """The walk of ``jaxpr``, a function of the state arrays ``named`` (dotted path, array), in
+    order, then of a model input: every dimension of a floating state array a run of fresh
+    units (the parameters' ids recorded, by ``is_param``); the context and the outputs'
+    values."""
+    ctx = Context()
+    inputs, param_ids = [], {}
+    for name, leaf in named:
+        shape = tuple(leaf.shape)
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            inputs.append(UNLABELLED)
+            continue
+        ids = [ctx.units.new_units(Seed(name, axis, size)) if size > 1 else size
+               for axis, size in enumerate(shape)]
+        fields = tuple(
+            make_field((axis,), i) for axis, i in enumerate(ids) if not isinstance(i, int)
+        )
+        inputs.append(Value(fields, param=name, sources=frozenset({name})))
+        if is_param.get(name, False):
+            param_ids[name] = tuple(ids)
+    ctx.param_ids = param_ids
+    outs = walk(ctx, jaxpr, [*inputs, UNLABELLED])
+    return ctx, outs
+
+
 def trace_program(
     model: nnx.Module,
     example_input: jax.Array | jax.ShapeDtypeStruct,
@@ -101,33 +128,16 @@ def trace_program(
     is_param = {dotted_path(path): isinstance(v, nnx.Param)
                 for path, v in nnx.to_flat_state(nnx.state(model))}
     closed, keyed, out_shape = forward_jaxpr(model, example_input, apply)
-
-    ctx = Context()
-    inputs, param_ids = [], {}
-    for path, leaf in keyed:
-        name = dotted_path(path)
-        shape = tuple(leaf.shape)
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            inputs.append(UNLABELLED)
-            continue
-        ids = [ctx.units.new_units(Seed(name, axis, size)) if size > 1 else size
-               for axis, size in enumerate(shape)]
-        fields = tuple(
-            make_field((axis,), i) for axis, i in enumerate(ids) if not isinstance(i, int)
-        )
-        inputs.append(Value(fields, param=name, sources=frozenset({name})))
-        if is_param[name]:
-            param_ids[name] = tuple(ids)
-    ctx.param_ids = param_ids
-    outs = walk(ctx, closed.jaxpr, [*inputs, UNLABELLED])
+    paths = tuple(dotted_path(path) for path, _ in keyed)
+    ctx, outs = walk_state_function(
+        closed.jaxpr, [(p, leaf) for p, (_, leaf) in zip(paths, keyed)], is_param)
     for out in outs:
         for field in out.fields:
             ctx.units.block(field.ids, OUTPUT_BLOCKER)
     structure = TracedStructure(
-        ctx.units, ctx.counted_layers(), ctx.other_macs, param_ids, example_input.shape[0],
+        ctx.units, ctx.counted_layers(), ctx.other_macs, ctx.param_ids, example_input.shape[0],
         ctx.head_splits,
     )
-    paths = tuple(dotted_path(path) for path, _ in keyed)
     return TracedProgram(
         structure, closed, ctx.root, paths, jax.tree_util.tree_structure(out_shape)
     )
