@@ -41,8 +41,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from sparsejax.models.base import GateSlot, Layer
-from sparsejax.models.transformer import SpanSlot
+from sparsejax.models.base import GateSlot, Layer, SpanSlot
 from sparsejax.structure.accounting import count_layer
 
 PENALTY_FORMS: tuple[str, ...] = ("layers", "reference_chain", "reference_k4")

@@ -65,6 +65,17 @@ class GateSlot:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpanSlot(GateSlot):
+    """A unit slot whose gates remove parameters in several layers (a transformer's head: its
+    query, key, value and output-projection slices; an FFN unit; a sublayer; the hidden
+    dimension); ``group_params`` is what one gate removes. Dep-L0 counts such a slot by the
+    expected weights of every layer it gates
+    (:func:`~sparsejax.methods.dep_penalty.span_expected_weights`) and chains its generator
+    over a transformer's slots by family
+    (:func:`~sparsejax.models.transformer.family_chain_order`)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class SlotMember:
     """Entries of one parameter that a slot's gates remove: the *parameter groups of a slot*.
 

@@ -50,7 +50,6 @@ parameters outside the declared layers, as BatchNorm's are in the CNNs. A slot's
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -59,7 +58,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
-from sparsejax.models.base import GatedModel, GateSlot, Layer, SlotMember, UnitSource
+from sparsejax.models.base import GatedModel, GateSlot, Layer, SlotMember, SpanSlot, UnitSource
 from sparsejax.models.layers import Dense
 
 DROPRATE = 0.1
@@ -75,12 +74,6 @@ FAMILIES: tuple[str, ...] = ("heads", "kv_groups", "ffn", "attn", "mlp", "hidden
 HIDDEN = "hidden"
 NORMS: tuple[str, ...] = ("layer", "rms")
 FFNS: tuple[str, ...] = ("gelu", "swiglu")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpanSlot(GateSlot):
-    """A unit slot whose gates remove parameters in several layers (a head: its query, key,
-    value and output-projection slices); ``group_params`` is what one gate removes."""
 
 
 def slot_family(name: str) -> str:

@@ -83,6 +83,7 @@ from sparsejax.models.base import (
     Granularity,
     Layer,
     SlotMember,
+    SpanSlot,
     UnitIndex,
     UnitSource,
     check_granularity,
@@ -968,7 +969,12 @@ class TracedModel(GatedModel):
             p.slot for p in placements or () if p.heads or p.whole_unit or p.stream))
         if self.placed:
             self.gated = _joined_slices(placed, self.carried)
-            unit_slots = _joined_slots(self.structure, placed, self.gated)
+            spans = set(self.spanning) | {name for name, _ in self.branches}
+            unit_slots = [
+                SpanSlot(*(getattr(slot, f.name) for f in dataclasses.fields(slot)))
+                if slot.name in spans else slot
+                for slot in _joined_slots(self.structure, placed, self.gated)
+            ]
         else:
             unit_slots = [self._unit_slot(g, name, layers) for g, name in self.group_slots]
             self.gated = self._gated_slices(slots)

@@ -254,7 +254,8 @@ def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.n
     return np.array(losses), np.asarray(model(images[0], train=False))
 
 
-@pytest.mark.parametrize("name, method_name", [("vit_tiny", "l0_hc"), ("lm_tiny", "l0_hc")])
+@pytest.mark.parametrize("name, method_name", [
+    ("vit_tiny", "l0_hc"), ("lm_tiny", "l0_hc"), ("vit_tiny", "dep_l0")])
 def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     """Ten engine steps from the same initial network and gates stay within float rounding."""
     config = get_config(method_name)
