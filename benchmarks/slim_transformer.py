@@ -3,10 +3,11 @@
     python -m benchmarks.slim_transformer --run=runs/transformer_table/lm_tiny/l0_hc
 
 Restores the newest checkpoint of a training run of ``lm_tiny`` or ``vit_tiny``
-(:func:`sparsejax.slim.runs.restore_run`), slims it (:func:`sparsejax.slim.slim_model`: the
-closed heads, KV groups, FFN units, hidden dimensions and sublayers removed) and checks that both
-networks give the same logits. Both eval-mode forward passes are jitted, compiled, then timed in
-turn over ``--repeats`` chunks of ``--steps`` batches already on the device
+(:func:`sparsejax.slim.runs.restore_run`), slims it (the closed heads, KV groups, FFN units, hidden
+dimensions and sublayers removed: ``vit_tiny`` from its trace,
+:func:`sparsejax.slim.traced.slim_traced_model`; ``lm_tiny`` by :func:`sparsejax.slim.slim_model`)
+and checks that both networks give the same logits. Both eval-mode forward passes are jitted,
+compiled, then timed in turn over ``--repeats`` chunks of ``--steps`` batches already on the device
 (:func:`benchmarks.common.interleaved_medians`), so that the ratio comes from one run on a shared
 machine; the table gives the median examples per second, the wall-clock speedup, the FLOPs
 reduction (MACs with the attention products, :mod:`sparsejax.structure.accounting`) and their
@@ -35,6 +36,8 @@ from benchmarks.common import (  # noqa: E402
 from sparsejax.data.text import TEXT_DATASETS  # noqa: E402
 from sparsejax.slim import slim_model  # noqa: E402
 from sparsejax.slim.runs import restore_run  # noqa: E402
+from sparsejax.slim.traced import slim_traced_model  # noqa: E402
+from sparsejax.structure.traced_model import TracedModel  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "Working directory of a gated transformer run.",
                            required=True)
@@ -47,14 +50,21 @@ _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this file."
 def main(argv: list[str]) -> None:
     del argv
     model, spec, step = restore_run(_RUN.value)
-    result = slim_model(model)
     like = dataset_like(spec.model)
     shape = (_STEPS.value, _BATCH.value, *input_spec(like).image_shape)
     if like in TEXT_DATASETS:
         batches = jax.random.randint(jax.random.key(0), shape, 0, input_spec(like).num_classes)
     else:
         batches = jax.random.uniform(jax.random.key(0), shape)
-    runs = {"gated": forward(model), "slim": forward(result.model)}
+    if isinstance(model, TracedModel):  # vit_tiny: slimmed from its trace
+        slim = slim_traced_model(model, np.asarray(batches[0]))
+        slim_forward, report = jax.jit(slim), slim.report
+        architecture = {"widths": report.widths}
+    else:
+        result = slim_model(model)
+        slim_forward, report = forward(result.model), result.report
+        architecture = result.model.architecture()
+    runs = {"gated": forward(model), "slim": slim_forward}
     outputs = {name: run(batches[0]) for name, run in runs.items()}
     scale = max(1.0, float(np.abs(outputs["gated"]).max()))
     np.testing.assert_allclose(outputs["slim"], outputs["gated"], atol=1e-4 * scale, rtol=1e-4)
@@ -69,13 +79,12 @@ def main(argv: list[str]) -> None:
     seconds = interleaved_medians(
         {name: chunk(run) for name, run in runs.items()}, _REPEATS.value, _STEPS.value
     )
-    report = result.report
     speedup = seconds["gated"] / seconds["slim"]
     numbers = {
         "run": _RUN.value,
         "model": spec.model,
         "step": step,
-        "architecture": result.model.architecture(),
+        "architecture": architecture,
         "batch_size": _BATCH.value,
         "ms_per_batch": {name: 1000 * s for name, s in seconds.items()},
         "params": [report.params_before, report.params_after],

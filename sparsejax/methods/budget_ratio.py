@@ -50,43 +50,28 @@ def kept_fraction(
     count: PrunedCount = rounded_count,
 ) -> float:
     """The ``kind`` (flops | params) left when every layer in ``ratios`` loses that fraction of
-    its output units (``structure="unit"``) or kernel weights (``"weight"``), as a fraction of
-    the dense network's. Layers that declare what they read (``Layer.reads``, the zoo's hand
-    declarations) pass their kept output units on to their readers; traced layers, which
-    declare no reads, through the gate slots of their outputs (:func:`_slot_fraction`)."""
+    its output units (``structure="unit"``: passed on to their readers through the gate slots
+    of those outputs, :func:`_slot_fraction`) or kernel weights (``"weight"``), as a fraction
+    of the dense network's."""
     layers = tuple(layers)
-    if structure == "unit" and not any(layer.reads for layer in layers):
+    if structure == "unit":
         units = {
             slot: (ratios[layer.name], slot_size(placement, layer.out_units))
             for layer in layers if ratios.get(layer.name, 0.0) > 0
             for slot, placement in layer.outputs
         }
         return _slot_fraction(layers, units, kind, count)
-    out_keep = {}
-    for layer in layers:
-        ratio = ratios.get(layer.name, 0.0)
-        units = layer.out_units
-        out_keep[layer.name] = (
-            (units - count(ratio, units)) / units if structure == "unit" and ratio > 0 else 1.0
-        )
     kept = dense = 0.0
     for layer in layers:
         weights = float(math.prod(layer.kernel_shape))  # count_layer(layer, {}) of dense
         biases = float(layer.out_units if layer.has_bias else 0)
-        if structure == "unit":
-            producers = [out_keep[name] for name in layer.reads if name in out_keep]
-            in_keep = sum(producers) / len(producers) if producers else 1.0
-            kept_weights = weights * in_keep * out_keep[layer.name]
-            kept_biases = biases * out_keep[layer.name]
-        else:
-            ratio = ratios.get(layer.name, 0.0)
-            kept_weights = weights - (count(ratio, int(weights)) if ratio > 0 else 0)
-            kept_biases = biases
+        ratio = ratios.get(layer.name, 0.0)
+        kept_weights = weights - (count(ratio, int(weights)) if ratio > 0 else 0)
         if kind == "flops":
             kept += kept_weights * layer.out_positions
             dense += weights * layer.out_positions
         else:
-            kept += kept_weights + kept_biases
+            kept += kept_weights + biases
             dense += weights + biases
     return kept / dense
 

@@ -145,9 +145,6 @@ class Layer:
       kernel_slot: the weight-granularity slot of this layer's kernel, if any.
       groups: feature groups of a grouped convolution (the kernel's in axis is ``in / groups``;
         a depthwise convolution has ``groups == in == out``).
-      reads: the producers whose output channels, concatenated in this order, form this layer's
-        input: layer names, :class:`ChannelCoupling` names (a residual stream) or
-        :data:`MODEL_INPUT`. Empty when not declared.
       kernel_axes: the order in which the stored kernel's axes give ``kernel_shape`` (each side
         then flattened): ``(1, 0)`` for a kernel stored ``(out, in)`` and applied transposed (a
         tied embedding as the output head); None for a kernel stored in this order.
@@ -161,7 +158,6 @@ class Layer:
     outputs: UnitSource = ()
     kernel_slot: str | None = None
     groups: int = 1
-    reads: tuple[str, ...] = ()
     kernel_axes: tuple[int, ...] | None = None
 
     def geometry(self, kernel: Array) -> Array:
@@ -184,10 +180,6 @@ class Layer:
         return math.prod(self.kernel_shape[:-2])
 
 
-MODEL_INPUT = "input"
-"""The name under which :attr:`Layer.reads` refers to the model's input."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ChannelCoupling:
     """Layers whose outputs are added channel by channel (a residual stream).
@@ -196,7 +188,7 @@ class ChannelCoupling:
     every layer that reads the stream loses its input c with it.
 
     Attributes:
-      name: how :attr:`Layer.reads` refers to the stream.
+      name: the stream's name (in reports and errors).
       layers: the member layers (their outputs, after any BatchNorm, are summed).
       fixed: True when the stream's width cannot change (e.g. option-A padding).
     """

@@ -41,6 +41,7 @@ MODELS: dict[str, Callable[..., GatedModel | nnx.Module]] = {
 PLAIN = frozenset({
     "mlp", "lenet5", "resnet20", "resnet56", "resnet110", "vgg16", "vgg19", "wrn28_10",
     "resnet164", "resnet34", "resnet50", "densenet40", "mobilenet_v2", "mobilenet_v2_cifar",
+    "vit_tiny",
 })
 """The zoo models written as plain NNX modules with their ``gate_placements``
 (:mod:`sparsejax.models.placement`), gated from their trace

@@ -58,8 +58,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.gates.apply import gate_units
-from sparsejax.models.base import GatedModel, GateSlot, Layer, SlotMember, SpanSlot, UnitSource
+from sparsejax.models.base import (
+    GatedModel,
+    GateSlot,
+    Layer,
+    SlotMember,
+    SpanSlot,
+    UnitSource,
+)
 from sparsejax.models.layers import Dense
+from sparsejax.models.placement import GatePlacement
 
 DROPRATE = 0.1
 """Initial drop rate of the unit slots. Lower than the CNNs' 0.5: a residual branch is multiplied
@@ -79,6 +87,12 @@ FFNS: tuple[str, ...] = ("gelu", "swiglu")
 def slot_family(name: str) -> str:
     """The family of a transformer slot name (``"blocks.2.heads"`` -> ``"heads"``)."""
     return name.rsplit(".", 1)[-1]
+
+
+def by_family(slots: Sequence[GateSlot]) -> bool:
+    """Whether ``slots`` are a transformer's, each named by its family (``"hidden"``,
+    ``"blocks.{i}.heads"``, ...), declared or placed: GReg reads its ratios per family then."""
+    return bool(slots) and all(slot_family(slot.name) in FAMILIES for slot in slots)
 
 
 def family_slots(slots: Iterable[GateSlot]) -> dict[str, tuple[str, ...]]:
@@ -345,6 +359,81 @@ class Block(nnx.Module):
         self.ffn_norm = Norm(dim, norm) if ffn_hidden > 0 else None
         self.ffn = FeedForward(dim, ffn_hidden, kind=ffn, use_bias=use_bias, out_scale=out_scale,
                                rngs=rngs) if ffn_hidden > 0 else None
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """The stream after the block, without gates: h + Attn(Norm(h)), then + FFN(Norm(h))."""
+        if self.attn is not None:
+            h = h + self.attn(self.attn_norm(h, None))
+        if self.ffn is not None:
+            h = h + self.ffn(self.ffn_norm(h, None))
+        return h
+
+
+def transformer_blocks(
+    depth: int, dim: int, *, heads: int, kv_heads: int, ffn_hidden: int, **block_options
+) -> nnx.List:
+    """``depth`` blocks of one width, the residual branches' output projections initialised
+    times 1 / sqrt(2 depth) (GPT-2, Radford et al. 2019)."""
+    out_scale = 1.0 / math.sqrt(2 * max(depth, 1))
+    return nnx.List([
+        Block(dim, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, out_scale=out_scale,
+              **block_options)
+        for _ in range(depth)
+    ])
+
+
+def block_placements(
+    blocks: Sequence[Block], families: Iterable[str], droprate_init: float = DROPRATE
+) -> list[GatePlacement]:
+    """The gate placements of the block families in ``families``, block by block (slots
+    ``blocks.{i}.{family}``, in the order heads, kv_groups, attn, ffn, mlp):
+
+    - ``heads``: the query and value projections' outputs in H heads (``heads=H``): a head's
+      gate scales its output (the output projection's rows) and removes its query, key and
+      value columns; with key/value groups (M > 1 query heads per group) the key and value
+      projections' outputs in G groups for ``kv_groups``;
+    - ``attn`` / ``mlp``: the output (down) projection's output with the projections before it
+      as ``branch``: the whole sublayer under one gate;
+    - ``ffn``: the down projection's inputs, ``whole_unit``: an FFN unit with its columns in
+      the up (and gate) projections.
+    """
+    families = set(families)
+    placements = []
+    for index, block in enumerate(blocks):
+        path = f"blocks.{index}"
+        if block.attn is not None:
+            attn = f"{path}.attn"
+            grouped = block.attn.heads != block.attn.kv_heads
+            if "heads" in families:
+                placements += [GatePlacement(f"{path}.heads", f"{attn}.{name}", "output",
+                                             droprate_init, heads=block.attn.heads)
+                               for name in ("q", "v")]
+            if "kv_groups" in families and grouped:
+                placements += [GatePlacement(f"{path}.kv_groups", f"{attn}.{name}", "output",
+                                             droprate_init, heads=block.attn.kv_heads)
+                               for name in ("k", "v")]
+            if "attn" in families:
+                placements.append(GatePlacement(
+                    f"{path}.attn", f"{attn}.o", "output", droprate_init,
+                    branch=tuple(f"{attn}.{name}" for name in ("q", "k", "v"))))
+        if block.ffn is not None:
+            ffn = f"{path}.ffn"
+            if "ffn" in families:
+                placements.append(GatePlacement(f"{path}.ffn", f"{ffn}.down", "input",
+                                                droprate_init, whole_unit=True))
+            if "mlp" in families:
+                feeding = ("gate", "up") if block.ffn.gate is not None else ("up",)
+                placements.append(GatePlacement(
+                    f"{path}.mlp", f"{ffn}.down", "output", droprate_init,
+                    branch=tuple(f"{ffn}.{name}" for name in feeding)))
+    return placements
+
+
+def norm_paths(model: nnx.Module) -> tuple[str, ...]:
+    """The module paths of every :class:`Norm` in ``model``: the normalisers that read its
+    residual stream."""
+    return tuple(".".join(map(str, path)) for path, node in nnx.iter_graph(model)
+                 if isinstance(node, Norm))
 
 
 def _periodic(size: int, period: int) -> tuple[int, ...]:

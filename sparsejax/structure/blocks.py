@@ -70,9 +70,11 @@ def inside_blocks(names: Sequence[str], stages: Mapping[str, int | None] | None)
 
 
 def outside_streams(model: TracedModel) -> list[str]:
-    """The unit slots of ``model`` whose group is no residual stream, in slot order."""
+    """The unit slots of ``model`` whose groups are no residual stream, in slot order, once
+    each (a slot of heads gates two groups: queries with keys, and values)."""
     groups = model.structure.groups
-    return [name for index, name in model.group_slots if not groups[index].stream]
+    streams = {name for index, name in model.group_slots if groups[index].stream}
+    return list(dict.fromkeys(name for _, name in model.group_slots if name not in streams))
 
 
 def traced_layer_stages(model: TracedModel) -> dict[str, int] | None:

@@ -141,16 +141,11 @@ def _inputs_used(live: np.ndarray, layer: Layer) -> np.ndarray:
 def _readers_declared(
     slot: str, layers: tuple[Layer, ...], couplings: tuple[ChannelCoupling, ...]
 ) -> bool:
-    """Whether the slot's declared consumers are the only readers of its producers' outputs."""
+    """Whether the slot's declared consumers are the only readers of its producers' outputs:
+    its producers are no member of a residual stream, which layers outside the slot read."""
     producers = {l.name for l in layers if any(s == slot for s, _ in l.outputs)}
     in_streams = {name for c in couplings for name in c.layers}
-    if producers & in_streams:
-        return False
-    undeclared = [
-        l for l in layers
-        if producers & set(l.reads) and not any(s == slot for s, _ in l.inputs)
-    ]
-    return not undeclared
+    return not producers & in_streams
 
 
 def alive_units(

@@ -46,8 +46,9 @@ of a hand-written declaration:
   transformer's sublayer); with ``stream``, the units of a residual stream that normalisers
   read (a transformer's hidden dimension): its gates multiply every write into it, its open
   mask the rows that read it, and the forward pass takes the normalisers' sums over its open
-  units (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). The zoo's own gates, placed so, give its declared slots,
-  accounting and logits (``tests/structure/test_gate_placements.py``).
+  units (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). The zoo's own
+  gates, placed so, give its declared slots, accounting and logits
+  (``tests/structure/test_gate_placements.py``).
 
 - **Lookups and tied heads**: an embedding table whose rows are looked up is a layer
   ``(vocabulary, features)`` of no MACs (its params count; its features are units of the stream
@@ -263,11 +264,14 @@ def _place_heads(
     structure: TracedStructure, placement: GatePlacement, slot: GateSlot, group: UnitGroup
 ) -> _PlacedSlot:
     """A placement with ``heads`` (:class:`GatePlacement`): the output units of its layer, a
-    removable group, one gate per head of a split that a product of two activations makes."""
+    removable group, one gate per head of a split that a product of two activations makes
+    (with one head, the head of every unit)."""
     where = f"gate placement {placement.slot!r}"
     splits = structure.heads(group.index)
     if group.size == placement.heads:  # the heads are units already (a heads axis)
         splits = (np.arange(group.size), *splits)
+    if placement.heads == 1:  # one head holds every unit
+        splits = (np.zeros(group.size, np.int64), *splits)
     head = next((s for s in splits if s.max() + 1 == placement.heads), None)
     if head is None:
         found = sorted({int(s.max()) + 1 for s in splits})
@@ -1342,9 +1346,11 @@ def _gated_net(
     use_placements: bool,
     input_dtype: jnp.dtype,
 ) -> TracedModel:
-    """The :class:`TracedModel` of ``net``, with its own placements where asked for and, for
-    the gates no placement sets (weight gates, one slot per group), the initial drop rate of
-    its ``droprate_init`` attribute where it has one (WRN's 0.3)."""
+    """The :class:`TracedModel` of ``net``, with its own placements where asked for, or
+    always where its ``prunes_placed`` attribute is True (the transformers, whose placed heads
+    and FFN units are what GReg and gmp prune too), and, for the gates no placement sets
+    (weight gates, one slot per group), the initial drop rate of its ``droprate_init``
+    attribute where it has one (WRN's 0.3)."""
     return TracedModel(
         net,
         rngs=rngs,
@@ -1355,7 +1361,9 @@ def _gated_net(
         name=name,
         input_dtype=input_dtype,
         placements=(
-            declared_placements(net, name) if granularity == "unit" and use_placements else None
+            declared_placements(net, name)
+            if granularity == "unit" and (use_placements or getattr(net, "prunes_placed", False))
+            else None
         ),
         droprate_init=getattr(net, "droprate_init", DROPRATE_INIT),
     )

@@ -15,8 +15,8 @@ def abstract_model(name):
 def test_counts_match_a_hand_count_with_groups_and_a_flattened_input():
     layers = (
         Layer("conv", (3, 3, 2, 8), out_positions=25, groups=2),
-        Layer("depthwise", (3, 3, 1, 8), out_positions=9, groups=8, reads=("conv",)),
-        Layer("fc", (8 * 9, 10), reads=("depthwise",)),
+        Layer("depthwise", (3, 3, 1, 8), out_positions=9, groups=8),
+        Layer("fc", (8 * 9, 10)),
     )
     dense = greg_count(layers, count_adds=False)
     assert dense.weights == 3 * 3 * 2 * 8 + 3 * 3 * 8 + 72 * 10

@@ -26,6 +26,7 @@ from sparsejax.models.transformer import family_chain_order
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import sparsity_report, weight_report
+from sparsejax.structure.traced_model import TracedModel, gate_zoo_network
 from sparsejax.train.sharding import create_mesh
 from sparsejax.train.state import init_state, merge_model
 from sparsejax.train.step import make_train_step
@@ -39,8 +40,20 @@ MODELS = {
     "lm_gqa": lambda **kw: DecoderLM(rngs=nnx.Rngs(0), **{**LM, **kw}),
     "lm_mha_untied": lambda **kw: DecoderLM(rngs=nnx.Rngs(0), **{**LM, "kv_heads": 4,
                                                                  "tied": False, **kw}),
-    "vit": lambda **kw: ViT(rngs=nnx.Rngs(0), **{**VIT, "pooling": "mean", **kw}),
+    "vit": lambda **kw: traced_vit(**kw),
 }
+
+
+def traced_vit(**overrides) -> TracedModel:
+    """The ViT (mean pooling), a plain module, gated from its trace by its own placements."""
+    rngs = nnx.Rngs(0)
+    net = ViT(rngs=rngs, **{**VIT, "pooling": "mean", **overrides})
+    return gate_zoo_network(net, "vit_tiny", rngs=rngs)
+
+
+def network(model):
+    """The module holding the blocks: a traced model's plain network, or the model."""
+    return getattr(model, "net", model)
 
 
 def randomize(model):
@@ -58,7 +71,7 @@ def tokens(batch: int = 2) -> jax.Array:
 
 
 def inputs_of(model):
-    if isinstance(model, ViT):
+    if isinstance(model, TracedModel):
         return jax.random.uniform(jax.random.key(2), (2, 8, 8, 1))
     return tokens()
 
@@ -70,7 +83,7 @@ def slot(model, name):
 def head_members_by_hand(model, block: int, head: int) -> list[np.ndarray]:
     """The entries of one query head, sliced by hand: query (and in MHA key / value) columns
     h, h + H, ... (the (head_dim, M, G) layout, G fastest), their biases, output rows."""
-    attn = model.blocks[block].attn
+    attn = network(model).blocks[block].attn
     heads = attn.heads
     parts = [attn.q.kernel[...][:, head::heads], attn.o.kernel[...][head::heads]]
     if attn.kv_heads == heads:
@@ -109,7 +122,7 @@ def test_a_head_group_norm_is_the_norm_of_exactly_its_members(make):
     for h in range(heads.shape[0]):
         by_hand = np.sqrt(sum(np.sum(p**2) for p in head_members_by_hand(model, 1, h)))
         np.testing.assert_allclose(norms[h], by_hand, rtol=1e-5)
-    attn = model.blocks[1].attn
+    attn = network(model).blocks[1].attn
     mha = attn.kv_heads == attn.heads
     for name in ("q", "o", *(("k", "v") if mha else ())):
         kernel = getattr(attn, name).kernel

@@ -19,7 +19,7 @@ from sparsejax.models.transformer import FAMILIES, family_slots, lambdas_by_fami
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import gate_report, weight_report
-from sparsejax.structure.traced_model import build_zoo_model
+from sparsejax.structure.traced_model import TracedModel, build_zoo_model, gate_zoo_network
 
 VOCAB, CONTEXT = 32, 8
 # Every width differs from the others, so an axis's size says which units it indexes.
@@ -33,8 +33,10 @@ def lm(seed: int = 0, **overrides) -> DecoderLM:
     return DecoderLM(rngs=nnx.Rngs(seed), **{**LM, **overrides})
 
 
-def vit(seed: int = 0, **overrides) -> ViT:
-    return ViT(rngs=nnx.Rngs(seed), **{**VIT, **overrides})
+def vit(seed: int = 0, **overrides) -> TracedModel:
+    """The ViT, a plain module, gated from its trace by its own placements (no gate layers)."""
+    rngs = nnx.Rngs(seed)
+    return gate_zoo_network(ViT(rngs=rngs, **{**VIT, **overrides}), "vit_tiny", rngs=rngs)
 
 
 def tokens(batch: int = 2, length: int = CONTEXT, seed: int = 1) -> jax.Array:
@@ -186,7 +188,8 @@ def test_closing_a_sublayer_equals_zeroing_its_branch(make, inputs):
     model, x = make(), inputs()
     z = {"blocks.0.attn": jnp.zeros((1,)), "blocks.1.mlp": jnp.zeros((1,))}
     gated = logits(model, x, z)
-    for dense in (model.blocks[0].attn.o, model.blocks[1].ffn.down):
+    blocks = getattr(model, "net", model).blocks  # the ViT's plain network
+    for dense in (blocks[0].attn.o, blocks[1].ffn.down):
         dense.kernel[...] = jnp.zeros_like(dense.kernel[...])
         if dense.bias is not None:
             dense.bias[...] = jnp.zeros_like(dense.bias[...])

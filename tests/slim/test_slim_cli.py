@@ -11,7 +11,7 @@ from flax import nnx
 from experiments.configs import mnist
 from sparsejax.errors import ConfigError
 from sparsejax.models.base import GatedModel
-from sparsejax.models.vit import ViT
+from sparsejax.models.lm import DecoderLM
 from sparsejax.slim import __main__ as cli
 from sparsejax.slim.__main__ import main
 from sparsejax.slim.runs import NotARunError, restore_model, restore_run
@@ -99,11 +99,11 @@ def test_round_to_rounds_the_widths_of_a_zoo_run(run_dir, tmp_path, monkeypatch)
 
 
 def test_round_to_does_not_apply_to_a_transformer(tmp_path):
-    vit = ViT(rngs=nnx.Rngs(0), dim=16, depth=1, heads=2, head_dim=4, mlp_hidden=8,
-              input_shape=(8, 8, 1))
-    spec = ModelSpec("vit_tiny", 10, (8, 8, 1), "unit")
-    with pytest.raises(ConfigError, match="--round_to does not apply to vit_tiny"):
-        cli.slim_and_save(vit, spec, None, tmp_path / "slim", 8)
+    lm = DecoderLM(rngs=nnx.Rngs(0), dim=16, depth=1, heads=2, kv_heads=2, head_dim=4,
+                   ffn_hidden=8, input_shape=(8,))
+    spec = ModelSpec("lm_tiny", 256, (8,), "unit")
+    with pytest.raises(ConfigError, match="--round_to does not apply to lm_tiny"):
+        cli.slim_and_save(lm, spec, None, tmp_path / "slim", 8)
     assert not (tmp_path / "slim").exists()
 
 

@@ -1,5 +1,6 @@
-"""Slimming ``vit_tiny`` / ``lm_tiny``: the slim model has the gated one's eval logits, the
-widths its gates leave and the parameters the report counts; it saves and loads."""
+"""Slimming ``vit_tiny`` (from its trace) and ``lm_tiny`` (its declared surgery): the slim model
+has the gated one's eval logits, the widths its gates leave and the parameters the report
+counts; it saves and loads."""
 
 import json
 
@@ -16,8 +17,9 @@ from sparsejax.slim import slim_model
 from sparsejax.slim.__main__ import main as slim_main
 from sparsejax.slim.runs import restore_run
 from sparsejax.slim.store import SLIM_CONFIG_FILE, ModelSpec, load_slim, save_slim
+from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure import gate_report
-from sparsejax.structure.traced_model import build_zoo_model
+from sparsejax.structure.traced_model import TracedModel, build_zoo_model, gate_zoo_network
 from tests.commands import run_module
 from tests.gated import scale_gates
 
@@ -30,14 +32,15 @@ PATTERNS = ("heads", "kv_groups", "ffn", "hidden", "sublayers", "everything")
 
 def build(kind: str, granularity: str = "unit"):
     if kind == "vit":
-        return ViT(rngs=nnx.Rngs(0), gate_factory=scale_gates, granularity=granularity,
-                   **VIT_SHAPE)
+        rngs = nnx.Rngs(0)
+        return gate_zoo_network(ViT(rngs=rngs, **VIT_SHAPE), "vit_tiny", rngs=rngs,
+                                gate_factory=scale_gates, granularity=granularity)
     return DecoderLM(rngs=nnx.Rngs(0), gate_factory=scale_gates, granularity=granularity,
                      tied=kind == "lm_tied", **LM_SHAPE)
 
 
 def inputs(model):
-    if isinstance(model, ViT):
+    if isinstance(model, TracedModel):
         return jax.random.normal(jax.random.key(3), (2, *VIT_SHAPE["input_shape"]))
     return jax.random.randint(jax.random.key(3), (2, 8), 0, 256)
 
@@ -84,7 +87,6 @@ def mask(model, slot: str) -> np.ndarray:
 
 
 CASES = [
-    *[("vit", p) for p in PATTERNS if p != "kv_groups"],  # multi-head attention: no KV groups
     *[("lm_untied", p) for p in PATTERNS],
     *[("lm_tied", p) for p in ("hidden", "everything")],  # where the table takes the hidden gate
 ]
@@ -151,29 +153,41 @@ def test_weight_gates_fold_and_dead_heads_and_units_go():
     assert result.report.params_after == declared_entries(result.model)
 
 
+@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "kv_groups"])
+def test_a_vit_slims_from_its_trace_to_the_gated_logits_and_the_counted_size(pattern):
+    """Multi-head attention (no KV groups). The stream keeps its open dimensions, a closed
+    sublayer leaves nothing stored, and the slim size is what the gates' accounting counts."""
+    model = build("vit")
+    set_gates(model, pattern, np.random.default_rng(PATTERNS.index(pattern)))
+    x = np.asarray(jax.random.normal(jax.random.key(3), (8, *VIT_SHAPE["input_shape"])))
+    slim = slim_traced_model(model, x)
+    assert slim.report.max_logit_difference < 1e-5 * max(1.0, np.abs(logits(model, x)).max())
+    (stream,) = [g for g in slim.report.groups if "patch_embed.kernel:1" in g.producers]
+    assert stream.width == mask(model, "hidden").sum()
+    predicted = gate_report(model)
+    assert slim.report.params_after == pytest.approx(predicted.params)
+    assert slim.report.flops_after == pytest.approx(predicted.flops)
+    for i in range(DEPTH):
+        for family, layer in (("attn", "attn.q"), ("mlp", "ffn.up")):
+            stored = f"blocks.{i}.{layer}.kernel" in slim.params
+            assert stored == bool(mask(model, f"blocks.{i}.{family}").all()), (i, family)
+
+
 def test_a_bias_only_branch_keeps_its_constant():
+    """Every head of block 0 closed and every MLP unit of block 1: their branches add the
+    output projections' biases alone."""
     model = build("vit")
     for gate in model.gates.values():
         gate.value[...] = jnp.ones(gate.shape)
     model.gates["blocks.0.heads"].value[...] = jnp.zeros(4)
     model.gates["blocks.1.ffn"].value[...] = jnp.zeros(24)
-    model.blocks[0].attn.o.bias[...] = jnp.linspace(-1.0, 1.0, 16)
-    model.blocks[1].ffn.down.bias[...] = jnp.linspace(1.0, -1.0, 16)
-    result = slim_model(model)
-    assert_same_logits(model, result.model)
-    widths = result.model.block_widths()
-    assert widths["heads"][0] == 1 and widths["ffn_hidden"][1] == 1
-
-
-@pytest.mark.parametrize("kind", ["vit", "lm_untied"])
-def test_a_transformer_whose_every_sublayer_closed_slims_to_no_blocks(kind):
-    model = build(kind)
-    for name, gate in model.gates.items():
-        closed = name.rsplit(".", 1)[-1] in ("attn", "mlp")
-        gate.value[...] = jnp.full(gate.shape, 0.0 if closed else 1.0)
-    result = slim_model(model)
-    assert len(result.model.blocks) == 0
-    assert_same_logits(model, result.model)
+    model.net.blocks[0].attn.o.bias[...] = jnp.linspace(-1.0, 1.0, 16)
+    model.net.blocks[1].ffn.down.bias[...] = jnp.linspace(1.0, -1.0, 16)
+    x = np.asarray(inputs(model))
+    slim = slim_traced_model(model, x)
+    assert slim.report.max_logit_difference < 1e-5 * max(1.0, np.abs(logits(model, x)).max())
+    assert "blocks.0.attn.q.kernel" not in slim.params
+    np.testing.assert_allclose(slim.params["blocks.0.attn.o.bias"], jnp.linspace(-1.0, 1.0, 16))
 
 
 def test_slim_transformer_saves_and_loads(tmp_path):

@@ -602,78 +602,43 @@ def test_gate_factors_put_each_gate_at_its_index_and_one_elsewhere(indices, unit
 # ---------------------------------------------------------------- the zoo through the adapter
 
 
-class Plain(nnx.Module):
-    """A zoo model as a plain module: ``model(x)``, its mode from NNX's train() / eval()."""
-
-    def __init__(self, zoo):
-        self.zoo = zoo
-        self.deterministic = False
-
-    def __call__(self, x):
-        return self.zoo(x, train=not self.deterministic)
-
-
-@pytest.mark.parametrize("zoo_name, shape", [("vit_tiny", MNIST_SHAPE)])
-def test_a_zoo_model_traced_at_weight_granularity_has_its_declared_weight_slots(zoo_name, shape):
-    """One weight gate per kernel entry, on the same kernels as the declarations (matched by
-    the kernel variable), and the same kept params and FLOPs under random weight masks. The
-    convolutional and dense classes: ``test_gate_placements.py``."""
-    zoo = build_zoo_model(zoo_name, rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape,
-                          granularity="weight")
-    model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=shape, num_classes=10,
-                        granularity="weight")
-    kernel_of = {id(zoo.layer_module(slot.layer).kernel): slot for slot in zoo.gate_slots}
-    matched = {}
-    for slot in model.gate_slots:
-        declared = kernel_of[id(model.layer_module(slot.layer).kernel)]
-        assert slot.shape == declared.shape, slot.name
-        matched[slot.name] = declared.name
-    assert sorted(matched.values()) == sorted(kernel_of[k].name for k in kernel_of)
-    rng = np.random.default_rng(0)
-    masks = {name: (rng.random(slot.shape) < 0.4).astype(np.float32)
-             for name, slot in zip(matched, model.gate_slots)}
-    traced_counts = count_network(model.layers, masks, model.activation_products)
-    zoo_counts = count_network(zoo.layers, {matched[n]: m for n, m in masks.items()},
-                               zoo.activation_products)
-    for what in ("params", "flops"):
-        assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
-
-
-def test_the_zoo_vit_traced_as_a_plain_module_counts_heads_like_its_declarations():
-    """The trace finds finer groups than vit_tiny declares (one unit per query/key column and per
-    value column, where the zoo gates whole heads): a head closed in the declarations is its
-    16 query/key and 16 value columns closed in the trace, and both count the same params and
-    FLOPs, attention products included. The hidden stream, whose units the norms' statistics
-    read, gets no gate in the trace (the zoo's masked norms are declared, not traced)."""
-    zoo = build_zoo_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
-                          input_shape=MNIST_SHAPE)
-    model = TracedModel(Plain(zoo), rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE,
-                        num_classes=10)
+def test_the_zoo_vit_without_its_placements_gates_finer_groups_that_count_like_its_heads():
+    """Without its placements (as GReg and gmp take it) the trace of vit_tiny gates finer
+    groups than its head slots (one unit per query/key column and per value column): a head
+    closed by its placement is its 16 query/key and 16 value columns closed there, and both
+    count the same params and FLOPs, attention products included. The hidden stream, whose
+    units the norms' statistics read, gets no gate without its stream placement."""
+    placed, model = (
+        build_zoo_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
+                        input_shape=MNIST_SHAPE, use_placements=use)
+        for use in (True, False)
+    )
     blocks = range(4)
     slots = {slot.name: slot.shape for slot in model.gate_slots}
     assert slots == {
-        f"zoo.blocks.{i}.{name}": (size,)
+        f"blocks.{i}.{name}": (size,)
         for i in blocks for name, size in (("attn.q", 64), ("attn.v", 64), ("ffn.up", 128))
     }
-    stream = [g for g in model.structure.groups if g.producers[0][0] == "zoo.patch_embed.kernel"]
+    stream = [g for g in model.structure.groups if g.producers[0][0] == "patch_embed.kernel"]
     assert [(g.size, g.prunable, g.removable) for g in stream] == [(64, True, False)]
     for what in ("params", "flops"):  # 134,602 and 7,884,416 (1,280,000 of it attention)
         assert float(count_network(model.layers, {}, model.activation_products)[what]) == float(
-            count_network(zoo.layers, {}, zoo.activation_products)[what])
+            count_network(placed.layers, {}, placed.activation_products)[what])
     rng = np.random.default_rng(0)
     for _ in range(3):
         heads = [(rng.random(4) < 0.6).astype(np.float32) for _ in blocks]
         ffn = [(rng.random(128) < 0.6).astype(np.float32) for _ in blocks]
-        declared = {f"blocks.{i}.heads": heads[i] for i in blocks} | {
+        by_placement = {f"blocks.{i}.heads": heads[i] for i in blocks} | {
             f"blocks.{i}.ffn": ffn[i] for i in blocks}
         columns = [heads[i][np.arange(64) % 4] for i in blocks]
-        traced_masks = {
-            f"zoo.blocks.{i}.{name}": columns[i] for i in blocks for name in ("attn.q", "attn.v")
-        } | {f"zoo.blocks.{i}.ffn.up": ffn[i] for i in blocks}
-        traced_counts = count_network(model.layers, traced_masks, model.activation_products)
-        zoo_counts = count_network(zoo.layers, declared, zoo.activation_products)
+        by_group = {
+            f"blocks.{i}.{name}": columns[i] for i in blocks for name in ("attn.q", "attn.v")
+        } | {f"blocks.{i}.ffn.up": ffn[i] for i in blocks}
+        group_counts = count_network(model.layers, by_group, model.activation_products)
+        placed_counts = count_network(placed.layers, by_placement, placed.activation_products)
         for what in ("params", "flops"):
-            assert float(traced_counts[what]) == pytest.approx(float(zoo_counts[what]), rel=1e-6)
+            assert float(group_counts[what]) == pytest.approx(float(placed_counts[what]),
+                                                              rel=1e-6)
 
 
 # ---------------------------------------------------------------- the engine and its methods

@@ -100,7 +100,7 @@ from sparsejax.methods.slot_groups import (
     unit_square_sums,
 )
 from sparsejax.models.base import GatedModel, GateSlot
-from sparsejax.models.transformer import TransformerModel
+from sparsejax.models.transformer import TransformerModel, by_family
 from sparsejax.structure.blocks import traced_layer_stages, traced_stages
 from sparsejax.structure.traced_model import TracedModel
 
@@ -298,7 +298,7 @@ class GReg(Method):
         with their ratios and counts."""
         slots = self.unit_slots(model)
         if slots is not None:
-            traced = isinstance(model, TracedModel)
+            traced = isinstance(model, TracedModel) and not by_family(model.gate_slots)
             if not traced and requested_target(self.config) is not None:
                 raise ConfigError(
                     "GReg takes no target_flops / target_params on a transformer; give the "
