@@ -76,15 +76,17 @@ class GatePlacement:
       it but ``layer``. The slot names ``layer`` along its input axis, as a slot of heads
       does.
 
-    - ``side="output"`` with ``stream``: the units of a residual stream that normalisers read
-      (the hidden dimension of a pre-norm transformer, CoFi's hidden mask, Xia et al. 2022):
-      ``layer`` is one of the stream's producers and ``stream`` names the normalisers (module
-      paths) whose statistics read it. The gates multiply every write into the stream (its
-      producers' output columns and biases, parameters added into it such as position
-      embeddings), so a closed unit is exactly 0 in the stream; each reduction over the
-      stream's units (a normaliser's mean or mean square) is taken over the open units only,
-      sum(x * m) * d / n for the open mask m (z != 0) of n units, and the kernels that read
-      the stream lose the closed units' rows (multiplied by m). A closed unit is then the
+    - ``stream``: the units of a residual stream that normalisers read (the hidden dimension
+      of a pre-norm transformer, CoFi's hidden mask, Xia et al. 2022): the units on ``side``
+      of ``layer`` (a producer's outputs, or a tied output head's inputs) are the stream, and
+      ``stream`` names the normalisers (module paths) whose statistics read it. The gates
+      multiply every write into the stream (its producers' output columns and biases,
+      parameters added or concatenated into it such as position embeddings and a class
+      token, the rows of an embedding table looked up into it), so a closed unit is exactly
+      0 in the stream; each reduction over the stream's units (a normaliser's mean or mean
+      square) is taken over the open units only, sum(x * m) * d / n for the open mask m
+      (z != 0) of n units, and the kernels that read the stream lose the closed units' rows
+      (multiplied by m; a tied table, read as the head, too). A closed unit is then the
       network without it: ``|g|`` is everything one unit removes, and the slim network keeps
       exactly the open units (no ``round_to``), its reductions divided by the kept width.
 

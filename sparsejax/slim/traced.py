@@ -99,21 +99,31 @@ def slim_traced_model(
         (s, jnp.asarray(values[name])) for name, slices in model.gated if name in values
         for s in slices
     ]
-    gated += [(s, open_mask(jnp.asarray(values[name])))
-              for name, _, _, rows in model.streams if name in values for s in rows]
+    streams = [stream for stream in model.streams if stream.slot in values]
+    gated += [(s, open_mask(jnp.asarray(values[stream.slot])))
+              for stream in streams for s in stream.rows]
     scores = model.group_values({
         name: np.asarray(model.gates[name].prob_nonzero())
         for _, name in model.group_slots if name in values
     })
     example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
     open_units = model.group_values(values)
-    streams = [(producer, open_mask(jnp.asarray(values[name])))
-               for name, _, producer, _ in model.streams if name in values]
+    masks = [(stream.producer, open_mask(jnp.asarray(values[stream.slot])))
+             for stream in streams]
+    lookups = [(s, jnp.asarray(values[stream.slot])) for stream in streams
+               for s in stream.lookups]
 
     def forward(net: nnx.Module, x: jax.Array) -> jax.Array:
         """The gated model's forward pass on its folded parameters: its streams' sums over
-        their open units."""
-        return run_with_example_gates(net, x, [], streams=streams) if streams else net(x)
+        their open units, its looked-up tables' rows gated."""
+        if not streams:
+            return net(x)
+        return run_with_example_gates(net, x, [], streams=masks, lookups=lookups)
+
+    def slim_forward(net: nnx.Module, x: jax.Array) -> jax.Array:
+        """The program the slim network cuts: the forward pass with its looked-up tables'
+        rows gated (its sums run over the units it keeps)."""
+        return run_with_example_gates(net, x, [], lookups=lookups) if lookups else net(x)
 
     with parameters_gated(model.net, gated):
         keep, replaced, met = units_left(model.net, model.structure, example, forward)
@@ -121,13 +131,12 @@ def slim_traced_model(
             keep[group] = keep[group] & (open_units[group] > 0)
         for group in closed_branch_groups(model, values):
             keep[group] = np.zeros_like(keep[group])
-        stream_groups = [group for name, group, _, _ in model.streams if name in values]
-        for group in stream_groups:
-            keep[group] = open_units[group] > 0
+        for stream in streams:
+            keep[stream.group] = open_units[stream.group] > 0
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=keep, scores=scores,
             round_to=round_to, rows=selected_rows(model, met), replaced=replaced,
-            streams=stream_groups,
+            streams=[stream.group for stream in streams], apply=slim_forward,
         )
     slim.check(_evaluation_logits(model, check), check)
     return slim

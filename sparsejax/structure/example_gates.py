@@ -33,7 +33,8 @@ the stream's open mask (shared or per example), walks the jaxpr with the structu
 and takes every ``reduce_sum`` over the stream's units as ``sum(x * m) * d / n`` (the mean
 that follows divides by ``d``), whatever module computes it (:class:`_Streams`). A parameter
 concatenated to activations (a class token written into the stream) is gated per example
-where it is concatenated.
+where it is concatenated, and a table looked up into the stream that a kernel of the stream
+also reads (a tied embedding) has the rows it gathers scaled, shared or per example.
 
 Gates that cannot be placed this way are refused with a
 :class:`~sparsejax.errors.ConfigError`: a grouped convolution's gated axis, an activation whose
@@ -58,6 +59,7 @@ from sparsejax.models.column_gradient import DIMENSIONS
 from sparsejax.structure.slim_trace.interpret import opened
 from sparsejax.structure.sparsify import GatedSlice, slice_factors
 from sparsejax.structure.trace.analyze import dotted_path, walk_state_function
+from sparsejax.structure.trace.rules import gather_slices
 from sparsejax.structure.trace.units import NO_UNIT, UnitTable
 from sparsejax.structure.trace.values import Frame
 from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
@@ -92,14 +94,17 @@ def _scaled(x: jax.Array, factors: jax.Array, examples: int, dim: int) -> jax.Ar
 
 def _followed(eqn, dims: tuple[int | None, ...]) -> tuple[int | None, ...] | None:
     """Where the parameter axes ``dims`` of a gated parameter's variable sit in the output of
-    ``eqn``: through casts and copies, broadcasts, and reshapes that only add or drop size-1
-    dimensions; None for any other equation."""
+    ``eqn``: through casts and copies, broadcasts, transpositions, and reshapes that only add or
+    drop size-1 dimensions; None for any other equation."""
     name = eqn.primitive.name
     if name in ALIASES:
         return dims
     if name == "broadcast_in_dim":
         mapping = eqn.params["broadcast_dimensions"]
         return tuple(None if d is None else mapping[d] for d in dims)
+    if name == "transpose":
+        order = list(eqn.params["permutation"])
+        return tuple(None if d is None else order.index(d) for d in dims)
     if name == "reshape" and eqn.params.get("dimensions") is None:
         old, new = eqn.invars[0].aval.shape, eqn.params["new_sizes"]
         old_sized = [i for i, size in enumerate(old) if size != 1]
@@ -252,11 +257,13 @@ class _Evaluation:
         biases: set[str],
         sums: set[str],
         streams: _Streams | None = None,
+        lookups: Mapping[str, Sequence[tuple[GatedSlice, jax.Array]]] | None = None,
     ):
         self.gated = gated
         self.biases = biases
         self.sums = sums
         self.streams = streams
+        self.lookups = lookups or {}
         self.applied: set[str] = set()
 
     def run(
@@ -307,6 +314,8 @@ class _Evaluation:
             reduced = self.streams.reduce(eqn, ins[0], frame)
             if reduced is not None:
                 return [reduced]
+        if name == "gather" and operands[0] is not None and operands[0][0] in self.lookups:
+            return [self._looked_up(eqn, ins, operands[0])]
         outputs = []
         for operand, tracked in enumerate(operands if name == "concatenate" else operands[:2]):
             if tracked is None or tracked[0] not in self.gated:
@@ -346,6 +355,28 @@ class _Evaluation:
         for s, z, dim, examples in outputs:
             outs[0] = _scaled(outs[0], slice_factors(s, z, outs[0].shape[dim]), examples, dim)
         return outs
+
+
+    def _looked_up(self, eqn, ins: list, tracked: Tracked) -> jax.Array:
+        """The rows of a stream's reader gathered into the stream (a tied embedding table's
+        lookup), times the stream's gates along the features they carry."""
+        path, dims = tracked
+        out = _bind(eqn, ins)
+        features = gather_slices(eqn)
+        for s, z in self.lookups[path]:
+            dim = features.get(dims[s.axis])
+            if dim is None:
+                raise ConfigError(f"stream gates: the lookup of {path} picks positions along its "
+                                  "features; look rows up whole")
+            factors = slice_factors(s, z, out.shape[dim])
+            if factors.ndim == 2:
+                out = _scaled(out, factors, 0, dim)
+            else:
+                shape = [1] * out.ndim
+                shape[dim] = -1
+                out = out * factors.reshape(shape).astype(out.dtype)
+        self.applied.add(path)
+        return out
 
 
 def _split_convolution(eqn, ins: Sequence) -> jax.Array | None:
@@ -396,6 +427,7 @@ def run_with_example_gates(
     biases: set[str] = frozenset(),
     sums: set[str] = frozenset(),
     streams: Sequence[Stream] = (),
+    lookups: Sequence[tuple[GatedSlice, jax.Array]] = (),
 ) -> jax.Array:
     """``module(x)`` with every slice of ``gated`` (gate values of shape ``(batch, units)``)
     applied to each example (module docstring), and the module's non-parameter state updated;
@@ -403,7 +435,9 @@ def run_with_example_gates(
     output, or concatenated to an activation: a class token) rather than kernels, ``sums``
     those of gated biases whose whole sum the gates scale (a normaliser's bias: its output
     gated). Every sum over the units of one of ``streams`` runs over its open units
-    (:class:`_Streams`).
+    (:class:`_Streams`). ``lookups`` are slices of parameters whose gathered rows the gates
+    scale (shared ``(units,)`` or per example), where the rest of the forward pass reads the
+    parameter ungated: a tied embedding table, looked up into a stream and read by its head.
 
     Raises:
       ConfigError: for a gate that cannot be applied per example (module docstring).
@@ -411,6 +445,9 @@ def run_with_example_gates(
     by_path: dict[str, list[tuple[GatedSlice, jax.Array]]] = {}
     for s, z in gated:
         by_path.setdefault(s.path, []).append((s, z))
+    looked_up: dict[str, list[tuple[GatedSlice, jax.Array]]] = {}
+    for s, z in lookups:
+        looked_up.setdefault(s.path, []).append((s, z))
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     param_keyed, param_def = jax.tree_util.tree_flatten_with_path(params)
     rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
@@ -427,7 +464,7 @@ def run_with_example_gates(
     jaxpr, consts = opened(closed)
     tracked = {}
     for var, (path, leaf) in zip(jaxpr.invars, param_keyed):
-        if dotted_path(path) in by_path:
+        if dotted_path(path) in by_path or dotted_path(path) in looked_up:
             tracked[var] = (dotted_path(path), tuple(range(jnp.ndim(leaf))))
     frame, walked = None, None
     if streams:
@@ -435,9 +472,9 @@ def run_with_example_gates(
         named += [(f"state{k}", leaf) for k, leaf in enumerate(rest_leaves)]
         ctx, _ = walk_state_function(jaxpr, named, {})
         frame, walked = ctx.root, _Streams(ctx.units, streams)
-    evaluation = _Evaluation(by_path, set(biases), set(sums), walked)
+    evaluation = _Evaluation(by_path, set(biases), set(sums), walked, looked_up)
     outs = evaluation.run(jaxpr, consts, [*param_leaves, *rest_leaves, x], tracked, frame)
-    missed = sorted(set(by_path) - evaluation.applied)
+    missed = sorted((set(by_path) | set(looked_up)) - evaluation.applied)
     if missed:
         raise ConfigError(
             f"per-example gates: {missed} were not met where they act (a kernel read through a "

@@ -150,6 +150,9 @@ class _PlacedSlot:
     """Whether ``group`` is a stream whose reductions are taken over its open units."""
     masked: tuple[GatedSlice, ...] = ()
     """For a stream: the rows of the kernels that read it, which its open mask multiplies."""
+    lookups: tuple[GatedSlice, ...] = ()
+    """For a stream: the embedding tables looked up into it (tied ones also among its
+    readers), which its gates multiply where their rows are gathered."""
 
 
 def _covers(member: Member, size: int, group_size: int, heads: int) -> bool:
@@ -346,7 +349,7 @@ def _place_stream(
     rows that read it; ``|g|`` is everything one unit removes.
 
     Raises:
-      ConfigError: for outputs that are no one prunable group, with heads or norm, a named
+      ConfigError: for units that are no one prunable group, with heads or norm, a named
         normaliser with no parameter in the stream, or a reduction over the stream that is no
         sum (a max cannot be taken over the open units by rescaling).
     """
@@ -354,14 +357,11 @@ def _place_stream(
     if placement.heads or placement.norm is not None or placement.whole_unit:
         raise ConfigError(f"{where}: a stream takes one gate per unit; leave out heads, norm "
                           "and whole_unit")
-    if placement.side != "output":
-        raise ConfigError(f"{where}: a stream is gated on its producer's outputs; use "
-                          "side='output'")
     if len(found) != 1 or not found[0].prunable:
         why = (found[0].obstacle.describe() if len(found) == 1
                else f"{len(found)} traced groups hold them")
-        raise ConfigError(f"{where}: the outputs of layer {placement.layer!r} are no prunable "
-                          f"stream ({why})")
+        raise ConfigError(f"{where}: the {placement.side}s of layer {placement.layer!r} are no "
+                          f"prunable stream ({why})")
     group = found[0]
     others = sorted({c.primitive for c in group.caveats} - {"reduce_sum"})
     if others:
@@ -378,10 +378,13 @@ def _place_stream(
     writes = tuple(
         GatedSlice(m.path, m.axis, m.indices, m.units) for m in group.members
         if (m.path, m.axis) not in read and not m.path.startswith(norms)
+        and m.path not in structure.tables
     )
     masked = tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in readers)
+    lookups = tuple(GatedSlice(m.path, m.axis, m.indices, m.units) for m in group.members
+                    if m.path in structure.tables)
     slot = dataclasses.replace(slot, gates_bias=False, group_params=_unit_params(structure, group))
-    return _PlacedSlot(slot, group.index, writes, stream=True, masked=masked)
+    return _PlacedSlot(slot, group.index, writes, stream=True, masked=masked, lookups=lookups)
 
 
 def _place_branch(
@@ -884,6 +887,22 @@ def _joined_slices(
     return tuple(slices.items())
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamGates:
+    """Where the gates of a stream placement act besides its writes (:class:`GatePlacement`
+    with ``stream``): ``slot``, its ``group``, the ``(kernel path, axis)`` of its first
+    producer (which names the group in any trace of the module), the ``rows`` of the kernels
+    that read it (multiplied by the open mask z != 0) and the ``lookups``, the embedding tables
+    gathered into the stream (tied ones among the rows too), whose gathered rows the gates
+    multiply: per example as well, and a tied table's head reads it ungated."""
+
+    slot: str
+    group: int
+    producer: tuple[str, int]
+    rows: tuple[GatedSlice, ...]
+    lookups: tuple[GatedSlice, ...]
+
+
 class TracedModel(GatedModel):
     """A plain NNX module ``net`` (images NHWC -> logits, or with an integer ``input_dtype``
     token ids ``(batch, T)`` -> logits ``(batch, T, num_classes)``) gated and counted from its
@@ -910,9 +929,7 @@ class TracedModel(GatedModel):
         of their groups: those of heads, of ``whole_unit`` s and of streams.
       branches: ``(slot name, layers)`` of every branch gate: the traced layers it switches
         off, the one its gate multiplies first.
-      streams: ``(slot name, group index, first producer, reader rows)`` of every stream
-        placement: the ``(kernel path, axis)`` that names its group in any trace, and the rows
-        of the kernels that read it, which the open mask (z != 0) multiplies.
+      streams: the :class:`StreamGates` of every stream placement.
     """
 
     def __init__(
@@ -965,7 +982,8 @@ class TracedModel(GatedModel):
         self.reader_rows = tuple((p.slot.name, rows) for p in placed for rows in p.reader_rows)
         self.branches = tuple((p.slot.name, p.branch) for p in placed if p.branch)
         self.streams = tuple(
-            (p.slot.name, p.group, self.structure.groups[p.group].producers[0], p.masked)
+            StreamGates(p.slot.name, p.group, self.structure.groups[p.group].producers[0],
+                        p.masked, p.lookups)
             for p in placed if p.stream
         )
         self.carried = _carried(self.structure, placed)
@@ -1159,20 +1177,22 @@ class TracedModel(GatedModel):
                 if drawn and name in summed:  # the normaliser's output: scaled where it is summed
                     slices = tuple(s for s in slices if s.path == summed[name])
                 (per_example if drawn else shared).extend((s, z[name]) for s in slices)
-        streams = []
-        for name, _, producer, rows in self.streams:
-            if name in z:
-                mask = open_mask(z[name])
-                streams.append((producer, mask))
-                (per_example if mask.ndim == 2 else shared).extend((s, mask) for s in rows)
+        streams, lookups = [], []
+        for stream in self.streams:
+            if stream.slot in z:
+                mask = open_mask(z[stream.slot])
+                streams.append((stream.producer, mask))
+                (per_example if mask.ndim == 2 else shared).extend((s, mask) for s in stream.rows)
+                lookups.extend((s, z[stream.slot]) for s in stream.lookups)
         with parameters_gated(self.net, shared):
             if per_example or streams:
-                writes = {s.path for name, *_ in self.streams for s in dict(self.gated)[name]}
+                writes = {s.path for stream in self.streams
+                          for s in dict(self.gated)[stream.slot]}
                 biases = {layer.bias for layer in self.structure.layers if layer.bias}
                 kernels = {layer.kernel for layer in self.structure.layers}
                 return run_with_example_gates(
                     self.net, x, per_example, biases | (writes - kernels),
-                    sums=set(summed.values()), streams=streams,
+                    sums=set(summed.values()), streams=streams, lookups=lookups,
                 )
             return self.net(x)
 

@@ -27,7 +27,7 @@ from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models.base import GatedModel
 from sparsejax.models.registry import build_model
-from sparsejax.models.transformer import slot_family
+from sparsejax.models.transformer import HIDDEN, norm_paths, slot_family
 from sparsejax.slim.surgery import slim_model
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
@@ -50,17 +50,19 @@ TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
     "lm_tiny": lambda **kwargs: build_zoo_model(
-        "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp"), dim=64, depth=2, head_dim=16,
-        ffn_hidden=96, **kwargs),
+        "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp", "hidden"), dim=64, depth=2,
+        head_dim=16, ffn_hidden=96, **kwargs),
 }
-"""The LM's class
-at 2 blocks of half the width (4 query heads in 2 key/value groups, as in ``lm_tiny``) with its
-key/value group, FFN-unit and sublayer gates (not yet: a query head of a key/value group, which
-shares its keys and values with the group's other query heads, so that its units are no
-traced group's; the hidden dimension)."""
+"""The LM's class at 2 blocks of half the width (4 query heads in 2 key/value groups, as in
+``lm_tiny``) with its key/value group, FFN-unit, sublayer and hidden-dimension gates (the
+hidden dimension a stream, its tied embedding table looked up into it and read by the head).
+Not yet: a query head of a key/value group, which shares its keys and values with the group's
+other query heads, so that its units are no traced group's."""
 BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 """The layers that feed a transformer sublayer's output projection, by sublayer family (the
 ViT's MLP has no ``gate``: a model's branch is those it has)."""
+
+
 def plain_vit() -> nnx.Module:
     """The zoo's ViT at 2 blocks, a plain module, on Fashion-MNIST images."""
     return build_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST,
@@ -90,8 +92,13 @@ def placements(zoo: GatedModel) -> list[GatePlacement]:
     def traced_name(layer: str) -> str:
         return "zoo." + where[id(zoo.layer_module(layer))]
 
+    norms = tuple(f"zoo.{path}" for path in norm_paths(zoo))
     result = []
     for slot in zoo.gate_slots:
+        if slot_family(slot.name) == HIDDEN:  # the stream (the tied head's inputs), read by
+            result.append(GatePlacement(slot.name, traced_name(slot.layer), "input",  # norms
+                                        slot.droprate_init, stream=norms))
+            continue
         by_heads = {"heads": ("q", "v"), "kv_groups": ("k", "v")}.get(slot_family(slot.name))
         if by_heads:  # a head's (a key/value group's) query/key and value units
             attention = slot.layer.rsplit(".", 1)[0]
@@ -247,7 +254,7 @@ def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.n
     return np.array(losses), np.asarray(model(images[0], train=False))
 
 
-@pytest.mark.parametrize("name, method_name", [("lm_tiny", "l0_hc")])
+@pytest.mark.parametrize("name, method_name", [("lm_tiny", "l0_hc"), ("lm_tiny", "dep_l0")])
 def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
     """Ten engine steps from the same initial network and gates stay within float rounding."""
     config = get_config(method_name)

@@ -164,7 +164,7 @@ def test_stream_placements_that_cannot_hold_say_what_is_wrong():
 
     with pytest.raises(ConfigError, match=r"\['norm3'\] have no parameter on the stream"):
         build(stream=("norm1", "norm3"))
-    with pytest.raises(ConfigError, match="use side='output'"):
+    with pytest.raises(ConfigError, match="the inputs of layer 'embed' are no prunable stream"):
         build(side="input")
     with pytest.raises(ConfigError, match="leave out heads, norm and whole_unit"):
         build(whole_unit=True)
@@ -183,3 +183,82 @@ def test_stream_placements_that_cannot_hold_say_what_is_wrong():
     model = build(statistic=lambda net, h: rms(h), stream=("norm1", "norm2"))
     with pytest.raises(ConfigError, match="inside custom_jvp_call"):
         model.forward(inputs(2), {"hidden": jnp.ones(8)}, train=False)
+
+
+VOCAB, CONTEXT = 11, 6
+
+
+class TiedLM(nnx.Module):
+    """Tokens -> ``nnx.Embed`` -> a pre-norm residual MLP block (RMSNorm) -> RMSNorm -> logits
+    from the embedding table (tied: ``Embed.attend``) or from a head matrix of its own."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, tied: bool = True):
+        self.embed = nnx.Embed(VOCAB, dim, rngs=rngs)
+        self.norm = nnx.RMSNorm(dim, rngs=rngs)
+        self.up = nnx.Linear(dim, HIDDEN, rngs=rngs)
+        self.down = nnx.Linear(HIDDEN, dim, rngs=rngs)
+        self.final = nnx.RMSNorm(dim, rngs=rngs)
+        self.head = None if tied else nnx.Param(jnp.zeros((VOCAB, dim)))
+
+    def __call__(self, tokens):
+        h = self.embed(tokens)
+        h = h + self.down(nnx.gelu(self.up(self.norm(h))))
+        h = self.final(h)
+        return self.embed.attend(h) if self.head is None else h @ self.head[...].T
+
+
+def tied_model(net: TiedLM, **kwargs) -> TracedModel:
+    """The stream on the tied head's inputs, or on the untied table's lookup outputs."""
+    side = "input" if net.head is None else "output"
+    placement = GatePlacement("hidden", "embed", side, stream=("norm", "final"))
+    return TracedModel(net, rngs=nnx.Rngs(params=1), input_shape=(CONTEXT,),
+                       num_classes=VOCAB, input_dtype=jnp.int32, placements=[placement],
+                       **kwargs)
+
+
+def tokens(batch: int) -> jax.Array:
+    return jax.random.randint(jax.random.key(4), (batch, CONTEXT), 0, VOCAB)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_embedding_is_gated_where_it_is_looked_up_and_a_tied_one_masked_where_it_is_read(
+    tied,
+):
+    """The table's lookup writes the stream (its rows times the gates); tied, as the head it
+    reads the stream (its rows times the open mask): the network without the closed units, its
+    lookup table scaled and its head not. Per-example gates are each example's own."""
+    net = randomized(TiedLM(10, rngs=nnx.Rngs(params=0), tied=tied), seed=3)
+    model = tied_model(net)
+    z = stream_gates(10, 3)
+    kept = np.flatnonzero(z)
+    table = net.embed.embedding[...]
+    small = TiedLM(len(kept), rngs=nnx.Rngs(params=0), tied=False)
+    small.embed.embedding[...] = table[:, kept] * z[kept]
+    small.head[...] = (table if tied else net.head[...])[:, kept]
+    small.down.kernel[...] = net.down.kernel[...][:, kept] * z[kept]
+    small.down.bias[...] = net.down.bias[...][kept] * z[kept]
+    small.up.kernel[...] = net.up.kernel[...][kept]
+    small.up.bias[...] = net.up.bias[...]
+    for norm in ("norm", "final"):
+        getattr(small, norm).scale[...] = getattr(net, norm).scale[...][kept]
+    x = tokens(3)
+    gated = model.forward(x, {"hidden": jnp.asarray(z)}, train=False)
+    np.testing.assert_allclose(gated, small(x), rtol=1e-5, atol=1e-5)
+    drawn = np.stack([z, np.where(np.arange(10) == 1, 0.0, z), z]).astype(np.float32)
+    per_example = model.forward(x, {"hidden": jnp.asarray(drawn)}, train=False)
+    np.testing.assert_allclose(per_example[0], gated[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(per_example[1], gated[1], atol=1e-3)
+
+
+def test_a_tied_embedding_slims_to_the_gated_logits():
+    net = randomized(TiedLM(10, rngs=nnx.Rngs(params=0)), seed=4)
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    model = tied_model(net, gate_factory=method.make_gates)
+    log_alpha = np.linspace(-1.0, 1.0, 10)  # test-time gates in (0, 1), not only 0 and 1
+    log_alpha[::3] = -10.0
+    model.gates["hidden"].log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
+    values = folding.test_gate_values(model)["hidden"]
+    assert np.any((values > 0) & (values < 1))
+    slim = slim_traced_model(model, np.asarray(tokens(8)))
+    assert slim.params["embed.embedding"].shape == (VOCAB, int(np.sum(values > 0)))
+    assert slim.report.max_logit_difference < 1e-5

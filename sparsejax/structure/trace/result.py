@@ -125,6 +125,7 @@ class TracedStructure:
         param_ids: Mapping[str, tuple[np.ndarray | int, ...]],
         batch_size: int,
         head_splits: Sequence[np.ndarray] = (),
+        tables: Sequence[str] = (),
     ):
         roots = table.roots()
         self._roots = np.append(roots, NO_UNIT)
@@ -140,6 +141,8 @@ class TracedStructure:
             for path, ids in param_ids.items()
         }
         self.batch_size = batch_size
+        self.tables = tuple(tables)
+        """The parameters whose rows are looked up (embedding tables, tied ones too)."""
         self._head_splits = tuple(head_splits)
 
     @property
