@@ -22,7 +22,8 @@ ResNets, one member of a residual stream that stays whole) (:func:`selected_rows
 placed with the normalisers that read it (a transformer's hidden dimension) keeps exactly its
 open units: the constants its readers meet are found on the gated forward pass, whose sums
 over the stream run over its open units, and the slim network scales those sums to the full
-width.
+width; an embedding table looked up into the stream has its gathered rows scaled by the gates
+in the program the slim network is cut from (a tied table's head reads it ungated).
 :func:`~sparsejax.structure.slim_trace.slim_traced` cuts the arrays, on the groups of the
 model's own trace; ``round_to=K`` keeps back the removed units with the highest P(gate != 0)
 until every slimmed group has a multiple of K units. The largest logit difference

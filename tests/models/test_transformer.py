@@ -15,7 +15,14 @@ from sparsejax.errors import ConfigError
 from sparsejax.gates.hard_concrete import HardConcreteGate
 from sparsejax.models import each_slot
 from sparsejax.models.lm import DecoderLM
-from sparsejax.models.transformer import FAMILIES, family_slots, lambdas_by_family, rope
+from sparsejax.models.transformer import (
+    FAMILIES,
+    block_placements,
+    family_slots,
+    lambdas_by_family,
+    rope,
+    transformer_blocks,
+)
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import gate_report, weight_report
@@ -360,3 +367,14 @@ def test_a_short_run_beats_the_unigram_baseline():
     bits = float(nnx.jit(loss)(model, jnp.asarray(x), jnp.asarray(y))) / np.log(2)
     unigram = text.unigram_bits_per_byte(data.train_stream, y.reshape(-1).astype(np.uint8))
     assert bits < unigram - 0.3
+
+
+def test_placements_refuse_query_heads_inside_key_value_groups():
+    blocks = transformer_blocks(1, 8, heads=4, kv_heads=2, ffn_hidden=6, head_dim=2, norm="rms",
+                                ffn="swiglu", use_bias=False, causal=True, rotary=False,
+                                rngs=nnx.Rngs(0))
+    names = [p.slot for p in block_placements(blocks, ("kv_groups", "ffn", "attn", "mlp"))]
+    assert names == ["blocks.0.kv_groups", "blocks.0.kv_groups", "blocks.0.attn",
+                     "blocks.0.ffn", "blocks.0.mlp"]
+    with pytest.raises(ValueError, match="gate the groups"):
+        block_placements(blocks, ("heads",))

@@ -27,6 +27,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods.base import RunInfo
 from sparsejax.methods.l0_hc import L0HardConcrete
 from sparsejax.models.batch_chunks import fixed_chunks
+from sparsejax.models.registry import build_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.nodes import layer_kernels, node_report
@@ -603,16 +604,16 @@ def test_gate_factors_put_each_gate_at_its_index_and_one_elsewhere(indices, unit
 
 
 def test_the_zoo_vit_without_its_placements_gates_finer_groups_that_count_like_its_heads():
-    """Without its placements (as GReg and gmp take it) the trace of vit_tiny gates finer
+    """Without its placements (every removable group gated) the trace of vit_tiny gates finer
     groups than its head slots (one unit per query/key column and per value column): a head
     closed by its placement is its 16 query/key and 16 value columns closed there, and both
     count the same params and FLOPs, attention products included. The hidden stream, whose
     units the norms' statistics read, gets no gate without its stream placement."""
-    placed, model = (
-        build_zoo_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
-                        input_shape=MNIST_SHAPE, use_placements=use)
-        for use in (True, False)
-    )
+    placed = build_zoo_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
+                             input_shape=MNIST_SHAPE)
+    net = build_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
+                      input_shape=MNIST_SHAPE)
+    model = TracedModel(net, rngs=nnx.Rngs(params=0), input_shape=MNIST_SHAPE, num_classes=10)
     blocks = range(4)
     slots = {slot.name: slot.shape for slot in model.gate_slots}
     assert slots == {
