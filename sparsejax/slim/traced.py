@@ -128,8 +128,9 @@ def slim_traced_model(
 
     with parameters_gated(model.net, gated):
         keep, replaced, met = units_left(model.net, model.structure, example, forward)
-        for group, _ in model.carried:
-            keep[group] = keep[group] & (open_units[group] > 0)
+        for group, slot in model.carried:
+            if slot in values:  # without gates (GReg, gmp) the zeroed slices tell
+                keep[group] = keep[group] & (open_units[group] > 0)
         for group in closed_branch_groups(model, values):
             keep[group] = np.zeros_like(keep[group])
         for stream in streams:

@@ -173,6 +173,24 @@ def test_a_vit_slims_from_its_trace_to_the_gated_logits_and_the_counted_size(pat
             assert stored == bool(mask(model, f"blocks.{i}.{family}").all()), (i, family)
 
 
+def test_a_vit_whose_heads_and_units_were_zeroed_without_gates_slims_them_away():
+    """GReg and gmp prune the placed heads and FFN units of a ViT that has no gates, zeroing
+    every slice of a unit (``scale_units``): slimming removes those heads' query, key and value
+    columns and output rows, and those units, to the same logits."""
+    rngs = nnx.Rngs(0)
+    model = gate_zoo_network(ViT(rngs=rngs, **VIT_SHAPE), "vit_tiny", rngs=rngs)
+    assert not model.gates
+    slots = {slot.name: slot for slot in model.gate_slots}
+    model.scale_units(slots["blocks.0.heads"], jnp.array([1.0, 0.0, 1.0, 0.0]))
+    model.scale_units(slots["blocks.1.ffn"], jnp.ones(24).at[:10].set(0.0))
+    x = np.asarray(inputs(model))
+    slim = slim_traced_model(model, x)
+    assert slim.report.max_logit_difference < 1e-5 * max(1.0, np.abs(logits(model, x)).max())
+    assert slim.params["blocks.0.attn.q.kernel"].shape == (16, 8)  # 2 heads of 4
+    assert slim.params["blocks.0.attn.o.kernel"].shape == (8, 16)
+    assert slim.params["blocks.1.ffn.up.kernel"].shape == (16, 14)
+
+
 def test_a_bias_only_branch_keeps_its_constant():
     """Every head of block 0 closed and every MLP unit of block 1: their branches add the
     output projections' biases alone."""
