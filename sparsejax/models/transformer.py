@@ -33,7 +33,11 @@ still exactly 0. The hidden gate stays on the activations only inside a norm's s
 count n and LayerNorm's centred values); per-example gates multiply the activations.
 
 Which families exist is the ``families`` argument of the models. At weight granularity every
-kernel (embeddings, projections, FFN, head) has weight gates instead.
+kernel (embeddings, projections, FFN, head) has weight gates instead. The LM declares these
+slots and runs its blocks with the gates described here (:class:`TransformerModel`); the ViT
+runs the same blocks without gates (:meth:`Block.__call__`) and places the families on its
+trace (:func:`block_placements`, a stream placement for ``hidden``), where the same gates act
+on the same parameters.
 
 Accounting (:mod:`sparsejax.structure.accounting`): projections are dense layers applied at every
 token, so a layer's ``out_positions`` is the number of tokens T of the declared context (FLOPs
@@ -487,7 +491,8 @@ def per_block(value: int | Sequence[int], depth: int, name: str) -> tuple[int, .
 
 
 class TransformerModel(GatedModel):
-    """What the ViT and the LM share: the blocks, their declarations and their forward pass.
+    """A transformer that declares its gates (the LM; the ViT is a plain module gated from its
+    trace): the blocks, their declarations and their gated forward pass.
 
     Subclasses build ``self.blocks`` with :meth:`_build_blocks`, declare their embedding and head
     layers around :meth:`_block_declarations` and call :meth:`_run_blocks`.

@@ -101,16 +101,15 @@ def slim_traced_model(
         for s in slices
     ]
     streams = [stream for stream in model.streams if stream.slot in values]
-    gated += [(s, open_mask(jnp.asarray(values[stream.slot])))
-              for stream in streams for s in stream.rows]
+    open_of = {stream.slot: open_mask(jnp.asarray(values[stream.slot])) for stream in streams}
+    gated += [(s, open_of[stream.slot]) for stream in streams for s in stream.rows]
     scores = model.group_values({
         name: np.asarray(model.gates[name].prob_nonzero())
         for _, name in model.group_slots if name in values
     })
     example = jax.ShapeDtypeStruct((1, *check.shape[1:]), check.dtype)
     open_units = model.group_values(values)
-    masks = [(stream.producer, open_mask(jnp.asarray(values[stream.slot])))
-             for stream in streams]
+    masks = [(stream.producer, open_of[stream.slot]) for stream in streams]
     lookups = [(s, jnp.asarray(values[stream.slot])) for stream in streams
                for s in stream.lookups]
 

@@ -1,13 +1,13 @@
-"""Slimming a gated transformer (``vit_tiny``, ``lm_tiny``) into a smaller one of the same class.
+"""Slimming the declared transformer (``lm_tiny``) into a smaller one of the same class (the
+ViT, a plain module, slims from its trace).
 
 A head spans q, k, v and o, and the hidden dimension is a stream through every block, so a
 transformer is cut by its own structure. The test-time gates are folded into the weights, exactly
 for any gate value:
 
-- ``hidden`` z_d multiplies everything written to the stream: the embedding (LM: the table's rows;
-  tied, the final norm's scale is divided by z_d on the open dimensions so the head still reads
-  the unscaled table; ViT: the patch projection's columns and bias, the class token and the
-  positions) and every branch (the o and down projections' columns and biases);
+- ``hidden`` z_d multiplies everything written to the stream: the embedding table's rows (tied,
+  the final norm's scale is divided by z_d on the open dimensions so the head still reads the
+  unscaled table) and every branch (the o and down projections' columns and biases);
 - ``attn`` / ``mlp`` multiply their branch: o's / down's columns and bias;
 - ``heads`` and ``kv_groups`` multiply a head's output before o: o's rows of that head;
 - ``ffn`` multiplies a hidden unit before down: down's row;
@@ -25,7 +25,7 @@ keeps M' = the largest number of live heads in a kept group and fills the other 
 their removed heads, whose o rows are zero (exact, but not minimal: the report counts them).
 
 The slim model is built from the original's :meth:`architecture` with per-block widths
-(``heads``, ``kv_heads``, ``ffn_hidden`` / ``mlp_hidden`` as tuples, 0 for a missing sublayer),
+(``heads``, ``kv_heads``, ``ffn_hidden`` as tuples, 0 for a missing sublayer),
 so :func:`~sparsejax.slim.store.load_slim` rebuilds it from those arguments.
 """
 
@@ -167,27 +167,16 @@ def _ffn(folded: _Folded, cut: _Cut, source: str, target: str, stream: np.ndarra
 
 
 def _ends(folded: _Folded, cut: _Cut, z_hidden: np.ndarray, hidden: np.ndarray) -> None:
-    """The embedding, final norm and head, with the hidden gate folded into the embedding."""
-    model = folded.model
-    if hasattr(model, "tied"):  # the LM: the table (dim, vocab) is read by rows
-        table = folded.kernel("embed") * z_hidden[:, None]
-        cut.layer("embed", "embed", table, None, hidden, np.arange(table.shape[1]))
-        _norm(folded, cut, "final_norm", "final_norm", hidden)
-        if model.tied:
-            cut.arrays["final_norm.scale"] = cut.arrays["final_norm.scale"] / z_hidden[hidden]
-        else:
-            head = folded.kernel("head")
-            cut.layer("head", "head", head, None, hidden, np.arange(head.shape[1]))
-        return
-    patch = folded.kernel("patch_embed") * z_hidden
-    cut.layer("patch_embed", "patch_embed", patch, folded.bias("patch_embed") * z_hidden,
-              np.arange(patch.shape[0]), hidden)
-    for name in ("positions", "cls_token"):
-        if getattr(model, name) is not None:
-            cut.arrays[name] = (folded.array(name) * z_hidden)[..., hidden]
+    """The embedding table (dim, vocab), read by rows, with the hidden gate folded into it; the
+    final norm; an untied head."""
+    table = folded.kernel("embed") * z_hidden[:, None]
+    cut.layer("embed", "embed", table, None, hidden, np.arange(table.shape[1]))
     _norm(folded, cut, "final_norm", "final_norm", hidden)
-    head = folded.kernel("head")
-    cut.layer("head", "head", head, folded.bias("head"), hidden, np.arange(head.shape[1]))
+    if folded.model.tied:
+        cut.arrays["final_norm.scale"] = cut.arrays["final_norm.scale"] / z_hidden[hidden]
+    else:
+        head = folded.kernel("head")
+        cut.layer("head", "head", head, None, hidden, np.arange(head.shape[1]))
 
 
 def _assign(model: TransformerModel, arrays: dict[str, np.ndarray]) -> None:
@@ -226,11 +215,7 @@ def slim_transformer(model: TransformerModel) -> SlimResult:
     _ends(folded, cut, z_hidden, hidden)
     architecture = dict(model.architecture())
     architecture.update(dim=int(hidden.size), depth=len(widths["heads"]),
-                        heads=tuple(widths["heads"]))
-    if "kv_heads" in architecture:
-        architecture["kv_heads"] = tuple(widths["kv_heads"])
-    ffn_key = "ffn_hidden" if "ffn_hidden" in architecture else "mlp_hidden"
-    architecture[ffn_key] = tuple(widths["ffn_hidden"])
+                        **{name: tuple(values) for name, values in widths.items()})
     slim = type(model)(rngs=nnx.Rngs(params=0), **architecture)
     _assign(slim, cut.arrays)
     plan = SlimPlan(

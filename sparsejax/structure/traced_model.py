@@ -531,6 +531,16 @@ def _placed_slots(
     return tuple(placed)
 
 
+def _added_parameters(
+    structure: TracedStructure, placed: Sequence[_PlacedSlot]
+) -> tuple[str, ...]:
+    """The layers' biases and the writes of stream placements that are no layer's kernel (see
+    :attr:`TracedModel.added`)."""
+    kernels = {layer.kernel for layer in structure.layers}
+    writes = {s.path for p in placed if p.stream for s in p.slices} - kernels
+    return tuple(sorted({layer.bias for layer in structure.layers if layer.bias} | writes))
+
+
 def open_mask(z: jax.Array) -> jax.Array:
     """1 where a gate is open (nonzero), 0 where it is closed: what a stream's readers' rows
     are multiplied by."""
@@ -930,6 +940,9 @@ class TracedModel(GatedModel):
       branches: ``(slot name, layers)`` of every branch gate: the traced layers it switches
         off, the one its gate multiplies first.
       streams: the :class:`StreamGates` of every stream placement.
+      added: the gated parameters added to (or concatenated with) activations rather than
+        read as kernels: the layers' biases and a stream's other writes (position
+        embeddings, a class token), where gates drawn per example act.
     """
 
     def __init__(
@@ -987,6 +1000,7 @@ class TracedModel(GatedModel):
             for p in placed if p.stream
         )
         self.carried = _carried(self.structure, placed)
+        self.added = _added_parameters(self.structure, placed)
         self.spanning = tuple(dict.fromkeys(
             p.slot for p in placements or () if p.heads or p.whole_unit or p.stream))
         if self.placed:
@@ -1186,13 +1200,9 @@ class TracedModel(GatedModel):
                 lookups.extend((s, z[stream.slot]) for s in stream.lookups)
         with parameters_gated(self.net, shared):
             if per_example or streams:
-                writes = {s.path for stream in self.streams
-                          for s in dict(self.gated)[stream.slot]}
-                biases = {layer.bias for layer in self.structure.layers if layer.bias}
-                kernels = {layer.kernel for layer in self.structure.layers}
                 return run_with_example_gates(
-                    self.net, x, per_example, biases | (writes - kernels),
-                    sums=set(summed.values()), streams=streams, lookups=lookups,
+                    self.net, x, per_example, set(self.added), sums=set(summed.values()),
+                    streams=streams, lookups=lookups,
                 )
             return self.net(x)
 

@@ -414,18 +414,8 @@ def _reduce_sum(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
     return [out if scale == 1.0 else (out * scale).astype(out.dtype)]
 
 
-def _narrowed_reduction(self: Narrowed, eqn, ins, ins_kept, outs_kept, batch) -> list:
-    """A reduction other than a sum runs over whole dimensions only."""
-    if any(ins_kept[0][axis] is not None for axis in eqn.params["axes"]):
-        raise SlimmingError(f"{eqn.primitive.name} over a dimension that lost units")
-    return _rebind(eqn, ins, eqn.params)
-
-
 _RULES: dict[str, Rule] = {
     "reduce_sum": _reduce_sum,
-    "reduce_max": _narrowed_reduction,
-    "reduce_min": _narrowed_reduction,
-    "reduce_prod": _narrowed_reduction,
     "broadcast_in_dim": _broadcast_in_dim,
     "reshape": _reshape,
     "iota": _iota,
