@@ -62,6 +62,15 @@ class GatePlacement:
       projections name the same group, and the slot gates it once. The output columns may
       share units (a fused ``qkv`` projection, one group split by both products, placed
       once; grouped-query attention's queries, whose heads are the key/value groups).
+    - ``side="output"`` with ``heads=H`` in grouped-query attention, where H query heads
+      share G < H key/value heads: a query head shares its group's key and value units, so
+      no split of units gives H heads; the trace tags each query head's positions instead
+      (:mod:`~sparsejax.structure.trace.tags`), and ``heads=H`` on the query (or the value)
+      projection gates the H tagged heads. A gate scales its head's rows of the output
+      projection; its query columns and bias go with it in the counts and when slimming,
+      where every key/value group keeps as many heads as the group with the most live ones
+      (the query projection is reshaped into groups of one size). ``|g|`` is the head's query
+      columns, bias and output rows.
 
     - ``side="output"`` with ``branch``: one gate for the whole output of ``layer``, the last
       layer of a residual branch (a transformer's sublayer, gated as in Fan et al. 2020's

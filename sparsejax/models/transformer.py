@@ -395,10 +395,12 @@ def block_placements(
     - ``heads`` (multi-head attention): the query and value projections' outputs in H heads
       (``heads=H``): a head's gate scales its output (the output projection's rows) and
       removes its query, key and value columns;
-    - ``kv_groups`` (grouped-query attention, M > 1 query heads per key/value group): the key
-      and value projections' outputs in G groups, a group's gate removing its query heads
-      too. A query head inside a group shares its keys and values with the group's other
-      heads, so its units are no traced group's: ``heads`` with groups is refused;
+    - ``heads`` (grouped-query attention, M > 1 query heads per key/value group): the same
+      placements; a query head shares its group's keys and values, so the trace finds it by
+      its tags (:mod:`~sparsejax.structure.trace.tags`): its gate scales its output (the
+      output projection's rows) and removes its query columns;
+    - ``kv_groups`` (grouped-query attention): the key and value projections' outputs in G
+      groups, a group's gate removing its query heads too;
     - ``attn`` / ``mlp``: the output (down) projection's output with the projections before it
       as ``branch``: the whole sublayer under one gate;
     - ``ffn``: the down projection's inputs, ``whole_unit``: an FFN unit with its columns in
@@ -411,9 +413,6 @@ def block_placements(
         if block.attn is not None:
             attn = f"{path}.attn"
             grouped = block.attn.heads != block.attn.kv_heads
-            if "heads" in families and grouped:
-                raise ValueError(f"{attn}: query heads inside key/value groups cannot be "
-                                 "placed; gate the groups (kv_groups) instead")
             if "heads" in families:
                 placements += [GatePlacement(f"{path}.heads", f"{attn}.{name}", "output",
                                              droprate_init, heads=block.attn.heads)

@@ -44,8 +44,8 @@ from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.slim_trace import SlimFunction, slim_traced
 from sparsejax.structure.slim_trace.unread import live_rows, units_left
 from sparsejax.structure.slim_trace.zeros import Rows
-from sparsejax.structure.sparsify import parameters_gated
-from sparsejax.structure.traced_model import TracedModel, open_mask
+from sparsejax.structure.sparsify import parameters_gated, variable_at
+from sparsejax.structure.traced_model import QueryHeads, TracedModel, open_mask
 
 CHECK_EXAMPLES = 256
 """Test examples (images or token sequences) the slim network is compared on with the gated
@@ -83,6 +83,85 @@ def closed_branch_groups(model: TracedModel, values: dict[str, np.ndarray]) -> l
             found += [g.index for g in model.structure.groups
                       if all(path in inner for path, _ in g.producers)]
     return found
+
+
+def _key_groups(model: TracedModel, query: QueryHeads) -> list[list[int]]:
+    """The heads of ``query`` by key/value group (heads whose rows read the same value
+    units), each group's heads in the order of their rows."""
+    rows = query.rows[0]
+    member = next(m for g in model.structure.groups if (m := g.member(rows.path, rows.axis)))
+    unit_of = dict(zip(member.indices, member.units))
+    units: dict[int, set[int]] = {}
+    for index, head in zip(rows.indices, rows.units):
+        units.setdefault(head, set()).add(unit_of[index])
+    groups: dict[frozenset[int], list[int]] = {}
+    for head in units:  # rows.indices ascend: heads in the order their rows first come
+        groups.setdefault(frozenset(units[head]), []).append(head)
+    return list(groups.values())
+
+
+def _carried_units(
+    model: TracedModel, query: QueryHeads, heads: list[int]
+) -> dict[int, np.ndarray]:
+    """Per traced group, True for the units that the carried slices of ``heads`` hold (the
+    query and key units of their query columns)."""
+    found: dict[int, np.ndarray] = {}
+    for s in query.carried:
+        for group in model.structure.groups_of(s.path, s.axis):
+            traced = model.structure.groups[group]
+            member = traced.member(s.path, s.axis)
+            unit_of = dict(zip(member.indices, member.units))
+            units = found.setdefault(group, np.zeros(traced.size, bool))
+            units[[unit_of[i] for i, h in zip(s.indices, s.units) if h in heads]] = True
+    return found
+
+
+def packed_query_heads(
+    model: TracedModel, replaced: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], set[int], dict[int, np.ndarray]]:
+    """The query heads inside key/value groups that slimming removes, and the arrays that keep
+    the others (``model.net``'s values, or those of ``replaced``, gates folded). A head lives
+    while some row of it that its gates act on (the output projection's) is not zero. Within
+    each key/value group the live heads move to the first positions, their rows, columns and
+    biases with them (the same function: the heads of a group differ only in their own
+    slices), and every group keeps M' = the most live heads of any group, since the query
+    projection is reshaped into groups of one size: a group with fewer keeps closed heads
+    whose rows are zero, as the declared transformer's slimming does. A group without a live
+    head goes whole: its heads and the query and key units its queries carry (no score of it
+    is read). Returns the moved arrays by path, the tags of the heads removed and, per traced
+    group, the units no live head reads (where no head of a slot lives, M' = 0, these alone:
+    its attention goes with its query and key units)."""
+    moved: dict[str, np.ndarray] = {}
+    closed: set[int] = set()
+    unread: dict[int, np.ndarray] = {}
+
+    def value(path: str) -> np.ndarray:
+        return np.asarray(moved.get(path, replaced.get(path, variable_at(model.net, path)[...])))
+
+    for query in model.query_heads:
+        live = np.zeros(len(query.tags), bool)
+        for s in query.rows:
+            taken = np.moveaxis(np.take(value(s.path), s.indices, axis=s.axis), s.axis, 0)
+            np.logical_or.at(live, np.asarray(s.units),
+                             np.any(taken.reshape(len(s.indices), -1) != 0, axis=1))
+        groups = _key_groups(model, query)
+        kept = max(int(live[heads].sum()) for heads in groups)
+        dead = [head for heads in groups if not live[heads].any() for head in heads]
+        for group, units in _carried_units(model, query, dead).items():
+            unread[group] = unread.get(group, np.zeros_like(units)) | units
+        if not kept:
+            continue
+        closed |= {query.tags[head] for heads in groups
+                   for head in (heads if not live[heads].any() else heads[kept:])}
+        for s in query.slices:
+            source = np.arange(value(s.path).shape[s.axis])
+            at = {h: np.asarray(s.indices)[np.asarray(s.units) == h] for h in set(s.units)}
+            for heads in groups:
+                order = [h for h in heads if live[h]] + [h for h in heads if not live[h]]
+                for position, head in zip(heads, order):
+                    source[at[position]] = at[head]
+            moved[s.path] = np.take(value(s.path), source, axis=s.axis)
+    return moved, closed, unread
 
 
 @nnx.jit
@@ -134,10 +213,14 @@ def slim_traced_model(
             keep[group] = np.zeros_like(keep[group])
         for stream in streams:
             keep[stream.group] = open_units[stream.group] > 0
+        packed, closed_tags, unread = packed_query_heads(model, replaced)
+        for group, units in unread.items():
+            keep[group] = keep[group] & ~units
         slim = slim_traced(
             model.net, example, structure=model.structure, keep=keep, scores=scores,
-            round_to=round_to, rows=selected_rows(model, met), replaced=replaced,
+            round_to=round_to, rows=selected_rows(model, met), replaced={**replaced, **packed},
             streams=[stream.group for stream in streams], apply=slim_forward,
+            closed_tags=closed_tags,
         )
     slim.check(_evaluation_logits(model, check), check)
     return slim

@@ -41,7 +41,8 @@ of a hand-written declaration:
   are their traced group, with the layer's kernel slice and bias as ``|g|``; its input units are
   their group when only that layer reads it, else an input selection of the layer's rows
   alone, with one row as ``|g|``; with ``norm``, the output of the normaliser after the layer
-  (one member of a residual stream); with ``heads``, its output units by head; with
+  (one member of a residual stream); with ``heads``, its output units by head (in
+  grouped-query attention, the query heads that the trace tags inside each key/value group); with
   ``branch``, one gate on the layer's whole output that removes a residual branch (a
   transformer's sublayer); with ``stream``, the units of a residual stream that normalisers
   read (a transformer's hidden dimension): its gates multiply every write into it, its open
@@ -103,6 +104,7 @@ from sparsejax.structure.sparsify import (
 )
 from sparsejax.structure.trace import (
     OUTPUT_BLOCKER,
+    Joint,
     Member,
     TracedLayer,
     TracedStructure,
@@ -153,6 +155,12 @@ class _PlacedSlot:
     lookups: tuple[GatedSlice, ...] = ()
     """For a stream: the embedding tables looked up into it (tied ones also among its
     readers), which its gates multiply where their rows are gathered."""
+    tags: tuple[int, ...] = ()
+    """For query heads inside key/value groups: the tag of each head (gate), in gate order
+    (:mod:`~sparsejax.structure.trace.tags`); ``slices`` are the rows that read the heads."""
+    carried: tuple[GatedSlice, ...] = ()
+    """For query heads: the slices that go with the heads without their gates (the query
+    projection's columns and bias)."""
 
 
 def _covers(member: Member, size: int, group_size: int, heads: int) -> bool:
@@ -267,10 +275,15 @@ def _place_heads(
     structure: TracedStructure, placement: GatePlacement, slot: GateSlot, group: UnitGroup
 ) -> _PlacedSlot:
     """A placement with ``heads`` (:class:`GatePlacement`): the output units of its layer, a
-    removable group, one gate per head of a split that a product of two activations makes
-    (with one head, the head of every unit)."""
+    removable group, one gate per head of a split that a product of two activations makes;
+    else the query heads inside key/value groups that tags find (:func:`_place_query_heads`);
+    else the units themselves when there are ``heads`` of them (a heads axis), or, with one
+    head, one gate for every unit."""
     where = f"gate placement {placement.slot!r}"
     splits = structure.heads(group.index)
+    head = next((s for s in splits if s.max() + 1 == placement.heads), None)
+    if head is None and (query := _place_query_heads(structure, placement, slot, group)):
+        return query
     if group.size == placement.heads:  # the heads are units already (a heads axis)
         splits = (np.arange(group.size), *splits)
     if placement.heads == 1:  # one head holds every unit
@@ -290,6 +303,60 @@ def _place_heads(
     )
     slot = dataclasses.replace(slot, shape=(placement.heads,), gates_bias=False)
     return _PlacedSlot(slot, group.index, slices, heads=tuple(head.tolist()))
+
+
+def _place_query_heads(
+    structure: TracedStructure, placement: GatePlacement, slot: GateSlot, group: UnitGroup
+) -> _PlacedSlot | None:
+    """Query heads inside key/value groups (grouped-query attention): the ``heads`` tags
+    (:mod:`~sparsejax.structure.trace.tags`) on every index of the placed layer's outputs
+    (the query projection's columns) or of the rows that read its group (the output
+    projection's rows, for the value projection), one gate per tag; None when neither has
+    exactly ``heads`` tags. The gates act on the rows that read the heads (the output
+    projection's: a gate scales its head's output); the other tagged slices (the query
+    projection's columns and bias) go with their heads in the counts. Heads are numbered in
+    the order they first meet those rows, ``|g|`` is everything one head removes."""
+    kernel = next(l.kernel for l in structure.layers if _layer_name(l.kernel) == placement.layer)
+    candidates = [(kernel, slot.axis), *((s.path, s.axis) for s in gated_slices(structure, group))]
+    for path, axis in candidates:
+        tags = structure.param_tags(path, axis)
+        if tags is None or np.any(tags < 0) or len(set(tags.tolist())) != placement.heads:
+            continue
+        return _query_heads(structure, placement, slot, set(tags.tolist()))
+    return None
+
+
+def _query_heads(
+    structure: TracedStructure, placement: GatePlacement, slot: GateSlot, tags: set[int]
+) -> _PlacedSlot:
+    """The placed slot of the query heads with ``tags`` (:func:`_place_query_heads`)."""
+    kernels = {layer.kernel: layer for layer in structure.layers}
+    acting, carried = [], []
+    for path, axis, axis_tags in structure.tagged_axes(tags):
+        layer = kernels.get(path)
+        reads = layer is not None and axis in _kernel_axes(structure, _layer_name(path), layer)[1]
+        indices = np.flatnonzero(axis_tags >= 0)
+        (acting if reads else carried).append((path, axis, indices, axis_tags[indices]))
+    if not acting:
+        raise ConfigError(
+            f"gate placement {placement.slot!r}: no layer reads the {placement.heads} query "
+            f"heads of layer {placement.layer!r}, so no gate can scale their outputs"
+        )
+    order = list(dict.fromkeys(t for *_, found in acting for t in found.tolist()))
+    head = {tag: k for k, tag in enumerate(order)}
+
+    def sliced(path: str, axis: int, indices: np.ndarray, found: np.ndarray) -> GatedSlice:
+        return GatedSlice(path, axis, tuple(indices.tolist()),
+                          tuple(head[t] for t in found.tolist()))
+
+    removed = sum(math.prod(structure.param_shapes[path]) // structure.param_shapes[path][axis]
+                  * indices.size for path, axis, indices, _ in acting + carried)
+    path, axis = acting[0][:2]
+    slot = dataclasses.replace(
+        slot, layer=_layer_name(path), shape=(placement.heads,), axis=axis, gates_bias=False,
+        kernel_shape=structure.param_shapes[path], group_params=removed / placement.heads)
+    return _PlacedSlot(slot, None, tuple(sliced(*a) for a in acting), tags=tuple(order),
+                       carried=tuple(sliced(*c) for c in carried))
 
 
 def _place_after_norm(
@@ -450,7 +517,8 @@ def _branch_products(
                 if any(path in kernels for path, _ in g.producers)}
     found = []
     for index, factors in enumerate(structure.products):
-        ids = [np.asarray(f).reshape(-1) for f in factors if not isinstance(f, int)]
+        ids = [np.asarray(i).reshape(-1) for f in factors if not isinstance(f, int)
+               for i in (f.ids if isinstance(f, Joint) else (f,))]
         groups = {int(g) for f in ids for g in structure.unit_places(np.maximum(f, 0))[0]}
         if groups & produced:
             found.append(index)
@@ -469,6 +537,10 @@ def _added_sources(
     for p in placed:
         if p.group is not None:
             continue
+        if p.tags:
+            for side, source in _query_sources(structure, layers, p):
+                added[side] = added.get(side, ()) + (source,)
+            continue
         if p.branch:
             sides = [(("outputs", name), WHOLE_SIDE) for name in p.branch] + [
                 (("outputs", f"product{i}"), WHOLE_SIDE)
@@ -481,6 +553,24 @@ def _added_sources(
         for side, tile in sides:
             added[side] = added.get(side, ()) + ((p.slot.name, tile),)
     return added
+
+
+def _query_sources(
+    structure: TracedStructure, layers: Mapping[str, TracedLayer], placed: _PlacedSlot
+) -> Iterator[tuple[tuple[str, str], tuple[str, int | UnitIndex]]]:
+    """The layer sides that query heads switch off: the kernel slices of their rows and
+    columns, each index with its head."""
+    for s in (*placed.slices, *placed.carried):
+        name = _layer_name(s.path)
+        layer = layers.get(name)
+        if layer is None or layer.kernel != s.path:
+            continue  # a bias: counted with its layer's outputs
+        shape, in_axes, out_axes = _kernel_axes(structure, name, layer)
+        axes = in_axes if s.axis in in_axes else out_axes
+        sizes = tuple(shape[a] for a in axes)
+        where = _placement(np.asarray(s.indices), np.asarray(s.units), sizes, axes.index(s.axis),
+                           placed.slot.shape[0])
+        yield ("inputs" if axes is in_axes else "outputs", name), (placed.slot.name, where)
 
 
 def _placed_slots(
@@ -501,9 +591,9 @@ def _placed_slots(
         if placement.side == "input" and p.group in output_groups:
             p = dataclasses.replace(p, group=None)
         p = _unit_cost(structure, p, placement)
-        if placement.heads and any((q.slot.name, q.group) == (p.slot.name, p.group)
+        if placement.heads and any((q.slot.name, q.group, q.tags) == (p.slot.name, p.group, p.tags)
                                    for q in placed):
-            continue  # the query and the value projections' heads axis: one group
+            continue  # the query and the value projections' heads axis (or tags): one slot
         placed.append(p)
         given.append(placement)
     names = [p.slot for p in given]
@@ -761,13 +851,15 @@ def traced_products(
     slots: dict[int, str],
     heads: Heads | None = None,
     added: Mapping[tuple[str, str], UnitSource] | None = None,
+    tagged: Mapping[int, tuple[str, int, int]] | None = None,
 ) -> tuple[Layer, ...]:
     """The products of two activations (attention's ``Q K^T`` and ``A V``) as
     :attr:`~sparsejax.models.base.GatedModel.activation_products`: a product whose MACs are
     ``n * prod_f sum(kept units of factor f)`` (``n`` its fixed sizes per example) is a layer
     ``product{i}`` of shape ``(units of the first factor, units of the others combined)`` at
-    ``n`` positions, each factor's gated units placed on its side, and the slots in ``added``
-    (as for :func:`traced_layers`: a branch gate) on its outputs.
+    ``n`` positions, each factor's gated units placed on its side (and the query heads of
+    ``tagged``, ``tag: (slot, head, heads)``, on the positions of a :class:`Joint` factor),
+    and the slots in ``added`` (as for :func:`traced_layers`: a branch gate) on its outputs.
 
     Raises:
       ConfigError: for a product the accounting cannot hold (a fraction of a position per
@@ -776,7 +868,7 @@ def traced_products(
     products = []
     for index, factors in enumerate(structure.products):
         fixed = math.prod(int(f) for f in factors if isinstance(f, int))
-        unit_factors = [np.asarray(f).reshape(-1) for f in factors if not isinstance(f, int)]
+        unit_factors = [f for f in factors if not isinstance(f, int)]
         positions = fixed / structure.batch_size
         combinations = math.prod(f.size for f in unit_factors[1:])
         if positions != round(positions) or combinations > MAX_PRODUCT_UNITS:
@@ -786,7 +878,8 @@ def traced_products(
                 "counted by the layer accounting"
             )
         sides = [unit_factors[:1], unit_factors[1:]]
-        sources = [_factor_sources(structure, slots, side, heads or {}) for side in sides]
+        sources = [_factor_sources(structure, slots, side, heads or {}, tagged or {})
+                   for side in sides]
         name = f"product{index}"
         products.append(
             Layer(
@@ -803,20 +896,40 @@ def traced_products(
 
 
 def _factor_sources(
-    structure: TracedStructure, slots: dict[int, str], factors: list[np.ndarray], heads: Heads
+    structure: TracedStructure,
+    slots: dict[int, str],
+    factors: list[np.ndarray | Joint],
+    heads: Heads,
+    tagged: Mapping[int, tuple[str, int, int]],
 ) -> UnitSource:
-    """The gated groups among the unit ids of ``factors``, placed among their combinations
-    (C order)."""
+    """The gated groups among the unit ids of ``factors`` (and the gated query heads among
+    the tags of a :class:`Joint`), placed among their combinations (C order)."""
 
     def found(position: int, ids: np.ndarray) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        ids = ids.reshape(-1)
         groups, units = structure.unit_places(np.where(ids < 0, 0, ids))
         groups = np.where(ids < 0, -1, groups)
         for group in sorted(set(groups.tolist())):
             where = np.flatnonzero(groups == group)
             yield position, group, where, units[where]
 
-    every = (item for position, ids in enumerate(factors) for item in found(position, ids))
-    return _placed_sources(structure, slots, tuple(f.size for f in factors), every, heads)
+    every = (item for position, f in enumerate(factors)
+             for ids in (f.ids if isinstance(f, Joint) else (f,)) for item in found(position, ids))
+    sizes = tuple(f.size for f in factors)
+    sources = _placed_sources(structure, slots, sizes, every, heads)
+    for position, f in enumerate(factors):
+        if not isinstance(f, Joint):
+            continue
+        tags = f.tags.reshape(-1)
+        by_slot: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        for index, tag in enumerate(tags.tolist()):
+            if tag in tagged:
+                name, head, count = tagged[tag]
+                by_slot.setdefault((name, count), []).append((index, head))
+        for (name, count), pairs in by_slot.items():
+            indices, units = map(np.asarray, zip(*pairs))
+            sources += ((name, _placement(indices, units, sizes, position, count)),)
+    return sources
 
 
 def _check_counts(
@@ -913,6 +1026,24 @@ class StreamGates:
     lookups: tuple[GatedSlice, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryHeads:
+    """A slot of query heads inside key/value groups (:func:`_place_query_heads`): ``slot``,
+    the query-head ``tags`` of its gates in order
+    (:mod:`~sparsejax.structure.trace.tags`), the ``rows`` its gates act on (the output
+    projection's) and the ``carried`` slices that go with the heads (the query projection's
+    columns and bias), each index with its head."""
+
+    slot: str
+    tags: tuple[int, ...]
+    rows: tuple[GatedSlice, ...]
+    carried: tuple[GatedSlice, ...]
+
+    @property
+    def slices(self) -> tuple[GatedSlice, ...]:
+        return self.rows + self.carried
+
+
 class TracedModel(GatedModel):
     """A plain NNX module ``net`` (images NHWC -> logits, or with an integer ``input_dtype``
     token ids ``(batch, T)`` -> logits ``(batch, T, num_classes)``) gated and counted from its
@@ -933,6 +1064,8 @@ class TracedModel(GatedModel):
         rows of its kernel that read the output, which a closed gate leaves only zeros to
         meet (the rows slimming drops).
       unit_heads: ``(group index, head of each unit)`` of every group gated by heads.
+      query_heads: the :class:`QueryHeads` of every slot of query heads inside key/value
+        groups.
       carried: ``(group index, slot name)`` of the groups of a slot of heads that its gates
         do not act on (queries and keys); they go with their heads.
       spanning: the placed slots whose members (:meth:`slot_members`) are every layer slice
@@ -978,9 +1111,13 @@ class TracedModel(GatedModel):
             slots = _slot_names(self.structure) if granularity == "unit" else {}
         self.unit_heads = tuple((p.group, p.heads) for p in placed if p.heads is not None)
         heads = {group: np.asarray(head) for group, head in self.unit_heads}
+        self.query_heads = tuple(QueryHeads(p.slot.name, p.tags, p.slices, p.carried)
+                                 for p in placed if p.tags)
+        tagged = {tag: (p.slot.name, head, len(p.tags))
+                  for p in placed for head, tag in enumerate(p.tags)}
         added = _added_sources(self.structure, placed)
         layers = traced_layers(self.structure, slots, granularity, added, heads)
-        self.activation_products = traced_products(self.structure, slots, heads, added)
+        self.activation_products = traced_products(self.structure, slots, heads, added, tagged)
         _check_counts(self.structure, layers, self.activation_products)
         self.layer_params = tuple(
             (layer.name, traced.kernel, traced.bias)
@@ -990,7 +1127,7 @@ class TracedModel(GatedModel):
         self.summed = tuple((p.slot.name, p.summed) for p in placed if p.summed)
         self.selections = tuple(
             (p.slot.name, p.slices[0])
-            for p in placed if p.group is None and not p.summed and not p.branch
+            for p in placed if p.group is None and not p.summed and not p.branch and not p.tags
         )
         self.reader_rows = tuple((p.slot.name, rows) for p in placed for rows in p.reader_rows)
         self.branches = tuple((p.slot.name, p.branch) for p in placed if p.branch)
@@ -1100,9 +1237,17 @@ class TracedModel(GatedModel):
 
     def _group_members(self, name: str) -> tuple[SlotMember, ...]:
         """Every layer kernel or bias slice that spans a whole axis in the groups of slot
-        ``name``, each index with its gate."""
+        ``name`` (or among the slices of its query heads), each index with its gate."""
         layer_of = {kernel: (layer, "kernel") for layer, kernel, _ in self.layer_params}
         layer_of |= {bias: (layer, "bias") for layer, _, bias in self.layer_params if bias}
+        query = next((q for q in self.query_heads if q.slot == name), None)
+        if query is not None:
+            return tuple(
+                SlotMember(f"{layer_of[s.path][0]}.{layer_of[s.path][1]}", s.axis, s.units)
+                for s in query.slices
+                if s.path in layer_of
+                and s.indices == tuple(range(self.structure.param_shapes[s.path][s.axis]))
+            )
         return tuple(
             SlotMember(f"{layer_of[m.path][0]}.{layer_of[m.path][1]}", m.axis,
                        self._gates_of(group, m.units))
@@ -1127,11 +1272,13 @@ class TracedModel(GatedModel):
         scales and biases and every reader's rows, so that a 0 removes the unit whatever its
         activation makes of zero (sigmoid(0) is not 0) and the readers' rows no longer train.
         An input selection scales its layer's rows; a slot of heads every group's slices,
-        each index by its head's factor; a branch gate its layer's output columns and bias
+        each index by its head's factor (query heads inside key/value groups: their rows,
+        columns and biases); a branch gate its layer's output columns and bias
         (the branch's output)."""
         groups = self._groups_of(slot.name)
         if not groups:
-            slices = dict(self.gated)[slot.name]
+            query = next((q.slices for q in self.query_heads if q.slot == slot.name), None)
+            slices = query or dict(self.gated)[slot.name]
         else:
             slices = tuple(
                 GatedSlice(m.path, m.axis, m.indices, self._gates_of(group, m.units))

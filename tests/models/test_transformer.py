@@ -369,12 +369,12 @@ def test_a_short_run_beats_the_unigram_baseline():
     assert bits < unigram - 0.3
 
 
-def test_placements_refuse_query_heads_inside_key_value_groups():
+def test_placements_of_grouped_query_attention_place_query_heads_and_key_value_groups():
     blocks = transformer_blocks(1, 8, heads=4, kv_heads=2, ffn_hidden=6, head_dim=2, norm="rms",
                                 ffn="swiglu", use_bias=False, causal=True, rotary=False,
                                 rngs=nnx.Rngs(0))
-    names = [p.slot for p in block_placements(blocks, ("kv_groups", "ffn", "attn", "mlp"))]
-    assert names == ["blocks.0.kv_groups", "blocks.0.kv_groups", "blocks.0.attn",
-                     "blocks.0.ffn", "blocks.0.mlp"]
-    with pytest.raises(ValueError, match="gate the groups"):
-        block_placements(blocks, ("heads",))
+    placed = block_placements(blocks, ("heads", "kv_groups", "ffn", "attn", "mlp"))
+    assert [(p.slot, p.layer, p.heads) for p in placed[:4]] == [
+        ("blocks.0.heads", "blocks.0.attn.q", 4), ("blocks.0.heads", "blocks.0.attn.v", 4),
+        ("blocks.0.kv_groups", "blocks.0.attn.k", 2), ("blocks.0.kv_groups", "blocks.0.attn.v", 2)]
+    assert [p.slot for p in placed[4:]] == ["blocks.0.attn", "blocks.0.ffn", "blocks.0.mlp"]

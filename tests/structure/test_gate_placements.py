@@ -50,14 +50,13 @@ TOKENS = {"lm_tiny"}
 """The models that read token ids."""
 BUILDS = {
     "lm_tiny": lambda **kwargs: build_zoo_model(
-        "lm_tiny", families=("kv_groups", "ffn", "attn", "mlp", "hidden"), dim=64, depth=2,
+        "lm_tiny", dim=64, depth=2,
         head_dim=16, ffn_hidden=96, **kwargs),
 }
 """The LM's class at 2 blocks of half the width (4 query heads in 2 key/value groups, as in
-``lm_tiny``) with its key/value group, FFN-unit, sublayer and hidden-dimension gates (the
-hidden dimension a stream, its tied embedding table looked up into it and read by the head).
-Not yet: a query head of a key/value group, which shares its keys and values with the group's
-other query heads, so that its units are no traced group's."""
+``lm_tiny``) with every family of its gates: query heads inside the key/value groups (found
+by their tags), key/value groups, FFN units, sublayers and the hidden dimension (a stream, its
+tied embedding table looked up into it and read by the head)."""
 BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 """The layers that feed a transformer sublayer's output projection, by sublayer family (the
 ViT's MLP has no ``gate``: a model's branch is those it has)."""
@@ -387,6 +386,40 @@ def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
     assert slim.report.max_logit_difference < 1e-5
 
 
+@pytest.mark.parametrize("heads, halved", [
+    ({"blocks.0.heads": [-10.0, 3.0, 3.0, -10.0], "blocks.1.heads": [3.0, -10.0, 3.0, 3.0]}, True),
+    ({"blocks.0.heads": [3.0, 3.0, -10.0, 3.0], "blocks.1.heads": [-10.0, 3.0, -10.0, -10.0]},
+     False),
+])
+def test_the_placed_lm_slims_query_heads_closed_unevenly_as_its_declarations_do(heads, halved):
+    """Query heads closed unevenly across the key/value groups (heads h = m G + g). First: in
+    block 0 each group keeps one live head (group 0's second one), so one query head per group
+    goes; in block 1 one head closes, so both groups keep two. Second: block 1 keeps one head,
+    of group 1, so group 0 goes whole (its keys and values too). The traced slim network has
+    the surgery's arrays, params, FLOPs and logits."""
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    declared, model = twins("lm_tiny", BUILDS["lm_tiny"], method.make_gates)
+    rng = np.random.default_rng(0)
+    for slot, gate in declared.gates.items():
+        log_alpha = np.asarray(heads.get(slot, rng.uniform(1.0, 3.0, gate.log_alpha.shape)))
+        if slot == HIDDEN:
+            log_alpha[::5] = -10.0
+        for m in (declared, model):
+            m.gates[slot].log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
+    x = np.asarray(examples("lm_tiny", jax.random.key(0), 4))
+    surgery = slim_model(declared)
+    slim = slim_traced_model(model, x)
+    shapes = {".".join(map(str, path)): tuple(v.shape)
+              for path, v in nnx.to_flat_state(nnx.state(surgery.model))}
+    assert {path.removeprefix("zoo."): tuple(v.shape) for path, v in slim.params.items()} == shapes
+    widths = [shapes[f"blocks.{i}.attn.{name}.kernel"][1] for i in (0, 1) for name in "qk"]
+    assert widths == ([32, 32, 64, 32] if halved else [64, 32, 16, 16])
+    assert slim.report.params_after == surgery.report.params_after
+    assert slim.report.flops_after == pytest.approx(surgery.report.flops_after, rel=1e-6)
+    np.testing.assert_allclose(slim(x), surgery.model(x, train=False), rtol=1e-5, atol=1e-5)
+    assert slim.report.max_logit_difference < 1e-5
+
+
 def test_a_closed_placed_input_selection_removes_its_rows_from_the_count():
     """LeNet-5's 800 fc1 gates sit on the flattened conv2 map: closing the 16 inputs of one
     conv2 channel there keeps the channel (conv1 -> conv2 unchanged) and removes 16 rows."""
@@ -687,3 +720,43 @@ def test_heads_are_placed_on_a_fused_projection_and_on_grouped_query_attention(
     dense = float(count_network(model.layers, {})["params"])
     closed = float(count_network(model.layers, {"heads": np.array([0.0, 1.0])})["params"])
     assert dense - closed == per_head
+
+
+def test_query_heads_inside_key_value_groups_are_gated_counted_and_slimmed():
+    """``heads=4`` on the queries and values of 4 query heads in 2 key/value groups: one gate
+    per query head (found by its tags), ``|g|`` its query columns, bias and output rows. The
+    head's gate scales its output rows; with (g0, m0) and (g1, m1) closed, each group keeps one
+    live head, so the slim network keeps one query head per group (group 0's live head moved
+    to the first place), with the gated model's logits and the count's params."""
+    net = Tokens(GroupedQueryAttention, rngs=nnx.Rngs(0))
+    method = L0HardConcrete(get_config().lock(), RunInfo(100))
+    model = TracedModel(net, rngs=nnx.Rngs(1), input_shape=MNIST, num_classes=3,
+                        gate_factory=method.make_gates, placements=[
+                            GatePlacement("heads", layer, "output", heads=4)
+                            for layer in ("attention.q", "attention.v")])
+    (slot,) = model.gate_slots
+    assert (slot.shape, slot.layer, slot.axis, slot.group_params) == (
+        (4,), "attention.o", 0, 2 * 6 + 2 + 2 * 6)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (4, *MNIST)))
+    rows = np.asarray(net.attention.o.kernel[...]).copy()
+    closed = np.array([0.0, 1.0, 1.0, 0.0])  # heads in the order of the output rows: (g, m)
+    z = {"heads": jnp.asarray(closed)}
+    net.attention.o.kernel[...] = jnp.asarray(rows * np.repeat(closed, 2)[:, None])
+    expected = np.asarray(net(x))
+    net.attention.o.kernel[...] = jnp.asarray(rows)
+    np.testing.assert_allclose(model.forward(x, z, train=False), expected, rtol=1e-5, atol=1e-6)
+    per_example = jnp.broadcast_to(jnp.asarray(closed), (4, 4))
+    np.testing.assert_allclose(model.forward(x, {"heads": per_example}, train=False), expected,
+                               rtol=1e-5, atol=1e-6)
+    dense = count_network(model.layers, {}, model.activation_products)
+    two = count_network(model.layers, z, model.activation_products)
+    assert float(dense["params"] - two["params"]) == 2 * slot.group_params
+    assert float(dense["flops"] - two["flops"]) == 2 * (4 * 24 + 2 * 4 * 4 * 2)
+    model.gates["heads"].log_alpha[...] = jnp.asarray(np.where(closed > 0, 10.0, -10.0))
+    slim = slim_traced_model(model, x)
+    assert slim.params["attention.q.kernel"].shape == (6, 4)
+    assert slim.params["attention.o.kernel"].shape == (4, 6)
+    assert slim.params["attention.k.kernel"].shape == (6, 4)
+    assert slim.report.params_after == pytest.approx(float(two["params"]))
+    assert slim.report.flops_after == pytest.approx(float(two["flops"]))
+    assert slim.report.max_logit_difference < 1e-5

@@ -394,6 +394,28 @@ def test_grouped_query_heads_tie_each_query_head_to_its_shared_key():
         assert split[units.reshape(2, 2)].tolist() == [[0, 0], [1, 1]]
 
 
+def test_query_heads_inside_key_value_groups_are_tagged_and_counted_by_head():
+    """A query head shares its group's key units, so it is no group; its tag marks its query
+    columns and bias, its output-projection rows (the same (g, m) of both layouts) and its
+    share of the attention products: closing one removes 2 query columns of 6 weights, 2
+    biases and 2 output rows of 6 weights, and per token 12 + 12 MACs, with 5 x 5 x 2 MACs
+    of its scores and as many of its mixed values."""
+    s = trace(build(GroupedQueryAttention), (1, 5, 6))
+    columns, rows = s.param_tags("q.kernel", 1), s.param_tags("o.kernel", 0)
+    np.testing.assert_array_equal(columns, rows)
+    np.testing.assert_array_equal(s.param_tags("q.bias", 0), columns)
+    heads = columns.reshape(2, 2, 2)  # (g, m, d): one tag per query head, over its features
+    assert len(set(columns.tolist())) == 4 and np.all(heads == heads[..., :1])
+    assert s.param_tags("k.kernel", 1) is None and s.param_tags("v.kernel", 1) is None
+    assert {path for path, _, _ in s.tagged_axes(set(columns.tolist()))} == {
+        "q.kernel", "q.bias", "o.kernel"}
+    dense, closed = s.count(), s.count(closed_tags={int(heads[0, 1, 0])})
+    assert dense.params - closed.params == 2 * 6 + 2 + 2 * 6
+    assert dense.flops - closed.flops == 5 * (12 + 12) + 2 * 5 * 5 * 2
+    every = s.count(closed_tags=set(columns.tolist()))
+    assert (dense.params - every.params, dense.flops - every.flops) == (4 * 26, 4 * 220)
+
+
 class FusedAttention(Attention):
     """The same attention with one fused ``(6, 3 * 4)`` projection split into queries, keys
     and values."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -242,6 +242,22 @@ def _rows(
     return chosen, share
 
 
+def _moved_tags(
+    given: TracedStructure, traced: TracedStructure, tags: Collection[int]
+) -> set[int]:
+    """The tags of ``traced`` at the parameter indices that ``tags`` of ``given`` label (a
+    trace of the same program)."""
+    moved: set[int] = set()
+    if not tags:
+        return moved
+    for path, axis, found in given.tagged_axes(set(tags)):
+        there = traced.param_tags(path, axis) if path in traced.param_shapes else None
+        if there is None or there.shape != found.shape:
+            raise ConfigError(f"slim_traced: the query heads on {path!r} are not in the trace")
+        moved |= set(there[found >= 0].tolist())
+    return moved
+
+
 def _status(group: UnitGroup) -> str:
     if not group.prunable:
         return f"unprunable: {group.obstacle.describe()}"
@@ -251,12 +267,16 @@ def _status(group: UnitGroup) -> str:
 
 
 def _row_savings(
-    traced: TracedStructure, keep: Mapping[int, np.ndarray], row_share: Mapping[str, float]
+    traced: TracedStructure,
+    keep: Mapping[int, np.ndarray],
+    row_share: Mapping[str, float],
+    closed_tags: Collection[int],
 ) -> tuple[float, float]:
     """Kernel weights and MACs per example that dropped rows take out of the network kept by
-    ``keep``: the share ``1 - row_share[kernel]`` of each such kernel's count (its rows are all
-    the same size), once per kernel for the weights, once per layer reading it for the MACs."""
-    counts = traced.layer_counts(keep)
+    ``keep`` and ``closed_tags``: the share ``1 - row_share[kernel]`` of each such kernel's
+    count (its rows are all the same size), once per kernel for the weights, once per layer
+    reading it for the MACs."""
+    counts = traced.layer_counts(keep, closed_tags)
     weights = {c.kernel: c.weights for c in counts if c.kernel in row_share}
     saved_weights = sum(w * (1.0 - row_share[k]) for k, w in weights.items())
     saved_macs = sum(c.macs * (1.0 - row_share[c.kernel]) for c in counts if c.kernel in row_share)
@@ -274,15 +294,17 @@ def _report(
     rows: Mapping[str, tuple[int, np.ndarray]],
     unstored: int,
     streams: set[int],
+    closed_tags: Collection[int],
 ) -> SlimReport:
     """Widths, status and costs of the slim network (``kept``: units kept per group;
     ``row_share``: per kernel with dropped rows, the share of its unit-kept rows it keeps;
     ``unstored``: the kernel and bias entries the units keep that it does not store,
-    :mod:`.dead`; ``streams``: the groups slimmed as streams although reductions read them)."""
+    :mod:`.dead`; ``streams``: the groups slimmed as streams although reductions read them;
+    ``closed_tags``: the query heads removed)."""
     before = traced.count()
     keep = {g: k.astype(np.float64) for g, k in kept.items()}
-    after = traced.count(keep)
-    saved_weights, saved_macs = _row_savings(traced, keep, row_share)
+    after = traced.count(keep, closed_tags)
+    saved_weights, saved_macs = _row_savings(traced, keep, row_share, closed_tags)
     return SlimReport(
         groups=tuple(
             SlimGroup(
@@ -320,6 +342,7 @@ def slim_traced(
     replaced: Mapping[str, np.ndarray | jax.Array] | None = None,
     apply: Apply = call_model,
     streams: Sequence[int] = (),
+    closed_tags: Collection[int] = (),
 ) -> SlimFunction:
     """The slim evaluation network of ``model`` with the units of closed gates removed.
 
@@ -351,6 +374,13 @@ def slim_traced(
     ``streams`` are groups of ``structure`` whose sums the model takes over their open units (a
     stream placed with its normalisers): they keep exactly the units ``keep`` keeps, and the
     slim network scales their sums to the full width (:mod:`.interpret`).
+
+    ``closed_tags`` are query heads to remove (tags of ``structure``,
+    :mod:`~sparsejax.structure.trace.tags`): their indices of every parameter (the query
+    projection's columns, the output projection's rows) and their positions of the attention
+    between go. The heads kept must sit at the same positions in every key/value group (the
+    first M' of each, a rectangle), as the query projection is reshaped into groups of heads
+    of one size.
 
     Arrays the output no longer depends on once the units are cut (what is left of a residual
     branch whose units all went, :mod:`.dead`) are not stored: the slim network runs on zeros
@@ -387,18 +417,21 @@ def slim_traced(
         traced, program.frame, moved(keep, True), round_to=round_to, scores=moved(scores, 0.0),
         streams=[matched[group][0] for group in streams],
     )
-    unit_values = traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()})
+    closed = _moved_tags(given, traced, closed_tags)
+    unit_values = traced.unit_values({g: k.astype(np.float64) for g, k in kept.items()}, closed)
+    tag_values = traced.tag_values(closed)
     leaves = dict(zip(program.paths, jax.tree_util.tree_leaves(nnx.state(evaluated))))
     floating = {p: v for p, v in leaves.items() if jnp.issubdtype(v.dtype, jnp.floating)}
     jaxpr, consts = opened(program.jaxpr)
     roots = traced.unit_roots()
-    chosen, row_share = _rows(Narrowed(unit_values, roots, batch), program.frame,
+    chosen, row_share = _rows(Narrowed(unit_values, roots, batch, tag_values=tag_values),
+                              program.frame,
                               dict(zip(program.paths, jaxpr.invars)), floating, rows or {})
     try:
         positions = dropped_positions(jaxpr, program.frame, chosen)
     except RowsError as error:
         raise ConfigError(f"slim_traced: {error}") from None
-    narrowed = Narrowed(unit_values, roots, batch, positions)
+    narrowed = Narrowed(unit_values, roots, batch, positions, tag_values)
     folded = dict(floating)
     _fold(folded, given, gates or {})
     for path, value in (replaced or {}).items():
@@ -437,6 +470,6 @@ def slim_traced(
         return jax.tree_util.tree_unflatten(program.out_tree, outs)
 
     report = _report(traced, kept, moved(keep, True), round_to, floating, params, row_share,
-                     rows or {}, unstored, {matched[group][0] for group in streams})
+                     rows or {}, unstored, {matched[group][0] for group in streams}, closed)
     input_spec = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
     return SlimFunction(slim_apply, params, report, input_spec)

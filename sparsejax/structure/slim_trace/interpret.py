@@ -58,23 +58,34 @@ class SlimmingError(RuntimeError):
 
 
 def kept_positions(
-    value: Value, shape: tuple[int, ...], unit_values: np.ndarray, unit_roots: np.ndarray
+    value: Value,
+    shape: tuple[int, ...],
+    unit_values: np.ndarray,
+    unit_roots: np.ndarray,
+    tag_values: np.ndarray | None = None,
 ) -> Kept:
     """The kept positions of each dimension of a variable with ``value``'s fields, when unit
-    ``u`` is kept iff ``unit_values[u] > 0`` (``unit_values[-1]`` is 1: no unit). A dimension
-    along which a field holds the same units (merged: ``unit_roots``) at every position keeps
-    all of them: the query heads of a key/value group, which share its key's units."""
+    ``u`` is kept iff ``unit_values[u] > 0`` (``unit_values[-1]`` is 1: no unit), and of its
+    query-head tags, tag ``t`` kept iff ``tag_values[t] > 0``. A dimension along which a field
+    holds the same units (merged: ``unit_roots``) and the same values at every position keeps
+    all of them: the query heads of a key/value group, which share its key's units (unless
+    their own tags close some of them)."""
     kept: list[np.ndarray | None] = [None] * len(shape)
-    for field in value.fields:
+    labels = [(f, unit_values, unit_roots) for f in value.fields]
+    if tag_values is not None:
+        labels += [(t, tag_values, None) for t in value.tags]
+    for field, values, roots in labels:
         ids = np.where(field.ids == NO_UNIT, -1, field.ids)
-        mask = unit_values[ids] > 0
+        mask = values[ids] > 0
         for k, dim in enumerate(field.dims):
-            if ids.shape[k] > 1 and _constant_along(unit_roots[ids], k):
+            if (roots is not None and ids.shape[k] > 1 and _constant_along(roots[ids], k)
+                    and _constant_along(mask, k)):
                 continue
             others = tuple(j for j in range(mask.ndim) if j != k)
             projection = mask.any(axis=others) if others else mask
             if not projection.all():
-                kept[dim] = np.flatnonzero(projection)
+                chosen = np.flatnonzero(projection)
+                kept[dim] = chosen if kept[dim] is None else np.intersect1d(kept[dim], chosen)
     return tuple(kept)
 
 
@@ -123,8 +134,9 @@ def called_jaxpr(eqn) -> tuple[object, Sequence] | None:
 
 
 class Narrowed:
-    """Evaluates a traced jaxpr with the units whose ``unit_values`` are 0 removed and only the
-    ``positions`` given (``{(id(frame), var): {dim: kept positions}}``, :mod:`.rows`) kept."""
+    """Evaluates a traced jaxpr with the units whose ``unit_values`` are 0 (and the query
+    heads whose ``tag_values`` are 0) removed and only the ``positions`` given
+    (``{(id(frame), var): {dim: kept positions}}``, :mod:`.rows`) kept."""
 
     def __init__(
         self,
@@ -132,10 +144,12 @@ class Narrowed:
         unit_roots: np.ndarray,
         traced_batch: int,
         positions: Mapping[tuple[int, object], Mapping[int, np.ndarray]] | None = None,
+        tag_values: np.ndarray | None = None,
     ):
         self.unit_values, self.unit_roots = unit_values, unit_roots
         self.traced_batch = traced_batch
         self.positions = dict(positions or {})
+        self.tag_values = tag_values
 
     def kept(self, frame: Frame, var) -> Kept:
         """The positions ``var`` holds per dimension: those of its kept units that the given
@@ -143,8 +157,8 @@ class Narrowed:
         shape = tuple(getattr(var.aval, "shape", ()))
         if isinstance(var, core.Literal):
             return (None,) * len(shape)
-        kept = list(kept_positions(
-            frame.env.get(var, UNLABELLED), shape, self.unit_values, self.unit_roots))
+        kept = list(kept_positions(frame.env.get(var, UNLABELLED), shape, self.unit_values,
+                                   self.unit_roots, self.tag_values))
         for dim, chosen in self.positions.get((id(frame), var), {}).items():
             kept[dim] = chosen if kept[dim] is None else np.intersect1d(kept[dim], chosen)
         return tuple(kept)

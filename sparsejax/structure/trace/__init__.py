@@ -16,10 +16,12 @@ from sparsejax.structure.trace.result import (
     UnitGroup,
 )
 from sparsejax.structure.trace.units import OUTPUT_BLOCKER, Blocker
+from sparsejax.structure.trace.values import Joint
 
 __all__ = [
     "OUTPUT_BLOCKER",
     "Blocker",
+    "Joint",
     "Member",
     "TracedCounts",
     "TracedLayer",

@@ -137,6 +137,7 @@ def trace_program(
     structure = TracedStructure(
         ctx.units, ctx.counted_layers(), ctx.other_macs, ctx.param_ids, example_input.shape[0],
         ctx.head_splits, tuple(dict.fromkeys(l.kernel for l in ctx.layers if l.kind == "lookup")),
+        ctx.tagged, ctx.links,
     )
     return TracedProgram(
         structure, closed, ctx.root, paths, jax.tree_util.tree_structure(out_shape)

@@ -4,12 +4,12 @@ and parameter / FLOP counts of the network with any units removed."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
 from sparsejax.structure.trace.units import NO_UNIT, Blocker, UnitTable
-from sparsejax.structure.trace.values import Factor, LayerRecord
+from sparsejax.structure.trace.values import Factor, Joint, LayerRecord, PositionLinks
 
 ArrayLike = np.ndarray | float
 
@@ -126,6 +126,8 @@ class TracedStructure:
         batch_size: int,
         head_splits: Sequence[np.ndarray] = (),
         tables: Sequence[str] = (),
+        tagged: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+        links: PositionLinks | None = None,
     ):
         roots = table.roots()
         self._roots = np.append(roots, NO_UNIT)
@@ -144,6 +146,9 @@ class TracedStructure:
         self.tables = tuple(tables)
         """The parameters whose rows are looked up (embedding tables, tied ones too)."""
         self._head_splits = tuple(head_splits)
+        self._links = links or PositionLinks()
+        self._tag_of_link = _tags_by_link(tagged, self._links)
+        self._tag_count = 1 + max((int(np.max(t)) for _, t in tagged if np.size(t)), default=-1)
 
     @property
     def products(self) -> tuple[tuple[Factor, ...], ...]:
@@ -156,43 +161,66 @@ class TracedStructure:
         """Indices of the groups that parameter ``path`` has members in along ``axis``."""
         return tuple(g.index for g in self.groups if g.member(path, axis) is not None)
 
-    def count(self, keep: Mapping[int, ArrayLike] | None = None) -> TracedCounts:
-        """Totals of the network under the keep values ``keep`` (all units kept by default).
-        A kernel read by several layers (tied weights) counts once; FLOPs include the products
-        of two activations (attention scores), which no layer owns."""
-        values = self.unit_values(keep)
+    def count(
+        self, keep: Mapping[int, ArrayLike] | None = None, closed_tags: Collection[int] = ()
+    ) -> TracedCounts:
+        """Totals of the network under the keep values ``keep`` (all units kept by default)
+        without the query heads of ``closed_tags`` (:meth:`param_tags`). A kernel read by
+        several layers (tied weights) counts once; FLOPs include the products of two
+        activations (attention scores), which no layer owns."""
+        values = self.unit_values(keep, closed_tags)
+        tags = self.tag_values(closed_tags)
         roles = {l.kernel: "kernel" for l in self.layers}
         roles |= {l.bias: "bias" for l in self.layers if l.bias}
         sums = {"kernel": 0.0, "bias": 0.0, "other": 0.0}
         for path, ids in self._param_ids.items():
             sums[roles.get(path, "other")] += _product(values, ids)
         macs = self._layer_macs + self._other_macs
-        flops = sum(_product(values, m) for m in macs) / self.batch_size
+        flops = sum(_product(values, m, tags) for m in macs) / self.batch_size
         return TracedCounts(sums["kernel"], sums["bias"], flops, sums["other"])
 
     def layer_counts(
-        self, keep: Mapping[int, ArrayLike] | None = None
+        self, keep: Mapping[int, ArrayLike] | None = None, closed_tags: Collection[int] = ()
     ) -> tuple[TracedLayerCount, ...]:
-        """Per layer, in network order, under the keep values ``keep``."""
-        values = self.unit_values(keep)
+        """Per layer, in network order, under the keep values ``keep`` without the query
+        heads of ``closed_tags``."""
+        values = self.unit_values(keep, closed_tags)
+        tags = self.tag_values(closed_tags)
         return tuple(
             TracedLayerCount(
                 layer.kernel,
                 _product(values, self._param_ids[layer.kernel]),
                 _product(values, self._param_ids[layer.bias]) if layer.bias else 0.0,
-                _product(values, macs) / self.batch_size,
+                _product(values, macs, tags) / self.batch_size,
             )
             for layer, macs in zip(self.layers, self._layer_macs)
         )
 
-    def unit_values(self, keep: Mapping[int, ArrayLike] | None) -> np.ndarray:
-        """The keep value of every unit (indexed by unit id, as in the fields of the walk), and
-        a last entry 1 for positions of no unit (id -1)."""
+    def unit_values(
+        self, keep: Mapping[int, ArrayLike] | None, closed_tags: Collection[int] = ()
+    ) -> np.ndarray:
+        """The keep value of every unit (indexed by unit id, as in the fields of the walk), 0
+        for a parameter's index tagged by a query head of ``closed_tags``, and a last entry 1
+        for positions of no unit (id -1)."""
         values = np.ones(self._unit_group.size + 1, np.float64)
         for group, vector in (keep or {}).items():
             vector = np.broadcast_to(np.asarray(vector, np.float64), (self.groups[group].size,))
             chosen = self._unit_group == group
             values[:-1][chosen] = vector[self._unit_pos[chosen]]
+        if closed_tags:
+            closed = np.asarray(sorted(closed_tags), np.int64)
+            for path, ids in self._param_ids.items():
+                for axis, axis_ids in enumerate(ids):
+                    tags = self.param_tags(path, axis)
+                    if tags is not None:
+                        values[axis_ids[np.isin(tags, closed)]] = 0.0
+        return values
+
+    def tag_values(self, closed_tags: Collection[int] = ()) -> np.ndarray:
+        """1 for every query-head tag but those of ``closed_tags`` (indexed by tag), and a last
+        entry 1 for positions of no tag (-1)."""
+        values = np.ones(self._tag_count + 1, np.float64)
+        values[np.asarray(sorted(closed_tags), np.int64)] = 0.0
         return values
 
     def unit_roots(self) -> np.ndarray:
@@ -230,6 +258,30 @@ class TracedStructure:
                     found.append(candidate)
         return tuple(found)
 
+    def param_tags(self, path: str, axis: int) -> np.ndarray | None:
+        """The query-head tag (:mod:`.tags`) of each index of axis ``axis`` of parameter
+        ``path`` (-1 for none: an index whose ids hold no tag or two), or None when none has
+        one."""
+        ids = self._param_ids[path][axis]
+        if isinstance(ids, int) or not self._tag_of_link:
+            return None
+        tags = np.array([self._tag_of_link.get(self._links.find(i), NO_UNIT)
+                         for i in ids.tolist()], np.int64)
+        tags[tags < 0] = NO_UNIT
+        return tags if np.any(tags >= 0) else None
+
+    def tagged_axes(self, tags: set[int]) -> tuple[tuple[str, int, np.ndarray], ...]:
+        """``(path, axis, tag of each index)`` of every parameter axis with indices tagged by
+        ``tags``, in parameter order."""
+        found = []
+        for path, ids in self._param_ids.items():
+            for axis in range(len(ids)):
+                axis_tags = self.param_tags(path, axis)
+                if axis_tags is not None and set(axis_tags.tolist()) & tags:
+                    found.append((path, axis, np.where(np.isin(axis_tags, list(tags)),
+                                                       axis_tags, NO_UNIT)))
+        return tuple(found)
+
     def unit_places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The group of each unit id in ``ids`` (-1 for a unit in no group) and its position
         in the group."""
@@ -237,12 +289,36 @@ class TracedStructure:
         return self._unit_group[ids], self._unit_pos[ids]
 
 
-def _product(values: np.ndarray, factors: tuple[Factor, ...]) -> float:
-    """The product of the factors: sizes as they are, unit ids as the sum of their values."""
+def _tags_by_link(
+    tagged: Sequence[tuple[np.ndarray, np.ndarray]], links: PositionLinks
+) -> dict[int, int]:
+    """The tag of every class of linked ids that was recorded with one (-2 for a class
+    recorded with two)."""
+    found: dict[int, int] = {}
+    for ids, tags in tagged:
+        for unit, tag in zip(np.ravel(ids).tolist(), np.ravel(tags).tolist()):
+            if unit == NO_UNIT or tag == NO_UNIT:
+                continue
+            root = links.find(unit)
+            found[root] = tag if found.get(root, tag) == tag else -2
+    return found
+
+
+def _product(
+    values: np.ndarray, factors: tuple[Factor, ...], tag_values: np.ndarray | None = None
+) -> float:
+    """The product of the factors: sizes as they are, unit ids as the sum of their values, a
+    :class:`Joint` as the sum over its positions of the product of its units' values (and its
+    tags', ``tag_values``)."""
     total = 1.0
     for factor in factors:
         if isinstance(factor, int):
             total *= factor
+        elif isinstance(factor, Joint):
+            kept = np.ones(factor.tags.shape) if tag_values is None else tag_values[factor.tags]
+            for ids in factor.ids:
+                kept = kept * values[np.where(ids == NO_UNIT, -1, ids)]
+            total *= float(np.sum(kept))
         else:
             total *= float(np.sum(values[np.where(factor == NO_UNIT, -1, factor)]))
     return total

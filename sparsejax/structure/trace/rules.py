@@ -170,15 +170,34 @@ def reshape(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:
         if len(members) > 1:
             ctx.block(members, "reshape merges dimensions labelled by different fields")
             continue
-        (field,) = members
-        in_dims = sorted(d for k in touched for d in blocks[k][0])
-        out_dims = sorted(d for k in touched for d in blocks[k][1])
-        spread = [in_shape[d] if d in field.dims else 1 for d in in_dims]
-        ids = np.broadcast_to(field.ids.reshape(spread), [in_shape[d] for d in in_dims])
-        made = make_field(tuple(out_dims), ids.reshape([out_shape[d] for d in out_dims]))
+        made = _reshaped(members[0], touched, blocks, in_shape, out_shape)
         if made is not None:
             fields.append(made)
     return [Value(tuple(fields), param=ins[0].param)]
+
+
+def _reshaped(
+    field: Field,
+    touched: set[int],
+    blocks: list[tuple[list[int], list[int]]],
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+) -> Field | None:
+    """``field``, alone on the reshape blocks ``touched``, moved to the output's dimensions:
+    its ids repeated over the unlabelled dimensions merged with its own."""
+    in_dims = sorted(d for k in touched for d in blocks[k][0])
+    out_dims = sorted(d for k in touched for d in blocks[k][1])
+    spread = [in_shape[d] if d in field.dims else 1 for d in in_dims]
+    ids = np.broadcast_to(field.ids.reshape(spread), [in_shape[d] for d in in_dims])
+    return make_field(tuple(out_dims), ids.reshape([out_shape[d] for d in out_dims]))
+
+
+def reshaped_alone(field: Field, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+    """A reshape's output field of ``field`` taken on its own (no other field shares its
+    blocks)."""
+    blocks = _reshape_blocks(in_shape, out_shape)
+    touched = {k for k, (dims, _) in enumerate(blocks) if set(dims) & set(field.dims)}
+    return _reshaped(field, touched, blocks, in_shape, out_shape)
 
 
 def slice_(ctx: Context, eqn, ins: Sequence[Value]) -> list[Value]:

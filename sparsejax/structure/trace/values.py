@@ -16,21 +16,40 @@ class Value:
     broadcasts), else None; ``layer``: the index of the layer whose output it is, else None;
     ``constant``: dimensions along which it is known to be constant (a broadcast);
     ``sources``: when it depends on no model input and on no product, the parameters it is
-    computed from (none for a constant), else None."""
+    computed from (none for a constant), else None; ``tags``: the query-head tags of its
+    positions (:mod:`.tags`), fields of tag ids rather than unit ids."""
 
     fields: tuple[Field, ...] = ()
     param: str | None = None
     layer: int | None = None
     constant: frozenset[int] = frozenset()
     sources: frozenset[str] | None = None
+    tags: tuple[Field, ...] = ()
 
 
 UNLABELLED = Value()
 CONSTANT = Value(sources=frozenset())
 """A literal or a constant of the program: no units, no input."""
 
-Factor = int | np.ndarray
-"""A factor of a cost: a fixed size, or unit ids whose kept values are summed (-1 counts 1)."""
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """A cost factor over positions that unit ids and query-head tags share (the scores of a
+    query head: its positions hold the shared key's units and the head's tag): ``ids``, one
+    array of unit ids per field, and ``tags``, of one shape. Its kept value is the sum over the
+    positions of the product of their units' values (and, where gates act on the tags, of the
+    tags' values)."""
+
+    ids: tuple[np.ndarray, ...]
+    tags: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.tags.size)
+
+
+Factor = int | np.ndarray | Joint
+"""A factor of a cost: a fixed size, unit ids whose kept values are summed (-1 counts 1), or a
+:class:`Joint` of units and tags."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +80,45 @@ class Frame:
     children: list[Frame] = dataclasses.field(default_factory=list)
 
 
+class PositionLinks:
+    """Unit ids that label the same position of one array (the operands of a sum, each on its
+    own units: a rotary embedding's two halves of a query head): a union-find over ids, apart
+    from the merging of units (which also ties positions of different arrays, such as every
+    query head's feature j to the shared key's)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, unit: int) -> int:
+        parent = self.parent
+        root = unit
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while unit != root:
+            parent[unit], unit = root, parent.get(unit, unit)
+        return root
+
+    def merge(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Link the ids of ``a`` and ``b`` position by position (arrays of one shape)."""
+        for x, y in zip(np.ravel(a).tolist(), np.ravel(b).tolist()):
+            if x != NO_UNIT and y != NO_UNIT:
+                rx, ry = self.find(x), self.find(y)
+                if rx != ry:
+                    self.parent[max(rx, ry)] = min(rx, ry)
+
+    def copy(self) -> PositionLinks:
+        links = PositionLinks()
+        links.parent = dict(self.parent)
+        return links
+
+
 class Context:
     """The state of one analysis: the unit table, the layers found, the other products' costs
     and the heads they split units into, the unit ids of the model's parameters (per axis; a
     size for an axis of one), the equation being read (named by blockers), and the frames of the
-    walks (``root``, the outermost, with the ``stack`` of those in progress)."""
+    walks (``root``, the outermost, with the ``stack`` of those in progress). For query heads
+    (:mod:`.tags`): the ``links`` of unit ids at the same positions, the number of tags made
+    and the ``tagged`` unit ids, ``(ids, tags)`` arrays of one shape."""
 
     def __init__(self) -> None:
         self.units = UnitTable()
@@ -76,6 +129,9 @@ class Context:
         self.other_macs: list[tuple[Factor, ...]] = []
         self.head_splits: list[np.ndarray] = []
         self.param_ids: dict[str, tuple[np.ndarray | int, ...]] = {}
+        self.links = PositionLinks()
+        self.tag_count = 0
+        self.tagged: list[tuple[np.ndarray, np.ndarray]] = []
         self.primitive = ""
         self.source = ""
 
@@ -107,6 +163,7 @@ class Context:
             for i, other in enumerate(out):
                 if other.dims == field.dims:
                     self.units.merge(other.ids, field.ids)
+                    self.links.merge(other.ids, field.ids)
                     ids = np.where(other.ids == NO_UNIT, field.ids, other.ids)
                     out[i] = Field(other.dims, ids)
                     break
@@ -117,6 +174,12 @@ class Context:
             else:
                 out.append(field)
         return tuple(out)
+
+    def new_tags(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Fresh query-head tags, one per position of ``shape`` (C order)."""
+        tags = np.arange(self.tag_count, self.tag_count + int(np.prod(shape)), dtype=np.int64)
+        self.tag_count += tags.size
+        return tags.reshape(shape)
 
     def split_heads(self, fields: tuple[Field, ...], batch_dims: tuple[int, ...]) -> None:
         """Record the heads a product of two activations splits units into: a field on some

@@ -15,6 +15,7 @@ JAXPR_TYPES = tuple({core.Jaxpr, getattr(core, "ClosedJaxpr", core.Jaxpr)})
 """A jaxpr parameter is a Jaxpr or a ClosedJaxpr (one class in later jax versions, where a
 jaxpr's ``.jaxpr`` is itself)."""
 
+from sparsejax.structure.trace import tags
 from sparsejax.structure.trace.rules import RULES
 from sparsejax.structure.trace.units import Field, UnitTable
 from sparsejax.structure.trace.values import CONSTANT, UNLABELLED, Context, Frame, Value
@@ -107,19 +108,21 @@ class _Saved:
     layers: int
     other_macs: int
     head_splits: int
+    tagged: int
     children: int
 
     @classmethod
     def take(cls, ctx: Context) -> _Saved:
         """The context as it is now, within a walk."""
         return cls(ctx.units.copy(), len(ctx.layers), len(ctx.other_macs), len(ctx.head_splits),
-                   len(ctx.stack[-1].children))
+                   len(ctx.tagged), len(ctx.stack[-1].children))
 
     def restore(self, ctx: Context) -> None:
         """Undo what was added since (once: the saved table becomes the context's)."""
         ctx.units = self.units
         del ctx.layers[self.layers:], ctx.other_macs[self.other_macs:]
         del ctx.head_splits[self.head_splits:], ctx.stack[-1].children[self.children:]
+        del ctx.tagged[self.tagged:]
         for index in [k for k in ctx.lookup_units if k >= self.layers]:
             del ctx.lookup_units[index]
 
@@ -186,6 +189,27 @@ def _with_sources(ins: Sequence[Value], outs: Sequence[Value]) -> list[Value]:
     return [dataclasses.replace(out, sources=sources) for out in outs]
 
 
+def _rule(ctx: Context, eqn, values: Sequence[Value]) -> list[Value]:
+    """The outputs of an equation without a sub-jaxpr: its rule's, with the query-head tags
+    (:mod:`.tags`) followed, made and recorded."""
+    name = eqn.primitive.name
+    products = len(ctx.other_macs)
+    outs = RULES.get(name, _unknown)(ctx, eqn, values)
+    if name == "dot_general":
+        if len(ctx.other_macs) > products:
+            out_tags, ctx.other_macs[-1] = tags.product(
+                ctx, eqn, values, ctx.other_macs[-1], activations=True)
+        else:
+            layer = ctx.layers[outs[0].layer]
+            out_tags, macs = tags.product(ctx, eqn, values, layer.macs, activations=False)
+            ctx.layers[outs[0].layer] = dataclasses.replace(layer, macs=macs)
+        return tags.with_tags(outs, [out_tags])
+    if name not in PRODUCTS:
+        outs = _with_sources(values, outs)
+    found = tags.followed(eqn, values)
+    return outs if found is None else tags.with_tags(outs, found)
+
+
 def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> list[Value]:
     """The values of ``jaxpr``'s outputs given those of its inputs (constants are unlabelled).
     ``caller``: where the call-like equation that holds ``jaxpr`` was made, the source named for
@@ -212,9 +236,7 @@ def walk(ctx: Context, jaxpr: Jaxpr, ins: Sequence[Value], caller: str = "") -> 
             outs = _scan(ctx, eqn, values, source)
         else:
             ctx.primitive, ctx.source = eqn.primitive.name, source
-            outs = RULES.get(eqn.primitive.name, _unknown)(ctx, eqn, values)
-            if eqn.primitive.name not in PRODUCTS:
-                outs = _with_sources(values, outs)
+            outs = _rule(ctx, eqn, values)
         env.update(zip(eqn.outvars, outs))
     ctx.stack.pop()
     return [read(var) for var in jaxpr.outvars]
