@@ -3,10 +3,10 @@
     python -m benchmarks.slim_transformer --run=runs/transformer_table/lm_tiny/l0_hc
 
 Restores the newest checkpoint of a training run of ``lm_tiny`` or ``vit_tiny``
-(:func:`sparsejax.slim.runs.restore_run`), slims it (the closed heads, KV groups, FFN units, hidden
-dimensions and sublayers removed: ``vit_tiny`` from its trace,
-:func:`sparsejax.slim.traced.slim_traced_model`; ``lm_tiny`` by :func:`sparsejax.slim.slim_model`)
-and checks that both networks give the same logits. Both eval-mode forward passes are jitted,
+(:func:`sparsejax.slim.runs.restore_run`), slims it from its trace (the closed heads, KV groups,
+FFN units, hidden dimensions and sublayers removed:
+:func:`sparsejax.slim.traced.slim_traced_model`) and checks that both networks give the same
+logits. Both eval-mode forward passes are jitted,
 compiled, then timed in turn over ``--repeats`` chunks of ``--steps`` batches already on the device
 (:func:`benchmarks.common.interleaved_medians`), so that the ratio comes from one run on a shared
 machine; the table gives the median examples per second, the wall-clock speedup, the FLOPs
@@ -34,10 +34,8 @@ from benchmarks.common import (  # noqa: E402
     interleaved_medians,
 )
 from sparsejax.data.text import TEXT_DATASETS  # noqa: E402
-from sparsejax.slim import slim_model  # noqa: E402
 from sparsejax.slim.runs import restore_run  # noqa: E402
 from sparsejax.slim.traced import slim_traced_model  # noqa: E402
-from sparsejax.structure.traced_model import TracedModel  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "Working directory of a gated transformer run.",
                            required=True)
@@ -56,14 +54,9 @@ def main(argv: list[str]) -> None:
         batches = jax.random.randint(jax.random.key(0), shape, 0, input_spec(like).num_classes)
     else:
         batches = jax.random.uniform(jax.random.key(0), shape)
-    if isinstance(model, TracedModel):  # vit_tiny: slimmed from its trace
-        slim = slim_traced_model(model, np.asarray(batches[0]))
-        slim_forward, report = jax.jit(slim), slim.report
-        architecture = {"widths": report.widths}
-    else:
-        result = slim_model(model)
-        slim_forward, report = forward(result.model), result.report
-        architecture = result.model.architecture()
+    slim = slim_traced_model(model, np.asarray(batches[0]))
+    slim_forward, report = jax.jit(slim), slim.report
+    architecture = {"widths": report.widths}
     runs = {"gated": forward(model), "slim": slim_forward}
     outputs = {name: run(batches[0]) for name, run in runs.items()}
     scale = max(1.0, float(np.abs(outputs["gated"]).max()))

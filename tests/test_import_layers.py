@@ -121,10 +121,10 @@ def test_no_module_imports_a_higher_layer():
             "sparsejax.train.checkpoint",
         ),
         (
-            "def load():\n    import sparsejax.slim.surgery as surgery\n",
+            "def load():\n    import sparsejax.slim.traced as traced\n",
             "sparsejax.structure.report",
             False,
-            "sparsejax.slim.surgery",
+            "sparsejax.slim.traced",
         ),
         ("from sparsejax import train", "sparsejax.methods.greg", True, "sparsejax.train"),
         (

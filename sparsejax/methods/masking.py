@@ -27,7 +27,7 @@ def check_unit_zeroing(model: GatedModel, what: str) -> None:
 def unit_variables(model: GatedModel, name: str) -> list[nnx.Variable]:
     """The parameters of layer ``name`` indexed by its output units on their last axis: its
     kernel and its bias, so that zeroing unit j in both makes the unit output exactly zero, as
-    if removed (the declared transformers have no normaliser after a layer)."""
+    if removed, in a model that declares no normaliser or activation after a layer."""
     check_unit_zeroing(model, "pruning units")
     module = model.layer_module(name)
     variables = [module.kernel]

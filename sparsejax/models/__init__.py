@@ -1,6 +1,7 @@
-"""The zoo: gated models with their declarations (gate slots, layers), and plain NNX models
-carrying their gate placements (:data:`~sparsejax.models.registry.PLAIN`), gated from their
-trace by :func:`sparsejax.structure.traced_model.build_zoo_model`."""
+"""The zoo: plain NNX models carrying their gate placements
+(:data:`~sparsejax.models.registry.PLAIN`), gated from their trace by
+:func:`sparsejax.structure.traced_model.build_zoo_model`, and what a gated model is
+(:class:`GatedModel`: gate slots and layers)."""
 
 from sparsejax.models.base import GatedModel, GateSlot, Layer, each_slot
 from sparsejax.models.cifar_resnet import CifarResNet, resnet20, resnet56, resnet110

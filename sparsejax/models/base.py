@@ -182,20 +182,25 @@ class Layer:
 
 @dataclasses.dataclass(frozen=True)
 class ChannelCoupling:
-    """Layers whose outputs are added channel by channel (a residual stream).
+    """Layers whose output channels are one unit each: added channel by channel (a residual
+    stream) or tied by what reads them (queries and keys by the attention scores, a depthwise
+    convolution's channels).
 
     Channel c of every member is one unit: it can only be removed from all members at once, and
-    every layer that reads the stream loses its input c with it.
+    every layer that reads the members' outputs loses its input c with it.
 
     Attributes:
-      name: the stream's name (in reports and errors).
-      layers: the member layers (their outputs, after any BatchNorm, are summed).
-      fixed: True when the stream's width cannot change (e.g. option-A padding).
+      name: the coupling's name (in reports and errors).
+      layers: the member layers.
+      fixed: True when the width cannot change (e.g. option-A padding).
+      stream: True for a residual stream (the members' outputs, after any BatchNorm, are
+        summed, and layers beyond any one slot read the sum).
     """
 
     name: str
     layers: tuple[str, ...]
     fixed: bool = False
+    stream: bool = True
 
 
 GateFactory = Callable[[tuple[GateSlot, ...], nnx.Rngs], Mapping[str, Gate]]
@@ -289,18 +294,8 @@ class GatedModel(nnx.Module):
 
     def notes(self) -> tuple[str, ...]:
         """Lines a run shows when it starts: what the model keeps whole that a user may expect
-        to be pruned, and why. Empty for a declared model, whose slots say it all."""
+        to be pruned, and why. Empty by default."""
         return ()
-
-    def _unit_sources(self, *sources: tuple[str, int]) -> UnitSource:
-        """A layer declaration's ``inputs`` / ``outputs``: ``sources`` at unit granularity, none
-        at weight granularity (set ``granularity`` first)."""
-        return tuple(sources) if self.granularity == "unit" else ()
-
-    def _kernel_slot(self, name: str) -> str | None:
-        """A layer declaration's ``kernel_slot``: ``name`` at weight granularity, None at unit
-        granularity."""
-        return None if self.granularity == "unit" else name
 
     def _build_gates(self, gate_factory: GateFactory | None, rngs: nnx.Rngs) -> None:
         built = {} if gate_factory is None else dict(gate_factory(self.gate_slots, rngs))
@@ -327,7 +322,8 @@ class GatedModel(nnx.Module):
         }
 
     def layer_module(self, name: str) -> nnx.Module:
-        """The Dense/Conv module of the declared layer ``name``."""
+        """The module holding the kernel (and bias) of the layer ``name``: by default the
+        attribute of that name."""
         return getattr(self, name)
 
     def slot_members(self, slot: GateSlot) -> tuple[SlotMember, ...]:
@@ -366,11 +362,6 @@ class GatedModel(nnx.Module):
         for part in path.split("."):
             module = module[int(part)] if part.isdigit() else getattr(module, part)
         return module
-
-    def kernel_gate(self, values: dict[str, jax.Array], layer: str) -> jax.Array | None:
-        """The weight gates of ``layer``'s kernel (weight granularity only), else None."""
-        return values.get(layer) if self.granularity == "weight" else None
-
 
 
 def check_granularity(granularity: str) -> None:

@@ -1,4 +1,4 @@
-"""Dense and convolution layers; a dense layer's kernel can be multiplied by weight-level gates.
+"""Dense and convolution layers of the zoo's plain modules.
 
 Kernels use the Flax layouts: dense ``(in, out)``, convolution ``HWIO`` on ``NHWC`` inputs.
 Initialisation is He-normal for kernels, N(0, 2 / fan) with fan = fan-in (in, or k*k*in) unless a
@@ -7,22 +7,11 @@ reference codes' initialisation: L0-HC's ``kaiming_normal`` fan-in on convolutio
 ``(in, out)`` weights, a "fan_out" that PyTorch reads from dimension 0, i.e. the fan-in; L0-ARM's
 dense layers the same, its convolutions fan-out.
 
-A dense layer also takes gates on its input neurons. Batch-shared input gates are folded into the
-kernel rows, y = x @ (z[:, None] * W), as the L0 reference code does: the gradient for z is then
-sum_o W * (x^T g), from the weight gradient the backward pass computes anyway, where gating the
-inputs would cost an extra input-gradient matmul (the first layer's, usually the largest: +40% on
-the LeNet-300-100 step). Per-example input gates multiply the inputs.
-
-A dense layer's output gates (the transformers' sublayer and hidden-dimension gates on a residual
-branch) multiply its output including the bias. Batch-shared ones are folded into the kernel's
-output columns and the bias, y = x @ (W * z) + b * z, as a convolution's are, for the same
-reasons: this saves the elementwise pass over the activations in the forward pass and the
-multiply and the reduction over them in the backward pass (the gradient for z is then
-sum_i W * dW' + b * db', from the kernel and bias gradients the backward pass computes anyway).
-
-The convolution takes no gates: the zoo's convolutional models are plain modules gated from
-their trace (:class:`~sparsejax.structure.traced_model.TracedModel`), which multiplies the gate
-values into the parameters they gate.
+The layers take no gates: the zoo's models are plain modules gated from their trace
+(:class:`~sparsejax.structure.traced_model.TracedModel`), which multiplies the gate values into
+the parameters they gate (a dense layer's input gates into its kernel rows, as the L0 reference
+code does: the gradient for z is then sum_o W * (x^T g), from the weight gradient the backward
+pass computes anyway).
 """
 
 from __future__ import annotations
@@ -33,39 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax.gates.apply import gate_units
 from sparsejax.models.batch_chunks import convolve
 
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 KERNEL_FANS: tuple[str, ...] = ("fan_in", "fan_out")
 
 
-def _gated(kernel: jax.Array, kernel_gate: jax.Array | None) -> jax.Array:
-    return kernel if kernel_gate is None else kernel * kernel_gate
-
-
-def _fold_output_gate(
-    kernel: jax.Array, bias: jax.Array | None, output_gate: jax.Array | None
-) -> tuple[jax.Array, jax.Array | None, bool]:
-    """``(W * z, b * z, True)`` for batch-shared output gates z (``(out,)``), folded into the
-    kernel's output columns and the bias; else ``(W, b, False)``."""
-    if output_gate is None or output_gate.ndim != 1:
-        return kernel, bias, False
-    return kernel * output_gate, None if bias is None else bias * output_gate, True
-
-
-def _add_bias_and_gate(
-    y: jax.Array, bias: jax.Array | None, output_gate: jax.Array | None, folded: bool
-) -> jax.Array:
-    """``y + b``, times per-example output gates unless they were folded."""
-    y = y if bias is None else y + bias
-    return y if output_gate is None or folded else gate_units(y, output_gate)
-
-
 class Dense(nnx.Module):
-    """y = ((x * z_in) @ (W * z_w) + b) * z_out, with optional input-neuron gates z_in (``(in,)``
-    or ``(batch, in)``), weight gates z_w shaped like W and output-neuron gates z_out (``(out,)``
-    or ``(batch, out)``); ``kernel_init`` draws W (He-normal by default)."""
+    """y = x @ W + b; ``kernel_init`` draws W (He-normal by default)."""
 
     def __init__(
         self,
@@ -81,21 +45,9 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
 
-    def __call__(
-        self,
-        x: jax.Array,
-        kernel_gate: jax.Array | None = None,
-        input_gate: jax.Array | None = None,
-        output_gate: jax.Array | None = None,
-    ) -> jax.Array:
-        kernel = _gated(self.kernel[...], kernel_gate)
-        bias = None if self.bias is None else self.bias[...]
-        if input_gate is not None and input_gate.ndim == 1:
-            kernel = kernel * input_gate[:, None]
-        elif input_gate is not None:
-            x = gate_units(x, input_gate)
-        kernel, bias, folded = _fold_output_gate(kernel, bias, output_gate)
-        return _add_bias_and_gate(x @ kernel, bias, output_gate, folded)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
 
 
 class Conv(nnx.Module):

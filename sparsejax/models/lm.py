@@ -4,13 +4,21 @@ Tokens -> embedding -> pre-norm blocks of causal grouped-query attention (Ainsli
 with rotary positions (Su et al. 2021) and a SwiGLU FFN (Shazeer 2020), RMSNorm (Zhang & Sennrich
 2019) -> final RMSNorm -> next-token logits, as in LLaMA (Touvron et al. 2023) at a small size.
 No biases. The output head is the embedding matrix (tied, Press & Wolf 2017) or a separate one.
+``input_shape`` is ``(T,)``, the context length the FLOPs are counted at (shorter sequences
+also run); ``num_classes`` is the vocabulary (next-token classes).
 
-Gates and accounting: :mod:`sparsejax.models.transformer`. The embedding is declared as the
-layer ``"embed"`` with kernel ``(dim, vocab)`` (the lookup reads its column per token, ``W^T[t]``),
-inputs gated by ``hidden``: tied, it is also the head and costs dim * vocab MACs per token
-(``out_positions`` = T); untied, the lookup costs nothing (``out_positions`` = 0) and the head is
-the layer ``"head"``. ``input_shape`` is ``(T,)``, the context length the FLOPs are counted at
-(shorter sequences also run); ``num_classes`` is the vocabulary (next-token classes).
+Gates: the LM is a plain NNX module gated from its trace
+(:class:`~sparsejax.structure.traced_model.TracedModel`), its blocks those of
+:mod:`sparsejax.models.transformer`. Its ``gate_placements`` give the families of ``families``:
+per block the query heads (inside the key/value groups: the trace tags them), the key/value
+groups, the sublayers ``attn`` and ``mlp`` and the FFN units ``ffn``
+(:func:`~sparsejax.models.transformer.block_placements`), and the hidden dimension ``hidden``,
+the residual stream that the embedding lookup starts, every block writes, every norm reads and
+the head reads: a stream placement on the head's inputs (the tied embedding's, or the separate
+head's). The methods that prune units (GReg, gmp) take these slots too (``prunes_placed``).
+
+The embedding is a ``(dim, vocab)`` kernel whose column t is token t's embedding (the lookup
+reads ``W^T[t]``); tied, the head is ``h @ W``.
 
 Initialisation: every kernel N(0, 1 / fan_in) (the embedding's fan-in is dim, so a lookup has
 entries of variance 1 / dim and tied logits of unit variance), the residual branches' output
@@ -19,7 +27,7 @@ projections additionally times 1 / sqrt(2 depth) (GPT-2, Radford et al. 2019).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,33 +35,28 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.gates.apply import gate_units
-from sparsejax.models.base import (
-    GateFactory,
-    Granularity,
-    Layer,
-    SlotMember,
-    check_granularity,
-)
+from sparsejax.models.base import GatedModel
+from sparsejax.models.placement import GatePlacement
 from sparsejax.models.transformer import (
+    DROPRATE,
     FAMILIES,
     HIDDEN,
-    WEIGHT_DROPRATE,
     Norm,
-    TransformerModel,
+    block_placements,
     check_families,
+    norm_paths,
     projection,
+    transformer_blocks,
 )
 
 BYTE_VOCAB = 256
 
 
-class DecoderLM(TransformerModel):
-    """Causal LM: ``(batch, T)`` int tokens -> ``(batch, T, vocab)`` next-token logits.
+class DecoderLM(nnx.Module):
+    """Causal LM: ``(batch, T)`` int tokens -> ``(batch, T, vocab)`` next-token logits, with the
+    ``gate_placements`` of ``families`` (module docstring)."""
 
-    ``heads``, ``kv_heads`` and ``ffn_hidden`` take one value for every block or a tuple with one
-    per block; 0 heads (or FFN units) builds a block without that sublayer (slimmed models).
-    """
+    input_dtype = jnp.int32
 
     def __init__(
         self,
@@ -63,86 +66,39 @@ class DecoderLM(TransformerModel):
         input_shape: tuple[int, ...] = (128,),
         dim: int = 128,
         depth: int = 4,
-        heads: int | Sequence[int] = 4,
-        kv_heads: int | Sequence[int] = 2,
+        heads: int = 4,
+        kv_heads: int = 2,
         head_dim: int = 32,
-        ffn_hidden: int | Sequence[int] = 384,
+        ffn_hidden: int = 384,
         tied: bool = True,
         families: tuple[str, ...] = FAMILIES,
-        gate_factory: GateFactory | None = None,
-        granularity: Granularity = "unit",
     ):
-        check_granularity(granularity)
-        self.granularity = granularity
-        self.families = check_families(families)
         if len(input_shape) != 1:
             raise ConfigError(
                 f"lm_tiny reads token sequences (input_shape (T,)), got input_shape {input_shape}; "
                 "train it on a text dataset (python_docs, python_sources)"
             )
         (context,) = input_shape
-        vocab = num_classes
-        self.tied = tied
-        self.input_shape, self.num_classes = (int(context),), vocab
-        self.dim, self.head_dim = dim, head_dim
-        self.embed = projection(dim, vocab, rngs=rngs, use_bias=False)
-        self._build_blocks(depth, dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                           ffn_hidden=ffn_hidden, norm="rms", ffn="swiglu", use_bias=False,
-                           causal=True, rotary=True, rngs=rngs)
+        self.input_shape, self.num_classes = (int(context),), num_classes
+        self.embed = projection(dim, num_classes, rngs=rngs, use_bias=False)
+        self.blocks = transformer_blocks(
+            depth, dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim, ffn_hidden=ffn_hidden,
+            norm="rms", ffn="swiglu", use_bias=False, causal=True, rotary=True, rngs=rngs)
         self.final_norm = Norm(dim, "rms")
-        self.head = None if tied else projection(dim, vocab, rngs=rngs, use_bias=False)
-        embed = Layer("embed", (dim, vocab), context if tied else 0, False,
-                      inputs=self._sources((HIDDEN, 1)), kernel_slot=self._kernel_slot("embed"))
-        layers, products, slots = [embed], [], []
-        for index in range(depth):
-            block_layers, block_products, block_slots = self._block_declarations(
-                index, positions=context, use_bias=False)
-            layers += block_layers
-            products += block_products
-            slots += block_slots
-        if not tied:
-            layers.append(Layer("head", (dim, vocab), context, False,
-                                inputs=self._sources((HIDDEN, 1)),
-                                kernel_slot=self._kernel_slot("head")))
-        hidden_params = vocab * (1 if tied else 2) + sum(
-            self._block_hidden_params(i) for i in range(depth))
-        slots = self._slot(HIDDEN, embed, dim, hidden_params) + slots
-        self.activation_products = tuple(products)
-        self._declare(layers, slots, droprate_init=WEIGHT_DROPRATE, gate_factory=gate_factory,
-                      rngs=rngs)
+        self.head = None if tied else projection(dim, num_classes, rngs=rngs, use_bias=False)
+        families = check_families(families)
+        hidden = [GatePlacement(HIDDEN, "embed" if tied else "head", "input", DROPRATE,
+                                stream=norm_paths(self))] if HIDDEN in families else []
+        self.gate_placements = tuple(hidden + block_placements(self.blocks, families))
+        self.prunes_placed = True
 
-    def _stream_members(self) -> list[SlotMember]:
-        """The embedding's rows (the table and, tied, the head), an untied head's rows and the
-        final norm's scale."""
-        members = [SlotMember("embed.kernel", 0)]
-        if self.head is not None:
-            members.append(SlotMember("head.kernel", 0))
-        return [*members, SlotMember("final_norm.scale", 0)]
-
-    def architecture(self) -> dict:
-        """The constructor arguments (without ``rngs`` and gates) that build this network's
-        shapes: per-block widths, so a slimmed model rebuilds from them."""
-        return {
-            "num_classes": self.num_classes, "input_shape": self.input_shape, "dim": self.dim,
-            "depth": len(self.blocks), **self.block_widths(), "head_dim": self.head_dim,
-            "tied": self.tied, "families": self.families, "granularity": self.granularity,
-        }
-
-    def forward(self, x: jax.Array, z: dict[str, jax.Array], *, train: bool) -> jax.Array:
-        hidden = self.hidden_gate(z)
+    def __call__(self, x: jax.Array) -> jax.Array:
         table = self.embed.kernel[...]
-        embed_gate = self.kernel_gate(z, "embed")
-        if embed_gate is not None:
-            table = table * embed_gate
-        if hidden is not None and hidden.ndim == 1:
-            h = (table.T * hidden)[x]  # the batch-shared gate folded into the looked-up rows
-        else:
-            h = table.T[x]
-            h = h if hidden is None else gate_units(h, hidden)
-        h = self.final_norm(self._run_blocks(h, z), hidden)
-        if self.head is None:
-            return h @ table
-        return self.head(h, self.kernel_gate(z, "head"))
+        h = table.T[x]
+        for block in self.blocks:
+            h = block(h)
+        h = self.final_norm(h)
+        return h @ table if self.head is None else self.head(h)
 
 
 def lm_tiny(**kwargs) -> DecoderLM:
@@ -151,26 +107,43 @@ def lm_tiny(**kwargs) -> DecoderLM:
     return DecoderLM(**kwargs)
 
 
-def generate(model: DecoderLM, prompt: bytes, steps: int, *, window: int | None = None) -> bytes:
-    """Greedy decoding: ``steps`` bytes after ``prompt``, each the argmax of the model's
-    evaluation logits at the last position given everything before it (the prompt and the bytes
-    generated so far; the last ``window`` of them, default the model's context, when longer).
+def _logits_of(model) -> tuple[Callable[[object, jax.Array], jax.Array], object, int]:
+    """The evaluation logits of ``model`` as a function of its state and a batch of tokens, its
+    state, and its context: a gated LM (``model(x, train=False)``: test-time gates; its
+    network's context), a plain LM, or a slim function
+    (:class:`~sparsejax.structure.slim_trace.SlimFunction`, at the context it was traced at)."""
+    if not isinstance(model, nnx.Module):  # a slim function
+        return (lambda _, tokens: model(tokens)), None, model.input_spec.shape[1]
+    graphdef, state = nnx.split(model)
+    gated = isinstance(model, GatedModel)
+
+    def logits(state: nnx.State, tokens: jax.Array) -> jax.Array:
+        merged = nnx.merge(graphdef, state)
+        return merged(tokens, train=False) if gated else merged(tokens)
+
+    return logits, state, (model.net if gated else model).input_shape[0]
+
+
+def generate(model, prompt: bytes, steps: int, *, window: int | None = None) -> bytes:
+    """Greedy decoding: ``steps`` bytes after ``prompt``, each the argmax of the evaluation
+    logits of ``model`` (a gated LM with its test-time gates, a plain LM, or a slim function)
+    at the last position given everything before it (the prompt and the bytes generated so
+    far; the last ``window`` of them, default the model's context, when longer).
 
     Every step runs the model on a fixed-length buffer (the tokens, right-padded; causal
-    attention makes the padding invisible to earlier positions), so it compiles once. Works on
-    gated models (test-time gates) and slim ones alike; the same inputs give the same bytes.
+    attention makes the padding invisible to earlier positions), so it compiles once. The same
+    inputs give the same bytes.
     """
     if not prompt:
         raise ValueError("generate needs a prompt of at least one byte")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    window = window or model.input_shape[0]
-    graphdef, state = nnx.split(model)
+    logits, state, context = _logits_of(model)
+    window = window or context
 
     @jax.jit
-    def next_token(state: nnx.State, tokens: jax.Array, last: jax.Array) -> jax.Array:
-        logits = nnx.merge(graphdef, state)(tokens[None], train=False)
-        return jnp.argmax(logits[0, last])
+    def next_token(state, tokens: jax.Array, last: jax.Array) -> jax.Array:
+        return jnp.argmax(logits(state, tokens[None])[0, last])
 
     tokens = list(prompt)
     for _ in range(steps):

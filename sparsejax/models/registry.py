@@ -41,12 +41,12 @@ MODELS: dict[str, Callable[..., GatedModel | nnx.Module]] = {
 PLAIN = frozenset({
     "mlp", "lenet5", "resnet20", "resnet56", "resnet110", "vgg16", "vgg19", "wrn28_10",
     "resnet164", "resnet34", "resnet50", "densenet40", "mobilenet_v2", "mobilenet_v2_cifar",
-    "vit_tiny",
+    "vit_tiny", "lm_tiny",
 })
 """The zoo models written as plain NNX modules with their ``gate_placements``
 (:mod:`sparsejax.models.placement`), gated from their trace
 (:func:`sparsejax.structure.traced_model.build_zoo_model`). Each has the attributes
-``input_shape`` and ``num_classes``. The others still declare their slots and layers by hand."""
+``input_shape`` and ``num_classes`` (a model of token ids also ``input_dtype``)."""
 
 
 def build_model(name: str, **kwargs) -> GatedModel | nnx.Module:

@@ -113,7 +113,7 @@ class ViT(nnx.Module):
         h = h + self.positions[...]
         for block in self.blocks:
             h = block(h)
-        h = self.final_norm(h, None)
+        h = self.final_norm(h)
         h = h[:, 0] if self.pooling == "cls" else jnp.mean(h, axis=1)
         return self.head(h)
 

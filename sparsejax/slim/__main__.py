@@ -3,18 +3,13 @@
     python -m sparsejax.slim RUN_DIR [--output OUT] [--round_to K] [--debug]
 
 Rebuilds the run's model from RUN_DIR/config.json, restores its newest checkpoint, removes the
-pruned units and writes to OUT (default RUN_DIR/slim) the slim network and ``slim_report.json``
-(widths, params and FLOPs before and after, ``round_to``); prints the same numbers as a table.
-A declared transformer (:func:`sparsejax.slim.slim_model`) is written as an Orbax checkpoint of
-the slim model and ``slim_config.json`` (what :func:`sparsejax.slim.store.load_slim` needs to
-rebuild it). A model gated from its trace (a ``--model=MODULE:FACTORY`` run, or a zoo model
-written as a plain module: :data:`~sparsejax.models.registry.PLAIN`) is slimmed from its trace
-(:mod:`sparsejax.slim.traced`) into ``slim_function.npz``, which
-:func:`sparsejax.load_slim_function` loads without the model's class; its report also holds
-``max_logit_difference`` to the gated model on the run's first test images. ``--round_to K``
-keeps every slimmed width at a multiple of K (or the full width). A run that is not one, a
-damaged checkpoint or a full disk is reported as one ``error:`` line (exit status 1);
-``--debug`` shows the traceback.
+pruned units from its trace (:mod:`sparsejax.slim.traced`) and writes to OUT (default
+RUN_DIR/slim) the slim network, ``slim_function.npz``, which :func:`sparsejax.load_slim_function`
+loads without the model's class, and ``slim_report.json`` (widths, params and FLOPs before and
+after, ``round_to``, ``max_logit_difference`` to the gated model on the run's first test
+examples); prints the same numbers as a table. ``--round_to K`` keeps every slimmed width at a
+multiple of K (or the full width). A run that is not one, a damaged checkpoint or a full disk is
+reported as one ``error:`` line (exit status 1); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -30,13 +25,10 @@ from sparsejax.errors import (
     ConfigError,
     report_error,
 )
-from sparsejax.models.base import GatedModel
-from sparsejax.slim.result import SlimReport
 from sparsejax.slim.runs import restore_model, run_config
-from sparsejax.slim.store import ModelSpec, save_slim, save_slim_function
-from sparsejax.slim.surgery import slim_model
+from sparsejax.slim.store import save_slim_function
 from sparsejax.slim.traced import CHECK_EXAMPLES, check_images, slim_traced_model
-from sparsejax.structure.slim_trace import SlimReport as TracedSlimReport
+from sparsejax.structure.slim_trace import SlimReport
 from sparsejax.structure.traced_model import TracedModel
 from sparsejax.train.loop import load_data
 
@@ -58,25 +50,16 @@ def parse_round_to(text: str) -> int:
 
 
 def slim_and_save(
-    model: GatedModel, spec: ModelSpec, data: BatchSource, output: Path, round_to: int
-) -> SlimReport | TracedSlimReport:
-    """Slim ``model`` (a declared transformer, or a traced model checked on test images of
-    ``data``), write it under ``output`` and return its report."""
-    if isinstance(model, TracedModel):
-        slim = slim_traced_model(model, check_images(data), round_to=round_to)
-        save_slim_function(output, slim)
-        return slim.report
-    if round_to != 1:
-        raise ConfigError(
-            f"--round_to does not apply to {spec.model}: a transformer is slimmed block by block "
-            "to the heads, groups and units its gates keep; omit --round_to"
-        )
-    result = slim_model(model)
-    save_slim(output, spec, result)
-    return result.report
+    model: TracedModel, data: BatchSource, output: Path, round_to: int
+) -> SlimReport:
+    """Slim ``model``, checked on test examples of ``data``, write it under ``output`` and
+    return its report."""
+    slim = slim_traced_model(model, check_images(data), round_to=round_to)
+    save_slim_function(output, slim)
+    return slim.report
 
 
-def format_report(report: SlimReport | TracedSlimReport) -> str:
+def format_report(report: SlimReport) -> str:
     """The report as a markdown table: params, stored params and FLOPs before and after."""
     rows = [
         ("params", report.params_before, report.params_after),
@@ -113,19 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         config = run_config(args.run_dir)
         data = load_data(config)
         model, spec, step = restore_model(args.run_dir, config, data)
-        report = slim_and_save(model, spec, data, output, round_to)
+        report = slim_and_save(model, data, output, round_to)
     except REPORTABLE as error:
         return report_error(error, debug=args.debug, output="--output")
     print(f"{spec.model} at step {step} -> {output}")
     print(format_report(report))
-    if isinstance(report, TracedSlimReport):
-        widths = "-".join(f"{g.width}/{g.size}" for g in report.groups)
-        print(f"widths per traced group (kept/size): {widths}")
-        for path, (kept, size) in report.rows.items():
-            print(f"rows of {path} kept: {kept}/{size}")
-        examples = min(CHECK_EXAMPLES, data.num_test)
-        print(f"max logit difference to the gated model on {examples} test examples: "
-              f"{report.max_logit_difference:.1e}")
+    widths = "-".join(f"{g.width}/{g.size}" for g in report.groups)
+    print(f"widths per traced group (kept/size): {widths}")
+    for path, (kept, size) in report.rows.items():
+        print(f"rows of {path} kept: {kept}/{size}")
+    examples = min(CHECK_EXAMPLES, data.num_test)
+    print(f"max logit difference to the gated model on {examples} test examples: "
+          f"{report.max_logit_difference:.1e}")
     return 0
 
 

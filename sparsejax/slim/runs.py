@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -10,7 +11,6 @@ import ml_collections
 from sparsejax.data.sources import BatchSource
 from sparsejax.errors import UserError
 from sparsejax.models.base import GatedModel
-from sparsejax.slim.store import ModelSpec
 from sparsejax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.loop import (
     CONFIG_FILE,
@@ -26,6 +26,16 @@ from sparsejax.train.state import init_state
 
 class NotARunError(UserError, ValueError):
     """A directory is not a run, or holds no checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model a run trains: its name, classes, input shape and gate granularity."""
+
+    model: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    granularity: str
 
 
 def run_config(workdir: str | Path) -> ml_collections.ConfigDict:

@@ -126,7 +126,7 @@ def packed_query_heads(
     biases with them (the same function: the heads of a group differ only in their own
     slices), and every group keeps M' = the most live heads of any group, since the query
     projection is reshaped into groups of one size: a group with fewer keeps closed heads
-    whose rows are zero, as the declared transformer's slimming does. A group without a live
+    whose rows are zero. A group without a live
     head goes whole: its heads and the query and key units its queries carry (no score of it
     is read). Returns the moved arrays by path, the tags of the heads removed and, per traced
     group, the units no live head reads (where no head of a slot lives, M' = 0, these alone:

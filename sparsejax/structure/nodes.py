@@ -13,8 +13,8 @@ Biases do not keep a node alive (a zero-input node with a bias is still a consta
 applied until nothing changes, since a removed node can leave its neighbours without inputs or
 outputs. Inputs the layer declarations do not gate (the image, a residual stream) are always live.
 The second rule needs every reader of a node to be a declared consumer of its slot: it is not
-applied to slots written by a member of a :class:`ChannelCoupling` (a residual stream) or by a
-layer that an undeclared consumer ``reads``.
+applied to slots written by a member of a residual stream (a :class:`ChannelCoupling` with
+``stream``), which layers outside the slot read.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _readers_declared(
     """Whether the slot's declared consumers are the only readers of its producers' outputs:
     its producers are no member of a residual stream, which layers outside the slot read."""
     producers = {l.name for l in layers if any(s == slot for s, _ in l.outputs)}
-    in_streams = {name for c in couplings for name in c.layers}
+    in_streams = {name for c in couplings if c.stream for name in c.layers}
     return not producers & in_streams
 
 

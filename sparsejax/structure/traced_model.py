@@ -1313,6 +1313,7 @@ class TracedModel(GatedModel):
                 names.get(g.index, f"group{g.index}"),
                 tuple(_layer_name(path) for path, _ in g.producers),
                 fixed=not g.removable,
+                stream=g.stream,
             )
             for g in self.structure.groups
             if len(g.producers) > 1
@@ -1503,11 +1504,12 @@ def gate_zoo_network(
     :data:`~sparsejax.models.registry.PLAIN`'s models, at any size: ``WideResNet(depth=10,
     ...)``), gated as :func:`build_zoo_model` gates the registered ones: its gates drawn from
     ``rngs`` and placed by its ``gate_placements`` when ``use_placements`` (at unit
-    granularity); ``name`` names it in errors."""
+    granularity); ``name`` names it in errors. A network of token ids says so with its
+    ``input_dtype`` attribute (``lm_tiny``), which overrides ``input_dtype``."""
     return _gated_net(
         net, name, rngs=rngs, input_shape=net.input_shape, num_classes=net.num_classes,
         gate_factory=gate_factory, granularity=granularity, use_placements=use_placements,
-        input_dtype=input_dtype,
+        input_dtype=getattr(net, "input_dtype", input_dtype),
     )
 
 

@@ -37,11 +37,17 @@ LM = dict(num_classes=VOCAB, input_shape=(CONTEXT,), dim=12, depth=2, heads=4, k
 VIT = dict(num_classes=5, input_shape=(8, 8, 1), patch_size=4, dim=12, depth=2, heads=2,
            head_dim=4, mlp_hidden=10)
 MODELS = {
-    "lm_gqa": lambda **kw: DecoderLM(rngs=nnx.Rngs(0), **{**LM, **kw}),
-    "lm_mha_untied": lambda **kw: DecoderLM(rngs=nnx.Rngs(0), **{**LM, "kv_heads": 4,
-                                                                 "tied": False, **kw}),
+    "lm_gqa": lambda **kw: traced_lm(**kw),
+    "lm_mha_untied": lambda **kw: traced_lm(**{"kv_heads": 4, "tied": False, **kw}),
     "vit": lambda **kw: traced_vit(**kw),
 }
+
+
+def traced_lm(*, gate_factory=None, **overrides) -> TracedModel:
+    """The LM, a plain module, gated from its trace by its own placements."""
+    rngs = nnx.Rngs(0)
+    return gate_zoo_network(DecoderLM(rngs=rngs, **{**LM, **overrides}), "lm_tiny", rngs=rngs,
+                            gate_factory=gate_factory)
 
 
 def traced_vit(**overrides) -> TracedModel:
@@ -71,9 +77,9 @@ def tokens(batch: int = 2) -> jax.Array:
 
 
 def inputs_of(model):
-    if isinstance(model, TracedModel):
-        return jax.random.uniform(jax.random.key(2), (2, 8, 8, 1))
-    return tokens()
+    if isinstance(model.net, DecoderLM):
+        return tokens()
+    return jax.random.uniform(jax.random.key(2), (2, 8, 8, 1))
 
 
 def slot(model, name):
@@ -143,7 +149,8 @@ def test_a_head_group_norm_is_the_norm_of_exactly_its_members(make):
 
 def test_kv_group_ffn_and_hidden_norms_by_hand():
     model = randomize(MODELS["lm_gqa"]())
-    attn, ffn = model.blocks[0].attn, model.blocks[0].ffn
+    net = network(model)
+    attn, ffn = net.blocks[0].attn, net.blocks[0].ffn
     groups = np.asarray(unit_norms(model, slot(model, "blocks.0.kv_groups")))
     g, count = 1, attn.kv_heads
     by_hand = sum(np.sum(getattr(attn, name).kernel[...][:, g::count] ** 2) for name in "qkv")
@@ -156,8 +163,8 @@ def test_kv_group_ffn_and_hidden_norms_by_hand():
     np.testing.assert_allclose(units[j], np.sqrt(by_hand), rtol=1e-5)
     hidden = np.asarray(unit_norms(model, slot(model, "hidden")))
     d = 5
-    by_hand = np.sum(model.embed.kernel[...][d] ** 2)
-    for block in model.blocks:
+    by_hand = np.sum(net.embed.kernel[...][d] ** 2)
+    for block in net.blocks:
         by_hand += sum(np.sum(getattr(block.attn, n).kernel[...][d] ** 2) for n in "qkv")
         by_hand += np.sum(block.attn.o.kernel[...][:, d] ** 2)
         by_hand += sum(np.sum(getattr(block.ffn, n).kernel[...][d] ** 2) for n in ("gate", "up"))
@@ -176,9 +183,9 @@ def test_gated_l2_weights_every_entry_by_every_gate_it_belongs_to():
     key = jax.random.key(3)
     probs = {s.name: np.asarray(jax.random.uniform(jax.random.fold_in(key, i), s.shape))
              for i, s in enumerate(model.gate_slots)}
-    hidden = probs["hidden"]
-    total = np.sum(_outer(hidden, np.ones(VOCAB)) * model.embed.kernel[...] ** 2)
-    for i, block in enumerate(model.blocks):
+    hidden, net = probs["hidden"], network(model)
+    total = np.sum(_outer(hidden, np.ones(VOCAB)) * net.embed.kernel[...] ** 2)
+    for i, block in enumerate(net.blocks):
         attn, ffn = block.attn, block.ffn
         p = {f: probs[f"blocks.{i}.{f}"] for f in ("heads", "kv_groups", "attn", "ffn", "mlp")}
         columns = np.arange(attn.heads * attn.head_dim)
@@ -218,7 +225,7 @@ def test_dep_l0_penalty_counts_each_weight_with_all_its_gates_and_the_chain_runs
                      "blocks.1.kv_groups", "blocks.0.attn", "blocks.1.attn", "blocks.0.ffn",
                      "blocks.1.ffn", "blocks.0.mlp", "blocks.1.mlp"]
     method = create_method("dep_l0", get_config("dep_l0"), RunInfo(num_train=64))
-    gated = DecoderLM(rngs=nnx.Rngs(0), gate_factory=method.make_gates, **LM)
+    gated = traced_lm(gate_factory=method.make_gates)
     generator = next(iter(gated.gates.values())).generator
     widths = [layer.kernel.shape[1] for layer in generator.layers]
     assert widths == [dict((s.name, s.shape[0]) for s in model.gate_slots)[n] for n in order]
@@ -261,7 +268,7 @@ def greg_config(stage_pr="heads:0.5,ffn:0.2"):
 def test_greg_on_heads_and_ffn_units_prunes_whole_units_and_the_accounting_counts_them():
     config = greg_config()
     method = create_method("greg1", config, RunInfo(num_train=8, steps_per_epoch=4))
-    model = DecoderLM(rngs=nnx.Rngs(0), **LM)
+    model = traced_lm()
     pruned = method.pruned_layers(model)
     assert [(p.name, p.count) for p in pruned] == [
         ("blocks.0.heads", 2), ("blocks.0.ffn", 2), ("blocks.1.heads", 2), ("blocks.1.ffn", 2)]
@@ -295,7 +302,7 @@ def test_greg_on_heads_and_ffn_units_prunes_whole_units_and_the_accounting_count
 
 
 def test_greg_slot_ratios_are_checked():
-    model = DecoderLM(rngs=nnx.Rngs(0), **LM)
+    model = traced_lm()
     method = create_method("greg1", greg_config({"hidden": 0.25}), RunInfo(num_train=8))
     assert [(p.name, p.count) for p in method.pruned_layers(model)] == [("hidden", 3)]
     for bad in ("rows:0.5", {"nope": 0.5}, [0.1, 0.2]):
@@ -318,7 +325,7 @@ def test_every_method_trains_a_few_steps_on_a_tiny_lm(name):
     if name == "gmp":
         config.update(prune_every=1, prune_end_epoch=1.0)
     method = create_method(name, config, RunInfo(num_train=16, steps_per_epoch=4, epochs=2))
-    model = DecoderLM(rngs=nnx.Rngs(0), gate_factory=method.make_gates, **{**LM, "depth": 1})
+    model = traced_lm(gate_factory=method.make_gates, depth=1)
     tx = method.optimizer()
     graphdef, state = init_state(model, method.init(model), tx, jax.random.key(0))
     step = make_train_step(graphdef, method, tx, create_mesh(1))

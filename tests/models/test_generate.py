@@ -6,15 +6,21 @@ import pytest
 from flax import nnx
 
 from sparsejax.models.lm import DecoderLM, generate
-from sparsejax.slim import slim_model
+from sparsejax.slim.traced import slim_traced_model
+from sparsejax.structure.traced_model import TracedModel, gate_zoo_network
 from tests.gated import scale_gates
 
 PROMPT = b"def f(x):"
 
 
-def small_lm(gate_factory=None) -> DecoderLM:
+def small_lm() -> DecoderLM:
     return DecoderLM(rngs=nnx.Rngs(4), dim=16, depth=2, heads=4, kv_heads=2, head_dim=4,
-                     ffn_hidden=24, input_shape=(16,), gate_factory=gate_factory)
+                     ffn_hidden=24, input_shape=(16,))
+
+
+def gated_lm() -> TracedModel:
+    """The small LM gated from its trace by its own placements, with scale gates."""
+    return gate_zoo_network(small_lm(), "lm_tiny", rngs=nnx.Rngs(5), gate_factory=scale_gates)
 
 
 def greedy_reference(model, prompt: bytes, steps: int, window: int) -> bytes:
@@ -22,7 +28,7 @@ def greedy_reference(model, prompt: bytes, steps: int, window: int) -> bytes:
     tokens = list(prompt)
     for _ in range(steps):
         prefix = jnp.asarray([tokens[-window:]], jnp.int32)
-        tokens.append(int(np.argmax(np.asarray(model(prefix, train=False))[0, -1])))
+        tokens.append(int(np.argmax(np.asarray(model(prefix))[0, -1])))
     return bytes(tokens[len(prompt):])
 
 
@@ -36,16 +42,17 @@ def test_each_byte_is_the_argmax_given_its_prefix(window):
     assert generate(model, PROMPT, steps, window=window) == out
 
 
-def test_a_slim_model_generates_what_its_gated_model_does():
-    model = small_lm(scale_gates)
+def test_a_slim_network_generates_what_its_gated_model_does():
+    model = gated_lm()
     rng = np.random.default_rng(0)
     for gate in model.gates.values():
         values = rng.uniform(0.5, 1.5, gate.shape) * (rng.random(gate.shape) >= 0.3)
         values.flat[0] = 1.0
         gate.value[...] = jnp.asarray(values, jnp.float32)
-    slim = slim_model(model).model
-    assert slim.dim < model.dim
+    slim = slim_traced_model(model, np.asarray([list(PROMPT) + [0] * 7], np.int32))
+    assert slim.report.params_after < slim.report.params_before
     assert generate(slim, PROMPT, 8) == generate(model, PROMPT, 8)
+    assert generate(model, PROMPT, 8) != generate(model.net, PROMPT, 8)  # the gates act
 
 
 def test_generate_refuses_an_empty_prompt():

@@ -26,7 +26,11 @@ from sparsejax.models.transformer import (
 from sparsejax.models.vit import ViT
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.report import gate_report, weight_report
-from sparsejax.structure.traced_model import TracedModel, build_zoo_model, gate_zoo_network
+from sparsejax.structure.traced_model import (
+    TracedModel,
+    build_zoo_model,
+    gate_zoo_network,
+)
 
 VOCAB, CONTEXT = 32, 8
 # Every width differs from the others, so an axis's size says which units it indexes.
@@ -36,8 +40,12 @@ VIT = dict(num_classes=5, input_shape=(8, 8, 1), patch_size=4, dim=12, depth=2, 
            head_dim=4, mlp_hidden=10)
 
 
-def lm(seed: int = 0, **overrides) -> DecoderLM:
-    return DecoderLM(rngs=nnx.Rngs(seed), **{**LM, **overrides})
+def lm(seed: int = 0, *, gate_factory=None, granularity="unit", **overrides) -> TracedModel:
+    """The LM, a plain module, gated from its trace by its own placements."""
+    rngs = nnx.Rngs(seed)
+    return gate_zoo_network(DecoderLM(rngs=rngs, **{**LM, **overrides}), "lm_tiny", rngs=rngs,
+                            gate_factory=gate_factory, granularity=granularity,
+                            input_dtype=jnp.int32)
 
 
 def vit(seed: int = 0, **overrides) -> TracedModel:
@@ -143,7 +151,7 @@ def test_closing_a_query_head_equals_zeroing_its_output_projection_rows():
     model, x = lm(), tokens()
     heads, dh, head = LM["heads"], LM["head_dim"], 3
     gated = logits(model, x, {"blocks.1.heads": _closed(heads, head)})
-    kernel = model.blocks[1].attn.o.kernel
+    kernel = model.net.blocks[1].attn.o.kernel
     kernel[...] = kernel[...].at[jnp.arange(dh) * heads + head].set(0.0)
     np.testing.assert_allclose(gated, logits(model, x), rtol=1e-5, atol=1e-5)
 
@@ -195,7 +203,7 @@ def test_closing_a_sublayer_equals_zeroing_its_branch(make, inputs):
     model, x = make(), inputs()
     z = {"blocks.0.attn": jnp.zeros((1,)), "blocks.1.mlp": jnp.zeros((1,))}
     gated = logits(model, x, z)
-    blocks = getattr(model, "net", model).blocks  # the ViT's plain network
+    blocks = model.net.blocks
     for dense in (blocks[0].attn.o, blocks[1].ffn.down):
         dense.kernel[...] = jnp.zeros_like(dense.kernel[...])
         if dense.bias is not None:
@@ -332,7 +340,7 @@ def test_a_model_without_gates_counts_the_attention_of_its_live_heads():
     dense = weight_report(model)
     assert dense.flops == dense.dense_flops == count_network(
         model.layers, {}, model.activation_products)["flops"]
-    kernel = model.blocks[0].attn.o.kernel
+    kernel = model.net.blocks[0].attn.o.kernel
     kernel[...] = kernel[...].at[jnp.arange(dh) * heads + 2].set(0.0)  # head 2 is dead
     report = weight_report(model)
     assert report.active_units["blocks.0.heads"] == heads - 1
@@ -353,7 +361,7 @@ def test_a_short_run_beats_the_unigram_baseline():
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     def loss(m, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(m(x, train=False), y).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
     @nnx.jit
     def step(m, opt, x, y):

@@ -9,18 +9,11 @@ import pytest
 from flax import nnx
 
 from experiments.configs import mnist
-from sparsejax.errors import ConfigError
 from sparsejax.models.base import GatedModel
-from sparsejax.models.lm import DecoderLM
 from sparsejax.slim import __main__ as cli
 from sparsejax.slim.__main__ import main
 from sparsejax.slim.runs import NotARunError, restore_model, restore_run
-from sparsejax.slim.store import (
-    SLIM_CONFIG_FILE,
-    SLIM_FUNCTION_FILE,
-    SLIM_REPORT_FILE,
-    ModelSpec,
-)
+from sparsejax.slim.store import SLIM_FUNCTION_FILE, SLIM_REPORT_FILE
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.slim_trace import load_slim_function
 from sparsejax.structure.traced_model import build_zoo_model
@@ -72,7 +65,6 @@ def test_slim_cli_slims_a_lenet5_run_from_its_trace_to_the_gated_logits(run_dir,
     table = capsys.readouterr().out
     assert "| params |" in table and "max logit difference to the gated model" in table
     report = json.loads((output / SLIM_REPORT_FILE).read_text())
-    assert not (output / SLIM_CONFIG_FILE).exists()
     gated, _, _ = restore_run(run_dir)
     slim = load_slim_function(str(output / SLIM_FUNCTION_FILE))
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, 28, 28, 1)))
@@ -96,15 +88,6 @@ def test_round_to_rounds_the_widths_of_a_zoo_run(run_dir, tmp_path, monkeypatch)
     x = np.asarray(jax.random.normal(jax.random.key(0), (4, 28, 28, 1)))
     slim = load_slim_function(str(output / SLIM_FUNCTION_FILE))
     np.testing.assert_allclose(slim(x), eval_logits(gated, x), atol=1e-4, rtol=1e-4)
-
-
-def test_round_to_does_not_apply_to_a_transformer(tmp_path):
-    lm = DecoderLM(rngs=nnx.Rngs(0), dim=16, depth=1, heads=2, kv_heads=2, head_dim=4,
-                   ffn_hidden=8, input_shape=(8,))
-    spec = ModelSpec("lm_tiny", 256, (8,), "unit")
-    with pytest.raises(ConfigError, match="--round_to does not apply to lm_tiny"):
-        cli.slim_and_save(lm, spec, None, tmp_path / "slim", 8)
-    assert not (tmp_path / "slim").exists()
 
 
 def test_a_traced_slim_network_with_a_layer_of_no_units_round_trips_through_disk(tmp_path):

@@ -1,14 +1,8 @@
-"""Gate placements: the zoo's paper gates put on its models traced as plain modules.
-
-Each zoo model's hand declarations say where its paper puts the gates. Given only those places,
-one :class:`GatePlacement` per slot (a layer and a side), the traced model must rebuild what
-the declarations say: the same slots and ``|g|``, the same accounting under any gate values,
-and the same logits with the same gates, shared or drawn per example.
-"""
+"""Gate placements: the papers' gates put on models traced as plain modules (where the zoo's
+models say their papers put them, and test models of the kinds users write)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 
@@ -25,38 +19,18 @@ from sparsejax.methods.base import RunInfo
 from sparsejax.methods.greg.accounting import greg_pruned_count
 from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.l0_hc import L0HardConcrete
-from sparsejax.models.base import GatedModel
 from sparsejax.models.registry import build_model
-from sparsejax.models.transformer import HIDDEN, norm_paths, slot_family
-from sparsejax.slim.surgery import slim_model
+from sparsejax.models.transformer import HIDDEN
 from sparsejax.slim.traced import slim_traced_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.blocks import traced_layer_stages, traced_stages
 from sparsejax.structure.slim_trace import load_slim_function
 from sparsejax.structure.traced_model import GatePlacement, TracedModel, build_zoo_model
-from sparsejax.train.sharding import create_mesh
-from sparsejax.train.state import init_state, merge_model
-from sparsejax.train.step import make_train_step
+from tests.gated import scale_gates
 from tests.structure.test_trace import FusedAttention, GroupedQueryAttention
 
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
-ZOO = {
-    "lm_tiny": (16,),
-}
-"""The zoo's declared model (every other one is a plain module, its own trace), the LM, on
-sequences of 16 token ids of a vocabulary of 10, by its input."""
-TOKENS = {"lm_tiny"}
-"""The models that read token ids."""
-BUILDS = {
-    "lm_tiny": lambda **kwargs: build_zoo_model(
-        "lm_tiny", dim=64, depth=2,
-        head_dim=16, ffn_hidden=96, **kwargs),
-}
-"""The LM's class at 2 blocks of half the width (4 query heads in 2 key/value groups, as in
-``lm_tiny``) with every family of its gates: query heads inside the key/value groups (found
-by their tags), key/value groups, FFN units, sublayers and the hidden dimension (a stream, its
-tied embedding table looked up into it and read by the head)."""
 BRANCHES = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 """The layers that feed a transformer sublayer's output projection, by sublayer family (the
 ViT's MLP has no ``gate``: a model's branch is those it has)."""
@@ -66,209 +40,6 @@ def plain_vit() -> nnx.Module:
     """The zoo's ViT at 2 blocks, a plain module, on Fashion-MNIST images."""
     return build_model("vit_tiny", rngs=nnx.Rngs(params=0), num_classes=10, input_shape=MNIST,
                        depth=2)
-
-
-class Bare(nnx.Module):
-    """A zoo model without its gates: ``model.forward(x, {})``, its mode from NNX's train() /
-    eval()."""
-
-    def __init__(self, zoo: GatedModel):
-        self.zoo = zoo
-        self.deterministic = False
-
-    def __call__(self, x):
-        return self.zoo.forward(x, {}, train=not self.deterministic)
-
-
-def placements(zoo: GatedModel) -> list[GatePlacement]:
-    """One placement per declared slot: its layer, the side its kernel axis is on; for a
-    transformer's heads, the query and value projections' outputs in as many heads (for
-    its key/value groups, the key and value projections'); for a whole sublayer, the output
-    of its last projection with the ones before it as branch."""
-    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
-    layers = {layer.name for layer in zoo.layers}
-
-    def traced_name(layer: str) -> str:
-        return "zoo." + where[id(zoo.layer_module(layer))]
-
-    norms = tuple(f"zoo.{path}" for path in norm_paths(zoo))
-    result = []
-    for slot in zoo.gate_slots:
-        if slot_family(slot.name) == HIDDEN:  # the stream (the tied head's inputs), read by
-            result.append(GatePlacement(slot.name, traced_name(slot.layer), "input",  # norms
-                                        slot.droprate_init, stream=norms))
-            continue
-        by_heads = {"heads": ("q", "v"), "kv_groups": ("k", "v")}.get(slot_family(slot.name))
-        if by_heads:  # a head's (a key/value group's) query/key and value units
-            attention = slot.layer.rsplit(".", 1)[0]
-            result += [GatePlacement(slot.name, traced_name(f"{attention}.{projection}"),
-                                     "output", slot.droprate_init, heads=slot.shape[0])
-                       for projection in by_heads]
-            continue
-        output_axis = len(slot.kernel_shape) - 1
-        side = "output" if slot.axis == output_axis else "input"
-        extra = {}
-        if slot_family(slot.name) == "ffn":  # |g|: the unit's params in both projections
-            extra = {"whole_unit": True}
-        if slot_family(slot.name) in BRANCHES:  # a whole sublayer: the layers feeding its output
-            sublayer = slot.layer.rsplit(".", 1)[0]
-            side, extra = "output", {"branch": tuple(
-                traced_name(f"{sublayer}.{name}") for name in BRANCHES[slot_family(slot.name)]
-                if f"{sublayer}.{name}" in layers)}
-        result.append(GatePlacement(
-            slot.name, traced_name(slot.layer), side, slot.droprate_init, **extra))
-    return result
-
-
-def input_dtype(name: str) -> jnp.dtype:
-    return jnp.int32 if name in TOKENS else jnp.float32
-
-
-def examples(name: str, key: jax.Array, *batch: int) -> jax.Array:
-    """Inputs of model ``name`` of batch shape ``batch``: normal images, or token ids."""
-    shape = (*batch, *ZOO[name])
-    if name in TOKENS:
-        return jax.random.randint(key, shape, 0, 10)
-    return jax.random.normal(key, shape)
-
-
-def placed(name: str) -> tuple[GatedModel, TracedModel]:
-    shape = ZOO[name]
-    build = BUILDS.get(name, functools.partial(build_zoo_model, name))
-    zoo = build(rngs=nnx.Rngs(params=0), num_classes=10, input_shape=shape)
-    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
-                        input_dtype=input_dtype(name),
-                        placements=placements(zoo))
-    return zoo, model
-
-
-def described(slot):
-    return slot.name, slot.shape, slot.axis, slot.gates_bias, slot.droprate_init, slot.group_size
-
-
-@pytest.mark.parametrize("name", sorted(ZOO))
-def test_placements_rebuild_the_declared_slots_and_accounting_of_every_zoo_model(name):
-    zoo, model = placed(name)
-    assert [described(s) for s in model.gate_slots] == [described(s) for s in zoo.gate_slots]
-    rng = np.random.default_rng(0)
-    for draw in range(4):
-        values = {
-            s.name: rng.random(s.shape).astype(np.float32) if draw % 2
-            else (rng.random(s.shape) < 0.5).astype(np.float32)
-            for s in zoo.gate_slots
-        }
-        traced = count_network(model.layers, values, model.activation_products)
-        hand = count_network(zoo.layers, values, zoo.activation_products)
-        for what in ("params", "flops"):
-            assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
-
-
-@pytest.mark.parametrize("name", sorted(ZOO))
-def test_weight_granularity_rebuilds_the_declared_weight_slots_and_accounting(name):
-    """At weight granularity a traced zoo model has one gate per kernel entry of every layer,
-    as its declarations do, and counts the same params and FLOPs under any gate values."""
-    shape = ZOO[name]
-    build = functools.partial(BUILDS.get(name, functools.partial(build_zoo_model, name)),
-                              num_classes=10, input_shape=shape)
-    declared = build(rngs=nnx.Rngs(params=0), granularity="weight")
-    zoo = build(rngs=nnx.Rngs(params=0))
-    model = TracedModel(Bare(zoo), rngs=nnx.Rngs(params=1), input_shape=shape, num_classes=10,
-                        input_dtype=input_dtype(name), granularity="weight")
-    where = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(zoo)}
-    traced_name = {s.name: "zoo." + where[id(zoo.layer_module(s.layer))]
-                   for s in declared.gate_slots}
-    by_name = {s.name: s for s in model.gate_slots}
-    assert sorted(traced_name.values()) == sorted(by_name)
-    for slot in declared.gate_slots:
-        twin = by_name[traced_name[slot.name]]
-        assert (twin.shape, twin.axis, twin.group_size) == (slot.shape, None, 1), slot.name
-    rng = np.random.default_rng(0)
-    for draw in range(2):
-        values = {
-            s.name: rng.random(s.shape).astype(np.float32) if draw
-            else (rng.random(s.shape) < 0.5).astype(np.float32)
-            for s in declared.gate_slots
-        }
-        traced = count_network(model.layers, {traced_name[k]: v for k, v in values.items()},
-                               model.activation_products)
-        hand = count_network(declared.layers, values, declared.activation_products)
-        for what in ("params", "flops"):
-            assert float(traced[what]) == pytest.approx(float(hand[what]), rel=1e-6), (draw, what)
-
-
-@pytest.mark.parametrize("name", ["lm_tiny"])
-@pytest.mark.parametrize("per_example", [False, True])
-def test_placed_gates_give_the_logits_of_the_declared_gates(name, per_example):
-    """The same gate values, shared or drawn per example (Dep-L0), in both modes."""
-    zoo, model = placed(name)
-    x = examples(name, jax.random.key(0), 3)
-    rng = np.random.default_rng(1)
-    batch = (3,) if per_example else ()
-    z = {s.name: jnp.asarray(rng.random((*batch, *s.shape)), jnp.float32)
-         for s in model.gate_slots}
-    for train in (False, True):
-        expected = zoo.forward(x, z, train=train)
-        np.testing.assert_allclose(model.forward(x, z, train=train), expected,
-                                   rtol=2e-4, atol=2e-4)
-        assert not np.allclose(model.forward(x, {}, train=train), expected, atol=1e-2)
-
-
-def twins(name: str, build, gate_factory) -> tuple[GatedModel, TracedModel]:
-    """The declared model ``build(...)`` with its gates, and its placed twin: the same class
-    built without gates from ``Rngs(params=0)``, whose TracedModel then takes that ``Rngs``
-    for its gates, as the declared model's gates come after its layers."""
-    build = functools.partial(build, num_classes=10, input_shape=ZOO[name])
-    declared = build(rngs=nnx.Rngs(params=0), gate_factory=gate_factory)
-    rngs = nnx.Rngs(params=0)
-    zoo = build(rngs=rngs)
-    model = TracedModel(Bare(zoo), rngs=rngs, input_shape=ZOO[name], num_classes=10,
-                        input_dtype=input_dtype(name), gate_factory=gate_factory,
-                        placements=placements(zoo))
-    return declared, model
-
-
-@pytest.mark.parametrize("name", ["lm_tiny"])
-def test_placed_gates_draw_the_declared_initial_gates_from_the_same_rngs(name):
-    """A plain zoo model whose TracedModel takes the layers' Rngs after them draws the declared
-    gates' log_alpha, bit for bit, since the placements keep the declared slot order."""
-    method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    declared, model = twins(name, BUILDS.get(name, functools.partial(build_zoo_model, name)),
-                            method.make_gates)
-    assert list(model.gates) == list(declared.gates)
-    for slot, gate in declared.gates.items():
-        np.testing.assert_array_equal(model.gates[slot].log_alpha[...], gate.log_alpha[...])
-
-
-def trained(model: GatedModel, method, images, labels) -> tuple[np.ndarray, np.ndarray]:
-    """The losses of one jitted engine step per batch, and the trained model's eval logits on
-    the first batch."""
-    tx = method.optimizer()
-    graphdef, state = init_state(model, method.init(model), tx, jax.random.key(0))
-    step = make_train_step(graphdef, method, tx, create_mesh(1))
-    losses = []
-    for x, y in zip(images, labels):
-        state, metrics = step(state, x, y)
-        losses.append(float(metrics["loss"]))
-    model = merge_model(graphdef, state.params, state.model_state)
-    return np.array(losses), np.asarray(model(images[0], train=False))
-
-
-@pytest.mark.parametrize("name, method_name", [("lm_tiny", "l0_hc"), ("lm_tiny", "dep_l0")])
-def test_a_placed_zoo_model_trains_like_its_declarations(name, method_name):
-    """Ten engine steps from the same initial network and gates stay within float rounding."""
-    config = get_config(method_name)
-    config.model = name
-    method = create_method(method_name, config, RunInfo(num_train=320, steps_per_epoch=10))
-    build = BUILDS.get(name, functools.partial(build_zoo_model, name))
-    declared, model = twins(name, build, method.make_gates)
-    images = examples(name, jax.random.key(1), 10, 32)
-    per_token = ZOO[name] if name in TOKENS else ()  # an LM predicts every next token
-    labels = jax.random.randint(jax.random.key(2), (10, 32, *per_token), 0, 10)
-    losses, logits = trained(declared, method, images, labels)
-    placed_losses, placed_logits = trained(model, method, images, labels)
-    np.testing.assert_allclose(placed_losses, losses, rtol=1e-5)
-    np.testing.assert_allclose(placed_logits, logits, atol=1e-4)
-    assert np.abs(np.diff(losses)).max() > 1e-3  # the steps did train
 
 
 def resnet20_groups() -> TracedModel:
@@ -354,69 +125,38 @@ def test_a_stage_list_that_does_not_fit_a_traced_residual_network_says_why():
         traced_slot_ratios(model.gate_slots, (0.1, 0.5, 0.5, 0.5, 0), layers, stages)
 
 
-def set_random_gates(*models: GatedModel) -> None:
-    """The same log_alpha in every model: uniform in [-3, 3] (test gates of 0, in (0, 1) and
-    1), every third unit closed."""
-    rng = np.random.default_rng(0)
-    for slot, gate in models[0].gates.items():
-        log_alpha = rng.uniform(-3.0, 3.0, gate.log_alpha.shape)
-        log_alpha[::3] = -10.0
-        for model in models:
-            model.gates[slot].log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
-
-
-@pytest.mark.parametrize("name", ["lm_tiny"])
-def test_a_placed_zoo_model_slims_from_its_trace_as_its_declarations_do(name):
-    """Slimming from the trace removes what the zoo's surgery removes: every array has the
-    surgery's shape, the params and FLOPs are the surgery's, and the logits are the slim zoo
-    model's."""
-    method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    build = BUILDS.get(name, functools.partial(build_zoo_model, name))
-    declared, model = twins(name, build, method.make_gates)
-    set_random_gates(declared, model)
-    x = np.asarray(examples(name, jax.random.key(0), 4))
-    surgery = slim_model(declared)
-    slim = slim_traced_model(model, x)
-    shapes = {".".join(map(str, path)): tuple(v.shape)
-              for path, v in nnx.to_flat_state(nnx.state(surgery.model))}
-    assert {path.removeprefix("zoo."): tuple(v.shape) for path, v in slim.params.items()} == shapes
-    assert slim.report.params_after == surgery.report.params_after
-    assert slim.report.flops_after == pytest.approx(surgery.report.flops_after, rel=1e-6)
-    np.testing.assert_allclose(slim(x), surgery.model(x, train=False), rtol=1e-5, atol=1e-5)
-    assert slim.report.max_logit_difference < 1e-5
-
-
-@pytest.mark.parametrize("heads, halved", [
-    ({"blocks.0.heads": [-10.0, 3.0, 3.0, -10.0], "blocks.1.heads": [3.0, -10.0, 3.0, 3.0]}, True),
-    ({"blocks.0.heads": [3.0, 3.0, -10.0, 3.0], "blocks.1.heads": [-10.0, 3.0, -10.0, -10.0]},
-     False),
+@pytest.mark.parametrize("closed, counted, widths", [
+    ({"blocks.0.heads": [0, 1, 1, 0], "blocks.1.heads": [1, 0, 1, 1]},
+     {"blocks.1.heads": [1, 1, 1, 1]}, [32, 32, 64, 32]),
+    ({"blocks.0.heads": [1, 1, 0, 1], "blocks.1.heads": [0, 1, 0, 0]},
+     {"blocks.0.heads": [1, 1, 1, 1], "blocks.1.kv_groups": [0, 1]}, [64, 32, 16, 16]),
 ])
-def test_the_placed_lm_slims_query_heads_closed_unevenly_as_its_declarations_do(heads, halved):
-    """Query heads closed unevenly across the key/value groups (heads h = m G + g). First: in
-    block 0 each group keeps one live head (group 0's second one), so one query head per group
-    goes; in block 1 one head closes, so both groups keep two. Second: block 1 keeps one head,
-    of group 1, so group 0 goes whole (its keys and values too). The traced slim network has
-    the surgery's arrays, params, FLOPs and logits."""
-    method = L0HardConcrete(get_config().lock(), RunInfo(100))
-    declared, model = twins("lm_tiny", BUILDS["lm_tiny"], method.make_gates)
-    rng = np.random.default_rng(0)
-    for slot, gate in declared.gates.items():
-        log_alpha = np.asarray(heads.get(slot, rng.uniform(1.0, 3.0, gate.log_alpha.shape)))
-        if slot == HIDDEN:
-            log_alpha[::5] = -10.0
-        for m in (declared, model):
-            m.gates[slot].log_alpha[...] = jnp.asarray(log_alpha, jnp.float32)
-    x = np.asarray(examples("lm_tiny", jax.random.key(0), 4))
-    surgery = slim_model(declared)
+def test_the_lm_slims_query_heads_closed_unevenly_across_its_key_value_groups(
+    closed, counted, widths
+):
+    """``lm_tiny`` at 2 blocks (4 query heads h = m G + g in 2 key/value groups): every group
+    keeps as many query heads as the fullest one. First: in block 0 each group keeps one live
+    head (group 0's second one), so one per group goes; in block 1 one head closes and stays
+    as a filler (its output rows zero). Second: block 0 keeps a filler; block 1 keeps one head,
+    of group 1, so group 0 goes whole, its keys and values too. Query and key widths per block,
+    the counts with the fillers kept and the empty group closed (``counted``), and the gated
+    logits."""
+    model = build_zoo_model("lm_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
+                            input_shape=(16,), dim=64, depth=2, head_dim=16, ffn_hidden=96,
+                            gate_factory=scale_gates)
+    values = {slot.name: np.ones(slot.shape, np.float32) for slot in model.gate_slots}
+    values[HIDDEN][::5] = 0.0
+    values |= {name: np.asarray(z, np.float32) for name, z in closed.items()}
+    for name, gate in model.gates.items():
+        gate.value[...] = jnp.asarray(values[name])
+    x = np.asarray(jax.random.randint(jax.random.key(0), (4, 16), 0, 10))
     slim = slim_traced_model(model, x)
-    shapes = {".".join(map(str, path)): tuple(v.shape)
-              for path, v in nnx.to_flat_state(nnx.state(surgery.model))}
-    assert {path.removeprefix("zoo."): tuple(v.shape) for path, v in slim.params.items()} == shapes
-    widths = [shapes[f"blocks.{i}.attn.{name}.kernel"][1] for i in (0, 1) for name in "qk"]
-    assert widths == ([32, 32, 64, 32] if halved else [64, 32, 16, 16])
-    assert slim.report.params_after == surgery.report.params_after
-    assert slim.report.flops_after == pytest.approx(surgery.report.flops_after, rel=1e-6)
-    np.testing.assert_allclose(slim(x), surgery.model(x, train=False), rtol=1e-5, atol=1e-5)
+    assert [slim.params[f"blocks.{i}.attn.{name}.kernel"].shape[1]
+            for i in (0, 1) for name in "qk"] == widths
+    counted = values | {name: np.asarray(z, np.float32) for name, z in counted.items()}
+    kept = count_network(model.layers, counted, model.activation_products)
+    assert slim.report.params_after == pytest.approx(float(kept["params"]))
+    assert slim.report.flops_after == pytest.approx(float(kept["flops"]))
     assert slim.report.max_logit_difference < 1e-5
 
 

@@ -117,6 +117,9 @@ def test_the_trace_finds_an_untied_lookup_as_the_producer_of_the_stream_it_start
     tied = trace_structure(TokenLM(nnx.Rngs(0), tied=True), ids)
     assert [layer.kind for layer in tied.layers if layer.kernel == "embed.embedding"] == ["dense"]
     assert ("embed.embedding", 1) not in {p for g in tied.groups for p in g.producers}
+    # the tied head's layer comes where the table is first read: the lookup, in network order
+    assert tied.layers[0].kernel == "embed.embedding"
+    assert [l.kernel for l in tied.layers[1:]] == [l.kernel for l in untied.layers[1:-1]]
 
 
 class TwoLookups(nnx.Module):

@@ -100,7 +100,7 @@ from sparsejax.methods.slot_groups import (
     unit_square_sums,
 )
 from sparsejax.models.base import GatedModel, GateSlot
-from sparsejax.models.transformer import TransformerModel, by_family
+from sparsejax.models.transformer import by_family
 from sparsejax.structure.blocks import traced_layer_stages, traced_stages
 from sparsejax.structure.traced_model import TracedModel
 
@@ -286,10 +286,10 @@ class GReg(Method):
         return resolved
 
     def unit_slots(self, model: GatedModel) -> dict[str, GateSlot] | None:
-        """The gate slots whose units GReg prunes (a transformer or a traced model with unit
-        slots, at filter granularity), by name, or None when it prunes layers."""
-        by_slots = isinstance(model, (TransformerModel, TracedModel))
-        if self.granularity != "filter" or not by_slots or model.granularity != "unit":
+        """The gate slots whose units GReg prunes (a traced model with unit slots, at filter
+        granularity), by name, or None when it prunes layers."""
+        traced = isinstance(model, TracedModel)
+        if self.granularity != "filter" or not traced or model.granularity != "unit":
             return None
         return {slot.name: slot for slot in model.gate_slots}
 

@@ -49,6 +49,17 @@ def relabel(field: Field, mapping: dict[int, int]) -> Field | None:
     return make_field(tuple(mapping[d] for d in field.dims), field.ids)
 
 
+def join_positions(find, parent, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the ids of ``a`` and ``b`` position by position (arrays of one shape) in the
+    union-find ``parent`` (a list or a dict from id to parent) whose roots ``find`` gives; the
+    smaller root becomes the parent, and positions of no unit (-1) join nothing."""
+    for x, y in zip(np.ravel(a).tolist(), np.ravel(b).tolist()):
+        if x != NO_UNIT and y != NO_UNIT:
+            rx, ry = find(x), find(y)
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
+
+
 @dataclasses.dataclass(frozen=True)
 class Seed:
     """Where a run of fresh units comes from: dimension ``axis`` of the parameter at ``path``
@@ -122,11 +133,7 @@ class UnitTable:
 
     def merge(self, a: np.ndarray, b: np.ndarray) -> None:
         """Merge the units of ``a`` and ``b`` position by position (arrays of one shape)."""
-        for x, y in zip(np.ravel(a).tolist(), np.ravel(b).tolist()):
-            if x != NO_UNIT and y != NO_UNIT:
-                rx, ry = self.find(x), self.find(y)
-                if rx != ry:
-                    self.parent[max(rx, ry)] = min(rx, ry)
+        join_positions(self.find, self.parent, a, b)
 
     def block(self, ids: np.ndarray, blocker: Blocker) -> None:
         """Keep the units of ``ids`` (and every unit merged with them) from being removed."""

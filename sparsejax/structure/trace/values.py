@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sparsejax.structure.trace.units import NO_UNIT, Blocker, Field, Seed, UnitTable
+from sparsejax.structure.trace.units import (
+    NO_UNIT,
+    Blocker,
+    Field,
+    Seed,
+    UnitTable,
+    join_positions,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +107,10 @@ class PositionLinks:
 
     def merge(self, a: np.ndarray, b: np.ndarray) -> None:
         """Link the ids of ``a`` and ``b`` position by position (arrays of one shape)."""
-        for x, y in zip(np.ravel(a).tolist(), np.ravel(b).tolist()):
-            if x != NO_UNIT and y != NO_UNIT:
-                rx, ry = self.find(x), self.find(y)
-                if rx != ry:
-                    self.parent[max(rx, ry)] = min(rx, ry)
+        join_positions(self.find, self.parent, a, b)
 
     def copy(self) -> PositionLinks:
+        """An independent copy."""
         links = PositionLinks()
         links.parent = dict(self.parent)
         return links
@@ -215,15 +219,18 @@ class Context:
         self.lookup_units[self.add_layer(LayerRecord(table, "lookup", (0,)))] = ids
 
     def counted_layers(self) -> list[LayerRecord]:
-        """The layers, without the lookups of a table that a product also reads (a tied
-        embedding: the output head's kernel, counted there; the lookup's units produce
-        nothing) and without a table's lookups after its first (one layer per table)."""
-        kernels = {layer.kernel for layer in self.layers if layer.kind != "lookup"}
+        """The layers in network order: a table that a product also reads (a tied embedding)
+        is that product's layer, counted where the table is first looked up (its lookups'
+        units produce nothing), and a table's lookups after its first are no layers."""
+        products = {layer.kernel: layer for layer in self.layers if layer.kind != "lookup"}
         kept: list[LayerRecord] = []
         for index, layer in enumerate(self.layers):
-            if layer.kind == "lookup" and layer.kernel in kernels:
+            if layer.kind == "lookup" and layer.kernel in products:
                 self.units.unmark_producers(self.lookup_units[index])
-            elif layer.kind != "lookup" or all(k.kernel != layer.kernel for k in kept):
+                layer = products[layer.kernel]  # a tied table: its product's layer, here
+            elif layer.kind == "lookup" and any(k.kernel == layer.kernel for k in kept):
+                continue  # a table looked up again
+            if all(k is not layer for k in kept):
                 kept.append(layer)
         return kept
 

@@ -18,7 +18,14 @@ jaxpr's ``.jaxpr`` is itself)."""
 from sparsejax.structure.trace import tags
 from sparsejax.structure.trace.rules import RULES
 from sparsejax.structure.trace.units import Field, UnitTable
-from sparsejax.structure.trace.values import CONSTANT, UNLABELLED, Context, Frame, Value
+from sparsejax.structure.trace.values import (
+    CONSTANT,
+    UNLABELLED,
+    Context,
+    Frame,
+    PositionLinks,
+    Value,
+)
 
 CALL_PRIMITIVES = frozenset({
     "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
@@ -105,6 +112,7 @@ class _Saved:
     """What a walk adds to the context, saved so that it can be undone (:func:`_scan`)."""
 
     units: UnitTable
+    links: PositionLinks
     layers: int
     other_macs: int
     head_splits: int
@@ -114,12 +122,12 @@ class _Saved:
     @classmethod
     def take(cls, ctx: Context) -> _Saved:
         """The context as it is now, within a walk."""
-        return cls(ctx.units.copy(), len(ctx.layers), len(ctx.other_macs), len(ctx.head_splits),
-                   len(ctx.tagged), len(ctx.stack[-1].children))
+        return cls(ctx.units.copy(), ctx.links.copy(), len(ctx.layers), len(ctx.other_macs),
+                   len(ctx.head_splits), len(ctx.tagged), len(ctx.stack[-1].children))
 
     def restore(self, ctx: Context) -> None:
         """Undo what was added since (once: the saved table becomes the context's)."""
-        ctx.units = self.units
+        ctx.units, ctx.links = self.units, self.links
         del ctx.layers[self.layers:], ctx.other_macs[self.other_macs:]
         del ctx.head_splits[self.head_splits:], ctx.stack[-1].children[self.children:]
         del ctx.tagged[self.tagged:]
