@@ -23,7 +23,6 @@ from flax import nnx
 from benchmarks.common import dataset_like, input_spec
 from sparsejax.data.text import TEXT_DATASETS
 from sparsejax.models import MODELS, build_model
-from sparsejax.models.registry import PLAIN
 from sparsejax.structure.trace import TracedStructure, trace_structure
 
 
@@ -43,20 +42,18 @@ def input_shape(name: str, imagenet_size: int) -> tuple[int, ...]:
 
 
 def trace_once(name: str, shape: tuple[int, ...]) -> tuple[float, TracedStructure]:
-    """Seconds to trace zoo model ``name``'s network (built on shapes only, with its dataset's
-    classes; a plain network is traced as it is, a declared one without gates in evaluation
-    mode) on one example of ``shape``, and the structure found."""
+    """Seconds to trace zoo model ``name``'s plain network (built on shapes only, with its
+    dataset's classes, in evaluation mode) on one example of ``shape``, and the structure
+    found."""
     classes = input_spec(dataset_like(name)).num_classes
     model = nnx.eval_shape(
         lambda: build_model(name, rngs=nnx.Rngs(0), num_classes=classes, input_shape=shape)
     )
     dtype = jnp.int32 if dataset_like(name) in TEXT_DATASETS else jnp.float32
     example = jax.ShapeDtypeStruct((1, *shape), dtype)
-    if name in PLAIN:
-        model.eval()  # BatchNorm on its running statistics, as a declared model's train=False
-    apply = (lambda m, x: m(x)) if name in PLAIN else (lambda m, x: m(x, train=False))
+    model.eval()  # BatchNorm on its running statistics
     started = time.perf_counter()
-    structure = trace_structure(model, example, apply=apply)
+    structure = trace_structure(model, example)
     return time.perf_counter() - started, structure
 
 

@@ -17,15 +17,12 @@ so that no layer is cut off whole. ``gmp_structure``:
 - ``"unit"``: whole output units (conv filters, dense neurons) ranked by the L1 norm of their
   kernel slice (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), divided by the slice's
   size so that units of layers with different fan-in compare under one global threshold (the
-  ranking inside a layer is the L1 ranking). On a traced model (every convolutional zoo model,
-  ``--model=MODULE:FACTORY``) the units are those of its gate slots, the prunable groups of its
-  trace outside the residual streams (:func:`~sparsejax.structure.blocks.outside_streams`),
-  scored by their first producer's filter and removed with every slice the trace ties to them
-  (producers, normalisers, readers' rows), so that slimming removes them; a target is refused
-  there (give ``final_sparsity``). On a declared model (the transformers) a unit's kernel column
-  and bias are zeroed; the classifier (its outputs are the classes) and the members of a
-  residual stream (a stream channel is removed only from all members at once) are not pruned by
-  units.
+  ranking inside a layer is the L1 ranking). The units are those of the model's gate slots
+  (every zoo model and ``--model=MODULE:FACTORY`` is traced): the prunable groups of its trace
+  outside the residual streams (:func:`~sparsejax.structure.blocks.outside_streams`), or a
+  transformer's placed heads and FFN units, scored by their first producer's filter and removed
+  with every slice the trace ties to them (producers, normalisers, readers' rows), so that
+  slimming removes them; a target is refused there (give ``final_sparsity``).
 
 Loss: cross-entropy + (l2/2)||theta||^2. The state is one mask per pruned layer.
 """

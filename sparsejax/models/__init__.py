@@ -1,6 +1,5 @@
-"""The zoo: plain NNX models carrying their gate placements
-(:data:`~sparsejax.models.registry.PLAIN`), gated from their trace by
-:func:`sparsejax.structure.traced_model.build_zoo_model`, and what a gated model is
+"""The zoo: plain NNX models carrying their gate placements (:data:`MODELS`), gated from their
+trace by :func:`sparsejax.structure.traced_model.build_zoo_model`, and what a gated model is
 (:class:`GatedModel`: gate slots and layers)."""
 
 from sparsejax.models.base import GatedModel, GateSlot, Layer, each_slot

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from sparsejax.models.base import GatedModel
 from sparsejax.models.cifar_resnet import resnet20, resnet56, resnet110
 from sparsejax.models.densenet import densenet40
 from sparsejax.models.imagenet_resnet import resnet34, resnet50
@@ -18,7 +17,7 @@ from sparsejax.models.vgg import VGG16, VGG19
 from sparsejax.models.vit import vit_tiny
 from sparsejax.models.wide_resnet import wrn28_10
 
-MODELS: dict[str, Callable[..., GatedModel | nnx.Module]] = {
+MODELS: dict[str, Callable[..., nnx.Module]] = {
     "mlp": MLP,
     "lenet5": LeNet5,
     "resnet20": resnet20,
@@ -38,20 +37,11 @@ MODELS: dict[str, Callable[..., GatedModel | nnx.Module]] = {
 }
 
 
-PLAIN = frozenset({
-    "mlp", "lenet5", "resnet20", "resnet56", "resnet110", "vgg16", "vgg19", "wrn28_10",
-    "resnet164", "resnet34", "resnet50", "densenet40", "mobilenet_v2", "mobilenet_v2_cifar",
-    "vit_tiny", "lm_tiny",
-})
-"""The zoo models written as plain NNX modules with their ``gate_placements``
-(:mod:`sparsejax.models.placement`), gated from their trace
-(:func:`sparsejax.structure.traced_model.build_zoo_model`). Each has the attributes
-``input_shape`` and ``num_classes`` (a model of token ids also ``input_dtype``)."""
-
-
-def build_model(name: str, **kwargs) -> GatedModel | nnx.Module:
-    """Build the model registered as ``name``; kwargs go to its constructor. A model in
-    :data:`PLAIN` is its plain network: gate it with
+def build_model(name: str, **kwargs) -> nnx.Module:
+    """The plain network of the model registered as ``name``; kwargs go to its constructor.
+    Every zoo model is a plain NNX module with its ``gate_placements``
+    (:mod:`sparsejax.models.placement`) and the attributes ``input_shape`` and ``num_classes``
+    (a model of token ids also ``input_dtype``); gate it from its trace with
     :func:`sparsejax.structure.traced_model.build_zoo_model`."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")

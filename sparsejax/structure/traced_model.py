@@ -91,7 +91,7 @@ from sparsejax.models.base import (
     check_granularity,
 )
 from sparsejax.models.placement import DROPRATE_INIT, GatePlacement
-from sparsejax.models.registry import MODELS, PLAIN, build_model
+from sparsejax.models.registry import MODELS, build_model
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.example_gates import run_with_example_gates
 from sparsejax.structure.sparsify import (
@@ -1469,21 +1469,15 @@ def build_zoo_model(
     use_placements: bool = True,
     input_dtype: jnp.dtype = jnp.float32,
     **options,
-) -> GatedModel:
-    """The zoo model registered as ``name`` (:data:`~sparsejax.models.MODELS`); ``options``
-    go to its constructor. A model written as a plain NNX module
-    (:data:`~sparsejax.models.registry.PLAIN`) becomes the :class:`TracedModel` of that module,
-    its gates drawn from ``rngs`` after its parameters and placed by its own
-    ``gate_placements`` when ``use_placements`` (at unit granularity); a model that still
-    declares its slots by hand is built as it is (``use_placements`` and ``input_dtype`` are
-    for traced models only).
+) -> TracedModel:
+    """The :class:`TracedModel` of the zoo model registered as ``name``
+    (:data:`~sparsejax.models.MODELS`; ``options`` go to its constructor), its gates drawn from
+    ``rngs`` after its parameters and placed by its own ``gate_placements`` when
+    ``use_placements`` (at unit granularity).
 
     Raises:
       ValueError: for a name the zoo does not have.
     """
-    if name not in PLAIN:
-        return build_model(name, rngs=rngs, gate_factory=gate_factory, granularity=granularity,
-                           **options)
     return gate_zoo_network(
         build_model(name, rngs=rngs, **options), name, rngs=rngs, gate_factory=gate_factory,
         granularity=granularity, use_placements=use_placements, input_dtype=input_dtype,
@@ -1500,8 +1494,8 @@ def gate_zoo_network(
     use_placements: bool = True,
     input_dtype: jnp.dtype = jnp.float32,
 ) -> TracedModel:
-    """The :class:`TracedModel` of ``net``, a plain zoo network (a class of
-    :data:`~sparsejax.models.registry.PLAIN`'s models, at any size: ``WideResNet(depth=10,
+    """The :class:`TracedModel` of ``net``, a plain zoo network (a class of the zoo's models,
+    at any size: ``WideResNet(depth=10,
     ...)``), gated as :func:`build_zoo_model` gates the registered ones: its gates drawn from
     ``rngs`` and placed by its ``gate_placements`` when ``use_placements`` (at unit
     granularity); ``name`` names it in errors. A network of token ids says so with its
@@ -1585,7 +1579,7 @@ def check_model_name(name: str) -> None:
         )
 
 
-def build_any_model(name: str, **kwargs) -> GatedModel:
+def build_any_model(name: str, **kwargs) -> TracedModel:
     """A zoo model (:func:`build_zoo_model`) or, for ``MODULE:FACTORY``, the
     :class:`TracedModel` of the factory's module (:func:`build_traced_model`)."""
     check_model_name(name)

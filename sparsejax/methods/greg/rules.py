@@ -1,6 +1,6 @@
 """Which layers GReg prunes and at which ratio (Wang et al., ICLR 2021, code ``meta_pruner.py``).
 
-**Layers** (a declared model's, or a traced model's at weight granularity): one ratio per
+**Layers** (a traced model's at weight granularity): one ratio per
 layer index ``0..L-1``, given as a sequence, a mapping ``{index or "a-b": ratio}`` or the
 reference's string ``"[1-15:0.7]"`` (unlisted layers: 0). With filter granularity the
 classifier's outputs (the classes) are never pruned. On a traced network of residual blocks a

@@ -112,7 +112,7 @@ class TracedStructure:
 
     Costs are evaluated under per-unit *keep values*: for some group indices, one value per unit
     of the group (1 keeps it, 0 removes it, a probability P(unit kept) gives expectations over
-    independent units, as the accounting of the declared models does); groups not given are
+    independent units, as the layer accounting does); groups not given are
     kept. A parameter entry is kept with the product of the values of its units along each
     axis; a product's MACs likewise.
     """
