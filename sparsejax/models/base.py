@@ -322,9 +322,8 @@ class GatedModel(nnx.Module):
         }
 
     def layer_module(self, name: str) -> nnx.Module:
-        """The module holding the kernel (and bias) of the layer ``name``: by default the
-        attribute of that name."""
-        return getattr(self, name)
+        """The module (or the parameters) holding the kernel and bias of the layer ``name``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement layer_module(name)")
 
     def slot_members(self, slot: GateSlot) -> tuple[SlotMember, ...]:
         """The parameter entries a gate of ``slot`` removes, unit by unit. Default: the slot's

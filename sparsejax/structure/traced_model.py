@@ -47,9 +47,9 @@ of a hand-written declaration:
   transformer's sublayer); with ``stream``, the units of a residual stream that normalisers
   read (a transformer's hidden dimension): its gates multiply every write into it, its open
   mask the rows that read it, and the forward pass takes the normalisers' sums over its open
-  units (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). The zoo's own
-  gates, placed so, give its declared slots, accounting and logits
-  (``tests/structure/test_gate_placements.py``).
+  units (:func:`~sparsejax.structure.example_gates.run_with_example_gates`). The zoo's
+  models place their papers' gates so; placed, they gave the slots, accounting and logits
+  their hand declarations had (BUILD_NOTES.md, one section per model).
 
 - **Lookups and tied heads**: an embedding table whose rows are looked up is a layer
   ``(vocabulary, features)`` of no MACs (its params count; its features are units of the stream

@@ -130,6 +130,7 @@ def test_a_stage_list_that_does_not_fit_a_traced_residual_network_says_why():
      {"blocks.1.heads": [1, 1, 1, 1]}, [32, 32, 64, 32]),
     ({"blocks.0.heads": [1, 1, 0, 1], "blocks.1.heads": [0, 1, 0, 0]},
      {"blocks.0.heads": [1, 1, 1, 1], "blocks.1.kv_groups": [0, 1]}, [64, 32, 16, 16]),
+    ({"blocks.1.heads": [0, 0, 0, 0]}, {"blocks.1.kv_groups": [0, 0]}, [64, 32, None, None]),
 ])
 def test_the_lm_slims_query_heads_closed_unevenly_across_its_key_value_groups(
     closed, counted, widths
@@ -138,8 +139,9 @@ def test_the_lm_slims_query_heads_closed_unevenly_across_its_key_value_groups(
     keeps as many query heads as the fullest one. First: in block 0 each group keeps one live
     head (group 0's second one), so one per group goes; in block 1 one head closes and stays
     as a filler (its output rows zero). Second: block 0 keeps a filler; block 1 keeps one head,
-    of group 1, so group 0 goes whole, its keys and values too. Query and key widths per block,
-    the counts with the fillers kept and the empty group closed (``counted``), and the gated
+    of group 1, so group 0 goes whole, its keys and values too. Third: block 1 keeps no head,
+    and its attention is not stored. Query and key widths per block (None: not stored), the
+    counts with the fillers kept and the empty groups closed (``counted``), and the gated
     logits."""
     model = build_zoo_model("lm_tiny", rngs=nnx.Rngs(params=0), num_classes=10,
                             input_shape=(16,), dim=64, depth=2, head_dim=16, ffn_hidden=96,
@@ -151,7 +153,8 @@ def test_the_lm_slims_query_heads_closed_unevenly_across_its_key_value_groups(
         gate.value[...] = jnp.asarray(values[name])
     x = np.asarray(jax.random.randint(jax.random.key(0), (4, 16), 0, 10))
     slim = slim_traced_model(model, x)
-    assert [slim.params[f"blocks.{i}.attn.{name}.kernel"].shape[1]
+    stored = {path: value.shape for path, value in slim.params.items()}
+    assert [stored.get(f"blocks.{i}.attn.{name}.kernel", (None, None))[1]
             for i in (0, 1) for name in "qk"] == widths
     counted = values | {name: np.asarray(z, np.float32) for name, z in counted.items()}
     kept = count_network(model.layers, counted, model.activation_products)

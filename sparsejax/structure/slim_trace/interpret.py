@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core
 
-from sparsejax.structure.trace.rules import BINARY, UNARY, gather_slices
+from sparsejax.structure.trace.rules import ELEMENTWISE, gather_slices
 from sparsejax.structure.trace.units import NO_UNIT
 from sparsejax.structure.trace.values import UNLABELLED, Frame, Value
 from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
@@ -47,10 +47,6 @@ from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
 Kept = tuple[np.ndarray | None, ...]
 """Per dimension of a variable: the original positions it keeps, or None for all of them."""
 
-ELEMENTWISE = frozenset({
-    *UNARY, *BINARY, "add", "convert_element_type", "copy", "copy_p", "stop_gradient",
-})
-"""Primitives whose operands have the result's shape (or are scalars)."""
 
 
 class SlimmingError(RuntimeError):

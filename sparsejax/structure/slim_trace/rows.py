@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 from jax.extend import core
 
-from sparsejax.structure.slim_trace.interpret import ELEMENTWISE
+from sparsejax.structure.trace.rules import ELEMENTWISE
 from sparsejax.structure.trace.values import Frame
 from sparsejax.structure.trace.walk import sub_jaxpr
 

@@ -146,9 +146,8 @@ class TracedStructure:
         self.tables = tuple(tables)
         """The parameters whose rows are looked up (embedding tables, tied ones too)."""
         self._head_splits = tuple(head_splits)
-        self._links = links or PositionLinks()
-        self._tag_of_link = _tags_by_link(tagged, self._links)
         self._tag_count = 1 + max((int(np.max(t)) for _, t in tagged if np.size(t)), default=-1)
+        self._axis_tags = _axis_tags(self._param_ids, tagged, links or PositionLinks())
 
     @property
     def products(self) -> tuple[tuple[Factor, ...], ...]:
@@ -207,13 +206,9 @@ class TracedStructure:
             vector = np.broadcast_to(np.asarray(vector, np.float64), (self.groups[group].size,))
             chosen = self._unit_group == group
             values[:-1][chosen] = vector[self._unit_pos[chosen]]
-        if closed_tags:
-            closed = np.asarray(sorted(closed_tags), np.int64)
-            for path, ids in self._param_ids.items():
-                for axis, axis_ids in enumerate(ids):
-                    tags = self.param_tags(path, axis)
-                    if tags is not None:
-                        values[axis_ids[np.isin(tags, closed)]] = 0.0
+        closed = np.asarray(sorted(closed_tags), np.int64)
+        for (path, axis), tags in self._axis_tags.items():
+            values[self._param_ids[path][axis][np.isin(tags, closed)]] = 0.0
         return values
 
     def tag_values(self, closed_tags: Collection[int] = ()) -> np.ndarray:
@@ -262,25 +257,17 @@ class TracedStructure:
         """The query-head tag (:mod:`.tags`) of each index of axis ``axis`` of parameter
         ``path`` (-1 for none: an index whose ids hold no tag or two), or None when none has
         one."""
-        ids = self._param_ids[path][axis]
-        if isinstance(ids, int) or not self._tag_of_link:
-            return None
-        tags = np.array([self._tag_of_link.get(self._links.find(i), NO_UNIT)
-                         for i in ids.tolist()], np.int64)
-        tags[tags < 0] = NO_UNIT
-        return tags if np.any(tags >= 0) else None
+        return self._axis_tags.get((path, axis))
 
     def tagged_axes(self, tags: set[int]) -> tuple[tuple[str, int, np.ndarray], ...]:
         """``(path, axis, tag of each index)`` of every parameter axis with indices tagged by
         ``tags``, in parameter order."""
-        found = []
-        for path, ids in self._param_ids.items():
-            for axis in range(len(ids)):
-                axis_tags = self.param_tags(path, axis)
-                if axis_tags is not None and set(axis_tags.tolist()) & tags:
-                    found.append((path, axis, np.where(np.isin(axis_tags, list(tags)),
-                                                       axis_tags, NO_UNIT)))
-        return tuple(found)
+        chosen = np.asarray(sorted(tags), np.int64)
+        return tuple(
+            (path, axis, np.where(np.isin(axis_tags, chosen), axis_tags, NO_UNIT))
+            for (path, axis), axis_tags in self._axis_tags.items()
+            if np.isin(axis_tags, chosen).any()
+        )
 
     def unit_places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The group of each unit id in ``ids`` (-1 for a unit in no group) and its position
@@ -289,18 +276,31 @@ class TracedStructure:
         return self._unit_group[ids], self._unit_pos[ids]
 
 
-def _tags_by_link(
-    tagged: Sequence[tuple[np.ndarray, np.ndarray]], links: PositionLinks
-) -> dict[int, int]:
-    """The tag of every class of linked ids that was recorded with one (-2 for a class
-    recorded with two)."""
-    found: dict[int, int] = {}
+def _axis_tags(
+    param_ids: Mapping[str, tuple[np.ndarray | int, ...]],
+    tagged: Sequence[tuple[np.ndarray, np.ndarray]],
+    links: PositionLinks,
+) -> dict[tuple[str, int], np.ndarray]:
+    """Per ``(parameter path, axis)`` with a tagged index, the tag of each index (-1 for
+    none): a class of linked ids recorded with one tag gives it to every id of the class, one
+    recorded with two gives none."""
+    by_link: dict[int, int] = {}
     for ids, tags in tagged:
         for unit, tag in zip(np.ravel(ids).tolist(), np.ravel(tags).tolist()):
-            if unit == NO_UNIT or tag == NO_UNIT:
+            if unit != NO_UNIT and tag != NO_UNIT:
+                root = links.find(unit)
+                by_link[root] = tag if by_link.get(root, tag) == tag else NO_UNIT
+    if not by_link:
+        return {}
+    found = {}
+    for path, ids in param_ids.items():
+        for axis, axis_ids in enumerate(ids):
+            if isinstance(axis_ids, int):
                 continue
-            root = links.find(unit)
-            found[root] = tag if found.get(root, tag) == tag else -2
+            tags = np.array([by_link.get(links.find(i), NO_UNIT) for i in axis_ids.tolist()],
+                            np.int64)
+            if np.any(tags >= 0):
+                found[(path, axis)] = tags
     return found
 
 

@@ -535,6 +535,10 @@ BINARY = (
     "add_any", "and", "atan2", "div", "eq", "ge", "gt", "le", "lt", "max", "min", "mul", "ne",
     "nextafter", "or", "pow", "rem", "select_n", "sub", "xor", "clamp",
 )
+ELEMENTWISE = frozenset({
+    *UNARY, *BINARY, "add", "convert_element_type", "copy", "copy_p", "stop_gradient",
+})
+"""Primitives whose operands have the result's shape (or are scalars)."""
 REDUCTIONS = (
     "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
     "argmax", "argmin",

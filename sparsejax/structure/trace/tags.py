@@ -31,15 +31,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sparsejax.structure.trace.rules import BINARY, REDUCTIONS, UNARY, reshaped_alone
+from sparsejax.structure.trace.rules import ELEMENTWISE, REDUCTIONS, reshaped_alone
 from sparsejax.structure.trace.units import NO_UNIT, Field, relabel
 from sparsejax.structure.trace.values import Context, Factor, Joint, Value, field_on
-
-FOLLOWED_ELEMENTWISE = frozenset({
-    *UNARY, *BINARY, "add", "sub", "max", "min", "convert_element_type", "copy", "copy_p",
-    "stop_gradient",
-})
-"""Primitives whose operands of the output's shape hold its positions."""
 
 
 def _shape(var) -> tuple[int, ...]:
@@ -67,7 +61,7 @@ def followed(eqn, ins: Sequence[Value]) -> tuple[tuple[Field, ...], ...] | None:
         return None
     name, outs = eqn.primitive.name, len(eqn.outvars)
     out_shape = _shape(eqn.outvars[0])
-    if name in FOLLOWED_ELEMENTWISE:
+    if name in ELEMENTWISE:
         same = [t for var, v in zip(eqn.invars, ins) if _shape(var) == out_shape for t in v.tags]
         return (_first_per_dims(same),) * outs
     tags = ins[0].tags
