@@ -41,14 +41,13 @@ from sparsejax.methods.base import Method, MethodState, RunInfo, cross_entropy
 from sparsejax.methods.budget import TARGET_FIELDS, requested_target
 from sparsejax.methods.budget_ratio import layers_ratio, slots_ratio
 from sparsejax.methods.fields import Field
-from sparsejax.methods.masking import check_unit_zeroing, unit_variables
+from sparsejax.methods.masking import refuse_unit_zeroing
 from sparsejax.methods.penalties import gated_l2
 from sparsejax.methods.prune_sampling import cubic_sparsity
 from sparsejax.methods.registry import register
 from sparsejax.methods.slot_groups import unit_mean_magnitudes
 from sparsejax.models.base import GatedModel, GateSlot
 from sparsejax.structure.blocks import outside_streams
-from sparsejax.structure.traced_model import TracedModel
 
 SCOPES = ("layer", "global")
 STRUCTURES = ("weight", "unit")
@@ -136,27 +135,19 @@ class GradualMagnitudePruning(Method):
         """Whether ``model``'s units are pruned by gate slot: a traced model's prunable groups
         (``gmp_structure="unit"``), each unit removed with every slice the trace ties to it
         (:meth:`~sparsejax.structure.traced_model.TracedModel.scale_units`)."""
-        return (
-            self.config.gmp_structure == "unit"
-            and isinstance(model, TracedModel)
-            and model.granularity == "unit"
-        )
+        return self.config.gmp_structure == "unit" and model.granularity == "unit"
 
     def pruned_layers(self, model: GatedModel) -> tuple[str, ...]:
         """The layers whose kernels (or units) are pruned; a traced model's slots when
         :meth:`by_slots`."""
         if self.config.gmp_structure == "weight":
             return tuple(layer.name for layer in model.layers)
-        if self.by_slots(model):
-            return tuple(outside_streams(model))
-        in_streams = {name for coupling in model.channel_couplings for name in coupling.layers}
-        return tuple(layer.name for layer in model.layers[:-1] if layer.name not in in_streams)
+        if not self.by_slots(model):
+            refuse_unit_zeroing("gmp_structure=unit")
+        return tuple(outside_streams(model))
 
     def init(self, model: GatedModel) -> MethodState:
         """``{"masks": {layer: all-True mask}}``: shaped like the kernel (weights) or its units."""
-        per_unit = self.config.gmp_structure == "unit"
-        if per_unit and not self.by_slots(model):
-            check_unit_zeroing(model, "gmp_structure=unit at weight granularity")
         layers = self.pruned_layers(model)
         if not layers:
             raise ConfigError(
@@ -166,7 +157,6 @@ class GradualMagnitudePruning(Method):
         self.final_sparsity(model)
         shapes = {
             name: _slot(model, name).shape if self.by_slots(model)
-            else model.layer_module(name).kernel.shape[-1:] if per_unit
             else model.layer_module(name).kernel.shape
             for name in layers
         }
@@ -289,13 +279,8 @@ class GradualMagnitudePruning(Method):
             if self.by_slots(model):
                 model.scale_units(_slot(model, name), mask.astype(jnp.float32))
                 continue
-            variables = (
-                unit_variables(model, name)
-                if self.config.gmp_structure == "unit"
-                else [model.layer_module(name).kernel]
-            )
-            for variable in variables:
-                variable[...] = jnp.where(mask, variable[...], 0.0)
+            kernel = model.layer_module(name).kernel
+            kernel[...] = jnp.where(mask, kernel[...], 0.0)
         return {"masks": masks}
 
     def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:

@@ -19,19 +19,17 @@ The run's length is the sum of the phases (:attr:`GReg.plans_length`: ``epochs``
 
 Loss: mean cross-entropy + (l2/2)||theta||^2 + sum_l sum_j (lambda_{l,j}/2)||W_{l,j}||^2 with
 lambda held constant (``stop_gradient``), so the optimizer sees the data gradient plus
-lambda (.) W (the reference adds this to the gradient before SGD). Structured pruning
-(``greg_granularity="filter"``) zeroes a pruned filter's kernel slice and its bias, so the
-channel outputs exactly zero as if removed; ``"weight"`` prunes single weights of every kernel.
-On a transformer, filter granularity prunes the units of its gate slots (heads, KV groups,
-FFN units, hidden dimensions; :func:`.rules.slot_ratios`): a unit's group is every kernel entry
-it spans (:meth:`~sparsejax.models.base.GatedModel.slot_members`: a head's query / key / value
-columns and output rows), its score the mean |w| over them, its penalty lambda_j/2 ||group||^2, and
-pruning zeroes every member (biases and norm entries too). On a traced model
-(``--model=MODULE:FACTORY``), filter granularity prunes the units of its gate slots, the
-prunable groups of its trace (:func:`.rules.traced_slot_ratios`): a unit's score and penalty
-are over its first producer's filter, as for a declared layer, and pruning zeroes everything
-the trace ties to it (:meth:`~sparsejax.structure.traced_model.TracedModel.scale_units`:
-producers' filters and biases, normalisers' entries and the readers' rows).
+lambda (.) W (the reference adds this to the gradient before SGD). ``greg_granularity="weight"``
+prunes single weights of every kernel. Structured pruning (``"filter"``) prunes the units of
+the model's gate slots (every model is traced; a model gated at weight granularity has none and
+is refused): the prunable groups of its trace (:func:`.rules.traced_slot_ratios`), or a
+transformer's heads, KV groups, FFN units and hidden dimensions (:func:`.rules.slot_ratios`). A
+unit's score is the mean |w| over its group (its first producer's filter; a head's query / key
+/ value columns and output rows, :meth:`~sparsejax.models.base.GatedModel.slot_members`), its
+penalty lambda_j/2 ||group||^2, and pruning zeroes everything the trace ties to it
+(:meth:`~sparsejax.structure.traced_model.TracedModel.scale_units`: producers' filters and
+biases, normalisers' entries and the readers' rows), so the unit outputs exactly zero as if
+removed.
 
 Config fields: :data:`FIELDS` (``stage_pr``: see :mod:`.rules`), ``l2`` and the network's
 optimizer, learning rate, schedule and weight decay (pretraining; the later phases use the same
@@ -49,7 +47,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import Method, MethodState, Phase, RunInfo, cross_entropy
@@ -85,7 +82,7 @@ from sparsejax.methods.greg.schedule import (
     prune,
     regularise,
 )
-from sparsejax.methods.masking import unit_variables
+from sparsejax.methods.masking import refuse_unit_zeroing
 from sparsejax.methods.optim import (
     build_optimizer,
     epoch_rate_schedule,
@@ -191,14 +188,6 @@ class PrunedLayer:
     group_shape: tuple[int, ...]
 
 
-def _masked_variables(model: GatedModel, name: str, per_weight: bool) -> list[nnx.Variable]:
-    """The parameters a layer's mask multiplies: its kernel, and for filters every parameter
-    of a pruned filter (:func:`~sparsejax.methods.masking.unit_variables`)."""
-    if per_weight:
-        return [model.layer_module(name).kernel]
-    return unit_variables(model, name)
-
-
 def initial_state(pruned: tuple[PrunedLayer, ...]) -> MethodState:
     """The schedule state before pretraining: per pruned layer the fields of
     :class:`~.schedule.LayerState`, and the counters."""
@@ -288,8 +277,7 @@ class GReg(Method):
     def unit_slots(self, model: GatedModel) -> dict[str, GateSlot] | None:
         """The gate slots whose units GReg prunes (a traced model with unit slots, at filter
         granularity), by name, or None when it prunes layers."""
-        traced = isinstance(model, TracedModel)
-        if self.granularity != "filter" or not traced or model.granularity != "unit":
+        if self.granularity != "filter" or model.granularity != "unit":
             return None
         return {slot.name: slot for slot in model.gate_slots}
 
@@ -318,25 +306,18 @@ class GReg(Method):
                             slots[name].shape)
                 for name, ratio in ratios.items()
             )
+        if self.granularity == "filter":
+            refuse_unit_zeroing("greg_granularity=filter")
         stage_pr = budget_stage_pr(self.config, model.layers, self.granularity)  # a target's
-        stages = (
-            traced_layer_stages(model)
-            if isinstance(model, TracedModel) and self.granularity == "weight" else None
-        )
-        ratios = layer_ratios(model.layers, stage_pr, self.granularity, stages)
+        ratios = layer_ratios(model.layers, stage_pr, self.granularity, traced_layer_stages(model))
         if not ratios:
             raise ConfigError(
                 f"stage_pr={self.config.stage_pr!r} prunes no layer of {type(model).__name__}; "
                 "give some layer a ratio in (0, 1)"
             )
-        layers = {layer.name: layer for layer in model.layers}
         pruned = []
         for name, ratio in ratios.items():
-            per_weight = self.granularity == "weight"
-            shape = (
-                model.layer_module(name).kernel.shape if per_weight
-                else (layers[name].out_units,)
-            )
+            shape = model.layer_module(name).kernel.shape
             count = greg_pruned_count(ratio, int(np.prod(shape)))
             pruned.append(PrunedLayer(name, ratio, count, tuple(shape)))
         return tuple(pruned)
@@ -488,15 +469,13 @@ class GReg(Method):
             state["stabilise_start"],
             self.reg_schedule,
         )
-        per_weight = self.granularity == "weight"
         slots = self.unit_slots(model)
         for layer, layer_state in zip(self.pruned_layers(model), layers):
             if slots is not None:
                 model.scale_units(slots[layer.name], layer_state.mask)
                 continue
-            for variable in _masked_variables(model, layer.name, per_weight):
-                weight = variable[...]
-                variable[...] = weight * broadcast_groups(layer_state.mask, weight)
+            kernel = model.layer_module(layer.name).kernel
+            kernel[...] = kernel[...] * layer_state.mask
         return {
             **state,
             "layers": [layer._asdict() for layer in layers],
