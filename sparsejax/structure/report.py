@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
+from flax import nnx
 
 from sparsejax.gates.base import active
 from sparsejax.models.base import GatedModel
@@ -41,10 +43,19 @@ class GateReport:
         return "-".join(str(v) for v in self.active_units.values())
 
 
+@nnx.jit
+def _gate_values(gates: nnx.Dict) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Every gate's test-time value and keep probability, in one compiled program. (Run op by
+    op, a report's first call compiled each small operation on its own: 1.4 s against 0.4 s
+    for Dep-L0's LeNet-5 gates, whose generator runs inside.)"""
+    test_gates = {name: gate.test_gate() for name, gate in gates.items()}
+    keep_probs = {name: gate.prob_nonzero() for name, gate in gates.items()}
+    return test_gates, keep_probs
+
+
 def gate_report(model: GatedModel) -> GateReport:
     """Evaluate every gate's test-time value and keep probability, and account for them."""
-    test_gates = {name: np.asarray(gate.test_gate()) for name, gate in model.gates.items()}
-    keep_probs = {name: np.asarray(gate.prob_nonzero()) for name, gate in model.gates.items()}
+    test_gates, keep_probs = jax.tree.map(np.asarray, _gate_values(model.gates))
     masks = {name: np.asarray(active(value)) for name, value in test_gates.items()}
     products = tuple(model.activation_products)
     pruned = count_network(model.layers, masks, products)
