@@ -138,8 +138,9 @@ class GradualMagnitudePruning(Method):
         return self.config.gmp_structure == "unit" and model.granularity == "unit"
 
     def pruned_layers(self, model: GatedModel) -> tuple[str, ...]:
-        """The layers whose kernels (or units) are pruned; a traced model's slots when
-        :meth:`by_slots`."""
+        """The layers whose kernel entries are pruned (``gmp_structure="weight"``), or the unit
+        gate slots outside the residual streams whose units are (``"unit"``; refused, with a
+        :class:`ConfigError`, for a model without unit slots)."""
         if self.config.gmp_structure == "weight":
             return tuple(layer.name for layer in model.layers)
         if not self.by_slots(model):
