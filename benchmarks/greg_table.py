@@ -20,7 +20,7 @@ Before and after pruning fall inside an epoch; they are replayed exactly from th
 checkpoint before p (:func:`sparsejax.train.replay.replay`; the runs keep every epoch's
 checkpoint). How close to zero the pruned groups were: the largest |w| of their kernel slices
 right before pruning, next to the mean |w| of the kept ones. Widths, kernel weights and FLOPs
-are GReg's counter (:func:`~sparsejax.methods.greg.report.pruned_size`: Conv/Linear weights,
+are GReg's counter (:func:`~sparsejax.methods.greg.report.traced_pruned_size`: Conv/Linear weights,
 FLOPs = 2 x multiply-adds).
 """
 

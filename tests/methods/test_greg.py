@@ -16,9 +16,9 @@ from sparsejax.methods.greg import (
     GReg2,
     greg_progress,
     kept_channels,
-    pruned_size,
 )
 from sparsejax.methods.greg.accounting import greg_pruned_count
+from sparsejax.methods.greg.report import traced_pruned_size
 from sparsejax.methods.greg.rules import layer_ratios, traced_slot_ratios
 from sparsejax.methods.greg.schedule import (
     FINETUNE,
@@ -349,7 +349,7 @@ def test_pruned_filters_output_exactly_zero_like_removed_channels():
         f"blocks.{i}.conv1": [2, 3] for i in range(3)
     }
     assert kept_channels(state, names, "filter").keys() == kept.keys()
-    sizes = pruned_size(pruned.layers, state, names, "filter")
+    sizes = traced_pruned_size(pruned.layers, state, names)
     assert sizes["widths"] == {f"blocks.{i}.conv1": 2 for i in range(3)}
 
     images = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
@@ -402,6 +402,9 @@ def test_unstructured_mask_holds_through_fine_tuning_and_resume(tmp_path, monkey
     kernels = [network[name]["kernel"]["value"] for name in ("fc1", "fc2", "fc3")]
     zero_percent = 100 * sum(np.sum(k == 0) for k in kernels) / sum(k.size for k in kernels)
     assert zero_percent == pytest.approx(60.0, abs=0.01)
+    assert whole["greg/sparsity"] == pytest.approx(zero_percent)  # GReg's counter: every kernel
+    removed = whole["greg/dense_weights"] - whole["greg/weights"]
+    assert removed == sum(np.sum(k == 0) for k in kernels)
     assert whole["pruning_rate"] >= zero_percent  # the summary sees the pruned weights
     assert whole["params"] < whole["dense_params"] and whole["flops"] < whole["dense_flops"]
 

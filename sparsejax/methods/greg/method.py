@@ -349,7 +349,7 @@ class GReg(Method):
         attention model the accounting's params and FLOPs (:func:`~.report.slot_pruned_size`)."""
         names = [layer.name for layer in self.pruned_layers(model)]
         if self.unit_slots(model) is None:
-            size = pruned_size(model.layers, state, names, self.granularity)
+            size = pruned_size(model.layers, state, names)
         elif isinstance(model, TracedModel) and not model.activation_products:
             size = traced_pruned_size(model.layers, state, names)
         else:

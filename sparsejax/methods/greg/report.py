@@ -52,21 +52,15 @@ def greg_progress(state: MethodState, layer_names: Sequence[str]) -> dict[str, A
 
 
 def pruned_size(
-    layers: tuple[Layer, ...], state: MethodState, layer_names: Sequence[str], granularity: str
+    layers: tuple[Layer, ...], state: MethodState, layer_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Kernel weights and FLOPs under GReg's counter (:func:`.accounting.greg_count`)
-    of the dense and of the masked network. Filters: the network with the masked channels
-    removed from their layers (their readers keep their rows in the count: a declared
-    transformer declares no reads between its layers), its ``speedup`` and kept ``widths`` per
-    pruned layer; weights: the kept weights (unstructured sparsity saves no counted FLOPs)."""
+    """Kernel weights of the dense network and of the one whose masked weights are removed
+    (weight granularity: unstructured sparsity saves no counted FLOPs), under GReg's counter
+    (:func:`.accounting.greg_count`). Filters, pruned through a traced model's unit slots, are
+    counted by :func:`traced_pruned_size` or :func:`slot_pruned_size`."""
     dense = greg_count(layers)
-    masks = {
-        name: np.asarray(layer["mask"]) for name, layer in zip(layer_names, state["layers"])
-    }
-    if granularity == "filter":
-        kept_out = {name: int(np.sum(mask > 0)) for name, mask in masks.items()}
-        return _filter_size(layers, kept_out, {}, kept_out)
-    removed = sum(int(np.sum(mask == 0)) for mask in masks.values())
+    removed = sum(int(np.sum(np.asarray(layer["mask"]) == 0))
+                  for _, layer in zip(layer_names, state["layers"]))
     return {
         "dense_weights": dense.weights,
         "weights": dense.weights - removed,
@@ -77,7 +71,8 @@ def pruned_size(
 def traced_pruned_size(
     layers: tuple[Layer, ...], state: MethodState, slot_names: Sequence[str]
 ) -> dict[str, Any]:
-    """:func:`pruned_size` of a traced network pruned by gate slot units: every layer's kept
+    """GReg's counter (:func:`.accounting.greg_count`) of a traced network pruned by gate slot
+    units, as :func:`_filter_size` reports it: every layer's kept
     input and output units are those its sides' slots keep under the masks
     (:func:`~sparsejax.structure.accounting.kept_units`: a flattened map's tiles, a
     concatenation's indices), counted by GReg's counter; ``widths`` per pruned slot."""
