@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from sparsejax.errors import ConfigError
 
 
-def refuse_unit_zeroing(what: str) -> None:
+def refuse_unit_zeroing(what: str) -> NoReturn:
     """Refuse, with a :class:`ConfigError`, to prune units (``what``: the method and setting
     that asks for it) in a model gated at weight granularity. A unit is removed with every slice
     the trace ties to it through its unit gate slot

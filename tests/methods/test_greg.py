@@ -253,7 +253,7 @@ def test_projection_shortcuts_take_their_stage_ratio_and_start_the_stages(
     and staged by their trace."""
     model = nnx.eval_shape(lambda: build_zoo_model(name, rngs=nnx.Rngs(0), input_shape=shape))
     stage_ratios = [0.1 * (index + 1) for index in range(len(blocks_per_stage))]
-    weight = layer_ratios(model.layers, (0.0, *stage_ratios, 0.0), "weight",
+    weight = layer_ratios(model.layers, (0.0, *stage_ratios, 0.0),
                           traced_layer_stages(model))
 
     def layer(block, conv):
@@ -267,16 +267,15 @@ def test_projection_shortcuts_take_their_stage_ratio_and_start_the_stages(
     assert len(weight) == len(model.layers) - 2  # all but the stem and fc
 
 
-def test_single_branch_rules_take_layer_indices_and_never_prune_the_classes():
+def test_single_branch_rules_take_a_float_layer_indices_or_one_ratio_per_layer():
     model = abstract_model("lenet5")
-    assert layer_ratios(model.layers, "[1-2:0.7]", "filter") == {"conv2": 0.7, "fc1": 0.7}
-    assert layer_ratios(model.layers, {0: 0.5}, "filter") == {"conv1": 0.5}
-    assert list(layer_ratios(model.layers, 0.5, "filter")) == ["conv1", "conv2", "fc1"]
-    assert list(layer_ratios(model.layers, 0.5, "weight")) == ["conv1", "conv2", "fc1", "fc2"]
-    with pytest.raises(ValueError, match="classifier"):
-        layer_ratios(model.layers, (0.5, 0.5, 0.5, 0.5), "filter")
+    assert layer_ratios(model.layers, "[1-2:0.7]") == {"conv2": 0.7, "fc1": 0.7}
+    assert layer_ratios(model.layers, {0: 0.5}) == {"conv1": 0.5}
+    assert list(layer_ratios(model.layers, 0.5)) == ["conv1", "conv2", "fc1", "fc2"]
+    assert layer_ratios(model.layers, (0.5, 0.0, 0.25, 0.5)) == {
+        "conv1": 0.5, "fc1": 0.25, "fc2": 0.5}
     with pytest.raises(ValueError, match="4 layers"):
-        layer_ratios(model.layers, (0.5, 0.5), "filter")
+        layer_ratios(model.layers, (0.5, 0.5))
 
 
 def test_traced_slot_rules_take_one_ratio_one_per_named_slot_or_one_per_layer_index():

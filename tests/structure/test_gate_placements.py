@@ -99,7 +99,7 @@ def test_greg_weight_rules_prune_every_kernel_of_a_traced_resnet_at_its_stage(st
 def test_a_stage_list_of_the_wrong_length_for_a_traced_residual_network_says_why():
     stages = traced_layer_stages(model := resnet20_groups())
     with pytest.raises(ConfigError, match=r"whose blocks have 3 stages \(by output resolution"):
-        layer_ratios(model.layers, [0.1, 0.2, 0.3, 0.4], "weight", stages)
+        layer_ratios(model.layers, [0.1, 0.2, 0.3, 0.4], stages)
 
 
 def test_gmp_by_units_prunes_every_group_of_a_traced_resnet_outside_its_streams():

@@ -22,19 +22,14 @@ PROBE_RATIO = 0.5
 """The ratio with which the pruned layers are found (any ratio in (0, 1) finds the same)."""
 
 
-def budget_stage_pr(
-    config: ml_collections.ConfigDict, layers: Sequence[Layer], granularity: str
-) -> RatioSpec:
-    """``config.stage_pr``, or under a target the uniform ratio that meets it."""
+def budget_stage_pr(config: ml_collections.ConfigDict, layers: Sequence[Layer]) -> RatioSpec:
+    """``config.stage_pr``, or under a target the uniform ratio of single weights that meets it
+    (weight granularity; filters are pruned through gate slots, :mod:`.method`)."""
     target = requested_target(config)
     if target is None:
         return config.stage_pr
-    pruned = layer_ratios(layers, PROBE_RATIO, granularity)
+    pruned = layer_ratios(layers, PROBE_RATIO)
     return layers_ratio(
-        layers,
-        pruned,
-        target,
-        structure="unit" if granularity == "filter" else "weight",
-        count=greg_pruned_count,
-        what=f"GReg ({granularity} granularity)",
+        layers, pruned, target, structure="weight", count=greg_pruned_count,
+        what="GReg (weight granularity)",
     )

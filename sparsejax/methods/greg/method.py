@@ -286,15 +286,15 @@ class GReg(Method):
         with their ratios and counts."""
         slots = self.unit_slots(model)
         if slots is not None:
-            traced = isinstance(model, TracedModel) and not by_family(model.gate_slots)
-            if not traced and requested_target(self.config) is not None:
+            families = by_family(model.gate_slots)  # a transformer's placed heads and units
+            if families and requested_target(self.config) is not None:
                 raise ConfigError(
                     "GReg takes no target_flops / target_params on a transformer; give the "
                     "ratios per family in stage_pr, e.g. {'heads': 0.5, 'ffn': 0.5}"
                 )
             ratios = (
-                self._traced_ratios(model, slots) if traced
-                else slot_ratios(tuple(slots.values()), self.config.stage_pr)
+                slot_ratios(tuple(slots.values()), self.config.stage_pr) if families
+                else self._traced_ratios(model, slots)
             )
             if not ratios:
                 raise ConfigError(
@@ -308,8 +308,8 @@ class GReg(Method):
             )
         if self.granularity == "filter":
             refuse_unit_zeroing("greg_granularity=filter")
-        stage_pr = budget_stage_pr(self.config, model.layers, self.granularity)  # a target's
-        ratios = layer_ratios(model.layers, stage_pr, self.granularity, traced_layer_stages(model))
+        stage_pr = budget_stage_pr(self.config, model.layers)  # a target's, under one
+        ratios = layer_ratios(model.layers, stage_pr, traced_layer_stages(model))
         if not ratios:
             raise ConfigError(
                 f"stage_pr={self.config.stage_pr!r} prunes no layer of {type(model).__name__}; "
@@ -344,13 +344,14 @@ class GReg(Method):
 
     def report(self, model: GatedModel, state: MethodState) -> dict[str, Any]:
         """:func:`~.report.greg_progress` and the pruned size under ``greg/`` keys: GReg's
-        counter (:func:`~.report.pruned_size`; a traced network without products of two
-        activations, :func:`~.report.traced_pruned_size`), or for a transformer or a traced
-        attention model the accounting's params and FLOPs (:func:`~.report.slot_pruned_size`)."""
+        counter of the kept weights (:func:`~.report.pruned_size`, weight granularity) or of
+        the network without the pruned units (:func:`~.report.traced_pruned_size`, a network
+        without products of two activations), or for a transformer or a traced attention model
+        the accounting's params and FLOPs (:func:`~.report.slot_pruned_size`)."""
         names = [layer.name for layer in self.pruned_layers(model)]
         if self.unit_slots(model) is None:
-            size = pruned_size(model.layers, state, names)
-        elif isinstance(model, TracedModel) and not model.activation_products:
+            size = pruned_size(model.layers, state)
+        elif not model.activation_products:
             size = traced_pruned_size(model.layers, state, names)
         else:
             size = slot_pruned_size(model, state, names)

@@ -51,16 +51,13 @@ def greg_progress(state: MethodState, layer_names: Sequence[str]) -> dict[str, A
     }
 
 
-def pruned_size(
-    layers: tuple[Layer, ...], state: MethodState, layer_names: Sequence[str]
-) -> dict[str, Any]:
+def pruned_size(layers: tuple[Layer, ...], state: MethodState) -> dict[str, Any]:
     """Kernel weights of the dense network and of the one whose masked weights are removed
     (weight granularity: unstructured sparsity saves no counted FLOPs), under GReg's counter
     (:func:`.accounting.greg_count`). Filters, pruned through a traced model's unit slots, are
     counted by :func:`traced_pruned_size` or :func:`slot_pruned_size`."""
     dense = greg_count(layers)
-    removed = sum(int(np.sum(np.asarray(layer["mask"]) == 0))
-                  for _, layer in zip(layer_names, state["layers"]))
+    removed = sum(int(np.sum(np.asarray(layer["mask"]) == 0)) for layer in state["layers"])
     return {
         "dense_weights": dense.weights,
         "weights": dense.weights - removed,
@@ -72,10 +69,9 @@ def traced_pruned_size(
     layers: tuple[Layer, ...], state: MethodState, slot_names: Sequence[str]
 ) -> dict[str, Any]:
     """GReg's counter (:func:`.accounting.greg_count`) of a traced network pruned by gate slot
-    units, as :func:`_filter_size` reports it: every layer's kept
-    input and output units are those its sides' slots keep under the masks
-    (:func:`~sparsejax.structure.accounting.kept_units`: a flattened map's tiles, a
-    concatenation's indices), counted by GReg's counter; ``widths`` per pruned slot."""
+    units (:func:`_filter_size`): every layer's kept input and output units are those its
+    sides' slots keep under the masks (:func:`~sparsejax.structure.accounting.kept_units`: a
+    flattened map's tiles, a concatenation's indices); ``widths`` per pruned slot."""
     masks = {
         name: (np.asarray(layer["mask"]) > 0).astype(np.float32)
         for name, layer in zip(slot_names, state["layers"])

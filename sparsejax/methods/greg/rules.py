@@ -1,13 +1,10 @@
 """Which layers GReg prunes and at which ratio (Wang et al., ICLR 2021, code ``meta_pruner.py``).
 
-**Layers** (a traced model's at weight granularity): one ratio per
-layer index ``0..L-1``, given as a sequence, a mapping ``{index or "a-b": ratio}`` or the
-reference's string ``"[1-15:0.7]"`` (unlisted layers: 0). With filter granularity the
-classifier's outputs (the classes) are never pruned. On a traced network of residual blocks a
-sequence is a *stage list* instead (below).
-
-A single float applies to every layer the granularity allows. Layers at ratio 0 are not
-prunable.
+**Layers** (weight granularity: every kernel's single weights): one ratio per layer index
+``0..L-1``, given as a sequence, a mapping ``{index or "a-b": ratio}`` or the reference's string
+``"[1-15:0.7]"`` (unlisted layers: 0), or a single float for every layer. On a traced network of
+residual blocks a sequence is a *stage list* instead (below). Layers at ratio 0 are not pruned.
+Filter granularity prunes the units of gate slots (below), never a layer's outputs directly.
 
 **Transformers** (``vit_tiny``, ``lm_tiny``) with filter granularity prune the units of their
 gate slots instead of kernel filters (:func:`slot_ratios`): a head, KV group, FFN unit or hidden
@@ -35,14 +32,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from sparsejax.errors import ConfigError
 from sparsejax.models.base import GateSlot, Layer
 from sparsejax.models.transformer import FAMILIES, slot_family
 from sparsejax.structure.blocks import inside_blocks
 
-GroupGranularity = Literal["filter", "weight"]
 GROUP_GRANULARITIES: tuple[str, ...] = ("filter", "weight")
 
 RatioSpec = float | Sequence[float] | Mapping[int | str, float] | str
@@ -99,13 +95,10 @@ def _check_ratio(name: str, ratio: float) -> float:
 
 
 def _single_branch_ratios(
-    layers: Sequence[Layer], spec: float | list[float] | dict[int, float],
-    granularity: GroupGranularity,
+    layers: Sequence[Layer], spec: float | list[float] | dict[int, float]
 ) -> dict[str, float]:
     if isinstance(spec, float):
         spec = {i: spec for i in range(len(layers))}
-        if granularity == "filter":
-            spec.pop(len(layers) - 1)
     elif isinstance(spec, list):
         if len(spec) != len(layers):
             names = ", ".join(layer.name for layer in layers)
@@ -118,12 +111,6 @@ def _single_branch_ratios(
     if unknown:
         raise ConfigError(
             f"stage_pr names layer indices {unknown}; the model has 0..{len(layers) - 1}"
-        )
-    last = len(layers) - 1
-    if granularity == "filter" and spec.get(last, 0.0) > 0:
-        raise ConfigError(
-            f"stage_pr prunes the outputs of the classifier {layers[last].name!r} (index {last}), "
-            "which are the classes; give it ratio 0 or use greg_granularity='weight'"
         )
     return {layers[i].name: ratio for i, ratio in spec.items()}
 
@@ -144,16 +131,11 @@ def _stage_list_ratios(spec: list[float], stages: Mapping[str, int]) -> dict[str
 def layer_ratios(
     layers: Sequence[Layer],
     spec: RatioSpec,
-    granularity: GroupGranularity,
     stages: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
-    """``{layer name: ratio}`` for every layer GReg prunes (ratio > 0), in network order.
-    ``stages`` (:func:`~sparsejax.structure.blocks.traced_layer_stages`, weight granularity)
-    make a sequence a stage list over a traced residual network's layers."""
-    if granularity not in GROUP_GRANULARITIES:
-        raise ConfigError(
-            f"greg_granularity must be one of {GROUP_GRANULARITIES}, got {granularity!r}"
-        )
+    """``{layer name: ratio}`` for every layer whose weights GReg prunes (ratio > 0), in
+    network order. ``stages`` (:func:`~sparsejax.structure.blocks.traced_layer_stages`) make a
+    sequence a stage list over a traced residual network's layers."""
     if isinstance(spec, str):
         spec = _parse_string(spec)
     if isinstance(spec, (int, float)):
@@ -165,7 +147,7 @@ def layer_ratios(
     if stages is not None and isinstance(spec, list):
         ratios = _stage_list_ratios(spec, stages)
     else:
-        ratios = _single_branch_ratios(layers, spec, granularity)
+        ratios = _single_branch_ratios(layers, spec)
     checked = {name: _check_ratio(name, r) for name, r in ratios.items()}
     order = [layer.name for layer in layers]
     return {name: checked[name] for name in order if checked.get(name, 0.0) > 0.0}

@@ -206,9 +206,10 @@ class TracedStructure:
             vector = np.broadcast_to(np.asarray(vector, np.float64), (self.groups[group].size,))
             chosen = self._unit_group == group
             values[:-1][chosen] = vector[self._unit_pos[chosen]]
-        closed = np.asarray(sorted(closed_tags), np.int64)
-        for (path, axis), tags in self._axis_tags.items():
-            values[self._param_ids[path][axis][np.isin(tags, closed)]] = 0.0
+        if closed_tags:
+            closed = np.asarray(sorted(closed_tags), np.int64)
+            for (path, axis), tags in self._axis_tags.items():
+                values[self._param_ids[path][axis][np.isin(tags, closed)]] = 0.0
         return values
 
     def tag_values(self, closed_tags: Collection[int] = ()) -> np.ndarray:
