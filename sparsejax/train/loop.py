@@ -32,6 +32,7 @@ from sparsejax.models.base import GatedModel
 from sparsejax.structure.report import GateReport, sparsity_report
 from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
+from sparsejax.train.compile_cache import avoid_hanging_cache
 from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.lock import WorkdirLock
@@ -326,7 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     The run holds ``workdir`` (:class:`~sparsejax.train.lock.WorkdirLock`) while it writes it. A
     run that fails before it saved anything leaves no working directory behind when it created
     it. Raises :class:`~sparsejax.train.preemption.Preempted` after saving a checkpoint when the
-    process receives SIGTERM or SIGINT (or a multi-host preemption notice)."""
+    process receives SIGTERM or SIGINT (or a multi-host preemption notice). On jax 0.12 and
+    later, a run of several CPU processes does not use JAX's persistent compilation cache
+    (:func:`~sparsejax.train.compile_cache.avoid_hanging_cache`)."""
+    avoid_hanging_cache()
     workdir = Path(workdir)
     created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)

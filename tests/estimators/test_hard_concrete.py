@@ -138,7 +138,8 @@ def test_sample_under_jit_and_vmap_over_keys():
     batched = jax.jit(jax.vmap(lambda key: hard_concrete.sample(key, LOG_ALPHAS)))(keys)
     assert batched.shape == (8,) + LOG_ALPHAS.shape
     for key, row in zip(keys, batched):
-        np.testing.assert_allclose(row, hard_concrete.sample(key, LOG_ALPHAS), rtol=1e-6)
+        # Compiled and op-by-op, the sigmoid rounds differently (by up to ~30 ulp on jax 0.12).
+        np.testing.assert_allclose(row, hard_concrete.sample(key, LOG_ALPHAS), rtol=1e-5)
     assert len({tuple(np.asarray(row)) for row in batched}) == 8
 
 

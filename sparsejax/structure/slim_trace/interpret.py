@@ -42,7 +42,7 @@ from jax.extend import core
 from sparsejax.structure.trace.rules import ELEMENTWISE, gather_slices
 from sparsejax.structure.trace.units import NO_UNIT
 from sparsejax.structure.trace.values import UNLABELLED, Frame, Value
-from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, sub_jaxpr
+from sparsejax.structure.trace.walk import SUB_JAXPR_PARAMS, scan_sizes, sub_jaxpr
 
 Kept = tuple[np.ndarray | None, ...]
 """Per dimension of a variable: the original positions it keeps, or None for all of them."""
@@ -220,7 +220,7 @@ class Narrowed:
         the body starts with (a recurrent state's kept units, zero at the start)."""
         params = eqn.params
         body, body_consts = opened(params["jaxpr"])
-        consts, carries = params["num_consts"], params["num_carry"]
+        consts, carries = scan_sizes(eqn)
         ins = list(ins)
         for k in range(consts, consts + carries):
             ins[k] = conform(ins[k], ins_kept[k], self.kept(child, body.invars[k]), "scan")

@@ -53,6 +53,17 @@ def describe_source(eqn) -> str:
     return ""
 
 
+def scan_sizes(eqn) -> tuple[int, int]:
+    """How many of a scan's operands are constants and how many carries (the scanned arrays
+    follow them): its ``num_consts`` and ``num_carry`` up to jax 0.11; from jax 0.12 on, the
+    leaf counts of the first two parts (constants, carries, scanned) of its ``ft_in`` tree."""
+    params = eqn.params
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carries, _ = params["ft_in"].unpack()
+    return len(consts), len(carries)
+
+
 def _same_shapes(outer, inner) -> bool:
     return len(outer) == len(inner) and all(
         getattr(a.aval, "shape", None) == getattr(b.aval, "shape", None)
@@ -157,7 +168,7 @@ def _scan(ctx: Context, eqn, ins: Sequence[Value], source: str) -> list[Value]:
     the walk, is blocked."""
     params = eqn.params
     body = getattr(params["jaxpr"], "jaxpr", params["jaxpr"])
-    consts, carries = params["num_consts"], params["num_carry"]
+    consts, carries = scan_sizes(eqn)
     ctx.primitive, ctx.source = eqn.primitive.name, source
     xs = [_shift(ctx, value, -1) for value in ins[consts + carries:]]
     starts = list(ins[consts:consts + carries])
