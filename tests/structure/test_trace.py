@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from sparsejax.structure.trace import TracedStructure, UnitGroup, trace_structure
+from sparsejax.structure.trace.walk import scan_sizes
 
 
 def build(model_class, **kwargs):
@@ -896,3 +897,17 @@ def test_heads_of_a_factored_kernel_are_their_own_group_across_query_key_value()
                   4 * projection * tokens + 2 * mixing + 6 * 3)
     assert_counts(s, {heads.index: np.array([0.0, 1.0])}, 4 * projection // 2 + 6 * 3,
                   3 * 4 + 6 + 3, 4 * projection // 2 * tokens + mixing + 6 * 3)
+
+
+def test_a_scans_constants_and_carries_are_counted_on_this_jax():
+    # jax 0.12 moved the counts from num_consts / num_carry into the ft_in tree.
+    def scanned(w, v, xs):
+        def body(carry, x):
+            a, b = carry
+            return (jnp.tanh(a @ w + x), b @ v), a
+        return jax.lax.scan(body, (jnp.zeros(3), jnp.zeros(3)), xs)
+
+    jaxpr = jax.make_jaxpr(scanned)(jnp.ones((3, 3)), jnp.ones((3, 3)), jnp.ones((4, 3))).jaxpr
+    (scan,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+    assert scan_sizes(scan) == (2, 2)
+    assert len(scan.invars) == 2 + 2 + 1
