@@ -3,7 +3,8 @@
 import jax
 import pytest
 
-from sparsejax.train import compile_cache
+from experiments.configs.mnist import get_config
+from sparsejax.train import compile_cache, loop
 
 
 @pytest.fixture
@@ -65,3 +66,18 @@ def test_without_a_cache_directory_nothing_changes(cache_settings, monkeypatch, 
     assert not compile_cache.avoid_hanging_cache()
     assert jax.config.jax_enable_compilation_cache
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_decides_on_the_cache_before_it_compiles_or_writes(monkeypatch, tmp_path):
+    class Decided(Exception):
+        pass
+
+    def decide():
+        raise Decided
+
+    monkeypatch.setattr(loop, "avoid_hanging_cache", decide)
+    config = get_config("l0_hc")
+    config.update(dataset="synthetic", model="mlp", epochs=1, num_train=64, num_test=64)
+    with pytest.raises(Decided):
+        loop.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
