@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -10,18 +11,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from experiments.configs import lm as lm_config
 from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE, ImageSpec
 from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
-from sparsejax.methods import RunInfo, create_method
+from sparsejax.methods import Method, RunInfo, create_method
 from sparsejax.models.batch_chunks import column_gradients, fixed_chunks
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.config import resolve_config
-from sparsejax.train.sharding import batch_sharded, create_mesh, replicate
+from sparsejax.train.dispatch import dispatch_counts, model_steps_per_dispatch
+from sparsejax.train.sharding import batch_sharded, block_sharded, create_mesh, replicate
 from sparsejax.train.state import init_state
 from sparsejax.train.step import make_train_step
 
@@ -40,6 +44,9 @@ convolutions instead of a config field."""
 CONV_COLUMNS_OVERRIDE = "conv_columns"
 """The method-spec field (``dense@conv_columns=0``) that turns the column input gradients of the
 sliced convolutions off (0) or on (1) instead of a config field."""
+STEPS_PER_DISPATCH = "steps_per_dispatch"
+"""The config field (``dense@steps_per_dispatch=1``) of the steps each dispatch runs, given as
+a count."""
 
 
 def dataset_like(model_name: str) -> str:
@@ -70,18 +77,34 @@ def parse_method(spec: str) -> tuple[str, dict[str, float]]:
     return name, overrides
 
 
-def build_step(
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What a benchmark's training step is built from: the split model, method, optimizer,
+    mesh, the initial state (replicated) and random batches already on the devices."""
+
+    graphdef: nnx.GraphDef
+    method: Method
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    state: Any
+    batches: list[tuple[jax.Array, jax.Array]]
+    steps_per_dispatch: int
+    """The run's ``steps_per_dispatch`` for this model and config
+    (:mod:`sparsejax.train.dispatch`)."""
+
+
+def step_parts(
     name: str,
     model_name: str,
     batch_size: int,
     steps: int,
     like: str,
     overrides: Mapping[str, Any] | None = None,
-) -> tuple[Callable[..., Any], Any, list[tuple[jax.Array, jax.Array]]]:
-    """The jitted training step of method ``name`` (not yet compiled), its initial state and
-    ``steps`` random batches already on the devices, sharded over them, shaped like dataset
-    ``like`` (random bytes with random next-byte targets for a text dataset). The config is the
-    MNIST one (the LM one for text) with ``overrides``, resolved as a training run's."""
+) -> StepParts:
+    """The pieces of method ``name``'s training step on ``model_name`` and ``steps`` random
+    batches, sharded over the devices, shaped like dataset ``like`` (random bytes with random
+    next-byte targets for a text dataset). The config is the MNIST one (the LM one for text)
+    with ``overrides``, resolved as a training run's."""
     text = like in TEXT_DATASETS
     config = lm_config.get_config(name) if text else get_config(name)
     config.method, config.model = name, model_name
@@ -94,12 +117,14 @@ def build_step(
         model_name, rngs=nnx.Rngs(0), gate_factory=method.make_gates,
         input_shape=spec.image_shape, num_classes=spec.num_classes,
     )
+    input_dtype = jnp.int32 if text else jnp.float32
+    example = jax.ShapeDtypeStruct((batch_size, *spec.image_shape), input_dtype)
+    steps_per_dispatch = model_steps_per_dispatch(config.steps_per_dispatch, model, example)
     method_state = method.init(model)
     tx = method.optimizer()
     mesh = create_mesh()
     graphdef, state = init_state(model, method_state, tx, jax.random.key(0))
     state = replicate(state, mesh)
-    train_step = make_train_step(graphdef, method, tx, mesh)
     if text:
         shape = (steps, batch_size, *spec.image_shape)
         images = jax.random.randint(jax.random.key(1), shape, 0, spec.num_classes)
@@ -110,7 +135,30 @@ def build_step(
         labels = labels % spec.num_classes
     sharding = batch_sharded(mesh)
     batches = [jax.device_put((images[index], labels[index]), sharding) for index in range(steps)]
-    return train_step, state, batches
+    return StepParts(graphdef, method, tx, mesh, state, batches, steps_per_dispatch)
+
+
+def dispatches(parts: StepParts) -> list[tuple[Callable[..., Any], tuple[jax.Array, ...]]]:
+    """The batches of ``parts`` as a training run dispatches them: each jitted program with its
+    arguments after the state, blocks of ``steps_per_dispatch`` stacked batches in a scanned
+    program (:func:`~sparsejax.train.dispatch.dispatch_counts`), the rest single steps."""
+    programs = {
+        stacked: make_train_step(
+            parts.graphdef, parts.method, parts.tx, parts.mesh, stacked=stacked
+        )
+        for stacked in (False, True)
+    }
+    sharding = block_sharded(parts.mesh)
+    calls, first = [], 0
+    for count in dispatch_counts(0, len(parts.batches), parts.steps_per_dispatch):
+        block = parts.batches[first : first + count]
+        first += count
+        if count == 1:
+            calls.append((programs[False], block[0]))
+        else:
+            stacked = tuple(jax.device_put(jnp.stack(field), sharding) for field in zip(*block))
+            calls.append((programs[True], stacked))
+    return calls
 
 
 def make_steps(
@@ -122,7 +170,9 @@ def make_steps(
     overrides: Mapping[str, Any] | None = None,
 ) -> Callable[[], None]:
     """A function that runs ``steps`` training steps of method ``name`` (compiled, on the
-    batches of :func:`build_step`) and waits for the last.
+    batches of :func:`step_parts`), dispatched as a training run dispatches them
+    (:func:`dispatches`; ``NAME@steps_per_dispatch=1`` times one step per dispatch), and waits
+    for the last.
 
     The overrides ``conv_chunks=N`` and ``conv_columns=0|1`` are not config fields: the step is
     compiled with its convolutions on ``N`` slices of the batch
@@ -132,19 +182,27 @@ def make_steps(
     overrides = dict(overrides or {})
     chunks = overrides.pop(CONV_CHUNKS_OVERRIDE, None)
     columns = overrides.pop(CONV_COLUMNS_OVERRIDE, None)
-    train_step, state, batches = build_step(name, model_name, batch_size, steps, like, overrides)
+    if STEPS_PER_DISPATCH in overrides:
+        overrides[STEPS_PER_DISPATCH] = int(overrides[STEPS_PER_DISPATCH])
+    parts = step_parts(name, model_name, batch_size, steps, like, overrides)
+    calls = dispatches(parts)
+    state = parts.state
     with contextlib.ExitStack() as settings:
         if chunks is not None:
             settings.enter_context(fixed_chunks(int(chunks)))
         if columns is not None:
             settings.enter_context(column_gradients(bool(columns)))
-        state, metrics = train_step(state, *batches[0])
+        compiled = set()
+        for program, arguments in calls:
+            if id(program) not in compiled:
+                compiled.add(id(program))
+                state, metrics = program(state, *arguments)
     jax.block_until_ready(metrics)
 
     def run() -> None:
         nonlocal state
-        for batch in batches:
-            state, metrics = train_step(state, *batch)
+        for program, arguments in calls:
+            state, metrics = program(state, *arguments)
         jax.block_until_ready(metrics)
 
     return run

@@ -51,12 +51,13 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     PEAK_SIZE,
-    build_step,
     dataset_like,
     matmul_peak,
     step_flops,
+    step_parts,
 )
 from sparsejax.models.pooling import max_pool  # noqa: E402
+from sparsejax.train.step import make_train_step  # noqa: E402
 
 
 def define_flags() -> None:
@@ -240,7 +241,9 @@ def main(argv: list[str]) -> None:
         time_pieces(batch, options.repeats)
     like = dataset_like(model_name)
     for name in options.methods:
-        train_step, state, batches = build_step(name, model_name, batch, steps, like)
+        parts = step_parts(name, model_name, batch, steps, like)
+        train_step = make_train_step(parts.graphdef, parts.method, parts.tx, parts.mesh)
+        state, batches = parts.state, parts.batches
         labels = parse_hlo(train_step.lower(state, *batches[0]).compile().as_text())
         state, metrics = train_step(state, *batches[0])
         jax.block_until_ready(metrics)

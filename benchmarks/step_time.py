@@ -8,10 +8,12 @@
         --like=fashion_mnist --methods=dense,l0_hc,dep_l0,dep_l0_arm
 
 Each method's jitted step is compiled once, then timed over several repeats of ``steps`` steps on
-random batches already on the device (dispatch included), shaped like the model's dataset
-(MNIST, CIFAR, ImageNet or byte sequences for ``lm_tiny``: ``--like``), the methods in turn
-within each repeat so that a shared machine's load touches them alike; the table gives the
-median milliseconds per step, training examples per second and the ratio of each to ``dense``.
+random batches already on the device (dispatch included, as many steps per call as a training
+run makes: ``steps_per_dispatch``, which ``NAME@steps_per_dispatch=1`` sets), shaped like the
+model's dataset (MNIST, CIFAR, ImageNet or byte sequences for ``lm_tiny``: ``--like``), the
+methods in turn within each repeat so that a shared machine's load touches them alike; the
+table gives the median milliseconds per step, training examples per second and the ratio of
+each to ``dense``.
 A method ``NAME@FIELD=VALUE`` overrides a numeric config field (a budget:
 ``l0_hc@target_flops=0.5``, whose Lagrangian counts the network every step). The process makes
 the host settings of the entry points (:func:`sparsejax.host.configure`) first.

@@ -7,11 +7,13 @@ The PyTorch networks are written here, as in the L0 papers' code: LeNet-5-Caffe 
 max-pool 2 - conv 5x5 50 - max-pool 2 - dense 800-500-10, NCHW) and LeNet-300-100 (dense
 784-300-100-10), ReLU, cross-entropy, Adam, batch 100 of random Fashion-MNIST-shaped data,
 ``torch.set_num_threads(THREADS)``, denormals flushed (XLA flushes them too). sparsejax's steps
-are those of ``benchmarks.step_time``, after :func:`sparsejax.host.configure` as in the entry
-points. All steps are timed in one process, the repeats interleaved (one chunk of ``steps`` steps
-of every step kind per round); the table gives medians, each step relative to the PyTorch dense
-step of the same model, and the FLOP/s achieved as a fraction of the float32 matmul peak
-measured in the same run (a ``PEAK_SIZE``-square ``jnp.dot``).
+are those of ``benchmarks.step_time`` (dispatched as a training run dispatches them: 10 steps per
+call for the MLP, one for LeNet-5; ``NAME@steps_per_dispatch=1`` for one step per call), after
+:func:`sparsejax.host.configure` as in the entry points. All steps are timed in one process, the
+repeats interleaved (one chunk of ``steps`` steps of every step kind per round); the table gives
+medians, each step relative to the PyTorch dense step of the same model, and the FLOP/s
+achieved as a fraction of the float32 matmul peak measured in the same run (a
+``PEAK_SIZE``-square ``jnp.dot``).
 
 FLOP convention: a training step is counted as 3 forward passes (forward, input gradient,
 weight gradient), each 2 FLOPs per multiply-accumulate of the dense network

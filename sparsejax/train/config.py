@@ -44,6 +44,9 @@ def shared_config() -> ml_collections.ConfigDict:
     config.steps_per_epoch = config_dict.placeholder(int)
     config.eval_batch_size = 1000
     config.log_every = 100
+    # training steps per dispatch of the jitted program, run in a lax.scan (0: 10 for a model
+    # without convolutions, else 1; sparsejax.train.dispatch); results do not depend on it
+    config.steps_per_dispatch = 0
     config.augment = "none"
     config.normalize = False
     config.input_workers = 0

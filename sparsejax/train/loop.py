@@ -34,6 +34,7 @@ from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.checkpoint import BEST_METRIC, CHECKPOINT_DIR, Checkpointer
 from sparsejax.train.compile_cache import avoid_hanging_cache
 from sparsejax.train.config import CONFIG_FORMAT, FORMAT_KEY, resolve_config
+from sparsejax.train.dispatch import dispatch_counts, model_steps_per_dispatch
 from sparsejax.train.input import DEFAULT_THREADS, Input
 from sparsejax.train.lock import WorkdirLock
 from sparsejax.train.metrics import METRICS_FILE, MetricWriter, NullWriter
@@ -43,6 +44,8 @@ from sparsejax.train.pretrained import load_network_weights
 from sparsejax.train.progress import Progress
 from sparsejax.train.sharding import (
     create_mesh,
+    global_batch,
+    global_block,
     local_copy,
     place_like_params,
     place_state,
@@ -53,7 +56,7 @@ from sparsejax.train.step import LEARNING_RATE, make_eval_step, make_train_step
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 RESUMABLE_CHANGES = (
-    "epochs", "fine_tune_epochs", "data_dir", "keep_checkpoints", "fsdp"
+    "epochs", "fine_tune_epochs", "data_dir", "keep_checkpoints", "fsdp", "steps_per_dispatch"
 )
 """Config fields that may differ when a run is resumed (``fsdp``: onto another mesh shape)."""
 
@@ -235,23 +238,28 @@ class RunSetup:
     inputs: Input
     notes: tuple[str, ...] = ()
     """What the model keeps whole and why (:meth:`GatedModel.notes`), shown as a run starts."""
-    _phase_steps: dict[int, Callable] = dataclasses.field(default_factory=dict)
+    steps_per_dispatch: int = 1
+    """Training steps run by one dispatch of the jitted program (:mod:`.dispatch`)."""
+    _phase_steps: dict[tuple[int, bool], Callable] = dataclasses.field(default_factory=dict)
 
     @property
     def steps_per_epoch(self) -> int:
         return self.inputs.steps_per_epoch
 
-    def train_step(self, phase: int) -> Callable:
-        """The jitted step of phase ``phase`` (its method and optimizer), built once."""
-        if phase not in self._phase_steps:
-            self._phase_steps[phase] = make_train_step(
+    def train_step(self, phase: int, stacked: bool = False) -> Callable:
+        """The jitted step of phase ``phase`` (its method and optimizer), built once; with
+        ``stacked``, the program that runs one step per batch of a stacked block
+        (:func:`~sparsejax.train.step.make_train_step`)."""
+        if (phase, stacked) not in self._phase_steps:
+            self._phase_steps[phase, stacked] = make_train_step(
                 self.graphdef,
                 self.plan.phases[phase].method,
                 self.plan.optimizer(phase),
                 self.mesh,
                 self.config.ema_decay,
+                stacked=stacked,
             )
-        return self._phase_steps[phase]
+        return self._phase_steps[phase, stacked]
 
     def with_fresh_optimizer(self, state: TrainState, phase: int) -> TrainState:
         """``state`` with the optimizer state of phase ``phase`` initialised from its
@@ -315,8 +323,11 @@ def set_up(config: ml_collections.ConfigDict) -> RunSetup:
         workers=config.get("input_workers", 0),
         threads=config.get("input_threads", DEFAULT_THREADS),
     )
+    example = jax.ShapeDtypeStruct((config.batch_size, *data.image_shape), data.input_dtype)
+    steps_per_dispatch = model_steps_per_dispatch(config.steps_per_dispatch, model, example)
     return RunSetup(
-        config, mesh, data, method, plan, graphdef, place_state(state, mesh), inputs, model.notes()
+        config, mesh, data, method, plan, graphdef, place_state(state, mesh), inputs,
+        model.notes(), steps_per_dispatch,
     )
 
 
@@ -395,10 +406,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
             progress.message(f"resuming {workdir} at step {start_step}")
         try:
             with StopRequest() as stop:
-                batches = inputs.train_batches(start_step, planned * steps_per_epoch)
+                batches = iter(inputs.dataset(start_step, planned * steps_per_epoch))
                 run = _Run(
-                    config, inputs, batches, setup.train_step, eval_step, graphdef,
-                    checkpointer, writer, progress, stop,
+                    config, inputs, batches, setup.train_step, setup.steps_per_dispatch,
+                    eval_step, graphdef, checkpointer, writer, progress, stop,
                 )
                 while True:
                     phase, state, progress_record = setup.advance(
@@ -435,9 +446,11 @@ class _Run:
 
     config: ml_collections.ConfigDict
     inputs: Input
-    batches: Iterator[tuple[jax.Array, jax.Array]]
-    train_step: Callable[[int], Callable]
-    """The jitted step of a phase, by phase index."""
+    batches: Iterator[tuple[np.ndarray, np.ndarray]]
+    """This process's parts of the training batches, in step order (:meth:`Input.dataset`)."""
+    train_step: Callable[[int, bool], Callable]
+    """The jitted step of a phase, by phase index (stacked or not: :meth:`RunSetup.train_step`)."""
+    steps_per_dispatch: int
     eval_step: Callable
     graphdef: nnx.GraphDef
     checkpointer: Checkpointer
@@ -450,12 +463,11 @@ class _Run:
         its checkpoint."""
         steps_per_epoch = self.inputs.steps_per_epoch
         epoch = progress_record["epoch"]
-        step_fn = self.train_step(phase)
         started = time.perf_counter()
         first = _step_of(state) - epoch * steps_per_epoch
         for chunk_start in range(first, steps_per_epoch, self.config.log_every):
             chunk_end = min(chunk_start + self.config.log_every, steps_per_epoch)
-            state = self._chunk(epoch, step_fn, state, chunk_start, chunk_end, progress_record)
+            state = self._chunk(epoch, phase, state, chunk_start, chunk_end, progress_record)
         epoch_seconds = time.perf_counter() - started
 
         evaluation = evaluate(self.eval_step, state, self.inputs)
@@ -486,26 +498,35 @@ class _Run:
         self.checkpointer.save(step, state, progress_record, {BEST_METRIC: evaluation["err"]})
         return state, progress_record
 
-    def _chunk(self, epoch, step_fn, state, start, end, progress_record) -> TrainState:
+    def _chunk(self, epoch, phase, state, start, end, progress_record) -> TrainState:
         """Steps ``start..end-1`` of an epoch, then one metrics record; saves and raises
-        :class:`Preempted` when asked to stop."""
+        :class:`Preempted` when asked to stop (checked after each dispatch, for each of its
+        steps)."""
         steps_per_epoch = self.inputs.steps_per_epoch
         started = time.perf_counter()
         chunk = []
-        for index in range(start, end):
-            state, step_metrics = step_fn(state, *next(self.batches))
+        step = epoch * steps_per_epoch + start
+        for count in dispatch_counts(start, end, self.steps_per_dispatch):
+            state, step_metrics = self._dispatch(phase, state, count)
             chunk.append(step_metrics)
-            step = epoch * steps_per_epoch + index + 1
-            if self.stop.requested or self.checkpointer.reached_preemption(step):
+            reached = [self.checkpointer.reached_preemption(step + i + 1) for i in range(count)]
+            step += count
+            if self.stop.requested or any(reached):
                 self.checkpointer.save(step, state, progress_record)
                 raise Preempted(
                     f"stopped at step {step}; checkpoint saved in {self.checkpointer.directory}. "
                     "Rerun the same command to resume."
                 )
         fetched = jax.device_get(local_copy(chunk))
-        rates = {k: float(v) for k, v in fetched[-1].items() if k.startswith(LEARNING_RATE)}
+        rates = {
+            k: float(np.asarray(v).reshape(-1)[-1])
+            for k, v in fetched[-1].items()
+            if k.startswith(LEARNING_RATE)
+        }
         metrics = {
-            k: np.array([m[k] for m in fetched]) for k in fetched[0] if k not in rates
+            k: np.concatenate([np.asarray(m[k]).reshape(-1) for m in fetched])
+            for k in fetched[0]
+            if k not in rates
         }
         elapsed = time.perf_counter() - started
         means = {k: float(np.mean(v)) for k, v in metrics.items()}
@@ -519,7 +540,7 @@ class _Run:
             )
             raise NonFiniteLossError(
                 f"the training loss became {means['loss']} within steps "
-                f"{last - len(chunk) + 1}-{last} (epoch {epoch + 1}); {kept}; lower the "
+                f"{last - (end - start) + 1}-{last} (epoch {epoch + 1}); {kept}; lower the "
                 "learning rate or the penalty"
             )
         self.writer.write(
@@ -527,13 +548,21 @@ class _Run:
             {
                 "epoch": epoch + end / steps_per_epoch,
                 **{f"train/{k}": v for k, v in means.items()},
-                "train/steps_per_second": len(chunk) / elapsed,
-                "train/examples_per_second": len(chunk) * self.inputs.batch_size / elapsed,
+                "train/steps_per_second": (end - start) / elapsed,
+                "train/examples_per_second": (end - start) * self.inputs.batch_size / elapsed,
                 **rates,
             },
         )
-        self.progress.update(len(chunk), f"loss {means['loss']:.4f} err {means['err']:.2f}%")
+        self.progress.update(end - start, f"loss {means['loss']:.4f} err {means['err']:.2f}%")
         return state
+
+    def _dispatch(self, phase: int, state: TrainState, count: int):
+        """The next ``count`` steps in one program: ``(state, metrics)``, each metric stacked
+        over the steps when ``count`` > 1."""
+        mesh, parts = self.inputs.mesh, [next(self.batches) for _ in range(count)]
+        if count == 1:
+            return self.train_step(phase, False)(state, *global_batch(mesh, *parts[0]))
+        return self.train_step(phase, True)(state, *global_block(mesh, parts))
 
 
 def _summary(config, data: BatchSource, report: GateReport, progress: dict, steps: int) -> dict:

@@ -3,7 +3,10 @@
 The newest checkpoint at or before the first asked step is restored and the run's own training
 steps are replayed from it. A step's minibatch and noise are pure functions of the seed and the
 step, so the replayed states are the states the run went through (bit for bit on the same
-devices): e.g. the network right before and right after a pruning step inside an epoch.
+devices): e.g. the network right before and right after a pruning step inside an epoch. Steps
+that the run took several per dispatch (:mod:`sparsejax.train.dispatch`) are replayed one at a
+time: the same bits where XLA compiles the scanned step as it compiles the single one (checked
+on the CPU for the MLP and the LM).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ a global batch from its own examples with ``jax.make_array_from_process_local_da
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -114,6 +115,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
+def block_sharded(mesh: Mesh) -> NamedSharding:
+    """Several batches stacked along a first axis: each batch's examples split over every
+    device, as :func:`batch_sharded` splits one."""
+    return NamedSharding(mesh, PartitionSpec(None, tuple(mesh.axis_names)))
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> int:
     """The per-process share of a global batch; an error unless it splits evenly over devices."""
     devices = mesh.devices.size
@@ -137,6 +144,17 @@ def global_batch(mesh: Mesh, *local_arrays: np.ndarray) -> tuple[jax.Array, ...]
     """Global arrays sharded over ``data`` from this process's parts."""
     sharding = batch_sharded(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in local_arrays)
+
+
+def global_block(mesh: Mesh, batches: Sequence[tuple[np.ndarray, ...]]) -> tuple[jax.Array, ...]:
+    """Several global batches as one array per field, stacked along a new first axis and
+    sharded over ``data`` along the second (the examples), from this process's parts of each
+    batch, in order."""
+    sharding = block_sharded(mesh)
+    return tuple(
+        jax.make_array_from_process_local_data(sharding, np.stack(field))
+        for field in zip(*batches, strict=True)
+    )
 
 
 def local_copy(tree: Any) -> Any:

@@ -2,9 +2,9 @@
 
 The train state is replicated (with FSDP partly sharded) and a batch sharded over the mesh (see
 :mod:`sparsejax.train.sharding`); the host dispatches steps asynchronously and reads metrics
-back once per logging interval. Steps are not fused with ``lax.scan``: XLA on CPU runs convolutions
-inside a loop body several times slower than at the top level of a program (measured: LeNet-5
-gradient 262 ms in a scan vs 42 ms outside).
+back once per logging interval. With ``stacked=True`` one program runs several steps in a
+``lax.scan`` over stacked batches (:mod:`sparsejax.train.dispatch` says when: XLA on CPU runs
+convolutions inside a loop body several times slower than at the top level of a program).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     ema_decay: float = 0.0,
+    stacked: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
     """``step(state, images, labels) -> (state, metrics)``, jitted, the state donated and kept
     replicated, or with an ``fsdp`` mesh axis of size > 1 in the shardings of
@@ -60,7 +61,11 @@ def make_train_step(
     that has parameters (:data:`LEARNING_RATE`). With ``ema_decay`` not 0 the step also
     updates the parameter average (:func:`sparsejax.train.ema.update`) with the parameters
     after the method's after-update; with 0 the step is the same program as without
-    averaging."""
+    averaging.
+
+    With ``stacked``, ``images`` and ``labels`` hold several batches stacked along a new first
+    axis (:func:`~sparsejax.train.sharding.global_block`): the program runs one step per batch,
+    in order, in a ``lax.scan``, and each metric is stacked the same way."""
 
     def loss_fn(params, model_state, method_state, images, labels, key):
         model = merge_model(graphdef, params, model_state)
@@ -109,9 +114,6 @@ def make_train_step(
         )
         return new_state, metrics
 
-    if fsdp_size(mesh) == 1:
-        return jax.jit(step, donate_argnums=0, out_shardings=replicated(mesh))
-
     def sharded_step(state: TrainState, x: jax.Array, y: jax.Array):
         # The shardings follow from the output's shapes, so one step serves every phase's
         # optimizer state; pinned here, they are the jitted step's output shardings.
@@ -121,7 +123,21 @@ def make_train_step(
             jax.lax.with_sharding_constraint(metrics, replicated(mesh)),
         )
 
-    return jax.jit(sharded_step, donate_argnums=0)
+    replicated_state = fsdp_size(mesh) == 1
+    one_step = step if replicated_state else sharded_step
+    program = _scanned(one_step) if stacked else one_step
+    if replicated_state:
+        return jax.jit(program, donate_argnums=0, out_shardings=replicated(mesh))
+    return jax.jit(program, donate_argnums=0)
+
+
+def _scanned(step: Callable) -> Callable:
+    """``step`` over batches stacked along a first axis: ``(state, stacked metrics)``."""
+
+    def steps(state: TrainState, xs: jax.Array, ys: jax.Array):
+        return jax.lax.scan(lambda carried, batch: step(carried, *batch), state, (xs, ys))
+
+    return steps
 
 
 def apply_after_update(

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from benchmarks import common
-from benchmarks.common import build_step, make_steps, step_flops
+from benchmarks.common import dispatches, make_steps, step_flops, step_parts
 from sparsejax.models import batch_chunks
 
 
@@ -21,12 +21,12 @@ def test_a_conv_chunks_override_compiles_the_step_on_that_many_slices(monkeypatc
         return seen[-1]
 
     def built_unseen(*args):  # building a traced model traces it on the whole batch
-        built = build_step(*args)
+        built = step_parts(*args)
         seen.clear()
         return built
 
     monkeypatch.setattr(batch_chunks, "batch_chunks", recording)
-    monkeypatch.setattr(common, "build_step", built_unseen)
+    monkeypatch.setattr(common, "step_parts", built_unseen)
     for chunks in (3, 1):
         make_steps("l0_hc", "lenet5", 6, 1, "fashion_mnist", {"conv_chunks": chunks})()
         assert seen and set(seen) == {chunks}
@@ -54,3 +54,13 @@ def test_a_plain_nnx_model_is_timed_and_counted_from_its_trace(monkeypatch):
     assert step_flops("traced_model:small_vit", 2, "fashion_mnist") == 6 * 2 * (
         16 * 49 * 64 + 2 * (16 * (4 * 64 * 64 + 2 * 64 * 128) + 2 * 64 * 16 * 16) + 64 * 10)
     make_steps("dep_l0", "traced_model:small_cnn", 4, 1, "fashion_mnist")()
+
+
+def test_steps_are_timed_as_a_run_dispatches_them():
+    mlp = step_parts("l0_hc", "mlp", 4, 23, "fashion_mnist")
+    shapes = [args[0].shape for _, args in dispatches(mlp)]
+    assert shapes == [(10, 4, 28, 28, 1)] * 2 + [(4, 28, 28, 1)] * 3  # two scanned blocks
+    single = step_parts("l0_hc", "mlp", 4, 3, "fashion_mnist", {"steps_per_dispatch": 1})
+    assert [args[0].shape for _, args in dispatches(single)] == [(4, 28, 28, 1)] * 3
+    lenet5 = step_parts("l0_hc", "lenet5", 4, 2, "fashion_mnist")
+    assert lenet5.steps_per_dispatch == 1

@@ -66,3 +66,18 @@ def test_a_run_saved_on_eight_devices_resumes_on_one(tmp_path):
     reference = run_script("run", tmp_path / "one", 2, "{}", devices=1)
     assert resumed["expected_l0"] == pytest.approx(reference["expected_l0"], rel=1e-4)
     assert abs(resumed["test_error"] - reference["test_error"]) <= 2.0
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_blocks_of_steps_on_eight_devices_equal_single_steps(tmp_path, fsdp):
+    results = {
+        count: run_script(
+            "run", tmp_path / str(count), 1,
+            json.dumps({"method": "l0_arm", "fsdp": fsdp, "steps_per_dispatch": count}),
+            devices=8,
+        )
+        for count in (1, 4)
+    }
+    assert results[4]["devices"] == 8
+    for key in ("test_error", "expected_l0", "active_units"):
+        assert results[4][key] == results[1][key], key
