@@ -14,7 +14,8 @@ A run's ``steps_per_dispatch`` config field sets the count: 0 (the default) choo
 :data:`AUTO_STEPS` for a model without convolutions and 1 for one with them
 (:func:`resolve_steps_per_dispatch`). Each logging interval is cut into dispatches by
 :func:`dispatch_counts`; the scanned program runs the same step function, so a run's results do
-not depend on the count (bit for bit where checked, on the CPU: the MLP and the LM).
+not depend on the count (on the CPU the states came out bit for bit the same for the MLP and
+the LM; a logged metric may differ by float rounding).
 """
 
 from __future__ import annotations

@@ -88,6 +88,11 @@ def test_an_unknown_optimizer_lists_the_valid_ones(tmp_path):
                "config.optimizer", "'foo'", "adam")
 
 
+def test_a_negative_steps_per_dispatch_says_what_it_may_be(tmp_path):
+    error_line(run_cli(*TINY, f"--workdir={tmp_path}", "--config.steps_per_dispatch=-2"),
+               "steps_per_dispatch", "0 (chosen from the model)", "got -2")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished")
