@@ -105,7 +105,8 @@ def test_two_processes_train_one_data_parallel_run(tmp_path):
 def test_two_processes_train_with_parameters_sharded_across_them(tmp_path):
     # fsdp=4 over the 4 devices of 2 processes: every large parameter is split across both
     # processes, so placing the state, reading it on the host and checkpointing are collective.
-    run_pod(tmp_path / "pod", "--config.fsdp=4")
+    # Two steps per dispatch: each process stacks its parts of two batches into one global block.
+    run_pod(tmp_path / "pod", "--config.fsdp=4", "--config.steps_per_dispatch=2")
     pod = summary(tmp_path / "pod")
     assert pod["num_processes"] == 2 and pod["fsdp"] == 4
     single = cli(tmp_path / "single", "--steps_per_epoch=6", env=env(JAX_NUM_CPU_DEVICES="4"))
