@@ -20,13 +20,14 @@ from experiments.configs.mnist import get_config
 from sparsejax.data.synthetic import SYNTHETIC_LIKE, ImageSpec
 from sparsejax.data.text import DEFAULT_SEQ_LEN, TEXT_DATASETS
 from sparsejax.methods import Method, RunInfo, create_method
+from sparsejax.methods.base import cross_entropy
 from sparsejax.models.batch_chunks import column_gradients, fixed_chunks
 from sparsejax.structure.accounting import count_network
 from sparsejax.structure.traced_model import build_any_model
 from sparsejax.train.config import resolve_config
 from sparsejax.train.dispatch import dispatch_counts, model_steps_per_dispatch
 from sparsejax.train.sharding import batch_sharded, block_sharded, create_mesh, replicate
-from sparsejax.train.state import init_state
+from sparsejax.train.state import init_state, merge_model
 from sparsejax.train.step import make_train_step
 
 IMAGENET_MODELS = ("resnet34", "resnet50", "mobilenet_v2")
@@ -38,12 +39,18 @@ PEAK_SIZE = 2048
 STEP_FLOPS_PER_MAC = 6
 """FLOPs of a training step per multiply-accumulate of the dense forward pass: forward, input
 gradient and weight gradient, 2 FLOPs per multiply-accumulate each."""
+FORWARD_FLOPS_PER_MAC = 2
+"""FLOPs of a forward pass per multiply-accumulate."""
 CONV_CHUNKS_OVERRIDE = "conv_chunks"
 """The method-spec field (``dense@conv_chunks=1``) that sets the batch slices of the step's
 convolutions instead of a config field."""
 CONV_COLUMNS_OVERRIDE = "conv_columns"
 """The method-spec field (``dense@conv_columns=0``) that turns the column input gradients of the
 sliced convolutions off (0) or on (1) instead of a config field."""
+LOSS_PASS = "loss pass"
+"""The row of the dense training-mode loss alone (:func:`make_loss_passes`)."""
+DENSE_AND_LOSS_PASS = "dense + loss pass"
+"""The row of a dense step plus the loss pass."""
 STEPS_PER_DISPATCH = "steps_per_dispatch"
 """The config field (``dense@steps_per_dispatch=1``) of the steps each dispatch runs, given as
 a count."""
@@ -205,6 +212,33 @@ def make_steps(
             state, metrics = program(state, *arguments)
         jax.block_until_ready(metrics)
 
+    return run
+
+
+def make_loss_passes(
+    model_name: str, batch_size: int, steps: int, like: str
+) -> Callable[[], list[jax.Array]]:
+    """A function that evaluates the dense network's training-mode loss (BatchNorm on batch
+    statistics, no gradient, the state unchanged) on each of the ``steps`` batches of
+    :func:`step_parts`, one jitted call per batch, and returns the losses once computed.
+
+    This is the one extra network evaluation per step that the ARM estimator makes (its
+    antithetic pass, :func:`sparsejax.methods.l0_arm.binary_gate_data_loss`), so a dense step
+    plus this pass is what an ``l0_arm`` step costs when none of that pass runs beside the rest
+    of the step."""
+    parts = step_parts("dense", model_name, batch_size, steps, like)
+    graphdef, state = parts.graphdef, parts.state
+
+    @jax.jit
+    def loss(params: Any, model_state: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
+        model = merge_model(graphdef, params, model_state)
+        return jnp.mean(cross_entropy(model(images, train=True), labels))
+
+    def run() -> list[jax.Array]:
+        losses = [loss(state.params, state.model_state, *batch) for batch in parts.batches]
+        return jax.block_until_ready(losses)
+
+    run()
     return run
 
 

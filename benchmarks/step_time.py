@@ -22,6 +22,12 @@ the host settings of the entry points (:func:`sparsejax.host.configure`) first.
 multiply-accumulates x batch) and its fraction of the matmul peak measured in the same run (a
 float32 ``PEAK_SIZE``-square ``jnp.dot`` at JAX's default precision, which on recent NVIDIA
 GPUs is TF32): the model FLOPs utilisation against what a matmul reaches on that device.
+
+``--loss_pass`` also times the dense network's training-mode loss alone, without a gradient
+(:func:`benchmarks.common.make_loss_passes`), in turn with the steps: the extra network
+evaluation that ARM's estimator makes every step. The row ``dense + loss pass`` adds it to the
+dense step (what an ``l0_arm`` step costs when none of that pass runs beside the rest of the
+step), and a line compares each method with it.
 """
 
 from __future__ import annotations
@@ -34,9 +40,14 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    DENSE_AND_LOSS_PASS,
+    FORWARD_FLOPS_PER_MAC,
+    LOSS_PASS,
     PEAK_SIZE,
+    STEP_FLOPS_PER_MAC,
     dataset_like,
     interleaved_medians,
+    make_loss_passes,
     make_steps,
     matmul_peak,
     parse_method,
@@ -44,6 +55,13 @@ from benchmarks.common import (  # noqa: E402
 )
 from sparsejax.data.synthetic import SYNTHETIC_LIKE  # noqa: E402
 from sparsejax.data.text import TEXT_DATASETS  # noqa: E402
+
+ROW_FLOPS = {
+    LOSS_PASS: FORWARD_FLOPS_PER_MAC / STEP_FLOPS_PER_MAC,
+    DENSE_AND_LOSS_PASS: 1 + FORWARD_FLOPS_PER_MAC / STEP_FLOPS_PER_MAC,
+}
+"""The FLOPs of a row as a fraction of the dense training step's (``step_flops``), where they
+differ from it: a method's step is counted as the dense step it trains (model FLOPs)."""
 
 _MODEL = flags.DEFINE_string(
     "model", "lenet5", "Model name, or MODULE:FACTORY for a plain NNX model (traced)."
@@ -60,6 +78,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed chunks per method (median r
 _PEAK = flags.DEFINE_bool(
     "peak", False, "Also report GFLOP/s and the fraction of the measured matmul peak."
 )
+_LOSS_PASS = flags.DEFINE_bool(
+    "loss_pass", False,
+    "Also time the dense training-mode loss without a gradient (ARM's extra evaluation) and "
+    "compare each method with a dense step plus that pass.",
+)
 _LIKE = flags.DEFINE_enum(
     "like", None, [*SYNTHETIC_LIKE, *TEXT_DATASETS],
     "Dataset shape (default: the model's usual dataset).",
@@ -73,8 +96,13 @@ def main(argv: list[str]) -> None:
     for spec in _METHODS.value:
         name, overrides = parse_method(spec)
         runs[spec] = make_steps(name, _MODEL.value, _BATCH.value, _STEPS.value, like, overrides)
+    if _LOSS_PASS.value:
+        runs[LOSS_PASS] = make_loss_passes(_MODEL.value, _BATCH.value, _STEPS.value, like)
     results = interleaved_medians(runs, _REPEATS.value, _STEPS.value)
     base = results.get("dense")
+    floor = None
+    if LOSS_PASS in results and base:
+        floor = results[DENSE_AND_LOSS_PASS] = base + results[LOSS_PASS]
     flops = step_flops(_MODEL.value, _BATCH.value, like) if _PEAK.value else None
     peak = matmul_peak() if flops else None
     header = f"model={_MODEL.value} like={like} batch={_BATCH.value} " + (
@@ -90,9 +118,14 @@ def main(argv: list[str]) -> None:
     for name, seconds in results.items():
         ratio = f"{base / seconds:.2f}x" if base else "-"
         slower = f"{seconds / base:.2f}x" if base else "-"
-        rates = f" {flops / seconds / 1e9:.1f} | {flops / seconds / peak:.2f} |" if peak else ""
+        done = flops * ROW_FLOPS.get(name, 1.0) if peak else 0.0
+        rates = f" {done / seconds / 1e9:.1f} | {done / seconds / peak:.2f} |" if peak else ""
         print(f"| {name} | {1000 * seconds:.2f} | {_BATCH.value / seconds:.0f} | {ratio} "
               f"| {slower} |{rates}")
+    if floor:
+        print(f"step time vs {DENSE_AND_LOSS_PASS}: " + ", ".join(
+            f"{name} {seconds / floor:.2f}x" for name, seconds in results.items()
+            if name not in (LOSS_PASS, DENSE_AND_LOSS_PASS)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,24 @@
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from benchmarks import common
-from benchmarks.common import dispatches, make_steps, step_flops, step_parts
+from benchmarks.common import (
+    DENSE_AND_LOSS_PASS,
+    LOSS_PASS,
+    dispatches,
+    make_loss_passes,
+    make_steps,
+    step_flops,
+    step_parts,
+)
 from sparsejax.models import batch_chunks
+from sparsejax.train.step import make_train_step
 
 
 def test_step_flops_follow_the_stated_convention():
@@ -64,3 +80,30 @@ def test_steps_are_timed_as_a_run_dispatches_them():
     assert [args[0].shape for _, args in dispatches(single)] == [(4, 28, 28, 1)] * 3
     lenet5 = step_parts("l0_hc", "lenet5", 4, 2, "fashion_mnist")
     assert lenet5.steps_per_dispatch == 1
+
+
+def test_the_loss_pass_is_the_dense_steps_training_mode_loss_and_leaves_the_state_alone():
+    parts = step_parts("dense", "resnet20", 4, 2, "cifar10")  # BatchNorm: train mode matters
+    step = make_train_step(parts.graphdef, parts.method, parts.tx, parts.mesh)
+    fresh = [jax.tree.map(jnp.copy, parts.state) for _ in parts.batches]  # the step donates
+    stepped = [
+        float(step(state, *batch)[1]["data_loss"]) for state, batch in zip(fresh, parts.batches)
+    ]
+    run = make_loss_passes("resnet20", 4, 2, "cifar10")
+    first, again = [float(x) for x in run()], [float(x) for x in run()]
+    np.testing.assert_allclose(first, stepped, rtol=1e-5)
+    assert first == again
+    assert first[0] != first[1]
+
+
+def test_step_time_adds_the_loss_pass_to_the_dense_step():
+    command = [sys.executable, "-m", "benchmarks.step_time", "--model=mlp", "--batch_size=4",
+               "--methods=dense,l0_arm", "--steps=2", "--repeats=1", "--loss_pass"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parents[2]).stdout
+    milliseconds = dict(re.findall(r"^\| ([a-z0-9_ +]+) \| ([0-9.]+) \|", output, re.MULTILINE))
+    total = float(milliseconds["dense"]) + float(milliseconds[LOSS_PASS])
+    assert abs(float(milliseconds[DENSE_AND_LOSS_PASS]) - total) <= 0.016  # 3 roundings
+    ratio = float(milliseconds["l0_arm"]) / float(milliseconds[DENSE_AND_LOSS_PASS])
+    line = re.search(rf"step time vs {re.escape(DENSE_AND_LOSS_PASS)}: (.*)", output).group(1)
+    assert abs(float(re.search(r"l0_arm ([0-9.]+)x", line).group(1)) - ratio) <= 0.02
