@@ -97,13 +97,20 @@ def test_the_loss_pass_is_the_dense_steps_training_mode_loss_and_leaves_the_stat
 
 
 def test_step_time_adds_the_loss_pass_to_the_dense_step():
-    command = [sys.executable, "-m", "benchmarks.step_time", "--model=mlp", "--batch_size=4",
-               "--methods=dense,l0_arm", "--steps=2", "--repeats=1", "--loss_pass"]
+    command = [sys.executable, "-m", "benchmarks.step_time", "--model=mlp", "--batch_size=64",
+               "--methods=dense,l0_arm", "--steps=2", "--repeats=1", "--loss_pass", "--peak"]
     output = subprocess.run(command, capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parents[2]).stdout
-    milliseconds = dict(re.findall(r"^\| ([a-z0-9_ +]+) \| ([0-9.]+) \|", output, re.MULTILINE))
-    total = float(milliseconds["dense"]) + float(milliseconds[LOSS_PASS])
-    assert abs(float(milliseconds[DENSE_AND_LOSS_PASS]) - total) <= 0.016  # 3 roundings
-    ratio = float(milliseconds["l0_arm"]) / float(milliseconds[DENSE_AND_LOSS_PASS])
+    rows = re.findall(r"^\| ([a-z0-9_ +]+) \| ([0-9.]+) \|.*\| ([0-9.]+) \| [0-9.]+ \|$",
+                      output, re.MULTILINE)
+    milliseconds = {name: float(ms) for name, ms, _ in rows}
+    gigaflops = {name: float(rate) * float(ms) for name, ms, rate in rows}  # 1e6 FLOPs
+    total = milliseconds["dense"] + milliseconds[LOSS_PASS]
+    assert abs(milliseconds[DENSE_AND_LOSS_PASS] - total) <= 0.016  # 3 roundings
+    ratio = milliseconds["l0_arm"] / milliseconds[DENSE_AND_LOSS_PASS]
     line = re.search(rf"step time vs {re.escape(DENSE_AND_LOSS_PASS)}: (.*)", output).group(1)
     assert abs(float(re.search(r"l0_arm ([0-9.]+)x", line).group(1)) - ratio) <= 0.02
+    # a forward pass is a third of a training step's FLOPs (2 and 6 per multiply-accumulate)
+    assert abs(gigaflops[LOSS_PASS] / gigaflops["dense"] - 1 / 3) < 0.02
+    assert abs(gigaflops[DENSE_AND_LOSS_PASS] / gigaflops["dense"] - 4 / 3) < 0.02
+    assert abs(gigaflops["l0_arm"] / gigaflops["dense"] - 1) < 0.02  # model FLOPs: dense step's
